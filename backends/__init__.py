@@ -1,0 +1,28 @@
+"""Backends: turn a compiled tree into an output format.
+
+How to add a backend: write `backends/<format>.py` (or a package) exposing
+`write(tree, out, options)` that writes to a binary stream, and add a row to `BACKENDS`.
+Backends that need the composefs lowering (the image) get a tree that went through the whole
+pipeline; text backends (dumpfile, JSON) get the tree as the frontend produced it.
+"""
+
+from __future__ import annotations
+
+from typing import BinaryIO, Callable
+
+from cfsc.options import Options
+from cfsc.tree import Tree
+
+
+def _write_image(tree: Tree, out: BinaryIO, options: Options) -> None:
+    from cfsc.pipeline import run_passes
+
+    from .erofs.writer import write_image
+
+    write_image(run_passes(tree, options), out)
+
+
+# name → (writer, description)
+BACKENDS: dict[str, tuple[Callable[[Tree, BinaryIO, Options], None], str]] = {
+    "image": (_write_image, "composefs image (EROFS), byte-identical with mkcomposefs 1.0.8"),
+}

@@ -1,0 +1,1 @@
+"""The composefs image format (EROFS + composefs header): layout, writer and reader."""

@@ -1,0 +1,84 @@
+"""The one error hierarchy.
+
+Every error a user sees is one line: *where* (file:line:field, tree path, image byte offset,
+tar member, JSON path) and *what was expected*.  The CLI prints `error: <str(e)>` and exits
+with `e.exit_code`; nothing below the CLI prints.
+
+Errors about looking things up in a tree double as `OSError`s with an errno, so the FUSE
+server can map any of them to a reply code without knowing the format.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+
+
+class CfscError(Exception):
+    """Base class.  `where` locates the problem, `what` says what was expected."""
+
+    exit_code = 2
+
+    def __init__(self, what: str, where: str = "") -> None:
+        super().__init__(what, where)
+        self.what = what
+        self.where = where
+
+    def __str__(self) -> str:
+        return f"{self.where}: {self.what}" if self.where else self.what
+
+
+class InputError(CfscError):
+    """The input (a dumpfile, an image, a directory, options …) is not acceptable."""
+
+
+class UsageError(InputError):
+    """Bad command-line options or option combinations."""
+
+
+class DumpfileError(InputError):
+    """A dumpfile line breaks a rule; `where` is `file:line:FIELD`."""
+
+    def __init__(self, what: str, source: str, line: int, field: str = "") -> None:
+        where = f"{source}:{line}" + (f":{field}" if field else "")
+        super().__init__(what, where)
+        self.line = line
+        self.field = field
+
+
+class TreeError(InputError):
+    """The tree violates a composefs limit; `where` is the path in the tree."""
+
+    def __init__(self, what: str, path: bytes | str, source: str = "") -> None:
+        if isinstance(path, bytes):
+            path = path.decode("utf-8", "backslashreplace")
+        where = f"{source}:{path}" if source else path
+        super().__init__(what, where)
+        self.path = path
+
+
+class ImageError(InputError, OSError):
+    """A composefs image is truncated, corrupt or hostile; `where` has the byte offset."""
+
+    def __init__(self, what: str, where: str = "") -> None:
+        InputError.__init__(self, what, where)
+        self.errno = _errno.EIO
+
+
+class LookupFailed(CfscError, OSError):
+    """A path or object does not exist (maps to ENOENT at the FUSE edge)."""
+
+    def __init__(self, what: str, where: str = "", code: int = _errno.ENOENT) -> None:
+        CfscError.__init__(self, what, where)
+        self.errno = code
+
+
+class OutputError(CfscError):
+    """Writing an output (image, store object) failed; nothing partial was left behind."""
+
+    exit_code = 1
+
+
+class Differs(CfscError):
+    """`diff`/`check` found a difference (not an error in the input)."""
+
+    exit_code = 1

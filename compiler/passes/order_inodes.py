@@ -1,0 +1,41 @@
+"""Put the tree in composefs' canonical order and number the inodes.
+
+libcomposefs `lcfs_compute_tree`: children sorted bytewise by name; inodes numbered
+breadth-first from the root (0), each at its home entry (hardlink entries are skipped).  The
+image lays inodes out in this order, and `i_ino` is the number, so it is also the inode
+number a mount shows.
+"""
+
+from __future__ import annotations
+
+from ..options import Options
+from ..tree import Tree
+
+
+def order_inodes(tree: Tree, options: Options) -> Tree:
+    root = tree.root
+    inodes = [root]
+    append = inodes.append
+    extend = inodes.extend
+    index = 0
+    while index < len(inodes):
+        node = inodes[index]
+        node.ino = index
+        index += 1
+        children = node.children
+        if children:
+            if len(children) > 1:
+                children = node.children = dict(sorted(children.items(), key=_name))
+            links = node.links
+            if links is None:
+                extend(children.values())
+            else:
+                for name, child in children.items():
+                    if name not in links:
+                        append(child)
+    tree.inodes = inodes
+    return tree
+
+
+def _name(item: tuple) -> bytes:
+    return item[0]

@@ -1,0 +1,35 @@
+"""Choose the composefs format version within `--min-version`/`--max-version`.
+
+libcomposefs (`lcfs_write_update_version`): start at the minimum; if the maximum allows 1 and
+the tree holds a whiteout (a character device 0:0, hardlink entries not counted), use 1,
+because version 1 marks whiteout directories with `opaque=x` for newer overlayfs.
+"""
+
+from __future__ import annotations
+
+from ..errors import UsageError
+from ..options import Options
+from ..tree import S_IFCHR, S_IFMT, Tree
+
+MAX_VERSION = 1
+
+
+def has_whiteout(tree: Tree) -> bool:
+    for node in tree.home_inodes():
+        if node.mode & S_IFMT == S_IFCHR and node.rdev == 0:
+            return True
+    return False
+
+
+def select_version(tree: Tree, options: Options) -> Tree:
+    if tree.lowered:
+        return tree  # whiteouts were rewritten already; the choice was made before
+    version, maximum = options.min_version, options.max_version
+    if maximum < version:
+        maximum = version
+    if version > MAX_VERSION or maximum > MAX_VERSION or version < 0:
+        raise UsageError(f"format version {max(version, maximum)}: expected 0 or 1", "--min-version/--max-version")
+    if version < 1 <= maximum and has_whiteout(tree):
+        version = 1
+    tree.version = version
+    return tree

@@ -1,0 +1,33 @@
+"""The compiler pipeline: frontend → passes → backend.  Read top to bottom, this is the design.
+
+Order follows libcomposefs' `lcfs_write_to` (format note §0): validation and version choice
+see the tree as the user gave it; the overlay rewrite lowers it to composefs' conventions;
+ordering and xattr sharing then fix everything the image layout depends on.
+"""
+
+from __future__ import annotations
+
+from .options import Options
+from .passes.add_overlay_xattrs import add_overlay_xattrs
+from .passes.order_inodes import order_inodes
+from .passes.resolve_hardlinks import resolve_hardlinks
+from .passes.select_version import select_version
+from .passes.share_xattrs import share_xattrs
+from .passes.validate_limits import validate_limits
+from .tree import Tree
+
+PASSES = (
+    resolve_hardlinks,   # one home entry per inode; nlink
+    validate_limits,     # every limit libcomposefs enforces
+    select_version,      # format 0 or 1 within the allowed range
+    add_overlay_xattrs,  # escaping, redirect/metacopy, whiteouts, root opaque + whiteouts
+    order_inodes,        # sorted children, breadth-first inode numbers
+    share_xattrs,        # the shared xattr table
+)
+
+
+def run_passes(tree: Tree, options: Options | None = None) -> Tree:
+    options = options or Options()
+    for compiler_pass in PASSES:
+        tree = compiler_pass(tree, options)
+    return tree
