@@ -8,7 +8,8 @@ pipeline; text backends (dumpfile, JSON) get the tree as the frontend produced i
 
 from __future__ import annotations
 
-from typing import BinaryIO, Callable
+from collections.abc import Callable
+from typing import BinaryIO
 
 from cfsc.options import Options
 from cfsc.tree import Tree

@@ -32,7 +32,7 @@ FS_VERITY_HASH_ALG_SHA256 = 1
 class FsVerityHasher:
     """Incremental fs-verity digest: `update()` with any chunking, then `digest()`."""
 
-    __slots__ = ("_size", "_partial", "_levels", "_counts")
+    __slots__ = ("_counts", "_levels", "_partial", "_size")
 
     def __init__(self) -> None:
         self._size = 0

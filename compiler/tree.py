@@ -18,7 +18,7 @@ labels) so a million inodes share a few hundred tuples.
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 S_IFMT = 0o170000
 S_IFSOCK = 0o140000
@@ -55,8 +55,21 @@ class Inode:
     """
 
     __slots__ = (
-        "mode", "uid", "gid", "rdev", "mtime", "mtime_nsec", "size", "nlink",
-        "payload", "content", "digest", "xattrs", "children", "links", "ino",
+        "children",
+        "content",
+        "digest",
+        "gid",
+        "ino",
+        "links",
+        "mode",
+        "mtime",
+        "mtime_nsec",
+        "nlink",
+        "payload",
+        "rdev",
+        "size",
+        "uid",
+        "xattrs",
     )
 
     def __init__(
@@ -151,7 +164,7 @@ class Tree:
     shared_xattrs: the shared xattr table, in on-disk order (set by the sharing pass).
     """
 
-    __slots__ = ("root", "version", "lowered", "inodes", "shared_xattrs", "source")
+    __slots__ = ("inodes", "lowered", "root", "shared_xattrs", "source", "version")
 
     def __init__(self, root: Inode, source: str = "") -> None:
         if not root.is_dir():

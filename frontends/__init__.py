@@ -1,25 +1,32 @@
 """Frontends: lower a source to the typed tree.
 
 How to add a frontend: write `frontends/<format>.py` exposing `load(source, options) -> Tree`
-(and `sniff(head: bytes) -> bool` if the format can be recognised from its first bytes), then
-add a row to `FRONTENDS`.  The first row whose `sniff` accepts the head of the input wins when
-the user does not name the format with `--from`.
+(plus `load_many(sources, options)` if several inputs combine, like tar layers, and
+`sniff(head: bytes) -> bool` if the format can be recognised from its first bytes), then add a
+row to `FRONTENDS`.  Without `--from`, the first row whose `sniff` accepts the (decompressed)
+head of the input wins.
 """
 
 from __future__ import annotations
 
 import importlib
+import lzma
 import os
+import sys
+import zlib
 from types import ModuleType
 
-from cfsc.errors import UsageError
+from cfsc.errors import InputError, UsageError
 from cfsc.options import Options
+from cfsc.streams import GZIP_MAGIC, XZ_MAGIC, ZSTD_MAGIC, source_name
 from cfsc.tree import Tree
 
 # name → (module, description); order matters for detection.
 FRONTENDS: dict[str, tuple[str, str]] = {
     "dump": ("cfsc.frontends.dumpfile", "composefs dumpfile (mkcomposefs --from-file)"),
 }
+
+HEAD_SIZE = 4096
 
 
 def module(name: str) -> ModuleType:
@@ -29,19 +36,59 @@ def module(name: str) -> ModuleType:
         raise UsageError(f"unknown source format {name!r}: expected one of {', '.join(FRONTENDS)}", "--from") from None
 
 
-def detect(source, head: bytes) -> str:
+def _head(source) -> bytes:
+    if source == "-":
+        stdin = sys.stdin.buffer
+        return stdin.peek(HEAD_SIZE)[:HEAD_SIZE] if hasattr(stdin, "peek") else b""
+    try:
+        with open(source, "rb") as f:
+            return f.read(HEAD_SIZE)
+    except OSError as e:
+        raise InputError(f"cannot open: {e.strerror}", source_name(source)) from None
+
+
+def _decompressed_head(head: bytes) -> bytes:
+    try:
+        if head.startswith(GZIP_MAGIC):
+            return zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(head, HEAD_SIZE)
+        if head.startswith(ZSTD_MAGIC):
+            import zstandard
+
+            return zstandard.ZstdDecompressor().decompressobj().decompress(head)[:HEAD_SIZE]
+        if head.startswith(XZ_MAGIC):
+            return lzma.LZMADecompressor().decompress(head, HEAD_SIZE)
+    except Exception:
+        return b""
+    return head
+
+
+def detect(source) -> str:
     """The frontend for a source, from its kind (directory, ref) or its first bytes."""
+    if isinstance(source, str) and source.startswith("ostree:") and "ostree" in FRONTENDS:
+        return "ostree"
+    if source != "-" and os.path.isdir(source):
+        if "dir" in FRONTENDS:
+            return "dir"
+        raise UsageError("directory sources are not supported yet", source_name(source))
+    head = _decompressed_head(_head(source))
     for name, (modname, _desc) in FRONTENDS.items():
-        mod = importlib.import_module(modname)
-        sniff = getattr(mod, "sniff", None)
+        sniff = getattr(importlib.import_module(modname), "sniff", None)
         if sniff is not None and sniff(head):
             return name
-    where = os.fsdecode(source) if isinstance(source, (str, bytes, os.PathLike)) else "<stdin>"
-    raise UsageError("cannot tell the source format from its content: use --from", where)
+    raise UsageError(f"cannot tell the format from the content: use --from ({', '.join(FRONTENDS)})",
+                     source_name(source))
 
 
-def load(source, options: Options | None = None, fmt: str | None = None) -> Tree:
+def load(sources: list, options: Options | None = None, fmt: str | None = None) -> Tree:
     options = options or Options()
+    if not sources:
+        raise UsageError("no source given")
     if fmt is None:
-        fmt = "dump"
-    return module(fmt).load(source, options)
+        fmt = detect(sources[0])
+    mod = module(fmt)
+    if len(sources) > 1:
+        load_many = getattr(mod, "load_many", None)
+        if load_many is None:
+            raise UsageError(f"{fmt} sources do not combine: give exactly one", source_name(sources[1]))
+        return load_many(sources, options)
+    return mod.load(sources[0], options)

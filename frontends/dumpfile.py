@@ -31,7 +31,7 @@ U32 = (1 << 32) - 1
 # strtoull(): optional leading white space and sign, then digits up to the end of the field.
 _DEC = re.compile(rb"[ \t\n\v\f\r]*([+-]?)([0-9]+)\Z")
 _OCT = re.compile(rb"[ \t\n\v\f\r]*([+-]?)([0-7]+)\Z")
-_ESCAPE = re.compile(rb"\\(?:x([0-9a-fA-F]{2})|([\\nrt])|(.?.?))", re.S)
+_ESCAPE = re.compile(rb"\\(?:x([0-9a-fA-F]{2})|([\\nrt])|(.?.?))", re.DOTALL)
 _SIMPLE_ESCAPES = {b"\\": b"\\", b"n": b"\n", b"r": b"\r", b"t": b"\t"}
 _HEX = re.compile(rb"(?:[0-9a-fA-F]{2})*")
 
@@ -100,7 +100,7 @@ class _Parser:
     def integer(self, text: bytes, line: int, field: str) -> int:
         if text.isdigit():
             value = int(text)
-            return value if value <= U64 else U64
+            return min(value, U64)
         value = _strtoull(text, _DEC)
         if value is None:
             raise self.fail(line, field, f"invalid integer {text.decode('latin-1')!r}: expected a base-10 number")
@@ -369,7 +369,7 @@ class _Parser:
             if target is node:
                 raise self.fail(n, "PAYLOAD", "hardlink to itself")
             link_to[id(node)] = target
-        for parent, name, target_path, n in self.fixups:
+        for parent, name, _target, n in self.fixups:
             node = parent.children[name]  # type: ignore[index]
             seen = {id(node)}
             final = link_to[id(node)]

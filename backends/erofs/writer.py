@@ -17,21 +17,52 @@ from struct import Struct
 from typing import BinaryIO
 
 import xxhash
-
 from cfsc.errors import TreeError
 from cfsc.tree import (
-    S_IFBLK, S_IFCHR, S_IFDIR, S_IFIFO, S_IFLNK, S_IFMT, S_IFREG, S_IFSOCK, Inode, Tree,
+    S_IFBLK,
+    S_IFCHR,
+    S_IFDIR,
+    S_IFIFO,
+    S_IFLNK,
+    S_IFMT,
+    S_IFREG,
+    S_IFSOCK,
+    Inode,
+    Tree,
 )
 
 from .layout import (
-    COMPOSEFS_FLAGS_HAS_ACL, COMPOSEFS_HEADER, COMPOSEFS_HEADER_VERSION, COMPOSEFS_MAGIC,
-    EROFS_BLKSIZ, EROFS_BLKSIZ_BITS, EROFS_CHUNK_FORMAT_BLKBITS_MASK, EROFS_DIRENT,
-    EROFS_FEATURE_COMPAT_MTIME, EROFS_FEATURE_COMPAT_XATTR_FILTER, EROFS_FT_BLKDEV,
-    EROFS_FT_CHRDEV, EROFS_FT_DIR, EROFS_FT_FIFO, EROFS_FT_REG_FILE, EROFS_FT_SOCK,
-    EROFS_FT_SYMLINK, EROFS_INODE_CHUNK_BASED, EROFS_INODE_COMPACT, EROFS_INODE_EXTENDED,
-    EROFS_INODE_FLAT_INLINE, EROFS_INODE_FLAT_PLAIN, EROFS_SUPER_BLOCK, EROFS_SUPER_MAGIC_V1,
-    EROFS_SUPER_OFFSET, EROFS_XATTR_ENTRY, EROFS_XATTR_FILTER_SEED, EROFS_XATTR_IBODY_HEADER,
-    EROFS_XATTR_LONG_PREFIX, INLINE_TAIL_MAX, WRITER_PREFIXES,
+    COMPOSEFS_FLAGS_HAS_ACL,
+    COMPOSEFS_HEADER,
+    COMPOSEFS_HEADER_VERSION,
+    COMPOSEFS_MAGIC,
+    EROFS_BLKSIZ,
+    EROFS_BLKSIZ_BITS,
+    EROFS_CHUNK_FORMAT_BLKBITS_MASK,
+    EROFS_DIRENT,
+    EROFS_FEATURE_COMPAT_MTIME,
+    EROFS_FEATURE_COMPAT_XATTR_FILTER,
+    EROFS_FT_BLKDEV,
+    EROFS_FT_CHRDEV,
+    EROFS_FT_DIR,
+    EROFS_FT_FIFO,
+    EROFS_FT_REG_FILE,
+    EROFS_FT_SOCK,
+    EROFS_FT_SYMLINK,
+    EROFS_INODE_CHUNK_BASED,
+    EROFS_INODE_COMPACT,
+    EROFS_INODE_EXTENDED,
+    EROFS_INODE_FLAT_INLINE,
+    EROFS_INODE_FLAT_PLAIN,
+    EROFS_SUPER_BLOCK,
+    EROFS_SUPER_MAGIC_V1,
+    EROFS_SUPER_OFFSET,
+    EROFS_XATTR_ENTRY,
+    EROFS_XATTR_FILTER_SEED,
+    EROFS_XATTR_IBODY_HEADER,
+    EROFS_XATTR_LONG_PREFIX,
+    INLINE_TAIL_MAX,
+    WRITER_PREFIXES,
 )
 
 BLK = EROFS_BLKSIZ
@@ -116,9 +147,21 @@ def _dir_chunks(names: list[bytes]) -> list[int]:
 
 
 class _Plan:
-    __slots__ = ("nids", "compact", "blocks", "tails", "xsizes", "isizes", "parents",
-                 "inodes_end", "shared_offsets", "shared_size", "n_data_blocks",
-                 "min_mtime", "has_acl")
+    __slots__ = (
+        "blocks",
+        "compact",
+        "has_acl",
+        "inodes_end",
+        "isizes",
+        "min_mtime",
+        "n_data_blocks",
+        "nids",
+        "parents",
+        "shared_offsets",
+        "shared_size",
+        "tails",
+        "xsizes",
+    )
 
 
 def _plan(tree: Tree) -> _Plan:
@@ -255,7 +298,7 @@ def _plan(tree: Tree) -> _Plan:
 class _Sink:
     """Batches small writes; tracks the offset so layout mistakes fail loudly."""
 
-    __slots__ = ("out", "parts", "pending", "offset")
+    __slots__ = ("offset", "out", "parts", "pending")
 
     def __init__(self, out: BinaryIO) -> None:
         self.out = out

@@ -25,8 +25,7 @@ def select_version(tree: Tree, options: Options) -> Tree:
     if tree.lowered:
         return tree  # whiteouts were rewritten already; the choice was made before
     version, maximum = options.min_version, options.max_version
-    if maximum < version:
-        maximum = version
+    maximum = max(maximum, version)
     if version > MAX_VERSION or maximum > MAX_VERSION or version < 0:
         raise UsageError(f"format version {max(version, maximum)}: expected 0 or 1", "--min-version/--max-version")
     if version < 1 <= maximum and has_whiteout(tree):

@@ -1,0 +1,3 @@
+from cfsc.cli import main
+
+main()

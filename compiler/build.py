@@ -1,0 +1,42 @@
+"""High-level entry points shared by the CLI and library users."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+
+from .options import Options
+from .output import DigestingWriter, atomic_output
+from .tree import Tree
+
+
+def load(sources: Sequence, options: Options | None = None, fmt: str | None = None) -> Tree:
+    """Load one or more sources (several only for layered formats) into a tree."""
+    from cfsc import frontends
+
+    return frontends.load(list(sources), options or Options(), fmt)
+
+
+def compile_image(
+    sources: Sequence,
+    output: str | None,
+    options: Options | None = None,
+    fmt: str | None = None,
+    want_digest: bool = False,
+) -> bytes | None:
+    """Compile sources into a composefs image at `output` (`-` = stdout, None = nowhere).
+
+    Returns the image's fs-verity digest when `want_digest`.  The image appears atomically.
+    """
+    from cfsc.backends.erofs.writer import write_image
+    from cfsc.pipeline import run_passes
+
+    options = options or Options()
+    tree = run_passes(load(sources, options, fmt), options)
+    with atomic_output(output) if output is not None else contextlib.nullcontext() as out:
+        if want_digest:
+            sink = DigestingWriter(out)
+            write_image(tree, sink)  # type: ignore[arg-type]
+            return sink.digest()
+        write_image(tree, out)  # type: ignore[arg-type]
+    return None

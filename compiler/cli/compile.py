@@ -1,0 +1,50 @@
+"""`cfsc compile` and `cfsc measure`: building images and digests."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from .. import build
+from ..errors import CfscError, UsageError
+from ..options import Options
+from . import command, digest_line
+
+
+@command("compile")
+def compile_cmd(
+    sources: list[str] = typer.Argument(..., help="Input(s): dumpfile, image, directory, tar layers, CRFS JSON, ostree:REPO:REF; '-' = stdin."),
+    output: str | None = typer.Option(None, "-o", "--output", "--out", help="Image to write ('-' = stdout)."),
+    source_format: str | None = typer.Option(None, "--from", help="Source format (default: detected from the content)."),
+    min_version: int = typer.Option(0, "--min-version", help="Lowest composefs format version to use."),
+    max_version: int = typer.Option(1, "--max-version", help="Highest composefs format version allowed."),
+    strict: bool = typer.Option(False, "--strict", help="Strict dumpfile parsing (upstream's CFS_PARSE_STRICT)."),
+    print_digest: bool = typer.Option(False, "--print-digest", help="Print the image's fs-verity digest."),
+    print_digest_only: bool = typer.Option(False, "--print-digest-only", help="Print the digest, write no image."),
+) -> None:
+    """Compile a source into a composefs image."""
+    if output is None and not print_digest_only:
+        raise UsageError("no output: give -o IMAGE (or --print-digest-only)")
+    if output is not None and print_digest_only:
+        raise UsageError("--print-digest-only writes no image: drop -o")
+    options = Options(min_version=min_version, max_version=max_version, strict=strict)
+    digest = build.compile_image(sources, output, options, source_format,
+                                 want_digest=print_digest or print_digest_only)
+    if digest is not None:
+        digest_line(digest)
+
+
+@command("measure")
+def measure_cmd(
+    files: list[str] = typer.Argument(..., help="Files to measure."),
+) -> None:
+    """Print each file's fs-verity digest, as `fsverity digest` does (sha256:HEX FILE)."""
+    from .fsverity import digest_file
+
+    for name in files:
+        try:
+            digest = digest_file(name)
+        except OSError as e:
+            raise CfscError(f"cannot read: {e.strerror}", name) from None
+        sys.stdout.write(f"sha256:{digest.hex()} {name}\n")

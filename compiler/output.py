@@ -1,0 +1,71 @@
+"""Atomic outputs: write to a temporary file beside the target, rename on success.
+
+A failed or interrupted run leaves the target untouched and no temporary file behind
+(except after SIGKILL, when a `.NAME.*.tmp` file may remain; it never has the final name).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import tempfile
+from collections.abc import Iterator
+from typing import BinaryIO
+
+from .errors import OutputError, UsageError
+from .fsverity import FsVerityHasher
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+@contextlib.contextmanager
+def atomic_output(path: str, mode: int = 0o666) -> Iterator[BinaryIO]:
+    """Yield a binary file for `path` (`-` = stdout) that appears only if the block succeeds."""
+    if path == "-":
+        out = sys.stdout.buffer
+        if out.isatty():
+            raise UsageError("refusing to write binary output to a terminal", "-")
+        yield out
+        out.flush()
+        return
+    if os.path.isdir(path):
+        raise UsageError("is a directory: expected a file name", path)
+    directory = os.path.dirname(path) or "."
+    try:
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    except OSError as e:
+        raise OutputError(f"cannot create a file here: {e.strerror}", path) from None
+    f = os.fdopen(fd, "wb")
+    try:
+        yield f
+        f.flush()
+        os.fchmod(fd, mode & ~_umask())
+        f.close()
+        os.replace(tmp, path)
+    except BaseException:
+        f.close()
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+class DigestingWriter:
+    """A write-only stream that forwards to `out` (if any) and computes the fs-verity digest."""
+
+    def __init__(self, out: BinaryIO | None) -> None:
+        self.out = out
+        self.hasher = FsVerityHasher()
+
+    def write(self, data: bytes) -> int:
+        self.hasher.update(data)
+        if self.out is not None:
+            self.out.write(data)
+        return len(data)
+
+    def digest(self) -> bytes:
+        return self.hasher.digest()
