@@ -133,17 +133,15 @@ def digest_bytes(data: bytes | bytearray | memoryview) -> bytes:
 
 
 def digest_fd(fd: int) -> bytes:
-    """Digest of an open file from offset 0 to EOF (pread: the offset is left alone)."""
+    """Digest of everything readable from `fd` from its current position (pipes work too)."""
     h = FsVerityHasher()
     buf = bytearray(_READ_CHUNK)
     mv = memoryview(buf)
-    off = 0
     while True:
-        n = os.preadv(fd, [buf], off)
+        n = os.readv(fd, [buf])
         if n == 0:
             break
         h.update(mv[:n])
-        off += n
     return h.digest()
 
 

@@ -231,6 +231,40 @@ class Tree:
                 return path
         return b"?"
 
+    def copy(self, reverse: bool = False) -> Tree:
+        """A deep copy of the tree (hard links stay shared), without what the passes derived.
+
+        `reverse=True` inserts children in reverse order (tests use it to vary input order).
+        """
+        clones: dict[int, Inode] = {}
+
+        def clone(node: Inode) -> Inode:
+            new = clones.get(id(node))
+            if new is None:
+                new = clones[id(node)] = Inode(
+                    node.mode, node.uid, node.gid, node.mtime, node.mtime_nsec, node.size,
+                    node.rdev, node.nlink, node.payload, node.content, node.digest, node.xattrs)
+            return new
+
+        root = clone(self.root)
+        stack = [(self.root, root)]
+        while stack:
+            old, new = stack.pop()
+            items = list(old.children.items())  # type: ignore[union-attr]
+            if reverse:
+                items.reverse()
+            for name, child in items:
+                is_link = old.is_link(name)
+                fresh = id(child) not in clones
+                copy = clone(child)
+                new.add_child(name, copy, link=is_link)
+                if fresh and child.children is not None:
+                    stack.append((child, copy))
+        tree = Tree(root, self.source)
+        tree.version = self.version
+        tree.lowered = self.lowered
+        return tree
+
     def lookup(self, path: bytes) -> Inode | None:
         node = self.root
         for part in path.split(b"/"):

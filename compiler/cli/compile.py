@@ -40,7 +40,7 @@ def measure_cmd(
     files: list[str] = typer.Argument(..., help="Files to measure."),
 ) -> None:
     """Print each file's fs-verity digest, as `fsverity digest` does (sha256:HEX FILE)."""
-    from .fsverity import digest_file
+    from ..fsverity import digest_file
 
     for name in files:
         try:

@@ -1,0 +1,98 @@
+"""The command line: compile options, atomic outputs, and the mkcomposefs drop-in syntax."""
+
+from __future__ import annotations
+
+import hashlib
+
+from conftest import CONFORMANCE, image_of, read_input
+
+SPECIAL = read_input("special.dump")
+SPECIAL_V0 = (CONFORMANCE / "upstream" / "special.dump.sha256").read_text().split()[0]
+
+
+def test_print_digest_and_digest_only(cfsc, tmp_path):
+    src = tmp_path / "special.dump"
+    src.write_bytes(SPECIAL)
+    out = tmp_path / "x.cfs"
+    p = cfsc("compile", str(src), "-o", str(out), "--max-version", "0", "--print-digest", check=True)
+    digest = p.stdout.decode().strip()
+    assert len(digest) == 64
+    assert hashlib.sha256(out.read_bytes()).hexdigest() == SPECIAL_V0
+    p = cfsc("compile", str(src), "--max-version", "0", "--print-digest-only", check=True)
+    assert p.stdout.decode().strip() == digest
+    p = cfsc("measure", str(out), check=True)
+    assert p.stdout.decode().split()[0] == "sha256:" + digest
+
+
+def test_failed_compile_keeps_an_existing_output(cfsc, tmp_path):
+    out = tmp_path / "x.cfs"
+    out.write_bytes(b"previous")
+    bad = tmp_path / "bad.dump"
+    bad.write_bytes(b"/ 0 40755 2 0 0 0 0.0 - - -\n/x 0 0 1 0 0 0 0.0 - - -\n")
+    p = cfsc("compile", str(bad), "-o", str(out))
+    assert p.returncode == 2
+    assert out.read_bytes() == b"previous"
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["bad.dump", "x.cfs"]
+
+
+def test_traceback_flag(cfsc, tmp_path):
+    bad = tmp_path / "bad.dump"
+    bad.write_bytes(b"nonsense\n")
+    p = cfsc("compile", "--from", "dump", str(bad), "-o", str(tmp_path / "x"))
+    assert p.returncode == 2 and "Traceback" not in p.stderr.decode()
+    p = cfsc("--traceback", "compile", "--from", "dump", str(bad), "-o", str(tmp_path / "x"))
+    assert p.returncode == 2 and "Traceback" in p.stderr.decode()
+
+
+def test_undetectable_source(cfsc, tmp_path):
+    junk = tmp_path / "junk"
+    junk.write_bytes(b"\x00\x01junk")
+    p = cfsc("compile", str(junk), "-o", str(tmp_path / "x"))
+    assert p.returncode == 2 and "--from" in p.stderr.decode()
+
+
+def test_mkcomposefs_dropin_syntax(cfsc, tmp_path):
+    src = tmp_path / "special.dump"
+    src.write_bytes(SPECIAL)
+    expected = image_of(SPECIAL, max_version=0, strict=True)
+    variants = [
+        ["--from-file", "--min-version=0", "--max-version=0", str(src), "OUT"],
+        ["--from-file", "--min-version", "0", "--max-version", "0", str(src), "OUT"],
+        ["--from", "--max-v=0", str(src), "OUT"],        # unambiguous prefixes
+        [str(src), "--from-file", "OUT", "--max-version=0"],  # options after operands
+        ["--max-version=0", "--from-file", "--", str(src), "OUT"],
+    ]
+    for i, args in enumerate(variants):
+        out = tmp_path / f"out{i}.cfs"
+        args = [str(out) if a == "OUT" else a for a in args]
+        cfsc("mkcomposefs", *args, env={"CFS_PARSE_STRICT": "1"}, check=True)
+        assert out.read_bytes() == expected, args
+
+
+def test_mkcomposefs_dropin_errors(cfsc, tmp_path):
+    src = tmp_path / "special.dump"
+    src.write_bytes(SPECIAL)
+    for args, word in [
+        (["--from-file", str(src)], "destination"),
+        (["--from-file", "--print-digest-only", str(src), "x"], "--print-digest-only"),
+        (["--print", str(src), "x"], "ambiguous"),
+        (["--bogus", str(src), "x"], "unrecognized"),
+        (["--min-version=x", str(src), "x"], "min version"),
+        (["--threads=0", str(src), "x"], "threads"),
+        (["--from-file", "--max-version=2", str(src), str(tmp_path / "y")], "version"),
+    ]:
+        p = cfsc("mkcomposefs", *args)
+        assert p.returncode == 2, (args, p.stderr)
+        assert word in p.stderr.decode(), (args, p.stderr)
+    assert not (tmp_path / "y").exists()
+
+
+def test_dropin_print_digest_only_and_stdout(cfsc, tmp_path):
+    src = tmp_path / "special.dump"
+    src.write_bytes(SPECIAL)
+    p = cfsc("mkcomposefs", "--from-file", "--print-digest-only", "--max-version=0", str(src), check=True)
+    digest = p.stdout.decode().strip()
+    p = cfsc("mkcomposefs", "--from-file", "--max-version=0", "-", "-", input=SPECIAL, check=True)
+    assert hashlib.sha256(p.stdout).hexdigest() == SPECIAL_V0
+    p2 = cfsc("measure", "/dev/stdin", input=p.stdout, check=True)
+    assert p2.stdout.decode().split()[0] == "sha256:" + digest

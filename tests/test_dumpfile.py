@@ -1,0 +1,167 @@
+"""The dumpfile frontend: upstream's parsing rules, quirks and located errors."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import image_of, tree_of
+
+from cfsc.errors import DumpfileError
+from cfsc.tree import S_IFCHR, S_IFDIR, S_IFREG
+
+ROOT = b"/ 0 40755 2 0 0 0 0.0 - - -\n"
+
+
+def error_of(dump: bytes, **options) -> DumpfileError:
+    with pytest.raises(DumpfileError) as info:
+        tree_of(dump, **options)
+    return info.value
+
+
+def test_fields_and_escapes():
+    tree = tree_of(ROOT + b"/a\\x20b\\\\c 5 100640 3 1000 100 0 12.34 - a\\tb\\nc - user.k\\x3d=v=w\\x00z\n")
+    node = tree.root.children[b"a b\\c"]
+    assert (node.mode, node.nlink, node.uid, node.gid, node.mtime, node.mtime_nsec) == (0o100640, 3, 1000, 100, 12, 34)
+    assert node.content == b"a\tb\nc" and node.size == 5
+    assert node.xattrs == ((b"user.k=", b"v=w\0z"),)
+
+
+def test_dash_means_absent_but_escaped_dash_is_a_value():
+    tree = tree_of(ROOT + b"/f 10 100644 1 0 0 0 0.0 \\x2d - -\n")
+    assert tree.root.children[b"f"].payload == b"-"
+    tree = tree_of(ROOT + b"/f 10 100644 1 0 0 0 0.0 - - -\n")
+    assert tree.root.children[b"f"].payload is None
+
+
+def test_missing_trailing_newline_lenient_and_strict():
+    data = ROOT + b"/f 0 100644 1 0 0 0 0.0 - - -"
+    assert b"f" in tree_of(data).root.children
+    err = error_of(data, strict=True)
+    assert err.line == 2 and "trailing newline" in str(err)
+
+
+def test_blank_line_is_an_empty_path():
+    err = error_of(ROOT + b"\n/f 0 100644 1 0 0 0 0.0 - - -\n")
+    assert (err.line, err.field) == (2, "PATH")
+
+
+def test_hardlinks_share_the_inode_and_keep_the_target_nlink():
+    tree = tree_of(ROOT + b"/l1 0 @100644 9 9 9 9 9.9 /f - -\n/l2 0 @100644 0 0 0 0 0.0 l1 - -\n"
+                   b"/f 3 100644 7 0 0 0 0.0 - abc -\n")
+    root = tree.root
+    assert root.children[b"l1"] is root.children[b"l2"] is root.children[b"f"]
+    assert root.links == {b"l1", b"l2"}
+    assert root.children[b"f"].nlink == 7
+
+
+@pytest.mark.parametrize("dump, field, word", [
+    (b"/a 0 @100644 1 0 0 0 0.0 /a - -\n", "PAYLOAD", "itself"),
+    (b"/a 0 @100644 1 0 0 0 0.0 /b - -\n/b 0 @100644 1 0 0 0 0.0 /a - -\n", "PAYLOAD", "cycle"),
+    (b"/a 0 @100644 1 0 0 0 0.0 /nope - -\n", "PAYLOAD", "does not exist"),
+    (b"/a 0 @100644 1 0 0 0 0.0 - - -\n", "PAYLOAD", "without a target"),
+    (b"/a 0 @40755 1 0 0 0 0.0 / - -\n", "MODE", "directories"),
+])
+def test_bad_hardlinks(dump, field, word):
+    err = error_of(ROOT + dump)
+    assert err.field == field and word in str(err) and err.line >= 2
+
+
+def test_hardlink_to_a_directory_is_accepted_like_upstream():
+    tree = tree_of(ROOT + b"/d 0 40755 2 0 0 0 0.0 - - -\n/l 0 @100644 1 0 0 0 0.0 /d - -\n")
+    assert tree.root.children[b"l"] is tree.root.children[b"d"]
+    image_of(ROOT + b"/d 0 40755 2 0 0 0 0.0 - - -\n/l 0 @100644 1 0 0 0 0.0 /d - -\n")
+
+
+@pytest.mark.parametrize("dump, line, field, word", [
+    (b"/f 0 100644 1 0 0 0 0.0 - - -\n", 1, "PATH", "root"),
+    (ROOT + ROOT, 2, "PATH", "second root"),
+    (b"/ 0 100644 1 0 0 0 0.0 - - -\n", 1, "MODE", "root must be a directory"),
+    (ROOT + b"/a/b 0 100644 1 0 0 0 0.0 - - -\n", 2, "PATH", "/a missing"),
+    (ROOT + b"/a 0 100644 1 0 0 0 0.0 - - -\n/a/b 0 100644 1 0 0 0 0.0 - - -\n", 3, "PATH", "not a directory"),
+    (ROOT + b"/a 0 100644 1 0 0 0 0.0 - - -\n/a 0 100644 1 0 0 0 0.0 - - -\n", 3, "PATH", "already exists"),
+    (ROOT + b"/" + b"x" * 256 + b" 0 100644 1 0 0 0 0.0 - - -\n", 2, "PATH", "255"),
+    (ROOT + b"/f 1_0 100644 1 0 0 0 0.0 - - -\n", 2, "SIZE", "integer"),
+    (ROOT + b"/f 0 100648 1 0 0 0 0.0 - - -\n", 2, "MODE", "integer"),
+    (ROOT + b"/f 0 100644 1 0 0 0 5 - - -\n", 2, "MTIME", "integer"),
+    (ROOT + b"/f 2 100644 1 0 0 0 0.0 - abc -\n", 2, "CONTENT", "must match"),
+    (ROOT + b"/f 0 100644 1 0 0 0 0.0 \\q - -\n", 2, "PAYLOAD", "escape"),
+    (ROOT + b"/f 0 100644 1 0 0 0 0.0 \\x4 - -\n", 2, "PAYLOAD", "escape"),
+    (ROOT + b"/f 0 100644 1 0 0 0 0.0 - - - novalue\n", 2, "XATTRS", "'='"),
+    (ROOT + b"/f 0 100644 1 0 0 0 0.0 - - - user.a=1  user.b=2\n", 2, "XATTRS", "'='"),
+    (ROOT + b"/f 0 100644 1 0 0 0 0.0 " + b"p" * 4096 + b" - -\n", 2, "PAYLOAD", "4095"),
+    (ROOT + b"/f\0 0 100644 1 0 0 0 0.0 - - -\n", 2, "", "NUL"),
+])
+def test_located_errors(dump, line, field, word):
+    err = error_of(dump)
+    assert (err.line, err.field) == (line, field), str(err)
+    assert word in str(err)
+    assert str(err).startswith("test.dump:%d" % line)
+
+
+def test_strict_only_rules():
+    cases = [
+        (ROOT + b"/f 0 100644 1 0 0 7 0.0 - - -\n", "RDEV"),
+        (ROOT + b"/l 3 120777 1 0 0 0 0.0 target - -\n", "SIZE"),
+        (ROOT + b"/l 6 120777 1 0 0 0 0.0 target xxxxxx -\n", "CONTENT"),
+    ]
+    for dump, field in cases:
+        tree_of(dump)  # lenient: accepted
+        assert error_of(dump, strict=True).field == field
+
+
+def test_strtoull_quirks():
+    # Leading white space (not space: that separates fields) and signs, like C strtoull.
+    tree = tree_of(ROOT + b"/f 0 +100644 \t2 -1 0 0 -5.4294967297 - - -\n")
+    node = tree.root.children[b"f"]
+    assert node.nlink == 2 and node.uid == 0xFFFFFFFF  # -1 wraps, then is cut to 32 bits
+    assert node.mtime == -5 and node.mtime_nsec == 1  # time_t is signed; nsec cut to 32 bits
+
+
+def test_bad_gid_or_rdev_only_counts_when_uid_is_zero():
+    node = tree_of(ROOT + b"/c 0 20644 1 5 x y 0.0 - - -\n").root.children[b"c"]
+    assert (node.gid, node.rdev) == (0, 0)
+    assert error_of(ROOT + b"/c 0 20644 1 0 x 1 0.0 - - -\n").field == "GID"
+    assert error_of(ROOT + b"/c 0 20644 1 0 0 y 0.0 - - -\n").field == "RDEV"
+
+
+def test_lenient_digest():
+    good = "ab" * 32
+    node = tree_of(ROOT + b"/f 9 100644 1 0 0 0 0.0 - - %s\n" % good.encode()).root.children[b"f"]
+    assert node.digest == bytes.fromhex(good)
+    node = tree_of(ROOT + b"/f 9 100644 1 0 0 0 0.0 - - abcdzz\n").root.children[b"f"]
+    assert node.digest == bytes.fromhex("abcd") + bytes(30)
+
+
+def test_repeated_xattr_key_replaces():
+    node = tree_of(ROOT + b"/f 0 100644 1 0 0 0 0.0 - - - user.a=1 user.b=2 user.a=3\n").root.children[b"f"]
+    assert node.xattrs == ((b"user.a", b"3"), (b"user.b", b"2"))
+
+
+def test_symlink_size_follows_target_in_lenient_mode():
+    node = tree_of(ROOT + b"/l 99 120777 1 0 0 0 0.0 target - -\n").root.children[b"l"]
+    assert node.size == 6 and node.payload == b"target"
+
+
+def test_paths_collapse_slashes_and_may_omit_the_leading_one():
+    tree = tree_of(ROOT + b"d 0 40755 2 0 0 0 0.0 - - -\n//d///f 0 100644 1 0 0 0 0.0 - - -\n")
+    assert tree.root.children[b"d"].children[b"f"].mode == S_IFREG | 0o644
+
+
+def test_types():
+    tree = tree_of(ROOT + b"/c 0 20600 1 0 0 259 0.0 - - -\n/d 0 40700 1 0 0 0 0.0 - - -\n")
+    assert tree.root.children[b"c"].mode & 0o170000 == S_IFCHR and tree.root.children[b"c"].rdev == 259
+    assert tree.root.children[b"d"].mode & 0o170000 == S_IFDIR
+
+
+def test_stdin(cfsc, tmp_path):
+    p = cfsc("compile", "-", "-o", str(tmp_path / "x.cfs"), input=ROOT)
+    assert p.returncode == 0, p.stderr
+    p2 = cfsc("compile", "-", "-o", "-", input=ROOT)
+    assert p2.stdout == (tmp_path / "x.cfs").read_bytes()
+
+
+def test_compressed_input(cfsc, tmp_path):
+    import gzip
+
+    (tmp_path / "x.dump.gz").write_bytes(gzip.compress(ROOT))
+    p = cfsc("compile", str(tmp_path / "x.dump.gz"), "-o", "-")
+    assert p.returncode == 0 and p.stdout == image_of(ROOT)
