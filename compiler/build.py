@@ -3,11 +3,28 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+import gc
+from collections.abc import Iterator, Sequence
 
 from .options import Options
 from .output import DigestingWriter, atomic_output
 from .tree import Tree
+
+
+@contextlib.contextmanager
+def batch_allocation() -> Iterator[None]:
+    """Pause the cyclic garbage collector while building a large tree.
+
+    The tree has no reference cycles to collect, but a million new objects make CPython run
+    full collections over all of them again and again (~15% of compile time).
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def load(sources: Sequence, options: Options | None = None, fmt: str | None = None) -> Tree:
@@ -32,11 +49,12 @@ def compile_image(
     from cfsc.pipeline import run_passes
 
     options = options or Options()
-    tree = run_passes(load(sources, options, fmt), options)
-    with atomic_output(output) if output is not None else contextlib.nullcontext() as out:
-        if want_digest:
-            sink = DigestingWriter(out)
-            write_image(tree, sink)  # type: ignore[arg-type]
-            return sink.digest()
-        write_image(tree, out)  # type: ignore[arg-type]
+    with batch_allocation():
+        tree = run_passes(load(sources, options, fmt), options)
+        with atomic_output(output) if output is not None else contextlib.nullcontext() as out:
+            if want_digest:
+                sink = DigestingWriter(out)
+                write_image(tree, sink)  # type: ignore[arg-type]
+                return sink.digest()
+            write_image(tree, out)  # type: ignore[arg-type]
     return None

@@ -17,6 +17,7 @@ tuple, since real trees repeat a few xattr sets many times.
 from __future__ import annotations
 
 import re
+from itertools import repeat
 
 from cfsc import limits
 from cfsc.errors import DumpfileError
@@ -39,6 +40,22 @@ _HEX = re.compile(rb"(?:[0-9a-fA-F]{2})*")
 def sniff(head: bytes) -> bool:
     """A dumpfile starts with its root record: `/ ` then a number."""
     return re.match(rb"/ [ \t+-]*[0-9]+ [ \t+-]*[0-7]+ ", head) is not None
+
+
+BATCH = 8192
+MAX_EXTERNAL_SIZE = limits.MAX_EXTERNAL_SIZE
+
+
+def _mark(slow: bytearray, i: int) -> int:
+    slow[i] = 1
+    return 0
+
+
+def _decimal_column(column: tuple, slow: bytearray) -> list[int]:
+    """Plain base-10 fields as ints; odd ones (signs, white space, huge) flagged slow."""
+    if all(map(bytes.isdigit, column)) and max(map(len, column)) < 20:
+        return list(map(int, column))
+    return [int(t) if t.isdigit() and len(t) < 20 else _mark(slow, i) for i, t in enumerate(column)]
 
 
 class _BadEscape(Exception):
@@ -76,9 +93,10 @@ def _digest(text: bytes) -> bytes:
 class _Parser:
     """State of one parse.  Kept as a class so the hot loop reads locals, not globals."""
 
-    def __init__(self, name: str, strict: bool) -> None:
+    def __init__(self, name: str, strict: bool, fast: bool = True) -> None:
         self.name = name
         self.strict = strict
+        self.fast = fast  # False: every line through parse_line (tests compare both paths)
         self.root: Inode | None = None
         self.dirs: dict[bytes, Inode] = {}  # canonical path (no leading '/') → directory
         self.fixups: list[tuple[Inode, str, bytes | None, int]] = []  # (parent, name, target, line)
@@ -107,9 +125,11 @@ class _Parser:
         return value
 
     def lookup_parent(self, path: bytes, line: int) -> tuple[Inode, bytes]:
-        parts = path.split(b"/")
-        name = parts.pop()
-        key = b"/".join(p for p in parts if p)
+        head, _slash, name = path.rpartition(b"/")
+        # Canonical key: no leading '/', no empty components.  Most dumps are canonical.
+        key = head[1:] if head[:1] == b"/" else head
+        if b"//" in head or key[:1] == b"/":
+            key = b"/".join(p for p in head.split(b"/") if p)
         parent = self.dirs.get(key)
         if parent is None:
             parent = self._walk_parent(key, path, line)
@@ -131,9 +151,13 @@ class _Parser:
     def parse(self, data: bytes) -> Tree:
         lines = data.split(b"\n")
         tail = lines.pop()  # text after the last newline
-        line_no = 0
-        for line_no, line in enumerate(lines, 1):
-            self.parse_line(line, line_no)
+        line_no = len(lines)
+        if b"\0" in data or not self.fast:
+            for n, line in enumerate(lines, 1):
+                self.parse_line(line, n)
+        else:
+            for start in range(0, len(lines), BATCH):
+                self.parse_batch(lines[start:start + BATCH], start + 1)
         if tail:
             if self.strict:
                 raise self.fail(line_no + 1, "", "missing trailing newline (strict mode)")
@@ -143,17 +167,133 @@ class _Parser:
         self.resolve_hardlinks()
         return Tree(self.root, self.name)
 
+    def parse_batch(self, batch: list[bytes], first: int) -> None:
+        """Fast path for a run of lines: integer columns converted by C-level `map`.
+
+        A line takes this path only when every field is plain (no escapes, no quirks) and it
+        is a regular file, directory or symlink that breaks no rule; anything else goes
+        through `parse_line`, which is the reference for semantics and error messages.
+        """
+        rows = [line.split(b" ", 11) for line in batch]
+        n = len(rows)
+        if n == 0 or min(map(len, rows)) < 11:
+            for i, line in enumerate(batch):
+                self.parse_line(line, first + i)
+            return
+        paths, sizes, modes, nlinks, uids, gids, rdevs, mtimes, payloads, contents, digests = list(zip(*rows, strict=False))[:11]
+        slow = bytearray(n)
+        sizes_, nlinks_, uids_, gids_ = (_decimal_column(c, slow) for c in (sizes, nlinks, uids, gids))
+        rdev_ok = not b"".join(rdevs).translate(None, b"0")
+        if b"".join(modes).translate(None, b"01234567") or min(map(len, modes)) == 0:
+            modes_ = [int(m, 8) if m and not m.translate(None, b"01234567") else _mark(slow, i)
+                      for i, m in enumerate(modes)]
+        else:
+            modes_ = list(map(int, modes, repeat(8)))
+        parts = b".".join(mtimes).split(b".")
+        if (len(parts) == 2 * n and not b"".join(parts).translate(None, b"0123456789")
+                and min(map(len, parts)) > 0 and max(map(len, parts)) < 19):
+            secs = list(map(int, parts[0::2]))
+            nsecs = list(map(int, parts[1::2]))
+        else:
+            secs = [0] * n
+            nsecs = [0] * n
+            for i, m in enumerate(mtimes):
+                a, dot, b = m.partition(b".")
+                if a.isdigit() and b.isdigit() and len(a) < 19 and len(b) < 19:
+                    secs[i] = int(a)
+                    nsecs[i] = int(b)
+                else:
+                    slow[i] = 1
+
+        dirs = self.dirs
+        cache = self.xattr_cache
+        parse_line = self.parse_line
+        strict = self.strict
+        for i in range(n):
+            path = paths[i]
+            mode = modes_[i]
+            ftype = mode & S_IFMT
+            if (slow[i] or path == b"/" or b"\\" in path or (not rdev_ok and rdevs[i] != b"0")
+                    or not (ftype == S_IFREG or ftype == S_IFDIR or ftype == S_IFLNK)):
+                parse_line(batch[i], first + i)
+                continue
+            head, _slash, name = path.rpartition(b"/")
+            key = head[1:] if head[:1] == b"/" else head
+            parent = dirs.get(key)
+            if (parent is None or not name or len(name) > 255 or name == b"." or name == b".."
+                    or b"//" in head or key[:1] == b"/" or name in parent.children):  # type: ignore[operator]
+                parse_line(batch[i], first + i)
+                continue
+            size = sizes_[i]
+            payload = payloads[i]
+            content = contents[i]
+            digest = digests[i]
+            if ftype == S_IFREG:
+                if payload == b"-":
+                    payload = None
+                elif b"\\" in payload or len(payload) >= 4096:
+                    parse_line(batch[i], first + i)
+                    continue
+                if content == b"-":
+                    content = None
+                    if size > MAX_EXTERNAL_SIZE:
+                        parse_line(batch[i], first + i)
+                        continue
+                elif b"\\" in content or len(content) != size or size > 5000 or not content:
+                    parse_line(batch[i], first + i)
+                    continue
+                if digest == b"-":
+                    digest = None
+                else:
+                    try:
+                        digest = bytes.fromhex(digest.decode("ascii")) if len(digest) == 64 else b""
+                    except ValueError:
+                        digest = b""
+                    if len(digest) != 32:
+                        parse_line(batch[i], first + i)
+                        continue
+            elif payload == b"-" and content == b"-" and digest == b"-" and ftype == S_IFDIR:
+                payload = None
+                content = None
+                digest = None
+            elif (ftype == S_IFLNK and content == b"-" and digest == b"-" and payload != b"-"
+                  and b"\\" not in payload and 0 < len(payload) < 4096 and (size == len(payload) or not strict)):
+                size = len(payload)
+                content = None
+                digest = None
+            else:
+                parse_line(batch[i], first + i)
+                continue
+            row = rows[i]
+            xattrs = ()
+            if len(row) == 12 and row[11]:
+                section = row[11]
+                xattrs = cache.get(section)  # type: ignore[assignment]
+                if xattrs is None:
+                    xattrs = cache[section] = self.parse_xattrs(section, first + i)
+            node = Inode(mode, uids_[i] & U32, gids_[i] & U32, secs[i], nsecs[i] & U32, size, 0,
+                         nlinks_[i] & U32, payload, content, digest, xattrs)
+            parent.children[name] = node  # type: ignore[index]
+            if ftype == S_IFDIR:
+                dirs[key + b"/" + name if key else name] = node
+
+    def bad_integer(self, text: bytes, n: int, field: str, base: str = "a base-10") -> DumpfileError:
+        return self.fail(n, field, f"invalid integer {text.decode('latin-1')!r}: expected {base} number")
+
     def parse_line(self, line: bytes, n: int) -> None:
+        """One record, checked in upstream's order (so the first error is upstream's)."""
         if b"\0" in line:
             column = line.index(b"\0") + 1
             raise self.fail(n, "", f"embedded NUL at column {column}: escape it as \\x00")
         f = line.split(b" ", 11)
         if len(f) < 11:
             f += [b""] * (11 - len(f))
-        path = self.unescape(f[0], n, "PATH")
-        nul = path.find(b"\0")
-        if nul >= 0:
-            path = path[:nul]  # upstream uses the path as a C string
+        path = f[0]
+        if b"\\" in path:
+            path = self.unescape(path, n, "PATH")
+            nul = path.find(b"\0")
+            if nul >= 0:
+                path = path[:nul]  # upstream uses the path as a C string
         if not path:
             raise self.fail(n, "PATH", "empty path")
 
@@ -161,23 +301,24 @@ class _Parser:
         is_link = mode_text[:1] == b"@"
         if is_link:
             mode_text = mode_text[1:]
-        mode = _strtoull(mode_text, _OCT)
-        if mode is None:
-            raise self.fail(n, "MODE", f"invalid integer {mode_text.decode('latin-1')!r}: expected an octal mode")
+        if mode_text and not mode_text.translate(None, b"01234567"):
+            mode = int(mode_text, 8)
+        else:
+            mode = _strtoull(mode_text, _OCT)
+            if mode is None:
+                raise self.bad_integer(mode_text, n, "MODE", "an octal")
         mode &= U32
-        problem = limits.check_mode(mode)
-        if problem:
-            raise self.fail(n, "MODE", problem)
         ftype = mode & S_IFMT
+        if ftype not in limits.VALID_TYPES:
+            raise self.fail(n, "MODE", limits.check_mode(mode))  # type: ignore[arg-type]
 
-        # Add the entry to the tree (upstream does this before parsing the other fields).
+        # Upstream adds the entry to the tree before it parses the other fields; the name
+        # checks happen here, the insertion once the inode is complete.
         if path == b"/":
             if ftype != S_IFDIR:
                 raise self.fail(n, "MODE", "the root must be a directory")
             if self.root is not None:
                 raise self.fail(n, "PATH", "a second root record: expected exactly one `/` line")
-            node = self.root = Inode(mode)
-            self.dirs[b""] = node
             parent = None
             name = b""
         else:
@@ -188,14 +329,10 @@ class _Parser:
                 raise self.fail(n, "PATH", "'.' and '..' are not allowed as names")
             if not name:
                 raise self.fail(n, "PATH", "empty file name (path ends in '/')")
-            if len(name) > limits.NAME_MAX:
+            if len(name) > 255:
                 raise self.fail(n, "PATH", f"file name of {len(name)} bytes: expected at most {limits.NAME_MAX}")
-            children = parent.children
-            assert children is not None
-            if name in children:
+            if name in parent.children:  # type: ignore[operator]
                 raise self.fail(n, "PATH", "path already exists on an earlier line")
-            node = Inode(mode)
-            children[name] = node
 
         if is_link:
             if ftype == S_IFDIR:
@@ -208,66 +345,77 @@ class _Parser:
                 nul = target_path.find(b"\0")
                 if nul >= 0:
                     target_path = target_path[:nul]
+            node = Inode(mode)
+            if parent is None:
+                self.root = node
+            else:
+                parent.children[name] = node  # type: ignore[index]
             self.placeholders[id(node)] = node
             self.fixups.append((parent, name, target_path, n))  # type: ignore[arg-type]
             return
 
-        if ftype == S_IFDIR and parent is not None:
-            key = path.strip(b"/")
-            if b"//" in key:
-                key = b"/".join(p for p in key.split(b"/") if p)
-            self.dirs[key] = node
-
-        size = self.integer(f[1], n, "SIZE")
-        nlink = self.integer(f[3], n, "NLINK")
-        uid = self.integer(f[4], n, "UID")
+        t = f[1]
+        size = int(t) if t.isdigit() else self.integer(t, n, "SIZE")
+        t = f[3]
+        nlink = int(t) if t.isdigit() else self.integer(t, n, "NLINK")
+        t = f[4]
+        uid = int(t) if t.isdigit() else self.integer(t, n, "UID")
         # Upstream quirk (§7.3): a bad GID or RDEV only counts when UID is 0; else it reads 0.
-        gid_text, rdev_text = f[5], f[6]
-        if gid_text.isdigit():
-            gid = int(gid_text)
+        t = f[5]
+        if t.isdigit():
+            gid = int(t)
         else:
-            gid = _strtoull(gid_text, _DEC)
+            gid = _strtoull(t, _DEC)
             if gid is None:
                 if uid == 0:
-                    raise self.fail(n, "GID", f"invalid integer {gid_text.decode('latin-1')!r}: expected a base-10 number")
+                    raise self.bad_integer(t, n, "GID")
                 gid = 0
-        if rdev_text.isdigit():
-            rdev = int(rdev_text)
+        t = f[6]
+        if t.isdigit():
+            rdev = int(t)
         else:
-            rdev = _strtoull(rdev_text, _DEC)
+            rdev = _strtoull(t, _DEC)
             if rdev is None:
                 if uid == 0:
-                    raise self.fail(n, "RDEV", f"invalid integer {rdev_text.decode('latin-1')!r}: expected a base-10 number")
+                    raise self.bad_integer(t, n, "RDEV")
                 rdev = 0
-
-        sec_text, dot, nsec_text = f[7].partition(b".")
-        sec = self.integer(sec_text, n, "MTIME")
-        nsec = self.integer(nsec_text, n, "MTIME")
+        t, _dot, t2 = f[7].partition(b".")
+        sec = int(t) if t.isdigit() else self.integer(t, n, "MTIME")
+        nsec = int(t2) if t2.isdigit() else self.integer(t2, n, "MTIME")
+        if size > U64 or nlink > U64 or uid > U64 or gid > U64 or rdev > U64 or sec > U64 or nsec > U64:
+            # strtoull saturates at 2^64-1 (upstream does not look at errno)
+            size, nlink, uid, gid, rdev, sec, nsec = (min(v, U64) for v in (size, nlink, uid, gid, rdev, sec, nsec))
         if sec > 0x7FFFFFFFFFFFFFFF:
             sec -= 1 << 64  # time_t is signed
 
-        payload_text = f[8]
-        payload = None if payload_text == b"-" else self.unescape(payload_text, n, "PAYLOAD")
-        if payload is not None:
+        payload = f[8]
+        if payload == b"-":
+            payload = None
+        elif b"\\" in payload:
+            payload = self.unescape(payload, n, "PAYLOAD")
             nul = payload.find(b"\0")
             if nul >= 0:
                 payload = payload[:nul]
-        content_text = f[9]
-        content = None if content_text == b"-" else self.unescape(content_text, n, "CONTENT")
-        if content is not None and len(content) != size:
-            raise self.fail(n, "CONTENT", f"content of {len(content)} bytes: must match SIZE {size}")
-        digest_text = f[10]
-        digest = None if digest_text == b"-" else self.unescape(digest_text, n, "DIGEST")
+        content = f[9]
+        if content == b"-":
+            content = None
+        else:
+            if b"\\" in content:
+                content = self.unescape(content, n, "CONTENT")
+            if len(content) != size:
+                raise self.fail(n, "CONTENT", f"content of {len(content)} bytes: must match SIZE {size}")
+        digest = f[10]
+        if digest == b"-":
+            digest = None
+        elif b"\\" in digest:
+            digest = self.unescape(digest, n, "DIGEST")
 
-        node.nlink = nlink & U32
-        node.uid = uid & U32
-        node.gid = gid & U32
-        node.mtime = sec
-        node.mtime_nsec = nsec & U32
         if ftype == S_IFCHR or ftype == S_IFBLK:
-            node.rdev = rdev & U32
-        elif self.strict and rdev != 0:
-            raise self.fail(n, "RDEV", "non-zero device number on a non-device (strict mode)")
+            rdev &= U32
+        elif rdev:
+            if self.strict:
+                raise self.fail(n, "RDEV", "non-zero device number on a non-device (strict mode)")
+            rdev = 0
 
         if ftype == S_IFLNK:
             problem = limits.check_symlink(payload)
@@ -279,35 +427,58 @@ class _Parser:
                     raise self.fail(n, "SIZE", f"symlink SIZE {size}: must equal the target length {len(payload)} (strict mode)")
                 if content:
                     raise self.fail(n, "CONTENT", "a symlink cannot have content (strict mode)")
-            node.payload = payload
-            node.size = len(payload)
+            size = len(payload)
+            content = None
         else:
-            node.size = size
             if payload is not None:
                 if len(payload) >= limits.PATH_MAX:
                     raise self.fail(n, "PAYLOAD", f"payload of {len(payload)} bytes: expected at most {limits.PATH_MAX - 1}")
-                if ftype == S_IFREG:
-                    node.payload = payload
+                if ftype != S_IFREG:
+                    payload = None
             if content is not None:
                 if len(content) > limits.INLINE_CONTENT_MAX:
                     raise self.fail(n, "CONTENT", f"inline content of {len(content)} bytes: expected at most {limits.INLINE_CONTENT_MAX}")
                 # Upstream stores content on any type but only regular files use it; an
-                # empty content means "no content" (and size 0, which was checked above).
-                if ftype == S_IFREG and content:
-                    node.content = content
-        if digest is not None and ftype == S_IFREG:
-            node.digest = _digest(digest)
+                # empty content means "no content" (and size 0, checked above).
+                if ftype != S_IFREG or not content:
+                    content = None
+        if digest is not None:
+            if ftype == S_IFREG:
+                if len(digest) == 64:
+                    text = digest
+                    try:
+                        digest = bytes.fromhex(text.decode("ascii"))
+                    except ValueError:
+                        digest = _digest(text)
+                    if len(digest) != 32:  # fromhex skips white space; upstream stops there
+                        digest = _digest(text)
+                else:
+                    digest = _digest(digest)
+            else:
+                digest = None
 
+        xattrs: tuple = ()
         if len(f) == 12 and f[11]:
             section = f[11]
-            cached = self.xattr_cache.get(section)
-            if cached is None:
-                cached = self.parse_xattrs(section, n)
-                self.xattr_cache[section] = cached
-            node.xattrs = cached
+            xattrs = self.xattr_cache.get(section)  # type: ignore[assignment]
+            if xattrs is None:
+                xattrs = self.xattr_cache[section] = self.parse_xattrs(section, n)
 
         if ftype == S_IFREG and content is None and size > limits.MAX_EXTERNAL_SIZE:
             raise self.fail(n, "SIZE", f"external file of {size} bytes: expected at most 2^53 (1024 chunks)")
+
+        node = Inode(mode, uid & U32, gid & U32, sec, nsec & U32, size, rdev, nlink & U32,
+                     payload, content, digest, xattrs)
+        if parent is None:
+            self.root = node
+            self.dirs[b""] = node
+        else:
+            parent.children[name] = node  # type: ignore[index]
+            if ftype == S_IFDIR:
+                key = path[1:] if path[:1] == b"/" else path
+                if b"//" in path or key[:1] == b"/":
+                    key = b"/".join(p for p in path.split(b"/") if p)
+                self.dirs[key] = node
 
     def parse_xattrs(self, section: bytes, n: int) -> tuple:
         if len(section) > 65535:

@@ -94,7 +94,7 @@ def test_located_errors(dump, line, field, word):
     err = error_of(dump)
     assert (err.line, err.field) == (line, field), str(err)
     assert word in str(err)
-    assert str(err).startswith("test.dump:%d" % line)
+    assert str(err).startswith(f"test.dump:{line}")
 
 
 def test_strict_only_rules():
@@ -165,3 +165,67 @@ def test_compressed_input(cfsc, tmp_path):
     (tmp_path / "x.dump.gz").write_bytes(gzip.compress(ROOT))
     p = cfsc("compile", str(tmp_path / "x.dump.gz"), "-o", "-")
     assert p.returncode == 0 and p.stdout == image_of(ROOT)
+
+
+def _both_paths(data: bytes, strict: bool):
+    """Compile with the batch fast path and with every line through the reference path."""
+    import io
+
+    from cfsc.backends.erofs.writer import write_image
+    from cfsc.frontends.dumpfile import _Parser
+    from cfsc.options import Options
+    from cfsc.pipeline import run_passes
+
+    results = []
+    for fast in (True, False):
+        try:
+            tree = _Parser("x.dump", strict, fast).parse(data)
+            out = io.BytesIO()
+            write_image(run_passes(tree, Options()), out)
+            results.append(out.getvalue())
+        except Exception as e:  # compare the error, too
+            results.append(f"{type(e).__name__}: {e}")
+    return results
+
+
+def test_fast_path_equals_reference_path_on_conformance_inputs():
+    from conftest import cases, read_input
+
+    for case in cases():
+        data = read_input(case["input"])
+        for strict in (False, True):
+            fast, slow = _both_paths(data, strict)
+            assert fast == slow, (case["input"], strict)
+
+
+def test_fast_path_equals_reference_path_on_random_dumps():
+    from randomdump import random_dump
+
+    for seed in range(40):
+        data = random_dump(seed, 40)
+        for strict in (False, True):
+            fast, slow = _both_paths(data, strict)
+            assert fast == slow, (seed, strict)
+
+
+@pytest.mark.parametrize("line", [
+    b"/l 1 120777 1 0 0 0 0.0 - - -",            # symlink without a target
+    b"/l 3 120777 1 0 0 0 0.0 abcd - -",         # symlink size mismatch (strict only)
+    b"/f 3 100644 1 0 0 0 0.0 - ab -",           # content size mismatch
+    b"/f 0 100644 1 0 0 5 0.0 - - -",            # rdev on a regular file
+    b"/f 0 100644 1 +0 0 0 0.0 - - -",           # signed integer
+    b"/f 0 100644 1 0 0 0 -1.0 - - -",           # negative mtime
+    b"/f 0 100644 1 0 0 0 1.99999999999 - - -",  # nsec beyond 32 bits
+    b"/f 9 100644 1 0 0 0 0.0 - - abz",          # short digest
+    b"/f 9 100644 1 0 0 0 0.0 - - " + b"a " * 32,  # digest with spaces
+    b"/d 0 40755 1 0 0 0 0.0 x - -",             # payload on a directory
+    b"/f 99999999999999999999 100644 1 0 0 0 0.0 - - -",  # saturating integer
+    b"/f 0 @100644 1 0 0 0 0.0 /g - -",          # hardlink to a missing target
+    b"a/b 0 100644 1 0 0 0 0.0 - - -",           # missing parent
+    b"/x 0 100644 1 0 0 0 0.0 - - -\n/x 0 100644 1 0 0 0 0.0 - - -",  # duplicate
+])
+def test_fast_path_equals_reference_path_on_odd_lines(line):
+    data = ROOT + b"/g 0 100644 1 0 0 0 0.0 - - -\n" + line + b"\n"
+    for strict in (False, True):
+        fast, slow = _both_paths(data, strict)
+        assert fast == slow

@@ -74,6 +74,7 @@ FILE_TYPE = {
 ACL_KEYS = (b"system.posix_acl_access", b"system.posix_acl_default")
 U64 = (1 << 64) - 1
 _ZEROS = bytes(BLK)
+_PADS = (b"", b"\0\0\0", b"\0\0", b"\0")  # zeros to the next multiple of 4, by length % 4
 _NULL_CHUNKS_BLOCK = b"\xff" * BLK
 _pack_compact = EROFS_INODE_COMPACT.pack
 _pack_extended = EROFS_INODE_EXTENDED.pack
@@ -134,34 +135,24 @@ def _dir_entries(node: Inode, parent: Inode) -> tuple[list[bytes], list[Inode]]:
 
 
 def _dir_chunks(names: list[bytes]) -> list[int]:
-    """Start index of each 4 KiB dirent chunk (libcomposefs' greedy split)."""
+    """Start index of each 4 KiB dirent chunk (libcomposefs' greedy split), plus the end."""
     starts = [0]
     used = 0
-    for i, name in enumerate(names):
-        size = 12 + len(name)
+    for i, length in enumerate(map(len, names)):
+        size = 12 + length
         if used + size > BLK:
             starts.append(i)
             used = 0
         used += size
+    starts.append(len(names))
     return starts
 
 
 class _Plan:
-    __slots__ = (
-        "blocks",
-        "compact",
-        "has_acl",
-        "inodes_end",
-        "isizes",
-        "min_mtime",
-        "n_data_blocks",
-        "nids",
-        "parents",
-        "shared_offsets",
-        "shared_size",
-        "tails",
-        "xsizes",
-    )
+    """Where everything goes; lists are indexed by inode number."""
+
+    __slots__ = ("nids", "compact", "blocks", "tails", "xattrs", "dirs", "inodes_end",
+                 "shared_offsets", "shared_size", "n_data_blocks", "min_mtime", "has_acl")
 
 
 def _plan(tree: Tree) -> _Plan:
@@ -174,8 +165,8 @@ def _plan(tree: Tree) -> _Plan:
     shared_offsets: dict[tuple[bytes, bytes], int] = {}
     offset = 0
     for pair in shared:
-        shared_offsets[pair] = offset
-        index, name, _bit = keys(pair[0])
+        shared_offsets[pair] = offset >> 2
+        _index, name, _bit = keys(pair[0])
         offset += (4 + len(name) + len(pair[1]) + 3) & ~3
     plan.shared_offsets = shared_offsets
     plan.shared_size = offset
@@ -184,74 +175,89 @@ def _plan(tree: Tree) -> _Plan:
     min_nsec = min(n.mtime_nsec for n in inodes if n.mtime == min_sec)
     plan.min_mtime = (min_sec, min_nsec)
 
-    xsize_cache: dict[int, tuple[tuple, int]] = {}
-    has_acl = False
+    # id(xattr tuple) -> (tuple, layout) for tuples whose pairs are all shared: those repeat.
+    cache: dict[int, tuple[tuple, tuple]] = {}
+    acl = [False]
+    get_shared = shared_offsets.get
+    key_info = keys.cache
+    pack_entry = _pack_entry
+    pads = _PADS
 
-    def xattr_size(xattrs: tuple) -> int:
-        nonlocal has_acl
-        hit = xsize_cache.get(id(xattrs))
+    def xattr_layout(xattrs: tuple) -> tuple[int, int, tuple, bytes]:
+        """(body size, name filter, shared ids relative to the shared area, inline entries)."""
+        hit = cache.get(id(xattrs))
         if hit is not None:
             return hit[1]
-        size = 12
-        n_shared = 0
-        all_shared = True
+        name_filter = 0
+        ids = []
+        inline = []
         for pair in xattrs:
-            if n_shared < EROFS_XATTR_LONG_PREFIX and pair in shared_offsets:
-                n_shared += 1
-                size += 4
+            key, value = pair
+            info = key_info.get(key) or keys(key)
+            name_filter |= info[2]
+            rel = get_shared(pair)
+            if rel is not None and len(ids) < EROFS_XATTR_LONG_PREFIX:
+                ids.append(rel)
             else:
-                all_shared = False
-                index, name, _bit = keys(pair[0])
-                size += (4 + len(name) + len(pair[1]) + 3) & ~3
-            if pair[0] in ACL_KEYS:
-                has_acl = True
-        if all_shared:
-            xsize_cache[id(xattrs)] = (xattrs, size)
-        return size
+                name = info[1]
+                vlen = len(value)
+                inline += (pack_entry(len(name), info[0], vlen), name, value, pads[(len(name) + vlen) & 3])
+            if (info[0] == 2 or info[0] == 3) and key in ACL_KEYS:
+                acl[0] = True
+        entries = b"".join(inline)
+        layout = (12 + 4 * len(ids) + len(entries), ~name_filter & 0xFFFFFFFF, tuple(ids), entries)
+        if not inline:
+            cache[id(xattrs)] = (xattrs, layout)
+        return layout
 
     n = len(inodes)
     nids = [0] * n
     compact = [True] * n
     blocks = [0] * n
     tails = [0] * n
-    xsizes = [0] * n
+    xlayouts: list = [None] * n
+    dirs: dict[int, tuple] = {}
     parents: dict[int, Inode] = {id(inodes[0]): inodes[0]}
     pos = EROFS_SUPER_OFFSET + EROFS_SUPER_BLOCK.size
     n_data_blocks = 0
     for i, node in enumerate(inodes):
-        mode = node.mode
-        ftype = mode & S_IFMT
+        ftype = node.mode & S_IFMT
         xattrs = node.xattrs
-        xs = xattr_size(xattrs) if xattrs else 0
+        if xattrs:
+            xl = xlayouts[i] = xattr_layout(xattrs)
+            xs = xl[0]
+        else:
+            xs = 0
         n_blocks = tail = 0
+        size = node.size
         if ftype == S_IFDIR:
             links = node.links
             for name, child in node.children.items():  # type: ignore[union-attr]
                 if child.children is not None and (links is None or name not in links):
                     parents[id(child)] = node
-            names, _targets = _dir_entries(node, node)
+            names, targets = _dir_entries(node, parents[id(node)])
             starts = _dir_chunks(names)
-            n_blocks = len(starts) - 1
-            tail = 12 * (len(names) - starts[-1]) + sum(map(len, names[starts[-1]:]))
+            dirs[i] = (names, targets, starts)
+            n_blocks = len(starts) - 2
+            last = starts[-2]
+            tail = 12 * (len(names) - last) + sum(map(len, names[last:]))
             if tail > INLINE_TAIL_MAX:
                 n_blocks += 1
                 tail = 0
             size = n_blocks * BLK + tail
         elif ftype == S_IFREG:
-            size = node.size
             if size > 0:
                 if node.content is not None:
                     n_blocks, tail = divmod(size, BLK)
                     if tail > INLINE_TAIL_MAX:
                         n_blocks += 1
                         tail = 0
-                else:
-                    tail = 4 * chunk_count(size)
+                else:  # chunk index: one 4-byte null address per chunk (see chunk_bits)
+                    bits = (size - 1).bit_length()
+                    bits = 12 if bits < 12 else 43 if bits > 43 else bits
+                    tail = (((size - 1) >> bits) + 1) << 2
         elif ftype == S_IFLNK:
-            size = node.size
             tail = len(node.payload)  # type: ignore[arg-type]
-        else:
-            size = node.size
         is_compact = (node.mtime == min_sec and node.mtime_nsec == min_nsec
                       and node.nlink <= 0xFFFF and node.uid <= 0xFFFF and node.gid <= 0xFFFF
                       and size <= 0xFFFFFFFF)
@@ -275,30 +281,32 @@ def _plan(tree: Tree) -> _Plan:
                     tail = 0
                     pos = (pos + BLK - 1) & ~(BLK - 1)
         nids[i] = pos >> 5
-        compact[i] = is_compact
-        blocks[i] = n_blocks
-        tails[i] = tail
-        xsizes[i] = xs
+        if not is_compact:
+            compact[i] = False
+        if n_blocks:
+            blocks[i] = n_blocks
+            n_data_blocks += n_blocks
+        if tail:
+            tails[i] = tail
         pos += isz + xs + tail
-        n_data_blocks += n_blocks
     plan.nids = nids
     plan.compact = compact
     plan.blocks = blocks
     plan.tails = tails
-    plan.xsizes = xsizes
-    plan.parents = parents
+    plan.xattrs = xlayouts
+    plan.dirs = dirs
     plan.inodes_end = (pos + 31) & ~31
     plan.n_data_blocks = n_data_blocks
-    plan.has_acl = has_acl
+    plan.has_acl = acl[0]
     if nids[0] > 0xFFFF:
         raise TreeError(f"the root inode lands at nid {nids[0]}: the superblock holds at most 65535", "/", tree.source)
     return plan
 
 
 class _Sink:
-    """Batches small writes; tracks the offset so layout mistakes fail loudly."""
+    """Batches writes into ~1 MiB chunks; tracks the offset so layout mistakes fail loudly."""
 
-    __slots__ = ("offset", "out", "parts", "pending")
+    __slots__ = ("out", "parts", "pending", "offset")
 
     def __init__(self, out: BinaryIO) -> None:
         self.out = out
@@ -318,7 +326,7 @@ class _Sink:
         gap = offset - self.offset
         assert gap >= 0, (offset, self.offset)
         while gap:
-            n = min(gap, BLK)
+            n = gap if gap < BLK else BLK
             self.write(_ZEROS[:n])
             gap -= n
 
@@ -334,13 +342,11 @@ def write_image(tree: Tree, out: BinaryIO) -> None:
     plan = _plan(tree)
     inodes = tree.inodes
     assert inodes is not None and tree.shared_xattrs is not None
-    keys = _Keys()
     nids = plan.nids
     inodes_end = plan.inodes_end
-    shared_offsets = plan.shared_offsets
     data_start = (inodes_end + plan.shared_size + BLK - 1) & ~(BLK - 1)
     total_blocks = data_start // BLK + plan.n_data_blocks
-    shared_base = inodes_end % BLK
+    shared_base = (inodes_end % BLK) >> 2
     min_sec, min_nsec = plan.min_mtime
 
     sink = _Sink(out)
@@ -353,41 +359,21 @@ def write_image(tree: Tree, out: BinaryIO) -> None:
         EROFS_BLKSIZ_BITS, 0, nids[0], len(inodes), min_sec & U64, min_nsec, total_blocks,
         0, inodes_end // BLK, b"", b"", 0, 0, 0, 0, 0, 0, 0, 0, 0))
 
-    body_cache: dict[int, tuple[tuple, bytes]] = {}
-
-    def xattr_body(xattrs: tuple) -> bytes:
-        hit = body_cache.get(id(xattrs))
-        if hit is not None:
-            return hit[1]
-        name_filter = 0
-        ids = []
-        inline = []
-        for pair in xattrs:
-            key, value = pair
-            index, name, bit = keys(key)
-            name_filter |= bit
-            offset = shared_offsets.get(pair) if len(ids) < EROFS_XATTR_LONG_PREFIX else None
-            if offset is not None:
-                ids.append((shared_base + offset) >> 2)
-            else:
-                inline.append(xattr_entry(index, name, value))
-        body = _pack_ibody(~name_filter & 0xFFFFFFFF, len(ids)) + _U32S[len(ids)].pack(*ids)
-        if inline:
-            body += b"".join(inline)
-        else:
-            body_cache[id(xattrs)] = (xattrs, body)
-        return body
-
+    # Identical layouts (shared tuples) give identical bodies: build each once.
+    bodies: dict[int, tuple[tuple, bytes]] = {}
     file_type = FILE_TYPE
     data_blocks: list[bytes] = []
     next_block = data_start // BLK
     compact = plan.compact
     blocks = plan.blocks
     tails = plan.tails
-    parents = plan.parents
+    xlayouts = plan.xattrs
+    dirs = plan.dirs
     write = sink.write
     for i, node in enumerate(inodes):
-        sink.pad_to(nids[i] << 5)
+        start = nids[i] << 5
+        if start != sink.offset:
+            sink.pad_to(start)
         mode = node.mode
         ftype = mode & S_IFMT
         n_blocks = blocks[i]
@@ -395,11 +381,9 @@ def write_image(tree: Tree, out: BinaryIO) -> None:
         layout = EROFS_INODE_FLAT_INLINE if tail else EROFS_INODE_FLAT_PLAIN
         i_u = 0
         tail_bytes = b""
+        size = node.size
         if ftype == S_IFDIR:
-            names, targets = _dir_entries(node, parents[id(node)])
-            starts = _dir_chunks(names)
-            starts.append(len(names))
-            assert len(starts) - 1 == n_blocks + (1 if tail else 0)
+            names, targets, starts = dirs[i]
             chunks = []
             for c in range(len(starts) - 1):
                 a, b = starts[c], starts[c + 1]
@@ -409,7 +393,8 @@ def write_image(tree: Tree, out: BinaryIO) -> None:
                     t = targets[j]
                     recs.append(_pack_dirent(nids[t.ino], nameoff, file_type[t.mode & S_IFMT]))
                     nameoff += len(names[j])
-                chunks.append(b"".join(recs) + b"".join(names[a:b]))
+                recs.extend(names[a:b])
+                chunks.append(b"".join(recs))
             if n_blocks:
                 i_u = next_block
                 next_block += n_blocks
@@ -419,19 +404,18 @@ def write_image(tree: Tree, out: BinaryIO) -> None:
                 tail_bytes = chunks[-1]
             size = n_blocks * BLK + tail
         elif ftype == S_IFREG:
-            size = node.size
             content = node.content
             if size > 0 and content is None:
                 layout = EROFS_INODE_CHUNK_BASED
-                bits = chunk_bits(size)
                 if n_blocks:
                     i_u = next_block & 0xFFFF0000  # the chunk format overwrites the low half
                     next_block += n_blocks
                     data_blocks.append(_NULL_CHUNKS_BLOCK)
-                i_u |= bits - EROFS_BLKSIZ_BITS
+                bits = (size - 1).bit_length()
+                i_u |= (12 if bits < 12 else 43 if bits > 43 else bits) - EROFS_BLKSIZ_BITS
                 if tail:
                     tail_bytes = b"\xff" * tail
-            elif content is not None and size > 0:
+            elif content is not None:
                 if n_blocks:
                     i_u = next_block
                     next_block += n_blocks
@@ -442,7 +426,6 @@ def write_image(tree: Tree, out: BinaryIO) -> None:
         elif ftype == S_IFLNK:
             payload = node.payload
             assert payload is not None
-            size = len(payload)
             if n_blocks:
                 i_u = next_block
                 next_block += n_blocks
@@ -453,25 +436,35 @@ def write_image(tree: Tree, out: BinaryIO) -> None:
             size = 0
             if ftype == S_IFCHR or ftype == S_IFBLK:
                 i_u = node.rdev & 0xFFFFFFFF
-        xattrs = node.xattrs
-        if xattrs:
-            body = xattr_body(xattrs)
-            icount = (len(body) - 12) // 4 + 1
+        xl = xlayouts[i]
+        if xl is not None:
+            xsize, name_filter, ids, entries = xl
+            hit = bodies.get(id(xl))
+            if hit is not None:
+                body = hit[1]
+            else:
+                n_ids = len(ids)
+                body = _pack_ibody(name_filter, n_ids)
+                if n_ids:
+                    body += _U32S[n_ids].pack(*[shared_base + r for r in ids])
+                if entries:
+                    body += entries
+                else:
+                    bodies[id(xl)] = (xl, body)
+            icount = (xsize - 12) // 4 + 1
         else:
             body = b""
             icount = 0
         if compact[i]:
-            write(_pack_compact(layout << 1, icount, mode & 0xFFFF, node.nlink, size, i_u,
-                                node.ino, node.uid, node.gid))
+            head = _pack_compact(layout << 1, icount, mode & 0xFFFF, node.nlink, size, i_u,
+                                 i, node.uid, node.gid)
         else:
-            write(_pack_extended((layout << 1) | 1, icount, mode & 0xFFFF, size, i_u, node.ino,
-                                 node.uid, node.gid, node.mtime & U64, node.mtime_nsec,
-                                 node.nlink))
-        if body:
-            write(body)
-        if tail_bytes:
-            write(tail_bytes)
+            head = _pack_extended((layout << 1) | 1, icount, mode & 0xFFFF, size, i_u, i,
+                                  node.uid, node.gid, node.mtime & U64, node.mtime_nsec,
+                                  node.nlink)
+        write(head + body + tail_bytes if body or tail_bytes else head)
     sink.pad_to(inodes_end)
+    keys = _Keys()
     for pair in tree.shared_xattrs:
         index, name, _bit = keys(pair[0])
         write(xattr_entry(index, name, pair[1]))

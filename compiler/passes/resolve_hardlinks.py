@@ -16,21 +16,24 @@ from ..tree import S_IFDIR, S_IFMT, Tree
 
 
 def resolve_hardlinks(tree: Tree, options: Options) -> Tree:
-    while True:
-        homes, names, orphans = _walk(tree)
-        if not orphans:
-            break
+    homes, names, orphans, repaired = _walk(tree, in_order=False)
+    if repaired or orphans:
+        # Repairs must not depend on dict order: redo them walking in name order.
+        homes, names, orphans, _ = _walk(tree, in_order=True)
+    while orphans:
         for parent, name, child in orphans:
             if id(child) not in homes:
                 homes.add(id(child))
                 parent.add_child(name, child)  # clears the link mark
+        homes, names, orphans, _ = _walk(tree, in_order=True)
     for node in tree.home_inodes():
         if node.nlink is None:
             node.nlink = names.get(id(node), 1)
     return tree
 
 
-def _walk(tree: Tree):
+def _walk(tree: Tree, in_order: bool):
+    repaired = False
     homes = {id(tree.root)}
     names: dict[int, int] = {}  # id(inode) -> names, only for inodes with extra names
     orphans = []  # (dir, name, inode): links to inodes without a home so far
@@ -40,7 +43,7 @@ def _walk(tree: Tree):
         children = node.children
         assert children is not None
         subdirs = 0
-        for name in sorted(children):
+        for name in sorted(children) if in_order else children:
             child = children[name]
             key = id(child)
             links = node.links
@@ -50,6 +53,9 @@ def _walk(tree: Tree):
                     orphans.append((node, name, child))
                 continue
             if key in homes:  # reached as home a second time: demote to a link
+                repaired = True
+                if not in_order:
+                    continue
                 node.add_child(name, child, link=True)
                 names[key] = names.get(key, 1) + 1
                 continue
@@ -58,5 +64,5 @@ def _walk(tree: Tree):
                 subdirs += 1
                 stack.append(child)
         node.nlink = 2 + subdirs
-    return homes, names, [o for o in orphans if id(o[2]) not in homes]
+    return homes, names, [o for o in orphans if id(o[2]) not in homes], repaired
 

@@ -2,7 +2,8 @@
 
 Frontends check what they can while they still know the input position; this pass makes
 the same rules hold for every tree, wherever it came from, and names the offending path.
-xattr sets are usually shared tuples, so each distinct set is checked once.
+Checks run per directory on all names at once and per distinct xattr tuple (trees share a
+few tuples across many inodes), so the common case costs little more than the walk.
 """
 
 from __future__ import annotations
@@ -10,49 +11,73 @@ from __future__ import annotations
 from .. import limits
 from ..errors import TreeError
 from ..options import Options
-from ..tree import S_IFLNK, S_IFMT, S_IFREG, Tree
+from ..tree import S_IFDIR, S_IFLNK, S_IFMT, S_IFREG, Inode, Tree
+
+
+def _names_ok(children: dict) -> bool:
+    joined = b"/".join(children)
+    return (joined.count(b"/") == len(children) - 1 and b"\0" not in joined
+            and max(map(len, children)) <= limits.NAME_MAX
+            and b"" not in children and b"." not in children and b".." not in children)
+
+
+def _inode_problem(node: Inode) -> str | None:
+    mode = node.mode
+    ftype = mode & S_IFMT
+    if ftype not in limits.VALID_TYPES:
+        return limits.check_mode(mode)
+    if ftype == S_IFREG:
+        content = node.content
+        if content is not None:
+            if len(content) != node.size:
+                return f"inline content of {len(content)} bytes: must match size {node.size}"
+            return limits.check_content(content)
+        if node.size > limits.MAX_EXTERNAL_SIZE:
+            return limits.check_external_size(node.size)
+        if node.payload is not None:
+            return limits.check_payload(node.payload)
+    elif ftype == S_IFLNK:
+        return limits.check_symlink(node.payload)
+    return None
+
+
+def _xattrs_problem(xattrs: tuple) -> str | None:
+    for key, value in xattrs:
+        problem = limits.check_xattr(key, value)
+        if problem:
+            return problem
+    return limits.check_xattr_budget(xattrs)
 
 
 def validate_limits(tree: Tree, options: Options) -> Tree:
-    checked_xattrs: set[int] = set()
-    check_name = limits.check_name
-    valid_types = limits.VALID_TYPES
-    for node in tree.home_inodes():
-        children = node.children
-        if children:
-            for name in children:
-                if not 0 < len(name) <= limits.NAME_MAX or b"/" in name or name in (b".", b".."):
-                    problem = check_name(name)
-                    if problem:
-                        raise TreeError(problem, tree.path_of(node).rstrip(b"/") + b"/" + name, tree.source)
-        mode = node.mode
-        ftype = mode & S_IFMT
+    good_xattrs: dict[int, tuple] = {}  # id -> tuple (kept alive so ids stay unique)
+
+    def check(node: Inode) -> None:
+        mode = node.mode & S_IFMT
         problem = None
-        if ftype not in valid_types:
-            problem = limits.check_mode(mode)
-        elif ftype == S_IFREG:
-            content = node.content
-            if content is not None:
-                if len(content) > limits.INLINE_CONTENT_MAX or len(content) != node.size:
-                    problem = limits.check_content(content) or (
-                        f"inline content of {len(content)} bytes: must match size {node.size}")
-            elif node.size > limits.MAX_EXTERNAL_SIZE:
-                problem = limits.check_external_size(node.size)
-            if problem is None and node.payload is not None and len(node.payload) >= limits.PATH_MAX:
-                problem = limits.check_payload(node.payload)
-        elif ftype == S_IFLNK:
-            problem = limits.check_symlink(node.payload)
-        if problem is None:
-            xattrs = node.xattrs
-            if xattrs and id(xattrs) not in checked_xattrs:
-                for key, value in xattrs:
-                    problem = limits.check_xattr(key, value)
-                    if problem:
-                        break
-                else:
-                    problem = limits.check_xattr_budget(xattrs)
-                    if problem is None:
-                        checked_xattrs.add(id(xattrs))
+        if mode != S_IFDIR and (mode != S_IFREG or node.content is not None or node.size > limits.MAX_EXTERNAL_SIZE
+                                or node.payload is not None):
+            problem = _inode_problem(node)
+        xattrs = node.xattrs
+        if problem is None and xattrs and id(xattrs) not in good_xattrs:
+            problem = _xattrs_problem(xattrs)
+            if problem is None:
+                good_xattrs[id(xattrs)] = xattrs
         if problem:
             raise TreeError(problem, tree.path_of(node), tree.source)
+
+    check(tree.root)
+    for directory in tree.directories():
+        children = directory.children
+        if not children:
+            continue
+        if not _names_ok(children):
+            for name in children:
+                problem = limits.check_name(name)
+                if problem:
+                    raise TreeError(problem, tree.path_of(directory).rstrip(b"/") + b"/" + name, tree.source)
+        links = directory.links
+        for name, node in children.items():
+            if links is None or name not in links:
+                check(node)
     return tree
