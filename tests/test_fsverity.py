@@ -9,7 +9,7 @@ import pytest
 
 from cfsc.fsverity import FsVerityHasher, digest_bytes, digest_file
 
-SIZES = [0, 1, 4095, 4096, 4097, 128 * 4096, 128 * 4096 + 1, 3 * 1024 * 1024 + 17]
+SIZES = [0, 1, 4095, 4096, 4097, 128 * 4096, 128 * 4096 + 1, 3 * 1024 * 1024 + 17, 128 * 128 * 4096 + 4097]
 
 
 def fsverity_tool(path) -> str:
