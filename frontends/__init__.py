@@ -24,6 +24,7 @@ from cfsc.tree import Tree
 # name → (module, description); order matters for detection.
 FRONTENDS: dict[str, tuple[str, str]] = {
     "dump": ("cfsc.frontends.dumpfile", "composefs dumpfile (mkcomposefs --from-file)"),
+    "dir": ("cfsc.frontends.directory", "a directory tree on disk (mkcomposefs DIR)"),
 }
 
 HEAD_SIZE = 4096

@@ -1,0 +1,337 @@
+"""The content store: regular files kept under their fs-verity digest, `DIR/xx/yyyy…`.
+
+A composefs image refers to external file content by store path (`payload`); the kernel
+overlay finds the bytes there and checks them against the digest in the image.  So an
+object's content must hash to its name, always — also after a crash or `kill -9` mid-import,
+and when several importers share a store.  That decides the design:
+
+* An object is written as a temp file inside the store (`DIR/.tmp-XXXXXXXX`: same file system,
+  unique name), fsync'd, given mode 0644, offered fs-verity (FS_IOC_ENABLE_VERITY; failure is
+  ignored, as in mkcomposefs), then hard-linked to its name and the temp name removed.  `link`
+  never replaces an existing name, so an object is created complete or not at all and is never
+  rewritten; a concurrent importer that got there first just wins (EEXIST).  File systems
+  without hard links fall back to `rename`.
+* The digest that names an object is computed from the temp file's own bytes (while writing,
+  or by reading the copy back), never trusted from a source that may change under us.  A caller
+  that passes the digest it computed gets an error if the copy no longer matches.
+* A killed import may leave `.tmp-*` files at the top of the store, never anything under an
+  object name.  They are safe to delete while no import runs.
+
+Copies use reflinks (FICLONE) where the file system shares extents, else `copy_file_range`,
+else read/write.  Streams (tar members, OSTree objects) come in as chunks and are hashed while
+they are written.  Methods are thread-safe: the directory frontend imports from a thread pool.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import struct
+import tempfile
+import threading
+from collections.abc import Iterable
+
+from .errors import InputError, OutputError
+from .fsverity import FsVerityHasher, payload_path
+
+FICLONE = 0x40049409  # _IOW(0x94, 9, int)
+FS_IOC_ENABLE_VERITY = 0x40806685  # _IOW('f', 133, struct fsverity_enable_arg)
+# struct fsverity_enable_arg: version, hash_algorithm, block_size, salt_size, salt_ptr,
+# sig_size, reserved1, sig_ptr, reserved2[11]
+FSVERITY_ENABLE_ARG = struct.Struct("<IIIIQIIQ88x")
+assert FSVERITY_ENABLE_ARG.size == 128
+VERITY_ARG = FSVERITY_ENABLE_ARG.pack(1, 1, 4096, 0, 0, 0, 0, 0)
+TEMP_PREFIX = ".tmp-"
+OBJECT_MODE = 0o644
+DIR_MODE = 0o755
+_CHUNK = 1 << 20
+# Errors meaning "this file system cannot do that at all": stop trying for this store.
+_UNSUPPORTED = frozenset({errno.EOPNOTSUPP, errno.ENOTTY, errno.ENOSYS, errno.EXDEV, errno.EINVAL})
+
+
+class SourceChanged(InputError):
+    """The content being imported changed while it was read."""
+
+
+class Store:
+    """A content store rooted at `root` (created, with parents, if missing)."""
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        self.root = os.fsdecode(root)
+        try:
+            os.makedirs(self.root, DIR_MODE, exist_ok=True)
+        except OSError as e:
+            raise OutputError(f"cannot create the store: {e.strerror}", self.root) from None
+        self.reflink = True
+        self.copy_range = True
+        self.verity = True
+        self.hardlinks = True
+        self._lock = threading.Lock()
+        self._present: set[bytes] = set()  # digests known to be in the store
+        self._busy: dict[bytes, threading.Event] = {}  # digests being imported right now
+        self._fanout: set[bytes] = set()  # `xx` directories known to exist
+
+    def path_of(self, digest: bytes) -> str:
+        return os.path.join(self.root, payload_path(digest).decode())
+
+    def __contains__(self, digest: bytes) -> bool:
+        if digest in self._present:
+            return True
+        try:
+            os.lstat(self.path_of(digest))
+        except FileNotFoundError:
+            return False
+        self._present.add(digest)
+        return True
+
+    # -- importing --------------------------------------------------------------------------
+
+    def import_fd(self, fd: int, digest: bytes | None = None, where: str = "") -> bytes:
+        """Copy the whole file open at `fd` (from offset 0) into the store; return its digest.
+
+        With `digest` (what the caller hashed from that file), an object already present is
+        not copied again, and a copy that does not hash to `digest` raises `SourceChanged`.
+        """
+        if digest is not None and not self._claim(digest):
+            return digest
+        try:
+            temp = _Temp(self.root)
+            try:
+                got = self._copy(fd, temp.fd, where)
+                if digest is not None and got != digest:
+                    raise SourceChanged("changed while being copied into the store: the tree must not change"
+                                        " during the scan", where)
+                self._publish(temp, got)
+            except BaseException:
+                temp.discard()
+                raise
+            return got
+        finally:
+            if digest is not None:
+                self._release(digest)
+
+    def import_path(self, path: str | os.PathLike, digest: bytes | None = None) -> bytes:
+        where = os.fsdecode(path)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except OSError as e:
+            raise InputError(f"cannot open: {e.strerror}", where) from None
+        try:
+            return self.import_fd(fd, digest, where)
+        finally:
+            os.close(fd)
+
+    def import_chunks(self, chunks: Iterable[bytes | bytearray | memoryview]) -> tuple[bytes, int]:
+        """Store a stream of chunks, hashed while they are written; return (digest, size)."""
+        temp = _Temp(self.root)
+        try:
+            hasher = FsVerityHasher()
+            size = 0
+            for chunk in chunks:
+                hasher.update(chunk)
+                size += len(chunk)
+                _write_all(temp.fd, chunk, temp.path)
+            digest = hasher.digest()
+            if not self._claim(digest):
+                temp.discard()
+                return digest, size
+            try:
+                self._publish(temp, digest)
+            finally:
+                self._release(digest)
+        except BaseException:
+            temp.discard()
+            raise
+        return digest, size
+
+    # -- internals --------------------------------------------------------------------------
+
+    def _claim(self, digest: bytes) -> bool:
+        """True: the caller imports `digest`.  False: it is already there (maybe after waiting
+        for another thread that was importing it)."""
+        while True:
+            with self._lock:
+                if digest in self._present:
+                    return False
+                event = self._busy.get(digest)
+                if event is None:
+                    self._busy[digest] = threading.Event()
+                    break
+            event.wait()
+        if digest in self:
+            self._release(digest)
+            return False
+        return True
+
+    def _release(self, digest: bytes) -> None:
+        with self._lock:
+            event = self._busy.pop(digest, None)
+        if event is not None:
+            event.set()
+
+    def _copy(self, src: int, out: int, where: str) -> bytes:
+        """Copy `src` into `out`; return the digest of what `out` now holds."""
+        try:
+            if self.reflink:
+                try:
+                    fcntl.ioctl(out, FICLONE, src)
+                    return _digest_of(out)
+                except OSError as e:
+                    if e.errno not in _UNSUPPORTED:
+                        raise
+                    self.reflink = False
+            if self.copy_range:
+                copied = _copy_range(src, out)
+                if copied:
+                    return _digest_of(out)
+                if copied is None:
+                    self.copy_range = False
+            return _copy_plain(src, out)
+        except OSError as e:
+            raise InputError(f"cannot copy into the store: {e.strerror}", where) from None
+
+    def _publish(self, temp: _Temp, digest: bytes) -> None:
+        final = self.path_of(digest)
+        tmp = temp.path
+        try:
+            os.fchmod(temp.fd, OBJECT_MODE)
+            os.fsync(temp.fd)
+            temp.close()
+        except OSError as e:
+            raise OutputError(f"cannot write a store object: {e.strerror}", tmp) from None
+        if self.verity:
+            self._enable_verity(tmp)
+        self._make_fanout(digest)
+        try:
+            if self.hardlinks:
+                try:
+                    os.link(tmp, final)
+                except FileExistsError:
+                    pass  # another importer was first: same name, same content
+                except OSError as e:
+                    if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EMLINK):
+                        raise
+                    self.hardlinks = False
+            if not self.hardlinks:
+                os.rename(tmp, final)
+            else:
+                os.unlink(tmp)
+        except OSError as e:
+            raise OutputError(f"cannot create a store object: {e.strerror}", final) from None
+        self._present.add(digest)
+
+    def _enable_verity(self, tmp: str) -> None:
+        # The kernel refuses while a writable fd is open, hence the fresh read-only one.
+        try:
+            fd = os.open(tmp, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return
+        try:
+            fcntl.ioctl(fd, FS_IOC_ENABLE_VERITY, VERITY_ARG)
+        except OSError as e:
+            if e.errno in _UNSUPPORTED:
+                self.verity = False  # this file system (or kernel) has no fs-verity
+        finally:
+            os.close(fd)
+
+    def _make_fanout(self, digest: bytes) -> None:
+        head = digest[:1]
+        if head in self._fanout:
+            return
+        path = os.path.join(self.root, f"{digest[0]:02x}")
+        try:
+            os.mkdir(path, DIR_MODE)
+        except FileExistsError:
+            pass
+        except OSError as e:
+            raise OutputError(f"cannot create a store directory: {e.strerror}", path) from None
+        self._fanout.add(head)
+
+
+class _Temp:
+    """A temp file in the store; `fd` is closed exactly once (fd numbers are reused by threads)."""
+
+    __slots__ = ("fd", "path")
+
+    def __init__(self, root: str) -> None:
+        try:
+            self.fd, self.path = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=root)
+        except OSError as e:
+            raise OutputError(f"cannot create a temporary file in the store: {e.strerror}", root) from None
+
+    def close(self) -> None:
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+    def discard(self) -> None:
+        try:
+            self.close()
+        except OSError:
+            pass
+        try:
+            os.unlink(self.path)
+        except OSError:
+            pass
+
+
+def _write_all(fd: int, data, where: str) -> None:
+    view = memoryview(data)
+    try:
+        while view:
+            view = view[os.write(fd, view):]
+    except OSError as e:
+        raise OutputError(f"cannot write a store object: {e.strerror}", where) from None
+
+
+def _digest_of(fd: int) -> bytes:
+    hasher = FsVerityHasher()
+    buf = bytearray(_CHUNK)
+    view = memoryview(buf)
+    offset = 0
+    while True:
+        n = os.preadv(fd, [buf], offset)
+        if not n:
+            return hasher.digest()
+        hasher.update(view[:n])
+        offset += n
+
+
+def _copy_range(src: int, out: int) -> bool | None:
+    """copy_file_range the whole of `src`.  False: not for this file (copy it another way);
+    None: not on this file system or kernel at all."""
+    offset = 0
+    while True:
+        try:
+            n = os.copy_file_range(src, out, 1 << 30, offset, offset)
+        except OSError as e:
+            if offset:
+                raise
+            if e.errno in (errno.ENOSYS, errno.EXDEV):
+                return None
+            if e.errno in (errno.EOPNOTSUPP, errno.EPERM, errno.EINVAL, errno.EBADF):
+                return False
+            raise
+        if n == 0:
+            # Some file systems (procfs, some overlays) report 0 instead of an error.
+            return offset > 0 or os.fstat(src).st_size == 0
+        offset += n
+
+
+def _copy_plain(src: int, out: int) -> bytes:
+    hasher = FsVerityHasher()
+    buf = bytearray(_CHUNK)
+    view = memoryview(buf)
+    os.lseek(out, 0, os.SEEK_SET)
+    os.ftruncate(out, 0)
+    offset = 0
+    while True:
+        n = os.preadv(src, [buf], offset)
+        if not n:
+            return hasher.digest()
+        hasher.update(view[:n])
+        chunk = view[:n]
+        while chunk:
+            chunk = chunk[os.write(out, chunk):]
+        offset += n
