@@ -23,6 +23,7 @@ from cfsc.tree import Tree
 
 # name → (module, description); order matters for detection.
 FRONTENDS: dict[str, tuple[str, str]] = {
+    "image": ("cfsc.frontends.image", "composefs image (re-encode, inspect)"),
     "dump": ("cfsc.frontends.dumpfile", "composefs dumpfile (mkcomposefs --from-file)"),
     "dir": ("cfsc.frontends.directory", "a directory tree on disk (mkcomposefs DIR)"),
 }
