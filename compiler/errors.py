@@ -31,6 +31,23 @@ class InputError(CfscError):
     """The input (a dumpfile, an image, a directory, options …) is not acceptable."""
 
 
+class InputErrors(InputError):
+    """Several independent problems in one input, all reported (one line each, up to a limit).
+
+    Formats whose records do not depend on each other (JSON entries) report every bad record
+    at once, so a user fixes a file in one round instead of one error per run.
+    """
+
+    def __init__(self, lines: list[str], total: int | None = None) -> None:
+        total = len(lines) if total is None else total
+        text = "\n".join(lines)
+        if total > len(lines):
+            text += f"\n… and {total - len(lines)} more"
+        super().__init__(text)
+        self.lines = lines
+        self.total = total
+
+
 class UsageError(InputError):
     """Bad command-line options or option combinations."""
 

@@ -40,7 +40,8 @@ def _main_options(
 def fail(err: BaseException, code: int) -> None:
     if _state["traceback"]:
         _traceback.print_exception(err)
-    print(f"error: {err}", file=sys.stderr)
+    for line in str(err).splitlines() or [""]:  # several problems: one line each
+        print(f"error: {line}", file=sys.stderr)
     raise typer.Exit(code)
 
 
