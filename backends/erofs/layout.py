@@ -47,6 +47,7 @@ EROFS_SUPER_BLOCK = Layout(
     "xattr_prefix_start packed_nid xattr_filter_reserved",
     128)
 EROFS_SUPER_MAGIC_V1 = 0xE0F5E1E2
+EROFS_FEATURE_INCOMPAT_CHUNKED_FILE = 0x4  # other writers set it; libcomposefs does not
 EROFS_FEATURE_COMPAT_MTIME = 0x2
 EROFS_FEATURE_COMPAT_XATTR_FILTER = 0x4
 EROFS_BLKSIZ_BITS = 12
@@ -64,6 +65,8 @@ EROFS_INODE_EXTENDED = Layout(
 # i_format: bit 0 = extended inode, bits 1-3 = data layout.
 EROFS_I_VERSION_BIT = 0
 EROFS_I_DATALAYOUT_BIT = 1
+EROFS_I_DATALAYOUT_MASK = 0x7
+EROFS_I_ALL = 0xF  # i_format bits a reader may see set (version + data layout)
 EROFS_INODE_FLAT_PLAIN = 0
 EROFS_INODE_FLAT_INLINE = 2
 EROFS_INODE_CHUNK_BASED = 4
@@ -88,6 +91,7 @@ WRITER_PREFIXES = ((b"user.", 1), (b"system.posix_acl_access", 2),
                    (b"system.posix_acl_default", 3), (b"trusted.", 4), (b"security.", 6))
 
 EROFS_DIRENT = Layout("erofs_dirent", "<QHBx", "nid nameoff file_type", 12)
+EROFS_NAME_LEN = 255
 EROFS_FT_UNKNOWN = 0
 EROFS_FT_REG_FILE = 1
 EROFS_FT_DIR = 2

@@ -1,0 +1,113 @@
+"""Image → dumpfile text, byte for byte as `composefs-info dump` 1.0.8 prints it (format note §11).
+
+One line per entry of the depth-first walk (`cfsc.backends.erofs.entries.walk`):
+
+    PATH SIZE [@]MODE NLINK UID GID RDEV SEC.NSEC PAYLOAD CONTENT DIGEST[ KEY=VALUE...]
+
+A hard link (second or later occurrence of an inode) gets `@` before MODE, the first
+occurrence's path as PAYLOAD, and every other field from that first occurrence.  xattrs come
+in the reader's order (inline, then shared).  Escaping (C locale): `\\\\`, `\\n`, `\\r`, `\\t`, other
+bytes outside 0x21..0x7E as `\\xHH`; `=` too inside xattrs; a lone `-` as `\\x2d` in PAYLOAD
+and CONTENT.
+
+The text describes an *image*: a tree from any other source is compiled first (in memory) and
+read back, so `cfsc dump x.dump` prints what `cfsc dump` of the compiled image prints.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import BinaryIO
+
+from cfsc.options import Options
+from cfsc.tree import Tree
+
+from .erofs.entries import Entries, walk
+from .erofs.reader import Image
+
+# Bytes that need escaping: anything but 0x21..0x7E, and the backslash.
+_STANDARD = re.compile(rb"[^\x21-\x5b\x5d-\x7e]")
+_EQUAL = re.compile(rb"[^\x21-\x3c\x3e-\x5b\x5d-\x7e]")  # also '='
+_SPACE_OK = re.compile(rb"[^\x20-\x5b\x5d-\x7e]")  # `ls` prints spaces raw
+_TABLE = [b"\\x%02x" % i for i in range(256)]
+_TABLE[0x5C] = b"\\\\"
+_TABLE[0x0A] = b"\\n"
+_TABLE[0x0D] = b"\\r"
+_TABLE[0x09] = b"\\t"
+
+
+def _repl(m: re.Match) -> bytes:
+    return _TABLE[m.group()[0]]
+
+
+def escape(data: bytes) -> bytes:
+    return _STANDARD.sub(_repl, data)
+
+
+def escape_equal(data: bytes) -> bytes:
+    return _EQUAL.sub(_repl, data)
+
+
+def escape_ls(data: bytes) -> bytes:
+    return _SPACE_OK.sub(_repl, data)
+
+
+def escape_optional(data: bytes | None) -> bytes:
+    """PAYLOAD / CONTENT: `-` means absent, so a value that is exactly `-` is escaped."""
+    if data is None:
+        return b"-"
+    if data == b"-":
+        return b"\\x2d"
+    return _STANDARD.sub(_repl, data)
+
+
+def dump_image(image: Image, out: BinaryIO, names: frozenset[bytes] | None = None) -> None:
+    """Write the dump of an image; `names` keeps only those children of the root (`--filter`)."""
+    entries = Entries(image)
+    lines: list[bytes] = []
+    xattr_text: dict[int, tuple[tuple, bytes]] = {}  # id(xattrs) -> (xattrs, text)
+    sub = _STANDARD.sub
+    repl = _repl
+    for path, e, first in walk(image, names, entries):
+        xattrs = e.xattrs
+        if xattrs:
+            hit = xattr_text.get(id(xattrs))
+            if hit is None:
+                text = b"".join(b" " + escape_equal(k) + b"=" + escape_equal(v) for k, v in xattrs)
+                hit = xattr_text[id(xattrs)] = (xattrs, text)
+            tail = hit[1]
+        else:
+            tail = b""
+        content = e.content
+        if content is not None:
+            content = escape_optional(content[:e.size])
+        else:
+            content = b"-"
+        digest = e.digest
+        lines.append(b"%s %d %s%o %d %d %d %d %d.%d %s %s %s%s\n" % (
+            sub(repl, path), e.size, b"@" if first is not None else b"", e.mode, e.nlink,
+            e.uid, e.gid, e.rdev, e.mtime, e.mtime_nsec,
+            escape_optional(first if first is not None else e.payload), content,
+            digest.hex().encode() if digest is not None else b"-", tail))
+        if len(lines) >= 4096:
+            out.write(b"".join(lines))
+            lines.clear()
+    out.write(b"".join(lines))
+
+
+def image_of_tree(tree: Tree, options: Options) -> Image:
+    """Compile a tree in memory and open the result (what `cfsc compile` would write)."""
+    import io
+
+    from cfsc.pipeline import run_passes
+
+    from .erofs.writer import write_image
+
+    buf = io.BytesIO()
+    write_image(run_passes(tree, options), buf)
+    return Image(buf.getvalue(), tree.source or "<compiled>")
+
+
+def write(tree: Tree, out: BinaryIO, options: Options) -> None:
+    """Backend entry point: the dump of the image `tree` compiles to."""
+    dump_image(image_of_tree(tree, options), out)

@@ -1,0 +1,218 @@
+"""What a user sees of an image: composefs' overlay conventions undone (format note §8).
+
+The writer lowers the tree into overlayfs conventions (`cfsc.passes.add_overlay_xattrs`);
+this module reverses that per inode, exactly as libcomposefs' reader does, so that an image
+means the same thing whichever tool reads it:
+
+* `trusted.overlay.redirect` → payload (one leading `/` removed), `trusted.overlay.metacopy`
+  → fs-verity digest; neither stays an xattr;
+* a regular file marked `trusted.overlay.overlay.whiteout` → a whiteout (char device 0:0);
+* `…overlay.whiteouts`, `user.overlay.whiteout(s)` and the other `trusted.overlay.*` keys
+  (the root's `opaque=y`) are dropped; `trusted.overlay.overlay.X` → `trusted.overlay.X`;
+* a character device 0:0 *in the image* (the 256 root whiteouts `00`…`ff`) is not an entry.
+
+xattrs are processed in on-disk order (inline, then shared) against the inode's type *at
+that point*, like upstream, and `Entry.xattrs` keeps that order because `composefs-info dump`
+prints it.  Upstream's reader over-reads the redirect value by one byte (format note §8
+"Quirk"); that is a bug we do not copy: no reference dump depends on it (every payload there
+is a 65-byte object path, whose entry is followed by zero padding).
+
+`walk()` is the depth-first pre-order walk composefs-info uses: the second and later
+occurrences of an inode are hard links to the first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from cfsc.tree import S_IFBLK, S_IFCHR, S_IFDIR, S_IFLNK, S_IFMT, S_IFREG
+
+from .layout import EROFS_INODE_CHUNK_BASED
+from .reader import Image, RawInode
+
+TRUSTED_OVERLAY = b"trusted.overlay."
+ESCAPED = b"trusted.overlay.overlay."
+REDIRECT = b"trusted.overlay.redirect"
+METACOPY = b"trusted.overlay.metacopy"
+ESCAPED_WHITEOUT = b"trusted.overlay.overlay.whiteout"
+DROPPED = frozenset((b"trusted.overlay.overlay.whiteouts", b"user.overlay.whiteout", b"user.overlay.whiteouts"))
+DIGEST_XATTR_SIZE = 36  # metacopy header (4 bytes) + SHA-256 digest
+
+
+class Entry:
+    """One inode as a user sees it: `struct stat` fields plus composefs' extras.
+
+    payload: symlink target, or a regular file's backing path (`ab/cdef…`), or None.
+    content: inline data of a regular file, or None.  digest: 32 bytes or None.
+    xattrs: `(key, value)` pairs in upstream's reader order.  `raw` is the on-disk inode.
+    """
+
+    __slots__ = ("nid", "ino", "mode", "nlink", "uid", "gid", "size", "rdev", "mtime",
+                 "mtime_nsec", "payload", "content", "digest", "xattrs", "raw")
+
+    @property
+    def ftype(self) -> int:
+        return self.mode & S_IFMT
+
+    def __repr__(self) -> str:
+        return f"<Entry nid={self.nid} mode={self.mode:o} size={self.size}>"
+
+
+class Entries:
+    """Turns raw inodes of one image into entries, caching the xattr interpretation.
+
+    Identical on-disk xattr bodies share one parsed list (`Image.xattrs`), so the
+    interpretation is cached per (list, is-regular-file): a few hundred distinct sets cover
+    a million inodes.
+    """
+
+    def __init__(self, image: Image) -> None:
+        self.image = image
+        self._cache: dict[tuple[int, bool], tuple[list, tuple, bytes | None, bytes | None, bool]] = {}
+
+    def get(self, nid: int) -> Entry | None:
+        return self.of(self.image.inode(nid))
+
+    def of(self, raw: RawInode) -> Entry | None:
+        """The entry for a raw inode, or None for a whiteout the image hides (char 0:0)."""
+        mode = raw.mode
+        ftype = mode & S_IFMT
+        if ftype == S_IFCHR and raw.blkaddr == 0:
+            return None
+        image = self.image
+        e = Entry()
+        e.nid = raw.nid
+        e.ino = raw.ino
+        e.nlink = raw.nlink
+        e.uid = raw.uid
+        e.gid = raw.gid
+        e.mtime = raw.mtime
+        e.mtime_nsec = raw.mtime_nsec
+        e.raw = raw
+        size = raw.size
+        payload = content = digest = None
+        rdev = 0
+        if ftype == S_IFREG:
+            if size and raw.layout != EROFS_INODE_CHUNK_BASED:
+                content = image.content(raw)
+        elif ftype == S_IFLNK:
+            payload = image.symlink(raw)
+        elif ftype == S_IFBLK or ftype == S_IFCHR:
+            rdev = raw.blkaddr
+        xattrs: tuple = ()
+        if raw.xattr_size:
+            items = image.xattrs(raw)
+            key = (id(items), ftype == S_IFREG)
+            hit = self._cache.get(key)
+            if hit is None:
+                hit = self._cache[key] = (items, *_interpret(items, ftype == S_IFREG))
+            _items, xattrs, redirect, metacopy, whiteout = hit
+            if redirect is not None:
+                payload = redirect
+            if metacopy is not None:
+                digest = metacopy
+            if whiteout:
+                mode = (mode & ~S_IFMT) | S_IFCHR
+                rdev = 0
+                size = 0
+        e.mode = mode
+        e.size = size
+        e.rdev = rdev
+        e.payload = payload
+        e.content = content
+        e.digest = digest
+        e.xattrs = xattrs
+        return e
+
+
+def _interpret(items: list, regular: bool) -> tuple[tuple, bytes | None, bytes | None, bool]:
+    """(user xattrs in reader order, redirect payload, metacopy digest, became a whiteout)."""
+    xattrs: list[tuple[bytes, bytes]] = []
+    keys: set[bytes] = set()
+    payload = digest = None
+    whiteout = False
+    for key, value in items:
+        if key[:16] == TRUSTED_OVERLAY:
+            if key == REDIRECT:
+                if regular:
+                    payload = value[1:] if len(value) > 1 and value[:1] == b"/" else value
+                    payload = payload.partition(b"\0")[0]  # upstream keeps it as a C string
+                continue
+            if key == METACOPY:
+                if regular and len(value) == DIGEST_XATTR_SIZE:
+                    digest = value[4:]
+                continue
+            if key[:24] != ESCAPED:
+                continue  # the writer's own markers (the root's opaque=y)
+            if key == ESCAPED_WHITEOUT and regular:
+                regular = False
+                whiteout = True
+                continue
+            if key in DROPPED:
+                continue
+            key = TRUSTED_OVERLAY + key[24:]
+        elif key in DROPPED:
+            continue
+        if key in keys:  # never in writer output; upstream moves the last pair into the slot
+            i = next(i for i, kv in enumerate(xattrs) if kv[0] == key)
+            xattrs[i] = xattrs[-1]
+            xattrs.pop()
+        keys.add(key)
+        xattrs.append((key, value))
+    return tuple(xattrs), payload, digest, whiteout
+
+
+def walk(image: Image, names: frozenset[bytes] | None = None,
+         entries: Entries | None = None) -> Iterator[tuple[bytes, Entry, bytes | None]]:
+    """Depth-first pre-order over the image, children in on-disk (sorted) order.
+
+    Yields `(path, entry, first_path)`: `first_path` is None for the first occurrence of an
+    inode and the path of that first occurrence for every later one (a hard link; then
+    `entry` is the first occurrence's entry and nothing below it is walked again).  The root
+    comes first as `b"/"`.  `names` keeps only those children of the root (`--filter`).
+
+    A directory that contains itself or one of its ancestors is a cycle the kernel refuses
+    to walk (ELOOP); it is reported instead of being printed as a hard link.
+    """
+    entries = entries or Entries(image)
+    root = image.inode(image.root_nid)
+    if root.mode & S_IFMT != S_IFDIR:
+        raise image.error(root.offset, f"root inode nid {root.nid}: mode {root.mode:o} is not a directory")
+    first = entries.of(root)
+    assert first is not None
+    yield b"/", first, None
+    seen: dict[int, bytes | None] = {root.nid: b"/"}  # nid -> first path (None: hidden)
+    active = {root.nid}  # directories being walked: a link to one of them is a cycle
+    stack = [(b"", root.nid, iter(image.dirents(root)))]
+    while stack:
+        prefix, dir_nid, it = stack[-1]
+        for name, nid, _ftype in it:
+            if names is not None and dir_nid == image.root_nid and len(stack) == 1 and name not in names:
+                continue
+            path = prefix + b"/" + name
+            if nid in seen:
+                first_path = seen[nid]
+                if first_path is None:
+                    continue
+                if nid in active:
+                    raise image.error(image.inode_offset(dir_nid),
+                                      f"directory nid {dir_nid}: entry {name!r} points back to nid {nid}, "
+                                      "which contains it (a directory cycle)")
+                e = entries.get(nid)
+                assert e is not None
+                yield path, e, first_path
+                continue
+            raw = image.inode(nid)
+            e = entries.of(raw)
+            if e is None:
+                seen[nid] = None
+                continue
+            seen[nid] = path
+            yield path, e, None
+            if raw.mode & S_IFMT == S_IFDIR:
+                active.add(nid)
+                stack.append((path, nid, iter(image.dirents(raw))))
+                break
+        else:
+            stack.pop()
+            active.discard(dir_nid)

@@ -1,0 +1,454 @@
+"""Read a composefs image: the EROFS structures, bounds-checked, on demand.
+
+The reader is a parser of untrusted bytes.  Every access is checked against the end of the
+file system (`blocks × 4096`, itself checked against the file) before it is made, every
+size comes from a field that was checked first, and every problem is an `ImageError` whose
+`where` is `NAME@0xOFFSET` (the byte offset of the bad structure) and whose text names the
+structure: `img.cfs@0x480: inode nid 36: …`.  Nothing here loops over a count it has not
+bounded by the bytes that hold it, so a hostile image cannot make the reader hang or allocate
+more than the image's own size.
+
+API (the FUSE server and the inspection verbs build on it; nothing is read until asked):
+
+    image = Image.open("img.cfs")          # or Image(buffer, name): bytes, mmap, memoryview
+    image.version, image.flags             # composefs header: format version 0/1, flags
+    image.root_nid, image.inode_count      # superblock
+    ino = image.inode(nid)                 # RawInode: stat fields as stored, layout, offsets
+    image.dirents(ino)                     # [(name, nid, file_type)], sorted, no . and ..
+    image.lookup(ino, name)                # nid of one entry (binary search), or None
+    image.content(ino)                     # inline file data (FLAT_PLAIN / FLAT_INLINE)
+    image.symlink(ino)                     # symlink target
+    image.xattrs(ino)                      # [(key, value)] full keys, on-disk order:
+                                           # inline entries, then shared ones
+
+Inode numbers: `RawInode.ino` is the on-disk `i_ino` (libcomposefs writes the breadth-first
+index); `nid` is the inode's position (byte offset / 32), unique per inode, so either works
+as a stable inode number.  What a *user* sees (overlay xattrs turned back into payload,
+digest and whiteouts; the 256 root whiteouts hidden) is `cfsc.backends.erofs.entries`.
+
+Rules checked beyond bounds, each because the kernel relies on it too: directory names in
+strictly increasing byte order (lookups are binary searches), name offsets increasing and
+inside their block, inline tails inside one block, only the data layouts composefs writes.
+"""
+
+from __future__ import annotations
+
+import struct
+from bisect import bisect_left
+
+from cfsc.errors import ImageError
+from cfsc.streams import read_all, source_name
+from cfsc.tree import S_IFDIR, S_IFLNK, S_IFMT, S_IFREG
+
+from .layout import (
+    COMPOSEFS_HEADER,
+    COMPOSEFS_HEADER_VERSION,
+    COMPOSEFS_MAGIC,
+    EROFS_BLKSIZ,
+    EROFS_BLKSIZ_BITS,
+    EROFS_DIRENT,
+    EROFS_FEATURE_INCOMPAT_CHUNKED_FILE,
+    EROFS_I_ALL,
+    EROFS_I_DATALAYOUT_BIT,
+    EROFS_I_DATALAYOUT_MASK,
+    EROFS_INODE_CHUNK_BASED,
+    EROFS_INODE_COMPACT,
+    EROFS_INODE_EXTENDED,
+    EROFS_INODE_FLAT_INLINE,
+    EROFS_INODE_FLAT_PLAIN,
+    EROFS_ISLOTBITS,
+    EROFS_NAME_LEN,
+    EROFS_SUPER_BLOCK,
+    EROFS_SUPER_MAGIC_V1,
+    EROFS_SUPER_OFFSET,
+    EROFS_XATTR_ENTRY,
+    EROFS_XATTR_IBODY_HEADER,
+    XATTR_PREFIXES,
+)
+
+BLK = EROFS_BLKSIZ
+INLINE_CONTENT_MAX = 5000  # libcomposefs never inlines more (limits.INLINE_CONTENT_MAX)
+SYMLINK_MAX = 4095
+VALID_TYPES = frozenset((0o140000, 0o120000, 0o100000, 0o060000, 0o040000, 0o020000, 0o010000))
+LAYOUTS = {EROFS_INODE_FLAT_PLAIN: "flat plain", EROFS_INODE_FLAT_INLINE: "flat inline",
+           EROFS_INODE_CHUNK_BASED: "chunk based"}
+U64_SIGN = 1 << 63
+
+_unpack_u16 = struct.Struct("<H").unpack_from
+_unpack_compact = EROFS_INODE_COMPACT.unpack_from
+_unpack_extended = EROFS_INODE_EXTENDED.unpack_from
+_unpack_ibody = EROFS_XATTR_IBODY_HEADER.unpack_from
+_unpack_entry = EROFS_XATTR_ENTRY.unpack_from
+_iter_dirents = EROFS_DIRENT.struct.iter_unpack
+_dirent_head = EROFS_DIRENT.unpack_from
+_U32S = [struct.Struct(f"<{n}I") for n in range(256)]  # h_shared_count is a u8
+
+
+class RawInode:
+    """One on-disk inode, as stored (no overlay interpretation).
+
+    `mtime` is the superblock build time for compact inodes, as the kernel reports it.
+    `tail` is the offset of the inline tail (FLAT_INLINE data) and
+    `tail_size` its length; `blkaddr` is `i_u` read as a block address (data layouts) — for
+    devices `rdev` holds the same field.
+    """
+
+    __slots__ = ("nid", "offset", "extended", "layout", "mode", "nlink", "size", "blkaddr",
+                 "ino", "uid", "gid", "mtime", "mtime_nsec", "xattr_count", "xattr_offset",
+                 "xattr_size", "tail", "tail_size")
+
+    @property
+    def rdev(self) -> int:
+        return self.blkaddr
+
+    @property
+    def ftype(self) -> int:
+        return self.mode & S_IFMT
+
+    def __repr__(self) -> str:
+        return f"<RawInode nid={self.nid} ino={self.ino} mode={self.mode:o} size={self.size}>"
+
+
+class Image:
+    """A composefs image held in memory (bytes, mmap or any buffer)."""
+
+    def __init__(self, data, name: str = "<image>") -> None:
+        self.data = data
+        self.name = name
+        self._shared: dict[int, tuple[bytes, bytes]] = {}
+        self._xattr_bodies: dict[bytes, list[tuple[bytes, bytes]]] = {}
+        self._read_super()
+
+    @classmethod
+    def open(cls, source) -> Image:
+        """Open a path (`-` = stdin; gzip/zstd/xz-compressed images are decompressed)."""
+        return cls(read_all(source), source_name(source))
+
+    # -- errors -----------------------------------------------------------------------------
+
+    def error(self, offset: int, what: str) -> ImageError:
+        return ImageError(what, f"{self.name}@0x{offset:x}")
+
+    def _need(self, offset: int, length: int, what: str) -> None:
+        """Fail unless `length` bytes at `offset` lie inside the file system."""
+        if offset < 0 or length < 0 or offset + length > self.end:
+            raise self.error(offset, f"{what}: {length} bytes at 0x{offset:x} run past the end of the "
+                                     f"image (0x{self.end:x})")
+
+    # -- header and superblock -------------------------------------------------------------
+
+    def _read_super(self) -> None:
+        data = self.data
+        size = len(data)
+        if size < EROFS_SUPER_OFFSET + EROFS_SUPER_BLOCK.size:
+            raise self.error(size, f"image of {size} bytes is truncated: the composefs header and "
+                                   f"superblock need {EROFS_SUPER_OFFSET + EROFS_SUPER_BLOCK.size}")
+        header = COMPOSEFS_HEADER.read(data)
+        if header.magic != COMPOSEFS_MAGIC:
+            raise self.error(0, f"composefs header: magic 0x{header.magic:08x}, expected "
+                                f"0x{COMPOSEFS_MAGIC:08x} (not a composefs image)")
+        if header.version != COMPOSEFS_HEADER_VERSION:
+            raise self.error(4, f"composefs header: version {header.version}, expected "
+                                f"{COMPOSEFS_HEADER_VERSION}")
+        if header.composefs_version > 1:
+            raise self.error(12, f"composefs header: format version {header.composefs_version}, "
+                                 "expected 0 or 1")
+        self.header = header
+        self.version = header.composefs_version
+        self.flags = header.flags
+        sb = EROFS_SUPER_BLOCK.read(data, EROFS_SUPER_OFFSET)
+        self.super = sb
+        at = EROFS_SUPER_OFFSET
+        if sb.magic != EROFS_SUPER_MAGIC_V1:
+            raise self.error(at, f"EROFS superblock: magic 0x{sb.magic:08x}, expected 0x{EROFS_SUPER_MAGIC_V1:08x}")
+        if sb.blkszbits != EROFS_BLKSIZ_BITS:
+            raise self.error(at + 12, f"EROFS superblock: block size 2^{sb.blkszbits}, expected 2^{EROFS_BLKSIZ_BITS}")
+        if sb.dirblkbits:
+            raise self.error(at + 0x65, f"EROFS superblock: directory block bits {sb.dirblkbits}, expected 0")
+        if sb.feature_incompat & ~EROFS_FEATURE_INCOMPAT_CHUNKED_FILE:
+            raise self.error(at + 80, f"EROFS superblock: incompatible features 0x{sb.feature_incompat:x} "
+                                      "(compression, devices or long xattr prefixes) are not supported")
+        end = sb.blocks * BLK
+        if end > size:
+            raise self.error(at + 36, f"EROFS superblock: {sb.blocks} blocks ({end} bytes), but the image has "
+                                      f"{size} bytes (truncated?)")
+        if end < EROFS_SUPER_OFFSET + EROFS_SUPER_BLOCK.size:
+            raise self.error(at + 36, f"EROFS superblock: {sb.blocks} blocks is too few to hold the superblock")
+        self.end = end
+        self.meta_base = sb.meta_blkaddr * BLK
+        self.xattr_base = sb.xattr_blkaddr * BLK
+        if self.meta_base >= end:
+            raise self.error(at + 40, f"EROFS superblock: meta_blkaddr {sb.meta_blkaddr} is past the last block")
+        if self.xattr_base >= end:
+            raise self.error(at + 44, f"EROFS superblock: xattr_blkaddr {sb.xattr_blkaddr} is past the last block")
+        self.root_nid = sb.root_nid
+        self.inode_count = sb.inos
+        t = sb.build_time
+        self.build_time = t - (1 << 64) if t & U64_SIGN else t
+        self.build_time_nsec = sb.build_time_nsec
+
+    # -- inodes --------------------------------------------------------------------------
+
+    def inode_offset(self, nid: int) -> int:
+        return self.meta_base + (nid << EROFS_ISLOTBITS)
+
+    def inode(self, nid: int) -> RawInode:
+        off = self.meta_base + (nid << EROFS_ISLOTBITS)
+        end = self.end
+        if off + 32 > end:
+            raise self.error(off, f"inode nid {nid}: past the end of the image (0x{end:x})")
+        data = self.data
+        i_format = _unpack_u16(data, off)[0]
+        ino = RawInode()
+        ino.nid = nid
+        ino.offset = off
+        if i_format & 1:
+            if off + 64 > end:
+                raise self.error(off, f"inode nid {nid}: extended inode runs past the end of the image")
+            (_f, icount, mode, size, u, i_ino, uid, gid, mtime, nsec, nlink) = _unpack_extended(data, off)
+            ino.extended = True
+            isize = 64
+            ino.mtime = mtime - (1 << 64) if mtime & U64_SIGN else mtime
+            ino.mtime_nsec = nsec
+        else:
+            (_f, icount, mode, nlink, size, u, i_ino, uid, gid) = _unpack_compact(data, off)
+            ino.extended = False
+            isize = 32
+            ino.mtime = self.build_time
+            ino.mtime_nsec = self.build_time_nsec
+        if i_format & ~EROFS_I_ALL:
+            raise self.error(off, f"inode nid {nid}: i_format 0x{i_format:x} has unknown bits set")
+        layout = (i_format >> EROFS_I_DATALAYOUT_BIT) & EROFS_I_DATALAYOUT_MASK
+        if layout not in LAYOUTS:
+            raise self.error(off, f"inode nid {nid}: data layout {layout} is not one composefs uses "
+                                  "(0 flat plain, 2 flat inline, 4 chunk based)")
+        if mode & S_IFMT not in VALID_TYPES:
+            raise self.error(off + 4, f"inode nid {nid}: mode {mode:o} has no valid file type")
+        ino.layout = layout
+        ino.mode = mode
+        ino.nlink = nlink
+        ino.size = size
+        ino.blkaddr = u
+        ino.ino = i_ino
+        ino.uid = uid
+        ino.gid = gid
+        ino.xattr_count = icount
+        xsize = 12 + 4 * (icount - 1) if icount else 0
+        ino.xattr_offset = off + isize
+        ino.xattr_size = xsize
+        tail = off + isize + xsize
+        ino.tail = tail
+        if layout == EROFS_INODE_FLAT_INLINE:
+            tail_size = (size - 1) % BLK + 1 if size else 0
+        else:
+            # A chunk-based file's index (all holes: the data comes from the overlay's lower
+            # layer) is not read; libcomposefs may even have moved it out (§2.5).
+            tail_size = 0
+        ino.tail_size = tail_size
+        if tail + tail_size > end:
+            raise self.error(off, f"inode nid {nid}: inode, {xsize} bytes of xattrs and a {tail_size}-byte "
+                                  f"inline tail run past the end of the image (0x{end:x})")
+        if tail_size and tail % BLK + tail_size > BLK:
+            raise self.error(tail, f"inode nid {nid}: inline tail of {tail_size} bytes crosses a block boundary")
+        return ino
+
+    # -- data ----------------------------------------------------------------------------
+
+    def _blocks_and_tail(self, ino: RawInode) -> tuple[int, int]:
+        """(bytes held in whole blocks from `blkaddr`, bytes in the inline tail)."""
+        if ino.layout == EROFS_INODE_FLAT_INLINE:
+            return ino.size - ino.tail_size, ino.tail_size
+        if ino.layout == EROFS_INODE_FLAT_PLAIN:
+            return ino.size, 0
+        raise self.error(ino.offset, f"inode nid {ino.nid}: a {_type_name(ino.mode)} cannot be chunk based")
+
+    def _data(self, ino: RawInode, what: str) -> bytes:
+        in_blocks, in_tail = self._blocks_and_tail(ino)
+        parts = b""
+        if in_blocks:
+            start = ino.blkaddr * BLK
+            self._need(start, in_blocks, f"inode nid {ino.nid}: {what} (block {ino.blkaddr})")
+            parts = self.data[start:start + in_blocks]
+        if in_tail:
+            parts += self.data[ino.tail:ino.tail + in_tail]
+        return bytes(parts)
+
+    def content(self, ino: RawInode) -> bytes:
+        """The data of a regular file stored in the image (libcomposefs inlines ≤ 5000 bytes)."""
+        if ino.size > INLINE_CONTENT_MAX:
+            raise self.error(ino.offset, f"inode nid {ino.nid}: inline file of {ino.size} bytes exceeds "
+                                         f"composefs' limit of {INLINE_CONTENT_MAX}")
+        return self._data(ino, "file content")
+
+    def symlink(self, ino: RawInode) -> bytes:
+        size = ino.size
+        if not 0 < size <= SYMLINK_MAX:
+            raise self.error(ino.offset + 8, f"inode nid {ino.nid}: symlink target of {size} bytes, "
+                                             f"expected 1 to {SYMLINK_MAX}")
+        target = self._data(ino, "symlink target")
+        if b"\0" in target:
+            raise self.error(ino.offset, f"inode nid {ino.nid}: symlink target contains NUL")
+        return target
+
+    # -- directories ----------------------------------------------------------------------
+
+    def dirents(self, ino: RawInode) -> list[tuple[bytes, int, int]]:
+        """A directory's entries in on-disk (sorted) order, without `.` and `..`."""
+        if ino.mode & S_IFMT != S_IFDIR:
+            raise self.error(ino.offset, f"inode nid {ino.nid}: not a directory")
+        in_blocks, in_tail = self._blocks_and_tail(ino)
+        entries: list[tuple[bytes, int, int]] = []
+        if in_blocks:
+            start = ino.blkaddr * BLK
+            self._need(start, in_blocks, f"directory nid {ino.nid}: blocks from {ino.blkaddr}")
+            for block in range(start, start + in_blocks, BLK):
+                self._dirent_block(ino, block, min(BLK, start + in_blocks - block), entries)
+        if in_tail:
+            self._dirent_block(ino, ino.tail, in_tail, entries)
+        names = [e[0] for e in entries]
+        if not all(map(bytes.__lt__, names, names[1:])):
+            for i in range(1, len(names)):
+                if names[i - 1] >= names[i]:
+                    raise self.error(ino.offset, f"directory nid {ino.nid}: entry {names[i]!r} is not after "
+                                                 f"{names[i - 1]!r} (names must be unique and sorted)")
+        return [e for e in entries if e[0] != b"." and e[0] != b".."]
+
+    def _dirent_block(self, ino: RawInode, start: int, length: int, out: list) -> None:
+        data = self.data
+        where = f"directory nid {ino.nid}: dirent block at 0x{start:x}"
+        if length < 12:
+            raise self.error(start, f"{where}: {length} bytes cannot hold a dirent")
+        nameoff0 = _dirent_head(data, start)[1]
+        if nameoff0 < 12 or nameoff0 % 12 or nameoff0 >= length:
+            raise self.error(start + 8, f"{where}: first name offset {nameoff0}, expected a multiple of 12 "
+                                        f"below the block size {length}")
+        records = list(_iter_dirents(data[start:start + nameoff0]))
+        offsets = [r[1] for r in records]
+        last = data.find(b"\0", start + offsets[-1], start + length)
+        offsets.append((last if last >= 0 else start + length) - start)
+        if not all(map(int.__lt__, offsets, offsets[1:])):
+            for i in range(1, len(offsets)):
+                if not offsets[i - 1] < offsets[i] <= length:
+                    raise self.error(start + 12 * min(i, len(records) - 1) + 8,
+                                     f"{where}: name offset {offsets[i]} after {offsets[i - 1]}: offsets "
+                                     f"must increase within the block ({length} bytes)")
+        if offsets[-1] > length:
+            raise self.error(start, f"{where}: names run past the block")
+        chunk = data[start:start + offsets[-1]]
+        names = [chunk[a:b] for a, b in zip(offsets, offsets[1:], strict=False)]
+        if max(map(len, names)) > EROFS_NAME_LEN:
+            name = next(n for n in names if len(n) > EROFS_NAME_LEN)
+            raise self.error(start, f"{where}: a name of {len(name)} bytes, expected at most {EROFS_NAME_LEN}")
+        joined = b"".join(names)
+        if b"/" in joined or b"\0" in joined:
+            name = next(n for n in names if b"/" in n or b"\0" in n)
+            raise self.error(start, f"{where}: name {name!r} contains '/' or NUL")
+        out.extend(zip(names, [r[0] for r in records], [r[2] for r in records], strict=True))
+
+    def lookup(self, ino: RawInode, name: bytes) -> int | None:
+        """The nid `name` refers to in directory `ino`, or None (binary search, like the kernel)."""
+        entries = self.dirents(ino)
+        i = bisect_left(entries, (name,))
+        if i < len(entries) and entries[i][0] == name:
+            return entries[i][1]
+        return None
+
+    # -- xattrs ---------------------------------------------------------------------------
+
+    def xattrs(self, ino: RawInode) -> list[tuple[bytes, bytes]]:
+        """Every xattr of an inode with its full key: inline entries, then shared ones.
+
+        The list is shared between inodes with identical xattr bodies: do not modify it.
+        """
+        size = ino.xattr_size
+        if not size:
+            return []
+        start = ino.xattr_offset
+        body = self.data[start:start + size]
+        hit = self._xattr_bodies.get(body)
+        if hit is None:
+            hit = self._xattr_bodies[body] = self._parse_xattrs(ino, bytes(body))
+        return hit
+
+    def _parse_xattrs(self, ino: RawInode, body: bytes) -> list[tuple[bytes, bytes]]:
+        start = ino.xattr_offset
+        where = f"inode nid {ino.nid}: xattrs"
+        size = len(body)
+        if size < 12:
+            raise self.error(ino.offset + 2, f"{where}: i_xattr_icount {ino.xattr_count} leaves no room for the header")
+        _filter, shared = _unpack_ibody(body)
+        pos = 12 + 4 * shared
+        if pos > size:
+            raise self.error(start + 4, f"{where}: h_shared_count {shared} needs {pos} bytes, the xattr body "
+                                        f"has {size} (i_xattr_icount {ino.xattr_count})")
+        items = []
+        prefixes = XATTR_PREFIXES
+        while pos < size:
+            if pos + 4 > size:
+                raise self.error(start + pos, f"{where}: {size - pos} stray bytes after the last entry")
+            name_len, index, value_len = _unpack_entry(body, pos)
+            name_end = pos + 4 + name_len
+            end = name_end + value_len
+            if end > size:
+                raise self.error(start + pos, f"{where}: entry of {name_len}+{value_len} bytes runs past the "
+                                              f"xattr body ({size} bytes)")
+            if index < 7 and name_len and b"\0" not in body[pos + 4:name_end]:
+                items.append((prefixes[index] + body[pos + 4:name_end], body[name_end:end]))
+            else:
+                items.append(self._key_value(start + pos, where, index, body[pos + 4:name_end], body[name_end:end]))
+            pos = (end + 3) & ~3
+        if shared:
+            get = self._shared.get
+            for ref in _U32S[shared].unpack_from(body, 12):
+                items.append(get(ref) or self._shared_xattr(ino, ref))
+        return items
+
+    def _shared_xattr(self, ino: RawInode, ref: int) -> tuple[bytes, bytes]:
+        hit = self._shared.get(ref)
+        if hit is not None:
+            return hit
+        off = self.xattr_base + 4 * ref
+        where = f"inode nid {ino.nid}: shared xattr {ref}"
+        self._need(off, 4, where)
+        name_len, index, value_len = _unpack_entry(self.data, off)
+        self._need(off, 4 + name_len + value_len, where)
+        data = self.data
+        hit = self._shared[ref] = self._key_value(
+            off, where, index, bytes(data[off + 4:off + 4 + name_len]),
+            bytes(data[off + 4 + name_len:off + 4 + name_len + value_len]))
+        return hit
+
+    def _key_value(self, offset: int, where: str, index: int, name: bytes, value: bytes) -> tuple[bytes, bytes]:
+        if index >= len(XATTR_PREFIXES):
+            raise self.error(offset + 1, f"{where}: name index {index}, expected 0 to {len(XATTR_PREFIXES) - 1} "
+                                         "(long prefixes are not used by composefs)")
+        key = XATTR_PREFIXES[index] + name
+        if not key or b"\0" in key:
+            raise self.error(offset, f"{where}: empty key or a key containing NUL")
+        return key, value
+
+    def shared_xattr_refs(self, ino: RawInode) -> list[int]:
+        """The shared xattr ids an inode refers to (for statistics)."""
+        if not ino.xattr_size:
+            return []
+        self.xattrs(ino)  # validates the body
+        shared = self.data[ino.xattr_offset + 4]
+        return list(struct.unpack_from(f"<{shared}I", self.data, ino.xattr_offset + 12))
+
+    def shared_entry_size(self, ref: int) -> int:
+        """Bytes the shared xattr entry `ref` takes in the shared area (for statistics)."""
+        off = self.xattr_base + 4 * ref
+        self._need(off, 4, f"shared xattr {ref}")
+        name_len, _index, value_len = _unpack_entry(self.data, off)
+        return (4 + name_len + value_len + 3) & ~3
+
+
+def _type_name(mode: int) -> str:
+    ftype = mode & S_IFMT
+    if ftype == S_IFDIR:
+        return "directory"
+    if ftype == S_IFLNK:
+        return "symlink"
+    if ftype == S_IFREG:
+        return "regular file"
+    return "special file"
