@@ -23,7 +23,21 @@ def _write_image(tree: Tree, out: BinaryIO, options: Options) -> None:
     write_image(run_passes(tree, options), out)
 
 
+def _write_dump(tree: Tree, out: BinaryIO, options: Options) -> None:
+    from .dumpfile import write
+
+    write(tree, out, options)
+
+
+def _write_json(tree: Tree, out: BinaryIO, options: Options) -> None:
+    from .jsonlines import write
+
+    write(tree, out, options)
+
+
 # name → (writer, description)
 BACKENDS: dict[str, tuple[Callable[[Tree, BinaryIO, Options], None], str]] = {
     "image": (_write_image, "composefs image (EROFS), byte-identical with mkcomposefs 1.0.8"),
+    "dump": (_write_dump, "dumpfile text, as composefs-info dump prints the compiled image"),
+    "json": (_write_json, "one JSON object per entry per line (the dump's fields)"),
 }
