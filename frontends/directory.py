@@ -131,12 +131,16 @@ class _Scanner:
             self.flush()
             while self.inflight:
                 self.reap()
+            if self.store is not None:
+                self.store.commit()
         except BaseException:
             self.failed = True
             pool.shutdown(wait=True, cancel_futures=True)
             for d in self.open_dirs:
                 os.close(d.fd)
             self.open_dirs.clear()
+            if self.store is not None:
+                self.store.close()
             raise
         finally:
             self.progress.close()

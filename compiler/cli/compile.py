@@ -22,13 +22,25 @@ def compile_cmd(
     strict: bool = typer.Option(False, "--strict", help="Strict dumpfile parsing (upstream's CFS_PARSE_STRICT)."),
     print_digest: bool = typer.Option(False, "--print-digest", help="Print the image's fs-verity digest."),
     print_digest_only: bool = typer.Option(False, "--print-digest-only", help="Print the digest, write no image."),
+    digest_store: str | None = typer.Option(None, "--digest-store", help="Directory tree: import external files into this content store."),
+    threads: int | None = typer.Option(None, "--threads", min=1, help="Threads reading and hashing files (default: CPUs available)."),
+    use_epoch: bool = typer.Option(False, "--use-epoch", help="Directory tree: set every mtime to 0."),
+    skip_devices: bool = typer.Option(False, "--skip-devices", help="Directory tree: leave out character and block devices."),
+    skip_xattrs: bool = typer.Option(False, "--skip-xattrs", help="Directory tree: record no xattrs."),
+    user_xattrs: bool = typer.Option(False, "--user-xattrs", help="Directory tree: record only user.* xattrs."),
+    hardlinks: bool = typer.Option(False, "--hardlinks", help="Directory tree: keep hard links (mkcomposefs makes each name its own inode)."),
 ) -> None:
     """Compile a source into a composefs image."""
     if output is None and not print_digest_only:
         raise UsageError("no output: give -o IMAGE (or --print-digest-only)")
     if output is not None and print_digest_only:
         raise UsageError("--print-digest-only writes no image: drop -o")
-    options = Options(min_version=min_version, max_version=max_version, strict=strict)
+    options = Options(min_version=min_version, max_version=max_version, strict=strict,
+                      digest_store=digest_store, use_epoch=use_epoch, skip_devices=skip_devices,
+                      skip_xattrs=skip_xattrs, user_xattrs=user_xattrs, hardlinks=hardlinks,
+                      progress=sys.stderr.isatty())
+    if threads is not None:
+        options.threads = threads
     digest = build.compile_image(sources, output, options, source_format,
                                  want_digest=print_digest or print_digest_only)
     if digest is not None:
