@@ -65,17 +65,17 @@ def dump_image(image: Image, out: BinaryIO, names: frozenset[bytes] | None = Non
     """Write the dump of an image; `names` keeps only those children of the root (`--filter`)."""
     entries = Entries(image)
     lines: list[bytes] = []
-    xattr_text: dict[int, tuple[tuple, bytes]] = {}  # id(xattrs) -> (xattrs, text)
+    xattr_text: dict[int, bytes] = {}  # id(interned xattrs) -> text
     sub = _STANDARD.sub
     repl = _repl
     for path, e, first in walk(image, names, entries):
         xattrs = e.xattrs
         if xattrs:
-            hit = xattr_text.get(id(xattrs))
-            if hit is None:
-                text = b"".join(b" " + escape_equal(k) + b"=" + escape_equal(v) for k, v in xattrs)
-                hit = xattr_text[id(xattrs)] = (xattrs, text)
-            tail = hit[1]
+            tail = xattr_text.get(id(xattrs))
+            if tail is None:
+                tail = b"".join(b" " + escape_equal(k) + b"=" + escape_equal(v) for k, v in xattrs)
+                if entries.interned(xattrs):
+                    xattr_text[id(xattrs)] = tail
         else:
             tail = b""
         content = e.content
@@ -95,19 +95,8 @@ def dump_image(image: Image, out: BinaryIO, names: frozenset[bytes] | None = Non
     out.write(b"".join(lines))
 
 
-def image_of_tree(tree: Tree, options: Options) -> Image:
-    """Compile a tree in memory and open the result (what `cfsc compile` would write)."""
-    import io
-
-    from cfsc.pipeline import run_passes
-
-    from .erofs.writer import write_image
-
-    buf = io.BytesIO()
-    write_image(run_passes(tree, options), buf)
-    return Image(buf.getvalue(), tree.source or "<compiled>")
-
-
 def write(tree: Tree, out: BinaryIO, options: Options) -> None:
     """Backend entry point: the dump of the image `tree` compiles to."""
-    dump_image(image_of_tree(tree, options), out)
+    from cfsc.images import compile_in_memory
+
+    dump_image(compile_in_memory(tree, options), out)

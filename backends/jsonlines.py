@@ -72,6 +72,6 @@ def dump_image(image: Image, out: BinaryIO, names: frozenset[bytes] | None = Non
 
 
 def write(tree: Tree, out: BinaryIO, options: Options) -> None:
-    from .dumpfile import image_of_tree
+    from cfsc.images import compile_in_memory
 
-    dump_image(image_of_tree(tree, options), out)
+    dump_image(compile_in_memory(tree, options), out)

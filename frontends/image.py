@@ -53,17 +53,13 @@ class _Builder:
     def __init__(self, image: Image) -> None:
         self.image = image
         self.entries = Entries(image)
-        self.xattrs: dict[int, tuple[tuple, tuple]] = {}  # id(reader-order tuple) -> (it, sorted)
 
     def node(self, e: Entry) -> Inode:
         raw = e.raw
         ftype = e.mode & S_IFMT
         xattrs = e.xattrs
         if xattrs:
-            hit = self.xattrs.get(id(xattrs))
-            if hit is None:
-                hit = self.xattrs[id(xattrs)] = (xattrs, tuple(sorted(xattrs)))
-            xattrs = hit[1]
+            xattrs = self.entries.sorted_xattrs(xattrs)
         size = e.size
         payload = content = digest = None
         if ftype == S_IFREG:

@@ -59,16 +59,18 @@ class Entry:
 
 
 class Entries:
-    """Turns raw inodes of one image into entries, caching the xattr interpretation.
+    """Turns raw inodes of one image into entries.
 
-    Identical on-disk xattr bodies share one parsed list (`Image.xattrs`), so the
-    interpretation is cached per (list, is-regular-file): a few hundred distinct sets cover
-    a million inodes.
+    The interpretation of an xattr body that only refers to shared entries is cached: those
+    bodies repeat (a few hundred distinct ones cover a million inodes), and the cached
+    tuples are the same objects for every inode that has them.
     """
 
     def __init__(self, image: Image) -> None:
         self.image = image
-        self._cache: dict[tuple[int, bool], tuple[list, tuple, bytes | None, bytes | None, bool]] = {}
+        self._cache: dict[tuple[bytes, bool], tuple[tuple, bytes | None, bytes | None, bool]] = {}
+        self._cached: set[int] = set()  # ids of the cached tuples (alive as long as the cache)
+        self._sorted: dict[int, tuple] = {}  # id(cached reader-order tuple) -> sorted tuple
 
     def get(self, nid: int) -> Entry | None:
         return self.of(self.image.inode(nid))
@@ -101,12 +103,17 @@ class Entries:
             rdev = raw.blkaddr
         xattrs: tuple = ()
         if raw.xattr_size:
-            items = image.xattrs(raw)
-            key = (id(items), ftype == S_IFREG)
-            hit = self._cache.get(key)
-            if hit is None:
-                hit = self._cache[key] = (items, *_interpret(items, ftype == S_IFREG))
-            _items, xattrs, redirect, metacopy, whiteout = hit
+            regular = ftype == S_IFREG
+            body, shared_only = image.xattr_body(raw)
+            if shared_only:
+                key = (body, regular)
+                hit = self._cache.get(key)
+                if hit is None:
+                    hit = self._cache[key] = _interpret(image.xattrs(raw), regular)
+                    self._cached.add(id(hit[0]))
+            else:
+                hit = _interpret(image.xattrs(raw), regular)
+            xattrs, redirect, metacopy, whiteout = hit
             if redirect is not None:
                 payload = redirect
             if metacopy is not None:
@@ -123,6 +130,21 @@ class Entries:
         e.digest = digest
         e.xattrs = xattrs
         return e
+
+    def interned(self, xattrs: tuple) -> bool:
+        """Whether many entries may share this very tuple (worth caching what derives from it)."""
+        return id(xattrs) in self._cached
+
+    def sorted_xattrs(self, xattrs: tuple) -> tuple:
+        """An entry's xattrs as the tree keeps them (sorted), one tuple per cached set."""
+        hit = self._sorted.get(id(xattrs))
+        if hit is not None:
+            return hit
+        keys = [k for k, _v in xattrs]
+        result = xattrs if all(map(bytes.__lt__, keys, keys[1:])) else tuple(sorted(xattrs))
+        if id(xattrs) in self._cached:
+            self._sorted[id(xattrs)] = result
+        return result
 
 
 def _interpret(items: list, regular: bool) -> tuple[tuple, bytes | None, bytes | None, bool]:
@@ -162,32 +184,61 @@ def _interpret(items: list, regular: bool) -> tuple[tuple, bytes | None, bytes |
     return tuple(xattrs), payload, digest, whiteout
 
 
-def walk(image: Image, names: frozenset[bytes] | None = None,
-         entries: Entries | None = None) -> Iterator[tuple[bytes, Entry, bytes | None]]:
-    """Depth-first pre-order over the image, children in on-disk (sorted) order.
+def resolve(image: Image, path: bytes, entries: Entries | None = None) -> Entry:
+    """The entry at `path` (components looked up one by one; symlinks are not followed)."""
+    from cfsc.errors import LookupFailed
+
+    entries = entries or Entries(image)
+    e = entries.get(image.root_nid)
+    walked = b""
+    for part in path.split(b"/"):
+        if not part:
+            continue
+        walked += b"/" + part
+        if e is None or e.mode & S_IFMT != S_IFDIR:
+            raise LookupFailed("not a directory", f"{image.name}:{walked.decode('utf-8', 'backslashreplace')}")
+        nid = image.lookup(e.raw, part)
+        e = entries.get(nid) if nid is not None else None
+        if e is None:
+            raise LookupFailed("no such file or directory", f"{image.name}:{walked.decode('utf-8', 'backslashreplace')}")
+    if e is None:
+        raise LookupFailed("no such file or directory", f"{image.name}:/")
+    return e
+
+
+def walk(image: Image, names: frozenset[bytes] | None = None, entries: Entries | None = None,
+         top: bytes = b"/", hidden: list | None = None) -> Iterator[tuple[bytes, Entry, bytes | None]]:
+    """Depth-first pre-order from `top` (default the root), children in on-disk (sorted) order.
 
     Yields `(path, entry, first_path)`: `first_path` is None for the first occurrence of an
     inode and the path of that first occurrence for every later one (a hard link; then
-    `entry` is the first occurrence's entry and nothing below it is walked again).  The root
-    comes first as `b"/"`.  `names` keeps only those children of the root (`--filter`).
+    `entry` is the first occurrence's entry and nothing below it is walked again).  `top`
+    comes first (the root as `b"/"`).  `names` keeps only those children of `top`
+    (`--filter`); `hidden` collects the raw inodes of the whiteouts the image hides.
 
     A directory that contains itself or one of its ancestors is a cycle the kernel refuses
     to walk (ELOOP); it is reported instead of being printed as a hard link.
     """
     entries = entries or Entries(image)
-    root = image.inode(image.root_nid)
-    if root.mode & S_IFMT != S_IFDIR:
-        raise image.error(root.offset, f"root inode nid {root.nid}: mode {root.mode:o} is not a directory")
-    first = entries.of(root)
-    assert first is not None
-    yield b"/", first, None
-    seen: dict[int, bytes | None] = {root.nid: b"/"}  # nid -> first path (None: hidden)
-    active = {root.nid}  # directories being walked: a link to one of them is a cycle
-    stack = [(b"", root.nid, iter(image.dirents(root)))]
+    if top.strip(b"/"):
+        first = resolve(image, top, entries)
+        top = b"/" + b"/".join(p for p in top.split(b"/") if p)
+    else:
+        raw = image.inode(image.root_nid)
+        if raw.mode & S_IFMT != S_IFDIR:
+            raise image.error(raw.offset, f"root inode nid {raw.nid}: mode {raw.mode:o} is not a directory")
+        first = entries.of(raw)  # type: ignore[assignment]
+        top = b"/"
+    yield top, first, None
+    if first.mode & S_IFMT != S_IFDIR:
+        return
+    seen: dict[int, bytes | None] = {first.nid: top}  # nid -> first path (None: hidden)
+    active = {first.nid}  # directories being walked: a link to one of them is a cycle
+    stack = [(top.rstrip(b"/"), first.nid, iter(image.dirents(first.raw)))]
     while stack:
         prefix, dir_nid, it = stack[-1]
         for name, nid, _ftype in it:
-            if names is not None and dir_nid == image.root_nid and len(stack) == 1 and name not in names:
+            if names is not None and len(stack) == 1 and name not in names:
                 continue
             path = prefix + b"/" + name
             if nid in seen:
@@ -206,6 +257,8 @@ def walk(image: Image, names: frozenset[bytes] | None = None,
             e = entries.of(raw)
             if e is None:
                 seen[nid] = None
+                if hidden is not None:
+                    hidden.append(raw)
                 continue
             seen[nid] = path
             yield path, e, None

@@ -115,8 +115,7 @@ class Image:
     def __init__(self, data, name: str = "<image>") -> None:
         self.data = data
         self.name = name
-        self._shared: dict[int, tuple[bytes, bytes]] = {}
-        self._xattr_bodies: dict[bytes, list[tuple[bytes, bytes]]] = {}
+        self._shared: dict[int, tuple[bytes, bytes]] = {}  # shared xattr id -> (key, value)
         self._read_super()
 
     @classmethod
@@ -356,19 +355,23 @@ class Image:
     # -- xattrs ---------------------------------------------------------------------------
 
     def xattrs(self, ino: RawInode) -> list[tuple[bytes, bytes]]:
-        """Every xattr of an inode with its full key: inline entries, then shared ones.
-
-        The list is shared between inodes with identical xattr bodies: do not modify it.
-        """
+        """Every xattr of an inode with its full key: inline entries, then shared ones."""
         size = ino.xattr_size
         if not size:
             return []
         start = ino.xattr_offset
+        return self._parse_xattrs(ino, bytes(self.data[start:start + size]))
+
+    def xattr_body(self, ino: RawInode) -> tuple[bytes, bool]:
+        """(the inode's raw xattr body, whether it only refers to shared entries).
+
+        Shared-only bodies repeat across inodes (a pair on two or more inodes is shared), so
+        callers can cache what they derive from one; bodies with inline entries are unique.
+        """
+        start = ino.xattr_offset
+        size = ino.xattr_size
         body = self.data[start:start + size]
-        hit = self._xattr_bodies.get(body)
-        if hit is None:
-            hit = self._xattr_bodies[body] = self._parse_xattrs(ino, bytes(body))
-        return hit
+        return body, size >= 12 and size == 12 + 4 * body[4]
 
     def _parse_xattrs(self, ino: RawInode, body: bytes) -> list[tuple[bytes, bytes]]:
         start = ino.xattr_offset

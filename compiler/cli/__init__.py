@@ -78,6 +78,14 @@ COMMANDS = {
     "compile": "compile",
     "measure": "compile",
     "mkcomposefs": "dropins",
+    "composefs-info": "dropins",
+    "composefs-dump": "dropins",
+    "dump": "inspect",
+    "ls": "inspect",
+    "objects": "inspect",
+    "missing-objects": "inspect",
+    "info": "inspect",
+    "fsck-store": "inspect",
 }
 
 

@@ -72,3 +72,118 @@ def mkcomposefs_cmd(ctx: typer.Context) -> None:
     digest = build.compile_image([operands[0]], output, options, fmt, want_digest=print_digest)
     if digest is not None:
         digest_line(digest)
+
+
+COMPOSEFS_INFO_OPTIONS = {"basedir": True, "filter": True}
+COMPOSEFS_INFO_COMMANDS = ("ls", "objects", "missing-objects", "dump", "measure-file")
+
+
+@command("composefs-info", context_settings={"ignore_unknown_options": True,
+                                             "allow_extra_args": True, "help_option_names": []})
+def composefs_info_cmd(ctx: typer.Context) -> None:
+    """Drop-in for upstream `composefs-info [--basedir=DIR] [--filter=NAME]... COMMAND IMAGE...`.
+
+    COMMAND is ls, objects, missing-objects, dump or measure-file; the output is upstream's,
+    byte for byte.  measure-file prints the kernel's digest for an empty file (1.0.8 does not).
+    """
+    import sys
+
+    from .. import images
+    from ..backends.erofs.reader import Image
+    from ..getopt import getopt_long
+
+    where = "composefs-info"
+    opts, operands = getopt_long(list(ctx.args), COMPOSEFS_INFO_OPTIONS, "", where)
+    basedir = None
+    filters = []
+    for name, value in opts:
+        if name == "basedir":
+            basedir = value
+        else:
+            filters.append(value or "")
+    names = images.filter_names(filters)
+    if not operands:
+        raise UsageError("no command specified: expected " + ", ".join(COMPOSEFS_INFO_COMMANDS), where)
+    verb, paths = operands[0], operands[1:]
+    if verb not in COMPOSEFS_INFO_COMMANDS:
+        raise UsageError(f"unknown command {verb!r}: expected " + ", ".join(COMPOSEFS_INFO_COMMANDS), where)
+    out = sys.stdout.buffer
+    if verb == "measure-file":
+        _measure_files(paths, where)
+        return
+    if basedir is not None:
+        os.close(images.open_basedir(basedir))
+    if not paths:
+        raise UsageError("no image path specified", where)
+    if verb in ("objects", "missing-objects"):
+        loaded = [Image.open(p) for p in paths]
+        found = images.objects(loaded) if verb == "objects" else images.missing_objects(loaded, basedir)
+        out.write(b"".join(p + b"\n" for p in sorted(found)))
+        return
+    for path in paths:
+        image = Image.open(path)
+        if verb == "dump":
+            from ..backends.dumpfile import dump_image
+
+            dump_image(image, out, names)
+        else:
+            _upstream_ls(image, names, out)
+    out.flush()
+
+
+def _upstream_ls(image, names, out) -> None:
+    """composefs-info ls: every entry but the root; `/` TAB after directories, TAB `-> ` before
+    a symlink target, TAB `@ ` before a backing file; nothing after a hard link."""
+    from ..backends.dumpfile import escape, escape_ls
+    from ..backends.erofs.entries import walk
+    from ..tree import S_IFDIR, S_IFLNK, S_IFMT, S_IFREG
+
+    lines = []
+    it = walk(image, names)
+    next(it)  # the root is not listed
+    for path, e, first in it:
+        line = escape_ls(path)
+        ftype = e.mode & S_IFMT
+        if first is not None:
+            pass
+        elif ftype == S_IFDIR:
+            line += b"/\t"
+        elif ftype == S_IFLNK:
+            line += b"\t-> " + escape(e.payload)
+        elif ftype == S_IFREG and e.payload is not None:
+            line += b"\t@ " + escape(e.payload)
+        lines.append(line + b"\n")
+    out.write(b"".join(lines))
+
+
+def _measure_files(paths: list[str], where: str) -> None:
+    import sys
+
+    from ..errors import CfscError
+    from ..fsverity import digest_file
+
+    if not paths:
+        raise UsageError("no files specified", where)
+    for path in paths:
+        try:
+            digest = digest_file(path)
+        except OSError as e:
+            raise CfscError(f"failed to measure: {e.strerror}", path) from None
+        digest_line(digest)
+    sys.stdout.flush()
+
+
+@command("composefs-dump", context_settings={"ignore_unknown_options": True,
+                                             "allow_extra_args": True, "help_option_names": []})
+def composefs_dump_cmd(ctx: typer.Context) -> None:
+    """Drop-in for upstream `composefs-dump SRC DEST`: re-encode an image at its own format version."""
+    from ..backends.erofs.reader import Image
+
+    where = "composefs-dump"
+    args = list(ctx.args)
+    if not args:
+        raise UsageError("no source path specified", where)
+    if len(args) < 2:
+        raise UsageError("no destination path specified", where)
+    version = Image.open(args[0]).version
+    build.compile_image([args[0]], args[1], Options(min_version=version, max_version=version), "image")

@@ -1,0 +1,207 @@
+"""Any source as a composefs image, and what the inspection verbs report about images.
+
+`open_image` opens an image as is and compiles any other source in memory first, so every
+verb describes exactly what `cfsc compile` writes.  The functions here return data; the CLI
+(`cfsc.cli.inspect`, `cfsc.cli.dropins`) only formats it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import io
+import os
+from collections.abc import Iterable
+from typing import BinaryIO
+
+from .backends.erofs.entries import Entries, Entry, walk
+from .backends.erofs.reader import Image
+from .errors import InputError, UsageError
+from .fsverity import digest_bytes
+from .options import Options
+from .tree import FILE_TYPES, S_IFCHR, S_IFMT, S_IFREG, Tree
+
+# Text backends that print straight from an image (keeping the on-disk xattr order).
+IMAGE_DUMPERS = {"dump": "cfsc.backends.dumpfile", "json": "cfsc.backends.jsonlines"}
+
+
+def compile_in_memory(tree: Tree, options: Options | None = None) -> Image:
+    """Compile a tree and open the result: the image `cfsc compile` would write."""
+    from .backends.erofs.writer import write_image
+    from .build import batch_allocation
+    from .pipeline import run_passes
+
+    buf = io.BytesIO()
+    with batch_allocation():
+        write_image(run_passes(tree, options or Options()), buf)
+    return Image(buf.getvalue(), tree.source or "<compiled>")
+
+
+def open_image(source, options: Options | None = None, fmt: str | None = None) -> Image:
+    """An image source as is; any other source (dumpfile, directory, …) compiled in memory."""
+    from . import frontends
+    from .build import batch_allocation
+
+    options = options or Options()
+    if fmt is None:
+        fmt = frontends.detect(source)
+    if fmt == "image":
+        return Image.open(source)
+    with batch_allocation():
+        tree = frontends.load([source], options, fmt)
+    return compile_in_memory(tree, options)
+
+
+def filter_names(filters: Iterable[str]) -> frozenset[bytes] | None:
+    """`--filter NAME` values as a set of root-child names (None: no filter)."""
+    names = [os.fsencode(f) for f in filters]
+    for name in names:
+        if b"/" in name:
+            raise UsageError(f"filter must be a single name: {os.fsdecode(name)!r}", "--filter")
+    return frozenset(names) if names else None
+
+
+def dump(source, out: BinaryIO, fmt: str = "dump", names: frozenset[bytes] | None = None,
+         options: Options | None = None, source_format: str | None = None) -> None:
+    """Print a source with a text backend (`dump`, `json`, or any other registered one)."""
+    from .backends import BACKENDS
+
+    if fmt not in BACKENDS or fmt == "image":
+        choices = ", ".join(n for n in BACKENDS if n != "image")
+        raise UsageError(f"unknown dump format {fmt!r}: expected one of {choices}", "--format")
+    from .build import batch_allocation
+    from .frontends.image import read_tree
+
+    options = options or Options()
+    image = open_image(source, options, source_format)
+    module = IMAGE_DUMPERS.get(fmt)
+    with batch_allocation():
+        if module is not None:
+            importlib.import_module(module).dump_image(image, out, names)
+            return
+        tree = read_tree(image, names)
+    BACKENDS[fmt][0](tree, out, options)
+
+
+def listing(image: Image, path: bytes = b"/", recursive: bool = False,
+            names: frozenset[bytes] | None = None):
+    """Entries of `path` (a directory's children, or the entry itself if it is not one).
+
+    Yields `(path, entry, first_path)` like `walk`; with `recursive`, everything below.
+    """
+    it = walk(image, names, Entries(image), top=path)
+    top_path, top, _ = next(it)
+    if top.mode & S_IFMT != 0o040000:
+        yield top_path, top, None
+        return
+    depth = top_path.rstrip(b"/").count(b"/") + 1
+    for item in it:
+        if recursive or item[0].count(b"/") == depth:
+            yield item
+
+
+def objects(images: Iterable[Image]) -> dict[bytes, Entry]:
+    """Every backing file the images need: payload → the first entry using it."""
+    found: dict[bytes, Entry] = {}
+    for image in images:
+        for _path, e, first in walk(image):
+            if first is None and e.payload is not None and e.mode & S_IFMT == S_IFREG and e.payload not in found:
+                found[e.payload] = e
+    return found
+
+
+def object_path(payload: bytes) -> bytes:
+    """A payload as a path relative to the store (overlayfs' redirect is absolute in it)."""
+    return payload.lstrip(b"/")
+
+
+def open_basedir(basedir: str) -> int:
+    try:
+        return os.open(basedir, os.O_RDONLY | os.O_DIRECTORY | os.O_PATH | os.O_CLOEXEC)
+    except OSError as e:
+        raise InputError(f"cannot open the store directory: {e.strerror}", basedir) from None
+
+
+def missing_objects(images: Iterable[Image], basedir: str | None) -> dict[bytes, Entry]:
+    """The objects with no file under `basedir`.
+
+    Without a base directory upstream looks the paths up relative to file descriptor 0, so
+    (stdin not being a directory) every object is listed; the drop-in keeps that quirk.
+    """
+    fd = open_basedir(basedir) if basedir is not None else 0
+    try:
+        missing = {}
+        for payload, e in objects(images).items():
+            try:
+                os.stat(object_path(payload), dir_fd=fd)
+            except (OSError, ValueError):
+                missing[payload] = e
+        return missing
+    finally:
+        if fd:
+            os.close(fd)
+
+
+def info(image: Image) -> dict:
+    """Facts about an image: format, sizes, entry counts, xattr sharing, digest."""
+    types = {name: 0 for name in FILE_TYPES.values()}
+    hidden: list = []
+    compact = extended = links = whiteouts = inline = external = empty = with_digest = 0
+    external_bytes = 0
+    refs: set[int] = set()
+    payloads: set[bytes] = set()
+    for _path, e, first in walk(image, hidden=hidden):
+        if first is not None:
+            links += 1
+            continue
+        raw = e.raw
+        if raw.extended:
+            extended += 1
+        else:
+            compact += 1
+        ftype = e.mode & S_IFMT
+        if ftype == S_IFCHR and e.rdev == 0:
+            whiteouts += 1
+        else:
+            types[FILE_TYPES[ftype]] += 1
+        if ftype == S_IFREG:
+            if e.content is not None:
+                inline += 1
+            elif e.size:
+                external += 1
+                external_bytes += e.size
+                if e.digest is not None:
+                    with_digest += 1
+                if e.payload is not None:
+                    payloads.add(e.payload)
+            else:
+                empty += 1
+        if raw.xattr_size:
+            refs.update(image.shared_xattr_refs(raw))
+    for raw in hidden:
+        if raw.extended:
+            extended += 1
+        else:
+            compact += 1
+        if raw.xattr_size:
+            refs.update(image.shared_xattr_refs(raw))
+    sb = image.super
+    return {
+        "image": image.name,
+        "size": len(image.data),
+        "blocks": sb.blocks,
+        "format_version": image.version,
+        "flags": image.flags,
+        "has_acl": bool(image.flags & 1),
+        "fsverity_digest": digest_bytes(image.data).hex(),
+        "inodes": sb.inos,
+        "root_nid": image.root_nid,
+        "build_time": image.build_time,
+        "build_time_nsec": image.build_time_nsec,
+        "entries": {**types, "whiteout": whiteouts, "hardlink": links},
+        "files": {"inline": inline, "external": external, "empty": empty,
+                  "external_bytes": external_bytes, "with_digest": with_digest,
+                  "objects": len(payloads)},
+        "inode_formats": {"compact": compact, "extended": extended},
+        "hidden_whiteouts": len(hidden),
+        "shared_xattrs": {"count": len(refs), "bytes": sum(image.shared_entry_size(r) for r in refs)},
+    }
