@@ -35,9 +35,16 @@ def _write_json(tree: Tree, out: BinaryIO, options: Options) -> None:
     write(tree, out, options)
 
 
+def _write_crfs(tree: Tree, out: BinaryIO, options: Options) -> None:
+    from .crfs import write
+
+    write(tree, out, options)
+
+
 # name → (writer, description)
 BACKENDS: dict[str, tuple[Callable[[Tree, BinaryIO, Options], None], str]] = {
     "image": (_write_image, "composefs image (EROFS), byte-identical with mkcomposefs 1.0.8"),
     "dump": (_write_dump, "dumpfile text, as composefs-info dump prints the compiled image"),
     "json": (_write_json, "one JSON object per entry per line (the dump's fields)"),
+    "crfs": (_write_crfs, "CRFS / eStargz TOC JSON that `--from crfs` compiles back (cfsc schema crfs-toc)"),
 }

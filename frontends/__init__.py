@@ -26,6 +26,7 @@ FRONTENDS: dict[str, tuple[str, str]] = {
     "image": ("cfsc.frontends.image", "composefs image (re-encode, inspect)"),
     "dump": ("cfsc.frontends.dumpfile", "composefs dumpfile (mkcomposefs --from-file)"),
     "dir": ("cfsc.frontends.directory", "a directory tree on disk (mkcomposefs DIR)"),
+    "crfs": ("cfsc.frontends.crfs", "CRFS / stargz / eStargz TOC JSON (composefs-from-json)"),
 }
 
 HEAD_SIZE = 4096

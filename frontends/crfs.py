@@ -1,0 +1,710 @@
+"""CRFS / stargz / eStargz / zstd:chunked TOC JSON → tree: the old `composefs-from-json`, revived.
+
+Input: `{"version": 1, "entries": [...]}`, one entry per tar member (`cfsc schema crfs-toc` is the
+contract).  Semantics follow the legacy tool (inputs.md §1.5–1.10): entries are applied in order
+to one tree, and several files behave like one concatenated list, so later entries update earlier
+ones (metadata replaced, payload/content only when given, xattrs merged) and hard links may point
+into earlier files; missing parents are `040755 0:0 mtime 0`; a `name` that reduces to nothing
+is the root; `digest` `ALG:HEX` gives the payload `HE/X…` unless `x-payload` says otherwise;
+`x-content` is the whole file inline (base64, sets the size); the backing store never supplies an
+fs-verity digest unless `--basedir` points at it.
+
+Deliberate differences from the legacy tool, all errors where it silently made a broken tree:
+unknown entry types, `..` components, mode file-type bits that contradict `type`, a hard link to
+a directory or to a path that does not exist yet, invalid base64 (the legacy decoder skipped
+junk and dropped unpadded tails) and times that are not RFC 3339 (the legacy parser lost
+fractions and, with a fraction, the zone offset; here fractions are kept to the nanosecond).
+Hard-link targets are cleaned like names (legacy: `./x` failed).  An entry that changes the file
+type of an existing path replaces it (a directory only while it is empty).
+
+Extensions (documented in the schema): bytes that are not UTF-8 travel in base64 twin keys
+`x-name-b64`, `x-linkName-b64`, `x-payload-b64` and `x-xattrs-b64` (`{b64 key: b64 value}`, for
+xattr names), following `cfsc.jsonbytes`; `x-fsverity-digest`, `x-mtime` (`[sec, nsec]` for
+times RFC 3339 cannot hold), `x-nlink` and type `socket` make every tree expressible, so
+`cfsc dump --format crfs` (`cfsc.backends.crfs`) round-trips any image.
+
+Errors: every bad entry is reported (up to MAX_ERRORS lines, then a count), as
+`FILE: entries[12].mode: expected …`.  Values are checked in code as they are read, because
+jsonschema costs ~0.1 ms per entry; only a rejected entry goes through jsonschema, for the
+message (tests/test_crfs.py checks that code and schema agree).
+
+Memory: a parsed 1M-entry TOC is ~2 GB of dicts, so the entries array is parsed in slices of
+~4 MiB cut at `},{` between entries and each slice is dropped once applied.  A cut is proven
+right by the slice parsing as an array (JSON tokenises the same from a known state); when it
+does not, the next candidate is tried and, failing that, the whole document is parsed at once.
+"""
+
+from __future__ import annotations
+
+import binascii
+import os
+import re
+
+import orjson
+
+from cfsc import devices, limits, rfc3339, schemas
+from cfsc.errors import InputError, InputErrors
+from cfsc.options import Options
+from cfsc.streams import read_all, source_name
+from cfsc.tree import S_IFBLK, S_IFCHR, S_IFDIR, S_IFIFO, S_IFLNK, S_IFMT, S_IFREG, S_IFSOCK, Inode, Tree
+
+SCHEMA = "crfs-toc"
+HARDLINK = -1
+CHUNK = -2
+TYPES = {"dir": S_IFDIR, "reg": S_IFREG, "symlink": S_IFLNK, "hardlink": HARDLINK, "char": S_IFCHR,
+         "block": S_IFBLK, "fifo": S_IFIFO, "chunk": CHUNK, "socket": S_IFSOCK}
+TYPE_NAMES = {bits: name for name, bits in TYPES.items()}
+MAX_ERRORS = 20
+SLICE_BYTES = 4 << 20
+U32 = (1 << 32) - 1
+U64 = (1 << 64) - 1
+S64 = 1 << 63
+GO_ZERO_TIME = (rfc3339.FIRST, 0)  # 0001-01-01T00:00:00Z, Go's zero time.Time: "no time"
+CACHE_MAX = 1 << 16
+ABSENT = object()  # "no such key" (JSON null is None, which is an error for every known key)
+
+
+def twin(key: str) -> str:
+    """The key holding `key`'s exact bytes in base64: `x-name-b64`, `x-payload-b64`."""
+    return key + "-b64" if key.startswith("x-") else f"x-{key}-b64"
+
+
+# Keys read by the code (checked as read), and ignored keys with the JSON type the schema wants.
+READ = frozenset({"type", "name", "linkName", "size", "modtime", "x-mtime", "mode", "uid", "gid",
+                  "devMajor", "devMinor", "xattrs", "digest", "chunkOffset", "chunkSize",
+                  "x-payload", "x-content", "x-fsverity-digest", "x-nlink"})
+TWINS = frozenset({twin("name"), twin("linkName"), twin("x-payload"), twin("xattrs")})
+NO_EXTENSIONS = (ABSENT,) * 5
+RARE = frozenset({"x-payload", "x-content", "x-fsverity-digest", "x-mtime", "x-nlink", "chunkOffset", "chunkSize"})
+IGNORED = {"accesstime": str, "changetime": str, "userName": str, "groupName": str,
+           "chunkDigest": str, "chunkType": str, "offset": int, "innerOffset": int,
+           "endOffset": int, "NumLink": int, "Nlink": int}
+
+_DIGEST = re.compile(r"[a-z0-9]+:([0-9a-f]{2,})")
+_FSVERITY = re.compile(r"sha256:([0-9a-f]{64})")
+_HEAD = re.compile(rb'\s*\{\s*(?:"version"\s*:\s*1\s*,\s*)?"entries"\s*:\s*\[')
+_HEAD_TYPE = re.compile(rb'"type"\s*:\s*"(?:dir|reg|symlink|hardlink|char|block|fifo|chunk|socket)"')
+_ENTRIES = re.compile(rb'"entries"\s*:\s*\[')
+_BOUNDARY = re.compile(rb"\}\s*,\s*\{")
+
+
+def sniff(head: bytes) -> bool:
+    """A JSON object whose first key is `entries` (or `version` 1 then `entries`), holding
+    objects with a CRFS `type`: not any JSON that happens to have such a key."""
+    return _HEAD.match(head) is not None and _HEAD_TYPE.search(head) is not None
+
+
+class _Bad(Exception):
+    """One entry is wrong: `path` (keys below the entry) and what was expected."""
+
+    def __init__(self, path: str | list, what: str) -> None:
+        super().__init__(what)
+        self.path = [path] if isinstance(path, str) else path
+        self.what = what
+
+
+def _b64(text, path) -> bytes:
+    """Strict standard base64, padding optional (the schema's `base64`)."""
+    if type(text) is not str:
+        raise _Bad(path, "expected a base64 string")
+    if len(text) & 3:
+        if text.endswith("="):
+            raise _Bad(path, "invalid base64: wrong padding")
+        text += "=" * (-len(text) & 3)
+    try:
+        return binascii.a2b_base64(text, strict_mode=True)
+    except (binascii.Error, ValueError) as e:
+        raise _Bad(path, f"invalid base64: {e}") from None
+
+
+def _int(value, path, lo: int, hi: int) -> int:
+    if type(value) is not int or not lo <= value <= hi:
+        raise _Bad(path, f"expected an integer from {lo} to {hi}")
+    return value
+
+
+def _text(entry: dict, key: str, twins: bool):
+    """The bytes under `key`, from its base64 twin if there is one (`cfsc.jsonbytes` rule)."""
+    if twins:
+        encoded = entry.get(twin(key), ABSENT)
+        if encoded is not ABSENT:
+            return _b64(encoded, twin(key))
+    value = entry.get(key, ABSENT)
+    if value is ABSENT:
+        return ABSENT
+    if type(value) is not str:
+        raise _Bad(key, "expected a string")
+    return value.encode("utf-8", "surrogateescape")
+
+
+def _clean(raw: bytes, key: str) -> bytes:
+    """A path relative to the root: no empty or `.` components; `..` is an error."""
+    parts = [p for p in raw.split(b"/") if p and p != b"."]
+    if b".." in parts:
+        raise _Bad(key, "'..' is not allowed in a path")
+    return b"/".join(parts)
+
+
+def _plan(keys: tuple) -> tuple:
+    """For one key set: the ignored keys to type-check, whether base64 twins are present and
+    whether any of the rarer keys (extensions, chunk fields) is."""
+    checks = []
+    twins = False
+    for key in keys:
+        if key in READ:
+            continue
+        if key in TWINS:
+            twins = True
+        elif key in IGNORED:
+            checks.append((key, IGNORED[key]))
+        elif key.startswith("x-"):
+            raise _Bad(key, "unknown composefs extension key")
+    return tuple(checks), twins, twins or not RARE.isdisjoint(keys)
+
+
+def _integral(value):
+    """jsonschema counts 3.0 as an integer; so does the slow path."""
+    if type(value) is float and value.is_integer():
+        return int(value)
+    if type(value) is list:
+        return [_integral(v) for v in value]
+    return value
+
+
+class _Builder:
+    """Entries → one tree, across any number of TOC files."""
+
+    def __init__(self, options: Options) -> None:
+        self.options = options
+        self.root = Inode(S_IFDIR | 0o755)
+        self.dirs: dict[bytes, Inode] = {b"": self.root}  # clean path → directory
+        self.last_file: Inode | None = None  # for chunk entries without a name
+        self.plans: dict[tuple, tuple] = {}
+        self.times: dict[str, tuple[int, int]] = {}
+        self.xattr_sets: dict[tuple, tuple] = {}  # raw JSON items → interned pairs
+        self.interned: dict[tuple, tuple] = {}
+        self.errors: list[str] = []
+        self.n_errors = 0
+        self.sources: list[str] = []
+
+    # -- reporting ----------------------------------------------------------------------
+
+    def report(self, line: str) -> None:
+        self.n_errors += 1
+        if len(self.errors) < MAX_ERRORS:
+            self.errors.append(line)
+
+    def rejected(self, entry, source: str, index: int) -> None:
+        """Explain why `entry` failed the fast path: schema errors first, then the code's."""
+        lines = schemas.problems(SCHEMA, entry, source, ["entries", index], "entry")
+        if lines:
+            for line in lines:
+                self.report(line)
+            return
+        if isinstance(entry, dict):
+            entry = {k: _integral(v) for k, v in entry.items()}
+        try:
+            self.apply(entry)
+        except _Bad as e:
+            self.report(f"{source}: {schemas.json_path(['entries', index, *e.path])}: {e.what}")
+
+    # -- one entry ----------------------------------------------------------------------
+
+    def feed(self, entries: list, source: str, first: int = 0) -> None:
+        apply = self.apply
+        for i, entry in enumerate(entries):
+            try:
+                apply(entry)
+            except Exception:  # noqa: BLE001 - any surprise in the fast path gets explained
+                self.rejected(entry, source, first + i)
+
+    def apply(self, e) -> None:
+        """Check one entry as it is read, then add it to the tree or update what is there."""
+        if type(e) is not dict:
+            raise _Bad([], "expected an object")
+        keys = tuple(e)
+        plan = self.plans.get(keys)
+        if plan is None:
+            plan = self.plans[keys] = _plan(keys)
+        checks, twins, has_rare = plan
+        for key, kind in checks:
+            if type(e[key]) is not kind:
+                raise _Bad(key, f"expected {'a string' if kind is str else 'an integer'}")
+        get = e.get
+
+        t = get("type")
+        kind = TYPES.get(t) if type(t) is str else None
+        if kind is None:
+            raise _Bad("type", f"expected one of {', '.join(TYPES)}")
+        mode = get("mode", 0)
+        if type(mode) is not int or not 0 <= mode <= 0o177777:
+            raise _Bad("mode", "expected an integer from 0 to 65535")
+        uid = get("uid", ABSENT)
+        if uid is not ABSENT and (type(uid) is not int or not 0 <= uid <= U32):
+            raise _Bad("uid", f"expected an integer from 0 to {U32}")
+        gid = get("gid", ABSENT)
+        if gid is not ABSENT and (type(gid) is not int or not 0 <= gid <= U32):
+            raise _Bad("gid", f"expected an integer from 0 to {U32}")
+        size = get("size", ABSENT)
+        if size is not ABSENT and (type(size) is not int or not 0 <= size <= U64):
+            raise _Bad("size", f"expected an integer from 0 to {U64}")
+        when = get("modtime", ABSENT)
+        if when is not ABSENT:
+            text = when
+            when = self.times.get(text) if type(text) is str else None
+            if when is None:
+                when = self.time(text)
+        dev_major = get("devMajor", 0)
+        dev_minor = get("devMinor", 0)
+        if type(dev_major) is not int or type(dev_minor) is not int or dev_major or dev_minor:
+            _int(dev_major, "devMajor", 0, devices.MAJOR_MAX)
+            _int(dev_minor, "devMinor", 0, devices.MINOR_MAX)
+        xattrs = get("xattrs", ABSENT)
+        if xattrs is not ABSENT or twins:
+            xattrs = self.xattrs(xattrs, get(twin("xattrs"), ABSENT) if twins else ABSENT)
+        payload = get("digest", ABSENT)
+        if payload is not ABSENT:
+            m = _DIGEST.fullmatch(payload) if type(payload) is str else None
+            if m is None:
+                raise _Bad("digest", "expected ALGORITHM:HEX (lower-case hex)")
+            hexpart = m.group(1)
+            payload = f"{hexpart[:2]}/{hexpart[2:]}".encode() if kind == S_IFREG else ABSENT
+        rare = self.extensions(e, kind, twins) if has_rare else NO_EXTENSIONS
+        if rare[0] is not ABSENT:  # x-payload wins
+            payload = rare[0]
+        if rare[3] is not ABSENT:  # x-mtime wins
+            when = rare[3]
+        if twins:
+            name = _text(e, "name", twins)
+        else:
+            name = get("name", ABSENT)
+            if name is not ABSENT:
+                if type(name) is not str:
+                    raise _Bad("name", "expected a string")
+                name = name.encode("utf-8", "surrogateescape")
+        if kind == CHUNK:
+            return self.chunk(e, name)
+        if name is ABSENT:
+            raise _Bad("name", "missing: required for every entry but chunks")
+        if name[:2] == b"./":
+            name = name[2:]
+        elif name[:1] == b"/":
+            name = name.lstrip(b"/")
+        if name[-1:] == b"/":
+            name = name.rstrip(b"/")
+        if name[:1] == b"." or b"/." in name or b"//" in name:
+            name = _clean(name, "name")
+        if kind == HARDLINK:
+            return self.hardlink(e, name, mode, twins)
+        if kind == S_IFLNK:
+            if payload is ABSENT:
+                payload = _text(e, "linkName", twins)
+                if payload is ABSENT:
+                    raise _Bad("linkName", "missing: required for type symlink")
+            problem = limits.check_symlink(payload)
+            if problem:
+                raise _Bad("linkName", problem)
+            size = len(payload)
+        elif kind == S_IFDIR:
+            payload = size = ABSENT  # the compiler sizes directories
+        elif kind != S_IFREG:
+            payload = ABSENT  # devices keep `size`: beyond 32 bits it makes the inode extended
+        ftype = mode & S_IFMT
+        if ftype and ftype != kind:
+            raise _Bad("mode", f"file type bits 0{ftype:o} contradict type {t!r} (0{kind:o})")
+        rdev = devices.makedev(dev_major, dev_minor) if kind == S_IFCHR or kind == S_IFBLK else 0
+
+        if name:
+            head, _slash, base = name.rpartition(b"/")
+            parent = self.dirs.get(head)
+            if parent is None:
+                parent = self.parents(head)
+            if len(base) > limits.NAME_MAX or b"\0" in base:
+                raise _Bad("name", limits.check_name(base))  # type: ignore[arg-type]
+            node = parent.children.get(base)  # type: ignore[union-attr]
+        elif kind != S_IFDIR:
+            raise _Bad("type", f"the root must be a directory, not {t!r}")
+        else:
+            node = self.root
+            parent = base = None
+
+        if node is not None and node.mode & S_IFMT == kind:  # an update: the legacy rules
+            node.mode = kind | (mode & 0o7777)
+            if uid is not ABSENT:
+                node.uid = uid
+            if gid is not ABSENT:
+                node.gid = gid
+            if when is not ABSENT:
+                node.mtime, node.mtime_nsec = when
+            node.rdev = rdev
+            if payload is not ABSENT:
+                node.payload = payload
+            if xattrs is not ABSENT:
+                node.xattrs = self.merge(node.xattrs, xattrs)
+            _payload, content, digest, _when, nlink = rare
+            if nlink is not ABSENT:
+                node.nlink = nlink
+            if kind == S_IFREG:
+                self.last_file = node
+                if digest is not ABSENT:
+                    node.digest = digest
+                if content is not ABSENT:
+                    node.content = content or None
+                    node.size = len(content)
+                elif size is not ABSENT and size != node.size:
+                    if node.content is not None:
+                        raise _Bad("size", f"{size} contradicts the {node.size} bytes of inline content an"
+                                   " earlier entry gave: give x-content again")
+                    node.size = size
+            elif size is not ABSENT:
+                node.size = size
+            return
+
+        _payload, content, digest, _when, nlink = rare
+        if content is not ABSENT:
+            size = len(content)
+            content = content or None
+        else:
+            content = None
+        new = Inode(kind | (mode & 0o7777), 0 if uid is ABSENT else uid, 0 if gid is ABSENT else gid,
+                    *((0, 0) if when is ABSENT else when), 0 if size is ABSENT else size, rdev,
+                    None if nlink is ABSENT else nlink, None if payload is ABSENT else payload, content,
+                    None if digest is ABSENT else digest, () if xattrs is ABSENT else xattrs)
+        if kind == S_IFREG:
+            self.last_file = new
+        elif kind == S_IFDIR:
+            self.dirs[name] = new
+        if node is None:
+            parent.children[base] = new  # type: ignore[union-attr,index]
+        else:  # a different file type replaces what was there
+            if parent is None:
+                raise _Bad("type", "the root must be a directory")
+            self.unlink(node, name)
+            parent.add_child(base, new)  # type: ignore[arg-type]
+
+    def extensions(self, e: dict, kind: int, twins: bool) -> tuple:
+        """(payload, content, fs-verity digest, (sec, nsec), nlink) from the rarer keys."""
+        get = e.get
+        payload = _text(e, "x-payload", twins)
+        if payload is not ABSENT:
+            problem = limits.check_payload(payload)
+            if problem:
+                raise _Bad("x-payload", problem)
+            if kind != S_IFREG and kind != S_IFLNK:
+                payload = ABSENT
+        content = get("x-content", ABSENT)
+        if content is not ABSENT:
+            content = _b64(content, "x-content")
+            if kind != S_IFREG:
+                raise _Bad("x-content", "only regular files have inline content")
+            problem = limits.check_content(content)
+            if problem:
+                raise _Bad("x-content", problem)
+        digest = get("x-fsverity-digest", ABSENT)
+        if digest is not ABSENT:
+            m = _FSVERITY.fullmatch(digest) if type(digest) is str else None
+            if m is None:
+                raise _Bad("x-fsverity-digest", "expected sha256: and 64 lower-case hex digits")
+            digest = bytes.fromhex(m.group(1)) if kind == S_IFREG else ABSENT
+        when = get("x-mtime", ABSENT)
+        if when is not ABSENT:
+            if (type(when) is not list or len(when) != 2 or type(when[0]) is not int
+                    or type(when[1]) is not int or not -S64 <= when[0] < S64 or not 0 <= when[1] <= U32):
+                raise _Bad("x-mtime", "expected [seconds, nanoseconds]: a 64-bit and an unsigned 32-bit integer")
+            when = (when[0], when[1])
+        nlink = get("x-nlink", ABSENT)
+        if nlink is not ABSENT:
+            nlink = _int(nlink, "x-nlink", 0, U32)
+        for key in ("chunkOffset", "chunkSize"):
+            value = get(key, ABSENT)
+            if value is not ABSENT:
+                _int(value, key, 0, U64)
+        return payload, content, digest, when, nlink
+
+    def time(self, text) -> tuple[int, int]:
+        if type(text) is not str:
+            raise _Bad("modtime", "expected an RFC 3339 time string")
+        when = rfc3339.parse(text)
+        if when is None:
+            raise _Bad("modtime", "expected an RFC 3339 time: YYYY-MM-DDTHH:MM:SS[.fraction] and Z or ±HH:MM")
+        if when == GO_ZERO_TIME:
+            when = (0, 0)
+        if len(self.times) >= CACHE_MAX:
+            self.times.clear()
+        self.times[text] = when
+        return when
+
+    def xattrs(self, raw, raw_b64) -> tuple:
+        """Sorted (key, value) pairs, interned: real trees repeat a few sets many times."""
+        if raw is ABSENT:
+            items = ()
+        elif type(raw) is dict:
+            items = tuple(raw.items())
+        else:
+            raise _Bad("xattrs", "expected an object of name → base64 value")
+        if raw_b64 is ABSENT:
+            cached = self.xattr_sets.get(items)
+            if cached is not None:
+                return cached
+        pairs = {}
+        for key, value in items:
+            pairs[key.encode("utf-8", "surrogateescape")] = _b64(value, ["xattrs", key])
+        if raw_b64 is not ABSENT:
+            if type(raw_b64) is not dict:
+                raise _Bad(twin("xattrs"), "expected an object of base64 name → base64 value")
+            for key, value in raw_b64.items():
+                pairs[_b64(key, [twin("xattrs"), key])] = _b64(value, [twin("xattrs"), key])
+        for key, value in pairs.items():
+            problem = limits.check_xattr(key, value)
+            if problem:
+                raise _Bad(["xattrs", key.decode("utf-8", "backslashreplace")], problem)
+        result = self.intern(tuple(sorted(pairs.items())))
+        if raw_b64 is ABSENT:
+            if len(self.xattr_sets) >= CACHE_MAX:
+                self.xattr_sets.clear()
+            self.xattr_sets[items] = result
+        return result
+
+    def intern(self, xattrs: tuple) -> tuple:
+        return self.interned.setdefault(xattrs, xattrs)
+
+    def merge(self, old: tuple, new: tuple) -> tuple:
+        if not old:
+            return new
+        pairs = dict(old)
+        pairs.update(new)
+        return self.intern(tuple(sorted(pairs.items())))
+
+    # -- the tree -----------------------------------------------------------------------
+
+    def parents(self, path: bytes) -> Inode:
+        """The directory at `path`, making missing ones (040755 0:0 mtime 0)."""
+        node = self.root
+        done = b""
+        for part in path.split(b"/"):
+            done = done + b"/" + part if done else part
+            found = self.dirs.get(done)
+            if found is None:
+                if part in node.children:  # type: ignore[operator]
+                    raise _Bad("name", f"{done.decode('utf-8', 'backslashreplace')} is not a directory")
+                problem = limits.check_name(part)
+                if problem:
+                    raise _Bad("name", problem)
+                found = Inode(S_IFDIR | 0o755)
+                node.children[part] = found  # type: ignore[index]
+                self.dirs[done] = found
+            node = found
+        return node
+
+    def lookup(self, path: bytes) -> Inode | None:
+        if not path:
+            return self.root
+        head, _slash, base = path.rpartition(b"/")
+        parent = self.dirs.get(head)
+        return parent.children.get(base) if parent is not None else None  # type: ignore[union-attr]
+
+    def unlink(self, node: Inode, name: bytes) -> None:
+        """Forget what an entry replaces (a directory only while empty)."""
+        if node.children is not None:
+            if node.children:
+                raise _Bad("type", "the path is a directory with entries: it cannot change its type")
+            del self.dirs[name]
+
+    def hardlink(self, e: dict, name: bytes, mode: int, twins: bool) -> None:
+        target_name = _text(e, "linkName", twins)
+        if target_name is ABSENT:
+            raise _Bad("linkName", "missing: required for type hardlink")
+        target_name = _clean(target_name, "linkName")
+        target = self.lookup(target_name)
+        shown = target_name.decode("utf-8", "backslashreplace")
+        if target is None:
+            raise _Bad("linkName", f"hard link target {shown!r} does not exist: it must be an earlier entry")
+        if target.children is not None:
+            raise _Bad("linkName", f"hard link target {shown!r} is a directory")
+        ftype = mode & S_IFMT
+        if ftype and ftype != target.mode & S_IFMT:
+            raise _Bad("mode", f"file type bits 0{ftype:o} contradict the target's (0{target.mode & S_IFMT:o})")
+        if not name:
+            raise _Bad("name", "the root cannot be a hard link")
+        head, _slash, base = name.rpartition(b"/")
+        parent = self.dirs.get(head) or self.parents(head)
+        old = parent.children.get(base)  # type: ignore[union-attr]
+        if old is target:
+            return
+        if old is not None:
+            self.unlink(old, name)
+        elif len(base) > limits.NAME_MAX or b"\0" in base:
+            raise _Bad("name", limits.check_name(base))  # type: ignore[arg-type]
+        parent.add_child(base, target, link=True)
+
+    def chunk(self, e: dict, name) -> None:
+        """A later piece of a file: it can only make the file longer."""
+        if name is ABSENT:
+            node = self.last_file
+            if node is None:
+                raise _Bad("name", "a chunk without a name must follow a regular file entry")
+        else:
+            node = self.lookup(_clean(name, "name"))
+            if node is None or node.mode & S_IFMT != S_IFREG:
+                raise _Bad("name", "a chunk must belong to an earlier regular file entry")
+        offset = _int(e.get("chunkOffset", 0), "chunkOffset", 0, U64)
+        size = _int(e.get("chunkSize", 0), "chunkSize", 0, U64)
+        if offset + size > node.size and node.content is None:
+            node.size = offset + size
+
+    # -- whole documents ----------------------------------------------------------------
+
+    def document(self, data: bytes, source: str) -> None:
+        """Apply one TOC, slice by slice when the cheap cut works (see the module docstring)."""
+        self.sources.append(source)
+        slicer = _Slicer(data)
+        try:
+            for first, entries in slicer:
+                self.feed(entries, source, first)
+        except _Unsure:
+            self.whole(data, source, slicer.done)
+            return
+        self.header(slicer.header, source)
+
+    def whole(self, data: bytes, source: str, skip: int) -> None:
+        """Parse the document at once; the first `skip` entries were applied already."""
+        try:
+            doc = orjson.loads(data)
+        except orjson.JSONDecodeError as e:
+            raise InputError(f"invalid JSON: {e.msg}", f"{source}:{e.lineno}:{e.colno}") from None
+        if type(doc) is not dict:
+            raise InputError(f"expected a JSON object with \"entries\", got {schemas.shown(doc)}", source)
+        entries = doc.get("entries")
+        if type(entries) is list:
+            doc["entries"] = []
+            self.feed(entries[skip:], source, skip)
+        self.header(doc, source)
+
+    def header(self, doc: dict, source: str) -> None:
+        """The top level, entries aside (they were checked one by one)."""
+        for line in schemas.problems(SCHEMA, doc, source):
+            self.report(line)
+
+    def finish(self) -> Tree:
+        if self.n_errors:
+            raise InputErrors(self.errors, self.n_errors)
+        tree = Tree(self.root, "+".join(self.sources))
+        if self.options.basedir is not None:
+            _add_digests(tree, self.options)
+        return tree
+
+
+class _Unsure(Exception):
+    """The cheap cut of the entries array cannot be proven right: parse the whole document."""
+
+
+class _Slicer:
+    """Iterate over (index of the first entry, entries) slices of a TOC's entries array.
+
+    Afterwards `header` is the top-level object with `entries: []`.  Raises _Unsure when a cut
+    cannot be proven (the `done` entries yielded before are right all the same).
+    """
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.done = 0
+        self.header: dict = {}
+
+    def __iter__(self):
+        data = self.data
+        m = _ENTRIES.search(data)
+        if m is None:
+            raise _Unsure
+        prefix = data[:m.start()]
+        # Only the top-level "entries" makes prefix + `"entries":0}` an object with entries 0.
+        if _top_level(prefix + b'"entries":0}') is None:
+            raise _Unsure
+        pos = m.end()
+        while len(data) - pos > SLICE_BYTES:
+            cut = _BOUNDARY.search(data, pos + SLICE_BYTES)
+            entries = None
+            for _attempt in range(3):
+                if cut is None:
+                    break
+                try:
+                    entries = orjson.loads(b"[" + data[pos:cut.start() + 1] + b"]")
+                    break
+                except orjson.JSONDecodeError:  # cut inside a string, or bad JSON
+                    cut = _BOUNDARY.search(data, cut.end())
+            if entries is None:
+                if cut is None:
+                    break  # the rest is the last slice
+                raise _Unsure
+            yield self.done, entries
+            self.done += len(entries)
+            pos = cut.end() - 1  # at the next entry's "{"
+            del entries
+        end = len(data)
+        for _attempt in range(3):  # the array's "]": the last one that leaves a valid top level
+            end = data.rfind(b"]", pos, end)
+            if end < 0:
+                break
+            header = _top_level(prefix + b'"entries":0' + data[end + 1:])
+            if header is None:
+                continue
+            try:
+                entries = orjson.loads(b"[" + data[pos:end + 1])
+            except orjson.JSONDecodeError:
+                break
+            header["entries"] = []
+            self.header = header
+            yield self.done, entries
+            self.done += len(entries)
+            return
+        raise _Unsure
+
+
+def _top_level(text: bytes) -> dict | None:
+    """The object, if `text` is one whose (last) "entries" is the 0 put there."""
+    try:
+        doc = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return None
+    return doc if type(doc) is dict and type(doc.get("entries")) is int and doc["entries"] == 0 else None
+
+
+def _add_digests(tree: Tree, options: Options) -> None:
+    """fs-verity digests for external files whose payload exists under `--basedir`."""
+    from cfsc.fsverity import digest_file
+
+    base = os.fsencode(options.basedir)  # type: ignore[arg-type]
+    todo: dict[bytes, list[Inode]] = {}
+    for node in tree.home_inodes():
+        if (node.mode & S_IFMT == S_IFREG and node.size and node.content is None
+                and node.digest is None and node.payload):
+            todo.setdefault(node.payload, []).append(node)
+    for payload, nodes in todo.items():
+        path = os.path.join(base, payload.lstrip(b"/"))
+        try:
+            size = os.stat(path).st_size
+        except OSError:
+            continue
+        if any(n.size != size for n in nodes):
+            where = f"{options.basedir}/{payload.decode('utf-8', 'backslashreplace')}"
+            raise InputError(f"has {size} bytes but the TOC says {nodes[0].size}: wrong --basedir?", where)
+        digest = digest_file(path)
+        for n in nodes:
+            n.digest = digest
+
+
+def load(source, options: Options | None = None) -> Tree:
+    return load_many([source], options)
+
+
+def load_many(sources, options: Options | None = None) -> Tree:
+    """Several TOCs into one tree, in order (later entries update earlier ones)."""
+    builder = _Builder(options or Options())
+    for source in sources:
+        builder.document(read_all(source), source_name(source))
+    return builder.finish()
+
+
+def loads(data: bytes, options: Options | None = None, name: str = "<string>") -> Tree:
+    builder = _Builder(options or Options())
+    builder.document(data, name)
+    return builder.finish()
