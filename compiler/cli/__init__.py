@@ -86,6 +86,7 @@ COMMANDS = {
     "missing-objects": "inspect",
     "info": "inspect",
     "fsck-store": "inspect",
+    "schema": "schema",
 }
 
 
