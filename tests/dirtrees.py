@@ -1,0 +1,135 @@
+"""Directory trees on disk built from a spec, and the dumpfile describing the same tree.
+
+A test states each entry's content and metadata once (`Entry`); `make` creates it on disk
+(we are root: owners, devices, trusted.* xattrs work) and `dumpfile` writes what mkcomposefs
+must see in it, so the directory frontend can be checked against the dumpfile frontend.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cfsc.fsverity import digest_bytes, payload_path
+
+INLINE_MAX = 64
+KINDS = {"dir": stat.S_IFDIR, "reg": stat.S_IFREG, "symlink": stat.S_IFLNK, "fifo": stat.S_IFIFO,
+         "sock": stat.S_IFSOCK, "chr": stat.S_IFCHR, "blk": stat.S_IFBLK}
+
+
+@dataclass
+class Entry:
+    path: bytes  # relative to the tree root; b"" is the root
+    kind: str = "reg"
+    data: bytes = b""  # file content or symlink target
+    mode: int = 0o644  # permission bits (with setuid/setgid/sticky)
+    uid: int = 0
+    gid: int = 0
+    mtime: tuple[int, int] = (1_700_000_000, 0)
+    rdev: tuple[int, int] = (0, 0)
+    xattrs: dict[bytes, bytes] = field(default_factory=dict)
+    link: bytes | None = None  # another name of this entry's inode (a hard link)
+
+    @property
+    def st_mode(self) -> int:
+        return KINDS[self.kind] | (0o777 if self.kind == "symlink" else self.mode)  # Linux: always 0777
+
+    def is_device(self) -> bool:
+        return self.kind in ("chr", "blk")
+
+
+def order(entries: list[Entry]) -> list[Entry]:
+    """Depth-first, names in byte order: the order a dumpfile lists a tree in."""
+    return sorted(entries, key=lambda e: e.path.split(b"/") if e.path else [])
+
+
+def make(root: Path, entries: list[Entry]) -> None:
+    """Create the tree; metadata last, deepest first, so creating children does not touch it."""
+    root = Path(root)
+    root.mkdir(exist_ok=True)
+    by_path = {e.path: e for e in entries}
+    for e in sorted(order(entries), key=lambda e: e.link is not None):  # links once targets exist
+        p = os.path.join(os.fsencode(root), e.path) if e.path else os.fsencode(root)
+        if e.link is not None:
+            os.link(os.path.join(os.fsencode(root), e.link), p)
+        elif e.kind == "dir":
+            if e.path:
+                os.mkdir(p)
+        elif e.kind == "reg":
+            with open(p, "wb") as f:
+                f.write(e.data)
+        elif e.kind == "symlink":
+            os.symlink(e.data, p)
+        else:
+            os.mknod(p, e.st_mode, os.makedev(*e.rdev))
+    for e in reversed(order(entries)):
+        if e.link is not None:
+            continue
+        p = os.path.join(os.fsencode(root), e.path) if e.path else os.fsencode(root)
+        follow = e.kind != "symlink"
+        for key, value in e.xattrs.items():
+            os.setxattr(p, key, value, follow_symlinks=follow)
+        os.chown(p, e.uid, e.gid, follow_symlinks=follow)  # before chmod: chown drops setuid
+        if follow:
+            os.chmod(p, e.mode)
+        os.utime(p, ns=(0, e.mtime[0] * 1_000_000_000 + e.mtime[1]), follow_symlinks=follow)
+    assert all(e.link is None or e.link in by_path for e in entries)
+
+
+def escape(b: bytes) -> bytes:
+    """Dumpfile escaping: every byte that is not a printable non-space ASCII, plus `\\` and `=`."""
+    return b"".join(bytes((c,)) if 0x21 <= c <= 0x7E and c not in b"\\=" else b"\\x%02x" % c for c in b)
+
+
+def dumpfile(entries: list[Entry], *, hardlinks: bool = False, use_epoch: bool = False,
+             skip_devices: bool = False, skip_xattrs: bool = False, user_xattrs: bool = False) -> bytes:
+    """The dumpfile of the tree `make` builds, as `mkcomposefs DIR` with these options reads it."""
+    by_path = {e.path: e for e in entries}
+    names: dict[bytes, list[bytes]] = {}  # original path -> every name of that inode, in order
+    for e in order(entries):
+        names.setdefault(e.link if e.link is not None else e.path, []).append(e.path)
+    lines = []
+    for e in order(entries):
+        original = by_path[e.link] if e.link is not None else e
+        if skip_devices and original.is_device():
+            continue
+        group = names[e.link if e.link is not None else e.path]
+        path = b"/" + escape(e.path) if e.path else b"/"
+        if hardlinks and len(group) > 1 and e.path != group[0]:
+            lines.append(b"%s 0 @%o 0 0 0 0 0.0 /%s - -" % (path, original.st_mode, escape(group[0])))
+            continue
+        o = original
+        size = len(o.data) if o.kind in ("reg", "symlink") else 0
+        payload = content = digest = b"-"
+        if o.kind == "symlink":
+            payload = escape(o.data)
+        elif o.kind == "reg" and o.data:
+            d = digest_bytes(o.data)
+            payload = payload_path(d)
+            digest = d.hex().encode()
+            if len(o.data) <= INLINE_MAX:
+                content = escape(o.data)
+        nlink = len(group) if hardlinks else 1
+        rdev = os.makedev(*o.rdev) if o.is_device() else 0
+        sec, nsec = (0, 0) if use_epoch else o.mtime
+        xattrs = {} if skip_xattrs else o.xattrs
+        if user_xattrs:
+            xattrs = {k: v for k, v in xattrs.items() if k.startswith(b"user.")}
+        fields = [path, b"%d" % size, b"%o" % o.st_mode, b"%d" % nlink, b"%d" % o.uid, b"%d" % o.gid,
+                  b"%d" % rdev, b"%d.%d" % (sec, nsec), payload, content, digest]
+        fields += [escape(k) + b"=" + escape(v) for k, v in sorted(xattrs.items())]
+        lines.append(b" ".join(fields))
+    return b"".join(line + b"\n" for line in lines)
+
+
+def describe(tree) -> list[tuple]:
+    """Every entry of a tree with the fields both frontends must agree on (not nlink: the
+    dumpfile states it, the directory frontend leaves it to the hard-link pass)."""
+    out = []
+    for path, node, _parent, is_link in tree.walk():
+        out.append((path, is_link, oct(node.mode), node.uid, node.gid, node.rdev, node.mtime, node.mtime_nsec,
+                    node.size if not node.is_dir() else None, node.payload, node.content,
+                    node.digest.hex() if node.digest else None, node.xattrs))
+    return out

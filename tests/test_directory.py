@@ -1,0 +1,271 @@
+"""The directory frontend: real trees on disk against the dumpfile that describes them.
+
+Each test builds a tree with known content and metadata (`dirtrees`), compiles it with
+`cfsc compile DIR` and compiles the dumpfile written from the same spec: the two images must
+be byte-identical (the dumpfile frontend is itself byte-identical with mkcomposefs), and the
+two trees must agree entry by entry.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+
+import pytest
+from conftest import image_of
+from dirtrees import Entry, describe, dumpfile, make
+
+from cfsc.errors import InputError, UsageError
+from cfsc.frontends import directory, dumpfile as dumpfile_frontend
+from cfsc.options import Options
+from cfsc.store import Store
+
+
+def full_spec() -> list[Entry]:
+    rnd = random.Random(4)
+
+    def t(i: int) -> tuple[int, int]:
+        return (1_700_000_000 + i * 1000, 123_456_789 + i)
+
+    return [
+        Entry(b"", "dir", mode=0o755, mtime=t(0), xattrs={b"user.root": b"r", b"security.cfsc": b"root_t"}),
+        Entry(b"empty", data=b"", mtime=t(1)),
+        Entry(b"one", data=b"1", mtime=t(2)),
+        Entry(b"s63", data=b"a" * 63, mtime=t(3)),
+        Entry(b"s64", data=b"b" * 64, mtime=t(4)),
+        Entry(b"s65", data=b"c" * 65, mtime=t(5)),
+        Entry(b"dup65", data=b"c" * 65, mtime=t(6)),  # same content as s65: one store object
+        Entry(b"s4096", data=bytes(range(256)) * 16, mtime=t(7)),
+        Entry(b"big", data=rnd.randbytes(3 * 1024 * 1024 + 17), mtime=t(8), xattrs={b"trusted.big": b"1"}),
+        Entry(b"suid", data=b"#!/bin/sh\n", mode=0o4755, mtime=t(9)),
+        Entry(b"sgid", data=b"g" * 100, mode=0o2711, gid=50, mtime=t(10)),
+        Entry(b"noperm", data=b"secret", mode=0o000, mtime=t(11)),
+        Entry(b"owned", data=b"o" * 200, mode=0o640, uid=1000, gid=2000, mtime=t(12)),
+        Entry(b"old", data=b"before 1970", mtime=(-86_400, 999_999_999)),
+        Entry(b"xattrs", data=b"x" * 70, mtime=t(13), xattrs={
+            b"user.a": b"1", b"user.bin": b"\x00\xff= \n", b"trusted.overlay.foo": b"bar",
+            b"security.cfsc": b"label", b"trusted.empty": b""}),
+        Entry(b"sticky", "dir", mode=0o1777, mtime=t(14)),
+        Entry(b"a", "dir", mode=0o750, uid=7, gid=8, mtime=t(15)),
+        Entry(b"a/b", "dir", mode=0o700, mtime=t(16)),
+        Entry(b"a/b/c", "dir", mode=0o755, mtime=t(17), xattrs={b"trusted.overlay.opaque": b"y"}),
+        Entry(b"a/b/c/deep", data=b"deep", mtime=t(18)),
+        Entry(b"rel", "symlink", data=b"s63", mtime=t(19)),
+        Entry(b"abs", "symlink", data=b"/etc/passwd", mtime=t(20)),
+        Entry(b"dangling", "symlink", data=b"nowhere/x", mtime=t(21)),
+        Entry(b"a/up", "symlink", data=b"../big", mtime=t(22), xattrs={b"trusted.sym": b"v"}),
+        Entry(b"longlink", "symlink", data=b"t" * 1000, mtime=t(23)),
+        Entry(b"binlink", "symlink", data=b"\xff\xfe target", mtime=t(24)),
+        Entry(b"fifo", "fifo", mode=0o600, mtime=t(25)),
+        Entry(b"sock", "sock", mode=0o755, mtime=t(26)),
+        Entry(b"null", "chr", mode=0o666, rdev=(1, 3), mtime=t(27)),
+        Entry(b"disk", "blk", mode=0o660, gid=6, rdev=(8, 1), mtime=t(28)),
+        Entry(b"bigdev", "chr", mode=0o600, rdev=(511, 70000), mtime=t(29)),
+        Entry(b"wh", "chr", mode=0o000, rdev=(0, 0), mtime=t(30)),  # a whiteout
+        Entry(b"a/wh", "chr", mode=0o644, rdev=(0, 0), mtime=t(31)),
+        Entry(b"L" * 255, data=b"long name", mtime=t(32)),
+        Entry(b"caf\xe9", data=b"latin-1 name", mtime=t(33)),
+        Entry(b"sp ace\nnl\\", data=b"odd name", mtime=t(34)),
+        Entry(b"hl", data=b"h" * 80, mtime=t(35), xattrs={b"user.hl": b"1"}),
+        Entry(b"a/hl2", link=b"hl"),
+        Entry(b"a/b/0hl3", link=b"hl"),
+        Entry(b"sticky/hs", data=b"tiny", mtime=t(36)),
+        Entry(b"0hs", link=b"sticky/hs"),  # sorts before its original: it becomes the home
+    ]
+
+
+@pytest.fixture(scope="module")
+def full_tree(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dir") / "src"
+    spec = full_spec()
+    make(root, spec)
+    return root, spec
+
+
+OPTION_SETS = [
+    ([], {}),
+    (["--hardlinks"], {"hardlinks": True}),
+    (["--use-epoch"], {"use_epoch": True}),
+    (["--skip-devices"], {"skip_devices": True}),
+    (["--skip-xattrs"], {"skip_xattrs": True}),
+    (["--user-xattrs"], {"user_xattrs": True}),
+    (["--threads", "1", "--max-version", "0"], {}),
+]
+
+
+@pytest.mark.parametrize("args,flags", OPTION_SETS, ids=lambda v: " ".join(v) if isinstance(v, list) else "")
+def test_image_equals_the_dumpfiles(full_tree, tmp_path, cfsc, args, flags):
+    root, spec = full_tree
+    dump = dumpfile(spec, **flags)
+    out = tmp_path / "dir.cfs"
+    cfsc("compile", str(root), "-o", str(out), *args, check=True)
+    max_version = 0 if "--max-version" in args else 1
+    assert out.read_bytes() == image_of(dump, max_version=max_version)
+
+
+@pytest.mark.parametrize("flags", [f for _a, f in OPTION_SETS[:6]], ids=lambda f: ",".join(f) or "default")
+def test_tree_equals_the_dumpfiles_tree(full_tree, flags):
+    root, spec = full_tree
+    got = describe(directory.load(str(root), Options(**flags)))
+    want = describe(dumpfile_frontend.loads(dumpfile(spec, **flags), Options()))
+    assert got == want
+
+
+def test_mkcomposefs_dropin_takes_every_option(full_tree, tmp_path, cfsc):
+    root, spec = full_tree
+    out = tmp_path / "x.cfs"
+    store = tmp_path / "store"
+    p = cfsc("mkcomposefs", "--use-epoch", "--skip-devices", "--user-xattrs", "--threads=2",
+             f"--digest-store={store}", "--min-version=0", "--max-version=1", "--print-digest",
+             str(root), str(out), check=True)
+    dump = dumpfile(spec, use_epoch=True, skip_devices=True, user_xattrs=True)
+    assert out.read_bytes() == image_of(dump)
+    assert len(p.stdout.split()) == 1 and len(p.stdout.strip()) == 64
+    assert any(store.iterdir())
+    p = cfsc("mkcomposefs", "--skip-xattrs", "--print-digest-only", str(root), check=True)
+    assert len(p.stdout.strip()) == 64
+    p = cfsc("mkcomposefs", "--skip-xattrs", "--user-xattrs", str(root), str(out))
+    assert p.returncode == 2 and p.stderr.count(b"\n") == 1 and b"conflict" in p.stderr
+
+
+def test_symlinks_are_never_followed(tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret").write_bytes(b"not part of the tree")
+    make(tmp_path / "src", [Entry(b"", "dir"), Entry(b"out", "symlink", data=os.fsencode(outside)),
+                            Entry(b"d", "dir")])
+    tree = directory.load(str(tmp_path / "src"), Options())
+    node = tree.lookup(b"out")
+    assert node.mode & 0o170000 == 0o120000 and node.payload == os.fsencode(outside)
+    # The root itself may not be a symlink either (mkcomposefs: "Not a directory").
+    (tmp_path / "link").symlink_to(tmp_path / "src")
+    with pytest.raises(InputError, match="not a directory"):
+        directory.load(str(tmp_path / "link"), Options())
+
+
+def test_deeper_than_the_recursion_limit(tmp_path):
+    depth = 1200
+    fd = os.open(tmp_path, os.O_RDONLY)
+    for _ in range(depth):
+        os.mkdir("d", dir_fd=fd)
+        new = os.open("d", os.O_RDONLY, dir_fd=fd)
+        os.close(fd)
+        fd = new
+    os.close(fd)
+    try:
+        tree = directory.load(str(tmp_path), Options())
+        assert tree.lookup(b"/".join([b"d"] * depth)) is not None
+    finally:  # pytest's own clean-up (shutil.rmtree) recurses, and would fail on this tree
+        subprocess.run(["rm", "-rf", str(tmp_path / "d")], check=True)
+
+
+def test_bad_sources(tmp_path, cfsc):
+    (tmp_path / "file").write_bytes(b"x")
+    p = cfsc("compile", "--from", "dir", str(tmp_path / "file"), "-o", str(tmp_path / "o.cfs"))
+    assert p.returncode == 2 and b"not a directory" in p.stderr and p.stderr.count(b"\n") == 1
+    p = cfsc("compile", str(tmp_path / "missing"), "-o", str(tmp_path / "o.cfs"))
+    assert p.returncode == 2 and p.stderr.count(b"\n") == 1
+    with pytest.raises(UsageError):
+        directory.load(str(tmp_path), Options(skip_xattrs=True, user_xattrs=True))
+    assert sorted(os.listdir(tmp_path)) == ["file"]
+
+
+# -- a tree that changes while it is scanned: a located error, never a wrong image ----------
+
+
+@pytest.fixture
+def small_tree(tmp_path):
+    root = tmp_path / "src"
+    make(root, [Entry(b"", "dir"), Entry(b"d", "dir"), Entry(b"d/f", data=b"x" * 5000),
+                Entry(b"g", data=b"y" * 100), Entry(b"big", data=b"z" * (2 << 20))])
+    return root
+
+
+def _patch_listing(monkeypatch, listed_dir: str, action):
+    """Run `action` right after the scanner listed `listed_dir` (between readdir and stat)."""
+    real = os.scandir
+
+    def scandir(fd):
+        entries = list(real(fd))
+        if os.readlink(f"/proc/self/fd/{fd}").endswith(listed_dir):
+            action()
+        return iter(entries)
+
+    monkeypatch.setattr(directory.os, "scandir", scandir)
+
+
+def test_file_vanishing_after_readdir(small_tree, monkeypatch):
+    _patch_listing(monkeypatch, "/src/d", lambda: os.unlink(small_tree / "d" / "f"))
+    with pytest.raises(InputError, match="vanished during the scan") as e:
+        directory.load(str(small_tree), Options())
+    assert e.value.where == f"{small_tree}/d/f"
+
+
+def test_directory_swapped_for_a_symlink(small_tree, tmp_path, monkeypatch):
+    """Between lstat (a directory) and open: the open must not follow the new symlink."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "f").write_bytes(b"outside")
+    real = os.open
+
+    def swapping_open(path, flags, *args, dir_fd=None, **kw):
+        if path == b"d" and flags & os.O_DIRECTORY and not (small_tree / "d").is_symlink():
+            os.rename(small_tree / "d", tmp_path / "moved")
+            os.symlink(elsewhere, small_tree / "d")
+        return real(path, flags, *args, dir_fd=dir_fd, **kw)
+
+    monkeypatch.setattr(directory.os, "open", swapping_open)
+    with pytest.raises(InputError, match="replaced by a symlink") as e:
+        directory.load(str(small_tree), Options())
+    assert e.value.where == f"{small_tree}/d"
+
+
+@pytest.mark.parametrize("victim", ["g", "big"])
+def test_file_modified_before_it_is_read(small_tree, monkeypatch, victim):
+    real = directory._Scanner.read
+
+    def read(self, job):
+        if job.name == victim.encode():
+            with open(small_tree / victim, "ab") as f:
+                f.write(b"more")
+        return real(self, job)
+
+    monkeypatch.setattr(directory._Scanner, "read", read)
+    with pytest.raises(InputError, match="modified during the scan") as e:
+        directory.load(str(small_tree), Options())
+    assert e.value.where == f"{small_tree}/{victim}"
+
+
+def test_file_modified_while_it_is_read(small_tree, monkeypatch):
+    real = directory._Scanner.digest_large
+
+    def digest_large(self, fd, job):
+        digest = real(self, fd, job)
+        with open(small_tree / "big", "r+b") as f:
+            f.write(b"changed")
+        return digest
+
+    monkeypatch.setattr(directory._Scanner, "digest_large", digest_large)
+    with pytest.raises(InputError, match="modified during the scan"):
+        directory.load(str(small_tree), Options())
+
+
+def test_file_modified_between_hashing_and_copying(small_tree, tmp_path, monkeypatch):
+    """Same size, mtime put back: only the store's check of the copy can see it."""
+    real = Store.import_fd
+
+    def import_fd(self, fd, digest=None, where=""):
+        if where.endswith("/big"):
+            path = small_tree / "big"
+            st = os.stat(path)
+            with open(path, "r+b") as f:
+                f.write(b"Z")
+            os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+        return real(self, fd, digest, where)
+
+    monkeypatch.setattr(Store, "import_fd", import_fd)
+    store = tmp_path / "store"
+    with pytest.raises(InputError, match="changed while being copied into the store"):
+        directory.load(str(small_tree), Options(digest_store=str(store), threads=1))
+    assert [p.name for p in store.rglob("*")] == []  # nothing published, no temp file left
