@@ -7,6 +7,7 @@ import io
 import lzma
 import os
 import sys
+from collections.abc import Iterator
 from typing import BinaryIO
 
 from .errors import InputError
@@ -60,6 +61,26 @@ def read_all(source) -> bytes:
         raise InputError(f"cannot read: {e}", source_name(source)) from None
     except Exception as e:  # zstandard.ZstdError and friends
         raise InputError(f"cannot decompress: {e}", source_name(source)) from None
+    finally:
+        if stream is not sys.stdin.buffer and isinstance(source, (str, bytes, os.PathLike)):
+            stream.close()
+
+
+def chunks(source, size: int = 1 << 22) -> Iterator[bytes]:
+    """The (decompressed) input in chunks of about `size` bytes, with a located error on failure."""
+    stream = open_binary(source)
+    try:
+        reader = decompressing(stream)
+        while True:
+            try:
+                chunk = reader.read(size)
+            except (OSError, EOFError, lzma.LZMAError) as e:
+                raise InputError(f"cannot read: {e}", source_name(source)) from None
+            except Exception as e:  # zstandard.ZstdError and friends
+                raise InputError(f"cannot decompress: {e}", source_name(source)) from None
+            if not chunk:
+                return
+            yield chunk
     finally:
         if stream is not sys.stdin.buffer and isinstance(source, (str, bytes, os.PathLike)):
             stream.close()

@@ -17,12 +17,14 @@ tuple, since real trees repeat a few xattr sets many times.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from itertools import repeat
 
 from cfsc import limits
 from cfsc.errors import DumpfileError
 from cfsc.options import Options
-from cfsc.streams import read_all, source_name
+from cfsc.streams import chunks, source_name
+from cfsc.tree import NO_XATTRS as EMPTY
 from cfsc.tree import S_IFBLK, S_IFCHR, S_IFDIR, S_IFLNK, S_IFMT, S_IFREG, Inode, Tree
 
 FIELDS = ("PATH", "SIZE", "MODE", "NLINK", "UID", "GID", "RDEV", "MTIME", "PAYLOAD", "CONTENT", "DIGEST")
@@ -43,6 +45,7 @@ def sniff(head: bytes) -> bool:
 
 
 BATCH = 8192
+CACHE_LIMIT = 1 << 16
 MAX_EXTERNAL_SIZE = limits.MAX_EXTERNAL_SIZE
 
 
@@ -102,7 +105,11 @@ class _Parser:
         self.fixups: list[tuple[Inode, str, bytes | None, int]] = []  # (parent, name, target, line)
         self.placeholders: dict[int, Inode] = {}  # id(placeholder) → placeholder
         self.link_to: dict[int, Inode] = {}  # id(placeholder) → what it was linked to
+        # Raw xattr section -> its tuple, and (key, value) -> the one pair object: real trees
+        # repeat a few sets and labels many times.  Both are bounded (cleared when full) so a
+        # tree of unique xattrs does not pay for a huge cache.
         self.xattr_cache: dict[bytes, tuple] = {}
+        self.pairs: dict[tuple[bytes, bytes], tuple[bytes, bytes]] = {}
 
     def fail(self, line: int, field: str, what: str) -> DumpfileError:
         return DumpfileError(what, self.name, line, field)
@@ -148,31 +155,39 @@ class _Parser:
             node = child
         raise self.fail(line, "PATH", "parent is not a directory")
 
-    def parse(self, data: bytes) -> Tree:
-        lines = data.split(b"\n")
-        tail = lines.pop()  # text after the last newline
-        line_no = len(lines)
-        if b"\0" in data or not self.fast:
-            for n, line in enumerate(lines, 1):
-                self.parse_line(line, n)
-        else:
-            for start in range(0, len(lines), BATCH):
-                self.parse_batch(lines[start:start + BATCH], start + 1)
-        if tail:
+    def parse(self, chunks: Iterable[bytes]) -> Tree:
+        """Parse a dumpfile given as chunks of any size (so big inputs are never held whole)."""
+        carry = b""
+        line_no = 0
+        for chunk in chunks:
+            data = carry + chunk if carry else chunk
+            lines = data.split(b"\n")
+            carry = lines.pop()  # an unfinished line waits for the next chunk
+            if b"\0" in data or not self.fast:
+                for n, line in enumerate(lines, line_no + 1):
+                    self.parse_line(line, n)
+            else:
+                for start in range(0, len(lines), BATCH):
+                    self.parse_batch(lines[start:start + BATCH], line_no + start + 1)
+            line_no += len(lines)
+        if carry:
             if self.strict:
                 raise self.fail(line_no + 1, "", "missing trailing newline (strict mode)")
-            self.parse_line(tail, line_no + 1)
+            self.parse_line(carry, line_no + 1)
         if self.root is None:
             raise DumpfileError("no files in dump file: expected a root record `/ …`", self.name, 1)
         self.resolve_hardlinks()
         return Tree(self.root, self.name)
 
     def parse_batch(self, batch: list[bytes], first: int) -> None:
-        """Fast path for a run of lines: integer columns converted by C-level `map`.
+        """Fast path for a run of lines, column by column.
 
-        A line takes this path only when every field is plain (no escapes, no quirks) and it
-        is a regular file, directory or symlink that breaks no rule; anything else goes
-        through `parse_line`, which is the reference for semantics and error messages.
+        Each field is checked and converted for the whole batch at once (C-level `map`,
+        `join`, `translate`), so the per-line Python work is only the tree insertion.  A
+        line takes this path only when every field is plain (no escapes, no quirks) and it
+        is a regular file, directory or symlink that breaks no rule; any other line goes
+        through `parse_line`, the reference for semantics and error messages (a test
+        compares both paths on many inputs).
         """
         rows = [line.split(b" ", 11) for line in batch]
         n = len(rows)
@@ -182,8 +197,14 @@ class _Parser:
             return
         paths, sizes, modes, nlinks, uids, gids, rdevs, mtimes, payloads, contents, digests = list(zip(*rows, strict=False))[:11]
         slow = bytearray(n)
+
+        def mark(indices) -> None:
+            for i in indices:
+                slow[i] = 1
+
         sizes_, nlinks_, uids_, gids_ = (_decimal_column(c, slow) for c in (sizes, nlinks, uids, gids))
-        rdev_ok = not b"".join(rdevs).translate(None, b"0")
+        if b"".join(rdevs).translate(None, b"0") or min(map(len, rdevs)) == 0:
+            mark(i for i, r in enumerate(rdevs) if r != b"0")
         if b"".join(modes).translate(None, b"01234567") or min(map(len, modes)) == 0:
             modes_ = [int(m, 8) if m and not m.translate(None, b"01234567") else _mark(slow, i)
                       for i, m in enumerate(modes)]
@@ -198,83 +219,113 @@ class _Parser:
             secs = [0] * n
             nsecs = [0] * n
             for i, m in enumerate(mtimes):
-                a, dot, b = m.partition(b".")
+                a, _dot, b = m.partition(b".")
                 if a.isdigit() and b.isdigit() and len(a) < 19 and len(b) < 19:
                     secs[i] = int(a)
                     nsecs[i] = int(b)
                 else:
                     slow[i] = 1
+        if max(uids_) > U32 or max(gids_) > U32 or max(nlinks_) > U32 or max(nsecs) > U32:
+            uids_, gids_, nlinks_ = ([v & U32 for v in c] for c in (uids_, gids_, nlinks_))
+            nsecs = [v & U32 for v in nsecs]
 
-        dirs = self.dirs
+        # File types: only a handful of distinct modes occur, so classify those.
+        kinds = {m: m & S_IFMT for m in set(modes_)}
+        odd = {m for m, t in kinds.items() if t != S_IFREG and t != S_IFDIR and t != S_IFLNK}
+        if odd:
+            mark(i for i, m in enumerate(modes_) if m in odd)
+        dir_modes = {m for m, t in kinds.items() if t == S_IFDIR}
+        link_modes = {m for m, t in kinds.items() if t == S_IFLNK}
+        if b"\\" in b"".join(paths) or b"/" in paths:
+            mark(i for i, p in enumerate(paths) if b"\\" in p or p == b"/")
+        if contents.count(b"-") != n:  # inline content: escapes and size rules, rare
+            mark(i for i, c in enumerate(contents) if c != b"-")
+        if b"\\" in b"".join(payloads) or max(map(len, payloads)) >= limits.PATH_MAX:
+            mark(i for i, p in enumerate(payloads) if b"\\" in p or len(p) >= limits.PATH_MAX)
+        if max(sizes_) > MAX_EXTERNAL_SIZE:
+            mark(i for i, size in enumerate(sizes_) if size > MAX_EXTERNAL_SIZE)
+        payloads_ = [None if p == b"-" else p for p in payloads]
+        dashes = digests.count(b"-")
+        if dashes == n:
+            digests_: list = [None] * n
+        else:
+            # All digests of the batch decoded by one fromhex; sliced back by C-level map.
+            hexes = [d for d in digests if d != b"-"] if dashes else digests
+            try:
+                blob = bytes.fromhex(b"".join(hexes).decode("ascii"))
+            except ValueError:
+                blob = b""
+            if len(blob) == 32 * len(hexes) and max(map(len, hexes)) == min(map(len, hexes)) == 64:
+                size = len(blob)
+                decoded = list(map(blob.__getitem__, map(slice, range(0, size, 32), range(32, size + 32, 32))))
+                if dashes:
+                    it = iter(decoded)
+                    digests_ = [None if d == b"-" else next(it) for d in digests]
+                else:
+                    digests_ = decoded
+            else:
+                digests_ = [None] * n
+                for i, d in enumerate(digests):
+                    if d != b"-":
+                        if len(d) == 64 and not d.translate(None, b"0123456789abcdefABCDEF"):
+                            digests_[i] = bytes.fromhex(d.decode("ascii"))
+                        else:
+                            slow[i] = 1
+        if dir_modes or link_modes:
+            strict = self.strict
+            for i, m in enumerate(modes_):
+                if m in dir_modes:
+                    if payloads_[i] is not None or digests_[i] is not None:
+                        slow[i] = 1
+                elif m in link_modes:
+                    payload = payloads_[i]
+                    if (payload is None or digests_[i] is not None
+                            or (strict and sizes_[i] != len(payload))):
+                        slow[i] = 1
+                    else:
+                        sizes_[i] = len(payload)
         cache = self.xattr_cache
+        sections = [row[11] if len(row) == 12 else b"" for row in rows]
+        xattrs_ = list(map(cache.get, sections, repeat(None)))
+        if None in xattrs_:
+            for i, xattrs in enumerate(xattrs_):
+                if xattrs is None:
+                    section = sections[i]
+                    if not section:
+                        xattrs_[i] = EMPTY
+                    elif not slow[i]:
+                        xattrs_[i] = cache.get(section) or self.parse_xattrs(section, first + i)
+                        cache[section] = xattrs_[i]
+
+        nodes = list(map(Inode, modes_, uids_, gids_, secs, nsecs, sizes_, repeat(0), nlinks_,
+                         payloads_, repeat(None), digests_, xattrs_))
+        dirs = self.dirs
         parse_line = self.parse_line
-        strict = self.strict
-        for i in range(n):
-            path = paths[i]
-            mode = modes_[i]
-            ftype = mode & S_IFMT
-            if (slow[i] or path == b"/" or b"\\" in path or (not rdev_ok and rdevs[i] != b"0")
-                    or not (ftype == S_IFREG or ftype == S_IFDIR or ftype == S_IFLNK)):
+        last_head = None
+        children: dict = {}
+        key = b""
+        parent_ok = False
+        for i, path in enumerate(paths):
+            if slow[i]:
                 parse_line(batch[i], first + i)
+                last_head = None
                 continue
             head, _slash, name = path.rpartition(b"/")
-            key = head[1:] if head[:1] == b"/" else head
-            parent = dirs.get(key)
-            if (parent is None or not name or len(name) > 255 or name == b"." or name == b".."
-                    or b"//" in head or key[:1] == b"/" or name in parent.children):  # type: ignore[operator]
+            if head != last_head:
+                last_head = head
+                key = head[1:] if head[:1] == b"/" else head
+                parent = dirs.get(key)
+                parent_ok = parent is not None and b"//" not in head and key[:1] != b"/"
+                if parent_ok:
+                    children = parent.children  # type: ignore[union-attr,assignment]
+            if (not parent_ok or not name or len(name) > 255 or name == b"." or name == b".."
+                    or name in children):
                 parse_line(batch[i], first + i)
+                last_head = None
                 continue
-            size = sizes_[i]
-            payload = payloads[i]
-            content = contents[i]
-            digest = digests[i]
-            if ftype == S_IFREG:
-                if payload == b"-":
-                    payload = None
-                elif b"\\" in payload or len(payload) >= 4096:
-                    parse_line(batch[i], first + i)
-                    continue
-                if content == b"-":
-                    content = None
-                    if size > MAX_EXTERNAL_SIZE:
-                        parse_line(batch[i], first + i)
-                        continue
-                elif b"\\" in content or len(content) != size or size > 5000 or not content:
-                    parse_line(batch[i], first + i)
-                    continue
-                if digest == b"-":
-                    digest = None
-                else:
-                    try:
-                        digest = bytes.fromhex(digest.decode("ascii")) if len(digest) == 64 else b""
-                    except ValueError:
-                        digest = b""
-                    if len(digest) != 32:
-                        parse_line(batch[i], first + i)
-                        continue
-            elif payload == b"-" and content == b"-" and digest == b"-" and ftype == S_IFDIR:
-                payload = None
-                content = None
-                digest = None
-            elif (ftype == S_IFLNK and content == b"-" and digest == b"-" and payload != b"-"
-                  and b"\\" not in payload and 0 < len(payload) < 4096 and (size == len(payload) or not strict)):
-                size = len(payload)
-                content = None
-                digest = None
-            else:
-                parse_line(batch[i], first + i)
-                continue
-            row = rows[i]
-            xattrs = ()
-            if len(row) == 12 and row[11]:
-                section = row[11]
-                xattrs = cache.get(section)  # type: ignore[assignment]
-                if xattrs is None:
-                    xattrs = cache[section] = self.parse_xattrs(section, first + i)
-            node = Inode(mode, uids_[i] & U32, gids_[i] & U32, secs[i], nsecs[i] & U32, size, 0,
-                         nlinks_[i] & U32, payload, content, digest, xattrs)
-            parent.children[name] = node  # type: ignore[index]
-            if ftype == S_IFDIR:
+            node = nodes[i]
+            children[name] = node
+            if modes_[i] in dir_modes:
                 dirs[key + b"/" + name if key else name] = node
 
     def bad_integer(self, text: bytes, n: int, field: str, base: str = "a base-10") -> DumpfileError:
@@ -509,7 +560,12 @@ class _Parser:
                 raise self.fail(n, "XATTRS", f"xattrs exceed the per-inode budget of {limits.XATTR_ACCOUNTING_MAX} bytes at key {key.decode('utf-8', 'backslashreplace')!r}")
             budget += cost
             items[key] = value
-        return tuple(sorted(items.items()))
+        pairs = self.pairs
+        if len(pairs) > CACHE_LIMIT:
+            pairs.clear()
+        if len(self.xattr_cache) > CACHE_LIMIT:
+            self.xattr_cache.clear()
+        return tuple(pairs.setdefault(pair, pair) for pair in sorted(items.items()))
 
     def lookup_node(self, path: bytes) -> Inode | None:
         """Upstream's lookup_path: literal components, no following of hardlink entries."""
@@ -554,11 +610,9 @@ class _Parser:
 
 def load(source, options: Options | None = None) -> Tree:
     options = options or Options()
-    name = source_name(source)
-    data = read_all(source)
-    return _Parser(name, options.strict).parse(data)
+    return _Parser(source_name(source), options.strict).parse(chunks(source))
 
 
 def loads(data: bytes, options: Options | None = None, name: str = "<string>") -> Tree:
     options = options or Options()
-    return _Parser(name, options.strict).parse(data)
+    return _Parser(name, options.strict).parse([data])

@@ -52,6 +52,7 @@ def random_dump(seed: int, size: int = 60, lenient: bool = False) -> bytes:
     base_time = rng.choice([0, 1633950376, -5])
     lines: list[bytes] = []
     files: list[bytes] = []  # non-directory paths, for hardlinks
+    externals: list[tuple[bytes, bytes]] = []  # (payload, digest) of external files
 
     def mtime() -> bytes:
         if rng.random() < 0.7:
@@ -105,9 +106,13 @@ def random_dump(seed: int, size: int = 60, lenient: bool = False) -> bytes:
                 payload = b"-"
                 digest = b"-"
                 if content == b"-" and sz:
-                    h = bytes(rng.randint(0, 255) for _ in range(32)).hex().encode()
-                    payload = rng.choice([h[:2] + b"/" + h[2:], b"-", b"/abs/" + h[:8]])
-                    digest = rng.choice([h, b"-"])
+                    if externals and rng.random() < 0.3:  # same content as an earlier file
+                        payload, digest = rng.choice(externals)
+                    else:
+                        h = bytes(rng.randint(0, 255) for _ in range(32)).hex().encode()
+                        payload = rng.choice([h[:2] + b"/" + h[2:], b"-", b"/abs/" + h[:8]])
+                        digest = rng.choice([h, b"-"])
+                        externals.append((payload, digest))
                 nlink = rng.choice([1, 1, 2, 70000])
                 lines.append(b"%s %d %o %d %s 0 %s %s %s %s%s" % (escape(child), sz, 0o100000 | rng.choice([0o644, 0o755, 0o4755]), nlink, owner(), mtime(), escape(payload) if payload != b"-" else b"-", content, digest, xattrs()))
                 files.append(child)

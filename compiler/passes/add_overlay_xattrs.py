@@ -4,7 +4,7 @@ Follows libcomposefs 1.0.8 `rewrite_tree_for_erofs` (format note §4):
 
 1. every `trusted.overlay.X` the user has becomes `trusted.overlay.overlay.X`, which the kernel
    overlay shows back as `trusted.overlay.X` (`user.overlay.*` is left alone);
-2. an external regular file (size > 0, no inline content) gets `trusted.overlay.metacopy`
+2. an external regular file (size > 0, no inline content) carries `trusted.overlay.metacopy`
    (the fs-verity digest, or empty) and `trusted.overlay.redirect` = `/` + payload;
 3. a whiteout (character device 0:0) becomes an empty regular file marked with
    `trusted.overlay.overlay.whiteout` and `user.overlay.whiteout`; its directory gets the
@@ -12,10 +12,17 @@ Follows libcomposefs 1.0.8 `rewrite_tree_for_erofs` (format note §4):
 4. the root gets `trusted.overlay.opaque=y`, then 256 char-device whiteouts `00`…`ff` (unless
    a name is taken) that hide the store's fan-out directories from the mount.
 
+Step 2 is *implied*, not stored: the two xattrs are a pure function of the file's payload
+and digest (`implied_xattrs`), unique per file, and a million-file tree would otherwise hold
+two million extra tuples (~330 bytes a file) only for the writer to take them apart again.
+A lowered tree's on-disk xattrs of an inode are `image_xattrs(node)`; the sharing pass and
+the EROFS writer are the two consumers, and both go through these functions.
+
 libcomposefs budgets xattrs per inode while it sets them (§3.6) and starts that count from 0
 here, so setting a key the user already had can fail ("Numerical result out of range").  Only
 inodes this pass sets keys on can fail, and only whiteouts and their directories can collide,
-so the budget is tracked just for those.
+so the budget is tracked just for those (step 2 cannot fail: its keys are never the user's,
+whose `trusted.overlay.*` were escaped, and its values are small).
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ USER_WHITEOUTS = b"user.overlay.whiteouts"
 USER_OPAQUE = b"user.overlay.opaque"
 SELINUX = b"security.selinux"
 METACOPY_HEADER = bytes((0, 36, 0, 1))  # version 0, length 36, flags 0, SHA-256
+METACOPY_EMPTY = (METACOPY, b"")
 ROOT_WHITEOUT_MODE = S_IFCHR | 0o644
 ROOT_WHITEOUT_NAMES = tuple(f"{i:02x}".encode() for i in range(256))
 
@@ -67,6 +75,27 @@ class _Budget:
         node.xattrs = tuple(sorted(items.items()))
 
 
+def is_external(node: Inode) -> bool:
+    """A regular file whose data lives in the store (it gets metacopy and redirect)."""
+    return node.mode & S_IFMT == S_IFREG and node.size > 0 and node.content is None
+
+
+def implied_xattrs(node: Inode) -> tuple:
+    """metacopy and redirect of an external regular file (sorted), else ()."""
+    if not is_external(node):
+        return ()
+    digest = node.digest
+    metacopy = (METACOPY, METACOPY_HEADER + digest) if digest is not None else METACOPY_EMPTY
+    payload = node.payload
+    return (metacopy, (REDIRECT, b"/" + payload)) if payload else (metacopy,)
+
+
+def image_xattrs(node: Inode) -> tuple:
+    """All xattrs an inode of a lowered tree carries on disk, sorted by key."""
+    implied = implied_xattrs(node)
+    return tuple(sorted(node.xattrs + implied)) if implied else node.xattrs
+
+
 def _escaped(xattrs: tuple) -> tuple:
     return tuple(sorted(
         (ESCAPED + k[16:] if k.startswith(TRUSTED_OVERLAY) else k, v) for k, v in xattrs))
@@ -78,22 +107,19 @@ def add_overlay_xattrs(tree: Tree, options: Options) -> Tree:
     version = tree.version if tree.version is not None else options.min_version
     budget = _Budget(tree)
     # id(original tuple) -> (original, escaped); the original is kept so its id stays unique.
+    # Most tuples need no escaping and map to themselves.
     escaped_cache: dict[int, tuple[tuple, tuple]] = {}
-    metacopy_empty = (METACOPY, b"")
 
-    def escape(node: Inode) -> None:
-        xattrs = node.xattrs
-        if not xattrs:
-            return
+    def escaped(xattrs: tuple) -> tuple:
         hit = escaped_cache.get(id(xattrs))
         if hit is None:
             new = _escaped(xattrs) if any(k.startswith(TRUSTED_OVERLAY) for k, _ in xattrs) else xattrs
             escaped_cache[id(xattrs)] = (xattrs, new)
-        else:
-            new = hit[1]
-        node.xattrs = new
+            return new
+        return hit[1]
 
-    escape(tree.root)
+    root = tree.root
+    root.xattrs = escaped(root.xattrs)
     for parent in list(tree.directories()):
         children = parent.children
         assert children is not None
@@ -102,19 +128,12 @@ def add_overlay_xattrs(tree: Tree, options: Options) -> Tree:
         for name, node in children.items():
             if links is not None and name in links:
                 continue
-            escape(node)
-            mode = node.mode
-            ftype = mode & S_IFMT
-            if ftype == S_IFREG:
-                if node.size > 0 and node.content is None:
-                    digest = node.digest
-                    extra = [(METACOPY, METACOPY_HEADER + digest) if digest is not None else metacopy_empty]
-                    payload = node.payload
-                    if payload:
-                        extra.append((REDIRECT, b"/" + payload))
-                    xattrs = node.xattrs
-                    node.xattrs = tuple(sorted(xattrs + tuple(extra))) if xattrs else tuple(extra)
-            elif ftype == S_IFCHR and node.rdev == 0:
+            xattrs = node.xattrs
+            if xattrs:
+                new = escaped(xattrs)
+                if new is not xattrs:
+                    node.xattrs = new
+            if node.mode & S_IFMT == S_IFCHR and node.rdev == 0:
                 whiteouts.append(name)
         if whiteouts:
             whiteouts.sort()  # the budget depends on the order keys are set in
@@ -131,7 +150,6 @@ def add_overlay_xattrs(tree: Tree, options: Options) -> Tree:
                     budget.set(parent, ESCAPED_OPAQUE, b"x")
                     budget.set(parent, USER_OPAQUE, b"x")
 
-    root = tree.root
     budget.set(root, OPAQUE, b"y")
     selinux = root.get_xattr(SELINUX)
     whiteout_xattrs = ((SELINUX, selinux),) if selinux is not None else ()

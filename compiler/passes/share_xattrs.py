@@ -1,7 +1,8 @@
 """Choose the shared xattr table (format note §3.4).
 
-libcomposefs counts each exact (key, value) pair over all inodes; pairs on two or more inodes
-are written once in a shared area and referenced by id.  The area is sorted in *descending*
+libcomposefs counts each exact (key, value) pair over all inodes (after the overlay rewrite,
+so metacopy/redirect count too); pairs on two or more inodes are written once in a shared
+area and referenced by id.  The area is sorted in *descending*
 order of key, then value length, then value bytes — an artefact of its qsort comparator
 that the bytes depend on.
 """
@@ -12,12 +13,27 @@ from collections import Counter
 from itertools import chain
 
 from ..options import Options
-from ..tree import Tree
+from ..tree import S_IFMT, S_IFREG, Tree
+from .add_overlay_xattrs import METACOPY, METACOPY_EMPTY, METACOPY_HEADER, REDIRECT
 
 
 def share_xattrs(tree: Tree, options: Options) -> Tree:
     inodes = tree.inodes if tree.inodes is not None else list(tree.home_inodes())
     counts = Counter(chain.from_iterable(n.xattrs for n in inodes))
+    if tree.lowered:
+        # The implied metacopy/redirect pairs (see add_overlay_xattrs) repeat only when
+        # digests or payloads do: count those values, not millions of materialised pairs.
+        externals = [n for n in inodes if n.mode & S_IFMT == S_IFREG and n.size > 0 and n.content is None]
+        digests = [n.digest for n in externals]
+        if len(set(digests)) < len(digests):
+            for digest, times in Counter(digests).items():
+                if times > 1:
+                    counts[(METACOPY, METACOPY_HEADER + digest) if digest is not None else METACOPY_EMPTY] += times
+        payloads = [n.payload for n in externals if n.payload]
+        if len(set(payloads)) < len(payloads):
+            for payload, times in Counter(payloads).items():
+                if times > 1:
+                    counts[(REDIRECT, b"/" + payload)] += times
     shared = [pair for pair, count in counts.items() if count > 1]
     shared.sort(key=_order_key, reverse=True)
     tree.shared_xattrs = shared

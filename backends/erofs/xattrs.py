@@ -1,0 +1,212 @@
+"""Encoding an inode's xattrs: the inline body (header, shared ids, entries), as libcomposefs.
+
+Format note §3: each key maps to a prefix index and a stored name; the body is a 12-byte
+header with the name filter (a bloom filter of xxh32 bits) and the shared-reference count,
+then shared ids (while fewer than 128 are used), then the other entries, all in key order.
+
+Speed: real trees repeat a few xattr tuples (SELinux labels…), so a tuple's layout is worked
+out once (`_Layout`, cached by tuple identity).  An external file's implied metacopy and
+redirect (see `cfsc.passes.add_overlay_xattrs`) are unique per file; when they are not
+shared — nearly always — they are spliced into the cached layout of the file's own tuple
+instead of building a merged tuple per file.  Anything unusual takes the generic path over
+`image_xattrs(node)`, which is the reference.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from struct import Struct
+
+import xxhash
+
+from cfsc.passes.add_overlay_xattrs import METACOPY, METACOPY_HEADER, REDIRECT, image_xattrs
+from cfsc.tree import Inode
+
+from .layout import (
+    EROFS_XATTR_ENTRY, EROFS_XATTR_FILTER_SEED, EROFS_XATTR_IBODY_HEADER, EROFS_XATTR_LONG_PREFIX,
+    WRITER_PREFIXES,
+)
+
+ACL_KEYS = (b"system.posix_acl_access", b"system.posix_acl_default")
+_pack_entry = EROFS_XATTR_ENTRY.pack
+_pack_ibody = EROFS_XATTR_IBODY_HEADER.pack
+_U32S = [Struct(f"<{n}I") for n in range(EROFS_XATTR_LONG_PREFIX + 1)]
+PADS = (b"", b"\0\0\0", b"\0\0", b"\0")  # zeros to the next multiple of 4, by length % 4
+
+
+def key_info(key: bytes) -> tuple[int, bytes, int]:
+    """(prefix index, stored name, name-filter bit) of a key (the writer's prefix table)."""
+    index, name = 0, key
+    for prefix, i in WRITER_PREFIXES:
+        if key.startswith(prefix):
+            index, name = i, key[len(prefix):]
+            break
+    return index, name, 1 << (xxhash.xxh32_intdigest(name, EROFS_XATTR_FILTER_SEED + index) & 31)
+
+
+def entry(index: int, name: bytes, value: bytes) -> bytes:
+    """One xattr entry: header, name, value, zero padding to 4 bytes."""
+    return _pack_entry(len(name), index, len(value)) + name + value + PADS[(len(name) + len(value)) & 3]
+
+
+_META_INDEX, _META_NAME, _META_BIT = key_info(METACOPY)
+_REDIR_INDEX, _REDIR_NAME, _REDIR_BIT = key_info(REDIRECT)
+_META_PREFIX = _pack_entry(len(_META_NAME), _META_INDEX, 36) + _META_NAME + METACOPY_HEADER
+_META_EMPTY_ENTRY = entry(_META_INDEX, _META_NAME, b"")
+_REDIRECT_PREFIXES: dict[int, bytes] = {}  # payload length -> entry header + name + "/"
+
+
+class _Layout:
+    """A tuple's share of an inode body: refs and entries, plus where the implied ones go."""
+
+    __slots__ = ("size", "bits", "ids", "inline", "meta_at", "redirect_at", "ids_bytes", "heads")
+
+    def __init__(self, size: int, bits: int, ids: list[int], inline: list[bytes],
+                 meta_at: int, redirect_at: int) -> None:
+        self.size = size  # header + refs + entries
+        self.bits = bits  # name filter bits (not yet inverted)
+        self.ids = ids  # shared offsets / 4, relative to the shared area
+        self.inline = inline
+        self.meta_at = meta_at  # inline entries before metacopy's key
+        self.redirect_at = redirect_at  # … before redirect's key
+        self.ids_bytes = b""  # packed ids once the shared area's position is known
+        self.heads: tuple[bytes, bytes] | None = None  # body starts with metacopy / + redirect
+
+
+class XattrEncoder:
+    """Sizes (for the layout plan) and bodies (for emitting) of inode xattrs."""
+
+    def __init__(self, shared: list[tuple[bytes, bytes]]) -> None:
+        self.has_acl = False
+        self.keys: dict[bytes, tuple[int, bytes, int]] = {}
+        self.shared_ids: dict[tuple[bytes, bytes], int] = {}
+        offset = 0
+        for pair in shared:
+            self.shared_ids[pair] = offset >> 2
+            _index, name, _bit = self.key(pair[0])
+            offset += (7 + len(name) + len(pair[1])) & ~3
+        self.shared_size = offset
+        # Implied pairs that are shared (identical contents): rare; those files go generic.
+        self.shared_digests = {v[4:] for k, v in shared if k == METACOPY and len(v) == 36}
+        self.empty_metacopy_shared = (METACOPY, b"") in self.shared_ids
+        self.shared_payloads = {v[1:] for k, v in shared if k == REDIRECT}
+        self.layouts: dict[int, tuple[tuple, _Layout]] = {}
+        self.base = 0  # (inodes_end % block) / 4, set before bodies are built
+
+    def key(self, key: bytes) -> tuple[int, bytes, int]:
+        info = self.keys.get(key)
+        if info is None:
+            info = self.keys[key] = key_info(key)
+            if key in ACL_KEYS:
+                self.has_acl = True
+        return info
+
+    def layout(self, xattrs: tuple) -> _Layout:
+        hit = self.layouts.get(id(xattrs))
+        if hit is not None:
+            return hit[1]
+        bits = 0
+        ids: list[int] = []
+        inline: list[bytes] = []
+        keys = []
+        shared_ids = self.shared_ids
+        for pair in xattrs:
+            key, value = pair
+            index, name, bit = self.key(key)
+            bits |= bit
+            rel = shared_ids.get(pair)
+            if rel is not None and len(ids) < EROFS_XATTR_LONG_PREFIX:
+                ids.append(rel)
+            else:
+                inline.append(entry(index, name, value))
+                keys.append(key)
+        layout = _Layout(12 + 4 * len(ids) + sum(map(len, inline)), bits, ids, inline,
+                         bisect_left(keys, METACOPY), bisect_left(keys, REDIRECT))
+        self.layouts[id(xattrs)] = (xattrs, layout)  # the tuple is kept so its id stays unique
+        return layout
+
+    @property
+    def implied_never_shared(self) -> bool:
+        """True when no file's metacopy/redirect is shared: every external file splices."""
+        return not (self.shared_digests or self.empty_metacopy_shared or self.shared_payloads)
+
+    def external_size(self, node: Inode) -> int:
+        """`size(node, True)` when `implied_never_shared` (the hot path, no checks)."""
+        hit = self.layouts.get(id(node.xattrs))
+        size = (hit[1] if hit is not None else self.layout(node.xattrs)).size
+        size += 56 if node.digest is not None else 20
+        payload = node.payload
+        return size + ((24 + len(payload)) & ~3) if payload else size
+
+    def external_body(self, node: Inode) -> bytes:
+        """`body(node, True)` when `implied_never_shared` (the hot path, no checks)."""
+        hit = self.layouts.get(id(node.xattrs))
+        layout = hit[1] if hit is not None else self.layout(node.xattrs)
+        heads = layout.heads
+        if heads is None:
+            ids = self._ids_bytes(layout)
+            n_ids = len(layout.ids)
+            heads = layout.heads = (
+                _pack_ibody(~(layout.bits | _META_BIT) & 0xFFFFFFFF, n_ids) + ids,
+                _pack_ibody(~(layout.bits | _META_BIT | _REDIR_BIT) & 0xFFFFFFFF, n_ids) + ids)
+        digest = node.digest
+        meta = _META_PREFIX + digest if digest is not None else _META_EMPTY_ENTRY
+        payload = node.payload
+        inline = layout.inline
+        if payload:
+            prefix = _REDIRECT_PREFIXES.get(len(payload))
+            if prefix is None:
+                prefix = _REDIRECT_PREFIXES[len(payload)] = (
+                    _pack_entry(len(_REDIR_NAME), _REDIR_INDEX, len(payload) + 1) + _REDIR_NAME + b"/")
+            redirect = prefix + payload + PADS[(len(_REDIR_NAME) + 1 + len(payload)) & 3]
+            if not inline:
+                return heads[1] + meta + redirect
+            m, r = layout.meta_at, layout.redirect_at
+            return b"".join((heads[1], *inline[:m], meta, *inline[m:r], redirect, *inline[r:]))
+        if not inline:
+            return heads[0] + meta
+        m = layout.meta_at
+        return b"".join((heads[0], *inline[:m], meta, *inline[m:]))
+
+    def _spliced(self, node: Inode) -> bool:
+        """Can the implied pairs of this external file be spliced in as inline entries?"""
+        digest = node.digest
+        if digest is None:
+            if self.empty_metacopy_shared:
+                return False
+        elif digest in self.shared_digests:
+            return False
+        payload = node.payload
+        return not (payload and payload in self.shared_payloads)
+
+    def size(self, node: Inode, external: bool) -> int:
+        """Bytes of the inode's xattr body (0: none), `external` as `is_external(node)`."""
+        if not external:
+            return self.layout(node.xattrs).size if node.xattrs else 0
+        if not self._spliced(node):
+            return self.layout(image_xattrs(node)).size
+        return self.external_size(node)
+
+    def _ids_bytes(self, layout: _Layout) -> bytes:
+        if layout.ids and not layout.ids_bytes:
+            base = self.base
+            layout.ids_bytes = _U32S[len(layout.ids)].pack(*[base + r for r in layout.ids])
+        return layout.ids_bytes
+
+    def body(self, node: Inode, external: bool) -> bytes:
+        """The inode's xattr body (b"" if none); call after `base` is set."""
+        if not external or not self._spliced(node):
+            xattrs = image_xattrs(node) if external else node.xattrs
+            if not xattrs:
+                return b""
+            layout = self.layout(xattrs)
+            return b"".join((_pack_ibody(~layout.bits & 0xFFFFFFFF, len(layout.ids)),
+                             self._ids_bytes(layout), *layout.inline))
+        return self.external_body(node)
+
+    def shared_area(self, shared: list[tuple[bytes, bytes]]) -> bytes:
+        out = []
+        for key, value in shared:
+            index, name, _bit = self.key(key)
+            out.append(entry(index, name, value))
+        return b"".join(out)
