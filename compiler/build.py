@@ -6,6 +6,7 @@ import contextlib
 import gc
 from collections.abc import Iterator, Sequence
 
+from .errors import TreeError
 from .options import Options
 from .output import DigestingWriter, atomic_output
 from .tree import Tree
@@ -50,7 +51,14 @@ def compile_image(
 
     options = options or Options()
     with batch_allocation():
-        tree = run_passes(load(sources, options, fmt), options)
+        tree = load(sources, options, fmt)
+        try:
+            tree = run_passes(tree, options)
+        except TreeError as e:
+            where = tree.locate(e.raw_path) if tree.locate is not None else None
+            if where is None:
+                raise
+            raise TreeError(e.what, e.raw_path, where) from None
         with atomic_output(output) if output is not None else contextlib.nullcontext() as out:
             if want_digest:
                 sink = DigestingWriter(out)

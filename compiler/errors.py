@@ -66,11 +66,12 @@ class TreeError(InputError):
     """The tree violates a composefs limit; `where` is the path in the tree."""
 
     def __init__(self, what: str, path: bytes | str, source: str = "") -> None:
-        if isinstance(path, bytes):
-            path = path.decode("utf-8", "backslashreplace")
-        where = f"{source}:{path}" if source else path
+        raw = path if isinstance(path, bytes) else path.encode("utf-8", "surrogateescape")
+        text = raw.decode("utf-8", "backslashreplace")
+        where = f"{source}:{text}" if source else text
         super().__init__(what, where)
-        self.path = path
+        self.path = text
+        self.raw_path = raw
 
 
 class ImageError(InputError, OSError):

@@ -18,7 +18,7 @@ labels) so a million inodes share a few hundred tuples.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 S_IFMT = 0o170000
 S_IFSOCK = 0o140000
@@ -162,9 +162,11 @@ class Tree:
     (whiteouts as xattr-marked regular files, escaped `trusted.overlay.*`, root whiteouts).
     inodes: home inodes in breadth-first order (set by the ordering pass); `inodes[i].ino == i`.
     shared_xattrs: the shared xattr table, in on-disk order (set by the sharing pass).
+    locate: optional, from the frontend: maps a tree path to an input position, so errors
+    found by passes can name the dumpfile line (or tar member …) the user has to fix.
     """
 
-    __slots__ = ("inodes", "lowered", "root", "shared_xattrs", "source", "version")
+    __slots__ = ("inodes", "locate", "lowered", "root", "shared_xattrs", "source", "version")
 
     def __init__(self, root: Inode, source: str = "") -> None:
         if not root.is_dir():
@@ -175,6 +177,8 @@ class Tree:
         self.inodes: list[Inode] | None = None
         self.shared_xattrs: list[tuple[bytes, bytes]] | None = None
         self.source = source
+        # Set by frontends that can point back into their input: path -> "file:line" or None.
+        self.locate: Callable[[bytes], str | None] | None = None
 
     def walk(self) -> Iterator[tuple[bytes, Inode, Inode | None, bool]]:
         """Depth-first pre-order over every entry, children in name order.

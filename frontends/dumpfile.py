@@ -610,7 +610,31 @@ class _Parser:
 
 def load(source, options: Options | None = None) -> Tree:
     options = options or Options()
-    return _Parser(source_name(source), options.strict).parse(chunks(source))
+    tree = _Parser(source_name(source), options.strict).parse(chunks(source))
+    if source != "-":
+        tree.locate = lambda path: locate(source, path)
+    return tree
+
+
+def locate(source, path: bytes) -> str | None:
+    """`file:line` of the record that defines `path` (a second read: only for error messages)."""
+    want = [p for p in path.split(b"/") if p]
+    n = 0
+    carry = b""
+    for chunk in chunks(source):
+        lines = (carry + chunk).split(b"\n")
+        carry = lines.pop()
+        for line in lines:
+            n += 1
+            field = line.split(b" ", 1)[0]
+            if b"\\" in field:
+                try:
+                    field = _ESCAPE.sub(_escape_repl, field).split(b"\0", 1)[0]
+                except _BadEscape:
+                    continue
+            if [p for p in field.split(b"/") if p] == want:
+                return f"{source_name(source)}:{n}"
+    return None
 
 
 def loads(data: bytes, options: Options | None = None, name: str = "<string>") -> Tree:

@@ -41,3 +41,13 @@ def test_writer_xattr_accounting_failure_is_reported_with_the_path():
     assert "/w" in str(info.value) and "accounting" in str(info.value)
     # The same value on a node the writer does not touch is fine.
     image_of(dump.replace(b"20644", b"100644"))
+
+
+def test_pass_errors_name_the_dumpfile_line(cfsc, tmp_path):
+    src = tmp_path / "w.dump"
+    src.write_bytes(b"/ 0 40755 2 0 0 0 0.0 - - -\n/a 0 100644 1 0 0 0 0.0 - - -\n"
+                    b"/w 0 20644 1 0 0 0 0.0 - - - user.overlay.whiteout=" + b"x" * 60 + b" user.other=1\n")
+    p = cfsc("compile", str(src), "-o", str(tmp_path / "w.cfs"))
+    assert p.returncode == 2
+    assert f"{src}:3:/w: " in p.stderr.decode()
+    assert not (tmp_path / "w.cfs").exists()
