@@ -26,8 +26,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+from compile_bench import timed  # wall time and peak RSS of one child (bench/ is on sys.path)
 
 CASES = ("nostore", "cold", "warm")
 
@@ -40,18 +41,6 @@ def create_tree(path: Path) -> None:
     subprocess.run(["debootstrap", "--variant=minbase", "bookworm", str(tmp), "http://deb.debian.org/debian"],
                    check=True)
     tmp.rename(path)
-
-
-def timed(cmd: list[str]) -> tuple[float, int]:
-    """Wall seconds and peak RSS (KiB) of one child process."""
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _pid, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - start
-    if status != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed: {proc.stderr.read().decode()}")  # type: ignore[union-attr]
-    proc.stderr.close()  # type: ignore[union-attr]
-    return wall, usage.ru_maxrss
 
 
 def command(tool: str, exe: str, tree: str, image: str, store: str | None, threads: int | None) -> list[str]:

@@ -132,15 +132,25 @@ def digest_bytes(data: bytes | bytearray | memoryview) -> bytes:
 
 def digest_fd(fd: int) -> bytes:
     """Digest of everything readable from `fd` from its current position (pipes work too)."""
+    return hash_fd(fd)[0]
+
+
+def hash_fd(fd: int, offset: int | None = None, out: int | None = None) -> tuple[bytes, int]:
+    """Digest and length of what `fd` holds from `offset` (None: its current position) to
+    its end; with `out`, every byte read is also written there (a copy hashed on the way)."""
     h = FsVerityHasher()
     buf = bytearray(_READ_CHUNK)
     mv = memoryview(buf)
+    total = 0
     while True:
-        n = os.readv(fd, [buf])
+        n = os.readv(fd, [buf]) if offset is None else os.preadv(fd, [buf], offset + total)
         if n == 0:
-            break
-        h.update(mv[:n])
-    return h.digest()
+            return h.digest(), total
+        chunk = mv[:n]
+        h.update(chunk)
+        total += n
+        while out is not None and chunk:
+            chunk = chunk[os.write(out, chunk):]
 
 
 def digest_file(path: str | bytes | os.PathLike) -> bytes:

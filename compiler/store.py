@@ -39,7 +39,7 @@ import threading
 from collections.abc import Iterable
 
 from .errors import InputError, OutputError
-from .fsverity import FsVerityHasher, payload_path
+from .fsverity import FsVerityHasher, hash_fd, payload_path
 
 FICLONE = 0x40049409  # _IOW(0x94, 9, int)
 FS_IOC_ENABLE_VERITY = 0x40806685  # _IOW('f', 133, struct fsverity_enable_arg)
@@ -235,7 +235,7 @@ class Store:
             if self.reflink:
                 try:
                     fcntl.ioctl(out, FICLONE, src)
-                    return _digest_of(out)
+                    return hash_fd(out, 0)
                 except OSError as e:
                     if e.errno not in _UNSUPPORTED:
                         raise
@@ -243,7 +243,7 @@ class Store:
             if self.copy_range:
                 copied = _copy_range(src, out)
                 if copied:
-                    return _digest_of(out)
+                    return hash_fd(out, 0)
                 if copied is None:
                     self.copy_range = False
             return _copy_plain(src, out)
@@ -381,19 +381,6 @@ def _write_all(fd: int, data, where: str) -> None:
         raise OutputError(f"cannot write a store object: {e.strerror}", where) from None
 
 
-def _digest_of(fd: int) -> tuple[bytes, int]:
-    hasher = FsVerityHasher()
-    buf = bytearray(_CHUNK)
-    view = memoryview(buf)
-    offset = 0
-    while True:
-        n = os.preadv(fd, [buf], offset)
-        if not n:
-            return hasher.digest(), offset
-        hasher.update(view[:n])
-        offset += n
-
-
 def _copy_range(src: int, out: int) -> bool | None:
     """copy_file_range the whole of `src`.  False: not for this file (copy it another way);
     None: not on this file system or kernel at all."""
@@ -416,18 +403,6 @@ def _copy_range(src: int, out: int) -> bool | None:
 
 
 def _copy_plain(src: int, out: int) -> tuple[bytes, int]:
-    hasher = FsVerityHasher()
-    buf = bytearray(_CHUNK)
-    view = memoryview(buf)
     os.ftruncate(out, 0)
     os.lseek(out, 0, os.SEEK_SET)
-    offset = 0
-    while True:
-        n = os.preadv(src, [buf], offset)
-        if not n:
-            return hasher.digest(), offset
-        hasher.update(view[:n])
-        chunk = view[:n]
-        while chunk:
-            chunk = chunk[os.write(out, chunk):]
-        offset += n
+    return hash_fd(src, 0, out)

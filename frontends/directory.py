@@ -27,11 +27,10 @@ from __future__ import annotations
 import collections
 import errno
 import os
-import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from cfsc.errors import InputError, UsageError
-from cfsc.fsverity import FsVerityHasher, digest_bytes, payload_path
+from cfsc.fsverity import digest_bytes, hash_fd, payload_path
 from cfsc.options import Options
 from cfsc.progress import Progress, mib
 from cfsc.store import Store
@@ -44,7 +43,6 @@ O_FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 U32 = 0xFFFFFFFF
 NS = 1_000_000_000
 SMALL_READ = 1 << 20  # files up to this size are read with one call
-CHUNK = 1 << 20
 BATCH_FILES = 64  # files per pool task: amortises the executor's per-task cost
 BATCH_BYTES = 16 << 20
 MAX_OPEN_DIRS = 256  # wait for reads to finish before holding more directories open
@@ -91,7 +89,6 @@ class _Scanner:
         self.inflight: collections.deque[tuple[Future, list[_File]]] = collections.deque()
         self.open_dirs: set[_Dir] = set()
         self.failed = False
-        self.local = threading.local()
         self.progress = Progress(options.progress)
         self.entries = self.files = self.files_done = 0
         self.bytes = self.bytes_done = 0
@@ -380,24 +377,10 @@ class _Scanner:
         return b"".join(parts)
 
     def digest_large(self, fd: int, job: _File) -> bytes:
-        buf = getattr(self.local, "buf", None)
-        if buf is None:
-            buf = self.local.buf = bytearray(CHUNK)
-        view = memoryview(buf)
-        hasher = FsVerityHasher()
-        total = 0
-        while True:
-            n = os.readv(fd, [buf])
-            if not n:
-                break
-            total += n
-            if total > job.size:
-                raise self.changed(job.path, "modified (it grew)")
-            hasher.update(view[:n])
-        if total != job.size:
-            raise self.changed(job.path, "modified (it shrank)")
-        return hasher.digest()
-
+        digest, size = hash_fd(fd)
+        if size != job.size:
+            raise self.changed(job.path, "modified (its size changed)")
+        return digest
 
 def load(source, options: Options | None = None) -> Tree:
     options = options or Options()
