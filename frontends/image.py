@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from collections import deque
 
-from cfsc.backends.erofs.entries import Entries, Entry
+from cfsc.backends.erofs.entries import Entries, Entry, walk
 from cfsc.backends.erofs.layout import COMPOSEFS_MAGIC
 from cfsc.backends.erofs.reader import Image, RawInode
 from cfsc.options import Options
@@ -43,16 +43,22 @@ def load(source, options: Options | None = None) -> Tree:
     return read_tree(Image.open(source))
 
 
-def read_tree(image: Image, names: frozenset[bytes] | None = None) -> Tree:
-    """The tree of an image; `names` keeps only those children of the root (`--filter`)."""
-    builder = _Builder(image)
-    return builder.build(names)
+def read_tree(image: Image, names: frozenset[bytes] | None = None, upstream: bool = False) -> Tree:
+    """The tree of an image; `names` keeps only those children of the root (`--filter`).
+
+    `upstream=True` reads it as libcomposefs 1.0.8 does (what `composefs-dump` re-encodes):
+    the first name depth-first is each inode's home, and devices keep size 0, so the
+    re-encoded image may differ from the original where those choices mattered.
+    """
+    builder = _Builder(image, faithful=not upstream)
+    return builder.build(names) if not upstream else builder.build_depth_first(names)
 
 
 class _Builder:
-    def __init__(self, image: Image) -> None:
+    def __init__(self, image: Image, faithful: bool = True) -> None:
         self.image = image
         self.entries = Entries(image)
+        self.faithful = faithful
 
     def node(self, e: Entry) -> Inode:
         raw = e.raw
@@ -66,7 +72,7 @@ class _Builder:
             payload, content, digest = e.payload, e.content, e.digest
         elif ftype == S_IFLNK:
             payload = e.payload
-        elif (ftype != S_IFDIR and ftype == raw.mode & S_IFMT and raw.extended
+        elif (self.faithful and ftype != S_IFDIR and ftype == raw.mode & S_IFMT and raw.extended
               and not _needs_extended(raw, self.image)):
             size = 1 << 32
         return Inode(e.mode, e.uid, e.gid, e.mtime, e.mtime_nsec, size, e.rdev, e.nlink,
@@ -142,6 +148,30 @@ class _Builder:
         if dir_links:
             _check_acyclic(tree, image, dir_nids)
         return tree
+
+
+    def build_depth_first(self, names: frozenset[bytes] | None) -> Tree:
+        """Homes at first depth-first occurrences (libcomposefs' reader)."""
+        dirs: dict[bytes, Inode] = {}
+        nodes: dict[bytes, Inode] = {}  # first path -> inode, for the targets of links
+        root = None
+        for path, e, first in walk(self.image, names, self.entries):
+            if root is None:
+                root = dirs[b"/"] = self.node(e)
+                continue
+            head, _slash, name = path.rpartition(b"/")
+            parent = dirs[head or b"/"]
+            if first is not None:
+                parent.add_child(name, nodes[first] if first in nodes else dirs[first], link=True)
+                continue
+            node = self.node(e)
+            parent.add_child(name, node)
+            if node.children is not None:
+                dirs[path] = node
+            else:
+                nodes[path] = node
+        assert root is not None
+        return Tree(root, self.image.name)
 
 
 def _needs_extended(raw: RawInode, image: Image) -> bool:

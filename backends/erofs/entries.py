@@ -28,7 +28,7 @@ from collections.abc import Iterator
 from cfsc.tree import S_IFBLK, S_IFCHR, S_IFDIR, S_IFLNK, S_IFMT, S_IFREG
 
 from .layout import EROFS_INODE_CHUNK_BASED
-from .reader import Image, RawInode
+from .reader import Image, RawInode, ReadBudget
 
 TRUSTED_OVERLAY = b"trusted.overlay."
 ESCAPED = b"trusted.overlay.overlay."
@@ -68,6 +68,7 @@ class Entries:
 
     def __init__(self, image: Image) -> None:
         self.image = image
+        self.budget = ReadBudget(image)
         self._cache: dict[tuple[bytes, bool], tuple[tuple, bytes | None, bytes | None, bool]] = {}
         self._cached: set[int] = set()  # ids of the cached tuples (alive as long as the cache)
         self._sorted: dict[int, tuple] = {}  # id(cached reader-order tuple) -> sorted tuple
@@ -75,13 +76,19 @@ class Entries:
     def get(self, nid: int) -> Entry | None:
         return self.of(self.image.inode(nid))
 
-    def of(self, raw: RawInode) -> Entry | None:
-        """The entry for a raw inode, or None for a whiteout the image hides (char 0:0)."""
+    def of(self, raw: RawInode, again: bool = False) -> Entry | None:
+        """The entry for a raw inode, or None for a whiteout the image hides (char 0:0).
+
+        Reads are charged to `budget` unless `again` (a walker reading an inode a second
+        time, which it does at most once per inode).
+        """
         mode = raw.mode
         ftype = mode & S_IFMT
+        image = self.image
+        if not again:
+            self.budget.charge(image.footprint(raw), raw.offset, f"inode nid {raw.nid}")
         if ftype == S_IFCHR and raw.blkaddr == 0:
             return None
-        image = self.image
         e = Entry()
         e.nid = raw.nid
         e.ino = raw.ino
@@ -150,7 +157,7 @@ class Entries:
 def _interpret(items: list, regular: bool) -> tuple[tuple, bytes | None, bytes | None, bool]:
     """(user xattrs in reader order, redirect payload, metacopy digest, became a whiteout)."""
     xattrs: list[tuple[bytes, bytes]] = []
-    keys: set[bytes] = set()
+    where: dict[bytes, int] = {}  # key -> index in xattrs
     payload = digest = None
     whiteout = False
     for key, value in items:
@@ -175,11 +182,13 @@ def _interpret(items: list, regular: bool) -> tuple[tuple, bytes | None, bytes |
             key = TRUSTED_OVERLAY + key[24:]
         elif key in DROPPED:
             continue
-        if key in keys:  # never in writer output; upstream moves the last pair into the slot
-            i = next(i for i, kv in enumerate(xattrs) if kv[0] == key)
-            xattrs[i] = xattrs[-1]
-            xattrs.pop()
-        keys.add(key)
+        i = where.get(key)
+        if i is not None:  # never in writer output; upstream moves the last pair into the slot
+            last = xattrs.pop()
+            if i < len(xattrs):
+                xattrs[i] = last
+                where[last[0]] = i
+        where[key] = len(xattrs)
         xattrs.append((key, value))
     return tuple(xattrs), payload, digest, whiteout
 
@@ -234,6 +243,7 @@ def walk(image: Image, names: frozenset[bytes] | None = None, entries: Entries |
         return
     seen: dict[int, bytes | None] = {first.nid: top}  # nid -> first path (None: hidden)
     active = {first.nid}  # directories being walked: a link to one of them is a cycle
+    linked: dict[int, Entry] = {}  # nid -> entry, for inodes reached more than once
     stack = [(top.rstrip(b"/"), first.nid, iter(image.dirents(first.raw)))]
     while stack:
         prefix, dir_nid, it = stack[-1]
@@ -249,8 +259,9 @@ def walk(image: Image, names: frozenset[bytes] | None = None, entries: Entries |
                     raise image.error(image.inode_offset(dir_nid),
                                       f"directory nid {dir_nid}: entry {name!r} points back to nid {nid}, "
                                       "which contains it (a directory cycle)")
-                e = entries.get(nid)
-                assert e is not None
+                e = linked.get(nid)
+                if e is None:  # read again only once: a hostile image may link it a million times
+                    e = linked[nid] = entries.of(image.inode(nid), again=True)  # type: ignore[assignment]
                 yield path, e, first_path
                 continue
             raw = image.inode(nid)

@@ -174,6 +174,7 @@ class Image:
         if end < EROFS_SUPER_OFFSET + EROFS_SUPER_BLOCK.size:
             raise self.error(at + 36, f"EROFS superblock: {sb.blocks} blocks is too few to hold the superblock")
         self.end = end
+        self._shared_budget = end
         self.meta_base = sb.meta_blkaddr * BLK
         self.xattr_base = sb.xattr_blkaddr * BLK
         if self.meta_base >= end:
@@ -290,6 +291,19 @@ class Image:
         return target
 
     # -- directories ----------------------------------------------------------------------
+
+    def footprint(self, ino: RawInode) -> int:
+        """Bytes an inode's own data occupies: the inode, its xattrs and inline tail, plus
+        the blocks of a directory, symlink or inline file (for `ReadBudget`)."""
+        size = (64 if ino.extended else 32) + ino.xattr_size + ino.tail_size
+        ftype = ino.mode & S_IFMT
+        if ino.layout != EROFS_INODE_CHUNK_BASED:
+            in_blocks = max(ino.size - ino.tail_size, 0)
+            if ftype == S_IFDIR:
+                size += in_blocks
+            elif ftype == S_IFREG and ino.size <= INLINE_CONTENT_MAX or ftype == S_IFLNK and ino.size <= SYMLINK_MAX:
+                size += in_blocks  # (larger ones are refused unread)
+        return size
 
     def dirents(self, ino: RawInode) -> list[tuple[bytes, int, int]]:
         """A directory's entries in on-disk (sorted) order, without `.` and `..`."""
@@ -415,6 +429,11 @@ class Image:
         self._need(off, 4, where)
         name_len, index, value_len = _unpack_entry(self.data, off)
         self._need(off, 4 + name_len + value_len, where)
+        # Entries are parsed once each; overlapping ones (hostile) must not add up to more
+        # than the image holds, or thousands of ids into one 64 KiB value would each copy it.
+        self._shared_budget -= 4 + name_len + value_len
+        if self._shared_budget < 0:
+            raise self.error(off, f"{where}: shared xattr entries overlap (they add up to more than the image)")
         data = self.data
         hit = self._shared[ref] = self._key_value(
             off, where, index, bytes(data[off + 4:off + 4 + name_len]),
@@ -444,6 +463,28 @@ class Image:
         self._need(off, 4, f"shared xattr {ref}")
         name_len, _index, value_len = _unpack_entry(self.data, off)
         return (4 + name_len + value_len + 3) & ~3
+
+
+class ReadBudget:
+    """Bytes one walk over an image may parse.
+
+    In a well-formed image no two inodes, directories or data blocks overlap, so a walk
+    reads each byte at most once.  A hostile image can point thousands of inodes (or
+    directories) at one large region; charging every read against the image size keeps a
+    walk linear in the image, whatever the image says.
+    """
+
+    __slots__ = ("image", "left")
+
+    def __init__(self, image: Image) -> None:
+        self.image = image
+        self.left = image.end
+
+    def charge(self, nbytes: int, offset: int, what: str) -> None:
+        self.left -= nbytes
+        if self.left < 0:
+            raise self.image.error(offset, f"{what}: overlaps other structures (a walk would read more "
+                                           f"than the image's {self.image.end} bytes)")
 
 
 def _type_name(mode: int) -> str:

@@ -176,8 +176,16 @@ def _measure_files(paths: list[str], where: str) -> None:
 @command("composefs-dump", context_settings={"ignore_unknown_options": True,
                                              "allow_extra_args": True, "help_option_names": []})
 def composefs_dump_cmd(ctx: typer.Context) -> None:
-    """Drop-in for upstream `composefs-dump SRC DEST`: re-encode an image at its own format version."""
+    """Drop-in for upstream `composefs-dump SRC DEST`: re-encode an image at its own format version.
+
+    Like upstream, the first name depth-first becomes each inode's home, so an image whose
+    hard links were homed elsewhere comes out reordered (`cfsc compile IMAGE` keeps them).
+    """
     from ..backends.erofs.reader import Image
+    from ..backends.erofs.writer import write_image
+    from ..frontends.image import read_tree
+    from ..output import atomic_output
+    from ..pipeline import run_passes
 
     where = "composefs-dump"
     args = list(ctx.args)
@@ -185,5 +193,9 @@ def composefs_dump_cmd(ctx: typer.Context) -> None:
         raise UsageError("no source path specified", where)
     if len(args) < 2:
         raise UsageError("no destination path specified", where)
-    version = Image.open(args[0]).version
-    build.compile_image([args[0]], args[1], Options(min_version=version, max_version=version), "image")
+    image = Image.open(args[0])
+    with build.batch_allocation():
+        tree = read_tree(image, upstream=True)
+    options = Options(min_version=image.version, max_version=image.version)
+    with build.batch_allocation(), atomic_output(args[1]) as out:
+        write_image(run_passes(tree, options), out)
