@@ -90,6 +90,15 @@ class LookupFailed(CfscError, OSError):
         self.errno = code
 
 
+class IntegrityError(CfscError, OSError):
+    """Data does not match the digest the image records, or cannot be checked (EIO at the
+    FUSE edge)."""
+
+    def __init__(self, what: str, where: str = "") -> None:
+        CfscError.__init__(self, what, where)
+        self.errno = _errno.EIO
+
+
 class OutputError(CfscError):
     """Writing an output (image, store object) failed; nothing partial was left behind."""
 
