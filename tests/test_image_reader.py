@@ -31,7 +31,7 @@ from cfsc.tree import S_IFBLK, S_IFCHR, S_IFDIR, S_IFLNK, S_IFMT, S_IFREG, Inode
 IMAGES = sorted((CONFORMANCE / "upstream-images").iterdir())
 DUMPS = sorted((CONFORMANCE / "upstream-dumps").iterdir())
 GOOD = [c for c in cases() if c.get("expect") != "error"]
-SETTINGS = settings(max_examples=120, deadline=None,
+SETTINGS = settings(max_examples=60, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 

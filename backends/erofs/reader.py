@@ -139,13 +139,13 @@ class Image:
     def _read_super(self) -> None:
         data = self.data
         size = len(data)
+        if size >= 4 and int.from_bytes(data[:4], "little") != COMPOSEFS_MAGIC:
+            raise self.error(0, f"composefs header: magic 0x{int.from_bytes(data[:4], 'little'):08x}, expected "
+                                f"0x{COMPOSEFS_MAGIC:08x} (not a composefs image)")
         if size < EROFS_SUPER_OFFSET + EROFS_SUPER_BLOCK.size:
             raise self.error(size, f"image of {size} bytes is truncated: the composefs header and "
                                    f"superblock need {EROFS_SUPER_OFFSET + EROFS_SUPER_BLOCK.size}")
         header = COMPOSEFS_HEADER.read(data)
-        if header.magic != COMPOSEFS_MAGIC:
-            raise self.error(0, f"composefs header: magic 0x{header.magic:08x}, expected "
-                                f"0x{COMPOSEFS_MAGIC:08x} (not a composefs image)")
         if header.version != COMPOSEFS_HEADER_VERSION:
             raise self.error(4, f"composefs header: version {header.version}, expected "
                                 f"{COMPOSEFS_HEADER_VERSION}")
