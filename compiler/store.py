@@ -86,6 +86,8 @@ class Store:
         self._fanout: set[int] = set()  # `xx` directories known to exist
         self._pending: list[tuple[str, bytes]] = []  # (temp path, digest)
         self._pending_bytes = 0
+        # Share of recent imports that found no object to reuse (a moving average).
+        self.miss_rate = 1.0 if not any(len(n) == 2 for n in os.listdir(self.root)) else 0.5
 
     def __enter__(self) -> Store:
         return self
@@ -95,6 +97,12 @@ class Store:
             self.commit()
         else:
             self.close()
+
+    def expects_new(self) -> bool:
+        """Recent imports mostly found nothing to reuse.  Then copying a file first and hashing
+        the copy saves the separate hashing pass over the source; when objects tend to be there
+        already, hashing first (and not copying) is cheaper."""
+        return self.miss_rate > 0.5
 
     def path_of(self, digest: bytes) -> str:
         return os.path.join(self.root, payload_path(digest).decode())
@@ -212,6 +220,7 @@ class Store:
         while True:
             with self._lock:
                 if digest in self._present:
+                    self.miss_rate -= self.miss_rate / 32
                     return False
                 event = self._busy.get(digest)
                 if event is None:
@@ -220,8 +229,13 @@ class Store:
             event.wait()
         if digest in self:
             self._release(digest)
+            self._learn(False)
             return False
+        self._learn(True)
         return True
+
+    def _learn(self, miss: bool) -> None:
+        self.miss_rate += (miss - self.miss_rate) / 32  # unlocked: an estimate is enough
 
     def _release(self, digest: bytes) -> None:
         with self._lock:

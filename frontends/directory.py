@@ -19,7 +19,9 @@ bytes read disagree with the size) is an error naming it: never an image that li
 Speed: the scanning thread lists and stats; a thread pool (`threads`) reads, hashes and copies
 files in batches while the scan goes on (hashlib releases the GIL).  Directory descriptors are
 reference-counted so a directory stays open only while it has subdirectories to open or files
-to read.  Identical xattr sets are interned.
+to read.  Identical xattr sets are interned.  With a store, a file is copied first and the
+copy hashed while the store keeps missing objects (one pass over the data fewer), and hashed
+first, then copied only if missing, once objects tend to be there (`Store.expects_new`).
 """
 
 from __future__ import annotations
@@ -340,7 +342,12 @@ class _Scanner:
                 raise self.changed(job.path, "replaced or modified")
             size = job.size
             content = None
-            if size <= SMALL_READ:
+            store = self.store
+            if store is not None and size > INLINE_MAX and store.expects_new():
+                # Copy first, hash the copy: the digest names exactly the bytes stored.
+                digest = store.import_fd(fd, None, self.where(job.path))
+                store = None
+            elif size <= SMALL_READ:
                 data = os.read(fd, size + 1)
                 if len(data) != size:
                     data += self.read_rest(fd, size + 1 - len(data))
@@ -354,8 +361,8 @@ class _Scanner:
             st = os.fstat(fd)
             if st.st_size != job.size or st.st_mtime_ns != job.mtime_ns:
                 raise self.changed(job.path, "modified")
-            if self.store is not None and content is None:
-                self.store.import_fd(fd, digest, self.where(job.path))
+            if store is not None and content is None:
+                store.import_fd(fd, digest, self.where(job.path))
         except OSError as e:
             raise self.os_error(e, job.path, "read") from None
         finally:
