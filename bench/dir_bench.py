@@ -6,8 +6,8 @@
 The tree is a Debian minbase root (`debootstrap --variant=minbase bookworm DIR
 http://deb.debian.org/debian`; `--create` makes it if DIR is missing: needs root, debootstrap
 and the network; keep it outside the repository).  Three cases per tool, each repeated
-(`--repeat`, default 5) with the runs of the tools interleaved so that load from other
-processes hits both alike; the median is reported:
+(`--repeat`, default 5) with the runs of the tools (and of each `--threads` value)
+interleaved so that load from other processes hits all alike; the median is reported:
 
     nostore   DIR -o IMAGE
     cold      DIR -o IMAGE --digest-store EMPTY   (every object copied)
@@ -75,7 +75,8 @@ def main() -> None:
     ap.add_argument("--mkcomposefs", help="upstream mkcomposefs to compare with")
     ap.add_argument("--cfsc", default=str(Path(sys.executable).with_name("cfsc")), help="the cfsc command")
     ap.add_argument("--repeat", type=int, default=5)
-    ap.add_argument("--threads", type=int, help="--threads for both tools (default: theirs)")
+    ap.add_argument("--threads", type=int, nargs="+", default=[None],
+                    help="--threads for both tools; several values: one run of each per repeat (default: theirs)")
     ap.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES))
     ap.add_argument("--scratch", default=None, help="where images and stores go (default: a temp dir)")
     args = ap.parse_args()
@@ -90,35 +91,37 @@ def main() -> None:
     tools = {"cfsc": args.cfsc}
     if args.mkcomposefs:
         tools["mkcomposefs"] = args.mkcomposefs
+    # (label, tool, executable, threads); every variant must write the same image and store
+    variants = [(tool + (f"-t{t}" if t else ""), tool, exe, t) for t in args.threads for tool, exe in tools.items()]
     scratch = tempfile.mkdtemp(prefix="dir-bench-", dir=args.scratch)
     results: dict[tuple[str, str], list[tuple[float, int]]] = {}
     try:
         for case in args.cases:
             for _ in range(args.repeat):
-                for tool, exe in tools.items():
-                    image = os.path.join(scratch, f"{tool}.cfs")
-                    store = os.path.join(scratch, f"{tool}-store") if case != "nostore" else None
+                for label, tool, exe, threads in variants:
+                    image = os.path.join(scratch, f"{label}.cfs")
+                    store = os.path.join(scratch, f"{label}-store") if case != "nostore" else None
+                    cmd = command(tool, exe, str(args.tree), image, store, threads)
                     if case == "cold":
                         shutil.rmtree(store, ignore_errors=True)  # type: ignore[arg-type]
                     elif case == "warm" and not os.path.isdir(store):  # type: ignore[arg-type]
-                        subprocess.run(command(tool, exe, str(args.tree), image, store, args.threads),
-                                       check=True, stdout=subprocess.DEVNULL)
+                        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
                     subprocess.run(["sync"], check=True)
-                    wall, rss = timed(command(tool, exe, str(args.tree), image, store, args.threads))
-                    results.setdefault((case, tool), []).append((wall, rss))
-                    print(f"  {case:8} {tool:12} {wall:7.3f} s {rss / 1024:7.1f} MiB", flush=True)
-            if len(tools) == 2:
-                a, b = (Path(scratch, f"{t}.cfs").read_bytes() for t in tools)
-                same = "identical" if a == b else "DIFFERENT"
+                    wall, rss = timed(cmd)
+                    results.setdefault((case, label), []).append((wall, rss))
+                    print(f"  {case:8} {label:16} {wall:7.3f} s {rss / 1024:7.1f} MiB", flush=True)
+            if len(variants) > 1:
+                images = {Path(scratch, f"{v[0]}.cfs").read_bytes() for v in variants}
+                same = "identical" if len(images) == 1 else "DIFFERENT"
                 if case != "nostore":
-                    same += ", stores " + ("identical" if listing(os.path.join(scratch, "cfsc-store"))
-                                           == listing(os.path.join(scratch, "mkcomposefs-store")) else "DIFFERENT")
+                    stores = {tuple(listing(os.path.join(scratch, f"{v[0]}-store"))) for v in variants}
+                    same += ", stores " + ("identical" if len(stores) == 1 else "DIFFERENT")
                 print(f"  {case}: images {same}")
         print("medians:")
         for (case, tool), runs in results.items():
             wall = statistics.median(r[0] for r in runs)
             rss = statistics.median(r[1] for r in runs)
-            print(f"  {case:8} {tool:12} {wall:7.3f} s {rss / 1024:7.1f} MiB  (runs: {len(runs)})")
+            print(f"  {case:8} {tool:16} {wall:7.3f} s {rss / 1024:7.1f} MiB  (runs: {len(runs)})")
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
