@@ -87,6 +87,9 @@ COMMANDS = {
     "info": "inspect",
     "fsck-store": "inspect",
     "schema": "schema",
+    "mount": "mount",
+    "umount": "mount",
+    "composefs-fuse": "mount",
 }
 
 
