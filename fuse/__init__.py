@@ -1,0 +1,106 @@
+"""Mounting composefs images: the bundled FUSE server, and the kernel composefs mount.
+
+    from cfsc.fuse import MountOptions, mount, unmount
+    mount("img.cfs", "/mnt", MountOptions(basedirs=["/store"]))  # returns once it works
+    unmount("/mnt")
+
+The FUSE server speaks the kernel protocol over `/dev/fuse` itself, in pure Python (no
+libfuse), and shows an image exactly as the kernel composefs mount (EROFS + overlayfs)
+does.  `MountOptions(kernel=True)` makes that kernel mount instead, as `mount.composefs`.
+
+Modules, bottom up: `protocol` (the wire structures), `syscalls` (mount, openat2, …),
+`view` (the kernel mount's view of an image, over the image reader), `backing` (store
+access, confined and verified), `server` (the request loop), `mount` (attach and detach a
+FUSE connection), `daemon` (foreground and background life), `kernel` (EROFS + overlayfs).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from cfsc.errors import ImageError, IntegrityError, UsageError
+
+
+@dataclass
+class MountOptions:
+    basedirs: list[str] = field(default_factory=list)  # stores, searched in order
+    verity: str = "if-present"  # none | if-present | require
+    digest: str | None = None  # the image's expected fs-verity digest (hex)
+    foreground: bool = False
+    threads: int = 2
+    passthrough: bool = True  # use FUSE passthrough when the kernel and our privileges allow
+    allow_other: bool | None = None  # default: yes as root, no otherwise
+    log_file: str | None = None
+    debug: bool = False
+    kernel: bool = False  # EROFS + overlayfs instead of FUSE (root only)
+    loop: bool = False  # kernel mount: use a loop device even where EROFS can mount files
+    noacl: bool = False  # ignore the image's POSIX ACLs (as upstream's `noacl`)
+
+
+def parse_digest(text: str) -> bytes:
+    try:
+        digest = bytes.fromhex(text)
+    except ValueError:
+        digest = b""
+    if len(digest) != 32:
+        raise UsageError(f"expected 64 hex digits (a SHA-256 fs-verity digest), got {text!r}", "--digest")
+    return digest
+
+
+def check_digest(data, expected: str, name: str) -> None:
+    from cfsc.fsverity import digest_bytes
+
+    want = parse_digest(expected)
+    got = digest_bytes(data)
+    if got != want:
+        raise IntegrityError(f"image fs-verity digest is {got.hex()}, expected {want.hex()}: refused", name)
+
+
+def open_view(path: str, digest: str | None = None, noacl: bool = False):
+    """The image at `path` as the kernel mount would show it, checked as far as mounting
+    needs: it parses, its digest matches `digest`, and the root is a readable directory."""
+    from cfsc.backends.erofs.reader import Image
+    from cfsc.tree import S_IFDIR, S_IFMT
+
+    from .view import ImageView
+
+    image = Image.open(path)
+    if digest is not None:
+        check_digest(image.data, digest, image.name)
+    view = ImageView(image, acl=False if noacl else None)
+    root = view.node(view.root_nid)
+    if root is None or root.mode & S_IFMT != S_IFDIR:
+        raise ImageError(f"root inode nid {view.root_nid} is not a directory",
+                         f"{image.name}@0x{image.inode_offset(view.root_nid):x}")
+    view.listing(view.root_nid)
+    return view
+
+
+def mount(image: str, mountpoint: str, options: MountOptions | None = None) -> None:
+    """Mount `image` read-only on `mountpoint`.  In the background (the default) this
+    returns once the mount answers; with `foreground` it serves until unmounted."""
+    options = options or MountOptions()
+    if options.verity not in ("none", "if-present", "require"):
+        raise UsageError(f"verity mode {options.verity!r}: expected none, if-present or require", "--verity")
+    if options.kernel:
+        from .kernel import mount_kernel
+
+        mount_kernel(image, mountpoint, options)
+        return
+    from .backing import Store
+    from .daemon import serve_background, serve_foreground
+    from .mount import check_mountpoint
+
+    view = open_view(image, options.digest, options.noacl)
+    check_mountpoint(mountpoint)
+    store = Store(options.basedirs, options.verity)
+    if options.foreground:
+        serve_foreground(view, store, mountpoint, options)
+    else:
+        serve_background(view, store, mountpoint, options)
+
+
+def unmount(mountpoint: str, lazy: bool = False) -> None:
+    from .mount import unmount as _unmount
+
+    _unmount(mountpoint, lazy)

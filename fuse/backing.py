@@ -1,0 +1,209 @@
+"""External file data: backing files opened from the store(s), confined and verified.
+
+A payload comes from the image, so it is untrusted: `../`, an absolute path or a symlink
+anywhere on the way must never reach a file outside the base directory.  Resolution is
+`openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)` where the kernel has it (5.6+), else a walk
+one component at a time with `O_NOFOLLOW` that refuses `..` outright.  The final open is
+`O_RDONLY|O_NOFOLLOW|O_NONBLOCK` (a FIFO in the store must not block a server thread) and
+anything but a regular file is refused.  Base directories are tried in order (`A:B`, like
+overlayfs' data-only layers): only "not found" moves on to the next.
+
+Integrity (`verity`): when the image records an fs-verity digest for a file, the backing
+file's digest is taken before any byte is served — from the kernel (FS_IOC_MEASURE_VERITY)
+when the file has fs-verity enabled, which is instant, else computed here over the whole
+file.  Computed digests are cached per backing file by (device, inode, size, mtime, ctime),
+so a file replaced or rewritten in place is measured again.  `require` also refuses files
+the image records no digest for; `none` checks nothing.
+
+Every refusal is an `OSError` subclass whose errno is the reply (ENOENT for a missing
+object, as the kernel mount gives; EIO otherwise) and whose text is the one log line.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import stat
+import struct
+from collections.abc import Callable
+from itertools import islice
+
+from cfsc.errors import IntegrityError, LookupFailed
+from cfsc.fsverity import DIGEST_SIZE, FsVerityHasher
+
+from . import syscalls
+
+VERITY_MODES = ("none", "if-present", "require")
+OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+RESOLVE = syscalls.RESOLVE_BENEATH | syscalls.RESOLVE_NO_SYMLINKS | syscalls.RESOLVE_NO_MAGICLINKS
+DIGEST_CACHE = 1 << 16
+READ_CHUNK = 1 << 20
+
+# FS_IOC_MEASURE_VERITY = _IOWR('f', 134, struct fsverity_digest {u16 algorithm; u16 size; u8 digest[]})
+FS_IOC_MEASURE_VERITY = 0xC0046686
+FSVERITY_DIGEST = struct.Struct("=HH")
+FS_VERITY_HASH_ALG_SHA256 = 1
+
+
+class Cancelled(Exception):
+    """The request asking for the data was interrupted."""
+
+
+def parse_basedirs(value: str) -> list[str]:
+    """`A:B:C` as upstream's `basedir=` takes it (empty parts are ignored)."""
+    return [part for part in value.split(":") if part]
+
+
+class Store:
+    """The base directories external payloads are opened from."""
+
+    def __init__(self, basedirs: list[str], verity: str = "if-present") -> None:
+        if verity not in VERITY_MODES:
+            raise ValueError(f"verity mode {verity!r}")
+        self.basedirs = list(basedirs)
+        self.verity = verity
+        self.fds = []
+        try:
+            for d in self.basedirs:
+                self.fds.append(os.open(d, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC))
+        except OSError as e:
+            self.close()
+            raise LookupFailed(f"cannot open the store directory: {e.strerror}", d, e.errno) from None
+        self._openat2 = True
+        self._digests: dict[tuple, bytes] = {}
+        self.measured = 0  # bytes hashed in userspace (for statistics)
+
+    def close(self) -> None:
+        for fd in self.fds:
+            os.close(fd)
+        self.fds = []
+
+    # -- opening -------------------------------------------------------------------------
+
+    def open(self, payload: bytes, digest: bytes | None, where: str,
+             cancelled: Callable[[], bool] | None = None) -> int:
+        """A read-only fd of the verified backing file of `payload`.
+
+        `where` names the file in the image for the error text; `cancelled` is polled while
+        a digest is computed.
+        """
+        if digest is None and self.verity == "require":
+            raise IntegrityError(f"no fs-verity digest recorded for object {_show(payload)} "
+                                 "(--verity=require)", where)
+        if not self.fds:
+            raise LookupFailed(f"object {_show(payload)} needs a store, and no --basedir was given",
+                               where, errno.EIO)
+        fd = self._find(payload, where)
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise LookupFailed(f"object {_show(payload)} is not a regular file", where, errno.EIO)
+            if digest is not None and self.verity != "none":
+                self._verify(fd, st, payload, digest, where, cancelled)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def _find(self, payload: bytes, where: str) -> int:
+        for basedir, dirfd in zip(self.basedirs, self.fds, strict=True):
+            try:
+                return self._open_beneath(dirfd, payload)
+            except FileNotFoundError:
+                continue
+            except OSError as e:
+                if e.errno in (errno.EXDEV, errno.ELOOP, errno.ENOTDIR, errno.EINVAL):
+                    raise LookupFailed(f"object {_show(payload)} leads outside the store {basedir} "
+                                       f"({os.strerror(e.errno)}): refused", where, errno.EIO) from None
+                raise LookupFailed(f"object {_show(payload)} in {basedir}: {os.strerror(e.errno)}",
+                                   where, errno.EIO) from None
+        stores = ":".join(self.basedirs)
+        raise LookupFailed(f"object {_show(payload)} not found in {stores}", where, errno.ENOENT)
+
+    def _open_beneath(self, dirfd: int, payload: bytes) -> int:
+        if self._openat2:
+            try:
+                return syscalls.openat2(dirfd, payload, OPEN_FLAGS, RESOLVE)
+            except OSError as e:
+                if e.errno != errno.ENOSYS:
+                    raise
+                self._openat2 = False
+        return open_by_walk(dirfd, payload)
+
+    # -- verification --------------------------------------------------------------------
+
+    def _verify(self, fd: int, st: os.stat_result, payload: bytes, digest: bytes, where: str,
+                cancelled: Callable[[], bool] | None) -> None:
+        got = kernel_digest(fd)
+        if got is None:
+            key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+            got = self._digests.get(key)
+            if got is None:
+                try:
+                    got = self._measure(fd, cancelled)
+                except OSError as e:
+                    raise IntegrityError(f"object {_show(payload)}: cannot read it to check its "
+                                         f"digest: {e.strerror}", where) from None
+                self._digests[key] = got
+                if len(self._digests) > DIGEST_CACHE:
+                    for old in list(islice(self._digests, DIGEST_CACHE // 4)):
+                        self._digests.pop(old, None)
+        if got != digest:
+            raise IntegrityError(f"object {_show(payload)}: fs-verity digest {got.hex()}, the image "
+                                 f"records {digest.hex()} (tampered or corrupt): refused", where)
+
+    def _measure(self, fd: int, cancelled: Callable[[], bool] | None) -> bytes:
+        hasher = FsVerityHasher()
+        buf = bytearray(READ_CHUNK)
+        view = memoryview(buf)
+        offset = 0
+        while True:
+            if cancelled is not None and cancelled():
+                raise Cancelled
+            n = os.preadv(fd, [buf], offset)
+            if not n:
+                break
+            hasher.update(view[:n])
+            offset += n
+        self.measured += offset
+        return hasher.digest()
+
+
+def kernel_digest(fd: int) -> bytes | None:
+    """The fs-verity digest the kernel keeps for a file, or None if it has none."""
+    buf = bytearray(FSVERITY_DIGEST.pack(0, 64) + bytes(64))
+    try:
+        fcntl.ioctl(fd, FS_IOC_MEASURE_VERITY, buf)
+    except OSError:
+        return None  # ENODATA: no fs-verity on this file; ENOTTY/EOPNOTSUPP: not on this fs
+    algorithm, size = FSVERITY_DIGEST.unpack_from(buf)
+    if algorithm != FS_VERITY_HASH_ALG_SHA256 or size != DIGEST_SIZE:
+        return None
+    return bytes(buf[4:4 + size])
+
+
+def open_by_walk(dirfd: int, payload: bytes) -> int:
+    """Open `payload` beneath `dirfd` one component at a time, following no symlink.
+
+    Used where openat2 is missing.  `..` and absolute paths are refused before any lookup
+    (EXDEV, as openat2 would say); a symlink gives ELOOP (last component) or ENOTDIR.
+    """
+    parts = [p for p in payload.split(b"/") if p and p != b"."]
+    if payload.startswith(b"/") or b".." in parts or not parts:
+        raise OSError(errno.EXDEV, "path leaves the directory", payload)
+    fd = dirfd
+    try:
+        for part in parts[:-1]:
+            nxt = os.open(part, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+            if fd != dirfd:
+                os.close(fd)
+            fd = nxt
+        return os.open(parts[-1], OPEN_FLAGS, dir_fd=fd)
+    finally:
+        if fd != dirfd:
+            os.close(fd)
+
+
+def _show(payload: bytes) -> str:
+    return payload.decode("utf-8", "backslashreplace")

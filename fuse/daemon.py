@@ -1,0 +1,152 @@
+"""The life of a FUSE mount: check the image, mount, serve, daemonise, stop.
+
+Everything that can be checked before mounting is (the image opens, its digest matches,
+the root is a readable directory), so a bad image never leaves a mount behind.  In the
+background case the process forks *before* any thread exists; the child mounts, answers the
+kernel's INIT and only then tells the waiting parent "ok" through a pipe — so the command
+returns when the mount works, or fails with the child's reason.  The child then detaches
+from the terminal and logs to `--log FILE`, else syslog, else nowhere.
+
+SIGINT, SIGTERM and SIGHUP unmount (lazily: a busy mount goes away when its last user
+does) and end the server; an unmount from outside ends it too (the device read fails with
+ENODEV).  Either way the process exits 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import logging.handlers
+import os
+import signal
+import sys
+import threading
+
+from .mount import MountError, mount_fuse, unmount
+from .server import Server
+
+log = logging.getLogger("cfsc.fuse")
+INIT_TIMEOUT = 30.0  # seconds to wait for the kernel's INIT after mounting
+STOP_GRACE = 2.0  # seconds to let workers see the unmount before exiting anyway
+
+
+def serve_foreground(view, store, mountpoint: str, options) -> None:
+    """Mount and serve until unmounted or signalled; errors before serving are raised."""
+    _log_to(options, sys.stderr)
+    _serve(view, store, mountpoint, options, ready=None)
+
+
+def serve_background(view, store, mountpoint: str, options) -> None:
+    """Fork a server that mounts and serves; return once the mount answers."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the server
+        os.close(r)
+        os.setsid()
+        code = 0
+        try:
+            _serve(view, store, mountpoint, options, ready=w)
+        except BaseException as e:  # noqa: BLE001 - everything goes to the parent
+            message = str(e) if str(e) else type(e).__name__
+            try:
+                os.write(w, b"error " + message.encode(errors="replace"))
+            except OSError:
+                pass
+            code = 2
+        os._exit(code)
+    os.close(w)
+    chunks = []
+    while True:
+        chunk = os.read(r, 4096)
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(r)
+    said = b"".join(chunks)
+    if said.startswith(b"ok"):
+        return
+    os.waitpid(pid, 0)
+    if said.startswith(b"error "):
+        raise MountError(said[6:].decode(errors="replace"), mountpoint)
+    raise MountError("the mount server died before the mount worked", mountpoint)
+
+
+def _serve(view, store, mountpoint: str, options, ready: int | None) -> None:
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set())
+                for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    fd = None
+    server = None
+    try:
+        fd = mount_fuse(mountpoint, view.image.name, allow_other=options.allow_other)
+        server = Server(fd, view, store, threads=options.threads, passthrough=options.passthrough)
+        server.start()
+        if not _wait_any(server.ready, server.done, stop, INIT_TIMEOUT):
+            raise MountError("the kernel did not start the FUSE session", mountpoint)
+        if not server.ready.is_set():
+            raise MountError("the mount went away before it was used", mountpoint)
+        if ready is not None:
+            _detach(options)
+            os.write(ready, b"ok")
+            os.close(ready)
+        log.info("serving %s on %s (passthrough %s)", view.image.name, mountpoint,
+                 "on" if server.passthrough else "off")
+        _wait_any(server.done, stop, None)
+    except BaseException:
+        stop.set()
+        raise
+    finally:
+        if server is not None and stop.is_set() and not server.done.is_set():
+            try:
+                unmount(mountpoint, lazy=True)
+            except MountError as e:
+                log.error("%s", e)
+            server.wait(STOP_GRACE)
+        if fd is not None:
+            os.close(fd)
+        store.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _wait_any(*events_and_timeout) -> bool:
+    """Wait until one of the events is set (True) or the timeout passes (False)."""
+    *events, timeout = events_and_timeout
+    waited = 0.0
+    step = 0.1
+    while not any(e.is_set() for e in events):
+        if timeout is not None and waited >= timeout:
+            return False
+        events[0].wait(step)
+        waited += step
+    return True
+
+
+def _detach(options) -> None:
+    """Leave the terminal: stdio to /dev/null, logging to a file or syslog."""
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+    os.close(devnull)
+    _log_to(options, None)
+
+
+def _log_to(options, stream) -> None:
+    """Log to `--log FILE`, else `stream`, else syslog, else nowhere."""
+    root = logging.getLogger("cfsc")
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    if options.log_file:
+        handler: logging.Handler = logging.FileHandler(options.log_file)
+        handler.setFormatter(logging.Formatter("%(asctime)s cfsc[%(process)d]: %(message)s"))
+    elif stream is not None:
+        handler = logging.StreamHandler(stream)
+        handler.setFormatter(logging.Formatter("cfsc: %(message)s"))
+    elif os.path.exists("/dev/log"):
+        handler = logging.handlers.SysLogHandler("/dev/log", logging.handlers.SysLogHandler.LOG_DAEMON)
+        handler.setFormatter(logging.Formatter("cfsc[%(process)d]: %(message)s"))
+    else:
+        handler = logging.NullHandler()
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG if options.debug else logging.INFO if stream is None else logging.WARNING)

@@ -1,0 +1,493 @@
+"""The FUSE protocol server: requests from `/dev/fuse`, answered from an `ImageView`.
+
+Several worker threads read the same device fd; each `read()` returns one whole request,
+and the reply is one `write()`.  The device read, `pread` of backing files and hashing all
+release the GIL, so a thread stuck on cold data or a long digest does not stop the others.
+
+The image is immutable, so the kernel is told to cache everything for `TTL` seconds:
+entries (negative ones too), attributes, symlink targets (`FUSE_CACHE_SYMLINKS`), file pages
+(`FOPEN_KEEP_CACHE`) and whole directory streams (`FOPEN_CACHE_DIR`).  Listings come as
+READDIRPLUS, so `find` needs no LOOKUP per entry.  Node ids are the image's nids + 2 (the
+root is FUSE's 1), so they are stable and never reused and FORGET needs no bookkeeping.
+
+External data goes through FUSE passthrough when the kernel offers it (7.40+) and we hold
+CAP_SYS_ADMIN: the backing file is registered with `FUSE_DEV_IOC_BACKING_OPEN` and the
+kernel reads it directly, page cache and all.  One backing id serves every concurrent open
+of an inode (the kernel requires that) and is closed after the last RELEASE, never right
+after the OPEN reply (the kernel may still be setting the file up).  Otherwise reads are
+`pread` + `writev`.
+
+Errors: a refusal with a reason (a corrupt image, a missing, escaping or tampered object)
+is logged once per distinct message and answered with its errno (usually EIO); anything
+unexpected is logged and answered EIO, and the server keeps going.  INTERRUPT cancels a
+digest computation in progress (EINTR); other requests finish too quickly to bother.
+Unmounting makes `read()` fail with ENODEV, which ends every worker.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+import stat
+import threading
+from itertools import count
+
+from cfsc.errors import CfscError
+
+from . import protocol as P
+from .backing import Cancelled, Store
+from .syscalls import has_cap_sys_admin
+from .view import BLOCK_SIZE, ImageView, Node
+
+log = logging.getLogger("cfsc.fuse")
+
+TTL = 86400  # seconds the kernel may cache entries and attributes: the image never changes
+MAX_PAGES = 256  # 1 MiB per READ
+MAX_WRITE = 1 << 17  # never used (read-only), but sizes the kernel's buffer check
+BUFFER_SIZE = MAX_WRITE + 4096
+NAME_MAX = 255
+DT_UNKNOWN = 0
+LOGGED_MAX = 1000  # distinct log messages remembered (to log each once)
+
+_pack_out = P.OUT_HEADER.pack
+_pack_entry = P.ENTRY_OUT.pack
+_pack_dirent = P.DIRENT.pack
+_unpack_in = P.IN_HEADER.unpack_from
+NEGATIVE_ENTRY = _pack_entry(0, 0, TTL, 0, 0, 0, *([0] * len(P.ATTR.fields)))
+NO_ENTRY = bytes(P.ENTRY_OUT.size)  # readdirplus: "no attributes for this name"
+ATTR_PREFIX = P.ATTR_OUT.pack(TTL, 0)
+PADS = [b"\0" * n for n in range(8)]
+
+
+class Backing:
+    """A passthrough backing id shared by the open files of one inode."""
+
+    __slots__ = ("id", "opens")
+
+    def __init__(self, backing_id: int) -> None:
+        self.id = backing_id
+        self.opens = 1
+
+
+class Server:
+    """Serves one mounted connection until it is unmounted or `stop()` is called."""
+
+    def __init__(self, fd: int, view: ImageView, store: Store, *, threads: int = 2,
+                 passthrough: bool = True, source: str = "") -> None:
+        self.fd = fd
+        self.view = view
+        self.store = store
+        self.threads = max(1, threads)
+        self.want_passthrough = passthrough
+        self.passthrough = False
+        self.source = source or view.image.name
+        self.minor = 0
+        self.ready = threading.Event()  # INIT answered
+        self.done = threading.Event()  # a worker saw the end of the connection
+        self._root_nid = view.root_nid
+        self._files: dict[int, int | tuple] = {}  # fh -> backing fd, or ("pt", nid)
+        self._fh = count(1)
+        self._backing: dict[int, Backing] = {}  # nid -> passthrough backing id
+        self._lock = threading.Lock()
+        self._interrupted: set[int] = set()
+        self._logged: set[str] = set()
+        self._workers: list[threading.Thread] = []
+        h = [self._enosys] * 64
+        for op in P.MODIFYING:
+            h[op] = self._erofs
+        for op, fn in ((P.Opcode.INIT, self._init), (P.Opcode.LOOKUP, self._lookup),
+                       (P.Opcode.FORGET, self._no_reply), (P.Opcode.BATCH_FORGET, self._no_reply),
+                       (P.Opcode.GETATTR, self._getattr), (P.Opcode.READLINK, self._readlink),
+                       (P.Opcode.OPEN, self._open), (P.Opcode.READ, self._read),
+                       (P.Opcode.RELEASE, self._release), (P.Opcode.OPENDIR, self._opendir),
+                       (P.Opcode.READDIR, self._readdir), (P.Opcode.READDIRPLUS, self._readdirplus),
+                       (P.Opcode.RELEASEDIR, self._ok), (P.Opcode.STATFS, self._statfs),
+                       (P.Opcode.GETXATTR, self._getxattr), (P.Opcode.LISTXATTR, self._listxattr),
+                       (P.Opcode.INTERRUPT, self._interrupt), (P.Opcode.DESTROY, self._destroy)):
+            h[op] = fn
+        self._handlers = h
+
+    # -- running --------------------------------------------------------------------------
+
+    def start(self) -> None:
+        for i in range(self.threads):
+            t = threading.Thread(target=self._worker, name=f"fuse-{i}", daemon=True)
+            t.start()
+            self._workers.append(t)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the connection ends (True) or `timeout` passes (False)."""
+        return self.done.wait(timeout)
+
+    def join(self, timeout: float = 2.0) -> None:
+        for t in self._workers:
+            t.join(timeout)
+
+    def _worker(self) -> None:
+        fd = self.fd
+        buf = bytearray(BUFFER_SIZE)
+        view = memoryview(buf)
+        handlers = self._handlers
+        readv = os.readv
+        while True:
+            try:
+                n = readv(fd, [buf])
+            except OSError as e:
+                if e.errno in (errno.EINTR, errno.EAGAIN, errno.ENOENT):
+                    continue  # interrupted before we read it, or a spurious wakeup
+                if e.errno not in (errno.ENODEV, errno.EBADF, errno.ECONNABORTED):
+                    log.error("reading /dev/fuse: %s", e.strerror)
+                break
+            if n < P.IN_HEADER.size:
+                continue
+            length, opcode, unique, nodeid, uid, gid, pid, _ext = _unpack_in(buf)
+            try:
+                handlers[opcode if opcode < 64 else 0](unique, nodeid, view[P.IN_HEADER.size:n], pid)
+            except OSError as e:
+                self._failed(unique, e)
+            except Cancelled:
+                self._error(unique, errno.EINTR)
+            except Exception as e:  # a bug: keep serving, say what happened
+                self._log(f"{self.source}: internal error answering {_opname(opcode)}: "
+                          f"{type(e).__name__}: {e}")
+                self._error(unique, errno.EIO)
+            if self.done.is_set():
+                break
+        self.done.set()
+
+    def _failed(self, unique: int, e: OSError) -> None:
+        if isinstance(e, CfscError):
+            self._log(str(e))
+        code = e.errno if e.errno else errno.EIO
+        self._error(unique, code)
+
+    def _failed_quietly(self, e: OSError) -> None:
+        """Log an error that does not fail the request it happened in."""
+        if isinstance(e, CfscError):
+            self._log(str(e))
+
+    def _log(self, message: str) -> None:
+        if message in self._logged:
+            return
+        if len(self._logged) < LOGGED_MAX:
+            self._logged.add(message)
+        log.error("%s", message)
+
+    # -- replies --------------------------------------------------------------------------
+
+    def _send(self, data: bytes) -> None:
+        try:
+            os.write(self.fd, data)
+        except OSError as e:
+            self._write_failed(e)
+
+    def _write_failed(self, e: OSError) -> None:
+        if e.errno == errno.ENOENT:
+            return  # the request was interrupted and the kernel no longer waits
+        if e.errno in (errno.ENODEV, errno.EBADF):
+            self.done.set()
+            return
+        log.error("replying on /dev/fuse: %s", e.strerror)
+
+    def _reply(self, unique: int, payload: bytes = b"") -> None:
+        self._send(_pack_out(16 + len(payload), 0, unique) + payload)
+
+    def _error(self, unique: int, code: int) -> None:
+        self._send(_pack_out(16, -code, unique))
+
+    def _ok(self, unique, nodeid, body, pid) -> None:
+        self._reply(unique)
+
+    def _no_reply(self, unique, nodeid, body, pid) -> None:
+        pass
+
+    def _enosys(self, unique, nodeid, body, pid) -> None:
+        self._error(unique, errno.ENOSYS)
+
+    def _erofs(self, unique, nodeid, body, pid) -> None:
+        self._error(unique, errno.EROFS)
+
+    # -- nodes ----------------------------------------------------------------------------
+
+    def _node(self, nodeid: int) -> Node:
+        node = self.view.node(self._root_nid if nodeid == P.ROOT_ID else nodeid - 2)
+        if node is None:
+            raise OSError(errno.ENOENT, "whiteout")
+        return node
+
+    def _wire(self, node: Node) -> bytes:
+        """fuse_entry_out of a node, encoded once."""
+        w = node.wire
+        if w is None:
+            nid = node.nid
+            t = node.mtime
+            ns = node.mtime_nsec
+            w = node.wire = _pack_entry(
+                P.ROOT_ID if nid == self._root_nid else nid + 2, 0, TTL, TTL, 0, 0,
+                nid, node.size, node.blocks, t, t, t, ns, ns, ns, node.mode, node.nlink,
+                node.uid, node.gid, node.rdev, BLOCK_SIZE, 0)
+        return w
+
+    def _where(self, node: Node) -> str:
+        return f"{self.source}:{self.view.path(node).decode('utf-8', 'backslashreplace')}"
+
+    # -- INIT -----------------------------------------------------------------------------
+
+    def _init(self, unique, nodeid, body, pid) -> None:
+        major, minor, max_readahead, flags = P.INIT_IN.unpack_from(body)
+        if major > P.KERNEL_VERSION:  # the kernel will ask again with our major
+            self._reply(unique, P.INIT_OUT.pack(P.KERNEL_VERSION, P.KERNEL_MINOR_VERSION,
+                                                *([0] * (len(P.INIT_OUT.fields) - 2))))
+            return
+        if major < P.KERNEL_VERSION or minor < P.OLDEST_MINOR_VERSION:
+            log.error("the kernel speaks FUSE %d.%d; at least %d.%d is needed", major, minor,
+                      P.KERNEL_VERSION, P.OLDEST_MINOR_VERSION)
+            self._error(unique, errno.EPROTO)
+            self.done.set()
+            return
+        if flags & P.FUSE_INIT_EXT and len(body) >= P.INIT_IN.size + P.INIT_IN_FLAGS2.size:
+            flags |= P.INIT_IN_FLAGS2.unpack_from(body, P.INIT_IN.size)[0] << 32
+        self.minor = min(minor, P.KERNEL_MINOR_VERSION)
+        want = (P.FUSE_ASYNC_READ | P.FUSE_DO_READDIRPLUS | P.FUSE_PARALLEL_DIROPS
+                | P.FUSE_CACHE_SYMLINKS | P.FUSE_MAX_PAGES | P.FUSE_EXPLICIT_INVAL_DATA
+                | P.FUSE_ABORT_ERROR | P.FUSE_BIG_WRITES | P.FUSE_INIT_EXT)
+        if self.view.acl:
+            want |= P.FUSE_POSIX_ACL  # the kernel then enforces the image's ACLs, as EROFS does
+        if self.want_passthrough and flags & P.FUSE_PASSTHROUGH and has_cap_sys_admin():
+            want |= P.FUSE_PASSTHROUGH
+        got = flags & want
+        self.passthrough = bool(got & P.FUSE_PASSTHROUGH)
+        out = P.INIT_OUT.pack(
+            P.KERNEL_VERSION, self.minor, max_readahead, got & 0xFFFFFFFF, 16, 12, MAX_WRITE, 1,
+            MAX_PAGES, 0, got >> 32, 1 if self.passthrough else 0)
+        self._reply(unique, out)
+        self.ready.set()
+
+    def _destroy(self, unique, nodeid, body, pid) -> None:
+        self._reply(unique)
+        self.done.set()
+
+    def _interrupt(self, unique, nodeid, body, pid) -> None:
+        target = P.INTERRUPT_IN.unpack_from(body)[0]
+        if len(self._interrupted) > 1024:
+            self._interrupted.clear()
+        self._interrupted.add(target)
+
+    # -- metadata -------------------------------------------------------------------------
+
+    def _lookup(self, unique, nodeid, body, pid) -> None:
+        name = bytes(body[:-1]) if body[-1:] == b"\0" else bytes(body)
+        node = self.view.lookup(self._root_nid if nodeid == P.ROOT_ID else nodeid - 2, name)
+        if node is None:
+            self._reply(unique, NEGATIVE_ENTRY)
+            return
+        if node.broken:
+            self._log(f"{self._where(node)}: {node.broken}")
+            self._error(unique, errno.EIO)
+            return
+        self._reply(unique, node.wire or self._wire(node))
+
+    def _getattr(self, unique, nodeid, body, pid) -> None:
+        node = self._node(nodeid)
+        self._reply(unique, ATTR_PREFIX + (node.wire or self._wire(node))[40:])
+
+    def _readlink(self, unique, nodeid, body, pid) -> None:
+        node = self._node(nodeid)
+        if node.target is None:
+            raise OSError(errno.EINVAL, "not a symlink")
+        self._reply(unique, node.target)
+
+    def _statfs(self, unique, nodeid, body, pid) -> None:
+        image = self.view.image
+        self._reply(unique, P.STATFS_OUT.pack(image.super.blocks, 0, 0, image.inode_count, 0,
+                                              BLOCK_SIZE, NAME_MAX, BLOCK_SIZE))
+
+    def _getxattr(self, unique, nodeid, body, pid) -> None:
+        size = P.GETXATTR_IN.unpack_from(body)[0]
+        name = bytes(body[P.GETXATTR_IN.size:]).rstrip(b"\0")
+        value = self.view.getxattr(self._node(nodeid), name)
+        self._sized(unique, size, value)
+
+    def _listxattr(self, unique, nodeid, body, pid) -> None:
+        size = P.GETXATTR_IN.unpack_from(body)[0]
+        node = self._node(nodeid)
+        pairs = node.xattrs
+        if node.trusted and not (pid and has_cap_sys_admin(pid)):
+            # overlayfs lists trusted.* only to CAP_SYS_ADMIN (reading them is refused by the
+            # VFS before any file system is asked)
+            pairs = [kv for kv in pairs if not kv[0].startswith(b"trusted.")]
+        self._sized(unique, size, b"".join([k + b"\0" for k, _v in pairs]))
+
+    def _sized(self, unique: int, size: int, data: bytes) -> None:
+        """The getxattr/listxattr convention: size 0 asks for the length only."""
+        if not size:
+            self._reply(unique, P.GETXATTR_OUT.pack(len(data)))
+        elif len(data) > size:
+            self._error(unique, errno.ERANGE)
+        else:
+            self._reply(unique, data)
+
+    # -- directories ----------------------------------------------------------------------
+
+    def _opendir(self, unique, nodeid, body, pid) -> None:
+        node = self._node(nodeid)
+        if not stat.S_ISDIR(node.mode):
+            raise OSError(errno.ENOTDIR, "not a directory")
+        self._reply(unique, P.OPEN_OUT.pack(0, P.FOPEN_KEEP_CACHE | P.FOPEN_CACHE_DIR, 0))
+
+    def _readdir(self, unique, nodeid, body, pid) -> None:
+        self._listing(unique, nodeid, body, False)
+
+    def _readdirplus(self, unique, nodeid, body, pid) -> None:
+        self._listing(unique, nodeid, body, True)
+
+    def _listing(self, unique: int, nodeid: int, body, plus: bool) -> None:
+        _fh, offset, size, _rf, _flags = P.READ_IN.unpack_from(body)
+        node = self._node(nodeid)
+        view = self.view
+        parts = []
+        used = 0
+        index = offset
+        if index < 2:  # "." and ".." first (the kernel does not link them from READDIRPLUS)
+            dots = ((b".", node.nid), (b"..", node.parent if node.parent is not None else node.nid))
+            for name, ino in dots[index:]:
+                rec = _pack_dirent(ino, index + 1, len(name), stat.S_IFDIR >> 12) + name + PADS[-len(name) % 8]
+                if plus:
+                    rec = NO_ENTRY + rec
+                if used + len(rec) > size:
+                    break
+                parts.append(rec)
+                used += len(rec)
+                index += 1
+        if index >= 2 and used < size:
+            named = view.named
+            dir_nid = node.nid
+            for name, nid in view.children(dir_nid, index - 2):
+                entry = NO_ENTRY
+                try:
+                    child = named(nid, dir_nid, name)
+                except OSError as e:  # a corrupt inode: list the name, as the kernel does
+                    self._failed_quietly(e)
+                    child = None
+                if child is None:
+                    dtype = DT_UNKNOWN
+                else:
+                    dtype = (child.mode >> 12) & 15
+                    if plus and not child.broken:
+                        entry = child.wire or self._wire(child)
+                rec = _pack_dirent(nid, index + 1, len(name), dtype) + name + PADS[-len(name) % 8]
+                if plus:
+                    rec = entry + rec
+                if used + len(rec) > size:
+                    break
+                parts.append(rec)
+                used += len(rec)
+                index += 1
+        self._reply(unique, b"".join(parts))
+
+    # -- files ----------------------------------------------------------------------------
+
+    def _open(self, unique, nodeid, body, pid) -> None:
+        flags = P.OPEN_IN.unpack_from(body)[0]
+        if flags & os.O_ACCMODE != os.O_RDONLY:
+            raise OSError(errno.EROFS, "read-only")
+        node = self._node(nodeid)
+        if not node.external:
+            self._reply(unique, P.OPEN_OUT.pack(0, P.FOPEN_KEEP_CACHE, 0))
+            return
+        if self.passthrough:
+            with self._lock:
+                shared = self._backing.get(node.nid)
+                if shared is not None:
+                    shared.opens += 1
+            if shared is not None:
+                fh = next(self._fh)
+                self._files[fh] = ("pt", node.nid)
+                self._reply(unique, P.OPEN_OUT.pack(fh, P.FOPEN_PASSTHROUGH, shared.id))
+                return
+        interrupted = self._interrupted
+        try:
+            fd = self.store.open(node.payload, node.digest, self._where(node),
+                                 lambda: unique in interrupted)
+        finally:
+            interrupted.discard(unique)
+        if self.passthrough:
+            backing_id = self._register(fd)
+            if backing_id is not None:
+                os.close(fd)
+                with self._lock:
+                    shared = self._backing.get(node.nid)
+                    if shared is None:
+                        shared = self._backing[node.nid] = Backing(backing_id)
+                    else:  # another open of this inode won the race: use its id
+                        shared.opens += 1
+                        self._unregister(backing_id)
+                fh = next(self._fh)
+                self._files[fh] = ("pt", node.nid)
+                self._reply(unique, P.OPEN_OUT.pack(fh, P.FOPEN_PASSTHROUGH, shared.id))
+                return
+        fh = next(self._fh)
+        self._files[fh] = fd
+        self._reply(unique, P.OPEN_OUT.pack(fh, P.FOPEN_KEEP_CACHE, 0))
+
+    def _register(self, fd: int) -> int | None:
+        """A passthrough backing id for `fd`, or None to serve this file by pread."""
+        arg = bytearray(P.BACKING_MAP.pack(fd, 0, 0))
+        try:
+            return fcntl.ioctl(self.fd, P.FUSE_DEV_IOC_BACKING_OPEN, arg)
+        except OSError as e:
+            if e.errno == errno.EPERM:
+                self.passthrough = False  # not allowed after all: stop trying
+            self._log(f"{self.source}: passthrough refused ({e.strerror}); serving by reads")
+            return None
+
+    def _unregister(self, backing_id: int) -> None:
+        try:
+            fcntl.ioctl(self.fd, P.FUSE_DEV_IOC_BACKING_CLOSE, bytearray(backing_id.to_bytes(4, "little")))
+        except OSError as e:
+            if e.errno not in (errno.ENODEV, errno.EBADF):
+                self._log(f"{self.source}: closing a passthrough backing file: {e.strerror}")
+
+    def _read(self, unique, nodeid, body, pid) -> None:
+        fh, offset, size, _rf, _flags = P.READ_IN.unpack_from(body)
+        if fh:
+            fd = self._files.get(fh)
+            if not isinstance(fd, int):
+                raise OSError(errno.EBADF, "no such open file")
+            data = os.pread(fd, size, offset)
+            try:
+                os.writev(self.fd, [_pack_out(16 + len(data), 0, unique), data])
+            except OSError as e:
+                self._write_failed(e)
+            return
+        node = self._node(nodeid)
+        content = node.content
+        if content is None:  # a hole: zeros
+            content = b"\0" * max(0, min(size, node.size - offset))
+            offset = 0
+        self._reply(unique, content[offset:offset + size])
+
+    def _release(self, unique, nodeid, body, pid) -> None:
+        fh = P.RELEASE_IN.unpack_from(body)[0]
+        held = self._files.pop(fh, None)
+        if isinstance(held, int):
+            os.close(held)
+        elif held is not None:
+            nid = held[1]
+            with self._lock:
+                shared = self._backing.get(nid)
+                if shared is not None:
+                    shared.opens -= 1
+                    if not shared.opens:
+                        del self._backing[nid]
+                        self._unregister(shared.id)
+        self._reply(unique)
+
+
+def _opname(opcode: int) -> str:
+    try:
+        return P.Opcode(opcode).name
+    except ValueError:
+        return f"opcode {opcode}"

@@ -1,0 +1,109 @@
+"""Linux system calls Python's `os` lacks: mount, openat2, the new mount API, capabilities.
+
+Called through libc with ctypes; every failure is an `OSError` with the errno the kernel
+returned.  Syscall numbers are the generic table's (the same on x86-64, arm64, riscv64 …
+for calls added since 5.1), so no per-architecture lists are needed.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import struct
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
+_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+
+MS_RDONLY = 1
+MS_NOSUID = 2
+MS_NODEV = 4
+MS_SILENT = 32768
+MNT_DETACH = 2
+UMOUNT_NOFOLLOW = 8
+
+SYS_MOVE_MOUNT = 429
+SYS_FSOPEN = 430
+SYS_FSCONFIG = 431
+SYS_FSMOUNT = 432
+SYS_OPENAT2 = 437
+FSOPEN_CLOEXEC = 1
+FSMOUNT_CLOEXEC = 1
+FSCONFIG_SET_FLAG = 0
+FSCONFIG_SET_STRING = 1
+FSCONFIG_CMD_CREATE = 6
+MOVE_MOUNT_F_EMPTY_PATH = 4
+MOUNT_ATTR_RDONLY = 1
+
+# struct open_how (linux/openat2.h): flags, mode, resolve.
+OPEN_HOW = struct.Struct("=QQQ")
+RESOLVE_NO_MAGICLINKS = 0x02
+RESOLVE_NO_SYMLINKS = 0x04
+RESOLVE_BENEATH = 0x08
+
+CAP_SYS_ADMIN = 21
+
+
+def _check(result: int, what: str, path=None) -> int:
+    if result < 0:
+        code = ctypes.get_errno()
+        raise OSError(code, f"{what}: {os.strerror(code)}", path)
+    return result
+
+
+def _c(s) -> bytes | None:
+    return None if s is None else os.fsencode(s)
+
+
+def mount(source, target, fstype: str, flags: int, data) -> None:
+    _check(_libc.mount(_c(source), _c(target), fstype.encode(), flags, _c(data)), f"mount {fstype}", target)
+
+
+def umount2(target, flags: int = 0) -> None:
+    _check(_libc.umount2(_c(target), flags), "umount", target)
+
+
+def openat2(dirfd: int, path: bytes, flags: int, resolve: int) -> int:
+    """`openat2(2)`; ENOSYS on kernels before 5.6."""
+    how = ctypes.create_string_buffer(OPEN_HOW.pack(flags, 0, resolve), OPEN_HOW.size)
+    return _check(_libc.syscall(SYS_OPENAT2, ctypes.c_int(dirfd), ctypes.c_char_p(path), how,
+                                ctypes.c_size_t(OPEN_HOW.size)), "openat2", path)
+
+
+def fsopen(fstype: str) -> int:
+    return _check(_libc.syscall(SYS_FSOPEN, ctypes.c_char_p(fstype.encode()), ctypes.c_uint(FSOPEN_CLOEXEC)),
+                  f"fsopen {fstype}")
+
+
+def fsconfig(fsfd: int, cmd: int, key: str | None = None, value=None) -> None:
+    _check(_libc.syscall(SYS_FSCONFIG, ctypes.c_int(fsfd), ctypes.c_uint(cmd), ctypes.c_char_p(_c(key)),
+                         ctypes.c_char_p(_c(value)), ctypes.c_int(0)),
+           f"fsconfig {key}={os.fsdecode(value)}" if key else "fsconfig create")
+
+
+def fsmount(fsfd: int, attr_flags: int) -> int:
+    return _check(_libc.syscall(SYS_FSMOUNT, ctypes.c_int(fsfd), ctypes.c_uint(FSMOUNT_CLOEXEC),
+                                ctypes.c_uint(attr_flags)), "fsmount")
+
+
+def move_mount(mntfd: int, target) -> None:
+    _check(_libc.syscall(SYS_MOVE_MOUNT, ctypes.c_int(mntfd), ctypes.c_char_p(b""), ctypes.c_int(-100),
+                         ctypes.c_char_p(_c(target)), ctypes.c_uint(MOVE_MOUNT_F_EMPTY_PATH)),
+           "move_mount", target)
+
+
+def effective_caps(pid: int | str = "self") -> int:
+    """The effective capability set of a process (0 if it is gone or not visible)."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"CapEff:"):
+                    return int(line.split()[1], 16)
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def has_cap_sys_admin(pid: int | str = "self") -> bool:
+    return bool(effective_caps(pid) >> CAP_SYS_ADMIN & 1)

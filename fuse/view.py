@@ -1,0 +1,263 @@
+"""What the kernel composefs mount shows of an image, inode by inode.
+
+The reference is what `mount.composefs` sets up — EROFS with overlayfs on top, the store as a
+data-only lower layer — so a FUSE mount and a kernel mount of one image look the same to
+every program.  This module is an adapter over the image reader (`Image`, `Entries`); it
+knows overlayfs' rules, not the EROFS format.  Each rule below was checked against a real
+kernel mount (Linux 6.18; `tests/test_fuse.py` compares whole walks):
+
+* Stat fields are the stored ones: `st_ino` is the inode's nid (EROFS reports the nid, and
+  overlayfs passes it through), atime = ctime = mtime, `st_blocks` is the size rounded up to
+  4 KiB (in 512-byte units), `st_blksize` 4096.
+* A character device 0:0 is an overlayfs whiteout: never listed, never found (the 256
+  `00`…`ff` entries composefs puts in the root to hide the store's fan-out directories).
+* A regular file carrying `trusted.overlay.metacopy` takes its data from the store path in
+  `trusted.overlay.redirect` (the entry's payload, checked against its digest).  Without a
+  redirect the kernel fails the lookup itself with EIO; so does this view.
+* xattrs keep the on-disk order.  `trusted.overlay.overlay.X` shows as `trusted.overlay.X`
+  (overlayfs' escaping); every other `trusted.overlay.*` key is overlayfs' own (redirect,
+  metacopy, the root's opaque) and hidden.  Keys outside `user.`, `trusted.` and `security.`
+  — and the POSIX ACL keys, unless the image says it has ACLs (`mount.composefs` mounts EROFS
+  with `noacl` otherwise) — have no EROFS handler, so they are neither listed nor readable.
+  `trusted.*` is listed only to callers with CAP_SYS_ADMIN; that is decided per request.
+* A whiteout stored by composefs (an empty regular file marked with the escaped whiteout
+  xattr) is an empty regular file showing `trusted.overlay.whiteout`: overlayfs only honours
+  unescaped markers.
+
+Nodes and directory listings are computed on first use and kept in bounded caches (oldest
+first out): the kernel keeps its own cache of what is in use, and anything dropped here is
+recomputed from the image on demand.
+"""
+
+from __future__ import annotations
+
+import errno
+import threading
+from bisect import bisect_left
+from itertools import islice
+
+from cfsc.backends.erofs.entries import ESCAPED, METACOPY, TRUSTED_OVERLAY, Entries
+from cfsc.backends.erofs.layout import COMPOSEFS_FLAGS_HAS_ACL, EROFS_FT_CHRDEV
+from cfsc.backends.erofs.reader import Image
+from cfsc.tree import S_IFDIR, S_IFLNK, S_IFMT, S_IFREG
+
+BLOCK_SIZE = 4096
+LISTED_PREFIXES = (b"user.", b"trusted.", b"security.")
+ACL_KEYS = (b"system.posix_acl_access", b"system.posix_acl_default")
+TRUSTED = b"trusted."
+NODE_CACHE = 1 << 17  # nodes kept (about 400 bytes each with the server's encoding)
+LISTING_CACHE = 1 << 18  # directory entries kept, over all cached listings
+PATH_DEPTH_MAX = 4096  # a (hostile) parent chain longer than this is cut in log messages
+
+
+class Node:
+    """One visible inode.
+
+    content: the data of a regular file held in the image (b"" when empty), None for a file
+    whose data is external (or, never written by composefs, a hole).  external: the data
+    comes from the store at `payload`, verified against `digest` (32 bytes or None).
+    target: a symlink's target.  broken: why the kernel fails to look this inode up, or None.
+    parent, name: where the inode was first reached (for log messages).  wire: a slot for
+    the server's encoding of the attributes.
+    """
+
+    __slots__ = ("nid", "mode", "nlink", "uid", "gid", "size", "rdev", "mtime", "mtime_nsec",
+                 "xattrs", "trusted", "target", "content", "external", "payload", "digest",
+                 "broken", "parent", "name", "wire")
+
+    @property
+    def blocks(self) -> int:
+        return (self.size + BLOCK_SIZE - 1) // BLOCK_SIZE * (BLOCK_SIZE // 512)
+
+    def __repr__(self) -> str:
+        return f"<Node nid={self.nid} mode={self.mode:o} size={self.size}>"
+
+
+class Listing:
+    """A directory's visible entries, in on-disk (byte) order."""
+
+    __slots__ = ("names", "nids")
+
+    def __init__(self, names: list[bytes], nids: list[int]) -> None:
+        self.names = names
+        self.nids = nids
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
+class ImageView:
+    """The kernel mount's view of one image."""
+
+    def __init__(self, image: Image, acl: bool | None = None) -> None:
+        """`acl`: serve the image's POSIX ACLs (default: if its header says it has some)."""
+        self.image = image
+        self.entries = Entries(image)
+        self.root_nid = image.root_nid
+        self.acl = bool(image.flags & COMPOSEFS_FLAGS_HAS_ACL) if acl is None else acl
+        self._nodes: dict[int, Node | None] = {}
+        self._listings: dict[int, Listing] = {}
+        self._listed = 0  # entries in _listings
+        self._xattr_cache: dict[bytes, tuple] = {}  # shared-only xattr body -> interpretation
+        self._lock = threading.Lock()
+
+    # -- nodes ----------------------------------------------------------------------------
+
+    def node(self, nid: int) -> Node | None:
+        """The node of `nid`, or None for a whiteout (invisible).  Raises `ImageError` (an
+        OSError, EIO) with the location when the image is corrupt there."""
+        try:
+            return self._nodes[nid]
+        except KeyError:
+            pass
+        node = self._make(nid)
+        self._nodes[nid] = node
+        if len(self._nodes) > NODE_CACHE:
+            self._evict(self._nodes, len(self._nodes) // 4)
+        return node
+
+    def _make(self, nid: int) -> Node | None:
+        image = self.image
+        raw = image.inode(nid)
+        # `again`: the walk budget guards one-pass walks; a server reads on request and
+        # caches what it read, so it never charges.
+        e = self.entries.of(raw, again=True)
+        if e is None:
+            return None
+        n = Node()
+        n.nid = nid
+        n.mode = raw.mode
+        n.nlink = raw.nlink
+        n.uid = raw.uid
+        n.gid = raw.gid
+        n.size = raw.size
+        n.rdev = e.rdev
+        n.mtime = raw.mtime
+        n.mtime_nsec = raw.mtime_nsec
+        n.xattrs, n.trusted, metacopy = self._xattrs(raw) if raw.xattr_size else ((), False, False)
+        ftype = raw.mode & S_IFMT
+        n.target = e.payload if ftype == S_IFLNK else None
+        n.external = metacopy and ftype == S_IFREG
+        n.payload = e.payload if n.external else None
+        n.digest = e.digest if n.external else None
+        n.content = None
+        if ftype == S_IFREG and not n.external:
+            n.content = e.content if e.content is not None or raw.size else b""
+        n.broken = "metacopy file without a redirect (no store path)" if n.external and not n.payload else None
+        n.parent = None
+        n.name = None
+        n.wire = None
+        return n
+
+    def _xattrs(self, raw) -> tuple[tuple, bool, bool]:
+        """(visible pairs, whether any is trusted.*, whether overlayfs sees a metacopy)."""
+        body, shared_only = self.image.xattr_body(raw)
+        if shared_only:
+            hit = self._xattr_cache.get(bytes(body))
+            if hit is not None:
+                return hit
+        pairs = []
+        metacopy = trusted = False
+        acl = self.acl
+        for key, value in self.image.xattrs(raw):
+            if key[:16] == TRUSTED_OVERLAY:
+                if key == METACOPY:
+                    metacopy = True
+                if key[:24] != ESCAPED:
+                    continue
+                key = TRUSTED_OVERLAY + key[24:]
+            elif not key.startswith(LISTED_PREFIXES) and not (acl and key in ACL_KEYS):
+                continue
+            if key[:8] == TRUSTED:
+                trusted = True
+            pairs.append((key, value))
+        result = (tuple(pairs), trusted, metacopy)
+        if shared_only:
+            self._xattr_cache[bytes(body)] = result
+        return result
+
+    def getxattr(self, node: Node, key: bytes) -> bytes:
+        for k, v in node.xattrs:
+            if k == key:
+                return v
+        if key.startswith(LISTED_PREFIXES) or (self.acl and key in ACL_KEYS):
+            raise OSError(errno.ENODATA, "no such attribute")
+        raise OSError(errno.EOPNOTSUPP, "not a namespace the kernel mount serves")
+
+    # -- directories ----------------------------------------------------------------------
+
+    def listing(self, nid: int) -> Listing:
+        try:
+            return self._listings[nid]
+        except KeyError:
+            pass
+        node = self.node(nid)
+        if node is None or node.mode & S_IFMT != S_IFDIR:
+            raise OSError(errno.ENOTDIR, "not a directory")
+        names = []
+        nids = []
+        for name, child, ftype in self.image.dirents(self.image.inode(nid)):
+            if ftype == EROFS_FT_CHRDEV and self.node(child) is None:
+                continue  # a whiteout
+            names.append(name)
+            nids.append(child)
+        listing = Listing(names, nids)
+        self._listings[nid] = listing
+        self._listed += len(names)
+        if self._listed > LISTING_CACHE and len(self._listings) > 1:
+            self._evict(self._listings, len(self._listings) // 4 or 1, listings=True)
+        return listing
+
+    def lookup(self, dir_nid: int, name: bytes) -> Node | None:
+        """The node `name` in directory `dir_nid` refers to, or None if there is none."""
+        listing = self.listing(dir_nid)
+        names = listing.names
+        i = bisect_left(names, name)
+        if i == len(names) or names[i] != name:
+            return None
+        return self.named(listing.nids[i], dir_nid, name)
+
+    def named(self, nid: int, dir_nid: int, name: bytes) -> Node | None:
+        """`node(nid)`, remembering where it was reached if that is the first time."""
+        node = self.node(nid)
+        if node is not None and node.name is None:
+            node.parent = dir_nid
+            node.name = name
+        return node
+
+    def children(self, dir_nid: int, start: int = 0):
+        """`(name, nid)` of a directory's entries from index `start`."""
+        listing = self.listing(dir_nid)
+        names = listing.names
+        nids = listing.nids
+        for i in range(start, len(names)):
+            yield names[i], nids[i]
+
+    # -- naming -----------------------------------------------------------------------------
+
+    def path(self, node: Node) -> bytes:
+        """The path of a node as far as the server saw it reached (for log messages)."""
+        parts = []
+        n: Node | None = node
+        for _ in range(PATH_DEPTH_MAX):
+            if n is None or n.nid == self.root_nid:
+                break
+            if n.name is None:
+                parts.append(b"<nid %d>" % n.nid)
+                break
+            parts.append(n.name)
+            n = self._nodes.get(n.parent)
+        return b"/" + b"/".join(reversed(parts))
+
+    # -- cache bounds -----------------------------------------------------------------------
+
+    def _evict(self, cache: dict, count: int, listings: bool = False) -> None:
+        with self._lock:
+            try:
+                old = list(islice(cache, count))
+            except RuntimeError:  # another thread changed the cache: evict next time
+                return
+            for key in old:
+                value = cache.pop(key, None)
+                if listings and value is not None:
+                    self._listed -= len(value)
