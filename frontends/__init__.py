@@ -10,6 +10,7 @@ head of the input wins.
 from __future__ import annotations
 
 import importlib
+import io
 import lzma
 import os
 import sys
@@ -27,9 +28,11 @@ FRONTENDS: dict[str, tuple[str, str]] = {
     "dump": ("cfsc.frontends.dumpfile", "composefs dumpfile (mkcomposefs --from-file)"),
     "dir": ("cfsc.frontends.directory", "a directory tree on disk (mkcomposefs DIR)"),
     "crfs": ("cfsc.frontends.crfs", "CRFS / stargz / eStargz TOC JSON (composefs-from-json)"),
+    "tar": ("cfsc.frontends.tar", "tar archive / OCI layer, plain or gzip/zstd/xz (several: layers, merged)"),
 }
 
 HEAD_SIZE = 4096
+COMPRESSED_HEAD_SIZE = 1 << 20  # zstd yields nothing before a whole block (up to 128 KiB) is in
 
 
 def module(name: str) -> ModuleType:
@@ -45,7 +48,10 @@ def _head(source) -> bytes:
         return stdin.peek(HEAD_SIZE)[:HEAD_SIZE] if hasattr(stdin, "peek") else b""
     try:
         with open(source, "rb") as f:
-            return f.read(HEAD_SIZE)
+            head = f.read(HEAD_SIZE)
+            if head.startswith((GZIP_MAGIC, ZSTD_MAGIC, XZ_MAGIC)):
+                head += f.read(COMPRESSED_HEAD_SIZE - len(head))
+            return head
     except OSError as e:
         raise InputError(f"cannot open: {e.strerror}", source_name(source)) from None
 
@@ -57,7 +63,7 @@ def _decompressed_head(head: bytes) -> bytes:
         if head.startswith(ZSTD_MAGIC):
             import zstandard
 
-            return zstandard.ZstdDecompressor().decompressobj().decompress(head)[:HEAD_SIZE]
+            return zstandard.ZstdDecompressor().stream_reader(io.BytesIO(head)).read(HEAD_SIZE)
         if head.startswith(XZ_MAGIC):
             return lzma.LZMADecompressor().decompress(head, HEAD_SIZE)
     except Exception:

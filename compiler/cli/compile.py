@@ -30,6 +30,7 @@ def compile_cmd(
     user_xattrs: bool = typer.Option(False, "--user-xattrs", help="Directory tree: record only user.* xattrs."),
     hardlinks: bool = typer.Option(False, "--hardlinks", help="Directory tree: keep hard links (mkcomposefs makes each name its own inode)."),
     basedir: str | None = typer.Option(None, "--basedir", help="CRFS TOC: fs-verity digests for payloads found in this directory."),
+    keep_whiteouts: bool = typer.Option(False, "--keep-whiteouts", help="Tar layers: keep OCI whiteouts as overlay whiteouts (for stacking the image over lower layers)."),
 ) -> None:
     """Compile a source into a composefs image."""
     if output is None and not print_digest_only:
@@ -39,7 +40,8 @@ def compile_cmd(
     options = Options(min_version=min_version, max_version=max_version, strict=strict,
                       digest_store=digest_store, use_epoch=use_epoch, skip_devices=skip_devices,
                       skip_xattrs=skip_xattrs, user_xattrs=user_xattrs, hardlinks=hardlinks,
-                      progress=sys.stderr.isatty(), basedir=basedir)
+                      progress=sys.stderr.isatty(), basedir=basedir,
+                      keep_whiteouts=keep_whiteouts)
     if threads is not None:
         options.threads = threads
     digest = build.compile_image(sources, output, options, source_format,

@@ -1,0 +1,478 @@
+"""Tar archives and OCI image layers → tree, one streaming pass per layer.
+
+`cfsc compile layer.tar[.gz|.zst|.xz] -o IMAGE [--digest-store STORE]` builds the image of the
+tree that extracting the archive would give, without extracting it: headers are parsed as they
+stream by (`tarstream`) and file data goes straight into the hashing and the store
+(`contents`).  Several archives are layers, merged bottom first with OCI whiteouts.
+
+The tree an archive gives (what GNU tar extracting it as root with `-p --same-owner
+--numeric-owner --xattrs --xattrs-include='*'` gives; tested byte for byte):
+
+* file type from the type flag, permissions `mode & 07777` (symlinks always 0777, as Linux
+  has them), numeric uid/gid, mtime with nanoseconds (PAX), rdev of devices, symlink targets
+  verbatim, xattrs from PAX records.  `--use-epoch` sets every mtime to 0; `--skip-xattrs`,
+  `--user-xattrs` and `--skip-devices` work as for directories.
+* regular files: 1..64 bytes inline, larger ones external (payload `xx/yyyy…` = fs-verity
+  digest), exactly as the directory frontend and mkcomposefs do.
+* hard links (type `1`) name an inode already in the tree (an earlier member, or a lower
+  layer): one inode, `nlink` = its names.  The home entry is the first name in depth-first
+  name order, as the directory frontend chooses it.  A link to a path that does not exist
+  (yet) or to a directory is an error.
+* directories the archive never lists (parents of members) are implied: 040755, owner 0:0,
+  mtime 0 (the same defaults as the CRFS frontend, composefs-from-json and containers/storage;
+  a fixed default keeps images reproducible where an extractor would use the current time).
+  The root is implied the same way unless a member names it (`./`, `/`).
+* duplicate members: the last wins, as extraction does.  A directory over a directory replaces
+  the metadata (and xattrs) and keeps the children; anything else replaces the entry, removing
+  a directory's whole subtree (the OCI rule; GNU tar would refuse to unlink a non-empty
+  directory).  A hard link keeps the inode it was made to, whatever later replaces its target.
+
+Safety: member names are cleaned (a leading `/` is stripped, as GNU tar does; `./`, empty
+components and trailing `/` dropped) and must stay inside the root: a `..` component anywhere
+is an error (GNU tar refuses such members too).  The tree cannot follow symlinks, so a member
+whose path runs through a symlink (the symlink-then-file trick: `lnk -> /etc`, then
+`lnk/passwd`) or through any other non-directory is an error rather than a write "through" the
+link; GNU tar refuses the same for links it considers unsafe.  Hard-link targets are cleaned
+the same way.  Nothing from the archive is ever used as a host path: data only goes into store
+objects named by their digest.  Size fields are checked against composefs' limit before any
+data is read, data is streamed (a huge declared size costs no memory), and an archive that ends
+early, or has a bad checksum or malformed field, is an error naming the member and the byte
+offset.  On any error no image is written and the store's uncommitted temp objects are removed
+(objects committed before — complete and named by their digest — stay).
+
+Layers (`cfsc compile l1.tar l2.tar l3.tar`, bottom first; OCI image-spec `layer.md`,
+inputs.md §2.8): `DIR/.wh.NAME` deletes NAME (a whole subtree) from the layers below, and
+`DIR/.wh..wh..opq` hides everything the layers below put in DIR, whatever the marker's position
+in the archive.  Neither ever affects the layer's own entries: the result is "apply the
+layer's whiteouts first, then extract the rest", computed in one pass by remembering which
+entries the current layer made.  (containers/storage agrees; composefs-rs applies markers in
+stream order instead, which differs only for layers that put a marker after their own entries
+in the same directory.)  A whiteout for a missing path deletes nothing; the marker files never
+appear in the image; other `.wh..wh.*` names (AUFS metadata) are ignored; a bare `.wh.` is an
+error.  A single layer is a stack of one: its whiteouts hide nothing and are dropped.
+
+`--keep-whiteouts` keeps whiteouts for stacking the image over lower layers instead (composefs
+format v1 stores them as overlay whiteouts): `.wh.NAME` becomes a character device 0:0 NAME
+(permissions 0, owner and mtime of the marker) unless the layer itself has an entry NAME, and
+`.wh..wh..opq` becomes `trusted.overlay.opaque=y` on the directory (whiteouts inside an opaque
+directory are dropped: they are redundant, and libcomposefs would turn the opaque `y` into `x`,
+inputs.md §2.9).  With several layers the result is their squash: mounted over any lower tree
+it shows what the whole stack would, so whiteouts and opaque directories that may hide
+something below the stack are kept (a directory replacing a whiteout becomes opaque).
+
+Threads (`--threads`) hash and store file data while the archive is read (`contents`).
+Progress goes to stderr when asked (the CLI asks when stderr is a terminal).
+"""
+
+from __future__ import annotations
+
+from cfsc import devices, limits
+from cfsc.errors import InputError
+from cfsc.options import Options
+from cfsc.progress import Progress, mib
+from cfsc.tree import S_IFBLK, S_IFCHR, S_IFDIR, S_IFIFO, S_IFLNK, S_IFREG, Inode, Tree
+
+from .contents import INLINE_MAX, WHOLE_MAX, Contents
+from .tarstream import (BLOCKDEV, CHAR, DIRECTORY, FIFO, HARDLINK, SYMLINK, Member, TarReader, header_ok,
+                        printable)
+
+IMPLIED_MODE = S_IFDIR | 0o755
+WHITEOUT = b".wh."
+OPAQUE = b".wh..wh..opq"
+AUFS_META = b".wh..wh."
+OPAQUE_XATTR = (b"trusted.overlay.opaque", b"y")
+U32 = 0xFFFFFFFF
+NOT_NAMES = frozenset((b"", b".", b".."))
+DEVICE_TYPES = {CHAR: S_IFCHR, BLOCKDEV: S_IFBLK}
+
+
+def sniff(head: bytes) -> bool:
+    """A ustar/GNU header (magic at 257), a v7 header with a valid checksum, or the zero
+    blocks of an empty archive (OCI images have empty layers)."""
+    return head[257:262] == b"ustar" or header_ok(head) or (len(head) >= 1024 and not head[:1024].strip(b"\0"))
+
+
+def load(source, options: Options | None = None) -> Tree:
+    return load_many([source], options)
+
+
+def load_many(sources, options: Options | None = None) -> Tree:
+    """Layers, bottom first, merged into one tree (see the module docstring)."""
+    options = options or Options()
+    from cfsc.errors import UsageError
+
+    if options.skip_xattrs and options.user_xattrs:
+        raise UsageError("--skip-xattrs and --user-xattrs conflict: give one of them", "--user-xattrs")
+    contents = Contents(options)
+    builder = _Builder(options, contents)
+    try:
+        for index, source in enumerate(sources):
+            builder.layer_from(source, index, len(sources))
+        contents.finish()
+    except BaseException:
+        contents.abort()
+        raise
+    finally:
+        builder.progress.close()
+    return builder.finish(", ".join(str(s) for s in sources))
+
+
+class _Builder:
+    def __init__(self, options: Options, contents: Contents) -> None:
+        self.options = options
+        self.contents = contents
+        self.keep = options.keep_whiteouts
+        self.root = Inode(IMPLIED_MODE)
+        self.linked: set[Inode] = set()  # inodes that hard-link members gave further names
+        self.opaque: set[Inode] = set()  # with keep: directories that hide what lies below
+        self.placeholders: set[Inode] = set()  # with keep: the whiteout devices made here
+        self.xattr_sets: dict[tuple, tuple] = {}
+        self.progress = Progress(options.progress)
+        self.layer_name = ""
+        self.members = 0
+        self.reader: TarReader | None = None
+        # Per layer.  `dirs`: a parent's spelling in the archive → that directory (cleared when
+        # a directory leaves the tree).  With a layer below: `ours` holds the entries this layer
+        # made (directories it listed or implied, new inodes), `our_links` its hard-link entries
+        # as (parent, name), `touched` the lower directories its entries went into.
+        self.dirs: dict[bytes, Inode] = {}
+        self.ours: set[Inode] | None = None
+        self.our_links: set[tuple[Inode, bytes]] = set()
+        self.touched: set[Inode] = set()
+
+    # -- layers -----------------------------------------------------------------------------
+
+    def layer_from(self, source, index: int, count: int) -> None:
+        self.dirs = {b"": self.root, b".": self.root}
+        self.ours = set() if index else None
+        self.our_links = set()
+        self.touched = set()
+        self.layer_name = f"layer {index + 1}/{count} " if count > 1 else ""
+        with TarReader(source) as reader:
+            self.reader = reader
+            for m in reader.members():
+                self.member(m)
+        self.reader = None
+        self.ours = None
+        self.our_links = set()
+        self.touched = set()
+
+    def status(self) -> str:
+        c = self.contents
+        reader = self.reader
+        read = mib(reader.offset) if reader is not None else "?"
+        return (f"{self.layer_name}{self.members} members, {read} read; "
+                f"hashed {c.files_done}/{c.files} files, {mib(c.bytes_done)}/{mib(c.bytes)}")
+
+    # -- one member -------------------------------------------------------------------------
+
+    def error(self, what: str, m: Member) -> InputError:
+        assert self.reader is not None
+        return self.reader.error(what, m)
+
+    def member(self, m: Member) -> None:
+        self.members += 1
+        self.progress.update(self.status)
+        raw = m.path
+        if raw.endswith(b"/"):
+            raw = raw.rstrip(b"/")
+        head, _, name = raw.rpartition(b"/")
+        parent = self.dirs.get(head)
+        if parent is None or name in NOT_NAMES or len(name) > limits.NAME_MAX:
+            resolved = self.resolve(m, head, name)
+            if resolved is None:
+                self.root_entry(m)
+                return
+            parent, name = resolved
+        if name.startswith(WHITEOUT):
+            self.whiteout(m, parent, name)
+            return
+        t = m.type
+        if t == DIRECTORY:
+            self.directory(m, parent, name)
+            return
+        if t == HARDLINK:
+            self.hardlink(m, parent, name)
+            return
+        options = self.options
+        uid, gid = self.owner(m)
+        mtime, nsec = (0, 0) if options.use_epoch else (m.mtime, m.mtime_nsec)
+        xattrs = self.xattrs(m) if m.xattrs else ()
+        if t == SYMLINK:
+            problem = limits.check_symlink(m.linkpath)
+            if problem is not None:
+                raise self.error(problem, m)
+            node = Inode(S_IFLNK | 0o777, uid, gid, mtime, nsec, len(m.linkpath), payload=m.linkpath, xattrs=xattrs)
+        elif t == FIFO:
+            node = Inode(S_IFIFO | m.mode, uid, gid, mtime, nsec, xattrs=xattrs)
+        elif t in DEVICE_TYPES:
+            if options.skip_devices:
+                self.remove_entry(parent, name)  # extracting replaced what was there
+                return
+            if m.devmajor < 0 or m.devmajor > devices.MAJOR_MAX or m.devminor < 0 or m.devminor > devices.MINOR_MAX:
+                raise self.error(f"device {m.devmajor}:{m.devminor}: composefs stores majors up to"
+                                 f" {devices.MAJOR_MAX} and minors up to {devices.MINOR_MAX}", m)
+            node = Inode(DEVICE_TYPES[t] | m.mode, uid, gid, mtime, nsec, rdev=devices.makedev(m.devmajor, m.devminor),
+                         xattrs=xattrs)
+        else:  # regular
+            size = m.size
+            if size > limits.MAX_EXTERNAL_SIZE:
+                raise self.error(f"declares {size} bytes of data: composefs stores files up to"
+                                 f" {limits.MAX_EXTERNAL_SIZE} bytes", m)
+            node = Inode(S_IFREG | m.mode, uid, gid, mtime, nsec, size, xattrs=xattrs)
+            self.place(parent, name, node)
+            if size:
+                self.data(m, node, size)
+            return
+        self.place(parent, name, node)
+
+    def data(self, m: Member, node: Inode, size: int) -> None:
+        reader = self.reader
+        assert reader is not None
+        if size <= INLINE_MAX:
+            self.contents.inline(node, reader.read(size))
+        elif size <= WHOLE_MAX:
+            self.contents.whole(node, reader.read(size))
+        else:
+            self.contents.stream(node, size, reader.chunks(size))
+
+    def owner(self, m: Member) -> tuple[int, int]:
+        uid, gid = m.uid, m.gid
+        if uid < 0 or uid > U32 or gid < 0 or gid > U32:
+            raise self.error(f"owner {uid}:{gid}: composefs stores 32-bit ids", m)
+        return uid, gid
+
+    def xattrs(self, m: Member) -> tuple:
+        items = m.xattrs
+        assert items is not None
+        if self.options.skip_xattrs:
+            return ()
+        pairs = tuple(sorted(items.items()))
+        if self.options.user_xattrs:
+            pairs = tuple(kv for kv in pairs if kv[0].startswith(b"user."))
+        return self.xattr_sets.setdefault(pairs, pairs)
+
+    # -- paths ------------------------------------------------------------------------------
+
+    def resolve(self, m: Member, head: bytes, last: bytes) -> tuple[Inode, bytes] | None:
+        """The slow path: clean the name, walk (creating implied directories), cache the parent.
+        None for a name that reduces to the root."""
+        parts = self.clean(m.path, m, "member name")
+        if not parts:
+            return None
+        parent = self.walk(parts[:-1], m)
+        if last == parts[-1]:
+            self.dirs[head] = parent
+        return parent, parts[-1]
+
+    def clean(self, raw: bytes, m: Member, what: str) -> list[bytes]:
+        parts = [p for p in raw.split(b"/") if p and p != b"."]
+        if b".." in parts:
+            raise self.error(f"{what} '{printable(raw)}' contains '..': refused (it could leave the root;"
+                             " GNU tar refuses it too)", m)
+        for p in parts:
+            if len(p) > limits.NAME_MAX:
+                raise self.error(f"{what} has a component of {len(p)} bytes: at most {limits.NAME_MAX}", m)
+        return parts
+
+    def walk(self, parts: list[bytes], m: Member) -> Inode:
+        node = self.root
+        ours = self.ours
+        for i, part in enumerate(parts):
+            children = node.children
+            assert children is not None
+            child = children.get(part)
+            if child is None or child in self.placeholders:
+                implied = Inode(IMPLIED_MODE)
+                if child is not None:
+                    self.opaque.add(implied)  # replaces a whiteout: hide what lies below
+                node.add_child(part, implied)
+                if ours is not None:
+                    ours.add(implied)
+                child = implied
+            elif child.children is None:
+                where = printable(b"/".join(parts[:i + 1]))
+                if child.mode & 0o170000 == S_IFLNK:
+                    raise self.error(f"the path goes through the symlink '{where}' (-> "
+                                     f"'{printable(child.payload or b'')}'): refused, the tree does not follow"
+                                     " links (the symlink-then-file trick)", m)
+                raise self.error(f"the path goes through '{where}', which is not a directory", m)
+            elif ours is not None and child not in ours:
+                self.touched.add(child)
+            node = child
+        return node
+
+    def lookup(self, parts: list[bytes]) -> Inode | None:
+        node = self.root
+        for part in parts:
+            if node.children is None:
+                return None
+            nxt = node.children.get(part)
+            if nxt is None or nxt in self.placeholders:
+                return None
+            node = nxt
+        return node
+
+    # -- placing entries --------------------------------------------------------------------
+
+    def place(self, parent: Inode, name: bytes, node: Inode, link: bool = False) -> None:
+        old = parent.children.get(name)  # type: ignore[union-attr]
+        if old is not None:
+            if old.children is not None:
+                self.dirs.clear()  # cached parents may lie inside the directory that goes
+            elif old in self.placeholders and node.children is not None:
+                self.opaque.add(node)  # a directory replacing a whiteout hides what lies below
+        parent.add_child(name, node, link)
+        if self.ours is not None:
+            if link:
+                self.our_links.add((parent, name))
+            else:
+                self.ours.add(node)
+
+    def remove_entry(self, parent: Inode, name: bytes) -> None:
+        old = parent.children.get(name)  # type: ignore[union-attr]
+        if old is not None:
+            if old.children is not None:
+                self.dirs.clear()
+            parent.remove_child(name)
+
+    def root_entry(self, m: Member) -> None:
+        if m.type != DIRECTORY:
+            raise self.error("names the root, which can only be a directory", m)
+        self.set_dir_metadata(self.root, m)
+
+    def set_dir_metadata(self, node: Inode, m: Member) -> None:
+        node.mode = S_IFDIR | m.mode
+        node.uid, node.gid = self.owner(m)
+        node.mtime, node.mtime_nsec = (0, 0) if self.options.use_epoch else (m.mtime, m.mtime_nsec)
+        node.xattrs = self.xattrs(m) if m.xattrs else ()
+
+    def directory(self, m: Member, parent: Inode, name: bytes) -> None:
+        old = parent.children.get(name)  # type: ignore[union-attr]
+        if old is not None and old.children is not None:
+            self.set_dir_metadata(old, m)  # merge: metadata replaced, children kept
+            if self.ours is not None:
+                self.ours.add(old)
+            return
+        node = Inode(IMPLIED_MODE)
+        self.set_dir_metadata(node, m)
+        self.place(parent, name, node)
+
+    def hardlink(self, m: Member, parent: Inode, name: bytes) -> None:
+        target = self.lookup(self.clean(m.linkpath, m, "hard-link target"))
+        if target is None:
+            raise self.error(f"hard link to '{printable(m.linkpath)}', which does not exist: the target must"
+                             " come earlier in the archive (or in a lower layer)", m)
+        if target.children is not None:
+            raise self.error(f"hard link to the directory '{printable(m.linkpath)}': expected a file", m)
+        if parent.children.get(name) is target:  # type: ignore[union-attr]
+            return
+        self.place(parent, name, target, link=True)
+        self.linked.add(target)
+
+    # -- whiteouts --------------------------------------------------------------------------
+
+    def is_ours(self, parent: Inode, name: bytes, node: Inode) -> bool:
+        """Did the current layer make this entry?  (Always, when no layer lies below.)"""
+        if self.ours is None:
+            return True
+        return node in self.ours or (parent, name) in self.our_links
+
+    def whiteout(self, m: Member, parent: Inode, name: bytes) -> None:
+        if self.ours is None and not self.keep:
+            return  # the bottom layer: nothing below to hide
+        if name == OPAQUE:
+            self.purge(parent)
+            if self.keep:
+                self.opaque.add(parent)
+            return
+        if name.startswith(AUFS_META):
+            return
+        victim = name[len(WHITEOUT):]
+        if victim in NOT_NAMES:
+            raise self.error(f"whiteout '{printable(name)}' names no entry", m)
+        node = parent.children.get(victim)  # type: ignore[union-attr]
+        if node is not None:
+            if node in self.placeholders:
+                return  # already a whiteout
+            if self.is_ours(parent, victim, node):
+                if node.children is not None:  # the layer's directory replaces the one below
+                    self.purge(node)
+                    if self.keep:
+                        self.opaque.add(node)
+                return  # the layer's own entry stays (and hides what lies below)
+            if node.children is not None and node in self.touched:
+                self.adopt(node)  # this layer put entries below it: they stay
+                if self.keep:
+                    self.opaque.add(node)
+                return
+            self.remove_entry(parent, victim)
+        if self.keep:
+            uid, gid = self.owner(m)
+            mtime, nsec = (0, 0) if self.options.use_epoch else (m.mtime, m.mtime_nsec)
+            placeholder = Inode(S_IFCHR, uid, gid, mtime, nsec)
+            self.placeholders.add(placeholder)
+            parent.add_child(victim, placeholder)
+
+    def adopt(self, node: Inode) -> None:
+        """A lower directory the layer deletes but put entries under: it becomes the implied
+        directory the layer's entries need, holding only them."""
+        node.mode = IMPLIED_MODE
+        node.uid = node.gid = node.mtime = node.mtime_nsec = 0
+        node.xattrs = ()
+        assert self.ours is not None
+        self.ours.add(node)
+        self.purge(node)
+
+    def purge(self, directory: Inode) -> None:
+        """Remove what lower layers put in `directory`, recursively; keep this layer's entries."""
+        if self.ours is None:
+            return
+        stack = [directory]
+        while stack:
+            d = stack.pop()
+            for name, child in list(d.children.items()):  # type: ignore[union-attr]
+                if self.is_ours(d, name, child):
+                    if child.children is not None:
+                        stack.append(child)
+                elif child.children is not None and child in self.touched:
+                    child.mode = IMPLIED_MODE
+                    child.uid = child.gid = child.mtime = child.mtime_nsec = 0
+                    child.xattrs = ()
+                    self.ours.add(child)
+                    stack.append(child)
+                else:
+                    self.remove_entry(d, name)
+
+    # -- the end ----------------------------------------------------------------------------
+
+    def finish(self, source: str) -> Tree:
+        if self.linked:
+            self.choose_homes()
+        if self.keep:
+            for d in self.opaque:
+                for name, child in list(d.children.items()):  # type: ignore[union-attr]
+                    if child in self.placeholders:
+                        d.remove_child(name)
+                d.set_xattr(*OPAQUE_XATTR)
+        return Tree(self.root, source)
+
+    def choose_homes(self) -> None:
+        """Each linked inode's home is its first name in depth-first name order (what the
+        directory frontend picks), whatever order the archive and later replacements left."""
+        linked = self.linked
+        names: dict[int, list] = {}
+        stack = [(b"", self.root)]
+        while stack:
+            path, d = stack.pop()
+            links = d.links
+            for name, child in d.children.items():  # type: ignore[union-attr]
+                if child.children is not None:
+                    if links is None or name not in links:
+                        stack.append((path + b"/" + name, child))
+                elif child in linked:
+                    names.setdefault(id(child), []).append((path + b"/" + name, d, name, child))
+        for entries in names.values():
+            entries.sort(key=lambda e: e[0].split(b"/"))
+            for i, (_path, d, name, child) in enumerate(entries):
+                d.add_child(name, child, link=i > 0)
