@@ -17,6 +17,7 @@ read back, so `cfsc dump x.dump` prints what `cfsc dump` of the compiled image p
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Iterator
 from typing import BinaryIO
 
 from cfsc.options import Options
@@ -61,10 +62,9 @@ def escape_optional(data: bytes | None) -> bytes:
     return _STANDARD.sub(_repl, data)
 
 
-def dump_image(image: Image, out: BinaryIO, names: frozenset[bytes] | None = None) -> None:
-    """Write the dump of an image; `names` keeps only those children of the root (`--filter`)."""
+def dump_lines(image: Image, names: frozenset[bytes] | None = None) -> Iterator[bytes]:
+    """The dump of an image, line by line; `names` keeps only those children of the root."""
     entries = Entries(image)
-    lines: list[bytes] = []
     xattr_text: dict[int, bytes] = {}  # id(interned xattrs) -> text
     sub = _STANDARD.sub
     repl = _repl
@@ -84,15 +84,27 @@ def dump_image(image: Image, out: BinaryIO, names: frozenset[bytes] | None = Non
         else:
             content = b"-"
         digest = e.digest
-        lines.append(b"%s %d %s%o %d %d %d %d %d.%d %s %s %s%s\n" % (
+        yield b"%s %d %s%o %d %d %d %d %d.%d %s %s %s%s\n" % (
             sub(repl, path), e.size, b"@" if first is not None else b"", e.mode, e.nlink,
             e.uid, e.gid, e.rdev, e.mtime, e.mtime_nsec,
             escape_optional(first if first is not None else e.payload), content,
-            digest.hex().encode() if digest is not None else b"-", tail))
-        if len(lines) >= 4096:
-            out.write(b"".join(lines))
-            lines.clear()
-    out.write(b"".join(lines))
+            digest.hex().encode() if digest is not None else b"-", tail)
+
+
+def write_lines(out: BinaryIO, lines: Iterable[bytes], batch: int = 4096) -> None:
+    """Write lines in batches (one write per few hundred KiB, not one per line)."""
+    pending: list[bytes] = []
+    for line in lines:
+        pending.append(line)
+        if len(pending) >= batch:
+            out.write(b"".join(pending))
+            pending.clear()
+    out.write(b"".join(pending))
+
+
+def dump_image(image: Image, out: BinaryIO, names: frozenset[bytes] | None = None) -> None:
+    """Write the dump of an image; `names` keeps only those children of the root (`--filter`)."""
+    write_lines(out, dump_lines(image, names))
 
 
 def write(tree: Tree, out: BinaryIO, options: Options) -> None:

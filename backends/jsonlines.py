@@ -23,6 +23,7 @@ from cfsc.jsonbytes import put
 from cfsc.options import Options
 from cfsc.tree import FILE_TYPES, S_IFBLK, S_IFCHR, S_IFMT, Tree
 
+from .dumpfile import write_lines
 from .erofs.entries import Entries, Entry, walk
 from .erofs.reader import Image
 
@@ -61,14 +62,10 @@ def entry_object(path: bytes, e: Entry, first: bytes | None) -> dict:
 
 
 def dump_image(image: Image, out: BinaryIO, names: frozenset[bytes] | None = None) -> None:
-    lines: list[bytes] = []
     dumps = orjson.dumps
-    for path, e, first in walk(image, names, Entries(image)):
-        lines.append(dumps(entry_object(path, e, first), option=orjson.OPT_APPEND_NEWLINE))
-        if len(lines) >= 4096:
-            out.write(b"".join(lines))
-            lines.clear()
-    out.write(b"".join(lines))
+    newline = orjson.OPT_APPEND_NEWLINE
+    write_lines(out, (dumps(entry_object(path, e, first), option=newline)
+                      for path, e, first in walk(image, names, Entries(image))))
 
 
 def write(tree: Tree, out: BinaryIO, options: Options) -> None:

@@ -10,7 +10,7 @@ more than the image's own size.
 
 API (the FUSE server and the inspection verbs build on it; nothing is read until asked):
 
-    image = Image.open("img.cfs")          # or Image(buffer, name): bytes, mmap, memoryview
+    image = Image.open("img.cfs")          # or Image(buffer, name) for bytes or an mmap
     image.version, image.flags             # composefs header: format version 0/1, flags
     image.root_nid, image.inode_count      # superblock
     ino = image.inode(nid)                 # RawInode: stat fields as stored, layout, offsets
@@ -21,10 +21,16 @@ API (the FUSE server and the inspection verbs build on it; nothing is read until
     image.xattrs(ino)                      # [(key, value)] full keys, on-disk order:
                                            # inline entries, then shared ones
 
-Inode numbers: `RawInode.ino` is the on-disk `i_ino` (libcomposefs writes the breadth-first
-index); `nid` is the inode's position (byte offset / 32), unique per inode, so either works
-as a stable inode number.  What a *user* sees (overlay xattrs turned back into payload,
-digest and whiteouts; the 256 root whiteouts hidden) is `cfsc.backends.erofs.entries`.
+What a *user* sees is one layer up, in `cfsc.backends.erofs.entries`: `Entries(image).of(ino)`
+gives an `Entry` (stat fields, payload = backing file or symlink target, fs-verity digest,
+inline content, user xattrs with the overlay ones undone) or None for a hidden whiteout;
+`walk()` is composefs-info's depth-first walk and `resolve()` a path lookup.  A FUSE server
+maps GETATTR to an Entry (inode number: `nid`, unique per inode, or `ino` = on-disk `i_ino`),
+LOOKUP to `image.lookup` + `Entries.of`, READDIR to `image.dirents` (dropping hidden
+whiteouts), READLINK to `Entry.payload`, GETXATTR/LISTXATTR to `Entry.xattrs` (or
+`image.xattrs` for the raw keys the kernel's lower layer has), and READ to `Entry.content`
+or the store object `Entry.payload` (checked against `Entry.digest`).  Directory listings are
+parsed on each call: cache them per nid if they are asked for often.
 
 Rules checked beyond bounds, each because the kernel relies on it too: directory names in
 strictly increasing byte order (lookups are binary searches), name offsets increasing and
@@ -37,6 +43,7 @@ import struct
 from bisect import bisect_left
 
 from cfsc.errors import ImageError
+from cfsc.limits import INLINE_CONTENT_MAX, PATH_MAX, VALID_TYPES
 from cfsc.streams import read_all, source_name
 from cfsc.tree import S_IFDIR, S_IFLNK, S_IFMT, S_IFREG
 
@@ -67,11 +74,8 @@ from .layout import (
 )
 
 BLK = EROFS_BLKSIZ
-INLINE_CONTENT_MAX = 5000  # libcomposefs never inlines more (limits.INLINE_CONTENT_MAX)
-SYMLINK_MAX = 4095
-VALID_TYPES = frozenset((0o140000, 0o120000, 0o100000, 0o060000, 0o040000, 0o020000, 0o010000))
-LAYOUTS = {EROFS_INODE_FLAT_PLAIN: "flat plain", EROFS_INODE_FLAT_INLINE: "flat inline",
-           EROFS_INODE_CHUNK_BASED: "chunk based"}
+SYMLINK_MAX = PATH_MAX - 1
+LAYOUTS = (EROFS_INODE_FLAT_PLAIN, EROFS_INODE_FLAT_INLINE, EROFS_INODE_CHUNK_BASED)
 U64_SIGN = 1 << 63
 
 _unpack_u16 = struct.Struct("<H").unpack_from
@@ -110,7 +114,7 @@ class RawInode:
 
 
 class Image:
-    """A composefs image held in memory (bytes, mmap or any buffer)."""
+    """A composefs image held in memory (bytes or an mmap)."""
 
     def __init__(self, data, name: str = "<image>") -> None:
         self.data = data
