@@ -33,3 +33,5 @@ class Options:
     verify: bool = False
     # mtime clamping (SOURCE_DATE_EPOCH, read by the CLI)
     clamp_mtime: int | None = None
+    # entries to leave out: queries (`cfsc.query`), any match excludes
+    exclude: tuple[str, ...] = ()

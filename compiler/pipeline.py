@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from .options import Options
 from .passes.add_overlay_xattrs import add_overlay_xattrs
+from .passes.clamp_mtimes import clamp_mtimes
+from .passes.exclude_entries import exclude_entries
 from .passes.order_inodes import order_inodes
 from .passes.resolve_hardlinks import resolve_hardlinks
 from .passes.select_version import select_version
@@ -17,6 +19,8 @@ from .passes.validate_limits import validate_limits
 from .tree import Tree
 
 PASSES = (
+    exclude_entries,     # --exclude: drop what the user's queries select
+    clamp_mtimes,        # --clamp-mtime: nothing later than SOURCE_DATE_EPOCH
     resolve_hardlinks,   # one home entry per inode; nlink
     validate_limits,     # every limit libcomposefs enforces
     select_version,      # format 0 or 1 within the allowed range

@@ -46,10 +46,18 @@ def validator(name: str, definition: str | None = None):
 
     schema = load(name)
     cls = jsonschema.validators.validator_for(schema)
-    whole = cls(schema, format_checker=cls.FORMAT_CHECKER)
+    whole = cls(schema, format_checker=cls.FORMAT_CHECKER, registry=_registry())
     if definition is None:
         return whole
     return whole.evolve(schema={"$ref": f"{schema['$id']}#/$defs/{definition}"})
+
+
+@functools.cache
+def _registry():
+    """Every shipped schema by its `$id`, so one schema can refer to another (`urn:cfsc:schema:NAME`)."""
+    from referencing import Registry, Resource
+
+    return Registry().with_resources((ID_PREFIX + n, Resource.from_contents(load(n))) for n in names())
 
 
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*\Z")

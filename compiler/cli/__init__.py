@@ -17,7 +17,7 @@ import traceback as _traceback
 
 import typer
 
-from ..errors import CfscError
+from ..errors import CfscError, UsageError
 
 app = typer.Typer(
     add_completion=False,
@@ -66,6 +66,18 @@ def command(*args, **kwargs):
     return wrap
 
 
+def source_date_epoch() -> int:
+    """$SOURCE_DATE_EPOCH (reproducible-builds.org) as an integer, for `--clamp-mtime`."""
+    import os
+
+    text = os.environ.get("SOURCE_DATE_EPOCH")
+    if text is None:
+        raise UsageError("--clamp-mtime needs SOURCE_DATE_EPOCH in the environment (seconds since the epoch)")
+    if not text.strip().isdigit():
+        raise UsageError(f"expected a non-negative integer (seconds since the epoch), got {text!r}", "SOURCE_DATE_EPOCH")
+    return int(text)
+
+
 def digest_line(digest: bytes) -> None:
     sys.stdout.write(digest.hex() + "\n")
     sys.stdout.flush()
@@ -87,6 +99,8 @@ COMMANDS = {
     "info": "inspect",
     "fsck-store": "inspect",
     "schema": "schema",
+    "diff": "diff",
+    "check": "diff",
     "mount": "mount",
     "umount": "mount",
     "composefs-fuse": "mount",

@@ -1,0 +1,318 @@
+"""CI checks: a source compiles to the digest it should, and to one digest however it is compiled.
+
+`expect` compiles a source and compares its fs-verity digest with an expected one and/or a
+reference (an image, or any source compiled with the same options); on a mismatch the report
+carries the diff of the two images, with the reasons their bytes differ (`cfsc.explain`).
+
+`reproducible` compiles the source several ways and wants one digest from all of them; each
+way that differs comes with the diff against the first compilation:
+
+* `shuffled`    — a dumpfile's lines in another order (parents still first; the format allows
+                  any such order);
+* `reversed`    — the loaded tree rebuilt with every directory's entries inserted in reverse
+                  (`Tree.copy(reverse=True)`): nothing may depend on a listing order;
+* `threads`     — one reading thread instead of several (or several instead of one);
+* `environment` — compiled by fresh `python -m cfsc.check` processes with other TZ, locale
+                  and umask (whatever a process inherits must not leak into the image);
+* `dump`        — the image dumped as a dumpfile and compiled again;
+* `image`       — the image read back as a source and compiled again.
+
+The first four load the source again (so a frontend that is not deterministic shows up);
+the last two start from the image (so a lossy or inexact round trip shows up).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import os
+import random
+import re
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from .diff import Report, diff_images
+from .errors import CfscError, InputError, UsageError
+from .fsverity import digest_bytes
+from .options import Options
+from .streams import read_all, source_name
+from .tree import Tree
+
+VARIANTS = ("shuffled", "reversed", "threads", "environment", "dump", "image")
+ENVIRONMENTS = (
+    ({"TZ": "Pacific/Kiritimati", "LC_ALL": "C", "LANG": "C"}, 0o077),
+    ({"TZ": "America/St_Johns", "LC_ALL": "C.UTF-8", "LANG": "C.UTF-8"}, 0o000),
+)
+
+
+@dataclass
+class Attempt:
+    """One way of compiling: its digest, or the error it hit, and the diff if it differs."""
+
+    name: str
+    detail: str
+    digest: bytes | None = None
+    error: str | None = None
+    diff: Report | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and self.diff is None
+
+
+@dataclass
+class CheckReport:
+    source: str
+    digest: bytes
+    expected: bytes | None = None
+    reference: str | None = None
+    diff: Report | None = None  # the compiled source against the reference, if they differ
+    attempts: list[Attempt] = dataclasses.field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        if self.expected is not None and self.expected != self.digest:
+            return False
+        return all(a.ok for a in self.attempts)
+
+
+def report_json(report: CheckReport) -> dict:
+    """The report as JSON data (schema: `cfsc schema check-report`)."""
+    from .diff import report_json as diff_json
+
+    obj: dict = {"source": report.source, "ok": report.ok, "digest": report.digest.hex(),
+                 "expected": report.expected.hex() if report.expected is not None else None,
+                 "reference": report.reference,
+                 "diff": diff_json(report.diff) if report.diff is not None else None}
+    ways = []
+    for a in report.attempts:
+        way: dict = {"way": a.name, "detail": a.detail, "ok": a.ok,
+                     "digest": a.digest.hex() if a.digest is not None else None}
+        if a.error is not None:
+            way["error"] = a.error
+        if a.diff is not None:
+            way["diff"] = diff_json(a.diff)
+        ways.append(way)
+    obj["reproducible"] = ways
+    return obj
+
+
+def compile_tree(tree: Tree, options: Options) -> bytes:
+    from .backends.erofs.writer import write_image
+    from .build import batch_allocation
+    from .pipeline import run_passes
+
+    out = io.BytesIO()
+    with batch_allocation():
+        write_image(run_passes(tree, options), out)
+    return out.getvalue()
+
+
+def compile_source(source, options: Options, fmt: str | None = None,
+                   transform: Callable[[Tree], Tree] | None = None) -> bytes:
+    from . import frontends
+    from .build import batch_allocation
+
+    with batch_allocation():
+        tree = frontends.load([source], options, fmt)
+    if transform is not None:
+        tree = transform(tree)
+    return compile_tree(tree, options)
+
+
+def parse_digest(text: str) -> bytes:
+    """`sha256:HEX` or `HEX` (64 hex digits) → 32 bytes."""
+    hexdigits = text[7:] if text.lower().startswith("sha256:") else text
+    if not re.fullmatch(r"[0-9a-fA-F]{64}", hexdigits):
+        raise UsageError(f"expected sha256:<64 hex digits>, got {text!r}", "--expect-digest")
+    return bytes.fromhex(hexdigits)
+
+
+def expect(source, options: Options, fmt: str | None = None, digest: bytes | None = None,
+           reference=None, reference_format: str | None = None,
+           baseline: bytes | None = None) -> CheckReport:
+    """Compile `source` and compare with an expected digest and/or a reference."""
+    from .images import open_image
+
+    if digest is None and reference is None:
+        raise UsageError("nothing to compare with: give --expect-digest and/or --reference")
+    image = baseline if baseline is not None else compile_source(source, options, fmt)
+    report = CheckReport(source_name(source), digest_bytes(image), expected=digest)
+    if reference is not None:
+        report.reference = source_name(reference)
+        ref = open_image(reference, dataclasses.replace(options), reference_format)
+        ref_bytes = bytes(ref.data)
+        if report.expected is None:
+            report.expected = digest_bytes(ref_bytes)
+        if report.expected != report.digest:
+            from .backends.erofs.reader import Image
+
+            report.diff = diff_images(Image(image, report.source), Image(ref_bytes, report.reference))
+    return report
+
+
+def reproducible(source, options: Options, fmt: str | None = None, variants: Iterable[str] = VARIANTS,
+                 report: CheckReport | None = None, baseline: bytes | None = None) -> CheckReport:
+    """Compile `source` every way in `variants` and compare each digest with the first one."""
+    from . import frontends
+
+    if source == "-":
+        raise UsageError("cannot read standard input several times: give a file, directory or ref", "--reproducible")
+    variants = list(variants)
+    for name in variants:
+        if name not in VARIANTS:
+            raise UsageError(f"unknown way {name!r}: expected some of {', '.join(VARIANTS)}", "--variants")
+    if fmt is None:
+        fmt = frontends.detect(source)
+    if baseline is None:
+        baseline = compile_source(source, options, fmt)
+    if report is None:
+        report = CheckReport(source_name(source), digest_bytes(baseline))
+    ways = _ways(source, options, fmt, baseline)
+    for name in variants:
+        for detail, make in ways[name]():
+            attempt = Attempt(name, detail)
+            try:
+                image = make()
+            except CfscError as e:
+                attempt.error = str(e)
+                report.attempts.append(attempt)
+                continue
+            attempt.digest = digest_bytes(image)
+            if image != baseline:
+                from .backends.erofs.reader import Image
+
+                attempt.diff = diff_images(Image(baseline, "first compilation"), Image(image, f"{name} ({detail})"))
+            report.attempts.append(attempt)
+    return report
+
+
+def _ways(source, options: Options, fmt: str, baseline: bytes) -> dict[str, Callable]:
+    """name → a function giving `(detail, make-image)` pairs (none where a way does not apply)."""
+    versions = Options(min_version=options.min_version, max_version=options.max_version)
+
+    def shuffled():
+        if fmt != "dump":
+            return []
+        data = read_all(source)
+        if not data.startswith(b"/"):
+            return []
+
+        def make() -> bytes:
+            from .frontends import dumpfile
+
+            with _batch():
+                tree = dumpfile.loads(shuffle_dumpfile(data, seed=1), options, source_name(source))
+            return compile_tree(tree, options)
+
+        return [("lines reordered, parents first", make)]
+
+    def reversed_():
+        return [("entries inserted in reverse order",
+                 lambda: compile_source(source, options, fmt, lambda t: t.copy(reverse=True)))]
+
+    def threads():
+        n = 1 if options.threads > 1 else 4
+        return [(f"--threads {n} (first: {options.threads})",
+                 lambda: compile_source(source, dataclasses.replace(options, threads=n), fmt))]
+
+    def environment():
+        return [(f"TZ={env['TZ']} LC_ALL={env['LC_ALL']} umask {mask:03o}",
+                 lambda env=env, mask=mask: compile_in_child(source, options, fmt, env, mask))
+                for env, mask in ENVIRONMENTS]
+
+    def dump():
+        def make() -> bytes:
+            from .backends.dumpfile import dump_image
+            from .backends.erofs.reader import Image
+            from .frontends import dumpfile
+
+            text = io.BytesIO()
+            dump_image(Image(baseline), text)
+            with _batch():
+                tree = dumpfile.loads(text.getvalue(), versions, "dump of the image")
+            return compile_tree(tree, versions)
+
+        return [("image → dumpfile → image", make)]
+
+    def image():
+        def make() -> bytes:
+            from .backends.erofs.reader import Image
+            from .frontends.image import read_tree
+
+            with _batch():
+                tree = read_tree(Image(baseline, "the image"))
+            return compile_tree(tree, versions)
+
+        return [("image → tree → image", make)]
+
+    return {"shuffled": shuffled, "reversed": reversed_, "threads": threads, "environment": environment,
+            "dump": dump, "image": image}
+
+
+def _batch():
+    from .build import batch_allocation
+
+    return batch_allocation()
+
+
+_PATH_ESCAPE = re.compile(rb"\\(?:x([0-9a-fA-F]{2})|.)")
+
+
+def _depth(line: bytes) -> int:
+    path = line.split(b" ", 1)[0]
+    if b"\\" in path:  # only an escaped '/' changes the depth
+        path = _PATH_ESCAPE.sub(lambda m: b"/" if m.group(1) in (b"2f", b"2F") else b"_", path)
+    return sum(1 for part in path.split(b"/") if part)
+
+
+def shuffle_dumpfile(data: bytes, seed: int = 0) -> bytes:
+    """The dumpfile's records in a random order that still lists every parent before its children."""
+    lines = data.split(b"\n")
+    if lines and not lines[-1]:
+        lines.pop()
+    rng = random.Random(seed)
+    keyed = sorted((_depth(line), rng.random(), line) for line in lines)
+    return b"".join(line + b"\n" for _d, _r, line in keyed)
+
+
+# -- a compilation in a fresh process ---------------------------------------------------------
+
+def compile_in_child(source, options: Options, fmt: str | None, env: dict[str, str], umask: int) -> bytes:
+    """Compile in `python -m cfsc.check` with another environment; the image comes back as bytes."""
+    fields = dataclasses.asdict(dataclasses.replace(options, progress=False, digest_store=None))
+    spec = {"source": os.fsdecode(source), "format": fmt, "options": fields}
+    with tempfile.TemporaryDirectory(prefix="cfsc-check-") as tmp:
+        spec["output"] = os.path.join(tmp, "image.cfs")
+        # The shell sets the umask (preexec_fn is unsafe once a frontend has started threads).
+        command = ["/bin/sh", "-c", f'umask {umask:03o} && exec "$0" -m cfsc.check', sys.executable]
+        proc = subprocess.run(command, input=json.dumps(spec).encode(), env={**os.environ, **env},
+                              capture_output=True)
+        if proc.returncode != 0:
+            message = proc.stderr.decode("utf-8", "replace").strip().splitlines()
+            raise InputError(f"the compilation in a child process failed: {message[-1] if message else proc.returncode}",
+                             source_name(source))
+        with open(spec["output"], "rb") as f:
+            return f.read()
+
+
+def _child() -> int:
+    from .build import compile_image
+
+    spec = json.loads(sys.stdin.buffer.read())
+    fields = spec["options"]
+    fields["exclude"] = tuple(fields.get("exclude") or ())
+    try:
+        compile_image([spec["source"]], spec["output"], Options(**fields), spec["format"])
+    except CfscError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_child())

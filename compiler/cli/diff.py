@@ -1,0 +1,336 @@
+"""`cfsc diff` and `cfsc check`: what differs between two sources, and digest checks for CI.
+
+Exit status: 0 identical / check passed, 1 different / check failed, 2 bad input or usage.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+
+import orjson
+import typer
+
+from .. import rfc3339
+from ..errors import UsageError
+from ..options import Options
+from . import command, source_date_epoch
+
+COLORS = {"added": "\033[32m", "removed": "\033[31m", "changed": "\033[33m", "head": "\033[1m"}
+RESET = "\033[0m"
+MARKS = {"added": b"+", "removed": b"-", "changed": b"~"}
+VALUE_MAX = 80
+
+FROM = typer.Option(None, "--from", help="Source format of both sides (default: detected from the content).")
+JSON = typer.Option(False, "--json", help="One JSON document (see `cfsc schema diff-report` / `check-report`).")
+MIN_VERSION = typer.Option(0, "--min-version", help="Non-image sources: lowest composefs format version.")
+MAX_VERSION = typer.Option(1, "--max-version", help="Non-image sources: highest composefs format version.")
+STRICT = typer.Option(False, "--strict", help="Strict dumpfile parsing (upstream's CFS_PARSE_STRICT).")
+THREADS = typer.Option(None, "--threads", min=1, help="Threads reading files (default: CPUs available).")
+CLAMP = typer.Option(False, "--clamp-mtime", help="Non-image sources: no mtime later than $SOURCE_DATE_EPOCH.")
+EXCLUDE = typer.Option([], "--exclude", help="Leave out entries matching this query (repeatable; see `cfsc diff --help`).")
+USE_EPOCH = typer.Option(False, "--use-epoch", help="Directory trees: every mtime 0.")
+SKIP_DEVICES = typer.Option(False, "--skip-devices", help="Directory trees: leave out devices.")
+SKIP_XATTRS = typer.Option(False, "--skip-xattrs", help="Directory trees: no xattrs.")
+USER_XATTRS = typer.Option(False, "--user-xattrs", help="Directory trees: only user.* xattrs.")
+HARDLINKS = typer.Option(False, "--hardlinks", help="Directory trees: keep hard links.")
+BASEDIR = typer.Option(None, "--basedir", help="CRFS TOC: fs-verity digests of payloads found here.")
+
+
+def _options(min_version: int, max_version: int, strict: bool, threads: int | None, clamp: bool,
+             exclude: list[str], use_epoch: bool, skip_devices: bool, skip_xattrs: bool,
+             user_xattrs: bool, hardlinks: bool, basedir: str | None) -> Options:
+    options = Options(min_version=min_version, max_version=max_version, strict=strict, use_epoch=use_epoch,
+                      skip_devices=skip_devices, skip_xattrs=skip_xattrs, user_xattrs=user_xattrs,
+                      hardlinks=hardlinks, basedir=basedir, exclude=tuple(exclude),
+                      clamp_mtime=source_date_epoch() if clamp else None)
+    if threads is not None:
+        options.threads = threads
+    if exclude:
+        from .. import query
+
+        query.any_of(exclude, "--exclude")  # fail on a bad query before loading anything
+    return options
+
+
+def _color(choice: str) -> bool:
+    if choice == "always":
+        return True
+    if choice == "never":
+        return False
+    if choice != "auto":
+        raise UsageError(f"expected auto, always or never, got {choice!r}", "--color")
+    return sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+
+
+def _write_json(obj) -> None:
+    sys.stdout.buffer.write(orjson.dumps(obj, option=orjson.OPT_APPEND_NEWLINE))
+
+
+# -- human output --------------------------------------------------------------------------
+
+def _bytes(value: bytes) -> bytes:
+    from ..backends.dumpfile import escape_ls
+
+    shown = escape_ls(value[:VALUE_MAX])
+    more = f"… ({len(value)} bytes)".encode() if len(value) > VALUE_MAX else b""
+    return b'"' + shown.replace(b'"', b'\\"') + b'"' + more
+
+
+def _value(name: str, value) -> bytes:
+    if value is None:
+        return b"(none)"
+    if name == "mode":
+        return b"%04o" % value
+    if name == "mtime":
+        return b"%d (%s)" % (value, rfc3339.format(value).encode())
+    if name == "rdev":
+        return b"%d:%d" % (os.major(value), os.minor(value))
+    if name == "digest":
+        return value.hex().encode()
+    if name == "hardlinks":
+        from ..backends.dumpfile import escape_ls
+
+        return b", ".join(escape_ls(p) for p in value)
+    if isinstance(value, bytes):
+        return _bytes(value)
+    return str(value).encode()
+
+
+def _brief(fields: tuple[str, ...], rec) -> bytes:
+    """`reg 0644 12 bytes` — what a + or - line says about the entry."""
+    values = dict(zip(fields, rec, strict=True))
+    parts = [values.get("type", "?").encode()]
+    if values.get("mode") is not None:
+        parts.append(b"%04o" % values["mode"])
+    if values.get("size") is not None:
+        parts.append(b"%d bytes" % values["size"])
+    if values.get("target") is not None:
+        parts.append(b"-> " + _bytes(values["target"]))
+    return b" ".join(parts)
+
+
+def render(report, out, color: bool) -> None:
+    from ..backends.dumpfile import escape_ls
+
+    def paint(kind: str, text: bytes) -> bytes:
+        return (COLORS[kind].encode() + text + RESET.encode()) if color else text
+
+    fields = report.fields
+    out.write(paint("head", f"--- {report.a.name} ({report.a.format})\n+++ {report.b.name} ({report.b.format})\n".encode()))
+    lines = []
+    for c in report.changes:
+        head = MARKS[c.kind] + b" " + escape_ls(c.path)
+        if c.kind == "changed":
+            lines.append(paint("changed", head) + b"\n")
+            for name, key, va, vb in c.attributes:
+                label = b"xattr " + escape_ls(key) if name == "xattr" else name.encode()
+                if name == "xattr" and va is None:
+                    text = b"added " + _bytes(vb)
+                elif name == "xattr" and vb is None:
+                    text = b"removed (was " + _bytes(va) + b")"
+                else:
+                    text = _value(name, va) + " → ".encode() + _value(name, vb)
+                lines.append(b"    " + label + b": " + text + b"\n")
+        else:
+            lines.append(paint(c.kind, head) + b"  " + _brief(fields, c.a if c.b is None else c.b) + b"\n")
+        if len(lines) > 4096:
+            out.write(b"".join(lines))
+            lines.clear()
+    out.write(b"".join(lines))
+    _render_layout(report, out)
+    out.write(_summary_line(report).encode() + b"\n")
+
+
+def _render_layout(report, out) -> None:
+    if report.layout:
+        out.write(b"image bytes differ; why:\n")
+        for reason in report.layout:
+            out.write(f"  {reason.aspect}: {reason.detail}\n".encode())
+
+
+def _summary_line(report) -> str:
+    s = report.summary()
+    total = s["added"] + s["removed"] + s["changed"]
+    if report.identical:
+        return "identical"
+    text = f"{total} entries differ: {s['added']} added, {s['removed']} removed, {s['changed']} changed"
+    if not total:
+        text = "the trees are identical; the image bytes differ"
+    return text
+
+
+def render_stat(report, out) -> None:
+    s = report.summary()
+    out.write(f"--- {report.a.name} ({report.a.format})\n+++ {report.b.name} ({report.b.format})\n".encode())
+    for kind in ("added", "removed", "changed"):
+        out.write(f"{kind:>8} {s[kind]}\n".encode())
+    for name, count in s["attributes"].items():
+        out.write(f"{'':>8}   {name} {count}\n".encode())
+    tops: dict[bytes, list[int]] = {}
+    for c in report.changes:
+        parts = c.path.split(b"/")
+        top = b"/" + parts[1] if len(parts) > 2 else b"/"
+        counts = tops.setdefault(top, [0, 0, 0])
+        counts[("added", "removed", "changed").index(c.kind)] += 1
+    if tops:
+        from ..backends.dumpfile import escape_ls
+
+        width = max(len(escape_ls(t)) for t in tops)
+        for top, (added, removed, changed) in sorted(tops.items()):
+            name = escape_ls(top).ljust(width)
+            out.write(name + f"  +{added} -{removed} ~{changed}\n".encode())
+    _render_layout(report, out)
+    out.write(_summary_line(report).encode() + b"\n")
+
+
+@command("diff")
+def diff_cmd(
+    a: str = typer.Argument(..., help="First source: image, dumpfile, directory, tar, CRFS JSON, ostree:REPO:REF."),
+    b: str = typer.Argument(..., help="Second source (any kind)."),
+    as_json: bool = JSON,
+    stat: bool = typer.Option(False, "--stat", help="Only counts: per kind, per attribute, per top-level directory."),
+    ignore: list[str] = typer.Option([], "--ignore", help="Attributes to leave out, comma-separated: mode, uid, gid, owner, "
+                                     "rdev, mtime, mtime_nsec, size, nlink, target, payload, digest, content, data, "
+                                     "xattrs, xattr:KEY, hardlinks, layout."),
+    where: str | None = typer.Option(None, "--where", help="Only report entries matching this query (on either side)."),
+    exclude: list[str] = EXCLUDE,
+    explain: bool = typer.Option(False, "--explain", help="Compile non-image sides too and say why the image bytes differ."),
+    color: str = typer.Option("auto", "--color", help="auto (a terminal without NO_COLOR), always or never."),
+    source_format: str | None = FROM,
+    min_version: int = MIN_VERSION,
+    max_version: int = MAX_VERSION,
+    strict: bool = STRICT,
+    threads: int | None = THREADS,
+    clamp_mtime: bool = CLAMP,
+    use_epoch: bool = USE_EPOCH,
+    skip_devices: bool = SKIP_DEVICES,
+    skip_xattrs: bool = SKIP_XATTRS,
+    user_xattrs: bool = USER_XATTRS,
+    hardlinks: bool = HARDLINKS,
+    basedir: str | None = BASEDIR,
+) -> None:
+    """Entries added, removed and changed between two sources, attribute by attribute.
+
+    Both sides are compared as the image each one is or compiles to, as a user sees it.
+    Queries (--where, --exclude) look like: path ~ "/usr/lib/**" and type == reg and size > 1M
+    (fields: path name type mode uid gid size mtime nlink rdev target payload digest content
+    xattr["KEY"]; ~ is a glob, ** crosses directories).  When both sides are images whose
+    bytes differ, the reasons follow (format version, inode formats, shared xattrs …).
+
+    Exit status: 0 identical, 1 different, 2 error.
+    """
+    from .. import diff as diffing
+    from .. import query
+    from ..manifest import Ignore
+
+    options = _options(min_version, max_version, strict, threads, clamp_mtime, exclude, use_epoch,
+                       skip_devices, skip_xattrs, user_xattrs, hardlinks, basedir)
+    ignored = Ignore.parse(ignore)
+    matches = query.parse(where, "--where") if where is not None else None
+    paint = _color(color)
+    report = diffing.diff(a, b, options, source_format, ignored, matches, explain)
+    out = sys.stdout.buffer
+    if as_json:
+        _write_json(diffing.report_json(report, changes=not stat))
+    elif stat:
+        render_stat(report, out)
+    else:
+        render(report, out, paint)
+    with contextlib.suppress(BrokenPipeError):
+        sys.stdout.flush()
+    if not report.identical:
+        raise typer.Exit(1)
+
+
+def render_check(report, out, color: bool) -> None:
+    def hexd(d: bytes | None) -> str:
+        return f"sha256:{d.hex()}" if d is not None else "-"
+
+    out.write(f"{report.source}: {hexd(report.digest)}\n".encode())
+    if report.expected is not None:
+        verdict = "ok" if report.expected == report.digest else "DIFFERS"
+        against = f" ({report.reference})" if report.reference else ""
+        out.write(f"expected{against}: {hexd(report.expected)}  {verdict}\n".encode())
+        if report.diff is not None:
+            render(report.diff, out, color)
+        elif report.expected != report.digest:
+            out.write(b"(give --reference IMAGE|DUMP to see what differs)\n")
+    if report.attempts:
+        width = max(len(a.name) for a in report.attempts)
+        for a in report.attempts:
+            verdict = "same" if a.ok else ("ERROR" if a.error else "DIFFERS")
+            out.write(f"  {a.name:<{width}}  {verdict:<7}  {hexd(a.digest)}  {a.detail}\n".encode())
+            if a.error:
+                out.write(f"      {a.error}\n".encode())
+        for a in report.attempts:
+            if a.diff is not None:
+                out.write(f"\n{a.name} ({a.detail}) differs from the first compilation:\n".encode())
+                render(a.diff, out, color)
+        bad = sum(1 for a in report.attempts if not a.ok)
+        if bad:
+            out.write(f"not reproducible: {bad} of {len(report.attempts)} ways differ\n".encode())
+        else:
+            out.write(f"reproducible: {len(report.attempts) + 1} compilations, one digest\n".encode())
+
+
+@command("check")
+def check_cmd(
+    source: str = typer.Argument(..., help="The source to compile (any kind)."),
+    expect_digest: str | None = typer.Option(None, "--expect-digest", help="The digest it must compile to: sha256:HEX (or HEX)."),
+    reference: str | None = typer.Option(None, "--reference", help="An image (or any source, compiled alike) to diff against; "
+                                         "without --expect-digest its digest is the expected one."),
+    reproducible: bool = typer.Option(False, "--reproducible", help="Compile it several ways; all digests must agree."),
+    ways: str | None = typer.Option(None, "--ways", help="With --reproducible: which ways, comma-separated "
+                                    "(shuffled, reversed, threads, environment, dump, image; default all)."),
+    as_json: bool = JSON,
+    color: str = typer.Option("auto", "--color", help="auto, always or never."),
+    source_format: str | None = FROM,
+    min_version: int = MIN_VERSION,
+    max_version: int = MAX_VERSION,
+    strict: bool = STRICT,
+    threads: int | None = THREADS,
+    clamp_mtime: bool = CLAMP,
+    exclude: list[str] = EXCLUDE,
+    use_epoch: bool = USE_EPOCH,
+    skip_devices: bool = SKIP_DEVICES,
+    skip_xattrs: bool = SKIP_XATTRS,
+    user_xattrs: bool = USER_XATTRS,
+    hardlinks: bool = HARDLINKS,
+    basedir: str | None = BASEDIR,
+) -> None:
+    """Check a source's digest for CI: against an expected digest or reference, and/or for reproducibility.
+
+    --reproducible compiles the source several ways — a dumpfile's lines shuffled (parents
+    first), entries inserted in reverse, another --threads, child processes with other TZ,
+    locale and umask, and round trips through a dump and through the image — and fails
+    unless every digest is the same, showing the diff of each one that is not.
+
+    Exit status: 0 passed, 1 failed, 2 error.
+    """
+    from .. import check
+    from ..check import VARIANTS
+
+    if expect_digest is None and reference is None and not reproducible:
+        raise UsageError("nothing to check: give --expect-digest, --reference and/or --reproducible")
+    options = _options(min_version, max_version, strict, threads, clamp_mtime, exclude, use_epoch,
+                       skip_devices, skip_xattrs, user_xattrs, hardlinks, basedir)
+    paint = _color(color)
+    digest = check.parse_digest(expect_digest) if expect_digest is not None else None
+    chosen = [w.strip() for w in ways.split(",") if w.strip()] if ways else list(VARIANTS)
+    baseline = check.compile_source(source, options, source_format)
+    if digest is not None or reference is not None:
+        report = check.expect(source, options, source_format, digest, reference, baseline=baseline)
+    else:
+        report = check.CheckReport(os.fsdecode(source), check.digest_bytes(baseline))
+    if reproducible:
+        check.reproducible(source, options, source_format, chosen, report, baseline)
+    if as_json:
+        _write_json(check.report_json(report))
+    else:
+        render_check(report, sys.stdout.buffer, paint)
+    with contextlib.suppress(BrokenPipeError):
+        sys.stdout.flush()
+    if not report.ok:
+        raise typer.Exit(1)

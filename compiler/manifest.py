@@ -1,0 +1,456 @@
+"""A source as a manifest: what each path of the image it compiles to holds, with subtree fingerprints.
+
+`cfsc diff` compares *what a user of the image sees*, whatever the sources are, so an image
+and the directory it was built from are identical.  Each side is normalised the way
+compile + read would change it, without writing an image:
+
+* an image is read with the image frontend (`read_tree`: overlay xattrs already undone);
+* any other source goes through the pipeline's passes up to the overlay lowering — the very
+  passes `cfsc compile` runs (exclusion, mtime clamping, hard-link homes and nlink, limits,
+  version choice, overlay xattrs) — and each inode is then read back the way the image reader
+  reads it (`entries._interpret` on its lowered xattrs: escaping undone, writer markers
+  dropped, whiteouts recognised, version 1's `opaque=x` markers visible like in the image).
+
+A path's *record* is then a tuple of `FIELDS`, where what the image cannot hold is None:
+directory size and nlink (derived from the layout), a symlink's size (its target's length),
+the size and rdev of devices, fifos and sockets, payload and digest of a file with inline
+data, a whiteout's type bits (`whiteout`).  A property test checks that a tree's records
+equal those of the image it compiles to.
+
+Fingerprints: every home directory gets blake3 over a canonical encoding of its own record
+and its children's names, records and fingerprints (`marshal` format 2: deterministic, no
+back-references), computed bottom-up without recursion.  Two directories with equal
+fingerprints hold the same subtree (hard-link groups included: each record lists every
+path of its inode), so a diff skips them without looking inside.
+
+Two sides load in parallel: `open_pair` loads one in a forked worker process that answers
+the diff's questions (`listings`, `below`, `image`) over a pipe; records are small tuples,
+and only differing directories are ever sent.
+"""
+
+from __future__ import annotations
+
+import io
+import marshal
+import multiprocessing
+import os
+import traceback
+from collections.abc import Callable, Iterable
+from operator import itemgetter
+
+from blake3 import blake3
+
+from .backends.erofs.entries import _interpret  # the image reader's interpretation, reused
+from .errors import CfscError, UsageError
+from .options import Options
+from .streams import source_name
+from .tree import FILE_TYPES, S_IFBLK, S_IFCHR, S_IFDIR, S_IFLNK, S_IFMT, S_IFREG, Inode, Tree
+
+FIELDS = ("type", "mode", "uid", "gid", "rdev", "mtime", "mtime_nsec", "size", "nlink",
+          "target", "payload", "digest", "content", "xattrs", "hardlinks")
+# --ignore names: each hides some fields (or, as `xattr:KEY`, one xattr).
+IGNORABLE = {
+    "mode": ("mode",), "uid": ("uid",), "gid": ("gid",), "owner": ("uid", "gid"),
+    "rdev": ("rdev",), "mtime": ("mtime", "mtime_nsec"), "mtime_nsec": ("mtime_nsec",),
+    "size": ("size",), "nlink": ("nlink",), "target": ("target",), "payload": ("payload",),
+    "digest": ("digest",), "content": ("content",), "data": ("payload", "digest", "content"),
+    "xattrs": ("xattrs",), "hardlinks": ("hardlinks",),
+    "layout": (),  # two images with equal trees but different bytes (`cfsc.diff`)
+}
+TYPE_NAMES = {**FILE_TYPES, -1: "whiteout"}
+
+Record = tuple
+# (name, record, fingerprint or None): a child as a listing gives it; the fingerprint is set
+# for home directories only (links and files are compared by their record alone).
+Item = tuple[bytes, Record, bytes | None]
+
+
+class Ignore:
+    """What `--ignore` hides: whole fields and single xattr keys."""
+
+    def __init__(self, names: Iterable[str] = ()) -> None:
+        fields: set[str] = set()
+        keys: set[bytes] = set()
+        self.names: frozenset[str] = frozenset(n.strip() for n in names if n.strip())
+        for name in self.names:
+            if name.startswith("xattr:"):
+                keys.add(os.fsencode(name[6:]))
+            elif name in IGNORABLE:
+                fields.update(IGNORABLE[name])
+            else:
+                raise UsageError(f"cannot ignore {name!r}: expected {', '.join(IGNORABLE)} or xattr:KEY", "--ignore")
+        self.fields = tuple(f for f in FIELDS if f not in fields)
+        self.keys = frozenset(keys)
+
+    @classmethod
+    def parse(cls, values: Iterable[str]) -> Ignore:
+        """From `--ignore a,b --ignore c`."""
+        return cls(part for value in values for part in value.split(","))
+
+    def __reduce__(self):
+        return (Ignore, (sorted(self.names),))
+
+
+class _Xattrs:
+    """A tree's xattr tuples as the image shows them, worked out once per distinct tuple."""
+
+    def __init__(self, lowered: bool, hidden_keys: frozenset[bytes]) -> None:
+        self.lowered = lowered
+        self.hidden = hidden_keys
+        self.cache: dict[tuple[int, bool], tuple[tuple, tuple, bool]] = {}  # keeps the key tuple alive
+
+    def view(self, xattrs: tuple, regular: bool) -> tuple[tuple, bool]:
+        """(xattrs as read back, sorted; whether the inode reads back as a whiteout)."""
+        if not xattrs:
+            return xattrs, False
+        if not self.lowered and not self.hidden:
+            return xattrs, False
+        hit = self.cache.get((id(xattrs), regular))
+        if hit is None:
+            whiteout = False
+            shown = xattrs
+            if self.lowered:
+                items, _payload, _digest, whiteout = _interpret(list(xattrs), regular)
+                shown = tuple(sorted(items))
+            if self.hidden:
+                shown = tuple(kv for kv in shown if kv[0] not in self.hidden)
+            hit = self.cache[(id(xattrs), regular)] = (xattrs, shown, whiteout)
+        return hit[1], hit[2]
+
+
+def _record_maker(lowered: bool, hardlinks: dict[int, tuple], ignore: Ignore) -> Callable[[Inode], Record]:
+    xattrs_view = _Xattrs(lowered, ignore.keys).view
+    links_get = hardlinks.get
+    keep = None
+    if ignore.fields != FIELDS:
+        indices = [FIELDS.index(f) for f in ignore.fields]
+        getter = itemgetter(*indices)
+        keep = getter if len(indices) > 1 else (lambda rec: (getter(rec),))
+
+    def record(node: Inode) -> Record:
+        mode = node.mode
+        ftype = mode & S_IFMT
+        size = rdev = target = payload = digest = content = None
+        nlink = node.nlink
+        if ftype == S_IFREG:
+            xattrs, whiteout = xattrs_view(node.xattrs, True)
+            if whiteout:
+                kind = "whiteout"
+            else:
+                kind = "reg"
+                size = node.size
+                if size and node.content is None:
+                    payload = node.payload or None
+                    digest = node.digest
+                else:
+                    content = node.content or None
+        else:
+            xattrs = xattrs_view(node.xattrs, False)[0]
+            if ftype == S_IFDIR:
+                kind = "dir"
+                nlink = None
+            elif ftype == S_IFLNK:
+                kind = "symlink"
+                target = node.payload
+            elif ftype == S_IFCHR and node.rdev == 0:
+                kind = "whiteout"
+            else:
+                kind = FILE_TYPES.get(ftype, "?")
+                if ftype == S_IFCHR or ftype == S_IFBLK:
+                    rdev = node.rdev
+        rec = (kind, mode & 0o7777, node.uid, node.gid, rdev, node.mtime, node.mtime_nsec, size, nlink,
+               target, payload, digest, content, xattrs, links_get(id(node)))
+        return keep(rec) if keep is not None else rec
+
+    return record
+
+
+class Manifest:
+    """One normalised source held in this process (see the module docstring)."""
+
+    def __init__(self, tree: Tree, lowered: bool, ignore: Ignore, name: str, fmt: str,
+                 image=None) -> None:
+        self.tree = tree
+        self.name = name
+        self.fmt = fmt
+        self.fields = ignore.fields
+        self.image = image  # the source's Image, if it is one
+        self.options: Options | None = None
+        # In a lowered tree the root holds the 256 whiteouts the reader hides.
+        self.hidden_root = lowered
+        order = self._directories()
+        self.record = _record_maker(lowered, self._hardlinks(order), ignore)
+        self.prints: dict[int, bytes] = {}
+        prints = self.prints
+        record = self.record
+        for _path, directory in reversed(order):
+            prints[id(directory)] = blake3(marshal.dumps((record(directory), self.items(directory)), 2)).digest()
+        self._pending: tuple[str, object] | None = None
+
+    def _directories(self) -> list[tuple[bytes, Inode]]:
+        """Home directories with their paths, each before its subdirectories."""
+        root = self.tree.root
+        order = [(b"/", root)]
+        self.dirs = {b"/": root}
+        i = 0
+        while i < len(order):
+            path, directory = order[i]
+            i += 1
+            prefix = path if path != b"/" else b""
+            links = directory.links
+            for name, child in directory.children.items():  # type: ignore[union-attr]
+                if child.children is not None and (links is None or name not in links):
+                    child_path = prefix + b"/" + name
+                    order.append((child_path, child))
+                    self.dirs[child_path] = child
+        return order
+
+    @staticmethod
+    def _hardlinks(order: list[tuple[bytes, Inode]]) -> dict[int, tuple]:
+        """id(inode) -> every path of it (sorted), for inodes with more than one name."""
+        linked = set()
+        for _path, directory in order:
+            links = directory.links
+            if links:
+                children = directory.children
+                linked.update(id(children[name]) for name in links)  # type: ignore[index]
+        if not linked:
+            return {}
+        paths: dict[int, list[bytes]] = {}
+        for path, directory in order:
+            prefix = path if path != b"/" else b""
+            for name, child in directory.children.items():  # type: ignore[union-attr]
+                if id(child) in linked:
+                    paths.setdefault(id(child), []).append(prefix + b"/" + name)
+        return {key: tuple(sorted(names)) for key, names in paths.items() if len(names) > 1}
+
+    def items(self, directory: Inode) -> list[Item]:
+        """A directory's children, sorted by name, as `(name, record, fingerprint or None)`."""
+        children = directory.children
+        assert children is not None
+        links = directory.links
+        record = self.record
+        prints = self.prints
+        hide = self.hidden_root and directory is self.tree.root
+        out = []
+        for name in sorted(children):
+            child = children[name]
+            if hide and child.mode & S_IFMT == S_IFCHR and child.rdev == 0:
+                continue  # a root whiteout the reader hides
+            home_dir = child.children is not None and (links is None or name not in links)
+            out.append((name, record(child), prints[id(child)] if home_dir else None))
+        return out
+
+    # -- the questions a diff asks (the same for a remote manifest) ---------------------------
+
+    def root(self) -> tuple[Record, bytes]:
+        root = self.tree.root
+        return self.record(root), self.prints[id(root)]
+
+    def listings(self, paths: list[bytes]) -> list[list[Item]]:
+        return [self.items(self.dirs[path]) for path in paths]
+
+    def below(self, paths: list[bytes]) -> list[list[tuple[bytes, Record]]]:
+        """Everything under each directory, depth-first, names sorted: `(path, record)`."""
+        return [self._below(path) for path in paths]
+
+    def _below(self, top: bytes) -> list[tuple[bytes, Record]]:
+        out: list[tuple[bytes, Record]] = []
+        stack = [(top.rstrip(b"/"), iter(self.items(self.dirs[top])))]
+        while stack:
+            prefix, it = stack[-1]
+            for name, rec, fingerprint in it:
+                path = prefix + b"/" + name
+                out.append((path, rec))
+                if fingerprint is not None:
+                    stack.append((path, iter(self.items(self.dirs[path]))))
+                    break
+            else:
+                stack.pop()
+        return out
+
+    def image_bytes(self, _arg=None) -> bytes:
+        """The image this source is (an image) or compiles to (with the options it was loaded with)."""
+        if self.image is not None:
+            return bytes(self.image.data)
+        from .backends.erofs.writer import write_image
+        from .build import batch_allocation
+        from .pipeline import run_passes
+
+        sink = io.BytesIO()
+        with batch_allocation():
+            write_image(run_passes(self.tree, self.options or Options()), sink)  # the passes are idempotent
+        return sink.getvalue()
+
+    # Asynchronous form: `start` a question, then `finish` it (a remote side works meanwhile).
+    def start(self, op: str, arg=None) -> None:
+        self._pending = (op, arg)
+
+    def finish(self):
+        assert self._pending is not None
+        op, arg = self._pending
+        self._pending = None
+        return getattr(self, OPS[op])(arg)
+
+    def close(self) -> None:
+        pass
+
+
+OPS = {"listings": "listings", "below": "below", "image": "image_bytes"}
+
+
+def load(source, options: Options | None = None, fmt: str | None = None, ignore: Ignore | None = None) -> Manifest:
+    """Normalise one source (see the module docstring)."""
+    from . import frontends
+    from .build import batch_allocation
+    from .frontends.image import read_tree
+    from .pipeline import PASSES
+    from .passes.add_overlay_xattrs import add_overlay_xattrs
+
+    options = options or Options()
+    ignore = ignore or Ignore()
+    if fmt is None:
+        fmt = frontends.detect(source)
+    name = source_name(source)
+    with batch_allocation():
+        if fmt == "image":
+            from .backends.erofs.reader import Image
+            from .passes.exclude_entries import exclude_entries
+            from .passes.resolve_hardlinks import resolve_hardlinks
+
+            image = Image.open(source)
+            tree = read_tree(image)
+            if options.exclude:
+                tree = resolve_hardlinks(exclude_entries(tree, options), options)  # re-home links
+            manifest = Manifest(tree, False, ignore, name, fmt, image)
+        else:
+            tree = frontends.load([source], options, fmt)
+            for compiler_pass in PASSES[:PASSES.index(add_overlay_xattrs) + 1]:
+                tree = compiler_pass(tree, options)
+            manifest = Manifest(tree, True, ignore, name, fmt)
+    manifest.options = options
+    return manifest
+
+
+# -- a manifest in a worker process ----------------------------------------------------------
+
+class RemoteError(CfscError):
+    """An error the worker process hit, passed on with its message and exit code."""
+
+    def __init__(self, text: str, code: int, trace: str) -> None:
+        super().__init__(text)
+        self.exit_code = code
+        self.trace = trace
+
+
+class RemoteManifest:
+    """A manifest loaded and held by a forked worker; same questions, answered over a pipe."""
+
+    def __init__(self, source, options: Options, fmt: str | None, ignore: Ignore) -> None:
+        ctx = multiprocessing.get_context("fork")
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_serve, args=(child, source, options, fmt, ignore), daemon=True)
+        self.proc.start()
+        child.close()
+        self.image = None
+        self.name = source_name(source)
+        self.fmt = fmt
+        self.fields = ignore.fields
+        self._root: tuple[Record, bytes] | None = None
+
+    def _receive(self):
+        try:
+            reply = self.conn.recv()
+        except EOFError:
+            raise CfscError(f"the worker loading {self.name} died (exit status {self.proc.exitcode})") from None
+        if reply[0] == "error":
+            raise RemoteError(reply[1], reply[2], reply[3])
+        return reply[1]
+
+    def ready(self) -> None:
+        """Wait for the worker to finish loading (raises what it hit)."""
+        if self._root is None:
+            self.fmt, self._root = self._receive()
+
+    def root(self) -> tuple[Record, bytes]:
+        self.ready()
+        assert self._root is not None
+        return self._root
+
+    def start(self, op: str, arg=None) -> None:
+        self.conn.send((op, arg))
+
+    def finish(self):
+        return self._receive()
+
+    def listings(self, paths: list[bytes]) -> list[list[Item]]:
+        self.start("listings", paths)
+        return self.finish()
+
+    def below(self, paths: list[bytes]) -> list[list[tuple[bytes, Record]]]:
+        self.start("below", paths)
+        return self.finish()
+
+    def image_bytes(self, _arg=None) -> bytes:
+        self.start("image")
+        return self.finish()
+
+    def close(self) -> None:
+        if self.proc.is_alive():
+            try:
+                self.conn.send(("close", None))
+            except OSError:
+                pass
+            self.proc.join(5)
+            if self.proc.is_alive():
+                self.proc.kill()
+                self.proc.join()
+        self.conn.close()
+
+
+def _serve(conn, source, options: Options, fmt: str | None, ignore: Ignore) -> None:
+    def fail(e: BaseException) -> None:
+        code = e.exit_code if isinstance(e, CfscError) else 1
+        text = str(e) if isinstance(e, CfscError) else f"{type(e).__name__}: {e}"
+        conn.send(("error", text, code, traceback.format_exc()))
+
+    try:
+        manifest = load(source, options, fmt, ignore)
+        conn.send(("ok", (manifest.fmt, manifest.root())))
+    except BaseException as e:  # noqa: BLE001 - everything goes back to the parent
+        fail(e)
+        return
+    while True:
+        try:
+            op, arg = conn.recv()
+        except EOFError:
+            return
+        if op == "close":
+            return
+        try:
+            conn.send(("ok", getattr(manifest, OPS[op])(arg)))
+        except BaseException as e:  # noqa: BLE001
+            fail(e)
+
+
+def open_pair(a, b, options: Options, fmt: str | None = None, ignore: Ignore | None = None,
+              parallel: bool | None = None) -> tuple:
+    """Both sides of a diff, B loading in a worker process while A loads here (if CPUs allow).
+
+    Stdin (`-`) is always read here.  The caller closes both (`close()`).
+    """
+    ignore = ignore or Ignore()
+    if parallel is None:
+        parallel = len(os.sched_getaffinity(0)) > 1 and options.threads > 1
+    if not parallel or (a == "-" and b == "-"):
+        return load(a, options, fmt, ignore), load(b, options, fmt, ignore)
+    swap = b == "-"
+    remote_source, local_source = (a, b) if swap else (b, a)
+    remote = RemoteManifest(remote_source, options, fmt, ignore)
+    try:
+        local = load(local_source, options, fmt, ignore)
+        remote.ready()
+    except BaseException:
+        remote.close()
+        raise
+    return (remote, local) if swap else (local, remote)
