@@ -10,14 +10,17 @@ name becomes its own inode, nlink 1); `hardlinks` keeps them as one inode whose 
 first in depth-first name order, the name a dumpfile of the tree lists in full.
 
 Safety: the walk never follows a symlink.  Every directory is opened relative to its parent's
-descriptor with O_NOFOLLOW and checked to be the inode `lstat` saw, files are opened the same
-way, and xattrs are read through `/proc/self/fd/N/NAME` without following the last component,
-so swapping a directory for a symlink mid-scan cannot lead the walk out of the tree.  A file
-that vanishes or changes (identity, size or mtime differ between `lstat` and the read, or the
-bytes read disagree with the size) is an error naming it: never an image that lies.
+descriptor with O_NOFOLLOW and checked to be the inode `lstat` saw; regular files are opened
+the same way (plus O_NONBLOCK: a FIFO swapped in must not hang us) and described by `fstat` of
+the very descriptor they are read from; other entries' xattrs are read through
+`/proc/self/fd/N/NAME` without following the last component.  So swapping a directory for a
+symlink mid-scan cannot lead the walk out of the tree.  A file that vanishes or changes
+(size or mtime differ before and after reading it, the bytes read disagree with the size, or
+it is no longer a regular file) is an error naming it: never an image that lies.
 
-Speed: the scanning thread lists and stats; a thread pool (`threads`) reads, hashes and copies
-files in batches while the scan goes on (hashlib releases the GIL).  Directory descriptors are
+Speed: the scanning thread lists directories and stats what is not a regular file (readdir's
+d_type tells); a thread pool (`threads`) opens, stats, reads, hashes and copies regular files
+in batches while the scan goes on (hashlib releases the GIL).  Directory descriptors are
 reference-counted so a directory stays open only while it has subdirectories to open or files
 to read.  Identical xattr sets are interned.  With a store, a file is copied first and the
 copy hashed while the store keeps missing objects (one pass over the data fewer), and hashed
@@ -45,8 +48,7 @@ O_FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 U32 = 0xFFFFFFFF
 NS = 1_000_000_000
 SMALL_READ = 1 << 20  # files up to this size are read with one call
-BATCH_FILES = 64  # files per pool task: amortises the executor's per-task cost
-BATCH_BYTES = 16 << 20
+BATCH_FILES = 32  # files per pool task: amortises the executor's per-task cost
 MAX_OPEN_DIRS = 256  # wait for reads to finish before holding more directories open
 
 
@@ -62,19 +64,18 @@ class _Dir:
 
 
 class _File:
-    """One regular file to read: where it is and what `lstat` said about it."""
+    """One regular file for a worker to stat and read: its name in an open directory, and the
+    inode (created blank by the scan) to fill in."""
 
-    __slots__ = ("dir", "ino", "mtime_ns", "name", "node", "path", "size", "dev")
+    __slots__ = ("dir", "name", "node", "parent", "path", "size")
 
-    def __init__(self, d: _Dir, name: bytes, path: bytes, node: Inode, st: os.stat_result) -> None:
+    def __init__(self, d: _Dir, name: bytes, path: bytes, node: Inode, parent: Inode) -> None:
         self.dir = d
         self.name = name
         self.path = path
         self.node = node
-        self.size = st.st_size
-        self.mtime_ns = st.st_mtime_ns
-        self.dev = st.st_dev
-        self.ino = st.st_ino
+        self.parent = parent
+        self.size = 0  # known once read (for the progress line)
 
 
 class _Scanner:
@@ -84,16 +85,17 @@ class _Scanner:
         self.threads = max(1, options.threads)
         self.store = Store(options.digest_store) if options.digest_store else None
         self.xattr_cache: dict[tuple, tuple] = {}
-        self.linked: dict[tuple[int, int], list] = {}  # (dev, ino) -> [node, [(path, parent, name)]]
-        self.twins: list[tuple[Inode, Inode, bytes]] = []  # (copy, original, path) without `hardlinks`
+        self.read_xattrs = not options.skip_xattrs
+        # With `hardlinks`: ((dev, ino), path, parent, name, node) of every entry with nlink > 1
+        # (appended to by the workers too: list.append is atomic).
+        self.multi: list[tuple[tuple[int, int], bytes, Inode, bytes, Inode]] = []
         self.batch: list[_File] = []
-        self.batch_bytes = 0
         self.inflight: collections.deque[tuple[Future, list[_File]]] = collections.deque()
         self.open_dirs: set[_Dir] = set()
         self.failed = False
         self.progress = Progress(options.progress)
         self.entries = self.files = self.files_done = 0
-        self.bytes = self.bytes_done = 0
+        self.bytes_done = 0
         self.proc = os.path.isdir("/proc/self/fd")  # else xattrs are read by full path
 
     # -- errors -----------------------------------------------------------------------------
@@ -125,7 +127,7 @@ class _Scanner:
         pool = ThreadPoolExecutor(self.threads, thread_name_prefix="cfsc-read")
         self.pool = pool
         try:
-            root = self.inode(os.fstat(fd), S_IFDIR)
+            root = self.inode(os.fstat(fd))
             self.walk(fd, root)
             self.flush()
             while self.inflight:
@@ -147,15 +149,25 @@ class _Scanner:
         self.finish_links()
         return Tree(root, self.source)
 
-    def inode(self, st: os.stat_result, ftype: int) -> Inode:
-        sec, nsec = (0, 0) if self.options.use_epoch else divmod(st.st_mtime_ns, NS)
-        rdev = st.st_rdev & U32 if ftype == S_IFCHR or ftype == S_IFBLK else 0
-        return Inode(st.st_mode, st.st_uid, st.st_gid, sec, nsec, 0, rdev)
+    def inode(self, st: os.stat_result) -> Inode:
+        node = Inode(st.st_mode)
+        self.set_stat(node, st)
+        return node
+
+    def set_stat(self, node: Inode, st: os.stat_result) -> None:
+        node.mode = mode = st.st_mode
+        node.uid = st.st_uid
+        node.gid = st.st_gid
+        if not self.options.use_epoch:
+            node.mtime, node.mtime_nsec = divmod(st.st_mtime_ns, NS)
+        if mode & S_IFMT == S_IFCHR or mode & S_IFMT == S_IFBLK:
+            node.rdev = st.st_rdev & U32
 
     def walk(self, root_fd: int, root: Inode) -> None:
         options = self.options
         skip_devices = options.skip_devices
-        read_xattrs = not options.skip_xattrs
+        hardlinks = options.hardlinks
+        read_xattrs = self.read_xattrs
         fsencode = os.fsencode
         # (parent, name, inode, dev, ino, path) of directories still to list; parent None = root
         stack: list = [(None, b"", root, 0, 0, b"")]
@@ -190,75 +202,62 @@ class _Scanner:
                 bname = fsencode(entry.name)
                 child_path = prefix + bname
                 try:
+                    if entry.is_file(follow_symlinks=False):
+                        # A regular file (by d_type): a worker stats it through the descriptor
+                        # it reads it with, which is one lstat less, and off this thread.
+                        child = children[bname] = Inode(S_IFREG)
+                        self.queue(_File(d, bname, child_path, child, node))
+                        continue
                     st = entry.stat(follow_symlinks=False)
                 except OSError as e:
                     raise self.os_error(e, child_path, "stat") from None
                 ftype = st.st_mode & S_IFMT
                 if ftype == S_IFDIR:
-                    child = self.inode(st, ftype)
-                    children[bname] = child
+                    child = children[bname] = self.inode(st)
                     d.refs += 1
                     stack.append((d, bname, child, st.st_dev, st.st_ino, child_path))
                     continue
+                if ftype == S_IFREG:  # d_type said otherwise a moment ago: let a worker look
+                    child = children[bname] = Inode(S_IFREG)
+                    self.queue(_File(d, bname, child_path, child, node))
+                    continue
                 if skip_devices and (ftype == S_IFCHR or ftype == S_IFBLK):
                     continue
-                if st.st_nlink > 1:
-                    twin = self.link(st, node, bname, child_path)
-                    if twin is not None:
-                        children[bname] = twin
-                        continue
-                child = self.inode(st, ftype)
+                child = children[bname] = self.inode(st)
                 if read_xattrs:
-                    child.xattrs = self.xattrs(b"/proc/self/fd/%d/%s" % (fd, bname) if self.proc
-                                               else fsencode(self.where(child_path)), child_path)
-                if ftype == S_IFREG:
-                    child.size = st.st_size
-                    if st.st_size:
-                        self.queue(_File(d, bname, child_path, child, st))
-                elif ftype == S_IFLNK:
+                    child.xattrs = self.xattrs(self.path_at(fd, bname, child_path), child_path)
+                if ftype == S_IFLNK:
                     try:
                         target = os.readlink(bname, dir_fd=fd)
                     except OSError as e:
                         raise self.os_error(e, child_path, "read the symlink") from None
                     child.payload = target
                     child.size = len(target)
-                if st.st_nlink > 1:
-                    self.linked[(st.st_dev, st.st_ino)] = [child, [(child_path, node, bname)]]
-                children[bname] = child
+                if hardlinks and st.st_nlink > 1:
+                    self.multi.append(((st.st_dev, st.st_ino), child_path, node, bname, child))
             self.release(d)
             self.progress.update(self.status)
 
-    def link(self, st: os.stat_result, parent: Inode, name: bytes, path: bytes) -> Inode | None:
-        """A further name of an inode seen before: the same `Inode` with `hardlinks`, else a
-        copy whose content fields are filled from the original after reading (read once)."""
-        group = self.linked.get((st.st_dev, st.st_ino))
-        if group is None:
-            return None
-        node = group[0]
-        if st.st_mode != node.mode or (node.mode & S_IFMT == S_IFREG and st.st_size != node.size):
-            raise self.changed(path, "modified")
-        if self.options.hardlinks:
-            group[1].append((path, parent, name))
-            return node
-        twin = Inode(node.mode, node.uid, node.gid, node.mtime, node.mtime_nsec, node.size, node.rdev,
-                     payload=node.payload, xattrs=node.xattrs)
-        if node.mode & S_IFMT == S_IFREG and node.size:
-            self.twins.append((twin, node, path))
-        return twin
+    def path_at(self, fd: int, name: bytes, path: bytes) -> bytes:
+        """A path to `name` in the directory open at `fd` that resolves through that descriptor
+        (so no symlink swapped into the tree above it is followed)."""
+        return b"/proc/self/fd/%d/%s" % (fd, name) if self.proc else os.fsencode(self.where(path))
 
     def finish_links(self) -> None:
-        for twin, node, _path in self.twins:
-            twin.content = node.content
-            twin.digest = node.digest
-            twin.payload = node.payload
-        if not self.options.hardlinks:
-            return
-        for node, names in self.linked.values():
+        """`hardlinks`: the names of one inode become one `Inode`, homed at the name first in
+        depth-first name order.  (Each name was read on its own, as mkcomposefs reads them.)"""
+        groups: dict[tuple[int, int], list] = {}
+        for key, path, parent, name, node in self.multi:
+            groups.setdefault(key, []).append((path.split(b"/"), parent, name, node, path))
+        for names in groups.values():
             if len(names) < 2:
                 continue
-            names.sort(key=lambda item: item[0].split(b"/"))
-            for _path, parent, name in names[1:]:
-                parent.add_child(name, node, link=True)
+            names.sort(key=lambda item: item[0])
+            home = names[0][3]
+            for _parts, parent, name, node, path in names[1:]:
+                if (node.mode, node.size, node.digest, node.payload) != (home.mode, home.size, home.digest, home.payload):
+                    raise self.changed(path, "modified (its hard links differ)")
+                parent.add_child(name, home, link=True)
 
     def xattrs(self, target: int | bytes, path: bytes) -> tuple:
         by_fd = isinstance(target, int)
@@ -286,8 +285,7 @@ class _Scanner:
         return self.xattr_cache.setdefault(xattrs, xattrs)
 
     def status(self) -> str:
-        return (f"scanned {self.entries} entries; read {self.files_done}/{self.files} files, "
-                f"{mib(self.bytes_done)}/{mib(self.bytes)}")
+        return f"scanned {self.entries} entries; read {self.files_done}/{self.files} files, {mib(self.bytes_done)}"
 
     # -- reading files in the pool ----------------------------------------------------------
 
@@ -295,16 +293,13 @@ class _Scanner:
         job.dir.refs += 1
         self.batch.append(job)
         self.files += 1
-        self.bytes += job.size
-        self.batch_bytes += job.size
-        if len(self.batch) >= BATCH_FILES or self.batch_bytes >= BATCH_BYTES:
+        if len(self.batch) >= BATCH_FILES:
             self.flush()
 
     def flush(self) -> None:
         if self.batch:
             self.inflight.append((self.pool.submit(self.read_batch, self.batch), self.batch))
             self.batch = []
-            self.batch_bytes = 0
         while self.inflight and (self.inflight[0][0].done() or len(self.inflight) > 2 * self.threads
                                  or len(self.open_dirs) > MAX_OPEN_DIRS):
             self.reap()
@@ -331,16 +326,26 @@ class _Scanner:
             self.read(job)
 
     def read(self, job: _File) -> None:
+        node = job.node
         try:
             fd = os.open(job.name, O_FILE, dir_fd=job.dir.fd)
+        except PermissionError:
+            self.read_unreadable(job)
+            return
         except OSError as e:
             raise self.os_error(e, job.path, "open") from None
         try:
             st = os.fstat(fd)
-            if (st.st_ino != job.ino or st.st_dev != job.dev or st.st_size != job.size
-                    or st.st_mtime_ns != job.mtime_ns):
-                raise self.changed(job.path, "replaced or modified")
-            size = job.size
+            if st.st_mode & S_IFMT != S_IFREG:
+                raise self.changed(job.path, "replaced by another file type")
+            self.set_stat(node, st)
+            node.size = job.size = size = st.st_size
+            if self.read_xattrs:
+                node.xattrs = self.xattrs(fd, job.path)
+            if self.options.hardlinks and st.st_nlink > 1:
+                self.multi.append(((st.st_dev, st.st_ino), job.path, job.parent, job.name, node))
+            if not size:
+                return
             content = None
             store = self.store
             if store is not None and size > INLINE_MAX and store.expects_new():
@@ -358,8 +363,8 @@ class _Scanner:
                     content = data
             else:
                 digest = self.digest_large(fd, job)
-            st = os.fstat(fd)
-            if st.st_size != job.size or st.st_mtime_ns != job.mtime_ns:
+            after = os.fstat(fd)
+            if after.st_size != size or after.st_mtime_ns != st.st_mtime_ns:
                 raise self.changed(job.path, "modified")
             if store is not None and content is None:
                 store.import_fd(fd, digest, self.where(job.path))
@@ -367,10 +372,23 @@ class _Scanner:
             raise self.os_error(e, job.path, "read") from None
         finally:
             os.close(fd)
-        node = job.node
         node.digest = digest
         node.payload = payload_path(digest)
         node.content = content
+
+    def read_unreadable(self, job: _File) -> None:
+        """No read permission: fine for an empty file (mkcomposefs never opens those)."""
+        try:
+            st = os.stat(job.name, dir_fd=job.dir.fd, follow_symlinks=False)
+        except OSError as e:
+            raise self.os_error(e, job.path, "stat") from None
+        if st.st_mode & S_IFMT != S_IFREG or st.st_size:
+            raise InputError("cannot open: Permission denied", self.where(job.path))
+        self.set_stat(job.node, st)
+        if self.read_xattrs:
+            job.node.xattrs = self.xattrs(self.path_at(job.dir.fd, job.name, job.path), job.path)
+        if self.options.hardlinks and st.st_nlink > 1:
+            self.multi.append(((st.st_dev, st.st_ino), job.path, job.parent, job.name, job.node))
 
     @staticmethod
     def read_rest(fd: int, limit: int) -> bytes:

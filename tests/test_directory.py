@@ -202,53 +202,40 @@ def test_file_vanishing_after_readdir(small_tree, monkeypatch):
     assert e.value.where == f"{small_tree}/d/f"
 
 
-def test_directory_swapped_for_a_symlink(small_tree, tmp_path, monkeypatch):
-    """Between lstat (a directory) and open: the open must not follow the new symlink."""
+@pytest.mark.parametrize("victim", ["d", "g"])
+def test_entry_swapped_for_a_symlink(small_tree, tmp_path, monkeypatch, victim):
+    """Between readdir/lstat and open: the open must not follow the new symlink."""
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     (elsewhere / "f").write_bytes(b"outside")
     real = os.open
 
     def swapping_open(path, flags, *args, dir_fd=None, **kw):
-        if path == b"d" and flags & os.O_DIRECTORY and not (small_tree / "d").is_symlink():
-            os.rename(small_tree / "d", tmp_path / "moved")
-            os.symlink(elsewhere, small_tree / "d")
+        if path == victim.encode() and dir_fd is not None and not (small_tree / victim).is_symlink():
+            os.rename(small_tree / victim, tmp_path / "moved")
+            os.symlink(elsewhere, small_tree / victim)
         return real(path, flags, *args, dir_fd=dir_fd, **kw)
 
     monkeypatch.setattr(directory.os, "open", swapping_open)
     with pytest.raises(InputError, match="replaced by a symlink") as e:
         directory.load(str(small_tree), Options())
-    assert e.value.where == f"{small_tree}/d"
-
-
-@pytest.mark.parametrize("victim", ["g", "big"])
-def test_file_modified_before_it_is_read(small_tree, monkeypatch, victim):
-    real = directory._Scanner.read
-
-    def read(self, job):
-        if job.name == victim.encode():
-            with open(small_tree / victim, "ab") as f:
-                f.write(b"more")
-        return real(self, job)
-
-    monkeypatch.setattr(directory._Scanner, "read", read)
-    with pytest.raises(InputError, match="modified during the scan") as e:
-        directory.load(str(small_tree), Options())
     assert e.value.where == f"{small_tree}/{victim}"
 
 
-def test_file_modified_while_it_is_read(small_tree, monkeypatch):
-    real = directory._Scanner.digest_large
+@pytest.mark.parametrize("victim,hook", [("g", "digest_bytes"), ("big", "hash_fd")])
+def test_file_modified_while_it_is_read(small_tree, monkeypatch, victim, hook):
+    real = getattr(directory, hook)
 
-    def digest_large(self, fd, job):
-        digest = real(self, fd, job)
-        with open(small_tree / "big", "r+b") as f:
-            f.write(b"changed")
-        return digest
+    def hooked(*args):
+        result = real(*args)
+        with open(small_tree / victim, "ab") as f:
+            f.write(b"more")
+        return result
 
-    monkeypatch.setattr(directory._Scanner, "digest_large", digest_large)
-    with pytest.raises(InputError, match="modified during the scan"):
-        directory.load(str(small_tree), Options())
+    monkeypatch.setattr(directory, hook, hooked)
+    with pytest.raises(InputError, match="modified during the scan") as e:
+        directory.load(str(small_tree), Options(threads=1))
+    assert e.value.where == f"{small_tree}/{victim}"
 
 
 def test_file_modified_between_hashing_and_copying(small_tree, tmp_path, monkeypatch):
