@@ -43,7 +43,7 @@ from cfsc.tree import S_IFBLK, S_IFCHR, S_IFDIR, S_IFLNK, S_IFMT, S_IFREG, Inode
 
 INLINE_MAX = 64  # LCFS_RECOMMENDED_INLINE_CONTENT_MAX: directory scans inline 1..64 bytes
 O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-# O_NONBLOCK: a regular file swapped for a FIFO after lstat must not hang the open.
+# O_NONBLOCK: a regular file swapped for a FIFO after readdir must not hang the open.
 O_FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 U32 = 0xFFFFFFFF
 NS = 1_000_000_000
@@ -83,7 +83,7 @@ class _Scanner:
         self.source = os.fsdecode(source)
         self.options = options
         self.threads = max(1, options.threads)
-        self.store = Store(options.digest_store) if options.digest_store else None
+        self.store: Store | None = None
         self.xattr_cache: dict[tuple, tuple] = {}
         self.read_xattrs = not options.skip_xattrs
         # With `hardlinks`: ((dev, ino), path, parent, name, node) of every entry with nlink > 1
@@ -124,6 +124,12 @@ class _Scanner:
             if e.errno in (errno.ENOTDIR, errno.ELOOP):
                 raise InputError("not a directory: expected the directory to compile", self.source) from None
             raise InputError(f"cannot open: {e.strerror}", self.source) from None
+        if self.options.digest_store:
+            try:
+                self.store = Store(self.options.digest_store)
+            except BaseException:
+                os.close(fd)
+                raise
         pool = ThreadPoolExecutor(self.threads, thread_name_prefix="cfsc-read")
         self.pool = pool
         try:
