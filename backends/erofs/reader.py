@@ -78,7 +78,6 @@ SYMLINK_MAX = PATH_MAX - 1
 LAYOUTS = (EROFS_INODE_FLAT_PLAIN, EROFS_INODE_FLAT_INLINE, EROFS_INODE_CHUNK_BASED)
 U64_SIGN = 1 << 63
 
-_unpack_u16 = struct.Struct("<H").unpack_from
 _unpack_compact = EROFS_INODE_COMPACT.unpack_from
 _unpack_extended = EROFS_INODE_EXTENDED.unpack_from
 _unpack_ibody = EROFS_XATTR_IBODY_HEADER.unpack_from
@@ -202,7 +201,7 @@ class Image:
         if off + 32 > end:
             raise self.error(off, f"inode nid {nid}: past the end of the image (0x{end:x})")
         data = self.data
-        i_format = _unpack_u16(data, off)[0]
+        (i_format, icount, mode, nlink, size, u, i_ino, uid, gid) = _unpack_compact(data, off)
         ino = RawInode()
         ino.nid = nid
         ino.offset = off
@@ -215,7 +214,6 @@ class Image:
             ino.mtime = mtime - (1 << 64) if mtime & U64_SIGN else mtime
             ino.mtime_nsec = nsec
         else:
-            (_f, icount, mode, nlink, size, u, i_ino, uid, gid) = _unpack_compact(data, off)
             ino.extended = False
             isize = 32
             ino.mtime = self.build_time
@@ -459,7 +457,7 @@ class Image:
             return []
         self.xattrs(ino)  # validates the body
         shared = self.data[ino.xattr_offset + 4]
-        return list(struct.unpack_from(f"<{shared}I", self.data, ino.xattr_offset + 12))
+        return list(_U32S[shared].unpack_from(self.data, ino.xattr_offset + 12))
 
     def shared_entry_size(self, ref: int) -> int:
         """Bytes the shared xattr entry `ref` takes in the shared area (for statistics)."""
