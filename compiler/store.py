@@ -51,7 +51,7 @@ VERITY_ARG = FSVERITY_ENABLE_ARG.pack(1, 1, 4096, 0, 0, 0, 0, 0)
 TEMP_PREFIX = ".tmp-"
 OBJECT_MODE = 0o644
 DIR_MODE = 0o755
-BATCH_BYTES = 64 << 20
+BATCH_BYTES = 32 << 20
 BATCH_OBJECTS = 4096
 _CHUNK = 1 << 20
 # "This file system cannot do that at all": stop trying for this store.
