@@ -60,13 +60,20 @@ def open_view(path: str, digest: str | None = None, noacl: bool = False):
     """The image at `path` as the kernel mount would show it, checked as far as mounting
     needs: it parses, its digest matches `digest`, and the root is a readable directory."""
     from cfsc.backends.erofs.reader import Image
-    from cfsc.tree import S_IFDIR, S_IFMT
-
-    from .view import ImageView
 
     image = Image.open(path)
     if digest is not None:
         check_digest(image.data, digest, image.name)
+    return checked_view(image, noacl)
+
+
+def checked_view(image, noacl: bool = False):
+    """An `ImageView` whose root was read: a corrupt superblock, root inode or root
+    directory fails here, with the reader's located error, before anything is mounted."""
+    from cfsc.tree import S_IFDIR, S_IFMT
+
+    from .view import ImageView
+
     view = ImageView(image, acl=False if noacl else None)
     root = view.node(view.root_nid)
     if root is None or root.mode & S_IFMT != S_IFDIR:

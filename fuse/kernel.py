@@ -23,9 +23,9 @@ import struct
 import tempfile
 
 from cfsc.backends.erofs.layout import COMPOSEFS_FLAGS_HAS_ACL
-from cfsc.errors import UsageError
+from cfsc.errors import InputError, UsageError
 
-from . import check_digest, syscalls
+from . import check_digest, checked_view, syscalls
 from .backing import Store, kernel_digest
 from .mount import MountError, check_mountpoint, privileged
 
@@ -48,12 +48,20 @@ def mount_kernel(image_path: str, mountpoint: str, options) -> None:
     if not privileged():
         raise UsageError("the kernel mount needs root (CAP_SYS_ADMIN); without it use the FUSE mount",
                          "--kernel")
+    if not options.basedirs:
+        raise UsageError("the kernel mount needs --basedir: overlayfs takes the store as its data layer",
+                         "--kernel")
     check_mountpoint(mountpoint)
-    fd = os.open(image_path, os.O_RDONLY | os.O_CLOEXEC)
+    basedirs = [os.path.abspath(d) for d in options.basedirs]
+    try:
+        fd = os.open(image_path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        raise InputError(f"cannot read: {e.strerror}", image_path) from None
     try:
         # Checked from the very file the kernel will mount (one open file).
         data = _read_fd(fd)
-        image = Image(data, image_path)  # a corrupt image fails here, located
+        image = Image(data, image_path)
+        checked_view(image, options.noacl)  # a corrupt image fails here, located, unmounted
         if options.digest is not None:
             kernel = kernel_digest(fd)
             if kernel is not None and kernel.hex() == options.digest.lower():
@@ -62,9 +70,9 @@ def mount_kernel(image_path: str, mountpoint: str, options) -> None:
                 check_digest(data, options.digest, image_path)
         verity = VERITY[options.verity]
         if verity is not None:
-            _probe_store(image, options.basedirs)
+            _probe_store(image, basedirs)
         _mount(fd, image_path, bool(image.flags & COMPOSEFS_FLAGS_HAS_ACL) and not options.noacl, mountpoint,
-               options.basedirs, verity, options.verity == "require", options.loop)
+               basedirs, verity, options.verity == "require", options.loop)
     finally:
         os.close(fd)
 
@@ -85,8 +93,6 @@ def _probe_store(image, basedirs: list[str]) -> None:
     then fail every read of a file with a digest."""
     from cfsc.backends.erofs.entries import walk
 
-    if not basedirs:
-        return
     for _path, e, first in walk(image):
         if first is None and e.digest is not None and e.payload:
             break

@@ -44,6 +44,7 @@ from cfsc.tree import S_IFDIR, S_IFLNK, S_IFMT, S_IFREG
 BLOCK_SIZE = 4096
 LISTED_PREFIXES = (b"user.", b"trusted.", b"security.")
 ACL_KEYS = (b"system.posix_acl_access", b"system.posix_acl_default")
+BARE_PREFIXES = frozenset(LISTED_PREFIXES + (TRUSTED_OVERLAY,))
 TRUSTED = b"trusted."
 NODE_CACHE = 1 << 17  # nodes kept (about 400 bytes each with the server's encoding)
 LISTING_CACHE = 1 << 18  # directory entries kept, over all cached listings
@@ -177,8 +178,12 @@ class ImageView:
         return result
 
     def getxattr(self, node: Node, key: bytes) -> bytes:
+        if key in BARE_PREFIXES:  # the VFS resolves handlers by prefix: a bare one is invalid
+            raise OSError(errno.EINVAL, "an xattr name needs more than its namespace")
         for k, v in node.xattrs:
             if k == key:
+                if not v and key in ACL_KEYS:  # EROFS cannot parse an empty ACL
+                    raise OSError(errno.EINVAL, "empty POSIX ACL")
                 return v
         if key.startswith(LISTED_PREFIXES) or (self.acl and key in ACL_KEYS):
             raise OSError(errno.ENODATA, "no such attribute")
