@@ -33,7 +33,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from .backends.erofs.entries import walk
-from .backends.erofs.layout import COMPOSEFS_HEADER, EROFS_SUPER_BLOCK, EROFS_SUPER_OFFSET, Layout
+from .backends.erofs.layout import (
+    COMPOSEFS_HEADER, EROFS_INODE_COMPACT, EROFS_INODE_EXTENDED, EROFS_SUPER_BLOCK, EROFS_SUPER_OFFSET, Layout,
+)
 from .backends.erofs.reader import LAYOUTS, Image, RawInode
 from .tree import S_IFDIR, S_IFMT
 
@@ -85,7 +87,7 @@ class _Facts:
         self.hidden: list[RawInode] = []
         self.table: dict[int, tuple[bytes, bytes]] = {}  # shared id -> pair
         self.users: Counter = Counter()  # pair -> inodes using it (shared or inline)
-        self.inodes: list[tuple[int, int, bytes]] = []  # (offset, end, path) of every inode
+        self.inodes: list[tuple[int, int, bytes, bool, int]] = []  # (offset, end, path, extended, xattr size)
         self.blocks: dict[int, bytes] = {}  # first data block -> path
 
     def xattr_split(self, raw: RawInode) -> tuple[list[tuple[bytes, bytes]], list[tuple[bytes, bytes]]]:
@@ -103,7 +105,7 @@ class _Facts:
 
     def note(self, raw: RawInode, path: bytes) -> None:
         end = raw.offset + (64 if raw.extended else 32) + raw.xattr_size + raw.tail_size
-        self.inodes.append((raw.offset, end, path))
+        self.inodes.append((raw.offset, end, path, raw.extended, raw.xattr_size))
         if raw.blkaddr and raw.mode & S_IFMT == S_IFDIR and raw.size > raw.tail_size:
             self.blocks[raw.blkaddr] = path
 
@@ -159,7 +161,8 @@ def explain(a: Image, b: Image, tree_changes: int = 0) -> list[Reason]:
 
     reasons: list[Reason] = []
     if tree_changes:
-        reasons.append(Reason("tree", f"the trees differ ({tree_changes} entries, listed above): each change "
+        entries = "1 entry" if tree_changes == 1 else f"{tree_changes} entries"
+        reasons.append(Reason("tree", f"the trees differ ({entries}, listed above): each change "
                                       "also moves what is laid out after it", count=tree_changes))
     reasons += _header(a, b)
     fa, fb = _Facts(a), _Facts(b)
@@ -277,7 +280,7 @@ def _entries(fa: _Facts, fb: _Facts) -> list[Reason]:
         if mark_a != mark_b:
             parts = [f"-{_show(p)}" for p in sorted(mark_a - mark_b)] + [f"+{_show(p)}" for p in sorted(mark_b - mark_a)]
             markers.add(path, " ".join(parts))
-        if ra.mode & S_IFMT == S_IFDIR and (ra.size != rb.size or ra.layout != rb.layout):
+        if ra.mode & S_IFMT == S_IFDIR == rb.mode & S_IFMT and (ra.size != rb.size or ra.layout != rb.layout):
             if [n for n, _nid, _t in a.dirents(ra)] == [n for n, _nid, _t in b.dirents(rb)]:
                 dirs.add(path, f"same names in {ra.size} → {rb.size} bytes of dirents")
     for raw in fa.hidden:
@@ -335,6 +338,12 @@ def _shared_table(fa: _Facts, fb: _Facts) -> list[Reason]:
     ta = [fa.table[r] for r in sorted(fa.table)]
     tb = [fb.table[r] for r in sorted(fb.table)]
     if ta == tb:
+        if ta and min(fa.table) != min(fb.table):
+            start_a = fa.image.xattr_base + 4 * min(fa.table)
+            start_b = fb.image.xattr_base + 4 * min(fb.table)
+            return [Reason("shared_xattrs", f"the shared xattr table moved from 0x{start_a:x} to 0x{start_b:x} (it "
+                                            "starts after the last inode): every shared reference changes",
+                           start_a, start_b)]
         return []
     sa, sb = set(ta), set(tb)
     parts = []
@@ -375,10 +384,14 @@ def _where(facts: _Facts, offset: int) -> str:
     if offset < EROFS_SUPER_OFFSET:
         return "padding before the superblock"
     inodes = sorted(facts.inodes)
-    i = bisect_right(inodes, (offset, float("inf"), b"")) - 1
+    i = bisect_right(inodes, (offset, float("inf"))) - 1
     if i >= 0 and inodes[i][0] <= offset < inodes[i][1]:
-        start, _end, path = inodes[i]
-        return f"the inode of {path.decode('utf-8', 'backslashreplace')} (nid {(start - image.meta_base) // 32})"
+        start, _end, path, extended, xattr_size = inodes[i]
+        layout = EROFS_INODE_EXTENDED if extended else EROFS_INODE_COMPACT
+        at = offset - start
+        part = (_field_at(layout, at) if at < layout.size
+                else "its xattrs" if at < layout.size + xattr_size else "its inline data")
+        return f"the inode of {path.decode('utf-8', 'backslashreplace')} (nid {(start - image.meta_base) // 32}), {part}"
     if facts.table:
         area = image.xattr_base + 4 * min(facts.table)
         data_start = -(-(image.xattr_base + 4 * max(facts.table) + 4) // 4096) * 4096

@@ -6,8 +6,9 @@ compile + read would change it, without writing an image:
 
 * an image is read with the image frontend (`read_tree`: overlay xattrs already undone);
 * any other source goes through the pipeline's passes up to the overlay lowering — the very
-  passes `cfsc compile` runs (exclusion, mtime clamping, hard-link homes and nlink, limits,
-  version choice, overlay xattrs) — and each inode is then read back the way the image reader
+  passes `cfsc compile` runs (exclusion, mtime clamping, hard-link homes and nlink, version
+  choice, overlay xattrs; not the limit checks, which change nothing: a diff also compares
+  sources `compile` would refuse) — and each inode is then read back the way the image reader
   reads it (`entries._interpret` on its lowered xattrs: escaping undone, writer markers
   dropped, whiteouts recognised, version 1's `opaque=x` markers visible like in the image).
 
@@ -35,8 +36,9 @@ import marshal
 import multiprocessing
 import os
 import traceback
-from collections.abc import Callable, Iterable
-from operator import itemgetter
+from collections.abc import Iterable
+from itertools import repeat
+from operator import attrgetter, itemgetter
 
 from blake3 import blake3
 
@@ -95,15 +97,17 @@ class _Xattrs:
     """A tree's xattr tuples as the image shows them, worked out once per distinct tuple."""
 
     def __init__(self, lowered: bool, hidden_keys: frozenset[bytes]) -> None:
+        self.identity = not lowered and not hidden_keys
         self.lowered = lowered
         self.hidden = hidden_keys
-        self.cache: dict[tuple[int, bool], tuple[tuple, tuple, bool]] = {}  # keeps the key tuple alive
+        # (id(tuple), regular) -> (the tuple, kept alive so its id stays unique; shown; whiteout)
+        self.cache: dict[tuple[int, bool], tuple[tuple, tuple, bool]] = {}
+        self.shown_regular: dict[int, tuple] = {}  # id -> shown, for regular files (column path)
+        self.whiteout_ids: set[int] = set()  # ids of tuples that make a regular file a whiteout
 
     def view(self, xattrs: tuple, regular: bool) -> tuple[tuple, bool]:
         """(xattrs as read back, sorted; whether the inode reads back as a whiteout)."""
-        if not xattrs:
-            return xattrs, False
-        if not self.lowered and not self.hidden:
+        if not xattrs or self.identity:
             return xattrs, False
         hit = self.cache.get((id(xattrs), regular))
         if hit is None:
@@ -115,25 +119,62 @@ class _Xattrs:
             if self.hidden:
                 shown = tuple(kv for kv in shown if kv[0] not in self.hidden)
             hit = self.cache[(id(xattrs), regular)] = (xattrs, shown, whiteout)
+            if regular:
+                self.shown_regular[id(xattrs)] = shown
+                if whiteout:
+                    self.whiteout_ids.add(id(xattrs))
         return hit[1], hit[2]
 
+    def column(self, tuples: list[tuple]) -> tuple[list[tuple], list[int]]:
+        """Views of many regular files' tuples, and the positions that read back as whiteouts."""
+        if self.identity:
+            return tuples, []
+        ids = list(map(id, tuples))
+        shown = self.shown_regular
+        missing = set(ids).difference(shown)
+        if missing:
+            for xattrs in tuples:
+                if id(xattrs) in missing:
+                    self.view(xattrs, True)
+            shown[id(())] = ()
+        flagged = []
+        if self.whiteout_ids and not self.whiteout_ids.isdisjoint(ids):
+            flagged = [i for i, key in enumerate(ids) if key in self.whiteout_ids]
+        return list(map(shown.__getitem__, ids)), flagged
 
-def _record_maker(lowered: bool, hardlinks: dict[int, tuple], ignore: Ignore) -> Callable[[Inode], Record]:
-    xattrs_view = _Xattrs(lowered, ignore.keys).view
-    links_get = hardlinks.get
-    keep = None
-    if ignore.fields != FIELDS:
-        indices = [FIELDS.index(f) for f in ignore.fields]
-        getter = itemgetter(*indices)
-        keep = getter if len(indices) > 1 else (lambda rec: (getter(rec),))
 
-    def record(node: Inode) -> Record:
+_MODE = attrgetter("mode")
+_UID = attrgetter("uid")
+_GID = attrgetter("gid")
+_MTIME = attrgetter("mtime")
+_NSEC = attrgetter("mtime_nsec")
+_SIZE = attrgetter("size")
+_NLINK = attrgetter("nlink")
+_PAYLOAD = attrgetter("payload")
+_DIGEST = attrgetter("digest")
+_CONTENT = attrgetter("content")
+_XATTRS = attrgetter("xattrs")
+
+
+class _Records:
+    """Records of inodes: one at a time (`one`), or a directory's worth by columns (`column`)."""
+
+    def __init__(self, lowered: bool, hardlinks: dict[int, tuple], ignore: Ignore) -> None:
+        self.xattrs = _Xattrs(lowered, ignore.keys)
+        self.hardlinks = hardlinks
+        self.keep = None
+        if ignore.fields != FIELDS:
+            indices = [FIELDS.index(f) for f in ignore.fields]
+            getter = itemgetter(*indices)
+            self.keep = getter if len(indices) > 1 else (lambda rec: (getter(rec),))
+
+    def one(self, node: Inode) -> Record:
         mode = node.mode
         ftype = mode & S_IFMT
         size = rdev = target = payload = digest = content = None
         nlink = node.nlink
         if ftype == S_IFREG:
-            xattrs, whiteout = xattrs_view(node.xattrs, True)
+            xattrs, whiteout = self.xattrs.view(node.xattrs, True)
             if whiteout:
                 kind = "whiteout"
             else:
@@ -145,7 +186,7 @@ def _record_maker(lowered: bool, hardlinks: dict[int, tuple], ignore: Ignore) ->
                 else:
                     content = node.content or None
         else:
-            xattrs = xattrs_view(node.xattrs, False)[0]
+            xattrs = self.xattrs.view(node.xattrs, False)[0]
             if ftype == S_IFDIR:
                 kind = "dir"
                 nlink = None
@@ -159,10 +200,37 @@ def _record_maker(lowered: bool, hardlinks: dict[int, tuple], ignore: Ignore) ->
                 if ftype == S_IFCHR or ftype == S_IFBLK:
                     rdev = node.rdev
         rec = (kind, mode & 0o7777, node.uid, node.gid, rdev, node.mtime, node.mtime_nsec, size, nlink,
-               target, payload, digest, content, xattrs, links_get(id(node)))
-        return keep(rec) if keep is not None else rec
+               target, payload, digest, content, xattrs, self.hardlinks.get(id(node)))
+        return self.keep(rec) if self.keep is not None else rec
 
-    return record
+    def column(self, nodes: list[Inode]) -> list[Record]:
+        """Records of many inodes: built column by column as regular files (C-level maps, the
+        common case), then every inode that is something else redone by `one`."""
+        n = len(nodes)
+        modes = list(map(_MODE, nodes))
+        odd = [i for i, m in enumerate(modes) if m & S_IFMT != S_IFREG]
+        shown, flagged = self.xattrs.column(list(map(_XATTRS, nodes)))
+        sizes = list(map(_SIZE, nodes))
+        contents = list(map(_CONTENT, nodes))
+        if contents.count(None) == n and 0 not in sizes:  # all external
+            payloads = [p or None for p in map(_PAYLOAD, nodes)]
+            digests: list = list(map(_DIGEST, nodes))
+            contents = [None] * n
+        else:
+            external = [bool(s) and c is None for s, c in zip(sizes, contents, strict=True)]
+            payloads = [(p or None) if e else None for p, e in zip(map(_PAYLOAD, nodes), external, strict=True)]
+            digests = [d if e else None for d, e in zip(map(_DIGEST, nodes), external, strict=True)]
+            contents = [None if e else (c or None) for c, e in zip(contents, external, strict=True)]
+        links = map(self.hardlinks.get, map(id, nodes)) if self.hardlinks else repeat(None, n)
+        none = repeat(None, n)
+        records = list(zip(repeat("reg", n), [m & 0o7777 for m in modes], map(_UID, nodes), map(_GID, nodes), none,
+                           map(_MTIME, nodes), map(_NSEC, nodes), sizes, map(_NLINK, nodes), repeat(None, n),
+                           payloads, digests, contents, shown, links, strict=True))
+        if self.keep is not None:
+            records = list(map(self.keep, records))
+        for i in (set(odd).union(flagged) if flagged else odd):
+            records[i] = self.one(nodes[i])
+        return records
 
 
 class Manifest:
@@ -179,7 +247,8 @@ class Manifest:
         # In a lowered tree the root holds the 256 whiteouts the reader hides.
         self.hidden_root = lowered
         order = self._directories()
-        self.record = _record_maker(lowered, self._hardlinks(order), ignore)
+        self.records = _Records(lowered, self._hardlinks(order), ignore)
+        self.record = self.records.one
         self.prints: dict[int, bytes] = {}
         prints = self.prints
         record = self.record
@@ -228,18 +297,20 @@ class Manifest:
         """A directory's children, sorted by name, as `(name, record, fingerprint or None)`."""
         children = directory.children
         assert children is not None
+        if not children:
+            return []
+        names = sorted(children)
+        nodes = list(map(children.__getitem__, names))
+        if self.hidden_root and directory is self.tree.root:
+            # the root whiteouts the reader hides
+            kept = [i for i, c in enumerate(nodes) if not (c.mode & S_IFMT == S_IFCHR and c.rdev == 0)]
+            names = [names[i] for i in kept]
+            nodes = [nodes[i] for i in kept]
+        prints = list(map(self.prints.get, map(id, nodes)))  # set for home directories only…
         links = directory.links
-        record = self.record
-        prints = self.prints
-        hide = self.hidden_root and directory is self.tree.root
-        out = []
-        for name in sorted(children):
-            child = children[name]
-            if hide and child.mode & S_IFMT == S_IFCHR and child.rdev == 0:
-                continue  # a root whiteout the reader hides
-            home_dir = child.children is not None and (links is None or name not in links)
-            out.append((name, record(child), prints[id(child)] if home_dir else None))
-        return out
+        if links:  # … and a link to a directory is compared by its record alone
+            prints = [None if name in links else fp for name, fp in zip(names, prints, strict=True)]
+        return list(zip(names, self.records.column(nodes) if nodes else [], prints, strict=True))
 
     # -- the questions a diff asks (the same for a remote manifest) ---------------------------
 
@@ -306,6 +377,7 @@ def load(source, options: Options | None = None, fmt: str | None = None, ignore:
     from .frontends.image import read_tree
     from .pipeline import PASSES
     from .passes.add_overlay_xattrs import add_overlay_xattrs
+    from .passes.validate_limits import validate_limits
 
     options = options or Options()
     ignore = ignore or Ignore()
@@ -326,7 +398,8 @@ def load(source, options: Options | None = None, fmt: str | None = None, ignore:
         else:
             tree = frontends.load([source], options, fmt)
             for compiler_pass in PASSES[:PASSES.index(add_overlay_xattrs) + 1]:
-                tree = compiler_pass(tree, options)
+                if compiler_pass is not validate_limits:  # it rejects, it changes nothing
+                    tree = compiler_pass(tree, options)
             manifest = Manifest(tree, True, ignore, name, fmt)
     manifest.options = options
     return manifest

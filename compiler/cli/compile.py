@@ -9,7 +9,7 @@ import typer
 from .. import build
 from ..errors import CfscError, UsageError
 from ..options import Options
-from . import command, digest_line
+from . import command, digest_line, source_date_epoch
 
 
 @command("compile")
@@ -31,6 +31,8 @@ def compile_cmd(
     hardlinks: bool = typer.Option(False, "--hardlinks", help="Directory tree: keep hard links (mkcomposefs makes each name its own inode)."),
     basedir: str | None = typer.Option(None, "--basedir", help="CRFS TOC: fs-verity digests for payloads found in this directory."),
     keep_whiteouts: bool = typer.Option(False, "--keep-whiteouts", help="Tar layers: keep OCI whiteouts as overlay whiteouts (for stacking the image over lower layers)."),
+    exclude: list[str] = typer.Option([], "--exclude", help='Leave out entries matching a query, e.g. \'path ~ "/usr/share/doc/**"\' (repeatable; see `cfsc diff --help`).'),
+    clamp_mtime: bool = typer.Option(False, "--clamp-mtime", help="No mtime later than $SOURCE_DATE_EPOCH (later ones become it)."),
 ) -> None:
     """Compile a source into a composefs image."""
     if output is None and not print_digest_only:
@@ -41,9 +43,14 @@ def compile_cmd(
                       digest_store=digest_store, use_epoch=use_epoch, skip_devices=skip_devices,
                       skip_xattrs=skip_xattrs, user_xattrs=user_xattrs, hardlinks=hardlinks,
                       progress=sys.stderr.isatty(), basedir=basedir,
-                      keep_whiteouts=keep_whiteouts)
+                      keep_whiteouts=keep_whiteouts, exclude=tuple(exclude),
+                      clamp_mtime=source_date_epoch() if clamp_mtime else None)
     if threads is not None:
         options.threads = threads
+    if exclude:
+        from .. import query
+
+        query.any_of(exclude, "--exclude")  # a bad query fails before the source is read
     digest = build.compile_image(sources, output, options, source_format,
                                  want_digest=print_digest or print_digest_only)
     if digest is not None:

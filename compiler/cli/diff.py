@@ -155,7 +155,8 @@ def _summary_line(report) -> str:
     total = s["added"] + s["removed"] + s["changed"]
     if report.identical:
         return "identical"
-    text = f"{total} entries differ: {s['added']} added, {s['removed']} removed, {s['changed']} changed"
+    text = (f"{total} {'entry differs' if total == 1 else 'entries differ'}: "
+            f"{s['added']} added, {s['removed']} removed, {s['changed']} changed")
     if not total:
         text = "the trees are identical; the image bytes differ"
     return text

@@ -1,0 +1,332 @@
+"""`cfsc diff`: one golden text per change kind, the same from every pairing of source kinds.
+
+A directory tree is built twice (as is, and with one change), then each side is turned into
+the other source kinds cfsc reads (the image compiled from it, that image's dumpfile, its CRFS
+TOC).  Whatever the pairing, the diff must say exactly the golden text: the sources mean the
+same image, so any extra line is a false difference of the normalisation.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from pathlib import Path
+
+import pytest
+from conftest import run_cfsc
+from hypothesis import HealthCheck, given, settings
+from strategies import trees
+
+from cfsc import diff as diffing
+from cfsc import schemas
+from cfsc.build import compile_image
+from cfsc.cli.diff import render
+from cfsc.frontends.image import read_tree
+from cfsc.images import compile_in_memory, dump
+from cfsc.manifest import Ignore, Manifest
+from cfsc.options import Options
+from cfsc.passes.add_overlay_xattrs import add_overlay_xattrs
+from cfsc.pipeline import PASSES
+from cfsc.query import parse
+
+T0 = 1_700_000_000
+EXTERNAL = bytes(range(256)) * 2  # 512 bytes: stored in the object store, not inline
+
+
+def build(root: Path, change: str | None = None) -> Path:
+    """The test tree, optionally with one change; every mtime fixed, so two builds are equal."""
+    root.mkdir()
+    (root / "etc").mkdir()
+    (root / "bin").mkdir()
+    (root / "data").mkdir()
+    hostname = root / "etc/hostname"
+    hostname.write_bytes(b"bot\n" if change == "inline" else b"box\n")
+    big = root / "etc/big.conf"
+    big.write_bytes(EXTERNAL[::-1] if change == "content" else EXTERNAL)
+    big.chmod(0o600 if change == "chmod" else 0o644)
+    tool = root / "bin/tool"
+    tool.write_bytes(b"#!/bin/sh\n" + b"x" * 100)
+    tool.chmod(0o755)
+    os.setxattr(tool, "user.origin", b"pkg-2" if change == "xattr" else b"pkg-1")
+    if change == "xattr-add":
+        os.setxattr(hostname, "user.note", b"added")
+    if change == "chown":
+        os.chown(tool, 1000, 1000)
+    os.symlink("tool2" if change == "symlink" else "tool", root / "bin/sh")
+    a = root / "data/a"
+    a.write_bytes(b"shared " * 20)
+    if change == "hardlink":
+        (root / "data/b").write_bytes(b"shared " * 20)
+    else:
+        os.link(a, root / "data/b")
+    if change == "add":
+        (root / "data/new").mkdir()
+        (root / "data/new/file").write_bytes(b"new\n")
+    if change == "remove":
+        big.unlink()
+    if change == "type":
+        hostname.unlink()
+        hostname.mkdir()
+    if change == "whiteout":
+        os.mknod(root / "data/gone", 0o20000 | 0o644, 0)
+    for path in sorted(root.rglob("*"), key=lambda p: -len(p.parts)) + [root]:
+        t = T0 + 60 if change == "mtime" and path.name == "hostname" else T0
+        os.utime(path, ns=(t * 10**9, t * 10**9), follow_symlinks=False)
+    root.chmod(0o755)
+    return root
+
+
+GOLDEN = {
+    "chmod": """\
+~ /etc/big.conf
+    mode: 0644 → 0600
+1 entry differs: 0 added, 0 removed, 1 changed
+""",
+    "inline": """\
+~ /etc/hostname
+    content: "box\\n" → "bot\\n"
+1 entry differs: 0 added, 0 removed, 1 changed
+""",
+    "xattr": """\
+~ /bin/tool
+    xattr user.origin: "pkg-1" → "pkg-2"
+1 entry differs: 0 added, 0 removed, 1 changed
+""",
+    "xattr-add": """\
+~ /etc/hostname
+    xattr user.note: added "added"
+1 entry differs: 0 added, 0 removed, 1 changed
+""",
+    "chown": """\
+~ /bin/tool
+    uid: 0 → 1000
+    gid: 0 → 1000
+1 entry differs: 0 added, 0 removed, 1 changed
+""",
+    "symlink": """\
+~ /bin/sh
+    target: "tool" → "tool2"
+1 entry differs: 0 added, 0 removed, 1 changed
+""",
+    "mtime": """\
+~ /etc/hostname
+    mtime: 1700000000 (2023-11-14T22:13:20Z) → 1700000060 (2023-11-14T22:14:20Z)
+1 entry differs: 0 added, 0 removed, 1 changed
+""",
+    "hardlink": """\
+~ /data/a
+    nlink: 2 → 1
+    hardlinks: /data/a, /data/b → (none)
+~ /data/b
+    nlink: 2 → 1
+    hardlinks: /data/a, /data/b → (none)
+2 entries differ: 0 added, 0 removed, 2 changed
+""",
+    "add": """\
++ /data/new  dir 0755
++ /data/new/file  reg 0644 4 bytes
+2 entries differ: 2 added, 0 removed, 0 changed
+""",
+    "remove": """\
+- /etc/big.conf  reg 0644 512 bytes
+1 entry differs: 0 added, 1 removed, 0 changed
+""",
+    "type": """\
+~ /etc/hostname
+    type: reg → dir
+    mode: 0644 → 0755
+    size: 4 → (none)
+    nlink: 1 → (none)
+    content: "box\\n" → (none)
+1 entry differs: 0 added, 0 removed, 1 changed
+""",
+    "whiteout": """\
+~ /data
+    xattr trusted.overlay.opaque: added "x"
+    xattr user.overlay.opaque: added "x"
++ /data/gone  whiteout 0644
+2 entries differ: 1 added, 0 removed, 1 changed
+""",
+}
+# The content change: the payload is the object path of the file's fs-verity digest, so both
+# change; the golden text is completed from the digests (computed, not copied).
+PAIRS = [("dir", "dir"), ("image", "dir"), ("dir", "image"), ("dump", "image"), ("image", "image"),
+         ("crfs", "dump"), ("dump", "crfs")]
+
+
+def _content_golden() -> str:
+    from cfsc.fsverity import digest_bytes, payload_path
+
+    a, b = digest_bytes(EXTERNAL), digest_bytes(EXTERNAL[::-1])
+    return (f'~ /etc/big.conf\n    payload: "{payload_path(a).decode()}" → "{payload_path(b).decode()}"\n'
+            f"    digest: {a.hex()} → {b.hex()}\n1 entry differs: 0 added, 0 removed, 1 changed\n")
+
+
+GOLDEN["content"] = _content_golden()
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+    """change → {kind: path} for the original tree ("base") and each changed one."""
+    top = tmp_path_factory.mktemp("diff")
+    made = {}
+    for change in ["base", *GOLDEN]:
+        d = build(top / change, None if change == "base" else change)
+        image = top / f"{change}.cfs"
+        compile_image([str(d)], str(image), Options(hardlinks=True))
+        paths = {"dir": str(d), "image": str(image)}
+        for kind, fmt, suffix in (("dump", "dump", ".dump"), ("crfs", "crfs", ".json")):
+            with open(top / (change + suffix), "wb") as out:
+                dump(str(image), out, fmt)
+            paths[kind] = str(top / (change + suffix))
+        made[change] = paths
+    return made
+
+
+def body(report) -> str:
+    out = io.BytesIO()
+    render(report, out, color=False)
+    lines = out.getvalue().decode().splitlines(keepends=True)[2:]  # without the ---/+++ header
+    if report.layout:  # … and without the reasons two images' bytes differ (test_explain)
+        start = lines.index("image bytes differ; why:\n")
+        del lines[start:start + 1 + len(report.layout)]
+    return "".join(lines)
+
+
+@pytest.mark.parametrize("change", list(GOLDEN))
+def test_golden_for_every_pairing(sources, change):
+    options = Options(hardlinks=True)
+    for kind_a, kind_b in PAIRS:
+        report = diffing.diff(sources["base"][kind_a], sources[change][kind_b], options, parallel=False)
+        assert body(report) == GOLDEN[change], f"{kind_a} vs {kind_b}"
+        assert not report.identical
+        # and back: the same changes, sides swapped
+        back = diffing.diff(sources[change][kind_b], sources["base"][kind_a], options, parallel=False)
+        assert [c.path for c in back.changes] == [c.path for c in report.changes]
+        swap = {"added": "removed", "removed": "added", "changed": "changed"}
+        assert [c.kind for c in back.changes] == [swap[c.kind] for c in report.changes]
+
+
+@pytest.mark.parametrize("kind_a,kind_b", PAIRS)
+def test_same_tree_in_every_pairing_is_identical(sources, kind_a, kind_b):
+    report = diffing.diff(sources["base"][kind_a], sources["base"][kind_b], Options(hardlinks=True), parallel=False)
+    assert report.changes == [], body(report)
+    assert report.identical or {kind_a, kind_b} != {"image"}
+
+
+def test_cli_exit_codes_json_and_stat(sources):
+    base, changed = sources["base"], sources["chmod"]
+    same = run_cfsc("diff", "--hardlinks", base["dir"], base["image"])
+    assert same.returncode == 0 and same.stdout.decode().endswith("identical\n")
+    p = run_cfsc("diff", "--hardlinks", base["image"], changed["dir"], "--json")
+    assert p.returncode == 1
+    report = json.loads(p.stdout)
+    assert schemas.problems("diff-report", report) == []
+    assert report["changes"] == [{
+        "path": "/etc/big.conf", "change": "changed",
+        "a": report["changes"][0]["a"], "b": report["changes"][0]["b"],
+        "attributes": [{"attribute": "mode", "a": 0o644, "b": 0o600}]}]
+    assert report["summary"] == {"added": 0, "removed": 0, "changed": 1, "attributes": {"mode": 1}}
+    stat = run_cfsc("diff", "--hardlinks", base["dump"], changed["dir"], "--stat")
+    assert stat.returncode == 1 and b"changed 1" in stat.stdout and b"/etc  +0 -0 ~1" in stat.stdout
+    stat_json = json.loads(run_cfsc("diff", "--hardlinks", base["dump"], changed["dir"], "--stat", "--json").stdout)
+    assert "changes" not in stat_json and schemas.problems("diff-report", stat_json) == []
+    assert run_cfsc("diff", base["dump"], "/nonexistent").returncode == 2
+    assert run_cfsc("diff", base["dump"], base["dump"], "--where", "size >").returncode == 2
+    assert run_cfsc("diff", base["dump"], base["dump"], "--ignore", "colour").returncode == 2
+    # colour only on request (stdout is not a terminal here)
+    assert b"\033[" not in p.stdout and b"\033[" in run_cfsc(
+        "diff", "--hardlinks", base["image"], changed["dir"], "--color", "always").stdout
+
+
+def test_json_of_every_change_kind_validates(sources):
+    for change in GOLDEN:
+        report = diffing.diff(sources["base"]["image"], sources[change]["image"], parallel=False)
+        obj = diffing.report_json(report)
+        assert schemas.problems("diff-report", obj) == [], change
+        assert obj["layout"][0]["aspect"] == "digest"
+
+
+def test_ignore_where_and_exclude(sources):
+    base = sources["base"]["dump"]
+    options = Options(hardlinks=True)
+    chown = sources["chown"]["dir"]
+    assert diffing.diff(base, chown, options, ignore=Ignore.parse(["owner"]), parallel=False).identical
+    assert [a[0] for a in diffing.diff(base, chown, options, ignore=Ignore.parse(["uid"]), parallel=False)
+            .changes[0].attributes] == ["gid"]
+    xattr = sources["xattr"]["image"]
+    assert not diffing.diff(base, xattr, parallel=False).identical
+    assert diffing.diff(base, xattr, ignore=Ignore.parse(["xattr:user.origin"]), parallel=False).changes == []
+    added = sources["add"]["dir"]
+    only_files = diffing.diff(base, added, options, where=parse("type == reg"), parallel=False)
+    assert [c.path for c in only_files.changes] == [b"/data/new/file"]
+    assert diffing.diff(base, added, options, where=parse('path ~ "/etc/**"'), parallel=False).changes == []
+    excluded = Options(hardlinks=True, exclude=('path ~ "/data/new"',))
+    assert diffing.diff(base, added, excluded, parallel=False).changes == []
+
+
+def test_parallel_and_sequential_agree(sources):
+    a, b = sources["base"]["dir"], sources["hardlink"]["dump"]
+    options = Options(hardlinks=True)
+    one = diffing.report_json(diffing.diff(a, b, options, parallel=False))
+    two = diffing.report_json(diffing.diff(a, b, options, parallel=True))
+    assert one == two
+    # an error in the worker comes back as the same one-line error
+    p = run_cfsc("diff", a, "/nonexistent.dump", "--threads", "2")
+    assert p.returncode == 2 and p.stderr.startswith(b"error: /nonexistent.dump:")
+
+
+class Counting(Manifest):
+    asked: list
+
+    def listings(self, paths):
+        self.asked.extend(paths)
+        return super().listings(paths)
+
+
+def _manifest(dump: bytes, **options):
+    from cfsc.frontends import dumpfile
+
+    opts = Options(**options)
+    tree = dumpfile.loads(dump, opts)
+    for p in PASSES[:PASSES.index(add_overlay_xattrs) + 1]:
+        tree = p(tree, opts)
+    m = Counting(tree, True, Ignore(), "x", "dump")
+    m.asked = []
+    return m
+
+
+def test_equal_subtrees_are_skipped():
+    lines = [b"/ 0 40755 2 0 0 0 0.0 - - -"]
+    for d in range(20):
+        lines.append(b"/d%02d 0 40755 2 0 0 0 0.0 - - -" % d)
+        for s in range(5):
+            lines.append(b"/d%02d/s%d 0 40755 2 0 0 0 0.0 - - -" % (d, s))
+            lines += [b"/d%02d/s%d/f%d 3 100644 1 0 0 0 0.0 - abc -" % (d, s, f) for f in range(10)]
+    a = b"\n".join(lines) + b"\n"
+    b = a.replace(b"/d07/s3/f4 3 100644", b"/d07/s3/f4 3 100600")
+    ma, mb = _manifest(a), _manifest(b)
+    changes = diffing.diff_manifests(ma, mb)
+    assert [(c.path, c.attributes) for c in changes] == [(b"/d07/s3/f4", [("mode", None, 0o644, 0o600)])]
+    assert ma.asked == mb.asked == [b"/", b"/d07", b"/d07/s3"]  # one path down, nothing else
+    assert _manifest(a).root()[1] == ma.root()[1] != mb.root()[1]
+
+
+SETTINGS = settings(max_examples=100, deadline=None, suppress_health_check=list(HealthCheck))
+
+
+@SETTINGS
+@given(trees())
+def test_a_tree_and_its_image_are_identical(tree):
+    """The normalisation is exact: records and fingerprints of a source equal those of its image."""
+    for version in (0, 1):
+        options = Options(max_version=version)
+        image = compile_in_memory(tree.copy(), options)
+        source = tree.copy()
+        for p in PASSES[:PASSES.index(add_overlay_xattrs) + 1]:
+            source = p(source, options)
+        a = Manifest(source, True, Ignore(), "tree", "dump")
+        b = Manifest(read_tree(image), False, Ignore(), "image", "image", image)
+        assert diffing.diff_manifests(a, b) == []
+        assert a.root() == b.root()
