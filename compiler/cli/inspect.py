@@ -91,13 +91,21 @@ def ls_cmd(
     recursive: bool = typer.Option(False, "-R", "--recursive", help="Everything below PATH, with full paths."),
     as_json: bool = JSON,
     source_format: str | None = FROM,
+    where: str | None = typer.Option(None, "--where", help='Only entries matching a query, e.g. \'type == reg and size > 1M\' (see `cfsc diff --help`).'),
 ) -> None:
     """List a directory of an image (mode, links, owner, size, mtime, name; `@` backing file)."""
     from ..backends.jsonlines import entry_object
 
+    matches = None
+    if where is not None:  # the query language of `cfsc.query` (issue 8)
+        from ..query import parse
+
+        matches = parse(where, "--where")
     (image,) = _open([source], source_format)
     out = sys.stdout.buffer
     for item_path, e, first in images.listing(image, os.fsencode(path), recursive):
+        if matches is not None and not matches(item_path, e):
+            continue
         if as_json:
             out.write(orjson.dumps(entry_object(item_path, e, first), option=orjson.OPT_APPEND_NEWLINE))
         else:
