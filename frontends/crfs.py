@@ -39,10 +39,11 @@ from __future__ import annotations
 import binascii
 import os
 import re
+from itertools import repeat
 
 import orjson
 
-from cfsc import devices, limits, rfc3339, schemas
+from cfsc import devices, limits, rfc3339, schemas, streams
 from cfsc.errors import InputError, InputErrors
 from cfsc.options import Options
 from cfsc.streams import read_all, source_name
@@ -56,6 +57,10 @@ TYPES = {"dir": S_IFDIR, "reg": S_IFREG, "symlink": S_IFLNK, "hardlink": HARDLIN
 TYPE_NAMES = {bits: name for name, bits in TYPES.items()}
 MAX_ERRORS = 20
 SLICE_BYTES = 4 << 20
+BATCH = 2048  # entries per column pass (~2 MB of parsed JSON: stays in the CPU cache)
+ZEROS = [0] * BATCH
+NAME_MAX = limits.NAME_MAX
+PATH_MAX = limits.PATH_MAX
 U32 = (1 << 32) - 1
 U64 = (1 << 64) - 1
 S64 = 1 << 63
@@ -69,16 +74,13 @@ def twin(key: str) -> str:
     return key + "-b64" if key.startswith("x-") else f"x-{key}-b64"
 
 
-# Keys read by the code (checked as read), and ignored keys with the JSON type the schema wants.
+# Keys read by the code (checked as read); other keys are ignored, except unknown `x-` ones.
 READ = frozenset({"type", "name", "linkName", "size", "modtime", "x-mtime", "mode", "uid", "gid",
                   "devMajor", "devMinor", "xattrs", "digest", "chunkOffset", "chunkSize",
                   "x-payload", "x-content", "x-fsverity-digest", "x-nlink"})
 TWINS = frozenset({twin("name"), twin("linkName"), twin("x-payload"), twin("xattrs")})
 NO_EXTENSIONS = (ABSENT,) * 5
 RARE = frozenset({"x-payload", "x-content", "x-fsverity-digest", "x-mtime", "x-nlink", "chunkOffset", "chunkSize"})
-IGNORED = {"accesstime": str, "changetime": str, "userName": str, "groupName": str,
-           "chunkDigest": str, "chunkType": str, "offset": int, "innerOffset": int,
-           "endOffset": int, "NumLink": int, "Nlink": int}
 
 _DIGEST = re.compile(r"[a-z0-9]+:([0-9a-f]{2,})")
 _FSVERITY = re.compile(r"sha256:([0-9a-f]{64})")
@@ -145,21 +147,79 @@ def _clean(raw: bytes, key: str) -> bytes:
     return b"/".join(parts)
 
 
-def _plan(keys: tuple) -> tuple:
-    """For one key set: the ignored keys to type-check, whether base64 twins are present and
-    whether any of the rarer keys (extensions, chunk fields) is."""
-    checks = []
+def _odd_path(name: bytes) -> bool:
+    """Whether `_clean` would change a name (trailing slashes already stripped)."""
+    return (not name or name[0] == 0x2F or b"//" in name or name in (b".", b"..")
+            or name.startswith((b"./", b"../")) or name.endswith((b"/.", b"/..")) or b"/./" in name
+            or b"/../" in name)
+
+
+def _plan(keys: tuple) -> tuple[bool, bool, frozenset]:
+    """For one key set: (base64 twins present, any rarer key present (extensions, chunk
+    fields), the keys)."""
     twins = False
     for key in keys:
-        if key in READ:
-            continue
         if key in TWINS:
             twins = True
-        elif key in IGNORED:
-            checks.append((key, IGNORED[key]))
-        elif key.startswith("x-"):
+        elif key[:2] == "x-" and key not in READ:
             raise _Bad(key, "unknown composefs extension key")
-    return tuple(checks), twins, twins or not RARE.isdisjoint(keys)
+    return twins, twins or not RARE.isdisjoint(keys), frozenset(keys)
+
+
+BAD_PLAN = (False, True, frozenset())  # a key set with an unknown extension key
+_STR_OR_ABSENT = {str, object}
+_INT = {int}
+_DIGESTS = re.compile(r"(?:[a-z0-9]+:[0-9a-f]{2,}\n)*")
+
+
+def _ints(column: list, lo: int, hi: int, slow: bytearray) -> list:
+    """Mark values that are not integers in [lo, hi]; the common case is three C-level passes."""
+    if column and not (set(map(type, column)) == _INT and lo <= min(column) and max(column) <= hi):
+        for i, value in enumerate(column):
+            if type(value) is not int or not lo <= value <= hi:
+                slow[i] = 1
+    return column
+
+
+def _payloads(column: list, slow: bytearray) -> list:
+    """The payload `HE/X…` each `digest` gives (None where there is none), marking digests
+    that are not ALGORITHM:HEX.  Checked all at once: sha256 ones (all of them in practice)
+    with a byte translation, others with one regex pass."""
+    present = [d for d in column if d is not ABSENT]
+    if not present:
+        return [None] * len(column)
+    if set(map(type, present)) == {str}:
+        if _sha256_digests(present):
+            return [f"{d[7:9]}/{d[9:]}".encode() if d is not ABSENT else None for d in column]
+        if _DIGESTS.fullmatch("\n".join(present) + "\n"):
+            return [_payload(d) if d is not ABSENT else None for d in column]
+    payloads = []
+    for i, d in enumerate(column):
+        if d is ABSENT:
+            payloads.append(None)
+        elif type(d) is str and _DIGEST.fullmatch(d):
+            payloads.append(_payload(d))
+        else:
+            payloads.append(None)
+            slow[i] = 1
+    return payloads
+
+
+def _payload(digest: str) -> bytes:
+    hexpart = digest[digest.index(":") + 1:]
+    return f"{hexpart[:2]}/{hexpart[2:]}".encode()
+
+
+def _sha256_digests(digests: list) -> bool:
+    """All are sha256: and 64 lower-case hex digits (what every producer writes)."""
+    if set(map(len, digests)) != {71} or not all(map(str.startswith, digests, repeat("sha256:"))):
+        return False
+    try:
+        text = "".join(digests).encode("ascii")
+    except UnicodeEncodeError:
+        return False
+    # Deleting the hex digits leaves only the "sh:" of each "sha256:" prefix.
+    return text.translate(None, b"0123456789abcdef") == b"sh:" * len(digests)
 
 
 def _integral(value):
@@ -180,7 +240,7 @@ class _Builder:
         self.dirs: dict[bytes, Inode] = {b"": self.root}  # clean path → directory
         self.last_file: Inode | None = None  # for chunk entries without a name
         self.plans: dict[tuple, tuple] = {}
-        self.times: dict[str, tuple[int, int]] = {}
+        self.times: dict = {ABSENT: (0, 0)}  # modtime text → (sec, nsec)
         self.xattr_sets: dict[tuple, tuple] = {}  # raw JSON items → interned pairs
         self.interned: dict[tuple, tuple] = {}
         self.errors: list[str] = []
@@ -208,15 +268,192 @@ class _Builder:
         except _Bad as e:
             self.report(f"{source}: {schemas.json_path(['entries', index, *e.path])}: {e.what}")
 
-    # -- one entry ----------------------------------------------------------------------
+    # -- slices: the fast path ------------------------------------------------------------
 
     def feed(self, entries: list, source: str, first: int = 0) -> None:
-        apply = self.apply
-        for i, entry in enumerate(entries):
-            try:
-                apply(entry)
-            except Exception:  # noqa: BLE001 - any surprise in the fast path gets explained
-                self.rejected(entry, source, first + i)
+        """Apply entries in order, in batches small enough to stay in the CPU cache while
+        `batch` makes several passes over them."""
+        for start in range(0, len(entries), BATCH):
+            self.batch(entries[start:start + BATCH], source, first + start)
+
+    def batch(self, entries: list, source: str, first: int) -> None:
+        """Apply a batch of entries in order.
+
+        Values are checked a column at a time (C-level `map`, `set`, `min`, `max`), and only
+        placing nodes in the tree is done entry by entry.  An entry takes this path when it is
+        plain: no extension or twin key, every value as the schema wants, a new path whose
+        parent exists, not a hard link or chunk.  Everything else goes through `apply`, the
+        reference for semantics and messages.
+        """
+        n = len(entries)
+        one = self.one
+        if set(map(type, entries)) != {dict}:
+            for i, e in enumerate(entries):
+                one(e, source, first + i)
+            return
+        slow, present = self.plain(entries)
+        get = dict.get
+
+        def column(key: str, default=ABSENT) -> list:
+            if key in present:
+                return list(map(get, entries, repeat(key), repeat(default)))
+            return [default] * n
+
+        kinds = column("type", None)
+        try:
+            kinds = list(map(TYPES.get, kinds))
+        except TypeError:  # an unhashable "type"
+            kinds = [TYPES.get(k) if type(k) is str else None for k in kinds]
+        names = self.names(column("name"), slow)
+        modes = _ints(column("mode", 0), 0, 0o177777, slow)
+        uids = _ints(column("uid", 0), 0, U32, slow)
+        gids = _ints(column("gid", 0), 0, U32, slow)
+        sizes = _ints(column("size", 0), 0, U64, slow)
+        if "devMajor" in present or "devMinor" in present:
+            majors = _ints(column("devMajor", 0), 0, devices.MAJOR_MAX, slow)
+            minors = _ints(column("devMinor", 0), 0, devices.MINOR_MAX, slow)
+        else:
+            majors = minors = ZEROS
+        whens = self.whens(column("modtime"), slow)
+        payloads = _payloads(column("digest"), slow)
+        targets = column("linkName")
+        if not set(map(type, targets)) <= _STR_OR_ABSENT:
+            for i, t in enumerate(targets):
+                if t is not ABSENT and type(t) is not str:
+                    slow[i] = 1
+        xattr_column = column("xattrs")
+
+        splits = list(map(bytes.rpartition, names, repeat(b"/")))
+        dirs = self.dirs
+        xattr_sets = self.xattr_sets
+        last = self.last_file
+        for i in range(n):
+            kind = kinds[i]
+            name = names[i]
+            if not slow[i] and kind is not None and kind > 0 and name:
+                head, _slash, base = splits[i]
+                parent = dirs.get(head)
+                mode = modes[i]
+                if (parent is not None and base not in parent.children and len(base) <= NAME_MAX  # type: ignore[operator]
+                        and (mode <= 0o7777 or mode & S_IFMT == kind)):
+                    xattrs = xattr_column[i]
+                    if xattrs is ABSENT:
+                        xattrs = ()
+                    else:
+                        try:
+                            found = xattr_sets.get(tuple(xattrs.items()))
+                            xattrs = found if found is not None else self.xattrs(xattrs, ABSENT)
+                        except Exception:  # noqa: BLE001 - explained by the reference path
+                            xattrs = None
+                    sec, nsec = whens[i]
+                    node = None
+                    if xattrs is None:
+                        pass
+                    elif kind == S_IFREG:
+                        node = last = Inode(mode | S_IFREG, uids[i], gids[i], sec, nsec, sizes[i], 0, None,
+                                            payloads[i], None, None, xattrs)
+                    elif kind == S_IFDIR:
+                        node = Inode(mode | S_IFDIR, uids[i], gids[i], sec, nsec, 0, 0, None, None, None,
+                                     None, xattrs)
+                        dirs[name] = node
+                    elif kind == S_IFLNK:
+                        target = targets[i]
+                        if target is not ABSENT:
+                            target = target.encode("utf-8", "surrogateescape")
+                            if target and len(target) < PATH_MAX and b"\0" not in target:
+                                node = Inode(mode | S_IFLNK, uids[i], gids[i], sec, nsec, len(target), 0, None,
+                                             target, None, None, xattrs)
+                    else:
+                        rdev = devices.makedev(majors[i], minors[i]) if kind == S_IFCHR or kind == S_IFBLK else 0
+                        node = Inode(mode | kind, uids[i], gids[i], sec, nsec, sizes[i], rdev, None, None,
+                                     None, None, xattrs)
+                    if node is not None:
+                        parent.children[base] = node  # type: ignore[index]
+                        continue
+            self.last_file = last
+            one(entries[i], source, first + i)
+            last = self.last_file
+        self.last_file = last
+
+    def one(self, entry, source: str, index: int) -> None:
+        try:
+            self.apply(entry)
+        except Exception:  # noqa: BLE001 - any surprise gets explained (schema, then code)
+            self.rejected(entry, source, index)
+
+    def plain(self, entries: list) -> tuple[bytearray, frozenset]:
+        """(entries whose key set has extensions, twins or unknown `x-` keys; every key seen)."""
+        plans = self.plans
+        found = list(map(plans.get, map(tuple, entries)))
+        if None in found:
+            for i, k in enumerate(map(tuple, entries)):
+                if found[i] is None:
+                    plan = plans.get(k)
+                    if plan is None:
+                        try:
+                            plan = plans[k] = _plan(k)
+                        except _Bad:
+                            plan = plans[k] = BAD_PLAN
+                    found[i] = plan
+        slow = bytearray(len(entries))
+        distinct = set(found)
+        if any(plan[1] for plan in distinct):
+            for i, plan in enumerate(found):
+                if plan[1]:
+                    slow[i] = 1
+        return slow, frozenset().union(*(plan[2] for plan in distinct))
+
+    def names(self, column: list, slow: bytearray) -> list:
+        """Names as clean paths (b"" for the root, chunks and bad ones: `apply` decides).
+
+        A few searches over all names joined by `/` find whether any needs `_clean` (a
+        leading `/`, an empty, `.` or `..` component); eStargz's `usr/` is stripped in bulk,
+        and so is the `./` of docker-style names.
+        """
+        if set(map(type, column)) == {str}:
+            names = list(map(str.encode, column))
+        else:
+            names = [n.encode("utf-8", "surrogateescape") if type(n) is str else b"" for n in column]
+        names = list(map(bytes.rstrip, names, repeat(b"/")))
+        joined = b"/" + b"/".join(names) + b"/"
+        if b"\0" in joined:  # not a name (apply says why)
+            for i, name in enumerate(names):
+                if b"\0" in name:
+                    names[i] = b""
+                    slow[i] = 1
+            joined = b"/" + b"/".join(names) + b"/"
+        if names[0].startswith(b"./"):
+            names = [name[2:] if name.startswith(b"./") else name for name in names]
+            joined = b"/" + b"/".join(names) + b"/"
+        if b"//" in joined or (b"/." in joined and (b"/./" in joined or b"/../" in joined)):
+            for i, name in enumerate(names):
+                if _odd_path(name):
+                    try:
+                        names[i] = _clean(name, "name")
+                    except _Bad:
+                        names[i] = b""
+                        slow[i] = 1
+        return names
+
+    def whens(self, column: list, slow: bytearray) -> list:
+        """(sec, nsec) per entry; (0, 0) when absent."""
+        times = self.times
+        try:
+            whens = list(map(times.get, column))
+        except TypeError:  # an unhashable modtime
+            whens = [times.get(w) if type(w) is str else None for w in column]
+        if None in whens:
+            for i, when in enumerate(whens):
+                if when is None:
+                    try:
+                        text = column[i]
+                        whens[i] = (times.get(text) if type(text) is str else None) or self.time(text)
+                    except _Bad:
+                        whens[i] = (0, 0)
+                        slow[i] = 1
+        return whens
+
+    # -- one entry: the reference -----------------------------------------------------
 
     def apply(self, e) -> None:
         """Check one entry as it is read, then add it to the tree or update what is there."""
@@ -224,12 +461,9 @@ class _Builder:
             raise _Bad([], "expected an object")
         keys = tuple(e)
         plan = self.plans.get(keys)
-        if plan is None:
-            plan = self.plans[keys] = _plan(keys)
-        checks, twins, has_rare = plan
-        for key, kind in checks:
-            if type(e[key]) is not kind:
-                raise _Bad(key, f"expected {'a string' if kind is str else 'an integer'}")
+        if plan is None or plan is BAD_PLAN:
+            plan = self.plans[keys] = _plan(keys)  # raises for unknown extension keys
+        twins, has_rare, _keys = plan
         get = e.get
 
         t = get("type")
@@ -431,6 +665,7 @@ class _Builder:
             when = (0, 0)
         if len(self.times) >= CACHE_MAX:
             self.times.clear()
+            self.times[ABSENT] = (0, 0)
         self.times[text] = when
         return when
 
@@ -554,17 +789,28 @@ class _Builder:
 
     # -- whole documents ----------------------------------------------------------------
 
-    def document(self, data: bytes, source: str) -> None:
-        """Apply one TOC, slice by slice when the cheap cut works (see the module docstring)."""
-        self.sources.append(source)
-        slicer = _Slicer(data)
+    def document(self, source, data: bytes | None = None) -> None:
+        """Apply one TOC, slice by slice when the cheap cut works (see the module docstring).
+
+        A file is read block by block (and read again in the rare case that the whole
+        document must be parsed at once); stdin and `data` are held in memory.
+        """
+        name = source_name(source)
+        self.sources.append(name)
+        if data is None and (source == "-" or not isinstance(source, (str, bytes, os.PathLike))):
+            data = read_all(source)
+        blocks = [data] if data is not None else streams.chunks(source, SLICE_BYTES)
+        slicer = _Slicer(blocks)
         try:
             for first, entries in slicer:
-                self.feed(entries, source, first)
+                self.feed(entries, name, first)
         except _Unsure:
-            self.whole(data, source, slicer.done)
+            self.whole(data if data is not None else read_all(source), name, slicer.done)
             return
-        self.header(slicer.header, source)
+        finally:
+            if data is None:
+                blocks.close()  # type: ignore[union-attr]
+        self.header(slicer.header, name)
 
     def whole(self, data: bytes, source: str, skip: int) -> None:
         """Parse the document at once; the first `skip` entries were applied already."""
@@ -599,46 +845,73 @@ class _Unsure(Exception):
 
 
 class _Slicer:
-    """Iterate over (index of the first entry, entries) slices of a TOC's entries array.
+    """Iterate over (index of the first entry, entries) slices of a TOC's entries array,
+    reading the input block by block and keeping only a few MiB of it.
 
     Afterwards `header` is the top-level object with `entries: []`.  Raises _Unsure when a cut
     cannot be proven (the `done` entries yielded before are right all the same).
     """
 
-    def __init__(self, data: bytes) -> None:
-        self.data = data
+    def __init__(self, blocks) -> None:
+        self.blocks = iter(blocks)
+        self.eof = False
+        self.data = b""
+        self.pos = 0
         self.done = 0
         self.header: dict = {}
 
+    def fill(self, need: int) -> None:
+        """At least `need` bytes after `pos`, unless the input ends first."""
+        have = len(self.data) - self.pos
+        if have >= need or self.eof:
+            return
+        parts = [self.data[self.pos:]] if have else []
+        while have < need:
+            block = next(self.blocks, None)
+            if block is None:
+                self.eof = True
+                break
+            parts.append(block)
+            have += len(block)
+        self.data = parts[0] if len(parts) == 1 else b"".join(parts)
+        self.pos = 0
+
     def __iter__(self):
-        data = self.data
-        m = _ENTRIES.search(data)
+        self.fill(1 << 20)
+        m = _ENTRIES.search(self.data)
         if m is None:
             raise _Unsure
-        prefix = data[:m.start()]
+        prefix = self.data[:m.start()]
         # Only the top-level "entries" makes prefix + `"entries":0}` an object with entries 0.
         if _top_level(prefix + b'"entries":0}') is None:
             raise _Unsure
-        pos = m.end()
-        while len(data) - pos > SLICE_BYTES:
+        self.pos = m.end()
+        failures = 0
+        while True:
+            self.fill(2 * SLICE_BYTES)
+            data, pos = self.data, self.pos
+            if len(data) - pos <= SLICE_BYTES and self.eof:
+                break
             cut = _BOUNDARY.search(data, pos + SLICE_BYTES)
-            entries = None
-            for _attempt in range(3):
-                if cut is None:
-                    break
+            while cut is not None:
                 try:
                     entries = orjson.loads(b"[" + data[pos:cut.start() + 1] + b"]")
                     break
                 except orjson.JSONDecodeError:  # cut inside a string, or bad JSON
+                    failures += 1
+                    if failures > 3:
+                        raise _Unsure from None
                     cut = _BOUNDARY.search(data, cut.end())
-            if entries is None:
-                if cut is None:
+            if cut is None:
+                if self.eof:
                     break  # the rest is the last slice
-                raise _Unsure
+                self.fill(len(data) - pos + SLICE_BYTES)
+                continue
             yield self.done, entries
             self.done += len(entries)
-            pos = cut.end() - 1  # at the next entry's "{"
+            self.pos = cut.end() - 1  # at the next entry's "{"
             del entries
+        data, pos = self.data, self.pos
         end = len(data)
         for _attempt in range(3):  # the array's "]": the last one that leaves a valid top level
             end = data.rfind(b"]", pos, end)
@@ -700,11 +973,11 @@ def load_many(sources, options: Options | None = None) -> Tree:
     """Several TOCs into one tree, in order (later entries update earlier ones)."""
     builder = _Builder(options or Options())
     for source in sources:
-        builder.document(read_all(source), source_name(source))
+        builder.document(source)
     return builder.finish()
 
 
 def loads(data: bytes, options: Options | None = None, name: str = "<string>") -> Tree:
     builder = _Builder(options or Options())
-    builder.document(data, name)
+    builder.document(name, data)
     return builder.finish()
