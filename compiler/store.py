@@ -184,6 +184,22 @@ class Store:
             raise
         return digest, size
 
+    def import_bytes(self, data: bytes | bytearray | memoryview, digest: bytes) -> None:
+        """Store `data`, whose digest the caller computed from these same bytes (in memory, so
+        they cannot change in between): hashed once, and not written when already present."""
+        if not self._claim(digest):
+            return
+        try:
+            temp = _Temp(self.root)
+            try:
+                _write_all(temp.fd, data, temp.path)
+                self._add(temp, digest, len(data))
+            except BaseException:
+                temp.discard()
+                raise
+        finally:
+            self._release(digest)
+
     def commit(self) -> None:
         """Make every pending object durable, then give it its name."""
         with self._commit_lock:

@@ -5,9 +5,11 @@ inlined; every non-empty regular file gets its fs-verity digest and the payload 
 naming it; with a content store, the files that are not inlined are written into it.  Without
 a store the digests are still computed (the image needs them) and nothing is written.
 
-Store objects are written with `Store.import_chunks`: hashed while written to a temp file in
-the store, then linked into place at the store's next commit, so an object never appears with
-partial content and one already present is not duplicated (the temp copy is dropped).  After
+Store objects go through the store's temp files (written, then linked into place at its next
+commit), so an object never appears with partial content.  A file held in memory is hashed
+first and written only if the store lacks it (`Store.import_bytes`); a large file is hashed
+while it is written (`Store.import_chunks`), and its temp copy is dropped if the object was
+there already.  After
 an error `abort()` removes the temp files of everything not yet committed; objects committed
 before (complete, content-addressed) stay.
 
@@ -122,10 +124,9 @@ class Contents:
     # -- the work -------------------------------------------------------------------------
 
     def _external(self, node: Inode, data: bytes) -> None:
+        digest = digest_bytes(data)
         if self.store is not None:
-            digest, _size = self.store.import_chunks((data,))
-        else:
-            digest = digest_bytes(data)
+            self.store.import_bytes(data, digest)
         node.digest = digest
         node.payload = payload_path(digest)
 

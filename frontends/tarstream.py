@@ -82,6 +82,8 @@ ENTRY_TYPES = frozenset((REGULAR, REGULAR_OLD, CONTIGUOUS, HARDLINK, SYMLINK, CH
 DATA_TYPES = frozenset((REGULAR, REGULAR_OLD, CONTIGUOUS))
 
 _OCTAL_DIGITS = b"01234567"
+_OCTAL_TEXT = b"01234567 \x00"
+_PAD = b" \x00"
 _PAX_MTIME = re.compile(rb"(-?)([0-9]+)(?:\.([0-9]*))?")
 _DECIMAL = re.compile(rb"[0-9]+")
 SCHILY_XATTR = b"SCHILY.xattr."
@@ -350,6 +352,67 @@ class TarReader:
 
     # -- headers ----------------------------------------------------------------------------
 
+    def _skip_rest(self) -> None:
+        """Skip what the consumer left of the current member's data, and the padding."""
+        left, pad = self._left, self._pad
+        self._left = self._pad = 0
+        skipped = self._skip(left + pad)
+        if skipped < left:
+            self._left = left - skipped
+            raise self._truncated()
+        if skipped < left + pad:
+            raise self.error("truncated: the archive ends inside the padding after the member's data", self._member)
+
+    def _header_block(self, start: int) -> bytes:
+        block = self._take(BLOCK)
+        if len(block) < BLOCK:
+            if block:
+                raise self.error(f"truncated: the archive ends inside a header ({len(block)} of 512 bytes)",
+                                 offset=start)
+            raise self.error("truncated: the archive ends without its end-of-archive marker (a zero block)",
+                             offset=start)
+        return block
+
+    def _bad_checksum(self, block: bytes, h: tuple, start: int) -> InputError:
+        try:
+            stored = _octal(h[CHKSUM])
+        except ValueError:
+            return self.error("not a tar header: the checksum field is not an octal number"
+                              " (corrupt, or not a tar archive)", offset=start)
+        return self.error(f"bad header checksum (stored {stored}, computed {_checksum(block)}):"
+                          " the archive is corrupt", offset=start)
+
+    def _entry(self, h: tuple, octal: bool, start: int) -> Member:
+        name = h[NAME].split(b"\x00", 1)[0]
+        if h[MAGIC] == POSIX_MAGIC and h[PREFIX][0]:
+            name = h[PREFIX].split(b"\x00", 1)[0] + b"/" + name
+        try:
+            if not octal:
+                raise ValueError
+            mode, uid, gid, size, mtime = (int(h[MODE].strip(_PAD), 8), int(h[UID].strip(_PAD), 8),
+                                           int(h[GID].strip(_PAD), 8), int(h[SIZE].strip(_PAD), 8),
+                                           int(h[MTIME].strip(_PAD), 8))
+        except ValueError:  # base-256, an empty field, digits after a NUL: the careful way
+            try:
+                mode, uid, gid, size, mtime = (number(h[MODE]), number(h[UID]), number(h[GID]), number(h[SIZE]),
+                                               number(h[MTIME]))
+            except ValueError:
+                raise self.error(f"bad header: a numeric field is neither octal nor base-256 ({_fields(h)})",
+                                 offset=start) from None
+        devmajor = devminor = 0
+        typeflag = h[TYPEFLAG]
+        if typeflag == CHAR or typeflag == BLOCKDEV:
+            try:
+                devmajor, devminor = number(h[DEVMAJOR]), number(h[DEVMINOR])
+            except ValueError:
+                raise self.error(f"bad header: a numeric field is neither octal nor base-256 ({_fields(h)})",
+                                 offset=start) from None
+        m = Member(start, typeflag, name, h[LINKNAME].split(b"\x00", 1)[0], mode & 0o7777, uid, gid, size, mtime,
+                   devmajor, devminor)
+        if size < 0:
+            raise self.error(f"bad header: negative size {size}", m)
+        return m
+
     def members(self) -> Iterator[Member]:
         pax: dict[bytes, bytes] | None = None
         pax_xattrs: dict[bytes, tuple[bytes, int]] | None = None
@@ -358,53 +421,33 @@ class TarReader:
         unpack = HEADER.unpack
         while True:
             if self._left or self._pad:
-                left, pad = self._left, self._pad
-                self._left = self._pad = 0
-                skipped = self._skip(left + pad)
-                if skipped < left:
-                    self._left = left - skipped
-                    raise self._truncated()
-                if skipped < left + pad:
-                    raise self.error("truncated: the archive ends inside the padding after the member's data",
-                                     self._member)
+                self._skip_rest()
             self._member = None
-            start = self.offset
-            block = self._take(BLOCK)
-            if len(block) < BLOCK:
-                if block:
-                    raise self.error(f"truncated: the archive ends inside a header ({len(block)} of 512 bytes)",
-                                     offset=start)
-                raise self.error("truncated: the archive ends without its end-of-archive marker (a zero block)",
-                                 offset=start)
+            start = self._base + self._pos
+            block = self._buf[self._pos:self._pos + BLOCK]
+            if len(block) == BLOCK:
+                self._pos += BLOCK
+            else:
+                block = self._header_block(start)  # across the end of the buffer
             if block == ZERO_BLOCK:
                 if pending >= 0:
                     raise self.error("an extended header is not followed by a member", offset=pending)
                 self._drain()
                 return
             h = unpack(block)
+            # The fast path: mode … chksum hold only octal digits, spaces and NULs (one C-level
+            # check), so `int` reads them; anything else (base-256, empty fields, junk) goes
+            # through `number`, which decides.
+            octal = not block[100:156].translate(None, _OCTAL_TEXT)
             try:
-                stored = _octal(h[CHKSUM])
+                stored = int(h[CHKSUM].strip(_PAD), 8) if octal else _octal(h[CHKSUM])
             except ValueError:
-                raise self.error("not a tar header: the checksum field is not an octal number"
-                                 " (corrupt, or not a tar archive)", offset=start) from None
-            if not _checksum_ok(block, stored):
-                raise self.error(f"bad header checksum (stored {stored}, computed {_checksum(block)}):"
-                                 " the archive is corrupt", offset=start)
+                stored = -1
+            if stored < 0 or not _checksum_ok(block, stored):
+                raise self._bad_checksum(block, h, start)
             typeflag = h[TYPEFLAG]
-            name = h[NAME].split(b"\x00", 1)[0]
-            if h[MAGIC] == POSIX_MAGIC and h[PREFIX][0]:
-                name = h[PREFIX].split(b"\x00", 1)[0] + b"/" + name
-            try:
-                m = Member(start, typeflag, name, h[LINKNAME].split(b"\x00", 1)[0], number(h[MODE]) & 0o7777,
-                           number(h[UID]), number(h[GID]), number(h[SIZE]), number(h[MTIME]),
-                           number(h[DEVMAJOR]), number(h[DEVMINOR]))
-            except ValueError:
-                raise self.error(f"bad header: a numeric field is neither octal nor base-256 ({_fields(h)})",
-                                 offset=start) from None
-            self._member = m
-            if m.size < 0:
-                raise self.error(f"bad header: negative size {m.size}", m)
             if typeflag in ENTRY_TYPES:
+                m = self._member = self._entry(h, octal, start)
                 if longname is not None:
                     m.path = longname
                 if longlink is not None:
@@ -416,8 +459,6 @@ class TarReader:
                 if typeflag == REGULAR_OLD and m.path.endswith(b"/"):
                     m.type = DIRECTORY
                 if m.type in DATA_TYPES:
-                    if m.size < 0:
-                        raise self.error(f"bad PAX size {m.size}", m)
                     self._left = m.size
                     self._pad = -m.size % BLOCK
                 else:
@@ -426,6 +467,14 @@ class TarReader:
                 pending = -1
                 yield m
                 continue
+            name = h[NAME].split(b"\x00", 1)[0]
+            try:
+                size = number(h[SIZE])
+            except ValueError:
+                raise self.error(f"bad header: size {h[SIZE]!r} is neither octal nor base-256", offset=start) from None
+            m = self._member = Member(start, typeflag, name, b"", 0, 0, 0, size, 0, 0, 0)
+            if size < 0:
+                raise self.error(f"bad header: negative size {size}", m)
             # Extension headers and the rest.
             if typeflag in UNSUPPORTED:
                 raise self.error(UNSUPPORTED[typeflag], m)
