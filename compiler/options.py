@@ -31,6 +31,7 @@ class Options:
     # CRFS / OSTree extras
     basedir: str | None = None
     verify: bool = False
+    ostree_compat: bool = False  # the image `ostree checkout --composefs` writes
     # mtime clamping (SOURCE_DATE_EPOCH, read by the CLI)
     clamp_mtime: int | None = None
     # entries to leave out: queries (`cfsc.query`), any match excludes

@@ -29,6 +29,7 @@ FRONTENDS: dict[str, tuple[str, str]] = {
     "dir": ("cfsc.frontends.directory", "a directory tree on disk (mkcomposefs DIR)"),
     "crfs": ("cfsc.frontends.crfs", "CRFS / stargz / eStargz TOC JSON (composefs-from-json)"),
     "tar": ("cfsc.frontends.tar", "tar archive / OCI layer, plain or gzip/zstd/xz (several: layers, merged)"),
+    "ostree": ("cfsc.frontends.ostree", "OSTree commit, read from the repository (ostree:REPO:REF)"),
 }
 
 HEAD_SIZE = 4096

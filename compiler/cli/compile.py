@@ -33,6 +33,8 @@ def compile_cmd(
     keep_whiteouts: bool = typer.Option(False, "--keep-whiteouts", help="Tar layers: keep OCI whiteouts as overlay whiteouts (for stacking the image over lower layers)."),
     exclude: list[str] = typer.Option([], "--exclude", help='Leave out entries matching a query, e.g. \'path ~ "/usr/share/doc/**"\' (repeatable; see `cfsc diff --help`).'),
     clamp_mtime: bool = typer.Option(False, "--clamp-mtime", help="No mtime later than $SOURCE_DATE_EPOCH (later ones become it)."),
+    verify: bool = typer.Option(False, "--verify", help="OSTree: re-check every content object's checksum while reading it."),
+    ostree_compat: bool = typer.Option(False, "--ostree-compat", help="OSTree: the image `ostree checkout --composefs` writes (no inline data, payloads XX/YYYY.file, usr etc boot var sysroot)."),
 ) -> None:
     """Compile a source into a composefs image."""
     if output is None and not print_digest_only:
@@ -44,7 +46,8 @@ def compile_cmd(
                       skip_xattrs=skip_xattrs, user_xattrs=user_xattrs, hardlinks=hardlinks,
                       progress=sys.stderr.isatty(), basedir=basedir,
                       keep_whiteouts=keep_whiteouts, exclude=tuple(exclude),
-                      clamp_mtime=source_date_epoch() if clamp_mtime else None)
+                      clamp_mtime=source_date_epoch() if clamp_mtime else None,
+                      verify=verify, ostree_compat=ostree_compat)
     if threads is not None:
         options.threads = threads
     if exclude:
