@@ -22,6 +22,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
+from .errors import CfscError
 from .jsonbytes import put
 from .manifest import FIELDS, Ignore, Manifest, Record, open_pair
 from .options import Options
@@ -197,7 +198,27 @@ def diff(a_source, b_source, options: Options | None = None, fmt: str | None = N
     options = options or Options()
     ignore = ignore or Ignore()
     count_layout = "layout" not in ignore.names
-    a, b = open_pair(a_source, b_source, options, fmt, ignore, parallel)
+    data = None
+    if not explain:
+        from . import frontends
+
+        if fmt == "dump" or fmt is None and frontends.detect(a_source) == frontends.detect(b_source) == "dump":
+            from . import dump_delta
+            from .manifest import load
+            from .streams import read_all, source_name
+
+            data = read_all(a_source), read_all(b_source)
+            small = dump_delta.reduce(data[0], data[1], options)
+            if small is not None:  # only the lines that differ, with their context
+                try:
+                    a = load(source_name(a_source), options, "dump", ignore, small[0])
+                    b = load(source_name(b_source), options, "dump", ignore, small[1])
+                except CfscError:
+                    pass  # a differing line is bad: the whole files give the error its line number
+                else:
+                    return compare(a, b, where, False, count_layout)
+            fmt = "dump"
+    a, b = open_pair(a_source, b_source, options, fmt, ignore, parallel, data)
     try:
         return compare(a, b, where, explain, count_layout)
     finally:

@@ -370,8 +370,9 @@ class Manifest:
 OPS = {"listings": "listings", "below": "below", "image": "image_bytes"}
 
 
-def load(source, options: Options | None = None, fmt: str | None = None, ignore: Ignore | None = None) -> Manifest:
-    """Normalise one source (see the module docstring)."""
+def load(source, options: Options | None = None, fmt: str | None = None, ignore: Ignore | None = None,
+         data: bytes | None = None) -> Manifest:
+    """Normalise one source (see the module docstring); `data`: a dumpfile's text, already read."""
     from . import frontends
     from .build import batch_allocation
     from .frontends.image import read_tree
@@ -396,7 +397,12 @@ def load(source, options: Options | None = None, fmt: str | None = None, ignore:
                 tree = resolve_hardlinks(exclude_entries(tree, options), options)  # re-home links
             manifest = Manifest(tree, False, ignore, name, fmt, image)
         else:
-            tree = frontends.load([source], options, fmt)
+            if data is not None:
+                from .frontends import dumpfile
+
+                tree = dumpfile.loads(data, options, name)
+            else:
+                tree = frontends.load([source], options, fmt)
             for compiler_pass in PASSES[:PASSES.index(add_overlay_xattrs) + 1]:
                 if compiler_pass is not validate_limits:  # it rejects, it changes nothing
                     tree = compiler_pass(tree, options)
@@ -419,10 +425,11 @@ class RemoteError(CfscError):
 class RemoteManifest:
     """A manifest loaded and held by a forked worker; same questions, answered over a pipe."""
 
-    def __init__(self, source, options: Options, fmt: str | None, ignore: Ignore) -> None:
+    def __init__(self, source, options: Options, fmt: str | None, ignore: Ignore, data: bytes | None = None) -> None:
         ctx = multiprocessing.get_context("fork")
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_serve, args=(child, source, options, fmt, ignore), daemon=True)
+        # (forked: the arguments, `data` too, are inherited, not pickled)
+        self.proc = ctx.Process(target=_serve, args=(child, source, options, fmt, ignore, data), daemon=True)
         self.proc.start()
         child.close()
         self.image = None
@@ -481,14 +488,14 @@ class RemoteManifest:
         self.conn.close()
 
 
-def _serve(conn, source, options: Options, fmt: str | None, ignore: Ignore) -> None:
+def _serve(conn, source, options: Options, fmt: str | None, ignore: Ignore, data: bytes | None) -> None:
     def fail(e: BaseException) -> None:
         code = e.exit_code if isinstance(e, CfscError) else 1
         text = str(e) if isinstance(e, CfscError) else f"{type(e).__name__}: {e}"
         conn.send(("error", text, code, traceback.format_exc()))
 
     try:
-        manifest = load(source, options, fmt, ignore)
+        manifest = load(source, options, fmt, ignore, data)
         conn.send(("ok", (manifest.fmt, manifest.root())))
     except BaseException as e:  # noqa: BLE001 - everything goes back to the parent
         fail(e)
@@ -507,21 +514,23 @@ def _serve(conn, source, options: Options, fmt: str | None, ignore: Ignore) -> N
 
 
 def open_pair(a, b, options: Options, fmt: str | None = None, ignore: Ignore | None = None,
-              parallel: bool | None = None) -> tuple:
+              parallel: bool | None = None, data: tuple[bytes, bytes] | None = None) -> tuple:
     """Both sides of a diff, B loading in a worker process while A loads here (if CPUs allow).
 
-    Stdin (`-`) is always read here.  The caller closes both (`close()`).
+    Stdin (`-`) is always read here; `data`: both sides are dumpfiles, read already.  The
+    caller closes both (`close()`).
     """
     ignore = ignore or Ignore()
+    data_a, data_b = data if data is not None else (None, None)
     if parallel is None:
         parallel = len(os.sched_getaffinity(0)) > 1 and options.threads > 1
-    if not parallel or (a == "-" and b == "-"):
-        return load(a, options, fmt, ignore), load(b, options, fmt, ignore)
-    swap = b == "-"
-    remote_source, local_source = (a, b) if swap else (b, a)
-    remote = RemoteManifest(remote_source, options, fmt, ignore)
+    if not parallel or (a == "-" and b == "-" and data is None):
+        return load(a, options, fmt, ignore, data_a), load(b, options, fmt, ignore, data_b)
+    swap = b == "-" and data is None
+    (remote_source, remote_data), (local_source, local_data) = ((a, data_a), (b, data_b)) if swap else ((b, data_b), (a, data_a))
+    remote = RemoteManifest(remote_source, options, fmt, ignore, remote_data)
     try:
-        local = load(local_source, options, fmt, ignore)
+        local = load(local_source, options, fmt, ignore, local_data)
         remote.ready()
     except BaseException:
         remote.close()
