@@ -379,6 +379,9 @@ class _Builder:
         return node in self.ours or (parent, name) in self.our_links
 
     def whiteout(self, m: Member, parent: Inode, name: bytes) -> None:
+        victim = name[len(WHITEOUT):]
+        if victim in NOT_NAMES:
+            raise self.error(f"whiteout '{printable(name)}' names no entry", m)
         if self.ours is None and not self.keep:
             return  # the bottom layer: nothing below to hide
         if name == OPAQUE:
@@ -388,9 +391,6 @@ class _Builder:
             return
         if name.startswith(AUFS_META):
             return
-        victim = name[len(WHITEOUT):]
-        if victim in NOT_NAMES:
-            raise self.error(f"whiteout '{printable(name)}' names no entry", m)
         node = parent.children.get(victim)  # type: ignore[union-attr]
         if node is not None:
             if node in self.placeholders:

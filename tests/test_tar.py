@@ -1,0 +1,464 @@
+"""The tar frontend: real archives against GNU tar's extraction, crafted archives against the
+dumpfile of the same tree, and hostile archives against the documented errors.
+
+Real archives are the data.tar of Debian packages (`tests/data/tar/`, provenance in
+`tests/data/README.md`; one more is fetched with `apt-get download`).  Each is extracted by
+GNU tar as root with owners, permissions, times and xattrs kept and compiled with
+`cfsc compile --hardlinks DIR`; compiling the archive itself must give the same bytes and the
+same store.  `--delay-directory-restore` makes the extraction faithful: without it GNU tar sets
+a directory's mtime when it leaves the directory, and dpkg-deb puts symlinks after everything
+else, so extracting them moves the mtime of their directory to "now" again.  Times need no other
+adjustment: GNU tar restores exactly what the archive holds (whole seconds in these GNU-format
+archives, nanoseconds from PAX records), as the tar frontend reads it.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import lzma
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import zstandard
+from conftest import DATA, image_of
+from dirtrees import Entry, dumpfile
+from tarcraft import archive, base256, from_entries, gnu_long, header, member, padded, pax_records
+from test_directory import full_spec
+
+from cfsc import frontends
+from cfsc.backends.erofs.writer import write_image
+from cfsc.errors import InputError, UsageError
+from cfsc.fsverity import digest_file
+from cfsc.frontends import tar
+from cfsc.options import Options
+from cfsc.pipeline import run_passes
+from cfsc.tree import S_IFDIR, S_IFLNK, S_IFREG
+
+DEBS = sorted((DATA / "tar").glob("*.data.tar.xz"))
+DEB_CACHE = Path("/var/cache/cfsc-test-debs")
+EXTRACT = ["tar", "--xattrs", "--xattrs-include=*", "--same-owner", "-p", "--numeric-owner",
+           "--delay-directory-restore"]
+
+
+def load(data: bytes | list[bytes], tmp_path: Path, **options):
+    """Load archive bytes (or several layers) through files, in-process."""
+    paths = []
+    for i, layer in enumerate(data if isinstance(data, list) else [data]):
+        p = tmp_path / f"layer{i}.tar"
+        p.write_bytes(layer)
+        paths.append(str(p))
+    return tar.load_many(paths, Options(**options))
+
+
+def image(tree) -> bytes:
+    out = io.BytesIO()
+    write_image(run_passes(tree, Options()), out)
+    return out.getvalue()
+
+
+def store_listing(store: Path) -> list[tuple[str, int]]:
+    if not store.exists():
+        return []
+    return sorted((str(p.relative_to(store)), p.stat().st_size) for p in store.rglob("*") if p.is_file())
+
+
+def compare_images(cfsc, got: Path, want: Path) -> None:
+    if got.read_bytes() != want.read_bytes():
+        a = cfsc("dump", str(want), check=True).stdout.decode().splitlines()
+        b = cfsc("dump", str(got), check=True).stdout.decode().splitlines()
+        diff = [f"- {x}" for x in a if x not in b] + [f"+ {x}" for x in b if x not in a]
+        raise AssertionError("images differ:\n" + "\n".join(diff[:40]))
+
+
+# -- real archives: GNU tar extraction is the oracle ------------------------------------------
+
+
+def check_against_extraction(cfsc, archive_path: Path, tmp_path: Path, *args: str) -> None:
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    subprocess.run([*EXTRACT, "-xf", str(archive_path), "-C", str(tree)], check=True)
+    want, got = tmp_path / "dir.cfs", tmp_path / "tar.cfs"
+    cfsc("compile", "--hardlinks", str(tree), "-o", str(want), "--digest-store", str(tmp_path / "s1"), *args,
+         check=True)
+    cfsc("compile", str(archive_path), "-o", str(got), "--digest-store", str(tmp_path / "s2"), *args, check=True)
+    compare_images(cfsc, got, want)
+    assert store_listing(tmp_path / "s2") == store_listing(tmp_path / "s1")
+
+
+@pytest.mark.parametrize("deb", DEBS, ids=lambda p: p.name.split("_")[0])
+def test_debian_data_tar_equals_gnu_tar_extraction(deb, tmp_path, cfsc):
+    check_against_extraction(cfsc, deb, tmp_path)
+
+
+def fetched_deb(name: str) -> Path:
+    """A package from the Debian mirror, cached across runs.  No network is a failure, not a
+    skip: the mirror is part of this suite's environment (CI installs from it too)."""
+    DEB_CACHE.mkdir(parents=True, exist_ok=True)
+    found = sorted(DEB_CACHE.glob(f"{name}_*.deb"))
+    if not found:
+        p = subprocess.run(["apt-get", "download", name], cwd=DEB_CACHE, capture_output=True)
+        found = sorted(DEB_CACHE.glob(f"{name}_*.deb"))
+        if p.returncode or not found:
+            pytest.fail(f"apt-get download {name} failed (this test needs a Debian mirror; run apt-get update):"
+                        f" {p.stderr.decode()[-500:]}")
+    return found[-1]
+
+
+def test_fetched_debian_package_equals_gnu_tar_extraction(tmp_path, cfsc):
+    """passwd: setuid and setgid programs, a non-root group, many symlinks (~1 MB)."""
+    deb = fetched_deb("passwd")
+    layer = tmp_path / "data.tar"
+    with open(layer, "wb") as out:
+        subprocess.run(["dpkg-deb", "--fsys-tarfile", str(deb)], stdout=out, check=True)
+    check_against_extraction(cfsc, layer, tmp_path, "--threads", "2")
+
+
+# -- crafted archives: the dumpfile of the same tree is the oracle -----------------------------
+
+
+def spec() -> list[Entry]:
+    return [e for e in full_spec() if e.kind != "sock"]  # tar cannot hold sockets
+
+
+@pytest.mark.parametrize("flags", [{}, {"use_epoch": True}, {"skip_devices": True}, {"skip_xattrs": True},
+                                   {"user_xattrs": True}], ids=lambda f: ",".join(f) or "default")
+def test_pax_archive_equals_the_dumpfile(tmp_path, flags):
+    entries = spec()
+    got = image(load(from_entries(entries), tmp_path, **flags))
+    assert got == image_of(dumpfile(entries, hardlinks=True, **flags))
+
+
+def test_pax_archive_equals_gnu_tar_extraction(tmp_path, cfsc):
+    """The crafted archive of every file type, odd names, xattrs, times before 1970, links."""
+    layer = tmp_path / "spec.tar"
+    layer.write_bytes(from_entries(spec()))
+    check_against_extraction(cfsc, layer, tmp_path)
+
+
+def test_gnu_tar_formats_agree(tmp_path, cfsc):
+    """GNU tar's gnu, posix and ustar writers give the same image for one tree."""
+    src = tmp_path / "src"
+    (src / "d" / ("x" * 90)).mkdir(parents=True)
+    long_file = src / "d" / ("x" * 90) / ("y" * 60)
+    long_file.write_bytes(b"long name " * 20)
+    (src / "f").write_bytes(b"f" * 100)
+    os.link(long_file, src / "hl")
+    os.symlink("t" * 150, src / "longlink")
+    os.chown(src / "f", 3000000, 70000)  # past ustar's 7 octal digits: base-256 or PAX
+    for p in [long_file, src / "f", src / "hl", src / "d" / ("x" * 90), src / "d", src]:
+        os.utime(p, ns=(0, 1_600_000_000_123_456_789), follow_symlinks=False)
+    os.utime(src / "longlink", ns=(0, 1_600_000_000_000_000_000), follow_symlinks=False)
+    images = []
+    for fmt in ("gnu", "posix"):
+        layer = tmp_path / f"{fmt}.tar"
+        subprocess.run(["tar", f"--format={fmt}", "--sort=name", "--numeric-owner", "-C", str(src), "-cf",
+                        str(layer), "."], check=True)
+        out = tmp_path / f"{fmt}.cfs"
+        cfsc("compile", str(layer), "-o", str(out), check=True)
+        images.append(out.read_bytes())
+    assert images[0] != images[1]  # gnu keeps whole seconds, posix the nanoseconds
+    epoch = [cfsc("compile", "--use-epoch", str(tmp_path / f"{f}.tar"), "-o", "-", check=True).stdout
+             for f in ("gnu", "posix")]
+    assert epoch[0] == epoch[1]
+    check_against_extraction(cfsc, tmp_path / "posix.tar", tmp_path)
+
+
+def test_header_encodings(tmp_path):
+    """ustar prefix, GNU long names and links, base-256 numbers, PAX overrides and globals,
+    xattr spellings, old-style directories, signed checksums, volume labels."""
+    blob = bytes(range(256))
+    name_hi = b"h\xe9" * 10
+    block = header(name_hi, b"0", size=0)
+    signed_sum = sum(b - 256 if b >= 128 else b for b in block[:148] + b" " * 8 + block[156:])
+    parts = [
+        header(b"vol", b"V", size=0),
+        member(b"file.txt", b"z" * 50, prefix=b"deep/" + b"p" * 120),  # ustar: prefix/name
+        gnu_long(b"L", b"g/" + b"n" * 200) + member(b"ignored", b"long", magic=b"ustar ", version=b" \0"),
+        gnu_long(b"K", b"t" * 300) + member(b"sym", typeflag=b"2", linkname=b"short"),
+        member(b"b256", b"x" * 70, raw={"uid": base256(5_000_000, 8), "gid": base256(4_000_000_000, 8),
+                                        "mtime": base256(-5, 12)}),
+        member(b"paxsize", b"p" * 100, size=0, pax={b"size": b"100"}),
+        member(b"paxtime", b"", pax={b"mtime": b"-1.5", b"uid": b"7", b"gid": b"8"}),
+        member(b"paxfrac", b"", pax={b"mtime": b"12.1234567891"}),
+        member(b"xattrs", b"", pax=[(b"SCHILY.xattr.user.both", b"schily"),
+                                    (b"LIBARCHIVE.xattr.user.both", b"bGliYXJjaGl2ZQ"),
+                                    (b"LIBARCHIVE.xattr.user.%3Dodd%25", b"AAEC"),
+                                    (b"SCHILY.xattr.user.bin", blob), (b"RHT.security.selinux", b"ctx\0")]),
+        header(b"olddir/", b"\0", mode=0o750),
+        block[:148] + b"%06o\0 " % (signed_sum & 0o777777) + block[156:],
+        member(b"contig", b"c" * 10, typeflag=b"7"),
+        member(b"hardlink-with-size", typeflag=b"1", linkname=b"contig", size=100),  # no data follows
+        member(b"after", b"ok"),
+    ]
+    tree = load(archive(*parts), tmp_path)
+    t = tree.lookup
+    assert t(b"deep/" + b"p" * 120 + b"/file.txt").content == b"z" * 50
+    assert t(b"g/" + b"n" * 200).content == b"long"
+    assert t(b"sym").payload == b"t" * 300 and t(b"sym").mode == S_IFLNK | 0o777
+    b256 = t(b"b256")
+    assert (b256.uid, b256.gid, b256.mtime) == (5_000_000, 4_000_000_000, -5)
+    assert t(b"paxsize").size == 100 and t(b"paxsize").payload is not None
+    pt = t(b"paxtime")
+    assert (pt.mtime, pt.mtime_nsec, pt.uid, pt.gid) == (-2, 500_000_000, 7, 8)
+    assert (t(b"paxfrac").mtime, t(b"paxfrac").mtime_nsec) == (12, 123_456_789)
+    assert dict(t(b"xattrs").xattrs) == {b"user.both": b"schily", b"user.=odd%": b"\0\1\2", b"user.bin": blob,
+                                         b"security.selinux": b"ctx\0"}
+    assert t(b"olddir").mode == S_IFDIR | 0o750
+    assert t(name_hi).mode == S_IFREG | 0o644
+    assert t(b"hardlink-with-size") is t(b"contig")
+    assert t(b"after").content == b"ok"
+    assert t(b"vol") is None
+
+
+def test_global_pax_headers(tmp_path):
+    glob = header(b"global", b"g", size=len(pax_records({b"mtime": b"100.5", b"uid": b"9",
+                                                          b"SCHILY.xattr.user.g": b"1", b"comment": b"x"})))
+    glob += padded(pax_records({b"mtime": b"100.5", b"uid": b"9", b"SCHILY.xattr.user.g": b"1", b"comment": b"x"}))
+    tree = load(archive(glob, member(b"a", b""), member(b"b", b"", pax={b"uid": b"3", b"SCHILY.xattr.user.g": b"2"})),
+                tmp_path)
+    a, b = tree.lookup(b"a"), tree.lookup(b"b")
+    assert (a.uid, a.mtime, a.mtime_nsec, a.xattrs) == (9, 100, 500_000_000, ((b"user.g", b"1"),))
+    assert (b.uid, b.mtime, b.xattrs) == (3, 100, ((b"user.g", b"2"),))
+
+
+def test_implied_directories_and_root(tmp_path):
+    tree = load(archive(member(b"a/b/c", b"x", mtime=5)), tmp_path)
+    for path in (b"/", b"a", b"a/b"):
+        d = tree.lookup(path)
+        assert (d.mode, d.uid, d.gid, d.mtime, d.xattrs) == (S_IFDIR | 0o755, 0, 0, 0, ())
+    tree = load(archive(member(b"x", b""), member(b"/", typeflag=b"5", mode=0o700, uid=4, mtime=9)), tmp_path)
+    assert (tree.root.mode, tree.root.uid, tree.root.mtime) == (S_IFDIR | 0o700, 4, 9)
+    with pytest.raises(InputError, match="names the root, which can only be a directory"):
+        load(archive(member(b"./", b"x")), tmp_path)
+
+
+def test_duplicate_members_last_wins(tmp_path):
+    tree = load(archive(
+        member(b"f", b"first"), member(b"f", b"second"),  # file over file
+        member(b"d/", typeflag=b"5", mode=0o700, mtime=1), member(b"d/child", b"c"),
+        member(b"d/", typeflag=b"5", mode=0o750, mtime=2, pax={b"SCHILY.xattr.user.x": b"1"}),  # dir over dir
+        member(b"gone/sub/x", b"x"), member(b"gone", b"now a file"),  # file over a subtree
+        member(b"was-file", b"f"), member(b"was-file/", typeflag=b"5"),  # dir over file
+        member(b"t", b"target"), member(b"l", typeflag=b"1", linkname=b"t"),
+        member(b"t", b"replaced"),  # the link keeps the inode it was made to
+    ), tmp_path)
+    t = tree.lookup
+    assert t(b"f").content == b"second"
+    d = t(b"d")
+    assert (d.mode, d.mtime, d.xattrs, list(d.children)) == (S_IFDIR | 0o750, 2, ((b"user.x", b"1"),), [b"child"])
+    assert t(b"gone").content == b"now a file"
+    assert t(b"was-file").children == {}
+    assert t(b"l").content == b"target" and t(b"t").content == b"replaced"
+    assert not tree.root.is_link(b"l")  # its only name now: the home
+
+
+def test_hard_links_one_inode(tmp_path):
+    tree = load(archive(member(b"z/orig", b"o" * 100), member(b"a/first", typeflag=b"1", linkname=b"./z/orig"),
+                        member(b"m", typeflag=b"1", linkname=b"/z/orig")), tmp_path)
+    node = tree.lookup(b"z/orig")
+    assert tree.lookup(b"a/first") is node and tree.lookup(b"m") is node
+    homes = [p for p, n, _parent, link in tree.walk() if n is node and not link]
+    assert homes == [b"/a/first"]  # the first name in depth-first name order
+    run_passes(tree, Options())
+    assert node.nlink == 3
+
+
+def test_symlinks_keep_targets_verbatim(tmp_path):
+    tree = load(archive(member(b"abs", typeflag=b"2", linkname=b"/etc/passwd", mode=0o755),
+                        member(b"up", typeflag=b"2", linkname=b"../../../x")), tmp_path)
+    assert tree.lookup(b"abs").payload == b"/etc/passwd" and tree.lookup(b"abs").mode == S_IFLNK | 0o777
+    assert tree.lookup(b"up").payload == b"../../../x"
+
+
+def test_empty_archive(tmp_path, cfsc):
+    layer = tmp_path / "empty.tar"
+    layer.write_bytes(bytes(10240))
+    out = cfsc("compile", str(layer), "-o", "-", check=True).stdout
+    assert out == image_of(b"/ 0 40755 2 0 0 0 0.0 - - -\n")
+
+
+def test_sniff():
+    layer = archive(member(b"a", b"x"))
+    assert tar.sniff(layer[:4096])
+    v7 = header(b"a", magic=b"", version=b"")
+    assert tar.sniff(v7 + bytes(1024))
+    assert tar.sniff(bytes(4096))
+    assert not tar.sniff(b"/ 4096 40755 2 0 0 0 0.0 - - -\n")
+    assert not tar.sniff(bytes(range(256)) * 4)
+
+
+# -- compression, stdin, threads, the store ------------------------------------------------
+
+
+def big_layer() -> tuple[bytes, list[Entry]]:
+    """Small, inline, mid-sized and streamed (> WHOLE_MAX) files, with duplicates."""
+    rnd = os.urandom
+    big = rnd(5 * 1024 * 1024 + 3)
+    entries = [Entry(b"", "dir"), Entry(b"big", data=big), Entry(b"big-again", data=big),
+               Entry(b"dir", "dir")]
+    entries += [Entry(b"dir/f%03d" % i, data=rnd(i * 97)) for i in range(120)]
+    return from_entries(entries), entries
+
+
+def test_compressions_and_stdin(tmp_path, cfsc):
+    entries = [Entry(b"", "dir")] + [Entry(b"f%03d" % i, data=os.urandom(i * 300)) for i in range(60)]
+    layer = from_entries(entries)
+    want = image_of(dumpfile(entries, hardlinks=True))
+    half = len(layer) // 2
+    zc = zstandard.ZstdCompressor()
+    skippable = b"\x50\x2a\x4d\x18" + (4).to_bytes(4, "little") + b"skip"
+    variants = {
+        "gz": gzip.compress(layer[:half]) + gzip.compress(layer[half:]),  # two gzip members
+        "zst": zc.compress(layer[:half]) + skippable + zc.compress(layer[half:]),  # frames + a skippable one
+        "xz": lzma.compress(layer[:half]) + lzma.compress(layer[half:]),  # two xz streams
+    }
+    for ext, data in variants.items():
+        path = tmp_path / f"layer.tar.{ext}"
+        path.write_bytes(data)
+        assert cfsc("compile", str(path), "-o", "-", check=True).stdout == want, ext
+    assert cfsc("compile", "-", "-o", "-", input=variants["gz"], check=True).stdout == want
+    assert cfsc("compile", "--from", "tar", "-", "-o", "-", input=variants["zst"], check=True).stdout == want
+
+
+def test_threads_and_store(tmp_path, cfsc):
+    layer, entries = big_layer()
+    path = tmp_path / "layer.tar"
+    path.write_bytes(layer)
+    want = image_of(dumpfile(entries, hardlinks=True))
+    listings = []
+    for threads in ("1", "2", "3"):
+        store = tmp_path / f"store{threads}"
+        out = cfsc("compile", str(path), "-o", "-", "--threads", threads, "--digest-store", str(store),
+                   check=True).stdout
+        assert out == want
+        listings.append(store_listing(store))
+        # every object is named by the fs-verity digest of its content
+        for name, _size in listings[-1]:
+            assert digest_file(store / name).hex() == name.replace("/", "")
+    assert listings[0] == listings[1] == listings[2]
+    # 64-byte files are inline, not in the store; duplicates are stored once
+    assert len(listings[0]) == len({e.data for e in entries if e.kind == "reg" and len(e.data) > 64})
+    # without a store: the same image, nothing written
+    assert cfsc("compile", str(path), "-o", "-", check=True).stdout == want
+
+
+# -- hostile and broken archives --------------------------------------------------------------
+
+
+def hostile_cases():
+    ok = member(b"ok", b"fine")
+    good = archive(ok, member(b"big", b"b" * 3000))
+    return {
+        # name: (archive, message pattern, byte offset the message must name)
+        "dotdot": (archive(ok, member(b"../escape", b"x")), r"member '../escape' at byte 1024: .*contains '\.\.'", 1024),
+        "dotdot-inside": (archive(member(b"a/../../etc/passwd", b"x")), r"contains '\.\.'", 0),
+        "dotdot-pax-path": (archive(member(b"safe", b"x", pax={b"path": b"x/../../y"})), r"contains '\.\.'", 1024),
+        "symlink-then-file": (archive(member(b"lnk", typeflag=b"2", linkname=b"/etc"),
+                                      member(b"lnk/passwd", b"pwned")),
+                              r"member 'lnk/passwd' at byte 512: the path goes through the symlink 'lnk'", 512),
+        "relative-symlink-then-file": (archive(member(b"d/", typeflag=b"5"),
+                                               member(b"l", typeflag=b"2", linkname=b"d"), member(b"l/f", b"x")),
+                                       r"goes through the symlink 'l'", 1024),
+        "file-then-child": (archive(member(b"f", b"x"), member(b"f/child", b"y")), r"'f', which is not a directory",
+                            1024),
+        "link-dotdot": (archive(member(b"l", typeflag=b"1", linkname=b"../../etc/shadow")), r"contains '\.\.'", 0),
+        "link-missing": (archive(member(b"l", typeflag=b"1", linkname=b"nowhere")), r"which does not exist", 0),
+        "link-to-later": (archive(member(b"l", typeflag=b"1", linkname=b"t"), member(b"t", b"x")),
+                          r"which does not exist", 0),
+        "link-to-dir": (archive(member(b"d/", typeflag=b"5"), member(b"l", typeflag=b"1", linkname=b"d")),
+                        r"hard link to the directory 'd'", 512),
+        "huge-declared-size": (archive(ok, member(b"huge", b"", size=1 << 40)), r"member 'huge' at byte 1024: truncated",
+                               1024),
+        "size-beyond-composefs": (archive(header(b"huge", raw={"size": base256(1 << 60, 12)})),
+                                  r"declares 1152921504606846976 bytes", 0),
+        "negative-size": (archive(header(b"neg", raw={"size": base256(-1, 12)})), r"negative size", 0),
+        "truncated-in-data": (good[:1024 + 512 + 1000], r"member 'big' at byte 1024: truncated: the archive ends at"
+                              r" byte 2536, 2000 bytes short", 1024),
+        "truncated-in-header": (good[:1024 + 100], r"byte 1024: truncated: the archive ends inside a header", 1024),
+        "no-end-marker": (good[:-1024], r"byte 4608: truncated: the archive ends without its end-of-archive marker",
+                          4608),
+        "truncated-padding": (good[:1024 + 512 + 3000 + 10], r"member 'big' at byte 1024: truncated: the archive"
+                              r" ends inside the padding", 1024),
+        "bad-checksum": (archive(ok, header(b"x", checksum=12345)), r"byte 1024: bad header checksum \(stored 12345",
+                         1024),
+        "garbage-header": (archive(ok) [:1024] + b"not a tar header".ljust(512, b"!") + bytes(1024),
+                           r"byte 1024: not a tar header", 1024),
+        "bad-number": (archive(header(b"x", raw={"uid": b"12x4"})), r"byte 0: bad header: a numeric field", 0),
+        "bad-pax-record": (archive(member(b"x", b"", pax={b"path": b"p"})[:512] + padded(b"99 path=p\n")
+                                   + header(b"x")), r"bad PAX record", 0),
+        "bad-pax-number": (archive(member(b"x", b"", pax={b"uid": b"-3"})), r"bad PAX record uid=-3", 1024),
+        "bad-libarchive-base64": (archive(member(b"x", b"", pax={b"LIBARCHIVE.xattr.user.a": b"!!"})),
+                                  r"PaxHeaders/x.* at byte 0: .*not base64", 0),
+        "pax-without-member": (archive(member(b"x", b"", pax={b"path": b"p"})[:1024]), r"byte 0: an extended header"
+                               r" is not followed by a member", 0),
+        "gnu-sparse": (archive(member(b"sparse", b"", typeflag=b"S")), r"GNU sparse files are not supported", 0),
+        "pax-sparse": (archive(member(b"s", b"", pax={b"GNU.sparse.major": b"1"})), r"sparse files", 0),
+        "unknown-type": (archive(member(b"what", b"", typeflag=b"Z")), r"unknown type flag b'Z'", 0),
+        "huge-pax-header": (archive(header(b"x", b"x", size=64 << 20)), r"extended header of 67108864 bytes", 0),
+        "bare-whiteout": (archive(member(b"d/.wh.", b"")), r"whiteout '\.wh\.' names no entry", 0),
+        "device-out-of-range": (archive(member(b"dev", typeflag=b"3", devmajor=5000, devminor=1)),
+                                r"device 5000:1", 0),
+        "owner-out-of-range": (archive(member(b"x", b"", pax={b"uid": b"4294967296"})), r"owner 4294967296:0", 1024),
+        "long-name-component": (archive(member(b"n" * 300, b"", pax={b"path": b"n" * 300})),
+                                r"component of 300 bytes", 1024),
+    }
+
+
+HOSTILE = hostile_cases()
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE))
+def test_hostile_archive_is_a_located_error(case, tmp_path):
+    data, pattern, offset = HOSTILE[case]
+    with pytest.raises(InputError, match=pattern) as e:
+        load(data, tmp_path, digest_store=str(tmp_path / "store"))
+    assert f"byte {offset}" in str(e.value) and str(e.value).startswith(str(tmp_path / "layer0.tar") + ": ")
+    assert "\n" not in str(e.value)
+    assert store_listing(tmp_path / "store") == []  # no object, no temp file
+
+
+def test_absolute_and_odd_paths_stay_inside(tmp_path):
+    tree = load(archive(member(b"/abs/file", b"a"), member(b"//x//y/./z/", typeflag=b"5"),
+                        member(b"./././dot", b"d")), tmp_path)
+    assert tree.lookup(b"abs/file").content == b"a"
+    assert tree.lookup(b"x/y/z").is_dir()
+    assert tree.lookup(b"dot").content == b"d"
+    assert sorted(tree.root.children) == [b"abs", b"dot", b"x"]
+
+
+def test_hostile_on_the_command_line(tmp_path, cfsc):
+    """Exit 2, one `error:` line naming the member and offset, no image, no temp objects —
+    also when the archive breaks off inside a large member that was being streamed."""
+    layer, _entries = big_layer()
+    cut = layer.index(b"big-again") + 512 * 2 + (3 << 20)  # 3 MiB into the second big file
+    broken = tmp_path / "broken.tar.gz"
+    broken.write_bytes(gzip.compress(layer[:cut]))
+    out = tmp_path / "out.cfs"
+    for threads in ("1", "2"):
+        p = cfsc("compile", str(broken), "-o", str(out), "--threads", threads, "--digest-store",
+                 str(tmp_path / "store"))
+        assert p.returncode == 2
+        lines = p.stderr.decode().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"error: {broken}: member './big-again' at byte "), lines
+        assert "truncated" in lines[0]
+        assert not out.exists()
+        assert not [n for n, _ in store_listing(tmp_path / "store") if n.startswith(".tmp")]
+    corrupt = bytearray(gzip.compress(layer))
+    corrupt[len(corrupt) // 2] ^= 0xFF
+    broken.write_bytes(corrupt)
+    p = cfsc("compile", str(broken), "-o", str(out))
+    assert p.returncode == 2 and "cannot" in p.stderr.decode() and not out.exists()
+
+
+def test_conflicting_options(tmp_path):
+    with pytest.raises(UsageError):
+        load(archive(), tmp_path, skip_xattrs=True, user_xattrs=True)
+
+
+def test_registered_and_detected(tmp_path):
+    path = tmp_path / "x.tar.zst"
+    path.write_bytes(zstandard.ZstdCompressor().compress(big_layer()[0]))
+    assert frontends.detect(str(path)) == "tar"
