@@ -81,12 +81,12 @@ class Store:
 
     # -- opening -------------------------------------------------------------------------
 
-    def open(self, payload: bytes, digest: bytes | None, where: str,
-             cancelled: Callable[[], bool] | None = None) -> int:
+    def open(self, payload: bytes, digest: bytes | None, cancelled: Callable[[], bool] | None = None,
+             where: str = "") -> int:
         """A read-only fd of the verified backing file of `payload`.
 
-        `where` names the file in the image for the error text; `cancelled` is polled while
-        a digest is computed.
+        `cancelled` is polled while a digest is computed; `where` names the file in the
+        image in errors (callers may fill it in later: `error.where`).
         """
         if digest is None and self.verity == "require":
             raise IntegrityError(f"no fs-verity digest recorded for object {_show(payload)} "
@@ -105,6 +105,13 @@ class Store:
             os.close(fd)
             raise
         return fd
+
+    def recheck(self, fd: int, payload: bytes, digest: bytes | None,
+                cancelled: Callable[[], bool] | None = None) -> None:
+        """Check a backing file opened earlier again before it is used again: free unless
+        its size, mtime or ctime changed since it was measured (it was written to)."""
+        if digest is not None and self.verity != "none":
+            self._verify(fd, os.fstat(fd), payload, digest, "", cancelled)
 
     def _find(self, payload: bytes, where: str) -> int:
         for basedir, dirfd in zip(self.basedirs, self.fds, strict=True):

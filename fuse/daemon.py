@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import logging.handlers
 import os
+import resource
 import signal
 import sys
 import threading
@@ -78,6 +79,7 @@ def _serve(view, store, mountpoint: str, options, ready: int | None) -> None:
                 for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     fd = None
     server = None
+    _raise_fd_limit()
     try:
         fd = mount_fuse(mountpoint, view.image.name, allow_other=options.allow_other)
         server = Server(fd, view, store, threads=options.threads, passthrough=options.passthrough)
@@ -103,11 +105,20 @@ def _serve(view, store, mountpoint: str, options, ready: int | None) -> None:
             except MountError as e:
                 log.error("%s", e)
             server.wait(STOP_GRACE)
+        if server is not None:
+            server.close()
         if fd is not None:
             os.close(fd)
         store.close()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def _raise_fd_limit() -> None:
+    """Open files up to the hard limit: backing files stay open between uses."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def _wait_any(*events_and_timeout) -> bool:

@@ -101,7 +101,7 @@ def _probe_store(image, basedirs: list[str]) -> None:
     store = Store(basedirs, "none")
     try:
         try:
-            fd = store.open(e.payload, None, image.name)
+            fd = store.open(e.payload, None, where=image.name)
         except OSError:
             return  # not there: nothing to learn
         try:

@@ -31,8 +31,8 @@ import fcntl
 import logging
 import os
 import stat
+import sys
 import threading
-from itertools import count
 
 from cfsc.errors import CfscError
 
@@ -50,6 +50,7 @@ BUFFER_SIZE = MAX_WRITE + 4096
 NAME_MAX = 255
 DT_UNKNOWN = 0
 LOGGED_MAX = 1000  # distinct log messages remembered (to log each once)
+IDLE_BACKING = 512  # backing files kept open (or registered) after their last RELEASE
 
 _pack_out = P.OUT_HEADER.pack
 _pack_entry = P.ENTRY_OUT.pack
@@ -61,13 +62,17 @@ ATTR_PREFIX = P.ATTR_OUT.pack(TTL, 0)
 PADS = [b"\0" * n for n in range(8)]
 
 
-class Backing:
-    """A passthrough backing id shared by the open files of one inode."""
+class Held:
+    """The backing file of one inode, shared by all its opens: an fd (to pread from, and to
+    check again) and, with passthrough, its backing id.  Kept a while after the last
+    RELEASE (`IDLE_BACKING`), so opening a file again costs no lookup, no registration and,
+    unless the file was written to meanwhile, no digest."""
 
-    __slots__ = ("id", "opens")
+    __slots__ = ("fd", "backing_id", "opens")
 
-    def __init__(self, backing_id: int) -> None:
-        self.id = backing_id
+    def __init__(self, fd: int, backing_id: int | None) -> None:
+        self.fd = fd
+        self.backing_id = backing_id
         self.opens = 1
 
 
@@ -88,9 +93,8 @@ class Server:
         self.ready = threading.Event()  # INIT answered
         self.done = threading.Event()  # a worker saw the end of the connection
         self._root_nid = view.root_nid
-        self._files: dict[int, int | tuple] = {}  # fh -> backing fd, or ("pt", nid)
-        self._fh = count(1)
-        self._backing: dict[int, Backing] = {}  # nid -> passthrough backing id
+        self._held: dict[int, Held] = {}  # nid -> its backing file (fh = nid + 1)
+        self._idle: dict[int, Held] = {}  # the held ones nobody has open, oldest first
         self._lock = threading.Lock()
         self._interrupted: set[int] = set()
         self._logged: set[str] = set()
@@ -299,9 +303,9 @@ class Server:
 
     def _readlink(self, unique, nodeid, body, pid) -> None:
         node = self._node(nodeid)
-        if node.target is None:
+        if not stat.S_ISLNK(node.mode):
             raise OSError(errno.EINVAL, "not a symlink")
-        self._reply(unique, node.target)
+        self._reply(unique, node.target or self.view.target(node))
 
     def _statfs(self, unique, nodeid, body, pid) -> None:
         image = self.view.image
@@ -404,40 +408,49 @@ class Server:
         if not node.external:
             self._reply(unique, P.OPEN_OUT.pack(0, P.FOPEN_KEEP_CACHE, 0))
             return
-        if self.passthrough:
-            with self._lock:
-                shared = self._backing.get(node.nid)
-                if shared is not None:
-                    shared.opens += 1
-            if shared is not None:
-                fh = next(self._fh)
-                self._files[fh] = ("pt", node.nid)
-                self._reply(unique, P.OPEN_OUT.pack(fh, P.FOPEN_PASSTHROUGH, shared.id))
-                return
+        nid = node.nid
+        with self._lock:
+            held = self._held.get(nid)
+            if held is not None:
+                held.opens += 1
+                self._idle.pop(nid, None)
+        if held is None:
+            held = self._hold(unique, node)
+        else:
+            try:
+                self._checked(unique, node, self.store.recheck, held.fd, node.payload, node.digest)
+            except BaseException:
+                self._release_nid(nid)
+                raise
+        if held.backing_id is not None:
+            self._reply(unique, P.OPEN_OUT.pack(nid + 1, P.FOPEN_PASSTHROUGH, held.backing_id))
+        else:
+            self._reply(unique, P.OPEN_OUT.pack(nid + 1, P.FOPEN_KEEP_CACHE, 0))
+
+    def _checked(self, unique: int, node: Node, func, *args):
+        """`func(*args, cancelled)`, cancellable by INTERRUPT; errors name the file."""
         interrupted = self._interrupted
         try:
-            fd = self.store.open(node.payload, node.digest, self._where(node),
-                                 lambda: unique in interrupted)
+            return func(*args, lambda: unique in interrupted)
+        except CfscError as e:
+            e.where = self._where(node)  # name the file in the image (computed only now)
+            raise
         finally:
             interrupted.discard(unique)
-        if self.passthrough:
-            backing_id = self._register(fd)
-            if backing_id is not None:
-                os.close(fd)
-                with self._lock:
-                    shared = self._backing.get(node.nid)
-                    if shared is None:
-                        shared = self._backing[node.nid] = Backing(backing_id)
-                    else:  # another open of this inode won the race: use its id
-                        shared.opens += 1
-                        self._unregister(backing_id)
-                fh = next(self._fh)
-                self._files[fh] = ("pt", node.nid)
-                self._reply(unique, P.OPEN_OUT.pack(fh, P.FOPEN_PASSTHROUGH, shared.id))
-                return
-        fh = next(self._fh)
-        self._files[fh] = fd
-        self._reply(unique, P.OPEN_OUT.pack(fh, P.FOPEN_KEEP_CACHE, 0))
+
+    def _hold(self, unique: int, node: Node) -> Held:
+        """Open, verify and (with passthrough) register a node's backing file."""
+        fd = self._checked(unique, node, self.store.open, node.payload, node.digest)
+        backing_id = self._register(fd) if self.passthrough else None
+        with self._lock:
+            held = self._held.get(node.nid)
+            if held is None:
+                held = self._held[node.nid] = Held(fd, backing_id)
+                return held
+            held.opens += 1  # another open of this inode got there first: use its file
+            self._idle.pop(node.nid, None)
+        self._drop(Held(fd, backing_id))
+        return held
 
     def _register(self, fd: int) -> int | None:
         """A passthrough backing id for `fd`, or None to serve this file by pread."""
@@ -450,20 +463,23 @@ class Server:
             self._log(f"{self.source}: passthrough refused ({e.strerror}); serving by reads")
             return None
 
-    def _unregister(self, backing_id: int) -> None:
-        try:
-            fcntl.ioctl(self.fd, P.FUSE_DEV_IOC_BACKING_CLOSE, bytearray(backing_id.to_bytes(4, "little")))
-        except OSError as e:
-            if e.errno not in (errno.ENODEV, errno.EBADF):
-                self._log(f"{self.source}: closing a passthrough backing file: {e.strerror}")
+    def _drop(self, held: Held) -> None:
+        os.close(held.fd)
+        if held.backing_id is not None:
+            try:
+                fcntl.ioctl(self.fd, P.FUSE_DEV_IOC_BACKING_CLOSE,
+                            bytearray(held.backing_id.to_bytes(4, sys.byteorder)))
+            except OSError as e:
+                if e.errno not in (errno.ENODEV, errno.EBADF):
+                    self._log(f"{self.source}: closing a passthrough backing file: {e.strerror}")
 
     def _read(self, unique, nodeid, body, pid) -> None:
         fh, offset, size, _rf, _flags = P.READ_IN.unpack_from(body)
         if fh:
-            fd = self._files.get(fh)
-            if not isinstance(fd, int):
+            held = self._held.get(fh - 1)
+            if held is None:
                 raise OSError(errno.EBADF, "no such open file")
-            data = os.pread(fd, size, offset)
+            data = os.pread(held.fd, size, offset)
             try:
                 os.writev(self.fd, [_pack_out(16 + len(data), 0, unique), data])
             except OSError as e:
@@ -471,6 +487,8 @@ class Server:
             return
         node = self._node(nodeid)
         content = node.content
+        if content is None:
+            content = self.view.content(node)
         if content is None:  # a hole: zeros
             content = b"\0" * max(0, min(size, node.size - offset))
             offset = 0
@@ -478,19 +496,34 @@ class Server:
 
     def _release(self, unique, nodeid, body, pid) -> None:
         fh = P.RELEASE_IN.unpack_from(body)[0]
-        held = self._files.pop(fh, None)
-        if isinstance(held, int):
-            os.close(held)
-        elif held is not None:
-            nid = held[1]
-            with self._lock:
-                shared = self._backing.get(nid)
-                if shared is not None:
-                    shared.opens -= 1
-                    if not shared.opens:
-                        del self._backing[nid]
-                        self._unregister(shared.id)
+        if fh:
+            self._release_nid(fh - 1)
         self._reply(unique)
+
+    def _release_nid(self, nid: int) -> None:
+        """One open of `nid` fewer; keep its backing file, dropping the oldest unused ones."""
+        dropped = []
+        with self._lock:
+            held = self._held.get(nid)
+            if held is not None:
+                held.opens -= 1
+                if not held.opens:
+                    self._idle[nid] = held
+                    while len(self._idle) > IDLE_BACKING:
+                        oldest = next(iter(self._idle))
+                        dropped.append(self._idle.pop(oldest))
+                        del self._held[oldest]
+        for held in dropped:
+            self._drop(held)
+
+    def close(self) -> None:
+        """Release every backing file still held (after the connection ended)."""
+        with self._lock:
+            held = list(self._held.values())
+            self._held.clear()
+            self._idle.clear()
+        for h in held:
+            os.close(h.fd)
 
 
 def _opname(opcode: int) -> str:

@@ -36,10 +36,10 @@ import threading
 from bisect import bisect_left
 from itertools import islice
 
-from cfsc.backends.erofs.entries import ESCAPED, METACOPY, TRUSTED_OVERLAY, Entries
+from cfsc.backends.erofs.entries import DIGEST_XATTR_SIZE, ESCAPED, METACOPY, REDIRECT, TRUSTED_OVERLAY, Entries
 from cfsc.backends.erofs.layout import COMPOSEFS_FLAGS_HAS_ACL, EROFS_FT_CHRDEV
 from cfsc.backends.erofs.reader import Image
-from cfsc.tree import S_IFDIR, S_IFLNK, S_IFMT, S_IFREG
+from cfsc.tree import S_IFBLK, S_IFCHR, S_IFDIR, S_IFMT, S_IFREG
 
 BLOCK_SIZE = 4096
 LISTED_PREFIXES = (b"user.", b"trusted.", b"security.")
@@ -54,10 +54,10 @@ PATH_DEPTH_MAX = 4096  # a (hostile) parent chain longer than this is cut in log
 class Node:
     """One visible inode.
 
-    content: the data of a regular file held in the image (b"" when empty), None for a file
-    whose data is external (or, never written by composefs, a hole).  external: the data
-    comes from the store at `payload`, verified against `digest` (32 bytes or None).
-    target: a symlink's target.  broken: why the kernel fails to look this inode up, or None.
+    content: the data of a regular file held in the image, once read (`ImageView.content`).
+    external: the data comes from the store at `payload`, verified against `digest` (32
+    bytes or None).  target: a symlink's target, once read (`ImageView.target`).  broken:
+    why the kernel fails to look this inode up, or None.
     parent, name: where the inode was first reached (for log messages).  wire: a slot for
     the server's encoding of the attributes.
     """
@@ -118,53 +118,62 @@ class ImageView:
         return node
 
     def _make(self, nid: int) -> Node | None:
-        image = self.image
-        raw = image.inode(nid)
-        # `again`: the walk budget guards one-pass walks; a server reads on request and
-        # caches what it read, so it never charges.
-        e = self.entries.of(raw, again=True)
-        if e is None:
-            return None
+        raw = self.image.inode(nid)
+        mode = raw.mode
+        ftype = mode & S_IFMT
+        if ftype == S_IFCHR and raw.rdev == 0:
+            return None  # an overlayfs whiteout
         n = Node()
         n.nid = nid
-        n.mode = raw.mode
+        n.mode = mode
         n.nlink = raw.nlink
         n.uid = raw.uid
         n.gid = raw.gid
         n.size = raw.size
-        n.rdev = e.rdev
+        n.rdev = raw.rdev if ftype == S_IFCHR or ftype == S_IFBLK else 0
         n.mtime = raw.mtime
         n.mtime_nsec = raw.mtime_nsec
-        n.xattrs, n.trusted, metacopy = self._xattrs(raw) if raw.xattr_size else ((), False, False)
-        ftype = raw.mode & S_IFMT
-        n.target = e.payload if ftype == S_IFLNK else None
-        n.external = metacopy and ftype == S_IFREG
-        n.payload = e.payload if n.external else None
-        n.digest = e.digest if n.external else None
-        n.content = None
-        if ftype == S_IFREG and not n.external:
-            n.content = e.content if e.content is not None or raw.size else b""
-        n.broken = "metacopy file without a redirect (no store path)" if n.external and not n.payload else None
+        if raw.xattr_size:
+            n.xattrs, n.trusted, redirect, metacopy = self._xattrs(raw)
+        else:
+            n.xattrs, n.trusted, redirect, metacopy = (), False, None, None
+        n.external = metacopy is not None and ftype == S_IFREG
+        n.payload = n.digest = n.broken = None
+        if n.external:
+            # As `Entries` reads them (libcomposefs' reader): one leading "/" off the
+            # redirect, which ends at a NUL; a digest only in a full-size metacopy value.
+            if redirect:
+                n.payload = (redirect[1:] if len(redirect) > 1 and redirect[:1] == b"/"
+                             else redirect).partition(b"\0")[0]
+            if len(metacopy) == DIGEST_XATTR_SIZE:
+                n.digest = metacopy[4:]
+            if not n.payload:
+                n.broken = "metacopy file without a redirect (no store path)"
+        n.content = b"" if ftype == S_IFREG and not n.external and not n.size else None
+        n.target = None
         n.parent = None
         n.name = None
         n.wire = None
         return n
 
-    def _xattrs(self, raw) -> tuple[tuple, bool, bool]:
-        """(visible pairs, whether any is trusted.*, whether overlayfs sees a metacopy)."""
+    def _xattrs(self, raw) -> tuple[tuple, bool, bytes | None, bytes | None]:
+        """(visible pairs, whether any is trusted.*, the raw redirect and metacopy values)."""
         body, shared_only = self.image.xattr_body(raw)
         if shared_only:
             hit = self._xattr_cache.get(bytes(body))
             if hit is not None:
                 return hit
         pairs = []
-        metacopy = trusted = False
+        trusted = False
+        redirect = metacopy = None
         acl = self.acl
         for key, value in self.image.xattrs(raw):
             if key[:16] == TRUSTED_OVERLAY:
-                if key == METACOPY:
-                    metacopy = True
                 if key[:24] != ESCAPED:
+                    if key == METACOPY:
+                        metacopy = value
+                    elif key == REDIRECT:
+                        redirect = value
                     continue
                 key = TRUSTED_OVERLAY + key[24:]
             elif not key.startswith(LISTED_PREFIXES) and not (acl and key in ACL_KEYS):
@@ -172,10 +181,22 @@ class ImageView:
             if key[:8] == TRUSTED:
                 trusted = True
             pairs.append((key, value))
-        result = (tuple(pairs), trusted, metacopy)
+        result = (tuple(pairs), trusted, redirect, metacopy)
         if shared_only:
             self._xattr_cache[bytes(body)] = result
         return result
+
+    def content(self, node: Node) -> bytes | None:
+        """A regular file's data held in the image (None: a hole, read as zeros)."""
+        if node.content is None and not node.external:
+            e = self.entries.of(self.image.inode(node.nid), again=True)
+            node.content = e.content if e is not None else None
+        return node.content
+
+    def target(self, node: Node) -> bytes:
+        if node.target is None:
+            node.target = self.image.symlink(self.image.inode(node.nid))
+        return node.target
 
     def getxattr(self, node: Node, key: bytes) -> bytes:
         if key in BARE_PREFIXES:  # the VFS resolves handlers by prefix: a bare one is invalid

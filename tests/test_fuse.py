@@ -66,6 +66,7 @@ def fuse_mounted(image: Path, mnt: Path, basedirs=(), verity="if-present", passt
     finally:
         unmount(str(mnt))
         assert server.wait(10), "the server did not see the unmount"
+        server.close()
         os.close(fd)
         store.close()
 
@@ -281,12 +282,14 @@ def test_external_data_with_and_without_passthrough(tmp_path):
                 assert (mnt / name).read_bytes() == data, name
             with open(mnt / "big", "rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as m:
                 assert m[1 << 20:(1 << 20) + 100] == files["big"][1 << 20:(1 << 20) + 100]
-                if passthrough:
-                    assert server._backing, "an open file has a passthrough backing id"
+                held = server._held[os.fstat(f.fileno()).st_ino]
+                assert held.opens and (held.backing_id is not None) == passthrough
             end = time.monotonic() + 5  # RELEASE comes asynchronously after close
-            while (server._backing or server._files) and time.monotonic() < end:
+            while any(h.opens for h in server._held.values()) and time.monotonic() < end:
                 time.sleep(0.01)
-            assert not server._backing and not server._files, "everything released"
+            assert not any(h.opens for h in server._held.values()), "every open released"
+            assert set(server._idle) == set(server._held), "kept for the next open"
+            assert (mnt / "big").read_bytes() == files["big"], "served again from the kept file"
 
 
 def test_tampered_objects_give_eio_and_a_log_line(tmp_path):
@@ -320,6 +323,21 @@ def test_tampered_objects_give_eio_and_a_log_line(tmp_path):
             assert os.fsdecode(payload_path(digest_bytes(files[name]))) in line and "digest" in line
         if verity == "require":
             assert "data.cfs:/nodigest: no fs-verity digest" in text
+
+
+def test_objects_written_to_after_use_are_checked_again(tmp_path):
+    image, store, files = _data_image(tmp_path)
+    mnt = tmp_path / "m"
+    mnt.mkdir()
+    obj = store / os.fsdecode(payload_path(digest_bytes(files["small"])))
+    for passthrough in (True, False):
+        obj.write_bytes(files["small"])
+        with fuse_mounted(image, mnt, [store], passthrough=passthrough):
+            assert (mnt / "small").read_bytes() == files["small"]
+            time.sleep(0.01)
+            with open(obj, "r+b") as f:  # in place: the kept backing file sees it
+                f.write(b"J")
+            assert _read_or_errno(mnt / "small") == "EIO", passthrough
 
 
 def _read_or_errno(path):
@@ -579,6 +597,7 @@ class FakeKernel:
     def close(self):
         self.sock.close()
         self.server.wait(5)
+        self.server.close()
         os.close(self.fd)
 
 
