@@ -58,7 +58,9 @@ format v1 stores them as overlay whiteouts): `.wh.NAME` becomes a character devi
 directory are dropped: they are redundant, and libcomposefs would turn the opaque `y` into `x`,
 inputs.md §2.9).  With several layers the result is their squash: mounted over any lower tree
 it shows what the whole stack would, so whiteouts and opaque directories that may hide
-something below the stack are kept (a directory replacing a whiteout becomes opaque).
+something below the stack are kept, and a directory that replaces a whiteout or any other
+non-directory becomes opaque.  (A layer that leaves out parent directories cannot be stacked
+faithfully: its implied directories, 0755 0:0 mtime 0, would cover the lower ones' metadata.)
 
 Threads (`--threads`) hash and store file data while the archive is read (`contents`).
 Progress goes to stderr when asked (the CLI asks when stderr is a terminal).
@@ -320,8 +322,10 @@ class _Builder:
         if old is not None:
             if old.children is not None:
                 self.dirs.clear()  # cached parents may lie inside the directory that goes
-            elif old in self.placeholders and node.children is not None:
-                self.opaque.add(node)  # a directory replacing a whiteout hides what lies below
+            elif self.keep and node.children is not None:
+                # Whatever lies below the stack here was hidden by a non-directory (a whiteout
+                # or a file): the directory replacing it must hide it too.
+                self.opaque.add(node)
         parent.add_child(name, node, link)
         if self.ours is not None:
             if link:
