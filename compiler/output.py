@@ -2,12 +2,14 @@
 
 A failed or interrupted run leaves the target untouched and no temporary file behind
 (except after SIGKILL, when a `.NAME.*.tmp` file may remain; it never has the final name).
+Devices and FIFOs (`/dev/null`, a pipe) are written in place.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -23,6 +25,13 @@ def _umask() -> int:
     return mask
 
 
+def _special(path: str) -> bool:
+    try:
+        return not stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
 @contextlib.contextmanager
 def atomic_output(path: str, mode: int = 0o666) -> Iterator[BinaryIO]:
     """Yield a binary file for `path` (`-` = stdout) that appears only if the block succeeds."""
@@ -35,6 +44,16 @@ def atomic_output(path: str, mode: int = 0o666) -> Iterator[BinaryIO]:
         return
     if os.path.isdir(path):
         raise UsageError("is a directory: expected a file name", path)
+    if _special(path):
+        # A device or FIFO (`-o /dev/null`, a named pipe) is written in place: renaming over
+        # it would replace the node itself with a regular file.
+        try:
+            out = open(path, "wb")
+        except OSError as e:
+            raise OutputError(f"cannot open: {e.strerror}", path) from None
+        with out:
+            yield out
+        return
     directory = os.path.dirname(path) or "."
     try:
         fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")

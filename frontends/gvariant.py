@@ -234,7 +234,7 @@ class _Tuple(_Type):
 
     def __init__(self, members: list[_Type], names: list[str | None], entry: bool = False) -> None:
         self.members = members
-        self.labels = [f".{name}" if name else f".{i}" for i, name in enumerate(names)]
+        self.labels = [f".{name}" if name else f"[{i}]" for i, name in enumerate(names)]
         inner = "".join(m.sig for m in members)
         self.sig = "{" + inner + "}" if entry else "(" + inner + ")"
         self.align = max((m.align for m in members), default=1)

@@ -130,7 +130,7 @@ class _Loader:
 
     def run(self) -> Tree:
         repo = self.repo
-        commit = repo.resolve(self.ref)
+        commit = repo.resolve(self.ref, self.source)
         hexsum = commit.hex()
         for r in repo.chain():
             marker = os.path.join(r.path, "state", hexsum + ".commitpartial")

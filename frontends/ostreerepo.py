@@ -228,21 +228,24 @@ class Repo:
 
     # -- refs -------------------------------------------------------------------------------
 
-    def resolve(self, ref: str) -> bytes:
+    def resolve(self, ref: str, where: str) -> bytes:
         """A ref (`BRANCH`, `REMOTE:BRANCH`, a checksum; `^` suffixes for parents) → commit checksum."""
         base = ref.rstrip("^")
         if CHECKSUM.fullmatch(base):
             checksum = bytes.fromhex(base)
         else:
-            checksum = self._lookup_ref(base)
+            checksum = self._lookup_ref(base, where)
         for _ in range(len(ref) - len(base)):
-            parent = self.commit(checksum)[2]
+            try:
+                parent = self.commit(checksum)[2]
+            except ObjectError as e:
+                raise ObjectError(f"{e.what} (commit {checksum.hex()}, resolving {ref})", e.where) from None
             if not parent:
-                raise InputError(f"commit {checksum.hex()} has no parent", ref)
+                raise InputError(f"commit {checksum.hex()} has no parent", where)
             checksum = parent
         return checksum
 
-    def _lookup_ref(self, ref: str) -> bytes:
+    def _lookup_ref(self, ref: str, where: str) -> bytes:
         remote, colon, branch = ref.rpartition(":")
         names = [f"refs/remotes/{remote}/{branch}"] if colon else [f"refs/heads/{branch}", f"refs/remotes/{branch}"]
         for repo in self.chain():
@@ -260,7 +263,8 @@ class Repo:
                     raise InputError(f"{value[:80]!r}: expected a commit checksum (64 lowercase hex digits)", path)
                 return bytes.fromhex(value)
         tried = ", ".join(os.path.join(self.path, n) for n in names)
-        raise InputError(f"no such ref (looked for {tried}{' and in the parent repositories' if self.parent else ''})", ref)
+        parents = " and in the parent repositories" if self.parent else ""
+        raise InputError(f"no ref {ref!r} (looked for {tried}{parents})", where)
 
     # -- metadata objects -------------------------------------------------------------------
 
@@ -287,13 +291,16 @@ class Repo:
             finally:
                 os.close(fd)
             got = hashlib.sha256(data).digest()
-            if got != checksum:
-                raise ObjectError(f"corrupt: its SHA-256 is {got.hex()}, not the checksum it is stored under"
-                                  f"", path)
             try:
-                return gvariant.decode(type_, data)
+                value = gvariant.decode(type_, data)
             except GVariantError as e:
+                if got != checksum:  # say both: "truncated" shows in the second half
+                    raise ObjectError(f"corrupt: its SHA-256 is {got.hex()}, not the checksum it is stored under;"
+                                      f" and malformed: {e.where()}: {e.what}", path) from None
                 raise ObjectError(f"malformed {ext[1:]}: {e.where()}: {e.what}", path) from None
+            if got != checksum:
+                raise ObjectError(f"corrupt: its SHA-256 is {got.hex()}, not the checksum it is stored under", path)
+            return value
         raise self.missing(checksum, ext)
 
     def commit(self, checksum: bytes) -> tuple[bytes, bytes, bytes]:
