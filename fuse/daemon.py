@@ -82,7 +82,8 @@ def _serve(view, store, mountpoint: str, options, ready: int | None) -> None:
     _raise_fd_limit()
     try:
         fd = mount_fuse(mountpoint, view.image.name, allow_other=options.allow_other)
-        server = Server(fd, view, store, threads=options.threads, passthrough=options.passthrough)
+        server = Server(fd, view, store, threads=options.threads, passthrough=options.passthrough,
+                        debug=options.debug)
         server.start()
         if not _wait_any(server.ready, server.done, stop, INIT_TIMEOUT):
             raise MountError("the kernel did not start the FUSE session", mountpoint)
@@ -161,3 +162,5 @@ def _log_to(options, stream) -> None:
         handler = logging.NullHandler()
     root.addHandler(handler)
     root.setLevel(logging.DEBUG if options.debug else logging.INFO if stream is None else logging.WARNING)
+    if stream is not None and options.debug:
+        handler.setFormatter(logging.Formatter("cfsc %(threadName)s: %(message)s"))

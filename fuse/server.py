@@ -80,7 +80,7 @@ class Server:
     """Serves one mounted connection until it is unmounted or `stop()` is called."""
 
     def __init__(self, fd: int, view: ImageView, store: Store, *, threads: int = 2,
-                 passthrough: bool = True, source: str = "") -> None:
+                 passthrough: bool = True, source: str = "", debug: bool = False) -> None:
         self.fd = fd
         self.view = view
         self.store = store
@@ -112,7 +112,7 @@ class Server:
                        (P.Opcode.GETXATTR, self._getxattr), (P.Opcode.LISTXATTR, self._listxattr),
                        (P.Opcode.INTERRUPT, self._interrupt), (P.Opcode.DESTROY, self._destroy)):
             h[op] = fn
-        self._handlers = h
+        self._handlers = [_traced(i, fn) for i, fn in enumerate(h)] if debug else h
 
     # -- running --------------------------------------------------------------------------
 
@@ -524,6 +524,17 @@ class Server:
             self._idle.clear()
         for h in held:
             os.close(h.fd)
+
+
+def _traced(opcode: int, handler):
+    """`handler`, logging each request (`--debug`; costs nothing when off)."""
+    name = _opname(opcode)
+
+    def trace(unique, nodeid, body, pid):
+        log.debug("%s unique=%d nodeid=%d pid=%d %d bytes", name, unique, nodeid, pid, len(body))
+        return handler(unique, nodeid, body, pid)
+
+    return trace
 
 
 def _opname(opcode: int) -> str:

@@ -48,6 +48,7 @@ BARE_PREFIXES = frozenset(LISTED_PREFIXES + (TRUSTED_OVERLAY,))
 TRUSTED = b"trusted."
 NODE_CACHE = 1 << 17  # nodes kept (about 400 bytes each with the server's encoding)
 LISTING_CACHE = 1 << 18  # directory entries kept, over all cached listings
+_MISSING = object()
 PATH_DEPTH_MAX = 4096  # a (hostile) parent chain longer than this is cut in log messages
 
 
@@ -107,10 +108,9 @@ class ImageView:
     def node(self, nid: int) -> Node | None:
         """The node of `nid`, or None for a whiteout (invisible).  Raises `ImageError` (an
         OSError, EIO) with the location when the image is corrupt there."""
-        try:
-            return self._nodes[nid]
-        except KeyError:
-            pass
+        node = self._nodes.get(nid, _MISSING)
+        if node is not _MISSING:
+            return node
         node = self._make(nid)
         self._nodes[nid] = node
         if len(self._nodes) > NODE_CACHE:
