@@ -130,6 +130,8 @@ def _text(entry: dict, key: str, twins: bool):
     if twins:
         encoded = entry.get(twin(key), ABSENT)
         if encoded is not ABSENT:
+            if key not in entry:
+                raise _Bad(key, f"missing: required with {twin(key)} (a readable stand-in)")
             return _b64(encoded, twin(key))
     value = entry.get(key, ABSENT)
     if value is ABSENT:
@@ -168,6 +170,7 @@ def _plan(keys: tuple) -> tuple[bool, bool, frozenset]:
 
 BAD_PLAN = (False, True, frozenset())  # a key set with an unknown extension key
 _STR_OR_ABSENT = {str, object}
+_PLACEABLE = frozenset({S_IFREG, S_IFDIR, S_IFLNK, S_IFCHR, S_IFBLK, S_IFIFO, S_IFSOCK})
 _INT = {int}
 _DIGESTS = re.compile(r"(?:[a-z0-9]+:[0-9a-f]{2,}\n)*")
 
@@ -323,14 +326,18 @@ class _Builder:
                     slow[i] = 1
         xattr_column = column("xattrs")
 
+        if not _PLACEABLE.issuperset(kinds):  # hard links, chunks, unknown types
+            for i, kind in enumerate(kinds):
+                if kind not in _PLACEABLE:
+                    slow[i] = 1
         splits = list(map(bytes.rpartition, names, repeat(b"/")))
         dirs = self.dirs
         xattr_sets = self.xattr_sets
         last = self.last_file
         for i in range(n):
-            kind = kinds[i]
             name = names[i]
-            if not slow[i] and kind is not None and kind > 0 and name:
+            if not slow[i] and name:
+                kind = kinds[i]
                 head, _slash, base = splits[i]
                 parent = dirs.get(head)
                 mode = modes[i]
@@ -381,27 +388,21 @@ class _Builder:
         except Exception:  # noqa: BLE001 - any surprise gets explained (schema, then code)
             self.rejected(entry, source, index)
 
-    def plain(self, entries: list) -> tuple[bytearray, frozenset]:
-        """(entries whose key set has extensions, twins or unknown `x-` keys; every key seen)."""
-        plans = self.plans
-        found = list(map(plans.get, map(tuple, entries)))
-        if None in found:
-            for i, k in enumerate(map(tuple, entries)):
-                if found[i] is None:
-                    plan = plans.get(k)
-                    if plan is None:
-                        try:
-                            plan = plans[k] = _plan(k)
-                        except _Bad:
-                            plan = plans[k] = BAD_PLAN
-                    found[i] = plan
+    def plain(self, entries: list) -> tuple[bytearray, set]:
+        """(entries with an extension, twin, chunk field or unknown `x-` key; every key seen).
+
+        One union of all key sets says whether there is any such key at all; only then is each
+        one looked up entry by entry (C-level `map`).
+        """
+        present = set().union(*entries)
         slow = bytearray(len(entries))
-        distinct = set(found)
-        if any(plan[1] for plan in distinct):
-            for i, plan in enumerate(found):
-                if plan[1]:
-                    slow[i] = 1
-        return slow, frozenset().union(*(plan[2] for plan in distinct))
+        odd = [key for key in present if key in RARE or key[:2] == "x-"]
+        if odd:
+            found = 0
+            for key in odd:
+                found |= int.from_bytes(bytes(map(dict.__contains__, entries, repeat(key))))
+            slow[:] = found.to_bytes(len(entries))
+        return slow, present
 
     def names(self, column: list, slow: bytearray) -> list:
         """Names as clean paths (b"" for the root, chunks and bad ones: `apply` decides).
@@ -721,7 +722,7 @@ class _Builder:
             found = self.dirs.get(done)
             if found is None:
                 if part in node.children:  # type: ignore[operator]
-                    raise _Bad("name", f"{done.decode('utf-8', 'backslashreplace')} is not a directory")
+                    raise _Bad("name", f"{done.decode('utf-8', 'backslashreplace')!r} is not a directory")
                 problem = limits.check_name(part)
                 if problem:
                     raise _Bad("name", problem)

@@ -61,6 +61,7 @@ def _registry():
 
 
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*\Z")
+_DEPENDENCY = re.compile(r"'(.*)' is a dependency of '(.*)'\Z")  # jsonschema's dependentRequired message
 
 
 def json_path(parts) -> str:
@@ -105,6 +106,10 @@ def _message(error) -> tuple[list, str]:
         for_type = error.instance.get("type") if isinstance(error.instance, dict) else None
         extra = f" for type {for_type}" if isinstance(for_type, str) else ""
         return path + missing[:1], f"missing: required{extra}"
+    if kind == "dependentRequired":
+        m = _DEPENDENCY.match(error.message)
+        if m:
+            return path + [m.group(1)], f"missing: required with {m.group(2)}"
     if "propertyNames" in error.relative_schema_path:
         return path + [error.instance], f"unknown key: expected {title or 'a known key'}"
     if title and kind in ("type", "pattern", "enum", "minimum", "maximum", "const", "format"):

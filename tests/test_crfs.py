@@ -1,0 +1,378 @@
+"""CRFS / stargz TOC JSON: the frontend, the `crfs` backend and the published schemas.
+
+Golden TOCs in `tests/data/crfs/` come with a hand-written dumpfile of the tree they mean;
+the TOC and the dumpfile must compile to the same image bytes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import hashlib
+import io
+import json
+
+import jsonschema
+import orjson
+import pytest
+from conftest import CONFORMANCE, DATA, cases, image_of, read_input
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from strategies import trees
+
+from cfsc import schemas
+from cfsc.backends import crfs as crfs_backend
+from cfsc.backends.erofs.writer import write_image
+from cfsc.errors import InputError, InputErrors
+from cfsc.frontends import crfs, dumpfile
+from cfsc.fsverity import digest_file
+from cfsc.options import Options
+from cfsc.pipeline import run_passes
+
+GOLDEN = DATA / "crfs"
+LEGACY = CONFORMANCE / "crfs-legacy"
+SPECIAL_SHA256 = (LEGACY / "special.json.sha256").read_text().split()[0]
+GOOD_DUMPS = [c["input"] for c in cases() if c.get("expect") != "error"]
+HEX = "7c9bbe5ec9b3fb774e8fa0f54247e93c34ddf8e5d16fe3073420de0ae81a262d"
+
+
+def image(tree, **options) -> bytes:
+    out = io.BytesIO()
+    write_image(run_passes(tree, Options(**options)), out)
+    return out.getvalue()
+
+
+def toc_of(tree) -> bytes:
+    out = io.BytesIO()
+    crfs_backend.write(tree, out)
+    return out.getvalue()
+
+
+def toc(*entries, **top) -> bytes:
+    return json.dumps({"version": 1, "entries": list(entries), **top}, ensure_ascii=False).encode()
+
+
+def _one_by_one(self, entries, source, first=0):
+    for i, entry in enumerate(entries):
+        self.one(entry, source, first + i)
+
+
+@contextlib.contextmanager
+def reference_path():
+    """Every entry through `apply` (the reference) instead of the column-checked batches."""
+    saved = crfs._Builder.feed
+    crfs._Builder.feed = _one_by_one
+    try:
+        yield
+    finally:
+        crfs._Builder.feed = saved
+
+
+def errors_of(data: bytes) -> list[str]:
+    with pytest.raises(InputError) as info:
+        crfs.loads(data, Options(), "t.json")
+    return str(info.value).splitlines()
+
+
+# -- what the legacy tool made ---------------------------------------------------------------
+
+def test_special_json_compiles_to_the_legacy_digest(cfsc, tmp_path):
+    """The old `composefs-from-json --out IMAGE FILE` shape, from a file and from stdin."""
+    out = tmp_path / "special.cfs"
+    cfsc("compile", "--from", "crfs", "--out", str(out), "--max-version", "0", str(LEGACY / "special.json"), check=True)
+    assert hashlib.sha256(out.read_bytes()).hexdigest() == SPECIAL_SHA256
+    p = cfsc("compile", "--out", "-", "--max-version", "0", "-", input=(LEGACY / "special.json").read_bytes(), check=True)
+    assert hashlib.sha256(p.stdout).hexdigest() == SPECIAL_SHA256  # detected without --from
+
+
+def test_special_json_means_special_dump():
+    tree = crfs.load(str(LEGACY / "special.json"))
+    for version in (0, 1):
+        assert image(tree.copy(), min_version=version, max_version=version) == \
+            image_of(read_input("special.dump"), min_version=version, max_version=version)
+
+
+# -- golden TOCs -----------------------------------------------------------------------------
+
+GOLDENS = [("basic.dump", ["basic.json"]), ("links.dump", ["links.json"]), ("bytes.dump", ["bytes.json"]),
+           ("layers.dump", ["layer-1.json", "layer-2.json"])]
+
+
+@pytest.mark.parametrize("dump, tocs", GOLDENS, ids=[g[0] for g in GOLDENS])
+def test_golden_toc_means_its_dumpfile(dump, tocs):
+    expected = image_of((GOLDEN / dump).read_bytes())
+    sources = [str(GOLDEN / t) for t in tocs]
+    assert image(crfs.load_many(sources)) == expected
+    with reference_path():
+        assert image(crfs.load_many(sources)) == expected
+    for name in tocs:  # every golden TOC is valid against the published schema
+        assert schemas.problems("crfs-toc", json.loads((GOLDEN / name).read_text())) == []
+
+
+def test_several_tocs_on_the_command_line(cfsc, tmp_path):
+    out = tmp_path / "layers.cfs"
+    cfsc("compile", "--from", "crfs", "--out", str(out), str(GOLDEN / "layer-1.json"), str(GOLDEN / "layer-2.json"),
+         check=True)
+    assert out.read_bytes() == image_of((GOLDEN / "layers.dump").read_bytes())
+
+
+def test_modtime_keeps_nanoseconds_and_offsets():
+    tree = crfs.loads(toc({"type": "dir", "name": "/", "modtime": "2023-01-02T04:04:05.5+01:00"},
+                          {"type": "reg", "name": "a", "modtime": "1969-12-31T23:59:59.999999999Z"},
+                          {"type": "reg", "name": "b", "modtime": "0001-01-01T00:00:00Z"},
+                          {"type": "reg", "name": "c", "x-mtime": [-(2**40), 7]}))
+    assert (tree.root.mtime, tree.root.mtime_nsec) == (1672628645, 500_000_000)
+    assert [(n.mtime, n.mtime_nsec) for n in (tree.lookup(b"a"), tree.lookup(b"b"), tree.lookup(b"c"))] == \
+        [(-1, 999_999_999), (0, 0), (-(2**40), 7)]
+
+
+def test_basedir_gives_fs_verity_digests(cfsc, tmp_path):
+    store = tmp_path / "store"
+    (store / "ab").mkdir(parents=True)
+    data = b"x" * 10000
+    (store / "ab" / "cdef").write_bytes(data)
+    source = tmp_path / "t.json"
+    source.write_bytes(toc({"type": "reg", "name": "present", "size": len(data), "x-payload": "ab/cdef"},
+                           {"type": "reg", "name": "missing", "size": 5, "x-payload": "ab/none"}))
+    out = tmp_path / "out.cfs"
+    cfsc("compile", "--basedir", str(store), str(source), "-o", str(out), check=True)
+    digest = digest_file(store / "ab" / "cdef").hex().encode()
+    assert out.read_bytes() == image_of(b"/ 0 40755 2 0 0 0 0.0 - - -\n"
+                                        b"/missing 5 100000 1 0 0 0 0.0 ab/none - -\n"
+                                        b"/present 10000 100000 1 0 0 0 0.0 ab/cdef - " + digest + b"\n")
+    source.write_bytes(toc({"type": "reg", "name": "present", "size": 3, "x-payload": "ab/cdef"}))
+    p = cfsc("compile", "--basedir", str(store), str(source), "-o", str(out))
+    assert p.returncode == 2 and b"has 10000 bytes but the TOC says 3" in p.stderr
+
+
+# -- round trips through the crfs backend ------------------------------------------------------
+
+@pytest.mark.parametrize("name", GOOD_DUMPS)
+def test_dumpfile_to_toc_to_image(name):
+    """dump → TOC → image is dump → image, in both format versions."""
+    data = read_input(name)
+    text = toc_of(dumpfile.loads(data, Options()))
+    assert schemas.problems("crfs-toc", orjson.loads(text)) == []
+    for version in (0, 1):
+        assert image(crfs.loads(text), min_version=version, max_version=version) == \
+            image_of(data, min_version=version, max_version=version)
+
+
+@pytest.mark.parametrize("name", ["special.dump", "config-with-hard-link.dump.gz", "longlink.dump"])
+def test_dump_format_crfs_command(name, cfsc, tmp_path):
+    source = tmp_path / name
+    source.write_bytes((CONFORMANCE / "upstream" / name).read_bytes())
+    p = cfsc("dump", "--format", "crfs", str(source), check=True)
+    (tmp_path / "toc.json").write_bytes(p.stdout)
+    cfsc("compile", str(tmp_path / "toc.json"), "-o", str(tmp_path / "again.cfs"), check=True)
+    cfsc("compile", str(source), "-o", str(tmp_path / "direct.cfs"), check=True)
+    assert (tmp_path / "again.cfs").read_bytes() == (tmp_path / "direct.cfs").read_bytes()
+
+
+def test_image_to_toc_to_the_same_image(cfsc, tmp_path):
+    """An image libcomposefs wrote, through `cfsc dump --format crfs`, compiles back to itself."""
+    original = gzip.decompress((CONFORMANCE / "upstream-images" / "config-with-hard-link.v1.cfs.gz").read_bytes())
+    (tmp_path / "in.cfs").write_bytes(original)
+    cfsc("dump", "--format", "crfs", str(tmp_path / "in.cfs"), "-o", str(tmp_path / "toc.json"), check=True)
+    cfsc("compile", "--min-version", "1", str(tmp_path / "toc.json"), "-o", str(tmp_path / "out.cfs"), check=True)
+    assert (tmp_path / "out.cfs").read_bytes() == original
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(trees())
+def test_any_tree_round_trips(tree):
+    try:
+        expected = image(tree.copy())
+    except InputError:
+        return  # a tree the compiler rejects (xattr budget): nothing to compare
+    text = toc_of(tree.copy())
+    assert image(crfs.loads(text)) == expected
+    with reference_path():
+        assert image(crfs.loads(text)) == expected
+
+
+# -- schemas -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", schemas.names())
+def test_every_schema_is_a_valid_schema(name):
+    schema = schemas.load(name)
+    jsonschema.validators.validator_for(schema).check_schema(schema)
+    assert schema["$id"] == schemas.ID_PREFIX + name and schema.get("title")
+
+
+def test_schema_command(cfsc):
+    listed = cfsc("schema", "--list", check=True).stdout.decode()
+    assert [line.split("\t")[0] for line in listed.splitlines()] == schemas.names()
+    assert cfsc("schema", "crfs-toc", check=True).stdout == schemas.text("crfs-toc").encode()
+    p = cfsc("schema", "no-such-schema")
+    assert p.returncode == 2 and b"crfs-toc" in p.stderr
+
+
+# -- errors ------------------------------------------------------------------------------------
+
+BAD_ENTRIES = [
+    ("mode-string", [{"type": "reg", "name": "a", "mode": "644"}], "entries[0].mode: expected an integer"),
+    ("missing-name", [{"type": "reg"}], "entries[0].name: missing: required for type reg"),
+    ("bad-base64-xattr", [{"type": "reg", "name": "a", "xattrs": {"user.a": "!!"}}],
+     'entries[0].xattrs["user.a"]: expected standard base64'),
+    ("bad-base64-content", [{"type": "reg", "name": "a", "x-content": "a"}], "entries[0].x-content: expected standard base64"),
+    ("bad-base64-twin", [{"type": "reg", "name": "a", "x-name-b64": "###"}], "entries[0].x-name-b64: expected standard base64"),
+    ("unknown-type", [{"type": "bogus", "name": "a"}], "entries[0].type: expected one of dir, reg"),
+    ("hardlink-missing", [{"type": "reg", "name": "a"}, {"type": "hardlink", "name": "b", "linkName": "nope"}],
+     "entries[1].linkName: hard link target 'nope' does not exist"),
+    ("hardlink-later", [{"type": "hardlink", "name": "b", "linkName": "a"}, {"type": "reg", "name": "a"}],
+     "entries[0].linkName: hard link target 'a' does not exist"),
+    ("hardlink-dir", [{"type": "dir", "name": "d"}, {"type": "hardlink", "name": "b", "linkName": "d"}],
+     "entries[1].linkName: hard link target 'd' is a directory"),
+    ("mode-type-bits", [{"type": "reg", "name": "a", "mode": 0o40755}], "entries[0].mode: file type bits 040000 contradict"),
+    ("dotdot", [{"type": "reg", "name": "a/../../etc"}], "entries[0].name: '..' is not allowed"),
+    ("dotdot-link", [{"type": "reg", "name": "a"}, {"type": "hardlink", "name": "b", "linkName": "../a"}],
+     "entries[1].linkName: '..' is not allowed"),
+    ("unknown-extension", [{"type": "reg", "name": "a", "x-paylod": "x"}], "entries[0].x-paylod: unknown key"),
+    ("symlink-target", [{"type": "symlink", "name": "a"}], "entries[0].linkName: missing: required for type symlink"),
+    ("bad-date", [{"type": "reg", "name": "a", "modtime": "2021-02-30T00:00:00Z"}], "entries[0].modtime: expected an RFC 3339"),
+    ("null", [{"type": "reg", "name": "a", "uid": None}], "entries[0].uid: expected an integer from 0 to 4294967295, got null"),
+    ("not-an-object", ["foo"], 'entries[0]: expected object, got a string "foo"'),
+    ("long-name", [{"type": "reg", "name": "x" * 300}], "entries[0].name: file name of 300 bytes"),
+    ("below-a-file", [{"type": "reg", "name": "f"}, {"type": "reg", "name": "f/x"}], "entries[1].name: 'f' is not a directory"),
+    ("busy-dir", [{"type": "reg", "name": "d/x"}, {"type": "reg", "name": "d"}], "entries[1].type: the path is a directory with entries"),
+    ("root-type", [{"type": "reg", "name": "./"}], "entries[0].type: the root must be a directory"),
+    ("lost-chunk", [{"type": "chunk", "name": "nope"}], "entries[0].name: a chunk must belong to an earlier regular file"),
+    ("empty-xattr-key", [{"type": "reg", "name": "a", "xattrs": {"": "YQ=="}}], 'entries[0].xattrs[""]: xattr key of 0 bytes'),
+    ("content-on-dir", [{"type": "dir", "name": "a", "x-content": "YQ=="}], "entries[0].x-content: only regular files"),
+    ("content-too-big", [{"type": "reg", "name": "a", "x-content": "YWFh" * 1667}], "entries[0].x-content: inline content of 5001 bytes"),
+    ("device-number", [{"type": "char", "name": "a", "devMajor": 4096}], "entries[0].devMajor: expected an integer from 0 to 4095"),
+    ("digest", [{"type": "reg", "name": "a", "digest": "sha256:ABCD"}], "entries[0].digest: expected a content digest"),
+    ("fraction", [{"type": "reg", "name": "a", "size": 1.5}], "entries[0].size: expected an integer"),
+]
+
+
+@pytest.mark.parametrize("entries, message", [b[1:] for b in BAD_ENTRIES], ids=[b[0] for b in BAD_ENTRIES])
+def test_invalid_entry_is_located(entries, message):
+    lines = errors_of(toc(*entries))
+    assert len(lines) == 1 and lines[0].startswith(f"t.json: {message}"), lines
+    with reference_path():
+        assert errors_of(toc(*entries)) == lines
+
+
+@pytest.mark.parametrize("data, message", [
+    (b"[]", 't.json: expected a JSON object with "entries", got an array'),
+    (b'{"version": 2, "entries": []}', "t.json: version: expected 1, got 2"),
+    (b'{"entries": 5}', "t.json: entries: expected array, got 5"),
+    (b'{"version": 1}', "t.json: entries: missing: required"),
+    (b'{"entries": [\n  {"type": "dir", "name": "/"},\n  {"type": ', "t.json:3:12: invalid JSON: unexpected end of data"),
+])
+def test_invalid_document_is_located(data, message):
+    lines = errors_of(data)
+    assert len(lines) == 1 and lines[0].startswith(message), lines
+
+
+def test_every_bad_entry_is_reported_up_to_a_limit(cfsc, tmp_path):
+    entries = [{"type": "reg", "name": f"f{i}", "mode": -i - 1} for i in range(25)]
+    entries.insert(3, {"type": "reg", "name": "fine"})
+    source = tmp_path / "t.json"
+    source.write_bytes(toc(*entries))
+    out = tmp_path / "out.cfs"
+    p = cfsc("compile", "--from", "crfs", str(source), "-o", str(out))
+    lines = p.stderr.decode().splitlines()
+    assert p.returncode == 2 and not out.exists() and list(tmp_path.iterdir()) == [source]
+    assert len(lines) == crfs.MAX_ERRORS + 1 and all(line.startswith("error: ") for line in lines)
+    assert lines[0] == f"error: {source}: entries[0].mode: expected an integer from 0 to 65535 (permission bits," \
+                       " optionally with file-type bits), got -1"
+    assert lines[3].startswith(f"error: {source}: entries[4].mode")  # entries[3] is fine
+    assert lines[-1] == "error: … and 5 more"
+
+
+# -- code and schema agree -------------------------------------------------------------------
+
+ints = st.one_of(st.integers(-3, 70000), st.integers(2**31, 2**65), st.floats(-10, 10, allow_nan=False))
+texts = st.one_of(st.sampled_from(["", "a", "./d/", "x/../y", "é"]), st.integers(0, 3))
+VALUES = {
+    "type": st.sampled_from(["dir", "reg", "symlink", "hardlink", "char", "block", "fifo", "socket", "chunk", "sock", 5]),
+    "name": texts,
+    "linkName": texts,
+    "mode": st.one_of(ints, st.sampled_from([0o100644, 0o40755, 0o120777, 0o20000])),
+    "uid": st.one_of(ints, st.none()),
+    "gid": ints,
+    "size": ints,
+    "devMajor": ints,
+    "devMinor": ints,
+    "modtime": st.sampled_from(["2021-10-11T13:06:16+02:00", "2021-10-11T13:06:16.123456789Z", "2021-10-11 13:06:16Z",
+                                "2021-10-11T13:06:16.1234567891Z", "2021-13-11T13:06:16Z", "", 0]),
+    "xattrs": st.one_of(st.dictionaries(st.sampled_from(["user.a", "trusted.overlay.x", "", "user.b"]),
+                                        st.sampled_from(["YQ==", "YQ", "YQ=", "Y", "!!", "", 1])), st.just([])),
+    "digest": st.sampled_from(["sha256:" + HEX, "sha512:00ff", "sha256:" + HEX.upper(), "sha256:", HEX, 7]),
+    "x-payload": texts,
+    "x-content": st.sampled_from(["aGk=", "aGk", "a", "", "YWFh" * 1667, 3]),
+    "x-fsverity-digest": st.sampled_from(["sha256:" + HEX, HEX, "sha256:" + HEX[:-1], None]),
+    "x-mtime": st.sampled_from([[1, 2], [1], [-5, 0], [1, -1], [2**63, 0], "1.2"]),
+    "x-nlink": ints,
+    "x-name-b64": st.sampled_from(["YQ==", "####", 4]),
+    "x-xattrs-b64": st.sampled_from([{"dXNlci7/": "dg=="}, {"###": "dg=="}, {"dXNlci7/": "#"}, []]),
+    "chunkOffset": ints,
+    "chunkSize": ints,
+    "offset": st.one_of(st.integers(), st.text(max_size=3)),
+    "userName": st.one_of(st.text(max_size=3), st.integers()),
+    "x-unknown": st.just(1),
+    "other": st.just({"any": "thing"}),
+}
+entries = st.fixed_dictionaries({}, optional=VALUES)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(entries, min_size=1, max_size=4))
+def test_code_rejects_what_the_schema_rejects(items):
+    """The checks in code (fast batches and the reference) refuse everything the schema
+    refuses, and both paths give the same verdict and the same tree."""
+    data = toc({"type": "reg", "name": "base"}, {"type": "dir", "name": "d"}, *items)
+    invalid = [i for i, e in enumerate(items) if schemas.problems("crfs-toc", e, definition="entry")]
+    results = []
+    for context in (contextlib.nullcontext, reference_path):
+        with context():
+            try:
+                results.append(image(crfs.loads(data, Options(), "t.json")))
+            except InputErrors as e:
+                results.append(e.lines)
+                for i in invalid:
+                    if e.total == len(e.lines):  # not cut at MAX_ERRORS
+                        assert any(line.startswith(f"t.json: entries[{i + 2}]") for line in e.lines), (i, e.lines)
+            except InputError as e:  # a tree the compiler refuses (e.g. an xattr budget)
+                results.append(str(e))
+        if invalid:
+            assert not isinstance(results[-1], bytes)
+    assert results[0] == results[1]
+
+
+# -- reading the JSON in slices --------------------------------------------------------------
+
+def test_slices_agree_with_one_parse(monkeypatch):
+    """Cuts at `},{` that fall inside strings, odd layouts and keys after the entries array
+    all give what parsing the whole document gives."""
+    tricky = ['a"},{"b', "},{", 'x\\"},{\\"', "}}, {{", "entries\": ["]
+    entries = [{"type": "dir", "name": "/"}] + [
+        {"type": "reg", "name": f"f{i}-{tricky[i % len(tricky)]}", "mode": 420, "xattrs": {"user.v": "fSx7"}}
+        for i in range(60)]
+    layouts = [
+        toc(*entries),
+        json.dumps({"version": 1, "entries": entries}, indent="\t").encode(),
+        json.dumps({"entries": entries, "tarSplitDigest": "sha256:x", "extra": [{"a": 1}, {"b": 2}]}).encode(),
+        json.dumps({"notes": {"entries": [{"x": 1}]}, "entries": entries}).encode(),
+        json.dumps({"entries": entries, "entries2": []}).encode(),
+    ]
+    expected = image(crfs.loads(layouts[0]))
+    monkeypatch.setattr(crfs, "SLICE_BYTES", 64)
+    for data in layouts:
+        assert image(crfs.loads(data)) == expected
+    doubled = b'{"entries": [{"type": "dir", "name": "/x"}], ' + layouts[0][1:]  # the last "entries" counts
+    assert image(crfs.loads(doubled)) == expected
+    bad = layouts[0][:-200] + b"]]]"
+    assert errors_of(bad)[0].startswith("t.json:1:")
+
+
+def test_sniff_claims_tocs_only():
+    assert crfs.sniff((LEGACY / "special.json").read_bytes()[:4096])
+    assert crfs.sniff(toc_of(dumpfile.loads(read_input("special.dump")))[:4096])
+    for other in [b'{"entries": 5}', b'{"a": {"entries": [{"type": "reg"}]}}', b'[{"type": "reg"}]',
+                  b'{"version": 1, "entries": [{"path": "/a", "kind": "file"}]}',
+                  b'{"path":"/","type":"dir","mode":16877}\n', schemas.text("crfs-toc").encode()[:4096]]:
+        assert not crfs.sniff(other), other
