@@ -12,7 +12,8 @@ to the same image, then times, each in a fresh process (so peak RSS is per run):
     python bench/crfs_bench.py --entries 1000000 --repeat 3 --dir /tmp/crfs-bench
 
 Prints one line per (stage, format) with the median and all runs, then the ratios.  The
-machine is shared: repeat and read medians.
+machine is shared: repeat and read medians; CPU time (user + system) is the steadier figure
+when other work competes for the cores.
 """
 
 from __future__ import annotations
@@ -149,22 +150,24 @@ from cfsc import build
 from cfsc.options import Options
 fmt, stage, src, out = sys.argv[1:5]
 t = time.perf_counter()
+c = time.process_time()
 if stage == "frontend":
     with build.batch_allocation():
         tree = build.load([src], Options(), fmt)
 else:
     build.compile_image([src], out, Options(), fmt)
 elapsed = time.perf_counter() - t
-print(elapsed, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+print(elapsed, time.process_time() - c, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """
 
 
-def run_child(fmt: str, stage: str, src: str, out: str) -> tuple[float, int]:
+def run_child(fmt: str, stage: str, src: str, out: str) -> tuple[float, float, int]:
+    """(wall seconds, CPU seconds, peak RSS in KiB) of one run in a fresh process."""
     p = subprocess.run([sys.executable, "-c", CHILD, fmt, stage, src, out], capture_output=True, text=True)
     if p.returncode != 0:
         raise SystemExit(f"{fmt} {stage} failed: {p.stderr}")
-    elapsed, rss = p.stdout.split()
-    return float(elapsed), int(rss)
+    elapsed, cpu, rss = p.stdout.split()
+    return float(elapsed), float(cpu), int(rss)
 
 
 def main() -> None:
@@ -186,7 +189,7 @@ def main() -> None:
             images[fmt] = hashlib.sha256(f.read()).hexdigest()
     same = images["crfs"] == images["dump"]
     print(f"same image from both sources: {same} ({images['crfs'][:16]}…)")
-    results: dict[tuple[str, str], list[tuple[float, int]]] = {}
+    results: dict[tuple[str, str], list[tuple[float, float, int]]] = {}
     for stage in args.stages.split(","):
         for _ in range(args.repeat):
             for fmt, src in (("crfs", toc), ("dump", dump)):
@@ -194,13 +197,15 @@ def main() -> None:
                     run_child(fmt, stage, src, os.path.join(args.dir, f"{fmt}.cfs")))
     medians = {}
     for (stage, fmt), runs in results.items():
-        t_med = statistics.median(r[0] for r in runs)
-        rss_med = statistics.median(r[1] for r in runs) / 1024
-        medians[(stage, fmt)] = t_med
-        print(f"{stage:8} {fmt:4}: median {t_med:6.2f} s, peak RSS {rss_med:6.0f} MiB"
-              f"   runs: {', '.join(f'{r[0]:.2f}' for r in runs)}")
+        wall = statistics.median(r[0] for r in runs)
+        cpu = statistics.median(r[1] for r in runs)
+        rss = statistics.median(r[2] for r in runs) / 1024
+        medians[(stage, fmt)] = (wall, cpu)
+        print(f"{stage:8} {fmt:4}: median wall {wall:6.2f} s, CPU {cpu:6.2f} s, peak RSS {rss:6.0f} MiB"
+              f"   (wall/CPU runs: {', '.join(f'{r[0]:.2f}/{r[1]:.2f}' for r in runs)})")
     for stage in args.stages.split(","):
-        print(f"{stage}: crfs / dump = {medians[(stage, 'crfs')] / medians[(stage, 'dump')]:.2f}")
+        (w1, c1), (w2, c2) = medians[(stage, "crfs")], medians[(stage, "dump")]
+        print(f"{stage}: crfs / dump = {w1 / w2:.2f} wall, {c1 / c2:.2f} CPU")
     if not same:
         raise SystemExit(1)
 
