@@ -187,6 +187,7 @@ class _Array(_Type):
             raise GVariantError(f"array offset table: last element ends at {last} of {n} bytes", end - width)
         ends = struct.unpack_from(f"<{table // width}{_OFFSET_CODES[width]}", buf, start + last)
         mask = elem.align - 1
+        decode_elem = elem.decode
         out = []
         pos = 0
         for i, off in enumerate(ends):
@@ -195,7 +196,11 @@ class _Array(_Type):
                 raise GVariantError(f"array element {i} ends at {off}, outside {begin}..{last}", start + last + i * width)
             if begin != pos and not _zero(buf, start + pos, start + begin):
                 raise GVariantError("non-zero padding", start + pos)
-            out.append(self._child(i, buf, start + begin, start + off, depth))
+            try:
+                out.append(decode_elem(buf, start + begin, start + off, depth))
+            except GVariantError as e:
+                e.path.insert(0, f"[{i}]")
+                raise
             pos = off
         return out
 
@@ -230,7 +235,7 @@ class _Tuple(_Type):
     """A tuple or dict entry: members in order, end offsets of the non-last variable ones
     stored at the end in reverse member order."""
 
-    __slots__ = ("framed", "labels", "members")
+    __slots__ = ("framed", "labels", "members", "plan")
 
     def __init__(self, members: list[_Type], names: list[str | None], entry: bool = False) -> None:
         self.members = members
@@ -247,6 +252,17 @@ class _Tuple(_Type):
             self.size = max(1, (pos + self.align - 1) & ~(self.align - 1))  # () is one zero byte
         else:
             self.size = None
+        # Per member: alignment mask, fixed size, which offset of the table ends it (0: the
+        # member is fixed-size or last), its decoder, its label.
+        plan = []
+        k = 0
+        for i, m in enumerate(members):
+            if m.size is None and i != len(members) - 1:
+                k += 1
+                plan.append((m.align - 1, None, k, m.decode, self.labels[i]))
+            else:
+                plan.append((m.align - 1, m.size, 0, m.decode, self.labels[i]))
+        self.plan = plan
 
     def decode(self, buf, start, end, depth):
         if depth >= MAX_DEPTH:
@@ -263,33 +279,29 @@ class _Tuple(_Type):
             table = n - width * self.framed
             if table < 0:
                 raise GVariantError(f"{n} bytes cannot hold the offset table of a {self.sig}", start)
-        members = self.members
-        last = len(members) - 1
         out = []
         pos = 0
-        k = 0
-        for i, m in enumerate(members):
-            mask = m.align - 1
+        depth += 1
+        for mask, size, k, decode_member, label in self.plan:
             begin = (pos + mask) & ~mask
-            if m.size is not None:
-                stop = begin + m.size
-            elif i == last:
-                stop = table
-            else:
-                k += 1
+            if size is not None:
+                stop = begin + size
+            elif k:
                 stop = int.from_bytes(buf[end - k * width:end - (k - 1) * width], "little")
+            else:
+                stop = table
             if begin > stop or stop > table:
-                raise GVariantError(f"member {self.labels[i].lstrip('.')} spans {begin}..{stop}, outside the"
+                raise GVariantError(f"member {label.lstrip('.')} spans {begin}..{stop}, outside the"
                                     f" {table} bytes before the offset table", start + min(begin, table))
             if begin != pos and not _zero(buf, start + pos, start + begin):
                 raise GVariantError("non-zero padding", start + pos)
             try:
-                out.append(m.decode(buf, start + begin, start + stop, depth + 1))
+                out.append(decode_member(buf, start + begin, start + stop, depth))
             except GVariantError as e:
-                e.path.insert(0, self.labels[i])
+                e.path.insert(0, label)
                 raise
             pos = stop
-        if not members:
+        if not self.members:
             if buf[start] != 0:
                 raise GVariantError("the unit value () is one zero byte", start)
         elif pos != table:

@@ -58,7 +58,7 @@ from cfsc.fuse.backing import kernel_digest
 from cfsc.options import Options
 from cfsc.progress import Progress, mib
 from cfsc.store import Store
-from cfsc.tree import S_IFDIR, S_IFREG, Inode, Tree
+from cfsc.tree import S_IFDIR, S_IFMT, S_IFREG, Inode, Tree
 
 from .ostreerepo import ARCHIVE, DIRTREE, Content, ObjectError, Repo, checksum_header, show
 
@@ -175,7 +175,10 @@ class _Loader:
             files, dirs = self.repo.metadata(tree_sum, ".dirtree", DIRTREE)
         except ObjectError as e:
             raise ObjectError(f"{e.what} (directory {show(path)})", e.where) from None
-        where = lambda: self.repo.found_path(tree_sum, ".dirtree")  # noqa: E731
+
+        def where() -> str:
+            return self.repo.found_path(tree_sum, ".dirtree")
+
         for kind, items in (("files", files), ("dirs", dirs)):
             prev = None
             for i, item in enumerate(items):
@@ -243,7 +246,7 @@ class _Loader:
         assert self.names is not None
         for checksum, group in self.groups.items():
             home = group[0]
-            if len(group) < 2 or (home.mode & 0o170000 == S_IFREG and not home.size):
+            if len(group) < 2 or (home.mode & S_IFMT == S_IFREG and not home.size):
                 continue
             for parent, name in self.names[checksum][1:]:
                 parent.add_child(name, home, link=True)

@@ -111,7 +111,8 @@ class Content:
             return
         total = 0
         while True:
-            chunk = os.pread(self.fd, READ_CHUNK, total)
+            # One byte past the expected end, so growth shows; small reads for small files.
+            chunk = os.pread(self.fd, min(READ_CHUNK, self.size - total + 1) if total <= self.size else 1, total)
             if not chunk:
                 break
             total += len(chunk)
