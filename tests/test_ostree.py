@@ -594,3 +594,11 @@ def test_gvariant_nesting_is_capped():
         deep = Variant("v", deep)
     with pytest.raises(GVariantError, match="nested too deeply"):
         gvariant.decode("v", gvariant.encode("v", deep))
+
+
+def test_errors_found_by_passes_name_the_dirtree(tmp_path):
+    repo = Crafted(tmp_path / "repo")
+    source = repo.commit(dirtree([(b"n" * 300, repo.file(b"data"))]), repo.dirmeta())
+    err = fail(source)
+    (tree,) = (repo.root / "objects").rglob("*.dirtree")
+    assert err.startswith(f"error: {tree}:/{'n' * 300}: ") and "255" in err
