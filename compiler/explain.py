@@ -8,7 +8,8 @@ followed by the consequences and the first differing byte:
 * the composefs header: format version (0 → 1 marks directories holding whiteouts opaque), the
   ACL flag; superblock fields (build time = the earliest mtime, which decides compact inodes;
   anything another writer sets, like a UUID);
-* per path (both images walked in step, depth-first): compact vs extended inode and which field
+* per path (both images walked in step, directory by directory; an inode is parsed only when
+  its bytes differ): compact vs extended inode and which field
   needed 64 bytes (mtime ≠ build time, uid/gid/nlink > 65535, size ≥ 2³²), data layout (inline
   tail, plain blocks, chunk index), xattrs stored shared vs inline, the overlay markers a reader
   hides (whiteout encoding, `opaque`, redirect and metacopy forms), directory blocks for the
@@ -19,30 +20,34 @@ followed by the consequences and the first differing byte:
   inode positions (how many moved, from where), image size.
 
 `tree_changes` (from the tree diff) adds the first cause when the trees themselves differ.
-Each structure's fields come from `cfsc.backends.erofs.layout`, read with the reader
-(`cfsc.backends.erofs.reader`), walked with `cfsc.backends.erofs.entries.walk`; facts `cfsc info`
-also reports come from `cfsc.images.info`.
+Each structure's fields come from `cfsc.backends.erofs.layout` and are read with the reader
+(`cfsc.backends.erofs.reader`).
 """
 
 from __future__ import annotations
 
 import re
+import struct
 from array import array
-from bisect import bisect_right
 from collections import Counter
 from dataclasses import dataclass, field
 
-from .backends.erofs.entries import walk
 from .backends.erofs.layout import (
-    COMPOSEFS_HEADER, EROFS_INODE_COMPACT, EROFS_INODE_EXTENDED, EROFS_SUPER_BLOCK, EROFS_SUPER_OFFSET, Layout,
+    COMPOSEFS_HEADER, EROFS_FT_CHRDEV, EROFS_FT_DIR, EROFS_INODE_CHUNK_BASED, EROFS_INODE_COMPACT,
+    EROFS_INODE_EXTENDED, EROFS_SUPER_BLOCK, EROFS_SUPER_OFFSET, Layout,
 )
 from .backends.erofs.reader import LAYOUTS, Image, RawInode
-from .tree import S_IFDIR, S_IFMT
+from .tree import S_IFCHR, S_IFDIR, S_IFMT
 
 EXAMPLES = 5
 U16 = 0xFFFF
 U32 = 0xFFFFFFFF
-HIDDEN_KEYS = (b"trusted.overlay.", b"user.overlay.whiteout")
+HIDDEN_KEYS = (b"trusted.overlay.",)
+USER_MARKERS = (b"user.overlay.whiteout", b"user.overlay.whiteouts", b"user.overlay.opaque")
+REDIRECT = b"trusted.overlay.redirect"
+METACOPY = b"trusted.overlay.metacopy"
+_HEAD = struct.Struct("<HH")  # i_format, i_xattr_icount: the start of either inode layout
+_INO = struct.Struct("<I")  # i_ino at offset 20 of either layout
 # Superblock fields whose difference is a consequence reported elsewhere (or never set).
 DERIVED = {"blocks", "xattr_blkaddr", "inos", "build_time", "build_time_nsec", "root_nid", "checksum"}
 
@@ -79,35 +84,99 @@ def field_offsets(layout: Layout) -> dict[str, tuple[int, int]]:
     return offsets
 
 
-class _Facts:
-    """What one walk over an image gathers for the comparison."""
+class _Side:
+    """One image as the comparison walks it.
 
-    def __init__(self, image: Image) -> None:
+    An inode is first compared by its bytes (leaving out `i_u` and `i_ino`, which move when
+    anything before them does) and its xattr body (with the shared ids mapped to the pairs
+    they name): only inodes that differ are parsed.  Shared-id runs are resolved once each.
+    """
+
+    def __init__(self, image: Image, first_difference: int) -> None:
         self.image = image
-        self.hidden: list[RawInode] = []
+        self.data = image.data
+        self.meta = image.meta_base
+        self.ids: dict[bytes, tuple] = {}  # packed shared ids of a body -> the pairs they name
+        self.id_users: Counter = Counter()  # packed shared ids -> inodes using them
         self.table: dict[int, tuple[bytes, bytes]] = {}  # shared id -> pair
-        self.users: Counter = Counter()  # pair -> inodes using it (shared or inline)
-        self.inodes: list[tuple[int, int, bytes, bool, int]] = []  # (offset, end, path, extended, xattr size)
-        self.blocks: dict[int, bytes] = {}  # first data block -> path
+        self.hidden = 0
+        self.seen = bytearray(len(image.data) // 32 + 1)  # nids walked
+        self.first_difference = first_difference
+        self.near: tuple[int, int, bytes] = (-1, -1, b"")  # (offset, nid, path): last inode starting at or before it
+        self.blocks: dict[int, tuple[int, bytes]] = {}  # first data block -> (blocks, path) of directories
 
-    def xattr_split(self, raw: RawInode) -> tuple[list[tuple[bytes, bytes]], list[tuple[bytes, bytes]]]:
-        """(inline pairs, shared pairs) as stored on disk, counting users and the table."""
-        if not raw.xattr_size:
-            return [], []
+    def head(self, nid: int) -> tuple[int, int, int]:
+        """(offset, inode size, xattr body size) of an inode, checked by the reader the first time."""
+        off = self.meta + (nid << 5)
+        if off + 64 > len(self.data):
+            raw = self.image.inode(nid)  # raises the reader's error if it is out of bounds
+            return off, 64 if raw.extended else 32, raw.xattr_size
+        fmt, icount = _HEAD.unpack_from(self.data, off)
+        isize = 64 if fmt & 1 else 32
+        return off, isize, 12 + 4 * (icount - 1) if icount else 0
+
+    def note(self, nid: int, off: int, path: bytes) -> None:
+        if self.near[0] < off <= self.first_difference:
+            self.near = (off, nid, path)
+
+    def shared(self, nid: int, off: int, isize: int, xsize: int) -> tuple[int, tuple]:
+        """(number of shared ids, the pairs they name), counting the inode as a user."""
+        if not xsize:
+            return 0, ()
+        start = off + isize
+        n = self.data[start + 4]
+        ids = bytes(self.data[start + 12:start + 12 + 4 * n])
+        pairs = self.ids.get(ids)
+        if pairs is None:
+            raw = self.image.inode(nid)
+            items = self.image.xattrs(raw)
+            refs = self.image.shared_xattr_refs(raw)
+            pairs = self.ids[ids] = tuple(items[len(items) - len(refs):])
+            self.table.update(zip(refs, pairs, strict=True))
+        self.id_users[ids] += 1
+        return n, pairs
+
+    def inline(self, nid: int) -> list[tuple[bytes, bytes]]:
+        raw = self.image.inode(nid)
         items = self.image.xattrs(raw)
-        refs = self.image.shared_xattr_refs(raw)
-        inline = items[:len(items) - len(refs)]
-        shared = items[len(items) - len(refs):]
-        for ref, pair in zip(refs, shared, strict=True):
-            self.table[ref] = pair
-        self.users.update(items)
-        return inline, shared
+        return items[:len(items) - len(self.image.shared_xattr_refs(raw))]
 
-    def note(self, raw: RawInode, path: bytes) -> None:
-        end = raw.offset + (64 if raw.extended else 32) + raw.xattr_size + raw.tail_size
-        self.inodes.append((raw.offset, end, path, raw.extended, raw.xattr_size))
-        if raw.blkaddr and raw.mode & S_IFMT == S_IFDIR and raw.size > raw.tail_size:
-            self.blocks[raw.blkaddr] = path
+    def alone(self, path: bytes, nid: int) -> None:
+        """Walk what only this image has (for users, hidden whiteouts, the first difference)."""
+        stack = [(path, nid)]
+        while stack:
+            path, nid = stack.pop()
+            if self.seen[nid]:
+                continue
+            self.seen[nid] = 1
+            raw = self.image.inode(nid)
+            if raw.mode & S_IFMT == S_IFCHR and raw.blkaddr == 0:
+                self.hidden += 1
+            off, isize, xsize = self.head(nid)
+            self.note(nid, off, path)
+            self.shared(nid, off, isize, xsize)
+            if raw.mode & S_IFMT == S_IFDIR:
+                self.directory(raw, path)
+                prefix = path if path != b"/" else b""
+                stack.extend((prefix + b"/" + name, child) for name, child, _t in self.image.dirents(raw))
+
+    def directory(self, raw: RawInode, path: bytes) -> None:
+        blocks = (raw.size - raw.tail_size) // 4096
+        if blocks and raw.layout != EROFS_INODE_CHUNK_BASED:
+            self.blocks[raw.blkaddr] = (blocks, path)
+
+    def path_of(self, target: int) -> bytes:
+        """The first path (depth-first) of the inode `target` (a second walk, for one example)."""
+        stack = [(b"/", self.image.root_nid)]
+        while stack:
+            path, nid = stack.pop()
+            if nid == target:
+                return path
+            raw = self.image.inode(nid)
+            if raw.mode & S_IFMT == S_IFDIR:
+                prefix = path if path != b"/" else b""
+                stack.extend((prefix + b"/" + name, child) for name, child, _t in reversed(self.image.dirents(raw)))
+        return b"?"
 
 
 def _extended_because(raw: RawInode, image: Image) -> str:
@@ -123,8 +192,10 @@ def _extended_because(raw: RawInode, image: Image) -> str:
 
 
 def _markers(pairs) -> frozenset:
-    return frozenset(kv for kv in pairs if kv[0].startswith(HIDDEN_KEYS) or kv[0] == b"user.overlay.whiteouts"
-                     or kv[0] == b"user.overlay.opaque")
+    """The overlay markers among stored pairs (not redirect and metacopy: payload and digest,
+    which the tree diff compares)."""
+    return frozenset(kv for kv in pairs if (kv[0].startswith(HIDDEN_KEYS) or kv[0] in USER_MARKERS)
+                     and kv[0] not in (REDIRECT, METACOPY))
 
 
 def _show(pair: tuple[bytes, bytes]) -> str:
@@ -165,13 +236,15 @@ def explain(a: Image, b: Image, tree_changes: int = 0) -> list[Reason]:
         reasons.append(Reason("tree", f"the trees differ ({entries}, listed above): each change "
                                       "also moves what is laid out after it", count=tree_changes))
     reasons += _header(a, b)
-    fa, fb = _Facts(a), _Facts(b)
+    offset = _first_difference(a.data, b.data)
+    fa, fb = _Side(a, offset), _Side(b, offset)
     reasons += _entries(fa, fb)
     reasons += _shared_table(fa, fb)
     if len(a.data) != len(b.data):
         reasons.append(Reason("size", f"image size {len(a.data)} → {len(b.data)} bytes "
                                       f"({a.super.blocks} → {b.super.blocks} blocks)", len(a.data), len(b.data)))
-    reasons.append(_first_difference(fa, fb))
+    reasons.append(Reason("first_difference", f"the bytes first differ at offset 0x{offset:x}: {_where(fa, offset)}",
+                          offset, offset))
     da, db = digest_bytes(a.data).hex(), digest_bytes(b.data).hex()
     reasons.insert(0, Reason("digest", f"fs-verity digest sha256:{da} → sha256:{db}", da, db))
     return reasons
@@ -212,129 +285,146 @@ def _header(a: Image, b: Image) -> list[Reason]:
     return out
 
 
-def _key(path: bytes) -> list[bytes]:
-    return path.split(b"/")
-
-
-def _entries(fa: _Facts, fb: _Facts) -> list[Reason]:
-    """Walk both images in step (depth-first, sorted names) and compare what each path's inode stores."""
+def _entries(fa: _Side, fb: _Side) -> list[Reason]:
+    """Walk both images in step, directory by directory (names merged in their sorted order),
+    and compare what each path's inode stores."""
     a, b = fa.image, fb.image
-    formats, layouts, sharing, markers, encodings, dirs = (_Aspect() for _ in range(6))
+    formats, layouts, sharing, markers, encodings, dirs, inos = (_Aspect() for _ in range(7))
     nids_a, nids_b = array("q"), array("q")
-    inos_differ = _Aspect()
-    common_paths: list[bytes] = []
-    only = [0, 0]
-    walk_a = walk(a, hidden=fa.hidden)
-    walk_b = walk(b, hidden=fb.hidden)
-    item_a = next(walk_a, None)
-    item_b = next(walk_b, None)
-    while item_a is not None or item_b is not None:
-        ka = _key(item_a[0]) if item_a is not None else None
-        kb = _key(item_b[0]) if item_b is not None else None
-        if kb is None or (ka is not None and ka < kb):
-            if item_a[2] is None:  # type: ignore[index]
-                fa.note(item_a[1].raw, item_a[0])  # type: ignore[index]
-                fa.xattr_split(item_a[1].raw)  # type: ignore[index]
-            only[0] += 1
-            item_a = next(walk_a, None)
-            continue
-        if ka is None or kb < ka:
-            if item_b[2] is None:
-                fb.note(item_b[1].raw, item_b[0])
-                fb.xattr_split(item_b[1].raw)
-            only[1] += 1
-            item_b = next(walk_b, None)
-            continue
-        path, ea, first_a = item_a  # type: ignore[misc]
-        _path, eb, first_b = item_b  # type: ignore[misc]
-        item_a = next(walk_a, None)
-        item_b = next(walk_b, None)
-        if first_a is not None or first_b is not None:
-            continue  # a hard link: its inode was compared at its first path
-        ra, rb = ea.raw, eb.raw
-        fa.note(ra, path)
-        fb.note(rb, path)
-        nids_a.append(ra.nid)
-        nids_b.append(rb.nid)
-        common_paths.append(path)
-        if ra.ino != rb.ino:
-            inos_differ.add(path, f"{ra.ino} → {rb.ino}")
-        if ra.extended != rb.extended:
-            if rb.extended:
-                formats.add(path, f"compact → extended ({_extended_because(rb, b)})")
-            else:
-                formats.add(path, f"extended ({_extended_because(ra, a)}) → compact")
-        if ra.layout != rb.layout:
-            layouts.add(path, f"{LAYOUTS[ra.layout]} → {LAYOUTS[rb.layout]}")
-        if ra.mode & S_IFMT != rb.mode & S_IFMT:
-            encodings.add(path, f"stored as mode {ra.mode:o} → {rb.mode:o}")
-        inline_a, shared_a = fa.xattr_split(ra)
-        inline_b, shared_b = fb.xattr_split(rb)
+    moved = [0, None]  # count, (nid in A, nid in B, path) of the first in layout order
+    da, db = a.data, b.data
+
+    near = fa.first_difference
+    seen_a, seen_b = fa.seen, fb.seen
+
+    def compare(path: bytes, nid_a: int, nid_b: int) -> None:
+        seen_a[nid_a] = seen_b[nid_b] = 1
+        off_a, isize_a, xsize_a = fa.head(nid_a)
+        off_b, isize_b, xsize_b = fb.head(nid_b)
+        if off_a <= near:
+            fa.note(nid_a, off_a, path)
+        nids_a.append(nid_a)
+        nids_b.append(nid_b)
+        if nid_a != nid_b:
+            moved[0] += 1
+            if moved[1] is None or nid_a < moved[1][0]:
+                moved[1] = (nid_a, nid_b, path)
+        if da[off_a + 20:off_a + 24] != db[off_b + 20:off_b + 24]:
+            inos.add(path, f"{_INO.unpack_from(da, off_a + 20)[0]} → {_INO.unpack_from(db, off_b + 20)[0]}")
+        if not (isize_a == isize_b and da[off_a:off_a + 16] == db[off_b:off_b + 16]
+                and da[off_a + 24:off_a + isize_a] == db[off_b + 24:off_b + isize_b]):
+            ra, rb = a.inode(nid_a), b.inode(nid_b)
+            if ra.extended != rb.extended:
+                if rb.extended:
+                    formats.add(path, f"compact → extended ({_extended_because(rb, b)})")
+                else:
+                    formats.add(path, f"extended ({_extended_because(ra, a)}) → compact")
+            if ra.layout != rb.layout:
+                layouts.add(path, f"{LAYOUTS[ra.layout]} → {LAYOUTS[rb.layout]}")
+            if ra.mode & S_IFMT != rb.mode & S_IFMT:
+                encodings.add(path, f"stored as mode {ra.mode:o} → {rb.mode:o}")
+        n_a, shared_a = fa.shared(nid_a, off_a, isize_a, xsize_a)
+        n_b, shared_b = fb.shared(nid_b, off_b, isize_b, xsize_b)
+        if shared_a == shared_b and (da[off_a + isize_a + 12 + 4 * n_a:off_a + isize_a + xsize_a]
+                                     == db[off_b + isize_b + 12 + 4 * n_b:off_b + isize_b + xsize_b]):
+            return  # the same pairs, stored the same way
+        inline_a = fa.inline(nid_a) if xsize_a else []
+        inline_b = fb.inline(nid_b) if xsize_b else []
         if set(shared_a) != set(shared_b):
             # Only pairs both inodes carry: a pair on one side only is a tree change.
-            moved = [f"{_show(p)} shared → inline" for p in sorted(set(shared_a) & set(inline_b))]
-            moved += [f"{_show(p)} inline → shared" for p in sorted(set(inline_a) & set(shared_b))]
-            if moved:
-                sharing.add(path, ", ".join(moved))
-        mark_a, mark_b = _markers(inline_a + shared_a), _markers(inline_b + shared_b)
+            change = [f"{_show(p)} shared → inline" for p in sorted(set(shared_a) & set(inline_b))]
+            change += [f"{_show(p)} inline → shared" for p in sorted(set(inline_a) & set(shared_b))]
+            if change:
+                sharing.add(path, ", ".join(change))
+        mark_a, mark_b = _markers(inline_a + list(shared_a)), _markers(inline_b + list(shared_b))
         if mark_a != mark_b:
             parts = [f"-{_show(p)}" for p in sorted(mark_a - mark_b)] + [f"+{_show(p)}" for p in sorted(mark_b - mark_a)]
             markers.add(path, " ".join(parts))
-        if ra.mode & S_IFMT == S_IFDIR == rb.mode & S_IFMT and (ra.size != rb.size or ra.layout != rb.layout):
-            if [n for n, _nid, _t in a.dirents(ra)] == [n for n, _nid, _t in b.dirents(rb)]:
-                dirs.add(path, f"same names in {ra.size} → {rb.size} bytes of dirents")
-    for raw in fa.hidden:
-        fa.note(raw, b"(hidden whiteout)")
-    for raw in fb.hidden:
-        fb.note(raw, b"(hidden whiteout)")
+
+    root_a, root_b = a.inode(a.root_nid), b.inode(b.root_nid)
+    compare(b"/", a.root_nid, b.root_nid)
+    stack = [(b"/", root_a, root_b)]
+    while stack:
+        path, dir_a, dir_b = stack.pop()
+        fa.directory(dir_a, path)
+        fb.directory(dir_b, path)
+        prefix = path if path != b"/" else b""
+        list_a, list_b = a.dirents(dir_a), b.dirents(dir_b)
+        if (dir_a.size != dir_b.size or dir_a.layout != dir_b.layout) and (
+                [n for n, _nid, _t in list_a] == [n for n, _nid, _t in list_b]):
+            dirs.add(path, f"same names in {dir_a.size} → {dir_b.size} bytes of dirents")
+        i = j = 0
+        while i < len(list_a) or j < len(list_b):
+            if j >= len(list_b) or (i < len(list_a) and list_a[i][0] < list_b[j][0]):
+                fa.alone(prefix + b"/" + list_a[i][0], list_a[i][1])
+                i += 1
+                continue
+            if i >= len(list_a) or list_b[j][0] < list_a[i][0]:
+                fb.alone(prefix + b"/" + list_b[j][0], list_b[j][1])
+                j += 1
+                continue
+            name, nid_a, type_a = list_a[i]
+            _name, nid_b, type_b = list_b[j]
+            i += 1
+            j += 1
+            if fa.seen[nid_a] or fb.seen[nid_b]:
+                continue  # a hard link: its inode was compared at its first path
+            child = prefix + b"/" + name
+            if type_a == type_b == EROFS_FT_CHRDEV:
+                raw_a, raw_b = a.inode(nid_a), b.inode(nid_b)
+                if raw_a.blkaddr == 0 and raw_b.blkaddr == 0:  # whiteouts the reader hides
+                    fa.seen[nid_a] = fb.seen[nid_b] = 1
+                    fa.hidden += 1
+                    fb.hidden += 1
+                    continue
+            compare(child, nid_a, nid_b)
+            if type_a == type_b == EROFS_FT_DIR:
+                stack.append((child, a.inode(nid_a), b.inode(nid_b)))
     out = [r for r in (
         formats.reason("inode_format", "inode format (compact 32 / extended 64 bytes)"),
         layouts.reason("data_layout", "data layout"),
         encodings.reason("whiteout_encoding", "file type on disk (whiteouts: a character device, or a file marked "
                                               "with trusted.overlay.overlay.whiteout)"),
-        markers.reason("overlay_xattrs", "overlay markers a reader hides (whiteout, opaque, redirect, metacopy forms)"),
+        markers.reason("overlay_xattrs", "overlay markers a reader hides (whiteout, whiteouts, opaque)"),
         sharing.reason("xattr_sharing", "xattrs stored in the shared table vs inline"),
         dirs.reason("directory_layout", "directory blocks"),
     ) if r is not None]
-    if len(fa.hidden) != len(fb.hidden):
-        out.append(Reason("root_whiteouts", f"{len(fa.hidden)} → {len(fb.hidden)} hidden whiteouts (composefs adds "
-                                            "00…ff to the root to hide the object store's directories)",
-                          len(fa.hidden), len(fb.hidden)))
-    out += _order(nids_a, nids_b, common_paths, inos_differ)
+    if fa.hidden != fb.hidden:
+        out.append(Reason("root_whiteouts", f"{fa.hidden} → {fb.hidden} hidden whiteouts (composefs adds 00…ff to "
+                                            "the root to hide the object store's directories)", fa.hidden, fb.hidden))
+    out += _order(fa, nids_a, nids_b, inos)
+    if moved[1] is not None:
+        nid_a, nid_b, path = moved[1]
+        out.append(Reason("inode_positions",
+                          f"{moved[0]} inodes moved, the first in layout order "
+                          f"{path.decode('utf-8', 'backslashreplace')} (nid {nid_a} → {nid_b}): "
+                          "everything after a size change shifts", count=moved[0], paths=[path]))
     return out
 
 
-def _order(nids_a: array, nids_b: array, paths: list[bytes], inos: _Aspect) -> list[Reason]:
+def _order(fa: _Side, nids_a: array, nids_b: array, inos: _Aspect) -> list[Reason]:
     out = []
-    order = sorted(range(len(nids_a)), key=nids_a.__getitem__)
     inversions = 0
     first = None
     last = -1
-    for i in order:
+    for i in sorted(range(len(nids_a)), key=nids_a.__getitem__):
         if nids_b[i] < last:
             inversions += 1
             if first is None:
-                first = i
+                first = nids_a[i]
         last = max(last, nids_b[i])
-    if inversions:
+    if first is not None:
+        path = fa.path_of(first)
         out.append(Reason("inode_order", f"inode order differs ({inversions} inodes out of order, first "
-                                         f"{paths[first].decode('utf-8', 'backslashreplace')}): another writer's "  # type: ignore[index]
-                                         "order, or other hard-link homes", count=inversions,
-                          paths=[paths[first]]))  # type: ignore[index]
+                                         f"{path.decode('utf-8', 'backslashreplace')}): another writer's "
+                                         "order, or other hard-link homes", count=inversions, paths=[path]))
     r = inos.reason("inode_numbers", "inode numbers (i_ino: breadth-first position of the home entry)")
     if r is not None:
         out.append(r)
-    moved = [i for i in order if nids_a[i] != nids_b[i]]
-    if moved:
-        i = moved[0]
-        out.append(Reason("inode_positions",
-                          f"{len(moved)} inodes moved, the first in layout order "
-                          f"{paths[i].decode('utf-8', 'backslashreplace')} (nid {nids_a[i]} → {nids_b[i]}): "
-                          "everything after a size change shifts", count=len(moved), paths=[paths[i]]))
     return out
 
 
-def _shared_table(fa: _Facts, fb: _Facts) -> list[Reason]:
+def _shared_table(fa: _Side, fb: _Side) -> list[Reason]:
     ta = [fa.table[r] for r in sorted(fa.table)]
     tb = [fb.table[r] for r in sorted(fb.table)]
     if ta == tb:
@@ -346,11 +436,13 @@ def _shared_table(fa: _Facts, fb: _Facts) -> list[Reason]:
                            start_a, start_b)]
         return []
     sa, sb = set(ta), set(tb)
+    only = sorted(sa - sb)[:EXAMPLES] + sorted(sb - sa)[:EXAMPLES]
+    users_a, users_b = _users(fa, only), _users(fb, only)
     parts = []
     for pair in sorted(sa - sb):
-        parts.append(f"{_show(pair)} only in A's (on {fa.users[pair]} inodes in A, {fb.users[pair]} in B)")
+        parts.append(f"{_show(pair)} only in A's (on {users_a.get(pair, '?')} inodes in A, {users_b.get(pair, '?')} in B)")
     for pair in sorted(sb - sa):
-        parts.append(f"{_show(pair)} only in B's (on {fa.users[pair]} inodes in A, {fb.users[pair]} in B)")
+        parts.append(f"{_show(pair)} only in B's (on {users_a.get(pair, '?')} inodes in A, {users_b.get(pair, '?')} in B)")
     if not parts:
         parts.append("the same pairs in another order")
     shown = "; ".join(parts[:EXAMPLES]) + (f" (and {len(parts) - EXAMPLES} more)" if len(parts) > EXAMPLES else "")
@@ -358,50 +450,70 @@ def _shared_table(fa: _Facts, fb: _Facts) -> list[Reason]:
                                     f"more inodes carry it): {shown}", len(ta), len(tb), count=len(parts))]
 
 
-def _first_difference(fa: _Facts, fb: _Facts) -> Reason:
-    a, b = fa.image.data, fb.image.data
+def _users(side: _Side, pairs: list) -> dict:
+    """How many inodes of the image carry each pair (shared or inline).
+
+    Shared uses are counted during the walk; inline ones by a second pass over the inodes
+    whose xattr body holds the pair's encoded entry (parsed to be sure)."""
+    from .backends.erofs.xattrs import entry, key_info
+
+    users = {pair: sum(n for ids, n in side.id_users.items() if pair in side.ids[ids]) for pair in pairs}
+    wanted = {entry(*key_info(k)[:2], v): (k, v) for k, v in pairs}
+    if not wanted:
+        return users
+    data = side.data
+    seen = side.seen
+    nid = seen.find(1)
+    while nid >= 0:
+        off, isize, xsize = side.head(nid)
+        if xsize:
+            body = bytes(data[off + isize:off + isize + xsize])
+            for encoded, pair in wanted.items():
+                if encoded in body and pair in side.inline(nid):
+                    users[pair] += 1
+        nid = seen.find(1, nid + 1)
+    return users
+
+
+def _first_difference(a, b) -> int:
     n = min(len(a), len(b))
-    offset = n
-    for start in range(0, n, 4096):
-        end = min(start + 4096, n)
+    for start in range(0, n, 1 << 16):
+        end = min(start + (1 << 16), n)
         chunk_a, chunk_b = bytes(a[start:end]), bytes(b[start:end])
         if chunk_a != chunk_b:
-            offset = start + next(i for i in range(end - start) if chunk_a[i] != chunk_b[i])
-            break
-    return Reason("first_difference", f"the bytes first differ at offset 0x{offset:x}: {_where(fa, offset)}",
-                  offset, offset)
+            return start + next(i for i in range(end - start) if chunk_a[i] != chunk_b[i])
+    return n
 
 
-def _where(facts: _Facts, offset: int) -> str:
-    image = facts.image
+def _where(side: _Side, offset: int) -> str:
+    image = side.image
     if offset >= len(image.data):
         return "past the end of the first image"
     if offset < COMPOSEFS_HEADER.size:
-        name = _field_at(COMPOSEFS_HEADER, offset)
-        return f"composefs header ({name})"
+        return f"composefs header ({_field_at(COMPOSEFS_HEADER, offset)})"
     if EROFS_SUPER_OFFSET <= offset < EROFS_SUPER_OFFSET + EROFS_SUPER_BLOCK.size:
         return f"superblock ({_field_at(EROFS_SUPER_BLOCK, offset - EROFS_SUPER_OFFSET)})"
     if offset < EROFS_SUPER_OFFSET:
         return "padding before the superblock"
-    inodes = sorted(facts.inodes)
-    i = bisect_right(inodes, (offset, float("inf"))) - 1
-    if i >= 0 and inodes[i][0] <= offset < inodes[i][1]:
-        start, _end, path, extended, xattr_size = inodes[i]
-        layout = EROFS_INODE_EXTENDED if extended else EROFS_INODE_COMPACT
+    start, nid, path = side.near
+    if nid >= 0:
+        raw = image.inode(nid)
+        layout = EROFS_INODE_EXTENDED if raw.extended else EROFS_INODE_COMPACT
         at = offset - start
-        part = (_field_at(layout, at) if at < layout.size
-                else "its xattrs" if at < layout.size + xattr_size else "its inline data")
-        return f"the inode of {path.decode('utf-8', 'backslashreplace')} (nid {(start - image.meta_base) // 32}), {part}"
-    if facts.table:
-        area = image.xattr_base + 4 * min(facts.table)
-        data_start = -(-(image.xattr_base + 4 * max(facts.table) + 4) // 4096) * 4096
+        if at < layout.size + raw.xattr_size + raw.tail_size:
+            part = (_field_at(layout, at) if at < layout.size
+                    else "its xattrs" if at < layout.size + raw.xattr_size else "its inline data")
+            return f"the inode of {path.decode('utf-8', 'backslashreplace')} (nid {nid}), {part}"
+    if side.table:
+        area = image.xattr_base + 4 * min(side.table)
+        data_start = -(-(image.xattr_base + 4 * max(side.table) + 4) // 4096) * 4096
         if area <= offset < data_start:
             return "the shared xattr table"
     block = offset // 4096
-    owner = facts.blocks.get(block)
-    if owner is not None:
-        return f"a directory block of {owner.decode('utf-8', 'backslashreplace')} (block {block})"
-    if inodes and offset < inodes[-1][1] + 32:
+    for first, (count, owner) in side.blocks.items():
+        if first <= block < first + count:
+            return f"a directory block of {owner.decode('utf-8', 'backslashreplace')} (block {block})"
+    if nid >= 0 and block == start // 4096:
         return "padding between inodes"
     return f"data block {block}"
 
