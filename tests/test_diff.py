@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -152,7 +153,7 @@ GOLDEN = {
 # The content change: the payload is the object path of the file's fs-verity digest, so both
 # change; the golden text is completed from the digests (computed, not copied).
 PAIRS = [("dir", "dir"), ("image", "dir"), ("dir", "image"), ("dump", "image"), ("image", "image"),
-         ("crfs", "dump"), ("dump", "crfs")]
+         ("crfs", "dump"), ("dump", "crfs"), ("tar", "dir"), ("dump", "tar"), ("tar", "image")]
 
 
 def _content_golden() -> str:
@@ -180,6 +181,10 @@ def sources(tmp_path_factory):
             with open(top / (change + suffix), "wb") as out:
                 dump(str(image), out, fmt)
             paths[kind] = str(top / (change + suffix))
+        tar = top / f"{change}.tar"  # GNU tar as root keeps owners, modes, xattrs, devices, links
+        subprocess.run(["tar", "--xattrs", "--xattrs-include=*", "--numeric-owner", "--format=posix",
+                        "-cf", str(tar), "-C", str(d), "."], check=True)
+        paths["tar"] = str(tar)
         made[change] = paths
     return made
 
@@ -213,6 +218,36 @@ def test_same_tree_in_every_pairing_is_identical(sources, kind_a, kind_b):
     report = diffing.diff(sources["base"][kind_a], sources["base"][kind_b], Options(hardlinks=True), parallel=False)
     assert report.changes == [], body(report)
     assert report.identical or {kind_a, kind_b} != {"image"}
+
+
+OSTREE_CHANGES = ["chmod", "inline", "xattr", "xattr-add", "chown", "symlink", "add", "remove", "type"]
+
+
+@pytest.fixture(scope="module")
+def ostree_repo(tmp_path_factory):
+    """An OSTree repository with a commit of the base tree and of each change OSTree can hold
+    (no devices; every mtime 0, so no mtime change)."""
+    top = tmp_path_factory.mktemp("ostree")
+    repo = top / "repo"
+    subprocess.run(["ostree", f"--repo={repo}", "init", "--mode=bare"], check=True)
+    for change in ["base", *OSTREE_CHANGES]:
+        d = build(top / change, None if change == "base" else change)
+        subprocess.run(["ostree", f"--repo={repo}", "commit", f"--branch={change}", f"--tree=dir={d}"],
+                       check=True, capture_output=True)
+    return repo
+
+
+@pytest.mark.parametrize("change", OSTREE_CHANGES)
+def test_golden_for_ostree_commits(ostree_repo, tmp_path, change):
+    base, changed = f"ostree:{ostree_repo}:base", f"ostree:{ostree_repo}:{change}"
+    image = tmp_path / "changed.cfs"
+    compile_image([changed], str(image), Options())
+    # The payload of a file from a bare repository is its object, whose name hashes the file's
+    # metadata too: a chmod or chown also changes it (a true difference of the images).
+    for b in (changed, str(image)):
+        report = diffing.diff(base, b, Options(), ignore=Ignore(["payload"]), parallel=False)
+        assert body(report) == GOLDEN[change], b
+    assert diffing.diff(base, base, Options(), parallel=False).identical
 
 
 def test_cli_exit_codes_json_and_stat(sources):
