@@ -24,14 +24,18 @@ times RFC 3339 cannot hold), `x-nlink` and type `socket` make every tree express
 `cfsc dump --format crfs` (`cfsc.backends.crfs`) round-trips any image.
 
 Errors: every bad entry is reported (up to MAX_ERRORS lines, then a count), as
-`FILE: entries[12].mode: expected …`.  Values are checked in code as they are read, because
-jsonschema costs ~0.1 ms per entry; only a rejected entry goes through jsonschema, for the
-message (tests/test_crfs.py checks that code and schema agree).
+`FILE: entries[12].mode: expected …`.  Values are checked in code, because jsonschema costs
+~0.1 ms per entry (100 s for a million); only a rejected entry goes through jsonschema, for the
+message.  tests/test_crfs.py checks that code and schema agree.
 
-Memory: a parsed 1M-entry TOC is ~2 GB of dicts, so the entries array is parsed in slices of
-~4 MiB cut at `},{` between entries and each slice is dropped once applied.  A cut is proven
-right by the slice parsing as an array (JSON tokenises the same from a known state); when it
-does not, the next candidate is tried and, failing that, the whole document is parsed at once.
+Speed: entries are checked a column at a time over batches of BATCH entries (`_Builder.batch`)
+and only placing nodes is done entry by entry; anything unusual (extensions, hard links,
+chunks, updates of an existing path, bad values) goes through `_Builder.apply`, the one
+reference for semantics and messages.  Memory: a parsed 1M-entry TOC is ~2 GB of dicts, so the
+file is read block by block and the entries array parsed in slices of ~4 MiB cut at `},{`
+between entries, each slice dropped once applied.  A cut is proven right by the slice parsing
+as an array (JSON tokenises the same from a known state); when it does not, the next candidate
+is tried and, failing that, the whole document is parsed at once.
 """
 
 from __future__ import annotations
@@ -502,8 +506,7 @@ class _Builder:
             m = _DIGEST.fullmatch(payload) if type(payload) is str else None
             if m is None:
                 raise _Bad("digest", "expected ALGORITHM:HEX (lower-case hex)")
-            hexpart = m.group(1)
-            payload = f"{hexpart[:2]}/{hexpart[2:]}".encode() if kind == S_IFREG else ABSENT
+            payload = _payload(payload) if kind == S_IFREG else ABSENT
         rare = self.extensions(e, kind, twins) if has_rare else NO_EXTENSIONS
         if rare[0] is not ABSENT:  # x-payload wins
             payload = rare[0]
@@ -576,7 +579,7 @@ class _Builder:
                 node.payload = payload
             if xattrs is not ABSENT:
                 node.xattrs = self.merge(node.xattrs, xattrs)
-            _payload, content, digest, _when, nlink = rare
+            _x_payload, content, digest, _when, nlink = rare
             if nlink is not ABSENT:
                 node.nlink = nlink
             if kind == S_IFREG:
@@ -595,7 +598,7 @@ class _Builder:
                 node.size = size
             return
 
-        _payload, content, digest, _when, nlink = rare
+        _x_payload, content, digest, _when, nlink = rare
         if content is not ABSENT:
             size = len(content)
             content = content or None
