@@ -6,10 +6,13 @@
 
 The trees are `compile_bench`'s synthetic ones (directories of 1000 external files with SELinux
 labels); B is A with 10 files changed, spread over the tree (mode, digest, an added xattr).
-Runs, each repeated: `cfsc compile A --print-digest-only` (the yardstick), `cfsc diff A B
---stat` (the two sides load in parallel, B in a worker process), and the same with
-`--threads 1` (one process).  Wall time, CPU time, and peak RSS of the whole process tree
-(sampled from /proc every 20 ms: the worker is a child of `cfsc`) per run, then medians.
+Runs, each repeated: `cfsc compile A --print-digest-only` (the yardstick); `cfsc diff A B
+--stat` on the two dumpfiles (the lines they do not share: `cfsc.dump_delta`); `cfsc diff A
+B.cfs` (a dumpfile against the image of B: both trees loaded and fingerprinted, B in a worker
+process), the same with `--threads 1` (one process), and two images (`A.cfs B.cfs`, with the
+reasons their bytes differ).  Wall time, CPU time (children included) and peak RSS of the
+whole process tree (sampled from /proc every 20 ms: the worker is a child of `cfsc`) per run,
+then medians.
 """
 
 from __future__ import annotations
@@ -121,12 +124,19 @@ def main() -> int:
         out = subprocess.run([args.cfsc, "diff", a, b], capture_output=True)
         reported = [line for line in out.stdout.splitlines() if line.startswith(b"~ ")]
         assert out.returncode == 1 and [line[2:] for line in reported] == sorted(changed), out.stdout[-2000:]
-        compile_time = run("compile", [args.cfsc, "compile", a, "--print-digest-only"], args.repeat)
-        diff_time = run("diff", [args.cfsc, "diff", a, b, "--stat"], args.repeat, ok=(1,))
-        one = run("diff --threads 1", [args.cfsc, "diff", "--threads", "1", a, b, "--stat"], args.repeat, ok=(1,))
-        same = run("diff A A", [args.cfsc, "diff", a, a, "--stat"], args.repeat)
-        print(f"  diff/compile = {diff_time / compile_time:.2f} (one process: {one / compile_time:.2f}; "
-              f"identical inputs: {same / compile_time:.2f})")
+        a_image, b_image = a + ".cfs", b + ".cfs"
+        for dump, image in ((a, a_image), (b, b_image)):
+            subprocess.run([args.cfsc, "compile", dump, "-o", image], check=True)
+        times = {}
+        times["compile"] = run("compile A", [args.cfsc, "compile", a, "--print-digest-only"], args.repeat)
+        times["dumps"] = run("diff A B", [args.cfsc, "diff", a, b, "--stat"], args.repeat, ok=(1,))
+        times["same"] = run("diff A A", [args.cfsc, "diff", a, a, "--stat"], args.repeat)
+        times["mixed"] = run("diff A B.cfs", [args.cfsc, "diff", a, b_image, "--stat"], args.repeat, ok=(1,))
+        times["mixed1"] = run("diff A B.cfs -j1", [args.cfsc, "diff", "--threads", "1", a, b_image, "--stat"],
+                              args.repeat, ok=(1,))
+        times["images"] = run("diff A.cfs B.cfs", [args.cfsc, "diff", a_image, b_image, "--stat"], args.repeat, ok=(1,))
+        base = times.pop("compile")
+        print("  relative to compile: " + ", ".join(f"{k} {v / base:.2f}" for k, v in times.items()))
     return 0
 
 
