@@ -218,7 +218,8 @@ def diff_cmd(
     Queries (--where, --exclude) look like: path ~ "/usr/lib/**" and type == reg and size > 1M
     (fields: path name type mode uid gid size mtime nlink rdev target payload digest content
     xattr["KEY"]; ~ is a glob, ** crosses directories).  When both sides are images whose
-    bytes differ, the reasons follow (format version, inode formats, shared xattrs …).
+    bytes differ, the reasons follow (format version, inode formats, shared xattrs …), and
+    that counts as a difference even where the trees agree, unless --ignore layout.
 
     Exit status: 0 identical, 1 different, 2 error.
     """
