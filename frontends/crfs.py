@@ -32,10 +32,8 @@ Speed: entries are checked a column at a time over batches of BATCH entries (`_B
 and only placing nodes is done entry by entry; anything unusual (extensions, hard links,
 chunks, updates of an existing path, bad values) goes through `_Builder.apply`, the one
 reference for semantics and messages.  Memory: a parsed 1M-entry TOC is ~2 GB of dicts, so the
-file is read block by block and the entries array parsed in slices of ~4 MiB cut at `},{`
-between entries, each slice dropped once applied.  A cut is proven right by the slice parsing
-as an array (JSON tokenises the same from a known state); when it does not, the next candidate
-is tried and, failing that, the whole document is parsed at once.
+file is read block by block and the entries array parsed in slices (`jsonslices`), each slice
+dropped once applied.
 """
 
 from __future__ import annotations
@@ -53,6 +51,8 @@ from cfsc.options import Options
 from cfsc.streams import read_all, source_name
 from cfsc.tree import S_IFBLK, S_IFCHR, S_IFDIR, S_IFIFO, S_IFLNK, S_IFMT, S_IFREG, S_IFSOCK, Inode, Tree
 
+from .jsonslices import SLICE_BYTES, EntrySlices, Unsure
+
 SCHEMA = "crfs-toc"
 HARDLINK = -1
 CHUNK = -2
@@ -60,7 +60,6 @@ TYPES = {"dir": S_IFDIR, "reg": S_IFREG, "symlink": S_IFLNK, "hardlink": HARDLIN
          "block": S_IFBLK, "fifo": S_IFIFO, "chunk": CHUNK, "socket": S_IFSOCK}
 TYPE_NAMES = {bits: name for name, bits in TYPES.items()}
 MAX_ERRORS = 20
-SLICE_BYTES = 4 << 20
 BATCH = 2048  # entries per column pass (~2 MB of parsed JSON: stays in the CPU cache)
 ZEROS = [0] * BATCH
 NAME_MAX = limits.NAME_MAX
@@ -90,8 +89,6 @@ _DIGEST = re.compile(r"[a-z0-9]+:([0-9a-f]{2,})")
 _FSVERITY = re.compile(r"sha256:([0-9a-f]{64})")
 _HEAD = re.compile(rb'\s*\{\s*(?:"version"\s*:\s*1\s*,\s*)?"entries"\s*:\s*\[')
 _HEAD_TYPE = re.compile(rb'"type"\s*:\s*"(?:dir|reg|symlink|hardlink|char|block|fifo|chunk|socket)"')
-_ENTRIES = re.compile(rb'"entries"\s*:\s*\[')
-_BOUNDARY = re.compile(rb"\}\s*,\s*\{")
 
 
 def sniff(head: bytes) -> bool:
@@ -804,11 +801,11 @@ class _Builder:
         if data is None and (source == "-" or not isinstance(source, (str, bytes, os.PathLike))):
             data = read_all(source)
         blocks = [data] if data is not None else streams.chunks(source, SLICE_BYTES)
-        slicer = _Slicer(blocks)
+        slicer = EntrySlices(blocks)
         try:
             for first, entries in slicer:
                 self.feed(entries, name, first)
-        except _Unsure:
+        except Unsure:
             self.whole(data if data is not None else read_all(source), name, slicer.done)
             return
         finally:
@@ -842,107 +839,6 @@ class _Builder:
         if self.options.basedir is not None:
             _add_digests(tree, self.options)
         return tree
-
-
-class _Unsure(Exception):
-    """The cheap cut of the entries array cannot be proven right: parse the whole document."""
-
-
-class _Slicer:
-    """Iterate over (index of the first entry, entries) slices of a TOC's entries array,
-    reading the input block by block and keeping only a few MiB of it.
-
-    Afterwards `header` is the top-level object with `entries: []`.  Raises _Unsure when a cut
-    cannot be proven (the `done` entries yielded before are right all the same).
-    """
-
-    def __init__(self, blocks) -> None:
-        self.blocks = iter(blocks)
-        self.eof = False
-        self.data = b""
-        self.pos = 0
-        self.done = 0
-        self.header: dict = {}
-
-    def fill(self, need: int) -> None:
-        """At least `need` bytes after `pos`, unless the input ends first."""
-        have = len(self.data) - self.pos
-        if have >= need or self.eof:
-            return
-        parts = [self.data[self.pos:]] if have else []
-        while have < need:
-            block = next(self.blocks, None)
-            if block is None:
-                self.eof = True
-                break
-            parts.append(block)
-            have += len(block)
-        self.data = parts[0] if len(parts) == 1 else b"".join(parts)
-        self.pos = 0
-
-    def __iter__(self):
-        self.fill(1 << 20)
-        m = _ENTRIES.search(self.data)
-        if m is None:
-            raise _Unsure
-        prefix = self.data[:m.start()]
-        # Only the top-level "entries" makes prefix + `"entries":0}` an object with entries 0.
-        if _top_level(prefix + b'"entries":0}') is None:
-            raise _Unsure
-        self.pos = m.end()
-        failures = 0
-        while True:
-            self.fill(2 * SLICE_BYTES)
-            data, pos = self.data, self.pos
-            if len(data) - pos <= SLICE_BYTES and self.eof:
-                break
-            cut = _BOUNDARY.search(data, pos + SLICE_BYTES)
-            while cut is not None:
-                try:
-                    entries = orjson.loads(b"[" + data[pos:cut.start() + 1] + b"]")
-                    break
-                except orjson.JSONDecodeError:  # cut inside a string, or bad JSON
-                    failures += 1
-                    if failures > 3:
-                        raise _Unsure from None
-                    cut = _BOUNDARY.search(data, cut.end())
-            if cut is None:
-                if self.eof:
-                    break  # the rest is the last slice
-                self.fill(len(data) - pos + SLICE_BYTES)
-                continue
-            yield self.done, entries
-            self.done += len(entries)
-            self.pos = cut.end() - 1  # at the next entry's "{"
-            del entries
-        data, pos = self.data, self.pos
-        end = len(data)
-        for _attempt in range(3):  # the array's "]": the last one that leaves a valid top level
-            end = data.rfind(b"]", pos, end)
-            if end < 0:
-                break
-            header = _top_level(prefix + b'"entries":0' + data[end + 1:])
-            if header is None:
-                continue
-            try:
-                entries = orjson.loads(b"[" + data[pos:end + 1])
-            except orjson.JSONDecodeError:
-                break
-            header["entries"] = []
-            self.header = header
-            yield self.done, entries
-            self.done += len(entries)
-            return
-        raise _Unsure
-
-
-def _top_level(text: bytes) -> dict | None:
-    """The object, if `text` is one whose (last) "entries" is the 0 put there."""
-    try:
-        doc = orjson.loads(text)
-    except orjson.JSONDecodeError:
-        return None
-    return doc if type(doc) is dict and type(doc.get("entries")) is int and doc["entries"] == 0 else None
 
 
 def _add_digests(tree: Tree, options: Options) -> None:
