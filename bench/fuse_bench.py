@@ -9,9 +9,11 @@ DIR gets (once; `--create` remakes it) a content store and an image of a synthet
 uid 1000) plus one 1 GiB file — the tree of the FUSE note (../shared/docs/fuse-notes.md).
 Keep it outside the repository: the store is about 1.9 GB.
 
-Servers: `kernel` (EROFS + overlayfs), `cfsc` (FUSE with passthrough), `cfsc-nopt` (FUSE,
-pread), `cfsc-none` (FUSE with --verity=none: the verification cost is the difference to
-`cfsc-nopt`), and `cfs-fuse` (upstream composefs-fuse, if `--composefs-fuse` is given).
+Servers: `kernel` (EROFS + overlayfs), `cfsc` (FUSE with passthrough, digests checked: the
+default), `cfsc-pt-none` (passthrough, --verity=none), `cfsc-nopt` (--no-passthrough: pread
+and zero-message opens), `cfsc-none` (--no-passthrough --verity=none), and `cfs-fuse`
+(upstream composefs-fuse, with `--composefs-fuse`).  The verification cost is the
+difference between a server and its `-none` twin.
 Tests, as in the note; "cold" is a fresh mount after `sync; echo 3 > drop_caches`, "warm"
 repeats on the same mount, "hot" is a fresh mount with the backing data already cached:
 
@@ -37,7 +39,7 @@ import sys
 import time
 from pathlib import Path
 
-SERVERS = ("kernel", "cfsc", "cfsc-nopt", "cfsc-none", "cfs-fuse")
+SERVERS = ("kernel", "cfsc", "cfsc-pt-none", "cfsc-nopt", "cfsc-none", "cfs-fuse")
 TESTS = ("find-cold", "find-warm", "stat-cold", "stat-warm", "small-cold", "small-warm", "small-hot",
          "big-cold", "big-warm", "big-hot")
 BIG = 1 << 30
@@ -155,7 +157,8 @@ def mount(server: str, base: Path, mnt: Path, args) -> int | None:
     if server == "cfs-fuse":
         subprocess.run([args.composefs_fuse, "-o", f"source={image},basedir={store}", str(mnt)], check=True)
     else:
-        extra = {"cfsc": [], "cfsc-nopt": ["--no-passthrough"], "cfsc-none": ["--no-passthrough", "--verity", "none"]}
+        extra = {"cfsc": [], "cfsc-pt-none": ["--verity", "none"], "cfsc-nopt": ["--no-passthrough"],
+                 "cfsc-none": ["--no-passthrough", "--verity", "none"]}
         subprocess.run([CFSC, "mount", image, str(mnt), "--basedir", store, "--threads", str(args.threads),
                         *extra[server]], check=True)
     return _server_pid(mnt)
@@ -262,7 +265,7 @@ def main() -> None:
     ap.add_argument("dir", type=Path)
     ap.add_argument("--create", action="store_true", help="(re)make the store and image")
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--servers", default="kernel,cfsc,cfsc-nopt,cfsc-none")
+    ap.add_argument("--servers", default="kernel,cfsc,cfsc-pt-none,cfsc-nopt,cfsc-none")
     ap.add_argument("--tests", default=",".join(TESTS))
     ap.add_argument("--threads", type=int, default=2, help="cfsc FUSE worker threads")
     ap.add_argument("--composefs-fuse", help="upstream composefs-fuse binary (adds server cfs-fuse)")

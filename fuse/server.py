@@ -7,15 +7,20 @@ release the GIL, so a thread stuck on cold data or a long digest does not stop t
 The image is immutable, so the kernel is told to cache everything for `TTL` seconds:
 entries (negative ones too), attributes, symlink targets (`FUSE_CACHE_SYMLINKS`), file pages
 (`FOPEN_KEEP_CACHE`) and whole directory streams (`FOPEN_CACHE_DIR`).  Listings come as
-READDIRPLUS, so `find` needs no LOOKUP per entry.  Node ids are the image's nids + 2 (the
-root is FUSE's 1), so they are stable and never reused and FORGET needs no bookkeeping.
+READDIRPLUS, so `find` needs no LOOKUP per entry.  OPENDIR — and OPEN, unless passthrough
+needs it — is answered ENOSYS once, after which the kernel opens and releases by itself
+with those cache flags ("zero-message open"): a warm walk or read sends no request at all.
+Node ids are the image's nids + 2 (the root is FUSE's 1): stable, never reused, so FORGET
+needs no bookkeeping.
 
 External data goes through FUSE passthrough when the kernel offers it (7.40+) and we hold
 CAP_SYS_ADMIN: the backing file is registered with `FUSE_DEV_IOC_BACKING_OPEN` and the
-kernel reads it directly, page cache and all.  One backing id serves every concurrent open
-of an inode (the kernel requires that) and is closed after the last RELEASE, never right
-after the OPEN reply (the kernel may still be setting the file up).  Otherwise reads are
-`pread` + `writev`.
+kernel reads it directly, page cache and all.  Otherwise reads are `pread` + `writev`.
+Either way a backing file is opened and verified once and then kept (`Held`) for the next
+use, shared by all concurrent opens of its inode (passthrough requires one backing id per
+inode), and let go only when it is among the oldest unused ones — never right after an
+OPEN reply, while the kernel may still be setting the file up.  Before each new use it is
+checked again, which costs an fstat unless it was written to.
 
 Errors: a refusal with a reason (a corrupt image, a missing, escaping or tampered object)
 is logged once per distinct message and answered with its errno (usually EIO); anything
@@ -77,7 +82,7 @@ class Held:
 
 
 class Server:
-    """Serves one mounted connection until it is unmounted or `stop()` is called."""
+    """Serves one mounted connection (`start`) until it ends (`done`), then `close`."""
 
     def __init__(self, fd: int, view: ImageView, store: Store, *, threads: int = 2,
                  passthrough: bool = True, source: str = "", debug: bool = False) -> None:
@@ -90,6 +95,7 @@ class Server:
         self.source = source or view.image.name
         self.minor = 0
         self.no_opendir = False
+        self.no_open = False
         self.ready = threading.Event()  # INIT answered
         self.done = threading.Event()  # a worker saw the end of the connection
         self._root_nid = view.root_nid
@@ -125,10 +131,6 @@ class Server:
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the connection ends (True) or `timeout` passes (False)."""
         return self.done.wait(timeout)
-
-    def join(self, timeout: float = 2.0) -> None:
-        for t in self._workers:
-            t.join(timeout)
 
     def _worker(self) -> None:
         fd = self.fd
@@ -267,6 +269,9 @@ class Server:
         # Zero-message opendir: OPENDIR answered ENOSYS once, the kernel stops sending
         # OPENDIR and RELEASEDIR and caches directories by default (KEEP_CACHE|CACHE_DIR).
         self.no_opendir = bool(flags & P.FUSE_NO_OPENDIR_SUPPORT)
+        # Zero-message open likewise, unless passthrough needs OPEN to name a backing file:
+        # a file read from the page cache then costs no request at all.
+        self.no_open = bool(flags & P.FUSE_NO_OPEN_SUPPORT) and not self.passthrough
         out = P.INIT_OUT.pack(
             P.KERNEL_VERSION, self.minor, max_readahead, got & 0xFFFFFFFF, 16, 12, MAX_WRITE, 1,
             MAX_PAGES, 0, got >> 32, 1 if self.passthrough else 0)
@@ -404,10 +409,21 @@ class Server:
         flags = P.OPEN_IN.unpack_from(body)[0]
         if flags & os.O_ACCMODE != os.O_RDONLY:
             raise OSError(errno.EROFS, "read-only")
+        if self.no_open:  # once: the kernel then opens and releases files by itself
+            self._error(unique, errno.ENOSYS)
+            return
         node = self._node(nodeid)
         if not node.external:
             self._reply(unique, P.OPEN_OUT.pack(0, P.FOPEN_KEEP_CACHE, 0))
             return
+        held = self._acquire(unique, node)
+        if held.backing_id is not None:
+            self._reply(unique, P.OPEN_OUT.pack(node.nid + 1, P.FOPEN_PASSTHROUGH, held.backing_id))
+        else:
+            self._reply(unique, P.OPEN_OUT.pack(node.nid + 1, P.FOPEN_KEEP_CACHE, 0))
+
+    def _acquire(self, unique: int, node: Node) -> Held:
+        """The node's backing file, checked, counted as in use until `_release_nid`."""
         nid = node.nid
         with self._lock:
             held = self._held.get(nid)
@@ -415,17 +431,13 @@ class Server:
                 held.opens += 1
                 self._idle.pop(nid, None)
         if held is None:
-            held = self._hold(unique, node)
-        else:
-            try:
-                self._checked(unique, node, self.store.recheck, held.fd, node.payload, node.digest)
-            except BaseException:
-                self._release_nid(nid)
-                raise
-        if held.backing_id is not None:
-            self._reply(unique, P.OPEN_OUT.pack(nid + 1, P.FOPEN_PASSTHROUGH, held.backing_id))
-        else:
-            self._reply(unique, P.OPEN_OUT.pack(nid + 1, P.FOPEN_KEEP_CACHE, 0))
+            return self._hold(unique, node)
+        try:
+            self._checked(unique, node, self.store.recheck, held.fd, node.payload, node.digest)
+        except BaseException:
+            self._release_nid(nid)
+            raise
+        return held
 
     def _checked(self, unique: int, node: Node, func, *args):
         """`func(*args, cancelled)`, cancellable by INTERRUPT; errors name the file."""
@@ -479,13 +491,17 @@ class Server:
             held = self._held.get(fh - 1)
             if held is None:
                 raise OSError(errno.EBADF, "no such open file")
-            data = os.pread(held.fd, size, offset)
-            try:
-                os.writev(self.fd, [_pack_out(16 + len(data), 0, unique), data])
-            except OSError as e:
-                self._write_failed(e)
+            self._send_data(unique, os.pread(held.fd, size, offset))
             return
         node = self._node(nodeid)
+        if node.external:  # zero-message open: the first READ opens and checks the file
+            held = self._acquire(unique, node)
+            try:
+                data = os.pread(held.fd, size, offset)
+            finally:
+                self._release_nid(node.nid)
+            self._send_data(unique, data)
+            return
         content = node.content
         if content is None:
             content = self.view.content(node)
@@ -493,6 +509,12 @@ class Server:
             content = b"\0" * max(0, min(size, node.size - offset))
             offset = 0
         self._reply(unique, content[offset:offset + size])
+
+    def _send_data(self, unique: int, data: bytes) -> None:
+        try:
+            os.writev(self.fd, [_pack_out(16 + len(data), 0, unique), data])
+        except OSError as e:
+            self._write_failed(e)
 
     def _release(self, unique, nodeid, body, pid) -> None:
         fh = P.RELEASE_IN.unpack_from(body)[0]
