@@ -3,8 +3,8 @@
 Source: `ostree:REPO:REF`.  REF is a commit checksum (64 hex digits), a branch (`refs/heads/
 BRANCH`, falling back to `refs/remotes/BRANCH` so `origin/main` works) or `REMOTE:BRANCH`
 (`refs/remotes/REMOTE/BRANCH`), each optionally followed by `^` (the parent commit; repeat for
-grandparents).  Ref names never contain `:` (ostree's grammar: `[-._A-Za-z0-9]` fragments
-joined by `/`), so the source splits at its last `:`, or for a remote ref at the one before;
+grandparents).  Ref names never contain `:` (ostree's grammar: fragments of `[-._A-Za-z0-9]`
+starting with a letter, digit or `_`, joined by `/`), so the source splits at its last `:`, or for a remote ref at the one before;
 REPO itself may contain `:` too, so cfsc takes the split whose REPO is an OSTree repository (a
 directory with a `config` file), and calls the source ambiguous if both are.  Refs and objects
 missing in REPO are looked up in its `[core] parent=` repositories, as ostree does.
@@ -67,7 +67,7 @@ INLINE_MAX = 64  # LCFS_RECOMMENDED_INLINE_CONTENT_MAX, as the directory fronten
 WHOLE_MAX = 1 << 20  # objects up to this size are read with one call
 BATCH = 32  # objects per pool task
 COMPAT_DIRS = (b"usr", b"etc", b"boot", b"var", b"sysroot")
-_FRAGMENT = r"[-._A-Za-z0-9]+"
+_FRAGMENT = r"[A-Za-z0-9_][-._A-Za-z0-9]*"  # OSTREE_REF_FRAGMENT_REGEXP (so no `.`, `..`)
 REF = re.compile(rf"(?:(?P<remote>{_FRAGMENT}):)?{_FRAGMENT}(?:/{_FRAGMENT})*\^*")
 
 
@@ -86,9 +86,9 @@ def parse_source(source: str) -> tuple[str, str]:
         raise UsageError(f"ambiguous: both {found[0][0]!r} and {found[1][0]!r} are OSTree repositories"
                          " (name the repository by another path)", source)
     repo, ref = found[0] if found else candidates[0]
-    if not REF.fullmatch(ref) or any(part in (".", "..") for part in re.split(r"[/:]", ref.rstrip("^"))):
-        raise UsageError(f"ref {ref!r}: expected a branch, REMOTE:BRANCH or a 64-hex commit checksum"
-                         " (names of [-._A-Za-z0-9] parts joined by '/'; '^' suffixes for parents)", source)
+    if not REF.fullmatch(ref):
+        raise UsageError(f"ref {ref!r}: expected a branch, REMOTE:BRANCH or a 64-hex commit checksum (parts of"
+                         " [-._A-Za-z0-9] starting with a letter, digit or '_', joined by '/'; '^' for parents)", source)
     return repo, ref
 
 

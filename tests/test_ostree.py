@@ -342,6 +342,8 @@ def test_parent_commits_and_parent_repositories(repos, src, tmp_path):
     ("ostree:REPO:", "expected ostree:REPO:REF"),
     ("ostree:REPO:../x", "ref '../x'"),
     ("ostree:REPO:a//b", "ref 'a//b'"),
+    ("ostree:REPO:.hidden", "ref '.hidden'"),
+    ("ostree:REPO:origin:-x", "ref 'origin:-x'"),
 ])
 def test_bad_sources(source, expected, repos):
     repo, _ = repos("bare")
