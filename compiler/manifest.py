@@ -434,9 +434,11 @@ class RemoteManifest:
         child.close()
         self.image = None
         self.name = source_name(source)
+        self.source = source
         self.fmt = fmt
         self.fields = ignore.fields
         self._root: tuple[Record, bytes] | None = None
+        self._read_here = False
 
     def _receive(self):
         try:
@@ -458,9 +460,17 @@ class RemoteManifest:
         return self._root
 
     def start(self, op: str, arg=None) -> None:
+        if op == "image" and self.fmt == "image" and self.source != "-":
+            self._read_here = True  # an image file: read it here rather than through the pipe
+            return
         self.conn.send((op, arg))
 
     def finish(self):
+        if self._read_here:
+            from .streams import read_all
+
+            self._read_here = False
+            return read_all(self.source)
         return self._receive()
 
     def listings(self, paths: list[bytes]) -> list[list[Item]]:
