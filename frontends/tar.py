@@ -45,22 +45,28 @@ inputs.md §2.8): `DIR/.wh.NAME` deletes NAME (a whole subtree) from the layers 
 `DIR/.wh..wh..opq` hides everything the layers below put in DIR, whatever the marker's position
 in the archive.  Neither ever affects the layer's own entries: the result is "apply the
 layer's whiteouts first, then extract the rest", computed in one pass by remembering which
-entries the current layer made.  (containers/storage agrees; composefs-rs applies markers in
-stream order instead, which differs only for layers that put a marker after their own entries
-in the same directory.)  A whiteout for a missing path deletes nothing; the marker files never
+entries the current layer made.  (containers/storage treats opaque markers so but lets a later
+`.wh.X` remove the layer's own X; composefs-rs applies both kinds in stream order.  They differ
+only for a layer whose marker comes after its own entries that the marker names, which the
+spec says a whiteout never affects; inputs.md §2.8.)  A whiteout for a missing path deletes nothing; the marker files never
 appear in the image; other `.wh..wh.*` names (AUFS metadata) are ignored; a bare `.wh.` is an
 error.  A single layer is a stack of one: its whiteouts hide nothing and are dropped.
 
 `--keep-whiteouts` keeps whiteouts for stacking the image over lower layers instead (composefs
-format v1 stores them as overlay whiteouts): `.wh.NAME` becomes a character device 0:0 NAME
-(permissions 0, owner and mtime of the marker) unless the layer itself has an entry NAME, and
-`.wh..wh..opq` becomes `trusted.overlay.opaque=y` on the directory (whiteouts inside an opaque
-directory are dropped: they are redundant, and libcomposefs would turn the opaque `y` into `x`,
-inputs.md §2.9).  With several layers the result is their squash: mounted over any lower tree
-it shows what the whole stack would, so whiteouts and opaque directories that may hide
-something below the stack are kept, and a directory that replaces a whiteout or any other
-non-directory becomes opaque.  (A layer that leaves out parent directories cannot be stacked
-faithfully: its implied directories, 0755 0:0 mtime 0, would cover the lower ones' metadata.)
+stores a character device 0:0 as an overlay whiteout, and format 1 marks its directory too):
+`.wh.NAME` becomes a character device 0:0 NAME (permissions 0, owner and mtime of the marker)
+unless the layer itself has an entry NAME, and `.wh..wh..opq` becomes `trusted.overlay.opaque=y`
+on the directory.  Whiteouts inside an opaque directory are dropped: they are redundant, and
+libcomposefs would turn the opaque `y` into `x` (inputs.md §2.9).  `--skip-devices` drops the
+archive's devices, not these whiteouts.  With several layers the result is their squash:
+mounted over any lower tree it shows what the whole stack would, so whiteouts and opaque
+directories that may hide something below the stack are kept, and a directory that replaces a
+whiteout or any other non-directory becomes opaque.  (A layer that leaves out parent
+directories cannot be stacked faithfully: its implied directories, 0755 0:0 mtime 0, would
+cover the lower ones' metadata.)
+
+Hard links resolve when they are read: a link made before the same layer whites out its
+target keeps the inode (the whiteout removes only the name).
 
 Threads (`--threads`) hash and store file data while the archive is read (`contents`).
 Progress goes to stderr when asked (the CLI asks when stderr is a terminal).
@@ -69,7 +75,7 @@ Progress goes to stderr when asked (the CLI asks when stderr is a terminal).
 from __future__ import annotations
 
 from cfsc import devices, limits
-from cfsc.errors import InputError
+from cfsc.errors import InputError, UsageError
 from cfsc.options import Options
 from cfsc.progress import Progress, mib
 from cfsc.tree import S_IFBLK, S_IFCHR, S_IFDIR, S_IFIFO, S_IFLNK, S_IFREG, Inode, Tree
@@ -101,8 +107,6 @@ def load(source, options: Options | None = None) -> Tree:
 def load_many(sources, options: Options | None = None) -> Tree:
     """Layers, bottom first, merged into one tree (see the module docstring)."""
     options = options or Options()
-    from cfsc.errors import UsageError
-
     if options.skip_xattrs and options.user_xattrs:
         raise UsageError("--skip-xattrs and --user-xattrs conflict: give one of them", "--user-xattrs")
     contents = Contents(options)
@@ -407,6 +411,7 @@ class _Builder:
                 return  # the layer's own entry stays (and hides what lies below)
             if node.children is not None and node in self.touched:
                 self.adopt(node)  # this layer put entries below it: they stay
+                self.purge(node)
                 if self.keep:
                     self.opaque.add(node)
                 return
@@ -420,13 +425,12 @@ class _Builder:
 
     def adopt(self, node: Inode) -> None:
         """A lower directory the layer deletes but put entries under: it becomes the implied
-        directory the layer's entries need, holding only them."""
+        directory those entries need (the layer's own from now on), holding only them."""
         node.mode = IMPLIED_MODE
         node.uid = node.gid = node.mtime = node.mtime_nsec = 0
         node.xattrs = ()
         assert self.ours is not None
         self.ours.add(node)
-        self.purge(node)
 
     def purge(self, directory: Inode) -> None:
         """Remove what lower layers put in `directory`, recursively; keep this layer's entries."""
@@ -440,10 +444,7 @@ class _Builder:
                     if child.children is not None:
                         stack.append(child)
                 elif child.children is not None and child in self.touched:
-                    child.mode = IMPLIED_MODE
-                    child.uid = child.gid = child.mtime = child.mtime_nsec = 0
-                    child.xattrs = ()
-                    self.ours.add(child)
+                    self.adopt(child)
                     stack.append(child)
                 else:
                     self.remove_entry(d, name)
