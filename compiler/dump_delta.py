@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import re
 
-from .frontends.dumpfile import _ESCAPE, _BadEscape, _escape_repl  # the frontend's escapes, reused
+from .frontends.dumpfile import BadEscape, unescape
 from .options import Options
 from .tree import S_IFCHR, S_IFDIR, S_IFMT
 
@@ -110,8 +110,8 @@ def path_of(text: bytes) -> bytes:
     does, cut at a NUL, empty components dropped."""
     if b"\\" in text:
         try:
-            text = _ESCAPE.sub(_escape_repl, text)
-        except _BadEscape:
+            text = unescape(text)
+        except BadEscape:
             raise _NotApplicable from None
         text = text.partition(b"\0")[0]
     if b"//" in text or text.endswith(b"/") and text != b"/" or text[:1] != b"/":

@@ -9,7 +9,7 @@ compile + read would change it, without writing an image:
   passes `cfsc compile` runs (exclusion, mtime clamping, hard-link homes and nlink, version
   choice, overlay xattrs; not the limit checks, which change nothing: a diff also compares
   sources `compile` would refuse) — and each inode is then read back the way the image reader
-  reads it (`entries._interpret` on its lowered xattrs: escaping undone, writer markers
+  reads it (`entries.interpret_xattrs` on its lowered xattrs: escaping undone, writer markers
   dropped, whiteouts recognised, version 1's `opaque=x` markers visible like in the image).
 
 A path's *record* is then a tuple of `FIELDS`, where what the image cannot hold is None:
@@ -42,7 +42,7 @@ from operator import attrgetter, itemgetter
 
 from blake3 import blake3
 
-from .backends.erofs.entries import _interpret  # the image reader's interpretation, reused
+from .backends.erofs.entries import interpret_xattrs
 from .errors import CfscError, UsageError
 from .options import Options
 from .streams import source_name
@@ -114,7 +114,7 @@ class _Xattrs:
             whiteout = False
             shown = xattrs
             if self.lowered:
-                items, _payload, _digest, whiteout = _interpret(list(xattrs), regular)
+                items, _payload, _digest, whiteout = interpret_xattrs(list(xattrs), regular)
                 shown = tuple(sorted(items))
             if self.hidden:
                 shown = tuple(kv for kv in shown if kv[0] not in self.hidden)

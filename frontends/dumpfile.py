@@ -61,7 +61,7 @@ def _decimal_column(column: tuple, slow: bytearray) -> list[int]:
     return [int(t) if t.isdigit() and len(t) < 20 else _mark(slow, i) for i, t in enumerate(column)]
 
 
-class _BadEscape(Exception):
+class BadEscape(ValueError):
     pass
 
 
@@ -70,7 +70,12 @@ def _escape_repl(m: re.Match) -> bytes:
         return bytes((int(m.group(1), 16),))
     if m.group(2) is not None:
         return _SIMPLE_ESCAPES[m.group(2)]
-    raise _BadEscape(m.group(0).decode("latin-1"))
+    raise BadEscape(m.group(0).decode("latin-1"))
+
+
+def unescape(text: bytes) -> bytes:
+    """A dumpfile field without its escapes (`\\\\`, `\\n`, `\\r`, `\\t`, `\\xHH`); BadEscape if bad."""
+    return _ESCAPE.sub(_escape_repl, text) if b"\\" in text else text
 
 
 def _strtoull(text: bytes, pattern: re.Pattern) -> int | None:
@@ -118,8 +123,8 @@ class _Parser:
         if b"\\" not in text:
             return text
         try:
-            return _ESCAPE.sub(_escape_repl, text)
-        except _BadEscape as e:
+            return unescape(text)
+        except BadEscape as e:
             raise self.fail(line, field, f"invalid escape {e.args[0]!r}: expected \\\\, \\n, \\r, \\t or \\xHH") from None
 
     def integer(self, text: bytes, line: int, field: str) -> int:
@@ -629,8 +634,8 @@ def locate(source, path: bytes) -> str | None:
             field = line.split(b" ", 1)[0]
             if b"\\" in field:
                 try:
-                    field = _ESCAPE.sub(_escape_repl, field).split(b"\0", 1)[0]
-                except _BadEscape:
+                    field = unescape(field).split(b"\0", 1)[0]
+                except BadEscape:
                     continue
             if [p for p in field.split(b"/") if p] == want:
                 return f"{source_name(source)}:{n}"

@@ -116,10 +116,10 @@ class Entries:
                 key = (body, regular)
                 hit = self._cache.get(key)
                 if hit is None:
-                    hit = self._cache[key] = _interpret(image.xattrs(raw), regular)
+                    hit = self._cache[key] = interpret_xattrs(image.xattrs(raw), regular)
                     self._cached.add(id(hit[0]))
             else:
-                hit = _interpret(image.xattrs(raw), regular)
+                hit = interpret_xattrs(image.xattrs(raw), regular)
             xattrs, redirect, metacopy, whiteout = hit
             if redirect is not None:
                 payload = redirect
@@ -154,7 +154,7 @@ class Entries:
         return result
 
 
-def _interpret(items: list, regular: bool) -> tuple[tuple, bytes | None, bytes | None, bool]:
+def interpret_xattrs(items: list, regular: bool) -> tuple[tuple, bytes | None, bytes | None, bool]:
     """(user xattrs in reader order, redirect payload, metacopy digest, became a whiteout)."""
     xattrs: list[tuple[bytes, bytes]] = []
     where: dict[bytes, int] = {}  # key -> index in xattrs
