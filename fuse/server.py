@@ -101,6 +101,7 @@ class Server:
         self._root_nid = view.root_nid
         self._held: dict[int, Held] = {}  # nid -> its backing file (fh = nid + 1)
         self._idle: dict[int, Held] = {}  # the held ones nobody has open, oldest first
+        self._pending: dict[int, threading.Event] = {}  # nid -> set when its opening ends
         self._lock = threading.Lock()
         self._interrupted: set[int] = set()
         self._logged: set[str] = set()
@@ -423,15 +424,30 @@ class Server:
             self._reply(unique, P.OPEN_OUT.pack(node.nid + 1, P.FOPEN_KEEP_CACHE, 0))
 
     def _acquire(self, unique: int, node: Node) -> Held:
-        """The node's backing file, checked, counted as in use until `_release_nid`."""
+        """The node's backing file, checked, counted as in use until `_release_nid`.
+
+        One thread opens and verifies a file while others wanting it wait (the kernel's
+        readahead sends several READs of a file at once)."""
         nid = node.nid
-        with self._lock:
-            held = self._held.get(nid)
-            if held is not None:
-                held.opens += 1
-                self._idle.pop(nid, None)
-        if held is None:
-            return self._hold(unique, node)
+        while True:
+            with self._lock:
+                held = self._held.get(nid)
+                if held is not None:
+                    held.opens += 1
+                    self._idle.pop(nid, None)
+                    break
+                pending = self._pending.get(nid)
+                first = pending is None
+                if first:
+                    pending = self._pending[nid] = threading.Event()
+            if first:
+                try:
+                    return self._hold(unique, node)
+                finally:
+                    with self._lock:
+                        del self._pending[nid]
+                    pending.set()
+            pending.wait()  # then take what it held (or fail as it did)
         try:
             self._checked(unique, node, self.store.recheck, held.fd, node.payload, node.digest)
         except BaseException:
@@ -453,15 +469,9 @@ class Server:
     def _hold(self, unique: int, node: Node) -> Held:
         """Open, verify and (with passthrough) register a node's backing file."""
         fd = self._checked(unique, node, self.store.open, node.payload, node.digest)
-        backing_id = self._register(fd) if self.passthrough else None
+        held = Held(fd, self._register(fd) if self.passthrough else None)
         with self._lock:
-            held = self._held.get(node.nid)
-            if held is None:
-                held = self._held[node.nid] = Held(fd, backing_id)
-                return held
-            held.opens += 1  # another open of this inode got there first: use its file
-            self._idle.pop(node.nid, None)
-        self._drop(Held(fd, backing_id))
+            self._held[node.nid] = held
         return held
 
     def _register(self, fd: int) -> int | None:

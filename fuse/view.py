@@ -26,7 +26,8 @@ kernel mount (Linux 6.18; `tests/test_fuse.py` compares whole walks):
 
 Nodes and directory listings are computed on first use and kept in bounded caches (oldest
 first out): the kernel keeps its own cache of what is in use, and anything dropped here is
-recomputed from the image on demand.
+recomputed from the image on demand.  Inline file data and symlink targets are read only
+when asked for, so `find` and `stat` parse no more than inodes and xattrs.
 """
 
 from __future__ import annotations
@@ -183,6 +184,8 @@ class ImageView:
             pairs.append((key, value))
         result = (tuple(pairs), trusted, redirect, metacopy)
         if shared_only:
+            if len(self._xattr_cache) >= NODE_CACHE:  # a few hundred distinct sets is usual
+                self._xattr_cache = {}
             self._xattr_cache[bytes(body)] = result
         return result
 
