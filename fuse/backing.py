@@ -30,7 +30,7 @@ from collections.abc import Callable
 from itertools import islice
 
 from cfsc.errors import IntegrityError, LookupFailed
-from cfsc.fsverity import DIGEST_SIZE, FsVerityHasher
+from cfsc.fsverity import DIGEST_SIZE, FsVerityHasher, digest_bytes
 
 from . import syscalls
 
@@ -72,6 +72,7 @@ class Store:
             raise LookupFailed(f"cannot open the store directory: {e.strerror}", d, e.errno) from None
         self._openat2 = True
         self._digests: dict[tuple, bytes] = {}
+        self._no_kernel_verity: set[int] = set()  # devices whose file system has no fs-verity
         self.measured = 0  # bytes hashed in userspace (for statistics)
 
     def close(self) -> None:
@@ -142,13 +143,17 @@ class Store:
 
     def _verify(self, fd: int, st: os.stat_result, payload: bytes, digest: bytes, where: str,
                 cancelled: Callable[[], bool] | None) -> None:
-        got = kernel_digest(fd)
-        if got is None:
+        got = None
+        if st.st_dev not in self._no_kernel_verity:
+            got = kernel_digest(fd)
+            if got is False:  # this file system has no fs-verity at all: stop asking it
+                self._no_kernel_verity.add(st.st_dev)
+        if not got:
             key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
             got = self._digests.get(key)
             if got is None:
                 try:
-                    got = self._measure(fd, cancelled)
+                    got = self._measure(fd, st.st_size, cancelled)
                 except OSError as e:
                     raise IntegrityError(f"object {_show(payload)}: cannot read it to check its "
                                          f"digest: {e.strerror}", where) from None
@@ -160,7 +165,13 @@ class Store:
             raise IntegrityError(f"object {_show(payload)}: fs-verity digest {got.hex()}, the image "
                                  f"records {digest.hex()} (tampered or corrupt): refused", where)
 
-    def _measure(self, fd: int, cancelled: Callable[[], bool] | None) -> bytes:
+    def _measure(self, fd: int, size: int, cancelled: Callable[[], bool] | None) -> bytes:
+        """The fs-verity digest of what `fd` holds now (whatever `size` fstat said)."""
+        if size < READ_CHUNK:  # the usual small object: one read (one more byte shows EOF)
+            data = os.pread(fd, size + 1, 0)
+            if len(data) <= size:
+                self.measured += len(data)
+                return digest_bytes(data)
         hasher = FsVerityHasher()
         buf = bytearray(READ_CHUNK)
         view = memoryview(buf)
@@ -177,13 +188,14 @@ class Store:
         return hasher.digest()
 
 
-def kernel_digest(fd: int) -> bytes | None:
-    """The fs-verity digest the kernel keeps for a file, or None if it has none."""
+def kernel_digest(fd: int) -> bytes | None | bool:
+    """The fs-verity digest the kernel keeps for a file; None if the file has none, False if
+    its file system cannot have one."""
     buf = bytearray(FSVERITY_DIGEST.pack(0, 64) + bytes(64))
     try:
         fcntl.ioctl(fd, FS_IOC_MEASURE_VERITY, buf)
-    except OSError:
-        return None  # ENODATA: no fs-verity on this file; ENOTTY/EOPNOTSUPP: not on this fs
+    except OSError as e:
+        return None if e.errno == errno.ENODATA else False  # ENOTTY, EOPNOTSUPP: no fs-verity here
     algorithm, size = FSVERITY_DIGEST.unpack_from(buf)
     if algorithm != FS_VERITY_HASH_ALG_SHA256 or size != DIGEST_SIZE:
         return None

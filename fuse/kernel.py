@@ -64,7 +64,7 @@ def mount_kernel(image_path: str, mountpoint: str, options) -> None:
         checked_view(image, options.noacl)  # a corrupt image fails here, located, unmounted
         if options.digest is not None:
             kernel = kernel_digest(fd)
-            if kernel is not None and kernel.hex() == options.digest.lower():
+            if kernel and kernel.hex() == options.digest.lower():
                 pass  # fs-verity on the image: the kernel keeps it that way
             else:
                 check_digest(data, options.digest, image_path)
@@ -105,7 +105,7 @@ def _probe_store(image, basedirs: list[str]) -> None:
         except OSError:
             return  # not there: nothing to learn
         try:
-            if kernel_digest(fd) is None:
+            if not kernel_digest(fd):
                 raise UsageError(
                     f"the store's objects have no fs-verity (e.g. {e.payload.decode(errors='replace')}), so the "
                     "kernel cannot check them: mount with --verity=none, or without --kernel (the FUSE "

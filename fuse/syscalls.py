@@ -64,11 +64,18 @@ def umount2(target, flags: int = 0) -> None:
     _check(_libc.umount2(_c(target), flags), "umount", target)
 
 
+_openat2 = _libc["syscall"]  # a function object of its own, typed for this one call
+_openat2.restype = ctypes.c_long
+_openat2.argtypes = [ctypes.c_long, ctypes.c_int, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_size_t]
+_open_how: dict[tuple[int, int], ctypes.Array] = {}
+
+
 def openat2(dirfd: int, path: bytes, flags: int, resolve: int) -> int:
     """`openat2(2)`; ENOSYS on kernels before 5.6."""
-    how = ctypes.create_string_buffer(OPEN_HOW.pack(flags, 0, resolve), OPEN_HOW.size)
-    return _check(_libc.syscall(SYS_OPENAT2, ctypes.c_int(dirfd), ctypes.c_char_p(path), how,
-                                ctypes.c_size_t(OPEN_HOW.size)), "openat2", path)
+    how = _open_how.get((flags, resolve))
+    if how is None:
+        how = _open_how[flags, resolve] = ctypes.create_string_buffer(OPEN_HOW.pack(flags, 0, resolve), OPEN_HOW.size)
+    return _check(_openat2(SYS_OPENAT2, dirfd, path, how, OPEN_HOW.size), "openat2", path)
 
 
 def fsopen(fstype: str) -> int:
