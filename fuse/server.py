@@ -362,47 +362,40 @@ class Server:
 
     def _listing(self, unique: int, nodeid: int, body, plus: bool) -> None:
         _fh, offset, size, _rf, _flags = P.READ_IN.unpack_from(body)
-        node = self._node(nodeid)
-        view = self.view
         parts = []
         used = 0
-        index = offset
-        if index < 2:  # "." and ".." first (the kernel does not link them from READDIRPLUS)
-            dots = ((b".", node.nid), (b"..", node.parent if node.parent is not None else node.nid))
-            for name, ino in dots[index:]:
-                rec = _pack_dirent(ino, index + 1, len(name), stat.S_IFDIR >> 12) + name + PADS[-len(name) % 8]
-                if plus:
-                    rec = NO_ENTRY + rec
-                if used + len(rec) > size:
-                    break
-                parts.append(rec)
-                used += len(rec)
-                index += 1
-        if index >= 2 and used < size:
-            named = view.named
-            dir_nid = node.nid
-            for name, nid in view.children(dir_nid, index - 2):
-                entry = NO_ENTRY
-                try:
-                    child = named(nid, dir_nid, name)
-                except OSError as e:  # a corrupt inode: list the name, as the kernel does
-                    self._failed_quietly(e)
-                    child = None
-                if child is None:
-                    dtype = DT_UNKNOWN
-                else:
-                    dtype = (child.mode >> 12) & 15
-                    if plus and not child.broken:
-                        entry = child.wire or self._wire(child)
-                rec = _pack_dirent(nid, index + 1, len(name), dtype) + name + PADS[-len(name) % 8]
-                if plus:
-                    rec = entry + rec
-                if used + len(rec) > size:
-                    break
-                parts.append(rec)
-                used += len(rec)
-                index += 1
+        for index, (name, ino, dtype, entry) in enumerate(self._records(self._node(nodeid), offset, plus),
+                                                          offset):
+            rec = _pack_dirent(ino, index + 1, len(name), dtype) + name + PADS[-len(name) % 8]
+            if plus:
+                rec = entry + rec
+            if used + len(rec) > size:
+                break
+            parts.append(rec)
+            used += len(rec)
         self._reply(unique, b"".join(parts))
+
+    def _records(self, node: Node, start: int, plus: bool):
+        """`(name, ino, d_type, fuse_entry_out)` of a directory from index `start`: "." and
+        ".." (which the kernel does not link from READDIRPLUS), then the entries."""
+        dots = ((b".", node.nid), (b"..", node.parent if node.parent is not None else node.nid))
+        for name, ino in dots[start:]:
+            yield name, ino, stat.S_IFDIR >> 12, NO_ENTRY
+        named = self.view.named
+        for name, nid in self.view.children(node.nid, max(0, start - 2)):
+            entry = NO_ENTRY
+            try:
+                child = named(nid, node.nid, name)
+            except OSError as e:  # a corrupt inode: list the name, as the kernel does
+                self._failed_quietly(e)
+                child = None
+            if child is None:
+                dtype = DT_UNKNOWN
+            else:
+                dtype = (child.mode >> 12) & 15
+                if plus and not child.broken:
+                    entry = child.wire or self._wire(child)
+            yield name, nid, dtype, entry
 
     # -- files ----------------------------------------------------------------------------
 
