@@ -24,8 +24,9 @@ from cfsc.tree import Tree
 
 # name → (module, description); order matters for detection.
 FRONTENDS: dict[str, tuple[str, str]] = {
-    "image": ("cfsc.frontends.image", "composefs image (re-encode, inspect)"),
+    # dump first: the commonest source, and its module is the cheapest to import for sniffing
     "dump": ("cfsc.frontends.dumpfile", "composefs dumpfile (mkcomposefs --from-file)"),
+    "image": ("cfsc.frontends.image", "composefs image (re-encode, inspect)"),
     "dir": ("cfsc.frontends.directory", "a directory tree on disk (mkcomposefs DIR)"),
     "crfs": ("cfsc.frontends.crfs", "CRFS / stargz / eStargz TOC JSON (composefs-from-json)"),
     "tar": ("cfsc.frontends.tar", "tar archive / OCI layer, plain or gzip/zstd/xz (several: layers, merged)"),

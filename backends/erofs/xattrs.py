@@ -59,7 +59,7 @@ _REDIRECT_PREFIXES: dict[int, bytes] = {}  # payload length -> entry header + na
 class _Layout:
     """A tuple's share of an inode body: refs and entries, plus where the implied ones go."""
 
-    __slots__ = ("size", "bits", "ids", "inline", "meta_at", "redirect_at", "ids_bytes", "heads")
+    __slots__ = ("size", "bits", "ids", "inline", "meta_at", "redirect_at", "ids_bytes", "heads", "body")
 
     def __init__(self, size: int, bits: int, ids: list[int], inline: list[bytes],
                  meta_at: int, redirect_at: int) -> None:
@@ -71,6 +71,7 @@ class _Layout:
         self.redirect_at = redirect_at  # … before redirect's key
         self.ids_bytes = b""  # packed ids once the shared area's position is known
         self.heads: tuple[bytes, bytes] | None = None  # body starts with metacopy / + redirect
+        self.body: bytes | None = None  # the whole body when the tuple is all an inode has
 
 
 class XattrEncoder:
@@ -182,10 +183,14 @@ class XattrEncoder:
     def size(self, node: Inode, external: bool) -> int:
         """Bytes of the inode's xattr body (0: none), `external` as `is_external(node)`."""
         if not external:
-            return self.layout(node.xattrs).size if node.xattrs else 0
-        if not self._spliced(node):
-            return self.layout(image_xattrs(node)).size
-        return self.external_size(node)
+            xattrs = node.xattrs
+            if not xattrs:
+                return 0
+            hit = self.layouts.get(id(xattrs))
+            return (hit[1] if hit is not None else self.layout(xattrs)).size
+        if self._spliced(node):
+            return self.external_size(node)
+        return self.layout(image_xattrs(node)).size
 
     def _ids_bytes(self, layout: _Layout) -> bytes:
         if layout.ids and not layout.ids_bytes:
@@ -195,14 +200,21 @@ class XattrEncoder:
 
     def body(self, node: Inode, external: bool) -> bytes:
         """The inode's xattr body (b"" if none); call after `base` is set."""
-        if not external or not self._spliced(node):
-            xattrs = image_xattrs(node) if external else node.xattrs
+        if external:
+            if self._spliced(node):
+                return self.external_body(node)
+            xattrs = image_xattrs(node)
+        else:
+            xattrs = node.xattrs
             if not xattrs:
                 return b""
-            layout = self.layout(xattrs)
-            return b"".join((_pack_ibody(~layout.bits & 0xFFFFFFFF, len(layout.ids)),
-                             self._ids_bytes(layout), *layout.inline))
-        return self.external_body(node)
+        hit = self.layouts.get(id(xattrs))
+        layout = hit[1] if hit is not None else self.layout(xattrs)
+        body = layout.body
+        if body is None:
+            body = layout.body = b"".join((_pack_ibody(~layout.bits & 0xFFFFFFFF, len(layout.ids)),
+                                           self._ids_bytes(layout), *layout.inline))
+        return body
 
     def shared_area(self, shared: list[tuple[bytes, bytes]]) -> bytes:
         out = []
