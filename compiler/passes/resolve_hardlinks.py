@@ -16,19 +16,18 @@ from ..tree import S_IFDIR, S_IFMT, Tree
 
 
 def resolve_hardlinks(tree: Tree, options: Options) -> Tree:
-    homes, names, orphans, repaired = _walk(tree, in_order=False)
+    homes, names, orphans, repaired, uncounted = _walk(tree, in_order=False)
     if repaired or orphans:
         # Repairs must not depend on dict order: redo them walking in name order.
-        homes, names, orphans, _ = _walk(tree, in_order=True)
+        homes, names, orphans, _, uncounted = _walk(tree, in_order=True)
     while orphans:
         for parent, name, child in orphans:
             if id(child) not in homes:
                 homes.add(id(child))
                 parent.add_child(name, child)  # clears the link mark
-        homes, names, orphans, _ = _walk(tree, in_order=True)
-    for node in tree.home_inodes():
-        if node.nlink is None:
-            node.nlink = names.get(id(node), 1)
+        homes, names, orphans, _, uncounted = _walk(tree, in_order=True)
+    for node in uncounted:
+        node.nlink = names.get(id(node), 1)
     return tree
 
 
@@ -37,6 +36,7 @@ def _walk(tree: Tree, in_order: bool):
     homes = {id(tree.root)}
     names: dict[int, int] = {}  # id(inode) -> names, only for inodes with extra names
     orphans = []  # (dir, name, inode): links to inodes without a home so far
+    uncounted = []  # home inodes whose frontend left nlink to us
     stack = [tree.root]
     while stack:
         node = stack.pop()
@@ -63,6 +63,8 @@ def _walk(tree: Tree, in_order: bool):
             if child.mode & S_IFMT == S_IFDIR:
                 subdirs += 1
                 stack.append(child)
+            elif child.nlink is None:
+                uncounted.append(child)
         node.nlink = 2 + subdirs
-    return homes, names, [o for o in orphans if id(o[2]) not in homes], repaired
+    return homes, names, [o for o in orphans if id(o[2]) not in homes], repaired, uncounted
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections import Counter
 from itertools import chain
+from operator import attrgetter
 
 from ..options import Options
 from ..tree import S_IFMT, S_IFREG, Tree
@@ -19,12 +20,12 @@ from .add_overlay_xattrs import METACOPY, METACOPY_EMPTY, METACOPY_HEADER, REDIR
 
 def share_xattrs(tree: Tree, options: Options) -> Tree:
     inodes = tree.inodes if tree.inodes is not None else list(tree.home_inodes())
-    counts = Counter(chain.from_iterable(n.xattrs for n in inodes))
+    counts = Counter(chain.from_iterable(map(attrgetter("xattrs"), inodes)))
     if tree.lowered:
         # The implied metacopy/redirect pairs (see add_overlay_xattrs) repeat only when
         # digests or payloads do: count those values, not millions of materialised pairs.
         externals = [n for n in inodes if n.mode & S_IFMT == S_IFREG and n.size > 0 and n.content is None]
-        digests = [n.digest for n in externals]
+        digests = list(map(attrgetter("digest"), externals))
         if len(set(digests)) < len(digests):
             for digest, times in Counter(digests).items():
                 if times > 1:
