@@ -33,7 +33,7 @@ STOP_GRACE = 2.0  # seconds to let workers see the unmount before exiting anyway
 def serve_foreground(view, store, mountpoint: str, options) -> None:
     """Mount and serve until unmounted or signalled; errors before serving are raised."""
     _log_to(options, sys.stderr)
-    _serve(view, store, mountpoint, options, ready=None)
+    _serve(view, store, mountpoint, options, None)
 
 
 def serve_background(view, store, mountpoint: str, options) -> None:
@@ -45,15 +45,16 @@ def serve_background(view, store, mountpoint: str, options) -> None:
     if pid == 0:  # the server
         os.close(r)
         os.setsid()
+        parent = _Parent(w)
         code = 0
         try:
-            _serve(view, store, mountpoint, options, ready=w)
-        except BaseException as e:  # noqa: BLE001 - everything goes to the parent
-            message = str(e) if str(e) else type(e).__name__
-            try:
-                os.write(w, b"error " + message.encode(errors="replace"))
-            except OSError:
-                pass
+            _serve(view, store, mountpoint, options, parent)
+        except BaseException as e:  # everything: the parent is waiting for a word
+            message = str(e) or type(e).__name__
+            if parent.fd is not None:
+                parent.say(b"error " + message.encode(errors="replace"))
+            else:
+                log.error("%s", message)
             code = 2
         os._exit(code)
     os.close(w)
@@ -73,7 +74,22 @@ def serve_background(view, store, mountpoint: str, options) -> None:
     raise MountError("the mount server died before the mount worked", mountpoint)
 
 
-def _serve(view, store, mountpoint: str, options, ready: int | None) -> None:
+class _Parent:
+    """The pipe to the waiting `cfsc mount`: one word ("ok" or "error …"), then closed."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd: int | None = fd
+
+    def say(self, word: bytes) -> None:
+        fd, self.fd = self.fd, None
+        if fd is not None:
+            try:
+                os.write(fd, word)
+            finally:
+                os.close(fd)
+
+
+def _serve(view, store, mountpoint: str, options, parent: _Parent | None) -> None:
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set())
                 for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
@@ -89,10 +105,9 @@ def _serve(view, store, mountpoint: str, options, ready: int | None) -> None:
             raise MountError("the kernel did not start the FUSE session", mountpoint)
         if not server.ready.is_set():
             raise MountError("the mount went away before it was used", mountpoint)
-        if ready is not None:
+        if parent is not None:
             _detach(options)
-            os.write(ready, b"ok")
-            os.close(ready)
+            parent.say(b"ok")
         log.info("serving %s on %s (passthrough %s)", view.image.name, mountpoint,
                  "on" if server.passthrough else "off")
         _wait_any(server.done, stop, None)
