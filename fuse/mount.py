@@ -13,6 +13,7 @@ is `fuse.composefs` and the source the image path, so `findmnt` tells what is mo
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import socket
@@ -116,7 +117,8 @@ def unmount(mountpoint: str, lazy: bool = False) -> None:
         try:
             syscalls.umount2(mountpoint, (syscalls.MNT_DETACH if lazy else 0) | syscalls.UMOUNT_NOFOLLOW)
         except OSError as e:
-            raise MountError(f"unmount failed: {e.strerror}", mountpoint) from None
+            why = "nothing is mounted there" if e.errno == errno.EINVAL else e.strerror
+            raise MountError(f"unmount failed: {why}", mountpoint) from None
         return
     p = subprocess.run([_fusermount(), "-u", *(["-z"] if lazy else []), "--", mountpoint],
                        stdin=subprocess.DEVNULL, capture_output=True)

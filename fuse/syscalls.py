@@ -46,9 +46,10 @@ CAP_SYS_ADMIN = 21
 
 
 def _check(result: int, what: str, path=None) -> int:
+    """`result`, or the OSError of errno (`what` names the call for tracebacks)."""
     if result < 0:
         code = ctypes.get_errno()
-        raise OSError(code, f"{what}: {os.strerror(code)}", path)
+        raise OSError(code, os.strerror(code), path if path is not None else what)
     return result
 
 
