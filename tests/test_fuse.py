@@ -480,7 +480,8 @@ def test_composefs_fuse_drop_in(tmp_path):
     image, store, files = _data_image(tmp_path)
     mnt = tmp_path / "m"
     mnt.mkdir()
-    p = run_cfsc("composefs-fuse", "-o", f"source={image},basedir={store}", str(mnt))
+    (tmp_path / "empty").mkdir()  # base directories are searched in order, like data layers
+    p = run_cfsc("composefs-fuse", "-o", f"source={image},basedir={tmp_path / 'empty'}:{store}", str(mnt))
     assert p.returncode == 0, p.stderr
     try:
         assert (mnt / "small").read_bytes() == files["small"]
