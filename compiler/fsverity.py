@@ -11,6 +11,8 @@ The empty file follows the kernel and the `fsverity` tool: its root hash is all 
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import os
 import struct
@@ -27,6 +29,10 @@ _READ_CHUNK = 1 << 20
 FSVERITY_DESCRIPTOR = struct.Struct("<BBBBIQ64s32s144x")
 assert FSVERITY_DESCRIPTOR.size == 256
 FS_VERITY_HASH_ALG_SHA256 = 1
+# struct fsverity_digest (include/uapi/linux/fsverity.h): digest_algorithm, digest_size, then
+# the digest; FS_IOC_MEASURE_VERITY = _IOWR('f', 134, struct fsverity_digest).
+FSVERITY_DIGEST = struct.Struct("=HH")
+FS_IOC_MEASURE_VERITY = 0xC0046686
 
 
 class FsVerityHasher:
@@ -165,3 +171,17 @@ def payload_path(digest: bytes) -> bytes:
     """The store object name composefs uses for a digest: `ab/cdef…` (2 + 1 + 62 chars)."""
     h = digest.hex().encode()
     return h[:2] + b"/" + h[2:]
+
+
+def kernel_digest(fd: int) -> bytes | None | bool:
+    """The fs-verity digest the kernel keeps for a file; None if the file has none, False if
+    its file system cannot have one."""
+    buf = bytearray(FSVERITY_DIGEST.pack(0, 64) + bytes(64))
+    try:
+        fcntl.ioctl(fd, FS_IOC_MEASURE_VERITY, buf)
+    except OSError as e:
+        return None if e.errno == errno.ENODATA else False  # ENOTTY, EOPNOTSUPP: no fs-verity here
+    algorithm, size = FSVERITY_DIGEST.unpack_from(buf)
+    if algorithm != FS_VERITY_HASH_ALG_SHA256 or size != DIGEST_SIZE:
+        return None
+    return bytes(buf[4:4 + size])

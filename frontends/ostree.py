@@ -53,8 +53,7 @@ import stat
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from cfsc.errors import UsageError
-from cfsc.fsverity import FsVerityHasher, digest_bytes, payload_path
-from cfsc.fuse.backing import kernel_digest
+from cfsc.fsverity import FsVerityHasher, digest_bytes, kernel_digest, payload_path
 from cfsc.options import Options
 from cfsc.progress import Progress, mib
 from cfsc.store import Store
@@ -367,7 +366,7 @@ class _Loader:
     def digest(obj: Content, sha) -> bytes:
         if sha is None and obj.fd >= 0 and obj.repo.mode != ARCHIVE:
             known = kernel_digest(obj.fd)
-            if known is not None:
+            if known:  # None: no fs-verity on this file; False: none on its file system
                 return known
         if obj.size <= WHOLE_MAX:
             data = b"".join(obj.chunks())

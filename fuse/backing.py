@@ -22,15 +22,13 @@ object, as the kernel mount gives; EIO otherwise) and whose text is the one log 
 from __future__ import annotations
 
 import errno
-import fcntl
 import os
 import stat
-import struct
 from collections.abc import Callable
 from itertools import islice
 
 from cfsc.errors import IntegrityError, LookupFailed
-from cfsc.fsverity import DIGEST_SIZE, FsVerityHasher, digest_bytes
+from cfsc.fsverity import FsVerityHasher, digest_bytes, kernel_digest
 
 from . import syscalls
 
@@ -39,11 +37,6 @@ OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CL
 RESOLVE = syscalls.RESOLVE_BENEATH | syscalls.RESOLVE_NO_SYMLINKS | syscalls.RESOLVE_NO_MAGICLINKS
 DIGEST_CACHE = 1 << 16
 READ_CHUNK = 1 << 20
-
-# FS_IOC_MEASURE_VERITY = _IOWR('f', 134, struct fsverity_digest {u16 algorithm; u16 size; u8 digest[]})
-FS_IOC_MEASURE_VERITY = 0xC0046686
-FSVERITY_DIGEST = struct.Struct("=HH")
-FS_VERITY_HASH_ALG_SHA256 = 1
 
 
 class Cancelled(Exception):
@@ -186,20 +179,6 @@ class Store:
             offset += n
         self.measured += offset
         return hasher.digest()
-
-
-def kernel_digest(fd: int) -> bytes | None | bool:
-    """The fs-verity digest the kernel keeps for a file; None if the file has none, False if
-    its file system cannot have one."""
-    buf = bytearray(FSVERITY_DIGEST.pack(0, 64) + bytes(64))
-    try:
-        fcntl.ioctl(fd, FS_IOC_MEASURE_VERITY, buf)
-    except OSError as e:
-        return None if e.errno == errno.ENODATA else False  # ENOTTY, EOPNOTSUPP: no fs-verity here
-    algorithm, size = FSVERITY_DIGEST.unpack_from(buf)
-    if algorithm != FS_VERITY_HASH_ALG_SHA256 or size != DIGEST_SIZE:
-        return None
-    return bytes(buf[4:4 + size])
 
 
 def open_by_walk(dirfd: int, payload: bytes) -> int:

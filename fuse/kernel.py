@@ -26,7 +26,9 @@ from cfsc.backends.erofs.layout import COMPOSEFS_FLAGS_HAS_ACL
 from cfsc.errors import InputError, UsageError
 
 from . import check_digest, checked_view, syscalls
-from .backing import Store, kernel_digest
+from cfsc.fsverity import kernel_digest
+
+from .backing import Store
 from .mount import MountError, check_mountpoint, privileged
 
 SOURCE = "composefs"
