@@ -495,6 +495,9 @@ class _Builder:
         if type(dev_major) is not int or type(dev_minor) is not int or dev_major or dev_minor:
             _int(dev_major, "devMajor", 0, devices.MAJOR_MAX)
             _int(dev_minor, "devMinor", 0, devices.MINOR_MAX)
+        target = get("linkName", ABSENT)
+        if target is not ABSENT and type(target) is not str:  # read only by links, typed always
+            raise _Bad("linkName", "expected a string")
         xattrs = get("xattrs", ABSENT)
         if xattrs is not ABSENT or twins:
             xattrs = self.xattrs(xattrs, get(twin("xattrs"), ABSENT) if twins else ABSENT)
