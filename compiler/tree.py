@@ -164,9 +164,12 @@ class Tree:
     shared_xattrs: the shared xattr table, in on-disk order (set by the sharing pass).
     locate: optional, from the frontend: maps a tree path to an input position, so errors
     found by passes can name the dumpfile line (or tar member …) the user has to fix.
+    checked: True when the frontend enforced every `cfsc.limits` rule while reading (with the
+    input position at hand), so the validation pass need not walk the tree again; code that
+    edits a loaded tree in ways that could break a limit must set it back to False.
     """
 
-    __slots__ = ("inodes", "locate", "lowered", "root", "shared_xattrs", "source", "version")
+    __slots__ = ("checked", "inodes", "locate", "lowered", "root", "shared_xattrs", "source", "version")
 
     def __init__(self, root: Inode, source: str = "") -> None:
         if not root.is_dir():
@@ -179,6 +182,7 @@ class Tree:
         self.source = source
         # Set by frontends that can point back into their input: path -> "file:line" or None.
         self.locate: Callable[[bytes], str | None] | None = None
+        self.checked = False
 
     def walk(self) -> Iterator[tuple[bytes, Inode, Inode | None, bool]]:
         """Depth-first pre-order over every entry, children in name order.
@@ -267,6 +271,7 @@ class Tree:
         tree = Tree(root, self.source)
         tree.version = self.version
         tree.lowered = self.lowered
+        tree.checked = self.checked
         return tree
 
     def lookup(self, path: bytes) -> Inode | None:

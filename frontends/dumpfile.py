@@ -182,7 +182,9 @@ class _Parser:
         if self.root is None:
             raise DumpfileError("no files in dump file: expected a root record `/ …`", self.name, 1)
         self.resolve_hardlinks()
-        return Tree(self.root, self.name)
+        tree = Tree(self.root, self.name)
+        tree.checked = True  # every limit of cfsc.limits was enforced line by line above
+        return tree
 
     def parse_batch(self, batch: list[bytes], first: int) -> None:
         """Fast path for a run of lines, column by column.

@@ -250,3 +250,26 @@ def test_fast_path_equals_reference_path_on_odd_lines(line):
     for strict in (False, True):
         fast, slow = _both_paths(data, strict)
         assert fast == slow
+
+
+def test_checked_trees_really_meet_every_limit():
+    """The frontend marks its trees `checked` (validation is skipped): a dumpfile it accepts
+    must pass the validation pass too."""
+    from conftest import cases, read_input
+    from randomdump import random_dump
+
+    from cfsc.options import Options
+    from cfsc.passes.validate_limits import validate_limits
+
+    inputs = [read_input(c["input"]) for c in cases() if c.get("expect") != "error"]
+    inputs += [random_dump(seed, 40) for seed in range(30)]
+    inputs.append(ROOT + b"/l 0 @100644 1 0 0 0 0.0 /f - -\n/f 5000 100644 1 0 0 0 0.0 - " + b"x" * 5000
+                  + b" -\n/s 4095 120777 1 0 0 0 0.0 " + b"t" * 4095 + b" - -\n")
+    for data in inputs:
+        try:
+            tree = tree_of(data)
+        except DumpfileError:
+            continue
+        assert tree.checked
+        tree.checked = False
+        validate_limits(tree, Options())
