@@ -258,3 +258,19 @@ def test_deep_image_reads_without_recursion():
     data = compile_tree(Tree(root))
     assert compile_tree(reread(data)) == data
     assert dump_of(data).count(b"\n") == 3001
+
+
+def test_many_lookups_through_one_entries_object():
+    """A long-lived `Entries` (a server's) serves any number of lookups: the walk budget
+    guards walks, not bounded path lookups (it used to fail after a few thousand)."""
+    from conftest import CONFORMANCE
+    import gzip
+
+    from cfsc.backends.erofs.entries import Entries, resolve
+    from cfsc.backends.erofs.reader import Image
+
+    data = gzip.decompress((CONFORMANCE / "upstream-images" / "config-with-hard-link.v0.cfs.gz").read_bytes())
+    image = Image(data, "config.cfs")
+    entries = Entries(image)
+    for _ in range(5000):
+        assert resolve(image, b"/etc/passwd", entries).size > 0

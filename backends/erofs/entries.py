@@ -198,7 +198,9 @@ def resolve(image: Image, path: bytes, entries: Entries | None = None) -> Entry:
     from cfsc.errors import LookupFailed
 
     entries = entries or Entries(image)
-    e = entries.get(image.root_nid)
+    # Not charged to the walk budget: a lookup reads one inode per path component (bounded
+    # by the path), and one Entries may serve any number of lookups.
+    e = entries.of(image.inode(image.root_nid), again=True)
     walked = b""
     for part in path.split(b"/"):
         if not part:
@@ -207,7 +209,7 @@ def resolve(image: Image, path: bytes, entries: Entries | None = None) -> Entry:
         if e is None or e.mode & S_IFMT != S_IFDIR:
             raise LookupFailed("not a directory", f"{image.name}:{walked.decode('utf-8', 'backslashreplace')}")
         nid = image.lookup(e.raw, part)
-        e = entries.get(nid) if nid is not None else None
+        e = entries.of(image.inode(nid), again=True) if nid is not None else None
         if e is None:
             raise LookupFailed("no such file or directory", f"{image.name}:{walked.decode('utf-8', 'backslashreplace')}")
     if e is None:
