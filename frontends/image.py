@@ -9,7 +9,10 @@ byte:
   and stores the number in `i_ino`.  Walking the image the same way with a counter
   `next_ino`, the entry whose inode has `i_ino == next_ino` is the home; every other entry
   reaching an inode is a link.  (Images by other writers may number differently: an inode
-  that never matches is homed at its first breadth-first entry.)
+  that never matches is homed at its first breadth-first entry.)  Two names of one inode
+  can both meet `next_ino` when nothing is numbered between them; that only matters for a
+  whiteout, whose home's directory alone carries the writer's `…overlay.whiteouts` marker
+  (and, in format 1, `opaque=x`), so a directory without the marker is not its home.
 * Sizes that only choose the inode format.  libcomposefs makes a device, fifo or socket
   inode extended when its *input* size exceeds 32 bits, and writes size 0; an extended one
   with nothing else needing it (mtime, ids, nlink) gets size 2^32 back so it stays extended.
@@ -28,7 +31,8 @@ from cfsc.backends.erofs.entries import Entries, Entry, walk
 from cfsc.backends.erofs.layout import COMPOSEFS_MAGIC
 from cfsc.backends.erofs.reader import Image, RawInode
 from cfsc.options import Options
-from cfsc.tree import S_IFDIR, S_IFLNK, S_IFMT, S_IFREG, Inode, Tree
+from cfsc.passes.add_overlay_xattrs import ESCAPED_WHITEOUTS
+from cfsc.tree import S_IFCHR, S_IFDIR, S_IFLNK, S_IFMT, S_IFREG, Inode, Tree
 
 MAGIC = COMPOSEFS_MAGIC.to_bytes(4, "little")
 U16 = 0xFFFF
@@ -78,6 +82,10 @@ class _Builder:
         return Inode(e.mode, e.uid, e.gid, e.mtime, e.mtime_nsec, size, e.rdev, e.nlink,
                      payload, content, digest, xattrs)
 
+    def marks_whiteouts(self, raw_dir: RawInode) -> bool:
+        """Whether the writer marked this directory as holding a whiteout's home."""
+        return raw_dir.xattr_size > 0 and any(k == ESCAPED_WHITEOUTS for k, _v in self.image.xattrs(raw_dir))
+
     def build(self, names: frozenset[bytes] | None) -> Tree:
         image = self.image
         entries = self.entries
@@ -117,7 +125,8 @@ class _Builder:
                         ino = inos[nid] = raw.ino
                     else:
                         ino = inos.get(nid, -1)
-                    if ino == next_ino and nid not in homed:
+                    if ino == next_ino and nid not in homed and (
+                            not _is_whiteout(node) or self.marks_whiteouts(raw_dir)):
                         homed.add(nid)
                         next_ino += 1
                         children[name] = node
@@ -172,6 +181,10 @@ class _Builder:
                 nodes[path] = node
         assert root is not None
         return Tree(root, self.image.name)
+
+
+def _is_whiteout(node: Inode) -> bool:
+    return node.mode & S_IFMT == S_IFCHR and node.rdev == 0
 
 
 def _needs_extended(raw: RawInode, image: Image) -> bool:

@@ -114,6 +114,19 @@ def test_hardlink_home_is_recovered_when_the_link_comes_first():
     assert compile_tree(tree) == image
 
 
+@pytest.mark.parametrize("version", [0, 1])
+def test_hardlinked_whiteout_is_homed_where_its_directory_is_marked(version):
+    # Nothing is numbered between /d/x and /e/x, so i_ino cannot tell which is home; the
+    # home's directory alone carries the whiteouts marker (and, in v1, opaque=x).
+    tree = dumpfile.loads(b"/ 4096 40755 2 0 0 0 0.0 - - -\n/d 0 40755 2 0 0 0 0.0 - - -\n"
+                          b"/e 0 40755 2 0 0 0 0.0 - - -\n/e/x 0 20644 2 0 0 0 0.0 - - -\n"
+                          b"/d/x 0 @20644 2 0 0 0 0.0 /e/x - -\n", Options())
+    image = compile_tree(tree, version)
+    read = reread(image)
+    assert read.root.children[b"d"].is_link(b"x") and not read.root.children[b"e"].is_link(b"x")
+    assert compile_tree(read, version) == image
+
+
 def test_device_size_that_only_made_the_inode_extended_survives():
     dump = b"/ 4096 40755 2 0 0 0 0.0 - - -\n/c 5000000000 20644 1 0 0 259 0.0 - - -\n/f 0 10644 1 0 0 0 0.0 - - -\n"
     image = image_of(dump)
