@@ -603,15 +603,25 @@ class _Parser:
             if target is node:
                 raise self.fail(n, "PAYLOAD", "hardlink to itself")
             link_to[id(node)] = target
+        # Each chain is followed once: every placeholder on it learns its final target, so
+        # a chain of n links costs O(n), not O(n^2).
+        final_of: dict[int, Inode] = {}
         for parent, name, _target, n in self.fixups:
             node = parent.children[name]  # type: ignore[index]
-            seen = {id(node)}
-            final = link_to[id(node)]
-            while id(final) in placeholders:
-                if id(final) in seen:
-                    raise self.fail(n, "PAYLOAD", "hardlink cycle: the chain of @ targets comes back to this line")
-                seen.add(id(final))
-                final = link_to[id(final)]
+            final = final_of.get(id(node))
+            if final is None:
+                chain = [node]
+                on_chain = {id(node)}
+                final = link_to[id(node)]
+                while id(final) in placeholders and id(final) not in final_of:
+                    if id(final) in on_chain:
+                        raise self.fail(n, "PAYLOAD", "hardlink cycle: the chain of @ targets comes back to this line")
+                    on_chain.add(id(final))
+                    chain.append(final)
+                    final = link_to[id(final)]
+                final = final_of.get(id(final), final)
+                for link in chain:
+                    final_of[id(link)] = final
             parent.add_child(name, final, link=True)
 
 

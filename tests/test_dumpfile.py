@@ -53,9 +53,24 @@ def test_hardlinks_share_the_inode_and_keep_the_target_nlink():
     assert root.children[b"f"].nlink == 7
 
 
+@pytest.mark.parametrize("forward", [False, True])
+def test_long_hardlink_chains_resolve_to_the_final_target(forward):
+    # /f1 @ /f0, /f2 @ /f1, …: every name ends at /f0, whichever way the lines run (each
+    # chain is followed once; a chain of 20,000 links took minutes when walked per link).
+    n = 20000
+    links = [b"/f%d 0 @100644 1 0 0 0 0.0 /f%d - -\n" % (i, i - 1) for i in range(1, n + 1)]
+    home = b"/f0 3 100644 1 0 0 0 0.0 - abc -\n"
+    tree = tree_of(ROOT + (b"".join(reversed(links)) + home if forward else home + b"".join(links)))
+    children = tree.root.children
+    assert all(children[b"f%d" % i] is children[b"f0"] for i in range(n + 1))
+    assert len(tree.root.links) == n
+
+
 @pytest.mark.parametrize("dump, field, word", [
     (b"/a 0 @100644 1 0 0 0 0.0 /a - -\n", "PAYLOAD", "itself"),
     (b"/a 0 @100644 1 0 0 0 0.0 /b - -\n/b 0 @100644 1 0 0 0 0.0 /a - -\n", "PAYLOAD", "cycle"),
+    (b"/a 0 @100644 1 0 0 0 0.0 /b - -\n/b 0 @100644 1 0 0 0 0.0 /c - -\n/c 0 @100644 1 0 0 0 0.0 /b - -\n",
+     "PAYLOAD", "cycle"),
     (b"/a 0 @100644 1 0 0 0 0.0 /nope - -\n", "PAYLOAD", "does not exist"),
     (b"/a 0 @100644 1 0 0 0 0.0 - - -\n", "PAYLOAD", "without a target"),
     (b"/a 0 @40755 1 0 0 0 0.0 / - -\n", "MODE", "directories"),

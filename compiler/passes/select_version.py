@@ -26,8 +26,9 @@ def select_version(tree: Tree, options: Options) -> Tree:
         return tree  # whiteouts were rewritten already; the choice was made before
     version, maximum = options.min_version, options.max_version
     maximum = max(maximum, version)
-    if version > MAX_VERSION or maximum > MAX_VERSION or version < 0:
-        raise UsageError(f"format version {max(version, maximum)}: expected 0 or 1", "--min-version/--max-version")
+    for value, option in ((version, "--min-version"), (options.max_version, "--max-version")):
+        if not 0 <= value <= MAX_VERSION:
+            raise UsageError(f"format version {value}: expected 0 or 1", option)
     if version < 1 <= maximum and has_whiteout(tree):
         version = 1
     tree.version = version
