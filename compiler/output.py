@@ -1,7 +1,8 @@
 """Atomic outputs: write to a temporary file beside the target, rename on success.
 
-A failed or interrupted run leaves the target untouched and no temporary file behind
-(except after SIGKILL, when a `.NAME.*.tmp` file may remain; it never has the final name).
+A failed or interrupted run (an error, Ctrl-C, SIGTERM) leaves the target untouched and no
+temporary file behind (except after SIGKILL, when a `.NAME.*.tmp` file may remain; it never
+has the final name).
 Devices and FIFOs (`/dev/null`, a pipe) are written in place.
 """
 

@@ -96,3 +96,49 @@ def test_dropin_print_digest_only_and_stdout(cfsc, tmp_path):
     assert hashlib.sha256(p.stdout).hexdigest() == SPECIAL_V0
     p2 = cfsc("measure", "/dev/stdin", input=p.stdout, check=True)
     assert p2.stdout.decode().split()[0] == "sha256:" + digest
+
+
+def test_version_errors_name_the_option_and_its_value(cfsc, tmp_path):
+    src = tmp_path / "special.dump"
+    src.write_bytes(SPECIAL)
+    for args, expected in [(["--min-version", "-3", "--max-version", "1"], "--min-version: format version -3"),
+                           (["--max-version", "2"], "--max-version: format version 2")]:
+        p = cfsc("compile", str(src), "-o", str(tmp_path / "x.cfs"), *args)
+        assert p.returncode == 2 and expected in p.stderr.decode(), (args, p.stderr)
+    assert not (tmp_path / "x.cfs").exists()
+
+
+def test_sigterm_mid_import_leaves_no_store_object_and_no_output(tmp_path):
+    """SIGTERM unwinds like Ctrl-C: temporary store objects and the image are removed."""
+    import io
+    import signal
+    import subprocess
+    import tarfile
+    import time
+
+    from conftest import CFSC
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        info = tarfile.TarInfo("big")
+        info.size = 16 << 20  # streamed (larger than the frontend holds in memory)
+        tar.addfile(info, io.BytesIO(b"x" * info.size))
+    data = buf.getvalue()
+    store, out = tmp_path / "store", tmp_path / "out.cfs"
+    p = subprocess.Popen([CFSC, "compile", "--from", "tar", "-", "-o", str(out), "--digest-store", str(store)],
+                         stdin=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        p.stdin.write(data[:8 << 20])  # half of the member: the importer now waits for more
+        p.stdin.flush()
+        deadline = time.monotonic() + 30
+        while not (store.is_dir() and any(f.name.startswith(".tmp-") for f in store.iterdir())):
+            assert time.monotonic() < deadline, "no temporary object appeared"
+            time.sleep(0.02)
+        p.send_signal(signal.SIGTERM)
+        _out, err = p.communicate(timeout=30)
+    finally:
+        p.kill()
+    assert p.returncode == 128 + signal.SIGTERM, err
+    assert err.decode().strip() == "error: terminated by SIGTERM"
+    assert [f.name for f in store.rglob("*") if f.is_file()] == []
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["store"]

@@ -12,6 +12,7 @@ SOURCE_DATE_EPOCH) is read here and nowhere below.
 from __future__ import annotations
 
 import functools
+import signal
 import sys
 import traceback as _traceback
 
@@ -55,6 +56,9 @@ def command(*args, **kwargs):
                 return func(*a, **kw)
             except CfscError as e:
                 fail(e, e.exit_code)
+            except Terminated:
+                print("error: terminated by SIGTERM", file=sys.stderr)
+                raise typer.Exit(128 + signal.SIGTERM) from None
             except BrokenPipeError:
                 sys.stderr.close()
                 raise typer.Exit(1) from None
@@ -64,6 +68,15 @@ def command(*args, **kwargs):
         return app.command(*args, **kwargs)(run)
 
     return wrap
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread so every `with` block cleans up on the way out
+    (temporary outputs and store objects), as it does for Ctrl-C."""
+
+
+def _terminated(_signum, _frame) -> None:
+    raise Terminated
 
 
 def source_date_epoch() -> int:
@@ -115,4 +128,8 @@ def main(argv: list[str] | None = None) -> None:
     modules = {COMMANDS[wanted]} if wanted in COMMANDS else sorted(set(COMMANDS.values()))
     for name in modules:
         importlib.import_module(f"{__name__}.{name}")
+    # Only where SIGTERM would kill us outright: a caller that ignores it keeps it ignored,
+    # and the FUSE server installs its own handlers (it unmounts on SIGTERM).
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _terminated)
     app(args=args, prog_name="cfsc")
