@@ -99,11 +99,13 @@ def listing(image: Image, path: bytes = b"/", recursive: bool = False,
             yield item
 
 
-def objects(images: Iterable[Image]) -> dict[bytes, Entry]:
-    """Every backing file the images need: payload → the first entry using it."""
+def objects(images: Iterable[Image], names: frozenset[bytes] | None = None) -> dict[bytes, Entry]:
+    """Every backing file the images need: payload → the first entry using it.
+
+    `names` keeps only those children of each root (composefs-info's `--filter`)."""
     found: dict[bytes, Entry] = {}
     for image in images:
-        for _path, e, first in walk(image):
+        for _path, e, first in walk(image, names):
             if first is None and e.payload is not None and e.mode & S_IFMT == S_IFREG and e.payload not in found:
                 found[e.payload] = e
     return found
@@ -121,7 +123,8 @@ def open_basedir(basedir: str) -> int:
         raise InputError(f"cannot open the store directory: {e.strerror}", basedir) from None
 
 
-def missing_objects(images: Iterable[Image], basedir: str | None) -> dict[bytes, Entry]:
+def missing_objects(images: Iterable[Image], basedir: str | None,
+                    names: frozenset[bytes] | None = None) -> dict[bytes, Entry]:
     """The objects with no file under `basedir`.
 
     Without a base directory upstream looks the paths up relative to file descriptor 0, so
@@ -130,7 +133,7 @@ def missing_objects(images: Iterable[Image], basedir: str | None) -> dict[bytes,
     fd = open_basedir(basedir) if basedir is not None else 0
     try:
         missing = {}
-        for payload, e in objects(images).items():
+        for payload, e in objects(images, names).items():
             try:
                 os.stat(object_path(payload), dir_fd=fd)
             except (OSError, ValueError):

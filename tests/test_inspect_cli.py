@@ -69,6 +69,21 @@ def test_composefs_info_missing_objects(files, cfsc):
     assert p.stdout == expected("missing-objects.sample.out")
 
 
+def test_composefs_info_filter_applies_to_objects_and_missing_objects(files, cfsc):
+    # Upstream filters the root's children when it loads the image, for every command; the
+    # expected values were printed by composefs-info 1.0.8 (4590 of cwhl's 4616 objects).
+    p = cfsc("composefs-info", "--filter", "etc", "--filter=usr", "objects", "cwhl.cfs", cwd=files, check=True)
+    assert hashlib.sha256(p.stdout).hexdigest() == "3199bc46df700c2e9a8a63f26ec2c78d49dad0e25620fa99d5dc98967c4252a3"
+    assert cfsc("composefs-info", "--filter=dir", "objects", "sample.cfs", cwd=files, check=True).stdout == b"ab/cdef x\n"
+    store = files / "store"
+    (store / "ab").mkdir(parents=True)
+    (store / "ab" / "cdef x").write_bytes(b"")
+    for name, out in [("zz", b"-\n"), ("dir", b"")]:
+        p = cfsc("composefs-info", f"--filter={name}", "--basedir", str(store), "missing-objects", "sample.cfs",
+                 cwd=files, check=True)
+        assert p.stdout == out, name
+
+
 def test_composefs_info_measure_file(files, cfsc):
     (files / "m4097").write_bytes(bytes(range(256)) * 16 + b"x")
     (files / "m1").write_bytes(b"a")

@@ -117,7 +117,8 @@ def composefs_info_cmd(ctx: typer.Context) -> None:
         raise UsageError("no image path specified", where)
     if verb in ("objects", "missing-objects"):
         loaded = [Image.open(p) for p in paths]
-        found = images.objects(loaded) if verb == "objects" else images.missing_objects(loaded, basedir)
+        found = (images.objects(loaded, names) if verb == "objects"
+                 else images.missing_objects(loaded, basedir, names))
         out.write(b"".join(p + b"\n" for p in sorted(found)))
         return
     for path in paths:
