@@ -253,6 +253,7 @@ def test_fsck_store_finds_truncated_flipped_and_missing_objects(tmp_path, cfsc):
     store, objects = _store_and_images(tmp_path)
     p = cfsc("fsck-store", "a.cfs", "b.cfs", "--basedir", str(store), cwd=tmp_path)
     assert p.returncode == 0 and b"0 missing, 0 corrupt" in p.stdout, p.stdout
+    assert b"(1 without a digest: size checked only)" in p.stdout  # /d/nodigest
     with open(objects["trunc"], "r+b") as f:
         f.truncate(4096)
     data = bytearray(objects["flip"].read_bytes())
@@ -268,7 +269,7 @@ def test_fsck_store_finds_truncated_flipped_and_missing_objects(tmp_path, cfsc):
     assert "used by a.cfs:/d/gone" in out and "used by b.cfs:/x" in out
     assert "5 objects checked" in out and "1 missing, 2 corrupt" in out
     report = orjson.loads(cfsc("fsck-store", "--json", "a.cfs", "b.cfs", "--basedir", str(store), cwd=tmp_path).stdout)
-    assert (report["objects"], report["missing"], report["corrupt"]) == (5, 1, 2)
+    assert (report["objects"], report["missing"], report["corrupt"], report["unverified"]) == (5, 1, 2, 1)
     kinds = {p["problem"] for p in report["problems"]}
     assert kinds == {"missing", "corrupt"}
     gone = next(p for p in report["problems"] if p["problem"] == "missing")

@@ -214,7 +214,7 @@ def fsck_store_cmd(
             problems.append(obj)
         _write_json_line({"store": basedir, "objects": report.objects, "missing": report.count("missing"),
                           "corrupt": report.count("corrupt"), "invalid": report.count("invalid"),
-                          "problems": problems})
+                          "unverified": report.unverified, "problems": problems})
     else:
         from ..backends.dumpfile import escape
 
@@ -224,7 +224,9 @@ def fsck_store_cmd(
             for image_name, path in p.users:
                 out.write(b"  used by %s:%s\n" % (os.fsencode(image_name), escape(path)))
         out.write(f"{report.objects} objects checked in {basedir}: {report.count('missing')} missing, "
-                  f"{report.count('corrupt')} corrupt, {report.count('invalid')} invalid\n".encode())
+                  f"{report.count('corrupt')} corrupt, {report.count('invalid')} invalid"
+                  + (f" ({report.unverified} without a digest: size checked only)" if report.unverified else "")
+                  + "\n").encode())
     with contextlib.suppress(BrokenPipeError):
         sys.stdout.flush()
     if report.problems:
