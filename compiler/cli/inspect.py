@@ -223,10 +223,9 @@ def fsck_store_cmd(
             out.write(b"%s %s: %s\n" % (p.kind.encode(), escape(p.payload), p.detail.encode()))
             for image_name, path in p.users:
                 out.write(b"  used by %s:%s\n" % (os.fsencode(image_name), escape(path)))
+        unverified = f" ({report.unverified} without a digest: size checked only)" if report.unverified else ""
         out.write(f"{report.objects} objects checked in {basedir}: {report.count('missing')} missing, "
-                  f"{report.count('corrupt')} corrupt, {report.count('invalid')} invalid"
-                  + (f" ({report.unverified} without a digest: size checked only)" if report.unverified else "")
-                  + "\n").encode())
+                  f"{report.count('corrupt')} corrupt, {report.count('invalid')} invalid{unverified}\n".encode())
     with contextlib.suppress(BrokenPipeError):
         sys.stdout.flush()
     if report.problems:
