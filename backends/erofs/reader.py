@@ -358,7 +358,13 @@ class Image:
         if b"/" in joined or b"\0" in joined:
             name = next(n for n in names if b"/" in n or b"\0" in n)
             raise self.error(start, f"{where}: name {name!r} contains '/' or NUL")
-        out.extend(zip(names, [r[0] for r in records], [r[2] for r in records], strict=True))
+        nids = [r[0] for r in records]
+        if max(nids) > (self.end - 32 - self.meta_base) >> EROFS_ISLOTBITS:
+            # Located at the dirent, not at the impossible inode slot it points to.
+            i = next(i for i, nid in enumerate(nids) if self.meta_base + (nid << EROFS_ISLOTBITS) + 32 > self.end)
+            raise self.error(start + 12 * i, f"{where}: entry {names[i]!r} refers to nid {nids[i]}, "
+                                             f"past the end of the image (0x{self.end:x})")
+        out.extend(zip(names, nids, [r[2] for r in records], strict=True))
 
     def lookup(self, ino: RawInode, name: bytes) -> int | None:
         """The nid `name` refers to in directory `ino`, or None (binary search, like the kernel)."""
