@@ -11,8 +11,9 @@ A change lists its attributes as `(field, key, a, b)`: one per differing field (
 `key` = the xattr's key, None on the side that lacks it).  `hardlinks` is every path of the
 entry's inode when it has several (a split, a merge or a moved link changes it).
 
-`where` (a `cfsc.query.Query`) keeps the changes whose entry matches on either side; exit
-status and summary count only those.  Two images whose trees are equal may still differ in
+`where` (a `cfsc.query.Query`) keeps the changes whose entry matches on either side, looking
+at the entry's real attributes (ignored ones too: `--ignore` only hides attributes from the
+comparison); exit status and summary count only those.  Two images whose trees are equal may still differ in
 bytes: `Report.layout` then says why (`cfsc.explain`) and, unless `layout` is ignored, that
 counts as a difference.
 """
@@ -27,7 +28,7 @@ from .jsonbytes import put
 from .manifest import FIELDS, Ignore, Manifest, Record, open_pair
 from .options import Options
 from .query import Query
-from .tree import S_IFCHR, S_IFLNK, S_IFMT, S_IFREG
+from .tree import S_IFLNK, S_IFMT, S_IFREG
 
 TYPE_BITS = {"reg": 0o100000, "dir": 0o040000, "symlink": 0o120000, "block": 0o060000,
              "char": 0o020000, "fifo": 0o010000, "socket": 0o140000, "whiteout": 0o020000}
@@ -75,29 +76,20 @@ class Report:
 
 
 class RecordEntry:
-    """A record seen through the attribute names a query uses (those of `Inode`)."""
+    """A whole record (every field of `FIELDS`) seen through the attribute names a query uses
+    (those of `Inode`)."""
 
     __slots__ = ("mode", "uid", "gid", "size", "mtime", "mtime_nsec", "nlink", "rdev", "payload",
                  "content", "digest", "xattrs")
 
-    def __init__(self, fields: tuple[str, ...], rec: Record) -> None:
-        values = dict(zip(fields, rec, strict=True))
-        kind = values.get("type", "reg")
-        self.mode = TYPE_BITS.get(kind, 0) | (values.get("mode") or 0)
-        self.uid = values.get("uid")
-        self.gid = values.get("gid")
-        self.size = values.get("size")
-        self.mtime = values.get("mtime")
-        self.mtime_nsec = values.get("mtime_nsec")
-        self.nlink = values.get("nlink")
-        self.rdev = 0 if kind == "whiteout" else values.get("rdev")
+    def __init__(self, rec: Record) -> None:
+        (kind, mode, self.uid, self.gid, rdev, self.mtime, self.mtime_nsec, self.size, self.nlink,
+         target, payload, self.digest, self.content, xattrs, _links) = rec
+        self.mode = TYPE_BITS.get(kind, 0) | mode
+        self.rdev = 0 if kind == "whiteout" else rdev
         ftype = self.mode & S_IFMT
-        self.payload = values.get("target") if ftype == S_IFLNK else values.get("payload") if ftype == S_IFREG else None
-        self.content = values.get("content")
-        self.digest = values.get("digest")
-        self.xattrs = values.get("xattrs") or ()
-        if kind == "char" and self.rdev is None:
-            self.mode = S_IFCHR | (self.mode & 0o7777)
+        self.payload = target if ftype == S_IFLNK else payload if ftype == S_IFREG else None
+        self.xattrs = xattrs or ()
 
 
 def attribute_changes(fields: tuple[str, ...], a: Record, b: Record) -> list[tuple[str, bytes | None, object, object]]:
@@ -125,19 +117,37 @@ def _order(change: Change) -> list[bytes]:
 
 
 def diff_manifests(a, b, where: Query | None = None) -> list[Change]:
-    """Every difference between two manifests (local or remote), in depth-first path order."""
+    """Every difference between two manifests (local or remote), in depth-first path order.
+
+    Records come whole; what is compared and reported is their projection (`--ignore`)."""
     fields = a.fields
+    project = a.project or (lambda rec: rec)
+    whole = a.project is None
     changes: list[Change] = []
 
     def keep(path: bytes, ra: Record | None, rb: Record | None) -> bool:
         if where is None:
             return True
-        return ((ra is not None and where(path, RecordEntry(fields, ra)))
-                or (rb is not None and where(path, RecordEntry(fields, rb))))
+        return ((ra is not None and where(path, RecordEntry(ra)))
+                or (rb is not None and where(path, RecordEntry(rb))))
 
     def changed(path: bytes, ra: Record, rb: Record) -> None:
+        if whole:
+            pa, pb = ra, rb
+        else:
+            pa, pb = project(ra), project(rb)
+            if pa == pb:
+                return
         if keep(path, ra, rb):
-            changes.append(Change(path, "changed", ra, rb, attribute_changes(fields, ra, rb)))
+            changes.append(Change(path, "changed", pa, pb, attribute_changes(fields, pa, pb)))
+
+    def added(path: bytes, rec: Record) -> None:
+        if keep(path, None, rec):
+            changes.append(Change(path, "added", None, project(rec)))
+
+    def removed(path: bytes, rec: Record) -> None:
+        if keep(path, rec, None):
+            changes.append(Change(path, "removed", project(rec), None))
 
     ra, fa = a.root()
     rb, fb = b.root()
@@ -157,8 +167,7 @@ def diff_manifests(a, b, where: Query | None = None) -> list[Change]:
                 path = _join(parent, name)
                 hit = by_name_b.pop(name, None)
                 if hit is None:
-                    if keep(path, rec_a, None):
-                        changes.append(Change(path, "removed", rec_a, None))
+                    removed(path, rec_a)
                     if fp_a is not None:
                         only_a.append(path)
                     continue
@@ -174,8 +183,7 @@ def diff_manifests(a, b, where: Query | None = None) -> list[Change]:
                     only_b.append(path)
             for name, (rec_b, fp_b) in by_name_b.items():
                 path = _join(parent, name)
-                if keep(path, None, rec_b):
-                    changes.append(Change(path, "added", None, rec_b))
+                added(path, rec_b)
                 if fp_b is not None:
                     only_b.append(path)
         if only_a or only_b:
@@ -183,9 +191,11 @@ def diff_manifests(a, b, where: Query | None = None) -> list[Change]:
             a.start("below", only_a)
             below_a, below_b = a.finish(), b.finish()
             for entries in below_a:
-                changes.extend(Change(path, "removed", rec, None) for path, rec in entries if keep(path, rec, None))
+                for path, rec in entries:
+                    removed(path, rec)
             for entries in below_b:
-                changes.extend(Change(path, "added", None, rec) for path, rec in entries if keep(path, None, rec))
+                for path, rec in entries:
+                    added(path, rec)
         pending = deeper
     changes.sort(key=_order)
     return changes

@@ -18,6 +18,9 @@ the size and rdev of devices, fifos and sockets, payload and digest of a file wi
 data, a whiteout's type bits (`whiteout`).  A property test checks that a tree's records
 equal those of the image it compiles to.
 
+`--ignore` does not change records (a `--where` query sees an entry's real values): the diff
+compares them through `Ignore.projection`, and fingerprints are taken of the projections.
+
 Fingerprints: every home directory gets blake3 over a canonical encoding of its own record
 and its children's names, records and fingerprints (`marshal` format 2: deterministic, no
 back-references), computed bottom-up without recursion.  Two directories with equal
@@ -84,6 +87,33 @@ class Ignore:
         self.fields = tuple(f for f in FIELDS if f not in fields)
         self.keys = frozenset(keys)
 
+    def projection(self) -> Callable[[Record], Record] | None:
+        """A record as the comparison sees it: ignored fields and xattr keys left out (None:
+        nothing is ignored).  Records themselves stay whole, so `--where` sees real values."""
+        if self.fields == FIELDS and not self.keys:
+            return None
+        getter = itemgetter(*(FIELDS.index(f) for f in self.fields))
+        pick = getter if len(self.fields) > 1 else lambda rec: (getter(rec),)
+        if not self.keys or "xattrs" not in self.fields:
+            return pick
+        hidden = self.keys
+        at = self.fields.index("xattrs")
+        source = FIELDS.index("xattrs")
+        shown: dict[tuple, tuple] = {}  # xattr tuple -> without the hidden keys
+
+        def project(rec: Record) -> Record:
+            xattrs = rec[source]
+            kept = pick(rec)
+            if not xattrs:
+                return kept
+            view = shown.get(xattrs)
+            if view is None:
+                view = tuple(kv for kv in xattrs if kv[0] not in hidden)
+                view = shown[xattrs] = xattrs if len(view) == len(xattrs) else view
+            return kept if view is xattrs else (*kept[:at], view, *kept[at + 1:])
+
+        return project
+
     @classmethod
     def parse(cls, values: Iterable[str]) -> Ignore:
         """From `--ignore a,b --ignore c`."""
@@ -96,10 +126,8 @@ class Ignore:
 class _Xattrs:
     """A tree's xattr tuples as the image shows them, worked out once per distinct tuple."""
 
-    def __init__(self, lowered: bool, hidden_keys: frozenset[bytes]) -> None:
-        self.identity = not lowered and not hidden_keys
-        self.lowered = lowered
-        self.hidden = hidden_keys
+    def __init__(self, lowered: bool) -> None:
+        self.identity = not lowered
         # (id(tuple), regular) -> (the tuple, kept alive so its id stays unique; shown; whiteout)
         self.cache: dict[tuple[int, bool], tuple[tuple, tuple, bool]] = {}
         self.shown_regular: dict[int, tuple] = {}  # id -> shown, for regular files (column path)
@@ -111,13 +139,8 @@ class _Xattrs:
             return xattrs, False
         hit = self.cache.get((id(xattrs), regular))
         if hit is None:
-            whiteout = False
-            shown = xattrs
-            if self.lowered:
-                items, _payload, _digest, whiteout = interpret_xattrs(list(xattrs), regular)
-                shown = tuple(sorted(items))
-            if self.hidden:
-                shown = tuple(kv for kv in shown if kv[0] not in self.hidden)
+            items, _payload, _digest, whiteout = interpret_xattrs(list(xattrs), regular)
+            shown = tuple(sorted(items))
             hit = self.cache[(id(xattrs), regular)] = (xattrs, shown, whiteout)
             if regular:
                 self.shown_regular[id(xattrs)] = shown
@@ -159,14 +182,9 @@ _XATTRS = attrgetter("xattrs")
 class _Records:
     """Records of inodes: one at a time (`one`), or a directory's worth by columns (`column`)."""
 
-    def __init__(self, lowered: bool, hardlinks: dict[int, tuple], ignore: Ignore) -> None:
-        self.xattrs = _Xattrs(lowered, ignore.keys)
+    def __init__(self, lowered: bool, hardlinks: dict[int, tuple]) -> None:
+        self.xattrs = _Xattrs(lowered)
         self.hardlinks = hardlinks
-        self.keep = None
-        if ignore.fields != FIELDS:
-            indices = [FIELDS.index(f) for f in ignore.fields]
-            getter = itemgetter(*indices)
-            self.keep = getter if len(indices) > 1 else (lambda rec: (getter(rec),))
 
     def one(self, node: Inode) -> Record:
         mode = node.mode
@@ -199,9 +217,8 @@ class _Records:
                 kind = FILE_TYPES.get(ftype, "?")
                 if ftype == S_IFCHR or ftype == S_IFBLK:
                     rdev = node.rdev
-        rec = (kind, mode & 0o7777, node.uid, node.gid, rdev, node.mtime, node.mtime_nsec, size, nlink,
-               target, payload, digest, content, xattrs, self.hardlinks.get(id(node)))
-        return self.keep(rec) if self.keep is not None else rec
+        return (kind, mode & 0o7777, node.uid, node.gid, rdev, node.mtime, node.mtime_nsec, size, nlink,
+                target, payload, digest, content, xattrs, self.hardlinks.get(id(node)))
 
     def column(self, nodes: list[Inode]) -> list[Record]:
         """Records of many inodes: built column by column as regular files (C-level maps, the
@@ -226,8 +243,6 @@ class _Records:
         records = list(zip(repeat("reg", n), [m & 0o7777 for m in modes], map(_UID, nodes), map(_GID, nodes), none,
                            map(_MTIME, nodes), map(_NSEC, nodes), sizes, map(_NLINK, nodes), repeat(None, n),
                            payloads, digests, contents, shown, links, strict=True))
-        if self.keep is not None:
-            records = list(map(self.keep, records))
         for i in (set(odd).union(flagged) if flagged else odd):
             records[i] = self.one(nodes[i])
         return records
@@ -241,19 +256,26 @@ class Manifest:
         self.tree = tree
         self.name = name
         self.fmt = fmt
-        self.fields = ignore.fields
+        self.fields = ignore.fields  # what a diff compares (records hold every field)
+        self.project = ignore.projection()
         self.image = image  # the source's Image, if it is one
         self.options: Options | None = None
         # In a lowered tree the root holds the 256 whiteouts the reader hides.
         self.hidden_root = lowered
         order = self._directories()
-        self.records = _Records(lowered, self._hardlinks(order), ignore)
+        self.records = _Records(lowered, self._hardlinks(order))
         self.record = self.records.one
         self.prints: dict[int, bytes] = {}
         prints = self.prints
         record = self.record
+        project = self.project
         for _path, directory in reversed(order):
-            prints[id(directory)] = blake3(marshal.dumps((record(directory), self.items(directory)), 2)).digest()
+            # Fingerprints cover what is compared: subtrees differing only in ignored fields are skipped.
+            if project is None:
+                shape = (record(directory), self.items(directory))
+            else:
+                shape = (project(record(directory)), [(n, project(r), fp) for n, r, fp in self.items(directory)])
+            prints[id(directory)] = blake3(marshal.dumps(shape, 2)).digest()
         self._pending: tuple[str, object] | None = None
 
     def _directories(self) -> list[tuple[bytes, Inode]]:
@@ -437,6 +459,7 @@ class RemoteManifest:
         self.source = source
         self.fmt = fmt
         self.fields = ignore.fields
+        self.project = ignore.projection()
         self._root: tuple[Record, bytes] | None = None
         self._read_here = False
 

@@ -301,6 +301,48 @@ def test_ignore_where_and_exclude(sources):
     assert diffing.diff(base, added, excluded, parallel=False).changes == []
 
 
+WHERE_A = b"""\
+/ 0 40755 2 0 0 0 0.0 - - -
+/big 2000000 100644 1 0 0 0 0.0 ab/cd - -
+/small 10 100644 1 0 0 0 0.0 ab/ce - -
+/l 3 120777 1 0 0 0 0.0 foo - -
+/m 3 120777 1 0 0 0 0.0 baz - -
+"""
+WHERE_B = (WHERE_A.replace(b"/big 2000000 100644 1 0 0 0 0.0 ab/cd", b"/big 2000001 100644 1 5 0 0 0.0 ab/cf")
+           .replace(b"/l 3 120777 1 0 0 0 0.0 foo", b"/l 3 120777 1 7 0 0 0.0 bar")
+           .replace(b"/m 3 120777 1 0 0 0 0.0 baz", b"/m 3 120777 1 0 0 0 0.0 qux"))
+
+
+def test_where_sees_attributes_that_are_ignored(tmp_path):
+    """`--ignore` hides attributes from the comparison, not from the `--where` filter."""
+    a, b = tmp_path / "a.dump", tmp_path / "b.dump"
+    a.write_bytes(WHERE_A)
+    b.write_bytes(WHERE_B)
+    b_image = tmp_path / "b.cfs"
+    compile_image([str(b)], str(b_image), Options())
+    for other in (b, b_image):  # the dumpfile fast path and whole manifests
+        p = run_cfsc("diff", str(a), str(other), "--ignore", "size", "--where", "size > 1K")
+        assert p.returncode == 1, p.stdout
+        assert p.stdout.decode().splitlines()[2:] == [
+            "~ /big", "    uid: 0 → 5", '    payload: "ab/cd" → "ab/cf"',
+            "1 entry differs: 0 added, 0 removed, 1 changed"]
+        report = diffing.diff(str(a), str(other), ignore=Ignore(["target"]), where=parse('target == "foo"'),
+                              parallel=False)
+        assert [(c.path, c.attributes) for c in report.changes] == [(b"/l", [("uid", None, 0, 7)])]
+        # /m differs only in its ignored target: no change, whatever the filter
+        assert diffing.diff(str(a), str(other), ignore=Ignore(["target", "owner", "payload", "size"]),
+                            where=parse('path ~ "/m"'), parallel=False).identical
+        # an ignored xattr key is still visible to the filter
+    c = tmp_path / "c.dump"
+    c.write_bytes(WHERE_A.replace(b"/small 10 100644 1 0 0 0 0.0 ab/ce - -",
+                                  b"/small 10 100644 1 0 0 0 0.0 ab/ce - - user.tag=x"))
+    d = tmp_path / "d.dump"
+    d.write_bytes(c.read_bytes().replace(b"/small 10 100644 1 0", b"/small 10 100600 1 0").replace(b"user.tag=x", b"user.tag=y"))
+    report = diffing.diff(str(c), str(d), ignore=Ignore(["xattr:user.tag"]), where=parse('xattr["user.tag"] == "x"'),
+                          parallel=False)
+    assert [(c.path, c.attributes) for c in report.changes] == [(b"/small", [("mode", None, 0o644, 0o600)])]
+
+
 def test_parallel_and_sequential_agree(sources):
     a, b = sources["base"]["dir"], sources["hardlink"]["dump"]
     options = Options(hardlinks=True)
