@@ -32,12 +32,13 @@ from array import array
 from collections import Counter
 from dataclasses import dataclass, field
 
+from .backends.erofs.entries import ESCAPED_WHITEOUT
 from .backends.erofs.layout import (
     COMPOSEFS_HEADER, EROFS_FT_CHRDEV, EROFS_FT_DIR, EROFS_INODE_CHUNK_BASED, EROFS_INODE_COMPACT,
     EROFS_INODE_EXTENDED, EROFS_SUPER_BLOCK, EROFS_SUPER_OFFSET, Layout,
 )
 from .backends.erofs.reader import LAYOUTS, Image, RawInode
-from .tree import S_IFCHR, S_IFDIR, S_IFMT
+from .tree import S_IFCHR, S_IFDIR, S_IFMT, S_IFREG
 
 EXAMPLES = 5
 U16 = 0xFFFF
@@ -198,6 +199,17 @@ def _markers(pairs) -> frozenset:
                      and kv[0] not in (REDIRECT, METACOPY))
 
 
+def _whiteout_form(image: Image, raw: RawInode) -> str | None:
+    """How an inode stores a whiteout, if it is one: a character device 0:0, or a regular file
+    marked with the escaped overlay whiteout xattr (what the composefs writer makes)."""
+    ftype = raw.mode & S_IFMT
+    if ftype == S_IFCHR and raw.blkaddr == 0:
+        return "character device 0:0"
+    if ftype == S_IFREG and raw.xattr_size and any(k == ESCAPED_WHITEOUT for k, _v in image.xattrs(raw)):
+        return "regular file marked trusted.overlay.overlay.whiteout"
+    return None
+
+
 def _show(pair: tuple[bytes, bytes]) -> str:
     key, value = pair
     text = value[:40].decode("utf-8", "backslashreplace") + ("…" if len(value) > 40 else "")
@@ -322,7 +334,11 @@ def _entries(fa: _Side, fb: _Side) -> list[Reason]:
             if ra.layout != rb.layout:
                 layouts.add(path, f"{LAYOUTS[ra.layout]} → {LAYOUTS[rb.layout]}")
             if ra.mode & S_IFMT != rb.mode & S_IFMT:
-                encodings.add(path, f"stored as mode {ra.mode:o} → {rb.mode:o}")
+                # Only a whiteout has two encodings; any other type change is a tree change
+                # (the tree diff lists it).
+                kind_a, kind_b = _whiteout_form(a, ra), _whiteout_form(b, rb)
+                if kind_a and kind_b:
+                    encodings.add(path, f"{kind_a} (mode {ra.mode:o}) → {kind_b} (mode {rb.mode:o})")
         n_a, shared_a = fa.shared(nid_a, off_a, isize_a, xsize_a)
         n_b, shared_b = fb.shared(nid_b, off_b, isize_b, xsize_b)
         if shared_a == shared_b and (da[off_a + isize_a + 12 + 4 * n_a:off_a + isize_a + xsize_a]
@@ -383,8 +399,8 @@ def _entries(fa: _Side, fb: _Side) -> list[Reason]:
     out = [r for r in (
         formats.reason("inode_format", "inode format (compact 32 / extended 64 bytes)"),
         layouts.reason("data_layout", "data layout"),
-        encodings.reason("whiteout_encoding", "file type on disk (whiteouts: a character device, or a file marked "
-                                              "with trusted.overlay.overlay.whiteout)"),
+        encodings.reason("whiteout_encoding", "whiteouts stored another way (a character device 0:0, or a "
+                                              "regular file marked with trusted.overlay.overlay.whiteout)"),
         markers.reason("overlay_xattrs", "overlay markers a reader hides (whiteout, whiteouts, opaque)"),
         sharing.reason("xattr_sharing", "xattrs stored in the shared table vs inline"),
         dirs.reason("directory_layout", "directory blocks"),

@@ -96,3 +96,27 @@ def test_cli_explains_two_images(tmp_path):
     p = run_cfsc("diff", str(dump), str(b), "--explain")
     assert p.returncode == 1 and b"format_version" in p.stdout
     assert run_cfsc("diff", str(dump), str(a)).returncode == 0
+
+
+def test_a_real_type_change_is_not_a_whiteout_encoding():
+    tree = TREE + b"/sda 0 60660 1 0 6 2048 100.0 - - -\n"
+    report = diff_images(Image(image_of(tree), "A"), Image(image_of(tree.replace(b" 60660 ", b" 20660 ")), "B"))
+    assert [(c.path, c.attributes) for c in report.changes] == [(b"/sda", [("type", None, "block", "char")])]
+    why = {r.aspect: r.detail for r in report.layout}
+    assert "whiteout_encoding" not in why
+    assert why["tree"].startswith("the trees differ (1 entry, listed above)")
+
+
+def test_whiteout_stored_as_a_character_device():
+    """Another writer's whiteout (a bare character device 0:0) against composefs' marked file."""
+    from cfsc.backends.erofs.entries import resolve
+
+    tree = TREE + b"/d/w 0 20000 1 0 0 0 100.0 - - -\n"
+    ours = image_of(tree)
+    raw = resolve(Image(ours), b"/d/w").raw
+    assert raw.blkaddr == 0 and raw.mode == 0o100000
+    theirs = bytearray(ours)
+    theirs[raw.offset + 4:raw.offset + 6] = (0o20000).to_bytes(2, "little")  # i_mode
+    why = {r.aspect: r.detail for r in diff_images(Image(bytes(theirs), "A"), Image(ours, "B")).layout}
+    assert ("/d/w: character device 0:0 (mode 20000) → regular file marked trusted.overlay.overlay.whiteout "
+            "(mode 100000)") in why["whiteout_encoding"]
