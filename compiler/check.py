@@ -155,6 +155,15 @@ def expect(source, options: Options, fmt: str | None = None, digest: bytes | Non
     return report
 
 
+def known_ways(names: Iterable[str]) -> list[str]:
+    """The ways named (`--ways`), each checked."""
+    names = list(names)
+    for name in names:
+        if name not in VARIANTS:
+            raise UsageError(f"unknown way {name!r}: expected some of {', '.join(VARIANTS)}", "--ways")
+    return names
+
+
 def reproducible(source, options: Options, fmt: str | None = None, variants: Iterable[str] = VARIANTS,
                  report: CheckReport | None = None, baseline: bytes | None = None) -> CheckReport:
     """Compile `source` every way in `variants` and compare each digest with the first one."""
@@ -162,10 +171,7 @@ def reproducible(source, options: Options, fmt: str | None = None, variants: Ite
 
     if source == "-":
         raise UsageError("cannot read standard input several times: give a file, directory or ref", "--reproducible")
-    variants = list(variants)
-    for name in variants:
-        if name not in VARIANTS:
-            raise UsageError(f"unknown way {name!r}: expected some of {', '.join(VARIANTS)}", "--variants")
+    variants = known_ways(variants)
     if fmt is None:
         fmt = frontends.detect(source)
     if baseline is None:

@@ -150,3 +150,12 @@ def test_shuffle_keeps_parents_first():
     paths = [line.split(b" ", 1)[0] for line in lines]
     assert paths[0] == b"/" and paths.index(b"/d") < paths.index(b"/d/f") < paths.index(b"/d/e\\x2fx")
     assert check.shuffle_dumpfile(dump, seed=3) == check.shuffle_dumpfile(dump, seed=3)
+
+
+def test_an_unknown_way_names_the_option(tmp_path):
+    a = tmp_path / "a.dump"
+    a.write_bytes(DUMP)
+    p = run_cfsc("check", "--reproducible", str(a), "--ways", "shuffled,bogus")
+    assert p.returncode == 2
+    assert p.stderr.decode() == ("error: --ways: unknown way 'bogus': expected some of "
+                                 "shuffled, reversed, threads, environment, dump, image\n")

@@ -320,7 +320,7 @@ def check_cmd(
                        skip_devices, skip_xattrs, user_xattrs, hardlinks, basedir)
     paint = _color(color)
     digest = check.parse_digest(expect_digest) if expect_digest is not None else None
-    chosen = [w.strip() for w in ways.split(",") if w.strip()] if ways else list(VARIANTS)
+    chosen = check.known_ways(w.strip() for w in ways.split(",") if w.strip()) if ways else list(VARIANTS)
     baseline = check.compile_source(source, options, source_format)
     if digest is not None or reference is not None:
         report = check.expect(source, options, source_format, digest, reference, baseline=baseline)
