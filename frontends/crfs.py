@@ -7,7 +7,10 @@ ones (metadata replaced, payload/content only when given, xattrs merged) and har
 into earlier files; missing parents are `040755 0:0 mtime 0`; a `name` that reduces to nothing
 is the root; `digest` `ALG:HEX` gives the payload `HE/X…` unless `x-payload` says otherwise;
 `x-content` is the whole file inline (base64, sets the size); the backing store never supplies an
-fs-verity digest unless `--basedir` points at it.
+fs-verity digest unless `--basedir` points at it (`_add_digests`: payloads are opened confined
+beneath it; one that is not there is skipped, one that is not a regular file or leads outside is
+an error).  An update that brings new data (payload, size, inline content, a chunk that grows
+the file) drops the fs-verity digest an earlier entry gave, unless it gives one itself.
 
 Deliberate differences from the legacy tool, all errors where it silently made a broken tree:
 unknown entry types, `..` components, mode file-type bits that contradict `type`, a hard link to
@@ -15,7 +18,14 @@ a directory or to a path that does not exist yet, invalid base64 (the legacy dec
 junk and dropped unpadded tails) and times that are not RFC 3339 (the legacy parser lost
 fractions and, with a fraction, the zone offset; here fractions are kept to the nanosecond).
 Hard-link targets are cleaned like names (legacy: `./x` failed).  An entry that changes the file
-type of an existing path replaces it (a directory only while it is empty).
+type of an existing path replaces it (a directory only while it is empty).  A later entry other
+than `hardlink` for a name a `hardlink` entry made gives that name a new inode of its own, as tar
+extraction does, and leaves the target alone (legacy: it updated the link node, which the writer
+ignores); an update under the target's own name still shows under every name, as in the legacy
+tool.  `digest` of any algorithm loses its `ALG:` prefix (legacy stripped only `sha256:`, so
+`sha512:ab…` became the payload `sh/a512:ab…`).  The legacy tool predates format version 1, which
+mkcomposefs 1.0.8 picks for a tree with whiteouts: its recorded digest of
+conformance/crfs-legacy/special.json is reproduced with `--max-version 0`.
 
 Extensions (documented in the schema): bytes that are not UTF-8 travel in base64 twin keys
 `x-name-b64`, `x-linkName-b64`, `x-payload-b64` and `x-xattrs-b64` (`{b64 key: b64 value}`, for
@@ -39,14 +49,16 @@ dropped once applied.
 from __future__ import annotations
 
 import binascii
+import errno
 import os
 import re
 from itertools import repeat
+from typing import NoReturn
 
 import orjson
 
 from cfsc import devices, limits, rfc3339, schemas, streams
-from cfsc.errors import InputError, InputErrors
+from cfsc.errors import InputError, InputErrors, LookupFailed, TreeError
 from cfsc.options import Options
 from cfsc.streams import read_all, source_name
 from cfsc.tree import S_IFBLK, S_IFCHR, S_IFDIR, S_IFIFO, S_IFLNK, S_IFMT, S_IFREG, S_IFSOCK, Inode, Tree
@@ -131,8 +143,11 @@ def _text(entry: dict, key: str, twins: bool):
     if twins:
         encoded = entry.get(twin(key), ABSENT)
         if encoded is not ABSENT:
-            if key not in entry:
+            stand_in = entry.get(key, ABSENT)
+            if stand_in is ABSENT:
                 raise _Bad(key, f"missing: required with {twin(key)} (a readable stand-in)")
+            if type(stand_in) is not str:  # unread, but the schema types it: so does the code
+                raise _Bad(key, "expected a string")
             return _b64(encoded, twin(key))
     value = entry.get(key, ABSENT)
     if value is ABSENT:
@@ -257,6 +272,13 @@ class _Builder:
         self.n_errors += 1
         if len(self.errors) < MAX_ERRORS:
             self.errors.append(line)
+
+    def fatal(self, line: str) -> NoReturn:
+        """A document that cannot be read on: stop there (later files could only add errors
+        that follow from its missing entries), but keep what earlier entries reported.  Its
+        line is shown even past MAX_ERRORS: it is the one that stopped the reading."""
+        self.n_errors += 1
+        raise InputErrors([*self.errors, line], self.n_errors)
 
     def rejected(self, entry, source: str, index: int) -> None:
         """Explain why `entry` failed the fast path: schema errors first, then the code's."""
@@ -514,6 +536,8 @@ class _Builder:
             when = rare[3]
         if twins:
             name = _text(e, "name", twins)
+            if kind != S_IFLNK and kind != HARDLINK:
+                _text(e, "linkName", twins)  # unread here, but the schema checks its twin
         else:
             name = get("name", ABSENT)
             if name is not ABSENT:
@@ -566,7 +590,9 @@ class _Builder:
             node = self.root
             parent = base = None
 
-        if node is not None and node.mode & S_IFMT == kind:  # an update: the legacy rules
+        if node is not None and node.mode & S_IFMT == kind and not (parent is not None and parent.is_link(base)):
+            # An update: the legacy rules.  (A name a hardlink entry made is replaced below
+            # instead, as tar extraction would: updating it in place would change the target.)
             node.mode = kind | (mode & 0o7777)
             if uid is not ABSENT:
                 node.uid = uid
@@ -575,6 +601,7 @@ class _Builder:
             if when is not ABSENT:
                 node.mtime, node.mtime_nsec = when
             node.rdev = rdev
+            stale = payload is not ABSENT and payload != node.payload
             if payload is not ABSENT:
                 node.payload = payload
             if xattrs is not ABSENT:
@@ -584,9 +611,10 @@ class _Builder:
                 node.nlink = nlink
             if kind == S_IFREG:
                 self.last_file = node
-                if digest is not ABSENT:
-                    node.digest = digest
+                # New data makes an earlier fs-verity digest stale (and --basedir would not
+                # measure a file that has one): drop it unless this entry gives one.
                 if content is not ABSENT:
+                    stale = stale or (content or None) != node.content or len(content) != node.size
                     node.content = content or None
                     node.size = len(content)
                 elif size is not ABSENT and size != node.size:
@@ -594,6 +622,11 @@ class _Builder:
                         raise _Bad("size", f"{size} contradicts the {node.size} bytes of inline content an"
                                    " earlier entry gave: give x-content again")
                     node.size = size
+                    stale = True
+                if digest is not ABSENT:
+                    node.digest = digest
+                elif stale:
+                    node.digest = None
             elif size is not ABSENT:
                 node.size = size
             return
@@ -614,7 +647,7 @@ class _Builder:
             self.dirs[name] = new
         if node is None:
             parent.children[base] = new  # type: ignore[union-attr,index]
-        else:  # a different file type replaces what was there
+        else:  # a different file type, or a new file under a hard-link name, replaces what was there
             if parent is None:
                 raise _Bad("type", "the root must be a directory")
             self.unlink(node, name)
@@ -790,6 +823,7 @@ class _Builder:
         size = _int(e.get("chunkSize", 0), "chunkSize", 0, U64)
         if offset + size > node.size and node.content is None:
             node.size = offset + size
+            node.digest = None  # measured over fewer bytes: stale
 
     # -- whole documents ----------------------------------------------------------------
 
@@ -821,9 +855,9 @@ class _Builder:
         try:
             doc = orjson.loads(data)
         except orjson.JSONDecodeError as e:
-            raise InputError(f"invalid JSON: {e.msg}", f"{source}:{e.lineno}:{e.colno}") from None
+            self.fatal(f"{source}:{e.lineno}:{e.colno}: invalid JSON: {e.msg}")
         if type(doc) is not dict:
-            raise InputError(f"expected a JSON object with \"entries\", got {schemas.shown(doc)}", source)
+            self.fatal(f"{source}: expected a JSON object with \"entries\", got {schemas.shown(doc)}")
         entries = doc.get("entries")
         if type(entries) is list:
             doc["entries"] = []
@@ -845,27 +879,53 @@ class _Builder:
 
 
 def _add_digests(tree: Tree, options: Options) -> None:
-    """fs-verity digests for external files whose payload exists under `--basedir`."""
-    from cfsc.fsverity import digest_file
+    """fs-verity digests for external files whose payload exists under `--basedir`.
 
-    base = os.fsencode(options.basedir)  # type: ignore[arg-type]
-    todo: dict[bytes, list[Inode]] = {}
-    for node in tree.home_inodes():
-        if (node.mode & S_IFMT == S_IFREG and node.size and node.content is None
-                and node.digest is None and node.payload):
-            todo.setdefault(node.payload, []).append(node)
-    for payload, nodes in todo.items():
-        path = os.path.join(base, payload.lstrip(b"/"))
-        try:
-            size = os.stat(path).st_size
-        except OSError:
-            continue
-        if any(n.size != size for n in nodes):
-            where = f"{options.basedir}/{payload.decode('utf-8', 'backslashreplace')}"
-            raise InputError(f"has {size} bytes but the TOC says {nodes[0].size}: wrong --basedir?", where)
-        digest = digest_file(path)
-        for n in nodes:
-            n.digest = digest
+    A payload with no file there is skipped (the image records no digest, as the legacy tool
+    never did).  One that is there but is not a readable regular file, or whose path leaves
+    the base directory (`..`, a symlink on the way), is an error naming the file in the tree:
+    payloads are opened as the FUSE server opens them (`cfsc.fuse.backing.Store`), confined.
+    """
+    from cfsc.fsverity import digest_fd
+    from cfsc.fuse.backing import Store
+
+    todo: dict[bytes, dict[int, Inode]] = {}
+    for node in tree.directories():  # every name: a replaced home can leave an inode only links reach
+        for child in node.children.values():  # type: ignore[union-attr]
+            if (child.mode & S_IFMT == S_IFREG and child.size and child.content is None
+                    and child.digest is None and child.payload):
+                todo.setdefault(child.payload, {})[id(child)] = child
+    store = Store([options.basedir], verity="none")  # type: ignore[list-item]
+    try:
+        for payload, users in todo.items():
+            nodes = list(users.values())
+            try:
+                fd = store.open(payload.lstrip(b"/"), None)  # absolute in the store, as overlayfs' redirect
+            except LookupFailed as e:
+                if e.errno == errno.ENOENT:
+                    continue
+                raise TreeError(e.what, _user(tree, nodes[0]), tree.source) from None
+            try:
+                size = os.fstat(fd).st_size
+                if any(n.size != size for n in nodes):
+                    where = f"{options.basedir}/{payload.decode('utf-8', 'backslashreplace')}"
+                    raise InputError(f"has {size} bytes but the TOC says {nodes[0].size}: wrong --basedir?", where)
+                try:
+                    digest = digest_fd(fd)
+                except OSError as e:
+                    raise TreeError(f"object {payload.decode('utf-8', 'backslashreplace')} in {options.basedir}:"
+                                    f" cannot read it: {e.strerror}", _user(tree, nodes[0]), tree.source) from None
+            finally:
+                os.close(fd)
+            for n in nodes:
+                n.digest = digest
+    finally:
+        store.close()
+
+
+def _user(tree: Tree, node: Inode) -> bytes:
+    """A path of `node` for an error (a full walk; links count: its home may be gone)."""
+    return next((path for path, found, _parent, _link in tree.walk() if found is node), b"?")
 
 
 def load(source, options: Options | None = None) -> Tree:

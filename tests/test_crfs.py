@@ -145,6 +145,110 @@ def test_basedir_gives_fs_verity_digests(cfsc, tmp_path):
     assert p.returncode == 2 and b"has 10000 bytes but the TOC says 3" in p.stderr
 
 
+def test_basedir_payloads_stay_beneath_it(cfsc, tmp_path):
+    """Payloads are opened confined to --basedir, as the FUSE server opens them: a directory,
+    `..`, an absolute path out or a symlink is a one-line error naming the file in the tree."""
+    store = tmp_path / "store"
+    (store / "ab").mkdir(parents=True)
+    (store / "ab" / "cdef").write_bytes(b"0123456789")
+    (store / "dd" / "x").mkdir(parents=True)
+    (tmp_path / "outside.bin").write_bytes(b"0123456789")
+    (store / "ln").symlink_to("ab/cdef")
+    source = tmp_path / "t.json"
+    out = tmp_path / "out.cfs"
+    for payload, message in [("dd/x", "object dd/x is not a regular file"),
+                             ("../outside.bin", "object ../outside.bin leads outside the store"),
+                             ("ab/../../outside.bin", "object ab/../../outside.bin leads outside the store"),
+                             ("ln", "object ln leads outside the store")]:
+        source.write_bytes(toc({"type": "reg", "name": "d/f", "size": 10, "x-payload": payload}))
+        p = cfsc("compile", "--basedir", str(store), str(source), "-o", str(out))
+        lines = p.stderr.decode().splitlines()
+        assert p.returncode == 2 and not out.exists() and len(lines) == 1, p.stderr
+        assert lines[0].startswith(f"error: {source}:/d/f: {message}"), lines
+    # An absolute payload is relative to the store (overlayfs' redirect is absolute in it).
+    source.write_bytes(toc({"type": "reg", "name": "f", "size": 10, "x-payload": "/ab/cdef"}))
+    cfsc("compile", "--basedir", str(store), str(source), "-o", str(out), check=True)
+    assert crfs.load(str(source), Options(basedir=str(store))).lookup(b"f").digest == digest_file(store / "ab" / "cdef")
+
+
+def test_new_data_drops_an_earlier_fs_verity_digest(cfsc, tmp_path):
+    """A later entry (here in a later TOC) that changes the payload, size or inline content
+    drops the fs-verity digest an earlier one gave, so --basedir measures the new payload;
+    repeating the same data keeps it, and a digest given with the new data wins."""
+    store = tmp_path / "store"
+    (store / "12").mkdir(parents=True)
+    (store / "12" / "34abcd").write_bytes(b"y" * 20)
+    first = {"type": "reg", "name": "f", "size": 10, "x-payload": "ab/cdef", "x-fsverity-digest": "sha256:" + HEX}
+    (tmp_path / "a.json").write_bytes(toc(first))
+    later = {
+        "payload": ({"type": "reg", "name": "f", "size": 10, "x-payload": "ab/other"}, None),
+        "digest": ({"type": "reg", "name": "f", "digest": "sha256:1234abcd", "size": 20}, None),
+        "size": ({"type": "reg", "name": "f", "size": 11}, None),
+        "content": ({"type": "reg", "name": "f", "x-content": "aGk="}, None),
+        "chunk": ({"type": "chunk", "name": "f", "chunkOffset": 10, "chunkSize": 5}, None),
+        "same": ({"type": "reg", "name": "f", "size": 10, "x-payload": "ab/cdef", "mode": 0o600}, HEX),
+        "given": ({"type": "reg", "name": "f", "size": 11, "x-fsverity-digest": "sha256:" + "0" * 64}, "0" * 64),
+    }
+    for what, (entry, kept) in later.items():
+        (tmp_path / "b.json").write_bytes(toc(entry))
+        tree = crfs.load_many([str(tmp_path / "a.json"), str(tmp_path / "b.json")])
+        digest = tree.lookup(b"f").digest
+        assert (digest.hex() if digest else None) == kept, what
+    (tmp_path / "b.json").write_bytes(toc(later["digest"][0]))
+    out = tmp_path / "out.cfs"
+    cfsc("compile", "--from", "crfs", "--basedir", str(store), str(tmp_path / "a.json"), str(tmp_path / "b.json"),
+         "-o", str(out), check=True)
+    digest = digest_file(store / "12" / "34abcd").hex().encode()
+    assert out.read_bytes() == image_of(b"/ 0 40755 2 0 0 0 0.0 - - -\n/f 20 100000 1 0 0 0 0.0 12/34abcd - " + digest + b"\n")
+
+
+def test_a_later_entry_replaces_a_hard_link_name():
+    """`b` made by a hardlink entry, then given by a `reg` entry: `b` gets an inode of its own
+    (as tar extraction does) and `a` keeps its data.  An update under `a`, the target's own
+    name, still shows under both names (the legacy rule)."""
+    a = {"type": "reg", "name": "a", "size": 5, "x-payload": "ab/cdef", "mode": 0o644}
+    link = {"type": "hardlink", "name": "b", "linkName": "a"}
+    expected = image_of(b"/ 0 40755 2 0 0 0 0.0 - - -\n/a 5 100644 1 0 0 0 0.0 ab/cdef - -\n"
+                        b"/b 20 100000 1 0 0 0 0.0 - - -\n")
+    for entries in ([a, link, {"type": "reg", "name": "b", "size": 20}],
+                    [a, link, {"type": "hardlink", "name": "b", "linkName": "a"}, {"type": "reg", "name": "./b", "size": 20}]):
+        for context in (contextlib.nullcontext, reference_path):
+            with context():
+                assert image(crfs.loads(toc(*entries))) == expected
+    shared = image_of(b"/ 0 40755 2 0 0 0 0.0 - - -\n/a 20 100600 2 0 0 0 0.0 ab/cdef - -\n/b 20 @100600 - - - - 0.0 /a - -\n")
+    assert image(crfs.loads(toc(a, link, {"type": "reg", "name": "a", "size": 20, "mode": 0o600}))) == shared
+
+
+def test_basedir_reaches_an_inode_only_links_name(tmp_path):
+    """`a` then `hardlink b→a`, then `a` becomes a symlink: the file lives on under `b` alone,
+    and --basedir still measures it."""
+    (tmp_path / "ab").mkdir()
+    (tmp_path / "ab" / "cdef").write_bytes(b"0123456789")
+    tree = crfs.loads(toc({"type": "reg", "name": "a", "size": 10, "x-payload": "ab/cdef"},
+                          {"type": "hardlink", "name": "b", "linkName": "a"},
+                          {"type": "symlink", "name": "a", "linkName": "t"}), Options(basedir=str(tmp_path)))
+    assert tree.lookup(b"b").digest == digest_file(tmp_path / "ab" / "cdef")
+
+
+def test_errors_before_invalid_json_in_a_later_file_are_kept(tmp_path):
+    (tmp_path / "a.json").write_bytes(toc({"type": "reg", "name": "a", "mode": "644"},
+                                          {"type": "reg", "name": "b", "uid": -1}))
+    (tmp_path / "b.json").write_bytes(b'{"entries": [\n{"type": ')
+    (tmp_path / "c.json").write_bytes(toc({"type": "reg", "name": "c", "gid": -1}))
+    with pytest.raises(InputErrors) as info:
+        crfs.load_many([str(tmp_path / n) for n in ("a.json", "b.json", "c.json")])
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    assert [line.split(": ", 2)[:2] for line in info.value.lines] == \
+        [[f"{a}", "entries[0].mode"], [f"{a}", "entries[1].uid"], [f"{b}:2:10", "invalid JSON"]]
+    # Past the limit, the line that stopped the reading is still shown.
+    (tmp_path / "a.json").write_bytes(toc(*[{"type": "reg", "name": f"f{i}", "uid": -1} for i in range(30)]))
+    with pytest.raises(InputErrors) as info:
+        crfs.load_many([str(a), str(b)])
+    assert len(info.value.lines) == crfs.MAX_ERRORS + 1 and info.value.total == 31
+    assert info.value.lines[-1].startswith(f"{b}:2:10: invalid JSON")
+    assert str(info.value).endswith("\n… and 10 more")
+
+
 # -- round trips through the crfs backend ------------------------------------------------------
 
 @pytest.mark.parametrize("name", GOOD_DUMPS)
@@ -244,6 +348,12 @@ BAD_ENTRIES = [
     ("device-number", [{"type": "char", "name": "a", "devMajor": 4096}], "entries[0].devMajor: expected an integer from 0 to 4095"),
     ("digest", [{"type": "reg", "name": "a", "digest": "sha256:ABCD"}], "entries[0].digest: expected a content digest"),
     ("fraction", [{"type": "reg", "name": "a", "size": 1.5}], "entries[0].size: expected an integer"),
+    # A base64 twin holds the bytes, but the readable stand-in is typed all the same.
+    ("twin-name-type", [{"type": "reg", "name": 5, "x-name-b64": "YQ=="}], "entries[0].name: expected string, got 5"),
+    ("twin-payload-type", [{"type": "reg", "name": "a", "x-payload": 5, "x-payload-b64": "YQ=="}],
+     "entries[0].x-payload: expected string, got 5"),
+    ("twin-link-alone", [{"type": "reg", "name": "a", "x-linkName-b64": "YQ=="}],
+     "entries[0].linkName: missing: required with x-linkName-b64"),
 ]
 
 
@@ -308,6 +418,8 @@ VALUES = {
     "x-mtime": st.sampled_from([[1, 2], [1], [-5, 0], [1, -1], [2**63, 0], "1.2"]),
     "x-nlink": ints,
     "x-name-b64": st.sampled_from(["YQ==", "####", 4]),
+    "x-linkName-b64": st.sampled_from(["YQ==", "####", 4]),
+    "x-payload-b64": st.sampled_from(["YWIvY2Q=", "####", 4]),
     "x-xattrs-b64": st.sampled_from([{"dXNlci7/": "dg=="}, {"###": "dg=="}, {"dXNlci7/": "#"}, []]),
     "chunkOffset": ints,
     "chunkSize": ints,
@@ -317,13 +429,38 @@ VALUES = {
     "other": st.just({"any": "thing"}),
 }
 entries = st.fixed_dictionaries({}, optional=VALUES)
+# Valid entries that the code accepts after `base` and `d` (test_bases_are_valid): with one key
+# changed, a schema error can only come from that key, so the code must find it alone.
+BASES = [
+    {"type": "reg", "name": "f", "size": 3, "digest": "sha256:" + HEX, "mode": 0o644, "uid": 1, "gid": 2,
+     "modtime": "2021-10-11T13:06:16Z", "xattrs": {"user.a": "YQ=="}},
+    {"type": "reg", "name": "g", "x-name-b64": "Zw==", "x-payload": "ab/cd", "x-payload-b64": "YWIvY2Q=", "size": 2,
+     "x-fsverity-digest": "sha256:" + HEX, "x-mtime": [1, 2], "x-nlink": 1},
+    {"type": "reg", "name": "i", "x-content": "aGk="},
+    {"type": "symlink", "name": "s", "linkName": "t", "x-linkName-b64": "dA=="},
+    {"type": "hardlink", "name": "h", "linkName": "base"},
+    {"type": "char", "name": "c", "devMajor": 1, "devMinor": 3},
+    {"type": "chunk", "name": "base", "chunkOffset": 0, "chunkSize": 5},
+    {"type": "dir", "name": "e", "xattrs": {"user.b": "YQ=="}, "x-xattrs-b64": {"dXNlci7/": "dg=="}},
+]
+one_key_changed = st.tuples(st.sampled_from(BASES), st.sampled_from(sorted(VALUES))).flatmap(
+    lambda base_key: VALUES[base_key[1]].map(lambda value: {**base_key[0], base_key[1]: value}))
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.lists(entries, min_size=1, max_size=4))
+def test_bases_are_valid():
+    data = toc({"type": "reg", "name": "base"}, {"type": "dir", "name": "d"}, *BASES)
+    assert schemas.problems("crfs-toc", orjson.loads(data)) == []
+    for context in (contextlib.nullcontext, reference_path):
+        with context():
+            image(crfs.loads(data, Options(), "t.json"))
+
+
+@settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.one_of(entries, one_key_changed), min_size=1, max_size=4))
 def test_code_rejects_what_the_schema_rejects(items):
     """The checks in code (fast batches and the reference) refuse everything the schema
-    refuses, and both paths give the same verdict and the same tree."""
+    refuses, and both paths give the same verdict and the same tree.  Entries are random
+    key sets, or a valid entry with one key changed: that key alone must be found."""
     data = toc({"type": "reg", "name": "base"}, {"type": "dir", "name": "d"}, *items)
     invalid = [i for i, e in enumerate(items) if schemas.problems("crfs-toc", e, definition="entry")]
     results = []
