@@ -49,7 +49,8 @@ def build(root: Path, change: str | None = None) -> Path:
     tool = root / "bin/tool"
     tool.write_bytes(b"#!/bin/sh\n" + b"x" * 100)
     tool.chmod(0o755)
-    os.setxattr(tool, "user.origin", b"pkg-2" if change == "xattr" else b"pkg-1")
+    if change != "xattr-remove":
+        os.setxattr(tool, "user.origin", b"pkg-2" if change == "xattr" else b"pkg-1")
     if change == "xattr-add":
         os.setxattr(hostname, "user.note", b"added")
     if change == "chown":
@@ -71,6 +72,8 @@ def build(root: Path, change: str | None = None) -> Path:
         hostname.mkdir()
     if change == "whiteout":
         os.mknod(root / "data/gone", 0o20000 | 0o644, 0)
+    if change in ("device", "rdev"):
+        os.mknod(root / "data/disk", 0o60000 | 0o660, os.makedev(8, 1 if change == "rdev" else 0))
     for path in sorted(root.rglob("*"), key=lambda p: -len(p.parts)) + [root]:
         t = T0 + 60 if change == "mtime" and path.name == "hostname" else T0
         os.utime(path, ns=(t * 10**9, t * 10**9), follow_symlinks=False)
@@ -97,6 +100,11 @@ GOLDEN = {
     "xattr-add": """\
 ~ /etc/hostname
     xattr user.note: added "added"
+1 entry differs: 0 added, 0 removed, 1 changed
+""",
+    "xattr-remove": """\
+~ /bin/tool
+    xattr user.origin: removed (was "pkg-1")
 1 entry differs: 0 added, 0 removed, 1 changed
 """,
     "chown": """\
@@ -150,6 +158,23 @@ GOLDEN = {
 2 entries differ: 1 added, 0 removed, 1 changed
 """,
 }
+# Changes between two changed trees: (tree A, tree B, golden text).
+GOLDEN_BETWEEN = {
+    "join": ("hardlink", "base", """\
+~ /data/a
+    nlink: 1 → 2
+    hardlinks: (none) → /data/a, /data/b
+~ /data/b
+    nlink: 1 → 2
+    hardlinks: (none) → /data/a, /data/b
+2 entries differ: 0 added, 0 removed, 2 changed
+"""),
+    "rdev": ("device", "rdev", """\
+~ /data/disk
+    rdev: 8:0 → 8:1
+1 entry differs: 0 added, 0 removed, 1 changed
+"""),
+}
 # The content change: the payload is the object path of the file's fs-verity digest, so both
 # change; the golden text is completed from the digests (computed, not copied).
 PAIRS = [("dir", "dir"), ("image", "dir"), ("dir", "image"), ("dump", "image"), ("image", "image"),
@@ -172,7 +197,7 @@ def sources(tmp_path_factory):
     """change → {kind: path} for the original tree ("base") and each changed one."""
     top = tmp_path_factory.mktemp("diff")
     made = {}
-    for change in ["base", *GOLDEN]:
+    for change in ["base", *GOLDEN, "device", "rdev"]:
         d = build(top / change, None if change == "base" else change)
         image = top / f"{change}.cfs"
         compile_image([str(d)], str(image), Options(hardlinks=True))
@@ -199,18 +224,48 @@ def body(report) -> str:
     return "".join(lines)
 
 
-@pytest.mark.parametrize("change", list(GOLDEN))
-def test_golden_for_every_pairing(sources, change):
+def check_golden(a: dict, b: dict, golden: str, pairs=PAIRS) -> None:
+    """The diff of `a` and `b` ({kind: path}) in every pairing of kinds is `golden`, and swapped back
+    the same changes."""
     options = Options(hardlinks=True)
-    for kind_a, kind_b in PAIRS:
-        report = diffing.diff(sources["base"][kind_a], sources[change][kind_b], options, parallel=False)
-        assert body(report) == GOLDEN[change], f"{kind_a} vs {kind_b}"
+    for kind_a, kind_b in pairs:
+        report = diffing.diff(a[kind_a], b[kind_b], options, parallel=False)
+        assert body(report) == golden, f"{kind_a} vs {kind_b}"
         assert not report.identical
         # and back: the same changes, sides swapped
-        back = diffing.diff(sources[change][kind_b], sources["base"][kind_a], options, parallel=False)
+        back = diffing.diff(b[kind_b], a[kind_a], options, parallel=False)
         assert [c.path for c in back.changes] == [c.path for c in report.changes]
         swap = {"added": "removed", "removed": "added", "changed": "changed"}
         assert [c.kind for c in back.changes] == [swap[c.kind] for c in report.changes]
+
+
+@pytest.mark.parametrize("change", list(GOLDEN))
+def test_golden_for_every_pairing(sources, change):
+    check_golden(sources["base"], sources[change], GOLDEN[change])
+
+
+@pytest.mark.parametrize("change", list(GOLDEN_BETWEEN))
+def test_golden_between_changed_trees(sources, change):
+    a, b, golden = GOLDEN_BETWEEN[change]
+    check_golden(sources[a], sources[b], golden)
+
+
+def test_golden_standalone_size_change(sources, tmp_path):
+    """A size change alone (same payload and digest): only dumpfiles, CRFS TOCs and images hold one."""
+    base = sources["base"]
+    text = Path(base["dump"]).read_bytes()
+    line = next(line for line in text.splitlines() if line.startswith(b"/etc/big.conf "))
+    assert line.split(b" ")[1] == b"512"
+    changed = {"dump": str(tmp_path / "size.dump"), "image": str(tmp_path / "size.cfs"), "crfs": str(tmp_path / "size.json")}
+    Path(changed["dump"]).write_bytes(text.replace(line, line.replace(b" 512 ", b" 600 ", 1)))
+    compile_image([changed["dump"]], changed["image"], Options())
+    with open(changed["crfs"], "wb") as out:
+        dump(changed["image"], out, "crfs")
+    check_golden(base, changed, """\
+~ /etc/big.conf
+    size: 512 → 600
+1 entry differs: 0 added, 0 removed, 1 changed
+""", [("dump", "dump"), ("dump", "image"), ("image", "crfs"), ("crfs", "dump"), ("dir", "image")])
 
 
 @pytest.mark.parametrize("kind_a,kind_b", PAIRS)
@@ -220,7 +275,7 @@ def test_same_tree_in_every_pairing_is_identical(sources, kind_a, kind_b):
     assert report.identical or {kind_a, kind_b} != {"image"}
 
 
-OSTREE_CHANGES = ["chmod", "inline", "xattr", "xattr-add", "chown", "symlink", "add", "remove", "type"]
+OSTREE_CHANGES = ["chmod", "inline", "xattr", "xattr-add", "xattr-remove", "chown", "symlink", "add", "remove", "type"]
 
 
 @pytest.fixture(scope="module")
