@@ -1,6 +1,7 @@
 """OSTree commits → tree, read straight from the repository (no libostree, no checkout).
 
-Source: `ostree:REPO:REF`.  REF is a commit checksum (64 hex digits), a branch (`refs/heads/
+Source: `ostree:REPO:REF`.  REF is a commit checksum (64 hex digits, or fewer that start
+exactly one commit's checksum, as `ostree rev-parse` takes them), a branch (`refs/heads/
 BRANCH`, falling back to `refs/remotes/BRANCH` so `origin/main` works) or `REMOTE:BRANCH`
 (`refs/remotes/REMOTE/BRANCH`), each optionally followed by `^` (the parent commit; repeat for
 grandparents).  Ref names never contain `:` (ostree's grammar: fragments of `[-._A-Za-z0-9]`
@@ -86,7 +87,7 @@ def parse_source(source: str) -> tuple[str, str]:
                          " (name the repository by another path)", source)
     repo, ref = found[0] if found else candidates[0]
     if not REF.fullmatch(ref):
-        raise UsageError(f"ref {ref!r}: expected a branch, REMOTE:BRANCH or a 64-hex commit checksum (parts of"
+        raise UsageError(f"ref {ref!r}: expected a branch, REMOTE:BRANCH or a commit checksum (parts of"
                          " [-._A-Za-z0-9] starting with a letter, digit or '_', joined by '/'; '^' for parents)", source)
     return repo, ref
 

@@ -54,6 +54,7 @@ ARCHIVE_HEADER = gvariant.parse("(size: t, uid: u, gid: u, mode: u, rdev: u, tar
                                 " xattrs: a(name: ay, value: ay))")
 
 CHECKSUM = re.compile(r"[0-9a-f]{64}")
+PARTIAL = re.compile(r"[0-9a-f]{1,63}")  # the start of a commit checksum, if one matches
 MAX_METADATA = 128 << 20  # OSTREE_MAX_METADATA_SIZE
 PATH_MAX = 4096
 OSTREEMETA = "user.ostreemeta"
@@ -230,12 +231,22 @@ class Repo:
     # -- refs -------------------------------------------------------------------------------
 
     def resolve(self, ref: str, where: str) -> bytes:
-        """A ref (`BRANCH`, `REMOTE:BRANCH`, a checksum; `^` suffixes for parents) → commit checksum."""
+        """A ref (`BRANCH`, `REMOTE:BRANCH`, a checksum or the start of one; `^` suffixes for
+        parents) → commit checksum.
+
+        As `ostree rev-parse`: a REF of lowercase hex digits that starts exactly one commit
+        object's checksum means that commit, even where a branch has the same name (ostree
+        tries it first); two such commits make the REF ambiguous; none, and it is a branch.
+        """
         base = ref.rstrip("^")
         if CHECKSUM.fullmatch(base):
             checksum = bytes.fromhex(base)
         else:
-            checksum = self._lookup_ref(base, where)
+            matches = self._commits_starting_with(base) if PARTIAL.fullmatch(base) else []
+            if len(matches) > 1:
+                raise InputError(f"{base!r} starts {len(matches)} commit checksums "
+                                 f"({', '.join(m[:16] + '…' for m in matches[:3])}): give more digits", where)
+            checksum = bytes.fromhex(matches[0]) if matches else self._lookup_ref(base, where)
         for _ in range(len(ref) - len(base)):
             try:
                 parent = self.commit(checksum)[2]
@@ -245,6 +256,24 @@ class Repo:
                 raise InputError(f"commit {checksum.hex()} has no parent", where)
             checksum = parent
         return checksum
+
+    def _commits_starting_with(self, prefix: str) -> list[str]:
+        """Checksums of the commit objects (in this repository and its parents) with `prefix`."""
+        found: set[str] = set()
+        for repo in self.chain():
+            try:
+                fanout = [prefix[:2]] if len(prefix) >= 2 else [d for d in os.listdir(repo.objects)
+                                                                if d.startswith(prefix)]
+            except OSError:
+                continue
+            for d in fanout:
+                try:
+                    names = os.listdir(os.path.join(repo.objects, d))
+                except OSError:
+                    continue
+                found.update(d + n[:-7] for n in names
+                             if n.endswith(".commit") and CHECKSUM.fullmatch(d + n[:-7]) and (d + n).startswith(prefix))
+        return sorted(found)
 
     def _lookup_ref(self, ref: str, where: str) -> bytes:
         remote, colon, branch = ref.rpartition(":")

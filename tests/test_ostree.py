@@ -321,6 +321,24 @@ def test_refs_remote_refs_parents_and_colons(repos, tmp_path):
     assert p.returncode == 2 and b"has no parent" in p.stderr
 
 
+def test_partial_checksums_as_ostree_rev_parse(repos, src, tmp_path):
+    repo, _ = repos("bare")
+    ostree_cli("commit", f"--repo={repo}", "-b", "other", f"--tree=dir={src}", "-s", "another commit", "--parent=none",
+               "--add-metadata-string=x=y")
+    main = (repo / "refs/heads/main").read_text().strip()
+    other = (repo / "refs/heads/other").read_text().strip()
+    short = next(main[:n] for n in range(4, 64) if not other.startswith(main[:n]))
+    oracle = subprocess.run(["ostree", "rev-parse", f"--repo={repo}", short], check=True, capture_output=True)
+    assert oracle.stdout.decode().strip() == main
+    assert compile_(f"ostree:{repo}:{short}") == compile_(f"ostree:{repo}:main")
+    (repo / "refs/heads" / short).write_text(other + "\n")  # a branch named like it: the commit wins
+    assert compile_(f"ostree:{repo}:{short}") == compile_(f"ostree:{repo}:main")
+    common = os.path.commonprefix([main, other])
+    if common:  # both commits start with it: ambiguous, as ostree says
+        p = run_cfsc("compile", f"ostree:{repo}:{common}", "-o", str(tmp_path / "x"))
+        assert p.returncode == 2 and b"give more digits" in p.stderr
+
+
 def test_parent_commits_and_parent_repositories(repos, src, tmp_path):
     repo, _ = repos("bare")
     child = tmp_path / "child"
