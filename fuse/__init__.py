@@ -16,7 +16,8 @@ FUSE connection), `daemon` (foreground and background life), `kernel` (EROFS + o
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import os
+from dataclasses import dataclass, field, replace
 
 from cfsc.errors import ImageError, IntegrityError, UsageError
 
@@ -98,6 +99,13 @@ def mount(image: str, mountpoint: str, options: MountOptions | None = None) -> N
     from .daemon import serve_background, serve_foreground
     from .mount import check_mountpoint
 
+    # The server outlives the caller's working directory (it moves to `/`): every path it
+    # keeps is absolute, and messages and the mount table name the files the same way.
+    absolute = os.path.abspath
+    image = image if image == "-" else absolute(image)
+    mountpoint = absolute(mountpoint)
+    options = replace(options, basedirs=[absolute(d) for d in options.basedirs],
+                      log_file=absolute(options.log_file) if options.log_file else None)
     view = open_view(image, options.digest, options.noacl)
     check_mountpoint(mountpoint)
     store = Store(options.basedirs, options.verity)

@@ -4,8 +4,10 @@ Everything that can be checked before mounting is (the image opens, its digest m
 the root is a readable directory), so a bad image never leaves a mount behind.  In the
 background case the process forks *before* any thread exists; the child mounts, answers the
 kernel's INIT and only then tells the waiting parent "ok" through a pipe — so the command
-returns when the mount works, or fails with the child's reason.  The child then detaches
-from the terminal and logs to `--log FILE`, else syslog, else nowhere.
+returns when the mount works, or fails with the child's reason (as the child raised it:
+one location, its exit status).  The child leaves the caller's working directory for `/` at
+once and, when the mount works, detaches from the terminal and logs to `--log FILE`, else
+syslog, else nowhere.
 
 SIGINT, SIGTERM and SIGHUP unmount (lazily: a busy mount goes away when its last user
 does) and end the server; an unmount from outside ends it too (the device read fails with
@@ -22,6 +24,8 @@ import signal
 import sys
 import threading
 
+from cfsc.errors import CfscError
+
 from .mount import MountError, mount_fuse, unmount
 from .server import Server
 
@@ -37,7 +41,10 @@ def serve_foreground(view, store, mountpoint: str, options) -> None:
 
 
 def serve_background(view, store, mountpoint: str, options) -> None:
-    """Fork a server that mounts and serves; return once the mount answers."""
+    """Fork a server that mounts and serves; return once the mount answers.
+
+    The server leaves the caller's working directory (it may run for months, and must not
+    keep a directory busy), so every path it uses must be absolute: `mount` sees to that."""
     sys.stdout.flush()
     sys.stderr.flush()
     r, w = os.pipe()
@@ -45,17 +52,20 @@ def serve_background(view, store, mountpoint: str, options) -> None:
     if pid == 0:  # the server
         os.close(r)
         os.setsid()
+        os.chdir("/")
         parent = _Parent(w)
         code = 0
         try:
             _serve(view, store, mountpoint, options, parent)
         except BaseException as e:  # everything: the parent is waiting for a word
-            message = str(e) or type(e).__name__
-            if parent.fd is not None:
-                parent.say(b"error " + message.encode(errors="replace"))
+            if isinstance(e, CfscError):
+                what, where, code = e.what, e.where, e.exit_code
             else:
-                log.error("%s", message)
-            code = 2
+                what, where, code = str(e) or type(e).__name__, mountpoint, MountError.exit_code
+            if parent.fd is not None:
+                parent.say(b"error\0%d\0%s\0%s" % (code, _wire(where), _wire(what)))
+            else:
+                log.error("%s", f"{where}: {what}" if where else what)
         os._exit(code)
     os.close(w)
     chunks = []
@@ -69,9 +79,27 @@ def serve_background(view, store, mountpoint: str, options) -> None:
     if said.startswith(b"ok"):
         return
     os.waitpid(pid, 0)
-    if said.startswith(b"error "):
-        raise MountError(said[6:].decode(errors="replace"), mountpoint)
+    if said.startswith(b"error\0"):
+        _word, code, where, what = said.split(b"\0", 3)
+        raise ServerFailed(_unwire(what), _unwire(where), int(code))
     raise MountError("the mount server died before the mount worked", mountpoint)
+
+
+class ServerFailed(MountError):
+    """The background server's error, passed on as it was raised: its own text, location
+    and exit status (a second location would repeat the first)."""
+
+    def __init__(self, what: str, where: str, exit_code: int) -> None:
+        super().__init__(what, where)
+        self.exit_code = exit_code
+
+
+def _wire(text: str) -> bytes:
+    return text.encode("utf-8", "surrogatepass")
+
+
+def _unwire(data: bytes) -> str:
+    return data.decode("utf-8", "surrogatepass")
 
 
 class _Parent:

@@ -107,11 +107,14 @@ def _probe_store(image, basedirs: list[str]) -> None:
         except OSError:
             return  # not there: nothing to learn
         try:
-            if not kernel_digest(fd):
+            got = kernel_digest(fd)
+            if not got:
+                why = ("the store's file system or this kernel has no fs-verity" if got is False
+                       else "the store's objects have no fs-verity enabled")
                 raise UsageError(
-                    f"the store's objects have no fs-verity (e.g. {e.payload.decode(errors='replace')}), so the "
-                    "kernel cannot check them: mount with --verity=none, or without --kernel (the FUSE "
-                    "mount checks digests itself)", "--verity")
+                    f"{why} (e.g. {e.payload.decode(errors='replace')}), so the kernel cannot check the "
+                    "image's digests: pass --verity none, or mount without --kernel (the FUSE mount "
+                    "checks digests itself)", "--verity")
         finally:
             os.close(fd)
     finally:

@@ -8,12 +8,17 @@ kernel mount (Linux 6.18; `tests/test_fuse.py` compares whole walks):
 
 * Stat fields are the stored ones: `st_ino` is the inode's nid (EROFS reports the nid, and
   overlayfs passes it through), atime = ctime = mtime, `st_blocks` is the size rounded up to
-  4 KiB (in 512-byte units), `st_blksize` 4096.
+  4 KiB (in 512-byte units), `st_blksize` 4096.  (For a metacopy file overlayfs reports that
+  only until it has looked the data up; from then on the data file's blocks, which differ
+  for a sparse object.  The view keeps no per-object state for that.)
 * A character device 0:0 is an overlayfs whiteout: never listed, never found (the 256
   `00`…`ff` entries composefs puts in the root to hide the store's fan-out directories).
+  As overlayfs' readdir does, only entries whose directory record says "character device"
+  are looked at for that, so listing a directory reads no other inode.
 * A regular file carrying `trusted.overlay.metacopy` takes its data from the store path in
   `trusted.overlay.redirect` (the entry's payload, checked against its digest).  Without a
-  redirect the kernel fails the lookup itself with EIO; so does this view.
+  redirect the kernel fails the lookup itself with EIO; so does this view.  The payload and
+  digest are decoded by the image reader (`entries.interpret_xattrs`), never here.
 * xattrs keep the on-disk order.  `trusted.overlay.overlay.X` shows as `trusted.overlay.X`
   (overlayfs' escaping); every other `trusted.overlay.*` key is overlayfs' own (redirect,
   metacopy, the root's opaque) and hidden.  Keys outside `user.`, `trusted.` and `security.`
@@ -37,7 +42,7 @@ import threading
 from bisect import bisect_left
 from itertools import islice
 
-from cfsc.backends.erofs.entries import DIGEST_XATTR_SIZE, ESCAPED, METACOPY, REDIRECT, TRUSTED_OVERLAY, Entries
+from cfsc.backends.erofs.entries import ESCAPED, METACOPY, REDIRECT, TRUSTED_OVERLAY, Entries, interpret_xattrs
 from cfsc.backends.erofs.layout import COMPOSEFS_FLAGS_HAS_ACL, EROFS_FT_CHRDEV
 from cfsc.backends.erofs.reader import Image
 from cfsc.tree import S_IFBLK, S_IFCHR, S_IFDIR, S_IFMT, S_IFREG
@@ -135,19 +140,14 @@ class ImageView:
         n.mtime = raw.mtime
         n.mtime_nsec = raw.mtime_nsec
         if raw.xattr_size:
-            n.xattrs, n.trusted, redirect, metacopy = self._xattrs(raw)
+            n.xattrs, n.trusted, store = self._xattrs(raw)
         else:
-            n.xattrs, n.trusted, redirect, metacopy = (), False, None, None
-        n.external = metacopy is not None and ftype == S_IFREG
+            n.xattrs, n.trusted, store = (), False, None
+        # Data from the store: what overlayfs does for a metacopy file (on regular files only).
+        n.external = store is not None and ftype == S_IFREG
         n.payload = n.digest = n.broken = None
         if n.external:
-            # As `Entries` reads them (libcomposefs' reader): one leading "/" off the
-            # redirect, which ends at a NUL; a digest only in a full-size metacopy value.
-            if redirect:
-                n.payload = (redirect[1:] if len(redirect) > 1 and redirect[:1] == b"/"
-                             else redirect).partition(b"\0")[0]
-            if len(metacopy) == DIGEST_XATTR_SIZE:
-                n.digest = metacopy[4:]
+            n.payload, n.digest = store
             if not n.payload:
                 n.broken = "metacopy file without a redirect (no store path)"
         n.content = b"" if ftype == S_IFREG and not n.external and not n.size else None
@@ -157,8 +157,13 @@ class ImageView:
         n.wire = None
         return n
 
-    def _xattrs(self, raw) -> tuple[tuple, bool, bytes | None, bytes | None]:
-        """(visible pairs, whether any is trusted.*, the raw redirect and metacopy values)."""
+    def _xattrs(self, raw) -> tuple[tuple, bool, tuple | None]:
+        """(visible pairs, whether any is trusted.*, the store reference or None).
+
+        The store reference is `(payload, digest)` of an inode carrying a metacopy xattr,
+        decoded by the image reader (`interpret_xattrs`), so the FUSE mount and `cfsc dump`
+        never read a redirect or a digest differently; which keys overlayfs hides or
+        un-escapes is decided here."""
         body, shared_only = self.image.xattr_body(raw)
         if shared_only:
             hit = self._xattr_cache.get(bytes(body))
@@ -166,15 +171,17 @@ class ImageView:
                 return hit
         pairs = []
         trusted = False
-        redirect = metacopy = None
+        lowered = []  # the metacopy and redirect pairs
+        metacopy = False
         acl = self.acl
         for key, value in self.image.xattrs(raw):
             if key[:16] == TRUSTED_OVERLAY:
                 if key[:24] != ESCAPED:
                     if key == METACOPY:
-                        metacopy = value
+                        metacopy = True
+                        lowered.append((key, value))
                     elif key == REDIRECT:
-                        redirect = value
+                        lowered.append((key, value))
                     continue
                 key = TRUSTED_OVERLAY + key[24:]
             elif not key.startswith(LISTED_PREFIXES) and not (acl and key in ACL_KEYS):
@@ -182,7 +189,11 @@ class ImageView:
             if key[:8] == TRUSTED:
                 trusted = True
             pairs.append((key, value))
-        result = (tuple(pairs), trusted, redirect, metacopy)
+        store = None
+        if metacopy:
+            _xattrs, payload, digest, _whiteout = interpret_xattrs(lowered, True)
+            store = (payload, digest)
+        result = (tuple(pairs), trusted, store)
         if shared_only:
             if len(self._xattr_cache) >= NODE_CACHE:  # a few hundred distinct sets is usual
                 self._xattr_cache = {}
@@ -227,7 +238,7 @@ class ImageView:
         nids = []
         for name, child, ftype in self.image.dirents(self.image.inode(nid)):
             if ftype == EROFS_FT_CHRDEV and self.node(child) is None:
-                continue  # a whiteout
+                continue  # a whiteout (overlayfs checks DT_CHR entries only, so do we)
             names.append(name)
             nids.append(child)
         listing = Listing(names, nids)
