@@ -204,15 +204,18 @@ def diff_manifests(a, b, where: Query | None = None) -> list[Change]:
 def diff(a_source, b_source, options: Options | None = None, fmt: str | None = None,
          ignore: Ignore | None = None, where: Query | None = None, explain: bool = False,
          parallel: bool | None = None) -> Report:
-    """Compare two sources; `explain` also compares image bytes when a side is not an image."""
+    """Compare two sources; `explain` also compares image bytes when a side is not an image.
+
+    A side is a source, or a tuple of tar layers (bottom first; `cfsc.manifest.layers`)."""
     options = options or Options()
     ignore = ignore or Ignore()
     count_layout = "layout" not in ignore.names
     data = None
-    if not explain:
-        from . import frontends
+    layered = isinstance(a_source, tuple) or isinstance(b_source, tuple)
+    if not explain and not layered:
+        from .manifest import detect
 
-        if fmt == "dump" or fmt is None and frontends.detect(a_source) == frontends.detect(b_source) == "dump":
+        if fmt == "dump" or fmt is None and detect(a_source) == detect(b_source) == "dump":
             from . import dump_delta
             from .manifest import load
             from .streams import read_all, source_name

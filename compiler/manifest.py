@@ -123,6 +123,37 @@ class Ignore:
         return (Ignore, (sorted(self.names),))
 
 
+# -- a side: one source, or a stack of tar layers ---------------------------------------------
+
+def layers(text):
+    """A side as the command line gives it: `l1.tar+l2.tar+…` is a stack of layers, bottom first
+    (merged as `cfsc compile l1.tar l2.tar` merges them), unless a file has that very name or
+    none of the parts exists; anything else is one source, returned as is."""
+    if (not isinstance(text, str) or "+" not in text or text.startswith("ostree:")
+            or os.path.lexists(text)):
+        return text
+    parts = tuple(text.split("+"))
+    if "" in parts or not any(map(os.path.lexists, parts)):
+        return text  # (opening it names the whole text)
+    return parts
+
+
+def inputs(side) -> list:
+    """What the frontend reads for a side: its layers, or the one source."""
+    return list(side) if isinstance(side, tuple) else [side]
+
+
+def side_name(side) -> str:
+    return "+".join(map(source_name, side)) if isinstance(side, tuple) else source_name(side)
+
+
+def detect(side) -> str:
+    """The source format of a side (of its first layer)."""
+    from . import frontends
+
+    return frontends.detect(inputs(side)[0])
+
+
 class _Xattrs:
     """A tree's xattr tuples as the image shows them, worked out once per distinct tuple."""
 
@@ -394,7 +425,8 @@ OPS = {"listings": "listings", "below": "below", "image": "image_bytes"}
 
 def load(source, options: Options | None = None, fmt: str | None = None, ignore: Ignore | None = None,
          data: bytes | None = None) -> Manifest:
-    """Normalise one source (see the module docstring); `data`: a dumpfile's text, already read."""
+    """Normalise one side (see the module docstring): a source or a tuple of layers (`layers`);
+    `data`: a dumpfile's text, already read."""
     from . import frontends
     from .build import batch_allocation
     from .frontends.image import read_tree
@@ -405,10 +437,10 @@ def load(source, options: Options | None = None, fmt: str | None = None, ignore:
     options = options or Options()
     ignore = ignore or Ignore()
     if fmt is None:
-        fmt = frontends.detect(source)
-    name = source_name(source)
+        fmt = detect(source)
+    name = side_name(source)
     with batch_allocation():
-        if fmt == "image":
+        if fmt == "image" and not isinstance(source, tuple):  # (several: the frontend says no)
             from .backends.erofs.reader import Image
             from .passes.exclude_entries import exclude_entries
             from .passes.resolve_hardlinks import resolve_hardlinks
@@ -424,7 +456,7 @@ def load(source, options: Options | None = None, fmt: str | None = None, ignore:
 
                 tree = dumpfile.loads(data, options, name)
             else:
-                tree = frontends.load([source], options, fmt)
+                tree = frontends.load(inputs(source), options, fmt)
             for compiler_pass in PASSES[:PASSES.index(add_overlay_xattrs) + 1]:
                 if compiler_pass is not validate_limits:  # it rejects, it changes nothing
                     tree = compiler_pass(tree, options)
@@ -455,7 +487,7 @@ class RemoteManifest:
         self.proc.start()
         child.close()
         self.image = None
-        self.name = source_name(source)
+        self.name = side_name(source)
         self.source = source
         self.fmt = fmt
         self.fields = ignore.fields

@@ -7,7 +7,7 @@ import os
 import textwrap
 
 import pytest
-from conftest import CONFORMANCE, cases, run_cfsc
+from conftest import CONFORMANCE, DATA, cases, run_cfsc
 
 from cfsc import check, frontends, schemas
 from cfsc.cli.diff import render_check
@@ -159,3 +159,183 @@ def test_an_unknown_way_names_the_option(tmp_path):
     assert p.returncode == 2
     assert p.stderr.decode() == ("error: --ways: unknown way 'bogus': expected some of "
                                  "shuffled, reversed, threads, environment, dump, image\n")
+
+
+# -- shuffled tar members and CRFS entries -----------------------------------------------------
+
+TAR = sorted((DATA / "tar").glob("*.tar.xz"))
+TOCS = [str(DATA / "crfs" / "basic.json"), str(DATA / "crfs" / "links.json"),
+        f"{DATA / 'crfs' / 'layer-1.json'}+{DATA / 'crfs' / 'layer-2.json'}"]
+
+
+def _member_paths(data: bytes) -> list[bytes]:
+    import io
+
+    from cfsc.frontends.tarstream import TarReader
+
+    with TarReader(io.BytesIO(data)) as reader:
+        return [m.path for m in reader.members()]
+
+
+@pytest.mark.parametrize("path", TAR, ids=[p.name.split("_")[0] for p in TAR])
+def test_reproducible_with_tar_members_shuffled(path):
+    import io
+    import lzma
+
+    out = io.BytesIO()
+    check.shuffle_tar(str(path), out, seed=1)
+    original = _member_paths(lzma.decompress(path.read_bytes()))
+    shuffled = _member_paths(out.getvalue())
+    assert sorted(shuffled) == sorted(original) and shuffled != original  # really another order
+    report = check.reproducible(str(path), Options(), None, ["shuffled", "threads"])
+    assert report.ok and [a.name for a in report.attempts] == ["shuffled", "threads"]
+    p = run_cfsc("check", "--reproducible", str(path), "--ways", "shuffled", "--json")
+    assert p.returncode == 0, p.stdout.decode() + p.stderr.decode()
+    report = json.loads(p.stdout)
+    assert schemas.problems("check-report", report) == [] and report["reproducible"][0]["way"] == "shuffled"
+
+
+@pytest.mark.parametrize("source", TOCS, ids=["basic", "links", "layers"])
+def test_reproducible_with_crfs_entries_shuffled(source):
+    import io
+
+    import orjson
+
+    from cfsc.manifest import inputs, layers
+
+    side = layers(source)
+    for one in inputs(side):
+        out = io.BytesIO()
+        check.shuffle_toc(one, out, seed=1)
+        before = orjson.loads(open(one, "rb").read())["entries"]
+        after = orjson.loads(out.getvalue())["entries"]
+        assert sorted(map(orjson.dumps, after)) == sorted(map(orjson.dumps, before))
+        assert len(before) < 4 or after != before
+    report = check.reproducible(side, Options(), None, ["shuffled"])
+    assert report.ok and [a.name for a in report.attempts] == ["shuffled"], check.report_json(report)
+
+
+def test_shuffled_orders_mean_the_same(tmp_path):
+    """Random layers and TOCs full of order-sensitive members (a path given twice, a file over a
+    directory, hard links, whiteouts, nameless chunks): every order `reorder` allows compiles to
+    the same image as the original (those the frontend accepts)."""
+    import io
+    import random
+
+    import orjson
+    from tarcraft import archive, member
+
+    from cfsc.errors import CfscError
+
+    names = [b"a", b"b", b"a/x", b"a/y", b"b/x", b"a/x/z", b"c", b".wh.a", b"a/.wh.x", b"a/.wh..wh..opq"]
+
+    def layer(rng):
+        parts, files = [], []
+        for _ in range(rng.randint(1, 12)):
+            name, k = rng.choice(names), rng.random()
+            if b".wh." in name:
+                parts.append(member(b"./" + name))
+            elif k < 0.35:
+                parts.append(member(b"./" + name + b"/", typeflag=b"5", mode=rng.choice([0o755, 0o700])))
+            elif k < 0.7:
+                parts.append(member(b"./" + name, rng.choice([b"x", b"y" * 100]), mode=rng.choice([0o644, 0o600])))
+                files.append(name)
+            elif k < 0.8:
+                parts.append(member(b"./" + name, typeflag=b"2", linkname=b"t"))
+            elif files:
+                parts.append(member(name, typeflag=b"1", linkname=b"./" + rng.choice(files)))
+        return archive(*parts)
+
+    def toc(rng):
+        entries, files = [], []
+        digest = "sha256:" + "ab" * 32
+        for _ in range(rng.randint(1, 14)):
+            name, k = rng.choice(["a", "b", "a/x", "a/y", "./a/", "/b", "a/x/z"]), rng.random()
+            if k < 0.3:
+                entries.append({"name": name, "type": "dir", "mode": rng.choice([0o755, 0o700])})
+            elif k < 0.6:
+                entries.append({"name": name, "type": "reg", "size": rng.choice([10, 10**5]), "digest": digest})
+                files.append(name)
+            elif k < 0.7:
+                entries.append({"name": name, "type": "symlink", "linkName": "t"})
+            elif k < 0.8 and files:
+                entries.append({"name": name, "type": "hardlink", "linkName": rng.choice(files)})
+            else:
+                entries.append({"type": "chunk", "chunkOffset": rng.randint(0, 5) * 10**5, "chunkSize": 10**5})
+        return orjson.dumps({"version": 1, "entries": entries})
+
+    def compiled(inputs, fmt, options):
+        from cfsc import frontends
+
+        return check.compile_tree(frontends.load([io.BytesIO(i) for i in inputs], options, fmt), options)
+
+    tried = 0
+    for seed in range(150):
+        rng = random.Random(seed)
+        for fmt, make, shuffle, options in (("tar", layer, check.shuffle_tar, Options(keep_whiteouts=bool(seed % 2))),
+                                            ("crfs", toc, check.shuffle_toc, Options())):
+            inputs = [make(rng) for _ in range(rng.randint(1, 3))]
+            try:
+                first = compiled(inputs, fmt, options)
+            except CfscError:
+                continue
+            tried += 1
+            for s in range(4):
+                outs = []
+                for i, data in enumerate(inputs):
+                    out = io.BytesIO()
+                    shuffle(io.BytesIO(data), out, seed=10 * s + i)
+                    outs.append(out.getvalue())
+                assert compiled(outs, fmt, options) == first, (fmt, seed, s)
+    assert tried > 60
+
+
+LAST_MEMBER = textwrap.dedent('''
+    """A test tar frontend whose tree depends on the member order: the root records the last one."""
+    from cfsc.frontends import tar
+    from cfsc.frontends.tarstream import TarReader
+
+    def load(source, options):
+        return load_many([source], options)
+
+    def load_many(sources, options):
+        tree = tar.load_many(sources, options)
+        with TarReader(sources[-1]) as reader:
+            last = [m.path for m in reader.members()][-1]
+        tree.root.xattrs = tuple(sorted(tree.root.xattrs + ((b"user.order", last),)))
+        return tree
+''')
+LAST_ENTRY = textwrap.dedent('''
+    """A test CRFS frontend whose tree depends on the entry order: the root records the names in order."""
+    import json
+
+    from cfsc.frontends import crfs
+
+    def load(source, options):
+        tree = crfs.load(source, options)
+        names = " ".join(e.get("name", "-") for e in json.load(open(source))["entries"]).encode()
+        tree.root.xattrs = tuple(sorted(tree.root.xattrs + ((b"user.order", names),)))
+        return tree
+''')
+
+
+@pytest.mark.parametrize("fmt", ["tar", "crfs"])
+def test_order_dependence_is_caught_by_shuffling(tmp_path, monkeypatch, fmt):
+    module = f"last_{fmt}_frontend"
+    (tmp_path / f"{module}.py").write_text(LAST_MEMBER if fmt == "tar" else LAST_ENTRY)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(frontends.FRONTENDS, fmt, (module, "test only: the order matters"))
+    source = str(TAR[0] if fmt == "tar" else DATA / "crfs" / "links.json")
+    report = check.reproducible(source, Options(), fmt, ["shuffled", "threads"])
+    assert not report.ok
+    shuffled, threads = report.attempts
+    assert threads.ok and shuffled.diff is not None
+    [change] = shuffled.diff.changes
+    assert change.path == b"/" and [a[:2] for a in change.attributes] == [("xattr", b"user.order")]
+    import io
+
+    out = io.BytesIO()
+    render_check(report, out, color=False)
+    text = out.getvalue().decode()
+    assert "shuffled (entries reordered" in text or "shuffled (members reordered" in text
+    assert "~ /\n    xattr user.order: " in text and text.endswith("not reproducible: 1 of 2 ways differ\n")

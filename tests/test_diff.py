@@ -398,6 +398,77 @@ def test_where_sees_attributes_that_are_ignored(tmp_path):
     assert [(c.path, c.attributes) for c in report.changes] == [(b"/small", [("mode", None, 0o644, 0o600)])]
 
 
+def _layers(tmp_path) -> dict[str, str]:
+    """Two stacks of two layers, A and B (B's top layer: one file changed, one more whited out),
+    and the image of stack A; members are spelled like an OCI layer's."""
+    from tarcraft import archive, member
+
+    bottom = archive(member(b"etc/", typeflag=b"5", mode=0o755), member(b"etc/keep", b"kept\n"),
+                     member(b"etc/gone", b"whited out\n"), member(b"etc/also", b"also\n"),
+                     member(b"usr/", typeflag=b"5", mode=0o755), member(b"usr/tool", b"t" * 300, mode=0o755))
+    top_a = archive(member(b"etc/.wh.gone"), member(b"etc/new", b"new\n", mode=0o600))
+    top_b = archive(member(b"etc/.wh.gone"), member(b"etc/.wh.also"), member(b"etc/new", b"new\n", mode=0o640))
+    made = {}
+    for name, data in (("l1.tar", bottom), ("l2a.tar", top_a), ("l2b.tar", top_b)):
+        (tmp_path / name).write_bytes(data)
+        made[name] = str(tmp_path / name)
+    made["image"] = str(tmp_path / "a.cfs")
+    compile_image([made["l1.tar"], made["l2a.tar"]], made["image"], Options())
+    made["A"] = made["l1.tar"] + "+" + made["l2a.tar"]
+    made["B"] = made["l1.tar"] + "+" + made["l2b.tar"]
+    return made
+
+
+def test_layers_as_a_side(tmp_path):
+    """`L1.tar+L2.tar`: a stack of layers against an image, against another stack, in check."""
+    made = _layers(tmp_path)
+    same = run_cfsc("diff", made["A"], made["image"])
+    assert same.returncode == 0, same.stdout.decode() + same.stderr.decode()
+    assert same.stdout.decode() == f"--- {made['A']} (tar)\n+++ {made['image']} (image)\nidentical\n"
+    golden = ["~ /etc/new", "    mode: 0600 → 0640", "- /etc/also  reg 0644 5 bytes",
+              "2 entries differ: 0 added, 1 removed, 1 changed"]
+    for a in (made["A"], made["image"]):  # layers vs layers, image vs layers
+        p = run_cfsc("diff", a, made["B"])
+        assert p.returncode == 1
+        assert sorted(p.stdout.decode().splitlines()[2:-1]) == sorted(golden[:-1])
+        assert p.stdout.decode().splitlines()[-1] == golden[-1]
+    # the bottom layer alone is a plain source: the top layer's changes show
+    p = run_cfsc("diff", made["l1.tar"], made["A"], "--json")
+    report = json.loads(p.stdout)
+    assert p.returncode == 1 and schemas.problems("diff-report", report) == []
+    assert report["b"]["source"] == made["A"]
+    assert [(c["path"], c["change"]) for c in report["changes"]] == [
+        ("/etc/gone", "removed"), ("/etc/new", "added")]
+    # in the library: a tuple of layers
+    report = diffing.diff((made["l1.tar"], made["l2a.tar"]), made["image"], parallel=True)
+    assert report.changes == [] and report.a.name == made["A"]
+    # cfsc check: the same syntax
+    digest = run_cfsc("compile", made["l1.tar"], made["l2a.tar"], "--print-digest-only", check=True).stdout
+    p = run_cfsc("check", made["A"], "--expect-digest", digest.decode().strip(), "--reproducible",
+                 "--ways", "shuffled,threads,environment")
+    assert p.returncode == 0, p.stdout.decode() + p.stderr.decode()
+    assert p.stdout.decode().endswith("reproducible: 5 compilations, one digest\n")
+    p = run_cfsc("check", made["B"], "--reference", made["A"], "--json")
+    assert p.returncode == 1 and json.loads(p.stdout)["reference"] == made["A"]
+
+
+def test_layers_syntax_edges(tmp_path):
+    made = _layers(tmp_path)
+    # a file whose name has a + is that file
+    plus = tmp_path / "a+b.tar"
+    plus.write_bytes(Path(made["l1.tar"]).read_bytes())
+    assert run_cfsc("diff", str(plus), made["l1.tar"]).returncode == 0
+    # a missing layer is named; a name none of whose parts exists is named whole
+    p = run_cfsc("diff", made["l1.tar"] + "+" + str(tmp_path / "nope.tar"), made["image"])
+    assert p.returncode == 2 and p.stderr.decode().startswith(f"error: {tmp_path / 'nope.tar'}: cannot open")
+    p = run_cfsc("diff", str(tmp_path / "x+y.tar"), made["image"])
+    assert p.returncode == 2 and p.stderr.decode().startswith(f"error: {tmp_path / 'x+y.tar'}: cannot open")
+    # layers of another format do not stack
+    p = run_cfsc("diff", made["image"] + "+" + made["image"], made["image"])
+    assert p.returncode == 2 and b"image sources do not combine" in p.stderr
+    assert "base.tar+app.tar.gz" in run_cfsc("diff", "--help").stdout.decode()
+
+
 def test_parallel_and_sequential_agree(sources):
     a, b = sources["base"]["dir"], sources["hardlink"]["dump"]
     options = Options(hardlinks=True)

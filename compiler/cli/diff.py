@@ -188,7 +188,8 @@ def render_stat(report, out) -> None:
 
 @command("diff")
 def diff_cmd(
-    a: str = typer.Argument(..., help="First source: image, dumpfile, directory, tar, CRFS JSON, ostree:REPO:REF."),
+    a: str = typer.Argument(..., help="First source: image, dumpfile, directory, tar, CRFS JSON, ostree:REPO:REF, "
+                            "or layers L1.tar+L2.tar (bottom first)."),
     b: str = typer.Argument(..., help="Second source (any kind)."),
     as_json: bool = JSON,
     stat: bool = typer.Option(False, "--stat", help="Only counts: per kind, per attribute, per top-level directory."),
@@ -215,6 +216,10 @@ def diff_cmd(
     """Entries added, removed and changed between two sources, attribute by attribute.
 
     Both sides are compared as the image each one is or compiles to, as a user sees it.
+
+    Layers: a side may be tar layers joined by +, bottom first (base.tar+app.tar.gz), merged
+    as `cfsc compile base.tar app.tar.gz` merges them (+ splits only if no file has that name).
+
     Queries (--where, --exclude) look like: path ~ "/usr/lib/**" and type == reg and size > 1M
     (fields: path name type mode uid gid size mtime nlink rdev target payload digest content
     xattr["KEY"]; ~ is a glob, ** crosses directories).  When both sides are images whose
@@ -227,8 +232,11 @@ def diff_cmd(
     from .. import query
     from ..manifest import Ignore
 
+    from ..manifest import layers
+
     options = _options(min_version, max_version, strict, threads, clamp_mtime, exclude, use_epoch,
                        skip_devices, skip_xattrs, user_xattrs, hardlinks, basedir)
+    a, b = layers(a), layers(b)
     ignored = Ignore.parse(ignore)
     matches = query.parse(where, "--where") if where is not None else None
     paint = _color(color)
@@ -279,7 +287,7 @@ def render_check(report, out, color: bool) -> None:
 
 @command("check")
 def check_cmd(
-    source: str = typer.Argument(..., help="The source to compile (any kind)."),
+    source: str = typer.Argument(..., help="The source to compile (any kind; layers: L1.tar+L2.tar, as for diff)."),
     expect_digest: str | None = typer.Option(None, "--expect-digest", help="The digest it must compile to: sha256:HEX (or HEX)."),
     reference: str | None = typer.Option(None, "--reference", help="An image (or any source, compiled alike) to diff against; "
                                          "without --expect-digest its digest is the expected one."),
@@ -304,8 +312,10 @@ def check_cmd(
 ) -> None:
     """Check a source's digest for CI: against an expected digest or reference, and/or for reproducibility.
 
-    --reproducible compiles the source several ways — a dumpfile's lines shuffled (parents
-    first), entries inserted in reverse, another --threads, child processes with other TZ,
+    --reproducible compiles the source several ways — its input reordered as the format
+    allows (a dumpfile's lines, parents first; a tar archive's members or a CRFS TOC's
+    entries, keeping the order of those for one path, a path and its ancestors, and hard links
+    after their targets), entries inserted in reverse, another --threads, child processes with other TZ,
     locale and umask, and round trips through a dump and through the image — and fails
     unless every digest is the same, showing the diff of each one that is not.
 
@@ -313,6 +323,7 @@ def check_cmd(
     """
     from .. import check
     from ..check import VARIANTS
+    from ..manifest import layers
 
     if expect_digest is None and reference is None and not reproducible:
         raise UsageError("nothing to check: give --expect-digest, --reference and/or --reproducible")
@@ -321,11 +332,13 @@ def check_cmd(
     paint = _color(color)
     digest = check.parse_digest(expect_digest) if expect_digest is not None else None
     chosen = check.known_ways(w.strip() for w in ways.split(",") if w.strip()) if ways else list(VARIANTS)
+    source = layers(source)
+    reference = layers(reference) if reference is not None else None
     baseline = check.compile_source(source, options, source_format)
     if digest is not None or reference is not None:
         report = check.expect(source, options, source_format, digest, reference, baseline=baseline)
     else:
-        report = check.CheckReport(os.fsdecode(source), check.digest_bytes(baseline))
+        report = check.CheckReport(check.side_name(source), check.digest_bytes(baseline))
     if reproducible:
         check.reproducible(source, options, source_format, chosen, report, baseline)
     if as_json:
