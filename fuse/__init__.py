@@ -8,10 +8,11 @@ The FUSE server speaks the kernel protocol over `/dev/fuse` itself, in pure Pyth
 libfuse), and shows an image exactly as the kernel composefs mount (EROFS + overlayfs)
 does.  `MountOptions(kernel=True)` makes that kernel mount instead, as `mount.composefs`.
 
-Modules, bottom up: `protocol` (the wire structures), `syscalls` (mount, openat2, …),
-`view` (the kernel mount's view of an image, over the image reader), `backing` (store
-access, confined and verified), `server` (the request loop), `mount` (attach and detach a
+Modules, bottom up: `protocol` (the wire structures), `view` (the kernel mount's view of an
+image, over the image reader), `server` (the request loop), `mount` (attach and detach a
 FUSE connection), `daemon` (foreground and background life), `kernel` (EROFS + overlayfs).
+Store access, confined and verified, is `cfsc.backing` (other readers of a store use it too);
+the system calls Python's `os` lacks are `cfsc.syscalls`.
 """
 
 from __future__ import annotations
@@ -95,7 +96,7 @@ def mount(image: str, mountpoint: str, options: MountOptions | None = None) -> N
 
         mount_kernel(image, mountpoint, options)
         return
-    from .backing import Store
+    from cfsc.backing import Store
     from .daemon import serve_background, serve_foreground
     from .mount import check_mountpoint
 

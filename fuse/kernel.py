@@ -22,13 +22,13 @@ import os
 import struct
 import tempfile
 
+from cfsc import syscalls
 from cfsc.backends.erofs.layout import COMPOSEFS_FLAGS_HAS_ACL
+from cfsc.backing import Store
 from cfsc.errors import InputError, UsageError
-
-from . import check_digest, checked_view, syscalls
 from cfsc.fsverity import kernel_digest
 
-from .backing import Store
+from . import check_digest, checked_view
 from .mount import MountError, check_mountpoint, privileged
 
 SOURCE = "composefs"

@@ -22,7 +22,7 @@ import subprocess
 
 from cfsc.errors import CfscError, InputError
 
-from . import syscalls
+from cfsc import syscalls
 
 DEVICE = "/dev/fuse"
 SUBTYPE = "composefs"

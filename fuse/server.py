@@ -39,11 +39,11 @@ import stat
 import sys
 import threading
 
+from cfsc.backing import Cancelled, Store
 from cfsc.errors import CfscError
+from cfsc.syscalls import has_cap_sys_admin
 
 from . import protocol as P
-from .backing import Cancelled, Store
-from .syscalls import has_cap_sys_admin
 from .view import BLOCK_SIZE, ImageView, Node
 
 log = logging.getLogger("cfsc.fuse")

@@ -40,7 +40,7 @@ from cfsc.backends.erofs.writer import write_image
 from cfsc.fsverity import digest_bytes, payload_path
 from cfsc.fuse import MountOptions, open_view
 from cfsc.fuse import protocol as P
-from cfsc.fuse.backing import Store, open_by_walk
+from cfsc.backing import Store, open_by_walk
 from cfsc.fuse.kernel import mount_kernel
 from cfsc.fuse.mount import MountError, mount_fuse, unmount
 from cfsc.fuse.server import Server

@@ -44,7 +44,7 @@ def mount_cmd(
     the reason; `cfsc umount MOUNTPOINT` ends it.
     """
     from ..fuse import MountOptions, mount
-    from ..fuse.backing import parse_basedirs
+    from ..backing import parse_basedirs
 
     options = MountOptions(
         basedirs=parse_basedirs(basedir) if basedir else [], verity=_verity(verity), digest=digest,
@@ -117,7 +117,7 @@ def _fuse_options(text: str) -> list[tuple[str, str | None]]:
 def composefs_fuse_cmd(ctx: typer.Context) -> None:
     """Drop-in for upstream `composefs-fuse -o source=IMAGE,basedir=DIR [-f] [-s] [-d] MOUNTPOINT`."""
     from ..fuse import MountOptions, mount
-    from ..fuse.backing import parse_basedirs
+    from ..backing import parse_basedirs
     from ..getopt import getopt_long
 
     where = "composefs-fuse"

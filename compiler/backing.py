@@ -1,5 +1,8 @@
 """External file data: backing files opened from the store(s), confined and verified.
 
+Every reader of a store goes through here: the FUSE server, `fsck-store`, the CRFS
+frontend's `--basedir`.
+
 A payload comes from the image, so it is untrusted: `../`, an absolute path or a symlink
 anywhere on the way must never reach a file outside the base directory.  Resolution is
 `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)` where the kernel has it (5.6+), else a walk
