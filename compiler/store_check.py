@@ -7,7 +7,8 @@ finds, for every object the images reference:
 * missing — no file at that path;
 * corrupt — not a regular file, a size other than the image's, or (when the image records
   one) an fs-verity digest other than the image's;
-* invalid — a payload that would leave the store (`..` components).
+* invalid — a payload that would leave the store (`..` components, an absolute path, a
+  symlink on the way: objects are opened as the FUSE server opens them, `cfsc.backing`).
 
 and names every image path that uses each bad object.  An object no image records a digest
 for can only be checked for its size; the report counts those as `unverified`, so "no
@@ -19,14 +20,16 @@ walk per image.
 
 from __future__ import annotations
 
+import errno
 import os
-import stat
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from .backends.erofs.entries import walk
 from .backends.erofs.reader import Image
-from .fsverity import digest_file
+from .backing import Store
+from .errors import LookupFailed
+from .fsverity import digest_fd
 from .images import object_path, open_basedir
 from .tree import S_IFMT, S_IFREG
 
@@ -55,13 +58,14 @@ def check_store(images: list[Image], basedir: str, threads: int = 1) -> Report:
         for _path, e, first in walk(image):
             if first is None and e.payload is not None and e.mode & S_IFMT == S_IFREG:
                 expected.setdefault(e.payload, set()).add((e.size, e.digest))
-    fd = open_basedir(basedir)
+    os.close(open_basedir(basedir))  # the located "cannot open the store directory" error
+    store = Store([basedir], verity="none")
     try:
         payloads = sorted(expected)
         with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
-            results = list(pool.map(lambda p: _check(fd, basedir, p, expected[p]), payloads))
+            results = list(pool.map(lambda p: _check(store, p, expected[p]), payloads))
     finally:
-        os.close(fd)
+        store.close()
     problems = [Problem(p, *r) for p, r in zip(payloads, results, strict=True) if r is not None]
     if problems:
         bad = {p.payload: p for p in problems}
@@ -75,30 +79,31 @@ def check_store(images: list[Image], basedir: str, threads: int = 1) -> Report:
     return Report(len(expected), problems, unverified)
 
 
-def _check(fd: int, basedir: str, payload: bytes, wanted: set[tuple[int, bytes | None]]) -> tuple[str, str] | None:
+def _check(store: Store, payload: bytes, wanted: set[tuple[int, bytes | None]]) -> tuple[str, str] | None:
     rel = object_path(payload)
     if not rel or b".." in rel.split(b"/") or b"\0" in rel:
         return "invalid", "the path leaves the store"
     try:
-        st = os.stat(rel, dir_fd=fd, follow_symlinks=False)
-    except FileNotFoundError:
-        return "missing", "no such file"
-    except NotADirectoryError:
-        return "missing", "a parent is not a directory"
-    except OSError as e:
-        return "corrupt", f"cannot stat: {e.strerror}"
-    if not stat.S_ISREG(st.st_mode):
-        return "corrupt", f"not a regular file (mode {st.st_mode:o})"
-    sizes = sorted({size for size, _digest in wanted})
-    if st.st_size not in sizes:
-        return "corrupt", f"size {st.st_size}, expected {' or '.join(map(str, sizes))}"
-    digests = {digest for size, digest in wanted if digest is not None and size == st.st_size}
-    if not digests:
-        return None
+        fd = store.open(rel, None)
+    except LookupFailed as e:
+        if e.errno == errno.ENOENT:
+            return "missing", "no such file"
+        kind = "invalid" if "leads outside" in e.what else "corrupt"
+        return kind, e.what.split(": ", 1)[-1] if kind == "corrupt" else "the path leaves the store (a symlink on the way)"
     try:
-        actual = digest_file(os.path.join(os.fsencode(basedir), rel))
-    except OSError as e:
-        return "corrupt", f"cannot read: {e.strerror}"
+        size = os.fstat(fd).st_size
+        sizes = sorted({size for size, _digest in wanted})
+        if size not in sizes:
+            return "corrupt", f"size {size}, expected {' or '.join(map(str, sizes))}"
+        digests = {digest for s, digest in wanted if digest is not None and s == size}
+        if not digests:
+            return None
+        try:
+            actual = digest_fd(fd)
+        except OSError as e:
+            return "corrupt", f"cannot read: {e.strerror}"
+    finally:
+        os.close(fd)
     if actual not in digests:
         return "corrupt", f"fs-verity digest {actual.hex()}, expected {' or '.join(sorted(d.hex() for d in digests))}"
     return None

@@ -559,10 +559,11 @@ class _Builder:
         if kind == HARDLINK:
             return self.hardlink(e, name, mode, twins)
         if kind == S_IFLNK:
+            link_name = _text(e, "linkName", twins)
+            if link_name is ABSENT:  # required even when x-payload gives the target, as legacy
+                raise _Bad("linkName", "missing: required for type symlink")
             if payload is ABSENT:
-                payload = _text(e, "linkName", twins)
-                if payload is ABSENT:
-                    raise _Bad("linkName", "missing: required for type symlink")
+                payload = link_name
             problem = limits.check_symlink(payload)
             if problem:
                 raise _Bad("linkName", problem)
@@ -887,7 +888,7 @@ def _add_digests(tree: Tree, options: Options) -> None:
     payloads are opened as the FUSE server opens them (`cfsc.fuse.backing.Store`), confined.
     """
     from cfsc.fsverity import digest_fd
-    from cfsc.fuse.backing import Store
+    from cfsc.backing import Store
 
     todo: dict[bytes, dict[int, Inode]] = {}
     for node in tree.directories():  # every name: a replaced home can leave an inode only links reach

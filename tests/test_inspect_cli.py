@@ -285,6 +285,16 @@ def test_fsck_store_bad_input(tmp_path, cfsc):
     (tmp_path / "evil.cfs").write_bytes(evil)
     p = cfsc("fsck-store", "evil.cfs", "--basedir", str(store), cwd=tmp_path)
     assert p.returncode == 1 and b"invalid ../../etc/passwd: the path leaves the store" in p.stdout
+    # A fan-out directory that is a symlink out of the store: refused, the outside never read.
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "obj").write_bytes(b"secret")
+    (store / "zz").symlink_to(outside)
+    sneaky = image_of(b"/ 4096 40755 2 0 0 0 0.0 - - -\n/e 6 100644 1 0 0 0 0.0 zz/obj - " + b"00" * 32 + b"\n")
+    (tmp_path / "sneaky.cfs").write_bytes(sneaky)
+    p = cfsc("fsck-store", "sneaky.cfs", "--basedir", str(store), cwd=tmp_path)
+    assert p.returncode == 1 and b"invalid zz/obj: the path leaves the store" in p.stdout, p.stdout
+    assert b"fs-verity digest" not in p.stdout
 
 
 def test_dump_of_special_conformance_input(cfsc, tmp_path):
