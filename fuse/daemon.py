@@ -53,6 +53,7 @@ def serve_background(view, store, mountpoint: str, options) -> None:
         os.close(r)
         os.setsid()
         os.chdir("/")
+        _close_inherited(keep=w)
         parent = _Parent(w)
         code = 0
         try:
@@ -83,6 +84,20 @@ def serve_background(view, store, mountpoint: str, options) -> None:
         _word, code, where, what = said.split(b"\0", 3)
         raise ServerFailed(_unwire(what), _unwire(where), int(code))
     raise MountError("the mount server died before the mount worked", mountpoint)
+
+
+def _close_inherited(keep: int) -> None:
+    """Close what the caller let us inherit beyond stdio (a pipe it waits on, say): the server
+    outlives the command, and must not hold the caller's descriptors open.  Everything cfsc
+    opens itself is close-on-exec (PEP 446), so the inheritable ones are exactly those."""
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd > 2 and fd != keep:
+            try:
+                if os.get_inheritable(fd):
+                    os.close(fd)
+            except OSError:
+                pass  # the listing's own descriptor, closed by now
 
 
 class ServerFailed(MountError):

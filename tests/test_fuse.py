@@ -617,11 +617,19 @@ def test_background_server_leaves_the_working_directory_and_stops_on_sigterm_and
     mnt.mkdir()
     for how in ("sigterm", "umount"):
         log = tmp_path / f"{how}.log"
-        # relative paths, from a directory the server must not keep busy
-        p = run_cfsc("mount", image.name, mnt.name, "--basedir", store.name, "--log", log.name, cwd=tmp_path)
+        # relative paths, from a directory the server must not keep busy; and a pipe the
+        # caller leaves open to it, which the server must not keep either
+        r, w = os.pipe()
+        os.set_inheritable(w, True)
+        p = subprocess.run([CFSC, "mount", image.name, mnt.name, "--basedir", store.name, "--log", log.name],
+                           cwd=tmp_path, capture_output=True, pass_fds=(w,))
+        os.close(w)
         assert p.returncode == 0, p.stderr
         pid = _server_pid(log)
         try:
+            os.set_blocking(r, False)
+            assert os.read(r, 1) == b"", "the server holds the caller's pipe open"
+            os.close(r)
             assert os.readlink(f"/proc/{pid}/cwd") == "/"
             assert (mnt / "big").read_bytes() == files["big"], "the store found from /"
             mounts = Path("/proc/self/mounts").read_text().splitlines()
