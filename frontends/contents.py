@@ -5,13 +5,13 @@ inlined; every non-empty regular file gets its fs-verity digest and the payload 
 naming it; with a content store, the files that are not inlined are written into it.  Without
 a store the digests are still computed (the image needs them) and nothing is written.
 
-Store objects go through the store's temp files (written, then linked into place at its next
-commit), so an object never appears with partial content.  A file held in memory is hashed
-first and written only if the store lacks it (`Store.import_bytes`); a large file is hashed
-while it is written (`Store.import_chunks`), and its temp copy is dropped if the object was
-there already.  After
-an error `abort()` removes the temp files of everything not yet committed; objects committed
-before (complete, content-addressed) stay.
+Store objects go through the store's temp files, linked into place all at once by `finish()`
+when every layer was read: an object never appears with partial content, and a run that fails
+leaves no object at all (`abort()` removes the temp files; a truncated archive's complete
+members, or the data of a gzip member whose CRC fails at its end, never reach the store).  A
+file held in memory is hashed first and written only if the store lacks it
+(`Store.import_bytes`); a large file is hashed while it is written (`Store.import_chunks`),
+and its temp copy is dropped if the object was there already.
 
 Threads: with `threads > 1` the hashing and writing run in a pool while the caller keeps
 decompressing and parsing.  Files taken whole (up to `WHOLE_MAX` bytes) go to the pool in
@@ -104,7 +104,7 @@ class Contents:
         self._track(future, 1, 0, size)
 
     def finish(self) -> None:
-        """Wait for every file; commit the store."""
+        """Wait for every file; commit the store (the run succeeded)."""
         self._flush()
         while self.inflight:
             self._reap()
@@ -114,7 +114,7 @@ class Contents:
             self.store.commit()
 
     def abort(self) -> None:
-        """After an error: stop the workers and remove the uncommitted temp objects."""
+        """After an error: stop the workers and remove every temp object (nothing was committed)."""
         self.failed = True
         if self.pool is not None:
             self.pool.shutdown(wait=True, cancel_futures=True)

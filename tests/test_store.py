@@ -3,6 +3,7 @@ with the Debian `fsverity` tool), atomic under kill -9, shared safely by concurr
 
 from __future__ import annotations
 
+import gzip
 import os
 import signal
 import subprocess
@@ -12,6 +13,7 @@ import time
 import pytest
 from conftest import CFSC, image_of
 from dirtrees import Entry, dumpfile, make
+from tarcraft import from_entries
 
 from cfsc.fsverity import digest_bytes, payload_path
 from cfsc.store import TEMP_PREFIX, SourceChanged, Store
@@ -112,21 +114,24 @@ def _sparse_tree(root, tag: bytes, count: int, size: int, shared: int = 0) -> No
             f.truncate(size)
 
 
+def temps(store) -> list[str]:
+    return [n for n in os.listdir(store) if n.startswith(TEMP_PREFIX)] if os.path.isdir(store) else []
+
+
 def test_killed_import_leaves_no_partial_object(tmp_path):
-    _sparse_tree(tmp_path / "src", b"kill", 32, 3 << 20)  # the store commits every 32 MiB
+    _sparse_tree(tmp_path / "src", b"kill", 32, 3 << 20)
     store = tmp_path / "store"
     proc = subprocess.Popen([CFSC, "compile", str(tmp_path / "src"), "-o", str(tmp_path / "x.cfs"),
-                             "--digest-store", str(store)], stderr=subprocess.PIPE)
+                             "--digest-store", str(store), "--threads", "1"], stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
-    while not (store.is_dir() and objects(store)):
+    while len(temps(store)) < 16:  # killed mid-way, with more imported than one old batch (32 MiB)
         assert proc.poll() is None, proc.stderr.read().decode()  # type: ignore[union-attr]
         assert time.monotonic() < deadline
         time.sleep(0.002)
     proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL
     proc.stderr.close()  # type: ignore[union-attr]
-    found = check_objects(store)
-    assert 0 < len(found) < 32
+    assert check_objects(store) == {}  # objects get their names only when the whole run succeeded
     assert not (tmp_path / "x.cfs").exists()
     # What may remain is temp files, recognisable by name, at the top of the store.
     assert all(n.startswith(TEMP_PREFIX) or len(n) == 2 for n in os.listdir(store))
@@ -137,18 +142,130 @@ def test_killed_import_leaves_no_partial_object(tmp_path):
 
 
 def test_concurrent_imports_into_one_store(tmp_path):
+    """Two directory imports of overlapping trees, started at the same moment (both wait on a
+    FIFO, opened for writing once both are waiting), into one store."""
     for tag in (b"a", b"b"):
-        _sparse_tree(tmp_path / f"src-{tag.decode()}", tag, 24, 1 << 20, shared=16)
+        _sparse_tree(tmp_path / f"src-{tag.decode()}", tag, 48, 1 << 20, shared=32)
     store = tmp_path / "store"
-    procs = [subprocess.Popen([CFSC, "compile", str(tmp_path / f"src-{t}"), "-o", str(tmp_path / f"{t}.cfs"),
-                               "--digest-store", str(store), "--threads", "2"], stderr=subprocess.PIPE)
+    gate = tmp_path / "gate"
+    os.mkfifo(gate)
+    procs = [subprocess.Popen(["sh", "-c", 'cat "$1" >/dev/null && exec "$2" compile "$3" -o "$4" --digest-store "$5"'
+                               ' --threads 2', "sh", str(gate), CFSC, str(tmp_path / f"src-{t}"),
+                               str(tmp_path / f"{t}.cfs"), str(store)], stderr=subprocess.PIPE)
              for t in "ab"]
+    time.sleep(0.3)  # both `cat`s open the FIFO ...
+    with open(gate, "wb"):
+        pass  # ... and see its end at once
     for p in procs:
-        _out, err = p.communicate()
+        _out, err = p.communicate(timeout=120)
         assert p.returncode == 0, err.decode()
-    assert len(check_objects(store)) == 16 + 8 + 8
-    assert not [n for n in os.listdir(store) if n.startswith(TEMP_PREFIX)]
+    assert len(check_objects(store)) == 32 + 16 + 16
+    assert not temps(store)
     for t in "ab":  # both agree with a run on its own, without a store
         alone = subprocess.run([CFSC, "compile", str(tmp_path / f"src-{t}"), "-o", "-"], check=True,
                                capture_output=True).stdout
         assert (tmp_path / f"{t}.cfs").read_bytes() == alone
+
+
+def test_concurrent_commits_race_for_every_shared_object(tmp_path):
+    """Two tar imports from pipes, held back before their end-of-archive marker until both
+    have every object pending (as temp files, counted), then released together: for each
+    shared object one of them links it and the other finds it there (EEXIST).  Both succeed,
+    agree, and the store is exactly right."""
+    shared = [os.urandom(3000) for _ in range(40)]
+    layers, alone = {}, {}
+    for t in "ab":
+        own = [os.urandom(5000) for _ in range(10)]
+        # Last in the archive: the reader takes 1 MiB at a time, this pushes the rest through.
+        filler = os.urandom(3 << 20)
+        entries = [Entry(b"", "dir"), Entry(b"zz-filler", data=filler)]
+        entries += [Entry(b"s%02d" % i, data=d) for i, d in enumerate(shared)]
+        entries += [Entry(b"%s%02d" % (t.encode(), i), data=d) for i, d in enumerate(own)]
+        layers[t] = from_entries(entries)
+        alone[t] = image_of(dumpfile(entries, hardlinks=True))
+    store = tmp_path / "store"
+    procs = {t: subprocess.Popen([CFSC, "compile", "-", "-o", str(tmp_path / f"{t}.cfs"), "--digest-store",
+                                  str(store), "--threads", "1"], stdin=subprocess.PIPE, stderr=subprocess.PIPE)
+             for t in "ab"}
+    try:
+        for t, p in procs.items():
+            body = layers[t][:-1024 - (2 << 20)]  # all but 2 MiB of the filler, and the end marker
+            p.stdin.write(body)  # type: ignore[union-attr]
+            p.stdin.flush()  # type: ignore[union-attr]
+        want = 2 * len(shared) + 2 * 10
+        deadline = time.monotonic() + 60
+        while len(temps(store)) < want:
+            assert all(p.poll() is None for p in procs.values())
+            assert time.monotonic() < deadline, len(temps(store))
+            time.sleep(0.01)
+        assert objects(store) == {}
+        for t, p in procs.items():
+            p.stdin.write(layers[t][-1024 - (2 << 20):])  # type: ignore[union-attr]
+        for p in procs.values():
+            p.stdin.close()  # type: ignore[union-attr]
+        for p in procs.values():
+            err = p.stderr.read()  # type: ignore[union-attr]
+            assert p.wait(60) == 0, err.decode()
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    found = check_objects(store)
+    assert len(found) == len(shared) + 2 * 10 + 2  # + the two fillers
+    assert not temps(store)
+    for t in "ab":
+        assert (tmp_path / f"{t}.cfs").read_bytes() == alone[t]
+
+
+def test_commit_when_another_importer_linked_first(tmp_path):
+    """The EEXIST path: the other importer's object stays (not rewritten), ours is dropped."""
+    data = os.urandom(10_000)
+    digest = digest_bytes(data)
+    ours, theirs = Store(tmp_path / "store"), Store(tmp_path / "store")
+    ours.import_bytes(data, digest)
+    theirs.import_bytes(data, digest)
+    assert len(temps(tmp_path / "store")) == 2 and objects(tmp_path / "store") == {}
+    theirs.commit()
+    first = os.stat(tmp_path / "store" / payload_path(digest).decode())
+    ours.commit()
+    after = check_objects(tmp_path / "store")
+    assert list(after) == [payload_path(digest).decode()]
+    assert (after[payload_path(digest).decode()].st_ino, after[payload_path(digest).decode()].st_nlink) == (
+        first.st_ino, 1)
+    assert not temps(tmp_path / "store")
+
+
+def test_a_failed_run_leaves_the_store_as_it_was(tmp_path, cfsc):
+    """All or nothing: a truncated archive of more objects than any batch (4096 files, 32 MiB)
+    and a gzip whose CRC fails at its very end (all members read) leave no object and no temp
+    file, with any number of threads; a run that fails before importing anything does not even
+    create the store."""
+    entries = [Entry(b"", "dir")] + [Entry(b"f%04d" % i, data=b"%d" % i * 40) for i in range(4200)]
+    entries += [Entry(b"big%d" % i, data=os.urandom(1 << 20) * 9) for i in range(4)]  # 36 MiB
+    layer = from_entries(entries)
+    truncated = tmp_path / "truncated.tar"
+    truncated.write_bytes(layer[:-1024])  # every member there, the end marker missing
+    corrupt = bytearray(gzip.compress(layer, compresslevel=1))
+    corrupt[-8] ^= 1  # the CRC, checked after the last byte of data
+    bad_crc = tmp_path / "crc.tar.gz"
+    bad_crc.write_bytes(bytes(corrupt))
+    store = tmp_path / "store"
+    old = os.urandom(1000)  # an object from an earlier run stays
+    with Store(store) as s:
+        s.import_bytes(old, digest_bytes(old))
+    for source, message in ((truncated, "without its end-of-archive marker"), (bad_crc, "CRC check failed")):
+        for threads in ("1", "2"):
+            p = cfsc("compile", str(source), "-o", str(tmp_path / "x.cfs"), "--digest-store", str(store),
+                     "--threads", threads)
+            assert p.returncode == 2 and message in p.stderr.decode(), p.stderr.decode()
+            assert list(objects(store)) == [payload_path(digest_bytes(old)).decode()]
+            assert not temps(store)
+            assert not (tmp_path / "x.cfs").exists()
+    broken = tmp_path / "broken.tar"
+    broken.write_bytes(b"x" * 512 + bytes(1024))
+    for source in (broken, tmp_path / "missing"):
+        p = cfsc("compile", "--from", "tar", str(source), "-o", str(tmp_path / "x.cfs"), "--digest-store",
+                 str(tmp_path / "new-store"))
+        assert p.returncode == 2
+        assert not (tmp_path / "new-store").exists()
