@@ -10,16 +10,13 @@ head of the input wins.
 from __future__ import annotations
 
 import importlib
-import io
-import lzma
 import os
-import sys
-import zlib
 from types import ModuleType
 
+from cfsc import streams
 from cfsc.errors import InputError, UsageError
 from cfsc.options import Options
-from cfsc.streams import GZIP_MAGIC, XZ_MAGIC, ZSTD_MAGIC, source_name
+from cfsc.streams import source_name
 from cfsc.tree import Tree
 
 # name → (module, description); order matters for detection.
@@ -44,33 +41,26 @@ def module(name: str) -> ModuleType:
         raise UsageError(f"unknown source format {name!r}: expected one of {', '.join(FRONTENDS)}", "--from") from None
 
 
-def _head(source) -> bytes:
-    if source == "-":
-        stdin = sys.stdin.buffer
-        return stdin.peek(HEAD_SIZE)[:HEAD_SIZE] if hasattr(stdin, "peek") else b""
-    try:
-        with open(source, "rb") as f:
-            head = f.read(HEAD_SIZE)
-            if head.startswith((GZIP_MAGIC, ZSTD_MAGIC, XZ_MAGIC)):
-                head += f.read(COMPRESSED_HEAD_SIZE - len(head))
-            return head
-    except OSError as e:
-        raise InputError(f"cannot open: {e.strerror}", source_name(source)) from None
-
-
-def _decompressed_head(head: bytes) -> bytes:
-    try:
-        if head.startswith(GZIP_MAGIC):
-            return zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(head, HEAD_SIZE)
-        if head.startswith(ZSTD_MAGIC):
-            import zstandard
-
-            return zstandard.ZstdDecompressor().stream_reader(io.BytesIO(head)).read(HEAD_SIZE)
-        if head.startswith(XZ_MAGIC):
-            return lzma.LZMADecompressor().decompress(head, HEAD_SIZE)
-    except Exception:
-        return b""
-    return head
+def _head(source) -> tuple[bytes, str | None]:
+    """The first HEAD_SIZE bytes of the (decompressed) input, and for a compressed input that
+    gave fewer, why: truncated or corrupt (None when it is just short).  Compressed inputs are
+    read further, up to COMPRESSED_HEAD_SIZE, until they yield enough.  Nothing is consumed: a
+    pipe's head is kept for its reader (`streams.head`)."""
+    want = HEAD_SIZE
+    while True:
+        raw = streams.head(source, want)
+        kind = streams.compression(raw)
+        if kind is None:
+            return raw, None
+        head, more, problem = streams.decompress_head(raw, HEAD_SIZE)
+        if not more:
+            return head, problem
+        if len(raw) < want:  # the whole input, and it stops inside a member/frame
+            return head, (f"truncated: the {kind} stream ends inside a {streams.UNITS[kind]} at compressed byte"
+                          f" {len(raw)}, after {len(head)} bytes of data")
+        if want >= COMPRESSED_HEAD_SIZE:
+            return head, None
+        want *= 4
 
 
 def detect(source) -> str:
@@ -81,11 +71,13 @@ def detect(source) -> str:
         if "dir" in FRONTENDS:
             return "dir"
         raise UsageError("directory sources are not supported yet", source_name(source))
-    head = _decompressed_head(_head(source))
+    head, problem = _head(source)
     for name, (modname, _desc) in FRONTENDS.items():
         sniff = getattr(importlib.import_module(modname), "sniff", None)
         if sniff is not None and sniff(head):
             return name
+    if problem is not None:
+        raise InputError(problem, source_name(source))
     raise UsageError(f"cannot tell the format from the content: use --from ({', '.join(FRONTENDS)})",
                      source_name(source))
 

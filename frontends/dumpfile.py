@@ -40,8 +40,16 @@ _HEX = re.compile(rb"(?:[0-9a-fA-F]{2})*")
 
 
 def sniff(head: bytes) -> bool:
-    """A dumpfile starts with its root record: `/ ` then a number."""
-    return re.match(rb"/ [ \t+-]*[0-9]+ [ \t+-]*[0-7]+ ", head) is not None
+    """A dumpfile starts with its root record: `/ ` then a number.  Text whose first line is
+    some other record (a path starting with `/`, or any path then SIZE and MODE) is taken too:
+    the parser's located error on it says more than "cannot tell the format".  Nothing else
+    starts so (tar headers and images hold NULs, JSON starts with `{`)."""
+    if re.match(rb"/ [ \t+-]*[0-9]+ [ \t+-]*[0-7]+ ", head) is not None:
+        return True
+    line = head.split(b"\n", 1)[0]
+    if not line or re.search(rb"[\x00-\x08\x0e-\x1f\x7f]", line):
+        return False
+    return line.startswith(b"/") or re.match(rb"\S+[ \t]+[0-9]+[ \t]+@?[0-7]+(?:[ \t]|\Z)", line) is not None
 
 
 BATCH = 8192

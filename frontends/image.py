@@ -28,19 +28,22 @@ from __future__ import annotations
 from collections import deque
 
 from cfsc.backends.erofs.entries import Entries, Entry, walk
-from cfsc.backends.erofs.layout import COMPOSEFS_MAGIC
+from cfsc.backends.erofs.layout import COMPOSEFS_MAGIC, EROFS_SUPER_MAGIC_V1, EROFS_SUPER_OFFSET
 from cfsc.backends.erofs.reader import Image, RawInode
 from cfsc.options import Options
 from cfsc.passes.add_overlay_xattrs import ESCAPED_WHITEOUTS
 from cfsc.tree import S_IFCHR, S_IFDIR, S_IFLNK, S_IFMT, S_IFREG, Inode, Tree
 
 MAGIC = COMPOSEFS_MAGIC.to_bytes(4, "little")
+EROFS_MAGIC = EROFS_SUPER_MAGIC_V1.to_bytes(4, "little")
 U16 = 0xFFFF
 U32 = 0xFFFFFFFF
 
 
 def sniff(head: bytes) -> bool:
-    return head[:4] == MAGIC
+    """The composefs magic, or the EROFS superblock's where composefs puts it: an image with a
+    damaged header is still an image, and the reader says what is wrong where."""
+    return head[:4] == MAGIC or head[EROFS_SUPER_OFFSET:EROFS_SUPER_OFFSET + 4] == EROFS_MAGIC
 
 
 def load(source, options: Options | None = None) -> Tree:

@@ -30,15 +30,17 @@ The tree an archive gives (what GNU tar extracting it as root with `-p --same-ow
 Safety: member names are cleaned (a leading `/` is stripped, as GNU tar does; `./`, empty
 components and trailing `/` dropped) and must stay inside the root: a `..` component anywhere
 is an error (GNU tar refuses such members too).  The tree cannot follow symlinks, so a member
-whose path runs through a symlink (the symlink-then-file trick: `lnk -> /etc`, then
-`lnk/passwd`) or through any other non-directory is an error rather than a write "through" the
-link; GNU tar refuses the same for links it considers unsafe.  Hard-link targets are cleaned
-the same way.  Nothing from the archive is ever used as a host path: data only goes into store
-objects named by their digest.  Size fields are checked against composefs' limit before any
-data is read, data is streamed (a huge declared size costs no memory), and an archive that ends
-early, or has a bad checksum or malformed field, is an error naming the member and the byte
-offset.  On any error no image is written and the store's uncommitted temp objects are removed
-(objects committed before — complete and named by their digest — stay).
+whose path runs through a symlink the same layer made (the symlink-then-file trick: `lnk ->
+/etc`, then `lnk/passwd`) or through any other non-directory of that layer is an error rather
+than a write "through" the link; GNU tar refuses the same for links it considers unsafe.  (A
+lower layer's symlink or file on the path is another matter, see Layers.)  Hard-link targets
+are cleaned the same way.  Nothing from the archive is ever used as a host path: data only goes
+into store objects named by their digest.  Size fields are checked against composefs' limit
+before any data is read, data is streamed (a huge declared size costs no memory), and an
+archive that ends early, has a bad checksum or malformed field, or fails to decompress is an
+error naming the member (or the member before) and the byte offset.  On any error no image is
+written and the store is left as it was: objects are linked into place only when every layer
+was read (`contents`, `cfsc.store`), so not even the complete members before the error stay.
 
 Layers (`cfsc compile l1.tar l2.tar l3.tar`, bottom first; OCI image-spec `layer.md`,
 inputs.md §2.8): `DIR/.wh.NAME` deletes NAME (a whole subtree) from the layers below, and
@@ -48,9 +50,23 @@ layer's whiteouts first, then extract the rest", computed in one pass by remembe
 entries the current layer made.  (containers/storage treats opaque markers so but lets a later
 `.wh.X` remove the layer's own X; composefs-rs applies both kinds in stream order.  They differ
 only for a layer whose marker comes after its own entries that the marker names, which the
-spec says a whiteout never affects; inputs.md §2.8.)  A whiteout for a missing path deletes nothing; the marker files never
-appear in the image; other `.wh..wh.*` names (AUFS metadata) are ignored; a bare `.wh.` is an
-error.  A single layer is a stack of one: its whiteouts hide nothing and are dropped.
+spec says a whiteout never affects; inputs.md §2.8.)  A whiteout for a missing path deletes
+nothing; the marker files never appear in the image; a bare `.wh.` is an error.  A single layer
+is a stack of one: its whiteouts hide nothing and are dropped.
+
+AUFS metadata is not part of the tree: a member with a path component `.wh..wh.*` other than a
+final `.wh..wh..opq` (`.wh..wh.plnk/123.456`, `.wh..wh.aufs`, `.wh..wh.orph/…`) is dropped.
+AUFS keeps a layer's hard-linked files in `/.wh..wh.plnk/`, so the regular files there are
+kept aside (their data is stored like any file's) and a hard link in the same layer to one of
+them gets that inode (containers/storage resolves such links through them too).
+
+Each layer is its own upper directory (OCI `layer.md`, overlayfs, containers/storage): a layer
+whose member runs through a path that a lower layer made a symlink or a file (lower `lib ->
+usr/lib`, then this layer's `lib/b` without a `lib/` member) has the directory there that it
+implies, and in the merged view that directory replaces the lower symlink or file, holding only
+this layer's entries (overlayfs shows an upper directory over a lower non-directory, nothing of
+the lower).  GNU tar extracting the layer over the merged tree would write through the symlink
+instead; that is not how layers stack.
 
 `--keep-whiteouts` keeps whiteouts for stacking the image over lower layers instead (composefs
 stores a character device 0:0 as an overlay whiteout, and format 1 marks its directory too):
@@ -81,13 +97,14 @@ from cfsc.progress import Progress, mib
 from cfsc.tree import S_IFBLK, S_IFCHR, S_IFDIR, S_IFIFO, S_IFLNK, S_IFREG, Inode, Tree
 
 from .contents import INLINE_MAX, WHOLE_MAX, Contents
-from .tarstream import (BLOCKDEV, CHAR, DIRECTORY, FIFO, HARDLINK, SYMLINK, Member, TarReader, header_ok,
-                        printable)
+from .tarstream import (BLOCKDEV, CHAR, CONTIGUOUS, DIRECTORY, FIFO, HARDLINK, REGULAR, REGULAR_OLD, SYMLINK,
+                        Member, TarReader, header_ok, printable)
 
 IMPLIED_MODE = S_IFDIR | 0o755
 WHITEOUT = b".wh."
 OPAQUE = b".wh..wh..opq"
 AUFS_META = b".wh..wh."
+AUFS_LINKS = b".wh..wh.plnk"
 OPAQUE_XATTR = (b"trusted.overlay.opaque", b"y")
 U32 = 0xFFFFFFFF
 NOT_NAMES = frozenset((b"", b".", b".."))
@@ -95,9 +112,10 @@ DEVICE_TYPES = {CHAR: S_IFCHR, BLOCKDEV: S_IFBLK}
 
 
 def sniff(head: bytes) -> bool:
-    """A ustar/GNU header (magic at 257), a v7 header with a valid checksum, or the zero
-    blocks of an empty archive (OCI images have empty layers)."""
-    return head[257:262] == b"ustar" or header_ok(head) or (len(head) >= 1024 and not head[:1024].strip(b"\0"))
+    """A ustar/GNU header (magic at 257), a v7 header with a valid checksum, or an empty
+    archive (OCI images have empty layers): zero blocks and nothing else in the whole head.  Zero
+    blocks followed by data are not an archive: an image whose first block was wiped, say."""
+    return head[257:262] == b"ustar" or header_ok(head) or (len(head) >= 1024 and not head.strip(b"\0"))
 
 
 def load(source, options: Options | None = None) -> Tree:
@@ -145,6 +163,7 @@ class _Builder:
         self.ours: set[Inode] | None = None
         self.our_links: set[tuple[Inode, bytes]] = set()
         self.touched: set[Inode] = set()
+        self.aufs_links: dict[bytes, Inode] = {}  # the layer's `/.wh..wh.plnk/NAME` files
 
     # -- layers -----------------------------------------------------------------------------
 
@@ -153,6 +172,7 @@ class _Builder:
         self.ours = set() if index else None
         self.our_links = set()
         self.touched = set()
+        self.aufs_links = {}
         self.layer_name = f"layer {index + 1}/{count} " if count > 1 else ""
         with TarReader(source) as reader:
             self.reader = reader
@@ -182,9 +202,11 @@ class _Builder:
         raw = m.path
         if raw.endswith(b"/"):
             raw = raw.rstrip(b"/")
+        if AUFS_META in raw and self.aufs_metadata(m):
+            return
         head, _, name = raw.rpartition(b"/")
         parent = self.dirs.get(head)
-        if parent is None or name in NOT_NAMES or len(name) > limits.NAME_MAX:
+        if parent is None or name in NOT_NAMES or len(name) > limits.NAME_MAX or b"\0" in raw:
             resolved = self.resolve(m, head, name)
             if resolved is None:
                 self.root_entry(m)
@@ -221,16 +243,39 @@ class _Builder:
             node = Inode(DEVICE_TYPES[t] | m.mode, uid, gid, mtime, nsec, rdev=devices.makedev(m.devmajor, m.devminor),
                          xattrs=xattrs)
         else:  # regular
-            size = m.size
-            if size > limits.MAX_EXTERNAL_SIZE:
-                raise self.error(f"declares {size} bytes of data: composefs stores files up to"
-                                 f" {limits.MAX_EXTERNAL_SIZE} bytes", m)
-            node = Inode(S_IFREG | m.mode, uid, gid, mtime, nsec, size, xattrs=xattrs)
-            self.place(parent, name, node)
-            if size:
-                self.data(m, node, size)
+            self.regular(m, parent, name, uid, gid, mtime, nsec, xattrs)
             return
         self.place(parent, name, node)
+
+    def regular(self, m: Member, parent: Inode | None, name: bytes, uid: int, gid: int, mtime: int, nsec: int,
+                xattrs: tuple) -> Inode:
+        """A file, placed (unless `parent` is None), then its data read."""
+        size = m.size
+        if size > limits.MAX_EXTERNAL_SIZE:
+            raise self.error(f"declares {size} bytes of data: composefs stores files up to"
+                             f" {limits.MAX_EXTERNAL_SIZE} bytes", m)
+        node = Inode(S_IFREG | m.mode, uid, gid, mtime, nsec, size, xattrs=xattrs)
+        if parent is not None:
+            self.place(parent, name, node)
+        if size:
+            self.data(m, node, size)
+        return node
+
+    def aufs_metadata(self, m: Member) -> bool:
+        """AUFS metadata (a component named `.wh..wh.*` other than an opaque marker at the
+        end) is not part of the tree.  Files in the root's `.wh..wh.plnk/` are kept aside as
+        hard-link targets: AUFS keeps the hard-linked files of a layer there, and links to them
+        must resolve (containers/storage keeps them for that too)."""
+        parts = self.clean(m.path, m, "member name")
+        meta = [p.startswith(AUFS_META) for p in parts]
+        if not any(meta) or (parts[-1] == OPAQUE and not any(meta[:-1])):
+            return False
+        if len(parts) == 2 and parts[0] == AUFS_LINKS and m.type in (REGULAR, REGULAR_OLD, CONTIGUOUS):
+            uid, gid = self.owner(m)
+            mtime, nsec = (0, 0) if self.options.use_epoch else (m.mtime, m.mtime_nsec)
+            self.aufs_links[parts[1]] = self.regular(m, None, parts[1], uid, gid, mtime, nsec,
+                                                     self.xattrs(m) if m.xattrs else ())
+        return True
 
     def data(self, m: Member, node: Inode, size: int) -> None:
         reader = self.reader
@@ -272,6 +317,8 @@ class _Builder:
         return parent, parts[-1]
 
     def clean(self, raw: bytes, m: Member, what: str) -> list[bytes]:
+        if b"\0" in raw:  # only PAX records can hold one; GNU tar would cut the name there
+            raise self.error(f"{what} '{printable(raw)}' contains a NUL byte: no file name can", m)
         parts = [p for p in raw.split(b"/") if p and p != b"."]
         if b".." in parts:
             raise self.error(f"{what} '{printable(raw)}' contains '..': refused (it could leave the root;"
@@ -295,6 +342,13 @@ class _Builder:
                 node.add_child(part, implied)
                 if ours is not None:
                     ours.add(implied)
+                child = implied
+            elif child.children is None and ours is not None and not self.is_ours(node, part, child):
+                # A lower layer's symlink or file: each layer is its own upper directory, and
+                # the directory this one needs there replaces it in the merged view (overlayfs
+                # shows an upper directory over a lower non-directory, nothing of the lower).
+                implied = Inode(IMPLIED_MODE)
+                self.place(node, part, implied)
                 child = implied
             elif child.children is None:
                 where = printable(b"/".join(parts[:i + 1]))
@@ -367,7 +421,11 @@ class _Builder:
         self.place(parent, name, node)
 
     def hardlink(self, m: Member, parent: Inode, name: bytes) -> None:
-        target = self.lookup(self.clean(m.linkpath, m, "hard-link target"))
+        parts = self.clean(m.linkpath, m, "hard-link target")
+        if len(parts) == 2 and parts[0] == AUFS_LINKS:
+            target = self.aufs_links.get(parts[1])
+        else:
+            target = self.lookup(parts)
         if target is None:
             raise self.error(f"hard link to '{printable(m.linkpath)}', which does not exist: the target must"
                              " come earlier in the archive (or in a lower layer)", m)
@@ -396,8 +454,6 @@ class _Builder:
             self.purge(parent)
             if self.keep:
                 self.opaque.add(parent)
-            return
-        if name.startswith(AUFS_META):
             return
         node = parent.children.get(victim)  # type: ignore[union-attr]
         if node is not None:

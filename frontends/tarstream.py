@@ -28,8 +28,11 @@ over 16 MiB, and an archive that ends early — inside a header or a member's da
 the end-of-archive zero block (an archive missing it cannot be told from one cut at a member
 boundary).  After the end marker the rest of the input is read and discarded, so that
 decompressors check their trailers and a writer piping into us never sees a broken pipe.
-(python-zstandard does not report a zstd stream cut short; the end-marker rule catches every
-cut that loses archive content.)
+A decompression error (a truncated or corrupt gzip/xz stream, a CRC mismatch, trailing
+garbage) is held back until the data decoded before it was read, so it names the member being
+read (or the one before, or the end marker) and the archive offset where the good data ends,
+with the compressed bytes read so far.  (python-zstandard does not report a zstd stream cut
+short; the end-marker rule catches every cut that loses archive content.)
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ from collections.abc import Iterator
 from urllib.parse import unquote_to_bytes
 
 from cfsc.errors import InputError
-from cfsc.streams import decompressing, open_binary, source_name
+from cfsc.streams import UNITS, decompressor, open_binary, source_name
 
 BLOCK = 512
 ZERO_BLOCK = bytes(BLOCK)
@@ -97,7 +100,7 @@ NS = 1_000_000_000
 class Member:
     """One archive entry, extensions applied.  `type` is the header's type flag (one byte);
     `path` and `linkpath` are raw bytes as the archive spells them (not cleaned); `xattrs` is
-    None or a dict; `offset` is where the member's first header (extension or not) starts."""
+    None or a dict; `offset` is where the member's own header starts (after any extension headers)."""
 
     __slots__ = ("devmajor", "devminor", "gid", "linkpath", "mode", "mtime", "mtime_nsec", "offset",
                  "path", "size", "type", "uid", "xattrs")
@@ -120,7 +123,12 @@ class Member:
 
 
 def printable(name: bytes) -> str:
-    return name.decode("utf-8", "backslashreplace")
+    """A name for a message: undecodable bytes and control characters (NUL, newline …) as
+    escapes, so that an error stays one readable line."""
+    text = name.decode("utf-8", "backslashreplace")
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
 
 
 def header_ok(block: bytes) -> bool:
@@ -173,14 +181,18 @@ def number(field: bytes) -> int:
 
 
 def pax_time(value: bytes) -> tuple[int, int]:
-    """A PAX time `[-]SECONDS[.FRACTION]` → (seconds, nanoseconds ≥ 0); digits past the
-    nanosecond are cut.  `-1.5` is 1.5 s before the epoch: (-2, 500000000)."""
+    """A PAX time `[-]SECONDS[.FRACTION]` → (seconds, nanoseconds ≥ 0).  `-1.5` is 1.5 s
+    before the epoch: (-2, 500000000).  Digits past the nanosecond round towards minus
+    infinity, as GNU tar extracts them: `-1.0000000001` is -1.000000001 s (-2, 999999999)."""
     m = _PAX_MTIME.fullmatch(value)
     if m is None:
         raise ValueError(value)
     sign, sec, frac = m.groups()
-    total = int(sec) * NS + (int((frac + b"000000000")[:9]) if frac else 0)
-    return divmod(-total if sign else total, NS)
+    frac = frac or b""
+    total = int(sec) * NS + int((frac + b"000000000")[:9])
+    if sign:
+        total = -total - (1 if frac[9:].strip(b"0") else 0)
+    return divmod(total, NS)
 
 
 def parse_pax(data: bytes) -> list[tuple[bytes, bytes]]:
@@ -229,6 +241,10 @@ class TarReader:
         self._raw = open_binary(source)
         self._owned = self._raw is not source and source != "-"
         self._stream = None
+        self._kind: str | None = None  # the compression
+        self._failure: BaseException | None = None  # a read error held back (`_next_chunk`)
+        self._last: Member | None = None  # the latest entry handed out
+        self._ended = False  # the end-of-archive marker was read
         # The decompressed stream is consumed from `_buf`; `_base` is the offset of `_buf[0]`.
         self._buf = b""
         self._pos = 0
@@ -267,15 +283,58 @@ class TarReader:
     # -- the byte stream --------------------------------------------------------------------
 
     def _next_chunk(self) -> bytes:
-        end = self._base + len(self._buf)
+        """About CHUNK decompressed bytes, b"" at the end.  They are gathered from the
+        decompressor's own pieces (`read1`), so when it fails, the data before the failure is
+        handed out first and the error comes next, located where the good data ends."""
+        if self._failure is not None:
+            raise self._read_error(self._failure)
         try:
             if self._stream is None:
-                self._stream = decompressing(self._raw)
-            return self._stream.read(CHUNK)
-        except (OSError, EOFError) as e:
-            raise self.error(f"cannot read or decompress the archive: {e}", offset=end) from None
-        except Exception as e:  # lzma.LZMAError, zstandard.ZstdError, zlib.error
-            raise self.error(f"cannot decompress the archive: {e}", offset=end) from None
+                self._stream, self._kind = decompressor(self._raw)
+            read1 = self._stream.read1
+        except Exception as e:
+            raise self._read_error(e) from None
+        parts = []
+        have = 0
+        while have < CHUNK:
+            try:
+                piece = read1(CHUNK - have)
+            except Exception as e:  # OSError, EOFError, lzma.LZMAError, zstandard.ZstdError, zlib.error
+                if not parts:
+                    raise self._read_error(e) from None
+                self._failure = e
+                break
+            if not piece:
+                break
+            parts.append(piece)
+            have += len(piece)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def _read_error(self, e: BaseException) -> InputError:
+        """The member being read (or the one before), the archive offset where the good data
+        ends, and how far the decompressor had read its input."""
+        at = self._base + len(self._buf)
+        try:
+            consumed: int | None = self._raw.tell()
+        except (OSError, ValueError, AttributeError):
+            consumed = None
+        if self._ended:
+            context = " after the end-of-archive marker"
+        elif self._last is not None:
+            context = f" after member '{printable(self._last.path)}'"
+        else:
+            context = " before the first member"
+        if self._member is not None:  # `where` names the member's header: say where inside
+            context = f" at byte {at} of the archive"
+        kind = self._kind
+        read = "" if consumed is None else f" ({consumed} compressed bytes read)"
+        if kind is None:
+            what = f"cannot read the archive{context}: {e}"
+        elif isinstance(e, EOFError):
+            what = f"truncated: the {kind} data ends inside a {UNITS[kind]}{read}{context}"
+        else:
+            what = f"cannot decompress ({kind}){context}{read}: {e}"
+        return self.error(what, self._member, offset=at)
 
     def _refill(self) -> bool:
         """Replace the (fully consumed) buffer with the next chunk; False at the end."""
@@ -432,6 +491,7 @@ class TarReader:
             if block == ZERO_BLOCK:
                 if pending >= 0:
                     raise self.error("an extended header is not followed by a member", offset=pending)
+                self._ended = True
                 self._drain()
                 return
             h = unpack(block)
@@ -465,6 +525,7 @@ class TarReader:
                     m.size = 0
                 pax = pax_xattrs = longname = longlink = None
                 pending = -1
+                self._last = m
                 yield m
                 continue
             name = h[NAME].split(b"\x00", 1)[0]

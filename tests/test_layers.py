@@ -21,6 +21,7 @@ from pathlib import Path
 
 from conftest import image_of
 from dirtrees import Entry, make
+import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from tarcraft import archive, member
@@ -31,6 +32,7 @@ from cfsc.frontends import image as image_frontend
 from cfsc.fsverity import digest_bytes, payload_path
 from cfsc.frontends import tar
 from cfsc.options import Options
+from cfsc.pipeline import run_passes
 from cfsc.tree import S_IFCHR, S_IFDIR, S_IFMT, Inode
 
 OPAQUE_XATTR = b"trusted.overlay.opaque"
@@ -204,16 +206,21 @@ def model_merge(layers) -> dict:
             elif kind == "opq":
                 drop(path, False)
         state[()] = ("dir", 0o755, 5, 77, None)  # every layer lists ./
+        ours = set()  # paths this layer made
         for kind, path, (mode, uid, mtime, data) in layer:
             parent = path if kind == "opq" else path[:-1]
             for i in range(1, len(parent) + 1):
                 have = state.get(parent[:i])
+                if have is not None and have[0] != "dir":
+                    if parent[:i] in ours:
+                        raise Conflict  # through the layer's own file or symlink: refused
+                    have = None  # a lower layer's: the layer's directory replaces it
                 if have is None:
                     state[parent[:i]] = IMPLIED
-                elif have[0] != "dir":
-                    raise Conflict
+                    ours.add(parent[:i])
             if kind in ("wh", "opq"):
                 continue
+            ours.add(path)
             old = state.get(path)
             if kind == "dir":
                 if old is None or old[0] != "dir":
@@ -361,6 +368,76 @@ def test_whiteouts_never_hit_the_same_layer(tmp_path):
     x = tree.lookup(b"x")
     assert sorted(x.children) == [b"y"] and (x.mode, x.mtime) == (S_IFDIR | 0o755, 0)
     assert tree.lookup(b"f").content == b"upper f"
+
+
+def test_a_path_through_a_lower_layers_symlink(tmp_path, cfsc):
+    """Each layer is its own upper directory: layer 3's `lib/b` (no `lib/` member) makes a
+    directory `lib` that replaces layer 1's symlink `lib -> usr/lib` in the merged view, holding
+    only `b`, as overlayfs and containers/storage show it; likewise through a lower file.  The
+    symlink-then-file trick within one layer is still refused."""
+    l1 = archive(member(b"usr/lib/a", b"a" * 100), member(b"lib", typeflag=b"2", linkname=b"usr/lib"),
+                 member(b"f", b"a file"), member(b"keep", typeflag=b"2", linkname=b"usr"))
+    l2 = archive(member(b"other", b"o"))
+    l3 = archive(member(b"lib/b", b"b" * 100, mtime=5), member(b"f/x/y", b"y"))
+    paths = []
+    for i, data in enumerate((l1, l2, l3)):
+        paths.append(tmp_path / f"l{i + 1}.tar")
+        paths[-1].write_bytes(data)
+    tree = tar.load_many([str(p) for p in paths], Options())
+    lib = tree.lookup(b"lib")
+    assert (lib.mode, lib.uid, lib.mtime, sorted(lib.children)) == (S_IFDIR | 0o755, 0, 0, [b"b"])
+    assert tree.lookup(b"lib/b").mtime == 5
+    assert sorted(tree.lookup(b"usr/lib").children) == [b"a"]  # nothing written "through" the link
+    assert sorted(tree.lookup(b"f").children) == [b"x"] and tree.lookup(b"f/x/y").content == b"y"
+    assert tree.lookup(b"keep").payload == b"usr"
+    out = tmp_path / "x.cfs"
+    cfsc("compile", *map(str, paths), "-o", str(out), check=True)
+    assert cfsc("ls", str(out), check=True).returncode == 0
+    # In a squash for stacking, the directory hides what lies below the stack there.
+    squash = tar.load_many([str(paths[1]), str(paths[2])], Options(keep_whiteouts=True))
+    assert squash.lookup(b"lib").children is not None
+    # Within one layer: still the symlink-then-file trick, refused.
+    l4 = tmp_path / "l4.tar"
+    l4.write_bytes(archive(member(b"lnk", typeflag=b"2", linkname=b"/etc"), member(b"lnk/passwd", b"x")))
+    with pytest.raises(InputError, match=r"member 'lnk/passwd' at byte 512: the path goes through the symlink"):
+        tar.load_many([str(paths[0]), str(l4)], Options())
+    # ... also when the lower layer had a directory there
+    l5 = tmp_path / "l5.tar"
+    l5.write_bytes(archive(member(b"usr", typeflag=b"2", linkname=b"/"), member(b"usr/lib/evil", b"x")))
+    with pytest.raises(InputError, match=r"goes through the symlink 'usr'"):
+        tar.load_many([str(paths[0]), str(l5)], Options())
+
+
+def test_aufs_metadata_is_dropped(tmp_path):
+    """`.wh..wh.plnk`, `.wh..wh.aufs`, `.wh..wh.orph` never reach the tree; a hard link into
+    `/.wh..wh.plnk/` gets the file kept there; the opaque marker keeps its meaning."""
+    lower = archive(member(b"d/", typeflag=b"5"), member(b"d/old", b"old"))
+    upper = archive(
+        member(b".wh..wh.plnk/", typeflag=b"5"),
+        member(b".wh..wh.plnk/123.456", b"p" * 100, mode=0o755, uid=9),
+        member(b".wh..wh.aufs", b""),
+        member(b".wh..wh.orph/", typeflag=b"5"),
+        member(b".wh..wh.orph/x", b"orphan"),
+        member(b"d/.wh..wh.foo", b""),
+        member(b"d/.wh..wh..opq", b""),
+        member(b"d/new", b"new"),
+        member(b"usr/bin/a", typeflag=b"1", linkname=b"./.wh..wh.plnk/123.456"),
+        member(b"usr/bin/b", typeflag=b"1", linkname=b"/.wh..wh.plnk/123.456"),
+    )
+    paths = []
+    for i, data in enumerate((lower, upper)):
+        paths.append(str(tmp_path / f"{i}.tar"))
+        Path(paths[-1]).write_bytes(data)
+    for layers in (paths, paths[1:]):
+        tree = tar.load_many(layers, Options())
+        names = listing(tree.root)
+        assert not [p for p in names if any(c.startswith(b".wh.") for c in p)], sorted(names)
+        a = tree.lookup(b"usr/bin/a")
+        assert a is tree.lookup(b"usr/bin/b") and (a.mode, a.uid, a.size) == (0o100755, 9, 100)
+    tree = tar.load_many(paths, Options())
+    assert sorted(tree.lookup(b"d").children) == [b"new"]  # the marker hid the lower `old`
+    assert sorted(tree.root.children) == [b"d", b"usr"]
+    assert run_passes(tree, Options()).lookup(b"usr/bin/a").nlink == 2
 
 
 def test_layers_on_the_command_line(tmp_path, cfsc):
