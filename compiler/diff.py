@@ -11,24 +11,35 @@ A change lists its attributes as `(field, key, a, b)`: one per differing field (
 `key` = the xattr's key, None on the side that lacks it).  `hardlinks` is every path of the
 entry's inode when it has several (a split, a merge or a moved link changes it).
 
+Two images need no manifests: equal bytes are equal trees, and otherwise both are walked in
+step (`diff_in_step`), parsing only the inodes whose bytes differ, into the records a manifest
+would hold (a property test holds the two paths to the same changes).  Two dumpfiles are cut
+down to the lines they do not share first (`cfsc.dump_delta`).
+
 `where` (a `cfsc.query.Query`) keeps the changes whose entry matches on either side, looking
 at the entry's real attributes (ignored ones too: `--ignore` only hides attributes from the
-comparison); exit status and summary count only those.  Two images whose trees are equal may still differ in
-bytes: `Report.layout` then says why (`cfsc.explain`) and, unless `layout` is ignored, that
-counts as a difference.
+comparison); exit status and summary count only those.  Two images whose trees are equal may
+still differ in bytes: `Report.layout` then says why (`cfsc.explain`, run beside the tree
+comparison in a worker process when the images are big) and, unless `layout` is ignored,
+that counts as a difference; ignored, the reasons are not worked out (`--explain` still asks).
 """
 
 from __future__ import annotations
 
+import os
+import traceback
 from collections import Counter
 from dataclasses import dataclass, field
 
+from .backends.erofs.layout import EROFS_INODE_FLAT_INLINE, EROFS_INODE_FLAT_PLAIN
 from .errors import CfscError
+from .explain import inode_head
 from .jsonbytes import put
+from .limits import INLINE_CONTENT_MAX, PATH_MAX, VALID_TYPES
 from .manifest import FIELDS, Ignore, Manifest, Record, open_pair
 from .options import Options
 from .query import Query
-from .tree import S_IFLNK, S_IFMT, S_IFREG
+from .tree import S_IFBLK, S_IFCHR, S_IFDIR, S_IFLNK, S_IFMT, S_IFREG
 
 TYPE_BITS = {"reg": 0o100000, "dir": 0o040000, "symlink": 0o120000, "block": 0o060000,
              "char": 0o020000, "fifo": 0o010000, "socket": 0o140000, "whiteout": 0o020000}
@@ -201,21 +212,268 @@ def diff_manifests(a, b, where: Query | None = None) -> list[Change]:
     return changes
 
 
+# -- two images walked in step ------------------------------------------------------------------
+
+class _Unsuited(Exception):
+    """The images need the general path: a directory reached twice, a root that is not a
+    directory, or more bytes to compare than the images hold (a hostile image)."""
+
+
+class _Walk:
+    """One image as `diff_in_step` walks it: inodes read from their bytes, shared xattr runs
+    resolved once each, and every path of each non-directory inode that has several names
+    (for `hardlinks`)."""
+
+    def __init__(self, image) -> None:
+        from .manifest import ImageRecords
+
+        self.image = image
+        self.data = image.data
+        self.size = len(image.data)
+        self.pairs: dict[bytes, tuple] = {}  # packed shared ids -> the pairs they name
+        self.seen = bytearray(len(image.data) // 32 + 1)  # nids reached
+        self.paths: dict[int, list[bytes]] = {}  # nid -> its paths, for inodes with nlink > 1
+        self.records = ImageRecords(image)
+
+    def kind(self, nid: int, head: tuple[int, int, int]) -> int | None:
+        """The inode's file type, None for a whiteout the image hides.  An invalid one is for
+        the reader to report (`_Unsuited`)."""
+        data = self.data
+        off = head[0]
+        ftype = (data[off + 4] | data[off + 5] << 8) & S_IFMT
+        if ftype not in VALID_TYPES:
+            raise _Unsuited
+        if ftype == S_IFCHR and not any(data[off + 16:off + 20]):
+            return None
+        return ftype
+
+    def reached(self, path: bytes, nid: int, head: tuple[int, int, int], directory: bool) -> None:
+        """Note an entry; a directory or an inode of nlink 1 reached twice is `_Unsuited`
+        (another writer's image: the general path homes its links)."""
+        if self.seen[nid]:
+            names = self.paths.get(nid)
+            if names is None or directory:
+                raise _Unsuited
+            names.append(path)
+            return
+        self.seen[nid] = 1
+        if not directory:
+            off, isize, _x = head
+            data = self.data
+            nlink = data[off + 6] | data[off + 7] << 8 if isize == 32 else int.from_bytes(data[off + 44:off + 48], "little")
+            if nlink > 1:
+                self.paths[nid] = [path]
+
+    def shared(self, nid: int, ids: bytes) -> tuple:
+        pairs = self.pairs.get(ids)
+        if pairs is None:
+            image = self.image
+            raw = image.inode(nid)
+            items = image.xattrs(raw)
+            pairs = self.pairs[ids] = tuple(items[len(items) - len(image.shared_xattr_refs(raw)):])
+        return pairs
+
+    def links(self) -> dict[bytes, tuple]:
+        """path -> every path of its inode (sorted), for inodes with several."""
+        out: dict[bytes, tuple] = {}
+        for paths in self.paths.values():
+            if len(paths) > 1:
+                group = tuple(sorted(paths))
+                out.update(dict.fromkeys(group, group))
+        return out
+
+    def below(self, top: bytes, nid: int, out: list) -> None:
+        """`(path, nid)` of everything below a directory only this image has, depth-first."""
+        image = self.image
+        stack = [(top, iter(image.dirents(image.inode(nid))))]
+        while stack:
+            prefix, it = stack[-1]
+            for name, child, _t in it:
+                head = inode_head(image, child)
+                ftype = self.kind(child, head)
+                if ftype is None:
+                    continue
+                path = prefix + b"/" + name
+                self.reached(path, child, head, ftype == S_IFDIR)
+                out.append((path, child))
+                if ftype == S_IFDIR:
+                    stack.append((path, iter(image.dirents(image.inode(child)))))
+                    break
+            else:
+                stack.pop()
+
+
+def _same_inode(wa: _Walk, na: int, ha: tuple, wb: _Walk, nb: int, hb: tuple, same_time: bool) -> int:
+    """Whether two inodes read back alike (hard links aside), judged from their bytes (`head`:
+    offset, inode and xattr sizes): the inode but `i_ino` (and `i_u` where it is an address),
+    the xattrs (shared ones as the pairs they name) and a file's or symlink's data.  Returns
+    the bytes compared, 0 if they differ or may (the caller parses them).  Bytes both images
+    share are compared, not checked: a defect in them is for `cfsc info` or `compile` to report."""
+    off_a, isize, xsize = ha
+    off_b, isize_b, _xsize_b = hb
+    da, db = wa.data, wb.data
+    if (isize != isize_b or da[off_a:off_a + 16] != db[off_b:off_b + 16]
+            or da[off_a + 24:off_a + isize] != db[off_b + 24:off_b + isize]):
+        return 0
+    if isize == 32 and not same_time:
+        return 0  # a compact inode's mtime is the image's build time
+    end_a, end_b = off_a + isize + xsize, off_b + isize + xsize
+    if end_a > wa.size or end_b > wb.size:
+        return 0
+    if xsize:
+        n = da[off_a + isize + 4]
+        start = isize + 12 + 4 * n
+        if start > isize + xsize or da[off_a + start:end_a] != db[off_b + start:end_b]:
+            return 0
+        if n and wa.shared(na, bytes(da[off_a + isize + 12:off_a + start])) != wb.shared(
+                nb, bytes(db[off_b + isize + 12:off_b + start])):
+            return 0
+    ftype = (da[off_a + 4] | da[off_a + 5] << 8) & S_IFMT
+    if ftype != S_IFREG and ftype != S_IFLNK:
+        if (ftype == S_IFCHR or ftype == S_IFBLK) and da[off_a + 16:off_a + 20] != db[off_b + 16:off_b + 20]:
+            return 0  # i_u is the device number
+        return isize + xsize
+    size = int.from_bytes(da[off_a + 8:off_a + (16 if isize == 64 else 12)], "little")
+    layout = (da[off_a] >> 1) & 7
+    if not size or ftype == S_IFREG and layout not in (EROFS_INODE_FLAT_PLAIN, EROFS_INODE_FLAT_INLINE):
+        return isize + xsize  # no data in the image (a chunk index: the backing file holds it)
+    if size > (PATH_MAX if ftype == S_IFLNK else INLINE_CONTENT_MAX) or layout not in (
+            EROFS_INODE_FLAT_PLAIN, EROFS_INODE_FLAT_INLINE):
+        return 0  # (the reader decides what is wrong)
+    tail = (size - 1) % 4096 + 1 if layout == EROFS_INODE_FLAT_INLINE else 0
+    if da[end_a:end_a + tail] != db[end_b:end_b + tail]:
+        return 0
+    blocks = size - tail
+    if blocks:
+        at_a = int.from_bytes(da[off_a + 16:off_a + 20], "little") * 4096
+        at_b = int.from_bytes(db[off_b + 16:off_b + 20], "little") * 4096
+        if at_a + blocks > wa.size or at_b + blocks > wb.size or da[at_a:at_a + blocks] != db[at_b:at_b + blocks]:
+            return 0
+    return isize + xsize + size
+
+
+def diff_in_step(a_image, b_image, fields: tuple[str, ...], project, where: Query | None = None) -> list[Change]:
+    """`diff_manifests` for two images, without reading either as a tree: both are walked in
+    step, directory by directory, and only inodes whose bytes differ are parsed into records
+    (`_same_inode`).  Raises `_Unsuited` when the general path is needed."""
+    wa, wb = _Walk(a_image), _Walk(b_image)
+    same_time = (a_image.build_time, a_image.build_time_nsec) == (b_image.build_time, b_image.build_time_nsec)
+    budget = wa.size + wb.size  # bytes compared, at most: else something points many times at much
+    differ: dict[bytes, tuple[int, int]] = {}  # path -> the nids of an entry both have, if they may differ
+    linked: dict[bytes, tuple[int, int]] = {}  # … of hard-linked non-directories that compare alike
+    only_a: list[tuple[bytes, int]] = []
+    only_b: list[tuple[bytes, int]] = []
+    root_a, root_b = a_image.inode(a_image.root_nid), b_image.inode(b_image.root_nid)
+    if root_a.mode & S_IFMT != S_IFDIR or root_b.mode & S_IFMT != S_IFDIR:
+        raise _Unsuited
+    head_a, head_b = inode_head(a_image, root_a.nid), inode_head(b_image, root_b.nid)
+    wa.reached(b"/", root_a.nid, head_a, True)
+    wb.reached(b"/", root_b.nid, head_b, True)
+    if not _same_inode(wa, root_a.nid, head_a, wb, root_b.nid, head_b, same_time):
+        differ[b"/"] = (root_a.nid, root_b.nid)
+    stack = [(b"", root_a, root_b)]
+    while stack:
+        prefix, dir_a, dir_b = stack.pop()
+        list_a, list_b = a_image.dirents(dir_a), b_image.dirents(dir_b)
+        if len(list_a) == len(list_b) and all(x[0] == y[0] for x, y in zip(list_a, list_b)):
+            pairs = [(x[0], x[1], y[1]) for x, y in zip(list_a, list_b)]
+        else:  # names merged in their sorted order; None: not on that side
+            pairs = []
+            i = j = 0
+            while i < len(list_a) or j < len(list_b):
+                if j >= len(list_b) or i < len(list_a) and list_a[i][0] < list_b[j][0]:
+                    pairs.append((list_a[i][0], list_a[i][1], None))
+                    i += 1
+                elif i >= len(list_a) or list_b[j][0] < list_a[i][0]:
+                    pairs.append((list_b[j][0], None, list_b[j][1]))
+                    j += 1
+                else:
+                    pairs.append((list_a[i][0], list_a[i][1], list_b[j][1]))
+                    i += 1
+                    j += 1
+        for name, nid_a, nid_b in pairs:
+            head_a = inode_head(a_image, nid_a) if nid_a is not None else None
+            head_b = inode_head(b_image, nid_b) if nid_b is not None else None
+            type_a = wa.kind(nid_a, head_a) if head_a is not None else None
+            type_b = wb.kind(nid_b, head_b) if head_b is not None else None
+            if type_a is None and type_b is None:
+                continue  # (whiteouts both images hide)
+            path = prefix + b"/" + name
+            if type_a is not None:
+                wa.reached(path, nid_a, head_a, type_a == S_IFDIR)
+            if type_b is not None:
+                wb.reached(path, nid_b, head_b, type_b == S_IFDIR)
+            if type_a is None or type_b is None:
+                walk, nid, out = (wa, nid_a, only_a) if type_a is not None else (wb, nid_b, only_b)
+                out.append((path, nid))
+                if (type_a or type_b) == S_IFDIR:
+                    walk.below(path, nid, out)
+                continue
+            compared = _same_inode(wa, nid_a, head_a, wb, nid_b, head_b, same_time)
+            budget -= compared
+            if budget < 0:
+                raise _Unsuited
+            if not compared:
+                differ[path] = (nid_a, nid_b)
+            elif type_a != S_IFDIR and (nid_a in wa.paths or nid_b in wb.paths):
+                linked[path] = (nid_a, nid_b)
+            if type_a == S_IFDIR and type_b == S_IFDIR:
+                stack.append((path, a_image.inode(nid_a), b_image.inode(nid_b)))
+            elif type_a == S_IFDIR:
+                wa.below(path, nid_a, only_a)
+            elif type_b == S_IFDIR:
+                wb.below(path, nid_b, only_b)
+    links_a, links_b = wa.links(), wb.links()
+    for path, nids in linked.items():  # alike, but for their hard links?
+        if links_a.get(path) != links_b.get(path):
+            differ[path] = nids
+    # The records, and the changes `diff_manifests` would report.
+    shown = project or (lambda rec: rec)
+    changes: list[Change] = []
+
+    def keep(path: bytes, ra: Record | None, rb: Record | None) -> bool:
+        return where is None or (ra is not None and where(path, RecordEntry(ra))) or (
+            rb is not None and where(path, RecordEntry(rb)))
+
+    for path, (na, nb) in differ.items():
+        ra = wa.records.record(na, links_a.get(path))
+        rb = wb.records.record(nb, links_b.get(path))
+        pa, pb = shown(ra), shown(rb)
+        if pa != pb and keep(path, ra, rb):
+            changes.append(Change(path, "changed", pa, pb, attribute_changes(fields, pa, pb)))
+    for path, nid in only_a:
+        rec = wa.records.record(nid, links_a.get(path))
+        if keep(path, rec, None):
+            changes.append(Change(path, "removed", shown(rec), None))
+    for path, nid in only_b:
+        rec = wb.records.record(nid, links_b.get(path))
+        if keep(path, None, rec):
+            changes.append(Change(path, "added", None, shown(rec)))
+    changes.sort(key=_order)
+    return changes
+
+
 def diff(a_source, b_source, options: Options | None = None, fmt: str | None = None,
          ignore: Ignore | None = None, where: Query | None = None, explain: bool = False,
          parallel: bool | None = None) -> Report:
     """Compare two sources; `explain` also compares image bytes when a side is not an image.
 
-    A side is a source, or a tuple of tar layers (bottom first; `cfsc.manifest.layers`)."""
+    A side is a source, or a tuple of tar layers (bottom first; `cfsc.manifest.layers`).
+    Two images are compared in step (`diff_images`), two dumpfiles by the lines they do not
+    share (`cfsc.dump_delta`) when they can be; anything else as two manifests."""
     options = options or Options()
     ignore = ignore or Ignore()
     count_layout = "layout" not in ignore.names
     data = None
-    layered = isinstance(a_source, tuple) or isinstance(b_source, tuple)
-    if not explain and not layered:
+    if not isinstance(a_source, tuple) and not isinstance(b_source, tuple):
         from .manifest import detect
 
-        if fmt == "dump" or fmt is None and detect(a_source) == detect(b_source) == "dump":
+        kinds = (fmt, fmt) if fmt is not None else (detect(a_source), detect(b_source))
+        if kinds == ("image", "image") and not options.exclude:
+            from .backends.erofs.reader import Image
+
+            return diff_images(Image.open(a_source), Image.open(b_source), where, ignore, explain)
+        if kinds == ("dump", "dump") and not explain:
             from . import dump_delta
             from .manifest import load
             from .streams import read_all, source_name
@@ -241,36 +499,116 @@ def diff(a_source, b_source, options: Options | None = None, fmt: str | None = N
 
 def compare(a, b, where: Query | None = None, explain: bool = False, count_layout: bool = True) -> Report:
     """The report for two open manifests (`Manifest` or `RemoteManifest`)."""
-    from .fsverity import digest_bytes
+    from .backends.erofs.reader import Image
 
     changes = diff_manifests(a, b, where)
     report = Report(Side(a.name, a.fmt), Side(b.name, b.fmt), a.fields, changes, count_layout=count_layout)
     if explain or (a.fmt == "image" and b.fmt == "image"):
-        from . import explain as why
-        from .backends.erofs.reader import Image
-
         b.start("image")
         a.start("image")
         data_a, data_b = a.finish(), b.finish()
-        report.a.digest = digest_bytes(data_a)
-        report.b.digest = digest_bytes(data_b)
-        if data_a != data_b:
-            report.layout = why.explain(Image(data_a, a.name), Image(data_b, b.name), tree_changes=len(changes))
+        _layout(report, Image(data_a, a.name), Image(data_b, b.name), explain or count_layout)
     return report
 
 
-def diff_images(a_image, b_image, where: Query | None = None, ignore: Ignore | None = None) -> Report:
-    """Compare two images held in memory (`Image`), e.g. two compilations of one source."""
+def _layout(report: Report, a_image, b_image, why: bool) -> None:
+    """Both images' digests and, if asked (`why`: the layout counts, or --explain), why their
+    bytes differ."""
+    from . import explain
+    from .fsverity import digest_bytes
+
+    report.a.digest = digest_bytes(a_image.data)
+    report.b.digest = digest_bytes(b_image.data)
+    if why and report.a.digest != report.b.digest:
+        report.layout = explain.explain(a_image, b_image, tree_changes=len(report.changes),
+                                        digests=(report.a.digest, report.b.digest))
+
+
+def diff_images(a_image, b_image, where: Query | None = None, ignore: Ignore | None = None,
+                explain: bool = False) -> Report:
+    """Compare two images (`Image`s, or their bytes), e.g. two compilations of one source.
+
+    Equal bytes are equal trees; otherwise both are walked in step (`diff_in_step`), or, for
+    images that need it, read as trees and compared as manifests."""
     from .backends.erofs.reader import Image
-    from .frontends.image import read_tree
+
+    from . import explain as why
+    from .fsverity import digest_bytes
 
     ignore = ignore or Ignore()
-    sides = []
-    for image in (a_image, b_image):
-        if not isinstance(image, Image):
-            image = Image(image)
-        sides.append(Manifest(read_tree(image), False, ignore, image.name, "image", image))
-    return compare(sides[0], sides[1], where, count_layout="layout" not in ignore.names)
+    a_image, b_image = (x if isinstance(x, Image) else Image(x) for x in (a_image, b_image))
+    count_layout = "layout" not in ignore.names
+    digests = digest_bytes(a_image.data), digest_bytes(b_image.data)
+    if digests[0] == digests[1]:
+        changes: list[Change] = []
+        reasons = None
+    else:
+        reasons = _aside(why.explain, a_image, b_image, 0, digests) if count_layout or explain else None
+        try:
+            changes = diff_in_step(a_image, b_image, ignore.fields, ignore.projection(), where)
+        except _Unsuited:
+            from .frontends.image import read_tree
+
+            sides = [Manifest(read_tree(x), False, ignore, x.name, "image", x) for x in (a_image, b_image)]
+            changes = diff_manifests(sides[0], sides[1], where)
+        except BaseException:
+            if reasons is not None:
+                reasons(cancel=True)
+            raise
+    report = Report(Side(a_image.name, "image", digests[0]), Side(b_image.name, "image", digests[1]), ignore.fields,
+                    changes, count_layout=count_layout)
+    if reasons is not None:
+        report.layout = reasons()
+        if changes:
+            report.layout.insert(1, why.tree_reason(len(changes)))  # (after the digests)
+    return report
+
+
+ASIDE_MIN = 4 << 20  # image bytes below which a worker process costs more than it saves
+
+
+def _aside(function, a_image, b_image, *args):
+    """Run `function(a_image, b_image, *args)` in a forked worker when two CPUs are there and
+    the images are big enough, else here; returns `result(cancel=False)`, which waits for it."""
+    import multiprocessing
+
+    if len(a_image.data) + len(b_image.data) < ASIDE_MIN or len(os.sched_getaffinity(0)) < 2:
+        value = function(a_image, b_image, *args)
+        return lambda cancel=False: value
+    from .manifest import RemoteError
+
+    ctx = multiprocessing.get_context("fork")
+    receive, send = ctx.Pipe(duplex=False)
+
+    def work() -> None:
+        try:
+            send.send(("ok", function(a_image, b_image, *args)))
+        except BaseException as e:  # noqa: BLE001 - everything goes back to the parent
+            code = e.exit_code if isinstance(e, CfscError) else 1
+            send.send(("error", str(e) if isinstance(e, CfscError) else f"{type(e).__name__}: {e}", code,
+                       traceback.format_exc()))
+
+    proc = ctx.Process(target=work, daemon=True)
+    proc.start()
+    send.close()
+
+    def result(cancel: bool = False):
+        try:
+            if cancel:
+                proc.kill()
+                return None
+            try:
+                reply = receive.recv()
+            except EOFError:
+                raise CfscError(f"the worker process died (exit status {proc.exitcode})") from None
+            if reply[0] == "error":
+                raise RemoteError(*reply[1:])
+            return reply[1]
+        finally:
+            receive.close()
+            proc.join()
+
+    return result
 
 
 # -- JSON (schema: `cfsc schema diff-report`) ------------------------------------------------

@@ -96,7 +96,6 @@ class _Side:
     def __init__(self, image: Image, first_difference: int) -> None:
         self.image = image
         self.data = image.data
-        self.meta = image.meta_base
         self.ids: dict[bytes, tuple] = {}  # packed shared ids of a body -> the pairs they name
         self.id_users: Counter = Counter()  # packed shared ids -> inodes using them
         self.table: dict[int, tuple[bytes, bytes]] = {}  # shared id -> pair
@@ -107,14 +106,7 @@ class _Side:
         self.blocks: dict[int, tuple[int, bytes]] = {}  # first data block -> (blocks, path) of directories
 
     def head(self, nid: int) -> tuple[int, int, int]:
-        """(offset, inode size, xattr body size) of an inode, checked by the reader the first time."""
-        off = self.meta + (nid << 5)
-        if off + 64 > len(self.data):
-            raw = self.image.inode(nid)  # raises the reader's error if it is out of bounds
-            return off, 64 if raw.extended else 32, raw.xattr_size
-        fmt, icount = _HEAD.unpack_from(self.data, off)
-        isize = 64 if fmt & 1 else 32
-        return off, isize, 12 + 4 * (icount - 1) if icount else 0
+        return inode_head(self.image, nid)
 
     def note(self, nid: int, off: int, path: bytes) -> None:
         if self.near[0] < off <= self.first_difference:
@@ -180,6 +172,17 @@ class _Side:
         return b"?"
 
 
+def inode_head(image: Image, nid: int) -> tuple[int, int, int]:
+    """(offset, inode size, xattr body size) of an inode, from its first four bytes (an inode
+    near the end of the image is read by the reader, which raises if it is out of bounds)."""
+    off = image.meta_base + (nid << 5)
+    if off + 64 > len(image.data):
+        raw = image.inode(nid)
+        return off, 64 if raw.extended else 32, raw.xattr_size
+    fmt, icount = _HEAD.unpack_from(image.data, off)
+    return off, 64 if fmt & 1 else 32, 12 + 4 * (icount - 1) if icount else 0
+
+
 def _extended_because(raw: RawInode, image: Image) -> str:
     why = []
     if (raw.mtime, raw.mtime_nsec) != (image.build_time, image.build_time_nsec):
@@ -236,17 +239,22 @@ class _Aspect:
         return Reason(aspect, f"{headline}: {shown}{more}", count=self.count, paths=[p for p, _t in self.examples])
 
 
-def explain(a: Image, b: Image, tree_changes: int = 0) -> list[Reason]:
-    """Why the bytes of `a` and `b` differ (empty if they do not)."""
+def tree_reason(changes: int) -> Reason:
+    """The first cause when the trees differ (it follows the digest in `explain`'s list)."""
+    entries = "1 entry" if changes == 1 else f"{changes} entries"
+    return Reason("tree", f"the trees differ ({entries}, listed above): each change also moves what is "
+                          "laid out after it", count=changes)
+
+
+def explain(a: Image, b: Image, tree_changes: int = 0, digests: tuple[bytes, bytes] | None = None) -> list[Reason]:
+    """Why the bytes of `a` and `b` differ (empty if they do not); `digests`: theirs, if known."""
     if a.data == b.data:
         return []
     from .fsverity import digest_bytes
 
     reasons: list[Reason] = []
     if tree_changes:
-        entries = "1 entry" if tree_changes == 1 else f"{tree_changes} entries"
-        reasons.append(Reason("tree", f"the trees differ ({entries}, listed above): each change "
-                                      "also moves what is laid out after it", count=tree_changes))
+        reasons.append(tree_reason(tree_changes))
     reasons += _header(a, b)
     offset = _first_difference(a.data, b.data)
     fa, fb = _Side(a, offset), _Side(b, offset)
@@ -257,7 +265,7 @@ def explain(a: Image, b: Image, tree_changes: int = 0) -> list[Reason]:
                                       f"({a.super.blocks} → {b.super.blocks} blocks)", len(a.data), len(b.data)))
     reasons.append(Reason("first_difference", f"the bytes first differ at offset 0x{offset:x}: {_where(fa, offset)}",
                           offset, offset))
-    da, db = digest_bytes(a.data).hex(), digest_bytes(b.data).hex()
+    da, db = (d.hex() for d in digests or (digest_bytes(a.data), digest_bytes(b.data)))
     reasons.insert(0, Reason("digest", f"fs-verity digest sha256:{da} → sha256:{db}", da, db))
     return reasons
 

@@ -279,6 +279,27 @@ class _Records:
         return records
 
 
+class ImageRecords:
+    """Records of single inodes of an image, as a `Manifest` of the image has them (without
+    `hardlinks`, which the caller gives): for comparing two images in step, parsing only the
+    inodes whose bytes differ (`cfsc.diff`)."""
+
+    def __init__(self, image) -> None:
+        from .backends.erofs.entries import Entries
+
+        self.image = image
+        self.entries = Entries(image)
+        self.records = _Records(False, {})
+
+    def record(self, nid: int, links: tuple | None) -> Record:
+        e = self.entries.of(self.image.inode(nid))
+        assert e is not None  # (the caller skips the whiteouts an image hides)
+        if e.xattrs:
+            e.xattrs = self.entries.sorted_xattrs(e.xattrs)  # as `read_tree` keeps them
+        rec = self.records.one(e)  # an `Entry` has the attributes of an `Inode`
+        return rec if links is None else (*rec[:-1], links)
+
+
 class Manifest:
     """One normalised source held in this process (see the module docstring)."""
 
