@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 from collections.abc import Iterator, Sequence
 
@@ -49,20 +50,32 @@ def compile_image(
     from cfsc.backends.erofs.writer import write_image
     from cfsc.pipeline import run_passes
 
+    # Store objects are named only once the image is written (just before it is renamed into
+    # place): a run that fails anywhere leaves neither.
     options = options or Options()
-    with batch_allocation():
-        tree = load(sources, options, fmt)
-        try:
-            tree = run_passes(tree, options)
-        except TreeError as e:
-            where = tree.locate(e.raw_path) if tree.locate is not None else None
-            if where is None:
-                raise
-            raise TreeError(e.what, e.raw_path, where) from None
-        with atomic_output(output) if output is not None else contextlib.nullcontext() as out:
-            if want_digest:
-                sink = DigestingWriter(out)
+    held = None
+    if options.digest_store:
+        from .store import HeldObjects
+
+        held = HeldObjects()
+        options = dataclasses.replace(options, held=held)
+    try:
+        with batch_allocation():
+            tree = load(sources, options, fmt)
+            try:
+                tree = run_passes(tree, options)
+            except TreeError as e:
+                where = tree.locate(e.raw_path) if tree.locate is not None else None
+                if where is None:
+                    raise
+                raise TreeError(e.what, e.raw_path, where) from None
+            with atomic_output(output) if output is not None else contextlib.nullcontext() as out:
+                sink = DigestingWriter(out) if want_digest else out
                 write_image(tree, sink)  # type: ignore[arg-type]
-                return sink.digest()
-            write_image(tree, out)  # type: ignore[arg-type]
-    return None
+                if held is not None:
+                    held.commit()
+            return sink.digest() if want_digest else None  # type: ignore[union-attr]
+    except BaseException:
+        if held is not None:
+            held.close()
+        raise

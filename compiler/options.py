@@ -36,3 +36,6 @@ class Options:
     clamp_mtime: int | None = None
     # entries to leave out: queries (`cfsc.query`), any match excludes
     exclude: tuple[str, ...] = ()
+    # set by `compile_image`: store objects get their names after the image is written
+    # (`cfsc.store.HeldObjects`); None: each frontend names them when its source is read
+    held: object | None = None

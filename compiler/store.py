@@ -11,8 +11,10 @@ design:
 * An object is first written as a temp file inside the store (`DIR/.tmp-XXXXXXXX`: same file
   system, unique name), given mode 0644 and offered fs-verity (FS_IOC_ENABLE_VERITY; failure
   is ignored, as in mkcomposefs).
-* Nothing gets an object name before `commit()`, which the importer calls once, when the whole
-  run succeeded: a `syncfs` makes every temp file durable, then each is hard-linked to its
+* Nothing gets an object name before `commit()`, which is called once, when the whole run
+  succeeded — by the frontend when it has loaded its source, or, when `compile_image` holds
+  the objects (`Options.held`, a `HeldObjects`), once the image is written, so that a run
+  failing in the passes or the writer leaves no object behind either: a `syncfs` makes every temp file durable, then each is hard-linked to its
   object name and its temp name removed.  `close()` instead (after any error) removes every
   temp file: the store is as it was.  `link` never replaces an existing name, so an object
   appears complete or not at all and is never rewritten; a concurrent importer that got there
@@ -64,6 +66,35 @@ SYNC_OBJECTS = 4096
 _CHUNK = 1 << 20
 # "This file system cannot do that at all": stop trying for this store.
 _UNSUPPORTED = frozenset({errno.EOPNOTSUPP, errno.ENOTTY, errno.ENOSYS, errno.EXDEV, errno.EINVAL})
+
+
+class HeldObjects:
+    """The stores a compile imports into, their objects named only when the image is written."""
+
+    def __init__(self) -> None:
+        self.stores: list[Store] = []
+
+    def commit(self) -> None:
+        for store in self.stores:
+            store.commit()
+
+    def close(self) -> None:
+        for store in self.stores:
+            store.close()
+
+
+def open_store(options) -> Store:
+    """The store `--digest-store` names, held for the image if the compile holds objects."""
+    store = Store(options.digest_store)
+    if options.held is not None:
+        options.held.stores.append(store)
+    return store
+
+
+def loaded(store: Store, options) -> None:
+    """A frontend read its whole source: name its objects now, unless they are held."""
+    if options.held is None:
+        store.commit()
 
 
 class SourceChanged(InputError):

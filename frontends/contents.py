@@ -6,7 +6,7 @@ naming it; with a content store, the files that are not inlined are written into
 a store the digests are still computed (the image needs them) and nothing is written.
 
 Store objects go through the store's temp files, linked into place all at once by `finish()`
-when every layer was read: an object never appears with partial content, and a run that fails
+when every layer was read (or, when the compile holds them, once the image is written): an object never appears with partial content, and a run that fails
 leaves no object at all (`abort()` removes the temp files; a truncated archive's complete
 members, or the data of a gzip member whose CRC fails at its end, never reach the store).  A
 file held in memory is hashed first and written only if the store lacks it
@@ -27,7 +27,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 from cfsc.fsverity import FsVerityHasher, digest_bytes, payload_path
 from cfsc.options import Options
-from cfsc.store import Store
+from cfsc.store import loaded, open_store
 from cfsc.tree import Inode
 
 INLINE_MAX = 64  # LCFS_RECOMMENDED_INLINE_CONTENT_MAX, as the directory frontend inlines
@@ -45,7 +45,8 @@ class _Aborted(Exception):
 
 class Contents:
     def __init__(self, options: Options) -> None:
-        self.store = Store(options.digest_store) if options.digest_store else None
+        self.options = options
+        self.store = open_store(options) if options.digest_store else None
         self.threads = max(1, options.threads)
         self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="cfsc-hash") if self.threads > 1 else None
         self.batch: list[tuple[Inode, bytes]] = []
@@ -111,7 +112,7 @@ class Contents:
         if self.pool is not None:
             self.pool.shutdown(wait=True)
         if self.store is not None:
-            self.store.commit()
+            loaded(self.store, self.options)
 
     def abort(self) -> None:
         """After an error: stop the workers and remove every temp object (nothing was committed)."""

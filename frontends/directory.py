@@ -38,7 +38,7 @@ from cfsc.errors import InputError, UsageError
 from cfsc.fsverity import digest_bytes, hash_fd, payload_path
 from cfsc.options import Options
 from cfsc.progress import Progress, mib
-from cfsc.store import Store
+from cfsc.store import Store, loaded, open_store
 from cfsc.tree import S_IFBLK, S_IFCHR, S_IFDIR, S_IFLNK, S_IFMT, S_IFREG, Inode, Tree
 
 INLINE_MAX = 64  # LCFS_RECOMMENDED_INLINE_CONTENT_MAX: directory scans inline 1..64 bytes
@@ -126,7 +126,7 @@ class _Scanner:
             raise InputError(f"cannot open: {e.strerror}", self.source) from None
         if self.options.digest_store:
             try:
-                self.store = Store(self.options.digest_store)
+                self.store = open_store(self.options)
             except BaseException:
                 os.close(fd)
                 raise
@@ -139,7 +139,7 @@ class _Scanner:
             while self.inflight:
                 self.reap()
             if self.store is not None:
-                self.store.commit()
+                loaded(self.store, self.options)
         except BaseException:
             self.failed = True
             pool.shutdown(wait=True, cancel_futures=True)

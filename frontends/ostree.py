@@ -57,7 +57,7 @@ from cfsc.errors import UsageError
 from cfsc.fsverity import FsVerityHasher, digest_bytes, kernel_digest, payload_path
 from cfsc.options import Options
 from cfsc.progress import Progress, mib
-from cfsc.store import Store
+from cfsc.store import Store, loaded, open_store
 from cfsc.tree import S_IFDIR, S_IFMT, S_IFREG, Inode, Tree
 
 from .ostreerepo import ARCHIVE, DIRTREE, Content, ObjectError, Repo, checksum_header, show
@@ -264,7 +264,7 @@ class _Loader:
         if not self.groups:
             return
         if self.options.digest_store:
-            self.store = Store(self.options.digest_store)
+            self.store = open_store(self.options)
         threads = max(1, self.options.threads)
         pool = ThreadPoolExecutor(threads, thread_name_prefix="cfsc-ostree")
         inflight: collections.deque[tuple[Future, int]] = collections.deque()
@@ -279,7 +279,7 @@ class _Loader:
             while inflight:
                 self.reap(inflight)
             if self.store is not None:
-                self.store.commit()
+                loaded(self.store, self.options)
         except BaseException:
             self.failed = True
             pool.shutdown(wait=True, cancel_futures=True)

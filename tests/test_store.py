@@ -269,3 +269,23 @@ def test_a_failed_run_leaves_the_store_as_it_was(tmp_path, cfsc):
                  str(tmp_path / "new-store"))
         assert p.returncode == 2
         assert not (tmp_path / "new-store").exists()
+
+
+@pytest.mark.parametrize("kind", ["dir", "tar"])
+def test_a_compile_failing_after_the_load_names_no_object(tmp_path, cfsc, kind):
+    """Objects get their names once the image is written (`Options.held`): a run that read its
+    whole source but cannot write the image leaves the store as it was."""
+    entries = [Entry(b"", "dir"), Entry(b"a", data=b"A" * 5000), Entry(b"b", data=b"B" * 70000)]
+    if kind == "dir":
+        source = tmp_path / "tree"
+        make(source, entries)
+    else:
+        source = tmp_path / "layer.tar"
+        source.write_bytes(from_entries(entries))
+    store = tmp_path / "store"
+    p = cfsc("compile", str(source), "-o", str(tmp_path / "no-such-dir" / "x.cfs"), "--digest-store", str(store))
+    assert p.returncode != 0 and b"no-such-dir" in p.stderr, p.stderr
+    assert not store.exists() or (not objects(store) and not temps(store))
+    p = cfsc("compile", str(source), "-o", str(tmp_path / "x.cfs"), "--digest-store", str(store))
+    assert p.returncode == 0, p.stderr
+    assert len(check_objects(store)) == 2 and not temps(store)
