@@ -375,8 +375,8 @@ def diff_in_step(a_image, b_image, fields: tuple[str, ...], project, where: Quer
     while stack:
         prefix, dir_a, dir_b = stack.pop()
         list_a, list_b = a_image.dirents(dir_a), b_image.dirents(dir_b)
-        if len(list_a) == len(list_b) and all(x[0] == y[0] for x, y in zip(list_a, list_b)):
-            pairs = [(x[0], x[1], y[1]) for x, y in zip(list_a, list_b)]
+        if len(list_a) == len(list_b) and all(x[0] == y[0] for x, y in zip(list_a, list_b, strict=True)):
+            pairs = [(x[0], x[1], y[1]) for x, y in zip(list_a, list_b, strict=True)]
         else:  # names merged in their sorted order; None: not on that side
             pairs = []
             i = j = 0

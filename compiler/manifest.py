@@ -39,7 +39,7 @@ import marshal
 import multiprocessing
 import os
 import traceback
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from itertools import repeat
 from operator import attrgetter, itemgetter
 

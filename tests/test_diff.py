@@ -540,7 +540,7 @@ def _mutated(tree, data):
     """A copy of `tree` with a few entries changed, removed or linked, as `data` draws."""
     from hypothesis import strategies as st
 
-    from cfsc.tree import S_IFDIR, S_IFMT, S_IFREG
+    from cfsc.tree import S_IFMT, S_IFREG
 
     tree = tree.copy()
     entries = []

@@ -230,9 +230,7 @@ def diff_cmd(
     """
     from .. import diff as diffing
     from .. import query
-    from ..manifest import Ignore
-
-    from ..manifest import layers
+    from ..manifest import Ignore, layers
 
     options = _options(min_version, max_version, strict, threads, clamp_mtime, exclude, use_epoch,
                        skip_devices, skip_xattrs, user_xattrs, hardlinks, basedir)
@@ -314,16 +312,17 @@ def check_cmd(
 
     --reproducible compiles the source several ways — its input reordered as the format
     allows (a dumpfile's lines, parents first; a tar archive's members or a CRFS TOC's
-    entries, keeping the order of those for one path, a path and its ancestors, and hard links
-    after their targets), entries inserted in reverse, another --threads, child processes with other TZ,
-    locale and umask, and round trips through a dump and through the image — and fails
-    unless every digest is the same, showing the diff of each one that is not.
+    entries, keeping the order of those for one path, a path and its ancestors, and hard
+    links after their targets), entries inserted in reverse, another --threads, child
+    processes with other TZ, locale and umask, and round trips through a dump and through
+    the image — and fails unless every digest is the same, showing the diff of each one
+    that is not.
 
     Exit status: 0 passed, 1 failed, 2 error.
     """
     from .. import check
     from ..check import VARIANTS
-    from ..manifest import layers
+    from ..manifest import layers, side_name
 
     if expect_digest is None and reference is None and not reproducible:
         raise UsageError("nothing to check: give --expect-digest, --reference and/or --reproducible")
@@ -338,7 +337,7 @@ def check_cmd(
     if digest is not None or reference is not None:
         report = check.expect(source, options, source_format, digest, reference, baseline=baseline)
     else:
-        report = check.CheckReport(check.side_name(source), check.digest_bytes(baseline))
+        report = check.CheckReport(side_name(source), check.digest_bytes(baseline))
     if reproducible:
         check.reproducible(source, options, source_format, chosen, report, baseline)
     if as_json:
