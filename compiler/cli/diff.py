@@ -318,6 +318,8 @@ def check_cmd(
     the image — and fails unless every digest is the same, showing the diff of each one
     that is not.
 
+    SOURCE (and --reference) may be tar layers joined by +, bottom first, as for `cfsc diff`.
+
     Exit status: 0 passed, 1 failed, 2 error.
     """
     from .. import check
