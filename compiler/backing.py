@@ -30,7 +30,7 @@ import stat
 from collections.abc import Callable
 from itertools import islice
 
-from cfsc.errors import IntegrityError, LookupFailed
+from cfsc.errors import IntegrityError, LookupFailed, shown_path
 from cfsc.fsverity import FsVerityHasher, digest_bytes, kernel_digest
 
 from . import syscalls
@@ -206,5 +206,4 @@ def open_by_walk(dirfd: int, payload: bytes) -> int:
             os.close(fd)
 
 
-def _show(payload: bytes) -> str:
-    return payload.decode("utf-8", "backslashreplace")
+_show = shown_path

@@ -62,12 +62,22 @@ class DumpfileError(InputError):
         self.field = field
 
 
+def shown_path(raw: bytes) -> str:
+    """A name or path for a message: UTF-8 where it is, escapes for other bytes and for
+    control characters (a newline must not break the one-line error, nor a NUL or an escape
+    sequence reach the terminal raw)."""
+    text = raw.decode("utf-8", "backslashreplace")
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
+
+
 class TreeError(InputError):
     """The tree violates a composefs limit; `where` is the path in the tree."""
 
     def __init__(self, what: str, path: bytes | str, source: str = "") -> None:
         raw = path if isinstance(path, bytes) else path.encode("utf-8", "surrogateescape")
-        text = raw.decode("utf-8", "backslashreplace")
+        text = shown_path(raw)
         where = f"{source}:{text}" if source else text
         super().__init__(what, where)
         self.path = text

@@ -35,7 +35,7 @@ import struct
 import zlib
 from collections.abc import Iterator
 
-from cfsc.errors import InputError
+from cfsc.errors import InputError, shown_path
 
 from . import gvariant
 from .gvariant import GVariantError
@@ -80,8 +80,7 @@ class ObjectError(InputError):
     """A repository object is missing, corrupt or malformed; `where` is the object's path."""
 
 
-def show(path: bytes) -> str:
-    return path.decode("utf-8", "backslashreplace")
+show = shown_path
 
 
 class Content:

@@ -91,14 +91,14 @@ Progress goes to stderr when asked (the CLI asks when stderr is a terminal).
 from __future__ import annotations
 
 from cfsc import devices, limits
-from cfsc.errors import InputError, UsageError
+from cfsc.errors import InputError, UsageError, shown_path
 from cfsc.options import Options
 from cfsc.progress import Progress, mib
 from cfsc.tree import S_IFBLK, S_IFCHR, S_IFDIR, S_IFIFO, S_IFLNK, S_IFREG, Inode, Tree
 
 from .contents import INLINE_MAX, WHOLE_MAX, Contents
 from .tarstream import (BLOCKDEV, CHAR, CONTIGUOUS, DIRECTORY, FIFO, HARDLINK, REGULAR, REGULAR_OLD, SYMLINK,
-                        Member, TarReader, header_ok, printable)
+                        Member, TarReader, header_ok)
 
 IMPLIED_MODE = S_IFDIR | 0o755
 WHITEOUT = b".wh."
@@ -318,10 +318,10 @@ class _Builder:
 
     def clean(self, raw: bytes, m: Member, what: str) -> list[bytes]:
         if b"\0" in raw:  # only PAX records can hold one; GNU tar would cut the name there
-            raise self.error(f"{what} '{printable(raw)}' contains a NUL byte: no file name can", m)
+            raise self.error(f"{what} '{shown_path(raw)}' contains a NUL byte: no file name can", m)
         parts = [p for p in raw.split(b"/") if p and p != b"."]
         if b".." in parts:
-            raise self.error(f"{what} '{printable(raw)}' contains '..': refused (it could leave the root;"
+            raise self.error(f"{what} '{shown_path(raw)}' contains '..': refused (it could leave the root;"
                              " GNU tar refuses it too)", m)
         for p in parts:
             if len(p) > limits.NAME_MAX:
@@ -351,10 +351,10 @@ class _Builder:
                 self.place(node, part, implied)
                 child = implied
             elif child.children is None:
-                where = printable(b"/".join(parts[:i + 1]))
+                where = shown_path(b"/".join(parts[:i + 1]))
                 if child.mode & 0o170000 == S_IFLNK:
                     raise self.error(f"the path goes through the symlink '{where}' (-> "
-                                     f"'{printable(child.payload or b'')}'): refused, the tree does not follow"
+                                     f"'{shown_path(child.payload or b'')}'): refused, the tree does not follow"
                                      " links (the symlink-then-file trick)", m)
                 raise self.error(f"the path goes through '{where}', which is not a directory", m)
             elif ours is not None and child not in ours:
@@ -427,10 +427,10 @@ class _Builder:
         else:
             target = self.lookup(parts)
         if target is None:
-            raise self.error(f"hard link to '{printable(m.linkpath)}', which does not exist: the target must"
+            raise self.error(f"hard link to '{shown_path(m.linkpath)}', which does not exist: the target must"
                              " come earlier in the archive (or in a lower layer)", m)
         if target.children is not None:
-            raise self.error(f"hard link to the directory '{printable(m.linkpath)}': expected a file", m)
+            raise self.error(f"hard link to the directory '{shown_path(m.linkpath)}': expected a file", m)
         if parent.children.get(name) is target:  # type: ignore[union-attr]
             return
         self.place(parent, name, target, link=True)
@@ -447,7 +447,7 @@ class _Builder:
     def whiteout(self, m: Member, parent: Inode, name: bytes) -> None:
         victim = name[len(WHITEOUT):]
         if victim in NOT_NAMES:
-            raise self.error(f"whiteout '{printable(name)}' names no entry", m)
+            raise self.error(f"whiteout '{shown_path(name)}' names no entry", m)
         if self.ours is None and not self.keep:
             return  # the bottom layer: nothing below to hide
         if name == OPAQUE:

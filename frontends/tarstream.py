@@ -44,7 +44,7 @@ import zlib
 from collections.abc import Iterator
 from urllib.parse import unquote_to_bytes
 
-from cfsc.errors import InputError
+from cfsc.errors import InputError, shown_path
 from cfsc.streams import UNITS, decompressor, open_binary, source_name
 
 BLOCK = 512
@@ -120,15 +120,6 @@ class Member:
         self.devmajor = devmajor
         self.devminor = devminor
         self.xattrs: dict[bytes, bytes] | None = None
-
-
-def printable(name: bytes) -> str:
-    """A name for a message: undecodable bytes and control characters (NUL, newline …) as
-    escapes, so that an error stays one readable line."""
-    text = name.decode("utf-8", "backslashreplace")
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
 
 
 def header_ok(block: bytes) -> bool:
@@ -274,7 +265,7 @@ class TarReader:
     def where(self, member: Member | None = None, offset: int | None = None) -> str:
         """`SOURCE: member 'NAME' at byte N` (N: the member's header) or `SOURCE: byte N`."""
         if member is not None:
-            return f"{self.name}: member '{printable(member.path)}' at byte {member.offset}"
+            return f"{self.name}: member '{shown_path(member.path)}' at byte {member.offset}"
         return f"{self.name}: byte {self.offset if offset is None else offset}"
 
     def error(self, what: str, member: Member | None = None, offset: int | None = None) -> InputError:
@@ -321,7 +312,7 @@ class TarReader:
         if self._ended:
             context = " after the end-of-archive marker"
         elif self._last is not None:
-            context = f" after member '{printable(self._last.path)}'"
+            context = f" after member '{shown_path(self._last.path)}'"
         else:
             context = " before the first member"
         if self._member is not None:  # `where` names the member's header: say where inside
@@ -597,7 +588,7 @@ class TarReader:
             try:
                 value = _b64(value)
             except (binascii.Error, ValueError):
-                raise self.error(f"bad PAX record {printable(key)}: the value is not base64", m) from None
+                raise self.error(f"bad PAX record {shown_path(key)}: the value is not base64", m) from None
         old = xattrs.get(name)
         if old is None or old[1] >= rank:
             xattrs[name] = (value, rank)
@@ -618,7 +609,7 @@ class TarReader:
                 elif key == b"mtime":
                     m.mtime, m.mtime_nsec = pax_time(value)
             except ValueError:
-                raise self.error(f"bad PAX record {printable(key)}={printable(value)}: expected a decimal"
+                raise self.error(f"bad PAX record {shown_path(key)}={shown_path(value)}: expected a decimal"
                                  + (" time" if key == b"mtime" else " number"), m) from None
         if xattrs:
             if m.xattrs is None:

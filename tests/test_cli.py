@@ -142,3 +142,10 @@ def test_sigterm_mid_import_leaves_no_store_object_and_no_output(tmp_path):
     assert err.decode().strip() == "error: terminated by SIGTERM"
     assert [f.name for f in store.rglob("*") if f.is_file()] == []
     assert sorted(f.name for f in tmp_path.iterdir()) == ["store"]
+
+
+def test_tree_paths_in_errors_stay_one_readable_line():
+    from cfsc.errors import TreeError
+
+    err = TreeError("too long", b"/a\nb\x00c\xffd\x1b[31m\xe2\x80\xa8", "x.tar")
+    assert str(err) == "x.tar:/a\\nb\\x00c\\xffd\\x1b[31m\\u2028: too long"

@@ -345,14 +345,15 @@ def test_parent_commits_and_parent_repositories(repos, src, tmp_path):
     ostree_cli("init", f"--repo={child}", "--mode=bare")
     with open(child / "config", "a") as f:
         f.write(f"parent={repo}\n")
-    ostree_cli("commit", f"--repo={child}", "-b", "c", "--tree=ref=main", "-s", "same tree")
+    # (not a hex name like "c": ostree reads one as the start of a commit checksum first)
+    ostree_cli("commit", f"--repo={child}", "-b", "kid", "--tree=ref=main", "-s", "same tree")
     small = tmp_path / "small"
     small.mkdir()
     (small / "f").write_bytes(b"new" * 100)
-    ostree_cli("commit", f"--repo={child}", "-b", "c", f"--tree=dir={small}", "-s", "a child")
+    ostree_cli("commit", f"--repo={child}", "-b", "kid", f"--tree=dir={small}", "-s", "a child")
     assert {p.suffix for p in (child / "objects").rglob("*.*")} == {".commit", ".dirtree", ".dirmeta", ".file"}
-    assert compile_(f"ostree:{child}:c^", "--verify") == compile_(f"ostree:{repo}:main")
-    assert dump(compile_(f"ostree:{child}:c"))[-1][0] == b"/f"
+    assert compile_(f"ostree:{child}:kid^", "--verify") == compile_(f"ostree:{repo}:main")
+    assert dump(compile_(f"ostree:{child}:kid"))[-1][0] == b"/f"
 
 
 @pytest.mark.parametrize("source,expected", [
