@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import struct
 
 from hypothesis import HealthCheck, given, settings
 from strategies import trees
@@ -72,3 +73,24 @@ def test_deep_tree_needs_no_recursion():
         node = child
     data = image(Tree(root))
     assert len(data) % 4096 == 0
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(trees())
+def test_spliced_xattr_bodies_equal_the_generic_ones(tree):
+    """The writer splices an external file's metacopy and redirect into cached layouts (both,
+    or only the redirect when the metacopy is shared); the generic merge is the reference."""
+    from cfsc.backends.erofs.layout import EROFS_XATTR_IBODY_HEADER
+    from cfsc.backends.erofs.xattrs import XattrEncoder
+    from cfsc.passes.add_overlay_xattrs import image_xattrs, is_external
+
+    compiled = run_passes(tree, Options())
+    encoder = XattrEncoder(compiled.shared_xattrs)
+    encoder.base = 7
+    for node in compiled.inodes:
+        if is_external(node):
+            layout = encoder._layout(image_xattrs(node))
+            generic = b"".join((EROFS_XATTR_IBODY_HEADER.pack(~layout.bits & 0xFFFFFFFF, len(layout.ids)),
+                                struct.pack(f"<{len(layout.ids)}I", *[7 + r for r in layout.ids]), *layout.inline))
+            assert encoder.body(node, True) == generic
+            assert encoder.size(node, True) == len(generic)

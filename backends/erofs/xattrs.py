@@ -6,10 +6,13 @@ then shared ids (while fewer than 128 are used), then the other entries, all in 
 
 Speed: real trees repeat a few xattr tuples (SELinux labels…), so a tuple's layout is worked
 out once (`_Layout`, cached by tuple identity).  An external file's implied metacopy and
-redirect (see `cfsc.passes.add_overlay_xattrs`) are unique per file; when they are not
-shared — nearly always — they are spliced into the cached layout of the file's own tuple
-instead of building a merged tuple per file.  Anything unusual takes the generic path over
-`image_xattrs(node)`, which is the reference.
+redirect (see `cfsc.passes.add_overlay_xattrs`) are mostly unique per file: what is not shared
+is spliced into a cached layout instead of building a merged tuple per file.  The layout is
+that of the file's own tuple when neither is shared (nearly always), or of its tuple plus the
+metacopy when that is shared (files without a digest all carry the same empty metacopy; files
+of equal content the same digest), then only the redirect is spliced.  A shared redirect (two
+files naming one object) takes the generic path over `image_xattrs(node)`, the reference,
+which is never cached: those tuples are per file, and a million of them cost gigabytes.
 """
 
 from __future__ import annotations
@@ -92,6 +95,8 @@ class XattrEncoder:
         self.empty_metacopy_shared = (METACOPY, b"") in self.shared_ids
         self.shared_payloads = {v[1:] for k, v in shared if k == REDIRECT}
         self.layouts: dict[int, tuple[tuple, _Layout]] = {}
+        # (id(own tuple), metacopy value) -> (own tuple, layout of it plus the metacopy)
+        self.with_metacopy: dict[tuple[int, bytes], tuple[tuple, _Layout]] = {}
         self.base = 0  # (inodes_end % block) / 4, set before bodies are built
 
     def key(self, key: bytes) -> tuple[int, bytes, int]:
@@ -103,9 +108,15 @@ class XattrEncoder:
         return info
 
     def layout(self, xattrs: tuple) -> _Layout:
+        """The layout of a tuple many inodes share (cached by its identity)."""
         hit = self.layouts.get(id(xattrs))
         if hit is not None:
             return hit[1]
+        layout = self._layout(xattrs)
+        self.layouts[id(xattrs)] = (xattrs, layout)  # the tuple is kept so its id stays unique
+        return layout
+
+    def _layout(self, xattrs: tuple) -> _Layout:
         bits = 0
         ids: list[int] = []
         inline: list[bytes] = []
@@ -121,10 +132,8 @@ class XattrEncoder:
             else:
                 inline.append(entry(index, name, value))
                 keys.append(key)
-        layout = _Layout(12 + 4 * len(ids) + sum(map(len, inline)), bits, ids, inline,
-                         bisect_left(keys, METACOPY), bisect_left(keys, REDIRECT))
-        self.layouts[id(xattrs)] = (xattrs, layout)  # the tuple is kept so its id stays unique
-        return layout
+        return _Layout(12 + 4 * len(ids) + sum(map(len, inline)), bits, ids, inline,
+                       bisect_left(keys, METACOPY), bisect_left(keys, REDIRECT))
 
     @property
     def implied_never_shared(self) -> bool:
@@ -169,16 +178,25 @@ class XattrEncoder:
         m = layout.meta_at
         return b"".join((heads[0], *inline[:m], meta, *inline[m:]))
 
-    def _spliced(self, node: Inode) -> bool:
-        """Can the implied pairs of this external file be spliced in as inline entries?"""
-        digest = node.digest
-        if digest is None:
-            if self.empty_metacopy_shared:
-                return False
-        elif digest in self.shared_digests:
-            return False
+    def _metacopy_shared(self, node: Inode) -> bool | None:
+        """For an external file: True if its metacopy is shared (then only the redirect is
+        spliced), False if neither is (both spliced), None if its redirect is (generic)."""
         payload = node.payload
-        return not (payload and payload in self.shared_payloads)
+        if payload and payload in self.shared_payloads:
+            return None
+        digest = node.digest
+        return self.empty_metacopy_shared if digest is None else digest in self.shared_digests
+
+    def _with_metacopy(self, node: Inode) -> _Layout:
+        """The cached layout of the file's own tuple plus its (shared) metacopy."""
+        digest = node.digest
+        value = METACOPY_HEADER + digest if digest is not None else b""
+        key = (id(node.xattrs), value)
+        hit = self.with_metacopy.get(key)
+        if hit is None:
+            merged = tuple(sorted(node.xattrs + ((METACOPY, value),)))
+            hit = self.with_metacopy[key] = (node.xattrs, self.layout(merged))
+        return hit[1]
 
     def size(self, node: Inode, external: bool) -> int:
         """Bytes of the inode's xattr body (0: none), `external` as `is_external(node)`."""
@@ -188,9 +206,14 @@ class XattrEncoder:
                 return 0
             hit = self.layouts.get(id(xattrs))
             return (hit[1] if hit is not None else self.layout(xattrs)).size
-        if self._spliced(node):
+        shared = self._metacopy_shared(node)
+        if shared is False:
             return self.external_size(node)
-        return self.layout(image_xattrs(node)).size
+        if shared:
+            payload = node.payload
+            size = self._with_metacopy(node).size
+            return size + ((24 + len(payload)) & ~3) if payload else size
+        return self._layout(image_xattrs(node)).size
 
     def _ids_bytes(self, layout: _Layout) -> bytes:
         if layout.ids and not layout.ids_bytes:
@@ -201,13 +224,17 @@ class XattrEncoder:
     def body(self, node: Inode, external: bool) -> bytes:
         """The inode's xattr body (b"" if none); call after `base` is set."""
         if external:
-            if self._spliced(node):
+            shared = self._metacopy_shared(node)
+            if shared is False:
                 return self.external_body(node)
-            xattrs = image_xattrs(node)
-        else:
-            xattrs = node.xattrs
-            if not xattrs:
-                return b""
+            if shared:
+                return self._redirect_spliced(node, self._with_metacopy(node))
+            layout = self._layout(image_xattrs(node))  # one file's own: not cached
+            return b"".join((_pack_ibody(~layout.bits & 0xFFFFFFFF, len(layout.ids)),
+                             self._ids_bytes(layout), *layout.inline))
+        xattrs = node.xattrs
+        if not xattrs:
+            return b""
         hit = self.layouts.get(id(xattrs))
         layout = hit[1] if hit is not None else self.layout(xattrs)
         body = layout.body
@@ -215,6 +242,22 @@ class XattrEncoder:
             body = layout.body = b"".join((_pack_ibody(~layout.bits & 0xFFFFFFFF, len(layout.ids)),
                                            self._ids_bytes(layout), *layout.inline))
         return body
+
+    def _redirect_spliced(self, node: Inode, layout: _Layout) -> bytes:
+        """The body of `layout` (which holds the metacopy) with the file's redirect spliced in."""
+        payload = node.payload
+        if not payload:
+            return b"".join((_pack_ibody(~layout.bits & 0xFFFFFFFF, len(layout.ids)),
+                             self._ids_bytes(layout), *layout.inline))
+        head = _pack_ibody(~(layout.bits | _REDIR_BIT) & 0xFFFFFFFF, len(layout.ids)) + self._ids_bytes(layout)
+        prefix = _REDIRECT_PREFIXES.get(len(payload))
+        if prefix is None:
+            prefix = _REDIRECT_PREFIXES[len(payload)] = (
+                _pack_entry(len(_REDIR_NAME), _REDIR_INDEX, len(payload) + 1) + _REDIR_NAME + b"/")
+        redirect = prefix + payload + PADS[(len(_REDIR_NAME) + 1 + len(payload)) & 3]
+        inline = layout.inline
+        r = layout.redirect_at
+        return b"".join((head, *inline[:r], redirect, *inline[r:]))
 
     def shared_area(self, shared: list[tuple[bytes, bytes]]) -> bytes:
         out = []
