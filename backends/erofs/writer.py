@@ -100,7 +100,7 @@ def _plan(tree: Tree, encoder: XattrEncoder) -> _Plan:
     min_nsec = min(n.mtime_nsec for n in inodes if n.mtime == min_sec)
     plan.min_mtime = (min_sec, min_nsec)
     xattr_size = encoder.size
-    external_size = encoder.external_size if encoder.implied_never_shared else None
+    external_size = encoder.external_size if encoder.redirects_never_shared else None
 
     n = len(inodes)
     nids = [0] * n
@@ -224,7 +224,7 @@ def write_image(tree: Tree, out: BinaryIO) -> None:
     tails = plan.tails
     dirs = plan.dirs
     xattr_body = encoder.body
-    external_body = encoder.external_body if encoder.implied_never_shared else None
+    external_body = encoder.external_body if encoder.redirects_never_shared else None
     append = parts.append
     for i, node in enumerate(inodes):
         mode = node.mode

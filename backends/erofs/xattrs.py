@@ -59,6 +59,15 @@ _META_EMPTY_ENTRY = entry(_META_INDEX, _META_NAME, b"")
 _REDIRECT_PREFIXES: dict[int, bytes] = {}  # payload length -> entry header + name + "/"
 
 
+def _redirect_entry(payload: bytes) -> bytes:
+    """The inline entry of `trusted.overlay.redirect` = `/` + payload."""
+    prefix = _REDIRECT_PREFIXES.get(len(payload))
+    if prefix is None:
+        prefix = _REDIRECT_PREFIXES[len(payload)] = (
+            _pack_entry(len(_REDIR_NAME), _REDIR_INDEX, len(payload) + 1) + _REDIR_NAME + b"/")
+    return prefix + payload + PADS[(len(_REDIR_NAME) + 1 + len(payload)) & 3]
+
+
 class _Layout:
     """A tuple's share of an inode body: refs and entries, plus where the implied ones go."""
 
@@ -95,7 +104,8 @@ class XattrEncoder:
         self.empty_metacopy_shared = (METACOPY, b"") in self.shared_ids
         self.shared_payloads = {v[1:] for k, v in shared if k == REDIRECT}
         self.layouts: dict[int, tuple[tuple, _Layout]] = {}
-        # (id(own tuple), metacopy value) -> (own tuple, layout of it plus the metacopy)
+        # id(own tuple) [, digest] -> (own tuple, layout of it plus its shared metacopy)
+        self.with_empty_metacopy: dict[int, tuple[tuple, _Layout]] = {}
         self.with_metacopy: dict[tuple[int, bytes], tuple[tuple, _Layout]] = {}
         self.base = 0  # (inodes_end % block) / 4, set before bodies are built
 
@@ -136,20 +146,49 @@ class XattrEncoder:
                        bisect_left(keys, METACOPY), bisect_left(keys, REDIRECT))
 
     @property
-    def implied_never_shared(self) -> bool:
-        """True when no file's metacopy/redirect is shared: every external file splices."""
-        return not (self.shared_digests or self.empty_metacopy_shared or self.shared_payloads)
+    def redirects_never_shared(self) -> bool:
+        """True when no two files name one object: every external file takes the splicing
+        hot path (`external_size`, `external_body`)."""
+        return not self.shared_payloads
+
+    def _meta_layout(self, node: Inode) -> _Layout | None:
+        """The layout holding a file's shared metacopy (None: its metacopy is not shared)."""
+        digest = node.digest
+        if digest is None:
+            if not self.empty_metacopy_shared:
+                return None
+            hit = self.with_empty_metacopy.get(id(node.xattrs))
+            if hit is None:
+                merged = tuple(sorted(node.xattrs + ((METACOPY, b""),)))
+                hit = self.with_empty_metacopy[id(node.xattrs)] = (node.xattrs, self.layout(merged))
+            return hit[1]
+        if digest not in self.shared_digests:
+            return None
+        key = (id(node.xattrs), digest)
+        hit = self.with_metacopy.get(key)
+        if hit is None:
+            merged = tuple(sorted(node.xattrs + ((METACOPY, METACOPY_HEADER + digest),)))
+            hit = self.with_metacopy[key] = (node.xattrs, self.layout(merged))
+        return hit[1]
 
     def external_size(self, node: Inode) -> int:
-        """`size(node, True)` when `implied_never_shared` (the hot path, no checks)."""
-        hit = self.layouts.get(id(node.xattrs))
-        size = (hit[1] if hit is not None else self.layout(node.xattrs)).size
-        size += 56 if node.digest is not None else 20
+        """`size(node, True)` when the file's redirect is not shared (the hot path)."""
+        layout = self._meta_layout(node) if self.shared_digests or self.empty_metacopy_shared else None
+        if layout is not None:
+            size = layout.size
+        else:
+            hit = self.layouts.get(id(node.xattrs))
+            size = (hit[1] if hit is not None else self.layout(node.xattrs)).size
+            size += 56 if node.digest is not None else 20
         payload = node.payload
         return size + ((24 + len(payload)) & ~3) if payload else size
 
     def external_body(self, node: Inode) -> bytes:
-        """`body(node, True)` when `implied_never_shared` (the hot path, no checks)."""
+        """`body(node, True)` when the file's redirect is not shared (the hot path)."""
+        if self.shared_digests or self.empty_metacopy_shared:
+            layout = self._meta_layout(node)
+            if layout is not None:
+                return self._redirect_spliced(node, layout)
         hit = self.layouts.get(id(node.xattrs))
         layout = hit[1] if hit is not None else self.layout(node.xattrs)
         heads = layout.heads
@@ -164,11 +203,7 @@ class XattrEncoder:
         payload = node.payload
         inline = layout.inline
         if payload:
-            prefix = _REDIRECT_PREFIXES.get(len(payload))
-            if prefix is None:
-                prefix = _REDIRECT_PREFIXES[len(payload)] = (
-                    _pack_entry(len(_REDIR_NAME), _REDIR_INDEX, len(payload) + 1) + _REDIR_NAME + b"/")
-            redirect = prefix + payload + PADS[(len(_REDIR_NAME) + 1 + len(payload)) & 3]
+            redirect = _redirect_entry(payload)
             if not inline:
                 return heads[1] + meta + redirect
             m, r = layout.meta_at, layout.redirect_at
@@ -178,26 +213,6 @@ class XattrEncoder:
         m = layout.meta_at
         return b"".join((heads[0], *inline[:m], meta, *inline[m:]))
 
-    def _metacopy_shared(self, node: Inode) -> bool | None:
-        """For an external file: True if its metacopy is shared (then only the redirect is
-        spliced), False if neither is (both spliced), None if its redirect is (generic)."""
-        payload = node.payload
-        if payload and payload in self.shared_payloads:
-            return None
-        digest = node.digest
-        return self.empty_metacopy_shared if digest is None else digest in self.shared_digests
-
-    def _with_metacopy(self, node: Inode) -> _Layout:
-        """The cached layout of the file's own tuple plus its (shared) metacopy."""
-        digest = node.digest
-        value = METACOPY_HEADER + digest if digest is not None else b""
-        key = (id(node.xattrs), value)
-        hit = self.with_metacopy.get(key)
-        if hit is None:
-            merged = tuple(sorted(node.xattrs + ((METACOPY, value),)))
-            hit = self.with_metacopy[key] = (node.xattrs, self.layout(merged))
-        return hit[1]
-
     def size(self, node: Inode, external: bool) -> int:
         """Bytes of the inode's xattr body (0: none), `external` as `is_external(node)`."""
         if not external:
@@ -206,13 +221,9 @@ class XattrEncoder:
                 return 0
             hit = self.layouts.get(id(xattrs))
             return (hit[1] if hit is not None else self.layout(xattrs)).size
-        shared = self._metacopy_shared(node)
-        if shared is False:
+        payload = node.payload
+        if not (payload and payload in self.shared_payloads):
             return self.external_size(node)
-        if shared:
-            payload = node.payload
-            size = self._with_metacopy(node).size
-            return size + ((24 + len(payload)) & ~3) if payload else size
         return self._layout(image_xattrs(node)).size
 
     def _ids_bytes(self, layout: _Layout) -> bytes:
@@ -224,11 +235,9 @@ class XattrEncoder:
     def body(self, node: Inode, external: bool) -> bytes:
         """The inode's xattr body (b"" if none); call after `base` is set."""
         if external:
-            shared = self._metacopy_shared(node)
-            if shared is False:
+            payload = node.payload
+            if not (payload and payload in self.shared_payloads):
                 return self.external_body(node)
-            if shared:
-                return self._redirect_spliced(node, self._with_metacopy(node))
             layout = self._layout(image_xattrs(node))  # one file's own: not cached
             return b"".join((_pack_ibody(~layout.bits & 0xFFFFFFFF, len(layout.ids)),
                              self._ids_bytes(layout), *layout.inline))
@@ -247,17 +256,21 @@ class XattrEncoder:
         """The body of `layout` (which holds the metacopy) with the file's redirect spliced in."""
         payload = node.payload
         if not payload:
-            return b"".join((_pack_ibody(~layout.bits & 0xFFFFFFFF, len(layout.ids)),
-                             self._ids_bytes(layout), *layout.inline))
-        head = _pack_ibody(~(layout.bits | _REDIR_BIT) & 0xFFFFFFFF, len(layout.ids)) + self._ids_bytes(layout)
-        prefix = _REDIRECT_PREFIXES.get(len(payload))
-        if prefix is None:
-            prefix = _REDIRECT_PREFIXES[len(payload)] = (
-                _pack_entry(len(_REDIR_NAME), _REDIR_INDEX, len(payload) + 1) + _REDIR_NAME + b"/")
-        redirect = prefix + payload + PADS[(len(_REDIR_NAME) + 1 + len(payload)) & 3]
+            body = layout.body
+            if body is None:
+                body = layout.body = b"".join((_pack_ibody(~layout.bits & 0xFFFFFFFF, len(layout.ids)),
+                                               self._ids_bytes(layout), *layout.inline))
+            return body
+        heads = layout.heads
+        if heads is None:
+            ids = self._ids_bytes(layout)
+            head = _pack_ibody(~(layout.bits | _REDIR_BIT) & 0xFFFFFFFF, len(layout.ids)) + ids
+            heads = layout.heads = (head, head)
         inline = layout.inline
+        if not inline:
+            return heads[1] + _redirect_entry(payload)
         r = layout.redirect_at
-        return b"".join((head, *inline[:r], redirect, *inline[r:]))
+        return b"".join((heads[1], *inline[:r], _redirect_entry(payload), *inline[r:]))
 
     def shared_area(self, shared: list[tuple[bytes, bytes]]) -> bytes:
         out = []
