@@ -27,7 +27,7 @@ from collections.abc import Iterator
 
 from cfsc.tree import S_IFBLK, S_IFCHR, S_IFDIR, S_IFLNK, S_IFMT, S_IFREG
 
-from .layout import EROFS_INODE_CHUNK_BASED
+from .layout import EROFS_INODE_CHUNK_BASED, EROFS_XATTR_ENTRY, XATTR_PREFIXES
 from .reader import Image, RawInode, ReadBudget
 
 TRUSTED_OVERLAY = b"trusted.overlay."
@@ -37,6 +37,10 @@ METACOPY = b"trusted.overlay.metacopy"
 ESCAPED_WHITEOUT = b"trusted.overlay.overlay.whiteout"
 DROPPED = frozenset((b"trusted.overlay.overlay.whiteouts", b"user.overlay.whiteout", b"user.overlay.whiteouts"))
 DIGEST_XATTR_SIZE = 36  # metacopy header (4 bytes) + SHA-256 digest
+_TRUSTED = XATTR_PREFIXES.index(b"trusted.")
+_REDIRECT_NAME = REDIRECT[len(b"trusted."):]
+_METACOPY_NAME = METACOPY[len(b"trusted."):]
+_unpack_entry = EROFS_XATTR_ENTRY.unpack_from
 
 
 class Entry:
@@ -113,13 +117,9 @@ class Entries:
             regular = ftype == S_IFREG
             body, shared_only = image.xattr_body(raw)
             if shared_only:
-                key = (body, regular)
-                hit = self._cache.get(key)
-                if hit is None:
-                    hit = self._cache[key] = interpret_xattrs(image.xattrs(raw), regular)
-                    self._cached.add(id(hit[0]))
+                hit = self._shared_part(raw, body, regular)
             else:
-                hit = interpret_xattrs(image.xattrs(raw), regular)
+                hit = self._implied_inline(raw, body, regular) or interpret_xattrs(image.xattrs(raw), regular)
             xattrs, redirect, metacopy, whiteout = hit
             if redirect is not None:
                 payload = redirect
@@ -137,6 +137,52 @@ class Entries:
         e.digest = digest
         e.xattrs = xattrs
         return e
+
+    def _shared_part(self, raw: RawInode, head: bytes, regular: bool) -> tuple:
+        """The interpretation of a body of shared references only (cached: they repeat)."""
+        key = (head, regular)
+        hit = self._cache.get(key)
+        if hit is None:
+            hit = self._cache[key] = interpret_xattrs(self.image.parse_xattr_body(raw, head), regular)
+            self._cached.add(id(hit[0]))
+        return hit
+
+    def _implied_inline(self, raw: RawInode, body: bytes, regular: bool) -> tuple | None:
+        """The common body with inline entries: the writer's per-file metacopy and redirect,
+        everything else shared.  Read without the generic parse, the shared part from the
+        cache; None for any other body (or a malformed one: the generic path locates it).
+
+        Same result as `interpret_xattrs` over inline-then-shared: the inline pair only sets
+        payload and digest, which a shared metacopy or redirect, coming later, overrides."""
+        size = len(body)
+        pos = 12 + 4 * body[4] if size >= 12 else size + 1
+        if pos >= size:
+            return None
+        head = body[:pos]
+        payload = digest = None
+        while pos < size:
+            if pos + 4 > size:
+                return None
+            name_len, index, value_len = _unpack_entry(body, pos)
+            name_end = pos + 4 + name_len
+            end = name_end + value_len
+            if end > size or index != _TRUSTED:
+                return None
+            name = body[pos + 4:name_end]
+            if name == _REDIRECT_NAME:
+                if regular:
+                    value = body[name_end:end]
+                    value = value[1:] if len(value) > 1 and value[:1] == b"/" else value
+                    payload = value.partition(b"\0")[0]
+            elif name == _METACOPY_NAME:
+                if regular and value_len == DIGEST_XATTR_SIZE:
+                    digest = body[name_end + 4:end]
+            else:
+                return None
+            pos = (end + 3) & ~3
+        xattrs, s_payload, s_digest, whiteout = self._shared_part(raw, head, regular)
+        return (xattrs, s_payload if s_payload is not None else payload,
+                s_digest if s_digest is not None else digest, whiteout)
 
     def interned(self, xattrs: tuple) -> bool:
         """Whether many entries may share this very tuple (worth caching what derives from it)."""

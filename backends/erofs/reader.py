@@ -395,6 +395,11 @@ class Image:
         body = self.data[start:start + size]
         return body, size >= 12 and size == 12 + 4 * body[4]
 
+    def parse_xattr_body(self, ino: RawInode, body: bytes) -> list[tuple[bytes, bytes]]:
+        """The xattrs a body (or its leading header and shared ids alone) holds; `ino` only
+        locates errors."""
+        return self._parse_xattrs(ino, body)
+
     def _parse_xattrs(self, ino: RawInode, body: bytes) -> list[tuple[bytes, bytes]]:
         start = ino.xattr_offset
         where = f"inode nid {ino.nid}: xattrs"
