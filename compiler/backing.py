@@ -42,6 +42,18 @@ DIGEST_CACHE = 1 << 16
 READ_CHUNK = 1 << 20
 
 
+# What openat2 (RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS) or the walk says of a path leaving the base.
+ESCAPES = (errno.EXDEV, errno.ELOOP, errno.EINVAL)
+
+
+class Refused(LookupFailed):
+    """A backing file could not be opened; `cause` is the system's errno (the reply is EIO)."""
+
+    def __init__(self, what: str, where: str, cause: int) -> None:
+        super().__init__(what, where, errno.EIO)
+        self.cause = cause
+
+
 class Cancelled(Exception):
     """The request asking for the data was interrupted."""
 
@@ -86,16 +98,16 @@ class Store:
         image in errors (callers may fill it in later: `error.where`).
         """
         if digest is None and self.verity == "require":
-            raise IntegrityError(f"no fs-verity digest recorded for object {_show(payload)} "
+            raise IntegrityError(f"no fs-verity digest recorded for object {shown_path(payload)} "
                                  "(--verity=require)", where)
         if not self.fds:
-            raise LookupFailed(f"object {_show(payload)} needs a store, and no --basedir was given",
+            raise LookupFailed(f"object {shown_path(payload)} needs a store, and no --basedir was given",
                                where, errno.EIO)
         fd = self._find(payload, where)
         try:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
-                raise LookupFailed(f"object {_show(payload)} is not a regular file", where, errno.EIO)
+                raise LookupFailed(f"object {shown_path(payload)} is not a regular file", where, errno.EIO)
             if digest is not None and self.verity != "none":
                 self._verify(fd, st, payload, digest, where, cancelled)
         except BaseException:
@@ -117,13 +129,16 @@ class Store:
             except FileNotFoundError:
                 continue
             except OSError as e:
-                if e.errno in (errno.EXDEV, errno.ELOOP, errno.ENOTDIR, errno.EINVAL):
-                    raise LookupFailed(f"object {_show(payload)} leads outside the store {basedir} "
-                                       f"({os.strerror(e.errno)}): refused", where, errno.EIO) from None
-                raise LookupFailed(f"object {_show(payload)} in {basedir}: {os.strerror(e.errno)}",
-                                   where, errno.EIO) from None
+                if e.errno in ESCAPES:
+                    raise Refused(f"object {shown_path(payload)} leads outside the store {basedir} "
+                                  f"({os.strerror(e.errno)}): refused", where, e.errno) from None
+                if e.errno == errno.ENOTDIR:
+                    raise Refused(f"object {shown_path(payload)} in {basedir}: a component of the path is not a "
+                                  "directory", where, e.errno) from None
+                raise Refused(f"object {shown_path(payload)} in {basedir}: {os.strerror(e.errno)}",
+                              where, e.errno) from None
         stores = ":".join(self.basedirs)
-        raise LookupFailed(f"object {_show(payload)} not found in {stores}", where, errno.ENOENT)
+        raise LookupFailed(f"object {shown_path(payload)} not found in {stores}", where, errno.ENOENT)
 
     def _open_beneath(self, dirfd: int, payload: bytes) -> int:
         if self._openat2:
@@ -151,14 +166,14 @@ class Store:
                 try:
                     got = self._measure(fd, st.st_size, cancelled)
                 except OSError as e:
-                    raise IntegrityError(f"object {_show(payload)}: cannot read it to check its "
+                    raise IntegrityError(f"object {shown_path(payload)}: cannot read it to check its "
                                          f"digest: {e.strerror}", where) from None
                 self._digests[key] = got
                 if len(self._digests) > DIGEST_CACHE:
                     for old in list(islice(self._digests, DIGEST_CACHE // 4)):
                         self._digests.pop(old, None)
         if got != digest:
-            raise IntegrityError(f"object {_show(payload)}: fs-verity digest {got.hex()}, the image "
+            raise IntegrityError(f"object {shown_path(payload)}: fs-verity digest {got.hex()}, the image "
                                  f"records {digest.hex()} (tampered or corrupt): refused", where)
 
     def _measure(self, fd: int, size: int, cancelled: Callable[[], bool] | None) -> bytes:
@@ -206,4 +221,3 @@ def open_by_walk(dirfd: int, payload: bytes) -> int:
             os.close(fd)
 
 
-_show = shown_path

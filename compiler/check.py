@@ -48,7 +48,7 @@ from .errors import CfscError, InputError, UsageError
 from .fsverity import digest_bytes
 from .manifest import detect, inputs, side_name
 from .options import Options
-from .streams import read_all
+from .streams import read_all, read_once, source_name
 from .tree import Tree
 
 VARIANTS = ("shuffled", "reversed", "threads", "environment", "dump", "image")
@@ -176,11 +176,20 @@ def known_ways(names: Iterable[str]) -> list[str]:
     return names
 
 
+def readable_again(source) -> None:
+    """Refuse a source that can be read only once (stdin, a pipe): --reproducible reads it
+    several times, and a second read of a pipe finds nothing."""
+    parts = source if isinstance(source, tuple) else (source,)
+    once = next((p for p in parts if read_once(p)), None)
+    if once is not None:
+        raise UsageError("can be read only once (standard input, a pipe): --reproducible reads its source several"
+                         " times; give a file, directory or ref", source_name(once))
+
+
 def reproducible(source, options: Options, fmt: str | None = None, variants: Iterable[str] = VARIANTS,
                  report: CheckReport | None = None, baseline: bytes | None = None) -> CheckReport:
     """Compile `source` every way in `variants` and compare each digest with the first one."""
-    if source == "-" or isinstance(source, tuple) and "-" in source:
-        raise UsageError("cannot read standard input several times: give a file, directory or ref", "--reproducible")
+    readable_again(source)
     variants = known_ways(variants)
     if fmt is None:
         fmt = detect(source)

@@ -322,6 +322,8 @@ def _same_inode(wa: _Walk, na: int, ha: tuple, wb: _Walk, nb: int, hb: tuple, sa
         return 0
     if xsize:
         n = da[off_a + isize + 4]
+        if db[off_b + isize + 4] != n:  # h_shared_count: the split between ids and entries
+            return 0
         start = isize + 12 + 4 * n
         if start > isize + xsize or da[off_a + start:end_a] != db[off_b + start:end_b]:
             return 0
@@ -545,13 +547,14 @@ def diff_images(a_image, b_image, where: Query | None = None, ignore: Ignore | N
     else:
         reasons = _aside(why.explain, a_image, b_image, 0, digests) if count_layout or explain else None
         try:
-            changes = diff_in_step(a_image, b_image, ignore.fields, ignore.projection(), where)
-        except _Unsuited:
-            from .frontends.image import read_tree
+            try:
+                changes = diff_in_step(a_image, b_image, ignore.fields, ignore.projection(), where)
+            except _Unsuited:
+                from .frontends.image import read_tree
 
-            sides = [Manifest(read_tree(x), False, ignore, x.name, "image", x) for x in (a_image, b_image)]
-            changes = diff_manifests(sides[0], sides[1], where)
-        except BaseException:
+                sides = [Manifest(read_tree(x), False, ignore, x.name, "image", x) for x in (a_image, b_image)]
+                changes = diff_manifests(sides[0], sides[1], where)
+        except BaseException:  # the fallback too: the worker must not outlive a failure
             if reasons is not None:
                 reasons(cancel=True)
             raise

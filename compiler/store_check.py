@@ -27,10 +27,10 @@ from dataclasses import dataclass, field
 
 from .backends.erofs.entries import walk
 from .backends.erofs.reader import Image
-from .backing import Store
+from .backing import ESCAPES, Refused, Store
 from .errors import LookupFailed
 from .fsverity import digest_fd
-from .images import object_path, open_basedir
+from .images import object_path
 from .tree import S_IFMT, S_IFREG
 
 
@@ -58,7 +58,6 @@ def check_store(images: list[Image], basedir: str, threads: int = 1) -> Report:
         for _path, e, first in walk(image):
             if first is None and e.payload is not None and e.mode & S_IFMT == S_IFREG:
                 expected.setdefault(e.payload, set()).add((e.size, e.digest))
-    os.close(open_basedir(basedir))  # the located "cannot open the store directory" error
     store = Store([basedir], verity="none")
     try:
         payloads = sorted(expected)
@@ -66,7 +65,7 @@ def check_store(images: list[Image], basedir: str, threads: int = 1) -> Report:
             results = list(pool.map(lambda p: _check(store, p, expected[p]), payloads))
     finally:
         store.close()
-    problems = [Problem(p, *r) for p, r in zip(payloads, results, strict=True) if r is not None]
+    problems = [Problem(p, *r) for p, r in zip(payloads, results, strict=True) if r is not None and r is not UNVERIFIED]
     if problems:
         bad = {p.payload: p for p in problems}
         for image in images:
@@ -74,22 +73,30 @@ def check_store(images: list[Image], basedir: str, threads: int = 1) -> Report:
                 problem = bad.get(e.payload) if e.payload is not None and e.mode & S_IFMT == S_IFREG else None
                 if problem is not None:
                     problem.users.append((image.name, path))
-    unverified = sum(1 for p, r in zip(payloads, results, strict=True)
-                     if r is None and all(digest is None for _size, digest in expected[p]))
-    return Report(len(expected), problems, unverified)
+    return Report(len(expected), problems, results.count(UNVERIFIED))
+
+
+UNVERIFIED = ("", "")  # `_check`: intact as far as its size tells; no digest to check it against
 
 
 def _check(store: Store, payload: bytes, wanted: set[tuple[int, bytes | None]]) -> tuple[str, str] | None:
+    """None: intact; UNVERIFIED: the right size, but no image records a digest for that size;
+    else (kind, detail) of the problem."""
     rel = object_path(payload)
     if not rel or b".." in rel.split(b"/") or b"\0" in rel:
         return "invalid", "the path leaves the store"
     try:
         fd = store.open(rel, None)
+    except Refused as e:
+        if e.cause in ESCAPES:
+            return "invalid", "the path leaves the store (a symlink on the way)"
+        if e.cause == errno.ENOTDIR:
+            return "missing", "a parent is not a directory"
+        return "corrupt", f"cannot open: {os.strerror(e.cause)}"
     except LookupFailed as e:
         if e.errno == errno.ENOENT:
             return "missing", "no such file"
-        kind = "invalid" if "leads outside" in e.what else "corrupt"
-        return kind, e.what.split(": ", 1)[-1] if kind == "corrupt" else "the path leaves the store (a symlink on the way)"
+        return "corrupt", e.what.split(": ", 1)[-1]
     try:
         size = os.fstat(fd).st_size
         sizes = sorted({size for size, _digest in wanted})
@@ -97,7 +104,7 @@ def _check(store: Store, payload: bytes, wanted: set[tuple[int, bytes | None]]) 
             return "corrupt", f"size {size}, expected {' or '.join(map(str, sizes))}"
         digests = {digest for s, digest in wanted if digest is not None and s == size}
         if not digests:
-            return None
+            return UNVERIFIED
         try:
             actual = digest_fd(fd)
         except OSError as e:

@@ -139,6 +139,19 @@ def _pipe_replay(path: str) -> tuple[Replay, BinaryIO] | None:
     return _pipes[path]
 
 
+def read_once(source) -> bool:
+    """Whether a source can be read only once: stdin, a pipe or FIFO (by path), a socket."""
+    if source == "-":
+        return True
+    if not isinstance(source, (str, bytes, os.PathLike)) or str(source).startswith("ostree:"):
+        return False
+    try:
+        mode = os.stat(source).st_mode
+    except OSError:
+        return False
+    return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode) or stat.S_ISBLK(mode))
+
+
 def head(source, n: int) -> bytes:
     """The first `n` bytes of a path or `-` (fewer only if shorter), leaving the input unread."""
     if source == "-":

@@ -119,6 +119,10 @@ def test_expect_digest_and_reference(tmp_path):
     assert run_cfsc("check", str(a), "--expect-digest", "sha256:abc").returncode == 2
     assert run_cfsc("check", str(a)).returncode == 2
     assert run_cfsc("check", "-", "--reproducible", input=DUMP).returncode == 2
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)  # a pipe by path (as `<(…)`): read once, never reopened (nothing writes to it)
+    p = run_cfsc("check", str(fifo), "--reproducible")
+    assert p.returncode == 2 and b"can be read only once" in p.stderr, p.stderr
 
 
 def test_clamp_mtime_from_source_date_epoch(tmp_path):

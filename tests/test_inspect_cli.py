@@ -295,6 +295,10 @@ def test_fsck_store_bad_input(tmp_path, cfsc):
     p = cfsc("fsck-store", "sneaky.cfs", "--basedir", str(store), cwd=tmp_path)
     assert p.returncode == 1 and b"invalid zz/obj: the path leaves the store" in p.stdout, p.stdout
     assert b"fs-verity digest" not in p.stdout
+    (store / "yy").write_bytes(b"a file where a fan-out directory belongs")
+    (tmp_path / "file.cfs").write_bytes(image_of(b"/ 4096 40755 2 0 0 0 0.0 - - -\n/e 6 100644 1 0 0 0 0.0 yy/obj - -\n"))
+    p = cfsc("fsck-store", "file.cfs", "--basedir", str(store), cwd=tmp_path)
+    assert p.returncode == 1 and b"missing yy/obj: a parent is not a directory" in p.stdout, p.stdout
 
 
 def test_dump_of_special_conformance_input(cfsc, tmp_path):

@@ -71,7 +71,8 @@ def _redirect_entry(payload: bytes) -> bytes:
 class _Layout:
     """A tuple's share of an inode body: refs and entries, plus where the implied ones go."""
 
-    __slots__ = ("size", "bits", "ids", "inline", "meta_at", "redirect_at", "ids_bytes", "heads", "body")
+    __slots__ = ("size", "bits", "ids", "inline", "meta_at", "redirect_at", "ids_bytes", "heads",
+                 "redirect_head", "body")
 
     def __init__(self, size: int, bits: int, ids: list[int], inline: list[bytes],
                  meta_at: int, redirect_at: int) -> None:
@@ -82,7 +83,11 @@ class _Layout:
         self.meta_at = meta_at  # inline entries before metacopy's key
         self.redirect_at = redirect_at  # … before redirect's key
         self.ids_bytes = b""  # packed ids once the shared area's position is known
-        self.heads: tuple[bytes, bytes] | None = None  # body starts with metacopy / + redirect
+        # Body starts (header and ids) of a file's own tuple with its implied pairs spliced in:
+        # the metacopy / metacopy and redirect.  And of a tuple holding a shared metacopy,
+        # with the redirect spliced in.
+        self.heads: tuple[bytes, bytes] | None = None
+        self.redirect_head: bytes | None = None
         self.body: bytes | None = None  # the whole body when the tuple is all an inode has
 
 
@@ -99,14 +104,16 @@ class XattrEncoder:
             _index, name, _bit = self.key(pair[0])
             offset += (7 + len(name) + len(pair[1])) & ~3
         self.shared_size = offset
-        # Implied pairs that are shared (identical contents): rare; those files go generic.
+        # Implied pairs that are shared: a metacopy (no digest, or files of equal content)
+        # goes into a cached layout; a redirect (two files naming one object, rare) makes
+        # that file take the generic path.
         self.shared_digests = {v[4:] for k, v in shared if k == METACOPY and len(v) == 36}
         self.empty_metacopy_shared = (METACOPY, b"") in self.shared_ids
+        self.metacopies_shared = bool(self.shared_digests or self.empty_metacopy_shared)
         self.shared_payloads = {v[1:] for k, v in shared if k == REDIRECT}
         self.layouts: dict[int, tuple[tuple, _Layout]] = {}
-        # id(own tuple) [, digest] -> (own tuple, layout of it plus its shared metacopy)
-        self.with_empty_metacopy: dict[int, tuple[tuple, _Layout]] = {}
-        self.with_metacopy: dict[tuple[int, bytes], tuple[tuple, _Layout]] = {}
+        # (id(own tuple), digest or None) -> (own tuple, layout of it plus its shared metacopy)
+        self.with_metacopy: dict[tuple[int, bytes | None], tuple[tuple, _Layout]] = {}
         self.base = 0  # (inodes_end % block) / 4, set before bodies are built
 
     def key(self, key: bytes) -> tuple[int, bytes, int]:
@@ -154,26 +161,19 @@ class XattrEncoder:
     def _meta_layout(self, node: Inode) -> _Layout | None:
         """The layout holding a file's shared metacopy (None: its metacopy is not shared)."""
         digest = node.digest
-        if digest is None:
-            if not self.empty_metacopy_shared:
-                return None
-            hit = self.with_empty_metacopy.get(id(node.xattrs))
-            if hit is None:
-                merged = tuple(sorted(node.xattrs + ((METACOPY, b""),)))
-                hit = self.with_empty_metacopy[id(node.xattrs)] = (node.xattrs, self.layout(merged))
-            return hit[1]
-        if digest not in self.shared_digests:
-            return None
         key = (id(node.xattrs), digest)
         hit = self.with_metacopy.get(key)
         if hit is None:
-            merged = tuple(sorted(node.xattrs + ((METACOPY, METACOPY_HEADER + digest),)))
+            if not (self.empty_metacopy_shared if digest is None else digest in self.shared_digests):
+                return None
+            value = METACOPY_HEADER + digest if digest is not None else b""
+            merged = tuple(sorted(node.xattrs + ((METACOPY, value),)))
             hit = self.with_metacopy[key] = (node.xattrs, self.layout(merged))
         return hit[1]
 
     def external_size(self, node: Inode) -> int:
         """`size(node, True)` when the file's redirect is not shared (the hot path)."""
-        layout = self._meta_layout(node) if self.shared_digests or self.empty_metacopy_shared else None
+        layout = self._meta_layout(node) if self.metacopies_shared else None
         if layout is not None:
             size = layout.size
         else:
@@ -185,7 +185,7 @@ class XattrEncoder:
 
     def external_body(self, node: Inode) -> bytes:
         """`body(node, True)` when the file's redirect is not shared (the hot path)."""
-        if self.shared_digests or self.empty_metacopy_shared:
+        if self.metacopies_shared:
             layout = self._meta_layout(node)
             if layout is not None:
                 return self._redirect_spliced(node, layout)
@@ -261,16 +261,15 @@ class XattrEncoder:
                 body = layout.body = b"".join((_pack_ibody(~layout.bits & 0xFFFFFFFF, len(layout.ids)),
                                                self._ids_bytes(layout), *layout.inline))
             return body
-        heads = layout.heads
-        if heads is None:
-            ids = self._ids_bytes(layout)
-            head = _pack_ibody(~(layout.bits | _REDIR_BIT) & 0xFFFFFFFF, len(layout.ids)) + ids
-            heads = layout.heads = (head, head)
+        head = layout.redirect_head
+        if head is None:
+            head = layout.redirect_head = (_pack_ibody(~(layout.bits | _REDIR_BIT) & 0xFFFFFFFF, len(layout.ids))
+                                           + self._ids_bytes(layout))
         inline = layout.inline
         if not inline:
-            return heads[1] + _redirect_entry(payload)
+            return head + _redirect_entry(payload)
         r = layout.redirect_at
-        return b"".join((heads[1], *inline[:r], _redirect_entry(payload), *inline[r:]))
+        return b"".join((head, *inline[:r], _redirect_entry(payload), *inline[r:]))
 
     def shared_area(self, shared: list[tuple[bytes, bytes]]) -> bytes:
         out = []

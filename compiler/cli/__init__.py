@@ -57,8 +57,7 @@ def command(*args, **kwargs):
             except CfscError as e:
                 fail(e, e.exit_code)
             except Terminated:
-                print("error: terminated by SIGTERM", file=sys.stderr)
-                raise typer.Exit(128 + signal.SIGTERM) from None
+                raise typer.Exit(_report_terminated()) from None
             except BrokenPipeError:
                 sys.stderr.close()
                 raise typer.Exit(1) from None
@@ -77,6 +76,11 @@ class Terminated(BaseException):
 
 def _terminated(_signum, _frame) -> None:
     raise Terminated
+
+
+def _report_terminated() -> int:
+    print("error: terminated by SIGTERM", file=sys.stderr)
+    return 128 + signal.SIGTERM
 
 
 def source_date_epoch() -> int:
@@ -132,4 +136,7 @@ def main(argv: list[str] | None = None) -> None:
     # and the FUSE server installs its own handlers (it unmounts on SIGTERM).
     if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
         signal.signal(signal.SIGTERM, _terminated)
-    app(args=args, prog_name="cfsc")
+    try:
+        app(args=args, prog_name="cfsc")
+    except Terminated:  # outside a command (parsing options, exiting)
+        sys.exit(_report_terminated())

@@ -335,6 +335,8 @@ def check_cmd(
     chosen = check.known_ways(w.strip() for w in ways.split(",") if w.strip()) if ways else list(VARIANTS)
     source = layers(source)
     reference = layers(reference) if reference is not None else None
+    if reproducible:
+        check.readable_again(source)
     baseline = check.compile_source(source, options, source_format)
     if digest is not None or reference is not None:
         report = check.expect(source, options, source_format, digest, reference, baseline=baseline)
