@@ -73,9 +73,16 @@ def compile_image(
                 sink = DigestingWriter(out) if want_digest else out
                 write_image(tree, sink)  # type: ignore[arg-type]
                 if held is not None:
-                    held.commit()
+                    held.commit(_referenced(tree))
             return sink.digest() if want_digest else None  # type: ignore[union-attr]
     except BaseException:
         if held is not None:
             held.close()
         raise
+
+
+def _referenced(tree: Tree) -> set[bytes]:
+    """The digests of the store objects a compiled tree's image refers to."""
+    from .passes.add_overlay_xattrs import is_external
+
+    return {node.digest for node in tree.inodes or () if node.digest is not None and is_external(node)}

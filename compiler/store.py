@@ -69,14 +69,17 @@ _UNSUPPORTED = frozenset({errno.EOPNOTSUPP, errno.ENOTTY, errno.ENOSYS, errno.EX
 
 
 class HeldObjects:
-    """The stores a compile imports into, their objects named only when the image is written."""
+    """The stores a compile imports into, their objects named only when the image is written,
+    and only those the image refers to: a file a later layer replaced or deleted, one
+    `--exclude` left out, AUFS link data no link used, were imported while the source was
+    read, and are dropped here instead of staying in the store unreferenced."""
 
     def __init__(self) -> None:
         self.stores: list[Store] = []
 
-    def commit(self) -> None:
+    def commit(self, keep: set[bytes] | None = None) -> None:
         for store in self.stores:
-            store.commit()
+            store.commit(keep)
 
     def close(self) -> None:
         for store in self.stores:
@@ -239,11 +242,20 @@ class Store:
         finally:
             self._release(digest)
 
-    def commit(self) -> None:
-        """The run succeeded: make every pending object durable, then give it its name."""
+    def commit(self, keep: set[bytes] | None = None) -> None:
+        """The run succeeded: make every pending object durable, then give it its name.
+
+        With `keep` (digests), a pending object whose digest is not in it is dropped instead."""
         with self._commit_lock:
             with self._lock:
                 pending, self._pending = self._pending, []
+                if keep is not None:
+                    unused = [p for p in pending if p[1] not in keep]
+                    if unused:
+                        pending = [p for p in pending if p[1] in keep]
+                        for _tmp, digest in unused:
+                            self._present.discard(digest)
+                        _unlink_all(unused)
             if not pending:
                 return
             try:

@@ -230,12 +230,13 @@ class Tree:
                 if child.children is None and (links is None or name not in links):
                     yield child
 
-    def path_of(self, target: Inode) -> bytes:
-        """The path of an inode's home entry (a full walk: for error messages only)."""
+    def path_of(self, target: Inode, links: bool = False) -> bytes:
+        """The path of an inode's home entry, or with `links` its first name of any kind (a
+        full walk: for error messages only)."""
         if target is self.root:
             return b"/"
         for path, node, _parent, is_link in self.walk():
-            if node is target and not is_link:
+            if node is target and (links or not is_link):
                 return path
         return b"?"
 

@@ -58,7 +58,7 @@ from typing import NoReturn
 import orjson
 
 from cfsc import devices, limits, rfc3339, schemas, streams
-from cfsc.errors import InputError, InputErrors, LookupFailed, TreeError
+from cfsc.errors import InputError, InputErrors, LookupFailed, TreeError, shown_path
 from cfsc.options import Options
 from cfsc.streams import read_all, source_name
 from cfsc.tree import S_IFBLK, S_IFCHR, S_IFDIR, S_IFIFO, S_IFLNK, S_IFMT, S_IFREG, S_IFSOCK, Inode, Tree
@@ -885,7 +885,7 @@ def _add_digests(tree: Tree, options: Options) -> None:
     A payload with no file there is skipped (the image records no digest, as the legacy tool
     never did).  One that is there but is not a readable regular file, or whose path leaves
     the base directory (`..`, a symlink on the way), is an error naming the file in the tree:
-    payloads are opened as the FUSE server opens them (`cfsc.fuse.backing.Store`), confined.
+    payloads are opened as the FUSE server opens them (`cfsc.backing.Store`), confined.
     """
     from cfsc.fsverity import digest_fd
     from cfsc.backing import Store
@@ -905,17 +905,17 @@ def _add_digests(tree: Tree, options: Options) -> None:
             except LookupFailed as e:
                 if e.errno == errno.ENOENT:
                     continue
-                raise TreeError(e.what, _user(tree, nodes[0]), tree.source) from None
+                raise TreeError(e.what, tree.path_of(nodes[0], links=True), tree.source) from None
             try:
                 size = os.fstat(fd).st_size
                 if any(n.size != size for n in nodes):
-                    where = f"{options.basedir}/{payload.decode('utf-8', 'backslashreplace')}"
+                    where = f"{options.basedir}/{shown_path(payload)}"
                     raise InputError(f"has {size} bytes but the TOC says {nodes[0].size}: wrong --basedir?", where)
                 try:
                     digest = digest_fd(fd)
                 except OSError as e:
-                    raise TreeError(f"object {payload.decode('utf-8', 'backslashreplace')} in {options.basedir}:"
-                                    f" cannot read it: {e.strerror}", _user(tree, nodes[0]), tree.source) from None
+                    raise TreeError(f"object {shown_path(payload)} in {options.basedir}:"
+                                    f" cannot read it: {e.strerror}", tree.path_of(nodes[0], links=True), tree.source) from None
             finally:
                 os.close(fd)
             for n in nodes:
@@ -924,9 +924,6 @@ def _add_digests(tree: Tree, options: Options) -> None:
         store.close()
 
 
-def _user(tree: Tree, node: Inode) -> bytes:
-    """A path of `node` for an error (a full walk; links count: its home may be gone)."""
-    return next((path for path, found, _parent, _link in tree.walk() if found is node), b"?")
 
 
 def load(source, options: Options | None = None) -> Tree:

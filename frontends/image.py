@@ -66,6 +66,7 @@ class _Builder:
         self.image = image
         self.entries = Entries(image)
         self.faithful = faithful
+        self.marked: dict[int, bool] = {}  # directory nid -> marks_whiteouts
 
     def node(self, e: Entry) -> Inode:
         raw = e.raw
@@ -86,8 +87,13 @@ class _Builder:
                      payload, content, digest, xattrs)
 
     def marks_whiteouts(self, raw_dir: RawInode) -> bool:
-        """Whether the writer marked this directory as holding a whiteout's home."""
-        return raw_dir.xattr_size > 0 and any(k == ESCAPED_WHITEOUTS for k, _v in self.image.xattrs(raw_dir))
+        """Whether the writer marked this directory as holding a whiteout's home (asked once
+        per directory: one may hold thousands of whiteouts)."""
+        marked = self.marked.get(raw_dir.nid)
+        if marked is None:
+            marked = self.marked[raw_dir.nid] = raw_dir.xattr_size > 0 and any(
+                k == ESCAPED_WHITEOUTS for k, _v in self.image.xattrs(raw_dir))
+        return marked
 
     def build(self, names: frozenset[bytes] | None) -> Tree:
         image = self.image

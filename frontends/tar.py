@@ -57,8 +57,9 @@ is a stack of one: its whiteouts hide nothing and are dropped.
 AUFS metadata is not part of the tree: a member with a path component `.wh..wh.*` other than a
 final `.wh..wh..opq` (`.wh..wh.plnk/123.456`, `.wh..wh.aufs`, `.wh..wh.orph/…`) is dropped.
 AUFS keeps a layer's hard-linked files in `/.wh..wh.plnk/`, so the regular files there are
-kept aside (their data is stored like any file's) and a hard link in the same layer to one of
-them gets that inode (containers/storage resolves such links through them too).
+kept aside (their data is read like any file's; `compile` names in the store only the objects
+the image refers to, so one no link used leaves nothing) and a hard link in the same layer to
+one of them gets that inode (containers/storage resolves such links through them too).
 
 Each layer is its own upper directory (OCI `layer.md`, overlayfs, containers/storage): a layer
 whose member runs through a path that a lower layer made a symlink or a file (lower `lib ->
@@ -427,8 +428,10 @@ class _Builder:
         else:
             target = self.lookup(parts)
         if target is None:
+            where = ("earlier in this layer (AUFS link files are per layer)" if len(parts) == 2 and parts[0] == AUFS_LINKS
+                     else "earlier in the archive (or in a lower layer)")
             raise self.error(f"hard link to '{shown_path(m.linkpath)}', which does not exist: the target must"
-                             " come earlier in the archive (or in a lower layer)", m)
+                             f" come {where}", m)
         if target.children is not None:
             raise self.error(f"hard link to the directory '{shown_path(m.linkpath)}': expected a file", m)
         if parent.children.get(name) is target:  # type: ignore[union-attr]

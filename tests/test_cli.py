@@ -118,6 +118,8 @@ def test_sigterm_mid_import_leaves_no_store_object_and_no_output(tmp_path):
 
     from conftest import CFSC
 
+    from cfsc.store import TEMP_PREFIX
+
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
         info = tarfile.TarInfo("big")
@@ -131,7 +133,7 @@ def test_sigterm_mid_import_leaves_no_store_object_and_no_output(tmp_path):
         p.stdin.write(data[:8 << 20])  # half of the member: the importer now waits for more
         p.stdin.flush()
         deadline = time.monotonic() + 30
-        while not (store.is_dir() and any(f.name.startswith(".tmp-") for f in store.iterdir())):
+        while not (store.is_dir() and any(f.name.startswith(TEMP_PREFIX) for f in store.iterdir())):
             assert time.monotonic() < deadline, "no temporary object appeared"
             time.sleep(0.02)
         p.send_signal(signal.SIGTERM)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import gzip
 import lzma
 import os
+import random
 import subprocess
 import threading
 import time
@@ -26,12 +27,13 @@ from cfsc.frontends import dumpfile as dumpfile_frontend
 from cfsc.frontends import image as image_frontend
 from cfsc.frontends import tar
 
+RNG = random.Random(20261205)  # incompressible data, the same on every run
 SKIPPABLE = b"\x5a\x2a\x4d\x18" + (6).to_bytes(4, "little") + b"cfsc!!"  # magic 0x184D2A5A
 
 
 def layer() -> tuple[bytes, bytes]:
     """A tar layer and the image it compiles to."""
-    entries = [Entry(b"", "dir")] + [Entry(b"f%03d" % i, data=os.urandom(i * 700)) for i in range(40)]
+    entries = [Entry(b"", "dir")] + [Entry(b"f%03d" % i, data=RNG.randbytes(i * 700)) for i in range(40)]
     return from_entries(entries), image_of(dumpfile(entries, hardlinks=True))
 
 
@@ -199,7 +201,7 @@ def test_a_pipe_read_again_is_empty(tmp_path):
     reads its source again)."""
     fifo = tmp_path / "p"
     os.mkfifo(fifo)
-    data = os.urandom(100_000)
+    data = RNG.randbytes(100_000)
 
     def feed() -> None:
         with open(fifo, "wb") as f:

@@ -321,8 +321,10 @@ def test_refs_remote_refs_parents_and_colons(repos, tmp_path):
     assert p.returncode == 2 and b"has no parent" in p.stderr
 
 
-def test_partial_checksums_as_ostree_rev_parse(repos, src, tmp_path):
-    repo, _ = repos("bare")
+def test_partial_checksums_as_ostree_rev_parse(src, tmp_path):
+    repo = tmp_path / "repo"  # its own: the test adds refs and objects
+    ostree_cli("init", f"--repo={repo}", "--mode=bare")
+    ostree_cli("commit", f"--repo={repo}", "-b", "main", f"--tree=dir={src}", "-s", "test")
     ostree_cli("commit", f"--repo={repo}", "-b", "other", f"--tree=dir={src}", "-s", "another commit", "--parent=none",
                "--add-metadata-string=x=y")
     main = (repo / "refs/heads/main").read_text().strip()
@@ -333,10 +335,14 @@ def test_partial_checksums_as_ostree_rev_parse(repos, src, tmp_path):
     assert compile_(f"ostree:{repo}:{short}") == compile_(f"ostree:{repo}:main")
     (repo / "refs/heads" / short).write_text(other + "\n")  # a branch named like it: the commit wins
     assert compile_(f"ostree:{repo}:{short}") == compile_(f"ostree:{repo}:main")
-    common = os.path.commonprefix([main, other])
-    if common:  # both commits start with it: ambiguous, as ostree says
-        p = run_cfsc("compile", f"ostree:{repo}:{common}", "-o", str(tmp_path / "x"))
-        assert p.returncode == 2 and b"give more digits" in p.stderr
+    # Two commit objects starting alike (names only: the prefix is looked up before any is read)
+    for tail in ("0" * 61, "1" * 61):
+        (repo / "objects" / "fe").mkdir(exist_ok=True)
+        (repo / "objects" / "fe" / f"d{tail}.commit").write_bytes(b"")
+    p = run_cfsc("compile", f"ostree:{repo}:fed", "-o", str(tmp_path / "x"))
+    assert p.returncode == 2 and b"'fed' starts 2 commit checksums" in p.stderr and b"give more digits" in p.stderr
+    oracle = subprocess.run(["ostree", "rev-parse", f"--repo={repo}", "fed"], capture_output=True)
+    assert oracle.returncode != 0 and b"not unique" in oracle.stderr  # ostree agrees
 
 
 def test_parent_commits_and_parent_repositories(repos, src, tmp_path):

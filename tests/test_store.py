@@ -142,20 +142,17 @@ def test_killed_import_leaves_no_partial_object(tmp_path):
 
 
 def test_concurrent_imports_into_one_store(tmp_path):
-    """Two directory imports of overlapping trees, started at the same moment (both wait on a
-    FIFO, opened for writing once both are waiting), into one store."""
+    """Two directory imports of overlapping trees, started at the same moment (both wait for
+    a file the test creates once both are running), into one store."""
     for tag in (b"a", b"b"):
         _sparse_tree(tmp_path / f"src-{tag.decode()}", tag, 48, 1 << 20, shared=32)
     store = tmp_path / "store"
-    gate = tmp_path / "gate"
-    os.mkfifo(gate)
-    procs = [subprocess.Popen(["sh", "-c", 'cat "$1" >/dev/null && exec "$2" compile "$3" -o "$4" --digest-store "$5"'
-                               ' --threads 2', "sh", str(gate), CFSC, str(tmp_path / f"src-{t}"),
+    gate = tmp_path / "go"
+    procs = [subprocess.Popen(["sh", "-c", 'while [ ! -e "$1" ]; do sleep 0.01; done; exec "$2" compile "$3" -o "$4"'
+                               ' --digest-store "$5" --threads 2', "sh", str(gate), CFSC, str(tmp_path / f"src-{t}"),
                                str(tmp_path / f"{t}.cfs"), str(store)], stderr=subprocess.PIPE)
              for t in "ab"]
-    time.sleep(0.3)  # both `cat`s open the FIFO ...
-    with open(gate, "wb"):
-        pass  # ... and see its end at once
+    gate.touch()  # both shells poll for it: they start within 10 ms of each other
     for p in procs:
         _out, err = p.communicate(timeout=120)
         assert p.returncode == 0, err.decode()
@@ -289,3 +286,23 @@ def test_a_compile_failing_after_the_load_names_no_object(tmp_path, cfsc, kind):
     p = cfsc("compile", str(source), "-o", str(tmp_path / "x.cfs"), "--digest-store", str(store))
     assert p.returncode == 0, p.stderr
     assert len(check_objects(store)) == 2 and not temps(store)
+
+
+def test_only_objects_the_image_refers_to_are_named(tmp_path, cfsc):
+    """A file a later layer replaces or deletes, and one `--exclude` leaves out, were imported
+    while their source was read: the commit drops them, so no object stays unreferenced."""
+    big = {name: name.encode() * 3000 for name in ("old", "new", "gone", "kept", "skipped")}
+    l1 = tmp_path / "l1.tar"
+    l1.write_bytes(from_entries([Entry(b"", "dir"), Entry(b"f", data=big["old"]), Entry(b"g", data=big["gone"]),
+                                 Entry(b"k", data=big["kept"])]))
+    l2 = tmp_path / "l2.tar"
+    l2.write_bytes(from_entries([Entry(b"", "dir"), Entry(b"f", data=big["new"]), Entry(b".wh.g", data=b"")]))
+    store = tmp_path / "store"
+    cfsc("compile", str(l1), str(l2), "-o", str(tmp_path / "x.cfs"), "--digest-store", str(store), check=True)
+    wanted = {payload_path(digest_bytes(big[n])).decode() for n in ("new", "kept")}
+    assert set(check_objects(store)) == wanted and not temps(store)
+    tree = tmp_path / "tree"
+    make(tree, [Entry(b"", "dir"), Entry(b"a", data=big["kept"]), Entry(b"skip", data=big["skipped"])])
+    cfsc("compile", str(tree), "-o", str(tmp_path / "y.cfs"), "--digest-store", str(store), "--exclude",
+         'path == "/skip"', check=True)
+    assert set(check_objects(store)) == wanted and not temps(store)
