@@ -50,8 +50,8 @@ def compile_image(
     from cfsc.backends.erofs.writer import write_image
     from cfsc.pipeline import run_passes
 
-    # Store objects are named only once the image is written (just before it is renamed into
-    # place): a run that fails anywhere leaves neither.
+    # Store objects are named only once the image is written, just before it is renamed into
+    # place, and only those it refers to: a run that fails before then leaves neither.
     options = options or Options()
     held = None
     if options.digest_store:

@@ -53,14 +53,14 @@ import re
 import stat
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from cfsc.errors import UsageError
+from cfsc.errors import UsageError, shown_path
 from cfsc.fsverity import FsVerityHasher, digest_bytes, kernel_digest, payload_path
 from cfsc.options import Options
 from cfsc.progress import Progress, mib
 from cfsc.store import Store, loaded, open_store
 from cfsc.tree import S_IFDIR, S_IFMT, S_IFREG, Inode, Tree
 
-from .ostreerepo import ARCHIVE, DIRTREE, Content, ObjectError, Repo, checksum_header, show
+from .ostreerepo import ARCHIVE, DIRTREE, Content, ObjectError, Repo, checksum_header
 
 PREFIX = "ostree:"
 INLINE_MAX = 64  # LCFS_RECOMMENDED_INLINE_CONTENT_MAX, as the directory frontend inlines
@@ -165,7 +165,7 @@ class _Loader:
             try:
                 mode, uid, gid, xattrs = self.repo.dirmeta(meta_sum)
             except ObjectError as e:
-                raise ObjectError(f"{e.what} (directory {show(path)})", e.where) from None
+                raise ObjectError(f"{e.what} (directory {shown_path(path)})", e.where) from None
             meta = self.metas[meta_sum] = (mode, uid, gid, self.filtered(xattrs))
         return Inode(meta[0], meta[1], meta[2], xattrs=meta[3])
 
@@ -174,7 +174,7 @@ class _Loader:
         try:
             files, dirs = self.repo.metadata(tree_sum, ".dirtree", DIRTREE)
         except ObjectError as e:
-            raise ObjectError(f"{e.what} (directory {show(path)})", e.where) from None
+            raise ObjectError(f"{e.what} (directory {shown_path(path)})", e.where) from None
 
         def where() -> str:
             return self.repo.found_path(tree_sum, ".dirtree")
@@ -184,22 +184,22 @@ class _Loader:
             for i, item in enumerate(items):
                 name = item[0]
                 if not name or name == b"." or name == b".." or b"/" in name:
-                    raise ObjectError(f"{kind}[{i}]: name {show(name)!r}: expected a file name (not empty, '.', '..'"
-                                      f" or containing '/') (directory {show(path)})", where())
+                    raise ObjectError(f"{kind}[{i}]: name {shown_path(name)!r}: expected a file name (not empty, '.', '..'"
+                                      f" or containing '/') (directory {shown_path(path)})", where())
                 if prev is not None and name <= prev:
-                    raise ObjectError(f"{kind}[{i}]: {show(name)!r} after {show(prev)!r}: entries must be sorted by"
-                                      f" name, each once (directory {show(path)})", where())
+                    raise ObjectError(f"{kind}[{i}]: {shown_path(name)!r} after {shown_path(prev)!r}: entries must be sorted by"
+                                      f" name, each once (directory {shown_path(path)})", where())
                 prev = name
                 if any(len(c) != 32 for c in item[1:]):
-                    raise ObjectError(f"{kind}[{i}] ({show(name)}): checksum of {len(item[1])} bytes, expected 32"
-                                      f" (directory {show(path)})", where())
+                    raise ObjectError(f"{kind}[{i}] ({shown_path(name)}): checksum of {len(item[1])} bytes, expected 32"
+                                      f" (directory {shown_path(path)})", where())
         if not dirs:
             return files
         if not files:
             return dirs
         if not {f[0] for f in files}.isdisjoint(d[0] for d in dirs):
             name = min({f[0] for f in files} & {d[0] for d in dirs})
-            raise ObjectError(f"{show(name)!r} is both a file and a directory (directory {show(path)})", where())
+            raise ObjectError(f"{shown_path(name)!r} is both a file and a directory (directory {shown_path(path)})", where())
         return sorted(files + dirs, key=_name)
 
     def walk(self, root: Inode, tree_sum: bytes) -> None:
@@ -305,7 +305,7 @@ class _Loader:
                 self.read_object(checksum, nodes)
             except ObjectError as e:
                 assert self.tree is not None
-                what = f"{e.what} (file {show(self.tree.path_of(nodes[0]))})"
+                what = f"{e.what} (file {shown_path(self.tree.path_of(nodes[0]))})"
                 raise ObjectError(what, e.where) from None
 
     def read_object(self, checksum: bytes, nodes: list[Inode]) -> None:

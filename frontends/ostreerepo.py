@@ -80,9 +80,6 @@ class ObjectError(InputError):
     """A repository object is missing, corrupt or malformed; `where` is the object's path."""
 
 
-show = shown_path
-
-
 class Content:
     """A content object's metadata, and (regular files) an open descriptor on the object."""
 
@@ -493,7 +490,7 @@ def _xattrs(items: list, path: str) -> tuple[tuple[bytes, bytes], ...]:
     out.sort()
     for (a, _), (b, _) in zip(out, out[1:], strict=False):
         if a == b:
-            raise ObjectError(f"xattr {show(a)} is listed twice", path)
+            raise ObjectError(f"xattr {shown_path(a)} is listed twice", path)
     return tuple(out)
 
 

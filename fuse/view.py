@@ -162,8 +162,10 @@ class ImageView:
 
         The store reference is `(payload, digest)` of an inode carrying a metacopy xattr,
         decoded by the image reader (`interpret_xattrs`), so the FUSE mount and `cfsc dump`
-        never read a redirect or a digest differently; which keys overlayfs hides or
-        un-escapes is decided here."""
+        read a redirect and a digest alike; which keys overlayfs hides or un-escapes is
+        decided here.  (As the kernel overlay does, a regular file that also carries the
+        escaped whiteout marker still gets its data; `cfsc dump`, as libcomposefs, calls it a
+        whiteout.)"""
         body, shared_only = self.image.xattr_body(raw)
         if shared_only:
             hit = self._xattr_cache.get(bytes(body))
