@@ -32,6 +32,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from .backends.erofs.layout import EROFS_INODE_FLAT_INLINE, EROFS_INODE_FLAT_PLAIN
+from .backends.erofs.reader import merge_sorted
 from .errors import CfscError
 from .explain import inode_head
 from .jsonbytes import put
@@ -267,10 +268,7 @@ class _Walk:
     def shared(self, nid: int, ids: bytes) -> tuple:
         pairs = self.pairs.get(ids)
         if pairs is None:
-            image = self.image
-            raw = image.inode(nid)
-            items = image.xattrs(raw)
-            pairs = self.pairs[ids] = tuple(items[len(items) - len(image.shared_xattr_refs(raw)):])
+            pairs = self.pairs[ids] = tuple(self.image.split_xattrs(self.image.inode(nid))[2])
         return pairs
 
     def links(self) -> dict[bytes, tuple]:
@@ -376,24 +374,9 @@ def diff_in_step(a_image, b_image, fields: tuple[str, ...], project, where: Quer
     stack = [(b"", root_a, root_b)]
     while stack:
         prefix, dir_a, dir_b = stack.pop()
-        list_a, list_b = a_image.dirents(dir_a), b_image.dirents(dir_b)
-        if len(list_a) == len(list_b) and all(x[0] == y[0] for x, y in zip(list_a, list_b, strict=True)):
-            pairs = [(x[0], x[1], y[1]) for x, y in zip(list_a, list_b, strict=True)]
-        else:  # names merged in their sorted order; None: not on that side
-            pairs = []
-            i = j = 0
-            while i < len(list_a) or j < len(list_b):
-                if j >= len(list_b) or i < len(list_a) and list_a[i][0] < list_b[j][0]:
-                    pairs.append((list_a[i][0], list_a[i][1], None))
-                    i += 1
-                elif i >= len(list_a) or list_b[j][0] < list_a[i][0]:
-                    pairs.append((list_b[j][0], None, list_b[j][1]))
-                    j += 1
-                else:
-                    pairs.append((list_a[i][0], list_a[i][1], list_b[j][1]))
-                    i += 1
-                    j += 1
-        for name, nid_a, nid_b in pairs:
+        for name, ea, eb in merge_sorted(a_image.dirents(dir_a), b_image.dirents(dir_b)):
+            nid_a = ea[1] if ea is not None else None
+            nid_b = eb[1] if eb is not None else None
             head_a = inode_head(a_image, nid_a) if nid_a is not None else None
             head_b = inode_head(b_image, nid_b) if nid_b is not None else None
             type_a = wa.kind(nid_a, head_a) if head_a is not None else None

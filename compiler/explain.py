@@ -37,7 +37,7 @@ from .backends.erofs.layout import (
     COMPOSEFS_HEADER, EROFS_FT_CHRDEV, EROFS_FT_DIR, EROFS_INODE_CHUNK_BASED, EROFS_INODE_COMPACT,
     EROFS_INODE_EXTENDED, EROFS_SUPER_BLOCK, EROFS_SUPER_OFFSET, Layout,
 )
-from .backends.erofs.reader import LAYOUTS, Image, RawInode
+from .backends.erofs.reader import LAYOUTS, Image, RawInode, merge_sorted
 from .tree import S_IFCHR, S_IFDIR, S_IFMT, S_IFREG
 
 EXAMPLES = 5
@@ -121,18 +121,14 @@ class _Side:
         ids = bytes(self.data[start + 12:start + 12 + 4 * n])
         pairs = self.ids.get(ids)
         if pairs is None:
-            raw = self.image.inode(nid)
-            items = self.image.xattrs(raw)
-            refs = self.image.shared_xattr_refs(raw)
-            pairs = self.ids[ids] = tuple(items[len(items) - len(refs):])
+            _inline, refs, shared = self.image.split_xattrs(self.image.inode(nid))
+            pairs = self.ids[ids] = tuple(shared)
             self.table.update(zip(refs, pairs, strict=True))
         self.id_users[ids] += 1
         return n, pairs
 
     def inline(self, nid: int) -> list[tuple[bytes, bytes]]:
-        raw = self.image.inode(nid)
-        items = self.image.xattrs(raw)
-        return items[:len(items) - len(self.image.shared_xattr_refs(raw))]
+        return self.image.split_xattrs(self.image.inode(nid))[0]
 
     def alone(self, path: bytes, nid: int) -> None:
         """Walk what only this image has (for users, hidden whiteouts, the first difference)."""
@@ -377,20 +373,15 @@ def _entries(fa: _Side, fb: _Side) -> list[Reason]:
         if (dir_a.size != dir_b.size or dir_a.layout != dir_b.layout) and (
                 [n for n, _nid, _t in list_a] == [n for n, _nid, _t in list_b]):
             dirs.add(path, f"same names in {dir_a.size} → {dir_b.size} bytes of dirents")
-        i = j = 0
-        while i < len(list_a) or j < len(list_b):
-            if j >= len(list_b) or (i < len(list_a) and list_a[i][0] < list_b[j][0]):
-                fa.alone(prefix + b"/" + list_a[i][0], list_a[i][1])
-                i += 1
+        for name, ea, eb in merge_sorted(list_a, list_b):
+            if eb is None:
+                fa.alone(prefix + b"/" + name, ea[1])
                 continue
-            if i >= len(list_a) or list_b[j][0] < list_a[i][0]:
-                fb.alone(prefix + b"/" + list_b[j][0], list_b[j][1])
-                j += 1
+            if ea is None:
+                fb.alone(prefix + b"/" + name, eb[1])
                 continue
-            name, nid_a, type_a = list_a[i]
-            _name, nid_b, type_b = list_b[j]
-            i += 1
-            j += 1
+            _name, nid_a, type_a = ea
+            _name, nid_b, type_b = eb
             if fa.seen[nid_a] or fb.seen[nid_b]:
                 continue  # a hard link: its inode was compared at its first path
             child = prefix + b"/" + name

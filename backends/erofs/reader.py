@@ -462,6 +462,15 @@ class Image:
             raise self.error(offset, f"{where}: empty key or a key containing NUL")
         return key, value
 
+    def split_xattrs(self, ino: RawInode) -> tuple[list, list[int], list]:
+        """(inline pairs, shared ids, the pairs those ids name) of an inode, parsed once."""
+        items = self.xattrs(ino)
+        if not items:
+            return [], [], []
+        shared = self.data[ino.xattr_offset + 4]
+        refs = list(_U32S[shared].unpack_from(self.data, ino.xattr_offset + 12))
+        return items[:len(items) - shared], refs, items[len(items) - shared:]
+
     def shared_xattr_refs(self, ino: RawInode) -> list[int]:
         """The shared xattr ids an inode refers to (for statistics)."""
         if not ino.xattr_size:
@@ -498,6 +507,27 @@ class ReadBudget:
         if self.left < 0:
             raise self.image.error(offset, f"{what}: overlaps other structures (a walk would read more "
                                            f"than the image's {self.image.end} bytes)")
+
+
+def merge_sorted(list_a: list, list_b: list) -> list[tuple]:
+    """Two directories' entries (name-sorted, `(name, …)`) side by side: `(name, a, b)` with
+    None where a side has no such name — how two images are walked in step."""
+    if len(list_a) == len(list_b) and all(x[0] == y[0] for x, y in zip(list_a, list_b, strict=True)):
+        return [(x[0], x, y) for x, y in zip(list_a, list_b, strict=True)]
+    out = []
+    i = j = 0
+    while i < len(list_a) or j < len(list_b):
+        if j >= len(list_b) or i < len(list_a) and list_a[i][0] < list_b[j][0]:
+            out.append((list_a[i][0], list_a[i], None))
+            i += 1
+        elif i >= len(list_a) or list_b[j][0] < list_a[i][0]:
+            out.append((list_b[j][0], None, list_b[j]))
+            j += 1
+        else:
+            out.append((list_a[i][0], list_a[i], list_b[j]))
+            i += 1
+            j += 1
+    return out
 
 
 def _type_name(mode: int) -> str:
