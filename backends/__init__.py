@@ -11,32 +11,31 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import BinaryIO
 
-from cfsc.options import Options
-from cfsc.tree import Tree
+from cfsc.base.options import Options
+from cfsc.base.tree import Tree
 
 
 def _write_image(tree: Tree, out: BinaryIO, options: Options) -> None:
-    from cfsc.pipeline import run_passes
-
-    from .erofs.writer import write_image
+    from cfsc.backends.erofs.writer import write_image
+    from cfsc.build.pipeline import run_passes
 
     write_image(run_passes(tree, options), out)
 
 
 def _write_dump(tree: Tree, out: BinaryIO, options: Options) -> None:
-    from .dumpfile import write
+    from cfsc.backends.dumpfile import write
 
     write(tree, out, options)
 
 
 def _write_json(tree: Tree, out: BinaryIO, options: Options) -> None:
-    from .jsonlines import write
+    from cfsc.backends.jsonlines import write
 
     write(tree, out, options)
 
 
 def _write_crfs(tree: Tree, out: BinaryIO, options: Options) -> None:
-    from .crfs import write
+    from cfsc.backends.crfs import write
 
     write(tree, out, options)
 

@@ -4,7 +4,7 @@ Output: `{"version":1,"entries":[` then one compact entry per line, then `]}`.  
 depth-first name order (so parents precede children; the root is `./`), and every extra name
 of a hard-linked inode comes at the end as a `hardlink` entry naming its home, so link
 targets always exist when read.  What plain CRFS cannot say goes into the composefs
-extensions the frontend reads (`cfsc.frontends.crfs`): `x-payload`, `x-content`,
+extensions the frontend reads (`cfsc.frontends.crfs.toc`): `x-payload`, `x-content`,
 `x-fsverity-digest`, `x-mtime` (times outside RFC 3339's years 0001-9999, or a nanosecond
 field of 10^9 or more), `x-nlink` (a stated link count that is not the number of names), type
 `socket`, and base64 twins for bytes that are not UTF-8.  Zero fields are left out, as Go's
@@ -17,13 +17,12 @@ import base64
 from typing import BinaryIO
 
 import orjson
-
-from cfsc import devices, jsonbytes, rfc3339
-from cfsc.errors import TreeError, UsageError
-from cfsc.frontends.crfs import GO_ZERO_TIME, TYPE_NAMES, twin
-from cfsc.options import Options
+from cfsc.base import devices, jsonbytes, rfc3339
+from cfsc.base.errors import TreeError, UsageError
+from cfsc.base.options import Options
+from cfsc.base.tree import S_IFBLK, S_IFCHR, S_IFDIR, S_IFLNK, S_IFMT, S_IFREG, Tree
+from cfsc.frontends.crfs.toc import GO_ZERO_TIME, TYPE_NAMES, twin
 from cfsc.passes.resolve_hardlinks import resolve_hardlinks
-from cfsc.tree import S_IFBLK, S_IFCHR, S_IFDIR, S_IFLNK, S_IFMT, S_IFREG, Tree
 
 BATCH = 4096
 

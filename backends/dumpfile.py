@@ -20,11 +20,10 @@ import re
 from collections.abc import Iterable, Iterator
 from typing import BinaryIO
 
-from cfsc.options import Options
-from cfsc.tree import Tree
-
-from .erofs.entries import Entries, walk
-from .erofs.reader import Image
+from cfsc.backends.erofs.entries import Entries, walk
+from cfsc.backends.erofs.reader import Image
+from cfsc.base.options import Options
+from cfsc.base.tree import Tree
 
 # Bytes that need escaping: anything but 0x21..0x7E, and the backslash.
 _STANDARD = re.compile(rb"[^\x21-\x5b\x5d-\x7e]")
@@ -109,6 +108,6 @@ def dump_image(image: Image, out: BinaryIO, names: frozenset[bytes] | None = Non
 
 def write(tree: Tree, out: BinaryIO, options: Options) -> None:
     """Backend entry point: the dump of the image `tree` compiles to."""
-    from cfsc.images import compile_in_memory
+    from cfsc.tools.images import compile_in_memory
 
     dump_image(compile_in_memory(tree, options), out)

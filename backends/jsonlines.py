@@ -1,7 +1,7 @@
 """Image → JSON lines: the dump's fields as one JSON object per entry, for scripts.
 
 Same walk and same facts as the dumpfile backend (`cfsc dump --json`).  Byte strings (path,
-hard-link target, payload, content, xattr keys and values) follow `cfsc.jsonbytes`: a plain
+hard-link target, payload, content, xattr keys and values) follow `cfsc.base.jsonbytes`: a plain
 string when they are UTF-8, else a readable stand-in plus an exact `<key>_b64` twin.
 
     {"path": "/a", "type": "reg", "mode": 33188, "size": 3, "nlink": 1, "uid": 0, "gid": 0,
@@ -18,14 +18,12 @@ from __future__ import annotations
 from typing import BinaryIO
 
 import orjson
-
-from cfsc.jsonbytes import put
-from cfsc.options import Options
-from cfsc.tree import FILE_TYPES, S_IFBLK, S_IFCHR, S_IFMT, Tree
-
-from .dumpfile import write_lines
-from .erofs.entries import Entries, Entry, walk
-from .erofs.reader import Image
+from cfsc.backends.dumpfile import write_lines
+from cfsc.backends.erofs.entries import Entries, Entry, walk
+from cfsc.backends.erofs.reader import Image
+from cfsc.base.jsonbytes import put
+from cfsc.base.options import Options
+from cfsc.base.tree import FILE_TYPES, S_IFBLK, S_IFCHR, S_IFMT, Tree
 
 
 def entry_object(path: bytes, e: Entry, first: bytes | None) -> dict:
@@ -69,6 +67,6 @@ def dump_image(image: Image, out: BinaryIO, names: frozenset[bytes] | None = Non
 
 
 def write(tree: Tree, out: BinaryIO, options: Options) -> None:
-    from cfsc.images import compile_in_memory
+    from cfsc.tools.images import compile_in_memory
 
     dump_image(compile_in_memory(tree, options), out)

@@ -147,7 +147,7 @@ def _fix_nlinks(lines: list[bytes]) -> list[bytes]:
 CHILD = """
 import sys, time
 from cfsc import build
-from cfsc.options import Options
+from cfsc.base.options import Options
 fmt, stage, src, out = sys.argv[1:5]
 t = time.perf_counter()
 c = time.process_time()

@@ -21,10 +21,10 @@ import tempfile
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 
 from cfsc.backends.erofs.writer import write_image
-from cfsc.errors import CfscError
+from cfsc.base.errors import CfscError
+from cfsc.base.options import Options
+from cfsc.build.pipeline import run_passes
 from cfsc.frontends import dumpfile
-from cfsc.options import Options
-from cfsc.pipeline import run_passes
 from randomdump import random_dump
 
 VARIANTS = {"default": [], "v0": ["--min-version=0", "--max-version=0"], "v1": ["--min-version=1", "--max-version=1"]}

@@ -54,10 +54,10 @@ def create(base: Path) -> None:
     import io
 
     from cfsc.backends.erofs.writer import write_image
-    from cfsc.fsverity import FsVerityHasher, digest_bytes, payload_path
-    from cfsc.options import Options
-    from cfsc.pipeline import run_passes
-    from cfsc.tree import S_IFDIR, S_IFLNK, S_IFREG, Inode, Tree
+    from cfsc.base.fsverity import FsVerityHasher, digest_bytes, payload_path
+    from cfsc.base.options import Options
+    from cfsc.base.tree import S_IFDIR, S_IFLNK, S_IFREG, Inode, Tree
+    from cfsc.build.pipeline import run_passes
 
     store = base / "store"
     store.mkdir(parents=True, exist_ok=True)
@@ -252,7 +252,7 @@ def ensure_object_lists(base: Path) -> None:
 
 def verification_rate() -> float:
     """Userspace fs-verity hashing, MB/s, one thread (what `--verity` costs per byte)."""
-    from cfsc.fsverity import digest_bytes
+    from cfsc.base.fsverity import digest_bytes
 
     data = os.urandom(256 << 20)
     start = time.perf_counter()

@@ -7,10 +7,10 @@ Library entry points (the CLI calls these too):
     compile_image(["root.dump"], "root.cfs", Options(max_version=0))
 """
 
-from .build import compile_image, load
-from .options import Options
-from .pipeline import PASSES, run_passes
-from .tree import Inode, Tree
+from cfsc.base.options import Options
+from cfsc.base.tree import Inode, Tree
+from cfsc.build import compile_image, load
+from cfsc.build.pipeline import PASSES, run_passes
 
 __all__ = ["PASSES", "Inode", "Options", "Tree", "compile_image", "load", "run_passes"]
 __version__ = "0.1.0"

@@ -13,11 +13,11 @@ import importlib
 import os
 from types import ModuleType
 
-from cfsc import streams
-from cfsc.errors import InputError, UsageError
-from cfsc.options import Options
-from cfsc.streams import source_name
-from cfsc.tree import Tree
+from cfsc.base import streams
+from cfsc.base.errors import InputError, UsageError
+from cfsc.base.options import Options
+from cfsc.base.streams import source_name
+from cfsc.base.tree import Tree
 
 # name → (module, description); order matters for detection.
 FRONTENDS: dict[str, tuple[str, str]] = {
@@ -25,9 +25,9 @@ FRONTENDS: dict[str, tuple[str, str]] = {
     "dump": ("cfsc.frontends.dumpfile", "composefs dumpfile (mkcomposefs --from-file)"),
     "image": ("cfsc.frontends.image", "composefs image (re-encode, inspect)"),
     "dir": ("cfsc.frontends.directory", "a directory tree on disk (mkcomposefs DIR)"),
-    "crfs": ("cfsc.frontends.crfs", "CRFS / stargz / eStargz TOC JSON (composefs-from-json)"),
-    "tar": ("cfsc.frontends.tar", "tar archive / OCI layer, plain or gzip/zstd/xz (several: layers, merged)"),
-    "ostree": ("cfsc.frontends.ostree", "OSTree commit, read from the repository (ostree:REPO:REF)"),
+    "crfs": ("cfsc.frontends.crfs.toc", "CRFS / stargz / eStargz TOC JSON (composefs-from-json)"),
+    "tar": ("cfsc.frontends.tar.layers", "tar archive / OCI layer, plain or gzip/zstd/xz (several: layers, merged)"),
+    "ostree": ("cfsc.frontends.ostree.commit", "OSTree commit, read from the repository (ostree:REPO:REF)"),
 }
 
 HEAD_SIZE = 4096

@@ -34,12 +34,12 @@ import errno
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from cfsc.errors import InputError, UsageError
-from cfsc.fsverity import digest_bytes, hash_fd, payload_path
-from cfsc.options import Options
-from cfsc.progress import Progress, mib
-from cfsc.store import Store, loaded, open_store
-from cfsc.tree import S_IFBLK, S_IFCHR, S_IFDIR, S_IFLNK, S_IFMT, S_IFREG, Inode, Tree
+from cfsc.base.errors import InputError, UsageError
+from cfsc.base.fsverity import digest_bytes, hash_fd, payload_path
+from cfsc.base.options import Options
+from cfsc.base.progress import Progress, mib
+from cfsc.base.tree import S_IFBLK, S_IFCHR, S_IFDIR, S_IFLNK, S_IFMT, S_IFREG, Inode, Tree
+from cfsc.store.objects import Store, loaded, open_store
 
 INLINE_MAX = 64  # LCFS_RECOMMENDED_INLINE_CONTENT_MAX: directory scans inline 1..64 bytes
 O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC

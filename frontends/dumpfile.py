@@ -20,12 +20,12 @@ import re
 from collections.abc import Iterable
 from itertools import repeat
 
-from cfsc import limits
-from cfsc.errors import DumpfileError
-from cfsc.options import Options
-from cfsc.streams import chunks, source_name
-from cfsc.tree import NO_XATTRS as EMPTY
-from cfsc.tree import S_IFBLK, S_IFCHR, S_IFDIR, S_IFLNK, S_IFMT, S_IFREG, Inode, Tree
+from cfsc.base import limits
+from cfsc.base.errors import DumpfileError
+from cfsc.base.options import Options
+from cfsc.base.streams import chunks, source_name
+from cfsc.base.tree import NO_XATTRS as EMPTY
+from cfsc.base.tree import S_IFBLK, S_IFCHR, S_IFDIR, S_IFLNK, S_IFMT, S_IFREG, Inode, Tree
 
 FIELDS = ("PATH", "SIZE", "MODE", "NLINK", "UID", "GID", "RDEV", "MTIME", "PAYLOAD", "CONTENT", "DIGEST")
 U64 = (1 << 64) - 1
@@ -191,7 +191,7 @@ class _Parser:
             raise DumpfileError("no files in dump file: expected a root record `/ …`", self.name, 1)
         self.resolve_hardlinks()
         tree = Tree(self.root, self.name)
-        tree.checked = True  # every limit of cfsc.limits was enforced line by line above
+        tree.checked = True  # every limit of cfsc.base.limits was enforced line by line above
         return tree
 
     def parse_batch(self, batch: list[bytes], first: int) -> None:

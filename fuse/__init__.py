@@ -11,8 +11,8 @@ does.  `MountOptions(kernel=True)` makes that kernel mount instead, as `mount.co
 Modules, bottom up: `protocol` (the wire structures), `view` (the kernel mount's view of an
 image, over the image reader), `server` (the request loop), `mount` (attach and detach a
 FUSE connection), `daemon` (foreground and background life), `kernel` (EROFS + overlayfs).
-Store access, confined and verified, is `cfsc.backing` (other readers of a store use it too);
-the system calls Python's `os` lacks are `cfsc.syscalls`.
+Store access, confined and verified, is `cfsc.store.backing` (other readers of a store use it too);
+the system calls Python's `os` lacks are `cfsc.base.syscalls`.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field, replace
 
-from cfsc.errors import ImageError, IntegrityError, UsageError
+from cfsc.base.errors import ImageError, IntegrityError, UsageError
 
 
 @dataclass
@@ -50,7 +50,7 @@ def parse_digest(text: str) -> bytes:
 
 
 def check_digest(data, expected: str, name: str) -> None:
-    from cfsc.fsverity import digest_bytes
+    from cfsc.base.fsverity import digest_bytes
 
     want = parse_digest(expected)
     got = digest_bytes(data)
@@ -72,9 +72,8 @@ def open_view(path: str, digest: str | None = None, noacl: bool = False):
 def checked_view(image, noacl: bool = False):
     """An `ImageView` whose root was read: a corrupt superblock, root inode or root
     directory fails here, with the reader's located error, before anything is mounted."""
-    from cfsc.tree import S_IFDIR, S_IFMT
-
-    from .view import ImageView
+    from cfsc.base.tree import S_IFDIR, S_IFMT
+    from cfsc.fuse.view import ImageView
 
     view = ImageView(image, acl=False if noacl else None)
     root = view.node(view.root_nid)
@@ -92,13 +91,13 @@ def mount(image: str, mountpoint: str, options: MountOptions | None = None) -> N
     if options.verity not in ("none", "if-present", "require"):
         raise UsageError(f"verity mode {options.verity!r}: expected none, if-present or require", "--verity")
     if options.kernel:
-        from .kernel import mount_kernel
+        from cfsc.fuse.kernel import mount_kernel
 
         mount_kernel(image, mountpoint, options)
         return
-    from cfsc.backing import Store
-    from .daemon import serve_background, serve_foreground
-    from .mount import check_mountpoint
+    from cfsc.fuse.daemon import serve_background, serve_foreground
+    from cfsc.fuse.mount import check_mountpoint
+    from cfsc.store.backing import Store
 
     # The server outlives the caller's working directory (it moves to `/`): every path it
     # keeps is absolute, and messages and the mount table name the files the same way.
@@ -117,6 +116,6 @@ def mount(image: str, mountpoint: str, options: MountOptions | None = None) -> N
 
 
 def unmount(mountpoint: str, lazy: bool = False) -> None:
-    from .mount import unmount as _unmount
+    from cfsc.fuse.mount import unmount as _unmount
 
     _unmount(mountpoint, lazy)

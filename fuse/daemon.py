@@ -24,10 +24,9 @@ import signal
 import sys
 import threading
 
-from cfsc.errors import CfscError
-
-from .mount import MountError, mount_fuse, unmount
-from .server import Server
+from cfsc.base.errors import CfscError
+from cfsc.fuse.mount import MountError, mount_fuse, unmount
+from cfsc.fuse.server import Server
 
 log = logging.getLogger("cfsc.fuse")
 INIT_TIMEOUT = 30.0  # seconds to wait for the kernel's INIT after mounting

@@ -22,14 +22,13 @@ import os
 import struct
 import tempfile
 
-from cfsc import syscalls
 from cfsc.backends.erofs.layout import COMPOSEFS_FLAGS_HAS_ACL
-from cfsc.backing import Store
-from cfsc.errors import InputError, UsageError
-from cfsc.fsverity import kernel_digest
-
-from . import check_digest, checked_view
-from .mount import MountError, check_mountpoint, privileged
+from cfsc.base import syscalls
+from cfsc.base.errors import InputError, UsageError
+from cfsc.base.fsverity import kernel_digest
+from cfsc.fuse import check_digest, checked_view
+from cfsc.fuse.mount import MountError, check_mountpoint, privileged
+from cfsc.store.backing import Store
 
 SOURCE = "composefs"
 LOOP_CTL_GET_FREE = 0x4C82

@@ -20,9 +20,8 @@ import socket
 import stat
 import subprocess
 
-from cfsc.errors import CfscError, InputError
-
-from cfsc import syscalls
+from cfsc.base import syscalls
+from cfsc.base.errors import CfscError, InputError
 
 DEVICE = "/dev/fuse"
 SUBTYPE = "composefs"

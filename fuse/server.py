@@ -39,12 +39,11 @@ import stat
 import sys
 import threading
 
-from cfsc.backing import Cancelled, Store
-from cfsc.errors import CfscError
-from cfsc.syscalls import has_cap_sys_admin
-
-from . import protocol as P
-from .view import BLOCK_SIZE, ImageView, Node
+from cfsc.base.errors import CfscError
+from cfsc.base.syscalls import has_cap_sys_admin
+from cfsc.fuse import protocol as P
+from cfsc.fuse.view import BLOCK_SIZE, ImageView, Node
+from cfsc.store.backing import Cancelled, Store
 
 log = logging.getLogger("cfsc.fuse")
 

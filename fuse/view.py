@@ -45,7 +45,7 @@ from itertools import islice
 from cfsc.backends.erofs.entries import ESCAPED, METACOPY, REDIRECT, TRUSTED_OVERLAY, Entries, interpret_xattrs
 from cfsc.backends.erofs.layout import COMPOSEFS_FLAGS_HAS_ACL, EROFS_FT_CHRDEV
 from cfsc.backends.erofs.reader import Image
-from cfsc.tree import S_IFBLK, S_IFCHR, S_IFDIR, S_IFMT, S_IFREG
+from cfsc.base.tree import S_IFBLK, S_IFCHR, S_IFDIR, S_IFMT, S_IFREG
 
 BLOCK_SIZE = 4096
 LISTED_PREFIXES = (b"user.", b"trusted.", b"security.")

@@ -65,9 +65,9 @@ def image_of(dump: bytes, **options) -> bytes:
     import io
 
     from cfsc.backends.erofs.writer import write_image
+    from cfsc.base.options import Options
+    from cfsc.build.pipeline import run_passes
     from cfsc.frontends import dumpfile
-    from cfsc.options import Options
-    from cfsc.pipeline import run_passes
 
     opts = Options(**options)
     tree = run_passes(dumpfile.loads(dump, opts), opts)
@@ -77,7 +77,7 @@ def image_of(dump: bytes, **options) -> bytes:
 
 
 def tree_of(dump: bytes, **options):
+    from cfsc.base.options import Options
     from cfsc.frontends import dumpfile
-    from cfsc.options import Options
 
     return dumpfile.loads(dump, Options(**options), "test.dump")

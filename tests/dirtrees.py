@@ -12,7 +12,7 @@ import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cfsc.fsverity import digest_bytes, payload_path
+from cfsc.base.fsverity import digest_bytes, payload_path
 
 INLINE_MAX = 64
 KINDS = {"dir": stat.S_IFDIR, "reg": stat.S_IFREG, "symlink": stat.S_IFLNK, "fifo": stat.S_IFIFO,

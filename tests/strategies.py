@@ -3,11 +3,18 @@ shared and unshared xattrs, inline and external files, devices and whiteouts."""
 
 from __future__ import annotations
 
-from hypothesis import strategies as st
-
-from cfsc.tree import (
-    S_IFBLK, S_IFCHR, S_IFDIR, S_IFIFO, S_IFLNK, S_IFREG, S_IFSOCK, Inode, Tree,
+from cfsc.base.tree import (
+    S_IFBLK,
+    S_IFCHR,
+    S_IFDIR,
+    S_IFIFO,
+    S_IFLNK,
+    S_IFREG,
+    S_IFSOCK,
+    Inode,
+    Tree,
 )
+from hypothesis import strategies as st
 
 names = st.binary(min_size=1, max_size=255).filter(
     lambda n: b"/" not in n and b"\0" not in n and n not in (b".", b".."))

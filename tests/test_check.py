@@ -7,11 +7,11 @@ import os
 import textwrap
 
 import pytest
-from conftest import CONFORMANCE, DATA, cases, run_cfsc
-
-from cfsc import check, frontends, schemas
+from cfsc import frontends, schemas
+from cfsc.base.options import Options
 from cfsc.cli.diff import render_check
-from cfsc.options import Options
+from cfsc.tools import check
+from conftest import CONFORMANCE, DATA, cases, run_cfsc
 
 GOOD = [c for c in cases() if c.get("expect") != "error"]
 DUMP = b"""\
@@ -175,7 +175,7 @@ TOCS = [str(DATA / "crfs" / "basic.json"), str(DATA / "crfs" / "links.json"),
 def _member_paths(data: bytes) -> list[bytes]:
     import io
 
-    from cfsc.frontends.tarstream import TarReader
+    from cfsc.frontends.tar.stream import TarReader
 
     with TarReader(io.BytesIO(data)) as reader:
         return [m.path for m in reader.members()]
@@ -204,8 +204,7 @@ def test_reproducible_with_crfs_entries_shuffled(source):
     import io
 
     import orjson
-
-    from cfsc.manifest import inputs, layers
+    from cfsc.tools.manifest import inputs, layers
 
     side = layers(source)
     for one in inputs(side):
@@ -227,9 +226,8 @@ def test_shuffled_orders_mean_the_same(tmp_path):
     import random
 
     import orjson
+    from cfsc.base.errors import CfscError
     from tarcraft import archive, member
-
-    from cfsc.errors import CfscError
 
     names = [b"a", b"b", b"a/x", b"a/y", b"b/x", b"a/x/z", b"c", b".wh.a", b"a/.wh.x", b"a/.wh..wh..opq"]
 
@@ -296,8 +294,8 @@ def test_shuffled_orders_mean_the_same(tmp_path):
 
 LAST_MEMBER = textwrap.dedent('''
     """A test tar frontend whose tree depends on the member order: the root records the last one."""
-    from cfsc.frontends import tar
-    from cfsc.frontends.tarstream import TarReader
+    from cfsc.frontends.tar import layers as tar
+    from cfsc.frontends.tar.stream import TarReader
 
     def load(source, options):
         return load_many([source], options)
@@ -313,7 +311,7 @@ LAST_ENTRY = textwrap.dedent('''
     """A test CRFS frontend whose tree depends on the entry order: the root records the names in order."""
     import json
 
-    from cfsc.frontends import crfs
+    from cfsc.frontends.crfs import toc as crfs
 
     def load(source, options):
         tree = crfs.load(source, options)

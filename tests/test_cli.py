@@ -116,9 +116,8 @@ def test_sigterm_mid_import_leaves_no_store_object_and_no_output(tmp_path):
     import tarfile
     import time
 
+    from cfsc.store.objects import TEMP_PREFIX
     from conftest import CFSC
-
-    from cfsc.store import TEMP_PREFIX
 
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
@@ -147,7 +146,7 @@ def test_sigterm_mid_import_leaves_no_store_object_and_no_output(tmp_path):
 
 
 def test_tree_paths_in_errors_stay_one_readable_line():
-    from cfsc.errors import TreeError
+    from cfsc.base.errors import TreeError
 
     err = TreeError("too long", b"/a\nb\x00c\xffd\x1b[31m\xe2\x80\xa8", "x.tar")
     assert str(err) == "x.tar:/a\\nb\\x00c\\xffd\\x1b[31m\\u2028: too long"

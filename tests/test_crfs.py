@@ -15,19 +15,19 @@ import json
 import jsonschema
 import orjson
 import pytest
+from cfsc import schemas
+from cfsc.backends import crfs as crfs_backend
+from cfsc.backends.erofs.writer import write_image
+from cfsc.base.errors import InputError, InputErrors
+from cfsc.base.fsverity import digest_file
+from cfsc.base.options import Options
+from cfsc.build.pipeline import run_passes
+from cfsc.frontends import dumpfile
+from cfsc.frontends.crfs import toc as crfs
 from conftest import CONFORMANCE, DATA, cases, image_of, read_input
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from strategies import trees
-
-from cfsc import schemas
-from cfsc.backends import crfs as crfs_backend
-from cfsc.backends.erofs.writer import write_image
-from cfsc.errors import InputError, InputErrors
-from cfsc.frontends import crfs, dumpfile
-from cfsc.fsverity import digest_file
-from cfsc.options import Options
-from cfsc.pipeline import run_passes
 
 GOLDEN = DATA / "crfs"
 LEGACY = CONFORMANCE / "crfs-legacy"

@@ -5,9 +5,8 @@ from __future__ import annotations
 import random
 
 import pytest
+from cfsc.base.errors import TreeError
 from conftest import cases, image_of, read_input
-
-from cfsc.errors import TreeError
 
 GOOD = [c for c in cases() if c.get("expect") != "error"]
 

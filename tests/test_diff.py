@@ -15,22 +15,21 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from cfsc import schemas
+from cfsc.base.options import Options
+from cfsc.base.query import parse
+from cfsc.build import compile_image
+from cfsc.build.pipeline import PASSES
+from cfsc.cli.diff import render
+from cfsc.frontends.image import read_tree
+from cfsc.passes.add_overlay_xattrs import add_overlay_xattrs
+from cfsc.tools import diff as diffing
+from cfsc.tools.images import compile_in_memory, dump
+from cfsc.tools.manifest import Ignore, Manifest
 from conftest import run_cfsc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from strategies import trees
-
-from cfsc import diff as diffing
-from cfsc import schemas
-from cfsc.build import compile_image
-from cfsc.cli.diff import render
-from cfsc.frontends.image import read_tree
-from cfsc.images import compile_in_memory, dump
-from cfsc.manifest import Ignore, Manifest
-from cfsc.options import Options
-from cfsc.passes.add_overlay_xattrs import add_overlay_xattrs
-from cfsc.pipeline import PASSES
-from cfsc.query import parse
 
 T0 = 1_700_000_000
 EXTERNAL = bytes(range(256)) * 2  # 512 bytes: stored in the object store, not inline
@@ -183,7 +182,7 @@ PAIRS = [("dir", "dir"), ("image", "dir"), ("dir", "image"), ("dump", "image"), 
 
 
 def _content_golden() -> str:
-    from cfsc.fsverity import digest_bytes, payload_path
+    from cfsc.base.fsverity import digest_bytes, payload_path
 
     a, b = digest_bytes(EXTERNAL), digest_bytes(EXTERNAL[::-1])
     return (f'~ /etc/big.conf\n    payload: "{payload_path(a).decode()}" → "{payload_path(b).decode()}"\n'
@@ -538,9 +537,8 @@ def test_a_tree_and_its_image_are_identical(tree):
 
 def _mutated(tree, data):
     """A copy of `tree` with a few entries changed, removed or linked, as `data` draws."""
+    from cfsc.base.tree import S_IFMT, S_IFREG
     from hypothesis import strategies as st
-
-    from cfsc.tree import S_IFMT, S_IFREG
 
     tree = tree.copy()
     entries = []
@@ -582,11 +580,11 @@ def _mutated(tree, data):
 @given(trees(), st.data())
 def test_images_in_step_agree_with_manifests(tree, data):
     """Two images walked in step give the changes the manifests of the two trees give."""
-    from cfsc.diff import diff_in_step
+    from cfsc.tools.diff import diff_in_step
 
     other = data.draw(st.one_of(st.just(None), trees()))
     b_tree = _mutated(tree, data) if other is None else other
-    from cfsc.errors import CfscError
+    from cfsc.base.errors import CfscError
 
     try:
         images = [compile_in_memory(t, Options(max_version=data.draw(st.sampled_from([0, 1]))))
@@ -610,19 +608,18 @@ def test_reasons_from_a_worker_process_are_the_same(sources, monkeypatch):
     assert diffing.report_json(diffing.diff_images(a, b)) == here
     assert [r["aspect"] for r in here["layout"]][:2] == ["digest", "tree"]
     # --ignore layout: no reasons worked out at all
-    monkeypatch.setattr("cfsc.explain.explain", lambda *args, **kw: pytest.fail("explained"))
+    monkeypatch.setattr("cfsc.tools.explain.explain", lambda *args, **kw: pytest.fail("explained"))
     assert diffing.diff_images(a, b, ignore=Ignore(["layout"])).layout is None
 
 
 def test_images_another_writer_linked_fall_back_to_manifests():
     """An inode of nlink 1 reached by two names (a writer that does not count links): the
     in-step walk leaves it to the manifests, whose reader homes the link."""
-    from conftest import image_of
-
     from cfsc.backends.erofs.entries import resolve
     from cfsc.backends.erofs.reader import Image
-    from cfsc.diff import _Unsuited, diff_in_step
     from cfsc.frontends.image import read_tree
+    from cfsc.tools.diff import _Unsuited, diff_in_step
+    from conftest import image_of
 
     dump = b"/ 0 40755 2 0 0 0 0.0 - - -\n/x 3 100644 1 0 0 0 0.0 - abc -\n/y 3 100600 1 0 0 0 0.0 - xyz -\n"
     image = image_of(dump)

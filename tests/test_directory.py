@@ -13,13 +13,13 @@ import random
 import subprocess
 
 import pytest
+from cfsc.base.errors import InputError, UsageError
+from cfsc.base.options import Options
+from cfsc.frontends import directory
+from cfsc.frontends import dumpfile as dumpfile_frontend
+from cfsc.store.objects import Store
 from conftest import image_of
 from dirtrees import Entry, describe, dumpfile, make
-
-from cfsc.errors import InputError, UsageError
-from cfsc.frontends import directory, dumpfile as dumpfile_frontend
-from cfsc.options import Options
-from cfsc.store import Store
 
 
 def full_spec() -> list[Entry]:

@@ -1,16 +1,15 @@
-"""The dumpfile shortcut of `cfsc diff` (`cfsc.dump_delta`) says exactly what the full diff says."""
+"""The dumpfile shortcut of `cfsc diff` (`cfsc.tools.dump_delta`) says exactly what the full diff says."""
 
 from __future__ import annotations
 
 import random
 
 import pytest
-
-from cfsc import diff as diffing
-from cfsc import dump_delta
-from cfsc.check import shuffle_dumpfile
-from cfsc.errors import CfscError
-from cfsc.options import Options
+from cfsc.base.errors import CfscError
+from cfsc.base.options import Options
+from cfsc.tools import diff as diffing
+from cfsc.tools import dump_delta
+from cfsc.tools.check import shuffle_dumpfile
 
 
 def random_tree(rng: random.Random) -> list[bytes]:

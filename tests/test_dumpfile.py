@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from cfsc.base.errors import CfscError, DumpfileError
+from cfsc.base.tree import S_IFCHR, S_IFDIR, S_IFREG
 from conftest import image_of, tree_of
-
-from cfsc.errors import CfscError, DumpfileError
-from cfsc.tree import S_IFCHR, S_IFDIR, S_IFREG
 
 ROOT = b"/ 0 40755 2 0 0 0 0.0 - - -\n"
 
@@ -187,9 +186,9 @@ def _both_paths(data: bytes, strict: bool):
     import io
 
     from cfsc.backends.erofs.writer import write_image
+    from cfsc.base.options import Options
+    from cfsc.build.pipeline import run_passes
     from cfsc.frontends.dumpfile import _Parser
-    from cfsc.options import Options
-    from cfsc.pipeline import run_passes
 
     results = []
     for fast in (True, False):
@@ -226,8 +225,8 @@ def test_chunk_boundaries_do_not_matter():
         import io
 
         from cfsc.backends.erofs.writer import write_image
-        from cfsc.options import Options
-        from cfsc.pipeline import run_passes
+        from cfsc.base.options import Options
+        from cfsc.build.pipeline import run_passes
 
         out = io.BytesIO()
         write_image(run_passes(tree, Options()), out)
@@ -270,11 +269,10 @@ def test_fast_path_equals_reference_path_on_odd_lines(line):
 def test_checked_trees_really_meet_every_limit():
     """The frontend marks its trees `checked` (validation is skipped): a dumpfile it accepts
     must pass the validation pass too."""
+    from cfsc.base.options import Options
+    from cfsc.passes.validate_limits import validate_limits
     from conftest import cases, read_input
     from randomdump import random_dump
-
-    from cfsc.options import Options
-    from cfsc.passes.validate_limits import validate_limits
 
     inputs = [read_input(c["input"]) for c in cases() if c.get("expect") != "error"]
     inputs += [random_dump(seed, 40) for seed in range(30)]

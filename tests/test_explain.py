@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from conftest import image_of, run_cfsc
-
-from cfsc.backends.erofs.reader import Image
-from cfsc.diff import diff_images, report_json
-from cfsc.explain import explain
-from cfsc.manifest import Ignore
 from cfsc import schemas
+from cfsc.backends.erofs.reader import Image
+from cfsc.tools.diff import diff_images, report_json
+from cfsc.tools.explain import explain
+from cfsc.tools.manifest import Ignore
+from conftest import image_of, run_cfsc
 
 TREE = b"""\
 / 0 40755 2 0 0 0 100.0 - - -

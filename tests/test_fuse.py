@@ -32,21 +32,20 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import CFSC, CONFORMANCE, run_cfsc
-from hypothesis import HealthCheck, Phase, given, settings
-from strategies import trees
-
 from cfsc.backends.erofs.writer import write_image
-from cfsc.fsverity import digest_bytes, payload_path
+from cfsc.base.fsverity import digest_bytes, payload_path
+from cfsc.base.options import Options
+from cfsc.base.tree import S_IFREG
+from cfsc.build.pipeline import run_passes
 from cfsc.fuse import MountOptions, open_view
 from cfsc.fuse import protocol as P
-from cfsc.backing import Store, open_by_walk
 from cfsc.fuse.kernel import mount_kernel
 from cfsc.fuse.mount import MountError, mount_fuse, unmount
 from cfsc.fuse.server import Server
-from cfsc.options import Options
-from cfsc.pipeline import run_passes
-from cfsc.tree import S_IFREG
+from cfsc.store.backing import Store, open_by_walk
+from conftest import CFSC, CONFORMANCE, run_cfsc
+from hypothesis import HealthCheck, Phase, given, settings
+from strategies import trees
 
 pytestmark = pytest.mark.timeout(120)
 IMAGES = CONFORMANCE / "upstream-images"

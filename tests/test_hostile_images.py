@@ -17,14 +17,13 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import image_of, read_input
-
-from cfsc import images
 from cfsc.backends.dumpfile import dump_image
 from cfsc.backends.erofs.entries import Entries, resolve
 from cfsc.backends.erofs.reader import Image
-from cfsc.errors import ImageError
+from cfsc.base.errors import ImageError
 from cfsc.frontends.image import read_tree
+from cfsc.tools import images
+from conftest import image_of, read_input
 
 ROOT = b"/ 4096 40755 2 0 0 0 0.0 - - - user.shared=1\n"
 BASE_DUMP = ROOT + b"".join([

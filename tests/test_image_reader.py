@@ -14,19 +14,18 @@ import gzip
 import io
 
 import pytest
-from conftest import CONFORMANCE, cases, image_of, read_input
-from hypothesis import HealthCheck, given, settings
-from strategies import trees
-
 from cfsc.backends.dumpfile import dump_image
 from cfsc.backends.erofs.reader import Image
 from cfsc.backends.erofs.writer import write_image
+from cfsc.base.options import Options
+from cfsc.base.tree import S_IFBLK, S_IFCHR, S_IFDIR, S_IFLNK, S_IFMT, S_IFREG, Inode, Tree
+from cfsc.build.pipeline import run_passes
 from cfsc.frontends import dumpfile
 from cfsc.frontends.image import read_tree
-from cfsc.options import Options
 from cfsc.passes.resolve_hardlinks import resolve_hardlinks
-from cfsc.pipeline import run_passes
-from cfsc.tree import S_IFBLK, S_IFCHR, S_IFDIR, S_IFLNK, S_IFMT, S_IFREG, Inode, Tree
+from conftest import CONFORMANCE, cases, image_of, read_input
+from hypothesis import HealthCheck, given, settings
+from strategies import trees
 
 IMAGES = sorted((CONFORMANCE / "upstream-images").iterdir())
 DUMPS = sorted((CONFORMANCE / "upstream-dumps").iterdir())
@@ -276,11 +275,11 @@ def test_deep_image_reads_without_recursion():
 def test_many_lookups_through_one_entries_object():
     """A long-lived `Entries` (a server's) serves any number of lookups: the walk budget
     guards walks, not bounded path lookups (it used to fail after a few thousand)."""
-    from conftest import CONFORMANCE
     import gzip
 
     from cfsc.backends.erofs.entries import Entries, resolve
     from cfsc.backends.erofs.reader import Image
+    from conftest import CONFORMANCE
 
     data = gzip.decompress((CONFORMANCE / "upstream-images" / "config-with-hard-link.v0.cfs.gz").read_bytes())
     image = Image(data, "config.cfs")

@@ -12,10 +12,9 @@ import os
 
 import orjson
 import pytest
+from cfsc.base.fsverity import digest_bytes, payload_path
+from cfsc.base.jsonbytes import get
 from conftest import CONFORMANCE, DATA, image_of, read_input
-
-from cfsc.fsverity import digest_bytes, payload_path
-from cfsc.jsonbytes import get
 
 DROPINS = DATA / "dropins"
 IMAGES = CONFORMANCE / "upstream-images"

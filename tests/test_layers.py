@@ -19,21 +19,20 @@ import subprocess
 import tarfile
 from pathlib import Path
 
+import pytest
+from cfsc.base.errors import InputError
+from cfsc.base.fsverity import digest_bytes, payload_path
+from cfsc.base.options import Options
+from cfsc.base.tree import S_IFCHR, S_IFDIR, S_IFMT, Inode
+from cfsc.build.pipeline import run_passes
+from cfsc.frontends import image as image_frontend
+from cfsc.frontends.tar import layers as tar
 from conftest import image_of
 from dirtrees import Entry, make
-import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from tarcraft import archive, member
 from test_tar import EXTRACT, compare_images, image, store_listing
-
-from cfsc.errors import InputError
-from cfsc.frontends import image as image_frontend
-from cfsc.fsverity import digest_bytes, payload_path
-from cfsc.frontends import tar
-from cfsc.options import Options
-from cfsc.pipeline import run_passes
-from cfsc.tree import S_IFCHR, S_IFDIR, S_IFMT, Inode
 
 OPAQUE_XATTR = b"trusted.overlay.opaque"
 

@@ -29,17 +29,17 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from cfsc.base.errors import InputError, UsageError
+from cfsc.base.fsverity import digest_file
+from cfsc.base.options import Options
+from cfsc.frontends.ostree import commit as ostree
+from cfsc.frontends.ostree import gvariant
+from cfsc.frontends.ostree.gvariant import GVariantError, Variant
+from cfsc.frontends.ostree.repo import COMMIT, DIRMETA, DIRTREE, ObjectError, Repo, swap32
 from conftest import run_cfsc
 from dirtrees import Entry, make
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from cfsc.errors import InputError, UsageError
-from cfsc.fsverity import digest_file
-from cfsc.frontends import gvariant, ostree
-from cfsc.frontends.gvariant import GVariantError, Variant
-from cfsc.frontends.ostreerepo import COMMIT, DIRMETA, DIRTREE, ObjectError, Repo, swap32
-from cfsc.options import Options
 
 MODES = ("bare", "bare-user", "bare-user-only", "archive")
 
@@ -281,7 +281,7 @@ def test_ostree_compat_is_the_image_ostree_writes(libtest_repos, tmp_path):
 
 def test_ostree_compat_without_digests_is_the_noverity_image(libtest_repos):
     from cfsc.backends.erofs.writer import write_image
-    from cfsc.pipeline import run_passes
+    from cfsc.build.pipeline import run_passes
 
     options = Options(ostree_compat=True)
     tree = ostree.load(f"ostree:{libtest_repos['bare-user']}:test-composefs", options)

@@ -5,15 +5,14 @@ from __future__ import annotations
 import io
 import struct
 
+from cfsc.backends.erofs.writer import write_image
+from cfsc.base.options import Options
+from cfsc.base.tree import S_IFDIR, Inode, Tree
+from cfsc.build.pipeline import PASSES, run_passes
+from cfsc.frontends import dumpfile
 from hypothesis import HealthCheck, given, settings
 from strategies import trees
 from test_image_reader import dump_of, home_first_in_dfs, lossless
-
-from cfsc.backends.erofs.writer import write_image
-from cfsc.frontends import dumpfile
-from cfsc.options import Options
-from cfsc.pipeline import PASSES, run_passes
-from cfsc.tree import S_IFDIR, Inode, Tree
 
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 

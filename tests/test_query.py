@@ -1,15 +1,14 @@
-"""The query language (`cfsc.query`) and its users: `compile --exclude`, `ls --where`."""
+"""The query language (`cfsc.base.query`) and its users: `compile --exclude`, `ls --where`."""
 
 from __future__ import annotations
 
 import pytest
-from conftest import image_of, run_cfsc, tree_of
-
-from cfsc import query
-from cfsc.options import Options
+from cfsc.base import query
+from cfsc.base.options import Options
+from cfsc.base.tree import S_IFCHR, S_IFDIR, S_IFLNK, S_IFREG, Inode
+from cfsc.build.pipeline import run_passes
 from cfsc.passes.exclude_entries import exclude_entries
-from cfsc.pipeline import run_passes
-from cfsc.tree import S_IFCHR, S_IFDIR, S_IFLNK, S_IFREG, Inode
+from conftest import image_of, run_cfsc, tree_of
 
 FILE = Inode(S_IFREG | 0o644, uid=1000, gid=100, mtime=1_700_000_000, size=3 << 20, nlink=2,
              payload=b"ab/cd", digest=bytes(range(32)),

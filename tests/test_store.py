@@ -11,12 +11,11 @@ import threading
 import time
 
 import pytest
+from cfsc.base.fsverity import digest_bytes, payload_path
+from cfsc.store.objects import TEMP_PREFIX, SourceChanged, Store
 from conftest import CFSC, image_of
 from dirtrees import Entry, dumpfile, make
 from tarcraft import from_entries
-
-from cfsc.fsverity import digest_bytes, payload_path
-from cfsc.store import TEMP_PREFIX, SourceChanged, Store
 
 
 def objects(store) -> dict[str, os.stat_result]:

@@ -23,19 +23,18 @@ from pathlib import Path
 
 import pytest
 import zstandard
+from cfsc import frontends
+from cfsc.backends.erofs.writer import write_image
+from cfsc.base.errors import InputError, UsageError
+from cfsc.base.fsverity import digest_file
+from cfsc.base.options import Options
+from cfsc.base.tree import S_IFDIR, S_IFLNK, S_IFREG
+from cfsc.build.pipeline import run_passes
+from cfsc.frontends.tar import layers as tar
 from conftest import DATA, image_of
 from dirtrees import Entry, dumpfile
 from tarcraft import archive, base256, from_entries, gnu_long, header, member, padded, pax_records
 from test_directory import full_spec
-
-from cfsc import frontends
-from cfsc.backends.erofs.writer import write_image
-from cfsc.errors import InputError, UsageError
-from cfsc.fsverity import digest_file
-from cfsc.frontends import tar
-from cfsc.options import Options
-from cfsc.pipeline import run_passes
-from cfsc.tree import S_IFDIR, S_IFLNK, S_IFREG
 
 DEBS = sorted((DATA / "tar").glob("*.data.tar.xz"))
 DEB_CACHE = Path("/var/cache/cfsc-test-debs")

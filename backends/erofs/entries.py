@@ -25,10 +25,9 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from cfsc.tree import S_IFBLK, S_IFCHR, S_IFDIR, S_IFLNK, S_IFMT, S_IFREG
-
-from .layout import EROFS_INODE_CHUNK_BASED, EROFS_XATTR_ENTRY, XATTR_PREFIXES
-from .reader import Image, RawInode, ReadBudget
+from cfsc.backends.erofs.layout import EROFS_INODE_CHUNK_BASED, EROFS_XATTR_ENTRY, XATTR_PREFIXES
+from cfsc.backends.erofs.reader import Image, RawInode, ReadBudget
+from cfsc.base.tree import S_IFBLK, S_IFCHR, S_IFDIR, S_IFLNK, S_IFMT, S_IFREG
 
 TRUSTED_OVERLAY = b"trusted.overlay."
 ESCAPED = b"trusted.overlay.overlay."
@@ -241,7 +240,7 @@ def interpret_xattrs(items: list, regular: bool) -> tuple[tuple, bytes | None, b
 
 def resolve(image: Image, path: bytes, entries: Entries | None = None) -> Entry:
     """The entry at `path` (components looked up one by one; symlinks are not followed)."""
-    from cfsc.errors import LookupFailed
+    from cfsc.base.errors import LookupFailed
 
     entries = entries or Entries(image)
     # Not charged to the walk budget: a lookup reads one inode per path component (bounded

@@ -42,12 +42,7 @@ from __future__ import annotations
 import struct
 from bisect import bisect_left
 
-from cfsc.errors import ImageError
-from cfsc.limits import INLINE_CONTENT_MAX, PATH_MAX, VALID_TYPES
-from cfsc.streams import read_all, source_name
-from cfsc.tree import S_IFDIR, S_IFLNK, S_IFMT, S_IFREG
-
-from .layout import (
+from cfsc.backends.erofs.layout import (
     COMPOSEFS_HEADER,
     COMPOSEFS_HEADER_VERSION,
     COMPOSEFS_MAGIC,
@@ -72,6 +67,10 @@ from .layout import (
     EROFS_XATTR_IBODY_HEADER,
     XATTR_PREFIXES,
 )
+from cfsc.base.errors import ImageError
+from cfsc.base.limits import INLINE_CONTENT_MAX, PATH_MAX, VALID_TYPES
+from cfsc.base.streams import read_all, source_name
+from cfsc.base.tree import S_IFDIR, S_IFLNK, S_IFMT, S_IFREG
 
 BLK = EROFS_BLKSIZ
 SYMLINK_MAX = PATH_MAX - 1

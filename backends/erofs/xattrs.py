@@ -21,14 +21,15 @@ from bisect import bisect_left
 from struct import Struct
 
 import xxhash
-
-from cfsc.passes.add_overlay_xattrs import METACOPY, METACOPY_HEADER, REDIRECT, image_xattrs
-from cfsc.tree import Inode
-
-from .layout import (
-    EROFS_XATTR_ENTRY, EROFS_XATTR_FILTER_SEED, EROFS_XATTR_IBODY_HEADER, EROFS_XATTR_LONG_PREFIX,
+from cfsc.backends.erofs.layout import (
+    EROFS_XATTR_ENTRY,
+    EROFS_XATTR_FILTER_SEED,
+    EROFS_XATTR_IBODY_HEADER,
+    EROFS_XATTR_LONG_PREFIX,
     WRITER_PREFIXES,
 )
+from cfsc.base.tree import Inode
+from cfsc.passes.add_overlay_xattrs import METACOPY, METACOPY_HEADER, REDIRECT, image_xattrs
 
 ACL_KEYS = (b"system.posix_acl_access", b"system.posix_acl_default")
 _pack_entry = EROFS_XATTR_ENTRY.pack

@@ -17,8 +17,7 @@ import sys
 import traceback as _traceback
 
 import typer
-
-from ..errors import CfscError, UsageError
+from cfsc.base.errors import CfscError, UsageError
 
 app = typer.Typer(
     add_completion=False,

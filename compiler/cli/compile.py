@@ -5,11 +5,10 @@ from __future__ import annotations
 import sys
 
 import typer
-
-from .. import build
-from ..errors import CfscError, UsageError
-from ..options import Options
-from . import command, digest_line, source_date_epoch
+from cfsc import build
+from cfsc.base.errors import CfscError, UsageError
+from cfsc.base.options import Options
+from cfsc.cli import command, digest_line, source_date_epoch
 
 
 @command("compile")
@@ -51,7 +50,7 @@ def compile_cmd(
     if threads is not None:
         options.threads = threads
     if exclude:
-        from .. import query
+        from cfsc.base import query
 
         query.any_of(exclude, "--exclude")  # a bad query fails before the source is read
     digest = build.compile_image(sources, output, options, source_format,
@@ -65,7 +64,7 @@ def measure_cmd(
     files: list[str] = typer.Argument(..., help="Files to measure."),
 ) -> None:
     """Print each file's fs-verity digest, as `fsverity digest` does (sha256:HEX FILE)."""
-    from ..fsverity import digest_file
+    from cfsc.base.fsverity import digest_file
 
     for name in files:
         try:

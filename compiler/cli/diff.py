@@ -11,11 +11,10 @@ import sys
 
 import orjson
 import typer
-
-from .. import rfc3339
-from ..errors import UsageError
-from ..options import Options
-from . import command, source_date_epoch
+from cfsc.base import rfc3339
+from cfsc.base.errors import UsageError
+from cfsc.base.options import Options
+from cfsc.cli import command, source_date_epoch
 
 COLORS = {"added": "\033[32m", "removed": "\033[31m", "changed": "\033[33m", "head": "\033[1m"}
 RESET = "\033[0m"
@@ -48,7 +47,7 @@ def _options(min_version: int, max_version: int, strict: bool, threads: int | No
     if threads is not None:
         options.threads = threads
     if exclude:
-        from .. import query
+        from cfsc.base import query
 
         query.any_of(exclude, "--exclude")  # fail on a bad query before loading anything
     return options
@@ -71,7 +70,7 @@ def _write_json(obj) -> None:
 # -- human output --------------------------------------------------------------------------
 
 def _bytes(value: bytes) -> bytes:
-    from ..backends.dumpfile import escape_ls
+    from cfsc.backends.dumpfile import escape_ls
 
     shown = escape_ls(value[:VALUE_MAX])
     more = f"… ({len(value)} bytes)".encode() if len(value) > VALUE_MAX else b""
@@ -90,7 +89,7 @@ def _value(name: str, value) -> bytes:
     if name == "digest":
         return value.hex().encode()
     if name == "hardlinks":
-        from ..backends.dumpfile import escape_ls
+        from cfsc.backends.dumpfile import escape_ls
 
         return b", ".join(escape_ls(p) for p in value)
     if isinstance(value, bytes):
@@ -112,7 +111,7 @@ def _brief(fields: tuple[str, ...], rec) -> bytes:
 
 
 def render(report, out, color: bool) -> None:
-    from ..backends.dumpfile import escape_ls
+    from cfsc.backends.dumpfile import escape_ls
 
     def paint(kind: str, text: bytes) -> bytes:
         return (COLORS[kind].encode() + text + RESET.encode()) if color else text
@@ -176,7 +175,7 @@ def render_stat(report, out) -> None:
         counts = tops.setdefault(top, [0, 0, 0])
         counts[("added", "removed", "changed").index(c.kind)] += 1
     if tops:
-        from ..backends.dumpfile import escape_ls
+        from cfsc.backends.dumpfile import escape_ls
 
         width = max(len(escape_ls(t)) for t in tops)
         for top, (added, removed, changed) in sorted(tops.items()):
@@ -228,9 +227,9 @@ def diff_cmd(
 
     Exit status: 0 identical, 1 different, 2 error.
     """
-    from .. import diff as diffing
-    from .. import query
-    from ..manifest import Ignore, layers
+    from cfsc.base import query
+    from cfsc.tools import diff as diffing
+    from cfsc.tools.manifest import Ignore, layers
 
     options = _options(min_version, max_version, strict, threads, clamp_mtime, exclude, use_epoch,
                        skip_devices, skip_xattrs, user_xattrs, hardlinks, basedir)
@@ -322,9 +321,9 @@ def check_cmd(
 
     Exit status: 0 passed, 1 failed, 2 error.
     """
-    from .. import check
-    from ..check import VARIANTS
-    from ..manifest import layers, side_name
+    from cfsc.tools import check
+    from cfsc.tools.check import VARIANTS
+    from cfsc.tools.manifest import layers, side_name
 
     if expect_digest is None and reference is None and not reproducible:
         raise UsageError("nothing to check: give --expect-digest, --reference and/or --reproducible")

@@ -1,6 +1,6 @@
 """Drop-in verbs with upstream's exact syntax, for scripts written for the C tools.
 
-Options are parsed with GNU getopt_long semantics (`cfsc.getopt`), not by typer.
+Options are parsed with GNU getopt_long semantics (`cfsc.cli.getopt`), not by typer.
 """
 
 from __future__ import annotations
@@ -8,11 +8,10 @@ from __future__ import annotations
 import os
 
 import typer
-
-from .. import build
-from ..errors import UsageError
-from ..options import Options
-from . import command, digest_line
+from cfsc import build
+from cfsc.base.errors import UsageError
+from cfsc.base.options import Options
+from cfsc.cli import command, digest_line
 
 MKCOMPOSEFS_OPTIONS = {
     "skip-xattrs": False, "user-xattrs": False, "skip-devices": False, "use-epoch": False,
@@ -25,7 +24,7 @@ MKCOMPOSEFS_OPTIONS = {
                                           "allow_extra_args": True, "help_option_names": []})
 def mkcomposefs_cmd(ctx: typer.Context) -> None:
     """Drop-in for upstream `mkcomposefs [OPTIONS] SOURCE IMAGE` (same options and syntax)."""
-    from ..getopt import getopt_long, strtol
+    from cfsc.cli.getopt import getopt_long, strtol
 
     where = "mkcomposefs"
     opts, operands = getopt_long(list(ctx.args), MKCOMPOSEFS_OPTIONS, "", where)
@@ -88,9 +87,9 @@ def composefs_info_cmd(ctx: typer.Context) -> None:
     """
     import sys
 
-    from .. import images
-    from ..backends.erofs.reader import Image
-    from ..getopt import getopt_long
+    from cfsc.backends.erofs.reader import Image
+    from cfsc.cli.getopt import getopt_long
+    from cfsc.tools import images
 
     where = "composefs-info"
     opts, operands = getopt_long(list(ctx.args), COMPOSEFS_INFO_OPTIONS, "", where)
@@ -124,7 +123,7 @@ def composefs_info_cmd(ctx: typer.Context) -> None:
     for path in paths:
         image = Image.open(path)
         if verb == "dump":
-            from ..backends.dumpfile import dump_image
+            from cfsc.backends.dumpfile import dump_image
 
             dump_image(image, out, names)
         else:
@@ -135,9 +134,9 @@ def composefs_info_cmd(ctx: typer.Context) -> None:
 def _upstream_ls(image, names, out) -> None:
     """composefs-info ls: every entry but the root; `/` TAB after directories, TAB `-> ` before
     a symlink target, TAB `@ ` before a backing file; nothing after a hard link."""
-    from ..backends.dumpfile import escape, escape_ls
-    from ..backends.erofs.entries import walk
-    from ..tree import S_IFDIR, S_IFLNK, S_IFMT, S_IFREG
+    from cfsc.backends.dumpfile import escape, escape_ls
+    from cfsc.backends.erofs.entries import walk
+    from cfsc.base.tree import S_IFDIR, S_IFLNK, S_IFMT, S_IFREG
 
     lines = []
     it = walk(image, names)
@@ -160,8 +159,8 @@ def _upstream_ls(image, names, out) -> None:
 def _measure_files(paths: list[str], where: str) -> None:
     import sys
 
-    from ..errors import CfscError
-    from ..fsverity import digest_file
+    from cfsc.base.errors import CfscError
+    from cfsc.base.fsverity import digest_file
 
     if not paths:
         raise UsageError("no files specified", where)
@@ -182,11 +181,11 @@ def composefs_dump_cmd(ctx: typer.Context) -> None:
     Like upstream, the first name depth-first becomes each inode's home, so an image whose
     hard links were homed elsewhere comes out reordered (`cfsc compile IMAGE` keeps them).
     """
-    from ..backends.erofs.reader import Image
-    from ..backends.erofs.writer import write_image
-    from ..frontends.image import read_tree
-    from ..output import atomic_output
-    from ..pipeline import run_passes
+    from cfsc.backends.erofs.reader import Image
+    from cfsc.backends.erofs.writer import write_image
+    from cfsc.base.output import atomic_output
+    from cfsc.build.pipeline import run_passes
+    from cfsc.frontends.image import read_tree
 
     where = "composefs-dump"
     args = list(ctx.args)

@@ -1,7 +1,7 @@
 """`cfsc dump`, `ls`, `objects`, `missing-objects`, `info`, `fsck-store`: looking into images.
 
 Every verb takes any source: an image is read as is, anything else is compiled in memory
-first (`cfsc.images.open_image`), so the answers describe what `cfsc compile` writes.
+first (`cfsc.tools.images.open_image`), so the answers describe what `cfsc compile` writes.
 """
 
 from __future__ import annotations
@@ -14,12 +14,11 @@ import sys
 
 import orjson
 import typer
-
-from .. import images
-from ..errors import UsageError
-from ..options import Options
-from ..tree import S_IFBLK, S_IFCHR, S_IFLNK, S_IFMT, S_IFREG
-from . import command
+from cfsc.base.errors import UsageError
+from cfsc.base.options import Options
+from cfsc.base.tree import S_IFBLK, S_IFCHR, S_IFLNK, S_IFMT, S_IFREG
+from cfsc.cli import command
+from cfsc.tools import images
 
 FROM = typer.Option(None, "--from", help="Source format (default: detected from the content).")
 JSON = typer.Option(False, "--json", help="JSON output.")
@@ -54,7 +53,7 @@ def dump_cmd(
         images.dump(source, sys.stdout.buffer, fmt, names, options, source_format)
         sys.stdout.flush()
         return
-    from ..output import atomic_output
+    from cfsc.base.output import atomic_output
 
     with atomic_output(output) as out:
         images.dump(source, out, fmt, names, options, source_format)
@@ -68,7 +67,7 @@ def _mtime(sec: int) -> str:
 
 
 def _ls_line(name: bytes, e) -> bytes:
-    from ..backends.dumpfile import escape, escape_ls
+    from cfsc.backends.dumpfile import escape, escape_ls
 
     ftype = e.mode & S_IFMT
     if ftype == S_IFCHR or ftype == S_IFBLK:
@@ -94,11 +93,11 @@ def ls_cmd(
     where: str | None = typer.Option(None, "--where", help='Only entries matching a query, e.g. \'type == reg and size > 1M\' (see `cfsc diff --help`).'),
 ) -> None:
     """List a directory of an image (mode, links, owner, size, mtime, name; `@` backing file)."""
-    from ..backends.jsonlines import entry_object
+    from cfsc.backends.jsonlines import entry_object
 
     matches = None
-    if where is not None:  # the query language of `cfsc.query` (issue 8)
-        from ..query import parse
+    if where is not None:  # the query language of `cfsc.base.query` (issue 8)
+        from cfsc.base.query import parse
 
         matches = parse(where, "--where")
     (image,) = _open([source], source_format)
@@ -113,7 +112,7 @@ def ls_cmd(
 
 
 def _print_objects(found: dict, as_json: bool) -> None:
-    from ..jsonbytes import put
+    from cfsc.base.jsonbytes import put
 
     out = sys.stdout.buffer
     for payload in sorted(found):
@@ -192,8 +191,8 @@ def fsck_store_cmd(
 
     Exit status 1 if any object is missing or corrupt, 0 if all are intact.
     """
-    from ..jsonbytes import put
-    from ..store_check import check_store
+    from cfsc.base.jsonbytes import put
+    from cfsc.tools.fsck_store import check_store
 
     if not os.path.isdir(basedir):
         raise UsageError("not a directory", basedir)
@@ -216,7 +215,7 @@ def fsck_store_cmd(
                           "corrupt": report.count("corrupt"), "invalid": report.count("invalid"),
                           "unverified": report.unverified, "problems": problems})
     else:
-        from ..backends.dumpfile import escape
+        from cfsc.backends.dumpfile import escape
 
         out = sys.stdout.buffer
         for p in report.problems:

@@ -10,9 +10,8 @@ from __future__ import annotations
 import sys
 
 import typer
-
-from ..errors import UsageError
-from . import command
+from cfsc.base.errors import UsageError
+from cfsc.cli import command
 
 
 def _verity(value: str) -> str:
@@ -43,15 +42,15 @@ def mount_cmd(
     Returns once the mount works (the FUSE server goes on in the background) or fails with
     the reason; `cfsc umount MOUNTPOINT` ends it.
     """
-    from ..fuse import MountOptions, mount
-    from ..backing import parse_basedirs
+    from cfsc.fuse import MountOptions, mount
+    from cfsc.store.backing import parse_basedirs
 
     options = MountOptions(
         basedirs=parse_basedirs(basedir) if basedir else [], verity=_verity(verity), digest=digest,
         foreground=foreground, threads=threads, passthrough=passthrough, allow_other=allow_other,
         log_file=log_file, debug=debug, kernel=kernel, loop=loop, noacl=noacl)
     if digest is not None:
-        from ..fuse import parse_digest
+        from cfsc.fuse import parse_digest
 
         parse_digest(digest)
     mount(image, mountpoint, options)
@@ -63,7 +62,7 @@ def umount_cmd(
     lazy: bool = typer.Option(False, "--lazy", "-l", help="Detach now even if busy; it goes away when no longer used."),
 ) -> None:
     """Unmount an image mounted with `cfsc mount` (its FUSE server then exits)."""
-    from ..fuse import unmount
+    from cfsc.fuse import unmount
 
     unmount(mountpoint, lazy)
 
@@ -116,9 +115,9 @@ def _fuse_options(text: str) -> list[tuple[str, str | None]]:
                                              "allow_extra_args": True, "help_option_names": []})
 def composefs_fuse_cmd(ctx: typer.Context) -> None:
     """Drop-in for upstream `composefs-fuse -o source=IMAGE,basedir=DIR [-f] [-s] [-d] MOUNTPOINT`."""
-    from ..fuse import MountOptions, mount
-    from ..backing import parse_basedirs
-    from ..getopt import getopt_long
+    from cfsc.cli.getopt import getopt_long
+    from cfsc.fuse import MountOptions, mount
+    from cfsc.store.backing import parse_basedirs
 
     where = "composefs-fuse"
     opts, operands = getopt_long(list(ctx.args), {"help": False, "version": False}, "hVdfso:", where)

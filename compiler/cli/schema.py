@@ -5,10 +5,9 @@ from __future__ import annotations
 import sys
 
 import typer
-
-from .. import schemas
-from ..errors import UsageError
-from . import command
+from cfsc import schemas
+from cfsc.base.errors import UsageError
+from cfsc.cli import command
 
 
 @command("schema")

@@ -1,4 +1,4 @@
-"""Compiler passes: plain functions `(tree, options) -> tree`, run in `cfsc.pipeline.PASSES` order.
+"""Compiler passes: plain functions `(tree, options) -> tree`, run in `cfsc.build.pipeline.PASSES` order.
 
 How to add a pass: write `compiler/passes/<verb_noun>.py` with one public function of that
 signature and a docstring saying why it exists and which upstream behaviour it follows; keep

@@ -27,10 +27,10 @@ whose `trusted.overlay.*` were escaped, and its values are small).
 
 from __future__ import annotations
 
-from .. import limits
-from ..errors import TreeError
-from ..options import Options
-from ..tree import S_IFCHR, S_IFMT, S_IFREG, Inode, Tree
+from cfsc.base import limits
+from cfsc.base.errors import TreeError
+from cfsc.base.options import Options
+from cfsc.base.tree import S_IFCHR, S_IFMT, S_IFREG, Inode, Tree
 
 TRUSTED_OVERLAY = b"trusted.overlay."
 ESCAPED = b"trusted.overlay.overlay."

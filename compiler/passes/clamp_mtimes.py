@@ -8,8 +8,8 @@ pass only sees the number.
 
 from __future__ import annotations
 
-from ..options import Options
-from ..tree import Tree
+from cfsc.base.options import Options
+from cfsc.base.tree import Tree
 
 
 def clamp_mtimes(tree: Tree, options: Options) -> Tree:

@@ -1,4 +1,4 @@
-"""Leave out the entries `Options.exclude` selects (`cfsc compile --exclude QUERY`, `cfsc.query`).
+"""Leave out the entries `Options.exclude` selects (`cfsc compile --exclude QUERY`, `cfsc.base.query`).
 
 A pass rather than a frontend feature, so it works the same for every source (dumpfile,
 directory, tar, CRFS, image …) and runs before anything derives state from the tree: the
@@ -12,14 +12,14 @@ version choice sees no excluded whiteout, hard links are re-homed by `resolve_ha
 
 from __future__ import annotations
 
-from ..options import Options
-from ..tree import Inode, Tree
+from cfsc.base.options import Options
+from cfsc.base.tree import Inode, Tree
 
 
 def exclude_entries(tree: Tree, options: Options) -> Tree:
     if not options.exclude or tree.lowered:  # a lowered tree was filtered before it was lowered
         return tree
-    from .. import query  # (lark is only imported when there is a query)
+    from cfsc.base import query  # (lark is only imported when there is a query)
 
     matches = query.any_of(options.exclude, "--exclude")
     assert matches is not None

@@ -8,8 +8,8 @@ number a mount shows.
 
 from __future__ import annotations
 
-from ..options import Options
-from ..tree import Tree
+from cfsc.base.options import Options
+from cfsc.base.tree import Tree
 
 
 def order_inodes(tree: Tree, options: Options) -> Tree:

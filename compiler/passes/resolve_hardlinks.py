@@ -11,8 +11,8 @@ keep a count their frontend was told (a dumpfile's NLINK) or get the number of n
 
 from __future__ import annotations
 
-from ..options import Options
-from ..tree import S_IFDIR, S_IFMT, Tree
+from cfsc.base.options import Options
+from cfsc.base.tree import S_IFDIR, S_IFMT, Tree
 
 
 def resolve_hardlinks(tree: Tree, options: Options) -> Tree:

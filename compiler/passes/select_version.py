@@ -7,9 +7,9 @@ because version 1 marks whiteout directories with `opaque=x` for newer overlayfs
 
 from __future__ import annotations
 
-from ..errors import UsageError
-from ..options import Options
-from ..tree import S_IFCHR, S_IFMT, Tree
+from cfsc.base.errors import UsageError
+from cfsc.base.options import Options
+from cfsc.base.tree import S_IFCHR, S_IFMT, Tree
 
 MAX_VERSION = 1
 

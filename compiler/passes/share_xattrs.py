@@ -13,9 +13,9 @@ from collections import Counter
 from itertools import chain
 from operator import attrgetter
 
-from ..options import Options
-from ..tree import S_IFMT, S_IFREG, Tree
-from .add_overlay_xattrs import METACOPY, METACOPY_EMPTY, METACOPY_HEADER, REDIRECT
+from cfsc.base.options import Options
+from cfsc.base.tree import S_IFMT, S_IFREG, Tree
+from cfsc.passes.add_overlay_xattrs import METACOPY, METACOPY_EMPTY, METACOPY_HEADER, REDIRECT
 
 
 def share_xattrs(tree: Tree, options: Options) -> Tree:

@@ -1,4 +1,4 @@
-"""Check the tree against every limit libcomposefs enforces (see `cfsc.limits`).
+"""Check the tree against every limit libcomposefs enforces (see `cfsc.base.limits`).
 
 Frontends check what they can while they still know the input position; this pass makes
 the same rules hold for every tree, wherever it came from, and names the offending path.
@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from operator import attrgetter
 
-from .. import limits
-from ..errors import TreeError
-from ..options import Options
-from ..tree import NO_XATTRS, S_IFDIR, S_IFLNK, S_IFMT, S_IFREG, Inode, Tree
+from cfsc.base import limits
+from cfsc.base.errors import TreeError
+from cfsc.base.options import Options
+from cfsc.base.tree import NO_XATTRS, S_IFDIR, S_IFLNK, S_IFMT, S_IFREG, Inode, Tree
 
 EMPTY_ID = id(NO_XATTRS)
 COLUMNS_FROM = 32  # children: below this, node by node is cheaper than column set-up

@@ -7,16 +7,16 @@ ordering and xattr sharing then fix everything the image layout depends on.
 
 from __future__ import annotations
 
-from .options import Options
-from .passes.add_overlay_xattrs import add_overlay_xattrs
-from .passes.clamp_mtimes import clamp_mtimes
-from .passes.exclude_entries import exclude_entries
-from .passes.order_inodes import order_inodes
-from .passes.resolve_hardlinks import resolve_hardlinks
-from .passes.select_version import select_version
-from .passes.share_xattrs import share_xattrs
-from .passes.validate_limits import validate_limits
-from .tree import Tree
+from cfsc.base.options import Options
+from cfsc.passes.add_overlay_xattrs import add_overlay_xattrs
+from cfsc.passes.clamp_mtimes import clamp_mtimes
+from cfsc.passes.exclude_entries import exclude_entries
+from cfsc.passes.order_inodes import order_inodes
+from cfsc.passes.resolve_hardlinks import resolve_hardlinks
+from cfsc.passes.select_version import select_version
+from cfsc.passes.share_xattrs import share_xattrs
+from cfsc.passes.validate_limits import validate_limits
+from cfsc.base.tree import Tree
 
 PASSES = (
     exclude_entries,     # --exclude: drop what the user's queries select

@@ -18,7 +18,7 @@ import base64
 import binascii
 from typing import Callable
 
-from .errors import InputError
+from cfsc.base.errors import InputError
 
 
 def default_twin(key: str) -> str:

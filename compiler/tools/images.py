@@ -13,12 +13,12 @@ import os
 from collections.abc import Iterable
 from typing import BinaryIO
 
-from .backends.erofs.entries import Entries, Entry, walk
-from .backends.erofs.reader import Image
-from .errors import InputError, UsageError
-from .fsverity import digest_bytes
-from .options import Options
-from .tree import FILE_TYPES, S_IFCHR, S_IFMT, S_IFREG, Tree
+from cfsc.backends.erofs.entries import Entries, Entry, walk
+from cfsc.backends.erofs.reader import Image
+from cfsc.base.errors import InputError, UsageError
+from cfsc.base.fsverity import digest_bytes
+from cfsc.base.options import Options
+from cfsc.base.tree import FILE_TYPES, S_IFCHR, S_IFMT, S_IFREG, Tree
 
 # Text backends that print straight from an image (keeping the on-disk xattr order).
 IMAGE_DUMPERS = {"dump": "cfsc.backends.dumpfile", "json": "cfsc.backends.jsonlines"}
@@ -26,9 +26,9 @@ IMAGE_DUMPERS = {"dump": "cfsc.backends.dumpfile", "json": "cfsc.backends.jsonli
 
 def compile_in_memory(tree: Tree, options: Options | None = None) -> Image:
     """Compile a tree and open the result: the image `cfsc compile` would write."""
-    from .backends.erofs.writer import write_image
-    from .build import batch_allocation
-    from .pipeline import run_passes
+    from cfsc.backends.erofs.writer import write_image
+    from cfsc.build import batch_allocation
+    from cfsc.build.pipeline import run_passes
 
     buf = io.BytesIO()
     with batch_allocation():
@@ -38,8 +38,8 @@ def compile_in_memory(tree: Tree, options: Options | None = None) -> Image:
 
 def open_image(source, options: Options | None = None, fmt: str | None = None) -> Image:
     """An image source as is; any other source (dumpfile, directory, …) compiled in memory."""
-    from . import frontends
-    from .build import batch_allocation
+    from cfsc import frontends
+    from cfsc.build import batch_allocation
 
     options = options or Options()
     if fmt is None:
@@ -63,13 +63,13 @@ def filter_names(filters: Iterable[str]) -> frozenset[bytes] | None:
 def dump(source, out: BinaryIO, fmt: str = "dump", names: frozenset[bytes] | None = None,
          options: Options | None = None, source_format: str | None = None) -> None:
     """Print a source with a text backend (`dump`, `json`, or any other registered one)."""
-    from .backends import BACKENDS
+    from cfsc.backends import BACKENDS
 
     if fmt not in BACKENDS or fmt == "image":
         choices = ", ".join(n for n in BACKENDS if n != "image")
         raise UsageError(f"unknown dump format {fmt!r}: expected one of {choices}", "--format")
-    from .build import batch_allocation
-    from .frontends.image import read_tree
+    from cfsc.build import batch_allocation
+    from cfsc.frontends.image import read_tree
 
     options = options or Options()
     image = open_image(source, options, source_format)

@@ -34,8 +34,8 @@ class Options:
     ostree_compat: bool = False  # the image `ostree checkout --composefs` writes
     # mtime clamping (SOURCE_DATE_EPOCH, read by the CLI)
     clamp_mtime: int | None = None
-    # entries to leave out: queries (`cfsc.query`), any match excludes
+    # entries to leave out: queries (`cfsc.base.query`), any match excludes
     exclude: tuple[str, ...] = ()
     # set by `compile_image`: store objects get their names after the image is written
-    # (`cfsc.store.HeldObjects`); None: each frontend names them when its source is read
+    # (`cfsc.store.objects.HeldObjects`); None: each frontend names them when its source is read
     held: object | None = None

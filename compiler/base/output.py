@@ -15,8 +15,8 @@ import sys
 from collections.abc import Iterator
 from typing import BinaryIO
 
-from .errors import OutputError, UsageError
-from .fsverity import FsVerityHasher
+from cfsc.base.errors import OutputError, UsageError
+from cfsc.base.fsverity import FsVerityHasher
 
 
 def _umask() -> int:

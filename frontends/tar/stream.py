@@ -44,8 +44,8 @@ import zlib
 from collections.abc import Iterator
 from urllib.parse import unquote_to_bytes
 
-from cfsc.errors import InputError, shown_path
-from cfsc.streams import UNITS, decompressor, open_binary, source_name
+from cfsc.base.errors import InputError, shown_path
+from cfsc.base.streams import UNITS, decompressor, open_binary, source_name
 
 BLOCK = 512
 ZERO_BLOCK = bytes(BLOCK)

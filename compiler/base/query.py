@@ -31,12 +31,11 @@ import operator
 import re
 from collections.abc import Callable, Iterable
 
+from cfsc.base import rfc3339
+from cfsc.base.errors import UsageError
+from cfsc.base.tree import FILE_TYPES, S_IFCHR, S_IFLNK, S_IFMT, S_IFREG
 from lark import Lark, Token, Transformer, v_args
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken, VisitError
-
-from . import rfc3339
-from .errors import UsageError
-from .tree import FILE_TYPES, S_IFCHR, S_IFLNK, S_IFMT, S_IFREG
 
 GRAMMAR = r"""
 ?start: disj

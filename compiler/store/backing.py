@@ -30,10 +30,9 @@ import stat
 from collections.abc import Callable
 from itertools import islice
 
-from cfsc.errors import IntegrityError, LookupFailed, shown_path
-from cfsc.fsverity import FsVerityHasher, digest_bytes, kernel_digest
-
-from . import syscalls
+from cfsc.base import syscalls
+from cfsc.base.errors import IntegrityError, LookupFailed, shown_path
+from cfsc.base.fsverity import FsVerityHasher, digest_bytes, kernel_digest
 
 VERITY_MODES = ("none", "if-present", "require")
 OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC

@@ -29,7 +29,7 @@ conformance/crfs-legacy/special.json is reproduced with `--max-version 0`.
 
 Extensions (documented in the schema): bytes that are not UTF-8 travel in base64 twin keys
 `x-name-b64`, `x-linkName-b64`, `x-payload-b64` and `x-xattrs-b64` (`{b64 key: b64 value}`, for
-xattr names), following `cfsc.jsonbytes`; `x-fsverity-digest`, `x-mtime` (`[sec, nsec]` for
+xattr names), following `cfsc.base.jsonbytes`; `x-fsverity-digest`, `x-mtime` (`[sec, nsec]` for
 times RFC 3339 cannot hold), `x-nlink` and type `socket` make every tree expressible, so
 `cfsc dump --format crfs` (`cfsc.backends.crfs`) round-trips any image.
 
@@ -56,14 +56,13 @@ from itertools import repeat
 from typing import NoReturn
 
 import orjson
-
-from cfsc import devices, limits, rfc3339, schemas, streams
-from cfsc.errors import InputError, InputErrors, LookupFailed, TreeError, shown_path
-from cfsc.options import Options
-from cfsc.streams import read_all, source_name
-from cfsc.tree import S_IFBLK, S_IFCHR, S_IFDIR, S_IFIFO, S_IFLNK, S_IFMT, S_IFREG, S_IFSOCK, Inode, Tree
-
-from .jsonslices import SLICE_BYTES, EntrySlices, Unsure
+from cfsc import schemas
+from cfsc.base import devices, limits, rfc3339, streams
+from cfsc.base.errors import InputError, InputErrors, LookupFailed, TreeError, shown_path
+from cfsc.base.options import Options
+from cfsc.base.streams import read_all, source_name
+from cfsc.base.tree import S_IFBLK, S_IFCHR, S_IFDIR, S_IFIFO, S_IFLNK, S_IFMT, S_IFREG, S_IFSOCK, Inode, Tree
+from cfsc.frontends.crfs.slices import SLICE_BYTES, EntrySlices, Unsure
 
 SCHEMA = "crfs-toc"
 HARDLINK = -1
@@ -139,7 +138,7 @@ def _int(value, path, lo: int, hi: int) -> int:
 
 
 def _text(entry: dict, key: str, twins: bool):
-    """The bytes under `key`, from its base64 twin if there is one (`cfsc.jsonbytes` rule)."""
+    """The bytes under `key`, from its base64 twin if there is one (`cfsc.base.jsonbytes` rule)."""
     if twins:
         encoded = entry.get(twin(key), ABSENT)
         if encoded is not ABSENT:
@@ -885,10 +884,10 @@ def _add_digests(tree: Tree, options: Options) -> None:
     A payload with no file there is skipped (the image records no digest, as the legacy tool
     never did).  One that is there but is not a readable regular file, or whose path leaves
     the base directory (`..`, a symlink on the way), is an error naming the file in the tree:
-    payloads are opened as the FUSE server opens them (`cfsc.backing.Store`), confined.
+    payloads are opened as the FUSE server opens them (`cfsc.store.backing.Store`), confined.
     """
-    from cfsc.fsverity import digest_fd
-    from cfsc.backing import Store
+    from cfsc.base.fsverity import digest_fd
+    from cfsc.store.backing import Store
 
     todo: dict[bytes, dict[int, Inode]] = {}
     for node in tree.directories():  # every name: a replaced home can leave an inode only links reach

@@ -32,13 +32,20 @@ from array import array
 from collections import Counter
 from dataclasses import dataclass, field
 
-from .backends.erofs.entries import ESCAPED_WHITEOUT
-from .backends.erofs.layout import (
-    COMPOSEFS_HEADER, EROFS_FT_CHRDEV, EROFS_FT_DIR, EROFS_INODE_CHUNK_BASED, EROFS_INODE_COMPACT,
-    EROFS_INODE_EXTENDED, EROFS_SUPER_BLOCK, EROFS_SUPER_OFFSET, Layout,
+from cfsc.backends.erofs.entries import ESCAPED_WHITEOUT
+from cfsc.backends.erofs.layout import (
+    COMPOSEFS_HEADER,
+    EROFS_FT_CHRDEV,
+    EROFS_FT_DIR,
+    EROFS_INODE_CHUNK_BASED,
+    EROFS_INODE_COMPACT,
+    EROFS_INODE_EXTENDED,
+    EROFS_SUPER_BLOCK,
+    EROFS_SUPER_OFFSET,
+    Layout,
 )
-from .backends.erofs.reader import LAYOUTS, Image, RawInode, merge_sorted
-from .tree import S_IFCHR, S_IFDIR, S_IFMT, S_IFREG
+from cfsc.backends.erofs.reader import LAYOUTS, Image, RawInode, merge_sorted
+from cfsc.base.tree import S_IFCHR, S_IFDIR, S_IFMT, S_IFREG
 
 EXAMPLES = 5
 U16 = 0xFFFF
@@ -246,7 +253,7 @@ def explain(a: Image, b: Image, tree_changes: int = 0, digests: tuple[bytes, byt
     """Why the bytes of `a` and `b` differ (empty if they do not); `digests`: theirs, if known."""
     if a.data == b.data:
         return []
-    from .fsverity import digest_bytes
+    from cfsc.base.fsverity import digest_bytes
 
     reasons: list[Reason] = []
     if tree_changes:
@@ -470,7 +477,7 @@ def _users(side: _Side, pairs: list) -> dict:
 
     Shared uses are counted during the walk; inline ones by a second pass over the inodes
     whose xattr body holds the pair's encoded entry (parsed to be sure)."""
-    from .backends.erofs.xattrs import entry, key_info
+    from cfsc.backends.erofs.xattrs import entry, key_info
 
     users = {pair: sum(n for ids, n in side.id_users.items() if pair in side.ids[ids]) for pair in pairs}
     wanted = {entry(*key_info(k)[:2], v): (k, v) for k, v in pairs}

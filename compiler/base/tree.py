@@ -164,7 +164,7 @@ class Tree:
     shared_xattrs: the shared xattr table, in on-disk order (set by the sharing pass).
     locate: optional, from the frontend: maps a tree path to an input position, so errors
     found by passes can name the dumpfile line (or tar member …) the user has to fix.
-    checked: True when the frontend enforced every `cfsc.limits` rule while reading (with the
+    checked: True when the frontend enforced every `cfsc.base.limits` rule while reading (with the
     input position at hand), so the validation pass need not walk the tree again; code that
     edits a loaded tree in ways that could break a limit must set it back to False.
     """

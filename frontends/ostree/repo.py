@@ -35,10 +35,9 @@ import struct
 import zlib
 from collections.abc import Iterator
 
-from cfsc.errors import InputError, shown_path
-
-from . import gvariant
-from .gvariant import GVariantError
+from cfsc.base.errors import InputError, shown_path
+from cfsc.frontends.ostree import gvariant
+from cfsc.frontends.ostree.gvariant import GVariantError
 
 BARE, BARE_USER, BARE_USER_ONLY, ARCHIVE = "bare", "bare-user", "bare-user-only", "archive"
 MODES = {"bare": BARE, "bare-user": BARE_USER, "bare-user-only": BARE_USER_ONLY,

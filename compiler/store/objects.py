@@ -48,8 +48,8 @@ import tempfile
 import threading
 from collections.abc import Iterable
 
-from .errors import InputError, OutputError
-from .fsverity import FsVerityHasher, hash_fd, payload_path
+from cfsc.base.errors import InputError, OutputError
+from cfsc.base.fsverity import FsVerityHasher, hash_fd, payload_path
 
 FICLONE = 0x40049409  # _IOW(0x94, 9, int)
 FS_IOC_ENABLE_VERITY = 0x40806685  # _IOW('f', 133, struct fsverity_enable_arg)

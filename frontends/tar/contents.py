@@ -25,10 +25,10 @@ import collections
 import queue
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from cfsc.fsverity import FsVerityHasher, digest_bytes, payload_path
-from cfsc.options import Options
-from cfsc.store import loaded, open_store
-from cfsc.tree import Inode
+from cfsc.base.fsverity import FsVerityHasher, digest_bytes, payload_path
+from cfsc.base.options import Options
+from cfsc.base.tree import Inode
+from cfsc.store.objects import loaded, open_store
 
 INLINE_MAX = 64  # LCFS_RECOMMENDED_INLINE_CONTENT_MAX, as the directory frontend inlines
 WHOLE_MAX = 4 << 20  # files up to this size are read into memory whole

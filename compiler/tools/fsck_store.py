@@ -8,7 +8,7 @@ finds, for every object the images reference:
 * corrupt — not a regular file, a size other than the image's, or (when the image records
   one) an fs-verity digest other than the image's;
 * invalid — a payload that would leave the store (`..` components, an absolute path, a
-  symlink on the way: objects are opened as the FUSE server opens them, `cfsc.backing`).
+  symlink on the way: objects are opened as the FUSE server opens them, `cfsc.store.backing`).
 
 and names every image path that uses each bad object.  An object no image records a digest
 for can only be checked for its size; the report counts those as `unverified`, so "no
@@ -25,13 +25,13 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from .backends.erofs.entries import walk
-from .backends.erofs.reader import Image
-from .backing import ESCAPES, Refused, Store
-from .errors import LookupFailed
-from .fsverity import digest_fd
-from .images import object_path
-from .tree import S_IFMT, S_IFREG
+from cfsc.backends.erofs.entries import walk
+from cfsc.backends.erofs.reader import Image
+from cfsc.base.errors import LookupFailed
+from cfsc.base.fsverity import digest_fd
+from cfsc.base.tree import S_IFMT, S_IFREG
+from cfsc.store.backing import ESCAPES, Refused, Store
+from cfsc.tools.images import object_path
 
 
 @dataclass

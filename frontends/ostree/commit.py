@@ -53,14 +53,13 @@ import re
 import stat
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from cfsc.errors import UsageError, shown_path
-from cfsc.fsverity import FsVerityHasher, digest_bytes, kernel_digest, payload_path
-from cfsc.options import Options
-from cfsc.progress import Progress, mib
-from cfsc.store import Store, loaded, open_store
-from cfsc.tree import S_IFDIR, S_IFMT, S_IFREG, Inode, Tree
-
-from .ostreerepo import ARCHIVE, DIRTREE, Content, ObjectError, Repo, checksum_header
+from cfsc.base.errors import UsageError, shown_path
+from cfsc.base.fsverity import FsVerityHasher, digest_bytes, kernel_digest, payload_path
+from cfsc.base.options import Options
+from cfsc.base.progress import Progress, mib
+from cfsc.base.tree import S_IFDIR, S_IFMT, S_IFREG, Inode, Tree
+from cfsc.frontends.ostree.repo import ARCHIVE, DIRTREE, Content, ObjectError, Repo, checksum_header
+from cfsc.store.objects import Store, loaded, open_store
 
 PREFIX = "ostree:"
 INLINE_MAX = 64  # LCFS_RECOMMENDED_INLINE_CONTENT_MAX, as the directory frontend inlines

@@ -2,7 +2,7 @@
 
 `expect` compiles a source and compares its fs-verity digest with an expected one and/or a
 reference (an image, or any source compiled with the same options); on a mismatch the report
-carries the diff of the two images, with the reasons their bytes differ (`cfsc.explain`).
+carries the diff of the two images, with the reasons their bytes differ (`cfsc.tools.explain`).
 
 `reproducible` compiles the source several ways and wants one digest from all of them; each
 way that differs comes with the diff against the first compilation:
@@ -14,7 +14,7 @@ way that differs comes with the diff against the first compilation:
 * `reversed`    — the loaded tree rebuilt with every directory's entries inserted in reverse
                   (`Tree.copy(reverse=True)`): nothing may depend on a listing order;
 * `threads`     — one reading thread instead of several (or several instead of one);
-* `environment` — compiled by fresh `python -m cfsc.check` processes with other TZ, locale
+* `environment` — compiled by fresh `python -m cfsc.tools.check` processes with other TZ, locale
                   and umask (whatever a process inherits must not leak into the image);
 * `dump`        — the image dumped as a dumpfile and compiled again;
 * `image`       — the image read back as a source and compiled again.
@@ -22,7 +22,7 @@ way that differs comes with the diff against the first compilation:
 The first four load the source again (so a frontend that is not deterministic shows up);
 the last two start from the image (so a lossy or inexact round trip shows up).
 
-A source may be a stack of tar layers (a tuple, `cfsc.manifest.layers`): each layer is
+A source may be a stack of tar layers (a tuple, `cfsc.tools.manifest.layers`): each layer is
 shuffled on its own.
 """
 
@@ -43,13 +43,13 @@ import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from .diff import Report, diff_images
-from .errors import CfscError, InputError, UsageError
-from .fsverity import digest_bytes
-from .manifest import detect, inputs, side_name
-from .options import Options
-from .streams import read_all, read_once, source_name
-from .tree import Tree
+from cfsc.base.errors import CfscError, InputError, UsageError
+from cfsc.base.fsverity import digest_bytes
+from cfsc.base.options import Options
+from cfsc.base.streams import read_all, read_once, source_name
+from cfsc.base.tree import Tree
+from cfsc.tools.diff import Report, diff_images
+from cfsc.tools.manifest import detect, inputs, side_name
 
 VARIANTS = ("shuffled", "reversed", "threads", "environment", "dump", "image")
 ENVIRONMENTS = (
@@ -91,7 +91,7 @@ class CheckReport:
 
 def report_json(report: CheckReport) -> dict:
     """The report as JSON data (schema: `cfsc schema check-report`)."""
-    from .diff import report_json as diff_json
+    from cfsc.tools.diff import report_json as diff_json
 
     obj: dict = {"source": report.source, "ok": report.ok, "digest": report.digest.hex(),
                  "expected": report.expected.hex() if report.expected is not None else None,
@@ -111,9 +111,9 @@ def report_json(report: CheckReport) -> dict:
 
 
 def compile_tree(tree: Tree, options: Options) -> bytes:
-    from .backends.erofs.writer import write_image
-    from .build import batch_allocation
-    from .pipeline import run_passes
+    from cfsc.backends.erofs.writer import write_image
+    from cfsc.build import batch_allocation
+    from cfsc.build.pipeline import run_passes
 
     out = io.BytesIO()
     with batch_allocation():
@@ -123,8 +123,8 @@ def compile_tree(tree: Tree, options: Options) -> bytes:
 
 def compile_source(source, options: Options, fmt: str | None = None,
                    transform: Callable[[Tree], Tree] | None = None) -> bytes:
-    from . import frontends
-    from .build import batch_allocation
+    from cfsc import frontends
+    from cfsc.build import batch_allocation
 
     with batch_allocation():
         tree = frontends.load(inputs(source), options, fmt)
@@ -146,7 +146,7 @@ def expect(source, options: Options, fmt: str | None = None, digest: bytes | Non
            baseline: bytes | None = None) -> CheckReport:
     """Compile `source` and compare with an expected digest and/or a reference (either may be
     a tuple of layers)."""
-    from .images import open_image
+    from cfsc.tools.images import open_image
 
     if digest is None and reference is None:
         raise UsageError("nothing to compare with: give --expect-digest and/or --reference")
@@ -161,7 +161,7 @@ def expect(source, options: Options, fmt: str | None = None, digest: bytes | Non
         if report.expected is None:
             report.expected = digest_bytes(ref_bytes)
         if report.expected != report.digest:
-            from .backends.erofs.reader import Image
+            from cfsc.backends.erofs.reader import Image
 
             report.diff = diff_images(Image(image, report.source), Image(ref_bytes, report.reference))
     return report
@@ -209,7 +209,7 @@ def reproducible(source, options: Options, fmt: str | None = None, variants: Ite
                 continue
             attempt.digest = digest_bytes(image)
             if image != baseline:
-                from .backends.erofs.reader import Image
+                from cfsc.backends.erofs.reader import Image
 
                 attempt.diff = diff_images(Image(baseline, "first compilation"), Image(image, f"{name} ({detail})"))
             report.attempts.append(attempt)
@@ -234,7 +234,7 @@ def _ways(source, options: Options, fmt: str, baseline: bytes) -> dict[str, Call
             return []
 
         def make() -> bytes:
-            from .frontends import dumpfile
+            from cfsc.frontends import dumpfile
 
             with _batch():
                 tree = dumpfile.loads(shuffle_dumpfile(data, seed=1), options, side_name(source))
@@ -258,9 +258,9 @@ def _ways(source, options: Options, fmt: str, baseline: bytes) -> dict[str, Call
 
     def dump():
         def make() -> bytes:
-            from .backends.dumpfile import dump_image
-            from .backends.erofs.reader import Image
-            from .frontends import dumpfile
+            from cfsc.backends.dumpfile import dump_image
+            from cfsc.backends.erofs.reader import Image
+            from cfsc.frontends import dumpfile
 
             text = io.BytesIO()
             dump_image(Image(baseline), text)
@@ -272,8 +272,8 @@ def _ways(source, options: Options, fmt: str, baseline: bytes) -> dict[str, Call
 
     def image():
         def make() -> bytes:
-            from .backends.erofs.reader import Image
-            from .frontends.image import read_tree
+            from cfsc.backends.erofs.reader import Image
+            from cfsc.frontends.image import read_tree
 
             with _batch():
                 tree = read_tree(Image(baseline, "the image"))
@@ -286,7 +286,7 @@ def _ways(source, options: Options, fmt: str, baseline: bytes) -> dict[str, Call
 
 
 def _batch():
-    from .build import batch_allocation
+    from cfsc.build import batch_allocation
 
     return batch_allocation()
 
@@ -369,8 +369,8 @@ def _parts(raw: bytes) -> tuple[bytes, ...]:
 
 
 def _tar_paths(m) -> list[tuple[bytes, ...]]:
-    from .frontends.tar import AUFS_META, OPAQUE, WHITEOUT
-    from .frontends.tarstream import HARDLINK
+    from cfsc.frontends.tar.layers import AUFS_META, OPAQUE, WHITEOUT
+    from cfsc.frontends.tar.stream import HARDLINK
 
     path = _parts(m.path)
     paths = [path]
@@ -391,8 +391,8 @@ def shuffle_tar(source, out, seed: int) -> None:
     a PAX global header or a volume label stays where it is, and nothing moves across it (a
     global header sets defaults for every later member).  A member ends after its data,
     padded to a block."""
-    from .frontends.tarstream import BLOCK, HEADER, PAX_GLOBAL, SIZE, TYPEFLAG, VOLUME_LABEL, TarReader, number
-    from .streams import decompressing, open_binary
+    from cfsc.base.streams import decompressing, open_binary
+    from cfsc.frontends.tar.stream import BLOCK, HEADER, PAX_GLOBAL, SIZE, TYPEFLAG, VOLUME_LABEL, TarReader, number
 
     with tempfile.TemporaryFile(prefix="cfsc-check-") as plain:
         with open_binary(source) as raw:
@@ -428,10 +428,10 @@ def shuffle_tar(source, out, seed: int) -> None:
 
 
 def _toc_name(entry, key: str) -> bytes | None:
-    """A CRFS name or link target's bytes (from its base64 twin, `cfsc.jsonbytes`), or None."""
+    """A CRFS name or link target's bytes (from its base64 twin, `cfsc.base.jsonbytes`), or None."""
     import binascii
 
-    from .frontends.crfs import twin
+    from cfsc.frontends.crfs.toc import twin
 
     if type(entry) is not dict:
         return None
@@ -484,7 +484,7 @@ def shuffle_toc(source, out, seed: int) -> None:
 
 def _compile_reordered(source, options: Options, fmt: str, shuffle: Callable) -> bytes:
     """Compile the source with each of its inputs (layers, TOCs) rewritten by `shuffle`."""
-    from . import frontends
+    from cfsc import frontends
 
     with tempfile.TemporaryDirectory(prefix="cfsc-check-") as tmp:
         rewritten = []
@@ -501,13 +501,13 @@ def _compile_reordered(source, options: Options, fmt: str, shuffle: Callable) ->
 # -- a compilation in a fresh process ---------------------------------------------------------
 
 def compile_in_child(source, options: Options, fmt: str | None, env: dict[str, str], umask: int) -> bytes:
-    """Compile in `python -m cfsc.check` with another environment; the image comes back as bytes."""
+    """Compile in `python -m cfsc.tools.check` with another environment; the image comes back as bytes."""
     fields = dataclasses.asdict(dataclasses.replace(options, progress=False, digest_store=None))
     spec = {"sources": [os.fsdecode(s) for s in inputs(source)], "format": fmt, "options": fields}
     with tempfile.TemporaryDirectory(prefix="cfsc-check-") as tmp:
         spec["output"] = os.path.join(tmp, "image.cfs")
         # The shell sets the umask (preexec_fn is unsafe once a frontend has started threads).
-        command = ["/bin/sh", "-c", f'umask {umask:03o} && exec "$0" -m cfsc.check', sys.executable]
+        command = ["/bin/sh", "-c", f'umask {umask:03o} && exec "$0" -m cfsc.tools.check', sys.executable]
         proc = subprocess.run(command, input=json.dumps(spec).encode(), env={**os.environ, **env},
                               capture_output=True)
         if proc.returncode != 0:
@@ -519,7 +519,7 @@ def compile_in_child(source, options: Options, fmt: str | None, env: dict[str, s
 
 
 def _child() -> int:
-    from .build import compile_image
+    from cfsc.build import compile_image
 
     spec = json.loads(sys.stdin.buffer.read())
     fields = spec["options"]

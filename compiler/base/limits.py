@@ -8,7 +8,7 @@ Values follow libcomposefs 1.0.8 (format note §3.6, §6.1, §7.3).
 
 from __future__ import annotations
 
-from .tree import S_IFBLK, S_IFCHR, S_IFDIR, S_IFIFO, S_IFLNK, S_IFMT, S_IFREG, S_IFSOCK
+from cfsc.base.tree import S_IFBLK, S_IFCHR, S_IFDIR, S_IFIFO, S_IFLNK, S_IFMT, S_IFREG, S_IFSOCK
 
 NAME_MAX = 255
 PATH_MAX = 4096  # payloads and symlink targets must be shorter (C strings + NUL)

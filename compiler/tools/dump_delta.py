@@ -11,7 +11,7 @@ the whole file:
 * every character-device line and its ancestors: whiteouts choose the format version and
   give their directories version 1's opaque markers, so all of them must be there.
 
-The ordinary diff (`cfsc.diff`) of the two small dumpfiles then reports exactly what a diff of
+The ordinary diff (`cfsc.tools.diff`) of the two small dumpfiles then reports exactly what a diff of
 the whole files reports: a line both files share is the same entry in both, and nothing it
 contributes to another entry's record is missing from either side.  That holds only under
 these conditions; when one fails `reduce` returns None and the caller diffs the whole files:
@@ -34,9 +34,9 @@ from __future__ import annotations
 
 import re
 
-from .frontends.dumpfile import BadEscape, unescape
-from .options import Options
-from .tree import S_IFCHR, S_IFDIR, S_IFMT
+from cfsc.base.options import Options
+from cfsc.base.tree import S_IFCHR, S_IFDIR, S_IFMT
+from cfsc.frontends.dumpfile import BadEscape, unescape
 
 MAX_SHARE = 10  # at most 1/MAX_SHARE of the lines may differ
 # Lines whose MODE is not 1 + 4 or 5 octal digits (regular files, symlinks, fifos, sockets):

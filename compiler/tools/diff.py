@@ -1,25 +1,25 @@
 """Diff two sources: entries added, removed and changed, attribute by attribute.
 
-Both sides are manifests (`cfsc.manifest`): the image each source is or compiles to, as a
+Both sides are manifests (`cfsc.tools.manifest`): the image each source is or compiles to, as a
 user sees it, so any two sources compare (a directory with the image built from it, a dumpfile
 with a CRFS TOC …).  The walk goes breadth-first from the root and descends only into
 directories whose fingerprints differ; a level's directories are asked for in one batch, so a
 side held by a worker process answers while this one works.
 
 A change lists its attributes as `(field, key, a, b)`: one per differing field (`FIELDS` of
-`cfsc.manifest`, minus `--ignore`d ones) and one per differing xattr (`field == "xattr"`,
+`cfsc.tools.manifest`, minus `--ignore`d ones) and one per differing xattr (`field == "xattr"`,
 `key` = the xattr's key, None on the side that lacks it).  `hardlinks` is every path of the
 entry's inode when it has several (a split, a merge or a moved link changes it).
 
 Two images need no manifests: equal bytes are equal trees, and otherwise both are walked in
 step (`diff_in_step`), parsing only the inodes whose bytes differ, into the records a manifest
 would hold (a property test holds the two paths to the same changes).  Two dumpfiles are cut
-down to the lines they do not share first (`cfsc.dump_delta`).
+down to the lines they do not share first (`cfsc.tools.dump_delta`).
 
-`where` (a `cfsc.query.Query`) keeps the changes whose entry matches on either side, looking
+`where` (a `cfsc.base.query.Query`) keeps the changes whose entry matches on either side, looking
 at the entry's real attributes (ignored ones too: `--ignore` only hides attributes from the
 comparison); exit status and summary count only those.  Two images whose trees are equal may
-still differ in bytes: `Report.layout` then says why (`cfsc.explain`, run beside the tree
+still differ in bytes: `Report.layout` then says why (`cfsc.tools.explain`, run beside the tree
 comparison in a worker process when the images are big) and, unless `layout` is ignored,
 that counts as a difference; ignored, the reasons are not worked out (`--explain` still asks).
 """
@@ -31,16 +31,16 @@ import traceback
 from collections import Counter
 from dataclasses import dataclass, field
 
-from .backends.erofs.layout import EROFS_INODE_FLAT_INLINE, EROFS_INODE_FLAT_PLAIN
-from .backends.erofs.reader import merge_sorted
-from .errors import CfscError
-from .explain import inode_head
-from .jsonbytes import put
-from .limits import INLINE_CONTENT_MAX, PATH_MAX, VALID_TYPES
-from .manifest import FIELDS, Ignore, Manifest, Record, open_pair
-from .options import Options
-from .query import Query
-from .tree import S_IFBLK, S_IFCHR, S_IFDIR, S_IFLNK, S_IFMT, S_IFREG
+from cfsc.backends.erofs.layout import EROFS_INODE_FLAT_INLINE, EROFS_INODE_FLAT_PLAIN
+from cfsc.backends.erofs.reader import merge_sorted
+from cfsc.base.errors import CfscError
+from cfsc.base.jsonbytes import put
+from cfsc.base.limits import INLINE_CONTENT_MAX, PATH_MAX, VALID_TYPES
+from cfsc.base.options import Options
+from cfsc.base.query import Query
+from cfsc.base.tree import S_IFBLK, S_IFCHR, S_IFDIR, S_IFLNK, S_IFMT, S_IFREG
+from cfsc.tools.explain import inode_head
+from cfsc.tools.manifest import FIELDS, Ignore, Manifest, Record, open_pair
 
 TYPE_BITS = {"reg": 0o100000, "dir": 0o040000, "symlink": 0o120000, "block": 0o060000,
              "char": 0o020000, "fifo": 0o010000, "socket": 0o140000, "whiteout": 0o020000}
@@ -68,7 +68,7 @@ class Report:
     b: Side
     fields: tuple[str, ...]
     changes: list[Change]
-    layout: list | None = None  # reasons (`cfsc.explain.Reason`) when image bytes differ
+    layout: list | None = None  # reasons (`cfsc.tools.explain.Reason`) when image bytes differ
     count_layout: bool = True
 
     @property
@@ -226,7 +226,7 @@ class _Walk:
     (for `hardlinks`)."""
 
     def __init__(self, image) -> None:
-        from .manifest import ImageRecords
+        from cfsc.tools.manifest import ImageRecords
 
         self.image = image
         self.data = image.data
@@ -443,25 +443,25 @@ def diff(a_source, b_source, options: Options | None = None, fmt: str | None = N
          parallel: bool | None = None) -> Report:
     """Compare two sources; `explain` also compares image bytes when a side is not an image.
 
-    A side is a source, or a tuple of tar layers (bottom first; `cfsc.manifest.layers`).
+    A side is a source, or a tuple of tar layers (bottom first; `cfsc.tools.manifest.layers`).
     Two images are compared in step (`diff_images`), two dumpfiles by the lines they do not
-    share (`cfsc.dump_delta`) when they can be; anything else as two manifests."""
+    share (`cfsc.tools.dump_delta`) when they can be; anything else as two manifests."""
     options = options or Options()
     ignore = ignore or Ignore()
     count_layout = "layout" not in ignore.names
     data = None
     if not isinstance(a_source, tuple) and not isinstance(b_source, tuple):
-        from .manifest import detect
+        from cfsc.tools.manifest import detect
 
         kinds = (fmt, fmt) if fmt is not None else (detect(a_source), detect(b_source))
         if kinds == ("image", "image") and not options.exclude:
-            from .backends.erofs.reader import Image
+            from cfsc.backends.erofs.reader import Image
 
             return diff_images(Image.open(a_source), Image.open(b_source), where, ignore, explain)
         if kinds == ("dump", "dump") and not explain:
-            from . import dump_delta
-            from .manifest import load
-            from .streams import read_all, source_name
+            from cfsc.base.streams import read_all, source_name
+            from cfsc.tools import dump_delta
+            from cfsc.tools.manifest import load
 
             data = read_all(a_source), read_all(b_source)
             small = dump_delta.reduce(data[0], data[1], options)
@@ -484,7 +484,7 @@ def diff(a_source, b_source, options: Options | None = None, fmt: str | None = N
 
 def compare(a, b, where: Query | None = None, explain: bool = False, count_layout: bool = True) -> Report:
     """The report for two open manifests (`Manifest` or `RemoteManifest`)."""
-    from .backends.erofs.reader import Image
+    from cfsc.backends.erofs.reader import Image
 
     changes = diff_manifests(a, b, where)
     report = Report(Side(a.name, a.fmt), Side(b.name, b.fmt), a.fields, changes, count_layout=count_layout)
@@ -499,8 +499,8 @@ def compare(a, b, where: Query | None = None, explain: bool = False, count_layou
 def _layout(report: Report, a_image, b_image, why: bool) -> None:
     """Both images' digests and, if asked (`why`: the layout counts, or --explain), why their
     bytes differ."""
-    from . import explain
-    from .fsverity import digest_bytes
+    from cfsc.base.fsverity import digest_bytes
+    from cfsc.tools import explain
 
     report.a.digest = digest_bytes(a_image.data)
     report.b.digest = digest_bytes(b_image.data)
@@ -515,10 +515,9 @@ def diff_images(a_image, b_image, where: Query | None = None, ignore: Ignore | N
 
     Equal bytes are equal trees; otherwise both are walked in step (`diff_in_step`), or, for
     images that need it, read as trees and compared as manifests."""
-    from .backends.erofs.reader import Image
-
-    from . import explain as why
-    from .fsverity import digest_bytes
+    from cfsc.backends.erofs.reader import Image
+    from cfsc.base.fsverity import digest_bytes
+    from cfsc.tools import explain as why
 
     ignore = ignore or Ignore()
     a_image, b_image = (x if isinstance(x, Image) else Image(x) for x in (a_image, b_image))
@@ -533,7 +532,7 @@ def diff_images(a_image, b_image, where: Query | None = None, ignore: Ignore | N
             try:
                 changes = diff_in_step(a_image, b_image, ignore.fields, ignore.projection(), where)
             except _Unsuited:
-                from .frontends.image import read_tree
+                from cfsc.frontends.image import read_tree
 
                 sides = [Manifest(read_tree(x), False, ignore, x.name, "image", x) for x in (a_image, b_image)]
                 changes = diff_manifests(sides[0], sides[1], where)
@@ -561,7 +560,7 @@ def _aside(function, a_image, b_image, *args):
     if len(a_image.data) + len(b_image.data) < ASIDE_MIN or len(os.sched_getaffinity(0)) < 2:
         value = function(a_image, b_image, *args)
         return lambda cancel=False: value
-    from .manifest import RemoteError
+    from cfsc.tools.manifest import RemoteError
 
     ctx = multiprocessing.get_context("fork")
     receive, send = ctx.Pipe(duplex=False)

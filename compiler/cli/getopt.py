@@ -8,7 +8,7 @@ same way, so the drop-ins parse their raw arguments here.
 
 from __future__ import annotations
 
-from .errors import UsageError
+from cfsc.base.errors import UsageError
 
 
 def getopt_long(argv: list[str], longopts: dict[str, bool], shortopts: str = "",

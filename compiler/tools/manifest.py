@@ -44,12 +44,11 @@ from itertools import repeat
 from operator import attrgetter, itemgetter
 
 from blake3 import blake3
-
-from .backends.erofs.entries import interpret_xattrs
-from .errors import CfscError, UsageError
-from .options import Options
-from .streams import source_name
-from .tree import FILE_TYPES, S_IFBLK, S_IFCHR, S_IFDIR, S_IFLNK, S_IFMT, S_IFREG, Inode, Tree
+from cfsc.backends.erofs.entries import interpret_xattrs
+from cfsc.base.errors import CfscError, UsageError
+from cfsc.base.options import Options
+from cfsc.base.streams import source_name
+from cfsc.base.tree import FILE_TYPES, S_IFBLK, S_IFCHR, S_IFDIR, S_IFLNK, S_IFMT, S_IFREG, Inode, Tree
 
 FIELDS = ("type", "mode", "uid", "gid", "rdev", "mtime", "mtime_nsec", "size", "nlink",
           "target", "payload", "digest", "content", "xattrs", "hardlinks")
@@ -60,7 +59,7 @@ IGNORABLE = {
     "size": ("size",), "nlink": ("nlink",), "target": ("target",), "payload": ("payload",),
     "digest": ("digest",), "content": ("content",), "data": ("payload", "digest", "content"),
     "xattrs": ("xattrs",), "hardlinks": ("hardlinks",),
-    "layout": (),  # two images with equal trees but different bytes (`cfsc.diff`)
+    "layout": (),  # two images with equal trees but different bytes (`cfsc.tools.diff`)
 }
 TYPE_NAMES = {**FILE_TYPES, -1: "whiteout"}
 
@@ -149,7 +148,7 @@ def side_name(side) -> str:
 
 def detect(side) -> str:
     """The source format of a side (of its first layer)."""
-    from . import frontends
+    from cfsc import frontends
 
     return frontends.detect(inputs(side)[0])
 
@@ -282,10 +281,10 @@ class _Records:
 class ImageRecords:
     """Records of single inodes of an image, as a `Manifest` of the image has them (without
     `hardlinks`, which the caller gives): for comparing two images in step, parsing only the
-    inodes whose bytes differ (`cfsc.diff`)."""
+    inodes whose bytes differ (`cfsc.tools.diff`)."""
 
     def __init__(self, image) -> None:
-        from .backends.erofs.entries import Entries
+        from cfsc.backends.erofs.entries import Entries
 
         self.image = image
         self.entries = Entries(image)
@@ -418,9 +417,9 @@ class Manifest:
         """The image this source is (an image) or compiles to (with the options it was loaded with)."""
         if self.image is not None:
             return bytes(self.image.data)
-        from .backends.erofs.writer import write_image
-        from .build import batch_allocation
-        from .pipeline import run_passes
+        from cfsc.backends.erofs.writer import write_image
+        from cfsc.build import batch_allocation
+        from cfsc.build.pipeline import run_passes
 
         sink = io.BytesIO()
         with batch_allocation():
@@ -448,12 +447,12 @@ def load(source, options: Options | None = None, fmt: str | None = None, ignore:
          data: bytes | None = None) -> Manifest:
     """Normalise one side (see the module docstring): a source or a tuple of layers (`layers`);
     `data`: a dumpfile's text, already read."""
-    from . import frontends
-    from .build import batch_allocation
-    from .frontends.image import read_tree
-    from .pipeline import PASSES
-    from .passes.add_overlay_xattrs import add_overlay_xattrs
-    from .passes.validate_limits import validate_limits
+    from cfsc import frontends
+    from cfsc.build import batch_allocation
+    from cfsc.build.pipeline import PASSES
+    from cfsc.frontends.image import read_tree
+    from cfsc.passes.add_overlay_xattrs import add_overlay_xattrs
+    from cfsc.passes.validate_limits import validate_limits
 
     options = options or Options()
     ignore = ignore or Ignore()
@@ -462,9 +461,9 @@ def load(source, options: Options | None = None, fmt: str | None = None, ignore:
     name = side_name(source)
     with batch_allocation():
         if fmt == "image" and not isinstance(source, tuple):  # (several: the frontend says no)
-            from .backends.erofs.reader import Image
-            from .passes.exclude_entries import exclude_entries
-            from .passes.resolve_hardlinks import resolve_hardlinks
+            from cfsc.backends.erofs.reader import Image
+            from cfsc.passes.exclude_entries import exclude_entries
+            from cfsc.passes.resolve_hardlinks import resolve_hardlinks
 
             image = Image.open(source)
             tree = read_tree(image)
@@ -473,7 +472,7 @@ def load(source, options: Options | None = None, fmt: str | None = None, ignore:
             manifest = Manifest(tree, False, ignore, name, fmt, image)
         else:
             if data is not None:
-                from .frontends import dumpfile
+                from cfsc.frontends import dumpfile
 
                 tree = dumpfile.loads(data, options, name)
             else:
@@ -543,7 +542,7 @@ class RemoteManifest:
 
     def finish(self):
         if self._read_here:
-            from .streams import read_all
+            from cfsc.base.streams import read_all
 
             self._read_here = False
             return read_all(self.source)

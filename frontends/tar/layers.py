@@ -40,7 +40,7 @@ before any data is read, data is streamed (a huge declared size costs no memory)
 archive that ends early, has a bad checksum or malformed field, or fails to decompress is an
 error naming the member (or the member before) and the byte offset.  On any error no image is
 written and the store is left as it was: objects are linked into place only when every layer
-was read (`contents`, `cfsc.store`), so not even the complete members before the error stay.
+was read (`contents`, `cfsc.store.objects`), so not even the complete members before the error stay.
 
 Layers (`cfsc compile l1.tar l2.tar l3.tar`, bottom first; OCI image-spec `layer.md`,
 inputs.md §2.8): `DIR/.wh.NAME` deletes NAME (a whole subtree) from the layers below, and
@@ -91,15 +91,26 @@ Progress goes to stderr when asked (the CLI asks when stderr is a terminal).
 
 from __future__ import annotations
 
-from cfsc import devices, limits
-from cfsc.errors import InputError, UsageError, shown_path
-from cfsc.options import Options
-from cfsc.progress import Progress, mib
-from cfsc.tree import S_IFBLK, S_IFCHR, S_IFDIR, S_IFIFO, S_IFLNK, S_IFREG, Inode, Tree
-
-from .contents import INLINE_MAX, WHOLE_MAX, Contents
-from .tarstream import (BLOCKDEV, CHAR, CONTIGUOUS, DIRECTORY, FIFO, HARDLINK, REGULAR, REGULAR_OLD, SYMLINK,
-                        Member, TarReader, header_ok)
+from cfsc.base import devices, limits
+from cfsc.base.errors import InputError, UsageError, shown_path
+from cfsc.base.options import Options
+from cfsc.base.progress import Progress, mib
+from cfsc.base.tree import S_IFBLK, S_IFCHR, S_IFDIR, S_IFIFO, S_IFLNK, S_IFREG, Inode, Tree
+from cfsc.frontends.tar.contents import INLINE_MAX, WHOLE_MAX, Contents
+from cfsc.frontends.tar.stream import (
+    BLOCKDEV,
+    CHAR,
+    CONTIGUOUS,
+    DIRECTORY,
+    FIFO,
+    HARDLINK,
+    REGULAR,
+    REGULAR_OLD,
+    SYMLINK,
+    Member,
+    TarReader,
+    header_ok,
+)
 
 IMPLIED_MODE = S_IFDIR | 0o755
 WHITEOUT = b".wh."

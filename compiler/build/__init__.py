@@ -7,10 +7,10 @@ import dataclasses
 import gc
 from collections.abc import Iterator, Sequence
 
-from .errors import TreeError
-from .options import Options
-from .output import DigestingWriter, atomic_output
-from .tree import Tree
+from cfsc.base.errors import TreeError
+from cfsc.base.options import Options
+from cfsc.base.output import DigestingWriter, atomic_output
+from cfsc.base.tree import Tree
 
 
 @contextlib.contextmanager
@@ -48,14 +48,14 @@ def compile_image(
     Returns the image's fs-verity digest when `want_digest`.  The image appears atomically.
     """
     from cfsc.backends.erofs.writer import write_image
-    from cfsc.pipeline import run_passes
+    from cfsc.build.pipeline import run_passes
 
     # Store objects are named only once the image is written, just before it is renamed into
     # place, and only those it refers to: a run that fails before then leaves neither.
     options = options or Options()
     held = None
     if options.digest_store:
-        from .store import HeldObjects
+        from cfsc.store.objects import HeldObjects
 
         held = HeldObjects()
         options = dataclasses.replace(options, held=held)
@@ -83,6 +83,6 @@ def compile_image(
 
 def _referenced(tree: Tree) -> set[bytes]:
     """The digests of the store objects a compiled tree's image refers to."""
-    from .passes.add_overlay_xattrs import is_external
+    from cfsc.passes.add_overlay_xattrs import is_external
 
     return {node.digest for node in tree.inodes or () if node.digest is not None and is_external(node)}

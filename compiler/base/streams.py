@@ -19,7 +19,7 @@ import zlib
 from collections.abc import Iterator
 from typing import BinaryIO
 
-from .errors import InputError
+from cfsc.base.errors import InputError
 
 GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
