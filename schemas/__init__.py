@@ -18,7 +18,7 @@ import json
 import re
 from importlib import resources
 
-from cfsc.errors import UsageError
+from cfsc.base.errors import UsageError
 
 ID_PREFIX = "urn:cfsc:schema:"
 
