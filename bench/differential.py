@@ -18,14 +18,14 @@ import subprocess
 import sys
 import tempfile
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))  # the repository root: tests.helpers
 
 from cfsc.backends.erofs.writer import write_image
 from cfsc.base.errors import CfscError
 from cfsc.base.options import Options
 from cfsc.build.pipeline import run_passes
 from cfsc.frontends import dumpfile
-from randomdump import random_dump
+from tests.helpers.randomdump import random_dump
 
 VARIANTS = {"default": [], "v0": ["--min-version=0", "--max-version=0"], "v1": ["--min-version=1", "--max-version=1"]}
 

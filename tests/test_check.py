@@ -11,7 +11,10 @@ from cfsc import frontends, schemas
 from cfsc.base.options import Options
 from cfsc.cli.diff import render_check
 from cfsc.tools import check
-from conftest import CONFORMANCE, DATA, cases, run_cfsc
+
+from tests.helpers.data import CONFORMANCE, DATA, cases, run_cfsc
+
+pytestmark = [pytest.mark.tools]
 
 GOOD = [c for c in cases() if c.get("expect") != "error"]
 DUMP = b"""\
@@ -227,7 +230,7 @@ def test_shuffled_orders_mean_the_same(tmp_path):
 
     import orjson
     from cfsc.base.errors import CfscError
-    from tarcraft import archive, member
+    from tests.helpers.tarcraft import archive, member
 
     names = [b"a", b"b", b"a/x", b"a/y", b"b/x", b"a/x/z", b"c", b".wh.a", b"a/.wh.x", b"a/.wh..wh..opq"]
 

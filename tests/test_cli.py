@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 
-from conftest import CONFORMANCE, image_of, read_input
+from tests.helpers.data import CONFORMANCE, image_of, read_input
 
 SPECIAL = read_input("special.dump")
 SPECIAL_V0 = (CONFORMANCE / "upstream" / "special.dump.sha256").read_text().split()[0]
@@ -117,7 +117,7 @@ def test_sigterm_mid_import_leaves_no_store_object_and_no_output(tmp_path):
     import time
 
     from cfsc.store.objects import TEMP_PREFIX
-    from conftest import CFSC
+    from tests.helpers.data import CFSC
 
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import hashlib
 
 import pytest
-from conftest import CONFORMANCE, cases, read_input
+
+from tests.helpers.data import CONFORMANCE, cases, read_input
 
 VERSION_ARGS = {"default": [], "v0": ["--min-version", "0", "--max-version", "0"],
                 "v1": ["--min-version", "1", "--max-version", "1"]}
@@ -52,6 +53,7 @@ EXPECTED_ERRORS = {
     "should-fail-honggfuzz-long-xattr.dump": (1, "budget"),
     "should-fail-long-link.dump": (2, "symlink target"),
     "should-fail-long-xattr-key.dump": (2, "xattr"),
+    # upstream's case fails on its mode before any xattr rule: see test_xattr_value_length_rule
     "should-fail-long-xattr-value.dump": (2, "mode"),
     "should-fail-no-ftype.dump": (2, "mode"),
     "should-fail-self-hardlink.dump": (2, "itself"),
@@ -79,3 +81,25 @@ def test_rejected_with_located_message(case, strict, cfsc, tmp_path):
     assert list(tmp_path.iterdir()) == [src], "a temporary file was left behind"
     p = cfsc("mkcomposefs", "--from-file", str(src), str(out), env={"CFS_PARSE_STRICT": "1"} if strict else {})
     assert p.returncode == 2 and not out.exists()
+
+
+def test_xattr_value_length_rule(cfsc, tmp_path):
+    """The value-length rule itself (at most 65535 bytes, libcomposefs' `value_len > UINT16_MAX`).
+
+    Upstream's should-fail-long-xattr-value case stops on its mode first, and no dumpfile line
+    can reach the rule: mkcomposefs refuses any xattr text over 65535 bytes as "Too many xattrs"
+    before it looks at a value.  A tar PAX record can carry such a value, so the rule is
+    exercised there: 65536 bytes fail it, named as such; 65535 bytes pass it and then fail the
+    per-inode budget of external input (32767 bytes, key and header counted)."""
+    from tests.helpers.tarcraft import archive, member
+
+    for size, want in ((65536, "xattr value of 65536 bytes: expected at most 65535"),
+                       (65535, "per-inode budget")):
+        layer = tmp_path / f"v{size}.tar"
+        layer.write_bytes(archive(member(b"v", b"", pax=[(b"SCHILY.xattr.user.v", b"a" * size)])))
+        out = tmp_path / "out.cfs"
+        p = cfsc("compile", str(layer), "-o", str(out))
+        message = p.stderr.decode()
+        assert p.returncode == 2 and message.count("\n") == 1, message
+        assert want in message and "v" in message, message
+        assert not out.exists()

@@ -24,10 +24,11 @@ from cfsc.base.options import Options
 from cfsc.build.pipeline import run_passes
 from cfsc.frontends import dumpfile
 from cfsc.frontends.crfs import toc as crfs
-from conftest import CONFORMANCE, DATA, cases, image_of, read_input
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from strategies import trees
+
+from tests.helpers.data import CONFORMANCE, DATA, cases, image_of, read_input
+from tests.helpers.strategies import trees
 
 GOLDEN = DATA / "crfs"
 LEGACY = CONFORMANCE / "crfs-legacy"

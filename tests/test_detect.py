@@ -23,9 +23,12 @@ from cfsc.base import streams
 from cfsc.frontends import dumpfile as dumpfile_frontend
 from cfsc.frontends import image as image_frontend
 from cfsc.frontends.tar import layers as tar
-from conftest import CFSC, image_of
-from dirtrees import Entry, dumpfile
-from tarcraft import from_entries
+
+from tests.helpers.data import CFSC, image_of
+from tests.helpers.dirtrees import Entry, dumpfile
+from tests.helpers.tarcraft import from_entries
+
+pytestmark = [pytest.mark.tools]
 
 RNG = random.Random(20261205)  # incompressible data, the same on every run
 SKIPPABLE = b"\x5a\x2a\x4d\x18" + (6).to_bytes(4, "little") + b"cfsc!!"  # magic 0x184D2A5A

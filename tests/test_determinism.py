@@ -6,7 +6,8 @@ import random
 
 import pytest
 from cfsc.base.errors import TreeError
-from conftest import cases, image_of, read_input
+
+from tests.helpers.data import cases, image_of, read_input
 
 GOOD = [c for c in cases() if c.get("expect") != "error"]
 

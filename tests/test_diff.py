@@ -26,10 +26,13 @@ from cfsc.passes.add_overlay_xattrs import add_overlay_xattrs
 from cfsc.tools import diff as diffing
 from cfsc.tools.images import compile_in_memory, dump
 from cfsc.tools.manifest import Ignore, Manifest
-from conftest import run_cfsc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from strategies import trees
+
+from tests.helpers.data import run_cfsc
+from tests.helpers.strategies import trees
+
+pytestmark = [pytest.mark.tools]
 
 T0 = 1_700_000_000
 EXTERNAL = bytes(range(256)) * 2  # 512 bytes: stored in the object store, not inline
@@ -401,7 +404,7 @@ def test_where_sees_attributes_that_are_ignored(tmp_path):
 def _layers(tmp_path) -> dict[str, str]:
     """Two stacks of two layers, A and B (B's top layer: one file changed, one more whited out),
     and the image of stack A; members are spelled like an OCI layer's."""
-    from tarcraft import archive, member
+    from tests.helpers.tarcraft import archive, member
 
     bottom = archive(member(b"etc/", typeflag=b"5", mode=0o755), member(b"etc/keep", b"kept\n"),
                      member(b"etc/gone", b"whited out\n"), member(b"etc/also", b"also\n"),
@@ -619,7 +622,7 @@ def test_images_another_writer_linked_fall_back_to_manifests():
     from cfsc.backends.erofs.reader import Image
     from cfsc.frontends.image import read_tree
     from cfsc.tools.diff import _Unsuited, diff_in_step
-    from conftest import image_of
+    from tests.helpers.data import image_of
 
     dump = b"/ 0 40755 2 0 0 0 0.0 - - -\n/x 3 100644 1 0 0 0 0.0 - abc -\n/y 3 100600 1 0 0 0 0.0 - xyz -\n"
     image = image_of(dump)

@@ -9,7 +9,6 @@ two trees must agree entry by entry.
 from __future__ import annotations
 
 import os
-import random
 import subprocess
 
 import pytest
@@ -18,61 +17,13 @@ from cfsc.base.options import Options
 from cfsc.frontends import directory
 from cfsc.frontends import dumpfile as dumpfile_frontend
 from cfsc.store.objects import Store
-from conftest import image_of
-from dirtrees import Entry, describe, dumpfile, make
+
+from tests.helpers.data import image_of
+from tests.helpers.dirtrees import Entry, describe, dumpfile, full_spec, make
+
+pytestmark = [pytest.mark.root]
 
 
-def full_spec() -> list[Entry]:
-    rnd = random.Random(4)
-
-    def t(i: int) -> tuple[int, int]:
-        return (1_700_000_000 + i * 1000, 123_456_789 + i)
-
-    return [
-        Entry(b"", "dir", mode=0o755, mtime=t(0), xattrs={b"user.root": b"r", b"security.cfsc": b"root_t"}),
-        Entry(b"empty", data=b"", mtime=t(1)),
-        Entry(b"one", data=b"1", mtime=t(2)),
-        Entry(b"s63", data=b"a" * 63, mtime=t(3)),
-        Entry(b"s64", data=b"b" * 64, mtime=t(4)),
-        Entry(b"s65", data=b"c" * 65, mtime=t(5)),
-        Entry(b"dup65", data=b"c" * 65, mtime=t(6)),  # same content as s65: one store object
-        Entry(b"s4096", data=bytes(range(256)) * 16, mtime=t(7)),
-        Entry(b"big", data=rnd.randbytes(3 * 1024 * 1024 + 17), mtime=t(8), xattrs={b"trusted.big": b"1"}),
-        Entry(b"suid", data=b"#!/bin/sh\n", mode=0o4755, mtime=t(9)),
-        Entry(b"sgid", data=b"g" * 100, mode=0o2711, gid=50, mtime=t(10)),
-        Entry(b"noperm", data=b"secret", mode=0o000, mtime=t(11)),
-        Entry(b"owned", data=b"o" * 200, mode=0o640, uid=1000, gid=2000, mtime=t(12)),
-        Entry(b"old", data=b"before 1970", mtime=(-86_400, 999_999_999)),
-        Entry(b"xattrs", data=b"x" * 70, mtime=t(13), xattrs={
-            b"user.a": b"1", b"user.bin": b"\x00\xff= \n", b"trusted.overlay.foo": b"bar",
-            b"security.cfsc": b"label", b"trusted.empty": b""}),
-        Entry(b"sticky", "dir", mode=0o1777, mtime=t(14)),
-        Entry(b"a", "dir", mode=0o750, uid=7, gid=8, mtime=t(15)),
-        Entry(b"a/b", "dir", mode=0o700, mtime=t(16)),
-        Entry(b"a/b/c", "dir", mode=0o755, mtime=t(17), xattrs={b"trusted.overlay.opaque": b"y"}),
-        Entry(b"a/b/c/deep", data=b"deep", mtime=t(18)),
-        Entry(b"rel", "symlink", data=b"s63", mtime=t(19)),
-        Entry(b"abs", "symlink", data=b"/etc/passwd", mtime=t(20)),
-        Entry(b"dangling", "symlink", data=b"nowhere/x", mtime=t(21)),
-        Entry(b"a/up", "symlink", data=b"../big", mtime=t(22), xattrs={b"trusted.sym": b"v"}),
-        Entry(b"longlink", "symlink", data=b"t" * 1000, mtime=t(23)),
-        Entry(b"binlink", "symlink", data=b"\xff\xfe target", mtime=t(24)),
-        Entry(b"fifo", "fifo", mode=0o600, mtime=t(25)),
-        Entry(b"sock", "sock", mode=0o755, mtime=t(26)),
-        Entry(b"null", "chr", mode=0o666, rdev=(1, 3), mtime=t(27)),
-        Entry(b"disk", "blk", mode=0o660, gid=6, rdev=(8, 1), mtime=t(28)),
-        Entry(b"bigdev", "chr", mode=0o600, rdev=(511, 70000), mtime=t(29)),
-        Entry(b"wh", "chr", mode=0o000, rdev=(0, 0), mtime=t(30)),  # a whiteout
-        Entry(b"a/wh", "chr", mode=0o644, rdev=(0, 0), mtime=t(31)),
-        Entry(b"L" * 255, data=b"long name", mtime=t(32)),
-        Entry(b"caf\xe9", data=b"latin-1 name", mtime=t(33)),
-        Entry(b"sp ace\nnl\\", data=b"odd name", mtime=t(34)),
-        Entry(b"hl", data=b"h" * 80, mtime=t(35), xattrs={b"user.hl": b"1"}),
-        Entry(b"a/hl2", link=b"hl"),
-        Entry(b"a/b/0hl3", link=b"hl"),
-        Entry(b"sticky/hs", data=b"tiny", mtime=t(36)),
-        Entry(b"0hs", link=b"sticky/hs"),  # sorts before its original: it becomes the home
-    ]
 
 
 @pytest.fixture(scope="module")

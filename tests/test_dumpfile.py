@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 from cfsc.base.errors import CfscError, DumpfileError
 from cfsc.base.tree import S_IFCHR, S_IFDIR, S_IFREG
-from conftest import image_of, tree_of
+
+from tests.helpers.data import image_of, tree_of
 
 ROOT = b"/ 0 40755 2 0 0 0 0.0 - - -\n"
 
@@ -203,7 +204,7 @@ def _both_paths(data: bytes, strict: bool):
 
 
 def test_fast_path_equals_reference_path_on_conformance_inputs():
-    from conftest import cases, read_input
+    from tests.helpers.data import cases, read_input
 
     for case in cases():
         data = read_input(case["input"])
@@ -215,7 +216,7 @@ def test_fast_path_equals_reference_path_on_conformance_inputs():
 
 def test_chunk_boundaries_do_not_matter():
     from cfsc.frontends.dumpfile import _Parser
-    from conftest import read_input
+    from tests.helpers.data import read_input
 
     data = read_input("special.dump")
     reference = image_of(data)
@@ -234,7 +235,7 @@ def test_chunk_boundaries_do_not_matter():
 
 
 def test_fast_path_equals_reference_path_on_random_dumps():
-    from randomdump import random_dump
+    from tests.helpers.randomdump import random_dump
 
     for seed in range(40):
         data = random_dump(seed, 40)
@@ -271,8 +272,8 @@ def test_checked_trees_really_meet_every_limit():
     must pass the validation pass too."""
     from cfsc.base.options import Options
     from cfsc.passes.validate_limits import validate_limits
-    from conftest import cases, read_input
-    from randomdump import random_dump
+    from tests.helpers.data import cases, read_input
+    from tests.helpers.randomdump import random_dump
 
     inputs = [read_input(c["input"]) for c in cases() if c.get("expect") != "error"]
     inputs += [random_dump(seed, 40) for seed in range(30)]

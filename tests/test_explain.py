@@ -7,7 +7,8 @@ from cfsc.backends.erofs.reader import Image
 from cfsc.tools.diff import diff_images, report_json
 from cfsc.tools.explain import explain
 from cfsc.tools.manifest import Ignore
-from conftest import image_of, run_cfsc
+
+from tests.helpers.data import image_of, run_cfsc
 
 TREE = b"""\
 / 0 40755 2 0 0 0 100.0 - - -

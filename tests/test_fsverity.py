@@ -8,6 +8,8 @@ import subprocess
 import pytest
 from cfsc.base.fsverity import FsVerityHasher, digest_bytes, digest_file
 
+pytestmark = [pytest.mark.tools]
+
 SIZES = [0, 1, 4095, 4096, 4097, 128 * 4096, 128 * 4096 + 1, 3 * 1024 * 1024 + 17, 128 * 128 * 4096 + 4097]
 
 

@@ -43,11 +43,12 @@ from cfsc.fuse.kernel import mount_kernel
 from cfsc.fuse.mount import MountError, mount_fuse, unmount
 from cfsc.fuse.server import Server
 from cfsc.store.backing import Store, open_by_walk
-from conftest import CFSC, CONFORMANCE, run_cfsc
 from hypothesis import HealthCheck, Phase, given, settings
-from strategies import trees
 
-pytestmark = pytest.mark.timeout(120)
+from tests.helpers.data import CFSC, CONFORMANCE, run_cfsc
+from tests.helpers.strategies import trees
+
+pytestmark = [pytest.mark.fuse, pytest.mark.kernel_mount, pytest.mark.root, pytest.mark.tools, pytest.mark.timeout(120)]
 IMAGES = CONFORMANCE / "upstream-images"
 UNMAPPED = 2**32 - 1  # (uid_t)-1
 

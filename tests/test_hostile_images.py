@@ -23,7 +23,8 @@ from cfsc.backends.erofs.reader import Image
 from cfsc.base.errors import ImageError
 from cfsc.frontends.image import read_tree
 from cfsc.tools import images
-from conftest import image_of, read_input
+
+from tests.helpers.data import image_of, read_input
 
 ROOT = b"/ 4096 40755 2 0 0 0 0.0 - - - user.shared=1\n"
 BASE_DUMP = ROOT + b"".join([

@@ -14,7 +14,6 @@ import gzip
 import io
 
 import pytest
-from cfsc.backends.dumpfile import dump_image
 from cfsc.backends.erofs.reader import Image
 from cfsc.backends.erofs.writer import write_image
 from cfsc.base.options import Options
@@ -23,9 +22,11 @@ from cfsc.build.pipeline import run_passes
 from cfsc.frontends import dumpfile
 from cfsc.frontends.image import read_tree
 from cfsc.passes.resolve_hardlinks import resolve_hardlinks
-from conftest import CONFORMANCE, cases, image_of, read_input
 from hypothesis import HealthCheck, given, settings
-from strategies import trees
+
+from tests.helpers.data import CONFORMANCE, cases, image_of, read_input
+from tests.helpers.roundtrip import dump_of, home_first_in_dfs, lossless
+from tests.helpers.strategies import trees
 
 IMAGES = sorted((CONFORMANCE / "upstream-images").iterdir())
 DUMPS = sorted((CONFORMANCE / "upstream-dumps").iterdir())
@@ -46,10 +47,6 @@ def compile_tree(tree: Tree, version: int | None = None) -> bytes:
     return out.getvalue()
 
 
-def dump_of(image: bytes) -> bytes:
-    out = io.BytesIO()
-    dump_image(Image(image, "test.cfs"), out)
-    return out.getvalue()
 
 
 def reread(image: bytes) -> Tree:
@@ -159,32 +156,6 @@ def test_filter_keeps_only_named_root_children():
 
 # -- random trees ----------------------------------------------------------------------
 
-LOSSY_KEYS = {b"user.overlay.whiteout", b"user.overlay.whiteouts", b"trusted.overlay.whiteout",
-              b"trusted.overlay.whiteouts"}
-
-
-def lossless(tree: Tree) -> Tree:
-    """Drop the xattrs upstream's reader drops by design (see the test above)."""
-    for node in tree.home_inodes():
-        if any(k in LOSSY_KEYS for k, _v in node.xattrs):
-            node.xattrs = tuple(kv for kv in node.xattrs if kv[0] not in LOSSY_KEYS)
-    return tree
-
-
-def home_first_in_dfs(tree: Tree) -> Tree:
-    """Make each hard-linked inode's home its first name in a sorted depth-first walk.
-
-    `composefs-info dump` marks the first depth-first occurrence as the primary line, and a
-    dumpfile's primary line is the home; the compiler lays inodes out breadth-first by home,
-    so only trees whose homes are first depth-first survive a trip through the dump.
-    """
-    names = [(parent, path.rpartition(b"/")[2], node) for path, node, parent, _link in tree.walk()
-             if parent is not None and node.children is None]
-    seen: set[int] = set()
-    for parent, name, node in names:
-        parent.add_child(name, node, link=id(node) in seen)
-        seen.add(id(node))
-    return tree
 
 
 def normalised(tree: Tree, version: int) -> list:
@@ -247,15 +218,17 @@ def test_random_trees_compile_dump_compile(tree):
     version = first[12]
     text = dump_of(first)
     assert image_of(text, min_version=version, max_version=version, strict=True) == first
-    assert dumpfile.loads(text, Options(strict=True)) is not None
 
 
 def test_reader_api_lookup_and_entries():
     data = image_of(read_input("special.dump"))
     image = Image(data, "special")
     root = image.inode(image.root_nid)
-    assert image.lookup(root, b"inline") is not None and image.lookup(root, b"nope") is None
-    assert image.lookup(root, b"00") is not None  # the hidden root whiteout is still a dirent
+    inline = image.inode(image.lookup(root, b"inline"))
+    assert inline.mode == S_IFREG | 0o777 and inline.size == 15  # special.dump: /inline 15 100777
+    assert image.lookup(root, b"nope") is None
+    hidden = image.inode(image.lookup(root, b"00"))  # the hidden root whiteout is still a dirent
+    assert hidden.mode & S_IFMT == S_IFCHR and hidden.rdev == 0
     names = [n for n, _nid, _t in image.dirents(root)]
     assert names == sorted(names) and b"." not in names
 
@@ -279,7 +252,7 @@ def test_many_lookups_through_one_entries_object():
 
     from cfsc.backends.erofs.entries import Entries, resolve
     from cfsc.backends.erofs.reader import Image
-    from conftest import CONFORMANCE
+    from tests.helpers.data import CONFORMANCE
 
     data = gzip.decompress((CONFORMANCE / "upstream-images" / "config-with-hard-link.v0.cfs.gz").read_bytes())
     image = Image(data, "config.cfs")

@@ -14,7 +14,8 @@ import orjson
 import pytest
 from cfsc.base.fsverity import digest_bytes, payload_path
 from cfsc.base.jsonbytes import get
-from conftest import CONFORMANCE, DATA, image_of, read_input
+
+from tests.helpers.data import CONFORMANCE, DATA, image_of, read_input
 
 DROPINS = DATA / "dropins"
 IMAGES = CONFORMANCE / "upstream-images"

@@ -27,12 +27,15 @@ from cfsc.base.tree import S_IFCHR, S_IFDIR, S_IFMT, Inode
 from cfsc.build.pipeline import run_passes
 from cfsc.frontends import image as image_frontend
 from cfsc.frontends.tar import layers as tar
-from conftest import image_of
-from dirtrees import Entry, make
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
-from tarcraft import archive, member
-from test_tar import EXTRACT, compare_images, image, store_listing
+
+from tests.helpers.checks import EXTRACT, compare_images, image, store_listing
+from tests.helpers.data import image_of
+from tests.helpers.dirtrees import Entry, make
+from tests.helpers.tarcraft import archive, member
+
+pytestmark = [pytest.mark.tools, pytest.mark.root]
 
 OPAQUE_XATTR = b"trusted.overlay.opaque"
 

@@ -36,10 +36,13 @@ from cfsc.frontends.ostree import commit as ostree
 from cfsc.frontends.ostree import gvariant
 from cfsc.frontends.ostree.gvariant import GVariantError, Variant
 from cfsc.frontends.ostree.repo import COMMIT, DIRMETA, DIRTREE, ObjectError, Repo, swap32
-from conftest import run_cfsc
-from dirtrees import Entry, make
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+from tests.helpers.data import run_cfsc
+from tests.helpers.dirtrees import Entry, make
+
+pytestmark = [pytest.mark.tools, pytest.mark.fuse, pytest.mark.kernel_mount, pytest.mark.root]
 
 MODES = ("bare", "bare-user", "bare-user-only", "archive")
 

@@ -6,7 +6,7 @@ import os
 import stat
 import threading
 
-from conftest import run_cfsc
+from tests.helpers.data import run_cfsc
 
 DUMP = b"/ 0 40755 2 0 0 0 0.0 - - -\n/f 3 100644 1 0 0 0 0.0 - abc -\n"
 

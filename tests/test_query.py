@@ -8,7 +8,8 @@ from cfsc.base.options import Options
 from cfsc.base.tree import S_IFCHR, S_IFDIR, S_IFLNK, S_IFREG, Inode
 from cfsc.build.pipeline import run_passes
 from cfsc.passes.exclude_entries import exclude_entries
-from conftest import image_of, run_cfsc, tree_of
+
+from tests.helpers.data import image_of, run_cfsc, tree_of
 
 FILE = Inode(S_IFREG | 0o644, uid=1000, gid=100, mtime=1_700_000_000, size=3 << 20, nlink=2,
              payload=b"ab/cd", digest=bytes(range(32)),

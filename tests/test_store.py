@@ -13,9 +13,12 @@ import time
 import pytest
 from cfsc.base.fsverity import digest_bytes, payload_path
 from cfsc.store.objects import TEMP_PREFIX, SourceChanged, Store
-from conftest import CFSC, image_of
-from dirtrees import Entry, dumpfile, make
-from tarcraft import from_entries
+
+from tests.helpers.data import CFSC, image_of
+from tests.helpers.dirtrees import Entry, dumpfile, make
+from tests.helpers.tarcraft import from_entries
+
+pytestmark = [pytest.mark.tools, pytest.mark.root]
 
 
 def objects(store) -> dict[str, os.stat_result]:

@@ -15,7 +15,6 @@ archives, nanoseconds from PAX records), as the tar frontend reads it.
 from __future__ import annotations
 
 import gzip
-import io
 import lzma
 import os
 import subprocess
@@ -24,22 +23,22 @@ from pathlib import Path
 import pytest
 import zstandard
 from cfsc import frontends
-from cfsc.backends.erofs.writer import write_image
 from cfsc.base.errors import InputError, UsageError
 from cfsc.base.fsverity import digest_file
 from cfsc.base.options import Options
 from cfsc.base.tree import S_IFDIR, S_IFLNK, S_IFREG
 from cfsc.build.pipeline import run_passes
 from cfsc.frontends.tar import layers as tar
-from conftest import DATA, image_of
-from dirtrees import Entry, dumpfile
-from tarcraft import archive, base256, from_entries, gnu_long, header, member, padded, pax_records
-from test_directory import full_spec
+
+from tests.helpers.checks import EXTRACT, compare_images, image, store_listing
+from tests.helpers.data import DATA, image_of
+from tests.helpers.dirtrees import Entry, dumpfile, full_spec
+from tests.helpers.tarcraft import archive, base256, from_entries, gnu_long, header, member, padded, pax_records
+
+pytestmark = [pytest.mark.tools, pytest.mark.root]
 
 DEBS = sorted((DATA / "tar").glob("*.data.tar.xz"))
 DEB_CACHE = Path("/var/cache/cfsc-test-debs")
-EXTRACT = ["tar", "--xattrs", "--xattrs-include=*", "--same-owner", "-p", "--numeric-owner",
-           "--delay-directory-restore"]
 
 
 def load(data: bytes | list[bytes], tmp_path: Path, **options):
@@ -52,24 +51,10 @@ def load(data: bytes | list[bytes], tmp_path: Path, **options):
     return tar.load_many(paths, Options(**options))
 
 
-def image(tree) -> bytes:
-    out = io.BytesIO()
-    write_image(run_passes(tree, Options()), out)
-    return out.getvalue()
 
 
-def store_listing(store: Path) -> list[tuple[str, int]]:
-    if not store.exists():
-        return []
-    return sorted((str(p.relative_to(store)), p.stat().st_size) for p in store.rglob("*") if p.is_file())
 
 
-def compare_images(cfsc, got: Path, want: Path) -> None:
-    if got.read_bytes() != want.read_bytes():
-        a = cfsc("dump", str(want), check=True).stdout.decode().splitlines()
-        b = cfsc("dump", str(got), check=True).stdout.decode().splitlines()
-        diff = [f"- {x}" for x in a if x not in b] + [f"+ {x}" for x in b if x not in a]
-        raise AssertionError("images differ:\n" + "\n".join(diff[:40]))
 
 
 # -- real archives: GNU tar extraction is the oracle ------------------------------------------

@@ -7,7 +7,7 @@ archive, so that `dirtrees.dumpfile` of the same spec states the tree it must co
 
 from __future__ import annotations
 
-from dirtrees import Entry, order
+from tests.helpers.dirtrees import Entry, order
 
 BLOCK = 512
 TYPES = {"reg": b"0", "dir": b"5", "symlink": b"2", "chr": b"3", "blk": b"4", "fifo": b"6"}

@@ -1,0 +1,1 @@
+"""Helpers shared by the tests: data, tree builders, archive crafting, hypothesis strategies."""

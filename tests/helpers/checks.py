@@ -1,0 +1,34 @@
+"""Comparing what cfsc builds with what the real tools build: images, stores, extractions."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+from cfsc.backends.erofs.writer import write_image
+from cfsc.base.options import Options
+from cfsc.build.pipeline import run_passes
+
+# GNU tar, extracting as root with everything a layer can carry: the oracle for tar layers.
+EXTRACT = ["tar", "--xattrs", "--xattrs-include=*", "--same-owner", "-p", "--numeric-owner",
+           "--delay-directory-restore"]
+
+
+def image(tree) -> bytes:
+    out = io.BytesIO()
+    write_image(run_passes(tree, Options()), out)
+    return out.getvalue()
+
+
+def store_listing(store: Path) -> list[tuple[str, int]]:
+    if not store.exists():
+        return []
+    return sorted((str(p.relative_to(store)), p.stat().st_size) for p in store.rglob("*") if p.is_file())
+
+
+def compare_images(cfsc, got: Path, want: Path) -> None:
+    if got.read_bytes() != want.read_bytes():
+        a = cfsc("dump", str(want), check=True).stdout.decode().splitlines()
+        b = cfsc("dump", str(got), check=True).stdout.decode().splitlines()
+        diff = [f"- {x}" for x in a if x not in b] + [f"+ {x}" for x in b if x not in a]
+        raise AssertionError("images differ:\n" + "\n".join(diff[:40]))
