@@ -224,10 +224,11 @@ class _Parser:
     def fail(self, line: int, field: str, what: str) -> DumpfileError:
         return DumpfileError(what, self.name, line, field)
 
-    def missing(self, line: int, field: str) -> DumpfileError | None:
-        """The error for a field the current line does not have (upstream reads it as empty)."""
-        if FIELDS.index(field) < self.have:
-            return None
+    def bad_field(self, line: int, field: str, text: bytes, what: str) -> DumpfileError:
+        """The error for a field's value, or "missing field" when the line ended before the
+        field (upstream reads a missing field as empty, so the same rules refuse it)."""
+        if text or FIELDS.index(field) < self.have:
+            return self.fail(line, field, what)
         return self.fail(line, field, f"missing field {field}: the line has {self.have} of the "
                                       f"{len(FIELDS)} fields {' '.join(FIELDS)}")
 
@@ -466,8 +467,7 @@ class _Parser:
                 dirs[key + b"/" + name if key else name] = node
 
     def bad_integer(self, text: bytes, n: int, field: str, base: str = "a base-10") -> DumpfileError:
-        return (not text and self.missing(n, field)
-                or self.fail(n, field, f"invalid integer {text.decode('latin-1')!r}: expected {base} number"))
+        return self.bad_field(n, field, text, f"invalid integer {text.decode('latin-1')!r}: expected {base} number")
 
     def parse_line(self, line: bytes, n: int) -> None:
         """One record, checked in upstream's order (so the first error is upstream's)."""
@@ -598,8 +598,7 @@ class _Parser:
             if b"\\" in content:
                 content = self.unescape(content, n, "CONTENT")
             if len(content) != size:
-                raise (not content and self.missing(n, "CONTENT")
-                       or self.fail(n, "CONTENT", f"content of {len(content)} bytes: must match SIZE {size}"))
+                raise self.bad_field(n, "CONTENT", content, f"content of {len(content)} bytes: must match SIZE {size}")
         digest = f[10]
         if digest == b"-":
             digest = None
@@ -616,7 +615,7 @@ class _Parser:
         if ftype == S_IFLNK:
             problem = limits.check_symlink(payload)
             if problem:
-                raise not payload and self.missing(n, "PAYLOAD") or self.fail(n, "PAYLOAD", problem)
+                raise self.bad_field(n, "PAYLOAD", payload or b"", problem)
             assert payload is not None
             if self.strict:
                 if size != len(payload):
@@ -643,10 +642,8 @@ class _Parser:
                 text = digest
                 digest = _digest(text)
                 if digest is None:
-                    shown = text[:80].decode("latin-1")
-                    raise (not text and self.missing(n, "DIGEST")
-                           or self.fail(n, "DIGEST", f"invalid digest {shown!r}: expected 64 hex digits "
-                                                     "(an fs-verity SHA-256 digest) or '-'"))
+                    raise self.bad_field(n, "DIGEST", text, f"invalid digest {text[:80].decode('latin-1')!r}: "
+                                                            "expected 64 hex digits (an fs-verity SHA-256 digest) or '-'")
             else:
                 digest = None  # upstream stores it but only regular files use it
 
