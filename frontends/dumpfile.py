@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from itertools import repeat
+from itertools import chain, repeat
 
 from cfsc.base import limits
 from cfsc.base.errors import DumpfileError
@@ -55,6 +55,95 @@ def sniff(head: bytes) -> bool:
 BATCH = 8192
 CACHE_LIMIT = 1 << 16
 MAX_EXTERNAL_SIZE = limits.MAX_EXTERNAL_SIZE
+
+# The longest text each field of a record within the composefs limits needs, every byte of a
+# string written as `\xHH` at worst: paths up to PATH_MAX bytes (a deeper path cannot be
+# used through the kernel in one call), payloads below PATH_MAX, inline content up to its
+# limit, a digest of 64 hex digits, integers with sign and a few leading zeros, and
+# upstream's own cap on the xattr section ("Too many xattrs").  A longer line is refused
+# as soon as its first LINE_MAX + 1 bytes are read, so a hostile line is never held whole.
+INTEGER_TEXT_MAX = 32
+XATTR_SECTION_MAX = 65535
+FIELD_TEXT_MAX = (
+    4 * limits.PATH_MAX,                       # PATH
+    INTEGER_TEXT_MAX,                          # SIZE
+    INTEGER_TEXT_MAX + 1,                      # MODE (with '@')
+    INTEGER_TEXT_MAX,                          # NLINK
+    INTEGER_TEXT_MAX,                          # UID
+    INTEGER_TEXT_MAX,                          # GID
+    INTEGER_TEXT_MAX,                          # RDEV
+    2 * INTEGER_TEXT_MAX + 1,                  # MTIME
+    4 * (limits.PATH_MAX - 1),                 # PAYLOAD
+    4 * limits.INLINE_CONTENT_MAX,             # CONTENT
+    4 * 64,                                    # DIGEST
+    XATTR_SECTION_MAX,                         # XATTRS
+)
+LINE_MAX = sum(FIELD_TEXT_MAX) + len(FIELDS)  # + the separators
+
+
+def dir_key(path: bytes) -> bytes:
+    """A directory's key in the parser's table: its names joined by single '/'s.  Upstream
+    skips every run of '/' between names, so `d`, `/d/`, `//d` and `/a//b` are all fine; the
+    one normalisation here serves parent lookups and directory records alike."""
+    key = path[1:] if path[:1] == b"/" else path
+    if b"//" in path or key[:1] == b"/" or key[-1:] == b"/":
+        key = b"/".join(p for p in path.split(b"/") if p)
+    return key
+
+
+class Lines:
+    """The complete lines of chunked input, one list per chunk, in linear time and memory.
+
+    A line is collected from its pieces once its newline arrives.  Iteration stops at a line
+    longer than `limit`: its first `limit + 1` bytes are then in `long` (the same whatever
+    the chunk sizes), after the lines before it were handed out.  `tail` is the unterminated
+    last line once iteration ends.  `nul` says whether the latest list may hold a NUL.
+    """
+
+    __slots__ = ("chunks", "limit", "long", "tail", "nul")
+
+    def __init__(self, chunks: Iterable[bytes], limit: int = LINE_MAX) -> None:
+        self.chunks = chunks
+        self.limit = limit
+        self.long: bytes | None = None
+        self.tail = b""
+        self.nul = False
+
+    def __iter__(self):
+        limit = self.limit
+        pending: list[bytes] = []  # pieces of the unfinished line
+        size = 0
+        for chunk in self.chunks:
+            if b"\n" not in chunk:
+                pending.append(chunk)
+                size += len(chunk)
+                if size > limit:
+                    self.long = b"".join(pending)[:limit + 1]
+                    return
+                continue
+            if pending:
+                pending.append(chunk)
+                data = b"".join(pending)
+            else:
+                data = chunk
+            lines = data.split(b"\n")
+            last = lines.pop()
+            self.nul = b"\0" in data
+            if len(data) > limit:
+                for i, line in enumerate(lines):
+                    if len(line) > limit:
+                        if i:
+                            yield lines[:i]
+                        self.long = line[:limit + 1]
+                        return
+                if len(last) > limit:
+                    yield lines
+                    self.long = last[:limit + 1]
+                    return
+            pending = [last] if last else []
+            size = len(last)
+            yield lines
+        self.tail = b"".join(pending)
 
 
 def _mark(slow: bytearray, i: int) -> int:
@@ -98,12 +187,19 @@ def _strtoull(text: bytes, pattern: re.Pattern) -> int | None:
     return value
 
 
-def _digest(text: bytes) -> bytes:
-    """Upstream's lenient hex: whole pairs until the first bad digit, zero-filled to 32."""
-    if len(text) == 64 and _HEX.fullmatch(text):
-        return bytes.fromhex(text.decode())
-    good = _HEX.match(text).group(0)[:64]  # type: ignore[union-attr]
-    return bytes.fromhex(good.decode()).ljust(32, b"\0")
+def _digest(text: bytes) -> bytes | None:
+    """The digest upstream reads from DIGEST: its first 64 hex digits (what follows is
+    ignored), or None when there are fewer -- upstream then leaves the rest of the digest
+    uninitialised, so such a line has no defined meaning and is refused."""
+    if len(text) == 64:
+        try:
+            digest = bytes.fromhex(text.decode("ascii"))
+        except ValueError:
+            digest = b""
+        if len(digest) == 32:  # (fromhex skips white space, which upstream stops at)
+            return digest
+    good = _HEX.match(text).group(0)  # type: ignore[union-attr]
+    return bytes.fromhex(good[:64].decode()) if len(good) >= 64 else None
 
 
 class _Parser:
@@ -122,10 +218,19 @@ class _Parser:
         # repeat a few sets and labels many times.  Both are bounded (cleared when full) so a
         # tree of unique xattrs does not pay for a huge cache.
         self.xattr_cache: dict[bytes, tuple] = {}
+        self.have = len(FIELDS)  # how many fields the line in parse_line has
         self.pairs: dict[tuple[bytes, bytes], tuple[bytes, bytes]] = {}
 
     def fail(self, line: int, field: str, what: str) -> DumpfileError:
         return DumpfileError(what, self.name, line, field)
+
+    def bad_field(self, line: int, field: str, text: bytes, what: str) -> DumpfileError:
+        """The error for a field's value, or "missing field" when the line ended before the
+        field (upstream reads a missing field as empty, so the same rules refuse it)."""
+        if text or FIELDS.index(field) < self.have:
+            return self.fail(line, field, what)
+        return self.fail(line, field, f"missing field {field}: the line has {self.have} of the "
+                                      f"{len(FIELDS)} fields {' '.join(FIELDS)}")
 
     def unescape(self, text: bytes, line: int, field: str) -> bytes:
         if b"\\" not in text:
@@ -141,15 +246,12 @@ class _Parser:
             return min(value, U64)
         value = _strtoull(text, _DEC)
         if value is None:
-            raise self.fail(line, field, f"invalid integer {text.decode('latin-1')!r}: expected a base-10 number")
+            raise self.bad_integer(text, line, field)
         return value
 
     def lookup_parent(self, path: bytes, line: int) -> tuple[Inode, bytes]:
         head, _slash, name = path.rpartition(b"/")
-        # Canonical key: no leading '/', no empty components.  Most dumps are canonical.
-        key = head[1:] if head[:1] == b"/" else head
-        if b"//" in head or key[:1] == b"/":
-            key = b"/".join(p for p in head.split(b"/") if p)
+        key = dir_key(head)
         parent = self.dirs.get(key)
         if parent is None:
             parent = self._walk_parent(key, path, line)
@@ -170,19 +272,19 @@ class _Parser:
 
     def parse(self, chunks: Iterable[bytes]) -> Tree:
         """Parse a dumpfile given as chunks of any size (so big inputs are never held whole)."""
-        carry = b""
         line_no = 0
-        for chunk in chunks:
-            data = carry + chunk if carry else chunk
-            lines = data.split(b"\n")
-            carry = lines.pop()  # an unfinished line waits for the next chunk
-            if b"\0" in data or not self.fast:
+        lines_of = Lines(chunks)
+        for lines in lines_of:
+            if lines_of.nul or not self.fast:
                 for n, line in enumerate(lines, line_no + 1):
                     self.parse_line(line, n)
             else:
                 for start in range(0, len(lines), BATCH):
                     self.parse_batch(lines[start:start + BATCH], line_no + start + 1)
             line_no += len(lines)
+        if lines_of.long is not None:
+            raise self.too_long(lines_of.long, line_no + 1)
+        carry = lines_of.tail
         if carry:
             if self.strict:
                 raise self.fail(line_no + 1, "", "missing trailing newline (strict mode)")
@@ -193,6 +295,22 @@ class _Parser:
         tree = Tree(self.root, self.name)
         tree.checked = True  # every limit of cfsc.base.limits was enforced line by line above
         return tree
+
+    def too_long(self, head: bytes, n: int) -> DumpfileError:
+        """The error for a line longer than LINE_MAX, from its first LINE_MAX + 1 bytes: the
+        first field longer than any record within the limits needs.  When the xattr section
+        is to blame the fixed fields are checked first, as upstream does before its
+        "Too many xattrs"."""
+        fields = head.split(b" ", len(FIELDS))
+        for i, text in enumerate(fields):
+            if len(text) > FIELD_TEXT_MAX[i]:
+                break
+        if i == len(FIELDS):
+            self.parse_line(b" ".join(fields[:i]), n)  # raises the record's own error, if any
+            return self.fail(n, "XATTRS", f"xattr section of more than {XATTR_SECTION_MAX} bytes: "
+                                          f"expected at most {XATTR_SECTION_MAX} (too many xattrs)")
+        return self.fail(n, FIELDS[i], f"field of more than {FIELD_TEXT_MAX[i]} bytes (a line longer than "
+                                       f"{LINE_MAX}): expected at most {FIELD_TEXT_MAX[i]}, the most composefs limits allow")
 
     def parse_batch(self, batch: list[bytes], first: int) -> None:
         """Fast path for a run of lines, column by column.
@@ -225,16 +343,19 @@ class _Parser:
                       for i, m in enumerate(modes)]
         else:
             modes_ = list(map(int, modes, repeat(8)))
-        parts = b".".join(mtimes).split(b".")
-        if (len(parts) == 2 * n and not b"".join(parts).translate(None, b"0123456789")
-                and min(map(len, parts)) > 0 and max(map(len, parts)) < 19):
-            secs = list(map(int, parts[0::2]))
-            nsecs = list(map(int, parts[1::2]))
+        if max(modes_) > 0o177777:  # bits above st_mode: the reference cuts them to 32
+            mark(i for i, m in enumerate(modes_) if m > 0o177777)
+        # Each MTIME split on its own first '.', as the reference does (one join and split of
+        # the whole column would let a line without a '.' and one with two trade halves).
+        secs_, dots, nsecs_ = zip(*map(bytes.partition, mtimes, repeat(b".")), strict=True)
+        if (dots.count(b".") == n and all(map(bytes.isdigit, secs_)) and all(map(bytes.isdigit, nsecs_))
+                and max(map(len, secs_)) < 19 and max(map(len, nsecs_)) < 19):
+            secs = list(map(int, secs_))
+            nsecs = list(map(int, nsecs_))
         else:
             secs = [0] * n
             nsecs = [0] * n
-            for i, m in enumerate(mtimes):
-                a, _dot, b = m.partition(b".")
+            for i, (a, b) in enumerate(zip(secs_, nsecs_)):
                 if a.isdigit() and b.isdigit() and len(a) < 19 and len(b) < 19:
                     secs[i] = int(a)
                     nsecs[i] = int(b)
@@ -294,9 +415,9 @@ class _Parser:
                         slow[i] = 1
                 elif m in link_modes:
                     payload = payloads_[i]
-                    if (payload is None or digests_[i] is not None
+                    if (not payload or digests_[i] is not None
                             or (strict and sizes_[i] != len(payload))):
-                        slow[i] = 1
+                        slow[i] = 1  # no target (`-` or empty), a digest, a SIZE strict refuses
                     else:
                         sizes_[i] = len(payload)
         cache = self.xattr_cache
@@ -309,17 +430,20 @@ class _Parser:
                     if not section:
                         xattrs_[i] = EMPTY
                     elif not slow[i]:
-                        xattrs_[i] = cache.get(section) or self.parse_xattrs(section, first + i)
-                        cache[section] = xattrs_[i]
+                        try:
+                            xattrs_[i] = cache.get(section) or self.parse_xattrs(section, first + i)
+                            cache[section] = xattrs_[i]
+                        except DumpfileError:
+                            slow[i] = 1  # the reference raises it in line order, after earlier lines
 
         nodes = list(map(Inode, modes_, uids_, gids_, secs, nsecs, sizes_, repeat(0), nlinks_,
                          payloads_, repeat(None), digests_, xattrs_))
         dirs = self.dirs
         parse_line = self.parse_line
         last_head = None
+        parent = None
         children: dict = {}
         key = b""
-        parent_ok = False
         for i, path in enumerate(paths):
             if slow[i]:
                 parse_line(batch[i], first + i)
@@ -328,12 +452,11 @@ class _Parser:
             head, _slash, name = path.rpartition(b"/")
             if head != last_head:
                 last_head = head
-                key = head[1:] if head[:1] == b"/" else head
+                key = dir_key(head)
                 parent = dirs.get(key)
-                parent_ok = parent is not None and b"//" not in head and key[:1] != b"/"
-                if parent_ok:
-                    children = parent.children  # type: ignore[union-attr,assignment]
-            if (not parent_ok or not name or len(name) > 255 or name == b"." or name == b".."
+                if parent is not None:
+                    children = parent.children  # type: ignore[assignment]
+            if (parent is None or not name or len(name) > 255 or name == b"." or name == b".."
                     or name in children):
                 parse_line(batch[i], first + i)
                 last_head = None
@@ -344,7 +467,7 @@ class _Parser:
                 dirs[key + b"/" + name if key else name] = node
 
     def bad_integer(self, text: bytes, n: int, field: str, base: str = "a base-10") -> DumpfileError:
-        return self.fail(n, field, f"invalid integer {text.decode('latin-1')!r}: expected {base} number")
+        return self.bad_field(n, field, text, f"invalid integer {text.decode('latin-1')!r}: expected {base} number")
 
     def parse_line(self, line: bytes, n: int) -> None:
         """One record, checked in upstream's order (so the first error is upstream's)."""
@@ -352,7 +475,11 @@ class _Parser:
             column = line.index(b"\0") + 1
             raise self.fail(n, "", f"embedded NUL at column {column}: escape it as \\x00")
         f = line.split(b" ", 11)
+        self.have = len(f)
         if len(f) < 11:
+            # Upstream reads missing fields as empty ones; each rule below that refuses an
+            # empty value says "missing field" for them, and DIGEST, which upstream would
+            # fill from uninitialised memory, is refused on regular files.
             f += [b""] * (11 - len(f))
         path = f[0]
         if b"\\" in path:
@@ -445,8 +572,10 @@ class _Parser:
                 if uid == 0:
                     raise self.bad_integer(t, n, "RDEV")
                 rdev = 0
-        t, _dot, t2 = f[7].partition(b".")
+        t, dot, t2 = f[7].partition(b".")
         sec = int(t) if t.isdigit() else self.integer(t, n, "MTIME")
+        if not dot:
+            raise self.fail(n, "MTIME", f"time {f[7].decode('latin-1')!r} without '.': expected SECONDS.NANOSECONDS")
         nsec = int(t2) if t2.isdigit() else self.integer(t2, n, "MTIME")
         if size > U64 or nlink > U64 or uid > U64 or gid > U64 or rdev > U64 or sec > U64 or nsec > U64:
             # strtoull saturates at 2^64-1 (upstream does not look at errno)
@@ -469,7 +598,7 @@ class _Parser:
             if b"\\" in content:
                 content = self.unescape(content, n, "CONTENT")
             if len(content) != size:
-                raise self.fail(n, "CONTENT", f"content of {len(content)} bytes: must match SIZE {size}")
+                raise self.bad_field(n, "CONTENT", content, f"content of {len(content)} bytes: must match SIZE {size}")
         digest = f[10]
         if digest == b"-":
             digest = None
@@ -486,7 +615,7 @@ class _Parser:
         if ftype == S_IFLNK:
             problem = limits.check_symlink(payload)
             if problem:
-                raise self.fail(n, "PAYLOAD", problem)
+                raise self.bad_field(n, "PAYLOAD", payload or b"", problem)
             assert payload is not None
             if self.strict:
                 if size != len(payload):
@@ -510,18 +639,13 @@ class _Parser:
                     content = None
         if digest is not None:
             if ftype == S_IFREG:
-                if len(digest) == 64:
-                    text = digest
-                    try:
-                        digest = bytes.fromhex(text.decode("ascii"))
-                    except ValueError:
-                        digest = _digest(text)
-                    if len(digest) != 32:  # fromhex skips white space; upstream stops there
-                        digest = _digest(text)
-                else:
-                    digest = _digest(digest)
+                text = digest
+                digest = _digest(text)
+                if digest is None:
+                    raise self.bad_field(n, "DIGEST", text, f"invalid digest {text[:80].decode('latin-1')!r}: "
+                                                            "expected 64 hex digits (an fs-verity SHA-256 digest) or '-'")
             else:
-                digest = None
+                digest = None  # upstream stores it but only regular files use it
 
         xattrs: tuple = ()
         if len(f) == 12 and f[11]:
@@ -541,14 +665,11 @@ class _Parser:
         else:
             parent.children[name] = node  # type: ignore[index]
             if ftype == S_IFDIR:
-                key = path[1:] if path[:1] == b"/" else path
-                if b"//" in path or key[:1] == b"/":
-                    key = b"/".join(p for p in path.split(b"/") if p)
-                self.dirs[key] = node
+                self.dirs[dir_key(path)] = node
 
     def parse_xattrs(self, section: bytes, n: int) -> tuple:
-        if len(section) > 65535:
-            raise self.fail(n, "XATTRS", f"xattr section of {len(section)} bytes: expected at most 65535 (too many xattrs)")
+        if len(section) > XATTR_SECTION_MAX:
+            raise self.fail(n, "XATTRS", f"xattr section of {len(section)} bytes: expected at most {XATTR_SECTION_MAX} (too many xattrs)")
         pieces = section.split(b" ")
         if section.endswith(b" "):
             pieces.pop()  # upstream stops at the end of the line, not after a trailing space
@@ -644,21 +765,16 @@ def load(source, options: Options | None = None) -> Tree:
 def locate(source, path: bytes) -> str | None:
     """`file:line` of the record that defines `path` (a second read: only for error messages)."""
     want = [p for p in path.split(b"/") if p]
-    n = 0
-    carry = b""
-    for chunk in chunks(source):
-        lines = (carry + chunk).split(b"\n")
-        carry = lines.pop()
-        for line in lines:
-            n += 1
-            field = line.split(b" ", 1)[0]
-            if b"\\" in field:
-                try:
-                    field = unescape(field).split(b"\0", 1)[0]
-                except BadEscape:
-                    continue
-            if [p for p in field.split(b"/") if p] == want:
-                return f"{source_name(source)}:{n}"
+    lines_of = Lines(chunks(source))
+    for n, line in enumerate(chain(chain.from_iterable(lines_of), (lines_of.tail,)), 1):
+        field = line.split(b" ", 1)[0]
+        if b"\\" in field:
+            try:
+                field = unescape(field).split(b"\0", 1)[0]
+            except BadEscape:
+                continue
+        if [p for p in field.split(b"/") if p] == want:
+            return f"{source_name(source)}:{n}"
     return None
 
 

@@ -60,9 +60,19 @@ def parse(text: str) -> tuple[int, int] | None:
     return seconds, int(fraction.ljust(9, "0")) if fraction else 0
 
 
+def representable(seconds: int, nanoseconds: int = 0) -> bool:
+    """Whether `format` can write this time (composefs times are any signed 64-bit second)."""
+    return FIRST <= seconds <= LAST and 0 <= nanoseconds < 1_000_000_000
+
+
+def format_or_none(seconds: int, nanoseconds: int = 0) -> str | None:
+    """`format`, or None outside years 0001-9999: for text shown next to the raw number."""
+    return format(seconds, nanoseconds) if representable(seconds, nanoseconds) else None
+
+
 def format(seconds: int, nanoseconds: int = 0) -> str:
     """UTC, `Z`, fraction only when non-zero and without trailing zeros (Go's RFC3339Nano)."""
-    if not FIRST <= seconds <= LAST or not 0 <= nanoseconds < 1_000_000_000:
+    if not representable(seconds, nanoseconds):
         raise ValueError(f"{seconds}.{nanoseconds:09d} is outside RFC 3339 years 0001-9999")
     days, rest = divmod(seconds, 86400)
     y, mo, d = _civil_from_days(days)

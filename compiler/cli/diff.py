@@ -83,7 +83,8 @@ def _value(name: str, value) -> bytes:
     if name == "mode":
         return b"%04o" % value
     if name == "mtime":
-        return b"%d (%s)" % (value, rfc3339.format(value).encode())
+        when = rfc3339.format_or_none(value)  # any s64 is a legal mtime: show the number alone
+        return b"%d (%s)" % (value, when.encode()) if when else b"%d" % value
     if name == "rdev":
         return b"%d:%d" % (os.major(value), os.minor(value))
     if name == "digest":

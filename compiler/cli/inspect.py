@@ -7,13 +7,13 @@ first (`cfsc.tools.images.open_image`), so the answers describe what `cfsc compi
 from __future__ import annotations
 
 import contextlib
-import datetime
 import os
 import stat
 import sys
 
 import orjson
 import typer
+from cfsc.base import rfc3339
 from cfsc.base.errors import UsageError
 from cfsc.base.options import Options
 from cfsc.base.tree import S_IFBLK, S_IFCHR, S_IFLNK, S_IFMT, S_IFREG
@@ -60,10 +60,9 @@ def dump_cmd(
 
 
 def _mtime(sec: int) -> str:
-    try:
-        return datetime.datetime.fromtimestamp(sec, datetime.UTC).strftime("%Y-%m-%d %H:%M")
-    except (OverflowError, OSError, ValueError):
-        return str(sec)
+    """`YYYY-MM-DD HH:MM` (UTC), or the seconds for a time outside years 0001-9999."""
+    when = rfc3339.format_or_none(sec)
+    return when[:16].replace("T", " ") if when else str(sec)
 
 
 def _ls_line(name: bytes, e) -> bytes:
