@@ -355,7 +355,7 @@ class _Parser:
         else:
             secs = [0] * n
             nsecs = [0] * n
-            for i, (a, b) in enumerate(zip(secs_, nsecs_)):
+            for i, (a, b) in enumerate(zip(secs_, nsecs_, strict=True)):
                 if a.isdigit() and b.isdigit() and len(a) < 19 and len(b) < 19:
                     secs[i] = int(a)
                     nsecs[i] = int(b)
