@@ -66,6 +66,22 @@ class NotRegular(OSError):
         self.st = st
 
 
+def describe(e: OSError) -> str:
+    """What an error of this module means, for a message (the bare strerror of ELOOP or EXDEV
+    does not say it)."""
+    if isinstance(e, NotRegular):
+        return e.strerror
+    if e.errno == errno.ELOOP:
+        return "a symlink on the way (refused: only files inside are read)"
+    if e.errno == errno.EXDEV:
+        return "the path leads outside"
+    if e.errno == errno.EINVAL:
+        return "not a usable path (empty, or a NUL byte)"
+    if e.errno == errno.ENOTDIR:
+        return "a component of the path is not a directory"
+    return e.strerror or str(e)
+
+
 def open_path(dirfd: int, path: bytes, symlinks: bool = False) -> int:
     """An `O_PATH` descriptor of `path` beneath `dirfd` (opens nothing; a symlink as the last
     component is the symlink itself unless `symlinks`)."""
