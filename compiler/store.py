@@ -43,10 +43,13 @@ them.  That decides the design:
   `mkdirat`, `linkat`), each fan-out opened `O_DIRECTORY | O_NOFOLLOW`.  A fan-out that is a
   symlink, a regular file or anything but a directory is refused (`StoreError`, naming it),
   never followed or repaired; so is anything but a regular file under an object's name.
-* `kill -9` may leave `.cfsc-tmp-*` files at the top of the store (as much as it had imported;
-  killed in the middle of a commit's naming, also the objects named so far — each complete).
+* A commit first writes a journal, `DIR/.cfsc-tmp-commit-…`, listing the names it is about to
+  make, and removes it once they are all made (or taken back).  A process killed in between
+  (`kill -9`) leaves its journal, and the next commit into the store (holding the lock, so no
+  live commit can own a journal it sees) takes those names back, by the same inode rule.
+* `kill -9` leaves `.cfsc-tmp-*` files at the top of the store (as much as it had imported).
   Nothing reads them, their names cannot collide with new ones (O_EXCL), `fsck-store` counts
-  them, and they are safe to delete while no import runs.
+  them, and they are safe to delete while no import runs (`cfsc gc`, to come, will).
 * The store directory is made when the first object is imported: a run that fails before
   creates nothing.
 
@@ -61,7 +64,6 @@ they are written.  Methods are thread-safe: the directory frontend imports from 
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import fcntl
 import os
@@ -70,7 +72,7 @@ import struct
 import threading
 from collections.abc import Iterable
 
-from . import beneath
+from . import beneath, syscalls
 from .errors import CfscError, InputError, OutputError, StoreError
 from .fsverity import FsVerityHasher, hash_fd, payload_path
 
@@ -82,12 +84,14 @@ FSVERITY_ENABLE_ARG = struct.Struct("<IIIIQIIQ88x")
 assert FSVERITY_ENABLE_ARG.size == 128
 VERITY_ARG = FSVERITY_ENABLE_ARG.pack(1, 1, 4096, 0, 0, 0, 0, 0)
 TEMP_PREFIX = ".cfsc-tmp-"
+JOURNAL_PREFIX = TEMP_PREFIX + "commit-"
 OBJECT_MODE = 0o644
 DIR_MODE = 0o755
 SYNC_BYTES = 32 << 20
 SYNC_OBJECTS = 4096
 _CHUNK = 1 << 20
 O_TEMP = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+O_JOURNAL = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 # "This file system cannot do that at all": stop trying for this store.
 _UNSUPPORTED = frozenset({errno.EOPNOTSUPP, errno.ENOTTY, errno.ENOSYS, errno.EXDEV, errno.EINVAL})
 # Copy errors that are the store's (writing), not the source's (reading).
@@ -334,7 +338,12 @@ class Store:
             raise self._vanished(next(iter(reused)))
         locked = _flock(root, fcntl.LOCK_EX, self.root)
         named: list[tuple[int, str, _Pending]] = []
+        journal = None
         try:
+            if locked:
+                self._take_back_killed_commits(root)
+                if pending:
+                    journal = self._write_journal(root, pending)
             for p in pending:
                 fan = self._fan(p.digest[0], create=True)
                 assert fan is not None
@@ -346,11 +355,71 @@ class Store:
                     raise self._vanished(digest)
         except BaseException:
             for fan, name, p in reversed(named):
-                _unname(fan, name, p)
+                _unname(fan, name, p.dev, p.ino)
             raise
         finally:
+            if journal is not None:
+                _unlink_quietly(journal, root)
             if locked:
                 _flock(root, fcntl.LOCK_UN, self.root)
+
+    def _write_journal(self, root: int, pending: list[_Pending]) -> str:
+        """The list of names this commit is about to make (`temp digest` lines), so that the
+        next commit takes them back if this process dies before it is done."""
+        text = "".join(f"{p.name} {p.digest.hex()}\n" for p in pending).encode()
+        for _attempt in range(100):
+            name = JOURNAL_PREFIX + os.urandom(8).hex()
+            try:
+                fd = os.open(name, O_JOURNAL, 0o600, dir_fd=root)
+                break
+            except FileExistsError:
+                continue
+            except OSError as e:
+                raise _failed(e, "create the commit journal", self.root) from None
+        else:
+            raise OutputError("cannot create the commit journal: no free name", self.root)
+        try:
+            _write_all(fd, text, self.root)
+        except BaseException:
+            os.close(fd)
+            _unlink_quietly(name, root)
+            raise
+        os.close(fd)
+        return name
+
+    def _take_back_killed_commits(self, root: int) -> None:
+        """Undo the commits whose process died while naming (`kill -9`): their journal is
+        still there, and since we hold the lock, nobody is writing it.  A name goes only if it
+        is still the inode of the temp file listed for it; then the temp file goes too."""
+        try:
+            names = [n for n in os.listdir(root) if n.startswith(JOURNAL_PREFIX)]
+        except OSError:
+            return
+        for journal in names:
+            try:
+                fd, st = beneath.open_regular(root, journal.encode())
+            except OSError:
+                continue
+            try:
+                text = os.pread(fd, st.st_size, 0)
+            except OSError:
+                continue
+            finally:
+                os.close(fd)
+            for line in text.splitlines():
+                temp, _, hexdigest = line.decode("ascii", "replace").partition(" ")
+                if not temp.startswith(TEMP_PREFIX) or "/" in temp or len(hexdigest) != 64:
+                    continue
+                try:
+                    digest = bytes.fromhex(hexdigest)
+                    st = os.stat(temp, dir_fd=root, follow_symlinks=False)
+                except (ValueError, OSError):
+                    continue  # no temp file to compare with: leave the name alone
+                fan = self._fan(digest[0], create=False)
+                if fan is not None:
+                    _unname(fan, digest[1:].hex(), st.st_dev, st.st_ino)
+                _unlink_quietly(temp, root)
+            _unlink_quietly(journal, root)
 
     def _link(self, p: _Pending, fan: int, name: str) -> bool:
         """Give a pending object its name in `fan`; False if the name was there already."""
@@ -482,7 +551,7 @@ class Store:
 
     def _sync(self) -> None:
         try:
-            _syncfs(self._rootfd)
+            syscalls.syncfs(self._rootfd)
         except OSError as e:
             raise OutputError(f"cannot sync the store: {e.strerror}", self.root) from None
 
@@ -584,10 +653,7 @@ class Store:
 
     def _unlink_temps(self, pending: list[_Pending]) -> None:
         for p in pending:
-            try:
-                os.unlink(p.name, dir_fd=self._rootfd)
-            except OSError:
-                pass
+            _unlink_quietly(p.name, self._rootfd)
 
     def _close_fds(self) -> None:
         with self._lock:
@@ -632,10 +698,7 @@ class _Temp:
             self.close()
         except OSError:
             pass
-        try:
-            os.unlink(self.name, dir_fd=self.rootfd)
-        except OSError:
-            pass
+        _unlink_quietly(self.name, self.rootfd)
 
 
 def _failed(e: OSError, doing: str, where: str) -> CfscError:
@@ -649,12 +712,19 @@ def _failed(e: OSError, doing: str, where: str) -> CfscError:
     return OutputError(f"cannot {doing}: {e.strerror}{hint}", where)
 
 
-def _unname(fan: int, name: str, p: _Pending) -> None:
-    """Take back a name this commit made — if it is still our file (its inode)."""
+def _unname(fan: int, name: str, dev: int, ino: int) -> None:
+    """Take back a name a commit made — if it is still that commit's file (its inode)."""
     try:
         st = os.stat(name, dir_fd=fan, follow_symlinks=False)
-        if (st.st_dev, st.st_ino) == (p.dev, p.ino):
+        if (st.st_dev, st.st_ino) == (dev, ino):
             os.unlink(name, dir_fd=fan)
+    except OSError:
+        pass
+
+
+def _unlink_quietly(name: str, dirfd: int) -> None:
+    try:
+        os.unlink(name, dir_fd=dirfd)
     except OSError:
         pass
 
@@ -670,42 +740,15 @@ def _flock(fd: int, op: int, where: str) -> bool:
     return True
 
 
-_libc = None
-RENAME_NOREPLACE = 1
-
-
-def _lib():
-    global _libc
-    if _libc is None:
-        try:
-            _libc = ctypes.CDLL(None, use_errno=True)
-        except OSError:
-            _libc = False
-    return _libc
-
-
-def _syncfs(fd: int) -> None:
-    """syncfs(2) on the file system of `fd` (os has no wrapper); sync(2) without libc."""
-    libc = _lib()
-    if not libc or not hasattr(libc, "syncfs"):
-        os.sync()
-        return
-    if libc.syncfs(fd) != 0:
-        code = ctypes.get_errno()
-        raise OSError(code, os.strerror(code))
-
-
 def _rename_noreplace(src_dir: int, src: str, dst_dir: int, dst: str) -> None:
     """renameat2(RENAME_NOREPLACE): FileExistsError rather than replace a name.  A file system
     without the flag (EINVAL) gets a plain rename: the name, if there, holds the same content."""
-    libc = _lib()
-    if libc and hasattr(libc, "renameat2"):
-        if libc.renameat2(src_dir, os.fsencode(src), dst_dir, os.fsencode(dst), RENAME_NOREPLACE) == 0:
-            return
-        code = ctypes.get_errno()
-        if code not in (errno.EINVAL, errno.ENOSYS):
-            raise OSError(code, os.strerror(code))
-    os.rename(src, dst, src_dir_fd=src_dir, dst_dir_fd=dst_dir)
+    try:
+        syscalls.renameat2(src_dir, src, dst_dir, dst, syscalls.RENAME_NOREPLACE)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.ENOSYS):
+            raise
+        os.rename(src, dst, src_dir_fd=src_dir, dst_dir_fd=dst_dir)
 
 
 def _write_all(fd: int, data, where: str) -> None:

@@ -421,7 +421,7 @@ class Repo:
             name = repo.object_name(checksum, ext)
             try:
                 try:
-                    obj.fd, _st = beneath.open_regular(repo.dirfd(), name)
+                    obj.fd, st = beneath.open_regular(repo.dirfd(), name)
                 except FileNotFoundError:
                     continue
                 except OSError as e:
@@ -432,7 +432,7 @@ class Repo:
                                           f" file", path) from None
                     repo._symlink(obj, name)  # bare and bare-user-only keep symlinks as symlinks
                     return obj
-                repo._regular(obj)
+                repo._regular(obj, st)
                 return obj
             except OSError as e:
                 obj.close()
@@ -463,10 +463,7 @@ class Repo:
         finally:
             os.close(pfd)
 
-    def _regular(self, obj: Content) -> None:
-        st = os.fstat(obj.fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise ObjectError("not a regular file or symlink", obj.path)
+    def _regular(self, obj: Content, st: os.stat_result) -> None:
         mode = self.mode
         if mode == ARCHIVE:
             self._archive_header(obj, st.st_size)
