@@ -46,6 +46,14 @@ class Refused(LookupFailed):
         self.cause = cause
 
 
+class WrongType(LookupFailed):
+    """A backing file that is not a regular file (a FIFO, a directory …; `kind` says): EIO."""
+
+    def __init__(self, payload: bytes, kind: str, where: str) -> None:
+        super().__init__(f"object {shown_path(payload)} is not a regular file ({kind})", where, errno.EIO)
+        self.kind = kind
+
+
 class Cancelled(Exception):
     """The request asking for the data was interrupted."""
 
@@ -117,8 +125,7 @@ class Store:
             except FileNotFoundError:
                 continue
             except NotRegular as e:
-                raise LookupFailed(f"object {shown_path(payload)} is not a regular file ({kind(e.st.st_mode)})",
-                                   where, errno.EIO) from None
+                raise WrongType(payload, kind(e.st.st_mode), where) from None
             except OSError as e:
                 if e.errno in ESCAPES:
                     raise Refused(f"object {shown_path(payload)} leads outside the store {basedir} "

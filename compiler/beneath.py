@@ -7,9 +7,9 @@ directories anyone with write access may have swapped).  Every open of a file in
 through here, so the rules are kept in one place:
 
 * Resolution stays beneath the root: `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)` where
-  the kernel has it (5.6+), else a walk one component at a time with `O_NOFOLLOW` that refuses
-  `..`, absolute paths and symlinks on the way.  Both give the same errnos: EXDEV (`..`, an
-  absolute path), ELOOP (a symlink anywhere, the last component included), ENOTDIR (a
+  the kernel has it (5.6+), else a walk one component at a time with `O_NOFOLLOW`.  Both give
+  the same errnos (a test says so): EXDEV (a `..` component, even one that would stay inside;
+  an absolute path), ELOOP (a symlink anywhere, the last component included), ENOTDIR (a
   component that is not a directory), ENOENT, EINVAL (an empty path, a NUL byte).
   `symlinks=True` (OSTree's ref aliases are symlinks) follows symlinks that stay beneath the
   root (RESOLVE_BENEATH); the walk cannot check that, so without openat2 it refuses them.
@@ -85,8 +85,7 @@ def describe(e: OSError) -> str:
 def open_path(dirfd: int, path: bytes, symlinks: bool = False) -> int:
     """An `O_PATH` descriptor of `path` beneath `dirfd` (opens nothing; a symlink as the last
     component is the symlink itself unless `symlinks`)."""
-    if not path or b"\0" in path:
-        raise OSError(errno.EINVAL, "an empty path or one with a NUL byte", path)
+    _check_path(path)
     global use_openat2
     if use_openat2:
         flags = os.O_PATH | os.O_CLOEXEC if symlinks else O_PATH
@@ -104,46 +103,36 @@ def open_regular(dirfd: int, path: bytes, symlinks: bool = False) -> tuple[int, 
 
     OSError with an errno of ESCAPES, ENOTDIR, ENOENT … (see the module docstring); a final
     symlink is ELOOP; any other file type is `NotRegular`, and was never opened for reading."""
-    if not _have_proc():
-        if not path or b"\0" in path:
-            raise OSError(errno.EINVAL, "an empty path or one with a NUL byte", path)
-        fd = _walk(dirfd, path, O_READ) if not use_openat2 else _openat2_read(dirfd, path, symlinks)
-        return fd, _regular_stat(fd, path)
-    pfd = open_path(dirfd, path, symlinks)
+    _check_path(path)
+    if _have_proc():
+        return _through(open_path(dirfd, path, symlinks), path)
     try:
-        st = os.fstat(pfd)
-        if not stat.S_ISREG(st.st_mode):
-            if stat.S_ISLNK(st.st_mode):
-                raise OSError(errno.ELOOP, "a symlink", path)
-            raise NotRegular(path, st)
-        return _reopen(pfd), st
-    finally:
-        os.close(pfd)
+        fd = _open_read(dirfd, path, symlinks)
+    except OSError as e:
+        raise _refusal(e, lambda: open_path(dirfd, path, symlinks), path) from None
+    return fd, _regular_stat(fd, path)
 
 
 def open_listed(dirfd: int, name: bytes) -> tuple[int, os.stat_result]:
     """`open_regular` for one name in the directory open at `dirfd` that its listing called a
     regular file: the fast path (see the module docstring)."""
-    fd = os.open(name, O_READ, dir_fd=dirfd)
+    try:
+        fd = os.open(name, O_READ, dir_fd=dirfd)
+    except OSError as e:
+        raise _refusal(e, lambda: os.open(name, O_PATH, dir_fd=dirfd), name) from None
     return fd, _regular_stat(fd, name)
 
 
 def open_named(path) -> tuple[int, os.stat_result]:
     """A regular file a caller named by path (directories on the way are the caller's choice,
     so symlinks there are followed; the last component must not be one)."""
-    if not _have_proc():
-        fd = os.open(path, O_READ)
-        return fd, _regular_stat(fd, path)
-    pfd = os.open(path, O_PATH)
+    if _have_proc():
+        return _through(os.open(path, O_PATH), path)
     try:
-        st = os.fstat(pfd)
-        if not stat.S_ISREG(st.st_mode):
-            if stat.S_ISLNK(st.st_mode):
-                raise OSError(errno.ELOOP, "a symlink", path)
-            raise NotRegular(path, st)
-        return _reopen(pfd), st
-    finally:
-        os.close(pfd)
+        fd = os.open(path, O_READ)
+    except OSError as e:
+        raise _refusal(e, lambda: os.open(path, O_PATH), path) from None
+    return fd, _regular_stat(fd, path)
 
 
 def reopen(fd: int, flags: int = os.O_RDONLY) -> int | None:
@@ -171,15 +160,56 @@ def _reopen(pfd: int) -> int:
     return os.open(f"/proc/self/fd/{pfd}", os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY)
 
 
-def _openat2_read(dirfd: int, path: bytes, symlinks: bool) -> int:
-    global use_openat2
-    flags = O_READ & ~os.O_NOFOLLOW if symlinks else O_READ
+def _check_path(path: bytes) -> None:
+    # `..` is refused even where it would stay beneath (openat2 would take `d/../f`, the walk
+    # cannot check that): one rule for both.  A NUL would cut the path short in C.
+    if not path or b"\0" in path:
+        raise OSError(errno.EINVAL, "an empty path or one with a NUL byte", path)
+    if b".." in path.split(b"/"):
+        raise OSError(errno.EXDEV, "the path leaves the directory", path)
+
+
+def _through(pfd: int, path) -> tuple[int, os.stat_result]:
+    """The file an O_PATH descriptor names, opened for reading if it is a regular file."""
     try:
-        return syscalls.openat2(dirfd, path, flags, RESOLVE_SYMLINKS if symlinks else RESOLVE)
-    except OSError as e:
-        if e.errno != errno.ENOSYS:
-            raise
-        use_openat2 = False
+        st = os.fstat(pfd)
+        if not stat.S_ISREG(st.st_mode):
+            if stat.S_ISLNK(st.st_mode):
+                raise OSError(errno.ELOOP, "a symlink", path)
+            raise NotRegular(path, st)
+        return _reopen(pfd), st
+    finally:
+        os.close(pfd)
+
+
+def _refusal(e: OSError, open_path_fd, path) -> OSError:
+    """open(2) refuses a socket (ENXIO) and a device without a driver (ENXIO, ENODEV): say
+    what the file is, as the O_PATH way does."""
+    if e.errno in (errno.ENXIO, errno.ENODEV):
+        try:
+            pfd = open_path_fd()
+        except OSError:
+            return e
+        try:
+            st = os.fstat(pfd)
+        finally:
+            os.close(pfd)
+        if not stat.S_ISREG(st.st_mode):
+            return NotRegular(path, st)
+    return e
+
+
+def _open_read(dirfd: int, path: bytes, symlinks: bool) -> int:
+    """Without /proc: the file opened for reading directly (O_NONBLOCK: a FIFO does not block)."""
+    global use_openat2
+    if use_openat2:
+        flags = O_READ & ~os.O_NOFOLLOW if symlinks else O_READ
+        try:
+            return syscalls.openat2(dirfd, path, flags, RESOLVE_SYMLINKS if symlinks else RESOLVE)
+        except OSError as e:
+            if e.errno != errno.ENOSYS:
+                raise
+            use_openat2 = False
     return _walk(dirfd, path, O_READ)
 
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 from .backends.erofs.entries import walk
 from .backends.erofs.reader import Image
-from .backing import Refused, Store
+from .backing import Refused, Store, WrongType
 from .beneath import ESCAPES
 from .errors import LookupFailed
 from .fsverity import digest_fd
@@ -111,6 +111,8 @@ def _check(store: Store, payload: bytes, wanted: set[tuple[int, bytes | None]]) 
         return "invalid", "the path leaves the store"
     try:
         fd = store.open(rel, None)
+    except WrongType as e:
+        return "corrupt", f"not a regular file ({e.kind})"
     except Refused as e:
         if e.cause in ESCAPES:
             return "invalid", "the path leaves the store (a symlink on the way)"
