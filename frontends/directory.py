@@ -11,8 +11,8 @@ first in depth-first name order, the name a dumpfile of the tree lists in full.
 
 Safety: the walk never follows a symlink.  Every directory is opened relative to its parent's
 descriptor with O_NOFOLLOW and checked to be the inode `lstat` saw; regular files are opened
-the same way (plus O_NONBLOCK: a FIFO swapped in must not hang us) and described by `fstat` of
-the very descriptor they are read from; other entries' xattrs are read through
+by `cfsc.base.beneath.open_listed` (a FIFO swapped in neither hangs us nor is read) and described by
+`fstat` of the very descriptor they are read from; other entries' xattrs are read through
 `/proc/self/fd/N/NAME` without following the last component.  So swapping a directory for a
 symlink mid-scan cannot lead the walk out of the tree.  A file that vanishes or changes
 (size or mtime differ before and after reading it, the bytes read disagree with the size, or
@@ -34,6 +34,7 @@ import errno
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
 
+from cfsc.base.beneath import NotRegular, open_listed
 from cfsc.base.errors import InputError, UsageError
 from cfsc.base.fsverity import digest_bytes, hash_fd, payload_path
 from cfsc.base.options import Options
@@ -43,8 +44,6 @@ from cfsc.store.objects import Store, loaded, open_store
 
 INLINE_MAX = 64  # LCFS_RECOMMENDED_INLINE_CONTENT_MAX: directory scans inline 1..64 bytes
 O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-# O_NONBLOCK: a regular file swapped for a FIFO after readdir must not hang the open.
-O_FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 U32 = 0xFFFFFFFF
 NS = 1_000_000_000
 SMALL_READ = 1 << 20  # files up to this size are read with one call
@@ -334,16 +333,15 @@ class _Scanner:
     def read(self, job: _File) -> None:
         node = job.node
         try:
-            fd = os.open(job.name, O_FILE, dir_fd=job.dir.fd)
+            fd, st = open_listed(job.dir.fd, job.name)
         except PermissionError:
             self.read_unreadable(job)
             return
+        except NotRegular:
+            raise self.changed(job.path, "replaced by another file type") from None
         except OSError as e:
             raise self.os_error(e, job.path, "open") from None
         try:
-            st = os.fstat(fd)
-            if st.st_mode & S_IFMT != S_IFREG:
-                raise self.changed(job.path, "replaced by another file type")
             self.set_stat(node, st)
             node.size = job.size = size = st.st_size
             if self.read_xattrs:

@@ -15,7 +15,9 @@ needs no bookkeeping.
 
 External data goes through FUSE passthrough when the kernel offers it (7.40+) and we hold
 CAP_SYS_ADMIN: the backing file is registered with `FUSE_DEV_IOC_BACKING_OPEN` and the
-kernel reads it directly, page cache and all.  Otherwise reads are `pread` + `writev`.
+kernel reads it directly, page cache and all.  Otherwise reads are `pread` + `writev`.  A
+backing file whose size is not the image's is never passed through (`_passable`): both ways
+serve the same bytes.
 Either way a backing file is opened and verified once and then kept (`Held`) for the next
 use, shared by all concurrent opens of its inode (passthrough requires one backing id per
 inode), and let go only when it is among the oldest unused ones — never right after an
@@ -461,10 +463,25 @@ class Server:
     def _hold(self, unique: int, node: Node) -> Held:
         """Open, verify and (with passthrough) register a node's backing file."""
         fd = self._checked(unique, node, self.store.open, node.payload, node.digest)
-        held = Held(fd, self._register(fd) if self.passthrough else None)
+        held = Held(fd, self._register(fd) if self.passthrough and self._passable(node, fd) else None)
         with self._lock:
             self._held[node.nid] = held
         return held
+
+    def _passable(self, node: Node, fd: int) -> bool:
+        """Whether passthrough serves this backing file as reads would: only at the image's
+        size.  The kernel reads a passed-through file to its own end, so a longer one (possible
+        with no digest to check, or --verity none) would show bytes the image does not have;
+        reads stop at the image's size.  Such a file is served by reads (and logged)."""
+        try:
+            size = os.fstat(fd).st_size
+        except OSError:
+            return False
+        if size == node.size:
+            return True
+        self._log(f"{self._where(node)}: backing file {node.payload.decode('utf-8', 'backslashreplace')} has {size}"
+                  f" bytes, the image says {node.size}: served by reads, not passthrough")
+        return False
 
     def _register(self, fd: int) -> int | None:
         """A passthrough backing id for `fd`, or None to serve this file by pread."""

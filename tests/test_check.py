@@ -230,6 +230,7 @@ def test_shuffled_orders_mean_the_same(tmp_path):
 
     import orjson
     from cfsc.base.errors import CfscError
+
     from tests.helpers.tarcraft import archive, member
 
     names = [b"a", b"b", b"a/x", b"a/y", b"b/x", b"a/x/z", b"c", b".wh.a", b"a/.wh.x", b"a/.wh..wh..opq"]

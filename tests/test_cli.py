@@ -117,6 +117,7 @@ def test_sigterm_mid_import_leaves_no_store_object_and_no_output(tmp_path):
     import time
 
     from cfsc.store.objects import TEMP_PREFIX
+
     from tests.helpers.data import CFSC
 
     buf = io.BytesIO()

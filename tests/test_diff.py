@@ -622,6 +622,7 @@ def test_images_another_writer_linked_fall_back_to_manifests():
     from cfsc.backends.erofs.reader import Image
     from cfsc.frontends.image import read_tree
     from cfsc.tools.diff import _Unsuited, diff_in_step
+
     from tests.helpers.data import image_of
 
     dump = b"/ 0 40755 2 0 0 0 0.0 - - -\n/x 3 100644 1 0 0 0 0.0 - abc -\n/y 3 100600 1 0 0 0 0.0 - xyz -\n"

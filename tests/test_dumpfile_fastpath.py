@@ -13,11 +13,11 @@ was joined and split again).
 from __future__ import annotations
 
 import pytest
+from cfsc.frontends.dumpfile import FIELDS
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bench.fuzzing import dumpgrammar
-from cfsc.frontends.dumpfile import FIELDS
 
 SETTINGS = settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))
 

@@ -252,6 +252,7 @@ def test_many_lookups_through_one_entries_object():
 
     from cfsc.backends.erofs.entries import Entries, resolve
     from cfsc.backends.erofs.reader import Image
+
     from tests.helpers.data import CONFORMANCE
 
     data = gzip.decompress((CONFORMANCE / "upstream-images" / "config-with-hard-link.v0.cfs.gz").read_bytes())

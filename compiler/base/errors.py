@@ -109,6 +109,12 @@ class IntegrityError(CfscError, OSError):
         self.errno = _errno.EIO
 
 
+class StoreError(InputError):
+    """A content store is not laid out as one (something other than a directory where a
+    fan-out directory belongs, other than a regular file under an object's name): bad input,
+    as a malformed source is; `where` is the path in the store."""
+
+
 class OutputError(CfscError):
     """Writing an output (image, store object) failed; nothing partial was left behind."""
 

@@ -1,4 +1,5 @@
-"""Linux system calls Python's `os` lacks: mount, openat2, the new mount API, capabilities.
+"""Linux system calls Python's `os` lacks: mount, openat2, the new mount API, syncfs,
+renameat2, capabilities.
 
 Called through libc with ctypes; every failure is an `OSError` with the errno the kernel
 returned.  Syscall numbers are the generic table's (the same on x86-64, arm64, riscv64 …
@@ -8,6 +9,7 @@ for calls added since 5.1), so no per-architecture lists are needed.
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import struct
 
@@ -77,6 +79,22 @@ def openat2(dirfd: int, path: bytes, flags: int, resolve: int) -> int:
     if how is None:
         how = _open_how[flags, resolve] = ctypes.create_string_buffer(OPEN_HOW.pack(flags, 0, resolve), OPEN_HOW.size)
     return _check(_openat2(SYS_OPENAT2, dirfd, path, how, OPEN_HOW.size), "openat2", path)
+
+
+RENAME_NOREPLACE = 1
+
+
+def syncfs(fd: int) -> None:
+    """syncfs(2): write back the file system holding `fd`."""
+    _check(_libc.syncfs(fd), "syncfs")
+
+
+def renameat2(src_dir: int, src, dst_dir: int, dst, flags: int) -> None:
+    """renameat2(2) (glibc 2.28+; ENOSYS without the wrapper)."""
+    call = getattr(_libc, "renameat2", None)
+    if call is None:
+        raise OSError(errno.ENOSYS, os.strerror(errno.ENOSYS), "renameat2")
+    _check(call(src_dir, _c(src), dst_dir, _c(dst), flags), "renameat2", dst)
 
 
 def fsopen(fstype: str) -> int:

@@ -188,6 +188,8 @@ def fsck_store_cmd(
 ) -> None:
     """Check the store for every object the images use: missing, truncated or altered (fs-verity digest).
 
+    Also counts the temp files interrupted imports left (`.cfsc-tmp-*`; not a problem).
+
     Exit status 1 if any object is missing or corrupt, 0 if all are intact.
     """
     from cfsc.base.jsonbytes import put
@@ -212,7 +214,8 @@ def fsck_store_cmd(
             problems.append(obj)
         _write_json_line({"store": basedir, "objects": report.objects, "missing": report.count("missing"),
                           "corrupt": report.count("corrupt"), "invalid": report.count("invalid"),
-                          "unverified": report.unverified, "problems": problems})
+                          "unverified": report.unverified, "temp_files": report.temp_files,
+                          "temp_bytes": report.temp_bytes, "problems": problems})
     else:
         from cfsc.backends.dumpfile import escape
 
@@ -224,6 +227,9 @@ def fsck_store_cmd(
         unverified = f" ({report.unverified} without a digest: size checked only)" if report.unverified else ""
         out.write(f"{report.objects} objects checked in {basedir}: {report.count('missing')} missing, "
                   f"{report.count('corrupt')} corrupt, {report.count('invalid')} invalid{unverified}\n".encode())
+        if report.temp_files:
+            out.write(f"{report.temp_files} temp files of interrupted imports ({report.temp_bytes} bytes) at the top"
+                      " of the store: safe to delete while no import runs\n".encode())
     with contextlib.suppress(BrokenPipeError):
         sys.stdout.flush()
     if report.problems:

@@ -4,11 +4,9 @@ Every reader of a store goes through here: the FUSE server, `fsck-store`, the CR
 frontend's `--basedir`.
 
 A payload comes from the image, so it is untrusted: `../`, an absolute path or a symlink
-anywhere on the way must never reach a file outside the base directory.  Resolution is
-`openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)` where the kernel has it (5.6+), else a walk
-one component at a time with `O_NOFOLLOW` that refuses `..` outright.  The final open is
-`O_RDONLY|O_NOFOLLOW|O_NONBLOCK` (a FIFO in the store must not block a server thread) and
-anything but a regular file is refused.  Base directories are tried in order (`A:B`, like
+anywhere on the way must never reach a file outside the base directory, and a FIFO or device
+in the store must neither block a server thread nor be opened: files are opened with
+`cfsc.base.beneath.open_regular`, which refuses all of that.  Base directories are tried in order (`A:B`, like
 overlayfs' data-only layers): only "not found" moves on to the next.
 
 Integrity (`verity`): when the image records an fs-verity digest for a file, the backing
@@ -26,23 +24,17 @@ from __future__ import annotations
 
 import errno
 import os
-import stat
 from collections.abc import Callable
 from itertools import islice
 
-from cfsc.base import syscalls
+from cfsc.base import beneath
+from cfsc.base.beneath import ESCAPES, NotRegular, kind
 from cfsc.base.errors import IntegrityError, LookupFailed, shown_path
 from cfsc.base.fsverity import FsVerityHasher, digest_bytes, kernel_digest
 
 VERITY_MODES = ("none", "if-present", "require")
-OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
-RESOLVE = syscalls.RESOLVE_BENEATH | syscalls.RESOLVE_NO_SYMLINKS | syscalls.RESOLVE_NO_MAGICLINKS
 DIGEST_CACHE = 1 << 16
 READ_CHUNK = 1 << 20
-
-
-# What openat2 (RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS) or the walk says of a path leaving the base.
-ESCAPES = (errno.EXDEV, errno.ELOOP, errno.EINVAL)
 
 
 class Refused(LookupFailed):
@@ -51,6 +43,14 @@ class Refused(LookupFailed):
     def __init__(self, what: str, where: str, cause: int) -> None:
         super().__init__(what, where, errno.EIO)
         self.cause = cause
+
+
+class WrongType(LookupFailed):
+    """A backing file that is not a regular file (a FIFO, a directory …; `kind` says): EIO."""
+
+    def __init__(self, payload: bytes, kind: str, where: str) -> None:
+        super().__init__(f"object {shown_path(payload)} is not a regular file ({kind})", where, errno.EIO)
+        self.kind = kind
 
 
 class Cancelled(Exception):
@@ -77,7 +77,6 @@ class Store:
         except OSError as e:
             self.close()
             raise LookupFailed(f"cannot open the store directory: {e.strerror}", d, e.errno) from None
-        self._openat2 = True
         self._digests: dict[tuple, bytes] = {}
         self._no_kernel_verity: set[int] = set()  # devices whose file system has no fs-verity
         self.measured = 0  # bytes hashed in userspace (for statistics)
@@ -102,11 +101,8 @@ class Store:
         if not self.fds:
             raise LookupFailed(f"object {shown_path(payload)} needs a store, and no --basedir was given",
                                where, errno.EIO)
-        fd = self._find(payload, where)
+        fd, st = self._find(payload, where)
         try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise LookupFailed(f"object {shown_path(payload)} is not a regular file", where, errno.EIO)
             if digest is not None and self.verity != "none":
                 self._verify(fd, st, payload, digest, where, cancelled)
         except BaseException:
@@ -121,12 +117,14 @@ class Store:
         if digest is not None and self.verity != "none":
             self._verify(fd, os.fstat(fd), payload, digest, "", cancelled)
 
-    def _find(self, payload: bytes, where: str) -> int:
+    def _find(self, payload: bytes, where: str) -> tuple[int, os.stat_result]:
         for basedir, dirfd in zip(self.basedirs, self.fds, strict=True):
             try:
-                return self._open_beneath(dirfd, payload)
+                return beneath.open_regular(dirfd, payload)
             except FileNotFoundError:
                 continue
+            except NotRegular as e:
+                raise WrongType(payload, kind(e.st.st_mode), where) from None
             except OSError as e:
                 if e.errno in ESCAPES:
                     raise Refused(f"object {shown_path(payload)} leads outside the store {basedir} "
@@ -138,16 +136,6 @@ class Store:
                               where, e.errno) from None
         stores = ":".join(self.basedirs)
         raise LookupFailed(f"object {shown_path(payload)} not found in {stores}", where, errno.ENOENT)
-
-    def _open_beneath(self, dirfd: int, payload: bytes) -> int:
-        if self._openat2:
-            try:
-                return syscalls.openat2(dirfd, payload, OPEN_FLAGS, RESOLVE)
-            except OSError as e:
-                if e.errno != errno.ENOSYS:
-                    raise
-                self._openat2 = False
-        return open_by_walk(dirfd, payload)
 
     # -- verification --------------------------------------------------------------------
 
@@ -196,27 +184,3 @@ class Store:
             offset += n
         self.measured += offset
         return hasher.digest()
-
-
-def open_by_walk(dirfd: int, payload: bytes) -> int:
-    """Open `payload` beneath `dirfd` one component at a time, following no symlink.
-
-    Used where openat2 is missing.  `..` and absolute paths are refused before any lookup
-    (EXDEV, as openat2 would say); a symlink gives ELOOP (last component) or ENOTDIR.
-    """
-    parts = [p for p in payload.split(b"/") if p and p != b"."]
-    if payload.startswith(b"/") or b".." in parts or not parts:
-        raise OSError(errno.EXDEV, "path leaves the directory", payload)
-    fd = dirfd
-    try:
-        for part in parts[:-1]:
-            nxt = os.open(part, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
-            if fd != dirfd:
-                os.close(fd)
-            fd = nxt
-        return os.open(parts[-1], OPEN_FLAGS, dir_fd=fd)
-    finally:
-        if fd != dirfd:
-            os.close(fd)
-
-

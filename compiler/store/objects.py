@@ -4,22 +4,33 @@ A composefs image refers to external file content by store path (`payload`); the
 overlay finds the bytes there and checks them against the digest in the image.  So an
 object's content must hash to its name, always — also after a crash or `kill -9` mid-import,
 and when several importers share a store.  And an import either completes or leaves the store
-as it was: a run that fails (a truncated archive, a file that changed, a full disk) must not
-leave objects behind, not even complete ones, for nothing refers to them.  That decides the
-design:
+as it was: a run that fails (a truncated archive, a file that changed, a full disk, a name
+that cannot be made) leaves no object behind, not even complete ones, for nothing refers to
+them.  That decides the design:
 
-* An object is first written as a temp file inside the store (`DIR/.tmp-XXXXXXXX`: same file
-  system, unique name), given mode 0644 and offered fs-verity (FS_IOC_ENABLE_VERITY; failure
-  is ignored, as in mkcomposefs).
+* An object is first written as a temp file at the top of the store (`DIR/.cfsc-tmp-` and 16
+  hex digits: same file system, unique name, recognisable), given mode 0644 and offered
+  fs-verity (FS_IOC_ENABLE_VERITY; failure is ignored, as in mkcomposefs).
 * Nothing gets an object name before `commit()`, which is called once, when the whole run
   succeeded — by the frontend when it has loaded its source, or, when `compile_image` holds
   the objects (`Options.held`, a `HeldObjects`), once the image is written, so that a run
-  failing in the passes or the writer leaves no object behind either: a `syncfs` makes every temp file durable, then each is hard-linked to its
-  object name and its temp name removed.  `close()` instead (after any error) removes every
-  temp file: the store is as it was.  `link` never replaces an existing name, so an object
-  appears complete or not at all and is never rewritten; a concurrent importer that got there
-  first just wins (EEXIST).  File systems without hard links fall back to `rename`.
-  Durability is batched: a `syncfs` every `SYNC_BYTES`/`SYNC_OBJECTS` imported (so the disk
+  failing in the passes or the writer leaves no object behind either.  A `syncfs` makes every
+  temp file durable, then each is hard-linked to its object name, and only when every name
+  is made are the temp names removed.  If making a name fails (a full disk or quota, an I/O
+  error, a fan-out directory on another mount), the names this commit made are removed again
+  — only those whose inode is still the temp file's, never an object that was there before
+  or that another importer made — and the temp files with them: the store is as it was.
+  `close()` instead (after any error) removes every temp file.  `link` never replaces an
+  existing name, so an object appears complete or not at all and is never rewritten; a
+  concurrent importer that got there first just wins (EEXIST).  File systems without hard
+  links fall back to `renameat2(RENAME_NOREPLACE)`.
+* Commits of concurrent importers are serialised by an exclusive `flock` on the store
+  directory, held while names are made (or unmade) — so a name one commit makes and then
+  takes back is never the one another commit finds (EEXIST) and relies on.  An object a run
+  found in the store while it read its source (and so did not import) is checked again under
+  that lock: if it has gone meanwhile (a concurrent import that failed took it back, or
+  someone removed it), the run fails rather than write an image that refers to nothing.
+* Durability is batched: a `syncfs` every `SYNC_BYTES`/`SYNC_OBJECTS` imported (so the disk
   writes while the import goes on: one `syncfs` at the end, waiting for everything, made a
   200 MB tar import about a third slower) and one in `commit()`, instead of mkcomposefs' `fsync`
   per object (each of which is a journal commit: 5000 of them took seconds here).  The
@@ -27,10 +38,24 @@ design:
 * The digest that names an object is computed from the temp file's own bytes (while writing,
   or by reading the copy back), never trusted from a source that may change under us.  A caller
   that passes the digest it computed gets `SourceChanged` if the copy no longer matches.
-* A killed import may leave `.tmp-*` files at the top of the store (as much as it had imported),
-  never anything under an object name.  They are safe to delete while no import runs.
+* Nothing is ever written outside the store: the store directory is opened once, and every
+  temp file, fan-out directory and name is made relative to its descriptor (`openat`,
+  `mkdirat`, `linkat`), each fan-out opened `O_DIRECTORY | O_NOFOLLOW`.  A fan-out that is a
+  symlink, a regular file or anything but a directory is refused (`StoreError`, naming it),
+  never followed or repaired; so is anything but a regular file under an object's name.
+* A commit first writes a journal, `DIR/.cfsc-tmp-commit-…`, listing the names it is about to
+  make, and removes it once they are all made (or taken back).  A process killed in between
+  (`kill -9`) leaves its journal, and the next commit into the store (holding the lock, so no
+  live commit can own a journal it sees) takes those names back, by the same inode rule.
+* `kill -9` leaves `.cfsc-tmp-*` files at the top of the store (as much as it had imported).
+  Nothing reads them, their names cannot collide with new ones (O_EXCL), `fsck-store` counts
+  them, and they are safe to delete while no import runs (`cfsc gc`, to come, will).
 * The store directory is made when the first object is imported: a run that fails before
   creates nothing.
+
+Errors: a store that is not laid out as one is a `StoreError` (bad input, exit 2); a system
+that refuses (no space, quota, I/O error, read-only, another mount) an `OutputError` (exit 1);
+both name the path in the store.
 
 Copies use reflinks (FICLONE) where the file system shares extents, else `copy_file_range`,
 else read/write.  Streams (tar members, OSTree objects) come in as chunks and are hashed while
@@ -39,16 +64,16 @@ they are written.  Methods are thread-safe: the directory frontend imports from 
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import fcntl
 import os
+import stat
 import struct
-import tempfile
 import threading
 from collections.abc import Iterable
 
-from cfsc.base.errors import InputError, OutputError
+from cfsc.base import beneath, syscalls
+from cfsc.base.errors import CfscError, InputError, OutputError, StoreError
 from cfsc.base.fsverity import FsVerityHasher, hash_fd, payload_path
 
 FICLONE = 0x40049409  # _IOW(0x94, 9, int)
@@ -58,14 +83,19 @@ FS_IOC_ENABLE_VERITY = 0x40806685  # _IOW('f', 133, struct fsverity_enable_arg)
 FSVERITY_ENABLE_ARG = struct.Struct("<IIIIQIIQ88x")
 assert FSVERITY_ENABLE_ARG.size == 128
 VERITY_ARG = FSVERITY_ENABLE_ARG.pack(1, 1, 4096, 0, 0, 0, 0, 0)
-TEMP_PREFIX = ".tmp-"
+TEMP_PREFIX = ".cfsc-tmp-"
+JOURNAL_PREFIX = TEMP_PREFIX + "commit-"
 OBJECT_MODE = 0o644
 DIR_MODE = 0o755
 SYNC_BYTES = 32 << 20
 SYNC_OBJECTS = 4096
 _CHUNK = 1 << 20
+O_TEMP = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+O_JOURNAL = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 # "This file system cannot do that at all": stop trying for this store.
 _UNSUPPORTED = frozenset({errno.EOPNOTSUPP, errno.ENOTTY, errno.ENOSYS, errno.EXDEV, errno.EINVAL})
+# Copy errors that are the store's (writing), not the source's (reading).
+_STORE_FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS})
 
 
 class HeldObjects:
@@ -104,6 +134,18 @@ class SourceChanged(InputError):
     """The content being imported changed while it was read."""
 
 
+class _Pending:
+    """A temp file waiting for its object name; (dev, ino) tell the name it gets is still it."""
+
+    __slots__ = ("digest", "dev", "ino", "name")
+
+    def __init__(self, name: str, digest: bytes, dev: int, ino: int) -> None:
+        self.name = name
+        self.digest = digest
+        self.dev = dev
+        self.ino = ino
+
+
 class Store:
     """A content store rooted at `root` (created, with parents, at the first import).
 
@@ -113,17 +155,18 @@ class Store:
 
     def __init__(self, root: str | os.PathLike) -> None:
         self.root = os.fsdecode(root)
-        self._root_made = False
         self.reflink = True
         self.copy_range = True
         self.verity = True
         self.hardlinks = True
         self._lock = threading.Lock()
         self._commit_lock = threading.Lock()
+        self._rootfd = -1
+        self._fans: dict[int, int] = {}  # first digest byte -> descriptor of its `xx` directory
         self._present: set[bytes] = set()  # digests in the store or pending
+        self._reused: set[bytes] = set()  # digests found in the store (not imported by this run)
         self._busy: dict[bytes, threading.Event] = {}  # digests being imported right now
-        self._fanout: set[int] = set()  # `xx` directories known to exist
-        self._pending: list[tuple[str, bytes]] = []  # (temp path, digest)
+        self._pending: list[_Pending] = []
         self._unsynced = self._unsynced_bytes = 0  # objects and bytes imported since the last syncfs
         # Share of recent imports that found no object to reuse (a moving average).
         try:
@@ -153,11 +196,11 @@ class Store:
         """In the store, or pending (imported in this process, not yet committed)."""
         if digest in self._present:
             return True
-        try:
-            os.lstat(self.path_of(digest))
-        except FileNotFoundError:
+        if self._lookup(digest) is None:
             return False
-        self._present.add(digest)
+        with self._lock:
+            self._present.add(digest)
+            self._reused.add(digest)
         return True
 
     # -- importing --------------------------------------------------------------------------
@@ -174,7 +217,7 @@ class Store:
         try:
             temp = self._temp()
             try:
-                got, size = self._copy(fd, temp.fd, where)
+                got, size = self._copy(fd, temp, where)
                 if digest is not None and got != digest:
                     raise SourceChanged("changed while being copied into the store: the tree must not change"
                                         " during the scan", where)
@@ -195,7 +238,7 @@ class Store:
     def import_path(self, path: str | os.PathLike, digest: bytes | None = None) -> bytes:
         where = os.fsdecode(path)
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+            fd, _st = beneath.open_named(path)
         except OSError as e:
             raise InputError(f"cannot open: {e.strerror}", where) from None
         try:
@@ -212,7 +255,7 @@ class Store:
             for chunk in chunks:
                 hasher.update(chunk)
                 size += len(chunk)
-                _write_all(temp.fd, chunk, temp.path)
+                _write_all(temp.fd, chunk, self.root)
             digest = hasher.digest()
             if not self._claim(digest):
                 temp.discard()
@@ -234,7 +277,7 @@ class Store:
         try:
             temp = self._temp()
             try:
-                _write_all(temp.fd, data, temp.path)
+                _write_all(temp.fd, data, self.root)
                 self._add(temp, digest, len(data))
             except BaseException:
                 temp.discard()
@@ -242,41 +285,166 @@ class Store:
         finally:
             self._release(digest)
 
-    def commit(self, keep: set[bytes] | None = None) -> None:
-        """The run succeeded: make every pending object durable, then give it its name.
+    # -- committing -------------------------------------------------------------------------
 
-        With `keep` (digests), a pending object whose digest is not in it is dropped instead."""
+    def commit(self, keep: set[bytes] | None = None) -> None:
+        """The run succeeded: make every pending object durable, then give it its name — all
+        of them, or (an error) none.
+
+        With `keep` (digests), a pending object whose digest is not in it is dropped instead,
+        and only the objects found in the store that are in it must still be there."""
         with self._commit_lock:
             with self._lock:
                 pending, self._pending = self._pending, []
+                reused = self._reused if keep is None else self._reused & keep
                 if keep is not None:
-                    unused = [p for p in pending if p[1] not in keep]
+                    unused = [p for p in pending if p.digest not in keep]
                     if unused:
-                        pending = [p for p in pending if p[1] in keep]
-                        for _tmp, digest in unused:
-                            self._present.discard(digest)
-                        _unlink_all(unused)
-            if not pending:
-                return
+                        pending = [p for p in pending if p.digest in keep]
+                        for p in unused:
+                            self._present.discard(p.digest)
+                        self._unlink_temps(unused)
             try:
-                self._sync()
+                if pending or reused:
+                    if pending:
+                        self._sync()
+                    self._name_all(pending, reused)
             except BaseException:
-                _unlink_all(pending)
+                with self._lock:
+                    for p in pending:
+                        self._present.discard(p.digest)
+                self._unlink_temps(pending)
+                self._close_fds()
                 raise
-            for i, (tmp, digest) in enumerate(pending):
-                try:
-                    self._name(tmp, digest)
-                except BaseException:
-                    _unlink_all(pending[i:])
-                    raise
+            self._unlink_temps(pending)
+            with self._lock:
+                self._reused.clear()
+            self._close_fds()
 
     def close(self) -> None:
         """The run failed: drop what is pending (its temp files are removed)."""
         with self._lock:
             pending, self._pending = self._pending, []
-            for _tmp, digest in pending:
-                self._present.discard(digest)
-        _unlink_all(pending)
+            for p in pending:
+                self._present.discard(p.digest)
+        self._unlink_temps(pending)
+        self._close_fds()
+
+    def _name_all(self, pending: list[_Pending], reused: set[bytes]) -> None:
+        """Name every pending object, and check the reused ones are still there, under the
+        store's lock; on any failure take back the names made here."""
+        root = self._root_fd(create=False)
+        if root is None:  # only reused objects, and the store itself is gone
+            raise self._vanished(next(iter(reused)))
+        locked = _flock(root, fcntl.LOCK_EX, self.root)
+        named: list[tuple[int, str, _Pending]] = []
+        journal = None
+        try:
+            if locked:
+                self._take_back_killed_commits(root)
+                if pending:
+                    journal = self._write_journal(root, pending)
+            for p in pending:
+                fan = self._fan(p.digest[0], create=True)
+                assert fan is not None
+                name = p.digest[1:].hex()
+                if self._link(p, fan, name):
+                    named.append((fan, name, p))
+            for digest in reused:
+                if self._lookup(digest) is None:
+                    raise self._vanished(digest)
+        except BaseException:
+            for fan, name, p in reversed(named):
+                _unname(fan, name, p.dev, p.ino)
+            raise
+        finally:
+            if journal is not None:
+                _unlink_quietly(journal, root)
+            if locked:
+                _flock(root, fcntl.LOCK_UN, self.root)
+
+    def _write_journal(self, root: int, pending: list[_Pending]) -> str:
+        """The list of names this commit is about to make (`temp digest` lines), so that the
+        next commit takes them back if this process dies before it is done."""
+        text = "".join(f"{p.name} {p.digest.hex()}\n" for p in pending).encode()
+        for _attempt in range(100):
+            name = JOURNAL_PREFIX + os.urandom(8).hex()
+            try:
+                fd = os.open(name, O_JOURNAL, 0o600, dir_fd=root)
+                break
+            except FileExistsError:
+                continue
+            except OSError as e:
+                raise _failed(e, "create the commit journal", self.root) from None
+        else:
+            raise OutputError("cannot create the commit journal: no free name", self.root)
+        try:
+            _write_all(fd, text, self.root)
+        except BaseException:
+            os.close(fd)
+            _unlink_quietly(name, root)
+            raise
+        os.close(fd)
+        return name
+
+    def _take_back_killed_commits(self, root: int) -> None:
+        """Undo the commits whose process died while naming (`kill -9`): their journal is
+        still there, and since we hold the lock, nobody is writing it.  A name goes only if it
+        is still the inode of the temp file listed for it; then the temp file goes too."""
+        try:
+            names = [n for n in os.listdir(root) if n.startswith(JOURNAL_PREFIX)]
+        except OSError:
+            return
+        for journal in names:
+            try:
+                fd, st = beneath.open_regular(root, journal.encode())
+            except OSError:
+                continue
+            try:
+                text = os.pread(fd, st.st_size, 0)
+            except OSError:
+                continue
+            finally:
+                os.close(fd)
+            for line in text.splitlines():
+                temp, _, hexdigest = line.decode("ascii", "replace").partition(" ")
+                if not temp.startswith(TEMP_PREFIX) or "/" in temp or len(hexdigest) != 64:
+                    continue
+                try:
+                    digest = bytes.fromhex(hexdigest)
+                    st = os.stat(temp, dir_fd=root, follow_symlinks=False)
+                except (ValueError, OSError):
+                    continue  # no temp file to compare with: leave the name alone
+                fan = self._fan(digest[0], create=False)
+                if fan is not None:
+                    _unname(fan, digest[1:].hex(), st.st_dev, st.st_ino)
+                _unlink_quietly(temp, root)
+            _unlink_quietly(journal, root)
+
+    def _link(self, p: _Pending, fan: int, name: str) -> bool:
+        """Give a pending object its name in `fan`; False if the name was there already."""
+        try:
+            if self.hardlinks:
+                try:
+                    os.link(p.name, name, src_dir_fd=self._rootfd, dst_dir_fd=fan, follow_symlinks=False)
+                    return True
+                except FileExistsError:
+                    return False  # another importer was first: same name, same content
+                except OSError as e:
+                    if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EMLINK):
+                        raise
+                    self.hardlinks = False
+            try:
+                _rename_noreplace(self._rootfd, p.name, fan, name)
+            except FileExistsError:
+                return False
+            return True
+        except OSError as e:
+            raise _failed(e, "name a store object", self.path_of(p.digest)) from None
+
+    def _vanished(self, digest: bytes) -> OutputError:
+        return OutputError("this run found the object in the store, and it is gone now (removed during the run:"
+                           " by a concurrent import that failed, or by hand): run again", self.path_of(digest))
 
     # -- internals --------------------------------------------------------------------------
 
@@ -293,7 +461,12 @@ class Store:
                     self._busy[digest] = threading.Event()
                     break
             event.wait()
-        if digest in self:
+        try:
+            found = digest in self
+        except BaseException:
+            self._release(digest)
+            raise
+        if found:
             self._release(digest)
             self._learn(False)
             return False
@@ -309,8 +482,27 @@ class Store:
         if event is not None:
             event.set()
 
-    def _copy(self, src: int, out: int, where: str) -> tuple[bytes, int]:
-        """Copy `src` into `out`; return the digest and size of what `out` now holds."""
+    def _lookup(self, digest: bytes) -> os.stat_result | None:
+        """The stat of `digest`'s object in the store (None: not there), looked up through the
+        fan-out directory's descriptor; anything but a regular file there is refused."""
+        fan = self._fan(digest[0], create=False)
+        if fan is None:
+            return None
+        name = digest[1:].hex()
+        try:
+            st = os.stat(name, dir_fd=fan, follow_symlinks=False)
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            raise _failed(e, "look up a store object", self.path_of(digest)) from None
+        if not stat.S_ISREG(st.st_mode):
+            raise StoreError(f"{beneath.kind(st.st_mode)} where a store object belongs: expected a regular file"
+                             " (remove it)", self.path_of(digest))
+        return st
+
+    def _copy(self, src: int, temp: _Temp, where: str) -> tuple[bytes, int]:
+        """Copy `src` into the temp file; return the digest and size of what it now holds."""
+        out = temp.fd
         try:
             if self.reflink:
                 try:
@@ -328,19 +520,26 @@ class Store:
                     self.copy_range = False
             return _copy_plain(src, out)
         except OSError as e:
+            if e.errno in _STORE_FULL:
+                raise OutputError(f"cannot write a store object: {e.strerror}", self.root) from None
             raise InputError(f"cannot copy into the store: {e.strerror}", where) from None
 
     def _add(self, temp: _Temp, digest: bytes, size: int) -> None:
         """Finish a temp file holding `digest` and queue it for the commit."""
+        ro = None
         try:
             os.fchmod(temp.fd, OBJECT_MODE)
+            if self.verity:  # a read-only descriptor of the same file: fs-verity needs the writer closed
+                ro = beneath.reopen(temp.fd)
             temp.close()
         except OSError as e:
-            raise OutputError(f"cannot write a store object: {e.strerror}", temp.path) from None
+            if ro is not None:
+                os.close(ro)
+            raise _failed(e, "write a store object", self.root) from None
         if self.verity:
-            self._enable_verity(temp.path)
+            self._enable_verity(temp, ro)
         with self._lock:
-            self._pending.append((temp.path, digest))
+            self._pending.append(_Pending(temp.name, digest, temp.dev, temp.ino))
             self._present.add(digest)
             self._unsynced += 1
             self._unsynced_bytes += size
@@ -352,77 +551,142 @@ class Store:
 
     def _sync(self) -> None:
         try:
-            _syncfs(self.root)
+            syscalls.syncfs(self._rootfd)
         except OSError as e:
             raise OutputError(f"cannot sync the store: {e.strerror}", self.root) from None
 
-    def _name(self, tmp: str, digest: bytes) -> None:
-        final = self.path_of(digest)
-        self._make_fanout(digest)
+    def _enable_verity(self, temp: _Temp, ro: int | None) -> None:
+        if ro is None:  # no /proc: by name, if that is still our file
+            try:
+                ro = os.open(temp.name, beneath.O_READ, dir_fd=self._rootfd)
+            except OSError:
+                return
+            st = os.fstat(ro)
+            if (st.st_dev, st.st_ino) != (temp.dev, temp.ino):
+                os.close(ro)
+                return
         try:
-            if self.hardlinks:
-                try:
-                    os.link(tmp, final)
-                except FileExistsError:
-                    pass  # another importer was first: same name, same content
-                except OSError as e:
-                    if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EMLINK):
-                        raise
-                    self.hardlinks = False
-            if self.hardlinks:
-                os.unlink(tmp)
-            else:
-                os.rename(tmp, final)
-        except OSError as e:
-            raise OutputError(f"cannot create a store object: {e.strerror}", final) from None
-
-    def _enable_verity(self, tmp: str) -> None:
-        # The kernel refuses while a writable fd is open, hence the fresh read-only one.
-        try:
-            fd = os.open(tmp, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError:
-            return
-        try:
-            fcntl.ioctl(fd, FS_IOC_ENABLE_VERITY, VERITY_ARG)
+            fcntl.ioctl(ro, FS_IOC_ENABLE_VERITY, VERITY_ARG)
         except OSError as e:
             if e.errno in _UNSUPPORTED:
                 self.verity = False  # this file system (or kernel) has no fs-verity
         finally:
-            os.close(fd)
+            os.close(ro)
 
-    def _make_fanout(self, digest: bytes) -> None:
-        if digest[0] in self._fanout:
-            return
-        path = os.path.join(self.root, f"{digest[0]:02x}")
+    def _root_fd(self, create: bool) -> int | None:
+        """The store directory's descriptor (made, with parents, if `create`; None if it does
+        not exist yet)."""
+        fd = self._rootfd
+        if fd >= 0:
+            return fd
+        with self._lock:
+            if self._rootfd >= 0:
+                return self._rootfd
+            if create:
+                try:
+                    os.makedirs(self.root, DIR_MODE, exist_ok=True)
+                except (FileExistsError, NotADirectoryError):
+                    raise StoreError("not a directory: expected the content store's directory", self.root) from None
+                except OSError as e:
+                    raise OutputError(f"cannot create the store: {e.strerror}", self.root) from None
+            try:
+                fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                if create:
+                    raise OutputError("cannot open the store: it vanished", self.root) from None
+                return None
+            except NotADirectoryError:
+                raise StoreError("not a directory: expected the content store's directory", self.root) from None
+            except OSError as e:
+                raise OutputError(f"cannot open the store: {e.strerror}", self.root) from None
+            self._rootfd = fd
+            return fd
+
+    def _fan(self, first: int, create: bool) -> int | None:
+        """The descriptor of the fan-out directory `xx` for digests starting with byte
+        `first` (made if `create`; None if it does not exist)."""
+        fd = self._fans.get(first)
+        if fd is not None:
+            return fd
+        root = self._root_fd(create)
+        if root is None:
+            return None
+        name = f"{first:02x}"
         try:
-            os.mkdir(path, DIR_MODE)
-        except FileExistsError:
-            pass
+            fd = beneath.open_dir(root, name)
+        except FileNotFoundError:
+            if not create:
+                return None
+            try:
+                os.mkdir(name, DIR_MODE, dir_fd=root)
+            except FileExistsError:
+                pass  # another importer made it (or it is something else: the open below says)
+            except OSError as e:
+                raise _failed(e, "create a store directory", os.path.join(self.root, name)) from None
+            try:
+                fd = beneath.open_dir(root, name)
+            except OSError as e:
+                raise self._fan_error(e, root, name) from None
         except OSError as e:
-            raise OutputError(f"cannot create a store directory: {e.strerror}", path) from None
-        self._fanout.add(digest[0])
+            raise self._fan_error(e, root, name) from None
+        with self._lock:
+            kept = self._fans.setdefault(first, fd)
+        if kept != fd:
+            os.close(fd)
+        return kept
+
+    def _fan_error(self, e: OSError, root: int, name: str) -> CfscError:
+        where = os.path.join(self.root, name)
+        if e.errno in (errno.ENOTDIR, errno.ELOOP):
+            try:
+                what = beneath.kind(os.stat(name, dir_fd=root, follow_symlinks=False).st_mode)
+            except OSError:
+                what = "not a directory"
+            return StoreError(f"{what} where a store directory belongs: expected a directory", where)
+        return _failed(e, "open a store directory", where)
 
     def _temp(self) -> _Temp:
         """A new temp file; the store is created with the first one."""
-        if not self._root_made:
-            try:
-                os.makedirs(self.root, DIR_MODE, exist_ok=True)
-            except OSError as e:
-                raise OutputError(f"cannot create the store: {e.strerror}", self.root) from None
-            self._root_made = True
-        return _Temp(self.root)
+        root = self._root_fd(create=True)
+        assert root is not None
+        return _Temp(root, self.root)
+
+    def _unlink_temps(self, pending: list[_Pending]) -> None:
+        for p in pending:
+            _unlink_quietly(p.name, self._rootfd)
+
+    def _close_fds(self) -> None:
+        with self._lock:
+            fds = list(self._fans.values())
+            self._fans.clear()
+            if self._rootfd >= 0:
+                fds.append(self._rootfd)
+                self._rootfd = -1
+        for fd in fds:
+            os.close(fd)
 
 
 class _Temp:
-    """A temp file in the store; `fd` is closed exactly once (fd numbers are reused by threads)."""
+    """A temp file at the top of the store; `fd` is closed exactly once (fd numbers are reused
+    by threads)."""
 
-    __slots__ = ("fd", "path")
+    __slots__ = ("dev", "fd", "ino", "name", "rootfd")
 
-    def __init__(self, root: str) -> None:
-        try:
-            self.fd, self.path = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=root)
-        except OSError as e:
-            raise OutputError(f"cannot create a temporary file in the store: {e.strerror}", root) from None
+    def __init__(self, rootfd: int, root: str) -> None:
+        self.rootfd = rootfd
+        for _attempt in range(100):
+            self.name = TEMP_PREFIX + os.urandom(8).hex()
+            try:
+                self.fd = os.open(self.name, O_TEMP, 0o600, dir_fd=rootfd)
+                break
+            except FileExistsError:
+                continue
+            except OSError as e:
+                raise _failed(e, "create a temporary file in the store", root) from None
+        else:
+            raise OutputError("cannot create a temporary file in the store: no free name", root)
+        st = os.fstat(self.fd)
+        self.dev, self.ino = st.st_dev, st.st_ino
 
     def close(self) -> None:
         fd, self.fd = self.fd, -1
@@ -434,41 +698,57 @@ class _Temp:
             self.close()
         except OSError:
             pass
-        try:
-            os.unlink(self.path)
-        except OSError:
-            pass
+        _unlink_quietly(self.name, self.rootfd)
 
 
-def _unlink_all(pending: list[tuple[str, bytes]]) -> None:
-    for tmp, _digest in pending:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
+def _failed(e: OSError, doing: str, where: str) -> CfscError:
+    """A store operation the system refused: the store's own shape (a symlink or file on the
+    way: StoreError, bad input) or the environment (OutputError)."""
+    if e.errno in (errno.ENOTDIR, errno.ELOOP):
+        return StoreError(f"cannot {doing}: {e.strerror}: expected a directory on the way", where)
+    hint = ""
+    if e.errno == errno.EXDEV:
+        hint = " (the store must be one file system: is one of its directories another mount?)"
+    return OutputError(f"cannot {doing}: {e.strerror}{hint}", where)
 
 
-_libc = None
-
-
-def _syncfs(path: str) -> None:
-    """syncfs(2) on the file system holding `path` (os has no wrapper); sync(2) without libc."""
-    global _libc
-    if _libc is None:
-        try:
-            _libc = ctypes.CDLL(None, use_errno=True).syncfs
-        except (OSError, AttributeError):
-            _libc = False
-    if _libc is False:
-        os.sync()
-        return
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+def _unname(fan: int, name: str, dev: int, ino: int) -> None:
+    """Take back a name a commit made — if it is still that commit's file (its inode)."""
     try:
-        if _libc(fd) != 0:
-            code = ctypes.get_errno()
-            raise OSError(code, os.strerror(code))
-    finally:
-        os.close(fd)
+        st = os.stat(name, dir_fd=fan, follow_symlinks=False)
+        if (st.st_dev, st.st_ino) == (dev, ino):
+            os.unlink(name, dir_fd=fan)
+    except OSError:
+        pass
+
+
+def _unlink_quietly(name: str, dirfd: int) -> None:
+    try:
+        os.unlink(name, dir_fd=dirfd)
+    except OSError:
+        pass
+
+
+def _flock(fd: int, op: int, where: str) -> bool:
+    """flock(2); False where the file system has no locks (ENOLCK: some network file systems)."""
+    try:
+        fcntl.flock(fd, op)
+    except OSError as e:
+        if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
+            return False
+        raise OutputError(f"cannot lock the store: {e.strerror}", where) from None
+    return True
+
+
+def _rename_noreplace(src_dir: int, src: str, dst_dir: int, dst: str) -> None:
+    """renameat2(RENAME_NOREPLACE): FileExistsError rather than replace a name.  A file system
+    without the flag (EINVAL) gets a plain rename: the name, if there, holds the same content."""
+    try:
+        syscalls.renameat2(src_dir, src, dst_dir, dst, syscalls.RENAME_NOREPLACE)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.ENOSYS):
+            raise
+        os.rename(src, dst, src_dir_fd=src_dir, dst_dir_fd=dst_dir)
 
 
 def _write_all(fd: int, data, where: str) -> None:

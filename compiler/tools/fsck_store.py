@@ -10,7 +10,9 @@ finds, for every object the images reference:
 * invalid — a payload that would leave the store (`..` components, an absolute path, a
   symlink on the way: objects are opened as the FUSE server opens them, `cfsc.store.backing`).
 
-and names every image path that uses each bad object.  An object no image records a digest
+and names every image path that uses each bad object.  It also counts the temp files killed
+imports left at the top of the store (`.cfsc-tmp-*`, `cfsc.store.objects`): they break nothing and are
+no problem, but they take space until removed.  An object no image records a digest
 for can only be checked for its size; the report counts those as `unverified`, so "no
 problems" is not read as "every byte checked".  Objects are checked once however many
 entries and images share them; digests are computed in a thread pool (hashlib releases the
@@ -27,10 +29,12 @@ from dataclasses import dataclass, field
 
 from cfsc.backends.erofs.entries import walk
 from cfsc.backends.erofs.reader import Image
+from cfsc.base.beneath import ESCAPES
 from cfsc.base.errors import LookupFailed
 from cfsc.base.fsverity import digest_fd
 from cfsc.base.tree import S_IFMT, S_IFREG
-from cfsc.store.backing import ESCAPES, Refused, Store
+from cfsc.store.backing import Refused, Store, WrongType
+from cfsc.store.objects import TEMP_PREFIX
 from cfsc.tools.images import object_path
 
 
@@ -47,6 +51,8 @@ class Report:
     objects: int
     problems: list[Problem]
     unverified: int = 0  # intact-looking objects without a digest to check (size only)
+    temp_files: int = 0  # left by killed imports
+    temp_bytes: int = 0
 
     def count(self, kind: str) -> int:
         return sum(1 for p in self.problems if p.kind == kind)
@@ -73,7 +79,25 @@ def check_store(images: list[Image], basedir: str, threads: int = 1) -> Report:
                 problem = bad.get(e.payload) if e.payload is not None and e.mode & S_IFMT == S_IFREG else None
                 if problem is not None:
                     problem.users.append((image.name, path))
-    return Report(len(expected), problems, results.count(UNVERIFIED))
+    temps, temp_bytes = leftover_temps(basedir)
+    return Report(len(expected), problems, results.count(UNVERIFIED), temps, temp_bytes)
+
+
+def leftover_temps(basedir: str) -> tuple[int, int]:
+    """(count, bytes) of the temp files at the top of a store (imports killed, or running)."""
+    count = size = 0
+    try:
+        with os.scandir(basedir) as entries:
+            for entry in entries:
+                if entry.name.startswith(TEMP_PREFIX):
+                    try:
+                        size += entry.stat(follow_symlinks=False).st_size
+                    except OSError:
+                        continue
+                    count += 1
+    except OSError:
+        pass
+    return count, size
 
 
 UNVERIFIED = ("", "")  # `_check`: intact as far as its size tells; no digest to check it against
@@ -87,6 +111,8 @@ def _check(store: Store, payload: bytes, wanted: set[tuple[int, bytes | None]]) 
         return "invalid", "the path leaves the store"
     try:
         fd = store.open(rel, None)
+    except WrongType as e:
+        return "corrupt", f"not a regular file ({e.kind})"
     except Refused as e:
         if e.cause in ESCAPES:
             return "invalid", "the path leaves the store (a symlink on the way)"

@@ -128,6 +128,12 @@ class _Loader:
     # -- the walk over dirtrees -------------------------------------------------------------
 
     def run(self) -> Tree:
+        try:
+            return self._run()
+        finally:
+            self.repo.close()
+
+    def _run(self) -> Tree:
         repo = self.repo
         commit = repo.resolve(self.ref, self.source)
         hexsum = commit.hex()

@@ -21,6 +21,12 @@ and content objects in every repository mode (inputs.md §3; ostree's `ostree-re
 
 Every problem is an `ObjectError` naming the object file and, where known, the tree path that
 led to it.
+
+Every file in a repository is opened with `cfsc.base.beneath.open_regular` relative to the
+repository's directory: config, refs and objects alike, so nothing outside it is read (a
+symlink on the way is refused; only refs may be symlinks that stay inside, ostree's ref
+aliases), and a FIFO, socket or device is refused without being opened (a FIFO at a ref or the
+config must not hang the compile).
 """
 
 from __future__ import annotations
@@ -35,6 +41,8 @@ import struct
 import zlib
 from collections.abc import Iterator
 
+from cfsc.base import beneath
+from cfsc.base.beneath import NotRegular
 from cfsc.base.errors import InputError, shown_path
 from cfsc.frontends.ostree import gvariant
 from cfsc.frontends.ostree.gvariant import GVariantError
@@ -58,7 +66,6 @@ MAX_METADATA = 128 << 20  # OSTREE_MAX_METADATA_SIZE
 PATH_MAX = 4096
 OSTREEMETA = "user.ostreemeta"
 PERMS = 0o7777
-O_OBJECT = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 READ_CHUNK = 1 << 20
 INFLATE_CHUNK = 4 << 20  # inflated bytes per step: a small object cannot balloon in memory
 _BE32 = struct.Struct(">I")
@@ -164,15 +171,29 @@ class Repo:
     def __init__(self, path: str, _children: tuple[str, ...] = ()) -> None:
         self.path = path
         self.objects = os.path.join(path, "objects")
+        self._fd = -1
+        self.parent: Repo | None = None
+        try:
+            self._configure(_children)
+        except BaseException:
+            self.close()
+            raise
+
+    def _configure(self, _children: tuple[str, ...]) -> None:
+        path = self.path
         config_path = os.path.join(path, "config")
         config = configparser.ConfigParser(interpolation=None, strict=False, delimiters=("=",),
                                            comment_prefixes=("#",), inline_comment_prefixes=None)
         config.optionxform = str  # keys are case-sensitive, as GKeyFile has them
         try:
-            with open(config_path, encoding="utf-8") as f:
-                config.read_file(f)
-        except FileNotFoundError:
+            fd, _st = beneath.open_regular(self.dirfd(), b"config")
+        except (FileNotFoundError, NotADirectoryError):
             raise InputError("not an OSTree repository (no config file)", path) from None
+        except OSError as e:
+            raise InputError(f"cannot read the repository config: {beneath.describe(e)}", config_path) from None
+        try:
+            with os.fdopen(fd, encoding="utf-8") as f:
+                config.read_file(f)
         except (OSError, UnicodeDecodeError, configparser.Error) as e:
             raise InputError(f"cannot read the repository config: {e}", config_path) from None
         core = config["core"] if config.has_section("core") else {}
@@ -193,12 +214,28 @@ class Repo:
         self.disable_xattrs = _bool(core.get("disable-xattrs", "false"), config_path)
         self.hint = ""  # added to "missing object" errors (a partial commit)
         parent = core.get("parent", "")
-        self.parent: Repo | None = None
         if parent:
             here = os.path.realpath(path)
             if here in _children:
                 raise InputError(f"parent {parent!r} leads back to this repository", config_path)
             self.parent = Repo(parent, _children + (here,))
+
+    def dirfd(self) -> int:
+        """The repository's directory (opened at first use, again after `close`)."""
+        if self._fd < 0:
+            try:
+                self._fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            except (FileNotFoundError, NotADirectoryError):
+                raise InputError("not an OSTree repository (no such directory)", self.path) from None
+            except OSError as e:
+                raise InputError(f"cannot open the repository: {e.strerror}", self.path) from None
+        return self._fd
+
+    def close(self) -> None:
+        for repo in self.chain():
+            fd, repo._fd = repo._fd, -1
+            if fd >= 0:
+                os.close(fd)
 
     def chain(self) -> Iterator[Repo]:
         repo: Repo | None = self
@@ -209,6 +246,12 @@ class Repo:
     def object_path(self, checksum: bytes, ext: str) -> str:
         h = checksum.hex()
         return os.path.join(self.objects, h[:2], h[2:] + ext)
+
+    @staticmethod
+    def object_name(checksum: bytes, ext: str) -> bytes:
+        """The object's path inside the repository."""
+        h = checksum.hex()
+        return f"objects/{h[:2]}/{h[2:]}{ext}".encode()
 
     def found_path(self, checksum: bytes, ext: str) -> str:
         """Where an object is: in the first repository of the chain that has it (else this one)."""
@@ -257,17 +300,26 @@ class Repo:
         found: set[str] = set()
         for repo in self.chain():
             try:
-                fanout = [prefix[:2]] if len(prefix) >= 2 else [d for d in os.listdir(repo.objects)
-                                                                if d.startswith(prefix)]
+                objects = beneath.open_dir(repo.dirfd(), b"objects")
             except OSError:
                 continue
-            for d in fanout:
-                try:
-                    names = os.listdir(os.path.join(repo.objects, d))
-                except OSError:
-                    continue
-                found.update(d + n[:-7] for n in names
-                             if n.endswith(".commit") and CHECKSUM.fullmatch(d + n[:-7]) and (d + n).startswith(prefix))
+            try:
+                fanout = [prefix[:2]] if len(prefix) >= 2 else [d for d in os.listdir(objects) if d.startswith(prefix)]
+                for d in fanout:
+                    try:
+                        fd = beneath.open_dir(objects, d.encode())
+                    except OSError:
+                        continue
+                    try:
+                        names = os.listdir(fd)
+                    finally:
+                        os.close(fd)
+                    found.update(d + n[:-7] for n in names
+                                 if n.endswith(".commit") and CHECKSUM.fullmatch(d + n[:-7]) and (d + n).startswith(prefix))
+            except OSError:
+                continue
+            finally:
+                os.close(objects)
         return sorted(found)
 
     def _lookup_ref(self, ref: str, where: str) -> bytes:
@@ -277,12 +329,22 @@ class Repo:
             for name in names:
                 path = os.path.join(repo.path, name)
                 try:
-                    with open(path, "rb") as f:
-                        text = f.read(4096)
-                except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+                    # symlinks: ostree's ref aliases are symlinks (inside the repository).
+                    fd, _st = beneath.open_regular(repo.dirfd(), name.encode(), symlinks=True)
+                except (FileNotFoundError, NotADirectoryError):
                     continue
+                except NotRegular as e:
+                    if stat.S_ISDIR(e.st.st_mode):  # refs/heads/a when there are refs/heads/a/…
+                        continue
+                    raise InputError(f"cannot read the ref: {beneath.describe(e)}", path) from None
+                except OSError as e:
+                    raise InputError(f"cannot read the ref: {beneath.describe(e)}", path) from None
+                try:
+                    text = os.read(fd, 4096)
                 except OSError as e:
                     raise InputError(f"cannot read the ref: {e.strerror}", path) from None
+                finally:
+                    os.close(fd)
                 value = text.rstrip().decode("ascii", "replace")
                 if not CHECKSUM.fullmatch(value):
                     raise InputError(f"{value[:80]!r}: expected a commit checksum (64 lowercase hex digits)", path)
@@ -298,15 +360,12 @@ class Repo:
         for repo in self.chain():
             path = repo.object_path(checksum, ext)
             try:
-                fd = os.open(path, O_OBJECT)
+                fd, st = beneath.open_regular(repo.dirfd(), repo.object_name(checksum, ext))
             except FileNotFoundError:
                 continue
             except OSError as e:
-                raise ObjectError(f"cannot open: {e.strerror}", path) from None
+                raise ObjectError(f"cannot open: {beneath.describe(e)}", path) from None
             try:
-                st = os.fstat(fd)
-                if not stat.S_ISREG(st.st_mode):
-                    raise ObjectError("not a regular file", path)
                 if st.st_size > MAX_METADATA:
                     raise ObjectError(f"{st.st_size} bytes: larger than OSTree's limit for metadata"
                                       f" ({MAX_METADATA} bytes)", path)
@@ -358,20 +417,21 @@ class Repo:
             ext = ".filez" if repo.mode == ARCHIVE else ".file"
             path = repo.object_path(checksum, ext)
             obj = Content(repo, path)
+            name = repo.object_name(checksum, ext)
             try:
                 try:
-                    obj.fd = os.open(path, O_OBJECT)
+                    obj.fd, st = beneath.open_regular(repo.dirfd(), name)
                 except FileNotFoundError:
                     continue
                 except OSError as e:
-                    if e.errno != errno.ELOOP:
-                        raise ObjectError(f"cannot open: {e.strerror}", path) from None
+                    if e.errno != errno.ELOOP or isinstance(e, NotRegular):
+                        raise ObjectError(f"cannot open: {beneath.describe(e)}", path) from None
                     if repo.mode not in (BARE, BARE_USER_ONLY):
                         raise ObjectError(f"a symlink: {repo.mode} repositories keep every object in a regular"
                                           f" file", path) from None
-                    repo._symlink(obj)  # bare and bare-user-only keep symlinks as symlinks
+                    repo._symlink(obj, name)  # bare and bare-user-only keep symlinks as symlinks
                     return obj
-                repo._regular(obj)
+                repo._regular(obj, st)
                 return obj
             except OSError as e:
                 obj.close()
@@ -381,22 +441,28 @@ class Repo:
                 raise
         raise self.missing(checksum, ".filez" if self.mode == ARCHIVE else ".file")
 
-    def _symlink(self, obj: Content) -> None:
-        st = os.lstat(obj.path)
-        if not stat.S_ISLNK(st.st_mode):
-            raise ObjectError("replaced while read", obj.path)
-        obj.mode = st.st_mode
-        obj.target = os.readlink(os.fsencode(obj.path))
-        obj.size = len(obj.target)
-        if self.mode == BARE:
-            obj.uid, obj.gid = st.st_uid, st.st_gid
-            if not self.disable_xattrs:
-                obj.xattrs = _fs_xattrs(os.fsencode(obj.path), obj.path)
+    def _symlink(self, obj: Content, name: bytes) -> None:
+        """A symlink object, read through an O_PATH descriptor of the symlink itself (a
+        symlinked directory on the way is still refused: ELOOP)."""
+        try:
+            pfd = beneath.open_path(self.dirfd(), name)
+        except OSError as e:
+            raise ObjectError(f"cannot open: {beneath.describe(e)}", obj.path) from None
+        try:
+            st = os.fstat(pfd)
+            if not stat.S_ISLNK(st.st_mode):
+                raise ObjectError("replaced while read", obj.path)
+            obj.mode = st.st_mode
+            obj.target = os.readlink(b"", dir_fd=pfd)
+            obj.size = len(obj.target)
+            if self.mode == BARE:
+                obj.uid, obj.gid = st.st_uid, st.st_gid
+                if not self.disable_xattrs:  # /proc/self/fd/N leads to the symlink itself
+                    obj.xattrs = _fs_xattrs(f"/proc/self/fd/{pfd}".encode(), obj.path, follow=True)
+        finally:
+            os.close(pfd)
 
-    def _regular(self, obj: Content) -> None:
-        st = os.fstat(obj.fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise ObjectError("not a regular file or symlink", obj.path)
+    def _regular(self, obj: Content, st: os.stat_result) -> None:
         mode = self.mode
         if mode == ARCHIVE:
             self._archive_header(obj, st.st_size)
@@ -493,9 +559,9 @@ def _xattrs(items: list, path: str) -> tuple[tuple[bytes, bytes], ...]:
     return tuple(out)
 
 
-def _fs_xattrs(target: int | bytes, path: str) -> tuple[tuple[bytes, bytes], ...]:
+def _fs_xattrs(target: int | bytes, path: str, follow: bool = False) -> tuple[tuple[bytes, bytes], ...]:
     """A bare object's own xattrs (all of them, as ostree reads them)."""
-    follow = isinstance(target, int)
+    follow = follow or isinstance(target, int)
     try:
         keys = os.listxattr(target) if follow else os.listxattr(target, follow_symlinks=False)
         items = [(os.fsencode(k), os.getxattr(target, k) if follow else os.getxattr(target, k, follow_symlinks=False))
