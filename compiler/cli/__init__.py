@@ -121,6 +121,7 @@ COMMANDS = {
     "mount": "mount",
     "umount": "mount",
     "composefs-fuse": "mount",
+    "export": "export",
 }
 
 
