@@ -9,8 +9,8 @@ its compressed data starts), so a reader can build the tree without decompressin
   manifest-position` (older writers: `io.containers.zstd-chunked.manifest-position`) says
   `OFFSET:COMPRESSED:UNCOMPRESSED:TYPE`, and so does the footer, the blob's last skippable
   frame (64 bytes of data: seven little-endian u64 — offset, compressed and uncompressed
-  length, type 1, then the tar-split's three — and the magic `GNUlInUx`; older writers wrote
-  only the first four, 40 bytes).  `…manifest-checksum`, when present, is the SHA-256 of the
+  length, type 1, then the tar-split's three — and the magic `GnUlInUx` (some sources spell it
+  `GNUlInUx`; both are taken); older writers wrote only the first four, 40 bytes).  `…manifest-checksum`, when present, is the SHA-256 of the
   compressed TOC and is checked.
 * eStargz (stargz-snapshotter `estargz`): the blob ends with a 51-byte empty gzip member whose
   extra field (subfield `SG`) holds `%016x` of the TOC's offset and `STARGZ` (legacy stargz: 47
@@ -49,7 +49,7 @@ from cfsc.frontends.tarstream import (BLOCKDEV, CHAR, DIRECTORY, FIFO, HARDLINK,
 
 from .blobs import Blob
 
-ZSTD_CHUNKED_MAGIC = b"GNUlInUx"
+ZSTD_CHUNKED_MAGICS = (b"GnUlInUx", b"GNUlInUx")  # as skopeo 1.9 writes it; the spelling in newer sources
 SKIPPABLE = struct.Struct("<II")  # magic, size
 SKIPPABLE_MAGIC = 0x184D2A50
 FOOTER = struct.Struct("<QQQQ")  # offset, compressed, uncompressed, type (then tar-split, magic)
@@ -75,7 +75,7 @@ def kind_of(blob: Blob, compression: str | None, annotations: dict) -> str | Non
     if compression == "zstd":
         if any(k in annotations for k in POSITION_KEYS):
             return "zstd:chunked"
-        if blob.size >= 8 + 40 and blob.pread(blob.size - 8, 8) == ZSTD_CHUNKED_MAGIC:
+        if blob.size >= 8 + 40 and blob.pread(blob.size - 8, 8) in ZSTD_CHUNKED_MAGICS:
             return "zstd:chunked"
     elif compression == "gzip":
         if ESTARGZ_TOC_DIGEST in annotations:
@@ -143,10 +143,10 @@ def _zstd_chunked_footer(blob: Blob) -> tuple[int, int, int, int]:
             continue
         tail = blob.pread(blob.size - size, size)
         magic, frame = SKIPPABLE.unpack_from(tail)
-        if tail.endswith(ZSTD_CHUNKED_MAGIC) and magic == SKIPPABLE_MAGIC and frame == data_size:
+        if tail[-8:] in ZSTD_CHUNKED_MAGICS and magic == SKIPPABLE_MAGIC and frame == data_size:
             return FOOTER.unpack_from(tail, SKIPPABLE.size)
     raise InputError(f"no zstd:chunked footer: the last bytes are not a skippable frame ending in"
-                     f" {ZSTD_CHUNKED_MAGIC.decode()} (corrupt, or not zstd:chunked)", blob.name)
+                     f" {ZSTD_CHUNKED_MAGICS[0].decode()} (corrupt, or not zstd:chunked)", blob.name)
 
 
 def _estargz_toc(blob: Blob, annotations: dict) -> bytes:
