@@ -16,8 +16,10 @@ opaque` or, rootless, `user.overlay.opaque` = `y`) get `.wh..wh..opq`, and files
 inode become hard links to the first name in walk order; overlay's own xattrs are not part of
 the tree.  The store records which paths each layer's tar listed (`overlay-layers/ID.tar-split.gz`,
 tar-split's JSON lines): a directory its tar did not list, and the diff directory's own root,
-are left out so they are implied as for every other transport (040755 0:0 mtime 0) instead of
-taking the mode and the unpack time the store gave them.  Without that file every directory
+are left out, so they are implied as for every other transport (040755 0:0 mtime 0) instead
+of taking the mode and the unpack time the store gave them; a tar that lists `./` gives the
+root the metadata of that member, read from the header bytes tar-split keeps (the store does
+not apply it to the diff directory).  Without that file every directory
 counts as listed.  The store verified each layer when it was pulled; its diff is trusted as is.
 """
 
@@ -124,28 +126,51 @@ def layers(ref: Reference) -> list:
     return [DiffLayer(ref.path, layer_id) for layer_id in chain]
 
 
-def _listed(root: str, layer_id: str) -> set[bytes] | None:
-    """The paths the layer's tar listed (from its tar-split), cleaned; None if not recorded."""
+def _listed(root: str, layer_id: str) -> tuple[set[bytes] | None, Member | None]:
+    """The paths the layer's tar listed (from its tar-split), cleaned, and the tar's own
+    member for the root if it listed `./` (the store does not apply that one to the diff
+    directory, whose root keeps the mode and time the store gave it); (None, None) if the
+    store recorded no tar-split."""
     path = os.path.join(root, "overlay-layers", layer_id + ".tar-split.gz")
     try:
         f = gzip.open(path, "rb")
     except FileNotFoundError:
-        return None
+        return None, None
     names: set[bytes] = set()
+    segments: list[bytes] = []  # raw tar bytes since the last entry: the next entry's headers
+    root_member = None
     try:
         with f:
             for line in f:
-                if b'"type":1' not in line:
-                    continue
                 rec = orjson.loads(line)
+                if rec.get("type") == 2:
+                    segments.append(base64.b64decode(rec.get("payload") or ""))
+                    continue
                 if rec.get("type") != 1:
                     continue
                 raw = base64.b64decode(rec["name_raw"]) if rec.get("name_raw") else rec.get("name", "").encode(
                     "utf-8", "surrogateescape")
-                names.add(b"/".join(p for p in raw.split(b"/") if p and p != b"."))
+                name = b"/".join(p for p in raw.split(b"/") if p and p != b".")
+                names.add(name)
+                if not name and root_member is None:
+                    root_member = _header_member(b"".join(segments), path)
+                segments = []
     except (OSError, EOFError, orjson.JSONDecodeError, ValueError, KeyError, TypeError) as e:
         raise InputError(f"cannot read the layer's tar-split: {e}", path) from None
-    return names
+    return names, root_member
+
+
+def _header_member(raw: bytes, where: str) -> Member | None:
+    """The member whose headers (PAX ones included) `raw` holds, after the previous member's
+    zero padding."""
+    from cfsc.frontends.tarstream import TarReader
+
+    import io
+
+    stream = io.BytesIO(raw.lstrip(b"\0") + bytes(1024))
+    stream.name = where  # type: ignore[attr-defined]
+    with TarReader(stream) as reader:
+        return next(iter(reader.members()), None)
 
 
 class DiffLayer:
@@ -164,14 +189,16 @@ class DiffLayer:
         diff = os.path.join(self.root, "overlay", self.layer_id, "diff")
         if not os.path.isdir(diff):
             raise InputError("missing: the layer's diff directory is not there", diff)
-        return DiffReader(diff, _listed(self.root, self.layer_id))
+        listed, root_member = _listed(self.root, self.layer_id)
+        return DiffReader(diff, listed, root_member)
 
 
 class DiffReader:
     """The layer merge's reader protocol over a diff directory (see the module docstring)."""
 
-    def __init__(self, top: str, listed: set[bytes] | None) -> None:
+    def __init__(self, top: str, listed: set[bytes] | None, root_member: Member | None = None) -> None:
         self.top = os.fsencode(top)
+        self.root_member = root_member
         self.name = top
         self.listed = listed
         self.offset = 0
@@ -208,6 +235,8 @@ class DiffReader:
     def members(self):
         """Depth first, names in byte order: a directory's entries right after it."""
         links: dict[tuple[int, int], bytes] = {}
+        if self.root_member is not None:  # the tar named `./`
+            yield self.root_member
         stack = [(b"", self._list(b""))]
         while stack:
             rel, names = stack[-1]
