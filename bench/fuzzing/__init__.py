@@ -1,0 +1,1 @@
+"""Fuzzing: format-aware targets and the runner (bench/fuzz.py)."""
