@@ -96,8 +96,9 @@ def _matches(p: dict, want: tuple[str, str, str], host: bool) -> bool:
     have = p.get("variant") or ""
     if variant == have:
         return True
-    # arm64's only variant is v8: an unspecified one means it (containerd's normalisation)
-    return arch == "arm64" and {variant, have} <= {"", "v8"} or (host and not variant)
+    # arm64's only variant is v8: an unspecified one means it (containerd's normalisation);
+    # for the host, whose variant is not known, any variant of its architecture will do.
+    return (arch == "arm64" and {variant, have} <= {"", "v8"}) or (host and not variant)
 
 
 # -- files: a directory, or the members of an (uncompressed) tar ----------------------------
@@ -288,9 +289,11 @@ class OciLayout:
         return None
 
     def pick_platform(self, candidates: list[_Descriptor], where: str) -> _Descriptor:
-        for d in candidates:
-            if d.platform is not None and _matches(d.platform, self.want, self.host):
-                return d
+        # An exact match first (amd64 over amd64/v3 for an amd64 host), then a looser one.
+        for loose in (False, True):
+            for d in candidates:
+                if d.platform is not None and _matches(d.platform, self.want, self.host and loose):
+                    return d
         os_, arch, variant = self.want
         have = ", ".join(sorted({_shown(d.platform) for d in candidates if d.platform})) or "none"
         raise InputError(f"no manifest for platform {os_}/{arch}{'/' + variant if variant else ''}"
