@@ -469,3 +469,22 @@ def test_toc_only_refuses_plain_layers_and_a_store(images, tmp_path):
     p = run_cfsc("compile", "--toc-only", images["refs"]["zstd-chunked"], "-o", str(tmp_path / "x"),
                  "--digest-store", str(tmp_path / "s"))
     assert p.returncode == 2 and b"--digest-store" in p.stderr
+
+
+def test_mounted_image_reads_as_the_rootfs(images, tmp_path):
+    """`cfsc mount` of a compiled container image (FUSE, over the store compile filled) shows
+    the files umoci unpacked, byte for byte."""
+    image, store, mnt = tmp_path / "a.cfs", tmp_path / "s", tmp_path / "mnt"
+    mnt.mkdir()
+    cfsc_ok("compile", images["refs"]["zstd"], "-o", str(image), "--digest-store", str(store))
+    cfsc_ok("mount", str(image), str(mnt), "--basedir", str(store))
+    try:
+        p = subprocess.run(["diff", "-r", "--no-dereference", str(mnt), str(images["rootfs"])], capture_output=True)
+        # diff cannot compare special files; it only says both are one (of the same type)
+        import re
+
+        odd = [line for line in p.stdout.decode().splitlines()
+               if not re.fullmatch(r"File \S+ is a (.+) while file \S+ is a \1", line)]
+        assert p.returncode in (0, 1) and not odd, odd
+    finally:
+        run_cfsc("umount", str(mnt))
