@@ -366,12 +366,22 @@ def _break(kind: str, layout: Path) -> str:
         blob = _layer(layout)
         blob.write_bytes(blob.read_bytes()[:-100])
         return "(truncated)"
-    if kind == "wrong-digest":
+    if kind == "corrupt-layer":
         blob = _layer(layout)
         data = bytearray(blob.read_bytes())
-        data[-9] ^= 0xFF  # inside the gzip trailer: the CRC no longer fits either
+        data[len(data) // 2] ^= 0xFF  # the deflate stream breaks (or its CRC no longer fits)
         blob.write_bytes(bytes(data))
-        return "sha256:"
+        return "cannot read the archive"
+    if kind == "wrong-digest":  # a valid gzip stream of the same tar, other bytes: only the digest tells
+        import gzip
+
+        blob = _layer(layout)
+        name = blob.name
+        data = gzip.compress(gzip.decompress(blob.read_bytes()), compresslevel=1, mtime=0)
+        blob.write_bytes(data)
+        _rewrite_manifest(layout, lambda doc: [d.update(size=len(data)) for d in doc["layers"]
+                                               if d["digest"] == "sha256:" + name])
+        return "digest mismatch: the blob's"
     if kind == "wrong-diff-id":
         def edit(doc):
             doc["layers"][-1]["mediaType"] = "application/vnd.oci.image.layer.v1.tar+gzip"
@@ -406,7 +416,7 @@ def _break(kind: str, layout: Path) -> str:
 
 
 BREAKS = ["no-index", "corrupt-index", "index-shape", "missing-manifest", "corrupt-config", "missing-layer",
-          "truncated-layer", "wrong-digest", "wrong-diff-id", "escaping-blob", "unknown-media-type",
+          "truncated-layer", "corrupt-layer", "wrong-digest", "wrong-diff-id", "escaping-blob", "unknown-media-type",
           "tag-not-found", "ambiguous-tag"]
 
 

@@ -67,6 +67,9 @@ _POSITION = re.compile(r"([0-9]+):([0-9]+):([0-9]+):([0-9]+)")
 _SHA256 = re.compile(r"sha256:([0-9a-f]{64})")
 TYPES = {"dir": DIRECTORY, "reg": REGULAR, "symlink": SYMLINK, "hardlink": HARDLINK, "char": CHAR,
          "block": BLOCKDEV, "fifo": FIFO}
+# File-type bits a TOC `mode` may carry (Go writers include them) for each type; 0 is always fine.
+MODE_TYPES = {DIRECTORY: 0o040000, REGULAR: 0o100000, SYMLINK: 0o120000, HARDLINK: 0o100000, CHAR: 0o020000,
+              BLOCKDEV: 0o060000, FIFO: 0o010000}
 GO_ZERO_TIME = (rfc3339.FIRST, 0)
 
 
@@ -275,6 +278,8 @@ class TocReader:
         if not name:
             raise self._bad("name", "expected a non-empty path")
         mode = self._int(e, "mode", 0xFFFFFFFF)
+        if mode & 0o170000 not in (0, MODE_TYPES[t]):
+            raise self._bad("mode", f"file-type bits {mode & 0o170000:o} contradict type {e.get('type')!r}")
         size = self._int(e, "size") if t == REGULAR else 0
         when = e.get("modtime")
         sec, nsec = 0, 0
