@@ -28,6 +28,8 @@ FRONTENDS: dict[str, tuple[str, str]] = {
     "crfs": ("cfsc.frontends.crfs.toc", "CRFS / stargz / eStargz TOC JSON (composefs-from-json)"),
     "tar": ("cfsc.frontends.tar.layers", "tar archive / OCI layer, plain or gzip/zstd/xz (several: layers, merged)"),
     "ostree": ("cfsc.frontends.ostree.commit", "OSTree commit, read from the repository (ostree:REPO:REF)"),
+    "oci": ("cfsc.frontends.oci", "container image: oci:DIR[:TAG], oci-archive:FILE[:TAG], docker-archive:FILE,"
+                                  " containers-storage:NAME (layers merged, digests checked)"),
 }
 
 HEAD_SIZE = 4096
@@ -65,8 +67,8 @@ def _head(source) -> tuple[bytes, str | None]:
 
 def detect(source) -> str:
     """The frontend for a source, from its kind (directory, ref) or its first bytes."""
-    if isinstance(source, str) and source.startswith("ostree:") and "ostree" in FRONTENDS:
-        return "ostree"
+    if streams.is_reference(source):
+        return next(fmt for prefix, fmt in streams.REFERENCES.items() if source.startswith(prefix))
     if source != "-" and os.path.isdir(source):
         if "dir" in FRONTENDS:
             return "dir"

@@ -30,14 +30,13 @@ from cfsc.base.tree import S_IFDIR, S_IFLNK, S_IFREG
 from cfsc.build.pipeline import run_passes
 from cfsc.frontends.tar import layers as tar
 
-from tests.helpers.checks import EXTRACT, compare_images, image, store_listing
-from tests.helpers.data import DATA, image_of
-from tests.helpers.dirtrees import Entry, dumpfile, full_spec
+from tests.helpers.checks import DEBS, EXTRACT, compare_images, image, spec, store_listing
+from tests.helpers.data import image_of
+from tests.helpers.dirtrees import Entry, dumpfile
 from tests.helpers.tarcraft import archive, base256, from_entries, gnu_long, header, member, padded, pax_records
 
 pytestmark = [pytest.mark.tools, pytest.mark.root]
 
-DEBS = sorted((DATA / "tar").glob("*.data.tar.xz"))
 DEB_CACHE = Path("/var/cache/cfsc-test-debs")
 
 
@@ -101,10 +100,6 @@ def test_fetched_debian_package_equals_gnu_tar_extraction(tmp_path, cfsc):
 
 
 # -- crafted archives: the dumpfile of the same tree is the oracle -----------------------------
-
-
-def spec() -> list[Entry]:
-    return [e for e in full_spec() if e.kind != "sock"]  # tar cannot hold sockets
 
 
 @pytest.mark.parametrize("flags", [{}, {"use_epoch": True}, {"skip_devices": True}, {"skip_xattrs": True},

@@ -32,6 +32,10 @@ class Options:
     basedir: str | None = None
     verify: bool = False
     ostree_compat: bool = False  # the image `ostree checkout --composefs` writes
+    # container images (`frontends.oci`)
+    platform: str | None = None  # os/arch[/variant] picked from an image index; None: the host's
+    storage_root: str | None = None  # containers-storage root; None: /var/lib/containers/storage
+    toc_only: bool = False  # zstd:chunked / eStargz layers built from their TOC alone
     # mtime clamping (SOURCE_DATE_EPOCH, read by the CLI)
     clamp_mtime: int | None = None
     # entries to leave out: queries (`cfsc.base.query`), any match excludes

@@ -28,6 +28,14 @@ XZ_MAGIC = b"\xfd7zXZ\x00"
 MAGIC_SIZE = 6
 # What each format calls the unit a stream is a sequence of (for messages).
 UNITS = {"gzip": "member", "zstd": "frame", "xz": "stream"}
+# Sources named by a reference rather than a path: the frontend for each (`frontends.detect`).
+REFERENCES = {"ostree:": "ostree", "oci:": "oci", "oci-archive:": "oci", "docker-archive:": "oci",
+              "containers-storage:": "oci"}
+
+
+def is_reference(source) -> bool:
+    """`ostree:REPO:REF`, `oci:DIR:TAG` and the other transports: not a path to open."""
+    return isinstance(source, str) and source.startswith(tuple(REFERENCES))
 
 
 def source_name(source) -> str:
@@ -143,7 +151,7 @@ def read_once(source) -> bool:
     """Whether a source can be read only once: stdin, a pipe or FIFO (by path), a socket."""
     if source == "-":
         return True
-    if not isinstance(source, (str, bytes, os.PathLike)) or str(source).startswith("ostree:"):
+    if not isinstance(source, (str, bytes, os.PathLike)) or is_reference(source):
         return False
     try:
         mode = os.stat(source).st_mode

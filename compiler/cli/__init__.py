@@ -120,6 +120,7 @@ COMMANDS = {
     "mount": "mount",
     "umount": "mount",
     "composefs-fuse": "mount",
+    "export": "export",
 }
 
 

@@ -8,12 +8,12 @@ import typer
 from cfsc import build
 from cfsc.base.errors import CfscError, UsageError
 from cfsc.base.options import Options
-from cfsc.cli import command, digest_line, source_date_epoch
+from cfsc.cli import command, digest_line, imagesource, source_date_epoch
 
 
 @command("compile")
 def compile_cmd(
-    sources: list[str] = typer.Argument(..., help="Input(s): dumpfile, image, directory, tar layers, CRFS JSON, ostree:REPO:REF; '-' = stdin."),
+    sources: list[str] = typer.Argument(..., help="Input(s): dumpfile, image, directory, tar layers, CRFS JSON, ostree:REPO:REF, oci:DIR[:TAG], oci-archive:, docker-archive:, containers-storage:NAME; '-' = stdin."),
     output: str | None = typer.Option(None, "-o", "--output", "--out", help="Image to write ('-' = stdout)."),
     source_format: str | None = typer.Option(None, "--from", help="Source format (default: detected from the content)."),
     min_version: int = typer.Option(0, "--min-version", help="Lowest composefs format version to use."),
@@ -34,6 +34,9 @@ def compile_cmd(
     clamp_mtime: bool = typer.Option(False, "--clamp-mtime", help="No mtime later than $SOURCE_DATE_EPOCH (later ones become it)."),
     verify: bool = typer.Option(False, "--verify", help="OSTree: re-check every content object's checksum while reading it."),
     ostree_compat: bool = typer.Option(False, "--ostree-compat", help="OSTree: the image `ostree checkout --composefs` writes (no inline data, payloads XX/YYYY.file, usr etc boot var sysroot)."),
+    platform: str | None = imagesource.PLATFORM,
+    storage_root: str | None = imagesource.STORAGE_ROOT,
+    toc_only: bool = imagesource.TOC_ONLY,
 ) -> None:
     """Compile a source into a composefs image."""
     if output is None and not print_digest_only:
@@ -47,6 +50,7 @@ def compile_cmd(
                       keep_whiteouts=keep_whiteouts, exclude=tuple(exclude),
                       clamp_mtime=source_date_epoch() if clamp_mtime else None,
                       verify=verify, ostree_compat=ostree_compat)
+    imagesource.apply(options, platform, storage_root, toc_only)
     if threads is not None:
         options.threads = threads
     if exclude:

@@ -14,7 +14,7 @@ import typer
 from cfsc.base import rfc3339
 from cfsc.base.errors import UsageError
 from cfsc.base.options import Options
-from cfsc.cli import command, source_date_epoch
+from cfsc.cli import command, imagesource, source_date_epoch
 
 COLORS = {"added": "\033[32m", "removed": "\033[31m", "changed": "\033[33m", "head": "\033[1m"}
 RESET = "\033[0m"
@@ -212,6 +212,9 @@ def diff_cmd(
     user_xattrs: bool = USER_XATTRS,
     hardlinks: bool = HARDLINKS,
     basedir: str | None = BASEDIR,
+    platform: str | None = imagesource.PLATFORM,
+    storage_root: str | None = imagesource.STORAGE_ROOT,
+    toc_only: bool = imagesource.TOC_ONLY,
 ) -> None:
     """Entries added, removed and changed between two sources, attribute by attribute.
 
@@ -234,6 +237,7 @@ def diff_cmd(
 
     options = _options(min_version, max_version, strict, threads, clamp_mtime, exclude, use_epoch,
                        skip_devices, skip_xattrs, user_xattrs, hardlinks, basedir)
+    imagesource.apply(options, platform, storage_root, toc_only)
     a, b = layers(a), layers(b)
     ignored = Ignore.parse(ignore)
     matches = query.parse(where, "--where") if where is not None else None
@@ -307,6 +311,9 @@ def check_cmd(
     user_xattrs: bool = USER_XATTRS,
     hardlinks: bool = HARDLINKS,
     basedir: str | None = BASEDIR,
+    platform: str | None = imagesource.PLATFORM,
+    storage_root: str | None = imagesource.STORAGE_ROOT,
+    toc_only: bool = imagesource.TOC_ONLY,
 ) -> None:
     """Check a source's digest for CI: against an expected digest or reference, and/or for reproducibility.
 
@@ -330,6 +337,7 @@ def check_cmd(
         raise UsageError("nothing to check: give --expect-digest, --reference and/or --reproducible")
     options = _options(min_version, max_version, strict, threads, clamp_mtime, exclude, use_epoch,
                        skip_devices, skip_xattrs, user_xattrs, hardlinks, basedir)
+    imagesource.apply(options, platform, storage_root, toc_only)
     paint = _color(color)
     digest = check.parse_digest(expect_digest) if expect_digest is not None else None
     chosen = check.known_ways(w.strip() for w in ways.split(",") if w.strip()) if ways else list(VARIANTS)

@@ -17,7 +17,7 @@ from cfsc.base import rfc3339
 from cfsc.base.errors import UsageError
 from cfsc.base.options import Options
 from cfsc.base.tree import S_IFBLK, S_IFCHR, S_IFLNK, S_IFMT, S_IFREG
-from cfsc.cli import command
+from cfsc.cli import command, imagesource
 from cfsc.tools import images
 
 FROM = typer.Option(None, "--from", help="Source format (default: detected from the content).")
@@ -28,8 +28,10 @@ def _write_json_line(obj) -> None:
     sys.stdout.buffer.write(orjson.dumps(obj, option=orjson.OPT_APPEND_NEWLINE))
 
 
-def _open(sources: list[str], fmt: str | None) -> list:
-    return [images.open_image(s, Options(), fmt) for s in sources]
+def _open(sources: list[str], fmt: str | None, platform: str | None = None, storage_root: str | None = None,
+          toc_only: bool = False) -> list:
+    options = imagesource.apply(Options(), platform, storage_root, toc_only)
+    return [images.open_image(s, options, fmt) for s in sources]
 
 
 @command("dump")
@@ -43,11 +45,15 @@ def dump_cmd(
     min_version: int = typer.Option(0, "--min-version", help="For a non-image source: lowest format version."),
     max_version: int = typer.Option(1, "--max-version", help="For a non-image source: highest format version."),
     strict: bool = typer.Option(False, "--strict", help="Strict dumpfile parsing (upstream's CFS_PARSE_STRICT)."),
+    platform: str | None = imagesource.PLATFORM,
+    storage_root: str | None = imagesource.STORAGE_ROOT,
+    toc_only: bool = imagesource.TOC_ONLY,
 ) -> None:
     """Print an image as a dumpfile (exactly as `composefs-info dump`), JSON lines, or another text format."""
     if as_json:
         fmt = "json"
-    options = Options(min_version=min_version, max_version=max_version, strict=strict)
+    options = imagesource.apply(Options(min_version=min_version, max_version=max_version, strict=strict),
+                                platform, storage_root, toc_only)
     names = images.filter_names(filters)
     if output is None:
         images.dump(source, sys.stdout.buffer, fmt, names, options, source_format)
@@ -90,6 +96,9 @@ def ls_cmd(
     as_json: bool = JSON,
     source_format: str | None = FROM,
     where: str | None = typer.Option(None, "--where", help='Only entries matching a query, e.g. \'type == reg and size > 1M\' (see `cfsc diff --help`).'),
+    platform: str | None = imagesource.PLATFORM,
+    storage_root: str | None = imagesource.STORAGE_ROOT,
+    toc_only: bool = imagesource.TOC_ONLY,
 ) -> None:
     """List a directory of an image (mode, links, owner, size, mtime, name; `@` backing file)."""
     from cfsc.backends.jsonlines import entry_object
@@ -99,7 +108,7 @@ def ls_cmd(
         from cfsc.base.query import parse
 
         matches = parse(where, "--where")
-    (image,) = _open([source], source_format)
+    (image,) = _open([source], source_format, platform, storage_root, toc_only)
     out = sys.stdout.buffer
     for item_path, e, first in images.listing(image, os.fsencode(path), recursive):
         if matches is not None and not matches(item_path, e):
@@ -132,9 +141,12 @@ def objects_cmd(
     sources: list[str] = typer.Argument(..., help="Images (or any sources)."),
     as_json: bool = JSON,
     source_format: str | None = FROM,
+    platform: str | None = imagesource.PLATFORM,
+    storage_root: str | None = imagesource.STORAGE_ROOT,
+    toc_only: bool = imagesource.TOC_ONLY,
 ) -> None:
     """The backing files the images need (payloads), sorted, each once."""
-    _print_objects(images.objects(_open(sources, source_format)), as_json)
+    _print_objects(images.objects(_open(sources, source_format, platform, storage_root, toc_only)), as_json)
 
 
 @command("missing-objects")
@@ -143,9 +155,12 @@ def missing_objects_cmd(
     basedir: str = typer.Option(..., "--basedir", help="The object store the images are mounted with."),
     as_json: bool = JSON,
     source_format: str | None = FROM,
+    platform: str | None = imagesource.PLATFORM,
+    storage_root: str | None = imagesource.STORAGE_ROOT,
+    toc_only: bool = imagesource.TOC_ONLY,
 ) -> None:
     """The backing files the images need that are not in the store."""
-    _print_objects(images.missing_objects(_open(sources, source_format), basedir), as_json)
+    _print_objects(images.missing_objects(_open(sources, source_format, platform, storage_root, toc_only), basedir), as_json)
 
 
 INFO_LABELS = (
@@ -160,9 +175,12 @@ def info_cmd(
     sources: list[str] = typer.Argument(..., help="Images (or any sources)."),
     as_json: bool = JSON,
     source_format: str | None = FROM,
+    platform: str | None = imagesource.PLATFORM,
+    storage_root: str | None = imagesource.STORAGE_ROOT,
+    toc_only: bool = imagesource.TOC_ONLY,
 ) -> None:
     """Format version, size, fs-verity digest, entry counts, inode formats, shared xattrs."""
-    for image in _open(sources, source_format):
+    for image in _open(sources, source_format, platform, storage_root, toc_only):
         facts = images.info(image)
         if as_json:
             _write_json_line(facts)
@@ -185,6 +203,9 @@ def fsck_store_cmd(
     as_json: bool = JSON,
     threads: int | None = typer.Option(None, "--threads", min=1, help="Threads hashing objects (default: CPUs available)."),
     source_format: str | None = FROM,
+    platform: str | None = imagesource.PLATFORM,
+    storage_root: str | None = imagesource.STORAGE_ROOT,
+    toc_only: bool = imagesource.TOC_ONLY,
 ) -> None:
     """Check the store for every object the images use: missing, truncated or altered (fs-verity digest).
 
@@ -197,7 +218,7 @@ def fsck_store_cmd(
 
     if not os.path.isdir(basedir):
         raise UsageError("not a directory", basedir)
-    report = check_store(_open(sources, source_format), basedir, threads or Options().threads)
+    report = check_store(_open(sources, source_format, platform, storage_root, toc_only), basedir, threads or Options().threads)
     if as_json:
         problems = []
         for p in report.problems:

@@ -47,7 +47,7 @@ from blake3 import blake3
 from cfsc.backends.erofs.entries import interpret_xattrs
 from cfsc.base.errors import CfscError, UsageError
 from cfsc.base.options import Options
-from cfsc.base.streams import source_name
+from cfsc.base.streams import is_reference, source_name
 from cfsc.base.tree import FILE_TYPES, S_IFBLK, S_IFCHR, S_IFDIR, S_IFLNK, S_IFMT, S_IFREG, Inode, Tree
 
 FIELDS = ("type", "mode", "uid", "gid", "rdev", "mtime", "mtime_nsec", "size", "nlink",
@@ -128,7 +128,7 @@ def layers(text):
     """A side as the command line gives it: `l1.tar+l2.tar+…` is a stack of layers, bottom first
     (merged as `cfsc compile l1.tar l2.tar` merges them), unless a file has that very name or
     none of the parts exists; anything else is one source, returned as is."""
-    if (not isinstance(text, str) or "+" not in text or text.startswith("ostree:")
+    if (not isinstance(text, str) or "+" not in text or is_reference(text)
             or os.path.lexists(text)):
         return text
     parts = tuple(text.split("+"))

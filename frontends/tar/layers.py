@@ -136,7 +136,12 @@ def load(source, options: Options | None = None) -> Tree:
 
 def load_many(sources, options: Options | None = None) -> Tree:
     """Layers, bottom first, merged into one tree (see the module docstring)."""
-    options = options or Options()
+    return merge_layers(sources, options or Options(), ", ".join(str(s) for s in sources))
+
+
+def merge_layers(sources, options: Options, name: str) -> Tree:
+    """`load_many` for any layer sources: tar paths or streams, or objects whose `open_reader()`
+    gives a reader with TarReader's protocol (container images' layers, `frontends.oci`)."""
     if options.skip_xattrs and options.user_xattrs:
         raise UsageError("--skip-xattrs and --user-xattrs conflict: give one of them", "--user-xattrs")
     contents = Contents(options)
@@ -150,7 +155,7 @@ def load_many(sources, options: Options | None = None) -> Tree:
         raise
     finally:
         builder.progress.close()
-    return builder.finish(", ".join(str(s) for s in sources))
+    return builder.finish(name)
 
 
 class _Builder:
@@ -186,7 +191,8 @@ class _Builder:
         self.touched = set()
         self.aufs_links = {}
         self.layer_name = f"layer {index + 1}/{count} " if count > 1 else ""
-        with TarReader(source) as reader:
+        open_reader = getattr(source, "open_reader", None)
+        with TarReader(source) if open_reader is None else open_reader() as reader:
             self.reader = reader
             for m in reader.members():
                 self.member(m)
@@ -292,6 +298,9 @@ class _Builder:
     def data(self, m: Member, node: Inode, size: int) -> None:
         reader = self.reader
         assert reader is not None
+        named = getattr(reader, "named", None)
+        if named is not None and named(m, node):
+            return  # a layer read from its TOC: the payload is named there, the data not read
         if size <= INLINE_MAX:
             self.contents.inline(node, reader.read(size))
         elif size <= WHOLE_MAX:

@@ -9,6 +9,12 @@ from cfsc.backends.erofs.writer import write_image
 from cfsc.base.options import Options
 from cfsc.build.pipeline import run_passes
 
+from tests.helpers.data import DATA
+from tests.helpers.dirtrees import Entry, full_spec
+
+# Debian packages' data.tar.xz members (tests/data/README.md)
+DEBS = sorted((DATA / "tar").glob("*.data.tar.xz"))
+
 # GNU tar, extracting as root with everything a layer can carry: the oracle for tar layers.
 EXTRACT = ["tar", "--xattrs", "--xattrs-include=*", "--same-owner", "-p", "--numeric-owner",
            "--delay-directory-restore"]
@@ -32,3 +38,8 @@ def compare_images(cfsc, got: Path, want: Path) -> None:
         b = cfsc("dump", str(got), check=True).stdout.decode().splitlines()
         diff = [f"- {x}" for x in a if x not in b] + [f"+ {x}" for x in b if x not in a]
         raise AssertionError("images differ:\n" + "\n".join(diff[:40]))
+
+
+def spec() -> list[Entry]:
+    """Every kind of entry a tar layer can hold (the directory frontend's full tree, less sockets)."""
+    return [e for e in full_spec() if e.kind != "sock"]

@@ -1,0 +1,34 @@
+"""`cfsc export`: a source (an image, a container image, anything) → a tar layer."""
+
+from __future__ import annotations
+
+import typer
+from cfsc.base.options import Options
+from cfsc.cli import command, imagesource
+
+
+@command("export")
+def export_cmd(
+    source: str = typer.Argument(..., help="Image or any other source ('-' = stdin)."),
+    output: str = typer.Option(..., "-o", "--output", help="The tar layer to write ('-' = stdout)."),
+    basedir: str | None = typer.Option(None, "--basedir", help="Store(s) holding the external file data: DIR[:DIR…]."),
+    source_format: str | None = typer.Option(None, "--from", help="Source format (default: detected from the content)."),
+    platform: str | None = imagesource.PLATFORM,
+    storage_root: str | None = imagesource.STORAGE_ROOT,
+    toc_only: bool = imagesource.TOC_ONLY,
+) -> None:
+    """Write the tree a source shows as one tar layer (POSIX/PAX, xattrs, hard links, devices;
+    deterministic order and headers) that `cfsc compile` turns back into the same image."""
+    from cfsc.backends import tarlayer
+    from cfsc.base.output import atomic_output
+    from cfsc.build import batch_allocation
+    from cfsc.frontends.image import read_tree
+    from cfsc.store.backing import parse_basedirs
+    from cfsc.tools import images
+
+    options = imagesource.apply(Options(), platform, storage_root, toc_only)
+    image = images.open_image(source, options, source_format)
+    with batch_allocation():
+        tree = read_tree(image)
+    with atomic_output(output) as out:
+        tarlayer.write(tree, out, parse_basedirs(basedir) if basedir else None)

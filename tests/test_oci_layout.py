@@ -1,0 +1,169 @@
+"""Container image references and layouts built in code (no container tools needed):
+reference syntax, platform choice in nested indexes, digests, docker archives with legacy
+layer symlinks, and the unlisted-directory rule.  tests/test_oci.py checks real tools' images.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import pytest
+from cfsc import frontends
+from cfsc.base.errors import InputError, UsageError
+from cfsc.base.options import Options
+from cfsc.frontends.oci import reference
+
+MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+INDEX = "application/vnd.oci.image.index.v1+json"
+
+
+def layer(files: dict[str, bytes | None]) -> bytes:
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.mtime = 1_700_000_000
+            if data is None:
+                info.type, info.mode = tarfile.DIRTYPE, 0o700
+                tf.addfile(info)
+            else:
+                info.size, info.mode = len(data), 0o644
+                tf.addfile(info, io.BytesIO(data))
+    return out.getvalue()
+
+
+def sha(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+class Layout:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        (root / "blobs/sha256").mkdir(parents=True)
+        (root / "oci-layout").write_text('{"imageLayoutVersion":"1.0.0"}')
+
+    def blob(self, data: bytes) -> dict:
+        (self.root / "blobs/sha256" / sha(data)[7:]).write_bytes(data)
+        return {"digest": sha(data), "size": len(data)}
+
+    def image(self, layers: list[bytes], gz: bool = True) -> dict:
+        config = json.dumps({"rootfs": {"type": "layers", "diff_ids": [sha(t) for t in layers]}}).encode()
+        descs = [{"mediaType": "application/vnd.oci.image.layer.v1.tar" + ("+gzip" if gz else ""),
+                  **self.blob(gzip.compress(t, mtime=0) if gz else t)} for t in layers]
+        manifest = {"schemaVersion": 2, "mediaType": MANIFEST,
+                    "config": {"mediaType": "application/vnd.oci.image.config.v1+json", **self.blob(config)},
+                    "layers": descs}
+        return {"mediaType": MANIFEST, **self.blob(json.dumps(manifest).encode())}
+
+    def index(self, manifests: list[dict]) -> dict:
+        doc = {"schemaVersion": 2, "mediaType": INDEX, "manifests": manifests}
+        return {"mediaType": INDEX, **self.blob(json.dumps(doc).encode())}
+
+    def top(self, manifests: list[dict]) -> None:
+        (self.root / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": manifests}))
+
+
+def tag(d: dict, name: str) -> dict:
+    return {**d, "annotations": {"org.opencontainers.image.ref.name": name}}
+
+
+def plat(d: dict, os_: str, arch: str, variant: str = "") -> dict:
+    p = {"os": os_, "architecture": arch}
+    if variant:
+        p["variant"] = variant
+    return {**d, "platform": p}
+
+
+def names(source: str, **options) -> list[bytes]:
+    tree = frontends.load([source], Options(**options))
+    return [p for p, *_ in tree.walk()]
+
+
+@pytest.fixture
+def multi(tmp_path):
+    lay = Layout(tmp_path / "lay:out")  # a `:` in the path: the split that names a directory wins
+    amd = lay.image([layer({"amd": b"1"})])
+    arm = lay.image([layer({"arm": b"1"})])
+    armv7 = lay.image([layer({"armv7": b"1"})])
+    nested = lay.index([plat(amd, "linux", "amd64"), plat(arm, "linux", "arm64", "v8"),
+                        plat(armv7, "linux", "arm", "v7")])
+    lay.top([tag(nested, "multi"), tag(amd, "one"), tag(arm, "dup"), tag(armv7, "dup")])
+    return lay, {"amd": amd, "arm": arm, "armv7": armv7}
+
+
+def test_platforms_in_a_nested_index(multi):
+    lay, _ = multi
+    ref = f"oci:{lay.root}:multi"
+    assert b"/arm" in names(ref, platform="linux/arm64")  # v8 is arm64's only variant
+    assert b"/armv7" in names(ref, platform="linux/arm/v7")
+    assert b"/amd" in names(ref, platform="linux/amd64")
+    with pytest.raises(InputError, match=r"no manifest for platform linux/riscv64 .*linux/amd64, linux/arm/v7,"
+                                         r" linux/arm64/v8"):
+        names(ref, platform="linux/riscv64")
+    with pytest.raises(UsageError, match="os/arch"):
+        frontends.load([ref], Options(platform="linux"))
+
+
+def test_tags_digests_and_ambiguity(multi):
+    lay, images = multi
+    assert b"/amd" in names(f"oci:{lay.root}:one")
+    assert b"/arm" in names(f"oci:{lay.root}@{images['arm']['digest']}")  # found inside the nested index
+    with pytest.raises(InputError, match="ambiguous: 2 manifests match tag 'dup'"):
+        names(f"oci:{lay.root}:dup")
+    with pytest.raises(InputError, match="ambiguous: 4 manifests"):
+        names(f"oci:{lay.root}")
+    with pytest.raises(InputError, match=r"tag 'nope' not found: index.json has 'dup', 'multi', 'one'"):
+        names(f"oci:{lay.root}:nope")
+
+
+def test_unlisted_directories_are_fixed(tmp_path):
+    """No `./`, no `a/` or `a/b/`: 040755 0:0 mtime 0 wherever and whenever compiled; a
+    directory a layer lists keeps its metadata, and the topmost listing wins."""
+    lay = Layout(tmp_path / "l")
+    img = lay.image([layer({"a/b/f": b"x", "c": None}), layer({"c": None, "c/g": b"y"})], gz=False)
+    lay.top([img])
+    tree = frontends.load([f"oci:{lay.root}"], Options())
+    got = {p: (n.mode, n.uid, n.gid, n.mtime) for p, n, *_ in tree.walk() if n.children is not None}
+    assert got == {b"/": (0o40755, 0, 0, 0), b"/a": (0o40755, 0, 0, 0), b"/a/b": (0o40755, 0, 0, 0),
+                   b"/c": (0o40700, 0, 0, 1_700_000_000)}
+
+
+def test_docker_archive_with_legacy_symlinks(tmp_path):
+    base, top = layer({"etc": None, "etc/x": b"1"}), layer({"etc/.wh.x": b"", "etc/y": b"2"})
+    config = json.dumps({"rootfs": {"type": "layers", "diff_ids": [sha(base), sha(top)]}}).encode()
+    files = {"c.json": config, "aaa/layer.tar": base, "bbb/layer.tar": gzip.compress(top, mtime=0),
+             "manifest.json": json.dumps([{"Config": "c.json", "RepoTags": ["x/y:1"],
+                                           "Layers": ["aaa/layer.tar", "ccc/layer.tar"]}]).encode()}
+    archive = tmp_path / "save.tar"
+    with tarfile.open(archive, "w") as tf:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+        link = tarfile.TarInfo("ccc/layer.tar")  # legacy: a layer seen before is a symlink to it
+        link.type, link.linkname = tarfile.SYMTYPE, "../bbb/layer.tar"
+        tf.addfile(link)
+    for ref in (f"docker-archive:{archive}", f"docker-archive:{archive}:x/y:1", f"docker-archive:{archive}:@0"):
+        assert names(ref) == [b"/", b"/etc", b"/etc/y"]
+    with pytest.raises(InputError, match=r"@1: the archive has 1 image"):
+        names(f"docker-archive:{archive}:@1")
+
+
+def test_reference_syntax(tmp_path):
+    r = reference.parse("oci:/no/such:tag")
+    assert (r.path, r.tag) == ("/no/such", "tag")
+    r = reference.parse("oci:/x@sha256:" + "a" * 64)
+    assert (r.path, r.digest) == ("/x", "sha256:" + "a" * 64)
+    r = reference.parse("containers-storage:[overlay@/s+/r]name:tag")
+    assert (r.path, r.image) == ("/s", "name:tag")
+    r = reference.parse("containers-storage:abc", storage_root="/elsewhere")
+    assert r.path == "/elsewhere"
+    with pytest.raises(UsageError, match="only the overlay driver"):
+        reference.parse("containers-storage:[vfs@/s]x")
+    with pytest.raises(UsageError):
+        reference.parse("docker-archive:/x:@first")
