@@ -179,6 +179,15 @@ def test_diff_and_check_verify_on_ostree(repo, tmp_path):
     assert p.returncode == 2 and b"corrupt" in p.stderr
 
 
+def test_check_reproducible_with_a_digest_store_on_ostree(repo, tmp_path):
+    """The store names OSTree payloads: the compilation in a child process must have it too."""
+    source, store = f"ostree:{repo}:main", str(tmp_path / "store")
+    expected = digest_of(source, "--digest-store", store)
+    assert expected != digest_of(source)
+    p = run_cfsc("check", "--reproducible", source, "--digest-store", store, "--expect-digest", expected)
+    assert p.returncode == 0 and b"reproducible" in p.stdout, p.stdout + p.stderr
+
+
 def test_check_ostree_compat(repo):
     source = f"ostree:{repo}:main"
     compat = digest_of("--ostree-compat", source)
