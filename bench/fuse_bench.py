@@ -152,14 +152,14 @@ def mount(server: str, base: Path, mnt: Path, args) -> int | None:
     """Mount; returns the FUSE server's pid (None for the kernel mount)."""
     image, store = str(base / "image.cfs"), str(base / "store")
     if server == "kernel":
-        subprocess.run([CFSC, "mount", "--kernel", "--verity", "none", image, str(mnt), "--basedir", store], check=True)
+        subprocess.run([CFSC, "mount", "--kernel", "--verity", "none", image, str(mnt), "--store", store], check=True)
         return None
     if server == "cfs-fuse":
         subprocess.run([args.composefs_fuse, "-o", f"source={image},basedir={store}", str(mnt)], check=True)
     else:
         extra = {"cfsc": [], "cfsc-pt-none": ["--verity", "none"], "cfsc-nopt": ["--no-passthrough"],
                  "cfsc-none": ["--no-passthrough", "--verity", "none"]}
-        subprocess.run([CFSC, "mount", image, str(mnt), "--basedir", store, "--threads", str(args.threads),
+        subprocess.run([CFSC, "mount", image, str(mnt), "--store", store, "--threads", str(args.threads),
                         *extra[server]], check=True)
     return _server_pid(mnt)
 

@@ -50,7 +50,7 @@ def mount_kernel(image_path: str, mountpoint: str, options) -> None:
         raise UsageError("the kernel mount needs root (CAP_SYS_ADMIN); without it use the FUSE mount",
                          "--kernel")
     if not options.basedirs:
-        raise UsageError("the kernel mount needs --basedir: overlayfs takes the store as its data layer",
+        raise UsageError("the kernel mount needs --store: overlayfs takes the store as its data layer",
                          "--kernel")
     check_mountpoint(mountpoint)
     basedirs = [os.path.abspath(d) for d in options.basedirs]

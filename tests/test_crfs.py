@@ -127,7 +127,7 @@ def test_modtime_keeps_nanoseconds_and_offsets():
         [(-1, 999_999_999), (0, 0), (-(2**40), 7)]
 
 
-def test_basedir_gives_fs_verity_digests(cfsc, tmp_path):
+def test_payload_dir_gives_fs_verity_digests(cfsc, tmp_path):
     store = tmp_path / "store"
     (store / "ab").mkdir(parents=True)
     data = b"x" * 10000
@@ -136,18 +136,18 @@ def test_basedir_gives_fs_verity_digests(cfsc, tmp_path):
     source.write_bytes(toc({"type": "reg", "name": "present", "size": len(data), "x-payload": "ab/cdef"},
                            {"type": "reg", "name": "missing", "size": 5, "x-payload": "ab/none"}))
     out = tmp_path / "out.cfs"
-    cfsc("compile", "--basedir", str(store), str(source), "-o", str(out), check=True)
+    cfsc("compile", "--payload-dir", str(store), str(source), "-o", str(out), check=True)
     digest = digest_file(store / "ab" / "cdef").hex().encode()
     assert out.read_bytes() == image_of(b"/ 0 40755 2 0 0 0 0.0 - - -\n"
                                         b"/missing 5 100000 1 0 0 0 0.0 ab/none - -\n"
                                         b"/present 10000 100000 1 0 0 0 0.0 ab/cdef - " + digest + b"\n")
     source.write_bytes(toc({"type": "reg", "name": "present", "size": 3, "x-payload": "ab/cdef"}))
-    p = cfsc("compile", "--basedir", str(store), str(source), "-o", str(out))
+    p = cfsc("compile", "--payload-dir", str(store), str(source), "-o", str(out))
     assert p.returncode == 2 and b"has 10000 bytes but the TOC says 3" in p.stderr
 
 
-def test_basedir_payloads_stay_beneath_it(cfsc, tmp_path):
-    """Payloads are opened confined to --basedir, as the FUSE server opens them: a directory,
+def test_payload_dir_payloads_stay_beneath_it(cfsc, tmp_path):
+    """Payloads are opened confined to --payload-dir, as the FUSE server opens them: a directory,
     `..`, an absolute path out or a symlink is a one-line error naming the file in the tree."""
     store = tmp_path / "store"
     (store / "ab").mkdir(parents=True)
@@ -162,19 +162,19 @@ def test_basedir_payloads_stay_beneath_it(cfsc, tmp_path):
                              ("ab/../../outside.bin", "object ab/../../outside.bin leads outside the store"),
                              ("ln", "object ln leads outside the store")]:
         source.write_bytes(toc({"type": "reg", "name": "d/f", "size": 10, "x-payload": payload}))
-        p = cfsc("compile", "--basedir", str(store), str(source), "-o", str(out))
+        p = cfsc("compile", "--payload-dir", str(store), str(source), "-o", str(out))
         lines = p.stderr.decode().splitlines()
         assert p.returncode == 2 and not out.exists() and len(lines) == 1, p.stderr
         assert lines[0].startswith(f"error: {source}:/d/f: {message}"), lines
     # An absolute payload is relative to the store (overlayfs' redirect is absolute in it).
     source.write_bytes(toc({"type": "reg", "name": "f", "size": 10, "x-payload": "/ab/cdef"}))
-    cfsc("compile", "--basedir", str(store), str(source), "-o", str(out), check=True)
-    assert crfs.load(str(source), Options(basedir=str(store))).lookup(b"f").digest == digest_file(store / "ab" / "cdef")
+    cfsc("compile", "--payload-dir", str(store), str(source), "-o", str(out), check=True)
+    assert crfs.load(str(source), Options(payload_dir=str(store))).lookup(b"f").digest == digest_file(store / "ab" / "cdef")
 
 
 def test_new_data_drops_an_earlier_fs_verity_digest(cfsc, tmp_path):
     """A later entry (here in a later TOC) that changes the payload, size or inline content
-    drops the fs-verity digest an earlier one gave, so --basedir measures the new payload;
+    drops the fs-verity digest an earlier one gave, so --payload-dir measures the new payload;
     repeating the same data keeps it, and a digest given with the new data wins."""
     store = tmp_path / "store"
     (store / "12").mkdir(parents=True)
@@ -197,7 +197,7 @@ def test_new_data_drops_an_earlier_fs_verity_digest(cfsc, tmp_path):
         assert (digest.hex() if digest else None) == kept, what
     (tmp_path / "b.json").write_bytes(toc(later["digest"][0]))
     out = tmp_path / "out.cfs"
-    cfsc("compile", "--from", "crfs", "--basedir", str(store), str(tmp_path / "a.json"), str(tmp_path / "b.json"),
+    cfsc("compile", "--from", "crfs", "--payload-dir", str(store), str(tmp_path / "a.json"), str(tmp_path / "b.json"),
          "-o", str(out), check=True)
     digest = digest_file(store / "12" / "34abcd").hex().encode()
     assert out.read_bytes() == image_of(b"/ 0 40755 2 0 0 0 0.0 - - -\n/f 20 100000 1 0 0 0 0.0 12/34abcd - " + digest + b"\n")
@@ -220,14 +220,14 @@ def test_a_later_entry_replaces_a_hard_link_name():
     assert image(crfs.loads(toc(a, link, {"type": "reg", "name": "a", "size": 20, "mode": 0o600}))) == shared
 
 
-def test_basedir_reaches_an_inode_only_links_name(tmp_path):
+def test_payload_dir_reaches_an_inode_only_links_name(tmp_path):
     """`a` then `hardlink b→a`, then `a` becomes a symlink: the file lives on under `b` alone,
-    and --basedir still measures it."""
+    and --payload-dir still measures it."""
     (tmp_path / "ab").mkdir()
     (tmp_path / "ab" / "cdef").write_bytes(b"0123456789")
     tree = crfs.loads(toc({"type": "reg", "name": "a", "size": 10, "x-payload": "ab/cdef"},
                           {"type": "hardlink", "name": "b", "linkName": "a"},
-                          {"type": "symlink", "name": "a", "linkName": "t"}), Options(basedir=str(tmp_path)))
+                          {"type": "symlink", "name": "a", "linkName": "t"}), Options(payload_dir=str(tmp_path)))
     assert tree.lookup(b"b").digest == digest_file(tmp_path / "ab" / "cdef")
 
 

@@ -159,7 +159,7 @@ def test_damaged_image_header_is_the_image_readers_error(tmp_path, cfsc):
     flipped.write_bytes(bytes([good[0] ^ 0xFF]) + good[1:])
     for path, magic in ((zeroed, 0), (flipped, int.from_bytes(flipped.read_bytes()[:4], "little"))):
         want = f"error: {path}@0x0: composefs header: magic 0x{magic:08x}, expected 0xd078629a (not a composefs image)\n"
-        for args in (["dump", str(path)], ["fsck-store", str(path), "--basedir", str(tmp_path)],
+        for args in (["dump", str(path)], ["fsck-store", str(path), "--store", str(tmp_path)],
                      ["compile", str(path), "-o", str(tmp_path / "x.cfs")]):
             p = cfsc(*args)
             assert (p.returncode, p.stderr.decode()) == (2, want), args

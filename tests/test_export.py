@@ -31,12 +31,12 @@ def round_trip(layer: Path, tmp_path: Path) -> Path:
     first = tmp_path / "first.cfs"
     ok("compile", str(layer), "-o", str(first), "--digest-store", str(store))
     exported = tmp_path / "exported.tar"
-    ok("export", str(first), "--basedir", str(store), "-o", str(exported))
+    ok("export", str(first), "--store", str(store), "-o", str(exported))
     again = tmp_path / "again.cfs"
     ok("compile", str(exported), "-o", str(again))
     assert again.read_bytes() == first.read_bytes()
     twice = tmp_path / "twice.tar"
-    ok("export", str(first), "--basedir", str(store), "-o", str(twice))
+    ok("export", str(first), "--store", str(store), "-o", str(twice))
     assert twice.read_bytes() == exported.read_bytes()
     return exported
 
@@ -67,7 +67,7 @@ def test_missing_store_object_is_one_line(tmp_path):
             p.unlink()
             break
     out = tmp_path / "x.tar"
-    p = run_cfsc("export", str(tmp_path / "a.cfs"), "--basedir", str(tmp_path / "s"), "-o", str(out))
+    p = run_cfsc("export", str(tmp_path / "a.cfs"), "--store", str(tmp_path / "s"), "-o", str(out))
     err = p.stderr.decode()
     assert p.returncode != 0 and err.count("\n") == 1 and "Traceback" not in err, err
     assert not out.exists()

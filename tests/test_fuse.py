@@ -417,7 +417,7 @@ def test_tampered_objects_give_eio_and_a_log_line(tmp_path):
     mnt.mkdir()
     for verity in ("if-present", "require", "none"):
         log = tmp_path / f"{verity}.log"
-        p = run_cfsc("mount", str(image), str(mnt), "--basedir", str(store), "--verity", verity, "--log", str(log))
+        p = run_cfsc("mount", str(image), str(mnt), "--store", str(store), "--verity", verity, "--log", str(log))
         assert p.returncode == 0, p.stderr
         try:
             got = {name: _read_or_errno(mnt / name) for name in files}
@@ -509,7 +509,7 @@ def test_corrupt_image_fails_with_the_located_error_and_leaves_no_mount(tmp_path
     image.write_bytes(bad)
     mnt = tmp_path / "m"
     mnt.mkdir()
-    for extra in ([], ["--kernel", "--basedir", str(tmp_path)]):
+    for extra in ([], ["--kernel", "--store", str(tmp_path)]):
         p = run_cfsc("mount", str(image), str(mnt), *extra)
         assert p.returncode == 2
         assert p.stderr.decode().startswith(f"error: {image}@0x{root + 4:x}: inode nid"), p.stderr
@@ -555,7 +555,7 @@ def test_digest_option(tmp_path):
     p = run_cfsc("mount", str(image), str(mnt), "--digest", "00" * 32)
     assert p.returncode == 2 and b"fs-verity digest is " + digest.encode() in p.stderr
     assert not os.path.ismount(mnt)
-    for extra in ([], ["--kernel", "--verity", "none", "--basedir", str(tmp_path)]):
+    for extra in ([], ["--kernel", "--verity", "none", "--store", str(tmp_path)]):
         p = run_cfsc("mount", str(image), str(mnt), "--digest", digest, *extra)
         assert p.returncode == 0, p.stderr
         assert (mnt / "inline").read_bytes() == b"FOOBAR\nINAFILE\n"
@@ -598,7 +598,7 @@ def test_a_failed_background_mount_names_the_place_once(tmp_path):
     (tmp_path / "store").mkdir()
     # /dev/null in place of /dev/fuse, in a private mount namespace: it opens, mount(2) refuses it
     script = ('mount --bind /dev/null /dev/fuse; for f in "" -f; do '
-              '"$CFSC" mount $f img.cfs f --basedir store; echo "rc=$?"; done')
+              '"$CFSC" mount $f img.cfs f --store store; echo "rc=$?"; done')
     p = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script], cwd=tmp_path,
                        env=dict(os.environ, CFSC=CFSC), capture_output=True, text=True, timeout=60)
     assert p.stderr == f"error: {tmp_path / 'f'}: mount failed: Invalid argument\n" * 2
@@ -639,7 +639,7 @@ def test_background_server_leaves_the_working_directory_and_stops_on_sigterm_and
         # caller leaves open to it, which the server must not keep either
         r, w = os.pipe()
         os.set_inheritable(w, True)
-        p = subprocess.run([CFSC, "mount", image.name, mnt.name, "--basedir", store.name, "--log", log.name],
+        p = subprocess.run([CFSC, "mount", image.name, mnt.name, "--store", store.name, "--log", log.name],
                            cwd=tmp_path, capture_output=True, pass_fds=(w,))
         os.close(w)
         assert p.returncode == 0, p.stderr
@@ -674,14 +674,14 @@ def test_kernel_mount_file_backed_and_loop(tmp_path):
     mnt = tmp_path / "m"
     mnt.mkdir()
     for extra in ([], ["--loop"]):
-        p = run_cfsc("mount", "--kernel", "--verity", "none", str(image), str(mnt), "--basedir", str(store), *extra)
+        p = run_cfsc("mount", "--kernel", "--verity", "none", str(image), str(mnt), "--store", str(store), *extra)
         assert p.returncode == 0, p.stderr
         try:
             assert (mnt / "big").read_bytes() == files["big"]
         finally:
             run_cfsc("umount", str(mnt), check=True)
     # Digests to check, a store without fs-verity: the kernel could only fail every read.
-    p = run_cfsc("mount", "--kernel", str(image), str(mnt), "--basedir", str(store))
+    p = run_cfsc("mount", "--kernel", str(image), str(mnt), "--store", str(store))
     assert p.returncode == 2 and b"no fs-verity" in p.stderr and not os.path.ismount(mnt)
     assert b"pass --verity none" in p.stderr, "what to do about it"
 
@@ -718,7 +718,7 @@ mount --bind "$NS/fuse" /dev/fuse
 @COVER@
 setpriv --reuid="$USER_NAME" --regid="$USER_NAME" --clear-groups --inh-caps=-all sh -c '
     set -e
-    "$CFSC" mount "$IMAGE" "$MNT" --basedir "$STORE" --log "$LOG"
+    "$CFSC" mount "$IMAGE" "$MNT" --store "$STORE" --log "$LOG"
     grep -q " $MNT fuse.composefs ro,nosuid,nodev" /proc/self/mounts
     cat "$MNT/small" > "$OUT"
     "$CFSC" umount "$MNT"

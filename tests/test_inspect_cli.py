@@ -202,9 +202,9 @@ def test_objects_and_missing_objects(files, cfsc):
     assert rows == [{"object": "-", "size": 42}, {"object": "ab/cdef x", "size": 123, "digest": "0123456789abcdef" * 4}]
     (files / "store" / "ab").mkdir(parents=True)
     (files / "store" / "ab" / "cdef x").write_bytes(b"")
-    p = cfsc("missing-objects", "sample.cfs", "--basedir", "store", cwd=files, check=True)
+    p = cfsc("missing-objects", "sample.cfs", "--store", "store", cwd=files, check=True)
     assert p.stdout == b"-\n"
-    assert cfsc("missing-objects", "sample.cfs", cwd=files).returncode == 2  # --basedir is required
+    assert cfsc("missing-objects", "sample.cfs", cwd=files).returncode == 2  # --store is required
 
 
 def test_info(files, cfsc):
@@ -251,7 +251,7 @@ def _store_and_images(tmp_path):
 
 def test_fsck_store_finds_truncated_flipped_and_missing_objects(tmp_path, cfsc):
     store, objects = _store_and_images(tmp_path)
-    p = cfsc("fsck-store", "a.cfs", "b.cfs", "--basedir", str(store), cwd=tmp_path)
+    p = cfsc("fsck-store", "a.cfs", "b.cfs", "--store", str(store), cwd=tmp_path)
     assert p.returncode == 0 and b"0 missing, 0 corrupt" in p.stdout, p.stdout
     assert b"(1 without a digest: size checked only)" in p.stdout  # /d/nodigest
     with open(objects["trunc"], "r+b") as f:
@@ -260,7 +260,7 @@ def test_fsck_store_finds_truncated_flipped_and_missing_objects(tmp_path, cfsc):
     data[1234] ^= 0x01
     objects["flip"].write_bytes(bytes(data))
     objects["gone"].unlink()
-    p = cfsc("fsck-store", "a.cfs", "b.cfs", "--basedir", str(store), cwd=tmp_path)
+    p = cfsc("fsck-store", "a.cfs", "b.cfs", "--store", str(store), cwd=tmp_path)
     assert p.returncode == 1, p.stderr
     out = p.stdout.decode()
     assert "size 4096, expected 10000" in out and "fs-verity digest" in out and "missing" in out
@@ -268,7 +268,7 @@ def test_fsck_store_finds_truncated_flipped_and_missing_objects(tmp_path, cfsc):
     assert "used by a.cfs:/d/flip" in out and "used by a.cfs:/link" in out
     assert "used by a.cfs:/d/gone" in out and "used by b.cfs:/x" in out
     assert "5 objects checked" in out and "1 missing, 2 corrupt" in out
-    report = orjson.loads(cfsc("fsck-store", "--json", "a.cfs", "b.cfs", "--basedir", str(store), cwd=tmp_path).stdout)
+    report = orjson.loads(cfsc("fsck-store", "--json", "a.cfs", "b.cfs", "--store", str(store), cwd=tmp_path).stdout)
     assert (report["objects"], report["missing"], report["corrupt"], report["unverified"]) == (5, 1, 2, 1)
     kinds = {p["problem"] for p in report["problems"]}
     assert kinds == {"missing", "corrupt"}
@@ -278,12 +278,12 @@ def test_fsck_store_finds_truncated_flipped_and_missing_objects(tmp_path, cfsc):
 
 def test_fsck_store_bad_input(tmp_path, cfsc):
     store, _objects = _store_and_images(tmp_path)
-    assert cfsc("fsck-store", "a.cfs", "--basedir", str(tmp_path / "nope"), cwd=tmp_path).returncode == 2
+    assert cfsc("fsck-store", "a.cfs", "--store", str(tmp_path / "nope"), cwd=tmp_path).returncode == 2
     (tmp_path / "junk.cfs").write_bytes(b"junk" * 2000)
-    assert cfsc("fsck-store", "junk.cfs", "--basedir", str(store), cwd=tmp_path).returncode == 2
+    assert cfsc("fsck-store", "junk.cfs", "--store", str(store), cwd=tmp_path).returncode == 2
     evil = image_of(b"/ 4096 40755 2 0 0 0 0.0 - - -\n/e 5 100644 1 0 0 0 0.0 ../../etc/passwd - -\n")
     (tmp_path / "evil.cfs").write_bytes(evil)
-    p = cfsc("fsck-store", "evil.cfs", "--basedir", str(store), cwd=tmp_path)
+    p = cfsc("fsck-store", "evil.cfs", "--store", str(store), cwd=tmp_path)
     assert p.returncode == 1 and b"invalid ../../etc/passwd: the path leaves the store" in p.stdout
     # A fan-out directory that is a symlink out of the store: refused, the outside never read.
     outside = tmp_path / "outside"
@@ -292,12 +292,12 @@ def test_fsck_store_bad_input(tmp_path, cfsc):
     (store / "zz").symlink_to(outside)
     sneaky = image_of(b"/ 4096 40755 2 0 0 0 0.0 - - -\n/e 6 100644 1 0 0 0 0.0 zz/obj - " + b"00" * 32 + b"\n")
     (tmp_path / "sneaky.cfs").write_bytes(sneaky)
-    p = cfsc("fsck-store", "sneaky.cfs", "--basedir", str(store), cwd=tmp_path)
+    p = cfsc("fsck-store", "sneaky.cfs", "--store", str(store), cwd=tmp_path)
     assert p.returncode == 1 and b"invalid zz/obj: the path leaves the store" in p.stdout, p.stdout
     assert b"fs-verity digest" not in p.stdout
     (store / "yy").write_bytes(b"a file where a fan-out directory belongs")
     (tmp_path / "file.cfs").write_bytes(image_of(b"/ 4096 40755 2 0 0 0 0.0 - - -\n/e 6 100644 1 0 0 0 0.0 yy/obj - -\n"))
-    p = cfsc("fsck-store", "file.cfs", "--basedir", str(store), cwd=tmp_path)
+    p = cfsc("fsck-store", "file.cfs", "--store", str(store), cwd=tmp_path)
     assert p.returncode == 1 and b"missing yy/obj: a parent is not a directory" in p.stdout, p.stdout
 
 

@@ -282,7 +282,7 @@ def test_export_round_trip_real_image(images, tmp_path):
         first = tmp_path / f"{form}.cfs"
         cfsc_ok("compile", *args, "-o", str(first), "--digest-store", str(tmp_path / "s"))
         layer = tmp_path / f"{form}.tar"
-        cfsc_ok("export", str(first), "--basedir", str(tmp_path / "s"), "-o", str(layer))
+        cfsc_ok("export", str(first), "--store", str(tmp_path / "s"), "-o", str(layer))
         again = tmp_path / f"{form}-again.cfs"
         cfsc_ok("compile", str(layer), "-o", str(again))
         assert again.read_bytes() == first.read_bytes()
@@ -487,7 +487,7 @@ def test_mounted_image_reads_as_the_rootfs(images, tmp_path):
     image, store, mnt = tmp_path / "a.cfs", tmp_path / "s", tmp_path / "mnt"
     mnt.mkdir()
     cfsc_ok("compile", images["refs"]["zstd"], "-o", str(image), "--digest-store", str(store))
-    cfsc_ok("mount", str(image), str(mnt), "--basedir", str(store))
+    cfsc_ok("mount", str(image), str(mnt), "--store", str(store))
     try:
         p = subprocess.run(["diff", "-r", "--no-dereference", str(mnt), str(images["rootfs"])], capture_output=True)
         # diff cannot compare special files; it only says both are one (of the same type)

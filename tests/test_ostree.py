@@ -8,7 +8,7 @@ each mode and checked out with `ostree checkout` (as root: owners and xattrs res
   frontend's image of the checkout with every mtime 0 (`--use-epoch`), same store;
 * without a store the two dumps differ only in the payload column, which names the
   repository's objects (whose fs-verity digests are the digest column);
-* the image mounts (FUSE; the kernel too) with `--basedir REPO/objects` and shows the checkout;
+* the image mounts (FUSE; the kernel too) with `--store REPO/objects` and shows the checkout;
 * `--ostree-compat` reproduces the images and digests ostree's own test suite pins
   (`tests/test-composefs.sh`: Debian's 2022.7 has no composefs support to compare with);
 * missing, corrupt and malformed objects give one-line errors naming the object.
@@ -211,7 +211,7 @@ def test_mounted_image_shows_the_checkout(mode, kernel, repos, tmp_path):
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     extra = ["--kernel", "--verity=none"] if kernel else []  # no fs-verity on this file system
-    p = run_cfsc("mount", str(tmp_path / "image.cfs"), str(mnt), "--basedir", str(basedir), *extra)
+    p = run_cfsc("mount", str(tmp_path / "image.cfs"), str(mnt), "--store", str(basedir), *extra)
     assert p.returncode == 0, p.stderr.decode()
     try:
         seen = view(mnt)

@@ -94,6 +94,13 @@ def source_date_epoch() -> int:
     return int(text)
 
 
+def renamed(value, old_value, flag: str, old_flag: str):
+    """The value of an option given by its name or by its old (hidden) name, not both differently."""
+    if value is not None and old_value is not None and value != old_value:
+        raise UsageError(f"{old_flag} is the old name of {flag}: give one of them", flag)
+    return value if value is not None else old_value
+
+
 def digest_line(digest: bytes) -> None:
     sys.stdout.write(digest.hex() + "\n")
     sys.stdout.flush()

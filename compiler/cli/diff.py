@@ -14,43 +14,16 @@ import typer
 from cfsc.base import rfc3339
 from cfsc.base.errors import UsageError
 from cfsc.base.options import Options
-from cfsc.cli import command, imagesource, source_date_epoch
+from cfsc.cli import command
+from cfsc.cli.sources import FROM, source_options
 
 COLORS = {"added": "\033[32m", "removed": "\033[31m", "changed": "\033[33m", "head": "\033[1m"}
 RESET = "\033[0m"
 MARKS = {"added": b"+", "removed": b"-", "changed": b"~"}
 VALUE_MAX = 80
 
-FROM = typer.Option(None, "--from", help="Source format of both sides (default: detected from the content).")
 JSON = typer.Option(False, "--json", help="One JSON document (see `cfsc schema diff-report` / `check-report`).")
-MIN_VERSION = typer.Option(0, "--min-version", help="Non-image sources: lowest composefs format version.")
-MAX_VERSION = typer.Option(1, "--max-version", help="Non-image sources: highest composefs format version.")
-STRICT = typer.Option(False, "--strict", help="Strict dumpfile parsing (upstream's CFS_PARSE_STRICT).")
-THREADS = typer.Option(None, "--threads", min=1, help="Threads reading files (default: CPUs available).")
-CLAMP = typer.Option(False, "--clamp-mtime", help="Non-image sources: no mtime later than $SOURCE_DATE_EPOCH.")
-EXCLUDE = typer.Option([], "--exclude", help="Leave out entries matching this query (repeatable; see `cfsc diff --help`).")
-USE_EPOCH = typer.Option(False, "--use-epoch", help="Directory trees: every mtime 0.")
-SKIP_DEVICES = typer.Option(False, "--skip-devices", help="Directory trees: leave out devices.")
-SKIP_XATTRS = typer.Option(False, "--skip-xattrs", help="Directory trees: no xattrs.")
-USER_XATTRS = typer.Option(False, "--user-xattrs", help="Directory trees: only user.* xattrs.")
-HARDLINKS = typer.Option(False, "--hardlinks", help="Directory trees: keep hard links.")
-BASEDIR = typer.Option(None, "--basedir", help="CRFS TOC: fs-verity digests of payloads found here.")
-
-
-def _options(min_version: int, max_version: int, strict: bool, threads: int | None, clamp: bool,
-             exclude: list[str], use_epoch: bool, skip_devices: bool, skip_xattrs: bool,
-             user_xattrs: bool, hardlinks: bool, basedir: str | None) -> Options:
-    options = Options(min_version=min_version, max_version=max_version, strict=strict, use_epoch=use_epoch,
-                      skip_devices=skip_devices, skip_xattrs=skip_xattrs, user_xattrs=user_xattrs,
-                      hardlinks=hardlinks, basedir=basedir, exclude=tuple(exclude),
-                      clamp_mtime=source_date_epoch() if clamp else None)
-    if threads is not None:
-        options.threads = threads
-    if exclude:
-        from cfsc.base import query
-
-        query.any_of(exclude, "--exclude")  # fail on a bad query before loading anything
-    return options
+COLOR = typer.Option("auto", "--color", help="auto (a terminal without NO_COLOR), always or never.")
 
 
 def _color(choice: str) -> bool:
@@ -187,6 +160,7 @@ def render_stat(report, out) -> None:
 
 
 @command("diff")
+@source_options(old_flags=True)
 def diff_cmd(
     a: str = typer.Argument(..., help="First source: image, dumpfile, directory, tar, CRFS JSON, ostree:REPO:REF, "
                             "or layers L1.tar+L2.tar (bottom first)."),
@@ -197,28 +171,16 @@ def diff_cmd(
                                      "rdev, mtime, mtime_nsec, size, nlink, target, payload, digest, content, data, "
                                      "xattrs, xattr:KEY, hardlinks, layout."),
     where: str | None = typer.Option(None, "--where", help="Only report entries matching this query (on either side)."),
-    exclude: list[str] = EXCLUDE,
     explain: bool = typer.Option(False, "--explain", help="Compile non-image sides too and say why the image bytes differ."),
-    color: str = typer.Option("auto", "--color", help="auto (a terminal without NO_COLOR), always or never."),
+    color: str = COLOR,
     source_format: str | None = FROM,
-    min_version: int = MIN_VERSION,
-    max_version: int = MAX_VERSION,
-    strict: bool = STRICT,
-    threads: int | None = THREADS,
-    clamp_mtime: bool = CLAMP,
-    use_epoch: bool = USE_EPOCH,
-    skip_devices: bool = SKIP_DEVICES,
-    skip_xattrs: bool = SKIP_XATTRS,
-    user_xattrs: bool = USER_XATTRS,
-    hardlinks: bool = HARDLINKS,
-    basedir: str | None = BASEDIR,
-    platform: str | None = imagesource.PLATFORM,
-    storage_root: str | None = imagesource.STORAGE_ROOT,
-    toc_only: bool = imagesource.TOC_ONLY,
+    *,
+    options: Options,
 ) -> None:
     """Entries added, removed and changed between two sources, attribute by attribute.
 
-    Both sides are compared as the image each one is or compiles to, as a user sees it.
+    Both sides are compared as the image each one is or compiles to, as a user sees it; the
+    source options are `cfsc compile`'s and apply to both sides.
 
     Layers: a side may be tar layers joined by +, bottom first (base.tar+app.tar.gz), merged
     as `cfsc compile base.tar app.tar.gz` merges them (+ splits only if no file has that name).
@@ -235,9 +197,6 @@ def diff_cmd(
     from cfsc.tools import diff as diffing
     from cfsc.tools.manifest import Ignore, layers
 
-    options = _options(min_version, max_version, strict, threads, clamp_mtime, exclude, use_epoch,
-                       skip_devices, skip_xattrs, user_xattrs, hardlinks, basedir)
-    imagesource.apply(options, platform, storage_root, toc_only)
     a, b = layers(a), layers(b)
     ignored = Ignore.parse(ignore)
     matches = query.parse(where, "--where") if where is not None else None
@@ -288,6 +247,7 @@ def render_check(report, out, color: bool) -> None:
 
 
 @command("check")
+@source_options(old_flags=True)
 def check_cmd(
     source: str = typer.Argument(..., help="The source to compile (any kind; layers: L1.tar+L2.tar, as for diff)."),
     expect_digest: str | None = typer.Option(None, "--expect-digest", help="The digest it must compile to: sha256:HEX (or HEX)."),
@@ -297,23 +257,10 @@ def check_cmd(
     ways: str | None = typer.Option(None, "--ways", help="With --reproducible: which ways, comma-separated "
                                     "(shuffled, reversed, threads, environment, dump, image; default all)."),
     as_json: bool = JSON,
-    color: str = typer.Option("auto", "--color", help="auto, always or never."),
+    color: str = COLOR,
     source_format: str | None = FROM,
-    min_version: int = MIN_VERSION,
-    max_version: int = MAX_VERSION,
-    strict: bool = STRICT,
-    threads: int | None = THREADS,
-    clamp_mtime: bool = CLAMP,
-    exclude: list[str] = EXCLUDE,
-    use_epoch: bool = USE_EPOCH,
-    skip_devices: bool = SKIP_DEVICES,
-    skip_xattrs: bool = SKIP_XATTRS,
-    user_xattrs: bool = USER_XATTRS,
-    hardlinks: bool = HARDLINKS,
-    basedir: str | None = BASEDIR,
-    platform: str | None = imagesource.PLATFORM,
-    storage_root: str | None = imagesource.STORAGE_ROOT,
-    toc_only: bool = imagesource.TOC_ONLY,
+    *,
+    options: Options,
 ) -> None:
     """Check a source's digest for CI: against an expected digest or reference, and/or for reproducibility.
 
@@ -326,6 +273,8 @@ def check_cmd(
     that is not.
 
     SOURCE (and --reference) may be tar layers joined by +, bottom first, as for `cfsc diff`.
+    The source options are `cfsc compile`'s, so a check reproduces any compilation; a
+    reference that is not an image is compiled with them too.
 
     Exit status: 0 passed, 1 failed, 2 error.
     """
@@ -335,9 +284,6 @@ def check_cmd(
 
     if expect_digest is None and reference is None and not reproducible:
         raise UsageError("nothing to check: give --expect-digest, --reference and/or --reproducible")
-    options = _options(min_version, max_version, strict, threads, clamp_mtime, exclude, use_epoch,
-                       skip_devices, skip_xattrs, user_xattrs, hardlinks, basedir)
-    imagesource.apply(options, platform, storage_root, toc_only)
     paint = _color(color)
     digest = check.parse_digest(expect_digest) if expect_digest is not None else None
     chosen = check.known_ways(w.strip() for w in ways.split(",") if w.strip()) if ways else list(VARIANTS)

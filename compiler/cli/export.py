@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import typer
 from cfsc.base.options import Options
-from cfsc.cli import command, imagesource
+from cfsc.cli import command, renamed
+from cfsc.cli.sources import FROM, source_options
 
 
 @command("export")
+@source_options()
 def export_cmd(
     source: str = typer.Argument(..., help="Image or any other source ('-' = stdin)."),
     output: str = typer.Option(..., "-o", "--output", help="The tar layer to write ('-' = stdout)."),
-    basedir: str | None = typer.Option(None, "--basedir", help="Store(s) holding the external file data: DIR[:DIR…]."),
-    source_format: str | None = typer.Option(None, "--from", help="Source format (default: detected from the content)."),
-    platform: str | None = imagesource.PLATFORM,
-    storage_root: str | None = imagesource.STORAGE_ROOT,
-    toc_only: bool = imagesource.TOC_ONLY,
+    store: str | None = typer.Option(None, "--store", metavar="DIR[:DIR…]",
+                                     help="Store(s) holding the external file data."),
+    old_store: str | None = typer.Option(None, "--basedir", hidden=True, help="The old name of --store."),
+    source_format: str | None = FROM,
+    *,
+    options: Options,
 ) -> None:
     """Write the tree a source shows as one tar layer (POSIX/PAX, xattrs, hard links, devices;
     deterministic order and headers) that `cfsc compile` turns back into the same image."""
@@ -26,9 +29,9 @@ def export_cmd(
     from cfsc.store.backing import parse_basedirs
     from cfsc.tools import images
 
-    options = imagesource.apply(Options(), platform, storage_root, toc_only)
+    store = renamed(store, old_store, "--store", "--basedir")
     image = images.open_image(source, options, source_format)
     with batch_allocation():
         tree = read_tree(image)
     with atomic_output(output) as out:
-        tarlayer.write(tree, out, parse_basedirs(basedir) if basedir else None)
+        tarlayer.write(tree, out, parse_basedirs(store) if store else None)

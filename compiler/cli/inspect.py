@@ -7,6 +7,7 @@ first (`cfsc.tools.images.open_image`), so the answers describe what `cfsc compi
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import stat
 import sys
@@ -17,10 +18,10 @@ from cfsc.base import rfc3339
 from cfsc.base.errors import UsageError
 from cfsc.base.options import Options
 from cfsc.base.tree import S_IFBLK, S_IFCHR, S_IFLNK, S_IFMT, S_IFREG
-from cfsc.cli import command, imagesource
+from cfsc.cli import command, renamed
+from cfsc.cli.sources import FROM, adding, source_options
 from cfsc.tools import images
 
-FROM = typer.Option(None, "--from", help="Source format (default: detected from the content).")
 JSON = typer.Option(False, "--json", help="JSON output.")
 
 
@@ -28,13 +29,28 @@ def _write_json_line(obj) -> None:
     sys.stdout.buffer.write(orjson.dumps(obj, option=orjson.OPT_APPEND_NEWLINE))
 
 
-def _open(sources: list[str], fmt: str | None, platform: str | None = None, storage_root: str | None = None,
-          toc_only: bool = False) -> list:
-    options = imagesource.apply(Options(), platform, storage_root, toc_only)
-    return [images.open_image(s, options, fmt) for s in sources]
+def _open(sources: list[str], options: Options, fmt: str | None) -> list:
+    return [images.open_image(s, options, fmt, recompile=True) for s in sources]
+
+
+def _store(values: dict) -> str:
+    store = renamed(values["store"], values["old_store"], "--store", "--basedir")
+    if store is None:
+        raise UsageError("give the object store: --store DIR")
+    return store
+
+
+# The verb gets `store`: --store DIR, required; --basedir is its old name (hidden).
+store_option = adding([
+    inspect.Parameter("store", inspect.Parameter.KEYWORD_ONLY, annotation=str | None, default=typer.Option(
+        None, "--store", metavar="DIR", help="The object store the images are mounted with (required).")),
+    inspect.Parameter("old_store", inspect.Parameter.KEYWORD_ONLY, annotation=str | None, default=typer.Option(
+        None, "--basedir", hidden=True, help="The old name of --store.")),
+], "store", _store)
 
 
 @command("dump")
+@source_options()
 def dump_cmd(
     source: str = typer.Argument(..., help="Image or any other source ('-' = stdin)."),
     fmt: str = typer.Option("dump", "--format", "-f", help="Text backend: dump, json, or another registered one."),
@@ -42,18 +58,12 @@ def dump_cmd(
     filters: list[str] = typer.Option([], "--filter", help="Only this child of the root (repeatable)."),
     output: str | None = typer.Option(None, "-o", "--output", help="Write here instead of stdout."),
     source_format: str | None = FROM,
-    min_version: int = typer.Option(0, "--min-version", help="For a non-image source: lowest format version."),
-    max_version: int = typer.Option(1, "--max-version", help="For a non-image source: highest format version."),
-    strict: bool = typer.Option(False, "--strict", help="Strict dumpfile parsing (upstream's CFS_PARSE_STRICT)."),
-    platform: str | None = imagesource.PLATFORM,
-    storage_root: str | None = imagesource.STORAGE_ROOT,
-    toc_only: bool = imagesource.TOC_ONLY,
+    *,
+    options: Options,
 ) -> None:
     """Print an image as a dumpfile (exactly as `composefs-info dump`), JSON lines, or another text format."""
     if as_json:
         fmt = "json"
-    options = imagesource.apply(Options(min_version=min_version, max_version=max_version, strict=strict),
-                                platform, storage_root, toc_only)
     names = images.filter_names(filters)
     if output is None:
         images.dump(source, sys.stdout.buffer, fmt, names, options, source_format)
@@ -89,6 +99,7 @@ def _ls_line(name: bytes, e) -> bytes:
 
 
 @command("ls")
+@source_options()
 def ls_cmd(
     source: str = typer.Argument(..., help="Image (or any source)."),
     path: str = typer.Argument("/", help="Directory or file inside the image."),
@@ -96,9 +107,8 @@ def ls_cmd(
     as_json: bool = JSON,
     source_format: str | None = FROM,
     where: str | None = typer.Option(None, "--where", help='Only entries matching a query, e.g. \'type == reg and size > 1M\' (see `cfsc diff --help`).'),
-    platform: str | None = imagesource.PLATFORM,
-    storage_root: str | None = imagesource.STORAGE_ROOT,
-    toc_only: bool = imagesource.TOC_ONLY,
+    *,
+    options: Options,
 ) -> None:
     """List a directory of an image (mode, links, owner, size, mtime, name; `@` backing file)."""
     from cfsc.backends.jsonlines import entry_object
@@ -108,7 +118,7 @@ def ls_cmd(
         from cfsc.base.query import parse
 
         matches = parse(where, "--where")
-    (image,) = _open([source], source_format, platform, storage_root, toc_only)
+    (image,) = _open([source], options, source_format)
     out = sys.stdout.buffer
     for item_path, e, first in images.listing(image, os.fsencode(path), recursive):
         if matches is not None and not matches(item_path, e):
@@ -137,30 +147,31 @@ def _print_objects(found: dict, as_json: bool) -> None:
 
 
 @command("objects")
+@source_options()
 def objects_cmd(
     sources: list[str] = typer.Argument(..., help="Images (or any sources)."),
     as_json: bool = JSON,
     source_format: str | None = FROM,
-    platform: str | None = imagesource.PLATFORM,
-    storage_root: str | None = imagesource.STORAGE_ROOT,
-    toc_only: bool = imagesource.TOC_ONLY,
+    *,
+    options: Options,
 ) -> None:
     """The backing files the images need (payloads), sorted, each once."""
-    _print_objects(images.objects(_open(sources, source_format, platform, storage_root, toc_only)), as_json)
+    _print_objects(images.objects(_open(sources, options, source_format)), as_json)
 
 
 @command("missing-objects")
+@source_options()
+@store_option
 def missing_objects_cmd(
     sources: list[str] = typer.Argument(..., help="Images (or any sources)."),
-    basedir: str = typer.Option(..., "--basedir", help="The object store the images are mounted with."),
     as_json: bool = JSON,
     source_format: str | None = FROM,
-    platform: str | None = imagesource.PLATFORM,
-    storage_root: str | None = imagesource.STORAGE_ROOT,
-    toc_only: bool = imagesource.TOC_ONLY,
+    *,
+    options: Options,
+    store: str,
 ) -> None:
-    """The backing files the images need that are not in the store."""
-    _print_objects(images.missing_objects(_open(sources, source_format, platform, storage_root, toc_only), basedir), as_json)
+    """The backing files the images need that are not in the store (--store DIR)."""
+    _print_objects(images.missing_objects(_open(sources, options, source_format), store), as_json)
 
 
 INFO_LABELS = (
@@ -171,16 +182,16 @@ INFO_LABELS = (
 
 
 @command("info")
+@source_options()
 def info_cmd(
     sources: list[str] = typer.Argument(..., help="Images (or any sources)."),
     as_json: bool = JSON,
     source_format: str | None = FROM,
-    platform: str | None = imagesource.PLATFORM,
-    storage_root: str | None = imagesource.STORAGE_ROOT,
-    toc_only: bool = imagesource.TOC_ONLY,
+    *,
+    options: Options,
 ) -> None:
     """Format version, size, fs-verity digest, entry counts, inode formats, shared xattrs."""
-    for image in _open(sources, source_format, platform, storage_root, toc_only):
+    for image in _open(sources, options, source_format):
         facts = images.info(image)
         if as_json:
             _write_json_line(facts)
@@ -197,17 +208,18 @@ def info_cmd(
 
 
 @command("fsck-store")
+@source_options()
+@store_option
 def fsck_store_cmd(
     sources: list[str] = typer.Argument(..., help="Images (or any sources)."),
-    basedir: str = typer.Option(..., "--basedir", help="The object store the images are mounted with."),
     as_json: bool = JSON,
-    threads: int | None = typer.Option(None, "--threads", min=1, help="Threads hashing objects (default: CPUs available)."),
     source_format: str | None = FROM,
-    platform: str | None = imagesource.PLATFORM,
-    storage_root: str | None = imagesource.STORAGE_ROOT,
-    toc_only: bool = imagesource.TOC_ONLY,
+    *,
+    options: Options,
+    store: str,
 ) -> None:
-    """Check the store for every object the images use: missing, truncated or altered (fs-verity digest).
+    """Check the store (--store DIR) for every object the images use: missing, truncated or
+    altered (fs-verity digest).  --threads also sets the threads hashing objects.
 
     Also counts the temp files interrupted imports left (`.cfsc-tmp-*`; not a problem).
 
@@ -216,9 +228,9 @@ def fsck_store_cmd(
     from cfsc.base.jsonbytes import put
     from cfsc.tools.fsck_store import check_store
 
-    if not os.path.isdir(basedir):
-        raise UsageError("not a directory", basedir)
-    report = check_store(_open(sources, source_format, platform, storage_root, toc_only), basedir, threads or Options().threads)
+    if not os.path.isdir(store):
+        raise UsageError("not a directory", store)
+    report = check_store(_open(sources, options, source_format), store, options.threads)
     if as_json:
         problems = []
         for p in report.problems:
@@ -233,7 +245,7 @@ def fsck_store_cmd(
                 users.append(user)
             obj["users"] = users
             problems.append(obj)
-        _write_json_line({"store": basedir, "objects": report.objects, "missing": report.count("missing"),
+        _write_json_line({"store": store, "objects": report.objects, "missing": report.count("missing"),
                           "corrupt": report.count("corrupt"), "invalid": report.count("invalid"),
                           "unverified": report.unverified, "temp_files": report.temp_files,
                           "temp_bytes": report.temp_bytes, "problems": problems})
@@ -246,7 +258,7 @@ def fsck_store_cmd(
             for image_name, path in p.users:
                 out.write(b"  used by %s:%s\n" % (os.fsencode(image_name), escape(path)))
         unverified = f" ({report.unverified} without a digest: size checked only)" if report.unverified else ""
-        out.write(f"{report.objects} objects checked in {basedir}: {report.count('missing')} missing, "
+        out.write(f"{report.objects} objects checked in {store}: {report.count('missing')} missing, "
                   f"{report.count('corrupt')} corrupt, {report.count('invalid')} invalid{unverified}\n".encode())
         if report.temp_files:
             out.write(f"{report.temp_files} temp files of interrupted imports ({report.temp_bytes} bytes) at the top"

@@ -11,7 +11,7 @@ import sys
 
 import typer
 from cfsc.base.errors import UsageError
-from cfsc.cli import command
+from cfsc.cli import command, renamed
 
 
 def _verity(value: str) -> str:
@@ -24,7 +24,8 @@ def _verity(value: str) -> str:
 def mount_cmd(
     image: str = typer.Argument(..., help="The composefs image."),
     mountpoint: str = typer.Argument(..., help="An existing directory to mount on."),
-    basedir: str | None = typer.Option(None, "--basedir", help="Store(s) holding external file data: DIR[:DIR…], searched in order."),
+    store: str | None = typer.Option(None, "--store", metavar="DIR[:DIR…]", help="Store(s) holding the backing files (external file data), searched in order."),
+    old_store: str | None = typer.Option(None, "--basedir", hidden=True, help="The old name of --store."),
     verity: str = typer.Option("if-present", "--verity", help="Check backing files against the image's fs-verity digests: none, if-present, require."),
     digest: str | None = typer.Option(None, "--digest", help="Refuse the image unless its own fs-verity digest is this (hex)."),
     foreground: bool = typer.Option(False, "--foreground", "-f", help="Serve in the foreground until unmounted or interrupted."),
@@ -45,8 +46,9 @@ def mount_cmd(
     from cfsc.fuse import MountOptions, mount
     from cfsc.store.backing import parse_basedirs
 
+    store = renamed(store, old_store, "--store", "--basedir")
     options = MountOptions(
-        basedirs=parse_basedirs(basedir) if basedir else [], verity=_verity(verity), digest=digest,
+        basedirs=parse_basedirs(store) if store else [], verity=_verity(verity), digest=digest,
         foreground=foreground, threads=threads, passthrough=passthrough, allow_other=allow_other,
         log_file=log_file, debug=debug, kernel=kernel, loop=loop, noacl=noacl)
     if digest is not None:

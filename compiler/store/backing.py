@@ -1,7 +1,7 @@
 """External file data: backing files opened from the store(s), confined and verified.
 
 Every reader of a store goes through here: the FUSE server, `fsck-store`, the CRFS
-frontend's `--basedir`.
+frontend's `--payload-dir`.
 
 A payload comes from the image, so it is untrusted: `../`, an absolute path or a symlink
 anywhere on the way must never reach a file outside the base directory, and a FIFO or device
@@ -99,7 +99,8 @@ class Store:
             raise IntegrityError(f"no fs-verity digest recorded for object {shown_path(payload)} "
                                  "(--verity=require)", where)
         if not self.fds:
-            raise LookupFailed(f"object {shown_path(payload)} needs a store, and no --basedir was given",
+            raise LookupFailed(f"object {shown_path(payload)} needs a store, and none was given"
+                               " (mount --store DIR; composefs-fuse -o basedir=DIR)",
                                where, errno.EIO)
         fd, st = self._find(payload, where)
         try:

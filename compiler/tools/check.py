@@ -502,7 +502,9 @@ def _compile_reordered(source, options: Options, fmt: str, shuffle: Callable) ->
 
 def compile_in_child(source, options: Options, fmt: str | None, env: dict[str, str], umask: int) -> bytes:
     """Compile in `python -m cfsc.tools.check` with another environment; the image comes back as bytes."""
-    fields = dataclasses.asdict(dataclasses.replace(options, progress=False, digest_store=None))
+    # Every option the first compilation had, the store too: it names OSTree payloads (and an
+    # object already in the store keeps it: `cfsc.store.objects` never replaces one).
+    fields = dataclasses.asdict(dataclasses.replace(options, progress=False))
     spec = {"sources": [os.fsdecode(s) for s in inputs(source)], "format": fmt, "options": fields}
     with tempfile.TemporaryDirectory(prefix="cfsc-check-") as tmp:
         spec["output"] = os.path.join(tmp, "image.cfs")

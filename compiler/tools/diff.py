@@ -36,7 +36,7 @@ from cfsc.backends.erofs.reader import merge_sorted
 from cfsc.base.errors import CfscError
 from cfsc.base.jsonbytes import put
 from cfsc.base.limits import INLINE_CONTENT_MAX, PATH_MAX, VALID_TYPES
-from cfsc.base.options import Options
+from cfsc.base.options import Options, reshapes
 from cfsc.base.query import Query
 from cfsc.base.tree import S_IFBLK, S_IFCHR, S_IFDIR, S_IFLNK, S_IFMT, S_IFREG
 from cfsc.tools.explain import inode_head
@@ -454,7 +454,7 @@ def diff(a_source, b_source, options: Options | None = None, fmt: str | None = N
         from cfsc.tools.manifest import detect
 
         kinds = (fmt, fmt) if fmt is not None else (detect(a_source), detect(b_source))
-        if kinds == ("image", "image") and not options.exclude:
+        if kinds == ("image", "image") and not reshapes(options, "image"):
             from cfsc.backends.erofs.reader import Image
 
             return diff_images(Image.open(a_source), Image.open(b_source), where, ignore, explain)

@@ -17,7 +17,7 @@ from cfsc.backends.erofs.entries import Entries, Entry, walk
 from cfsc.backends.erofs.reader import Image
 from cfsc.base.errors import InputError, UsageError
 from cfsc.base.fsverity import digest_bytes
-from cfsc.base.options import Options
+from cfsc.base.options import Options, reshapes
 from cfsc.base.tree import FILE_TYPES, S_IFCHR, S_IFMT, S_IFREG, Tree
 
 # Text backends that print straight from an image (keeping the on-disk xattr order).
@@ -36,15 +36,18 @@ def compile_in_memory(tree: Tree, options: Options | None = None) -> Image:
     return Image(buf.getvalue(), tree.source or "<compiled>")
 
 
-def open_image(source, options: Options | None = None, fmt: str | None = None) -> Image:
-    """An image source as is; any other source (dumpfile, directory, …) compiled in memory."""
+def open_image(source, options: Options | None = None, fmt: str | None = None, recompile: bool = False) -> Image:
+    """An image source as is; any other source (dumpfile, directory, …) compiled in memory.
+
+    `recompile`: an image too, when an option that applies to images is set (`reshapes`), so
+    it shows what `cfsc compile` makes of it."""
     from cfsc import frontends
     from cfsc.build import batch_allocation
 
     options = options or Options()
     if fmt is None:
         fmt = frontends.detect(source)
-    if fmt == "image":
+    if fmt == "image" and not (recompile and reshapes(options, "image")):
         return Image.open(source)
     with batch_allocation():
         tree = frontends.load([source], options, fmt)
@@ -72,7 +75,7 @@ def dump(source, out: BinaryIO, fmt: str = "dump", names: frozenset[bytes] | Non
     from cfsc.frontends.image import read_tree
 
     options = options or Options()
-    image = open_image(source, options, source_format)
+    image = open_image(source, options, source_format, recompile=True)
     module = IMAGE_DUMPERS.get(fmt)
     with batch_allocation():
         if module is not None:

@@ -34,6 +34,7 @@ and only differing directories are ever sent.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import marshal
 import multiprocessing
@@ -46,7 +47,7 @@ from operator import attrgetter, itemgetter
 from blake3 import blake3
 from cfsc.backends.erofs.entries import interpret_xattrs
 from cfsc.base.errors import CfscError, UsageError
-from cfsc.base.options import Options
+from cfsc.base.options import Options, reshapes
 from cfsc.base.streams import is_reference, source_name
 from cfsc.base.tree import FILE_TYPES, S_IFBLK, S_IFCHR, S_IFDIR, S_IFLNK, S_IFMT, S_IFREG, Inode, Tree
 
@@ -459,8 +460,11 @@ def load(source, options: Options | None = None, fmt: str | None = None, ignore:
     if fmt is None:
         fmt = detect(source)
     name = side_name(source)
+    # An image is compared as it is, filtered by --exclude; the other options that apply to
+    # images (versions, --clamp-mtime) make it a source compiled like any other.
+    as_is = not reshapes(dataclasses.replace(options, exclude=()), "image")
     with batch_allocation():
-        if fmt == "image" and not isinstance(source, tuple):  # (several: the frontend says no)
+        if fmt == "image" and not isinstance(source, tuple) and as_is:  # (several: the frontend says no)
             from cfsc.backends.erofs.reader import Image
             from cfsc.passes.exclude_entries import exclude_entries
             from cfsc.passes.resolve_hardlinks import resolve_hardlinks

@@ -7,7 +7,7 @@ ones (metadata replaced, payload/content only when given, xattrs merged) and har
 into earlier files; missing parents are `040755 0:0 mtime 0`; a `name` that reduces to nothing
 is the root; `digest` `ALG:HEX` gives the payload `HE/X…` unless `x-payload` says otherwise;
 `x-content` is the whole file inline (base64, sets the size); the backing store never supplies an
-fs-verity digest unless `--basedir` points at it (`_add_digests`: payloads are opened confined
+fs-verity digest unless `--payload-dir` points at it (`_add_digests`: payloads are opened confined
 beneath it; one that is not there is skipped, one that is not a regular file or leads outside is
 an error).  An update that brings new data (payload, size, inline content, a chunk that grows
 the file) drops the fs-verity digest an earlier entry gave, unless it gives one itself.
@@ -611,7 +611,7 @@ class _Builder:
                 node.nlink = nlink
             if kind == S_IFREG:
                 self.last_file = node
-                # New data makes an earlier fs-verity digest stale (and --basedir would not
+                # New data makes an earlier fs-verity digest stale (and --payload-dir would not
                 # measure a file that has one): drop it unless this entry gives one.
                 if content is not ABSENT:
                     stale = stale or (content or None) != node.content or len(content) != node.size
@@ -873,13 +873,13 @@ class _Builder:
         if self.n_errors:
             raise InputErrors(self.errors, self.n_errors)
         tree = Tree(self.root, "+".join(self.sources))
-        if self.options.basedir is not None:
+        if self.options.payload_dir is not None:
             _add_digests(tree, self.options)
         return tree
 
 
 def _add_digests(tree: Tree, options: Options) -> None:
-    """fs-verity digests for external files whose payload exists under `--basedir`.
+    """fs-verity digests for external files whose payload exists under `--payload-dir`.
 
     A payload with no file there is skipped (the image records no digest, as the legacy tool
     never did).  One that is there but is not a readable regular file, or whose path leaves
@@ -895,7 +895,7 @@ def _add_digests(tree: Tree, options: Options) -> None:
             if (child.mode & S_IFMT == S_IFREG and child.size and child.content is None
                     and child.digest is None and child.payload):
                 todo.setdefault(child.payload, {})[id(child)] = child
-    store = Store([options.basedir], verity="none")  # type: ignore[list-item]
+    store = Store([options.payload_dir], verity="none")  # type: ignore[list-item]
     try:
         for payload, users in todo.items():
             nodes = list(users.values())
@@ -908,12 +908,12 @@ def _add_digests(tree: Tree, options: Options) -> None:
             try:
                 size = os.fstat(fd).st_size
                 if any(n.size != size for n in nodes):
-                    where = f"{options.basedir}/{shown_path(payload)}"
-                    raise InputError(f"has {size} bytes but the TOC says {nodes[0].size}: wrong --basedir?", where)
+                    where = f"{options.payload_dir}/{shown_path(payload)}"
+                    raise InputError(f"has {size} bytes but the TOC says {nodes[0].size}: wrong --payload-dir?", where)
                 try:
                     digest = digest_fd(fd)
                 except OSError as e:
-                    raise TreeError(f"object {shown_path(payload)} in {options.basedir}:"
+                    raise TreeError(f"object {shown_path(payload)} in {options.payload_dir}:"
                                     f" cannot read it: {e.strerror}", tree.path_of(nodes[0], links=True), tree.source) from None
             finally:
                 os.close(fd)

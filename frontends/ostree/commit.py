@@ -24,7 +24,7 @@ the image `cfsc compile --use-epoch --digest-store S` gives for the checkout.  R
   from bare objects, inflated from archive ones) and the payload names it there (`xx/yyyy…`);
 * larger, no store (bare, bare-user, bare-user-only repositories): the payload is the object
   itself, `xx/yyyy….file` relative to `REPO/objects`, so the image mounts with
-  `--basedir REPO/objects` (plus the parents' objects, if any are used).  Archive objects are
+  `cfsc mount --store REPO/objects` (plus the parents' objects, if any are used).  Archive objects are
   compressed, so archive repositories need a store.
 
 The fs-verity digest comes from the kernel when the object has fs-verity enabled (as ostree
