@@ -1,7 +1,7 @@
 """Files opened in untrusted trees (`cfsc.base.beneath`): every way of opening gives the same
 answer, nothing outside the tree is reached, nothing but a regular file is opened, nothing
 blocks — and the trees cfsc reads by name go through it: OSTree refs, config and objects,
-CRFS `--basedir`, `fsck-store`, `missing-objects`."""
+CRFS `--payload-dir`, `fsck-store`, `missing-objects`."""
 
 from __future__ import annotations
 
@@ -173,7 +173,7 @@ def test_crfs_basedir_payloads_that_are_fifos_are_refused(tmp_path):
     toc = tmp_path / "t.json"
     toc.write_text(json.dumps({"version": 1, "entries": [{"type": "reg", "name": "f", "size": 10,
                                                            "x-payload": "ab/cd"}]}))
-    err = compile_fails(str(toc), "--basedir", str(store))
+    err = compile_fails(str(toc), "--payload-dir", str(store))
     assert err.startswith(f"error: {toc}:/f: object ab/cd is not a regular file (a FIFO)"), err
 
 
@@ -188,11 +188,11 @@ def test_fsck_store_refuses_fifos_and_counts_temp_files(tmp_path):
     os.mkfifo(store / payload.decode())
     (store / f"{TEMP_PREFIX}0123456789abcdef").write_bytes(b"x" * 1000)
     (store / f"{JOURNAL_PREFIX}0123456789abcdef").write_bytes(b"y" * 24)
-    p = subprocess.run([CFSC, "fsck-store", str(image), "--basedir", str(store)], capture_output=True, timeout=120)
+    p = subprocess.run([CFSC, "fsck-store", str(image), "--store", str(store)], capture_output=True, timeout=120)
     assert p.returncode == 1
     assert f"corrupt {payload.decode()}: not a regular file (a FIFO)\n".encode() in p.stdout, p.stdout
     assert b"2 temp files of interrupted imports (1024 bytes)" in p.stdout
-    p = subprocess.run([CFSC, "fsck-store", "--json", str(image), "--basedir", str(store)], capture_output=True,
+    p = subprocess.run([CFSC, "fsck-store", "--json", str(image), "--store", str(store)], capture_output=True,
                        timeout=120)
     report = json.loads(p.stdout)
     assert (report["corrupt"], report["temp_files"], report["temp_bytes"]) == (1, 2, 1024)
@@ -210,8 +210,8 @@ def test_missing_objects_counts_an_object_behind_a_symlink_as_missing(tmp_path):
     store = tmp_path / "store"
     store.mkdir()
     (store / payload[:2]).symlink_to(outside)
-    p = run_cfsc("missing-objects", str(image), "--basedir", str(store))
+    p = run_cfsc("missing-objects", str(image), "--store", str(store))
     assert p.stdout.decode().split() == [payload]
     os.unlink(store / payload[:2])
     os.rename(outside, store / payload[:2])
-    assert run_cfsc("missing-objects", str(image), "--basedir", str(store)).stdout == b""
+    assert run_cfsc("missing-objects", str(image), "--store", str(store)).stdout == b""

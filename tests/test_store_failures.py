@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from cfsc.base import syscalls
-from cfsc.base.errors import StoreError
+from cfsc.base.errors import OutputError, StoreError
 from cfsc.base.fsverity import digest_bytes, digest_fd, payload_path
 from cfsc.store.objects import JOURNAL_PREFIX, TEMP_PREFIX, Store
 
@@ -325,7 +325,7 @@ def test_kill9_at_random_points_leaves_all_or_nothing(tmp_path):
         outcomes["all" if got else "none"] += 1
     print("killed runs that had committed / not:", outcomes)
     temps = leftovers(store)
-    p = run_cfsc("fsck-store", str(tmp_path / "base.cfs"), "--basedir", str(store))
+    p = run_cfsc("fsck-store", str(tmp_path / "base.cfs"), "--store", str(store))
     assert p.returncode == 0, p.stdout
     if temps:
         size = sum(os.lstat(store / t).st_size for t in temps)
@@ -380,3 +380,44 @@ def test_a_commit_killed_half_way_is_taken_back_by_the_next(tmp_path):
     assert not any(n.startswith(JOURNAL_PREFIX) for n in leftovers(store))
     assert not any((store / t).exists() for t in listed)
 
+
+
+def test_taking_back_never_removes_a_name_that_is_not_the_listed_file(tmp_path):
+    """A journal left by a killed commit lists its temp files; a name it made that has since
+    become another file (someone else's object now) stays, and only the journal's own temp
+    files go."""
+    store = tmp_path / "store"
+    mine, theirs = os.urandom(3000), os.urandom(4000)
+    with Store(store) as s:  # theirs: an object named by another run
+        s.import_bytes(theirs, digest_bytes(theirs))
+    before = state(store)
+    temp_a, temp_b = TEMP_PREFIX + "a" * 16, TEMP_PREFIX + "b" * 16
+    (store / temp_a).write_bytes(mine)
+    (store / name_of(mine)).parent.mkdir(exist_ok=True)
+    os.link(store / temp_a, store / name_of(mine))  # the killed commit named this one
+    (store / temp_b).write_bytes(theirs)  # and was about to name this one, which exists already
+    (store / f"{JOURNAL_PREFIX}{'c' * 16}").write_text(
+        f"{temp_a} {digest_bytes(mine).hex()}\n{temp_b} {digest_bytes(theirs).hex()}\n")
+    other = os.urandom(5000)
+    with Store(store) as s:
+        s.import_bytes(other, digest_bytes(other))
+    after = state(store)
+    assert set(after) == {name_of(theirs), name_of(other)} and after[name_of(theirs)] == before[name_of(theirs)]
+    assert leftovers(store) == []
+
+
+def test_an_object_found_in_the_store_and_gone_at_the_commit_fails_the_run(tmp_path):
+    """A run that found an object in the store (and so did not import it) checks at its
+    commit that it is still there: an image must not refer to nothing."""
+    store = tmp_path / "store"
+    data, new = os.urandom(3000), os.urandom(3000)
+    with Store(store) as s:
+        s.import_bytes(data, digest_bytes(data))
+    s = Store(store)
+    s.import_bytes(data, digest_bytes(data))  # found: not imported
+    s.import_bytes(new, digest_bytes(new))
+    os.unlink(store / name_of(data))  # taken back by a failed run, or removed by hand
+    with pytest.raises(OutputError) as e:
+        s.commit()
+    assert str(e.value).startswith(f"{store}/{name_of(data)}: this run found the object in the store, and it is gone")
+    assert state(store) == {} and not leftovers(store)
