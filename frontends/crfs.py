@@ -34,7 +34,13 @@ times RFC 3339 cannot hold), `x-nlink` and type `socket` make every tree express
 `cfsc dump --format crfs` (`cfsc.backends.crfs`) round-trips any image.
 
 Errors: every bad entry is reported (up to MAX_ERRORS lines, then a count), as
-`FILE: entries[12].mode: expected …`.  Values are checked in code, because jsonschema costs
+`FILE: entries[12].mode: expected …`.  A key given twice in one object is an error at its
+JSON path (`entries[3].name`, `version`), in any document and however it is read: JSON
+readers disagree on which value counts (`jsonslices.duplicate_keys`); an entry with one is
+not applied, and `entries` given twice stops the reading.  A problem that stops the reading of
+a document (invalid JSON, `entries` twice, an entry of more than ENTRY_MAX bytes of text)
+drops what the document's entries reported before it, so a big document, read in slices,
+and a small one, parsed first, give the same lines.  Values are checked in code, because jsonschema costs
 ~0.1 ms per entry (100 s for a million); only a rejected entry goes through jsonschema, for the
 message.  tests/test_crfs.py checks that code and schema agree.
 
@@ -43,7 +49,8 @@ and only placing nodes is done entry by entry; anything unusual (extensions, har
 chunks, updates of an existing path, bad values) goes through `_Builder.apply`, the one
 reference for semantics and messages.  Memory: a parsed 1M-entry TOC is ~2 GB of dicts, so the
 file is read block by block and the entries array parsed in slices (`jsonslices`), each slice
-dropped once applied.
+dropped once applied; an entry whose text (white space included) runs past ENTRY_MAX is
+refused rather than held.  A document the slicer cannot cut is parsed whole.
 """
 
 from __future__ import annotations

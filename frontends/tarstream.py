@@ -12,17 +12,25 @@ PAX `x` records `path`, `linkpath`, `size`, `uid`, `gid`, `mtime` (fractions kep
 nanosecond, negative times allowed), `SCHILY.xattr.*`, `LIBARCHIVE.xattr.*` (URL-encoded name,
 base64 value; SCHILY wins when both name the same xattr) and `RHT.security.selinux`; PAX `g`
 records give defaults for `uid`, `gid`, `mtime` and xattrs of every later member (a global
-`path`, `linkpath` or `size` would name or size every member alike and is ignored); base-256
-numbers; checksums summed over signed bytes (some old writers).  An old-style `\\0` member
-whose name ends in `/` is a directory.  `V` volume labels are skipped.
+`path`, `linkpath` or `size` would name or size every member alike and is ignored; `atime` and
+`ctime` are checked, like a member's); base-256 numbers; checksums summed over signed bytes
+(some old writers).  An old-style `\\0` member whose name ends in `/` is a directory.  `V`
+volume labels are skipped.
 
 Choices where readers disagree, all following Go's `archive/tar` (which writes and reads most
 container layers): hard links, symlinks, devices, FIFOs and directories have no data whatever
-their `size` field says; uname/gname, atime and ctime are dropped.
+their `size` field says; uname/gname, atime and ctime are dropped (atime and ctime after the
+checks GNU tar and Go make of them).  Two follow GNU tar instead, the stricter: a leading NUL
+ends an octal field (Go skips it), and base-256 numbers start with 0x80 or 0xff (Go takes any
+first byte with the top bit set).
 
 Errors (`InputError`, located as `SOURCE: member 'NAME' at byte N`, offsets counted in the
-decompressed stream): bad checksums, malformed numbers and PAX records, GNU and PAX sparse
-files and the other GNU types (`S`, `D`, `M`, `N`) and unknown type flags (nothing a layer
+decompressed stream): bad checksums, malformed numbers and PAX records, numbers a member
+cannot have (`RANGES`: times and sizes beyond 64 bits, ids beyond 32, modes beyond the 16
+bits of type and permissions, negative ones; in header fields, base-256 included, and in PAX
+`size`, `uid`, `gid`, `mtime`, `atime` and `ctime` records, global ones too; GNU tar refuses
+them too, but for modes and negative base-256 ids, which it masks and wraps), GNU and PAX
+sparse files and the other GNU types (`S`, `D`, `M`, `N`) and unknown type flags (nothing a layer
 should hold; extracting them as regular files would give the wrong tree), extension headers
 over 16 MiB, and an archive that ends early — inside a header or a member's data, or without
 the end-of-archive zero block (an archive missing it cannot be told from one cut at a member

@@ -276,6 +276,7 @@ def run(data: bytes, workdir: str) -> None:
     finally:
         crfs._Builder.batch, jsonslices.SLICE_BYTES = saved_batch, saved_slice
     if not all(r == results[0] for r in results):
-        raise Disagree(f"fast / reference / 64-byte slices: {[r if not isinstance(r, bytes) else len(r) for r in results]}")
+        shown = [len(r) if isinstance(r, bytes) else r for r in results]
+        raise Disagree(f"fast / reference / 64-byte slices: {shown}")
     if isinstance(results[0], list):
         raise InputErrors(results[0])

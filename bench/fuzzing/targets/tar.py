@@ -139,7 +139,8 @@ def _headers(data: bytes) -> list[int]:
     out = []
     for at in range(0, len(data) - BLOCK + 1, BLOCK):
         block = data[at:at + BLOCK]
-        if block[257:262] == b"ustar" or (block[124:135].strip(b"0 \0") and not block[124:135].translate(None, b"01234567 \0")):
+        size = block[124:135]
+        if block[257:262] == b"ustar" or (size.strip(b"0 \0") and not size.translate(None, b"01234567 \0")):
             out.append(at)
     return out
 
