@@ -693,3 +693,12 @@ def test_fast_and_reference_agree_on_malformed_documents(data):
         finally:
             jsonslices.SLICE_BYTES = saved
     assert all(r == results[0] for r in results), (data, results)
+
+
+def test_finding_entries_twice_on_the_command_line(cfsc, tmp_path):
+    source = tmp_path / "t.json"
+    source.write_bytes(b'{"version":1,"entries":[{"type":"reg","name":"a"}],"entries":[{"type":"reg","name":"b"}]}')
+    p = cfsc("compile", "--from", "crfs", str(source), "-o", str(tmp_path / "out.cfs"))
+    assert p.returncode == 2 and not (tmp_path / "out.cfs").exists()
+    assert p.stderr.decode().splitlines() == [f"error: {source}: entries: duplicate key: a JSON object may give a"
+                                              " key once (readers disagree on which value counts)"]

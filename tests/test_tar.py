@@ -651,3 +651,81 @@ def test_fast_header_numbers_agree_with_the_reference(fields, style):
     except ValueError:
         reference = None
     assert fast is None or fast == reference, (raw, fast, reference)
+
+
+def test_finding_mtime_beyond_64_bits_on_the_command_line(tmp_path, cfsc):
+    """Issue #13: `mtime=999…9` became a time modulo 2^64; now one located line, exit 2."""
+    for name, layer in (("pax", archive(member(b"./f", b"x", pax={b"mtime": b"9" * 30}))),
+                        ("b256", archive(member(b"./f", b"x", raw={"mtime": base256((1 << 88) - 1, 12)})))):
+        path = tmp_path / f"{name}.tar"
+        path.write_bytes(layer)
+        p = cfsc("compile", str(path), "-o", str(tmp_path / "out.cfs"))
+        lines = p.stderr.decode().splitlines()
+        assert p.returncode == 2 and len(lines) == 1 and not (tmp_path / "out.cfs").exists(), lines
+        assert lines[0].startswith(f"error: {path}: member './f' at byte ") and "mtime" in lines[0]
+        assert "out of range -9223372036854775808..9223372036854775807 (a 64-bit time)" in lines[0]
+
+
+# -- the name cache and the reference walk --------------------------------------------------------
+
+class _Forgetful(dict):
+    """A parent cache that never has the parent: every member takes `resolve`, the reference."""
+
+    def get(self, key, default=None):
+        return default
+
+    def __setitem__(self, key, value):
+        pass
+
+
+class _ReferenceBuilder(tar._Builder):
+    @property
+    def dirs(self):
+        return _Forgetful()
+
+    @dirs.setter
+    def dirs(self, value):
+        pass
+
+
+COMPONENTS = [b"a", b"b", b"c", b"a", b"b", b".", b"", b".wh.a", b".wh.b", b".wh..wh..opq", b"n" * 255]
+ODD_COMPONENTS = [b"..", b"n" * 256, b".wh..wh.plnk", b".wh."]
+member_specs = st.tuples(
+    st.lists(st.sampled_from(COMPONENTS * 4 + ODD_COMPONENTS), min_size=1, max_size=3).map(b"/".join),
+    st.sampled_from([b"0", b"5", b"2", b"1", b"3"]),
+    st.lists(st.sampled_from(COMPONENTS[:4]), min_size=1, max_size=2).map(b"/".join),
+    st.sampled_from([b"", b"/", b"./"]),
+)
+
+
+def _layer(specs) -> bytes:
+    parts = []
+    for path, kind, link, lead in specs:
+        parts.append(member(lead + path + (b"/" if kind == b"5" else b""), b"x" if kind == b"0" else b"",
+                            kind, linkname=link, pax={b"path": lead + path} if len(path) > 99 else None))
+    return archive(*parts)
+
+
+def _outcome(layers, tmp_path, keep):
+    try:
+        return image(load(layers, tmp_path, keep_whiteouts=keep))
+    except InputError as e:
+        return str(e)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.lists(member_specs, max_size=6), min_size=1, max_size=2), st.booleans())
+def test_cached_parents_agree_with_the_reference_walk(tmp_path_factory, layers, keep):
+    """The fast path (a member's parent found by its spelling in `dirs`) and `resolve` (clean the
+    name, walk from the root) give the same tree or the same error, for odd names (`.`, `..`,
+    empty components, whiteouts, long names) over one or two layers."""
+    tmp_path = tmp_path_factory.mktemp("layers")
+    data = [_layer(specs) for specs in layers]
+    fast = _outcome(data, tmp_path, keep)
+    saved = tar._Builder
+    tar._Builder = _ReferenceBuilder
+    try:
+        reference = _outcome(data, tmp_path, keep)
+    finally:
+        tar._Builder = saved
+    assert fast == reference
