@@ -15,6 +15,7 @@ import json
 import jsonschema
 import orjson
 import pytest
+import zstandard
 from cfsc import schemas
 from cfsc.backends import crfs as crfs_backend
 from cfsc.backends.erofs.writer import write_image
@@ -23,6 +24,7 @@ from cfsc.base.fsverity import digest_file
 from cfsc.base.options import Options
 from cfsc.build.pipeline import run_passes
 from cfsc.frontends import dumpfile
+from cfsc.frontends.crfs import slices as jsonslices
 from cfsc.frontends.crfs import toc as crfs
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -53,7 +55,7 @@ def toc(*entries, **top) -> bytes:
     return json.dumps({"version": 1, "entries": list(entries), **top}, ensure_ascii=False).encode()
 
 
-def _one_by_one(self, entries, source, first=0):
+def _one_by_one(self, entries, source, first):
     for i, entry in enumerate(entries):
         self.one(entry, source, first + i)
 
@@ -61,12 +63,12 @@ def _one_by_one(self, entries, source, first=0):
 @contextlib.contextmanager
 def reference_path():
     """Every entry through `apply` (the reference) instead of the column-checked batches."""
-    saved = crfs._Builder.feed
-    crfs._Builder.feed = _one_by_one
+    saved = crfs._Builder.batch
+    crfs._Builder.batch = _one_by_one
     try:
         yield
     finally:
-        crfs._Builder.feed = saved
+        crfs._Builder.batch = saved
 
 
 def errors_of(data: bytes) -> list[str]:
@@ -498,11 +500,9 @@ def test_slices_agree_with_one_parse(monkeypatch):
         json.dumps({"entries": entries, "entries2": []}).encode(),
     ]
     expected = image(crfs.loads(layouts[0]))
-    monkeypatch.setattr(crfs, "SLICE_BYTES", 64)
+    monkeypatch.setattr(jsonslices, "SLICE_BYTES", 64)
     for data in layouts:
         assert image(crfs.loads(data)) == expected
-    doubled = b'{"entries": [{"type": "dir", "name": "/x"}], ' + layouts[0][1:]  # the last "entries" counts
-    assert image(crfs.loads(doubled)) == expected
     bad = layouts[0][:-200] + b"]]]"
     assert errors_of(bad)[0].startswith("t.json:1:")
 
@@ -514,3 +514,193 @@ def test_sniff_claims_tocs_only():
                   b'{"version": 1, "entries": [{"path": "/a", "kind": "file"}]}',
                   b'{"path":"/","type":"dir","mode":16877}\n', schemas.text("crfs-toc").encode()[:4096]]:
         assert not crfs.sniff(other), other
+
+
+# -- hostile documents (issue #13) -------------------------------------------------------------
+
+DUPLICATES = [
+    # orjson keeps the last value, other readers the first: every one is an error, with its path.
+    (b'{"entries":[{"type":"dir","name":"/"},{"type":"reg","name":"a","name":"b"}]}', ["entries[1].name"]),
+    (b'{"entries":[{"type":"reg","name":"a","xattrs":{"user.a":"YQ==","user.a":"Yg=="}}]}',
+     ['entries[0].xattrs["user.a"]']),
+    (b'{"entries":[{"type":"reg","na\\u006de":"a","name":"b"}]}', ["entries[0].name"]),  # one key, two spellings
+    (b'{"version":1,"version":1,"entries":[{"type":"reg","name":"a"}]}', ["version"]),
+    (b'{"entries":[{"type":"reg","name":"a"}],"x":{"y":[{"z":1,"z":1}]}}', ["x.y[0].z"]),
+    (b'{"entries":[{"type":"reg","name":"a"}],"entries":[]}', ["entries"]),
+    (b'{"entries":[],"entries":[{"type":"reg","name":"a"}]}', ["entries"]),
+    (b'{"entries":[{"type":"reg","name":"a","mode":"x"},{"type":"reg","name":"a","type":"dir"}],"v":1,"v":2}',
+     ["entries[0].mode", "entries[1].type", "v"]),
+]
+
+
+def located(lines: list[str]) -> list[str]:
+    return [line.split(": ")[1] for line in lines]
+
+
+@pytest.mark.parametrize("data, paths", DUPLICATES)
+def test_duplicate_keys_are_errors_with_their_path(data, paths, monkeypatch):
+    """Small or sliced (the finding: a 16 MB TOC with `entries` twice took its first slices
+    from the first array and the rest from the second), the same lines."""
+    lines = errors_of(data)
+    assert located(lines) == paths, lines
+    assert all("duplicate key: a JSON object may give a key once" in line for line in lines if "mode" not in line)
+    monkeypatch.setattr(jsonslices, "SLICE_BYTES", 16)
+    assert errors_of(data) == lines
+
+
+def test_entries_twice_in_a_big_toc(tmp_path):
+    entries = [{"type": "reg", "name": f"{p}{i}", "size": 0, "pad": "p" * 2000} for p in "ab" for i in range(4000)]
+    first, second = (json.dumps(entries[k * 4000:(k + 1) * 4000]) for k in range(2))
+    path = tmp_path / "t.json"
+    path.write_text(f'{{"version":1,"entries":{first},"entries":{second}}}')
+    assert path.stat().st_size > 3 * jsonslices.SLICE_BYTES
+    with pytest.raises(InputErrors) as info:
+        crfs.load(str(path))
+    assert info.value.lines == [f"{path}: entries: duplicate key: a JSON object may give a key once (readers"
+                                " disagree on which value counts)"]
+
+
+def test_escaped_colons_are_not_duplicates():
+    """A colon inside a string written as an escape does not fool the colon count."""
+    tree = crfs.loads(b'{"entries":[{"type":"reg","name":"a\\u003ab\\u003A","x-content":"eA=="}]}')
+    assert tree.lookup(b"a:b:").content == b"x"
+
+
+class CountingSearch:
+    """`_BOUNDARY` with the bytes each search starts before the end of the buffer counted."""
+
+    def __init__(self, pattern) -> None:
+        self.pattern = pattern
+        self.scanned = 0
+
+    def search(self, data, start):
+        self.scanned += max(len(data) - start, 0)
+        return self.pattern.search(data, start)
+
+
+def test_white_space_inside_entries_is_read_in_linear_time_and_bounded(monkeypatch, tmp_path):
+    """The finding: 38 KB of .json.zst (white space inside `entries`) took 256 s and 3.7 GB,
+    joining and searching all that was read on every 4 MiB step.  Now each byte is searched a
+    bounded number of times, and no more than ENTRY_MAX is held: an input that never ends is
+    refused, and so is the compressed file."""
+    counting = CountingSearch(jsonslices._BOUNDARY)
+    monkeypatch.setattr(jsonslices, "_BOUNDARY", counting)
+    read = 0
+
+    def endless():
+        nonlocal read
+        yield b'{"version":1,"entries":[{"type":"dir","name":"/"},'
+        while True:
+            read += 1 << 20
+            yield b" " * (1 << 20)
+
+    slicer = jsonslices.EntrySlices(endless())
+    with pytest.raises(jsonslices.Oversized) as info:
+        list(slicer)
+    assert info.value.index == 0
+    assert read <= jsonslices.ENTRY_MAX + 3 * jsonslices.SLICE_BYTES
+    assert counting.scanned <= 3 * read
+
+    path = tmp_path / "ws.json.zst"
+    with open(path, "wb") as f, zstandard.ZstdCompressor(level=19).stream_writer(f) as w:
+        w.write(b'{"version":1,"entries":[')
+        for _ in range(1200):
+            w.write(b" " * (1 << 20))
+        w.write(b'{"type":"dir","name":"/"}]}')
+    assert path.stat().st_size < 64 << 10
+    with pytest.raises(InputErrors) as e:
+        crfs.load(str(path))
+    assert str(e.value) == (f"{path}: entries[0]: no end of the entry within 16 MiB of JSON text: refused (an entry,"
+                            " white space included, is never that long)")
+
+
+def test_white_space_below_the_limit_is_fine(monkeypatch):
+    entries = [{"type": "reg", "name": f"f{i}", "mode": 0o644} for i in range(50)]
+    compact = toc(*entries)
+    spaced = b'{"entries": [' + (b" " * 3000 + b",\n").join(json.dumps(e).encode() for e in entries) + b"]}"
+    expected = image(crfs.loads(compact))
+    monkeypatch.setattr(jsonslices, "SLICE_BYTES", 64)
+    assert image(crfs.loads(spaced)) == expected
+
+
+# -- the fast path and the reference, on malformed documents -----------------------------------
+
+class Raw(str):
+    """JSON text written as is (numbers in other spellings)."""
+
+
+ODD_NUMBERS = [Raw(t) for t in ("1.0", "1e2", "-0", "0.5E1", "18446744073709551615", "18446744073709551616",
+                                "4294967296", "-1", "1E400")]
+MALFORMED = {**VALUES, "mode": st.one_of(VALUES["mode"], st.sampled_from(ODD_NUMBERS)),
+             "uid": st.one_of(VALUES["uid"], st.sampled_from(ODD_NUMBERS)),
+             "size": st.one_of(VALUES["size"], st.sampled_from(ODD_NUMBERS)),
+             "x-content": st.one_of(VALUES["x-content"], st.sampled_from(["YW=", "Y===", "YQ==\n", " YQ=="]))}
+
+
+def _text(value) -> str:
+    if isinstance(value, Raw):
+        return str(value)
+    return json.dumps(value, ensure_ascii=False)
+
+
+@st.composite
+def raw_entry(draw) -> str:
+    """An entry as JSON text: a base or random keys, maybe with a key given twice."""
+    pairs = list(draw(st.one_of(st.sampled_from(BASES), entries, one_key_changed)).items())
+    if pairs and draw(st.integers(0, 3)) == 0:
+        key = draw(st.sampled_from([k for k, _ in pairs]))
+        value = draw(MALFORMED[key]) if key in MALFORMED else draw(st.integers())
+        pairs.insert(draw(st.integers(0, len(pairs))), (key, value))
+    for i, (key, _value) in enumerate(pairs):
+        if key in MALFORMED and draw(st.integers(0, 7)) == 0:
+            pairs[i] = (key, draw(MALFORMED[key]))
+    return "{" + ",".join(f"{_text(k)}:{_text(v)}" for k, v in pairs) + "}"
+
+
+@st.composite
+def raw_document(draw) -> bytes:
+    items = draw(st.lists(raw_entry(), max_size=6))
+    sep = draw(st.sampled_from([",", ", ", ",\n  "]))
+    body = sep.join(['{"type":"reg","name":"base"}', '{"type":"dir","name":"d"}', *items])
+    top = [f'"entries":[{body}]']
+    extra = draw(st.sampled_from(['', '"version":1', '"version":1,"version":1', '"entries":[]', '"x":{"a":1,"a":2}']))
+    if extra:
+        top.insert(draw(st.integers(0, 1)), extra)
+    return ("{" + ",".join(top) + "}").encode()
+
+
+def outcome(data: bytes):
+    try:
+        return image(crfs.loads(data, Options(), "t.json"))
+    except InputErrors as e:
+        return e.lines
+    except InputError as e:  # a tree the compiler refuses
+        return str(e)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(raw_document())
+def test_fast_and_reference_agree_on_malformed_documents(data):
+    """`batch` and `apply`, slices of any size or none: the same tree or the same error lines
+    (JSON paths included), for missing, extra and wrong-typed fields, keys given twice, numbers
+    in odd spellings or out of range, bad base64."""
+    results = []
+    for slice_bytes in (jsonslices.SLICE_BYTES, 48):
+        saved = jsonslices.SLICE_BYTES
+        jsonslices.SLICE_BYTES = slice_bytes
+        try:
+            for context in (contextlib.nullcontext, reference_path):
+                with context():
+                    results.append(outcome(data))
+        finally:
+            jsonslices.SLICE_BYTES = saved
+    assert all(r == results[0] for r in results), (data, results)
+
+
+def test_finding_entries_twice_on_the_command_line(cfsc, tmp_path):
+    source = tmp_path / "t.json"
+    source.write_bytes(b'{"version":1,"entries":[{"type":"reg","name":"a"}],"entries":[{"type":"reg","name":"b"}]}')
+    p = cfsc("compile", "--from", "crfs", str(source), "-o", str(tmp_path / "out.cfs"))
+    assert p.returncode == 2 and not (tmp_path / "out.cfs").exists()
+    assert p.stderr.decode().splitlines() == [f"error: {source}: entries: duplicate key: a JSON object may give a"
+                                              " key once (readers disagree on which value counts)"]

@@ -29,6 +29,9 @@ from cfsc.base.options import Options
 from cfsc.base.tree import S_IFDIR, S_IFLNK, S_IFREG
 from cfsc.build.pipeline import run_passes
 from cfsc.frontends.tar import layers as tar
+from cfsc.frontends.tar import stream as tarstream
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tests.helpers.checks import DEBS, EXTRACT, compare_images, image, spec, store_listing
 from tests.helpers.data import image_of
@@ -354,7 +357,8 @@ def hostile_cases():
                                1024),
         "size-beyond-composefs": (archive(header(b"huge", raw={"size": base256(1 << 60, 12)})),
                                   r"declares 1152921504606846976 bytes", 0),
-        "negative-size": (archive(header(b"neg", raw={"size": base256(-1, 12)})), r"negative size", 0),
+        "negative-size": (archive(header(b"neg", raw={"size": base256(-1, 12)})),
+                          r"member 'neg' at byte 0: bad header: size -1 is out of range 0\.\.9223372036854775807", 0),
         "truncated-in-data": (good[:1024 + 512 + 1000], r"member 'big' at byte 1024: truncated: the archive ends at"
                               r" byte 2536, 2000 bytes short", 1024),
         "truncated-in-header": (good[:1024 + 100], r"byte 1024: truncated: the archive ends inside a header", 1024),
@@ -381,13 +385,65 @@ def hostile_cases():
         "bare-whiteout": (archive(member(b"d/.wh.", b"")), r"whiteout '\.wh\.' names no entry", 0),
         "device-out-of-range": (archive(member(b"dev", typeflag=b"3", devmajor=5000, devminor=1)),
                                 r"device 5000:1", 0),
-        "owner-out-of-range": (archive(member(b"x", b"", pax={b"uid": b"4294967296"})), r"owner 4294967296:0", 1024),
+        "owner-out-of-range": (archive(member(b"x", b"", pax={b"uid": b"4294967296"})),
+                               r"bad PAX record uid=4294967296: out of range 0\.\.4294967295 \(a 32-bit id\)", 1024),
+        **out_of_range_cases(),
         "long-name-component": (archive(member(b"n" * 300, b"", pax={b"path": b"n" * 300})),
                                 r"component of 300 bytes", 1024),
         "nul-in-pax-path": (archive(member(b"x", b"", pax={b"path": b"a\0b/../c"})),
                             r"member 'a\\x00b/\.\./c' at byte 1024: member name 'a\\x00b/\.\./c' contains a NUL byte", 1024),
         "nul-in-pax-linkpath": (archive(member(b"t", b"t"), member(b"l", typeflag=b"1", pax={b"linkpath": b"t\0\n"})),
                                 r"hard-link target 't\\x00\\n' contains a NUL byte", 2048),
+    }
+
+
+def out_of_range_cases() -> dict:
+    """Numbers a member cannot have (issue #13: an mtime beyond 64 bits was reduced modulo 2^64,
+    to -1 say): every header field and PAX record, octal, base-256 or decimal, is refused with
+    the member named, as GNU tar refuses them, instead of being wrapped or cut."""
+    time_range = r"out of range -9223372036854775808\.\.9223372036854775807 \(a 64-bit time\)"
+    size_range = r"out of range 0\.\.9223372036854775807 \(a 64-bit file size\)"
+    id_range = r"out of range 0\.\.4294967295 \(a 32-bit id\)"
+    globals_ = pax_records({b"mtime": b"9" * 25})
+    return {
+        "pax-mtime-huge": (archive(member(b"f", b"x", pax={b"mtime": b"9" * 30})),
+                           r"member 'f' at byte 1024: bad PAX record mtime=9{30}: " + time_range, 1024),
+        "pax-mtime-2^64-1": (archive(member(b"f", b"x", pax={b"mtime": b"18446744073709551615"})), time_range, 1024),
+        "pax-mtime-below": (archive(member(b"f", b"x", pax={b"mtime": b"-9223372036854775808.5"})), time_range, 1024),
+        "pax-mtime-digits": (archive(member(b"f", b"x", pax={b"mtime": b"1" * 5000 + b".5"})),
+                             r"mtime=1{40}… \(5002 bytes\): " + time_range, 5632),
+        "pax-global-mtime": (archive(header(b"g", b"g", size=len(globals_)) + padded(globals_),
+                                     member(b"f", b"x")), r"member 'f' at byte 1024: bad PAX record mtime=9{25}", 1024),
+        "pax-atime-huge": (archive(member(b"f", b"x", pax={b"atime": b"9" * 30})), r"atime=9{30}: " + time_range, 1024),
+        "pax-ctime-bad": (archive(member(b"f", b"x", pax={b"ctime": b"1e9"})),
+                          r"bad PAX record ctime=1e9: expected a decimal time", 1024),
+        "pax-size-huge": (archive(member(b"f", b"x", pax={b"size": b"9" * 30})), r"size=9{30}: " + size_range, 1024),
+        "pax-uid-digits": (archive(member(b"f", b"x", pax={b"uid": b"9" * 5000})), r"uid=9{40}… \(5000 bytes\): "
+                           + id_range, 5632),
+        "pax-gid-huge": (archive(member(b"f", b"x", pax={b"gid": b"4294967296"})), r"gid=4294967296: " + id_range,
+                         1024),
+        "pax-uid-fraction": (archive(member(b"f", b"x", pax={b"uid": b"1.5"})),
+                             r"bad PAX record uid=1\.5: expected a decimal number", 1024),
+        "b256-mtime-88-bits": (archive(member(b"f", b"x", raw={"mtime": base256((1 << 88) - 1, 12)})),
+                               r"member 'f' at byte 0: bad header: mtime 309485009821345068724781055 is " + time_range,
+                               0),
+        "b256-mtime-negative": (archive(member(b"f", b"x", raw={"mtime": base256(-(1 << 80), 12)})),
+                                r"bad header: mtime -1208925819614629174706176 is " + time_range, 0),
+        "b256-size-dir": (archive(member(b"d", b"", b"5", raw={"size": base256(1 << 70, 12)})),
+                          r"member 'd' at byte 0: bad header: size 1180591620717411303424 is " + size_range, 0),
+        "b256-uid-negative": (archive(member(b"f", b"x", raw={"uid": base256(-1, 8)})), r"uid -1 is " + id_range, 0),
+        "b256-gid-huge": (archive(member(b"f", b"x", raw={"gid": base256(1 << 40, 8)})),
+                          r"gid 1099511627776 is " + id_range, 0),
+        "b256-mode-negative": (archive(member(b"f", b"x", raw={"mode": base256(-1, 8)})),
+                               r"mode -1 is out of range 0\.\.65535 \(the file type and permission bits\)", 0),
+        "octal-mode-above-16-bits": (archive(member(b"f", b"x", raw={"mode": b"77777777"})),
+                                     r"mode 16777215 is out of range 0\.\.65535", 0),
+        "b256-odd-first-byte": (archive(member(b"f", b"x", raw={"mtime": b"\xc0" + bytes(11)})),
+                                r"byte 0: bad header: a numeric field is neither octal nor base-256", 0),
+        "b256-extension-size": (archive(header(b"x", b"x", raw={"size": base256(1 << 64, 12)}) + bytes(512)),
+                                r"member 'x' at byte 0: bad header: size 18446744073709551616 is " + size_range, 0),
+        "b256-device-negative": (archive(member(b"c", typeflag=b"3", raw={"devmajor": base256(-1, 8)})),
+                                 r"device -1:0: composefs stores majors up to 4095", 0),
     }
 
 
@@ -516,3 +572,140 @@ def test_registered_and_detected(tmp_path):
     path = tmp_path / "x.tar.zst"
     path.write_bytes(zstandard.ZstdCompressor().compress(big_layer()[0]))
     assert frontends.detect(str(path)) == "tar"
+
+
+# GNU tar refuses these too (exit 2, "out of range" / "out of time_t range"); mode and negative
+# base-256 ids it takes, masked or wrapped, where cfsc refuses them (the tree could not hold them).
+REFUSED_BY_GNU_TAR = ["pax-mtime-huge", "pax-mtime-2^64-1", "pax-mtime-below", "pax-atime-huge", "pax-size-huge",
+                      "pax-gid-huge", "b256-mtime-88-bits", "b256-mtime-negative", "b256-size-dir"]
+
+
+@pytest.mark.parametrize("case", REFUSED_BY_GNU_TAR)
+def test_numbers_gnu_tar_refuses_too(case, tmp_path):
+    path = tmp_path / "t.tar"
+    path.write_bytes(HOSTILE[case][0])
+    p = subprocess.run(["tar", "-tvf", str(path)], capture_output=True)
+    assert p.returncode == 2 and b"range" in p.stderr, p.stderr
+
+
+def test_numbers_at_the_edges_of_their_ranges(tmp_path):
+    """The extreme values a member may have are kept exactly (and the image holds them)."""
+    low, high = -(1 << 63), (1 << 63) - 1
+    layer = archive(
+        member(b"pax-low", b"", pax={b"mtime": b"%d" % low, b"uid": b"4294967295", b"gid": b"0",
+                                     b"atime": b"%d.999999999" % high}),
+        member(b"pax-high", b"", pax={b"mtime": b"000%d.9999999999" % high}),
+        member(b"b256", b"", raw={"mtime": base256(low, 12), "uid": base256((1 << 32) - 1, 8),
+                                  "mode": base256(0o100755, 8)}),
+        member(b"nul-first", b"", raw={"mode": b"\0" + b"7777777"}),  # a NUL ends the field: 0, as GNU tar
+    )
+    tree = load(layer, tmp_path)
+    t = tree.lookup
+    assert (t(b"pax-low").mtime, t(b"pax-low").uid) == (low, (1 << 32) - 1)
+    assert (t(b"pax-high").mtime, t(b"pax-high").mtime_nsec) == (high, 999_999_999)
+    assert (t(b"b256").mtime, t(b"b256").uid, t(b"b256").mode) == (low, (1 << 32) - 1, S_IFREG | 0o755)
+    assert t(b"nul-first").mode == S_IFREG
+    image(tree)
+
+
+OCTAL_FIELD = st.binary(max_size=12).map(lambda b: bytes(b"01234567 \0"[x % 10] for x in b))
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(OCTAL_FIELD, min_size=5, max_size=5), st.sampled_from(["plain", "nul", "space"]))
+def test_fast_header_numbers_agree_with_the_reference(fields, style):
+    """`fast_header_numbers` (one `int` per field) reads what `header_numbers` (the careful
+    reading) reads, or leaves the field to it, for any mix of octal digits, spaces and NULs."""
+    if style == "nul":
+        fields = [b"\0" + f for f in fields]
+    elif style == "space":
+        fields = [b" " + f + b" " for f in fields]
+    widths = {"mode": 8, "uid": 8, "gid": 8, "size": 12, "mtime": 12}
+    raw = {name: f[:w].ljust(w, b"\0") for (name, w), f in zip(widths.items(), fields, strict=True)}
+    block = header(b"x", raw=raw)
+    h = tarstream.HEADER.unpack(block)
+    assert not block[100:148].translate(None, b"01234567 \0")  # the fast path's own condition
+    fast = tarstream.fast_header_numbers(h)
+    try:
+        reference = tarstream.header_numbers(h)
+    except ValueError:
+        reference = None
+    assert fast is None or fast == reference, (raw, fast, reference)
+
+
+def test_finding_mtime_beyond_64_bits_on_the_command_line(tmp_path, cfsc):
+    """Issue #13: `mtime=999…9` became a time modulo 2^64; now one located line, exit 2."""
+    for name, layer in (("pax", archive(member(b"./f", b"x", pax={b"mtime": b"9" * 30}))),
+                        ("b256", archive(member(b"./f", b"x", raw={"mtime": base256((1 << 88) - 1, 12)})))):
+        path = tmp_path / f"{name}.tar"
+        path.write_bytes(layer)
+        p = cfsc("compile", str(path), "-o", str(tmp_path / "out.cfs"))
+        lines = p.stderr.decode().splitlines()
+        assert p.returncode == 2 and len(lines) == 1 and not (tmp_path / "out.cfs").exists(), lines
+        assert lines[0].startswith(f"error: {path}: member './f' at byte ") and "mtime" in lines[0]
+        assert "out of range -9223372036854775808..9223372036854775807 (a 64-bit time)" in lines[0]
+
+
+# -- the name cache and the reference walk --------------------------------------------------------
+
+class _Forgetful(dict):
+    """A parent cache that never has the parent: every member takes `resolve`, the reference."""
+
+    def get(self, key, default=None):
+        return default
+
+    def __setitem__(self, key, value):
+        pass
+
+
+class _ReferenceBuilder(tar._Builder):
+    @property
+    def dirs(self):
+        return _Forgetful()
+
+    @dirs.setter
+    def dirs(self, value):
+        pass
+
+
+COMPONENTS = [b"a", b"b", b"c", b"a", b"b", b".", b"", b".wh.a", b".wh.b", b".wh..wh..opq", b"n" * 255]
+ODD_COMPONENTS = [b"..", b"n" * 256, b".wh..wh.plnk", b".wh."]
+member_specs = st.tuples(
+    st.lists(st.sampled_from(COMPONENTS * 4 + ODD_COMPONENTS), min_size=1, max_size=3).map(b"/".join),
+    st.sampled_from([b"0", b"5", b"2", b"1", b"3"]),
+    st.lists(st.sampled_from(COMPONENTS[:4]), min_size=1, max_size=2).map(b"/".join),
+    st.sampled_from([b"", b"/", b"./"]),
+)
+
+
+def _layer(specs) -> bytes:
+    parts = []
+    for path, kind, link, lead in specs:
+        parts.append(member(lead + path + (b"/" if kind == b"5" else b""), b"x" if kind == b"0" else b"",
+                            kind, linkname=link, pax={b"path": lead + path} if len(path) > 99 else None))
+    return archive(*parts)
+
+
+def _outcome(layers, tmp_path, keep):
+    try:
+        return image(load(layers, tmp_path, keep_whiteouts=keep))
+    except InputError as e:
+        return str(e)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.lists(member_specs, max_size=6), min_size=1, max_size=2), st.booleans())
+def test_cached_parents_agree_with_the_reference_walk(tmp_path_factory, layers, keep):
+    """The fast path (a member's parent found by its spelling in `dirs`) and `resolve` (clean the
+    name, walk from the root) give the same tree or the same error, for odd names (`.`, `..`,
+    empty components, whiteouts, long names) over one or two layers."""
+    tmp_path = tmp_path_factory.mktemp("layers")
+    data = [_layer(specs) for specs in layers]
+    fast = _outcome(data, tmp_path, keep)
+    saved = tar._Builder
+    tar._Builder = _ReferenceBuilder
+    try:
+        reference = _outcome(data, tmp_path, keep)
+    finally:
+        tar._Builder = saved
+    assert fast == reference

@@ -19,6 +19,8 @@ XATTR_ACCOUNTING_MAX = 32767  # LCFS_INODE_EXTERNAL_XATTR_MAX: per-inode budget
 XATTR_HEADER_SIZE = 12
 XATTR_ENTRY_OVERHEAD = 7  # 2 * 4-byte entry header - 1 (worst-case alignment)
 MAX_EXTERNAL_SIZE = 1 << 53  # 1024 chunks of 2^43 bytes
+MTIME_MIN, MTIME_MAX = -(1 << 63), (1 << 63) - 1  # i_mtime is a signed 64-bit field
+MTIME_NSEC_MAX = (1 << 32) - 1  # i_mtime_nsec: unsigned 32 bits (upstream stores what it is given)
 VALID_TYPES = frozenset({S_IFREG, S_IFDIR, S_IFLNK, S_IFBLK, S_IFCHR, S_IFIFO, S_IFSOCK})
 
 
@@ -67,6 +69,14 @@ def check_content(content: bytes) -> str | None:
 def check_external_size(size: int) -> str | None:
     if size > MAX_EXTERNAL_SIZE:
         return f"external file of {size} bytes: expected at most 2^53 (1024 chunks)"
+    return None
+
+
+def check_mtime(sec: int, nsec: int) -> str | None:
+    if not MTIME_MIN <= sec <= MTIME_MAX:
+        return f"mtime {sec} is out of range {MTIME_MIN}..{MTIME_MAX} (a 64-bit time)"
+    if not 0 <= nsec <= MTIME_NSEC_MAX:
+        return f"mtime nanoseconds {nsec} are out of range 0..{MTIME_NSEC_MAX}"
     return None
 
 

@@ -60,13 +60,23 @@ _xattrs = attrgetter("xattrs")
 _payload = attrgetter("payload")
 _content = attrgetter("content")
 _size = attrgetter("size")
+_mtime = attrgetter("mtime")
+_mtime_nsec = attrgetter("mtime_nsec")
+
+
+def _mtimes_ok(nodes: list[Inode]) -> bool:
+    """Every mtime fits the inode's fields (the writer would otherwise store another time)."""
+    secs = list(map(_mtime, nodes))
+    nsecs = list(map(_mtime_nsec, nodes))
+    return (limits.MTIME_MIN <= min(secs) and max(secs) <= limits.MTIME_MAX
+            and 0 <= min(nsecs) and max(nsecs) <= limits.MTIME_NSEC_MAX)
 
 
 def _directory_ok(nodes: list[Inode], good_xattrs: dict[int, tuple]) -> bool:
     """True when every child of a directory meets every limit, checked column by column
     (C-level `map`); False sends the directory to the node-by-node check for the message."""
     kinds = {m & S_IFMT for m in set(map(_mode, nodes))}
-    if not kinds <= limits.VALID_TYPES:
+    if not kinds <= limits.VALID_TYPES or not _mtimes_ok(nodes):
         return False
     tuples = list(map(_xattrs, nodes))
     by_id = dict(zip(map(id, tuples), tuples, strict=True))
@@ -98,6 +108,8 @@ def validate_limits(tree: Tree, options: Options) -> Tree:
             if (mode != S_IFREG or node.content is not None or node.size > limits.MAX_EXTERNAL_SIZE
                     or (payload is not None and (len(payload) >= limits.PATH_MAX or b"\0" in payload))):
                 problem = _inode_problem(node)
+        if problem is None:
+            problem = limits.check_mtime(node.mtime, node.mtime_nsec)
         xattrs = node.xattrs
         if problem is None and xattrs and id(xattrs) not in good_xattrs:
             problem = _xattrs_problem(xattrs)

@@ -34,7 +34,13 @@ times RFC 3339 cannot hold), `x-nlink` and type `socket` make every tree express
 `cfsc dump --format crfs` (`cfsc.backends.crfs`) round-trips any image.
 
 Errors: every bad entry is reported (up to MAX_ERRORS lines, then a count), as
-`FILE: entries[12].mode: expected …`.  Values are checked in code, because jsonschema costs
+`FILE: entries[12].mode: expected …`.  A key given twice in one object is an error at its
+JSON path (`entries[3].name`, `version`), in any document and however it is read: JSON
+readers disagree on which value counts (`jsonslices.duplicate_keys`); an entry with one is
+not applied, and `entries` given twice stops the reading.  A problem that stops the reading of
+a document (invalid JSON, `entries` twice, an entry of more than ENTRY_MAX bytes of text)
+drops what the document's entries reported before it, so a big document, read in slices,
+and a small one, parsed first, give the same lines.  Values are checked in code, because jsonschema costs
 ~0.1 ms per entry (100 s for a million); only a rejected entry goes through jsonschema, for the
 message.  tests/test_crfs.py checks that code and schema agree.
 
@@ -43,7 +49,8 @@ and only placing nodes is done entry by entry; anything unusual (extensions, har
 chunks, updates of an existing path, bad values) goes through `_Builder.apply`, the one
 reference for semantics and messages.  Memory: a parsed 1M-entry TOC is ~2 GB of dicts, so the
 file is read block by block and the entries array parsed in slices (`jsonslices`), each slice
-dropped once applied.
+dropped once applied; an entry whose text (white space included) runs past ENTRY_MAX is
+refused rather than held.  A document the slicer cannot cut is parsed whole.
 """
 
 from __future__ import annotations
@@ -62,7 +69,7 @@ from cfsc.base.errors import InputError, InputErrors, LookupFailed, TreeError, s
 from cfsc.base.options import Options
 from cfsc.base.streams import read_all, source_name
 from cfsc.base.tree import S_IFBLK, S_IFCHR, S_IFDIR, S_IFIFO, S_IFLNK, S_IFMT, S_IFREG, S_IFSOCK, Inode, Tree
-from cfsc.frontends.crfs.slices import SLICE_BYTES, EntrySlices, Unsure
+from cfsc.frontends.crfs.slices import ENTRY_MAX, SLICE_BYTES, EntrySlices, Oversized, Unsure, duplicate_keys
 
 SCHEMA = "crfs-toc"
 HARDLINK = -1
@@ -240,6 +247,11 @@ def _sha256_digests(digests: list) -> bool:
     return text.translate(None, b"0123456789abcdef") == b"sh:" * len(digests)
 
 
+def _duplicate(source: str, path: list) -> str:
+    return (f"{source}: {schemas.json_path(path)}: duplicate key: a JSON object may give a key once"
+            " (readers disagree on which value counts)")
+
+
 def _integral(value):
     """jsonschema counts 3.0 as an integer; so does the slow path."""
     if type(value) is float and value.is_integer():
@@ -263,6 +275,7 @@ class _Builder:
         self.interned: dict[tuple, tuple] = {}
         self.errors: list[str] = []
         self.n_errors = 0
+        self.document_start = (0, 0)  # (len(errors), n_errors) when the current document began
         self.sources: list[str] = []
 
     # -- reporting ----------------------------------------------------------------------
@@ -274,9 +287,13 @@ class _Builder:
 
     def fatal(self, line: str) -> NoReturn:
         """A document that cannot be read on: stop there (later files could only add errors
-        that follow from its missing entries), but keep what earlier entries reported.  Its
-        line is shown even past MAX_ERRORS: it is the one that stopped the reading."""
-        self.n_errors += 1
+        that follow from its missing entries), but keep what earlier files reported.  What
+        this document's entries reported is dropped: slices read before the problem was seen
+        would report them for a big document and not for a small one (which is parsed before
+        any entry is applied), and the problem makes them moot.  Its line is shown even past
+        MAX_ERRORS: it is the one that stopped the reading."""
+        del self.errors[self.document_start[0]:]
+        self.n_errors = self.document_start[1] + 1
         raise InputErrors([*self.errors, line], self.n_errors)
 
     def rejected(self, entry, source: str, index: int) -> None:
@@ -295,9 +312,21 @@ class _Builder:
 
     # -- slices: the fast path ------------------------------------------------------------
 
-    def feed(self, entries: list, source: str, first: int = 0) -> None:
+    def feed(self, entries: list, source: str, first: int = 0, dups: list | None = None) -> None:
         """Apply entries in order, in batches small enough to stay in the CPU cache while
-        `batch` makes several passes over them."""
+        `batch` makes several passes over them.  An entry with a duplicate key (`dups`: JSON
+        paths from entries[0]) is reported and not applied: its meaning depends on the reader."""
+        if dups:
+            bad: dict[int, list] = {}
+            for path in dups:
+                bad.setdefault(path[0], []).append(path)
+            done = 0
+            for index in sorted(bad):
+                self.feed(entries[done:index], source, first + done)
+                for path in bad[index]:
+                    self.report(_duplicate(source, ["entries", first + index, *path[1:]]))
+                done = index + 1
+            entries, first = entries[done:], first + done
         for start in range(0, len(entries), BATCH):
             self.batch(entries[start:start + BATCH], source, first + start)
 
@@ -835,16 +864,21 @@ class _Builder:
         """
         name = source_name(source)
         self.sources.append(name)
+        self.document_start = (len(self.errors), self.n_errors)
         if data is None and (source == "-" or not isinstance(source, (str, bytes, os.PathLike))):
             data = read_all(source)
         blocks = [data] if data is not None else streams.chunks(source, SLICE_BYTES)
         slicer = EntrySlices(blocks)
         try:
-            for first, entries in slicer:
-                self.feed(entries, name, first)
+            for first, entries, dups in slicer:
+                self.feed(entries, name, first, dups)
         except Unsure:
             self.whole(data if data is not None else read_all(source), name, slicer.done)
             return
+        except Oversized as e:
+            self.fatal(f"{name}: {schemas.json_path(['entries', e.index])}: no end of the entry within"
+                       f" {ENTRY_MAX >> 20} MiB of JSON text: refused (an entry, white space included, is"
+                       " never that long)")
         finally:
             if data is None:
                 blocks.close()  # type: ignore[union-attr]
@@ -858,10 +892,18 @@ class _Builder:
             self.fatal(f"{source}:{e.lineno}:{e.colno}: invalid JSON: {e.msg}")
         if type(doc) is not dict:
             self.fatal(f"{source}: expected a JSON object with \"entries\", got {schemas.shown(doc)}")
+        dups = duplicate_keys(data, doc)
+        del data
+        if ["entries"] in dups:  # which array is meant is anyone's guess: read no further
+            self.fatal(_duplicate(source, ["entries"]))
         entries = doc.get("entries")
-        if type(entries) is list:
+        if type(entries) is list:  # then each path below "entries" starts with an entry's index
             doc["entries"] = []
-            self.feed(entries[skip:], source, skip)
+            self.feed(entries[skip:], source, skip, [[p[1] - skip, *p[2:]] for p in dups
+                                                     if p[0] == "entries" and p[1] >= skip])
+        for path in dups:
+            if path[0] != "entries" or type(entries) is not list:
+                self.report(_duplicate(source, path))
         self.header(doc, source)
 
     def header(self, doc: dict, source: str) -> None:

@@ -118,7 +118,6 @@ OPAQUE = b".wh..wh..opq"
 AUFS_META = b".wh..wh."
 AUFS_LINKS = b".wh..wh.plnk"
 OPAQUE_XATTR = (b"trusted.overlay.opaque", b"y")
-U32 = 0xFFFFFFFF
 NOT_NAMES = frozenset((b"", b".", b".."))
 DEVICE_TYPES = {CHAR: S_IFCHR, BLOCKDEV: S_IFBLK}
 
@@ -309,10 +308,7 @@ class _Builder:
             self.contents.stream(node, size, reader.chunks(size))
 
     def owner(self, m: Member) -> tuple[int, int]:
-        uid, gid = m.uid, m.gid
-        if uid < 0 or uid > U32 or gid < 0 or gid > U32:
-            raise self.error(f"owner {uid}:{gid}: composefs stores 32-bit ids", m)
-        return uid, gid
+        return m.uid, m.gid  # 32-bit: `tarstream` refuses any other id, naming the field
 
     def xattrs(self, m: Member) -> tuple:
         items = m.xattrs

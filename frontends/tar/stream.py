@@ -12,17 +12,25 @@ PAX `x` records `path`, `linkpath`, `size`, `uid`, `gid`, `mtime` (fractions kep
 nanosecond, negative times allowed), `SCHILY.xattr.*`, `LIBARCHIVE.xattr.*` (URL-encoded name,
 base64 value; SCHILY wins when both name the same xattr) and `RHT.security.selinux`; PAX `g`
 records give defaults for `uid`, `gid`, `mtime` and xattrs of every later member (a global
-`path`, `linkpath` or `size` would name or size every member alike and is ignored); base-256
-numbers; checksums summed over signed bytes (some old writers).  An old-style `\\0` member
-whose name ends in `/` is a directory.  `V` volume labels are skipped.
+`path`, `linkpath` or `size` would name or size every member alike and is ignored; `atime` and
+`ctime` are checked, like a member's); base-256 numbers; checksums summed over signed bytes
+(some old writers).  An old-style `\\0` member whose name ends in `/` is a directory.  `V`
+volume labels are skipped.
 
 Choices where readers disagree, all following Go's `archive/tar` (which writes and reads most
 container layers): hard links, symlinks, devices, FIFOs and directories have no data whatever
-their `size` field says; uname/gname, atime and ctime are dropped.
+their `size` field says; uname/gname, atime and ctime are dropped (atime and ctime after the
+checks GNU tar and Go make of them).  Two follow GNU tar instead, the stricter: a leading NUL
+ends an octal field (Go skips it), and base-256 numbers start with 0x80 or 0xff (Go takes any
+first byte with the top bit set).
 
 Errors (`InputError`, located as `SOURCE: member 'NAME' at byte N`, offsets counted in the
-decompressed stream): bad checksums, malformed numbers and PAX records, GNU and PAX sparse
-files and the other GNU types (`S`, `D`, `M`, `N`) and unknown type flags (nothing a layer
+decompressed stream): bad checksums, malformed numbers and PAX records, numbers a member
+cannot have (`RANGES`: times and sizes beyond 64 bits, ids beyond 32, modes beyond the 16
+bits of type and permissions, negative ones; in header fields, base-256 included, and in PAX
+`size`, `uid`, `gid`, `mtime`, `atime` and `ctime` records, global ones too; GNU tar refuses
+them too, but for modes and negative base-256 ids, which it masks and wraps), GNU and PAX
+sparse files and the other GNU types (`S`, `D`, `M`, `N`) and unknown type flags (nothing a layer
 should hold; extracting them as regular files would give the wrong tree), extension headers
 over 16 MiB, and an archive that ends early — inside a header or a member's data, or without
 the end-of-archive zero block (an archive missing it cannot be told from one cut at a member
@@ -84,6 +92,20 @@ UNSUPPORTED = {
 ENTRY_TYPES = frozenset((REGULAR, REGULAR_OLD, CONTIGUOUS, HARDLINK, SYMLINK, CHAR, BLOCKDEV, DIRECTORY, FIFO))
 DATA_TYPES = frozenset((REGULAR, REGULAR_OLD, CONTIGUOUS))
 
+# What a member's numbers may be (inputs.md §2.2; GNU tar refuses the same, naming the field):
+# permission and file-type bits (the tree keeps `mode & 07777`), 32-bit ids, a 64-bit signed
+# size and time.  Nothing is ever reduced modulo a width.
+MODE_MAX = 0o177777
+ID_MAX = (1 << 32) - 1
+SIZE_MAX = (1 << 63) - 1
+TIME_MIN, TIME_MAX = -(1 << 63), (1 << 63) - 1
+RANGES = {b"mode": (0, MODE_MAX, "the file type and permission bits"), b"uid": (0, ID_MAX, "a 32-bit id"),
+          b"gid": (0, ID_MAX, "a 32-bit id"), b"size": (0, SIZE_MAX, "a 64-bit file size"),
+          b"mtime": (TIME_MIN, TIME_MAX, "a 64-bit time"), b"atime": (TIME_MIN, TIME_MAX, "a 64-bit time"),
+          b"ctime": (TIME_MIN, TIME_MAX, "a 64-bit time")}
+DIGITS_MAX = 19  # decimal digits that may still be in range (leading zeros aside)
+SHOWN_MAX = 40  # characters of a bad value a message shows
+
 _OCTAL_DIGITS = b"01234567"
 _OCTAL_TEXT = b"01234567 \x00"
 _PAD = b" \x00"
@@ -93,7 +115,8 @@ SCHILY_XATTR = b"SCHILY.xattr."
 LIBARCHIVE_XATTR = b"LIBARCHIVE.xattr."
 RHT_SELINUX = b"RHT.security.selinux"
 SELINUX = b"security.selinux"
-GLOBAL_KEYS = frozenset((b"uid", b"gid", b"mtime"))
+GLOBAL_KEYS = frozenset((b"uid", b"gid", b"mtime", b"atime", b"ctime"))
+IGNORED_TIMES = (b"atime", b"ctime")  # checked (GNU tar and Go refuse bad ones), not kept
 NS = 1_000_000_000
 
 
@@ -162,28 +185,74 @@ def _octal(field: bytes) -> int:
 
 
 def number(field: bytes) -> int:
-    """An octal or GNU base-256 numeric field (0x80: positive, 0xff: negative two's complement)."""
+    """An octal or GNU base-256 numeric field: a first byte 0x80 is a positive number in the
+    bytes after it, 0xff a negative one in two's complement over the whole field (GNU tar
+    knows no other first byte with the top bit set; neither does this)."""
     first = field[0] if field else 0
     if first & 0x80:
         if first == 0xFF:
             return int.from_bytes(field, "big", signed=True)
-        return int.from_bytes(bytes((first & 0x7F,)) + field[1:], "big")
+        if first != 0x80:
+            raise ValueError(field)
+        return int.from_bytes(field[1:], "big")
     return _octal(field)
+
+
+def header_numbers(h: tuple) -> tuple[int, int, int, int, int]:
+    """(mode, uid, gid, size, mtime) of an unpacked header, each field octal or base-256: the
+    reference for `fast_header_numbers`.  ValueError if one is neither."""
+    return number(h[MODE]), number(h[UID]), number(h[GID]), number(h[SIZE]), number(h[MTIME])
+
+
+def fast_header_numbers(h: tuple) -> tuple[int, int, int, int, int] | None:
+    """`header_numbers` for the common header whose mode … chksum bytes are only octal digits,
+    spaces and NULs (the caller checked): `int` reads each field once its ends are stripped.
+    None when one is not plain digits then (a NUL before the digits ends an octal field
+    there, so only spaces are stripped in front): `header_numbers` decides."""
+    try:
+        return (int(h[MODE].rstrip(_PAD).lstrip(b" "), 8), int(h[UID].rstrip(_PAD).lstrip(b" "), 8),
+                int(h[GID].rstrip(_PAD).lstrip(b" "), 8), int(h[SIZE].rstrip(_PAD).lstrip(b" "), 8),
+                int(h[MTIME].rstrip(_PAD).lstrip(b" "), 8))
+    except ValueError:
+        return None
+
+
+def out_of_range(key: bytes, value: int) -> str | None:
+    """Why `value` cannot be the member's `key` (a RANGES key), or None."""
+    lo, hi, what = RANGES[key]
+    if lo <= value <= hi:
+        return None
+    return f"{value} is out of range {lo}..{hi} ({what})"
 
 
 def pax_time(value: bytes) -> tuple[int, int]:
     """A PAX time `[-]SECONDS[.FRACTION]` → (seconds, nanoseconds ≥ 0).  `-1.5` is 1.5 s
     before the epoch: (-2, 500000000).  Digits past the nanosecond round towards minus
-    infinity, as GNU tar extracts them: `-1.0000000001` is -1.000000001 s (-2, 999999999)."""
+    infinity, as GNU tar extracts them: `-1.0000000001` is -1.000000001 s (-2, 999999999).
+    OverflowError when the seconds are outside TIME_MIN..TIME_MAX."""
     m = _PAX_MTIME.fullmatch(value)
     if m is None:
         raise ValueError(value)
     sign, sec, frac = m.groups()
+    if len(sec.lstrip(b"0")) > DIGITS_MAX:  # before `int`: it refuses 4300 digits and more
+        raise OverflowError(value)
     frac = frac or b""
     total = int(sec) * NS + int((frac + b"000000000")[:9])
     if sign:
         total = -total - (1 if frac[9:].strip(b"0") else 0)
-    return divmod(total, NS)
+    seconds, nanoseconds = divmod(total, NS)
+    if not TIME_MIN <= seconds <= TIME_MAX:
+        raise OverflowError(value)
+    return seconds, nanoseconds
+
+
+def pax_number(value: bytes, key: bytes) -> int:
+    """A PAX decimal number for `key` (a RANGES key); OverflowError when out of its range."""
+    if not _DECIMAL.fullmatch(value):
+        raise ValueError(value)
+    if len(value.lstrip(b"0")) > DIGITS_MAX or out_of_range(key, int(value)):
+        raise OverflowError(value)
+    return int(value)
 
 
 def parse_pax(data: bytes) -> list[tuple[bytes, bytes]]:
@@ -436,19 +505,14 @@ class TarReader:
         name = h[NAME].split(b"\x00", 1)[0]
         if h[MAGIC] == POSIX_MAGIC and h[PREFIX][0]:
             name = h[PREFIX].split(b"\x00", 1)[0] + b"/" + name
-        try:
-            if not octal:
-                raise ValueError
-            mode, uid, gid, size, mtime = (int(h[MODE].strip(_PAD), 8), int(h[UID].strip(_PAD), 8),
-                                           int(h[GID].strip(_PAD), 8), int(h[SIZE].strip(_PAD), 8),
-                                           int(h[MTIME].strip(_PAD), 8))
-        except ValueError:  # base-256, an empty field, digits after a NUL: the careful way
+        numbers = fast_header_numbers(h) if octal else None
+        if numbers is None:  # base-256, an empty field, digits after a NUL: the careful way
             try:
-                mode, uid, gid, size, mtime = (number(h[MODE]), number(h[UID]), number(h[GID]), number(h[SIZE]),
-                                               number(h[MTIME]))
+                numbers = header_numbers(h)
             except ValueError:
                 raise self.error(f"bad header: a numeric field is neither octal nor base-256 ({_fields(h)})",
                                  offset=start) from None
+        mode, uid, gid, size, mtime = numbers
         devmajor = devminor = 0
         typeflag = h[TYPEFLAG]
         if typeflag == CHAR or typeflag == BLOCKDEV:
@@ -459,8 +523,12 @@ class TarReader:
                                  offset=start) from None
         m = Member(start, typeflag, name, h[LINKNAME].split(b"\x00", 1)[0], mode & 0o7777, uid, gid, size, mtime,
                    devmajor, devminor)
-        if size < 0:
-            raise self.error(f"bad header: negative size {size}", m)
+        if not (mode <= MODE_MAX and uid <= ID_MAX and gid <= ID_MAX and size <= SIZE_MAX
+                and TIME_MIN <= mtime <= TIME_MAX and min(mode, uid, gid, size) >= 0):
+            for key, value in zip((b"mode", b"uid", b"gid", b"size", b"mtime"), numbers, strict=True):
+                problem = out_of_range(key, value)
+                if problem:
+                    raise self.error(f"bad header: {key.decode()} {problem}", m)
         return m
 
     def members(self) -> Iterator[Member]:
@@ -491,9 +559,12 @@ class TarReader:
             # through `number`, which decides.
             octal = not block[100:156].translate(None, _OCTAL_TEXT)
             try:
-                stored = int(h[CHKSUM].strip(_PAD), 8) if octal else _octal(h[CHKSUM])
+                stored = int(h[CHKSUM].rstrip(_PAD).lstrip(b" "), 8) if octal else _octal(h[CHKSUM])
             except ValueError:
-                stored = -1
+                try:
+                    stored = _octal(h[CHKSUM])
+                except ValueError:
+                    stored = -1
             if stored < 0 or not _checksum_ok(block, stored):
                 raise self._bad_checksum(block, h, start)
             typeflag = h[TYPEFLAG]
@@ -525,8 +596,9 @@ class TarReader:
             except ValueError:
                 raise self.error(f"bad header: size {h[SIZE]!r} is neither octal nor base-256", offset=start) from None
             m = self._member = Member(start, typeflag, name, b"", 0, 0, 0, size, 0, 0, 0)
-            if size < 0:
-                raise self.error(f"bad header: negative size {size}", m)
+            problem = out_of_range(b"size", size)
+            if problem:
+                raise self.error(f"bad header: size {problem}", m)
             # Extension headers and the rest.
             if typeflag in UNSUPPORTED:
                 raise self.error(UNSUPPORTED[typeflag], m)
@@ -601,16 +673,22 @@ class TarReader:
                 elif key == b"linkpath":
                     m.linkpath = value
                 elif key == b"size":
-                    m.size = _decimal(value)
+                    m.size = pax_number(value, key)
                 elif key == b"uid":
-                    m.uid = _decimal(value)
+                    m.uid = pax_number(value, key)
                 elif key == b"gid":
-                    m.gid = _decimal(value)
+                    m.gid = pax_number(value, key)
                 elif key == b"mtime":
                     m.mtime, m.mtime_nsec = pax_time(value)
+                elif key in IGNORED_TIMES:
+                    pax_time(value)
+            except OverflowError:
+                lo, hi, what = RANGES[key]
+                raise self.error(f"bad PAX record {shown_path(key)}={_shown_value(value)}: out of range {lo}..{hi}"
+                                 f" ({what})", m) from None
             except ValueError:
-                raise self.error(f"bad PAX record {shown_path(key)}={shown_path(value)}: expected a decimal"
-                                 + (" time" if key == b"mtime" else " number"), m) from None
+                raise self.error(f"bad PAX record {shown_path(key)}={_shown_value(value)}: expected a decimal"
+                                 + (" time" if key in RANGES and key.endswith(b"time") else " number"), m) from None
         if xattrs:
             if m.xattrs is None:
                 m.xattrs = {}
@@ -629,10 +707,11 @@ class TarReader:
             self._base += len(chunk)
 
 
-def _decimal(value: bytes) -> int:
-    if not _DECIMAL.fullmatch(value):
-        raise ValueError(value)
-    return int(value)
+def _shown_value(value: bytes) -> str:
+    """A PAX value for a one-line message: escaped, and cut short (it may be megabytes)."""
+    if len(value) > SHOWN_MAX:
+        return f"{shown_path(value[:SHOWN_MAX])}… ({len(value)} bytes)"
+    return shown_path(value)
 
 
 def _fields(h: tuple) -> str:
