@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 from cfsc.backends.erofs.writer import write_image
 from cfsc.errors import DumpfileError
-from cfsc.frontends.dumpfile import FIELDS, _Parser
+from cfsc.frontends.dumpfile import _Parser
 from cfsc.options import Options
 from cfsc.passes.validate_limits import validate_limits
 from cfsc.pipeline import run_passes
