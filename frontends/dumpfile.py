@@ -7,7 +7,10 @@ Format note §7.  One record per `\\n`-terminated line:
 Lenient by default, like upstream; `Options.strict` adds upstream's `CFS_PARSE_STRICT`
 rules (final newline, no rdev on non-devices, symlink SIZE = target length, no symlink
 content).  Every rejection names `file:line:FIELD` and the rule; the checks run in upstream's
-order so the first error reported is the one upstream would hit.
+order so the first error reported is the one upstream would hit.  Two inputs upstream
+accepts are refused (README, "Differences"): a DIGEST of fewer than 64 hex digits on a
+regular file, a missing one included (upstream fills the rest from uninitialised memory), and
+a line longer than any record within the limits (LINE_MAX), refused before it is read whole.
 
 Speed: a line costs one `split`, `isdigit` fast paths for the integers, unescaping only when
 a field holds a backslash, and a cache from the raw xattr section to its (interned) xattr
