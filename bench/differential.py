@@ -160,7 +160,9 @@ def main() -> int:
     mismatches = 0
     work = ((seed, args.mkcomposefs, args.size) for seed in range(args.start, args.start + args.count))
     with multiprocessing.Pool(args.jobs, initializer=_init) as pool:
-        for rows in pool.imap_unordered(_run, work, chunksize=8):
+        for done, rows in enumerate(pool.imap_unordered(_run, work, chunksize=8), 1):
+            if done % 1000 == 0:
+                print(f"... {done} dumpfiles, {time.monotonic() - start:.0f} s", file=sys.stderr, flush=True)
             for seed, kind, strict, variant, cls, detail in rows:
                 counts[(kind, cls)] += 1
                 if cls == "MISMATCH":

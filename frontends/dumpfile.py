@@ -7,7 +7,10 @@ Format note §7.  One record per `\\n`-terminated line:
 Lenient by default, like upstream; `Options.strict` adds upstream's `CFS_PARSE_STRICT`
 rules (final newline, no rdev on non-devices, symlink SIZE = target length, no symlink
 content).  Every rejection names `file:line:FIELD` and the rule; the checks run in upstream's
-order so the first error reported is the one upstream would hit.
+order so the first error reported is the one upstream would hit.  Two inputs upstream
+accepts are refused (README, "Differences"): a DIGEST of fewer than 64 hex digits on a
+regular file, a missing one included (upstream fills the rest from uninitialised memory), and
+a line longer than any record within the limits (LINE_MAX), refused before it is read whole.
 
 Speed: a line costs one `split`, `isdigit` fast paths for the integers, unescaping only when
 a field holds a backslash, and a cache from the raw xattr section to its (interned) xattr
@@ -37,6 +40,7 @@ _OCT = re.compile(rb"[ \t\n\v\f\r]*([+-]?)([0-7]+)\Z")
 _ESCAPE = re.compile(rb"\\(?:x([0-9a-fA-F]{2})|([\\nrt])|(.?.?))", re.DOTALL)
 _SIMPLE_ESCAPES = {b"\\": b"\\", b"n": b"\n", b"r": b"\r", b"t": b"\t"}
 _HEX = re.compile(rb"(?:[0-9a-fA-F]{2})*")
+_MTIMES = re.compile(rb"(?:[0-9]{1,18}\.[0-9]{1,18}\n)*")  # a column of plain SEC.NSEC, one per line
 
 
 def sniff(head: bytes) -> bool:
@@ -129,17 +133,17 @@ class Lines:
             lines = data.split(b"\n")
             last = lines.pop()
             self.nul = b"\0" in data
-            if len(data) > limit:
+            if len(data) > limit and max(map(len, lines), default=0) > limit:
                 for i, line in enumerate(lines):
                     if len(line) > limit:
                         if i:
                             yield lines[:i]
                         self.long = line[:limit + 1]
                         return
-                if len(last) > limit:
-                    yield lines
-                    self.long = last[:limit + 1]
-                    return
+            if len(last) > limit:
+                yield lines
+                self.long = last[:limit + 1]
+                return
             pending = [last] if last else []
             size = len(last)
             yield lines
@@ -345,17 +349,18 @@ class _Parser:
             modes_ = list(map(int, modes, repeat(8)))
         if max(modes_) > 0o177777:  # bits above st_mode: the reference cuts them to 32
             mark(i for i, m in enumerate(modes_) if m > 0o177777)
-        # Each MTIME split on its own first '.', as the reference does (one join and split of
-        # the whole column would let a line without a '.' and one with two trade halves).
-        secs_, dots, nsecs_ = zip(*map(bytes.partition, mtimes, repeat(b".")), strict=True)
-        if (dots.count(b".") == n and all(map(bytes.isdigit, secs_)) and all(map(bytes.isdigit, nsecs_))
-                and max(map(len, secs_)) < 19 and max(map(len, nsecs_)) < 19):
-            secs = list(map(int, secs_))
-            nsecs = list(map(int, nsecs_))
+        # One regex pass checks that each line's MTIME alone is DIGITS.DIGITS; only then is
+        # the joined column split at its '.'s (a count of them over the whole column would
+        # let a line without a '.' and a line with two trade halves).
+        if _MTIMES.fullmatch(b"\n".join(mtimes) + b"\n") is not None:
+            parts = b".".join(mtimes).split(b".")
+            secs = list(map(int, parts[0::2]))
+            nsecs = list(map(int, parts[1::2]))
         else:
             secs = [0] * n
             nsecs = [0] * n
-            for i, (a, b) in enumerate(zip(secs_, nsecs_, strict=True)):
+            for i, m in enumerate(mtimes):
+                a, _dot, b = m.partition(b".")
                 if a.isdigit() and b.isdigit() and len(a) < 19 and len(b) < 19:
                     secs[i] = int(a)
                     nsecs[i] = int(b)

@@ -141,6 +141,12 @@ def test_line_max_is_the_sum_of_the_field_limits():
     assert dumpfile.LINE_MAX == sum(dumpfile.FIELD_TEXT_MAX) + 11
 
 
+def test_readme_states_the_line_limit():
+    from tests.helpers.data import TESTS
+
+    assert f"line longer than {dumpfile.LINE_MAX:,} bytes" in (TESTS.parent / "README.md").read_text()
+
+
 @pytest.mark.parametrize("chunk", [None, 1, 7, 4096, 1 << 16])
 @pytest.mark.parametrize("line, field, word", [
     (b"/f 0 100644 1 0 0 0 0.0 - - - user.x=" + b"a" * 200_000, "XATTRS", "too many xattrs"),
