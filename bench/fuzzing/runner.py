@@ -161,7 +161,12 @@ def run_inprocess(target, seed: int, cases: int, workdir: str, start: int = 0) -
     seeds = list(target.seeds())
     findings = []
     for case in range(start, start + cases):
-        data = case_input(target, seeds, seed, case)
+        try:
+            data = case_input(target, seeds, seed, case)
+        except Exception as e:  # the target's mutate failed (as in `_child`)
+            findings.append(Finding(case, "crash", "making the input: " + _signature(e),
+                                    "".join(traceback.format_exception(e))))
+            continue
         found = run_one(target, data, workdir)
         if found is not None:
             found.case = case
