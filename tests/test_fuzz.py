@@ -86,7 +86,7 @@ def test_runner_reports_crashes_hangs_and_bombs(tmp_path):
 
     target = types.SimpleNamespace(NAME="selftest", seeds=lambda: [b"ok", b"c", b"h", b"m", b"k", b"b", b"ok"],
                                    mutate=lambda data, rng: data, run=run)
-    stats = runner.fuzz(target, 7, time_limit=0.5, mem_limit_mb=1024, jobs=1, batch=10, save=False)
+    stats = runner.fuzz(target, 7, time_limit=0.5, mem_limit_mb=1024, jobs=1, batch=10, save=False, grace=2)
     kinds = {f.case: f.kind for f in stats.findings}
     assert stats.cases == 7
     assert kinds == {1: "crash", 2: "hang", 3: "memory", 4: "crash", 5: "hang"}, stats.report()

@@ -302,8 +302,10 @@ def _classify_death(proc) -> tuple[str, str]:
 
 
 def fuzz(target, cases: int, seed: int = 0, time_limit: float = 10.0, mem_limit_mb: int = 1024,
-         jobs: int = 1, batch: int = 200, save: bool = True, progress=None) -> Stats:
-    """Run `cases` cases of `target` in `jobs` budgeted children; see the module docstring."""
+         jobs: int = 1, batch: int = 200, save: bool = True, progress=None, grace: float | None = None) -> Stats:
+    """Run `cases` cases of `target` in `jobs` budgeted children; see the module docstring.
+    `grace`: how long a case may go unanswered before its child is killed (default: twice the
+    time limit and 5 s: the alarm should fire first)."""
     ctx = multiprocessing.get_context("fork")
     seeds = list(target.seeds())
     mem_limit = mem_limit_mb << 20
@@ -313,7 +315,8 @@ def fuzz(target, cases: int, seed: int = 0, time_limit: float = 10.0, mem_limit_
     workers: list[_Worker] = []
     t0 = time.monotonic()
     last_report = t0
-    grace = time_limit * 2 + 5  # the alarm should fire first; this catches code it cannot interrupt
+    if grace is None:
+        grace = time_limit * 2 + 5  # the alarm should fire first; this catches code it cannot interrupt
 
     def spawn() -> _Worker:
         return _Worker(ctx, target, seeds, seed, mem_limit, time_limit)

@@ -18,6 +18,7 @@ from cfsc.frontends import gvariant
 from cfsc.frontends.gvariant import GVariantError, Variant
 
 NAME = "gvariant"
+TEST_CASES = 3000
 MAX_INPUT = 1 << 16  # tweaks multiply lists: keep cases small and fast
 
 TYPES = [

@@ -39,7 +39,7 @@ from cfsc.frontends.image import read_tree
 from cfsc.options import Options
 
 NAME = "image"
-TEST_CASES = 400
+TEST_CASES = 800
 NAME_IN_ERRORS = "fuzz"
 COMPRESSORS = {5: "gzip", 6: "zstd", 7: "xz"}  # control byte % 8; anything else: as is
 _LOCATED = re.compile(r"(^|/)fuzz@0x[0-9a-f]+$")  # the image's name (or path), its byte offset

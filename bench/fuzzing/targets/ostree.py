@@ -44,7 +44,7 @@ from cfsc.frontends.ostreerepo import (
 from cfsc.options import Options
 
 NAME = "ostree"
-TEST_CASES = 300
+TEST_CASES = 150
 COMMIT_KIND, DIRTREE_KIND, DIRMETA_KIND, FILE_KIND, SYMLINK_KIND = range(5)
 TYPES = {COMMIT_KIND: COMMIT, DIRTREE_KIND: DIRTREE, DIRMETA_KIND: DIRMETA}
 EXT = {COMMIT_KIND: ".commit", DIRTREE_KIND: ".dirtree", DIRMETA_KIND: ".dirmeta"}
