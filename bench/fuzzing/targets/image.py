@@ -3,8 +3,8 @@
 Seeds are small valid images compiled from dumpfiles in this module: inline and external
 files, hard links, symlinks, devices and whiteouts (format 1), shared and escaped xattrs,
 extended inodes, a directory spread over several blocks, a deep path.  An input is one
-control byte (whether to feed the image compressed, through `Image.open` and its bounded
-read) and the image.  Mutations know the layout: they find the fields of the header,
+control byte (whether to feed the image as bytes, or as a file, plain or compressed,
+through `Image.open` and its bounded read) and the image.  Mutations know the layout: they find the fields of the header,
 superblock, every reachable inode, xattr body, shared xattr entry and dirent with the
 reader itself and set one to a boundary value, nudge it, or copy another field of its width
 over it (a dirent pointing at another inode, a block address at another block); byte-level
@@ -41,7 +41,7 @@ from cfsc.options import Options
 NAME = "image"
 TEST_CASES = 800
 NAME_IN_ERRORS = "fuzz"
-COMPRESSORS = {5: "gzip", 6: "zstd", 7: "xz"}  # control byte % 8; anything else: as is
+COMPRESSORS = {4: None, 5: "gzip", 6: "zstd", 7: "xz"}  # control byte % 8 (4: a plain file); else bytes
 _LOCATED = re.compile(r"(^|/)fuzz@0x[0-9a-f]+$")  # the image's name (or path), its byte offset
 VIEW_MAX = 2000  # nodes the view walk visits (a hostile image may reach one inode many ways)
 
@@ -99,6 +99,7 @@ def seeds() -> list[bytes]:
     # (format 1 puts 256 whiteouts in the root, which every walk reads: one more seed only)
     out.append(b"\1" + _compile(DUMPS[0], min_version=1))
     out.append(b"\6" + _compile(DUMPS[0]))  # fed zstd-compressed
+    out.append(b"\4" + _compile(DUMPS[2]))  # fed as a plain file
     return out
 
 
@@ -111,10 +112,12 @@ class _Fail(Exception):
 
 def _open(data: bytes, workdir: str) -> Image:
     ctl, body = (data[0], data[1:]) if data else (0, b"")
-    kind = COMPRESSORS.get(ctl % 8)
-    if kind is None:
+    if ctl % 8 not in COMPRESSORS:
         return Image(body, NAME_IN_ERRORS)
-    if kind == "gzip":
+    kind = COMPRESSORS[ctl % 8]
+    if kind is None:
+        packed = body
+    elif kind == "gzip":
         packed = gzip.compress(body, 1, mtime=0)
     elif kind == "zstd":
         import zstandard

@@ -201,7 +201,7 @@ def run(data: bytes, workdir: str) -> None:
             names[j] = hashlib.sha256(record).digest()
             _place(repo, mode_name, kind, record, repo.object_path(names[j], EXT[kind]))
             continue
-        scratch = os.path.join(root, "objects", "tmp-%d" % j)
+        scratch = os.path.join(root, "objects", f"tmp-{j}")
         _place(repo, mode_name, kind, record, scratch)
         names[j] = (_content_checksum(repo, scratch) if flags & VERIFY else None) or hashlib.sha256(record).digest()
         final = repo.object_path(names[j], ext_content)
