@@ -41,7 +41,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 REGRESSIONS = os.path.join(ROOT, "tests", "data", "fuzz-regressions")
 TARGETS_PACKAGE = "bench.fuzzing.targets"
 MUTATIONS_MAX = 4  # mutations stacked on a seed per case
-SAVE_PER_SIGNATURE = 3  # inputs saved per distinct finding (all are counted)
+SAVE_PER_SIGNATURE = 100  # inputs saved per distinct finding (all are counted; a bug hit thousands of times
+# needs no thousand files)
 KINDS = ("crash", "hang", "memory")
 
 
@@ -81,7 +82,9 @@ class Stats:
         for kind, sig in sorted(sigs):
             cases = [f.case for f in self.findings if (f.kind, f.signature) == (kind, sig)]
             lines.append(f"  {kind}: {sig} (cases {', '.join(map(str, cases[:5]))}{' …' if len(cases) > 5 else ''})")
-        lines.extend(f"  saved {p}" for p in self.saved)
+        if self.saved:
+            lines.append(f"  saved {len(self.saved)} input(s) to {os.path.dirname(self.saved[0])}/: "
+                         + ", ".join(os.path.basename(p) for p in self.saved[:5]) + (" …" if len(self.saved) > 5 else ""))
         return "\n".join(lines)
 
 
