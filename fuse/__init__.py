@@ -49,11 +49,9 @@ def parse_digest(text: str) -> bytes:
     return digest
 
 
-def check_digest(data, expected: str, name: str) -> None:
-    from cfsc.base.fsverity import digest_bytes
-
+def check_digest(got: bytes, expected: str, name: str) -> None:
+    """Refuse an image whose fs-verity digest `got` is not the `expected` hex digest."""
     want = parse_digest(expected)
-    got = digest_bytes(data)
     if got != want:
         raise IntegrityError(f"image fs-verity digest is {got.hex()}, expected {want.hex()}: refused", name)
 
@@ -62,10 +60,11 @@ def open_view(path: str, digest: str | None = None, noacl: bool = False):
     """The image at `path` as the kernel mount would show it, checked as far as mounting
     needs: it parses, its digest matches `digest`, and the root is a readable directory."""
     from cfsc.backends.erofs.reader import Image
+    from cfsc.base.fsverity import digest_bytes
 
     image = Image.open(path)
     if digest is not None:
-        check_digest(image.data, digest, image.name)
+        check_digest(digest_bytes(image.data), digest, image.name)
     return checked_view(image, noacl)
 
 

@@ -25,7 +25,7 @@ import tempfile
 from cfsc.backends.erofs.layout import COMPOSEFS_FLAGS_HAS_ACL
 from cfsc.base import syscalls
 from cfsc.base.errors import InputError, UsageError
-from cfsc.base.fsverity import kernel_digest
+from cfsc.base.fsverity import hash_fd, kernel_digest
 from cfsc.fuse import check_digest, checked_view
 from cfsc.fuse.mount import MountError, check_mountpoint, privileged
 from cfsc.store.backing import Store
@@ -59,16 +59,17 @@ def mount_kernel(image_path: str, mountpoint: str, options) -> None:
     except OSError as e:
         raise InputError(f"cannot read: {e.strerror}", image_path) from None
     try:
-        # Checked from the very file the kernel will mount (one open file).
-        data = _read_fd(fd)
-        image = Image(data, image_path)
+        # Checked from the very file the kernel will mount (one open file): the image its
+        # superblock declares is parsed, the whole file digested (streamed: what the kernel
+        # measures), so a file padded with a gigabyte of anything is never held.
+        image = Image(_read_fd(fd), image_path)
         checked_view(image, options.noacl)  # a corrupt image fails here, located, unmounted
         if options.digest is not None:
             kernel = kernel_digest(fd)
             if kernel and kernel.hex() == options.digest.lower():
                 pass  # fs-verity on the image: the kernel keeps it that way
             else:
-                check_digest(data, options.digest, image_path)
+                check_digest(hash_fd(fd, 0)[0], options.digest, image_path)
         verity = VERITY[options.verity]
         if verity is not None:
             _probe_store(image, basedirs)
@@ -79,14 +80,19 @@ def mount_kernel(image_path: str, mountpoint: str, options) -> None:
 
 
 def _read_fd(fd: int) -> bytes:
-    chunks = []
-    offset = 0
-    while True:
-        chunk = os.pread(fd, 1 << 22, offset)
+    """The image in `fd`: its head, then up to the size its superblock declares."""
+    from cfsc.backends.erofs.reader import HEAD_SIZE, Image
+
+    chunks = [os.pread(fd, HEAD_SIZE, 0)]
+    offset = len(chunks[0])
+    end = Image.declared_size(chunks[0])
+    while offset < end:
+        chunk = os.pread(fd, min(1 << 22, end - offset), offset)
         if not chunk:
-            return b"".join(chunks)
+            break
         chunks.append(chunk)
         offset += len(chunk)
+    return b"".join(chunks)
 
 
 def _probe_store(image, basedirs: list[str]) -> None:

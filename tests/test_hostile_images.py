@@ -2,29 +2,28 @@
 
 Each corpus case edits one structure of a valid image (found with the reader itself, so
 the edits follow the layout) and names the byte offset and words the error must carry.
-The fuzz test mutates valid images at random (seeded, so failures reproduce) and accepts only
-success or an `ImageError` from every reader path (the faithful and the upstream-style tree,
-the dump, `info`, `objects`, the `ls` walk).  It has found no crasher yet; one it finds
-becomes a corpus case (the failing input is kept in /tmp for that).
+Random mutations of valid images are the `image` fuzz target's job (bench/fuzzing/targets/
+image.py, run briefly by tests/test_fuzz.py and at length by bench/fuzz.py); an input it finds
+is kept in tests/data/fuzz-regressions/image/ and replayed there.
 """
 
 from __future__ import annotations
 
 import io
-import random
+import json
+import resource
 import struct
-import time
-from pathlib import Path
+import subprocess
 
 import pytest
 from cfsc.backends.dumpfile import dump_image
 from cfsc.backends.erofs.entries import Entries, resolve
 from cfsc.backends.erofs.reader import Image
 from cfsc.base.errors import ImageError
+from cfsc.base.fsverity import digest_bytes
 from cfsc.frontends.image import read_tree
-from cfsc.tools import images
 
-from tests.helpers.data import image_of, read_input
+from tests.helpers.data import CFSC, image_of
 
 ROOT = b"/ 4096 40755 2 0 0 0 0.0 - - - user.shared=1\n"
 BASE_DUMP = ROOT + b"".join([
@@ -170,94 +169,95 @@ def test_cli_reports_a_corrupt_image_on_one_line(cfsc, tmp_path):
     assert not (tmp_path / "o.cfs").exists()
 
 
-# -- fuzzing ------------------------------------------------------------------------------
+# -- decompression bombs ------------------------------------------------------------------
 
-def _structure_offsets(data: bytes) -> list[int]:
-    """Where mutations matter most: visible inodes, their xattrs and tails, dirent blocks."""
-    image = Image(data, "base")
-    offsets = [0, 1024]
-    entries = Entries(image)
-    from cfsc.backends.erofs.entries import walk
-
-    for _path, e, _first in walk(image, entries=entries):
-        r = e.raw
-        offsets += [r.offset, r.xattr_offset, r.tail]
-        if r.mode & 0o170000 == 0o040000 and r.size >= 4096:
-            offsets.append(r.blkaddr * 4096)
-    return offsets
+BOMB_ZEROS = 96 << 24  # 1.5 GiB after the image
+BOMB_LIMIT = 512 << 20  # address space of the CLI under test: a third of what inflating would take
 
 
-FUZZ_BASES = [BASE, image_of(read_input("special.dump")),
-              image_of(ROOT + b"".join(b"/%s 0 100644 1 %d 0 0 5.%d - - - user.n=%d\n" % (b"n" * 200 + b"%03d" % i, i, i, i % 3)
-                                       for i in range(40)))]
-INTERESTING = (0, 1, 2, 12, 0x7F, 0x80, 0xFF, 0x100, 0xFFF, 0x1000, 0xFFFF, 0x10000, 0x7FFFFFFF, 0xFFFFFFFF)
+def _compressed_units(kind: str, data: bytes) -> bytes:
+    import lzma
+    import zlib
+
+    import zstandard
+
+    if kind == "zst":
+        return zstandard.ZstdCompressor(level=3).compress(data)
+    if kind == "gz":
+        c = zlib.compressobj(9, zlib.DEFLATED, 31)
+        return c.compress(data) + c.flush()
+    return lzma.compress(data, preset=0)
 
 
-def mutate(rng: random.Random, data: bytes, hot: list[int]) -> bytes:
-    out = bytearray(data)
-    n = len(out)
-    if n < 1200:
-        return data[:rng.randrange(n + 1)]
-    kind = rng.random()
-    if kind < 0.3:  # a few random bytes, mostly near a structure
-        for _ in range(rng.randint(1, 4)):
-            i = min(n - 1, rng.choice(hot) + rng.randrange(64)) if rng.random() < 0.8 else rng.randrange(n)
-            out[i] = rng.randrange(256)
-    elif kind < 0.7:  # an aligned field set to a boundary value
-        width = rng.choice((1, 2, 4, 8))
-        i = min(n - 8, rng.choice(hot) + rng.randrange(64)) & ~(width - 1)
-        value = (rng.choice(INTERESTING) + rng.choice((0, 0, -1, 1))) & ((1 << 8 * width) - 1)
-        out[i:i + width] = value.to_bytes(width, "little")
-    elif kind < 0.85:  # truncation, usually with a matching block count
-        del out[rng.randrange(n):]
-        if rng.random() < 0.7 and len(out) >= 1100:
-            struct.pack_into("<I", out, 1024 + 36, len(out) // 4096)
-    else:  # a run of bytes copied from elsewhere (dirents and inodes pointing at others)
-        a, b, length = rng.randrange(n - 64), min(rng.choice(hot), n - 64), rng.randint(4, 64)
-        out[b:b + length] = out[a:a + length]
-    return bytes(out)
+def bomb(kind: str, head: bytes, fill: bytes = b"\0") -> bytes:
+    """`head` then 1.5 GiB of `fill`, compressed: frames, members or streams of 16 MiB each
+    repeated (every format reads a concatenation as one stream), so it is quick to make."""
+    unit = _compressed_units(kind, fill * (1 << 24))
+    return _compressed_units(kind, head) + unit * (BOMB_ZEROS >> 24)
 
 
-def check_one(data: bytes, every_path: bool) -> None:
-    """Read a (mutated) image every way the verbs do; only a located ImageError may escape."""
-    for step in (_faithful, _dump, _upstream, _info) if every_path else (_faithful,):
-        try:
-            step(Image(data, "fuzz"))
-        except ImageError as e:
-            message = str(e)
-            assert "\n" not in message and message.startswith("fuzz@0x"), message
+def run_bounded(*args: str) -> subprocess.CompletedProcess:
+    """The CLI in a child whose address space is capped: inflating the bomb would fail it."""
+    def cap():
+        resource.setrlimit(resource.RLIMIT_AS, (BOMB_LIMIT, BOMB_LIMIT))
+
+    return subprocess.run([CFSC, *args], capture_output=True, preexec_fn=cap, timeout=300)
 
 
-def _faithful(image: Image) -> None:
-    read_tree(image)
+@pytest.mark.parametrize("kind", ["zst", "gz", "xz"])
+def test_compressed_image_is_read_only_as_far_as_its_superblock_says(kind, tmp_path):
+    """A valid image followed by 1.5 GiB of zeros, compressed to well under 2 MiB: every
+    verb reads the header, learns the image's size and inflates no further; data after the
+    declared image in a compressed stream is refused, on one line, with exit code 2."""
+    image = image_of(BASE_DUMP)
+    path = tmp_path / f"bomb.cfs.{kind}"
+    path.write_bytes(bomb(kind, image))
+    assert path.stat().st_size < 2 << 20
+    declared = len(image)
+    (tmp_path / "same.cfs").write_bytes(image)
+    (tmp_path / "mnt").mkdir()
+    src = str(path)
+    for args in (["info", src], ["dump", src], ["ls", "-R", src], ["objects", src],
+                 ["compile", src, "-o", str(tmp_path / "o.cfs")], ["mount", src, str(tmp_path / "mnt"), "--foreground"],
+                 ["composefs-info", "dump", src], ["diff", src, str(tmp_path / "same.cfs")]):
+        p = run_bounded(*args)
+        err = p.stderr.decode()
+        assert p.returncode == 2, (args, p.returncode, err)
+        assert err.count("\n") == 1 and "Traceback" not in err, err
+        assert f"@0x{declared:x}: the " in err and "trailing data" in err, err
+    assert not (tmp_path / "o.cfs").exists()
+    # The same image, compressed without the zeros, reads as it is.
+    path.write_bytes(_compressed_units(kind, image))
+    p = run_bounded("info", "--json", str(path))
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout)["size"] == declared
 
 
-def _dump(image: Image) -> None:
-    dump_image(image, io.BytesIO())
+def test_uncompressed_image_file_is_read_as_far_as_its_superblock_says(cfsc, tmp_path):
+    """A file (or device) may be longer than its file system, as for the kernel: the rest
+    is not read, and the image is the declared blocks."""
+    image = image_of(BASE_DUMP)
+    path = tmp_path / "padded.cfs"
+    with open(path, "wb") as f:
+        f.write(image)
+        f.truncate(len(image) + BOMB_ZEROS)  # sparse: 1.5 GiB of zeros at no cost
+    p = run_bounded("info", "--json", str(path))
+    assert p.returncode == 0, p.stderr
+    facts = json.loads(p.stdout)
+    assert facts["size"] == len(image) and facts["fsverity_digest"] == digest_bytes(image).hex()
+    assert run_bounded("dump", str(path)).stdout == cfsc("dump", "-", input=image).stdout
 
 
-def _upstream(image: Image) -> None:
-    read_tree(image, upstream=True)  # what composefs-dump re-encodes
-
-
-def _info(image: Image) -> None:
-    images.info(image)
-    images.objects([image])
-    list(images.listing(image, recursive=True))
-
-
-def test_fuzz_mutated_images_only_raise_image_error():
-    rng = random.Random(20261126)
-    hot = [_structure_offsets(b) for b in FUZZ_BASES]
-    start = time.monotonic()
-    count = 10_000
-    for i in range(count):
-        k = i % len(FUZZ_BASES)
-        data = mutate(rng, FUZZ_BASES[k], hot[k])
-        try:
-            check_one(data, every_path=i % 4 == 0)
-        except Exception as e:  # keep the input for a regression case
-            path = Path("/tmp") / f"cfsc-crasher-{i}.cfs"
-            path.write_bytes(data)
-            raise AssertionError(f"mutation {i}: {type(e).__name__}: {e} (input kept in {path})") from e
-    assert time.monotonic() - start < 120, "the fuzz test became slow"
+@pytest.mark.parametrize("fill", [b"\n", b"\0"], ids=["blank-lines", "zeros"])
+def test_compressed_text_read_whole_is_bounded(fill, tmp_path):
+    """The one place an input is decompressed whole into memory (`streams.read_all`: the fast
+    diff of two dumpfiles, check's reordered inputs, a TOC from stdin) refuses to inflate past
+    64 MiB and 100× the compressed bytes, on one line."""
+    dump = tmp_path / "bomb.dump.zst"
+    dump.write_bytes(bomb("zst", BASE_DUMP, fill))
+    other = tmp_path / "other.dump"
+    other.write_bytes(BASE_DUMP)
+    p = run_bounded("diff", str(dump), str(other))
+    err = p.stderr.decode()
+    assert p.returncode == 2, err
+    assert err.count("\n") == 1 and "decompression bomb" in err, err

@@ -26,6 +26,7 @@ import os
 import random
 import stat
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -604,6 +605,10 @@ TWO_FILES = gvariant.encode("a(say)", [(b"ab", bytes(32)), (b"c", bytes(32))])
     ("()", b"\1", "the unit value () is one zero byte"),
     ("(a(say))", b"\0\0\x6f\x05", "[0] at byte 0x3: array offset table"),
     ("a(say)", TWO_FILES, None),
+    # a tuple whose offset table has no room (0 bytes) is not `00`, the normal form of ([], [])
+    ("(a(say)a(sayay))", b"", "0 bytes cannot hold the offset table"),
+    ("(a(say)a(sayay))", b"\0", None),
+    ("a(ayay)", b"\0", "[0] at byte 0x0: 0 bytes cannot hold the offset table"),
     ("a(say)", TWO_FILES.replace(b"c\0", b"\xff\0"), "[1][0] at byte 0x24: string is not UTF-8"),
 ])
 def test_gvariant_strictness(type_, data, expected):
@@ -624,6 +629,25 @@ def test_gvariant_nesting_is_capped():
         deep = Variant("v", deep)
     with pytest.raises(GVariantError, match="nested too deeply"):
         gvariant.decode("v", gvariant.encode("v", deep))
+
+
+def test_gvariant_nesting_counts_every_container():
+    """Arrays count as well as variants and tuples: 40 variants each at the bottom of 60
+    arrays (a type string allows 64) once made the decoder recurse past Python's limit."""
+    deep = Variant("u", 1)
+    for _ in range(40):
+        value = [deep]
+        for _ in range(59):
+            value = [value]
+        deep = Variant("a" * 60 + "v", value)
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(20000)  # only the encoder, building the input, needs it
+    try:
+        data = gvariant.encode("v", deep)
+    finally:
+        sys.setrecursionlimit(limit)
+    with pytest.raises(GVariantError, match="nested too deeply"):
+        gvariant.decode("v", data)
 
 
 def test_errors_found_by_passes_name_the_dirtree(tmp_path):

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import random
+import subprocess
+
 import pytest
-from cfsc.base import query
+from cfsc.base import globs, query
+from cfsc.base.globs import Glob, reference_regex
 from cfsc.base.options import Options
 from cfsc.base.tree import S_IFCHR, S_IFDIR, S_IFLNK, S_IFREG, Inode
 from cfsc.build.pipeline import run_passes
 from cfsc.passes.exclude_entries import exclude_entries
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from tests.helpers.data import image_of, run_cfsc, tree_of
+from tests.helpers.data import CFSC, image_of, run_cfsc, tree_of
 
 FILE = Inode(S_IFREG | 0o644, uid=1000, gid=100, mtime=1_700_000_000, size=3 << 20, nlink=2,
              payload=b"ab/cd", digest=bytes(range(32)),
@@ -121,3 +127,71 @@ def test_compile_exclude_and_ls_where(tmp_path):
     assert bad.returncode == 2 and bad.stderr == b"error: --exclude:7: incomplete query: expected a value " \
         b'(a number, a "string" or a type name)\n'
     assert run_cfsc("ls", str(src), "--where", "bogus").returncode == 2
+
+
+# -- globs: linear time, the regex's meaning ----------------------------------------------
+
+GLOB_PIECES = ["a", "b", "/", "*", "**", "***", "?", "[ab]", "[!a]", "[]a]", "[!]a]", "**/", "/**/", "[a-c]",
+               "[", "]", "\\", "[^a]", "[/]", "[!/]", ".", "[[]"]
+
+
+@settings(max_examples=1000, deadline=None)
+@given(st.lists(st.sampled_from(GLOB_PIECES), max_size=8).map("".join),
+       st.lists(st.binary(min_size=1, max_size=12).map(lambda b: bytes(c % 7 for c in b)), max_size=6))
+def test_glob_matches_what_its_regex_matched(pattern, raw_values):
+    """The linear-time matcher and the regex the globs were written as (the reference, fast
+    on inputs this small) agree on every value; a class the regex refuses is refused too."""
+    pattern = pattern.encode()
+    try:
+        regex = reference_regex(pattern)
+    except ValueError:
+        with pytest.raises(ValueError):
+            Glob(pattern)
+        return
+    glob = Glob(pattern)
+    # Values over the bytes the pieces use, so they match often enough to matter.
+    for value in [bytes(b"ab/c]\\x"[c] for c in v) for v in raw_values] + [b""]:
+        assert glob(value) == (regex.fullmatch(value) is not None), (pattern, value)
+
+
+def test_glob_reuses_its_table_and_bounds_it():
+    glob = Glob(b"/**/x/**/x/**/y")
+    assert glob(b"/x/x/y") and glob(b"/a/x/b/x/c/y") and not glob(b"/x/y")
+    assert glob(b"/x" * 1000 + b"/y") and not glob(b"/x" * 1000 + b"y")
+    states = len(glob._masks)
+    glob(b"/x" * 1000 + b"y")
+    assert len(glob._masks) == states  # the second time, nothing new is worked out
+    pattern = b"**a" + b"?" * 12  # a DFA of 2^13 states, more than one table keeps
+    many, regex = Glob(pattern), reference_regex(pattern)
+    rng = random.Random(1)
+    for _ in range(3000):
+        value = bytes(rng.choice(b"ab") for _ in range(rng.randint(0, 60)))
+        assert many(value) == (regex.fullmatch(value) is not None)
+        assert len(many._masks) <= globs.MAX_STATES
+
+
+def test_backtracking_globs_finish_on_hostile_trees(tmp_path):
+    """`/**/x/**/x/**/y` over a 1000-deep tree and `/*a*a*a*a*a*a*a*ab` over 250-byte names
+    took minutes as regexes; now `ls --where` and `compile --exclude` answer at once (the
+    generous timeout only keeps a regression from hanging the suite)."""
+    deep = b"".join(b"/x" * k + b" 0 40755 2 0 0 0 0.0 - - -\n" for k in range(1, 1001))
+    names = [b"a" * 250, b"a" * 249 + b"b", b"a" * 247 + b"cab", b"ab" * 125]
+    dump = (b"/ 0 40755 2 0 0 0 0.0 - - -\n" + deep
+            + b"".join(b"/" + n + b" 0 100644 1 0 0 0 0.0 - - -\n" for n in names)
+            + b"/x" * 1000 + b"y 0 100644 1 0 0 0 0.0 - - -\n")
+    src = tmp_path / "hostile.dump"
+    src.write_bytes(dump)
+    for query_text, expected in (('path ~ "/**/x/**/x/**/y"', []),
+                                 ('path ~ "/*a*a*a*a*a*a*a*ab"', [b"/" + names[1], b"/" + names[2], b"/" + names[3]])):
+        p = subprocess.run([CFSC, "ls", "-R", str(src), "--where", query_text], capture_output=True, timeout=120)
+        assert p.returncode == 0, p.stderr
+        assert [line.rsplit(b" ", 1)[-1] for line in p.stdout.splitlines()] == expected, p.stdout[:300]
+    out = tmp_path / "o.cfs"
+    p = subprocess.run([CFSC, "compile", str(src), "-o", str(out), "--exclude", 'path ~ "/**/x/**/x/**/y"',
+                        "--exclude", 'path ~ "/*a*a*a*a*a*a*a*ab"'], capture_output=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+
+
+def test_bad_glob_class_is_a_query_error():
+    with pytest.raises(query.QueryError, match=r"--where:8: glob \"\[z-a\]\": invalid character class"):
+        query.parse('name ~ "[z-a]"', "--where")

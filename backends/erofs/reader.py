@@ -6,7 +6,8 @@ size comes from a field that was checked first, and every problem is an `ImageEr
 `where` is `NAME@0xOFFSET` (the byte offset of the bad structure) and whose text names the
 structure: `img.cfs@0x480: inode nid 36: …`.  Nothing here loops over a count it has not
 bounded by the bytes that hold it, so a hostile image cannot make the reader hang or allocate
-more than the image's own size.
+more than the image's own size — and `Image.open` reads no more than the size the superblock
+declares, however much a (compressed) input holds after it.
 
 API (the FUSE server and the inspection verbs build on it; nothing is read until asked):
 
@@ -69,10 +70,11 @@ from cfsc.backends.erofs.layout import (
 )
 from cfsc.base.errors import ImageError
 from cfsc.base.limits import INLINE_CONTENT_MAX, PATH_MAX, VALID_TYPES
-from cfsc.base.streams import read_all, source_name
+from cfsc.base.streams import read_declared, source_name
 from cfsc.base.tree import S_IFDIR, S_IFLNK, S_IFMT, S_IFREG
 
 BLK = EROFS_BLKSIZ
+HEAD_SIZE = EROFS_SUPER_OFFSET + EROFS_SUPER_BLOCK.size  # what `Image.open` reads before it knows the size
 SYMLINK_MAX = PATH_MAX - 1
 LAYOUTS = (EROFS_INODE_FLAT_PLAIN, EROFS_INODE_FLAT_INLINE, EROFS_INODE_CHUNK_BASED)
 U64_SIGN = 1 << 63
@@ -122,8 +124,32 @@ class Image:
 
     @classmethod
     def open(cls, source) -> Image:
-        """Open a path (`-` = stdin; gzip/zstd/xz-compressed images are decompressed)."""
-        return cls(read_all(source), source_name(source))
+        """Open a path (`-` = stdin; gzip/zstd/xz-compressed images are decompressed).
+
+        Only the image is read: the header and superblock, then up to the `blocks × 4096`
+        bytes the superblock declares.  A file or device may hold more (the kernel mounts
+        a file system from a larger device too): the rest is not read, and `data` — what
+        `info` describes and `--digest` checks — is the image alone.  A compressed stream
+        that goes on after the declared image is refused: trailing data there means the
+        stream and the superblock disagree (or a decompression bomb), and nothing past
+        the declared size is ever inflated.
+        """
+        name = source_name(source)
+        data, kind, more = read_declared(source, HEAD_SIZE, cls.declared_size)
+        image = cls(data, name)
+        if more:
+            raise image.error(image.end, f"the {kind} stream goes on after the {image.super.blocks} blocks "
+                                         f"({image.end} bytes) the superblock declares: trailing data in a "
+                                         "compressed image is refused")
+        return image
+
+    @staticmethod
+    def declared_size(head: bytes) -> int:
+        """The bytes an image starting with `head` says it has (just `head` if the head
+        cannot say: the constructor then says what is wrong with it)."""
+        if len(head) < HEAD_SIZE or int.from_bytes(head[:4], "little") != COMPOSEFS_MAGIC:
+            return len(head)
+        return max(EROFS_SUPER_BLOCK.read(head, EROFS_SUPER_OFFSET).blocks * BLK, len(head))
 
     # -- errors -----------------------------------------------------------------------------
 

@@ -16,7 +16,8 @@ data), `xattr["KEY"]` (value).
 Operators: `==`, `!=`, `<`, `<=`, `>`, `>=` on numbers; `==`, `!=`, `~` (glob match), `!~` on
 strings; `and`, `or`, `not`, parentheses.  Globs match the whole value: `*` and `?` stay within
 one path component, `**` crosses components (`/usr/**` is everything below /usr, `**/*.so`
-every `.so`), `[abc]` / `[!abc]` are classes.  A value the entry lacks (no xattr of that key,
+every `.so`), `[abc]` / `[!abc]` are classes; matching takes time linear in the value
+(`cfsc.base.globs`: paths come from the source, which may be hostile).  A value the entry lacks (no xattr of that key,
 the target of a regular file, an nlink not known yet) makes every comparison false.
 
 Strings are double-quoted with `\\"`, `\\\\`, `\\n`, `\\t` and `\\xHH` escapes, so any byte string
@@ -33,6 +34,7 @@ from collections.abc import Callable, Iterable
 
 from cfsc.base import rfc3339
 from cfsc.base.errors import UsageError
+from cfsc.base.globs import Glob
 from cfsc.base.tree import FILE_TYPES, S_IFCHR, S_IFLNK, S_IFMT, S_IFREG
 from lark import Lark, Token, Transformer, v_args
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken, VisitError
@@ -146,44 +148,6 @@ def _xattr_getter(key: bytes) -> Callable:
 
 # -- literals ---------------------------------------------------------------------------------
 
-def glob_regex(pattern: bytes) -> re.Pattern:
-    """A glob as a regex over bytes: `*`, `?` within a component, `**` across, `[…]` classes."""
-    out = []
-    i, n = 0, len(pattern)
-    while i < n:
-        c = pattern[i:i + 1]
-        if pattern.startswith(b"**", i):
-            j = i + 2
-            while pattern.startswith(b"*", j):
-                j += 1
-            before_slash = i == 0 or pattern[i - 1:i] == b"/"
-            if before_slash and pattern.startswith(b"/", j):
-                out.append(b"(?:.*/)?")  # `**/` matches zero or more whole components
-                j += 1
-            else:
-                out.append(b".*")
-            i = j
-            continue
-        if c == b"*":
-            out.append(b"[^/]*")
-        elif c == b"?":
-            out.append(b"[^/]")
-        elif c == b"[":
-            end = pattern.find(b"]", i + 2 if pattern[i + 1:i + 2] in (b"!", b"]") else i + 1)
-            if end < 0:
-                out.append(re.escape(c))
-            else:
-                body = pattern[i + 1:end]
-                if body[:1] == b"!":
-                    body = b"^" + body[1:]
-                out.append(b"[" + body.replace(b"\\", b"\\\\") + b"]")
-                i = end
-        else:
-            out.append(re.escape(c))
-        i += 1
-    return re.compile(b"".join(out), re.DOTALL)
-
-
 def _unquote(token: Token, where: str) -> bytes:
     raw = token[1:-1].encode("utf-8")
 
@@ -260,12 +224,15 @@ class _Compiler(Transformer):
         if name in ("path", "name", "target", "payload", "content", "digest", "xattr"):
             literal = self.string(name, value)
             if op in ("~", "!~"):
-                match = glob_regex(literal).fullmatch
+                try:
+                    match = Glob(literal)
+                except ValueError as e:
+                    raise QueryError(f"glob {value}: {e}", _at(self.where, value)) from None
                 want = op == "~"
 
                 def glob(path, node):
                     v = get(path, node)
-                    return v is not None and (match(v) is not None) is want
+                    return v is not None and match(v) is want
 
                 return glob
             if op not in ("==", "!="):

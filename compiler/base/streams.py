@@ -266,11 +266,49 @@ def decompress_head(data: bytes, limit: int) -> tuple[bytes, bool, str | None]:
     return bytes(out[:limit]), False, None
 
 
+# A compressed input read whole may inflate this much, and beyond WHOLE_FLOOR only this many
+# times the compressed bytes read so far: real dumpfiles and TOCs shrink 4-10× (digests do
+# not compress), while a gigabyte of zeros or blank lines fits in a few hundred KiB.  Streamed
+# inputs need no such bound (they hold one record), and images have an exact one (`read_declared`).
+WHOLE_FLOOR = 64 << 20
+WHOLE_RATIO = 100
+READ_STEP = 1 << 22
+
+
+def _consumed(stream) -> int | None:
+    """Compressed bytes taken from `stream` so far (None if it cannot tell)."""
+    try:
+        return stream.tell()
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def read_all(source) -> bytes:
-    """The whole (decompressed) input as bytes, with a located error on failure."""
+    """The whole (decompressed) input as bytes, with a located error on failure.
+
+    A compressed input that inflates past WHOLE_FLOOR bytes and WHOLE_RATIO times its
+    compressed size is refused (a decompression bomb would otherwise be held whole)."""
     stream = open_binary(source)
     try:
-        return decompressing(stream).read()
+        reader, kind = decompressor(stream)
+        if kind is None:
+            return reader.read()
+        parts = []
+        total = 0
+        while True:
+            chunk = reader.read(READ_STEP)
+            if not chunk:
+                return b"".join(parts)
+            parts.append(chunk)
+            total += len(chunk)
+            if total > WHOLE_FLOOR:
+                consumed = _consumed(stream)
+                if consumed is not None and total > WHOLE_RATIO * consumed:
+                    raise InputError(f"the {kind} data inflates to more than {WHOLE_RATIO} times its size ({total}"
+                                     f" bytes from {consumed}): refused as a decompression bomb (decompress it"
+                                     " first if it is real)", source_name(source))
+    except InputError:
+        raise
     except (OSError, EOFError, lzma.LZMAError) as e:
         raise InputError(f"cannot read: {e}", source_name(source)) from None
     except Exception as e:  # zstandard.ZstdError and friends
@@ -278,6 +316,55 @@ def read_all(source) -> bytes:
     finally:
         if _closes(source):
             stream.close()
+
+
+def read_declared(source, head_size: int, declared) -> tuple[bytes, str | None, bool]:
+    """The start of an input whose format says how long it is: its first `head_size`
+    (decompressed) bytes, then the rest of the `declared(head)` bytes — never more, so what
+    follows (a gigabyte of zeros in a 50 KiB zstd file) is never inflated or held.
+
+    Returns the bytes (fewer if the input is shorter), the compression ("gzip", "zstd", "xz"
+    or None) and, for a compressed input, whether data follows (one byte is read to know;
+    an uncompressed file or device may be longer than what it holds, and is not read on)."""
+    stream = open_binary(source)
+    try:
+        reader, kind = decompressor(stream)
+        parts = [_read_up_to(reader, head_size)]
+        want = declared(parts[0]) - len(parts[0])
+        while want > 0:
+            chunk = _read_up_to(reader, min(want, READ_STEP))  # a hostile size is never allocated at once
+            if not chunk:
+                break
+            parts.append(chunk)
+            want -= len(chunk)
+        more = kind is not None and want <= 0 and bool(reader.read(1))
+        return b"".join(parts), kind, more
+    except InputError:
+        raise
+    except (OSError, EOFError, lzma.LZMAError) as e:
+        raise InputError(f"cannot read: {e}", source_name(source)) from None
+    except Exception as e:  # zstandard.ZstdError and friends
+        raise InputError(f"cannot decompress: {e}", source_name(source)) from None
+    finally:
+        if _closes(source):
+            stream.close()
+
+
+def _read_up_to(reader, n: int) -> bytes:
+    """`n` bytes, fewer only at the end of the input (one read of a pipe or decompressor may
+    return less)."""
+    first = reader.read(n)
+    if len(first) >= n or not first:
+        return first
+    parts = [first]
+    n -= len(first)
+    while n > 0:
+        chunk = reader.read(n)
+        if not chunk:
+            break
+        parts.append(chunk)
+        n -= len(chunk)
+    return b"".join(parts)
 
 
 def chunks(source, size: int = 1 << 22) -> Iterator[bytes]:

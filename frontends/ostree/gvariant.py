@@ -34,7 +34,7 @@ import re
 import struct
 from typing import Any, NamedTuple
 
-MAX_DEPTH = 64  # container nesting, as GLib's G_VARIANT_MAX_RECURSION_DEPTH bounds it (128)
+MAX_DEPTH = 64  # container nesting (all kinds, across variants), as GLib's G_VARIANT_MAX_RECURSION_DEPTH bounds it (128)
 _OFFSET_CODES = {1: "B", 2: "H", 4: "I", 8: "Q"}
 _BASIC = {  # type char -> struct code (little-endian), alignment = size
     "y": "B", "b": "B", "n": "h", "q": "H", "i": "i", "u": "I", "h": "i", "x": "q", "t": "Q", "d": "d",
@@ -171,6 +171,9 @@ class _Array(_Type):
         n = end - start
         if elem.sig == "y":
             return buf[start:end]
+        if depth >= MAX_DEPTH:  # every container counts: arrays in variants in arrays … recurse
+            raise GVariantError("nested too deeply", start)
+        depth += 1
         size = elem.size
         if size is not None:
             if n % size:
@@ -277,7 +280,7 @@ class _Tuple(_Type):
         else:
             width = offset_size(n)
             table = n - width * self.framed
-            if table < 0:
+            if table < 0 or (self.framed and not width):  # (0 bytes: no room for the offsets either)
                 raise GVariantError(f"{n} bytes cannot hold the offset table of a {self.sig}", start)
         out = []
         pos = 0
@@ -345,6 +348,8 @@ class _Maybe(_Type):
     def decode(self, buf, start, end, depth):
         if end == start:
             return None
+        if depth >= MAX_DEPTH:
+            raise GVariantError("nested too deeply", start)
         elem = self.elem
         if elem.size is not None:
             if end - start != elem.size:
