@@ -29,10 +29,10 @@ from collections import deque
 
 from cfsc.backends.erofs.entries import Entries, Entry, walk
 from cfsc.backends.erofs.layout import COMPOSEFS_MAGIC, EROFS_SUPER_MAGIC_V1, EROFS_SUPER_OFFSET
+from cfsc.backends.erofs.overlay import ESCAPED_WHITEOUTS
 from cfsc.backends.erofs.reader import Image, RawInode
 from cfsc.base.options import Options
 from cfsc.base.tree import S_IFCHR, S_IFDIR, S_IFLNK, S_IFMT, S_IFREG, Inode, Tree
-from cfsc.passes.add_overlay_xattrs import ESCAPED_WHITEOUTS
 
 MAGIC = COMPOSEFS_MAGIC.to_bytes(4, "little")
 EROFS_MAGIC = EROFS_SUPER_MAGIC_V1.to_bytes(4, "little")

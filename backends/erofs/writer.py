@@ -73,16 +73,6 @@ _pack_extended = EROFS_INODE_EXTENDED.pack
 _pack_dirent = EROFS_DIRENT.pack
 
 
-def chunk_bits(size: int) -> int:
-    """Chunk size for an external file: the smallest power of two ≥ size, within 2^12..2^43."""
-    bits = (size - 1).bit_length()
-    return EROFS_BLKSIZ_BITS if bits < EROFS_BLKSIZ_BITS else _MAX_CHUNK_BITS if bits > _MAX_CHUNK_BITS else bits
-
-
-def chunk_count(size: int) -> int:
-    return ((size - 1) >> chunk_bits(size)) + 1
-
-
 def _dir_entries(node: Inode, parent: Inode) -> tuple[list[bytes], list[Inode]]:
     """Names in bytewise order with `.` and `..` in their sorted places, and their targets."""
     children = node.children
@@ -144,7 +134,7 @@ def _plan(tree: Tree, encoder: XattrEncoder) -> _Plan:
         size = node.size
         if ftype == S_IFREG:
             if size > 0:
-                if node.content is None:  # chunk index: one 4-byte null address per chunk
+                if node.content is None:  # `overlay.is_external`; a chunk index: one 4-byte null address per chunk
                     xs = external_size(node) if external_size else xattr_size(node, True)
                     bits = (size - 1).bit_length()
                     bits = 12 if bits < 12 else _MAX_CHUNK_BITS if bits > _MAX_CHUNK_BITS else bits
@@ -265,7 +255,7 @@ def write_image(tree: Tree, out: BinaryIO) -> None:
         external = False
         if ftype == S_IFREG:
             content = node.content
-            if size > 0 and content is None:
+            if size > 0 and content is None:  # `overlay.is_external`, written out (hot loop)
                 external = True
                 layout = EROFS_INODE_CHUNK_BASED
                 if n_blocks:

@@ -45,6 +45,7 @@ from operator import attrgetter, itemgetter
 
 from blake3 import blake3
 from cfsc.backends.erofs.entries import interpret_xattrs
+from cfsc.backends.erofs.overlay import is_external
 from cfsc.base.errors import CfscError, UsageError
 from cfsc.base.options import Options
 from cfsc.base.streams import source_name
@@ -61,7 +62,6 @@ IGNORABLE = {
     "xattrs": ("xattrs",), "hardlinks": ("hardlinks",),
     "layout": (),  # two images with equal trees but different bytes (`cfsc.tools.diff`)
 }
-TYPE_NAMES = {**FILE_TYPES, -1: "whiteout"}
 
 Record = tuple
 # (name, record, fingerprint or None): a child as a listing gives it; the fingerprint is set
@@ -228,7 +228,7 @@ class _Records:
             else:
                 kind = "reg"
                 size = node.size
-                if size and node.content is None:
+                if is_external(node):
                     payload = node.payload or None
                     digest = node.digest
                 else:
@@ -264,6 +264,7 @@ class _Records:
             digests: list = list(map(_DIGEST, nodes))
             contents = [None] * n
         else:
+            # `overlay.is_external` of each (all are regular here: the others are redone below)
             external = [bool(s) and c is None for s, c in zip(sizes, contents, strict=True)]
             payloads = [(p or None) if e else None for p, e in zip(map(_PAYLOAD, nodes), external, strict=True)]
             digests = [d if e else None for d, e in zip(map(_DIGEST, nodes), external, strict=True)]

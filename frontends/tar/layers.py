@@ -91,6 +91,7 @@ Progress goes to stderr when asked (the CLI asks when stderr is a terminal).
 
 from __future__ import annotations
 
+from cfsc.backends.erofs.overlay import OPAQUE_DIR_XATTR
 from cfsc.base import devices, limits
 from cfsc.base.errors import InputError, UsageError, shown_path
 from cfsc.base.options import Options
@@ -117,7 +118,6 @@ WHITEOUT = b".wh."
 OPAQUE = b".wh..wh..opq"
 AUFS_META = b".wh..wh."
 AUFS_LINKS = b".wh..wh.plnk"
-OPAQUE_XATTR = (b"trusted.overlay.opaque", b"y")
 U32 = 0xFFFFFFFF
 NOT_NAMES = frozenset((b"", b".", b".."))
 DEVICE_TYPES = {CHAR: S_IFCHR, BLOCKDEV: S_IFBLK}
@@ -529,7 +529,7 @@ class _Builder:
                 for name, child in list(d.children.items()):  # type: ignore[union-attr]
                     if child in self.placeholders:
                         d.remove_child(name)
-                d.set_xattr(*OPAQUE_XATTR)
+                d.set_xattr(*OPAQUE_DIR_XATTR)
         return Tree(self.root, source)
 
     def choose_homes(self) -> None:
