@@ -8,7 +8,7 @@ Values follow libcomposefs 1.0.8 (format note §3.6, §6.1, §7.3).
 
 from __future__ import annotations
 
-from cfsc.base.tree import S_IFBLK, S_IFCHR, S_IFDIR, S_IFIFO, S_IFLNK, S_IFMT, S_IFREG, S_IFSOCK
+from cfsc.base.tree import FILE_TYPES, S_IFMT
 
 NAME_MAX = 255
 PATH_MAX = 4096  # payloads and symlink targets must be shorter (C strings + NUL)
@@ -19,7 +19,7 @@ XATTR_ACCOUNTING_MAX = 32767  # LCFS_INODE_EXTERNAL_XATTR_MAX: per-inode budget
 XATTR_HEADER_SIZE = 12
 XATTR_ENTRY_OVERHEAD = 7  # 2 * 4-byte entry header - 1 (worst-case alignment)
 MAX_EXTERNAL_SIZE = 1 << 53  # 1024 chunks of 2^43 bytes
-VALID_TYPES = frozenset({S_IFREG, S_IFDIR, S_IFLNK, S_IFBLK, S_IFCHR, S_IFIFO, S_IFSOCK})
+VALID_TYPES = frozenset(FILE_TYPES)
 
 
 def check_mode(mode: int) -> str | None:

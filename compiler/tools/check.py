@@ -432,7 +432,7 @@ def _toc_name(entry, key: str) -> bytes | None:
     """A CRFS name or link target's bytes (from its base64 twin, `cfsc.base.jsonbytes`), or None."""
     import binascii
 
-    from cfsc.frontends.crfs.toc import twin
+    from cfsc.backends.crfs_format import twin
 
     if type(entry) is not dict:
         return None

@@ -48,12 +48,11 @@ from cfsc.base.jsonbytes import put
 from cfsc.base.limits import INLINE_CONTENT_MAX, PATH_MAX, VALID_TYPES
 from cfsc.base.options import Options
 from cfsc.base.query import Query
-from cfsc.base.tree import S_IFBLK, S_IFCHR, S_IFDIR, S_IFLNK, S_IFMT, S_IFREG
+from cfsc.base.tree import FILE_TYPE_BITS, S_IFBLK, S_IFCHR, S_IFDIR, S_IFLNK, S_IFMT, S_IFREG, WHITEOUT
 from cfsc.tools.explain import I_INO_END, I_U, IBODY_HEADER, SHARED_COUNT, inode_head
 from cfsc.tools.manifest import FIELDS, Ignore, Manifest, Record, open_pair
 
-TYPE_BITS = {"reg": 0o100000, "dir": 0o040000, "symlink": 0o120000, "block": 0o060000,
-             "char": 0o020000, "fifo": 0o010000, "socket": 0o140000, "whiteout": 0o020000}
+TYPE_BITS = {**FILE_TYPE_BITS, WHITEOUT: S_IFCHR}  # a record's type name -> mode bits
 # Single inode fields read from raw bytes (`inode_head` tells the layout by its size).
 _FORMAT = EROFS_INODE_COMPACT.field("i_format")
 _MODE = EROFS_INODE_COMPACT.field("i_mode")  # (same place in both layouts)
@@ -116,7 +115,7 @@ class RecordEntry:
         (kind, mode, self.uid, self.gid, rdev, self.mtime, self.mtime_nsec, self.size, self.nlink,
          target, payload, self.digest, self.content, xattrs, _links) = rec
         self.mode = TYPE_BITS.get(kind, 0) | mode
-        self.rdev = 0 if kind == "whiteout" else rdev
+        self.rdev = 0 if kind == WHITEOUT else rdev
         ftype = self.mode & S_IFMT
         self.payload = target if ftype == S_IFLNK else payload if ftype == S_IFREG else None
         self.xattrs = xattrs or ()

@@ -49,7 +49,7 @@ from cfsc.backends.erofs.overlay import is_external
 from cfsc.base.errors import CfscError, UsageError
 from cfsc.base.options import Options
 from cfsc.base.streams import source_name
-from cfsc.base.tree import FILE_TYPES, S_IFBLK, S_IFCHR, S_IFDIR, S_IFLNK, S_IFMT, S_IFREG, Inode, Tree
+from cfsc.base.tree import FILE_TYPES, S_IFBLK, S_IFCHR, S_IFDIR, S_IFLNK, S_IFMT, S_IFREG, WHITEOUT, Inode, Tree
 
 FIELDS = ("type", "mode", "uid", "gid", "rdev", "mtime", "mtime_nsec", "size", "nlink",
           "target", "payload", "digest", "content", "xattrs", "hardlinks")
@@ -221,12 +221,12 @@ class _Records:
         ftype = mode & S_IFMT
         size = rdev = target = payload = digest = content = None
         nlink = node.nlink
+        kind = FILE_TYPES.get(ftype, "?")
         if ftype == S_IFREG:
             xattrs, whiteout = self.xattrs.view(node.xattrs, True)
             if whiteout:
-                kind = "whiteout"
+                kind = WHITEOUT
             else:
-                kind = "reg"
                 size = node.size
                 if is_external(node):
                     payload = node.payload or None
@@ -236,17 +236,13 @@ class _Records:
         else:
             xattrs = self.xattrs.view(node.xattrs, False)[0]
             if ftype == S_IFDIR:
-                kind = "dir"
                 nlink = None
             elif ftype == S_IFLNK:
-                kind = "symlink"
                 target = node.payload
             elif ftype == S_IFCHR and node.rdev == 0:
-                kind = "whiteout"
-            else:
-                kind = FILE_TYPES.get(ftype, "?")
-                if ftype == S_IFCHR or ftype == S_IFBLK:
-                    rdev = node.rdev
+                kind = WHITEOUT
+            elif ftype == S_IFCHR or ftype == S_IFBLK:
+                rdev = node.rdev
         return (kind, mode & 0o7777, node.uid, node.gid, rdev, node.mtime, node.mtime_nsec, size, nlink,
                 target, payload, digest, content, xattrs, self.hardlinks.get(id(node)))
 
@@ -271,7 +267,7 @@ class _Records:
             contents = [None if e else (c or None) for c, e in zip(contents, external, strict=True)]
         links = map(self.hardlinks.get, map(id, nodes)) if self.hardlinks else repeat(None, n)
         none = repeat(None, n)
-        records = list(zip(repeat("reg", n), [m & 0o7777 for m in modes], map(_UID, nodes), map(_GID, nodes), none,
+        records = list(zip(repeat(FILE_TYPES[S_IFREG], n), [m & 0o7777 for m in modes], map(_UID, nodes), map(_GID, nodes), none,
                            map(_MTIME, nodes), map(_NSEC, nodes), sizes, map(_NLINK, nodes), repeat(None, n),
                            payloads, digests, contents, shown, links, strict=True))
         for i in (set(odd).union(flagged) if flagged else odd):
