@@ -148,7 +148,6 @@ XATTR_PREFIXES = (b"", b"user.", *ACL_KEYS, b"trusted.", b"lustre.", b"security.
 WRITER_PREFIXES = tuple((XATTR_PREFIXES[i], i) for i in (1, 2, 3, 4, 6))
 
 EROFS_DIRENT = Layout("erofs_dirent", "<QHBx", "nid nameoff file_type", 12)
-EROFS_NAME_LEN = 255
 EROFS_FT_UNKNOWN = 0
 EROFS_FT_REG_FILE = 1
 EROFS_FT_DIR = 2

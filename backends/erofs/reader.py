@@ -60,7 +60,6 @@ from cfsc.backends.erofs.layout import (
     EROFS_INODE_FLAT_INLINE,
     EROFS_INODE_FLAT_PLAIN,
     EROFS_ISLOTBITS,
-    EROFS_NAME_LEN,
     EROFS_SUPER_BLOCK,
     EROFS_SUPER_MAGIC_V1,
     EROFS_SUPER_OFFSET,
@@ -70,7 +69,7 @@ from cfsc.backends.erofs.layout import (
     XATTR_PREFIXES,
 )
 from cfsc.base.errors import ImageError
-from cfsc.base.limits import INLINE_CONTENT_MAX, PATH_MAX, VALID_TYPES
+from cfsc.base.limits import INLINE_CONTENT_MAX, NAME_MAX, PATH_MAX, VALID_TYPES
 from cfsc.base.streams import read_all, source_name
 from cfsc.base.tree import S_IFDIR, S_IFLNK, S_IFMT, S_IFREG
 
@@ -363,9 +362,9 @@ class Image:
             raise self.error(start, f"{where}: names run past the block")
         chunk = data[start:start + offsets[-1]]
         names = [chunk[a:b] for a, b in zip(offsets, offsets[1:], strict=False)]
-        if max(map(len, names)) > EROFS_NAME_LEN:
-            name = next(n for n in names if len(n) > EROFS_NAME_LEN)
-            raise self.error(start, f"{where}: a name of {len(name)} bytes, expected at most {EROFS_NAME_LEN}")
+        if max(map(len, names)) > NAME_MAX:  # (EROFS_NAME_LEN)
+            name = next(n for n in names if len(n) > NAME_MAX)
+            raise self.error(start, f"{where}: a name of {len(name)} bytes, expected at most {NAME_MAX}")
         joined = b"".join(names)
         if b"/" in joined or b"\0" in joined:
             name = next(n for n in names if b"/" in n or b"\0" in n)

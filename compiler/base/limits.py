@@ -10,9 +10,12 @@ from __future__ import annotations
 
 from cfsc.base.tree import FILE_TYPES, S_IFMT
 
-NAME_MAX = 255
+NAME_MAX = 255  # (also the kernel's EROFS_NAME_LEN)
 PATH_MAX = 4096  # payloads and symlink targets must be shorter (C strings + NUL)
 INLINE_CONTENT_MAX = 5000
+# LCFS_RECOMMENDED_INLINE_CONTENT_MAX: sources that choose (directories, tar, OSTree) keep a
+# regular file of 1..64 bytes in the image and store larger ones, as mkcomposefs does.
+INLINE_MAX = 64
 XATTR_NAME_MAX = 255
 XATTR_VALUE_MAX = 65535
 XATTR_ACCOUNTING_MAX = 32767  # LCFS_INODE_EXTERNAL_XATTR_MAX: per-inode budget

@@ -31,10 +31,13 @@ from collections.abc import Callable
 from itertools import islice
 
 from cfsc.base import syscalls
-from cfsc.base.errors import IntegrityError, LookupFailed, shown_path
+from cfsc.base.errors import IntegrityError, LookupFailed, UsageError, shown_path
 from cfsc.base.fsverity import FsVerityHasher, digest_bytes, kernel_digest
 
+# Checking backing files against the image's fs-verity digests: never, where the image has
+# a digest, always (a file without one is refused).
 VERITY_MODES = ("none", "if-present", "require")
+NO_VERITY, VERITY_IF_PRESENT, VERITY_REQUIRED = VERITY_MODES
 OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
 RESOLVE = syscalls.RESOLVE_BENEATH | syscalls.RESOLVE_NO_SYMLINKS | syscalls.RESOLVE_NO_MAGICLINKS
 DIGEST_CACHE = 1 << 16
@@ -62,10 +65,17 @@ def parse_basedirs(value: str) -> list[str]:
     return [part for part in value.split(":") if part]
 
 
+def verity_mode(value: str, where: str = "--verity") -> str:
+    """A verity mode a user gave, checked."""
+    if value not in VERITY_MODES:
+        raise UsageError(f"verity mode {value!r}: expected {', '.join(VERITY_MODES[:-1])} or {VERITY_MODES[-1]}", where)
+    return value
+
+
 class Store:
     """The base directories external payloads are opened from."""
 
-    def __init__(self, basedirs: list[str], verity: str = "if-present") -> None:
+    def __init__(self, basedirs: list[str], verity: str = VERITY_IF_PRESENT) -> None:
         if verity not in VERITY_MODES:
             raise ValueError(f"verity mode {verity!r}")
         self.basedirs = list(basedirs)
@@ -96,7 +106,7 @@ class Store:
         `cancelled` is polled while a digest is computed; `where` names the file in the
         image in errors (callers may fill it in later: `error.where`).
         """
-        if digest is None and self.verity == "require":
+        if digest is None and self.verity == VERITY_REQUIRED:
             raise IntegrityError(f"no fs-verity digest recorded for object {shown_path(payload)} "
                                  "(--verity=require)", where)
         if not self.fds:

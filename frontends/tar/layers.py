@@ -97,7 +97,7 @@ from cfsc.base.errors import InputError, UsageError, shown_path
 from cfsc.base.options import Options
 from cfsc.base.progress import Progress, mib
 from cfsc.base.tree import S_IFBLK, S_IFCHR, S_IFDIR, S_IFIFO, S_IFLNK, S_IFREG, Inode, Tree
-from cfsc.frontends.tar.contents import INLINE_MAX, WHOLE_MAX, Contents
+from cfsc.frontends.tar.contents import WHOLE_MAX, Contents
 from cfsc.frontends.tar.stream import (
     BLOCKDEV,
     CHAR,
@@ -292,7 +292,7 @@ class _Builder:
     def data(self, m: Member, node: Inode, size: int) -> None:
         reader = self.reader
         assert reader is not None
-        if size <= INLINE_MAX:
+        if size <= limits.INLINE_MAX:
             self.contents.inline(node, reader.read(size))
         elif size <= WHOLE_MAX:
             self.contents.whole(node, reader.read(size))
