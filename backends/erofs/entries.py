@@ -25,7 +25,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from cfsc.backends.erofs.layout import EROFS_INODE_CHUNK_BASED, EROFS_XATTR_ENTRY, XATTR_PREFIXES
+from cfsc.backends.erofs.layout import (
+    EROFS_INODE_CHUNK_BASED,
+    EROFS_XATTR_ALIGN,
+    EROFS_XATTR_ENTRY,
+    EROFS_XATTR_IBODY_HEADER,
+    XATTR_PREFIXES,
+)
 from cfsc.backends.erofs.overlay import (
     ESCAPED,
     ESCAPED_WHITEOUT,
@@ -47,6 +53,10 @@ _METACOPY_NAME = METACOPY[len(XATTR_PREFIXES[_TRUSTED]):]
 _TRUSTED_OVERLAY_LEN = len(TRUSTED_OVERLAY)
 _ESCAPED_LEN = len(ESCAPED)
 _METACOPY_HEADER_LEN = len(METACOPY_HEADER)
+_IBODY = EROFS_XATTR_IBODY_HEADER.size
+_SHARED_COUNT = EROFS_XATTR_IBODY_HEADER.offset("h_shared_count")
+_ENTRY = EROFS_XATTR_ENTRY.size
+_ALIGN = EROFS_XATTR_ALIGN
 _unpack_entry = EROFS_XATTR_ENTRY.unpack_from
 
 
@@ -162,20 +172,20 @@ class Entries:
         Same result as `interpret_xattrs` over inline-then-shared: the inline pair only sets
         payload and digest, which a shared metacopy or redirect, coming later, overrides."""
         size = len(body)
-        pos = 12 + 4 * body[4] if size >= 12 else size + 1
+        pos = _IBODY + _ALIGN * body[_SHARED_COUNT] if size >= _IBODY else size + 1
         if pos >= size:
             return None
         head = body[:pos]
         payload = digest = None
         while pos < size:
-            if pos + 4 > size:
+            if pos + _ENTRY > size:
                 return None
             name_len, index, value_len = _unpack_entry(body, pos)
-            name_end = pos + 4 + name_len
+            name_end = pos + _ENTRY + name_len
             end = name_end + value_len
             if end > size or index != _TRUSTED:
                 return None
-            name = body[pos + 4:name_end]
+            name = body[pos + _ENTRY:name_end]
             # `overlay.redirect_payload` and `overlay.metacopy_digest`, written out (per file)
             if name == _REDIRECT_NAME:
                 if regular:
@@ -187,7 +197,7 @@ class Entries:
                     digest = body[name_end + _METACOPY_HEADER_LEN:end]
             else:
                 return None
-            pos = (end + 3) & ~3
+            pos = (end + _ALIGN - 1) & -_ALIGN
         xattrs, s_payload, s_digest, whiteout = self._shared_part(raw, head, regular)
         return (xattrs, s_payload if s_payload is not None else payload,
                 s_digest if s_digest is not None else digest, whiteout)

@@ -23,7 +23,9 @@ from struct import Struct
 import xxhash
 from cfsc.backends.erofs.layout import (
     ACL_KEYS,
+    EROFS_XATTR_ALIGN,
     EROFS_XATTR_ENTRY,
+    EROFS_XATTR_FILTER_BITS,
     EROFS_XATTR_FILTER_SEED,
     EROFS_XATTR_IBODY_HEADER,
     EROFS_XATTR_LONG_PREFIX,
@@ -43,6 +45,7 @@ from cfsc.backends.erofs.overlay import (
 from cfsc.base.tree import Inode
 
 _pack_entry = EROFS_XATTR_ENTRY.pack
+_IBODY = EROFS_XATTR_IBODY_HEADER.size
 _pack_ibody = EROFS_XATTR_IBODY_HEADER.pack
 _U32S = [Struct(f"<{n}I") for n in range(EROFS_XATTR_LONG_PREFIX + 1)]
 PADS = (b"", b"\0\0\0", b"\0\0", b"\0")  # zeros to the next multiple of 4, by length % 4
@@ -55,7 +58,7 @@ def key_info(key: bytes) -> tuple[int, bytes, int]:
         if key.startswith(prefix):
             index, name = i, key[len(prefix):]
             break
-    return index, name, 1 << (xxhash.xxh32_intdigest(name, EROFS_XATTR_FILTER_SEED + index) & 31)
+    return index, name, 1 << (xxhash.xxh32_intdigest(name, EROFS_XATTR_FILTER_SEED + index) & (EROFS_XATTR_FILTER_BITS - 1))
 
 
 def entry(index: int, name: bytes, value: bytes) -> bytes:
@@ -116,9 +119,9 @@ class XattrEncoder:
         self.shared_ids: dict[tuple[bytes, bytes], int] = {}
         offset = 0
         for pair in shared:
-            self.shared_ids[pair] = offset >> 2
-            _index, name, _bit = self.key(pair[0])
-            offset += (7 + len(name) + len(pair[1])) & ~3
+            self.shared_ids[pair] = offset // EROFS_XATTR_ALIGN
+            index, name, _bit = self.key(pair[0])
+            offset += len(entry(index, name, pair[1]))
         self.shared_size = offset
         # Implied pairs that are shared: a metacopy (no digest, or files of equal content)
         # goes into a cached layout; a redirect (two files naming one object, rare) makes
@@ -165,7 +168,7 @@ class XattrEncoder:
             else:
                 inline.append(entry(index, name, value))
                 keys.append(key)
-        return _Layout(12 + 4 * len(ids) + sum(map(len, inline)), bits, ids, inline,
+        return _Layout(_IBODY + EROFS_XATTR_ALIGN * len(ids) + sum(map(len, inline)), bits, ids, inline,
                        bisect_left(keys, METACOPY), bisect_left(keys, REDIRECT))
 
     @property
