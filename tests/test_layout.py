@@ -28,3 +28,27 @@ def test_offsets_are_the_kernels():
     assert [L.EROFS_INODE_EXTENDED.offset(f) for f in ("i_size", "i_u", "i_ino", "i_nlink")] == [8, 16, 20, 44]
     assert L.EROFS_XATTR_IBODY_HEADER.offset("h_shared_count") == 4
     assert [L.xattr_ibody_size(n) for n in (0, 1, 3)] == [0, 12, 20]
+
+
+def test_written_out_xattr_body_sizes_are_xattr_ibody_size():
+    """The reader and explain's `inode_head` compute the xattr body size inline (per inode)."""
+    import gzip
+
+    from cfsc.backends.erofs.reader import Image
+    from cfsc.tools.explain import inode_head
+    from conftest import CONFORMANCE
+
+    for path in sorted((CONFORMANCE / "upstream-images").glob("*.cfs.gz"))[:4]:
+        image = Image(gzip.decompress(path.read_bytes()), path.name)
+        stack, seen = [image.root_nid], set()
+        while stack:
+            nid = stack.pop()
+            if nid in seen:
+                continue
+            seen.add(nid)
+            raw = image.inode(nid)
+            assert raw.xattr_size == L.xattr_ibody_size(raw.xattr_count) == inode_head(image, nid)[2]
+            assert inode_head(image, nid)[:2] == (raw.offset, (L.EROFS_INODE_EXTENDED if raw.extended else L.EROFS_INODE_COMPACT).size)
+            if raw.mode & 0o170000 == 0o040000:
+                stack.extend(child for _name, child, _t in image.dirents(raw))
+        assert len(seen) > 1

@@ -112,6 +112,9 @@ EROFS_INODE_EXTENDED = Layout(
 INODE_SHARED_FIELDS = ("i_format", "i_xattr_icount", "i_mode", "i_u", "i_ino")
 for _name in INODE_SHARED_FIELDS:
     assert EROFS_INODE_COMPACT.offsets[_name] == EROFS_INODE_EXTENDED.offsets[_name], _name
+# The start of either inode: what tells the layouts apart, read in one go.
+EROFS_INODE_HEAD = Layout("erofs_inode_head", "<HHH", "i_format i_xattr_icount i_mode", 6)
+assert all(EROFS_INODE_HEAD.offsets[f] == EROFS_INODE_COMPACT.offsets[f] for f in EROFS_INODE_HEAD.fields)
 # i_format: bit 0 = extended inode, bits 1-3 = data layout.
 EROFS_I_VERSION_BIT = 0
 EROFS_I_DATALAYOUT_BIT = 1

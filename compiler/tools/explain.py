@@ -39,6 +39,7 @@ from cfsc.backends.erofs.layout import (
     EROFS_INODE_CHUNK_BASED,
     EROFS_INODE_COMPACT,
     EROFS_INODE_EXTENDED,
+    EROFS_INODE_HEAD,
     EROFS_ISLOTBITS,
     EROFS_SLOTSIZE,
     EROFS_SUPER_BLOCK,
@@ -46,7 +47,6 @@ from cfsc.backends.erofs.layout import (
     EROFS_XATTR_ALIGN,
     EROFS_XATTR_IBODY_HEADER,
     Layout,
-    xattr_ibody_size,
 )
 from cfsc.backends.erofs.overlay import ESCAPED_WHITEOUT, METACOPY, REDIRECT, TRUSTED_OVERLAY, USER_MARKERS
 from cfsc.backends.erofs.reader import LAYOUTS, Image, RawInode, merge_sorted
@@ -56,9 +56,10 @@ EXAMPLES = 5
 U16 = 0xFFFF
 U32 = 0xFFFFFFFF
 # Single fields of either inode layout (`layout.INODE_SHARED_FIELDS`), read from raw bytes.
-_FORMAT = EROFS_INODE_COMPACT.field("i_format")
-_ICOUNT = EROFS_INODE_COMPACT.field("i_xattr_icount")
+_HEAD = EROFS_INODE_HEAD.unpack_from
 _INO = EROFS_INODE_COMPACT.field("i_ino")
+_COMPACT, _EXTENDED = EROFS_INODE_COMPACT.size, EROFS_INODE_EXTENDED.size
+_EXTENDED_BIT = 1 << EROFS_I_VERSION_BIT
 I_U = EROFS_INODE_COMPACT.offset("i_u")
 I_INO, I_INO_END = EROFS_INODE_COMPACT.offset("i_ino"), EROFS_INODE_COMPACT.end("i_ino")
 SHARED_COUNT = EROFS_XATTR_IBODY_HEADER.offset("h_shared_count")
@@ -166,12 +167,12 @@ def inode_head(image: Image, nid: int) -> tuple[int, int, int]:
     """(offset, inode size, xattr body size) of an inode, from its first four bytes (an inode
     near the end of the image is read by the reader, which raises if it is out of bounds)."""
     off = image.meta_base + (nid << EROFS_ISLOTBITS)
-    if off + EROFS_INODE_EXTENDED.size > len(image.data):
+    if off + _EXTENDED > len(image.data):
         raw = image.inode(nid)
-        return off, EROFS_INODE_EXTENDED.size if raw.extended else EROFS_INODE_COMPACT.size, raw.xattr_size
-    extended = _FORMAT.unpack_from(image.data, off)[0] >> EROFS_I_VERSION_BIT & 1
-    return (off, EROFS_INODE_EXTENDED.size if extended else EROFS_INODE_COMPACT.size,
-            xattr_ibody_size(_ICOUNT.unpack_from(image.data, off)[0]))
+        return off, _EXTENDED if raw.extended else _COMPACT, raw.xattr_size
+    fmt, icount, _mode = _HEAD(image.data, off)
+    # (`xattr_ibody_size`, written out: this runs for every inode of both images)
+    return off, _EXTENDED if fmt & _EXTENDED_BIT else _COMPACT, IBODY_HEADER + EROFS_XATTR_ALIGN * (icount - 1) if icount else 0
 
 
 def _extended_because(raw: RawInode, image: Image) -> str:
@@ -307,6 +308,7 @@ def _entries(fa: _Side, fb: _Side) -> list[Reason]:
 
     near = fa.first_difference
     seen_a, seen_b = fa.seen, fb.seen
+    ino, ino_end, i_u, ibody, align = I_INO, I_INO_END, I_U, IBODY_HEADER, EROFS_XATTR_ALIGN
 
     def compare(path: bytes, nid_a: int, nid_b: int) -> None:
         seen_a[nid_a] = seen_b[nid_b] = 1
@@ -320,10 +322,10 @@ def _entries(fa: _Side, fb: _Side) -> list[Reason]:
             moved[0] += 1
             if moved[1] is None or nid_a < moved[1][0]:
                 moved[1] = (nid_a, nid_b, path)
-        if da[off_a + I_INO:off_a + I_INO_END] != db[off_b + I_INO:off_b + I_INO_END]:
+        if da[off_a + ino:off_a + ino_end] != db[off_b + ino:off_b + ino_end]:
             inos.add(path, f"{_INO.unpack_from(da, off_a)[0]} → {_INO.unpack_from(db, off_b)[0]}")
-        if not (isize_a == isize_b and da[off_a:off_a + I_U] == db[off_b:off_b + I_U]
-                and da[off_a + I_INO_END:off_a + isize_a] == db[off_b + I_INO_END:off_b + isize_b]):
+        if not (isize_a == isize_b and da[off_a:off_a + i_u] == db[off_b:off_b + i_u]
+                and da[off_a + ino_end:off_a + isize_a] == db[off_b + ino_end:off_b + isize_b]):
             ra, rb = a.inode(nid_a), b.inode(nid_b)
             if ra.extended != rb.extended:
                 if rb.extended:
@@ -340,10 +342,8 @@ def _entries(fa: _Side, fb: _Side) -> list[Reason]:
                     encodings.add(path, f"{kind_a} (mode {ra.mode:o}) → {kind_b} (mode {rb.mode:o})")
         n_a, shared_a = fa.shared(nid_a, off_a, isize_a, xsize_a)
         n_b, shared_b = fb.shared(nid_b, off_b, isize_b, xsize_b)
-        inline_at_a = off_a + isize_a + IBODY_HEADER + EROFS_XATTR_ALIGN * n_a
-        inline_at_b = off_b + isize_b + IBODY_HEADER + EROFS_XATTR_ALIGN * n_b
-        if shared_a == shared_b and (da[inline_at_a:off_a + isize_a + xsize_a]
-                                     == db[inline_at_b:off_b + isize_b + xsize_b]):
+        if shared_a == shared_b and (da[off_a + isize_a + ibody + align * n_a:off_a + isize_a + xsize_a]
+                                     == db[off_b + isize_b + ibody + align * n_b:off_b + isize_b + xsize_b]):
             return  # the same pairs, stored the same way
         inline_a = fa.inline(nid_a) if xsize_a else []
         inline_b = fb.inline(nid_b) if xsize_b else []
