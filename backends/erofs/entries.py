@@ -52,11 +52,11 @@ _REDIRECT_NAME = REDIRECT[len(XATTR_PREFIXES[_TRUSTED]):]
 _METACOPY_NAME = METACOPY[len(XATTR_PREFIXES[_TRUSTED]):]
 _TRUSTED_OVERLAY_LEN = len(TRUSTED_OVERLAY)
 _ESCAPED_LEN = len(ESCAPED)
-_METACOPY_HEADER_LEN = len(METACOPY_HEADER)
-_IBODY = EROFS_XATTR_IBODY_HEADER.size
-_SHARED_COUNT = EROFS_XATTR_IBODY_HEADER.offset("h_shared_count")
-_ENTRY = EROFS_XATTR_ENTRY.size
-_ALIGN = EROFS_XATTR_ALIGN
+# `Entries._implied_inline` (per file) spells these out as literals, as the reader's per-inode
+# paths do: the xattr body header, its shared count's offset, an entry header, the entry
+# alignment, a metacopy value holding a digest and its header.
+assert (EROFS_XATTR_IBODY_HEADER.size, EROFS_XATTR_IBODY_HEADER.offset("h_shared_count"), EROFS_XATTR_ENTRY.size,
+        EROFS_XATTR_ALIGN, METACOPY_DIGEST_SIZE, len(METACOPY_HEADER)) == (12, 4, 4, 4, 36, 4)
 _unpack_entry = EROFS_XATTR_ENTRY.unpack_from
 
 
@@ -172,20 +172,20 @@ class Entries:
         Same result as `interpret_xattrs` over inline-then-shared: the inline pair only sets
         payload and digest, which a shared metacopy or redirect, coming later, overrides."""
         size = len(body)
-        pos = _IBODY + _ALIGN * body[_SHARED_COUNT] if size >= _IBODY else size + 1
+        pos = 12 + 4 * body[4] if size >= 12 else size + 1
         if pos >= size:
             return None
         head = body[:pos]
         payload = digest = None
         while pos < size:
-            if pos + _ENTRY > size:
+            if pos + 4 > size:
                 return None
             name_len, index, value_len = _unpack_entry(body, pos)
-            name_end = pos + _ENTRY + name_len
+            name_end = pos + 4 + name_len
             end = name_end + value_len
             if end > size or index != _TRUSTED:
                 return None
-            name = body[pos + _ENTRY:name_end]
+            name = body[pos + 4:name_end]
             # `overlay.redirect_payload` and `overlay.metacopy_digest`, written out (per file)
             if name == _REDIRECT_NAME:
                 if regular:
@@ -193,11 +193,11 @@ class Entries:
                     value = value[1:] if len(value) > 1 and value[:1] == b"/" else value
                     payload = value.partition(b"\0")[0]
             elif name == _METACOPY_NAME:
-                if regular and value_len == METACOPY_DIGEST_SIZE:
-                    digest = body[name_end + _METACOPY_HEADER_LEN:end]
+                if regular and value_len == 36:
+                    digest = body[name_end + 4:end]
             else:
                 return None
-            pos = (end + _ALIGN - 1) & -_ALIGN
+            pos = (end + 3) & ~3
         xattrs, s_payload, s_digest, whiteout = self._shared_part(raw, head, regular)
         return (xattrs, s_payload if s_payload is not None else payload,
                 s_digest if s_digest is not None else digest, whiteout)

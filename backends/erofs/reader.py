@@ -95,6 +95,10 @@ _IBODY = EROFS_XATTR_IBODY_HEADER.size  # shared ids follow the header
 _SHARED_COUNT = EROFS_XATTR_IBODY_HEADER.offset("h_shared_count")
 _ENTRY = EROFS_XATTR_ENTRY.size  # the name follows the entry header, then the value
 _ALIGN = EROFS_XATTR_ALIGN
+# The per-inode paths (`inode`, `footprint`, `xattr_body`) spell these out as literals: a
+# module-global lookup per use costs ~3% of a walk.  The inode sizes, the xattr body header,
+# its shared count's offset and its unit, the extended-inode bit:
+assert (_COMPACT, _EXTENDED, _IBODY, _SHARED_COUNT, _ALIGN, 1 << EROFS_I_VERSION_BIT) == (32, 64, 12, 4, 4, 1)
 
 
 class RawInode:
@@ -209,24 +213,24 @@ class Image:
     def inode(self, nid: int) -> RawInode:
         off = self.meta_base + (nid << EROFS_ISLOTBITS)
         end = self.end
-        if off + _COMPACT > end:
+        if off + 32 > end:
             raise self.error(off, f"inode nid {nid}: past the end of the image (0x{end:x})")
         data = self.data
         (i_format, icount, mode, nlink, size, u, i_ino, uid, gid) = _unpack_compact(data, off)
         ino = RawInode()
         ino.nid = nid
         ino.offset = off
-        if i_format >> EROFS_I_VERSION_BIT & 1:
-            if off + _EXTENDED > end:
+        if i_format & 1:
+            if off + 64 > end:
                 raise self.error(off, f"inode nid {nid}: extended inode runs past the end of the image")
             (_f, icount, mode, size, u, i_ino, uid, gid, mtime, nsec, nlink) = _unpack_extended(data, off)
             ino.extended = True
-            isize = _EXTENDED
+            isize = 64
             ino.mtime = mtime - (1 << 64) if mtime & U64_SIGN else mtime
             ino.mtime_nsec = nsec
         else:
             ino.extended = False
-            isize = _COMPACT
+            isize = 32
             ino.mtime = self.build_time
             ino.mtime_nsec = self.build_time_nsec
         if i_format & ~EROFS_I_ALL:
@@ -246,7 +250,7 @@ class Image:
         ino.uid = uid
         ino.gid = gid
         ino.xattr_count = icount
-        xsize = _IBODY + _ALIGN * (icount - 1) if icount else 0  # `layout.xattr_ibody_size`
+        xsize = 12 + 4 * (icount - 1) if icount else 0  # `layout.xattr_ibody_size`
         ino.xattr_offset = off + isize
         ino.xattr_size = xsize
         tail = off + isize + xsize
@@ -308,7 +312,7 @@ class Image:
     def footprint(self, ino: RawInode) -> int:
         """Bytes an inode's own data occupies: the inode, its xattrs and inline tail, plus
         the blocks of a directory, symlink or inline file (for `ReadBudget`)."""
-        size = (_EXTENDED if ino.extended else _COMPACT) + ino.xattr_size + ino.tail_size
+        size = (64 if ino.extended else 32) + ino.xattr_size + ino.tail_size
         ftype = ino.mode & S_IFMT
         if ino.layout != EROFS_INODE_CHUNK_BASED:
             in_blocks = max(ino.size - ino.tail_size, 0)
@@ -404,7 +408,7 @@ class Image:
         start = ino.xattr_offset
         size = ino.xattr_size
         body = self.data[start:start + size]
-        return body, size >= _IBODY and size == _IBODY + _ALIGN * body[_SHARED_COUNT]
+        return body, size >= 12 and size == 12 + 4 * body[4]
 
     def parse_xattr_body(self, ino: RawInode, body: bytes) -> list[tuple[bytes, bytes]]:
         """The xattrs a body (or its leading header and shared ids alone) holds; `ino` only
