@@ -19,7 +19,7 @@ from cfsc.backends.erofs.reader import Image
 from cfsc.base.errors import InputError, UsageError
 from cfsc.base.fsverity import digest_bytes
 from cfsc.base.options import Options
-from cfsc.base.tree import FILE_TYPES, S_IFCHR, S_IFMT, S_IFREG, WHITEOUT, Tree
+from cfsc.base.tree import FILE_TYPES, S_IFCHR, S_IFDIR, S_IFMT, S_IFREG, WHITEOUT, Tree
 
 # Text backends that print straight from an image (keeping the on-disk xattr order).
 IMAGE_DUMPERS = {"dump": "cfsc.backends.dumpfile", "json": "cfsc.backends.jsonlines"}
@@ -91,7 +91,7 @@ def listing(image: Image, path: bytes = b"/", recursive: bool = False,
     """
     it = walk(image, names, Entries(image), top=path)
     top_path, top, _ = next(it)
-    if top.mode & S_IFMT != 0o040000:
+    if top.mode & S_IFMT != S_IFDIR:
         yield top_path, top, None
         return
     depth = top_path.rstrip(b"/").count(b"/") + 1

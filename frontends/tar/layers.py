@@ -96,7 +96,7 @@ from cfsc.base import devices, limits
 from cfsc.base.errors import InputError, UsageError, shown_path
 from cfsc.base.options import Options
 from cfsc.base.progress import Progress, mib
-from cfsc.base.tree import S_IFBLK, S_IFCHR, S_IFDIR, S_IFIFO, S_IFLNK, S_IFREG, Inode, Tree
+from cfsc.base.tree import S_IFBLK, S_IFCHR, S_IFDIR, S_IFIFO, S_IFLNK, S_IFMT, S_IFREG, Inode, Tree
 from cfsc.frontends.tar.contents import WHOLE_MAX, Contents
 from cfsc.frontends.tar.stream import (
     BLOCKDEV,
@@ -364,7 +364,7 @@ class _Builder:
                 child = implied
             elif child.children is None:
                 where = shown_path(b"/".join(parts[:i + 1]))
-                if child.mode & 0o170000 == S_IFLNK:
+                if child.mode & S_IFMT == S_IFLNK:
                     raise self.error(f"the path goes through the symlink '{where}' (-> "
                                      f"'{shown_path(child.payload or b'')}'): refused, the tree does not follow"
                                      " links (the symlink-then-file trick)", m)
