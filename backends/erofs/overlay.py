@@ -20,6 +20,7 @@ declarations, so every side agrees on one spelling.
 
 from __future__ import annotations
 
+from cfsc.base.fsverity import DIGEST_SIZE, FS_VERITY_HASH_ALG_SHA256
 from cfsc.base.tree import S_IFCHR, S_IFMT, S_IFREG, Inode
 
 TRUSTED_OVERLAY = b"trusted.overlay."
@@ -41,8 +42,8 @@ USER_MARKERS = (USER_WHITEOUT, USER_WHITEOUTS, USER_OPAQUE)
 # Markers a reader drops (libcomposefs' reader): they only tell overlayfs where to look.
 READER_DROPPED = frozenset((ESCAPED_WHITEOUTS, USER_WHITEOUT, USER_WHITEOUTS))
 
-DIGEST_SIZE = 32  # SHA-256
-METACOPY_HEADER = bytes((0, 4 + DIGEST_SIZE, 0, 1))  # version 0, length 36, flags 0, SHA-256
+# overlayfs' struct ovl_metacopy: version 0, length (header + digest), flags 0, digest algorithm.
+METACOPY_HEADER = bytes((0, 4 + DIGEST_SIZE, 0, FS_VERITY_HASH_ALG_SHA256))
 METACOPY_DIGEST_SIZE = len(METACOPY_HEADER) + DIGEST_SIZE  # a metacopy value holding a digest
 METACOPY_EMPTY = (METACOPY, b"")
 

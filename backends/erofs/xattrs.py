@@ -32,7 +32,6 @@ from cfsc.backends.erofs.layout import (
     WRITER_PREFIXES,
 )
 from cfsc.backends.erofs.overlay import (
-    DIGEST_SIZE,
     METACOPY,
     METACOPY_DIGEST_SIZE,
     METACOPY_EMPTY,
@@ -42,6 +41,7 @@ from cfsc.backends.erofs.overlay import (
     metacopy_digest,
     metacopy_xattr,
 )
+from cfsc.base.fsverity import DIGEST_SIZE
 from cfsc.base.tree import Inode
 
 _pack_entry = EROFS_XATTR_ENTRY.pack
