@@ -41,7 +41,8 @@ from strategies import trees
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
-def _raw_inodes(image: Image):
+def raw_inodes(image: Image):
+    """Every inode reachable from the root, once each."""
     stack, seen = [image.root_nid], set()
     while stack:
         nid = stack.pop()
@@ -62,7 +63,7 @@ def test_the_writer_makes_exactly_the_external_files_chunk_based(tree):
     write_image(compiled, out)
     image = Image(out.getvalue(), "t.cfs")
     seen = 0
-    for raw in _raw_inodes(image):
+    for raw in raw_inodes(image):
         node = compiled.inodes[raw.ino]
         assert (raw.layout == EROFS_INODE_CHUNK_BASED) == is_external(node), raw
         seen += 1
