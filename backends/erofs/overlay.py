@@ -25,7 +25,6 @@ from cfsc.base.tree import S_IFCHR, S_IFMT, S_IFREG, Inode
 
 TRUSTED_OVERLAY = b"trusted.overlay."
 ESCAPED = b"trusted.overlay.overlay."  # a user's trusted.overlay.X, stored
-USER_OVERLAY = b"user.overlay."
 METACOPY = b"trusted.overlay.metacopy"
 REDIRECT = b"trusted.overlay.redirect"
 OPAQUE = b"trusted.overlay.opaque"
@@ -79,7 +78,7 @@ def metacopy_value(digest: bytes | None) -> bytes:
 
 
 def metacopy_xattr(digest: bytes | None) -> tuple[bytes, bytes]:
-    return (METACOPY, METACOPY_HEADER + digest) if digest is not None else METACOPY_EMPTY
+    return METACOPY, metacopy_value(digest)
 
 
 def redirect_xattr(payload: bytes) -> tuple[bytes, bytes]:
