@@ -17,11 +17,11 @@ import base64
 from typing import BinaryIO
 
 import orjson
+from cfsc.backends.crfs_format import GO_ZERO_TIME, TYPE_NAMES, twin
 from cfsc.base import devices, jsonbytes, rfc3339
 from cfsc.base.errors import TreeError, UsageError
 from cfsc.base.options import Options
 from cfsc.base.tree import S_IFBLK, S_IFCHR, S_IFDIR, S_IFLNK, S_IFMT, S_IFREG, Tree
-from cfsc.frontends.crfs.toc import GO_ZERO_TIME, TYPE_NAMES, twin
 from cfsc.passes.resolve_hardlinks import resolve_hardlinks
 
 BATCH = 4096

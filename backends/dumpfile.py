@@ -6,9 +6,7 @@ One line per entry of the depth-first walk (`cfsc.backends.erofs.entries.walk`):
 
 A hard link (second or later occurrence of an inode) gets `@` before MODE, the first
 occurrence's path as PAYLOAD, and every other field from that first occurrence.  xattrs come
-in the reader's order (inline, then shared).  Escaping (C locale): `\\\\`, `\\n`, `\\r`, `\\t`, other
-bytes outside 0x21..0x7E as `\\xHH`; `=` too inside xattrs; a lone `-` as `\\x2d` in PAYLOAD
-and CONTENT.
+in the reader's order (inline, then shared).  Escaping: `cfsc.backends.dumptext`.
 
 The text describes an *image*: a tree from any other source is compiled first (in memory) and
 read back, so `cfsc dump x.dump` prints what `cfsc dump` of the compiled image prints.
@@ -16,57 +14,20 @@ read back, so `cfsc dump x.dump` prints what `cfsc dump` of the compiled image p
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Iterator
 from typing import BinaryIO
 
+from cfsc.backends.dumptext import escape, escape_equal, escape_optional
 from cfsc.backends.erofs.entries import Entries, walk
 from cfsc.backends.erofs.reader import Image
 from cfsc.base.options import Options
 from cfsc.base.tree import Tree
-
-# Bytes that need escaping: anything but 0x21..0x7E, and the backslash.
-_STANDARD = re.compile(rb"[^\x21-\x5b\x5d-\x7e]")
-_EQUAL = re.compile(rb"[^\x21-\x3c\x3e-\x5b\x5d-\x7e]")  # also '='
-_SPACE_OK = re.compile(rb"[^\x20-\x5b\x5d-\x7e]")  # `ls` prints spaces raw
-_TABLE = [b"\\x%02x" % i for i in range(256)]
-_TABLE[0x5C] = b"\\\\"
-_TABLE[0x0A] = b"\\n"
-_TABLE[0x0D] = b"\\r"
-_TABLE[0x09] = b"\\t"
-
-
-def _repl(m: re.Match) -> bytes:
-    return _TABLE[m.group()[0]]
-
-
-def escape(data: bytes) -> bytes:
-    return _STANDARD.sub(_repl, data)
-
-
-def escape_equal(data: bytes) -> bytes:
-    return _EQUAL.sub(_repl, data)
-
-
-def escape_ls(data: bytes) -> bytes:
-    return _SPACE_OK.sub(_repl, data)
-
-
-def escape_optional(data: bytes | None) -> bytes:
-    """PAYLOAD / CONTENT: `-` means absent, so a value that is exactly `-` is escaped."""
-    if data is None:
-        return b"-"
-    if data == b"-":
-        return b"\\x2d"
-    return _STANDARD.sub(_repl, data)
 
 
 def dump_lines(image: Image, names: frozenset[bytes] | None = None) -> Iterator[bytes]:
     """The dump of an image, line by line; `names` keeps only those children of the root."""
     entries = Entries(image)
     xattr_text: dict[int, bytes] = {}  # id(interned xattrs) -> text
-    sub = _STANDARD.sub
-    repl = _repl
     for path, e, first in walk(image, names, entries):
         xattrs = e.xattrs
         if xattrs:
@@ -84,7 +45,7 @@ def dump_lines(image: Image, names: frozenset[bytes] | None = None) -> Iterator[
             content = b"-"
         digest = e.digest
         yield b"%s %d %s%o %d %d %d %d %d.%d %s %s %s%s\n" % (
-            sub(repl, path), e.size, b"@" if first is not None else b"", e.mode, e.nlink,
+            escape(path), e.size, b"@" if first is not None else b"", e.mode, e.nlink,
             e.uid, e.gid, e.rdev, e.mtime, e.mtime_nsec,
             escape_optional(first if first is not None else e.payload), content,
             digest.hex().encode() if digest is not None else b"-", tail)

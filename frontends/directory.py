@@ -37,12 +37,12 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from cfsc.base.beneath import NotRegular, open_listed
 from cfsc.base.errors import InputError, UsageError
 from cfsc.base.fsverity import digest_bytes, hash_fd, payload_path
+from cfsc.base.limits import INLINE_MAX
 from cfsc.base.options import Options
 from cfsc.base.progress import Progress, mib
 from cfsc.base.tree import S_IFBLK, S_IFCHR, S_IFDIR, S_IFLNK, S_IFMT, S_IFREG, Inode, Tree
 from cfsc.store.objects import Store, loaded, open_store
 
-INLINE_MAX = 64  # LCFS_RECOMMENDED_INLINE_CONTENT_MAX: directory scans inline 1..64 bytes
 O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 U32 = 0xFFFFFFFF
 NS = 1_000_000_000

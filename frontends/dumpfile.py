@@ -23,6 +23,7 @@ import re
 from collections.abc import Iterable
 from itertools import chain, repeat
 
+from cfsc.backends.dumptext import BadEscape, unescape
 from cfsc.base import limits
 from cfsc.base.errors import DumpfileError
 from cfsc.base.options import Options
@@ -37,8 +38,6 @@ U32 = (1 << 32) - 1
 # strtoull(): optional leading white space and sign, then digits up to the end of the field.
 _DEC = re.compile(rb"[ \t\n\v\f\r]*([+-]?)([0-9]+)\Z")
 _OCT = re.compile(rb"[ \t\n\v\f\r]*([+-]?)([0-7]+)\Z")
-_ESCAPE = re.compile(rb"\\(?:x([0-9a-fA-F]{2})|([\\nrt])|(.?.?))", re.DOTALL)
-_SIMPLE_ESCAPES = {b"\\": b"\\", b"n": b"\n", b"r": b"\r", b"t": b"\t"}
 _HEX = re.compile(rb"(?:[0-9a-fA-F]{2})*")
 _MTIMES = re.compile(rb"(?:[0-9]{1,18}\.[0-9]{1,18}\n)*")  # a column of plain SEC.NSEC, one per line
 
@@ -160,23 +159,6 @@ def _decimal_column(column: tuple, slow: bytearray) -> list[int]:
     if all(map(bytes.isdigit, column)) and max(map(len, column)) < 20:
         return list(map(int, column))
     return [int(t) if t.isdigit() and len(t) < 20 else _mark(slow, i) for i, t in enumerate(column)]
-
-
-class BadEscape(ValueError):
-    pass
-
-
-def _escape_repl(m: re.Match) -> bytes:
-    if m.group(1) is not None:
-        return bytes((int(m.group(1), 16),))
-    if m.group(2) is not None:
-        return _SIMPLE_ESCAPES[m.group(2)]
-    raise BadEscape(m.group(0).decode("latin-1"))
-
-
-def unescape(text: bytes) -> bytes:
-    """A dumpfile field without its escapes (`\\\\`, `\\n`, `\\r`, `\\t`, `\\xHH`); BadEscape if bad."""
-    return _ESCAPE.sub(_escape_repl, text) if b"\\" in text else text
 
 
 def _strtoull(text: bytes, pattern: re.Pattern) -> int | None:

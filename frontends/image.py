@@ -28,14 +28,20 @@ from __future__ import annotations
 from collections import deque
 
 from cfsc.backends.erofs.entries import Entries, Entry, walk
-from cfsc.backends.erofs.layout import COMPOSEFS_MAGIC, EROFS_SUPER_MAGIC_V1, EROFS_SUPER_OFFSET
+from cfsc.backends.erofs.layout import (
+    COMPOSEFS_HEADER,
+    COMPOSEFS_MAGIC,
+    EROFS_SUPER_BLOCK,
+    EROFS_SUPER_MAGIC_V1,
+    EROFS_SUPER_OFFSET,
+)
+from cfsc.backends.erofs.overlay import ESCAPED_WHITEOUTS
 from cfsc.backends.erofs.reader import Image, RawInode
 from cfsc.base.options import Options
 from cfsc.base.tree import S_IFCHR, S_IFDIR, S_IFLNK, S_IFMT, S_IFREG, Inode, Tree
-from cfsc.passes.add_overlay_xattrs import ESCAPED_WHITEOUTS
 
-MAGIC = COMPOSEFS_MAGIC.to_bytes(4, "little")
-EROFS_MAGIC = EROFS_SUPER_MAGIC_V1.to_bytes(4, "little")
+MAGIC = COMPOSEFS_HEADER.field("magic").pack(COMPOSEFS_MAGIC)
+EROFS_MAGIC = EROFS_SUPER_BLOCK.field("magic").pack(EROFS_SUPER_MAGIC_V1)
 U16 = 0xFFFF
 U32 = 0xFFFFFFFF
 
@@ -43,7 +49,7 @@ U32 = 0xFFFFFFFF
 def sniff(head: bytes) -> bool:
     """The composefs magic, or the EROFS superblock's where composefs puts it: an image with a
     damaged header is still an image, and the reader says what is wrong where."""
-    return head[:4] == MAGIC or head[EROFS_SUPER_OFFSET:EROFS_SUPER_OFFSET + 4] == EROFS_MAGIC
+    return head[:len(MAGIC)] == MAGIC or head[EROFS_SUPER_OFFSET:EROFS_SUPER_OFFSET + len(EROFS_MAGIC)] == EROFS_MAGIC
 
 
 def load(source, options: Options | None = None) -> Tree:

@@ -21,12 +21,13 @@ import os
 from dataclasses import dataclass, field, replace
 
 from cfsc.base.errors import ImageError, IntegrityError, UsageError
+from cfsc.store.backing import VERITY_IF_PRESENT, Store, verity_mode
 
 
 @dataclass
 class MountOptions:
     basedirs: list[str] = field(default_factory=list)  # stores, searched in order
-    verity: str = "if-present"  # none | if-present | require
+    verity: str = VERITY_IF_PRESENT  # one of VERITY_MODES
     digest: str | None = None  # the image's expected fs-verity digest (hex)
     foreground: bool = False
     threads: int = 2
@@ -87,8 +88,7 @@ def mount(image: str, mountpoint: str, options: MountOptions | None = None) -> N
     """Mount `image` read-only on `mountpoint`.  In the background (the default) this
     returns once the mount answers; with `foreground` it serves until unmounted."""
     options = options or MountOptions()
-    if options.verity not in ("none", "if-present", "require"):
-        raise UsageError(f"verity mode {options.verity!r}: expected none, if-present or require", "--verity")
+    verity_mode(options.verity)
     if options.kernel:
         from cfsc.fuse.kernel import mount_kernel
 
@@ -96,7 +96,6 @@ def mount(image: str, mountpoint: str, options: MountOptions | None = None) -> N
         return
     from cfsc.fuse.daemon import serve_background, serve_foreground
     from cfsc.fuse.mount import check_mountpoint
-    from cfsc.store.backing import Store
 
     # The server outlives the caller's working directory (it moves to `/`): every path it
     # keeps is absolute, and messages and the mount table name the files the same way.

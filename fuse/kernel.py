@@ -28,7 +28,7 @@ from cfsc.base.errors import InputError, UsageError
 from cfsc.base.fsverity import hash_fd, kernel_digest
 from cfsc.fuse import check_digest, checked_view
 from cfsc.fuse.mount import MountError, check_mountpoint, privileged
-from cfsc.store.backing import Store
+from cfsc.store.backing import NO_VERITY, VERITY_IF_PRESENT, VERITY_REQUIRED, Store
 
 SOURCE = "composefs"
 LOOP_CTL_GET_FREE = 0x4C82
@@ -40,7 +40,7 @@ LO_FLAGS_AUTOCLEAR = 4
 # lo_file_name[64], lo_crypt_name[64], lo_encrypt_key[32], lo_init[2]), __reserved[8].
 LOOP_CONFIG = struct.Struct("=II QQQQQ IIII 64s64s32s 16x 64x")
 assert LOOP_CONFIG.size == 304
-VERITY = {"none": None, "if-present": "on", "require": "require"}
+VERITY = {NO_VERITY: None, VERITY_IF_PRESENT: "on", VERITY_REQUIRED: "require"}  # -> overlayfs' verity=
 
 
 def mount_kernel(image_path: str, mountpoint: str, options) -> None:
@@ -74,7 +74,7 @@ def mount_kernel(image_path: str, mountpoint: str, options) -> None:
         if verity is not None:
             _probe_store(image, basedirs)
         _mount(fd, image_path, bool(image.flags & COMPOSEFS_FLAGS_HAS_ACL) and not options.noacl, mountpoint,
-               basedirs, verity, options.verity == "require", options.loop)
+               basedirs, verity, options.verity == VERITY_REQUIRED, options.loop)
     finally:
         os.close(fd)
 

@@ -42,9 +42,10 @@ import sys
 import threading
 
 from cfsc.base.errors import CfscError
+from cfsc.base.limits import NAME_MAX
 from cfsc.base.syscalls import has_cap_sys_admin
 from cfsc.fuse import protocol as P
-from cfsc.fuse.view import BLOCK_SIZE, ImageView, Node
+from cfsc.fuse.view import BLOCK_SIZE, TRUSTED, ImageView, Node
 from cfsc.store.backing import Cancelled, Store
 
 log = logging.getLogger("cfsc.fuse")
@@ -53,7 +54,6 @@ TTL = 86400  # seconds the kernel may cache entries and attributes: the image ne
 MAX_PAGES = 256  # 1 MiB per READ
 MAX_WRITE = 1 << 17  # never used (read-only), but sizes the kernel's buffer check
 BUFFER_SIZE = MAX_WRITE + 4096
-NAME_MAX = 255
 DT_UNKNOWN = 0
 LOGGED_MAX = 1000  # distinct log messages remembered (to log each once)
 IDLE_BACKING = 512  # backing files kept open (or registered) after their last RELEASE
@@ -332,7 +332,7 @@ class Server:
         if node.trusted and not (pid and has_cap_sys_admin(pid)):
             # overlayfs lists trusted.* only to CAP_SYS_ADMIN (reading them is refused by the
             # VFS before any file system is asked)
-            pairs = [kv for kv in pairs if not kv[0].startswith(b"trusted.")]
+            pairs = [kv for kv in pairs if not kv[0].startswith(TRUSTED)]
         self._sized(unique, size, b"".join([k + b"\0" for k, _v in pairs]))
 
     def _sized(self, unique: int, size: int, data: bytes) -> None:

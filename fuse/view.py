@@ -42,14 +42,14 @@ import threading
 from bisect import bisect_left
 from itertools import islice
 
-from cfsc.backends.erofs.entries import ESCAPED, METACOPY, REDIRECT, TRUSTED_OVERLAY, Entries, interpret_xattrs
-from cfsc.backends.erofs.layout import COMPOSEFS_FLAGS_HAS_ACL, EROFS_FT_CHRDEV
+from cfsc.backends.erofs.entries import Entries, interpret_xattrs
+from cfsc.backends.erofs.layout import ACL_KEYS, COMPOSEFS_FLAGS_HAS_ACL, EROFS_BLKSIZ, EROFS_FT_CHRDEV
+from cfsc.backends.erofs.overlay import ESCAPED, METACOPY, REDIRECT, TRUSTED_OVERLAY, unescape_key
 from cfsc.backends.erofs.reader import Image
 from cfsc.base.tree import S_IFBLK, S_IFCHR, S_IFDIR, S_IFMT, S_IFREG
 
-BLOCK_SIZE = 4096
+BLOCK_SIZE = EROFS_BLKSIZ  # st_blksize, as EROFS reports it
 LISTED_PREFIXES = (b"user.", b"trusted.", b"security.")
-ACL_KEYS = (b"system.posix_acl_access", b"system.posix_acl_default")
 BARE_PREFIXES = frozenset(LISTED_PREFIXES + (TRUSTED_OVERLAY,))
 TRUSTED = b"trusted."
 NODE_CACHE = 1 << 17  # nodes kept (about 400 bytes each with the server's encoding)
@@ -177,18 +177,18 @@ class ImageView:
         metacopy = False
         acl = self.acl
         for key, value in self.image.xattrs(raw):
-            if key[:16] == TRUSTED_OVERLAY:
-                if key[:24] != ESCAPED:
+            if key.startswith(TRUSTED_OVERLAY):
+                if not key.startswith(ESCAPED):
                     if key == METACOPY:
                         metacopy = True
                         lowered.append((key, value))
                     elif key == REDIRECT:
                         lowered.append((key, value))
                     continue
-                key = TRUSTED_OVERLAY + key[24:]
+                key = unescape_key(key)
             elif not key.startswith(LISTED_PREFIXES) and not (acl and key in ACL_KEYS):
                 continue
-            if key[:8] == TRUSTED:
+            if key.startswith(TRUSTED):
                 trusted = True
             pairs.append((key, value))
         store = None

@@ -307,6 +307,15 @@ def test_every_schema_is_a_valid_schema(name):
     assert schema["$id"] == schemas.ID_PREFIX + name and schema.get("title")
 
 
+def test_the_entry_types_are_the_schemas():
+    """Reader and writer take entry types from `cfsc.backends.crfs_format`; the schema lists them."""
+    from cfsc.backends.crfs_format import TYPE_NAMES, TYPES
+
+    enum = schemas.load("crfs-toc")["$defs"]["entry"]["properties"]["type"]["enum"]
+    assert sorted(TYPES) == sorted(enum)
+    assert all(TYPES[name] == bits for bits, name in TYPE_NAMES.items())
+
+
 def test_schema_command(cfsc):
     listed = cfsc("schema", "--list", check=True).stdout.decode()
     assert [line.split("\t")[0] for line in listed.splitlines()] == schemas.names()

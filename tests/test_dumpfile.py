@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import pytest
+from cfsc.backends.dumptext import BadEscape, escape, escape_equal, escape_ls, escape_optional, unescape
 from cfsc.base.errors import CfscError, DumpfileError
 from cfsc.base.tree import S_IFCHR, S_IFDIR, S_IFREG
+from hypothesis import given
+from hypothesis import strategies as st
 
 from tests.helpers.data import image_of, tree_of
 
@@ -23,6 +26,23 @@ def test_fields_and_escapes():
     assert (node.mode, node.nlink, node.uid, node.gid, node.mtime, node.mtime_nsec) == (0o100640, 3, 1000, 100, 12, 34)
     assert node.content == b"a\tb\nc" and node.size == 5
     assert node.xattrs == ((b"user.k=", b"v=w\0z"),)
+
+
+@given(st.binary(max_size=64))
+def test_every_escaping_is_undone_by_the_one_unescape(data):
+    """The writer's escapes (backend, listings) and the reader's unescape are one module."""
+    for escaped in (escape(data), escape_equal(data), escape_ls(data)):
+        assert unescape(escaped) == data
+    assert b" " not in escape(data) and b"=" not in escape_equal(data)
+    assert unescape(escape_optional(data)) == data and escape_optional(None) == b"-"
+
+
+def test_escapes_as_composefs_info_writes_them():
+    assert escape(b"a b\\c\n\r\t\xff=") == b"a\\x20b\\\\c\\n\\r\\t\\xff="
+    assert escape_equal(b"k=v") == b"k\\x3dv" and escape_ls(b"a b") == b"a b"
+    assert escape_optional(b"-") == b"\\x2d"
+    with pytest.raises(BadEscape):
+        unescape(b"\\q")
 
 
 def test_dash_means_absent_but_escaped_dash_is_a_value():

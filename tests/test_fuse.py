@@ -233,9 +233,9 @@ def test_the_view_takes_store_references_from_the_image_reader(tmp_path):
     """Payload and digest of a metacopy file are the reader's reading of the redirect and
     metacopy values, odd ones included (FUSE and `cfsc dump` must never disagree); whether
     the file takes its data from the store is overlayfs' rule: it carries a metacopy."""
-    from cfsc.backends.erofs.entries import METACOPY as M
-    from cfsc.backends.erofs.entries import REDIRECT as R
     from cfsc.backends.erofs.entries import Entries
+    from cfsc.backends.erofs.overlay import METACOPY as M
+    from cfsc.backends.erofs.overlay import REDIRECT as R
     from cfsc.backends.erofs.reader import Image
     from cfsc.frontends import dumpfile
     from cfsc.fuse.view import ImageView

@@ -100,6 +100,7 @@ CORPUS = [
     ("bad-erofs-magic", patch(BASE, 1024, "<I", 0), 1024, "EROFS superblock: magic"),
     ("bad-block-size", patch(BASE, 1024 + 12, "<B", 9), 1024 + 12, "block size 2^9"),
     ("incompat-feature", patch(BASE, 1024 + 80, "<I", 0x1), 1024 + 80, "incompatible features"),
+    ("directory-block-bits", patch(BASE, 1024 + 90, "<B", 1), 1024 + 90, "directory block bits 1"),
     ("block-count-too-big", patch(BASE, 1024 + 36, "<I", 999), 1024 + 36, "999 blocks"),
     ("block-count-zero", patch(BASE, 1024 + 36, "<I", 0), 1024 + 36, "too few"),
     ("meta-blkaddr-past-end", patch(BASE, 1024 + 40, "<I", 999), 1024 + 40, "meta_blkaddr"),

@@ -89,8 +89,8 @@ def test_spliced_xattr_bodies_equal_the_generic_ones(tree):
     """The writer splices an external file's metacopy and redirect into cached layouts (both,
     or only the redirect when the metacopy is shared); the generic merge is the reference."""
     from cfsc.backends.erofs.layout import EROFS_XATTR_IBODY_HEADER
+    from cfsc.backends.erofs.overlay import image_xattrs, is_external
     from cfsc.backends.erofs.xattrs import XattrEncoder
-    from cfsc.passes.add_overlay_xattrs import image_xattrs, is_external
 
     compiled = run_passes(tree, Options())
     encoder = XattrEncoder(compiled.shared_xattrs)

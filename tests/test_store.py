@@ -308,3 +308,18 @@ def test_only_objects_the_image_refers_to_are_named(tmp_path, cfsc):
     cfsc("compile", str(tree), "-o", str(tmp_path / "y.cfs"), "--digest-store", str(store), "--exclude",
          'path == "/skip"', check=True)
     assert set(check_objects(store)) == wanted and not temps(store)
+
+
+def test_a_verity_mode_is_checked_by_the_one_list_of_modes(cfsc, tmp_path):
+    """`--verity` of `cfsc mount`, `-o verity=` of composefs-fuse and the library's
+    MountOptions all go through `backing.verity_mode`."""
+    from cfsc.base.errors import UsageError
+    from cfsc.store.backing import VERITY_MODES, verity_mode
+
+    assert [verity_mode(m) for m in VERITY_MODES] == ["none", "if-present", "require"]
+    with pytest.raises(UsageError, match="verity mode 'sometimes': expected none, if-present or require"):
+        verity_mode("sometimes")
+    for args in (["mount", "--verity", "sometimes", "img.cfs", str(tmp_path)],
+                 ["composefs-fuse", "-o", "verity=sometimes", "img.cfs", str(tmp_path)]):
+        p = cfsc(*args)
+        assert p.returncode == 2 and b"--verity: verity mode 'sometimes'" in p.stderr, (args, p.stderr)

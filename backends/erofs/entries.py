@@ -1,6 +1,6 @@
 """What a user sees of an image: composefs' overlay conventions undone (format note §8).
 
-The writer lowers the tree into overlayfs conventions (`cfsc.passes.add_overlay_xattrs`);
+The writer lowers the tree into overlayfs conventions (`cfsc.backends.erofs.overlay`);
 this module reverses that per inode, exactly as libcomposefs' reader does, so that an image
 means the same thing whichever tool reads it:
 
@@ -25,20 +25,38 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from cfsc.backends.erofs.layout import EROFS_INODE_CHUNK_BASED, EROFS_XATTR_ENTRY, XATTR_PREFIXES
+from cfsc.backends.erofs.layout import (
+    EROFS_INODE_CHUNK_BASED,
+    EROFS_XATTR_ALIGN,
+    EROFS_XATTR_ENTRY,
+    EROFS_XATTR_IBODY_HEADER,
+    XATTR_PREFIXES,
+)
+from cfsc.backends.erofs.overlay import (
+    ESCAPED,
+    ESCAPED_WHITEOUT,
+    METACOPY,
+    METACOPY_DIGEST_SIZE,
+    METACOPY_HEADER,
+    READER_DROPPED,
+    REDIRECT,
+    TRUSTED_OVERLAY,
+    metacopy_digest,
+    redirect_payload,
+)
 from cfsc.backends.erofs.reader import Image, RawInode, ReadBudget
 from cfsc.base.tree import S_IFBLK, S_IFCHR, S_IFDIR, S_IFLNK, S_IFMT, S_IFREG
 
-TRUSTED_OVERLAY = b"trusted.overlay."
-ESCAPED = b"trusted.overlay.overlay."
-REDIRECT = b"trusted.overlay.redirect"
-METACOPY = b"trusted.overlay.metacopy"
-ESCAPED_WHITEOUT = b"trusted.overlay.overlay.whiteout"
-DROPPED = frozenset((b"trusted.overlay.overlay.whiteouts", b"user.overlay.whiteout", b"user.overlay.whiteouts"))
-DIGEST_XATTR_SIZE = 36  # metacopy header (4 bytes) + SHA-256 digest
 _TRUSTED = XATTR_PREFIXES.index(b"trusted.")
-_REDIRECT_NAME = REDIRECT[len(b"trusted."):]
-_METACOPY_NAME = METACOPY[len(b"trusted."):]
+_REDIRECT_NAME = REDIRECT[len(XATTR_PREFIXES[_TRUSTED]):]
+_METACOPY_NAME = METACOPY[len(XATTR_PREFIXES[_TRUSTED]):]
+_TRUSTED_OVERLAY_LEN = len(TRUSTED_OVERLAY)
+_ESCAPED_LEN = len(ESCAPED)
+# `Entries._implied_inline` (per file) spells these out as literals, as the reader's per-inode
+# paths do: the xattr body header, its shared count's offset, an entry header, the entry
+# alignment, a metacopy value holding a digest and its header.
+assert (EROFS_XATTR_IBODY_HEADER.size, EROFS_XATTR_IBODY_HEADER.offset("h_shared_count"), EROFS_XATTR_ENTRY.size,
+        EROFS_XATTR_ALIGN, METACOPY_DIGEST_SIZE, len(METACOPY_HEADER)) == (12, 4, 4, 4, 36, 4)
 _unpack_entry = EROFS_XATTR_ENTRY.unpack_from
 
 
@@ -168,13 +186,14 @@ class Entries:
             if end > size or index != _TRUSTED:
                 return None
             name = body[pos + 4:name_end]
+            # `overlay.redirect_payload` and `overlay.metacopy_digest`, written out (per file)
             if name == _REDIRECT_NAME:
                 if regular:
                     value = body[name_end:end]
                     value = value[1:] if len(value) > 1 and value[:1] == b"/" else value
                     payload = value.partition(b"\0")[0]
             elif name == _METACOPY_NAME:
-                if regular and value_len == DIGEST_XATTR_SIZE:
+                if regular and value_len == 36:
                     digest = body[name_end + 4:end]
             else:
                 return None
@@ -206,26 +225,25 @@ def interpret_xattrs(items: list, regular: bool) -> tuple[tuple, bytes | None, b
     payload = digest = None
     whiteout = False
     for key, value in items:
-        if key[:16] == TRUSTED_OVERLAY:
+        if key[:_TRUSTED_OVERLAY_LEN] == TRUSTED_OVERLAY:
             if key == REDIRECT:
                 if regular:
-                    payload = value[1:] if len(value) > 1 and value[:1] == b"/" else value
-                    payload = payload.partition(b"\0")[0]  # upstream keeps it as a C string
+                    payload = redirect_payload(value)
                 continue
             if key == METACOPY:
-                if regular and len(value) == DIGEST_XATTR_SIZE:
-                    digest = value[4:]
+                if regular and (found := metacopy_digest(value)) is not None:
+                    digest = found
                 continue
-            if key[:24] != ESCAPED:
+            if key[:_ESCAPED_LEN] != ESCAPED:
                 continue  # the writer's own markers (the root's opaque=y)
             if key == ESCAPED_WHITEOUT and regular:
                 regular = False
                 whiteout = True
                 continue
-            if key in DROPPED:
+            if key in READER_DROPPED:
                 continue
-            key = TRUSTED_OVERLAY + key[24:]
-        elif key in DROPPED:
+            key = TRUSTED_OVERLAY + key[_ESCAPED_LEN:]  # `overlay.unescape_key`
+        elif key in READER_DROPPED:
             continue
         i = where.get(key)
         if i is not None:  # never in writer output; upstream moves the last pair into the slot

@@ -8,12 +8,17 @@ never surface in readers.  Sizes are asserted against the kernel's.
 
 from __future__ import annotations
 
+import re
 import struct
 from collections import namedtuple
 
 
 class Layout:
-    """A `struct.Struct` plus the names of its fields (pad bytes excluded)."""
+    """A `struct.Struct` plus the names of its fields (pad bytes excluded).
+
+    `offsets` maps each field to its `(offset, size)` inside the structure, derived from the
+    format, so code that looks at single fields of raw bytes (comparing two images inode by
+    inode, locating an error) names them instead of counting bytes."""
 
     def __init__(self, name: str, fmt: str, fields: str, size: int) -> None:
         self.name = name
@@ -25,9 +30,48 @@ class Layout:
         self.unpack_from = self.struct.unpack_from
         self.fields = tuple(fields.split())
         self.tuple = namedtuple(name, self.fields)  # type: ignore[misc]
+        self.offsets = _field_offsets(fmt, self.fields)
 
     def read(self, buf, offset: int = 0):
         return self.tuple._make(self.struct.unpack_from(buf, offset))
+
+    def offset(self, field: str) -> int:
+        return self.offsets[field][0]
+
+    def end(self, field: str) -> int:
+        """The offset just past a field."""
+        at, size = self.offsets[field]
+        return at + size
+
+    def field(self, field: str) -> struct.Struct:
+        """A struct reading just this field at the structure's start: `.unpack_from(buf, start)`
+        (the field's offset is built in as pad bytes)."""
+        at, size = self.offsets[field]
+        return struct.Struct(f"<{at}x{_CODES[size]}" if size in _CODES else f"<{at}x{size}s")
+
+
+_CODES = {1: "B", 2: "H", 4: "I", 8: "Q"}
+_SIZES = {"B": 1, "b": 1, "H": 2, "h": 2, "I": 4, "i": 4, "Q": 8, "q": 8}
+
+
+def _field_offsets(fmt: str, fields: tuple[str, ...]) -> dict[str, tuple[int, int]]:
+    """(offset, size) of each named field of a little-endian, unaligned struct format."""
+    offsets = {}
+    pos = 0
+    names = iter(fields)
+    for count, code in re.findall(r"(\d*)([xsBbHhIiQq])", fmt):
+        n = int(count) if count else 1
+        if code == "x":
+            pos += n
+        elif code == "s":
+            offsets[next(names)] = (pos, n)
+            pos += n
+        else:
+            for _ in range(n):
+                offsets[next(names)] = (pos, _SIZES[code])
+                pos += _SIZES[code]
+    assert next(names, None) is None, (fmt, fields)
+    return offsets
 
 
 # struct lcfs_erofs_header_s: the first 32 bytes of the image.
@@ -62,6 +106,15 @@ EROFS_INODE_EXTENDED = Layout(
     "erofs_inode_extended", "<HHH2xQIIIIQII16x",
     "i_format i_xattr_icount i_mode i_size i_u i_ino i_uid i_gid i_mtime i_mtime_nsec i_nlink",
     64)
+# Where the two inode layouts agree: a reader looks at these before it knows which it has.
+# Before i_u the compact inode has i_nlink and a 4-byte i_size where the extended one has
+# padding and an 8-byte i_size, so the bytes before i_u compare alike only in one layout.
+INODE_SHARED_FIELDS = ("i_format", "i_xattr_icount", "i_mode", "i_u", "i_ino")
+for _name in INODE_SHARED_FIELDS:
+    assert EROFS_INODE_COMPACT.offsets[_name] == EROFS_INODE_EXTENDED.offsets[_name], _name
+# The start of either inode: what tells the layouts apart, read in one go.
+EROFS_INODE_HEAD = Layout("erofs_inode_head", "<HHH", "i_format i_xattr_icount i_mode", 6)
+assert all(EROFS_INODE_HEAD.offsets[f] == EROFS_INODE_COMPACT.offsets[f] for f in EROFS_INODE_HEAD.fields)
 # i_format: bit 0 = extended inode, bits 1-3 = data layout.
 EROFS_I_VERSION_BIT = 0
 EROFS_I_DATALAYOUT_BIT = 1
@@ -71,27 +124,34 @@ EROFS_INODE_FLAT_PLAIN = 0
 EROFS_INODE_FLAT_INLINE = 2
 EROFS_INODE_CHUNK_BASED = 4
 EROFS_CHUNK_FORMAT_BLKBITS_MASK = 0x1F
+EROFS_BLOCK_MAP_ENTRY_SIZE = 4  # a chunk-based inode without chunk indexes: one __le32 per chunk
 EROFS_NULL_ADDR = 0xFFFFFFFF
 
 EROFS_XATTR_IBODY_HEADER = Layout(
     "erofs_xattr_ibody_header", "<IB7x", "h_name_filter h_shared_count", 12)
 EROFS_XATTR_ENTRY = Layout(
     "erofs_xattr_entry", "<BBH", "e_name_len e_name_index e_value_size", 4)
+EROFS_XATTR_ALIGN = 4  # entries are 4-byte aligned; shared ids and i_xattr_icount count 4-byte units
 EROFS_XATTR_FILTER_SEED = 0x25BBE08F
 EROFS_XATTR_FILTER_BITS = 32
 EROFS_XATTR_FILTER_DEFAULT = 0xFFFFFFFF
 EROFS_XATTR_LONG_PREFIX = 0x80  # libcomposefs' cap on shared references per inode
 
+
+def xattr_ibody_size(icount: int) -> int:
+    """Bytes of an inode's xattr body from its i_xattr_icount (the header counts as one unit)."""
+    return EROFS_XATTR_IBODY_HEADER.size + EROFS_XATTR_ALIGN * (icount - 1) if icount else 0
+
+
+# The POSIX ACL keys: an image holding either sets COMPOSEFS_FLAGS_HAS_ACL (without it,
+# mount.composefs mounts EROFS with `noacl`).
+ACL_KEYS = (b"system.posix_acl_access", b"system.posix_acl_default")
 # Prefix indexes: libcomposefs writes the first match of this list (lustre. is never used
 # by the writer, but the reader knows index 5).
-XATTR_PREFIXES = (
-    b"", b"user.", b"system.posix_acl_access", b"system.posix_acl_default", b"trusted.",
-    b"lustre.", b"security.")
-WRITER_PREFIXES = ((b"user.", 1), (b"system.posix_acl_access", 2),
-                   (b"system.posix_acl_default", 3), (b"trusted.", 4), (b"security.", 6))
+XATTR_PREFIXES = (b"", b"user.", *ACL_KEYS, b"trusted.", b"lustre.", b"security.")
+WRITER_PREFIXES = tuple((XATTR_PREFIXES[i], i) for i in (1, 2, 3, 4, 6))
 
 EROFS_DIRENT = Layout("erofs_dirent", "<QHBx", "nid nameoff file_type", 12)
-EROFS_NAME_LEN = 255
 EROFS_FT_UNKNOWN = 0
 EROFS_FT_REG_FILE = 1
 EROFS_FT_DIR = 2

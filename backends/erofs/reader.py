@@ -54,22 +54,23 @@ from cfsc.backends.erofs.layout import (
     EROFS_I_ALL,
     EROFS_I_DATALAYOUT_BIT,
     EROFS_I_DATALAYOUT_MASK,
+    EROFS_I_VERSION_BIT,
     EROFS_INODE_CHUNK_BASED,
     EROFS_INODE_COMPACT,
     EROFS_INODE_EXTENDED,
     EROFS_INODE_FLAT_INLINE,
     EROFS_INODE_FLAT_PLAIN,
     EROFS_ISLOTBITS,
-    EROFS_NAME_LEN,
     EROFS_SUPER_BLOCK,
     EROFS_SUPER_MAGIC_V1,
     EROFS_SUPER_OFFSET,
+    EROFS_XATTR_ALIGN,
     EROFS_XATTR_ENTRY,
     EROFS_XATTR_IBODY_HEADER,
     XATTR_PREFIXES,
 )
 from cfsc.base.errors import ImageError
-from cfsc.base.limits import INLINE_CONTENT_MAX, PATH_MAX, VALID_TYPES
+from cfsc.base.limits import INLINE_CONTENT_MAX, NAME_MAX, PATH_MAX, VALID_TYPES
 from cfsc.base.streams import read_declared, source_name
 from cfsc.base.tree import S_IFDIR, S_IFLNK, S_IFMT, S_IFREG
 
@@ -86,6 +87,20 @@ _unpack_entry = EROFS_XATTR_ENTRY.unpack_from
 _iter_dirents = EROFS_DIRENT.struct.iter_unpack
 _dirent_head = EROFS_DIRENT.unpack_from
 _U32S = [struct.Struct(f"<{n}I") for n in range(256)]  # h_shared_count is a u8
+_SB = EROFS_SUPER_BLOCK.offset  # where a bad superblock field is
+_HEADER = COMPOSEFS_HEADER.offset
+_COMPACT = EROFS_INODE_COMPACT.size
+_EXTENDED = EROFS_INODE_EXTENDED.size
+_DIRENT = EROFS_DIRENT.size
+_NAMEOFF = EROFS_DIRENT.offset("nameoff")
+_IBODY = EROFS_XATTR_IBODY_HEADER.size  # shared ids follow the header
+_SHARED_COUNT = EROFS_XATTR_IBODY_HEADER.offset("h_shared_count")
+_ENTRY = EROFS_XATTR_ENTRY.size  # the name follows the entry header, then the value
+_ALIGN = EROFS_XATTR_ALIGN
+# The per-inode paths (`inode`, `footprint`, `xattr_body`) spell these out as literals: a
+# module-global lookup per use costs ~3% of a walk.  The inode sizes, the xattr body header,
+# its shared count's offset and its unit, the extended-inode bit:
+assert (_COMPACT, _EXTENDED, _IBODY, _SHARED_COUNT, _ALIGN, 1 << EROFS_I_VERSION_BIT) == (32, 64, 12, 4, 4, 1)
 
 
 class RawInode:
@@ -167,18 +182,19 @@ class Image:
     def _read_super(self) -> None:
         data = self.data
         size = len(data)
-        if size >= 4 and int.from_bytes(data[:4], "little") != COMPOSEFS_MAGIC:
-            raise self.error(0, f"composefs header: magic 0x{int.from_bytes(data[:4], 'little'):08x}, expected "
-                                f"0x{COMPOSEFS_MAGIC:08x} (not a composefs image)")
+        magic_end = COMPOSEFS_HEADER.end("magic")
+        if size >= magic_end and int.from_bytes(data[:magic_end], "little") != COMPOSEFS_MAGIC:
+            raise self.error(0, f"composefs header: magic 0x{int.from_bytes(data[:magic_end], 'little'):08x}, "
+                                f"expected 0x{COMPOSEFS_MAGIC:08x} (not a composefs image)")
         if size < EROFS_SUPER_OFFSET + EROFS_SUPER_BLOCK.size:
             raise self.error(size, f"image of {size} bytes is truncated: the composefs header and "
                                    f"superblock need {EROFS_SUPER_OFFSET + EROFS_SUPER_BLOCK.size}")
         header = COMPOSEFS_HEADER.read(data)
         if header.version != COMPOSEFS_HEADER_VERSION:
-            raise self.error(4, f"composefs header: version {header.version}, expected "
+            raise self.error(_HEADER("version"), f"composefs header: version {header.version}, expected "
                                 f"{COMPOSEFS_HEADER_VERSION}")
         if header.composefs_version > 1:
-            raise self.error(12, f"composefs header: format version {header.composefs_version}, "
+            raise self.error(_HEADER("composefs_version"), f"composefs header: format version {header.composefs_version}, "
                                  "expected 0 or 1")
         self.header = header
         self.version = header.composefs_version
@@ -189,26 +205,26 @@ class Image:
         if sb.magic != EROFS_SUPER_MAGIC_V1:
             raise self.error(at, f"EROFS superblock: magic 0x{sb.magic:08x}, expected 0x{EROFS_SUPER_MAGIC_V1:08x}")
         if sb.blkszbits != EROFS_BLKSIZ_BITS:
-            raise self.error(at + 12, f"EROFS superblock: block size 2^{sb.blkszbits}, expected 2^{EROFS_BLKSIZ_BITS}")
+            raise self.error(at + _SB("blkszbits"), f"EROFS superblock: block size 2^{sb.blkszbits}, expected 2^{EROFS_BLKSIZ_BITS}")
         if sb.dirblkbits:
-            raise self.error(at + 0x65, f"EROFS superblock: directory block bits {sb.dirblkbits}, expected 0")
+            raise self.error(at + _SB("dirblkbits"), f"EROFS superblock: directory block bits {sb.dirblkbits}, expected 0")
         if sb.feature_incompat & ~EROFS_FEATURE_INCOMPAT_CHUNKED_FILE:
-            raise self.error(at + 80, f"EROFS superblock: incompatible features 0x{sb.feature_incompat:x} "
+            raise self.error(at + _SB("feature_incompat"), f"EROFS superblock: incompatible features 0x{sb.feature_incompat:x} "
                                       "(compression, devices or long xattr prefixes) are not supported")
         end = sb.blocks * BLK
         if end > size:
-            raise self.error(at + 36, f"EROFS superblock: {sb.blocks} blocks ({end} bytes), but the image has "
+            raise self.error(at + _SB("blocks"), f"EROFS superblock: {sb.blocks} blocks ({end} bytes), but the image has "
                                       f"{size} bytes (truncated?)")
         if end < EROFS_SUPER_OFFSET + EROFS_SUPER_BLOCK.size:
-            raise self.error(at + 36, f"EROFS superblock: {sb.blocks} blocks is too few to hold the superblock")
+            raise self.error(at + _SB("blocks"), f"EROFS superblock: {sb.blocks} blocks is too few to hold the superblock")
         self.end = end
         self._shared_budget = end
         self.meta_base = sb.meta_blkaddr * BLK
         self.xattr_base = sb.xattr_blkaddr * BLK
         if self.meta_base >= end:
-            raise self.error(at + 40, f"EROFS superblock: meta_blkaddr {sb.meta_blkaddr} is past the last block")
+            raise self.error(at + _SB("meta_blkaddr"), f"EROFS superblock: meta_blkaddr {sb.meta_blkaddr} is past the last block")
         if self.xattr_base >= end:
-            raise self.error(at + 44, f"EROFS superblock: xattr_blkaddr {sb.xattr_blkaddr} is past the last block")
+            raise self.error(at + _SB("xattr_blkaddr"), f"EROFS superblock: xattr_blkaddr {sb.xattr_blkaddr} is past the last block")
         self.root_nid = sb.root_nid
         self.inode_count = sb.inos
         t = sb.build_time
@@ -250,7 +266,7 @@ class Image:
             raise self.error(off, f"inode nid {nid}: data layout {layout} is not one composefs uses "
                                   "(0 flat plain, 2 flat inline, 4 chunk based)")
         if mode & S_IFMT not in VALID_TYPES:
-            raise self.error(off + 4, f"inode nid {nid}: mode {mode:o} has no valid file type")
+            raise self.error(off + EROFS_INODE_COMPACT.offset("i_mode"), f"inode nid {nid}: mode {mode:o} has no valid file type")
         ino.layout = layout
         ino.mode = mode
         ino.nlink = nlink
@@ -260,7 +276,7 @@ class Image:
         ino.uid = uid
         ino.gid = gid
         ino.xattr_count = icount
-        xsize = 12 + 4 * (icount - 1) if icount else 0
+        xsize = 12 + 4 * (icount - 1) if icount else 0  # `layout.xattr_ibody_size`
         ino.xattr_offset = off + isize
         ino.xattr_size = xsize
         tail = off + isize + xsize
@@ -310,7 +326,7 @@ class Image:
     def symlink(self, ino: RawInode) -> bytes:
         size = ino.size
         if not 0 < size <= SYMLINK_MAX:
-            raise self.error(ino.offset + 8, f"inode nid {ino.nid}: symlink target of {size} bytes, "
+            raise self.error(ino.offset + EROFS_INODE_COMPACT.offset("i_size"), f"inode nid {ino.nid}: symlink target of {size} bytes, "
                                              f"expected 1 to {SYMLINK_MAX}")
         target = self._data(ino, "symlink target")
         if b"\0" in target:
@@ -356,11 +372,11 @@ class Image:
     def _dirent_block(self, ino: RawInode, start: int, length: int, out: list) -> None:
         data = self.data
         where = f"directory nid {ino.nid}: dirent block at 0x{start:x}"
-        if length < 12:
+        if length < _DIRENT:
             raise self.error(start, f"{where}: {length} bytes cannot hold a dirent")
         nameoff0 = _dirent_head(data, start)[1]
-        if nameoff0 < 12 or nameoff0 % 12 or nameoff0 >= length:
-            raise self.error(start + 8, f"{where}: first name offset {nameoff0}, expected a multiple of 12 "
+        if nameoff0 < _DIRENT or nameoff0 % _DIRENT or nameoff0 >= length:
+            raise self.error(start + _NAMEOFF, f"{where}: first name offset {nameoff0}, expected a multiple of {_DIRENT} "
                                         f"below the block size {length}")
         records = list(_iter_dirents(data[start:start + nameoff0]))
         offsets = [r[1] for r in records]
@@ -369,25 +385,25 @@ class Image:
         if not all(map(int.__lt__, offsets, offsets[1:])):
             for i in range(1, len(offsets)):
                 if not offsets[i - 1] < offsets[i] <= length:
-                    raise self.error(start + 12 * min(i, len(records) - 1) + 8,
+                    raise self.error(start + _DIRENT * min(i, len(records) - 1) + _NAMEOFF,
                                      f"{where}: name offset {offsets[i]} after {offsets[i - 1]}: offsets "
                                      f"must increase within the block ({length} bytes)")
         if offsets[-1] > length:
             raise self.error(start, f"{where}: names run past the block")
         chunk = data[start:start + offsets[-1]]
         names = [chunk[a:b] for a, b in zip(offsets, offsets[1:], strict=False)]
-        if max(map(len, names)) > EROFS_NAME_LEN:
-            name = next(n for n in names if len(n) > EROFS_NAME_LEN)
-            raise self.error(start, f"{where}: a name of {len(name)} bytes, expected at most {EROFS_NAME_LEN}")
+        if max(map(len, names)) > NAME_MAX:  # (EROFS_NAME_LEN)
+            name = next(n for n in names if len(n) > NAME_MAX)
+            raise self.error(start, f"{where}: a name of {len(name)} bytes, expected at most {NAME_MAX}")
         joined = b"".join(names)
         if b"/" in joined or b"\0" in joined:
             name = next(n for n in names if b"/" in n or b"\0" in n)
             raise self.error(start, f"{where}: name {name!r} contains '/' or NUL")
         nids = [r[0] for r in records]
-        if max(nids) > (self.end - 32 - self.meta_base) >> EROFS_ISLOTBITS:
+        if max(nids) > (self.end - _COMPACT - self.meta_base) >> EROFS_ISLOTBITS:
             # Located at the dirent, not at the impossible inode slot it points to.
-            i = next(i for i, nid in enumerate(nids) if self.meta_base + (nid << EROFS_ISLOTBITS) + 32 > self.end)
-            raise self.error(start + 12 * i, f"{where}: entry {names[i]!r} refers to nid {nids[i]}, "
+            i = next(i for i, nid in enumerate(nids) if self.meta_base + (nid << EROFS_ISLOTBITS) + _COMPACT > self.end)
+            raise self.error(start + _DIRENT * i, f"{where}: entry {names[i]!r} refers to nid {nids[i]}, "
                                              f"past the end of the image (0x{self.end:x})")
         out.extend(zip(names, nids, [r[2] for r in records], strict=True))
 
@@ -429,32 +445,33 @@ class Image:
         start = ino.xattr_offset
         where = f"inode nid {ino.nid}: xattrs"
         size = len(body)
-        if size < 12:
-            raise self.error(ino.offset + 2, f"{where}: i_xattr_icount {ino.xattr_count} leaves no room for the header")
+        if size < _IBODY:
+            raise self.error(ino.offset + EROFS_INODE_COMPACT.offset("i_xattr_icount"), f"{where}: i_xattr_icount {ino.xattr_count} leaves no room for the header")
         _filter, shared = _unpack_ibody(body)
-        pos = 12 + 4 * shared
+        pos = _IBODY + _ALIGN * shared
         if pos > size:
-            raise self.error(start + 4, f"{where}: h_shared_count {shared} needs {pos} bytes, the xattr body "
+            raise self.error(start + _SHARED_COUNT, f"{where}: h_shared_count {shared} needs {pos} bytes, the xattr body "
                                         f"has {size} (i_xattr_icount {ino.xattr_count})")
         items = []
         prefixes = XATTR_PREFIXES
+        n_prefixes = len(prefixes)
         while pos < size:
-            if pos + 4 > size:
+            if pos + _ENTRY > size:
                 raise self.error(start + pos, f"{where}: {size - pos} stray bytes after the last entry")
             name_len, index, value_len = _unpack_entry(body, pos)
-            name_end = pos + 4 + name_len
+            name_end = pos + _ENTRY + name_len
             end = name_end + value_len
             if end > size:
                 raise self.error(start + pos, f"{where}: entry of {name_len}+{value_len} bytes runs past the "
                                               f"xattr body ({size} bytes)")
-            if index < 7 and name_len and b"\0" not in body[pos + 4:name_end]:
-                items.append((prefixes[index] + body[pos + 4:name_end], body[name_end:end]))
+            if index < n_prefixes and name_len and b"\0" not in body[pos + _ENTRY:name_end]:
+                items.append((prefixes[index] + body[pos + _ENTRY:name_end], body[name_end:end]))
             else:
-                items.append(self._key_value(start + pos, where, index, body[pos + 4:name_end], body[name_end:end]))
-            pos = (end + 3) & ~3
+                items.append(self._key_value(start + pos, where, index, body[pos + _ENTRY:name_end], body[name_end:end]))
+            pos = (end + _ALIGN - 1) & -_ALIGN
         if shared:
             get = self._shared.get
-            for ref in _U32S[shared].unpack_from(body, 12):
+            for ref in _U32S[shared].unpack_from(body, _IBODY):
                 items.append(get(ref) or self._shared_xattr(ino, ref))
         return items
 
@@ -462,25 +479,25 @@ class Image:
         hit = self._shared.get(ref)
         if hit is not None:
             return hit
-        off = self.xattr_base + 4 * ref
+        off = self.xattr_base + _ALIGN * ref
         where = f"inode nid {ino.nid}: shared xattr {ref}"
-        self._need(off, 4, where)
+        self._need(off, _ENTRY, where)
         name_len, index, value_len = _unpack_entry(self.data, off)
-        self._need(off, 4 + name_len + value_len, where)
+        self._need(off, _ENTRY + name_len + value_len, where)
         # Entries are parsed once each; overlapping ones (hostile) must not add up to more
         # than the image holds, or thousands of ids into one 64 KiB value would each copy it.
-        self._shared_budget -= 4 + name_len + value_len
+        self._shared_budget -= _ENTRY + name_len + value_len
         if self._shared_budget < 0:
             raise self.error(off, f"{where}: shared xattr entries overlap (they add up to more than the image)")
         data = self.data
         hit = self._shared[ref] = self._key_value(
-            off, where, index, bytes(data[off + 4:off + 4 + name_len]),
-            bytes(data[off + 4 + name_len:off + 4 + name_len + value_len]))
+            off, where, index, bytes(data[off + _ENTRY:off + _ENTRY + name_len]),
+            bytes(data[off + _ENTRY + name_len:off + _ENTRY + name_len + value_len]))
         return hit
 
     def _key_value(self, offset: int, where: str, index: int, name: bytes, value: bytes) -> tuple[bytes, bytes]:
         if index >= len(XATTR_PREFIXES):
-            raise self.error(offset + 1, f"{where}: name index {index}, expected 0 to {len(XATTR_PREFIXES) - 1} "
+            raise self.error(offset + EROFS_XATTR_ENTRY.offset("e_name_index"), f"{where}: name index {index}, expected 0 to {len(XATTR_PREFIXES) - 1} "
                                          "(long prefixes are not used by composefs)")
         key = XATTR_PREFIXES[index] + name
         if not key or b"\0" in key:
@@ -492,8 +509,8 @@ class Image:
         items = self.xattrs(ino)
         if not items:
             return [], [], []
-        shared = self.data[ino.xattr_offset + 4]
-        refs = list(_U32S[shared].unpack_from(self.data, ino.xattr_offset + 12))
+        shared = self.data[ino.xattr_offset + _SHARED_COUNT]
+        refs = list(_U32S[shared].unpack_from(self.data, ino.xattr_offset + _IBODY))
         return items[:len(items) - shared], refs, items[len(items) - shared:]
 
     def shared_xattr_refs(self, ino: RawInode) -> list[int]:
@@ -501,15 +518,15 @@ class Image:
         if not ino.xattr_size:
             return []
         self.xattrs(ino)  # validates the body
-        shared = self.data[ino.xattr_offset + 4]
-        return list(_U32S[shared].unpack_from(self.data, ino.xattr_offset + 12))
+        shared = self.data[ino.xattr_offset + _SHARED_COUNT]
+        return list(_U32S[shared].unpack_from(self.data, ino.xattr_offset + _IBODY))
 
     def shared_entry_size(self, ref: int) -> int:
         """Bytes the shared xattr entry `ref` takes in the shared area (for statistics)."""
-        off = self.xattr_base + 4 * ref
-        self._need(off, 4, f"shared xattr {ref}")
+        off = self.xattr_base + _ALIGN * ref
+        self._need(off, _ENTRY, f"shared xattr {ref}")
         name_len, _index, value_len = _unpack_entry(self.data, off)
-        return (4 + name_len + value_len + 3) & ~3
+        return (_ENTRY + name_len + value_len + _ALIGN - 1) & -_ALIGN
 
 
 class ReadBudget:

@@ -22,6 +22,7 @@ from cfsc.backends.erofs.layout import (
     COMPOSEFS_MAGIC,
     EROFS_BLKSIZ,
     EROFS_BLKSIZ_BITS,
+    EROFS_BLOCK_MAP_ENTRY_SIZE,
     EROFS_CHUNK_FORMAT_BLKBITS_MASK,
     EROFS_DIRENT,
     EROFS_FEATURE_COMPAT_MTIME,
@@ -33,14 +34,20 @@ from cfsc.backends.erofs.layout import (
     EROFS_FT_REG_FILE,
     EROFS_FT_SOCK,
     EROFS_FT_SYMLINK,
+    EROFS_I_DATALAYOUT_BIT,
+    EROFS_I_VERSION_BIT,
     EROFS_INODE_CHUNK_BASED,
     EROFS_INODE_COMPACT,
     EROFS_INODE_EXTENDED,
     EROFS_INODE_FLAT_INLINE,
     EROFS_INODE_FLAT_PLAIN,
+    EROFS_ISLOTBITS,
+    EROFS_SLOTSIZE,
     EROFS_SUPER_BLOCK,
     EROFS_SUPER_MAGIC_V1,
     EROFS_SUPER_OFFSET,
+    EROFS_XATTR_ALIGN,
+    EROFS_XATTR_IBODY_HEADER,
     INLINE_TAIL_MAX,
 )
 from cfsc.backends.erofs.xattrs import XattrEncoder
@@ -71,16 +78,11 @@ _MAX_CHUNK_BITS = EROFS_CHUNK_FORMAT_BLKBITS_MASK + EROFS_BLKSIZ_BITS
 _pack_compact = EROFS_INODE_COMPACT.pack
 _pack_extended = EROFS_INODE_EXTENDED.pack
 _pack_dirent = EROFS_DIRENT.pack
-
-
-def chunk_bits(size: int) -> int:
-    """Chunk size for an external file: the smallest power of two ≥ size, within 2^12..2^43."""
-    bits = (size - 1).bit_length()
-    return EROFS_BLKSIZ_BITS if bits < EROFS_BLKSIZ_BITS else _MAX_CHUNK_BITS if bits > _MAX_CHUNK_BITS else bits
-
-
-def chunk_count(size: int) -> int:
-    return ((size - 1) >> chunk_bits(size)) + 1
+# Sizes the loops below use, bound to locals there (as fast as literals).
+_DIRENT = EROFS_DIRENT.size
+_COMPACT = EROFS_INODE_COMPACT.size
+_EXTENDED = EROFS_INODE_EXTENDED.size
+_IBODY = EROFS_XATTR_IBODY_HEADER.size
 
 
 def _dir_entries(node: Inode, parent: Inode) -> tuple[list[bytes], list[Inode]]:
@@ -102,8 +104,9 @@ def _dir_chunks(names: list[bytes]) -> list[int]:
     """Start index of each 4 KiB dirent chunk (libcomposefs' greedy split), plus the end."""
     starts = [0]
     used = 0
+    dirent = _DIRENT
     for i, length in enumerate(map(len, names)):
-        size = 12 + length
+        size = dirent + length
         if used + size > BLK:
             starts.append(i)
             used = 0
@@ -138,17 +141,20 @@ def _plan(tree: Tree, encoder: XattrEncoder) -> _Plan:
     parents: dict[int, Inode] = {id(inodes[0]): inodes[0]}
     pos = EROFS_SUPER_OFFSET + EROFS_SUPER_BLOCK.size
     n_data_blocks = 0
+    min_bits, max_bits, map_entry = EROFS_BLKSIZ_BITS, _MAX_CHUNK_BITS, EROFS_BLOCK_MAP_ENTRY_SIZE
+    dirent, compact_size, extended_size = _DIRENT, _COMPACT, _EXTENDED
+    slot_mask, slot_bits = EROFS_SLOTSIZE - 1, EROFS_ISLOTBITS
     for i, node in enumerate(inodes):
         ftype = node.mode & S_IFMT
         n_blocks = tail = 0
         size = node.size
         if ftype == S_IFREG:
             if size > 0:
-                if node.content is None:  # chunk index: one 4-byte null address per chunk
+                if node.content is None:  # `overlay.is_external`; a chunk index: one 4-byte null address per chunk
                     xs = external_size(node) if external_size else xattr_size(node, True)
-                    bits = (size - 1).bit_length()
-                    bits = 12 if bits < 12 else _MAX_CHUNK_BITS if bits > _MAX_CHUNK_BITS else bits
-                    tail = (((size - 1) >> bits) + 1) << 2
+                    bits = (size - 1).bit_length()  # chunks: the smallest power of two >= size
+                    bits = min_bits if bits < min_bits else max_bits if bits > max_bits else bits
+                    tail = (((size - 1) >> bits) + 1) * map_entry
                 else:
                     xs = xattr_size(node, False)
                     n_blocks, tail = divmod(size, BLK)
@@ -169,7 +175,7 @@ def _plan(tree: Tree, encoder: XattrEncoder) -> _Plan:
                 dirs[i] = (names, targets, starts)
                 n_blocks = len(starts) - 2
                 last = starts[-2]
-                tail = 12 * (len(names) - last) + sum(map(len, names[last:]))
+                tail = dirent * (len(names) - last) + sum(map(len, names[last:]))
                 if tail > INLINE_TAIL_MAX:
                     n_blocks += 1
                     tail = 0
@@ -179,8 +185,8 @@ def _plan(tree: Tree, encoder: XattrEncoder) -> _Plan:
         is_compact = (node.mtime == min_sec and node.mtime_nsec == min_nsec
                       and node.nlink <= 0xFFFF and node.uid <= 0xFFFF and node.gid <= 0xFFFF
                       and size <= 0xFFFFFFFF)
-        isz = 32 if is_compact else 64
-        pos = (pos + 31) & ~31
+        isz = compact_size if is_compact else extended_size
+        pos = (pos + slot_mask) & ~slot_mask
         if ftype == S_IFLNK:
             total = isz + xs + tail
             if total >= BLK:
@@ -191,14 +197,14 @@ def _plan(tree: Tree, encoder: XattrEncoder) -> _Plan:
         elif tail:
             remainder = BLK - (pos + isz + xs) % BLK
             if remainder < tail:
-                pad = (remainder + 31) & ~31
+                pad = (remainder + slot_mask) & ~slot_mask
                 if tail <= BLK - (pos + isz + xs + pad) % BLK:
                     pos += pad
                 else:  # the tail cannot be kept in one block: move it out
                     n_blocks += 1
                     tail = 0
                     pos = (pos + BLK - 1) & ~(BLK - 1)
-        nids[i] = pos >> 5
+        nids[i] = pos >> slot_bits
         if not is_compact:
             compact[i] = False
         if n_blocks:
@@ -212,7 +218,7 @@ def _plan(tree: Tree, encoder: XattrEncoder) -> _Plan:
     plan.blocks = blocks
     plan.tails = tails
     plan.dirs = dirs
-    plan.inodes_end = (pos + 31) & ~31
+    plan.inodes_end = (pos + slot_mask) & ~slot_mask
     plan.n_data_blocks = n_data_blocks
     if nids[0] > 0xFFFF:
         raise TreeError(f"the root inode lands at nid {nids[0]}: the superblock holds at most 65535", "/", tree.source)
@@ -229,7 +235,7 @@ def write_image(tree: Tree, out: BinaryIO) -> None:
     inodes_end = plan.inodes_end
     data_start = (inodes_end + encoder.shared_size + BLK - 1) & ~(BLK - 1)
     total_blocks = data_start // BLK + plan.n_data_blocks
-    encoder.base = (inodes_end % BLK) >> 2
+    encoder.base = (inodes_end % BLK) // EROFS_XATTR_ALIGN
     min_sec, min_nsec = plan.min_mtime
 
     head = COMPOSEFS_HEADER.pack(
@@ -253,6 +259,9 @@ def write_image(tree: Tree, out: BinaryIO) -> None:
     xattr_body = encoder.body
     external_body = encoder.external_body if encoder.redirects_never_shared else None
     append = parts.append
+    min_bits, max_bits = EROFS_BLKSIZ_BITS, _MAX_CHUNK_BITS
+    dirent, ibody, align, slot_bits = _DIRENT, _IBODY, EROFS_XATTR_ALIGN, EROFS_ISLOTBITS
+    layout_bit, extended_bit = EROFS_I_DATALAYOUT_BIT, 1 << EROFS_I_VERSION_BIT
     for i, node in enumerate(inodes):
         mode = node.mode
         ftype = mode & S_IFMT
@@ -265,7 +274,7 @@ def write_image(tree: Tree, out: BinaryIO) -> None:
         external = False
         if ftype == S_IFREG:
             content = node.content
-            if size > 0 and content is None:
+            if size > 0 and content is None:  # `overlay.is_external`, written out (hot loop)
                 external = True
                 layout = EROFS_INODE_CHUNK_BASED
                 if n_blocks:
@@ -273,7 +282,7 @@ def write_image(tree: Tree, out: BinaryIO) -> None:
                     next_block += n_blocks
                     data_blocks.append(_NULL_CHUNKS_BLOCK)
                 bits = (size - 1).bit_length()
-                i_u |= (12 if bits < 12 else _MAX_CHUNK_BITS if bits > _MAX_CHUNK_BITS else bits) - EROFS_BLKSIZ_BITS
+                i_u |= (min_bits if bits < min_bits else max_bits if bits > max_bits else bits) - min_bits
                 if tail:
                     tail_bytes = _NULL_CHUNKS_BLOCK[:tail]
             elif content is not None:
@@ -289,7 +298,7 @@ def write_image(tree: Tree, out: BinaryIO) -> None:
             chunks = []
             for c in range(len(starts) - 1):
                 a, b = starts[c], starts[c + 1]
-                nameoff = 12 * (b - a)
+                nameoff = dirent * (b - a)
                 recs = []
                 for j in range(a, b):
                     t = targets[j]
@@ -319,15 +328,15 @@ def write_image(tree: Tree, out: BinaryIO) -> None:
             if ftype == S_IFCHR or ftype == S_IFBLK:
                 i_u = node.rdev & 0xFFFFFFFF
         body = external_body(node) if external and external_body else xattr_body(node, external)
-        icount = (len(body) - 12) // 4 + 1 if body else 0
+        icount = (len(body) - ibody) // align + 1 if body else 0  # (layout.xattr_ibody_size, inverted)
         if compact[i]:
-            record = _pack_compact(layout << 1, icount, mode & 0xFFFF, node.nlink, size, i_u,
+            record = _pack_compact(layout << layout_bit, icount, mode & 0xFFFF, node.nlink, size, i_u,
                                    i, node.uid, node.gid)
         else:
-            record = _pack_extended((layout << 1) | 1, icount, mode & 0xFFFF, size, i_u, i,
+            record = _pack_extended((layout << layout_bit) | extended_bit, icount, mode & 0xFFFF, size, i_u, i,
                                     node.uid, node.gid, node.mtime & U64, node.mtime_nsec,
                                     node.nlink)
-        start = nids[i] << 5
+        start = nids[i] << slot_bits
         if start != offset:  # padding, so the tail stays within one block (format note §2.5)
             append(_ZEROS[:start - offset])
             offset = start

@@ -6,7 +6,7 @@ then shared ids (while fewer than 128 are used), then the other entries, all in 
 
 Speed: real trees repeat a few xattr tuples (SELinux labels…), so a tuple's layout is worked
 out once (`_Layout`, cached by tuple identity).  An external file's implied metacopy and
-redirect (see `cfsc.passes.add_overlay_xattrs`) are mostly unique per file: what is not shared
+redirect (`overlay.implied_xattrs`) are mostly unique per file: what is not shared
 is spliced into a cached layout instead of building a merged tuple per file.  The layout is
 that of the file's own tuple when neither is shared (nearly always), or of its tuple plus the
 metacopy when that is shared (files without a digest all carry the same empty metacopy; files
@@ -22,17 +22,30 @@ from struct import Struct
 
 import xxhash
 from cfsc.backends.erofs.layout import (
+    ACL_KEYS,
+    EROFS_XATTR_ALIGN,
     EROFS_XATTR_ENTRY,
+    EROFS_XATTR_FILTER_BITS,
     EROFS_XATTR_FILTER_SEED,
     EROFS_XATTR_IBODY_HEADER,
     EROFS_XATTR_LONG_PREFIX,
     WRITER_PREFIXES,
 )
+from cfsc.backends.erofs.overlay import (
+    METACOPY,
+    METACOPY_DIGEST_SIZE,
+    METACOPY_EMPTY,
+    METACOPY_HEADER,
+    REDIRECT,
+    image_xattrs,
+    metacopy_digest,
+    metacopy_xattr,
+)
+from cfsc.base.fsverity import DIGEST_SIZE
 from cfsc.base.tree import Inode
-from cfsc.passes.add_overlay_xattrs import METACOPY, METACOPY_HEADER, REDIRECT, image_xattrs
 
-ACL_KEYS = (b"system.posix_acl_access", b"system.posix_acl_default")
 _pack_entry = EROFS_XATTR_ENTRY.pack
+_IBODY = EROFS_XATTR_IBODY_HEADER.size
 _pack_ibody = EROFS_XATTR_IBODY_HEADER.pack
 _U32S = [Struct(f"<{n}I") for n in range(EROFS_XATTR_LONG_PREFIX + 1)]
 PADS = (b"", b"\0\0\0", b"\0\0", b"\0")  # zeros to the next multiple of 4, by length % 4
@@ -45,7 +58,7 @@ def key_info(key: bytes) -> tuple[int, bytes, int]:
         if key.startswith(prefix):
             index, name = i, key[len(prefix):]
             break
-    return index, name, 1 << (xxhash.xxh32_intdigest(name, EROFS_XATTR_FILTER_SEED + index) & 31)
+    return index, name, 1 << (xxhash.xxh32_intdigest(name, EROFS_XATTR_FILTER_SEED + index) & (EROFS_XATTR_FILTER_BITS - 1))
 
 
 def entry(index: int, name: bytes, value: bytes) -> bytes:
@@ -55,8 +68,13 @@ def entry(index: int, name: bytes, value: bytes) -> bytes:
 
 _META_INDEX, _META_NAME, _META_BIT = key_info(METACOPY)
 _REDIR_INDEX, _REDIR_NAME, _REDIR_BIT = key_info(REDIRECT)
-_META_PREFIX = _pack_entry(len(_META_NAME), _META_INDEX, 36) + _META_NAME + METACOPY_HEADER
+_META_PREFIX = _pack_entry(len(_META_NAME), _META_INDEX, METACOPY_DIGEST_SIZE) + _META_NAME + METACOPY_HEADER
 _META_EMPTY_ENTRY = entry(_META_INDEX, _META_NAME, b"")
+# `external_size` spells the implied entries' sizes out (the hot path): a metacopy entry is 56
+# bytes (20 empty), a redirect entry `(24 + len(payload)) & ~3` (header, name, "/", payload,
+# padding to 4).
+assert len(_META_PREFIX) + DIGEST_SIZE == 56 and len(_META_EMPTY_ENTRY) == 20
+assert EROFS_XATTR_ENTRY.size + len(_REDIR_NAME) + len(b"/") + 3 == 24
 _REDIRECT_PREFIXES: dict[int, bytes] = {}  # payload length -> entry header + name + "/"
 
 
@@ -101,17 +119,17 @@ class XattrEncoder:
         self.shared_ids: dict[tuple[bytes, bytes], int] = {}
         offset = 0
         for pair in shared:
-            self.shared_ids[pair] = offset >> 2
-            _index, name, _bit = self.key(pair[0])
-            offset += (7 + len(name) + len(pair[1])) & ~3
+            self.shared_ids[pair] = offset // EROFS_XATTR_ALIGN
+            index, name, _bit = self.key(pair[0])
+            offset += len(entry(index, name, pair[1]))
         self.shared_size = offset
         # Implied pairs that are shared: a metacopy (no digest, or files of equal content)
         # goes into a cached layout; a redirect (two files naming one object, rare) makes
         # that file take the generic path.
-        self.shared_digests = {v[4:] for k, v in shared if k == METACOPY and len(v) == 36}
-        self.empty_metacopy_shared = (METACOPY, b"") in self.shared_ids
+        self.shared_digests = {metacopy_digest(v) for k, v in shared if k == METACOPY} - {None}
+        self.empty_metacopy_shared = METACOPY_EMPTY in self.shared_ids
         self.metacopies_shared = bool(self.shared_digests or self.empty_metacopy_shared)
-        self.shared_payloads = {v[1:] for k, v in shared if k == REDIRECT}
+        self.shared_payloads = {v[1:] for k, v in shared if k == REDIRECT}  # v = redirect_xattr(payload)[1]
         self.layouts: dict[int, tuple[tuple, _Layout]] = {}
         # (id(own tuple), digest or None) -> (own tuple, layout of it plus its shared metacopy)
         self.with_metacopy: dict[tuple[int, bytes | None], tuple[tuple, _Layout]] = {}
@@ -150,7 +168,7 @@ class XattrEncoder:
             else:
                 inline.append(entry(index, name, value))
                 keys.append(key)
-        return _Layout(12 + 4 * len(ids) + sum(map(len, inline)), bits, ids, inline,
+        return _Layout(_IBODY + EROFS_XATTR_ALIGN * len(ids) + sum(map(len, inline)), bits, ids, inline,
                        bisect_left(keys, METACOPY), bisect_left(keys, REDIRECT))
 
     @property
@@ -167,8 +185,7 @@ class XattrEncoder:
         if hit is None:
             if not (self.empty_metacopy_shared if digest is None else digest in self.shared_digests):
                 return None
-            value = METACOPY_HEADER + digest if digest is not None else b""
-            merged = tuple(sorted(node.xattrs + ((METACOPY, value),)))
+            merged = tuple(sorted(node.xattrs + (metacopy_xattr(digest),)))
             hit = self.with_metacopy[key] = (node.xattrs, self.layout(merged))
         return hit[1]
 

@@ -119,9 +119,3 @@ class OutputError(CfscError):
     """Writing an output (image, store object) failed; nothing partial was left behind."""
 
     exit_code = 1
-
-
-class Differs(CfscError):
-    """`diff`/`check` found a difference (not an error in the input)."""
-
-    exit_code = 1

@@ -8,11 +8,14 @@ Values follow libcomposefs 1.0.8 (format note §3.6, §6.1, §7.3).
 
 from __future__ import annotations
 
-from cfsc.base.tree import S_IFBLK, S_IFCHR, S_IFDIR, S_IFIFO, S_IFLNK, S_IFMT, S_IFREG, S_IFSOCK
+from cfsc.base.tree import FILE_TYPES, S_IFMT
 
-NAME_MAX = 255
+NAME_MAX = 255  # (also the kernel's EROFS_NAME_LEN)
 PATH_MAX = 4096  # payloads and symlink targets must be shorter (C strings + NUL)
 INLINE_CONTENT_MAX = 5000
+# LCFS_RECOMMENDED_INLINE_CONTENT_MAX: sources that choose (directories, tar, OSTree) keep a
+# regular file of 1..64 bytes in the image and store larger ones, as mkcomposefs does.
+INLINE_MAX = 64
 XATTR_NAME_MAX = 255
 XATTR_VALUE_MAX = 65535
 XATTR_ACCOUNTING_MAX = 32767  # LCFS_INODE_EXTERNAL_XATTR_MAX: per-inode budget
@@ -21,7 +24,7 @@ XATTR_ENTRY_OVERHEAD = 7  # 2 * 4-byte entry header - 1 (worst-case alignment)
 MAX_EXTERNAL_SIZE = 1 << 53  # 1024 chunks of 2^43 bytes
 MTIME_MIN, MTIME_MAX = -(1 << 63), (1 << 63) - 1  # i_mtime is a signed 64-bit field
 MTIME_NSEC_MAX = (1 << 32) - 1  # i_mtime_nsec: unsigned 32 bits (upstream stores what it is given)
-VALID_TYPES = frozenset({S_IFREG, S_IFDIR, S_IFLNK, S_IFBLK, S_IFCHR, S_IFIFO, S_IFSOCK})
+VALID_TYPES = frozenset(FILE_TYPES)
 
 
 def check_mode(mode: int) -> str | None:

@@ -35,7 +35,7 @@ from collections.abc import Callable, Iterable
 from cfsc.base import rfc3339
 from cfsc.base.errors import UsageError
 from cfsc.base.globs import Glob
-from cfsc.base.tree import FILE_TYPES, S_IFCHR, S_IFLNK, S_IFMT, S_IFREG
+from cfsc.base.tree import FILE_TYPE_BITS, S_IFCHR, S_IFLNK, S_IFMT, S_IFREG, WHITEOUT
 from lark import Lark, Token, Transformer, v_args
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken, VisitError
 
@@ -58,7 +58,7 @@ STRING: /"(\\.|[^"\\])*"/
 %ignore /[ \t\r\n]+/
 """
 
-TYPES = {**{name: ftype for ftype, name in FILE_TYPES.items()}, "whiteout": -1}
+TYPES = {**FILE_TYPE_BITS, WHITEOUT: -1}
 NUMERIC = ("mode", "uid", "gid", "size", "mtime", "nlink", "rdev")
 STRINGS = ("path", "name", "target", "payload", "digest", "content")
 FIELDS = ("path", "name", "type", *NUMERIC, "target", "payload", "digest", "content")

@@ -29,6 +29,7 @@ S_IFDIR = 0o040000
 S_IFCHR = 0o020000
 S_IFIFO = 0o010000
 
+# The file types and their names (queries, JSON lines, manifests, CRFS TOCs, statistics).
 FILE_TYPES = {
     S_IFREG: "reg",
     S_IFDIR: "dir",
@@ -38,6 +39,8 @@ FILE_TYPES = {
     S_IFIFO: "fifo",
     S_IFSOCK: "socket",
 }
+FILE_TYPE_BITS = {name: bits for bits, name in FILE_TYPES.items()}
+WHITEOUT = "whiteout"  # the name of a character device 0:0 where names stand for what a user sees
 
 Xattrs = tuple[tuple[bytes, bytes], ...]
 NO_XATTRS: Xattrs = ()
@@ -121,9 +124,6 @@ class Inode:
         items = dict(self.xattrs)
         items[key] = value
         self.xattrs = tuple(sorted(items.items()))
-
-    def remove_xattr(self, key: bytes) -> None:
-        self.xattrs = tuple(kv for kv in self.xattrs if kv[0] != key)
 
     def add_child(self, name: bytes, child: Inode, link: bool = False) -> None:
         """Add an entry; `link=True` marks it as an extra name of an inode homed elsewhere."""

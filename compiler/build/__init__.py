@@ -83,6 +83,6 @@ def compile_image(
 
 def _referenced(tree: Tree) -> set[bytes]:
     """The digests of the store objects a compiled tree's image refers to."""
-    from cfsc.passes.add_overlay_xattrs import is_external
+    from cfsc.backends.erofs.overlay import is_external
 
     return {node.digest for node in tree.inodes or () if node.digest is not None and is_external(node)}

@@ -43,7 +43,7 @@ def _write_json(obj) -> None:
 # -- human output --------------------------------------------------------------------------
 
 def _bytes(value: bytes) -> bytes:
-    from cfsc.backends.dumpfile import escape_ls
+    from cfsc.backends.dumptext import escape_ls
 
     shown = escape_ls(value[:VALUE_MAX])
     more = f"… ({len(value)} bytes)".encode() if len(value) > VALUE_MAX else b""
@@ -63,7 +63,7 @@ def _value(name: str, value) -> bytes:
     if name == "digest":
         return value.hex().encode()
     if name == "hardlinks":
-        from cfsc.backends.dumpfile import escape_ls
+        from cfsc.backends.dumptext import escape_ls
 
         return b", ".join(escape_ls(p) for p in value)
     if isinstance(value, bytes):
@@ -85,7 +85,7 @@ def _brief(fields: tuple[str, ...], rec) -> bytes:
 
 
 def render(report, out, color: bool) -> None:
-    from cfsc.backends.dumpfile import escape_ls
+    from cfsc.backends.dumptext import escape_ls
 
     def paint(kind: str, text: bytes) -> bytes:
         return (COLORS[kind].encode() + text + RESET.encode()) if color else text
@@ -149,7 +149,7 @@ def render_stat(report, out) -> None:
         counts = tops.setdefault(top, [0, 0, 0])
         counts[("added", "removed", "changed").index(c.kind)] += 1
     if tops:
-        from cfsc.backends.dumpfile import escape_ls
+        from cfsc.backends.dumptext import escape_ls
 
         width = max(len(escape_ls(t)) for t in tops)
         for top, (added, removed, changed) in sorted(tops.items()):

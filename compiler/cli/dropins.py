@@ -134,7 +134,7 @@ def composefs_info_cmd(ctx: typer.Context) -> None:
 def _upstream_ls(image, names, out) -> None:
     """composefs-info ls: every entry but the root; `/` TAB after directories, TAB `-> ` before
     a symlink target, TAB `@ ` before a backing file; nothing after a hard link."""
-    from cfsc.backends.dumpfile import escape, escape_ls
+    from cfsc.backends.dumptext import escape, escape_ls
     from cfsc.backends.erofs.entries import walk
     from cfsc.base.tree import S_IFDIR, S_IFLNK, S_IFMT, S_IFREG
 

@@ -82,7 +82,7 @@ def _mtime(sec: int) -> str:
 
 
 def _ls_line(name: bytes, e) -> bytes:
-    from cfsc.backends.dumpfile import escape, escape_ls
+    from cfsc.backends.dumptext import escape, escape_ls
 
     ftype = e.mode & S_IFMT
     if ftype == S_IFCHR or ftype == S_IFBLK:
@@ -250,7 +250,7 @@ def fsck_store_cmd(
                           "unverified": report.unverified, "temp_files": report.temp_files,
                           "temp_bytes": report.temp_bytes, "problems": problems})
     else:
-        from cfsc.backends.dumpfile import escape
+        from cfsc.backends.dumptext import escape
 
         out = sys.stdout.buffer
         for p in report.problems:

@@ -1,6 +1,7 @@
 """Rewrite the tree into composefs' on-disk conventions (the overlayfs xattrs).
 
-Follows libcomposefs 1.0.8 `rewrite_tree_for_erofs` (format note §4):
+Follows libcomposefs 1.0.8 `rewrite_tree_for_erofs` (format note §4); the keys, values and
+encodings are declared in `cfsc.backends.erofs.overlay`, this pass only applies them:
 
 1. every `trusted.overlay.X` the user has becomes `trusted.overlay.overlay.X`, which the kernel
    overlay shows back as `trusted.overlay.X` (`user.overlay.*` is left alone);
@@ -12,11 +13,9 @@ Follows libcomposefs 1.0.8 `rewrite_tree_for_erofs` (format note §4):
 4. the root gets `trusted.overlay.opaque=y`, then 256 char-device whiteouts `00`…`ff` (unless
    a name is taken) that hide the store's fan-out directories from the mount.
 
-Step 2 is *implied*, not stored: the two xattrs are a pure function of the file's payload
-and digest (`implied_xattrs`), unique per file, and a million-file tree would otherwise hold
-two million extra tuples (~330 bytes a file) only for the writer to take them apart again.
-A lowered tree's on-disk xattrs of an inode are `image_xattrs(node)`; the sharing pass and
-the EROFS writer are the two consumers, and both go through these functions.
+Step 2 is *implied*, not stored (`overlay.implied_xattrs`): a lowered tree's on-disk xattrs of
+an inode are `overlay.image_xattrs(node)`; the sharing pass and the EROFS writer are the two
+consumers, and both go through these functions.
 
 libcomposefs budgets xattrs per inode while it sets them (§3.6) and starts that count from 0
 here, so setting a key the user already had can fail ("Numerical result out of range").  Only
@@ -27,27 +26,27 @@ whose `trusted.overlay.*` were escaped, and its values are small).
 
 from __future__ import annotations
 
+from cfsc.backends.erofs.overlay import (
+    ESCAPED_OPAQUE,
+    ESCAPED_WHITEOUT,
+    ESCAPED_WHITEOUTS,
+    OPAQUE,
+    OPAQUE_DIR,
+    OPAQUE_WHITEOUTS,
+    ROOT_WHITEOUT_MODE,
+    ROOT_WHITEOUT_NAMES,
+    TRUSTED_OVERLAY,
+    USER_OPAQUE,
+    USER_WHITEOUT,
+    USER_WHITEOUTS,
+    escaped_xattrs,
+)
 from cfsc.base import limits
 from cfsc.base.errors import TreeError
 from cfsc.base.options import Options
 from cfsc.base.tree import S_IFCHR, S_IFMT, S_IFREG, Inode, Tree
 
-TRUSTED_OVERLAY = b"trusted.overlay."
-ESCAPED = b"trusted.overlay.overlay."
-METACOPY = b"trusted.overlay.metacopy"
-REDIRECT = b"trusted.overlay.redirect"
-OPAQUE = b"trusted.overlay.opaque"
-ESCAPED_WHITEOUT = b"trusted.overlay.overlay.whiteout"
-ESCAPED_WHITEOUTS = b"trusted.overlay.overlay.whiteouts"
-ESCAPED_OPAQUE = b"trusted.overlay.overlay.opaque"
-USER_WHITEOUT = b"user.overlay.whiteout"
-USER_WHITEOUTS = b"user.overlay.whiteouts"
-USER_OPAQUE = b"user.overlay.opaque"
-SELINUX = b"security.selinux"
-METACOPY_HEADER = bytes((0, 36, 0, 1))  # version 0, length 36, flags 0, SHA-256
-METACOPY_EMPTY = (METACOPY, b"")
-ROOT_WHITEOUT_MODE = S_IFCHR | 0o644
-ROOT_WHITEOUT_NAMES = tuple(f"{i:02x}".encode() for i in range(256))
+SELINUX = b"security.selinux"  # the root whiteouts carry the root's label
 
 
 class _Budget:
@@ -75,32 +74,6 @@ class _Budget:
         node.xattrs = tuple(sorted(items.items()))
 
 
-def is_external(node: Inode) -> bool:
-    """A regular file whose data lives in the store (it gets metacopy and redirect)."""
-    return node.mode & S_IFMT == S_IFREG and node.size > 0 and node.content is None
-
-
-def implied_xattrs(node: Inode) -> tuple:
-    """metacopy and redirect of an external regular file (sorted), else ()."""
-    if not is_external(node):
-        return ()
-    digest = node.digest
-    metacopy = (METACOPY, METACOPY_HEADER + digest) if digest is not None else METACOPY_EMPTY
-    payload = node.payload
-    return (metacopy, (REDIRECT, b"/" + payload)) if payload else (metacopy,)
-
-
-def image_xattrs(node: Inode) -> tuple:
-    """All xattrs an inode of a lowered tree carries on disk, sorted by key."""
-    implied = implied_xattrs(node)
-    return tuple(sorted(node.xattrs + implied)) if implied else node.xattrs
-
-
-def _escaped(xattrs: tuple) -> tuple:
-    return tuple(sorted(
-        (ESCAPED + k[16:] if k.startswith(TRUSTED_OVERLAY) else k, v) for k, v in xattrs))
-
-
 def add_overlay_xattrs(tree: Tree, options: Options) -> Tree:
     if tree.lowered:
         return tree
@@ -113,7 +86,7 @@ def add_overlay_xattrs(tree: Tree, options: Options) -> Tree:
     def escaped(xattrs: tuple) -> tuple:
         hit = escaped_cache.get(id(xattrs))
         if hit is None:
-            new = _escaped(xattrs) if any(k.startswith(TRUSTED_OVERLAY) for k, _ in xattrs) else xattrs
+            new = escaped_xattrs(xattrs) if any(k.startswith(TRUSTED_OVERLAY) for k, _ in xattrs) else xattrs
             escaped_cache[id(xattrs)] = (xattrs, new)
             return new
         return hit[1]
@@ -147,10 +120,10 @@ def add_overlay_xattrs(tree: Tree, options: Options) -> Tree:
                 budget.set(parent, ESCAPED_WHITEOUTS, b"")
                 budget.set(parent, USER_WHITEOUTS, b"")
                 if version >= 1:
-                    budget.set(parent, ESCAPED_OPAQUE, b"x")
-                    budget.set(parent, USER_OPAQUE, b"x")
+                    budget.set(parent, ESCAPED_OPAQUE, OPAQUE_WHITEOUTS)
+                    budget.set(parent, USER_OPAQUE, OPAQUE_WHITEOUTS)
 
-    budget.set(root, OPAQUE, b"y")
+    budget.set(root, OPAQUE, OPAQUE_DIR)
     selinux = root.get_xattr(SELINUX)
     whiteout_xattrs = ((SELINUX, selinux),) if selinux is not None else ()
     root_children = root.children

@@ -29,10 +29,13 @@ from itertools import islice
 
 from cfsc.base import beneath
 from cfsc.base.beneath import ESCAPES, NotRegular, kind
-from cfsc.base.errors import IntegrityError, LookupFailed, shown_path
+from cfsc.base.errors import IntegrityError, LookupFailed, UsageError, shown_path
 from cfsc.base.fsverity import FsVerityHasher, digest_bytes, kernel_digest
 
+# Checking backing files against the image's fs-verity digests: never, where the image has
+# a digest, always (a file without one is refused).
 VERITY_MODES = ("none", "if-present", "require")
+NO_VERITY, VERITY_IF_PRESENT, VERITY_REQUIRED = VERITY_MODES
 DIGEST_CACHE = 1 << 16
 READ_CHUNK = 1 << 20
 
@@ -62,10 +65,17 @@ def parse_basedirs(value: str) -> list[str]:
     return [part for part in value.split(":") if part]
 
 
+def verity_mode(value: str, where: str = "--verity") -> str:
+    """A verity mode a user gave, checked."""
+    if value not in VERITY_MODES:
+        raise UsageError(f"verity mode {value!r}: expected {', '.join(VERITY_MODES[:-1])} or {VERITY_MODES[-1]}", where)
+    return value
+
+
 class Store:
     """The base directories external payloads are opened from."""
 
-    def __init__(self, basedirs: list[str], verity: str = "if-present") -> None:
+    def __init__(self, basedirs: list[str], verity: str = VERITY_IF_PRESENT) -> None:
         if verity not in VERITY_MODES:
             raise ValueError(f"verity mode {verity!r}")
         self.basedirs = list(basedirs)
@@ -95,7 +105,7 @@ class Store:
         `cancelled` is polled while a digest is computed; `where` names the file in the
         image in errors (callers may fill it in later: `error.where`).
         """
-        if digest is None and self.verity == "require":
+        if digest is None and self.verity == VERITY_REQUIRED:
             raise IntegrityError(f"no fs-verity digest recorded for object {shown_path(payload)} "
                                  "(--verity=require)", where)
         if not self.fds:

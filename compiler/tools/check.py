@@ -43,6 +43,7 @@ import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+from cfsc.backends.dumptext import BadEscape, unescape
 from cfsc.base.errors import CfscError, InputError, UsageError
 from cfsc.base.fsverity import digest_bytes
 from cfsc.base.options import Options
@@ -291,13 +292,13 @@ def _batch():
     return batch_allocation()
 
 
-_PATH_ESCAPE = re.compile(rb"\\(?:x([0-9a-fA-F]{2})|.)")
-
-
 def _depth(line: bytes) -> int:
     path = line.split(b" ", 1)[0]
-    if b"\\" in path:  # only an escaped '/' changes the depth
-        path = _PATH_ESCAPE.sub(lambda m: b"/" if m.group(1) in (b"2f", b"2F") else b"_", path)
+    if b"\\" in path:  # an escaped '/' counts
+        try:
+            path = unescape(path)
+        except BadEscape:
+            pass  # (the frontend reports it, wherever the line goes)
     return sum(1 for part in path.split(b"/") if part)
 
 
@@ -431,7 +432,7 @@ def _toc_name(entry, key: str) -> bytes | None:
     """A CRFS name or link target's bytes (from its base64 twin, `cfsc.base.jsonbytes`), or None."""
     import binascii
 
-    from cfsc.frontends.crfs.toc import twin
+    from cfsc.backends.crfs_format import twin
 
     if type(entry) is not dict:
         return None

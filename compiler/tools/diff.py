@@ -31,19 +31,36 @@ import traceback
 from collections import Counter
 from dataclasses import dataclass, field
 
-from cfsc.backends.erofs.layout import EROFS_INODE_FLAT_INLINE, EROFS_INODE_FLAT_PLAIN
+from cfsc.backends.erofs.layout import (
+    EROFS_BLKSIZ,
+    EROFS_I_DATALAYOUT_BIT,
+    EROFS_I_DATALAYOUT_MASK,
+    EROFS_INODE_COMPACT,
+    EROFS_INODE_EXTENDED,
+    EROFS_INODE_FLAT_INLINE,
+    EROFS_INODE_FLAT_PLAIN,
+    EROFS_SLOTSIZE,
+    EROFS_XATTR_ALIGN,
+)
 from cfsc.backends.erofs.reader import merge_sorted
 from cfsc.base.errors import CfscError
 from cfsc.base.jsonbytes import put
 from cfsc.base.limits import INLINE_CONTENT_MAX, PATH_MAX, VALID_TYPES
 from cfsc.base.options import Options, reshapes
 from cfsc.base.query import Query
-from cfsc.base.tree import S_IFBLK, S_IFCHR, S_IFDIR, S_IFLNK, S_IFMT, S_IFREG
-from cfsc.tools.explain import inode_head
+from cfsc.base.tree import FILE_TYPE_BITS, S_IFBLK, S_IFCHR, S_IFDIR, S_IFLNK, S_IFMT, S_IFREG, WHITEOUT
+from cfsc.tools.explain import I_INO_END, I_U, IBODY_HEADER, SHARED_COUNT, inode_head
 from cfsc.tools.manifest import FIELDS, Ignore, Manifest, Record, open_pair
 
-TYPE_BITS = {"reg": 0o100000, "dir": 0o040000, "symlink": 0o120000, "block": 0o060000,
-             "char": 0o020000, "fifo": 0o010000, "socket": 0o140000, "whiteout": 0o020000}
+TYPE_BITS = {**FILE_TYPE_BITS, WHITEOUT: S_IFCHR}  # a record's type name -> mode bits
+# Single inode fields read from raw bytes (`inode_head` tells the layout by its size).
+_FORMAT = EROFS_INODE_COMPACT.field("i_format")
+_MODE = EROFS_INODE_COMPACT.field("i_mode")  # (same place in both layouts)
+_I_U = EROFS_INODE_COMPACT.field("i_u")
+I_U_END = EROFS_INODE_COMPACT.end("i_u")
+_NLINK = {layout.size: layout.field("i_nlink") for layout in (EROFS_INODE_COMPACT, EROFS_INODE_EXTENDED)}
+_SIZE = {layout.size: layout.field("i_size") for layout in (EROFS_INODE_COMPACT, EROFS_INODE_EXTENDED)}
+_COMPACT = EROFS_INODE_COMPACT.size
 
 
 @dataclass(slots=True)
@@ -98,7 +115,7 @@ class RecordEntry:
         (kind, mode, self.uid, self.gid, rdev, self.mtime, self.mtime_nsec, self.size, self.nlink,
          target, payload, self.digest, self.content, xattrs, _links) = rec
         self.mode = TYPE_BITS.get(kind, 0) | mode
-        self.rdev = 0 if kind == "whiteout" else rdev
+        self.rdev = 0 if kind == WHITEOUT else rdev
         ftype = self.mode & S_IFMT
         self.payload = target if ftype == S_IFLNK else payload if ftype == S_IFREG else None
         self.xattrs = xattrs or ()
@@ -232,7 +249,7 @@ class _Walk:
         self.data = image.data
         self.size = len(image.data)
         self.pairs: dict[bytes, tuple] = {}  # packed shared ids -> the pairs they name
-        self.seen = bytearray(len(image.data) // 32 + 1)  # nids reached
+        self.seen = bytearray(len(image.data) // EROFS_SLOTSIZE + 1)  # nids reached
         self.paths: dict[int, list[bytes]] = {}  # nid -> its paths, for inodes with nlink > 1
         self.records = ImageRecords(image)
 
@@ -241,10 +258,10 @@ class _Walk:
         the reader to report (`_Unsuited`)."""
         data = self.data
         off = head[0]
-        ftype = (data[off + 4] | data[off + 5] << 8) & S_IFMT
+        ftype = _MODE.unpack_from(data, off)[0] & S_IFMT
         if ftype not in VALID_TYPES:
             raise _Unsuited
-        if ftype == S_IFCHR and not any(data[off + 16:off + 20]):
+        if ftype == S_IFCHR and not _I_U.unpack_from(data, off)[0]:
             return None
         return ftype
 
@@ -260,9 +277,7 @@ class _Walk:
         self.seen[nid] = 1
         if not directory:
             off, isize, _x = head
-            data = self.data
-            nlink = data[off + 6] | data[off + 7] << 8 if isize == 32 else int.from_bytes(data[off + 44:off + 48], "little")
-            if nlink > 1:
+            if _NLINK[isize].unpack_from(self.data, off)[0] > 1:
                 self.paths[nid] = [path]
 
     def shared(self, nid: int, ids: bytes) -> tuple:
@@ -310,43 +325,44 @@ def _same_inode(wa: _Walk, na: int, ha: tuple, wb: _Walk, nb: int, hb: tuple, sa
     off_a, isize, xsize = ha
     off_b, isize_b, _xsize_b = hb
     da, db = wa.data, wb.data
-    if (isize != isize_b or da[off_a:off_a + 16] != db[off_b:off_b + 16]
-            or da[off_a + 24:off_a + isize] != db[off_b + 24:off_b + isize]):
+    if (isize != isize_b or da[off_a:off_a + I_U] != db[off_b:off_b + I_U]
+            or da[off_a + I_INO_END:off_a + isize] != db[off_b + I_INO_END:off_b + isize]):
         return 0
-    if isize == 32 and not same_time:
+    if isize == _COMPACT and not same_time:
         return 0  # a compact inode's mtime is the image's build time
     end_a, end_b = off_a + isize + xsize, off_b + isize + xsize
     if end_a > wa.size or end_b > wb.size:
         return 0
     if xsize:
-        n = da[off_a + isize + 4]
-        if db[off_b + isize + 4] != n:  # h_shared_count: the split between ids and entries
+        n = da[off_a + isize + SHARED_COUNT]
+        if db[off_b + isize + SHARED_COUNT] != n:  # the split between ids and entries
             return 0
-        start = isize + 12 + 4 * n
+        ids = isize + IBODY_HEADER
+        start = ids + EROFS_XATTR_ALIGN * n
         if start > isize + xsize or da[off_a + start:end_a] != db[off_b + start:end_b]:
             return 0
-        if n and wa.shared(na, bytes(da[off_a + isize + 12:off_a + start])) != wb.shared(
-                nb, bytes(db[off_b + isize + 12:off_b + start])):
+        if n and wa.shared(na, bytes(da[off_a + ids:off_a + start])) != wb.shared(
+                nb, bytes(db[off_b + ids:off_b + start])):
             return 0
-    ftype = (da[off_a + 4] | da[off_a + 5] << 8) & S_IFMT
+    ftype = _MODE.unpack_from(da, off_a)[0] & S_IFMT
     if ftype != S_IFREG and ftype != S_IFLNK:
-        if (ftype == S_IFCHR or ftype == S_IFBLK) and da[off_a + 16:off_a + 20] != db[off_b + 16:off_b + 20]:
+        if (ftype == S_IFCHR or ftype == S_IFBLK) and da[off_a + I_U:off_a + I_U_END] != db[off_b + I_U:off_b + I_U_END]:
             return 0  # i_u is the device number
         return isize + xsize
-    size = int.from_bytes(da[off_a + 8:off_a + (16 if isize == 64 else 12)], "little")
-    layout = (da[off_a] >> 1) & 7
+    size = _SIZE[isize].unpack_from(da, off_a)[0]
+    layout = _FORMAT.unpack_from(da, off_a)[0] >> EROFS_I_DATALAYOUT_BIT & EROFS_I_DATALAYOUT_MASK
     if not size or ftype == S_IFREG and layout not in (EROFS_INODE_FLAT_PLAIN, EROFS_INODE_FLAT_INLINE):
         return isize + xsize  # no data in the image (a chunk index: the backing file holds it)
     if size > (PATH_MAX if ftype == S_IFLNK else INLINE_CONTENT_MAX) or layout not in (
             EROFS_INODE_FLAT_PLAIN, EROFS_INODE_FLAT_INLINE):
         return 0  # (the reader decides what is wrong)
-    tail = (size - 1) % 4096 + 1 if layout == EROFS_INODE_FLAT_INLINE else 0
+    tail = (size - 1) % EROFS_BLKSIZ + 1 if layout == EROFS_INODE_FLAT_INLINE else 0
     if da[end_a:end_a + tail] != db[end_b:end_b + tail]:
         return 0
     blocks = size - tail
     if blocks:
-        at_a = int.from_bytes(da[off_a + 16:off_a + 20], "little") * 4096
-        at_b = int.from_bytes(db[off_b + 16:off_b + 20], "little") * 4096
+        at_a = _I_U.unpack_from(da, off_a)[0] * EROFS_BLKSIZ
+        at_b = _I_U.unpack_from(db, off_b)[0] * EROFS_BLKSIZ
         if at_a + blocks > wa.size or at_b + blocks > wb.size or da[at_a:at_a + blocks] != db[at_b:at_b + blocks]:
             return 0
     return isize + xsize + size

@@ -34,9 +34,9 @@ from __future__ import annotations
 
 import re
 
+from cfsc.backends.dumptext import BadEscape, unescape
 from cfsc.base.options import Options
 from cfsc.base.tree import S_IFCHR, S_IFDIR, S_IFMT
-from cfsc.frontends.dumpfile import BadEscape, unescape
 
 MAX_SHARE = 10  # at most 1/MAX_SHARE of the lines may differ
 # Lines whose MODE is not 1 + 4 or 5 octal digits (regular files, symlinks, fifos, sockets):

@@ -26,36 +26,44 @@ Each structure's fields come from `cfsc.backends.erofs.layout` and are read with
 
 from __future__ import annotations
 
-import re
-import struct
 from array import array
 from collections import Counter
 from dataclasses import dataclass, field
 
-from cfsc.backends.erofs.entries import ESCAPED_WHITEOUT
 from cfsc.backends.erofs.layout import (
     COMPOSEFS_HEADER,
+    EROFS_BLKSIZ,
     EROFS_FT_CHRDEV,
     EROFS_FT_DIR,
+    EROFS_I_VERSION_BIT,
     EROFS_INODE_CHUNK_BASED,
     EROFS_INODE_COMPACT,
     EROFS_INODE_EXTENDED,
+    EROFS_INODE_HEAD,
+    EROFS_ISLOTBITS,
+    EROFS_SLOTSIZE,
     EROFS_SUPER_BLOCK,
     EROFS_SUPER_OFFSET,
+    EROFS_XATTR_ALIGN,
+    EROFS_XATTR_IBODY_HEADER,
     Layout,
 )
+from cfsc.backends.erofs.overlay import ESCAPED_WHITEOUT, METACOPY, REDIRECT, TRUSTED_OVERLAY, USER_MARKERS
 from cfsc.backends.erofs.reader import LAYOUTS, Image, RawInode, merge_sorted
 from cfsc.base.tree import S_IFCHR, S_IFDIR, S_IFMT, S_IFREG
 
 EXAMPLES = 5
 U16 = 0xFFFF
 U32 = 0xFFFFFFFF
-HIDDEN_KEYS = (b"trusted.overlay.",)
-USER_MARKERS = (b"user.overlay.whiteout", b"user.overlay.whiteouts", b"user.overlay.opaque")
-REDIRECT = b"trusted.overlay.redirect"
-METACOPY = b"trusted.overlay.metacopy"
-_HEAD = struct.Struct("<HH")  # i_format, i_xattr_icount: the start of either inode layout
-_INO = struct.Struct("<I")  # i_ino at offset 20 of either layout
+# Single fields of either inode layout (`layout.INODE_SHARED_FIELDS`), read from raw bytes.
+_HEAD = EROFS_INODE_HEAD.unpack_from
+_INO = EROFS_INODE_COMPACT.field("i_ino")
+_COMPACT, _EXTENDED = EROFS_INODE_COMPACT.size, EROFS_INODE_EXTENDED.size
+_EXTENDED_BIT = 1 << EROFS_I_VERSION_BIT
+I_U = EROFS_INODE_COMPACT.offset("i_u")
+I_INO, I_INO_END = EROFS_INODE_COMPACT.offset("i_ino"), EROFS_INODE_COMPACT.end("i_ino")
+SHARED_COUNT = EROFS_XATTR_IBODY_HEADER.offset("h_shared_count")
+IBODY_HEADER = EROFS_XATTR_IBODY_HEADER.size  # the shared ids follow it
 # Superblock fields whose difference is a consequence reported elsewhere (or never set).
 DERIVED = {"blocks", "xattr_blkaddr", "inos", "build_time", "build_time_nsec", "root_nid", "checksum"}
 
@@ -70,26 +78,6 @@ class Reason:
     b: object = None
     count: int = 0  # entries concerned (0: not about entries)
     paths: list[bytes] = field(default_factory=list)  # the first few of them
-
-
-def field_offsets(layout: Layout) -> dict[str, tuple[int, int]]:
-    """(offset, size) of each named field of a struct layout (pad bytes skipped)."""
-    offsets = {}
-    pos = 0
-    names = iter(layout.fields)
-    for count, code in re.findall(r"(\d*)([xsBbHhIiQq])", layout.struct.format):
-        n = int(count) if count else 1
-        if code == "x":
-            pos += n
-        elif code == "s":
-            offsets[next(names)] = (pos, n)
-            pos += n
-        else:
-            size = {"B": 1, "b": 1, "H": 2, "h": 2, "I": 4, "i": 4, "Q": 8, "q": 8}[code]
-            for _ in range(n):
-                offsets[next(names)] = (pos, size)
-                pos += size
-    return offsets
 
 
 class _Side:
@@ -107,7 +95,7 @@ class _Side:
         self.id_users: Counter = Counter()  # packed shared ids -> inodes using them
         self.table: dict[int, tuple[bytes, bytes]] = {}  # shared id -> pair
         self.hidden = 0
-        self.seen = bytearray(len(image.data) // 32 + 1)  # nids walked
+        self.seen = bytearray(len(image.data) // EROFS_SLOTSIZE + 1)  # nids walked
         self.first_difference = first_difference
         self.near: tuple[int, int, bytes] = (-1, -1, b"")  # (offset, nid, path): last inode starting at or before it
         self.blocks: dict[int, tuple[int, bytes]] = {}  # first data block -> (blocks, path) of directories
@@ -124,8 +112,8 @@ class _Side:
         if not xsize:
             return 0, ()
         start = off + isize
-        n = self.data[start + 4]
-        ids = bytes(self.data[start + 12:start + 12 + 4 * n])
+        n = self.data[start + SHARED_COUNT]
+        ids = bytes(self.data[start + IBODY_HEADER:start + IBODY_HEADER + EROFS_XATTR_ALIGN * n])
         pairs = self.ids.get(ids)
         if pairs is None:
             _inline, refs, shared = self.image.split_xattrs(self.image.inode(nid))
@@ -157,7 +145,7 @@ class _Side:
                 stack.extend((prefix + b"/" + name, child) for name, child, _t in self.image.dirents(raw))
 
     def directory(self, raw: RawInode, path: bytes) -> None:
-        blocks = (raw.size - raw.tail_size) // 4096
+        blocks = (raw.size - raw.tail_size) // EROFS_BLKSIZ
         if blocks and raw.layout != EROFS_INODE_CHUNK_BASED:
             self.blocks[raw.blkaddr] = (blocks, path)
 
@@ -178,12 +166,13 @@ class _Side:
 def inode_head(image: Image, nid: int) -> tuple[int, int, int]:
     """(offset, inode size, xattr body size) of an inode, from its first four bytes (an inode
     near the end of the image is read by the reader, which raises if it is out of bounds)."""
-    off = image.meta_base + (nid << 5)
-    if off + 64 > len(image.data):
+    off = image.meta_base + (nid << EROFS_ISLOTBITS)
+    if off + _EXTENDED > len(image.data):
         raw = image.inode(nid)
-        return off, 64 if raw.extended else 32, raw.xattr_size
-    fmt, icount = _HEAD.unpack_from(image.data, off)
-    return off, 64 if fmt & 1 else 32, 12 + 4 * (icount - 1) if icount else 0
+        return off, _EXTENDED if raw.extended else _COMPACT, raw.xattr_size
+    fmt, icount, _mode = _HEAD(image.data, off)
+    # (`xattr_ibody_size`, written out: this runs for every inode of both images)
+    return off, _EXTENDED if fmt & _EXTENDED_BIT else _COMPACT, IBODY_HEADER + EROFS_XATTR_ALIGN * (icount - 1) if icount else 0
 
 
 def _extended_because(raw: RawInode, image: Image) -> str:
@@ -201,7 +190,7 @@ def _extended_because(raw: RawInode, image: Image) -> str:
 def _markers(pairs) -> frozenset:
     """The overlay markers among stored pairs (not redirect and metacopy: payload and digest,
     which the tree diff compares)."""
-    return frozenset(kv for kv in pairs if (kv[0].startswith(HIDDEN_KEYS) or kv[0] in USER_MARKERS)
+    return frozenset(kv for kv in pairs if (kv[0].startswith(TRUSTED_OVERLAY) or kv[0] in USER_MARKERS)
                      and kv[0] not in (REDIRECT, METACOPY))
 
 
@@ -319,6 +308,7 @@ def _entries(fa: _Side, fb: _Side) -> list[Reason]:
 
     near = fa.first_difference
     seen_a, seen_b = fa.seen, fb.seen
+    ino, ino_end, i_u, ibody, align = I_INO, I_INO_END, I_U, IBODY_HEADER, EROFS_XATTR_ALIGN
 
     def compare(path: bytes, nid_a: int, nid_b: int) -> None:
         seen_a[nid_a] = seen_b[nid_b] = 1
@@ -332,10 +322,10 @@ def _entries(fa: _Side, fb: _Side) -> list[Reason]:
             moved[0] += 1
             if moved[1] is None or nid_a < moved[1][0]:
                 moved[1] = (nid_a, nid_b, path)
-        if da[off_a + 20:off_a + 24] != db[off_b + 20:off_b + 24]:
-            inos.add(path, f"{_INO.unpack_from(da, off_a + 20)[0]} → {_INO.unpack_from(db, off_b + 20)[0]}")
-        if not (isize_a == isize_b and da[off_a:off_a + 16] == db[off_b:off_b + 16]
-                and da[off_a + 24:off_a + isize_a] == db[off_b + 24:off_b + isize_b]):
+        if da[off_a + ino:off_a + ino_end] != db[off_b + ino:off_b + ino_end]:
+            inos.add(path, f"{_INO.unpack_from(da, off_a)[0]} → {_INO.unpack_from(db, off_b)[0]}")
+        if not (isize_a == isize_b and da[off_a:off_a + i_u] == db[off_b:off_b + i_u]
+                and da[off_a + ino_end:off_a + isize_a] == db[off_b + ino_end:off_b + isize_b]):
             ra, rb = a.inode(nid_a), b.inode(nid_b)
             if ra.extended != rb.extended:
                 if rb.extended:
@@ -352,8 +342,8 @@ def _entries(fa: _Side, fb: _Side) -> list[Reason]:
                     encodings.add(path, f"{kind_a} (mode {ra.mode:o}) → {kind_b} (mode {rb.mode:o})")
         n_a, shared_a = fa.shared(nid_a, off_a, isize_a, xsize_a)
         n_b, shared_b = fb.shared(nid_b, off_b, isize_b, xsize_b)
-        if shared_a == shared_b and (da[off_a + isize_a + 12 + 4 * n_a:off_a + isize_a + xsize_a]
-                                     == db[off_b + isize_b + 12 + 4 * n_b:off_b + isize_b + xsize_b]):
+        if shared_a == shared_b and (da[off_a + isize_a + ibody + align * n_a:off_a + isize_a + xsize_a]
+                                     == db[off_b + isize_b + ibody + align * n_b:off_b + isize_b + xsize_b]):
             return  # the same pairs, stored the same way
         inline_a = fa.inline(nid_a) if xsize_a else []
         inline_b = fb.inline(nid_b) if xsize_b else []
@@ -527,21 +517,21 @@ def _where(side: _Side, offset: int) -> str:
                     else "its xattrs" if at < layout.size + raw.xattr_size else "its inline data")
             return f"the inode of {path.decode('utf-8', 'backslashreplace')} (nid {nid}), {part}"
     if side.table:
-        area = image.xattr_base + 4 * min(side.table)
-        data_start = -(-(image.xattr_base + 4 * max(side.table) + 4) // 4096) * 4096
+        area = image.xattr_base + EROFS_XATTR_ALIGN * min(side.table)
+        data_start = -(-(image.xattr_base + EROFS_XATTR_ALIGN * (max(side.table) + 1)) // EROFS_BLKSIZ) * EROFS_BLKSIZ
         if area <= offset < data_start:
             return "the shared xattr table"
-    block = offset // 4096
+    block = offset // EROFS_BLKSIZ
     for first, (count, owner) in side.blocks.items():
         if first <= block < first + count:
             return f"a directory block of {owner.decode('utf-8', 'backslashreplace')} (block {block})"
-    if nid >= 0 and block == start // 4096:
+    if nid >= 0 and block == start // EROFS_BLKSIZ:
         return "padding between inodes"
     return f"data block {block}"
 
 
 def _field_at(layout: Layout, offset: int) -> str:
-    for name, (at, size) in field_offsets(layout).items():
+    for name, (at, size) in layout.offsets.items():
         if at <= offset < at + size:
             return name
     return "reserved bytes"

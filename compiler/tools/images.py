@@ -14,11 +14,12 @@ from collections.abc import Iterable
 from typing import BinaryIO
 
 from cfsc.backends.erofs.entries import Entries, Entry, walk
+from cfsc.backends.erofs.layout import COMPOSEFS_FLAGS_HAS_ACL
 from cfsc.backends.erofs.reader import Image
 from cfsc.base.errors import InputError, UsageError
 from cfsc.base.fsverity import digest_bytes
 from cfsc.base.options import Options, reshapes
-from cfsc.base.tree import FILE_TYPES, S_IFCHR, S_IFMT, S_IFREG, Tree
+from cfsc.base.tree import FILE_TYPES, S_IFCHR, S_IFDIR, S_IFMT, S_IFREG, WHITEOUT, Tree
 
 # Text backends that print straight from an image (keeping the on-disk xattr order).
 IMAGE_DUMPERS = {"dump": "cfsc.backends.dumpfile", "json": "cfsc.backends.jsonlines"}
@@ -93,7 +94,7 @@ def listing(image: Image, path: bytes = b"/", recursive: bool = False,
     """
     it = walk(image, names, Entries(image), top=path)
     top_path, top, _ = next(it)
-    if top.mode & S_IFMT != 0o040000:
+    if top.mode & S_IFMT != S_IFDIR:
         yield top_path, top, None
         return
     depth = top_path.rstrip(b"/").count(b"/") + 1
@@ -200,13 +201,13 @@ def info(image: Image) -> dict:
         "blocks": sb.blocks,
         "format_version": image.version,
         "flags": image.flags,
-        "has_acl": bool(image.flags & 1),
+        "has_acl": bool(image.flags & COMPOSEFS_FLAGS_HAS_ACL),
         "fsverity_digest": digest_bytes(image.data).hex(),
         "inodes": sb.inos,
         "root_nid": image.root_nid,
         "build_time": image.build_time,
         "build_time_nsec": image.build_time_nsec,
-        "entries": {**types, "whiteout": whiteouts, "hardlink": links},
+        "entries": {**types, WHITEOUT: whiteouts, "hardlink": links},
         "files": {"inline": inline, "external": external, "empty": empty,
                   "external_bytes": external_bytes, "with_digest": with_digest,
                   "objects": len(payloads)},

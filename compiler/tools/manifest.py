@@ -46,10 +46,11 @@ from operator import attrgetter, itemgetter
 
 from blake3 import blake3
 from cfsc.backends.erofs.entries import interpret_xattrs
+from cfsc.backends.erofs.overlay import is_external
 from cfsc.base.errors import CfscError, UsageError
 from cfsc.base.options import Options, reshapes
 from cfsc.base.streams import is_reference, source_name
-from cfsc.base.tree import FILE_TYPES, S_IFBLK, S_IFCHR, S_IFDIR, S_IFLNK, S_IFMT, S_IFREG, Inode, Tree
+from cfsc.base.tree import FILE_TYPES, S_IFBLK, S_IFCHR, S_IFDIR, S_IFLNK, S_IFMT, S_IFREG, WHITEOUT, Inode, Tree
 
 FIELDS = ("type", "mode", "uid", "gid", "rdev", "mtime", "mtime_nsec", "size", "nlink",
           "target", "payload", "digest", "content", "xattrs", "hardlinks")
@@ -62,7 +63,6 @@ IGNORABLE = {
     "xattrs": ("xattrs",), "hardlinks": ("hardlinks",),
     "layout": (),  # two images with equal trees but different bytes (`cfsc.tools.diff`)
 }
-TYPE_NAMES = {**FILE_TYPES, -1: "whiteout"}
 
 Record = tuple
 # (name, record, fingerprint or None): a child as a listing gives it; the fingerprint is set
@@ -222,14 +222,14 @@ class _Records:
         ftype = mode & S_IFMT
         size = rdev = target = payload = digest = content = None
         nlink = node.nlink
+        kind = FILE_TYPES.get(ftype, "?")
         if ftype == S_IFREG:
             xattrs, whiteout = self.xattrs.view(node.xattrs, True)
             if whiteout:
-                kind = "whiteout"
+                kind = WHITEOUT
             else:
-                kind = "reg"
                 size = node.size
-                if size and node.content is None:
+                if is_external(node):
                     payload = node.payload or None
                     digest = node.digest
                 else:
@@ -237,17 +237,13 @@ class _Records:
         else:
             xattrs = self.xattrs.view(node.xattrs, False)[0]
             if ftype == S_IFDIR:
-                kind = "dir"
                 nlink = None
             elif ftype == S_IFLNK:
-                kind = "symlink"
                 target = node.payload
             elif ftype == S_IFCHR and node.rdev == 0:
-                kind = "whiteout"
-            else:
-                kind = FILE_TYPES.get(ftype, "?")
-                if ftype == S_IFCHR or ftype == S_IFBLK:
-                    rdev = node.rdev
+                kind = WHITEOUT
+            elif ftype == S_IFCHR or ftype == S_IFBLK:
+                rdev = node.rdev
         return (kind, mode & 0o7777, node.uid, node.gid, rdev, node.mtime, node.mtime_nsec, size, nlink,
                 target, payload, digest, content, xattrs, self.hardlinks.get(id(node)))
 
@@ -265,13 +261,14 @@ class _Records:
             digests: list = list(map(_DIGEST, nodes))
             contents = [None] * n
         else:
+            # `overlay.is_external` of each (all are regular here: the others are redone below)
             external = [bool(s) and c is None for s, c in zip(sizes, contents, strict=True)]
             payloads = [(p or None) if e else None for p, e in zip(map(_PAYLOAD, nodes), external, strict=True)]
             digests = [d if e else None for d, e in zip(map(_DIGEST, nodes), external, strict=True)]
             contents = [None if e else (c or None) for c, e in zip(contents, external, strict=True)]
         links = map(self.hardlinks.get, map(id, nodes)) if self.hardlinks else repeat(None, n)
         none = repeat(None, n)
-        records = list(zip(repeat("reg", n), [m & 0o7777 for m in modes], map(_UID, nodes), map(_GID, nodes), none,
+        records = list(zip(repeat(FILE_TYPES[S_IFREG], n), [m & 0o7777 for m in modes], map(_UID, nodes), map(_GID, nodes), none,
                            map(_MTIME, nodes), map(_NSEC, nodes), sizes, map(_NLINK, nodes), repeat(None, n),
                            payloads, digests, contents, shown, links, strict=True))
         for i in (set(odd).union(flagged) if flagged else odd):

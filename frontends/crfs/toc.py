@@ -64,35 +64,24 @@ from typing import NoReturn
 
 import orjson
 from cfsc import schemas
+from cfsc.backends.crfs_format import CHUNK, GO_ZERO_TIME, HARDLINK, TYPES, twin
 from cfsc.base import devices, limits, rfc3339, streams
 from cfsc.base.errors import InputError, InputErrors, LookupFailed, TreeError, shown_path
+from cfsc.base.limits import NAME_MAX, PATH_MAX, VALID_TYPES
 from cfsc.base.options import Options
 from cfsc.base.streams import read_all, source_name
-from cfsc.base.tree import S_IFBLK, S_IFCHR, S_IFDIR, S_IFIFO, S_IFLNK, S_IFMT, S_IFREG, S_IFSOCK, Inode, Tree
+from cfsc.base.tree import S_IFBLK, S_IFCHR, S_IFDIR, S_IFLNK, S_IFMT, S_IFREG, Inode, Tree
 from cfsc.frontends.crfs.slices import ENTRY_MAX, SLICE_BYTES, EntrySlices, Oversized, Unsure, duplicate_keys
 
 SCHEMA = "crfs-toc"
-HARDLINK = -1
-CHUNK = -2
-TYPES = {"dir": S_IFDIR, "reg": S_IFREG, "symlink": S_IFLNK, "hardlink": HARDLINK, "char": S_IFCHR,
-         "block": S_IFBLK, "fifo": S_IFIFO, "chunk": CHUNK, "socket": S_IFSOCK}
-TYPE_NAMES = {bits: name for name, bits in TYPES.items()}
 MAX_ERRORS = 20
 BATCH = 2048  # entries per column pass (~2 MB of parsed JSON: stays in the CPU cache)
 ZEROS = [0] * BATCH
-NAME_MAX = limits.NAME_MAX
-PATH_MAX = limits.PATH_MAX
 U32 = (1 << 32) - 1
 U64 = (1 << 64) - 1
 S64 = 1 << 63
-GO_ZERO_TIME = (rfc3339.FIRST, 0)  # 0001-01-01T00:00:00Z, Go's zero time.Time: "no time"
 CACHE_MAX = 1 << 16
 ABSENT = object()  # "no such key" (JSON null is None, which is an error for every known key)
-
-
-def twin(key: str) -> str:
-    """The key holding `key`'s exact bytes in base64: `x-name-b64`, `x-payload-b64`."""
-    return key + "-b64" if key.startswith("x-") else f"x-{key}-b64"
 
 
 # Keys read by the code (checked as read); other keys are ignored, except unknown `x-` ones.
@@ -106,7 +95,7 @@ RARE = frozenset({"x-payload", "x-content", "x-fsverity-digest", "x-mtime", "x-n
 _DIGEST = re.compile(r"[a-z0-9]+:([0-9a-f]{2,})")
 _FSVERITY = re.compile(r"sha256:([0-9a-f]{64})")
 _HEAD = re.compile(rb'\s*\{\s*(?:"version"\s*:\s*1\s*,\s*)?"entries"\s*:\s*\[')
-_HEAD_TYPE = re.compile(rb'"type"\s*:\s*"(?:dir|reg|symlink|hardlink|char|block|fifo|chunk|socket)"')
+_HEAD_TYPE = re.compile(rb'"type"\s*:\s*"(?:%s)"' % "|".join(TYPES).encode())
 
 
 def sniff(head: bytes) -> bool:
@@ -192,7 +181,7 @@ def _plan(keys: tuple) -> tuple[bool, bool, frozenset]:
 
 BAD_PLAN = (False, True, frozenset())  # a key set with an unknown extension key
 _STR_OR_ABSENT = {str, object}
-_PLACEABLE = frozenset({S_IFREG, S_IFDIR, S_IFLNK, S_IFCHR, S_IFBLK, S_IFIFO, S_IFSOCK})
+_PLACEABLE = VALID_TYPES  # entry kinds that place a node (not hard links or chunks)
 _INT = {int}
 _DIGESTS = re.compile(r"(?:[a-z0-9]+:[0-9a-f]{2,}\n)*")
 

@@ -55,6 +55,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 from cfsc.base.errors import UsageError, shown_path
 from cfsc.base.fsverity import FsVerityHasher, digest_bytes, kernel_digest, payload_path
+from cfsc.base.limits import INLINE_MAX
 from cfsc.base.options import Options
 from cfsc.base.progress import Progress, mib
 from cfsc.base.tree import S_IFDIR, S_IFMT, S_IFREG, Inode, Tree
@@ -62,7 +63,6 @@ from cfsc.frontends.ostree.repo import ARCHIVE, DIRTREE, Content, ObjectError, R
 from cfsc.store.objects import Store, loaded, open_store
 
 PREFIX = "ostree:"
-INLINE_MAX = 64  # LCFS_RECOMMENDED_INLINE_CONTENT_MAX, as the directory frontend inlines
 WHOLE_MAX = 1 << 20  # objects up to this size are read with one call
 BATCH = 32  # objects per pool task
 COMPAT_DIRS = (b"usr", b"etc", b"boot", b"var", b"sysroot")

@@ -30,7 +30,6 @@ from cfsc.base.options import Options
 from cfsc.base.tree import Inode
 from cfsc.store.objects import loaded, open_store
 
-INLINE_MAX = 64  # LCFS_RECOMMENDED_INLINE_CONTENT_MAX, as the directory frontend inlines
 WHOLE_MAX = 4 << 20  # files up to this size are read into memory whole
 BATCH_FILES = 64
 BATCH_BYTES = 16 << 20
@@ -60,14 +59,14 @@ class Contents:
     # -- what the reader calls ------------------------------------------------------------
 
     def inline(self, node: Inode, data: bytes) -> None:
-        """A file of 1..INLINE_MAX bytes: its data goes into the image."""
+        """A file of 1..`limits.INLINE_MAX` bytes: its data goes into the image."""
         digest = digest_bytes(data)
         node.content = data
         node.digest = digest
         node.payload = payload_path(digest)
 
     def whole(self, node: Inode, data: bytes) -> None:
-        """A file held in memory, larger than INLINE_MAX."""
+        """A file held in memory, larger than `limits.INLINE_MAX`."""
         self.files += 1
         self.bytes += len(data)
         if self.pool is None:

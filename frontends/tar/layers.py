@@ -91,12 +91,13 @@ Progress goes to stderr when asked (the CLI asks when stderr is a terminal).
 
 from __future__ import annotations
 
+from cfsc.backends.erofs.overlay import OPAQUE_DIR_XATTR
 from cfsc.base import devices, limits
 from cfsc.base.errors import InputError, UsageError, shown_path
 from cfsc.base.options import Options
 from cfsc.base.progress import Progress, mib
-from cfsc.base.tree import S_IFBLK, S_IFCHR, S_IFDIR, S_IFIFO, S_IFLNK, S_IFREG, Inode, Tree
-from cfsc.frontends.tar.contents import INLINE_MAX, WHOLE_MAX, Contents
+from cfsc.base.tree import S_IFBLK, S_IFCHR, S_IFDIR, S_IFIFO, S_IFLNK, S_IFMT, S_IFREG, Inode, Tree
+from cfsc.frontends.tar.contents import WHOLE_MAX, Contents
 from cfsc.frontends.tar.stream import (
     BLOCKDEV,
     CHAR,
@@ -117,7 +118,6 @@ WHITEOUT = b".wh."
 OPAQUE = b".wh..wh..opq"
 AUFS_META = b".wh..wh."
 AUFS_LINKS = b".wh..wh.plnk"
-OPAQUE_XATTR = (b"trusted.overlay.opaque", b"y")
 NOT_NAMES = frozenset((b"", b".", b".."))
 DEVICE_TYPES = {CHAR: S_IFCHR, BLOCKDEV: S_IFBLK}
 
@@ -300,7 +300,7 @@ class _Builder:
         named = getattr(reader, "named", None)
         if named is not None and named(m, node):
             return  # a layer read from its TOC: the payload is named there, the data not read
-        if size <= INLINE_MAX:
+        if size <= limits.INLINE_MAX:
             self.contents.inline(node, reader.read(size))
         elif size <= WHOLE_MAX:
             self.contents.whole(node, reader.read(size))
@@ -369,7 +369,7 @@ class _Builder:
                 child = implied
             elif child.children is None:
                 where = shown_path(b"/".join(parts[:i + 1]))
-                if child.mode & 0o170000 == S_IFLNK:
+                if child.mode & S_IFMT == S_IFLNK:
                     raise self.error(f"the path goes through the symlink '{where}' (-> "
                                      f"'{shown_path(child.payload or b'')}'): refused, the tree does not follow"
                                      " links (the symlink-then-file trick)", m)
@@ -534,7 +534,7 @@ class _Builder:
                 for name, child in list(d.children.items()):  # type: ignore[union-attr]
                     if child in self.placeholders:
                         d.remove_child(name)
-                d.set_xattr(*OPAQUE_XATTR)
+                d.set_xattr(*OPAQUE_DIR_XATTR)
         return Tree(self.root, source)
 
     def choose_homes(self) -> None:

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cfsc.base.fsverity import digest_bytes, payload_path
+from cfsc.base.limits import INLINE_MAX
 
-INLINE_MAX = 64
 KINDS = {"dir": stat.S_IFDIR, "reg": stat.S_IFREG, "symlink": stat.S_IFLNK, "fifo": stat.S_IFIFO,
          "sock": stat.S_IFSOCK, "chr": stat.S_IFCHR, "blk": stat.S_IFBLK}
 
