@@ -190,7 +190,8 @@ def _alarm(_signum, _frame):
     raise CaseTimeout
 
 
-def _child(conn, target, seeds, seed: int, mem_limit: int, time_limit: float, current, started) -> None:
+def _child(conn, target, seeds, seed: int, mem_limit: int, time_limit: float, current, started,
+           workdir: str) -> None:
     """A child's loop: batches in, findings and counts out, until told to stop."""
     faulthandler.disable()  # (pytest's would print a dying child's stack: the parent reports it)
     devnull = os.open(os.devnull, os.O_RDWR)
@@ -200,45 +201,41 @@ def _child(conn, target, seeds, seed: int, mem_limit: int, time_limit: float, cu
         resource.setrlimit(resource.RLIMIT_AS, (mem_limit, mem_limit))
     signal.signal(signal.SIGALRM, _alarm)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles ^C
-    workdir = _scratch()
-    try:
-        while True:
-            msg = conn.recv()
-            if msg is None:
-                return
-            first, count, announce = msg
-            for case in range(first, first + count):
-                current.value = case
-                started.value = time.monotonic()
-                data = b""
-                try:
-                    signal.setitimer(signal.ITIMER_REAL, time_limit)
-                    data = case_input(target, seeds, seed, case)
-                    if announce:  # (isolating a case that killed a child: the parent keeps its input)
-                        conn.send(("input", data))
-                    found = run_one(target, data, workdir)
-                except CaseTimeout:  # in mutate, or between run_one's handlers
-                    found = Finding(case, "hang", "time limit", "the per-case alarm fired")
-                except MemoryError as e:
-                    found = Finding(case, "memory", _signature(e), "".join(traceback.format_exception(e)))
-                except Exception as e:  # the target's mutate failed: its bug, still a finding
-                    found = Finding(case, "crash", "making the input: " + _signature(e),
-                                    "".join(traceback.format_exception(e)))
-                finally:
-                    signal.setitimer(signal.ITIMER_REAL, 0)
-                if found is not None:
-                    found.case = case
-                    found.data = data  # (b"" if making the input is what failed)
-                    conn.send(("finding", found))  # at once: the child may not live to the batch's end
-                    if found.kind != "crash":
-                        # The interpreter may be left anywhere: report, and let a fresh child go on.
-                        started.value = 0.0
-                        conn.send(("done", case - first + 1, _maxrss(), False))
-                        return
-            started.value = 0.0
-            conn.send(("done", count, _maxrss(), True))
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+    while True:
+        msg = conn.recv()
+        if msg is None:
+            return
+        first, count, announce = msg
+        for case in range(first, first + count):
+            current.value = case
+            started.value = time.monotonic()
+            data = b""
+            try:
+                signal.setitimer(signal.ITIMER_REAL, time_limit)
+                data = case_input(target, seeds, seed, case)
+                if announce:  # (isolating a case that killed a child: the parent keeps its input)
+                    conn.send(("input", data))
+                found = run_one(target, data, workdir)
+            except CaseTimeout:  # in mutate, or between run_one's handlers
+                found = Finding(case, "hang", "time limit", "the per-case alarm fired")
+            except MemoryError as e:
+                found = Finding(case, "memory", _signature(e), "".join(traceback.format_exception(e)))
+            except Exception as e:  # the target's mutate failed: its bug, still a finding
+                found = Finding(case, "crash", "making the input: " + _signature(e),
+                                "".join(traceback.format_exception(e)))
+            finally:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+            if found is not None:
+                found.case = case
+                found.data = data  # (b"" if making the input is what failed)
+                conn.send(("finding", found))  # at once: the child may not live to the batch's end
+                if found.kind != "crash":
+                    # The interpreter may be left anywhere: report, and let a fresh child go on.
+                    started.value = 0.0
+                    conn.send(("done", case - first + 1, _maxrss(), False))
+                    return
+        started.value = 0.0
+        conn.send(("done", count, _maxrss(), True))
 
 
 def _maxrss() -> int:
@@ -250,8 +247,10 @@ class _Worker:
         self.current = ctx.Value("q", -1, lock=False)
         self.started = ctx.Value("d", 0.0, lock=False)
         self.conn, child_conn = ctx.Pipe()
+        # The parent makes and removes the child's work directory: a killed child leaves none.
+        self.workdir = _scratch()
         self.proc = ctx.Process(target=_child, args=(child_conn, target, seeds, seed, mem_limit, time_limit,
-                                                     self.current, self.started), daemon=True)
+                                                     self.current, self.started, self.workdir), daemon=True)
         self.proc.start()
         child_conn.close()
         self.batch: tuple[int, int] | None = None
@@ -266,16 +265,15 @@ class _Worker:
         except OSError:
             pass
         self.proc.join(5)
-        if self.proc.is_alive():
-            self.proc.kill()
-            self.proc.join()
-        self.conn.close()
+        self.kill()
 
     def kill(self) -> None:
+        """End the child (if it still runs), close the pipe, remove its work directory."""
         if self.proc.is_alive():
             os.kill(self.proc.pid, signal.SIGKILL)
         self.proc.join()
         self.conn.close()
+        shutil.rmtree(self.workdir, ignore_errors=True)
 
 
 def _drain(worker: _Worker, stats: Stats) -> tuple[tuple | None, bool]:
@@ -373,7 +371,7 @@ def fuzz(target, cases: int, seed: int = 0, time_limit: float = 10.0, mem_limit_
                     _drain(w, stats)  # what it said before it died
                     w.proc.join()
                     kind, detail = _classify_death(w.proc)
-                    w.conn.close()
+                    w.kill()
                     workers.remove(w)
                     lost(w, kind, detail)
                     continue
@@ -428,7 +426,7 @@ def _isolate(ctx, target, seeds, seed, case, mem_limit, time_limit, grace) -> tu
                 return found, data
         worker.proc.join()
         kind, detail = _classify_death(worker.proc)
-        worker.conn.close()
+        worker.kill()
         return Finding(case, kind, detail, detail + " when run alone"), data
 
 
