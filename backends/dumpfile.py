@@ -10,8 +10,9 @@ in the reader's order (inline, then shared).  Escaping (C locale): `\\\\`, `\\n`
 bytes outside 0x21..0x7E as `\\xHH`; `=` too inside xattrs; a lone `-` as `\\x2d` in PAYLOAD
 and CONTENT.
 
-The text describes an *image*: a tree from any other source is compiled first (in memory) and
-read back, so `cfsc dump x.dump` prints what `cfsc dump` of the compiled image prints.
+The text describes an *image*: a tree from any other source is compiled first (in memory,
+`cfsc.build.write`) and read back, so `cfsc dump x.dump` prints what `cfsc dump` of the
+compiled image prints.
 """
 
 from __future__ import annotations
@@ -22,8 +23,6 @@ from typing import BinaryIO
 
 from cfsc.backends.erofs.entries import Entries, walk
 from cfsc.backends.erofs.reader import Image
-from cfsc.base.options import Options
-from cfsc.base.tree import Tree
 
 # Bytes that need escaping: anything but 0x21..0x7E, and the backslash.
 _STANDARD = re.compile(rb"[^\x21-\x5b\x5d-\x7e]")
@@ -104,10 +103,3 @@ def write_lines(out: BinaryIO, lines: Iterable[bytes], batch: int = 4096) -> Non
 def dump_image(image: Image, out: BinaryIO, names: frozenset[bytes] | None = None) -> None:
     """Write the dump of an image; `names` keeps only those children of the root (`--filter`)."""
     write_lines(out, dump_lines(image, names))
-
-
-def write(tree: Tree, out: BinaryIO, options: Options) -> None:
-    """Backend entry point: the dump of the image `tree` compiles to."""
-    from cfsc.tools.images import compile_in_memory
-
-    dump_image(compile_in_memory(tree, options), out)

@@ -12,7 +12,6 @@ Prints one line per mismatch (seed, version options) and a summary; exit 1 on an
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import subprocess
 import sys
@@ -20,10 +19,9 @@ import tempfile
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 
-from cfsc.backends.erofs.writer import write_image
 from cfsc.base.errors import CfscError
 from cfsc.base.options import Options
-from cfsc.build.pipeline import run_passes
+from cfsc.build import compile_tree
 from cfsc.frontends import dumpfile
 from randomdump import random_dump
 
@@ -34,10 +32,7 @@ def cfsc_image(data: bytes, variant: str, strict: bool) -> bytes | str:
     opts = {"default": Options(), "v0": Options(max_version=0), "v1": Options(min_version=1)}[variant]
     opts.strict = strict
     try:
-        tree = run_passes(dumpfile.loads(data, opts), opts)
-        out = io.BytesIO()
-        write_image(tree, out)
-        return out.getvalue()
+        return compile_tree(dumpfile.loads(data, opts), opts)
     except CfscError as e:
         return f"error: {e}"
 

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import textwrap
 
 import pytest
-from cfsc import frontends, schemas
+from cfsc import build, frontends, schemas
 from cfsc.base.options import Options
 from cfsc.cli.diff import render_check
+from cfsc.frontends import reorder
 from cfsc.tools import check
 from conftest import CONFORMANCE, DATA, cases, run_cfsc
 
@@ -75,7 +77,7 @@ FLAKY = textwrap.dedent('''
 def test_non_determinism_is_caught_with_a_useful_diff(tmp_path, monkeypatch):
     (tmp_path / "flaky_frontend.py").write_text(FLAKY)
     monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setitem(frontends.FRONTENDS, "flaky", ("flaky_frontend", "test only: listing order matters"))
+    monkeypatch.setitem(frontends.FRONTENDS, "flaky", frontends.Frontend("flaky", "flaky_frontend", "test only: listing order matters"))
     source = tmp_path / "input.dump"
     source.write_bytes(DUMP + b"/a 5 100600 1 0 0 0 100.0 - hello -\n")  # /a twice: which one wins?
     ways = ["reversed", "threads", "dump", "image"]
@@ -149,11 +151,11 @@ def test_clamp_mtime_from_source_date_epoch(tmp_path):
 
 def test_shuffle_keeps_parents_first():
     dump = DUMP + b"/d/e\\x2fx 0 100644 1 0 0 0 0.0 - - -\n"  # an escaped '/': one level deeper
-    lines = check.shuffle_dumpfile(dump, seed=3).splitlines()
+    lines = reorder.shuffle_dumpfile(dump, seed=3).splitlines()
     assert sorted(lines) == sorted(dump.splitlines())
     paths = [line.split(b" ", 1)[0] for line in lines]
     assert paths[0] == b"/" and paths.index(b"/d") < paths.index(b"/d/f") < paths.index(b"/d/e\\x2fx")
-    assert check.shuffle_dumpfile(dump, seed=3) == check.shuffle_dumpfile(dump, seed=3)
+    assert reorder.shuffle_dumpfile(dump, seed=3) == reorder.shuffle_dumpfile(dump, seed=3)
 
 
 def test_an_unknown_way_names_the_option(tmp_path):
@@ -187,7 +189,7 @@ def test_reproducible_with_tar_members_shuffled(path):
     import lzma
 
     out = io.BytesIO()
-    check.shuffle_tar(str(path), out, seed=1)
+    reorder.shuffle_tar(str(path), out, seed=1)
     original = _member_paths(lzma.decompress(path.read_bytes()))
     shuffled = _member_paths(out.getvalue())
     assert sorted(shuffled) == sorted(original) and shuffled != original  # really another order
@@ -209,7 +211,7 @@ def test_reproducible_with_crfs_entries_shuffled(source):
     side = layers(source)
     for one in inputs(side):
         out = io.BytesIO()
-        check.shuffle_toc(one, out, seed=1)
+        reorder.shuffle_toc(one, out, seed=1)
         before = orjson.loads(open(one, "rb").read())["entries"]
         after = orjson.loads(out.getvalue())["entries"]
         assert sorted(map(orjson.dumps, after)) == sorted(map(orjson.dumps, before))
@@ -267,15 +269,13 @@ def test_shuffled_orders_mean_the_same(tmp_path):
         return orjson.dumps({"version": 1, "entries": entries})
 
     def compiled(inputs, fmt, options):
-        from cfsc import frontends
-
-        return check.compile_tree(frontends.load([io.BytesIO(i) for i in inputs], options, fmt), options)
+        return build.compile_tree(build.load([io.BytesIO(i) for i in inputs], options, fmt), options)
 
     tried = 0
     for seed in range(150):
         rng = random.Random(seed)
-        for fmt, make, shuffle, options in (("tar", layer, check.shuffle_tar, Options(keep_whiteouts=bool(seed % 2))),
-                                            ("crfs", toc, check.shuffle_toc, Options())):
+        for fmt, make, shuffle, options in (("tar", layer, reorder.shuffle_tar, Options(keep_whiteouts=bool(seed % 2))),
+                                            ("crfs", toc, reorder.shuffle_toc, Options())):
             inputs = [make(rng) for _ in range(rng.randint(1, 3))]
             try:
                 first = compiled(inputs, fmt, options)
@@ -326,7 +326,7 @@ def test_order_dependence_is_caught_by_shuffling(tmp_path, monkeypatch, fmt):
     module = f"last_{fmt}_frontend"
     (tmp_path / f"{module}.py").write_text(LAST_MEMBER if fmt == "tar" else LAST_ENTRY)
     monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setitem(frontends.FRONTENDS, fmt, (module, "test only: the order matters"))
+    monkeypatch.setitem(frontends.FRONTENDS, fmt, dataclasses.replace(frontends.FRONTENDS[fmt], module=module))
     source = str(TAR[0] if fmt == "tar" else DATA / "crfs" / "links.json")
     report = check.reproducible(source, Options(), fmt, ["shuffled", "threads"])
     assert not report.ok

@@ -24,11 +24,11 @@ from pathlib import Path
 import pytest
 import zstandard
 from cfsc import frontends
-from cfsc.backends.erofs.writer import write_image
 from cfsc.base.errors import InputError, UsageError
 from cfsc.base.fsverity import digest_file
 from cfsc.base.options import Options
 from cfsc.base.tree import S_IFDIR, S_IFLNK, S_IFREG
+from cfsc.build import compile_tree
 from cfsc.build.pipeline import run_passes
 from cfsc.frontends.tar import layers as tar
 from conftest import DATA, image_of
@@ -53,9 +53,7 @@ def load(data: bytes | list[bytes], tmp_path: Path, **options):
 
 
 def image(tree) -> bytes:
-    out = io.BytesIO()
-    write_image(run_passes(tree, Options()), out)
-    return out.getvalue()
+    return compile_tree(tree)
 
 
 def store_listing(store: Path) -> list[tuple[str, int]]:
