@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from cfsc.base.errors import UsageError
 
@@ -27,15 +26,21 @@ IMAGE = "image"
 HOMED = "homed"
 
 
-@dataclass(frozen=True, slots=True)
 class Backend:
-    """One output format; `write` is "module:function", imported on first use."""
+    """One output format; `write` is "module:function", imported on first use (a plain class
+    like `cfsc.frontends.Frontend`, for start-up time)."""
 
-    name: str
-    write: str
-    description: str
-    takes: str
-    text: bool = True  # prints text, for `cfsc dump --format`
+    __slots__ = ("description", "name", "takes", "text", "write")
+
+    def __init__(self, name: str, write: str, description: str, takes: str, *, text: bool = True) -> None:
+        self.name = name
+        self.write = write
+        self.description = description
+        self.takes = takes
+        self.text = text  # prints text, for `cfsc dump --format`
+
+    def __repr__(self) -> str:
+        return f"Backend({self.name!r}, {self.write!r})"
 
     def writer(self) -> Callable:
         module, _colon, name = self.write.partition(":")

@@ -16,7 +16,6 @@ from __future__ import annotations
 import importlib
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
 from types import ModuleType
 
 from cfsc.base import streams
@@ -31,24 +30,36 @@ DIRECTORY = "directory"  # a directory on disk
 REF = "ref"              # a name starting with the frontend's `prefix` (`ostree:REPO:REF`)
 
 
-@dataclass(frozen=True, slots=True)
 class Frontend:
-    """One source format and what it can do; `module` is imported on first use."""
+    """One source format and what it can do; `module` is imported on first use.
 
-    name: str
-    module: str  # load(source, options); sniff(head), load_many(sources, options), loads(data, options, name) if it has them
-    description: str
-    reads: str = DATA
-    prefix: str | None = None  # REF: what its sources start with
-    combines: bool = False  # several sources make one tree (`load_many`: layers, merged)
-    image: bool = False  # a composefs image already: inspected and compared as it is, never compiled
-    # "module:function(source, out, seed)" writing the input in another order that means the
-    # same tree, and how `cfsc check --reproducible` describes that order.
-    reorder: str | None = None
-    reorder_detail: str = ""
-    # "module:function(a, b, options)": two inputs cut down to the parts they do not share, each
-    # loading (`loads`) to a tree that diffs exactly like the whole input, or None when it cannot.
-    delta: str | None = None
+    (A plain class: every command builds these rows, and a NamedTuple or frozen dataclass
+    costs ~1 ms more at start-up, measured.)"""
+
+    __slots__ = ("combines", "delta", "description", "image", "module", "name", "prefix", "reads", "reorder",
+                 "reorder_detail")
+
+    def __init__(self, name: str, module: str, description: str, *, reads: str = DATA, prefix: str | None = None,
+                 combines: bool = False, image: bool = False, reorder: str | None = None, reorder_detail: str = "",
+                 delta: str | None = None) -> None:
+        self.name = name
+        # load(source, options); sniff(head), load_many(sources, options), loads(data, options, name) if it has them
+        self.module = module
+        self.description = description
+        self.reads = reads
+        self.prefix = prefix  # REF: what its sources start with
+        self.combines = combines  # several sources make one tree (`load_many`: layers, merged)
+        self.image = image  # a composefs image already: inspected and compared as it is, never compiled
+        # "module:function(source, out, seed)" writing the input in another order that means the
+        # same tree, and how `cfsc check --reproducible` describes that order.
+        self.reorder = reorder
+        self.reorder_detail = reorder_detail
+        # "module:function(a, b, options)": two inputs cut down to the parts they do not share,
+        # each loading (`loads`) to a tree that diffs exactly like the whole input, or None.
+        self.delta = delta
+
+    def __repr__(self) -> str:
+        return f"Frontend({self.name!r}, {self.module!r})"
 
     def code(self) -> ModuleType:
         return importlib.import_module(self.module)

@@ -21,7 +21,6 @@ file (`.ostree-wh.NAME`), which ostree 2022.7 and cfsc both keep as a plain file
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import random
 import stat

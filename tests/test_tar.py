@@ -15,7 +15,6 @@ archives, nanoseconds from PAX records), as the tar frontend reads it.
 from __future__ import annotations
 
 import gzip
-import io
 import lzma
 import os
 import subprocess
