@@ -1,49 +1,68 @@
 """Backends: turn a compiled tree into an output format.
 
-How to add a backend: write `backends/<format>.py` (or a package) exposing
-`write(tree, out, options)` that writes to a binary stream, and add a row to `BACKENDS`.
-Backends that need the composefs lowering (the image) get a tree that went through the whole
-pipeline; text backends (dumpfile, JSON) get the tree as the frontend produced it.
+How to add a backend: write `backends/<format>.py` (or a package) with a function that writes
+to a binary stream, and add a row to `BACKENDS` naming it and saying what it `takes`:
+
+* `COMPILED`: the tree after the whole pipeline, `write(tree, out)` (the image writer);
+* `IMAGE`: the image the tree compiles to, opened for reading, `write(image, out, names)`
+  (`names`: only those children of the root, or None) — text that describes an image;
+* `HOMED`: the tree as the frontend gave it with one home entry per inode (the
+  `resolve_hardlinks` pass), `write(tree, out, options)`.
+
+`cfsc.build.write` gives each backend what it takes; backends run no passes themselves.  The
+rows name functions rather than import them: a command imports only the backend it runs.
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
-from typing import BinaryIO
 
-from cfsc.base.options import Options
-from cfsc.base.tree import Tree
+from cfsc.base.errors import UsageError
 
-
-def _write_image(tree: Tree, out: BinaryIO, options: Options) -> None:
-    from cfsc.backends.erofs.writer import write_image
-    from cfsc.build.pipeline import run_passes
-
-    write_image(run_passes(tree, options), out)
+# What a backend's function is given (`Backend.takes`).
+COMPILED = "compiled"
+IMAGE = "image"
+HOMED = "homed"
 
 
-def _write_dump(tree: Tree, out: BinaryIO, options: Options) -> None:
-    from cfsc.backends.dumpfile import write
+class Backend:
+    """One output format; `write` is "module:function", imported on first use (a plain class
+    like `cfsc.frontends.Frontend`, for start-up time)."""
 
-    write(tree, out, options)
+    __slots__ = ("description", "name", "takes", "text", "write")
+
+    def __init__(self, name: str, write: str, description: str, takes: str, *, text: bool = True) -> None:
+        self.name = name
+        self.write = write
+        self.description = description
+        self.takes = takes
+        self.text = text  # prints text, for `cfsc dump --format`
+
+    def __repr__(self) -> str:
+        return f"Backend({self.name!r}, {self.write!r})"
+
+    def writer(self) -> Callable:
+        module, _colon, name = self.write.partition(":")
+        return getattr(importlib.import_module(module), name)
 
 
-def _write_json(tree: Tree, out: BinaryIO, options: Options) -> None:
-    from cfsc.backends.jsonlines import write
+BACKENDS: dict[str, Backend] = {b.name: b for b in (
+    Backend("image", "cfsc.backends.erofs.writer:write_image",
+            "composefs image (EROFS), byte-identical with mkcomposefs 1.0.8", COMPILED, text=False),
+    Backend("dump", "cfsc.backends.dumpfile:dump_image",
+            "dumpfile text, as composefs-info dump prints the compiled image", IMAGE),
+    Backend("json", "cfsc.backends.jsonlines:dump_image",
+            "one JSON object per entry per line (the dump's fields)", IMAGE),
+    Backend("crfs", "cfsc.backends.crfs:write",
+            "CRFS / eStargz TOC JSON that `--from crfs` compiles back (cfsc schema crfs-toc)", HOMED),
+)}
 
-    write(tree, out, options)
 
-
-def _write_crfs(tree: Tree, out: BinaryIO, options: Options) -> None:
-    from cfsc.backends.crfs import write
-
-    write(tree, out, options)
-
-
-# name → (writer, description)
-BACKENDS: dict[str, tuple[Callable[[Tree, BinaryIO, Options], None], str]] = {
-    "image": (_write_image, "composefs image (EROFS), byte-identical with mkcomposefs 1.0.8"),
-    "dump": (_write_dump, "dumpfile text, as composefs-info dump prints the compiled image"),
-    "json": (_write_json, "one JSON object per entry per line (the dump's fields)"),
-    "crfs": (_write_crfs, "CRFS / eStargz TOC JSON that `--from crfs` compiles back (cfsc schema crfs-toc)"),
-}
+def get(name: str, text: bool = False) -> Backend:
+    """The backend called `name` (`text`: one that prints text)."""
+    backend = BACKENDS.get(name)
+    if backend is None or (text and not backend.text):
+        choices = ", ".join(b.name for b in BACKENDS.values() if b.text or not text)
+        raise UsageError(f"unknown {'dump ' if text else ''}format {name!r}: expected one of {choices}", "--format")
+    return backend

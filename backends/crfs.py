@@ -22,7 +22,6 @@ from cfsc.base import devices, jsonbytes, rfc3339
 from cfsc.base.errors import TreeError, UsageError
 from cfsc.base.options import Options
 from cfsc.base.tree import S_IFBLK, S_IFCHR, S_IFDIR, S_IFLNK, S_IFMT, S_IFREG, Tree
-from cfsc.passes.resolve_hardlinks import resolve_hardlinks
 
 BATCH = 4096
 
@@ -46,10 +45,11 @@ def _xattr_fields(xattrs: tuple) -> dict:
 
 
 def write(tree: Tree, out: BinaryIO, options: Options | None = None) -> None:
+    """The TOC of a tree with one home entry per inode, as the compiler will see it
+    (`cfsc.build.write` runs `resolve_hardlinks` first)."""
     if tree.lowered:
         raise UsageError("the tree was already rewritten for the image (overlay xattrs, root whiteouts):"
                          " give the source tree", tree.source)
-    resolve_hardlinks(tree, options or Options())  # one home per inode, as the compiler will see it
     extra_names: dict[int, int] = {}  # id(inode) → names besides its home
     for directory in tree.directories():
         if directory.links:

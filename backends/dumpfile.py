@@ -8,8 +8,9 @@ A hard link (second or later occurrence of an inode) gets `@` before MODE, the f
 occurrence's path as PAYLOAD, and every other field from that first occurrence.  xattrs come
 in the reader's order (inline, then shared).  Escaping: `cfsc.backends.dumptext`.
 
-The text describes an *image*: a tree from any other source is compiled first (in memory) and
-read back, so `cfsc dump x.dump` prints what `cfsc dump` of the compiled image prints.
+The text describes an *image*: a tree from any other source is compiled first (in memory,
+`cfsc.build.write`) and read back, so `cfsc dump x.dump` prints what `cfsc dump` of the
+compiled image prints.
 """
 
 from __future__ import annotations
@@ -20,8 +21,6 @@ from typing import BinaryIO
 from cfsc.backends.dumptext import escape, escape_equal, escape_optional
 from cfsc.backends.erofs.entries import Entries, walk
 from cfsc.backends.erofs.reader import Image
-from cfsc.base.options import Options
-from cfsc.base.tree import Tree
 
 
 def dump_lines(image: Image, names: frozenset[bytes] | None = None) -> Iterator[bytes]:
@@ -65,10 +64,3 @@ def write_lines(out: BinaryIO, lines: Iterable[bytes], batch: int = 4096) -> Non
 def dump_image(image: Image, out: BinaryIO, names: frozenset[bytes] | None = None) -> None:
     """Write the dump of an image; `names` keeps only those children of the root (`--filter`)."""
     write_lines(out, dump_lines(image, names))
-
-
-def write(tree: Tree, out: BinaryIO, options: Options) -> None:
-    """Backend entry point: the dump of the image `tree` compiles to."""
-    from cfsc.tools.images import compile_in_memory
-
-    dump_image(compile_in_memory(tree, options), out)

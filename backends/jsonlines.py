@@ -22,8 +22,7 @@ from cfsc.backends.dumpfile import write_lines
 from cfsc.backends.erofs.entries import Entries, Entry, walk
 from cfsc.backends.erofs.reader import Image
 from cfsc.base.jsonbytes import put
-from cfsc.base.options import Options
-from cfsc.base.tree import FILE_TYPES, S_IFBLK, S_IFCHR, S_IFMT, Tree
+from cfsc.base.tree import FILE_TYPES, S_IFBLK, S_IFCHR, S_IFMT
 
 
 def entry_object(path: bytes, e: Entry, first: bytes | None) -> dict:
@@ -64,9 +63,3 @@ def dump_image(image: Image, out: BinaryIO, names: frozenset[bytes] | None = Non
     newline = orjson.OPT_APPEND_NEWLINE
     write_lines(out, (dumps(entry_object(path, e, first), option=newline)
                       for path, e, first in walk(image, names, Entries(image))))
-
-
-def write(tree: Tree, out: BinaryIO, options: Options) -> None:
-    from cfsc.tools.images import compile_in_memory
-
-    dump_image(compile_in_memory(tree, options), out)

@@ -7,7 +7,7 @@
 The trees are `compile_bench`'s synthetic ones (directories of 1000 external files with SELinux
 labels); B is A with 10 files changed, spread over the tree (mode, digest, an added xattr).
 Runs, each repeated: `cfsc compile A --print-digest-only` (the yardstick); `cfsc diff A B
---stat` on the two dumpfiles (the lines they do not share: `cfsc.tools.dump_delta`); `cfsc diff A
+--stat` on the two dumpfiles (the lines they do not share: `cfsc.frontends.dumpfile_delta`); `cfsc diff A
 B.cfs` (a dumpfile against the image of B: both trees loaded and fingerprinted, B in a worker
 process), the same with `--threads 1` (one process), and two images (`A.cfs B.cfs`, with the
 reasons their bytes differ).  Wall time, CPU time (children included) and peak RSS of the

@@ -51,13 +51,9 @@ CFSC = str(Path(sys.executable).with_name("cfsc"))
 
 def create(base: Path) -> None:
     """Write the store and the image (a tree built in memory, lowered with cfsc)."""
-    import io
-
-    from cfsc.backends.erofs.writer import write_image
     from cfsc.base.fsverity import FsVerityHasher, digest_bytes, payload_path
-    from cfsc.base.options import Options
     from cfsc.base.tree import S_IFDIR, S_IFLNK, S_IFREG, Inode, Tree
-    from cfsc.build.pipeline import run_passes
+    from cfsc.build import compile_tree
 
     store = base / "store"
     store.mkdir(parents=True, exist_ok=True)
@@ -129,15 +125,14 @@ def create(base: Path) -> None:
     os.replace(tmp, store / os.fsdecode(payload))
     root.add_child(b"big.bin", Inode(S_IFREG | 0o644, size=BIG, payload=payload, digest=digest, mtime=1700000000))
     paths.append("big.bin")
-    out = io.BytesIO()
-    write_image(run_passes(Tree(root, "fusebench"), Options()), out)
-    (base / "image.cfs").write_bytes(out.getvalue())
+    image = compile_tree(Tree(root, "fusebench"))
+    (base / "image.cfs").write_bytes(image)
     (base / "paths").write_text("".join(p + "\n" for p in paths))
     (base / "small").write_text("".join(p + "\n" for p in small))
     (base / "small-objects").write_text("".join(f"{store}/{p}\n" for p in small_objects))
     (base / "big-object").write_text(f"{store}/{os.fsdecode(payload)}\n")
     print(f"created {base}: {len(paths) + 1} entries, {len(small)} small files, "
-          f"{len(out.getvalue()) / 1e6:.1f} MB image", file=sys.stderr)
+          f"{len(image) / 1e6:.1f} MB image", file=sys.stderr)
 
 
 # -- mounting ------------------------------------------------------------------------------------

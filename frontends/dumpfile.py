@@ -745,26 +745,33 @@ def load(source, options: Options | None = None) -> Tree:
     options = options or Options()
     tree = _Parser(source_name(source), options.strict).parse(chunks(source))
     if source != "-":
-        tree.locate = lambda path: locate(source, path)
+        tree.locate = lambda path: locate(source_name(source), chunks(source), path)
     return tree
 
 
-def locate(source, path: bytes) -> str | None:
-    """`file:line` of the record that defines `path` (a second read: only for error messages)."""
+def locate(name: str, pieces: Iterable[bytes], path: bytes) -> str | None:
+    """`name:line` of the record that defines `path` in the text `pieces` make up (a second
+    read of the input: only for error messages)."""
     want = [p for p in path.split(b"/") if p]
-    lines_of = Lines(chunks(source))
+    lines_of = Lines(pieces)  # linear however long a line is (and bounded: LINE_MAX)
     for n, line in enumerate(chain(chain.from_iterable(lines_of), (lines_of.tail,)), 1):
-        field = line.split(b" ", 1)[0]
-        if b"\\" in field:
-            try:
-                field = unescape(field).split(b"\0", 1)[0]
-            except BadEscape:
-                continue
-        if [p for p in field.split(b"/") if p] == want:
-            return f"{source_name(source)}:{n}"
+        if _defines(line, want):
+            return f"{name}:{n}"
     return None
+
+
+def _defines(line: bytes, want: list[bytes]) -> bool:
+    field = line.split(b" ", 1)[0]
+    if b"\\" in field:
+        try:
+            field = unescape(field).split(b"\0", 1)[0]
+        except BadEscape:
+            return False
+    return [p for p in field.split(b"/") if p] == want
 
 
 def loads(data: bytes, options: Options | None = None, name: str = "<string>") -> Tree:
     options = options or Options()
-    return _Parser(name, options.strict).parse([data])
+    tree = _Parser(name, options.strict).parse([data])
+    tree.locate = lambda path: locate(name, [data], path)
+    return tree

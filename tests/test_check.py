@@ -7,9 +7,10 @@ import os
 import textwrap
 
 import pytest
-from cfsc import frontends, schemas
+from cfsc import build, frontends, schemas
 from cfsc.base.options import Options
 from cfsc.cli.diff import render_check
+from cfsc.frontends import reorder
 from cfsc.tools import check
 
 from tests.helpers.data import CONFORMANCE, DATA, cases, run_cfsc
@@ -78,7 +79,7 @@ FLAKY = textwrap.dedent('''
 def test_non_determinism_is_caught_with_a_useful_diff(tmp_path, monkeypatch):
     (tmp_path / "flaky_frontend.py").write_text(FLAKY)
     monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setitem(frontends.FRONTENDS, "flaky", ("flaky_frontend", "test only: listing order matters"))
+    monkeypatch.setitem(frontends.FRONTENDS, "flaky", frontends.Frontend("flaky", "flaky_frontend", "test only: listing order matters"))
     source = tmp_path / "input.dump"
     source.write_bytes(DUMP + b"/a 5 100600 1 0 0 0 100.0 - hello -\n")  # /a twice: which one wins?
     ways = ["reversed", "threads", "dump", "image"]
@@ -152,11 +153,11 @@ def test_clamp_mtime_from_source_date_epoch(tmp_path):
 
 def test_shuffle_keeps_parents_first():
     dump = DUMP + b"/d/e\\x2fx 0 100644 1 0 0 0 0.0 - - -\n"  # an escaped '/': one level deeper
-    lines = check.shuffle_dumpfile(dump, seed=3).splitlines()
+    lines = reorder.shuffle_dumpfile(dump, seed=3).splitlines()
     assert sorted(lines) == sorted(dump.splitlines())
     paths = [line.split(b" ", 1)[0] for line in lines]
     assert paths[0] == b"/" and paths.index(b"/d") < paths.index(b"/d/f") < paths.index(b"/d/e\\x2fx")
-    assert check.shuffle_dumpfile(dump, seed=3) == check.shuffle_dumpfile(dump, seed=3)
+    assert reorder.shuffle_dumpfile(dump, seed=3) == reorder.shuffle_dumpfile(dump, seed=3)
 
 
 def test_an_unknown_way_names_the_option(tmp_path):
@@ -190,7 +191,7 @@ def test_reproducible_with_tar_members_shuffled(path):
     import lzma
 
     out = io.BytesIO()
-    check.shuffle_tar(str(path), out, seed=1)
+    reorder.shuffle_tar(str(path), out, seed=1)
     original = _member_paths(lzma.decompress(path.read_bytes()))
     shuffled = _member_paths(out.getvalue())
     assert sorted(shuffled) == sorted(original) and shuffled != original  # really another order
@@ -212,7 +213,7 @@ def test_reproducible_with_crfs_entries_shuffled(source):
     side = layers(source)
     for one in inputs(side):
         out = io.BytesIO()
-        check.shuffle_toc(one, out, seed=1)
+        reorder.shuffle_toc(one, out, seed=1)
         before = orjson.loads(open(one, "rb").read())["entries"]
         after = orjson.loads(out.getvalue())["entries"]
         assert sorted(map(orjson.dumps, after)) == sorted(map(orjson.dumps, before))
@@ -271,15 +272,13 @@ def test_shuffled_orders_mean_the_same(tmp_path):
         return orjson.dumps({"version": 1, "entries": entries})
 
     def compiled(inputs, fmt, options):
-        from cfsc import frontends
-
-        return check.compile_tree(frontends.load([io.BytesIO(i) for i in inputs], options, fmt), options)
+        return build.compile_tree(build.load([io.BytesIO(i) for i in inputs], options, fmt), options)
 
     tried = 0
     for seed in range(150):
         rng = random.Random(seed)
-        for fmt, make, shuffle, options in (("tar", layer, check.shuffle_tar, Options(keep_whiteouts=bool(seed % 2))),
-                                            ("crfs", toc, check.shuffle_toc, Options())):
+        for fmt, make, shuffle, options in (("tar", layer, reorder.shuffle_tar, Options(keep_whiteouts=bool(seed % 2))),
+                                            ("crfs", toc, reorder.shuffle_toc, Options())):
             inputs = [make(rng) for _ in range(rng.randint(1, 3))]
             try:
                 first = compiled(inputs, fmt, options)
@@ -330,7 +329,9 @@ def test_order_dependence_is_caught_by_shuffling(tmp_path, monkeypatch, fmt):
     module = f"last_{fmt}_frontend"
     (tmp_path / f"{module}.py").write_text(LAST_MEMBER if fmt == "tar" else LAST_ENTRY)
     monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setitem(frontends.FRONTENDS, fmt, (module, "test only: the order matters"))
+    row = frontends.FRONTENDS[fmt]  # reordered as the real format, loaded by the test module
+    monkeypatch.setitem(frontends.FRONTENDS, fmt, frontends.Frontend(
+        fmt, module, "test only: the order matters", combines=True, reorder=row.reorder, reorder_detail=row.reorder_detail))
     source = str(TAR[0] if fmt == "tar" else DATA / "crfs" / "links.json")
     report = check.reproducible(source, Options(), fmt, ["shuffled", "threads"])
     assert not report.ok

@@ -17,12 +17,10 @@ import orjson
 import pytest
 import zstandard
 from cfsc import schemas
-from cfsc.backends import crfs as crfs_backend
-from cfsc.backends.erofs.writer import write_image
 from cfsc.base.errors import InputError, InputErrors
 from cfsc.base.fsverity import digest_file
 from cfsc.base.options import Options
-from cfsc.build.pipeline import run_passes
+from cfsc.build import compile_tree, write
 from cfsc.frontends import dumpfile
 from cfsc.frontends.crfs import slices as jsonslices
 from cfsc.frontends.crfs import toc as crfs
@@ -40,14 +38,12 @@ HEX = "7c9bbe5ec9b3fb774e8fa0f54247e93c34ddf8e5d16fe3073420de0ae81a262d"
 
 
 def image(tree, **options) -> bytes:
-    out = io.BytesIO()
-    write_image(run_passes(tree, Options(**options)), out)
-    return out.getvalue()
+    return compile_tree(tree, Options(**options))
 
 
 def toc_of(tree) -> bytes:
     out = io.BytesIO()
-    crfs_backend.write(tree, out)
+    write(tree, "crfs", out)
     return out.getvalue()
 
 

@@ -18,14 +18,13 @@ import pytest
 from cfsc import schemas
 from cfsc.base.options import Options
 from cfsc.base.query import parse
-from cfsc.build import compile_image
-from cfsc.build.pipeline import PASSES
+from cfsc.build import compile_image, compile_in_memory
+from cfsc.build.pipeline import run_passes
 from cfsc.cli.diff import render
 from cfsc.frontends.image import read_tree
-from cfsc.passes.add_overlay_xattrs import add_overlay_xattrs
 from cfsc.tools import diff as diffing
-from cfsc.tools.images import compile_in_memory, dump
-from cfsc.tools.manifest import Ignore, Manifest
+from cfsc.tools.images import dump
+from cfsc.tools.manifest import NORMALISE, Ignore, Manifest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -495,9 +494,7 @@ def _manifest(dump: bytes, **options):
     from cfsc.frontends import dumpfile
 
     opts = Options(**options)
-    tree = dumpfile.loads(dump, opts)
-    for p in PASSES[:PASSES.index(add_overlay_xattrs) + 1]:
-        tree = p(tree, opts)
+    tree = run_passes(dumpfile.loads(dump, opts), opts, NORMALISE)
     m = Counting(tree, True, Ignore(), "x", "dump")
     m.asked = []
     return m
@@ -529,9 +526,7 @@ def test_a_tree_and_its_image_are_identical(tree):
     for version in (0, 1):
         options = Options(max_version=version)
         image = compile_in_memory(tree.copy(), options)
-        source = tree.copy()
-        for p in PASSES[:PASSES.index(add_overlay_xattrs) + 1]:
-            source = p(source, options)
+        source = run_passes(tree.copy(), options, NORMALISE)
         a = Manifest(source, True, Ignore(), "tree", "dump")
         b = Manifest(read_tree(image), False, Ignore(), "image", "image", image)
         assert diffing.diff_manifests(a, b) == []

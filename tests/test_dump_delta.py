@@ -1,4 +1,4 @@
-"""The dumpfile shortcut of `cfsc diff` (`cfsc.tools.dump_delta`) says exactly what the full diff says."""
+"""The dumpfile shortcut of `cfsc diff` (`cfsc.frontends.dumpfile_delta`) says exactly what the full diff says."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import random
 import pytest
 from cfsc.base.errors import CfscError
 from cfsc.base.options import Options
+from cfsc.frontends import dumpfile_delta as dump_delta
+from cfsc.frontends.reorder import shuffle_dumpfile
 from cfsc.tools import diff as diffing
-from cfsc.tools import dump_delta
-from cfsc.tools.check import shuffle_dumpfile
 
 
 def random_tree(rng: random.Random) -> list[bytes]:

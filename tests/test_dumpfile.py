@@ -217,20 +217,13 @@ def test_compressed_input(cfsc, tmp_path):
 
 def _both_paths(data: bytes, strict: bool):
     """Compile with the batch fast path and with every line through the reference path."""
-    import io
-
-    from cfsc.backends.erofs.writer import write_image
-    from cfsc.base.options import Options
-    from cfsc.build.pipeline import run_passes
+    from cfsc.build import compile_tree
     from cfsc.frontends.dumpfile import _Parser
 
     results = []
     for fast in (True, False):
         try:
-            tree = _Parser("x.dump", strict, fast).parse([data])
-            out = io.BytesIO()
-            write_image(run_passes(tree, Options()), out)
-            results.append(out.getvalue())
+            results.append(compile_tree(_Parser("x.dump", strict, fast).parse([data])))
         except CfscError as e:  # compare the error, too
             results.append(f"{type(e).__name__}: {e}")
     return results
@@ -257,15 +250,9 @@ def test_chunk_boundaries_do_not_matter():
     for size in (1, 7, 100, 4096):
         chunks = [data[i:i + size] for i in range(0, len(data), size)]
         tree = _Parser("x", False).parse(chunks)
-        import io
+        from cfsc.build import compile_tree
 
-        from cfsc.backends.erofs.writer import write_image
-        from cfsc.base.options import Options
-        from cfsc.build.pipeline import run_passes
-
-        out = io.BytesIO()
-        write_image(run_passes(tree, Options()), out)
-        assert out.getvalue() == reference
+        assert compile_tree(tree) == reference
 
 
 def test_fast_path_equals_reference_path_on_random_dumps():

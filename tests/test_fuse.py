@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 import pytest
+from cfsc import build
 from cfsc.backends.erofs.writer import write_image
 from cfsc.base import beneath
 from cfsc.base.fsverity import digest_bytes, payload_path
@@ -151,9 +152,7 @@ def compare_mounts(image: Path, tmp: Path, basedirs=()) -> list:
 
 
 def compile_tree(tree, image: Path) -> None:
-    out = io.BytesIO()
-    write_image(run_passes(tree, Options()), out)
-    image.write_bytes(out.getvalue())
+    image.write_bytes(build.compile_tree(tree))
 
 
 def compile_dump(text: bytes, image: Path) -> None:

@@ -9,6 +9,7 @@ from cfsc.backends.erofs.reader import Image
 from cfsc.backends.erofs.writer import write_image
 from cfsc.base.options import Options
 from cfsc.base.tree import S_IFDIR, Inode, Tree
+from cfsc.build import compile_tree
 from cfsc.build.pipeline import PASSES, run_passes
 from cfsc.frontends import dumpfile
 from cfsc.frontends.image import read_tree
@@ -21,9 +22,7 @@ SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[Heal
 
 
 def image(tree: Tree, **options) -> bytes:
-    out = io.BytesIO()
-    write_image(run_passes(tree, Options(**options)), out)
-    return out.getvalue()
+    return compile_tree(tree, Options(**options))
 
 
 @SETTINGS
@@ -55,6 +54,7 @@ def test_wide_random_trees_compile_deterministically_and_through_their_dump(tree
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(trees())
 def test_every_pass_is_idempotent(tree):
+    """The writer alone after each pass again (compile_tree would run them all again)."""
     options = Options()
     compiled = run_passes(tree.copy(), options)
     reference = io.BytesIO()

@@ -16,11 +16,10 @@ import io
 import random
 from collections.abc import Callable
 
-from cfsc.backends.erofs.writer import write_image
 from cfsc.base.errors import DumpfileError
 from cfsc.base.options import Options
 from cfsc.base.tree import Tree
-from cfsc.build.pipeline import run_passes
+from cfsc.build import compile_tree
 from cfsc.frontends.dumpfile import _Parser
 from cfsc.passes.validate_limits import validate_limits
 
@@ -385,6 +384,6 @@ def compile_bytes(data: bytes, options: Options) -> bytes:
     """The image a dumpfile compiles to, in process (CfscError when it is refused)."""
     tree = _Parser("x.dump", options.strict).parse([data])
     out = io.BytesIO()
-    write_image(run_passes(tree, options), out)
+    compile_tree(tree, options, out)
     return out.getvalue()
 

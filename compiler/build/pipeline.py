@@ -7,7 +7,12 @@ ordering and xattr sharing then fix everything the image layout depends on.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator, Sequence
+
+from cfsc.base.errors import TreeError
 from cfsc.base.options import Options
+from cfsc.base.tree import Tree
 from cfsc.passes.add_overlay_xattrs import add_overlay_xattrs
 from cfsc.passes.clamp_mtimes import clamp_mtimes
 from cfsc.passes.exclude_entries import exclude_entries
@@ -16,7 +21,6 @@ from cfsc.passes.resolve_hardlinks import resolve_hardlinks
 from cfsc.passes.select_version import select_version
 from cfsc.passes.share_xattrs import share_xattrs
 from cfsc.passes.validate_limits import validate_limits
-from cfsc.base.tree import Tree
 
 PASSES = (
     exclude_entries,     # --exclude: drop what the user's queries select
@@ -30,8 +34,23 @@ PASSES = (
 )
 
 
-def run_passes(tree: Tree, options: Options | None = None) -> Tree:
+@contextlib.contextmanager
+def located(tree: Tree) -> Iterator[None]:
+    """A `TreeError` raised inside names the input position of its path, where the frontend
+    can tell it (`Tree.locate`: a dumpfile's `file:line`, an OSTree dirtree object)."""
+    try:
+        yield
+    except TreeError as e:
+        where = tree.locate(e.raw_path) if tree.locate is not None else None
+        if where is None:
+            raise
+        raise TreeError(e.what, e.raw_path, where) from None
+
+
+def run_passes(tree: Tree, options: Options | None = None, passes: Sequence = PASSES) -> Tree:
+    """Run `passes` (all of them, in order, by default) over the tree; errors are `located`."""
     options = options or Options()
-    for compiler_pass in PASSES:
-        tree = compiler_pass(tree, options)
+    with located(tree):
+        for compiler_pass in passes:
+            tree = compiler_pass(tree, options)
     return tree

@@ -182,9 +182,7 @@ def composefs_dump_cmd(ctx: typer.Context) -> None:
     hard links were homed elsewhere comes out reordered (`cfsc compile IMAGE` keeps them).
     """
     from cfsc.backends.erofs.reader import Image
-    from cfsc.backends.erofs.writer import write_image
     from cfsc.base.output import atomic_output
-    from cfsc.build.pipeline import run_passes
     from cfsc.frontends.image import read_tree
 
     where = "composefs-dump"
@@ -197,5 +195,5 @@ def composefs_dump_cmd(ctx: typer.Context) -> None:
     with build.batch_allocation():
         tree = read_tree(image, upstream=True)
     options = Options(min_version=image.version, max_version=image.version)
-    with build.batch_allocation(), atomic_output(args[1]) as out:
-        write_image(run_passes(tree, options), out)
+    with atomic_output(args[1]) as out:
+        build.compile_tree(tree, options, out)

@@ -14,7 +14,7 @@ entry's inode when it has several (a split, a merge or a moved link changes it).
 Two images need no manifests: equal bytes are equal trees, and otherwise both are walked in
 step (`diff_in_step`), parsing only the inodes whose bytes differ, into the records a manifest
 would hold (a property test holds the two paths to the same changes).  Two dumpfiles are cut
-down to the lines they do not share first (`cfsc.tools.dump_delta`).
+down to the lines they do not share first (`Frontend.delta`: `cfsc.frontends.dumpfile_delta`).
 
 `where` (a `cfsc.base.query.Query`) keeps the changes whose entry matches on either side, looking
 at the entry's real attributes (ignored ones too: `--ignore` only hides attributes from the
@@ -26,11 +26,13 @@ that counts as a difference; ignored, the reasons are not worked out (`--explain
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import traceback
 from collections import Counter
 from dataclasses import dataclass, field
 
+from cfsc import frontends
 from cfsc.backends.erofs.layout import (
     EROFS_BLKSIZ,
     EROFS_I_DATALAYOUT_BIT,
@@ -42,15 +44,19 @@ from cfsc.backends.erofs.layout import (
     EROFS_SLOTSIZE,
     EROFS_XATTR_ALIGN,
 )
-from cfsc.backends.erofs.reader import merge_sorted
+from cfsc.backends.erofs.reader import Image, merge_sorted
 from cfsc.base.errors import CfscError
+from cfsc.base.fsverity import digest_bytes
 from cfsc.base.jsonbytes import put
 from cfsc.base.limits import INLINE_CONTENT_MAX, PATH_MAX, VALID_TYPES
 from cfsc.base.options import Options, reshapes
 from cfsc.base.query import Query
+from cfsc.base.streams import read_all, source_name
 from cfsc.base.tree import FILE_TYPE_BITS, S_IFBLK, S_IFCHR, S_IFDIR, S_IFLNK, S_IFMT, S_IFREG, WHITEOUT
-from cfsc.tools.explain import I_INO_END, I_U, IBODY_HEADER, SHARED_COUNT, inode_head
-from cfsc.tools.manifest import FIELDS, Ignore, Manifest, Record, open_pair
+from cfsc.frontends.image import read_tree
+from cfsc.tools.explain import I_INO_END, I_U, IBODY_HEADER, SHARED_COUNT, inode_head, tree_reason
+from cfsc.tools.explain import explain as explain_bytes
+from cfsc.tools.manifest import FIELDS, Ignore, ImageRecords, Manifest, Record, RemoteError, detect, load, open_pair
 
 TYPE_BITS = {**FILE_TYPE_BITS, WHITEOUT: S_IFCHR}  # a record's type name -> mode bits
 # Single inode fields read from raw bytes (`inode_head` tells the layout by its size).
@@ -243,8 +249,6 @@ class _Walk:
     (for `hardlinks`)."""
 
     def __init__(self, image) -> None:
-        from cfsc.tools.manifest import ImageRecords
-
         self.image = image
         self.data = image.data
         self.size = len(image.data)
@@ -461,35 +465,28 @@ def diff(a_source, b_source, options: Options | None = None, fmt: str | None = N
 
     A side is a source, or a tuple of tar layers (bottom first; `cfsc.tools.manifest.layers`).
     Two images are compared in step (`diff_images`), two dumpfiles by the lines they do not
-    share (`cfsc.tools.dump_delta`) when they can be; anything else as two manifests."""
+    share (`Frontend.delta`) when they can be; anything else as two manifests."""
     options = options or Options()
     ignore = ignore or Ignore()
     count_layout = "layout" not in ignore.names
     data = None
     if not isinstance(a_source, tuple) and not isinstance(b_source, tuple):
-        from cfsc.tools.manifest import detect
-
         kinds = (fmt, fmt) if fmt is not None else (detect(a_source), detect(b_source))
-        if kinds == ("image", "image") and not reshapes(options, "image"):
-            from cfsc.backends.erofs.reader import Image
-
+        fa, fb = frontends.get(kinds[0]), frontends.get(kinds[1])
+        if fa.image and fb.image and not reshapes(options, "image"):
             return diff_images(Image.open(a_source), Image.open(b_source), where, ignore, explain)
-        if kinds == ("dump", "dump") and not explain:
-            from cfsc.base.streams import read_all, source_name
-            from cfsc.tools import dump_delta
-            from cfsc.tools.manifest import load
-
+        if fa is fb and fa.delta is not None and not explain:
             data = read_all(a_source), read_all(b_source)
-            small = dump_delta.reduce(data[0], data[1], options)
-            if small is not None:  # only the lines that differ, with their context
+            small = frontends.function(fa.delta)(data[0], data[1], options)
+            if small is not None:  # only the parts that differ, with their context
                 try:
-                    a = load(source_name(a_source), options, "dump", ignore, small[0])
-                    b = load(source_name(b_source), options, "dump", ignore, small[1])
+                    a = load(source_name(a_source), options, fa.name, ignore, small[0])
+                    b = load(source_name(b_source), options, fa.name, ignore, small[1])
                 except CfscError:
                     pass  # a differing line is bad: the whole files give the error its line number
                 else:
                     return compare(a, b, where, False, count_layout)
-            fmt = "dump"
+            fmt = fa.name
     a, b = open_pair(a_source, b_source, options, fmt, ignore, parallel, data)
     try:
         return compare(a, b, where, explain, count_layout)
@@ -500,11 +497,9 @@ def diff(a_source, b_source, options: Options | None = None, fmt: str | None = N
 
 def compare(a, b, where: Query | None = None, explain: bool = False, count_layout: bool = True) -> Report:
     """The report for two open manifests (`Manifest` or `RemoteManifest`)."""
-    from cfsc.backends.erofs.reader import Image
-
     changes = diff_manifests(a, b, where)
     report = Report(Side(a.name, a.fmt), Side(b.name, b.fmt), a.fields, changes, count_layout=count_layout)
-    if explain or (a.fmt == "image" and b.fmt == "image"):
+    if explain or (frontends.get(a.fmt).image and frontends.get(b.fmt).image):
         b.start("image")
         a.start("image")
         data_a, data_b = a.finish(), b.finish()
@@ -515,13 +510,10 @@ def compare(a, b, where: Query | None = None, explain: bool = False, count_layou
 def _layout(report: Report, a_image, b_image, why: bool) -> None:
     """Both images' digests and, if asked (`why`: the layout counts, or --explain), why their
     bytes differ."""
-    from cfsc.base.fsverity import digest_bytes
-    from cfsc.tools import explain
-
     report.a.digest = digest_bytes(a_image.data)
     report.b.digest = digest_bytes(b_image.data)
     if why and report.a.digest != report.b.digest:
-        report.layout = explain.explain(a_image, b_image, tree_changes=len(report.changes),
+        report.layout = explain_bytes(a_image, b_image, tree_changes=len(report.changes),
                                         digests=(report.a.digest, report.b.digest))
 
 
@@ -531,10 +523,6 @@ def diff_images(a_image, b_image, where: Query | None = None, ignore: Ignore | N
 
     Equal bytes are equal trees; otherwise both are walked in step (`diff_in_step`), or, for
     images that need it, read as trees and compared as manifests."""
-    from cfsc.backends.erofs.reader import Image
-    from cfsc.base.fsverity import digest_bytes
-    from cfsc.tools import explain as why
-
     ignore = ignore or Ignore()
     a_image, b_image = (x if isinstance(x, Image) else Image(x) for x in (a_image, b_image))
     count_layout = "layout" not in ignore.names
@@ -543,13 +531,11 @@ def diff_images(a_image, b_image, where: Query | None = None, ignore: Ignore | N
         changes: list[Change] = []
         reasons = None
     else:
-        reasons = _aside(why.explain, a_image, b_image, 0, digests) if count_layout or explain else None
+        reasons = _aside(explain_bytes, a_image, b_image, 0, digests) if count_layout or explain else None
         try:
             try:
                 changes = diff_in_step(a_image, b_image, ignore.fields, ignore.projection(), where)
             except _Unsuited:
-                from cfsc.frontends.image import read_tree
-
                 sides = [Manifest(read_tree(x), False, ignore, x.name, "image", x) for x in (a_image, b_image)]
                 changes = diff_manifests(sides[0], sides[1], where)
         except BaseException:  # the fallback too: the worker must not outlive a failure
@@ -561,7 +547,7 @@ def diff_images(a_image, b_image, where: Query | None = None, ignore: Ignore | N
     if reasons is not None:
         report.layout = reasons()
         if changes:
-            report.layout.insert(1, why.tree_reason(len(changes)))  # (after the digests)
+            report.layout.insert(1, tree_reason(len(changes)))  # (after the digests)
     return report
 
 
@@ -571,13 +557,9 @@ ASIDE_MIN = 4 << 20  # image bytes below which a worker process costs more than 
 def _aside(function, a_image, b_image, *args):
     """Run `function(a_image, b_image, *args)` in a forked worker when two CPUs are there and
     the images are big enough, else here; returns `result(cancel=False)`, which waits for it."""
-    import multiprocessing
-
     if len(a_image.data) + len(b_image.data) < ASIDE_MIN or len(os.sched_getaffinity(0)) < 2:
         value = function(a_image, b_image, *args)
         return lambda cancel=False: value
-    from cfsc.tools.manifest import RemoteError
-
     ctx = multiprocessing.get_context("fork")
     receive, send = ctx.Pipe(duplex=False)
 

@@ -7,34 +7,18 @@ verb describes exactly what `cfsc compile` writes.  The functions here return da
 
 from __future__ import annotations
 
-import importlib
-import io
 import os
 from collections.abc import Iterable
 from typing import BinaryIO
 
+from cfsc import backends, build, frontends
 from cfsc.backends.erofs.entries import Entries, Entry, walk
 from cfsc.backends.erofs.layout import COMPOSEFS_FLAGS_HAS_ACL
 from cfsc.backends.erofs.reader import Image
 from cfsc.base.errors import InputError, UsageError
 from cfsc.base.fsverity import digest_bytes
 from cfsc.base.options import Options, reshapes
-from cfsc.base.tree import FILE_TYPES, S_IFCHR, S_IFDIR, S_IFMT, S_IFREG, WHITEOUT, Tree
-
-# Text backends that print straight from an image (keeping the on-disk xattr order).
-IMAGE_DUMPERS = {"dump": "cfsc.backends.dumpfile", "json": "cfsc.backends.jsonlines"}
-
-
-def compile_in_memory(tree: Tree, options: Options | None = None) -> Image:
-    """Compile a tree and open the result: the image `cfsc compile` would write."""
-    from cfsc.backends.erofs.writer import write_image
-    from cfsc.build import batch_allocation
-    from cfsc.build.pipeline import run_passes
-
-    buf = io.BytesIO()
-    with batch_allocation():
-        write_image(run_passes(tree, options or Options()), buf)
-    return Image(buf.getvalue(), tree.source or "<compiled>")
+from cfsc.base.tree import FILE_TYPES, S_IFCHR, S_IFDIR, S_IFMT, S_IFREG, WHITEOUT
 
 
 def open_image(source, options: Options | None = None, fmt: str | None = None, recompile: bool = False) -> Image:
@@ -42,17 +26,12 @@ def open_image(source, options: Options | None = None, fmt: str | None = None, r
 
     `recompile`: an image too, when an option that applies to images is set (`reshapes`), so
     it shows what `cfsc compile` makes of it."""
-    from cfsc import frontends
-    from cfsc.build import batch_allocation
-
     options = options or Options()
     if fmt is None:
         fmt = frontends.detect(source)
-    if fmt == "image" and not (recompile and reshapes(options, "image")):
+    if frontends.get(fmt).image and not (recompile and reshapes(options, "image")):
         return Image.open(source)
-    with batch_allocation():
-        tree = frontends.load([source], options, fmt)
-    return compile_in_memory(tree, options)
+    return build.compile_in_memory(build.load([source], options, fmt), options)
 
 
 def filter_names(filters: Iterable[str]) -> frozenset[bytes] | None:
@@ -67,23 +46,9 @@ def filter_names(filters: Iterable[str]) -> frozenset[bytes] | None:
 def dump(source, out: BinaryIO, fmt: str = "dump", names: frozenset[bytes] | None = None,
          options: Options | None = None, source_format: str | None = None) -> None:
     """Print a source with a text backend (`dump`, `json`, or any other registered one)."""
-    from cfsc.backends import BACKENDS
-
-    if fmt not in BACKENDS or fmt == "image":
-        choices = ", ".join(n for n in BACKENDS if n != "image")
-        raise UsageError(f"unknown dump format {fmt!r}: expected one of {choices}", "--format")
-    from cfsc.build import batch_allocation
-    from cfsc.frontends.image import read_tree
-
+    backends.get(fmt, text=True)  # a bad --format fails before the source is read
     options = options or Options()
-    image = open_image(source, options, source_format, recompile=True)
-    module = IMAGE_DUMPERS.get(fmt)
-    with batch_allocation():
-        if module is not None:
-            importlib.import_module(module).dump_image(image, out, names)
-            return
-        tree = read_tree(image, names)
-    BACKENDS[fmt][0](tree, out, options)
+    build.write(open_image(source, options, source_format, recompile=True), fmt, out, options, names)
 
 
 def listing(image: Image, path: bytes = b"/", recursive: bool = False,

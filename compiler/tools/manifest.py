@@ -35,7 +35,6 @@ and only differing directories are ever sent.
 from __future__ import annotations
 
 import dataclasses
-import io
 import marshal
 import multiprocessing
 import os
@@ -45,12 +44,20 @@ from itertools import repeat
 from operator import attrgetter, itemgetter
 
 from blake3 import blake3
-from cfsc.backends.erofs.entries import interpret_xattrs
+from cfsc import build, frontends
+from cfsc.backends.erofs.entries import Entries, interpret_xattrs
 from cfsc.backends.erofs.overlay import is_external
+from cfsc.backends.erofs.reader import Image
 from cfsc.base.errors import CfscError, UsageError
 from cfsc.base.options import Options, reshapes
 from cfsc.base.streams import is_reference, source_name
 from cfsc.base.tree import FILE_TYPES, S_IFBLK, S_IFCHR, S_IFDIR, S_IFLNK, S_IFMT, S_IFREG, WHITEOUT, Inode, Tree
+from cfsc.build.pipeline import PASSES, run_passes
+from cfsc.frontends.image import read_tree
+from cfsc.passes.add_overlay_xattrs import add_overlay_xattrs
+from cfsc.passes.exclude_entries import exclude_entries
+from cfsc.passes.resolve_hardlinks import resolve_hardlinks
+from cfsc.passes.validate_limits import validate_limits
 
 FIELDS = ("type", "mode", "uid", "gid", "rdev", "mtime", "mtime_nsec", "size", "nlink",
           "target", "payload", "digest", "content", "xattrs", "hardlinks")
@@ -63,6 +70,10 @@ IGNORABLE = {
     "xattrs": ("xattrs",), "hardlinks": ("hardlinks",),
     "layout": (),  # two images with equal trees but different bytes (`cfsc.tools.diff`)
 }
+TYPE_NAMES = {**FILE_TYPES, -1: "whiteout"}
+# What a source goes through: the pipeline up to the overlay lowering, without the limit
+# checks (they reject, they change nothing: a diff also compares sources `compile` refuses).
+NORMALISE = tuple(p for p in PASSES[:PASSES.index(add_overlay_xattrs) + 1] if p is not validate_limits)
 
 Record = tuple
 # (name, record, fingerprint or None): a child as a listing gives it; the fingerprint is set
@@ -149,8 +160,6 @@ def side_name(side) -> str:
 
 def detect(side) -> str:
     """The source format of a side (of its first layer)."""
-    from cfsc import frontends
-
     return frontends.detect(inputs(side)[0])
 
 
@@ -282,8 +291,6 @@ class ImageRecords:
     inodes whose bytes differ (`cfsc.tools.diff`)."""
 
     def __init__(self, image) -> None:
-        from cfsc.backends.erofs.entries import Entries
-
         self.image = image
         self.entries = Entries(image)
         self.records = _Records(False, {})
@@ -415,14 +422,8 @@ class Manifest:
         """The image this source is (an image) or compiles to (with the options it was loaded with)."""
         if self.image is not None:
             return bytes(self.image.data)
-        from cfsc.backends.erofs.writer import write_image
-        from cfsc.build import batch_allocation
-        from cfsc.build.pipeline import run_passes
-
-        sink = io.BytesIO()
-        with batch_allocation():
-            write_image(run_passes(self.tree, self.options or Options()), sink)  # the passes are idempotent
-        return sink.getvalue()
+        # (the tree went through some passes already: they are idempotent)
+        return build.compile_tree(self.tree, self.options)  # type: ignore[return-value]
 
     # Asynchronous form: `start` a question, then `finish` it (a remote side works meanwhile).
     def start(self, op: str, arg=None) -> None:
@@ -444,44 +445,29 @@ OPS = {"listings": "listings", "below": "below", "image": "image_bytes"}
 def load(source, options: Options | None = None, fmt: str | None = None, ignore: Ignore | None = None,
          data: bytes | None = None) -> Manifest:
     """Normalise one side (see the module docstring): a source or a tuple of layers (`layers`);
-    `data`: a dumpfile's text, already read."""
-    from cfsc import frontends
-    from cfsc.build import batch_allocation
-    from cfsc.build.pipeline import PASSES
-    from cfsc.frontends.image import read_tree
-    from cfsc.passes.add_overlay_xattrs import add_overlay_xattrs
-    from cfsc.passes.validate_limits import validate_limits
-
+    `data`: its input, already read (a format with `Frontend.delta`)."""
     options = options or Options()
     ignore = ignore or Ignore()
     if fmt is None:
         fmt = detect(source)
+    frontend = frontends.get(fmt)
     name = side_name(source)
     # An image is compared as it is, filtered by --exclude; the other options that apply to
     # images (versions, --clamp-mtime) make it a source compiled like any other.
     as_is = not reshapes(dataclasses.replace(options, exclude=()), "image")
-    with batch_allocation():
-        if fmt == "image" and not isinstance(source, tuple) and as_is:  # (several: the frontend says no)
-            from cfsc.backends.erofs.reader import Image
-            from cfsc.passes.exclude_entries import exclude_entries
-            from cfsc.passes.resolve_hardlinks import resolve_hardlinks
-
+    with build.batch_allocation():
+        if frontend.image and not isinstance(source, tuple) and as_is:  # (several: the frontend says no)
             image = Image.open(source)
             tree = read_tree(image)
             if options.exclude:
-                tree = resolve_hardlinks(exclude_entries(tree, options), options)  # re-home links
+                tree = run_passes(tree, options, (exclude_entries, resolve_hardlinks))  # re-home links
             manifest = Manifest(tree, False, ignore, name, fmt, image)
         else:
             if data is not None:
-                from cfsc.frontends import dumpfile
-
-                tree = dumpfile.loads(data, options, name)
+                tree = frontend.loads(data, options, name)
             else:
-                tree = frontends.load(inputs(source), options, fmt)
-            for compiler_pass in PASSES[:PASSES.index(add_overlay_xattrs) + 1]:
-                if compiler_pass is not validate_limits:  # it rejects, it changes nothing
-                    tree = compiler_pass(tree, options)
-            manifest = Manifest(tree, True, ignore, name, fmt)
+                tree = build.load(inputs(source), options, fmt)
+            manifest = Manifest(run_passes(tree, options, NORMALISE), True, ignore, name, fmt)
     manifest.options = options
     return manifest
 
@@ -536,15 +522,13 @@ class RemoteManifest:
         return self._root
 
     def start(self, op: str, arg=None) -> None:
-        if op == "image" and self.fmt == "image" and self.source != "-":
+        if op == "image" and self.source != "-" and frontends.get(self.fmt).image:  # type: ignore[arg-type]
             self._read_here = True  # an image file: read it here rather than through the pipe
             return
         self.conn.send((op, arg))
 
     def finish(self):
         if self._read_here:
-            from cfsc.backends.erofs.reader import Image
-
             self._read_here = False
             return bytes(Image.open(self.source).data)  # (only what the superblock declares)
         return self._receive()

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
-from cfsc.backends.erofs.writer import write_image
-from cfsc.base.options import Options
-from cfsc.build.pipeline import run_passes
+from cfsc.build import compile_tree
 
 from tests.helpers.data import DATA
 from tests.helpers.dirtrees import Entry, full_spec
@@ -21,9 +18,7 @@ EXTRACT = ["tar", "--xattrs", "--xattrs-include=*", "--same-owner", "-p", "--num
 
 
 def image(tree) -> bytes:
-    out = io.BytesIO()
-    write_image(run_passes(tree, Options()), out)
-    return out.getvalue()
+    return compile_tree(tree)
 
 
 def store_listing(store: Path) -> list[tuple[str, int]]:

@@ -40,18 +40,12 @@ def run_cfsc(*args: str, input: bytes | None = None, env: dict | None = None, cw
 
 def image_of(dump: bytes, **options) -> bytes:
     """Compile dumpfile text in-process; keyword arguments are `Options` fields."""
-    import io
-
-    from cfsc.backends.erofs.writer import write_image
     from cfsc.base.options import Options
-    from cfsc.build.pipeline import run_passes
+    from cfsc.build import compile_tree
     from cfsc.frontends import dumpfile
 
     opts = Options(**options)
-    tree = run_passes(dumpfile.loads(dump, opts), opts)
-    out = io.BytesIO()
-    write_image(tree, out)
-    return out.getvalue()
+    return compile_tree(dumpfile.loads(dump, opts), opts)
 
 
 def tree_of(dump: bytes, **options):

@@ -22,10 +22,9 @@ import random
 import zlib
 
 import zstandard
-from cfsc.backends.erofs.writer import write_image
 from cfsc.base.errors import InputError, InputErrors
 from cfsc.base.options import Options
-from cfsc.build.pipeline import run_passes
+from cfsc.build import compile_tree
 from cfsc.frontends.crfs import slices as jsonslices
 from cfsc.frontends.crfs import toc as crfs
 
@@ -247,7 +246,7 @@ def _outcome(read):
         return e.lines
     out = io.BytesIO()
     try:
-        write_image(run_passes(tree, Options()), out)
+        compile_tree(tree, Options(), out)
     except InputError as e:  # a tree the compiler refuses
         return str(e)
     return out.getvalue()

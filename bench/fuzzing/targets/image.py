@@ -84,12 +84,11 @@ DUMPS = [
 
 
 def _compile(dump: bytes, min_version: int = 0) -> bytes:
-    from cfsc.backends.erofs.writer import write_image
-    from cfsc.build.pipeline import run_passes
+    from cfsc.build import compile_tree
 
     options = Options(min_version=min_version)
     out = io.BytesIO()
-    write_image(run_passes(dumpfile.loads(dump, options, "seed"), options), out)
+    compile_tree(dumpfile.loads(dump, options, "seed"), options, out)
     return out.getvalue()
 
 
@@ -219,7 +218,7 @@ def _upstream_tree(image: Image) -> None:
 
 def _trees(image: Image) -> None:
     """The faithful tree; one that reads re-encodes, and its image reads back to itself."""
-    from cfsc.tools.images import compile_in_memory
+    from cfsc.build import compile_in_memory
 
     tree = read_tree(image)
     first = compile_in_memory(tree)

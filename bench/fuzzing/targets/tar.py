@@ -22,9 +22,8 @@ import tarfile
 import zlib
 
 import zstandard
-from cfsc.backends.erofs.writer import write_image
 from cfsc.base.options import Options
-from cfsc.build.pipeline import run_passes
+from cfsc.build import compile_tree
 from cfsc.frontends.tar import layers as tar
 
 from bench.fuzzing.mutators import INTERESTING, generic
@@ -304,5 +303,5 @@ def run(data: bytes, workdir: str) -> None:
     tree = tar.load_many(layers, options)
     want = numbers(tree)
     out = io.BytesIO()
-    write_image(run_passes(tree, options), out)
+    compile_tree(tree, options, out)
     check_image(want, out.getvalue())

@@ -1,0 +1,133 @@
+"""One composition (`cfsc.build`): every verb compiles the same way and names errors alike,
+and the frontend and backend registries say what each format can do."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+from cfsc import backends, build, frontends
+from cfsc.backends.erofs.reader import Image
+from cfsc.base.errors import TreeError
+from cfsc.base.options import Options
+from cfsc.frontends import dumpfile
+
+from tests.helpers.data import image_of, read_input
+
+# Line 3 breaks libcomposefs' xattr accounting: the overlay pass must replace the input's big
+# `user.overlay.whiteouts` on /w (it holds a whiteout), which only the pipeline finds out.
+BIG = b"v" * 30000
+BAD = (b"/ 0 40755 3 0 0 0 0.0 - - -\n"
+       b"/a 0 100644 1 0 0 0 0.0 - - -\n"
+       b"/w 0 40755 2 0 0 0 0.0 - - - user.overlay.whiteouts=" + BIG + b"\n"
+       b"/w/x 0 20644 1 0 0 0 0.0 - - -\n"
+       b"/z 3 100644 1 0 0 0 0.0 - abc -\n")
+GOOD = b"/ 0 40755 2 0 0 0 0.0 - - -\n/a 0 100644 1 0 0 0 0.0 - - -\n"
+WHAT = "cannot set user.overlay.whiteout"
+
+
+def _verbs(bad: str, good_dump: str, good_image: str) -> list[list[str]]:
+    return [
+        ["compile", bad, "-o", bad + ".cfs"],
+        ["compile", "--print-digest-only", bad],
+        ["mkcomposefs", "--from-file", bad, bad + ".cfs"],
+        ["dump", bad],
+        ["dump", "--json", bad],
+        ["dump", "--format", "crfs", bad],
+        ["info", bad],
+        ["ls", bad],
+        ["objects", bad],
+        ["diff", bad, good_dump],
+        ["diff", good_dump, bad],
+        ["diff", bad, bad],
+        ["diff", bad, good_image],
+        ["diff", "--explain", bad, good_dump],
+        ["check", bad, "--expect-digest", "0" * 64],
+        ["check", bad, "--reference", good_image],
+        ["check", "--reproducible", bad],
+    ]
+
+
+@pytest.mark.parametrize("last", [False, True], ids=["middle", "last-line-unterminated"])
+def test_every_verb_names_the_line_a_pipeline_error_comes_from(cfsc, tmp_path, last):
+    text, line = BAD, 3
+    if last:  # a whiteout whose own big `user.overlay.whiteout` the pass must replace
+        text, line = GOOD + b"/v 0 40755 2 0 0 0 0.0 - - -\n/v/x 0 20644 1 0 0 0 0.0 - - - user.overlay.whiteout=" + BIG, 4
+    bad = tmp_path / "w.dump"
+    bad.write_bytes(text)
+    good = tmp_path / "good.dump"
+    good.write_bytes(GOOD)
+    image = tmp_path / "good.cfs"
+    image.write_bytes(image_of(GOOD))
+    for args in _verbs(str(bad), str(good), str(image)):
+        p = cfsc(*args)
+        err = p.stderr.decode()
+        assert p.returncode == 2 and err.startswith(f"error: {bad}:{line}:/") and WHAT in err, (args, err)
+        assert len(err.splitlines()) == 1, (args, err)
+    assert not (tmp_path / "w.dump.cfs").exists()
+
+
+def test_compile_tree_locates_errors_in_text_already_read():
+    with pytest.raises(TreeError) as e:
+        build.compile_tree(dumpfile.loads(BAD, Options(), "given.dump"))
+    assert str(e.value).startswith("given.dump:3:/w: " + WHAT)
+
+
+def test_compile_tree_writes_or_returns_the_same_bytes():
+    data = read_input("special.dump")
+    out = io.BytesIO()
+    assert build.compile_tree(dumpfile.loads(data), Options(), out) is None
+    assert out.getvalue() == build.compile_tree(dumpfile.loads(data)) == image_of(data)
+    assert bytes(build.compile_in_memory(dumpfile.loads(data)).data) == out.getvalue()
+
+
+@pytest.mark.parametrize("fmt", sorted(backends.BACKENDS))
+def test_every_backend_from_a_tree_or_its_image(fmt):
+    """`build.write` gives each backend what it takes, from a source tree or the image it
+    compiles to: what describes the image is the same either way, and what cfsc reads back
+    compiles to that image again."""
+    data = read_input("special.dump")
+    image = build.compile_in_memory(dumpfile.loads(data))
+    versions = Options(min_version=image.version, max_version=image.version)
+    outputs = []
+    for what in (dumpfile.loads(data), image):
+        out = io.BytesIO()
+        build.write(what, fmt, out)
+        outputs.append(out.getvalue())
+    backend = backends.get(fmt)
+    if backend.takes != backends.HOMED:
+        assert outputs[0] == outputs[1]
+    if backend.takes == backends.COMPILED:
+        assert outputs[0] == image.data
+    if fmt in frontends.FRONTENDS:  # a format cfsc reads back
+        for output in outputs:
+            tree = frontends.get(fmt).load([io.BytesIO(output)], versions)
+            assert build.compile_tree(tree, versions) == image.data
+
+
+def test_registry_rows_name_what_exists():
+    for f in frontends.FRONTENDS.values():
+        module = f.code()
+        assert callable(module.load), f.name
+        assert f.combines == hasattr(module, "load_many"), f.name
+        assert (f.reads == frontends.DATA) == hasattr(module, "sniff"), f.name
+        assert (f.reads == frontends.REF) == (f.prefix is not None), f.name
+        for spec in (f.reorder, f.delta):
+            if spec is not None:
+                assert callable(frontends.function(spec)), spec
+        if f.delta is not None:
+            assert callable(module.loads), f.name  # the delta's halves load from bytes
+    for b in backends.BACKENDS.values():
+        assert b.takes in (backends.COMPILED, backends.IMAGE, backends.HOMED) and callable(b.writer()), b.name
+
+
+def test_an_image_source_is_opened_as_it_is(tmp_path):
+    """`image` frontends are inspected as they are, not compiled again: an image whose bytes
+    are not what cfsc writes keeps them."""
+    from cfsc.tools.images import open_image
+
+    data = image_of(read_input("special.dump"), min_version=1, max_version=1)
+    path = tmp_path / "x.cfs"
+    path.write_bytes(data + bytes(4096))  # trailing zeros: still an image, not cfsc's bytes
+    assert bytes(open_image(str(path)).data) == data + bytes(4096)
+    assert isinstance(open_image(str(path)), Image)
