@@ -44,8 +44,8 @@ and a small one, parsed first, give the same lines.  Values are checked in code,
 ~0.1 ms per entry (100 s for a million); only a rejected entry goes through jsonschema, for the
 message.  tests/test_crfs.py checks that code and schema agree.
 
-Speed: entries are checked a column at a time over batches of BATCH entries (`_Builder.batch`)
-and only placing nodes is done entry by entry; anything unusual (extensions, hard links,
+Speed: entries are checked a column at a time over batches of BATCH entries (`_Columns.batch`
+in `cfsc.frontends.crfs.columns`) and only placing nodes is done entry by entry; anything unusual (extensions, hard links,
 chunks, updates of an existing path, bad values) goes through `_Builder.apply`, the one
 reference for semantics and messages.  Memory: a parsed 1M-entry TOC is ~2 GB of dicts, so the
 file is read block by block and the entries array parsed in slices (`jsonslices`), each slice
@@ -55,11 +55,9 @@ refused rather than held.  A document the slicer cannot cut is parsed whole.
 
 from __future__ import annotations
 
-import binascii
 import errno
 import os
 import re
-from itertools import repeat
 from typing import NoReturn
 
 import orjson
@@ -67,33 +65,19 @@ from cfsc import schemas
 from cfsc.backends.crfs_format import CHUNK, GO_ZERO_TIME, HARDLINK, TYPES, twin
 from cfsc.base import devices, limits, rfc3339, streams
 from cfsc.base.errors import InputError, InputErrors, LookupFailed, TreeError, shown_path
-from cfsc.base.limits import NAME_MAX, PATH_MAX, VALID_TYPES
 from cfsc.base.options import Options
 from cfsc.base.streams import read_all, source_name
 from cfsc.base.tree import S_IFBLK, S_IFCHR, S_IFDIR, S_IFLNK, S_IFMT, S_IFREG, Inode, Tree
+from cfsc.frontends.crfs.columns import BATCH, _Columns
+from cfsc.frontends.crfs.fields import (
+    _DIGEST, _FSVERITY, ABSENT, BAD_PLAN, S64, U32, U64, _b64, _Bad, _clean, _int, _integral, _payload, _plan, _text,
+)
 from cfsc.frontends.crfs.slices import ENTRY_MAX, SLICE_BYTES, EntrySlices, Oversized, Unsure, duplicate_keys
 
 SCHEMA = "crfs-toc"
 MAX_ERRORS = 20
-BATCH = 2048  # entries per column pass (~2 MB of parsed JSON: stays in the CPU cache)
-ZEROS = [0] * BATCH
-U32 = (1 << 32) - 1
-U64 = (1 << 64) - 1
-S64 = 1 << 63
 CACHE_MAX = 1 << 16
-ABSENT = object()  # "no such key" (JSON null is None, which is an error for every known key)
-
-
-# Keys read by the code (checked as read); other keys are ignored, except unknown `x-` ones.
-READ = frozenset({"type", "name", "linkName", "size", "modtime", "x-mtime", "mode", "uid", "gid",
-                  "devMajor", "devMinor", "xattrs", "digest", "chunkOffset", "chunkSize",
-                  "x-payload", "x-content", "x-fsverity-digest", "x-nlink"})
-TWINS = frozenset({twin("name"), twin("linkName"), twin("x-payload"), twin("xattrs")})
 NO_EXTENSIONS = (ABSENT,) * 5
-RARE = frozenset({"x-payload", "x-content", "x-fsverity-digest", "x-mtime", "x-nlink", "chunkOffset", "chunkSize"})
-
-_DIGEST = re.compile(r"[a-z0-9]+:([0-9a-f]{2,})")
-_FSVERITY = re.compile(r"sha256:([0-9a-f]{64})")
 _HEAD = re.compile(rb'\s*\{\s*(?:"version"\s*:\s*1\s*,\s*)?"entries"\s*:\s*\[')
 _HEAD_TYPE = re.compile(rb'"type"\s*:\s*"(?:%s)"' % "|".join(TYPES).encode())
 
@@ -104,154 +88,14 @@ def sniff(head: bytes) -> bool:
     return _HEAD.match(head) is not None and _HEAD_TYPE.search(head) is not None
 
 
-class _Bad(Exception):
-    """One entry is wrong: `path` (keys below the entry) and what was expected."""
-
-    def __init__(self, path: str | list, what: str) -> None:
-        super().__init__(what)
-        self.path = [path] if isinstance(path, str) else path
-        self.what = what
-
-
-def _b64(text, path) -> bytes:
-    """Strict standard base64, padding optional (the schema's `base64`)."""
-    if type(text) is not str:
-        raise _Bad(path, "expected a base64 string")
-    if len(text) & 3:
-        if text.endswith("="):
-            raise _Bad(path, "invalid base64: wrong padding")
-        text += "=" * (-len(text) & 3)
-    try:
-        return binascii.a2b_base64(text, strict_mode=True)
-    except (binascii.Error, ValueError) as e:
-        raise _Bad(path, f"invalid base64: {e}") from None
-
-
-def _int(value, path, lo: int, hi: int) -> int:
-    if type(value) is not int or not lo <= value <= hi:
-        raise _Bad(path, f"expected an integer from {lo} to {hi}")
-    return value
-
-
-def _text(entry: dict, key: str, twins: bool):
-    """The bytes under `key`, from its base64 twin if there is one (`cfsc.base.jsonbytes` rule)."""
-    if twins:
-        encoded = entry.get(twin(key), ABSENT)
-        if encoded is not ABSENT:
-            stand_in = entry.get(key, ABSENT)
-            if stand_in is ABSENT:
-                raise _Bad(key, f"missing: required with {twin(key)} (a readable stand-in)")
-            if type(stand_in) is not str:  # unread, but the schema types it: so does the code
-                raise _Bad(key, "expected a string")
-            return _b64(encoded, twin(key))
-    value = entry.get(key, ABSENT)
-    if value is ABSENT:
-        return ABSENT
-    if type(value) is not str:
-        raise _Bad(key, "expected a string")
-    return value.encode("utf-8", "surrogateescape")
-
-
-def _clean(raw: bytes, key: str) -> bytes:
-    """A path relative to the root: no empty or `.` components; `..` is an error."""
-    parts = [p for p in raw.split(b"/") if p and p != b"."]
-    if b".." in parts:
-        raise _Bad(key, "'..' is not allowed in a path")
-    return b"/".join(parts)
-
-
-def _odd_path(name: bytes) -> bool:
-    """Whether `_clean` would change a name (trailing slashes already stripped)."""
-    return (not name or name[0] == 0x2F or b"//" in name or name in (b".", b"..")
-            or name.startswith((b"./", b"../")) or name.endswith((b"/.", b"/..")) or b"/./" in name
-            or b"/../" in name)
-
-
-def _plan(keys: tuple) -> tuple[bool, bool, frozenset]:
-    """For one key set: (base64 twins present, any rarer key present (extensions, chunk
-    fields), the keys)."""
-    twins = False
-    for key in keys:
-        if key in TWINS:
-            twins = True
-        elif key[:2] == "x-" and key not in READ:
-            raise _Bad(key, "unknown composefs extension key")
-    return twins, twins or not RARE.isdisjoint(keys), frozenset(keys)
-
-
-BAD_PLAN = (False, True, frozenset())  # a key set with an unknown extension key
-_STR_OR_ABSENT = {str, object}
-_PLACEABLE = VALID_TYPES  # entry kinds that place a node (not hard links or chunks)
-_INT = {int}
-_DIGESTS = re.compile(r"(?:[a-z0-9]+:[0-9a-f]{2,}\n)*")
-
-
-def _ints(column: list, lo: int, hi: int, slow: bytearray) -> list:
-    """Mark values that are not integers in [lo, hi]; the common case is three C-level passes."""
-    if column and not (set(map(type, column)) == _INT and lo <= min(column) and max(column) <= hi):
-        for i, value in enumerate(column):
-            if type(value) is not int or not lo <= value <= hi:
-                slow[i] = 1
-    return column
-
-
-def _payloads(column: list, slow: bytearray) -> list:
-    """The payload `HE/X…` each `digest` gives (None where there is none), marking digests
-    that are not ALGORITHM:HEX.  Checked all at once: sha256 ones (all of them in practice)
-    with a byte translation, others with one regex pass."""
-    present = [d for d in column if d is not ABSENT]
-    if not present:
-        return [None] * len(column)
-    if set(map(type, present)) == {str}:
-        if _sha256_digests(present):
-            return [f"{d[7:9]}/{d[9:]}".encode() if d is not ABSENT else None for d in column]
-        if _DIGESTS.fullmatch("\n".join(present) + "\n"):
-            return [_payload(d) if d is not ABSENT else None for d in column]
-    payloads = []
-    for i, d in enumerate(column):
-        if d is ABSENT:
-            payloads.append(None)
-        elif type(d) is str and _DIGEST.fullmatch(d):
-            payloads.append(_payload(d))
-        else:
-            payloads.append(None)
-            slow[i] = 1
-    return payloads
-
-
-def _payload(digest: str) -> bytes:
-    hexpart = digest[digest.index(":") + 1:]
-    return f"{hexpart[:2]}/{hexpart[2:]}".encode()
-
-
-def _sha256_digests(digests: list) -> bool:
-    """All are sha256: and 64 lower-case hex digits (what every producer writes)."""
-    if set(map(len, digests)) != {71} or not all(map(str.startswith, digests, repeat("sha256:"))):
-        return False
-    try:
-        text = "".join(digests).encode("ascii")
-    except UnicodeEncodeError:
-        return False
-    # Deleting the hex digits leaves only the "sh:" of each "sha256:" prefix.
-    return text.translate(None, b"0123456789abcdef") == b"sh:" * len(digests)
-
-
 def _duplicate(source: str, path: list) -> str:
     return (f"{source}: {schemas.json_path(path)}: duplicate key: a JSON object may give a key once"
             " (readers disagree on which value counts)")
 
 
-def _integral(value):
-    """jsonschema counts 3.0 as an integer; so does the slow path."""
-    if type(value) is float and value.is_integer():
-        return int(value)
-    if type(value) is list:
-        return [_integral(v) for v in value]
-    return value
-
-
-class _Builder:
-    """Entries → one tree, across any number of TOC files."""
+class _Builder(_Columns):
+    """Entries → one tree, across any number of TOC files (`batch`, the fast path, is
+    `_Columns.batch`; `apply` is the reference)."""
 
     def __init__(self, options: Options) -> None:
         self.options = options
@@ -299,8 +143,6 @@ class _Builder:
         except _Bad as e:
             self.report(f"{source}: {schemas.json_path(['entries', index, *e.path])}: {e.what}")
 
-    # -- slices: the fast path ------------------------------------------------------------
-
     def feed(self, entries: list, source: str, first: int = 0, dups: list | None = None) -> None:
         """Apply entries in order, in batches small enough to stay in the CPU cache while
         `batch` makes several passes over them.  An entry with a duplicate key (`dups`: JSON
@@ -319,180 +161,11 @@ class _Builder:
         for start in range(0, len(entries), BATCH):
             self.batch(entries[start:start + BATCH], source, first + start)
 
-    def batch(self, entries: list, source: str, first: int) -> None:
-        """Apply a batch of entries in order.
-
-        Values are checked a column at a time (C-level `map`, `set`, `min`, `max`), and only
-        placing nodes in the tree is done entry by entry.  An entry takes this path when it is
-        plain: no extension or twin key, every value as the schema wants, a new path whose
-        parent exists, not a hard link or chunk.  Everything else goes through `apply`, the
-        reference for semantics and messages.
-        """
-        n = len(entries)
-        one = self.one
-        if set(map(type, entries)) != {dict}:
-            for i, e in enumerate(entries):
-                one(e, source, first + i)
-            return
-        slow, present = self.plain(entries)
-        get = dict.get
-
-        def column(key: str, default=ABSENT) -> list:
-            if key in present:
-                return list(map(get, entries, repeat(key), repeat(default)))
-            return [default] * n
-
-        kinds = column("type", None)
-        try:
-            kinds = list(map(TYPES.get, kinds))
-        except TypeError:  # an unhashable "type"
-            kinds = [TYPES.get(k) if type(k) is str else None for k in kinds]
-        names = self.names(column("name"), slow)
-        modes = _ints(column("mode", 0), 0, 0o177777, slow)
-        uids = _ints(column("uid", 0), 0, U32, slow)
-        gids = _ints(column("gid", 0), 0, U32, slow)
-        sizes = _ints(column("size", 0), 0, U64, slow)
-        if "devMajor" in present or "devMinor" in present:
-            majors = _ints(column("devMajor", 0), 0, devices.MAJOR_MAX, slow)
-            minors = _ints(column("devMinor", 0), 0, devices.MINOR_MAX, slow)
-        else:
-            majors = minors = ZEROS
-        whens = self.whens(column("modtime"), slow)
-        payloads = _payloads(column("digest"), slow)
-        targets = column("linkName")
-        if not set(map(type, targets)) <= _STR_OR_ABSENT:
-            for i, t in enumerate(targets):
-                if t is not ABSENT and type(t) is not str:
-                    slow[i] = 1
-        xattr_column = column("xattrs")
-
-        if not _PLACEABLE.issuperset(kinds):  # hard links, chunks, unknown types
-            for i, kind in enumerate(kinds):
-                if kind not in _PLACEABLE:
-                    slow[i] = 1
-        splits = list(map(bytes.rpartition, names, repeat(b"/")))
-        dirs = self.dirs
-        xattr_sets = self.xattr_sets
-        last = self.last_file
-        for i in range(n):
-            name = names[i]
-            if not slow[i] and name:
-                kind = kinds[i]
-                head, _slash, base = splits[i]
-                parent = dirs.get(head)
-                mode = modes[i]
-                if (parent is not None and base not in parent.children and len(base) <= NAME_MAX  # type: ignore[operator]
-                        and (mode <= 0o7777 or mode & S_IFMT == kind)):
-                    xattrs = xattr_column[i]
-                    if xattrs is ABSENT:
-                        xattrs = ()
-                    else:
-                        try:
-                            found = xattr_sets.get(tuple(xattrs.items()))
-                            xattrs = found if found is not None else self.xattrs(xattrs, ABSENT)
-                        except Exception:  # noqa: BLE001 - explained by the reference path
-                            xattrs = None
-                    sec, nsec = whens[i]
-                    node = None
-                    if xattrs is None:
-                        pass
-                    elif kind == S_IFREG:
-                        node = last = Inode(mode | S_IFREG, uids[i], gids[i], sec, nsec, sizes[i], 0, None,
-                                            payloads[i], None, None, xattrs)
-                    elif kind == S_IFDIR:
-                        node = Inode(mode | S_IFDIR, uids[i], gids[i], sec, nsec, 0, 0, None, None, None,
-                                     None, xattrs)
-                        dirs[name] = node
-                    elif kind == S_IFLNK:
-                        target = targets[i]
-                        if target is not ABSENT:
-                            target = target.encode("utf-8", "surrogateescape")
-                            if target and len(target) < PATH_MAX and b"\0" not in target:
-                                node = Inode(mode | S_IFLNK, uids[i], gids[i], sec, nsec, len(target), 0, None,
-                                             target, None, None, xattrs)
-                    else:
-                        rdev = devices.makedev(majors[i], minors[i]) if kind == S_IFCHR or kind == S_IFBLK else 0
-                        node = Inode(mode | kind, uids[i], gids[i], sec, nsec, sizes[i], rdev, None, None,
-                                     None, None, xattrs)
-                    if node is not None:
-                        parent.children[base] = node  # type: ignore[index]
-                        continue
-            self.last_file = last
-            one(entries[i], source, first + i)
-            last = self.last_file
-        self.last_file = last
-
     def one(self, entry, source: str, index: int) -> None:
         try:
             self.apply(entry)
         except Exception:  # noqa: BLE001 - any surprise gets explained (schema, then code)
             self.rejected(entry, source, index)
-
-    def plain(self, entries: list) -> tuple[bytearray, set]:
-        """(entries with an extension, twin, chunk field or unknown `x-` key; every key seen).
-
-        One union of all key sets says whether there is any such key at all; only then is each
-        one looked up entry by entry (C-level `map`).
-        """
-        present = set().union(*entries)
-        slow = bytearray(len(entries))
-        odd = [key for key in present if key in RARE or key[:2] == "x-"]
-        if odd:
-            found = 0
-            for key in odd:
-                found |= int.from_bytes(bytes(map(dict.__contains__, entries, repeat(key))))
-            slow[:] = found.to_bytes(len(entries))
-        return slow, present
-
-    def names(self, column: list, slow: bytearray) -> list:
-        """Names as clean paths (b"" for the root, chunks and bad ones: `apply` decides).
-
-        A few searches over all names joined by `/` find whether any needs `_clean` (a
-        leading `/`, an empty, `.` or `..` component); eStargz's `usr/` is stripped in bulk,
-        and so is the `./` of docker-style names.
-        """
-        if set(map(type, column)) == {str}:
-            names = list(map(str.encode, column))
-        else:
-            names = [n.encode("utf-8", "surrogateescape") if type(n) is str else b"" for n in column]
-        names = list(map(bytes.rstrip, names, repeat(b"/")))
-        joined = b"/" + b"/".join(names) + b"/"
-        if b"\0" in joined:  # not a name (apply says why)
-            for i, name in enumerate(names):
-                if b"\0" in name:
-                    names[i] = b""
-                    slow[i] = 1
-            joined = b"/" + b"/".join(names) + b"/"
-        if names[0].startswith(b"./"):
-            names = [name[2:] if name.startswith(b"./") else name for name in names]
-            joined = b"/" + b"/".join(names) + b"/"
-        if b"//" in joined or (b"/." in joined and (b"/./" in joined or b"/../" in joined)):
-            for i, name in enumerate(names):
-                if _odd_path(name):
-                    try:
-                        names[i] = _clean(name, "name")
-                    except _Bad:
-                        names[i] = b""
-                        slow[i] = 1
-        return names
-
-    def whens(self, column: list, slow: bytearray) -> list:
-        """(sec, nsec) per entry; (0, 0) when absent."""
-        times = self.times
-        try:
-            whens = list(map(times.get, column))
-        except TypeError:  # an unhashable modtime
-            whens = [times.get(w) if type(w) is str else None for w in column]
-        if None in whens:
-            for i, when in enumerate(whens):
-                if when is None:
-                    try:
-                        text = column[i]
-                        whens[i] = (times.get(text) if type(text) is str else None) or self.time(text)
-                    except _Bad:
-                        whens[i] = (0, 0)
-                        slow[i] = 1
-        return whens
 
     # -- one entry: the reference -----------------------------------------------------
 

@@ -43,7 +43,7 @@ import zlib
 import orjson
 from cfsc.base import rfc3339
 from cfsc.base.errors import InputError, shown_path
-from cfsc.frontends.tar.contents import INLINE_MAX
+from cfsc.base.limits import INLINE_MAX
 from cfsc.frontends.tar.stream import BLOCKDEV, CHAR, DIRECTORY, FIFO, HARDLINK, REGULAR, SYMLINK, Member
 
 from .blobs import Blob
