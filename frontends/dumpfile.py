@@ -754,10 +754,12 @@ def locate(name: str, pieces: Iterable[bytes], path: bytes) -> str | None:
     read of the input: only for error messages)."""
     want = [p for p in path.split(b"/") if p]
     lines_of = Lines(pieces)  # linear however long a line is (and bounded: LINE_MAX)
-    for n, line in enumerate(chain(chain.from_iterable(lines_of), (lines_of.tail,)), 1):
+    n = 0
+    for n, line in enumerate(chain.from_iterable(lines_of), 1):
         if _defines(line, want):
             return f"{name}:{n}"
-    return None
+    # (the unterminated last line is known only once the rest is read)
+    return f"{name}:{n + 1}" if lines_of.tail and _defines(lines_of.tail, want) else None
 
 
 def _defines(line: bytes, want: list[bytes]) -> bool:

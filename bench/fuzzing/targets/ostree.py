@@ -219,7 +219,7 @@ def run(data: bytes, workdir: str) -> None:
                       ostree_compat=archive and not store,
                       digest_store=os.path.join(workdir, "store") if store else None)
     from cfsc.frontends.ostree import commit as ostree
-    from cfsc.tools.images import compile_in_memory
+    from cfsc.build import compile_in_memory
 
     try:
         compile_in_memory(ostree.load(f"ostree:{root}:main", options), options)
