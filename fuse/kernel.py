@@ -23,6 +23,7 @@ import struct
 import tempfile
 
 from cfsc.backends.erofs.layout import COMPOSEFS_FLAGS_HAS_ACL
+from cfsc.backends.erofs.reader import HEAD_SIZE, Image
 from cfsc.base import syscalls
 from cfsc.base.errors import InputError, UsageError
 from cfsc.base.fsverity import hash_fd, kernel_digest
@@ -44,8 +45,6 @@ VERITY = {NO_VERITY: None, VERITY_IF_PRESENT: "on", VERITY_REQUIRED: "require"} 
 
 
 def mount_kernel(image_path: str, mountpoint: str, options) -> None:
-    from cfsc.backends.erofs.reader import Image
-
     if not privileged():
         raise UsageError("the kernel mount needs root (CAP_SYS_ADMIN); without it use the FUSE mount",
                          "--kernel")
@@ -81,8 +80,6 @@ def mount_kernel(image_path: str, mountpoint: str, options) -> None:
 
 def _read_fd(fd: int) -> bytes:
     """The image in `fd`: its head, then up to the size its superblock declares."""
-    from cfsc.backends.erofs.reader import HEAD_SIZE, Image
-
     chunks = [os.pread(fd, HEAD_SIZE, 0)]
     offset = len(chunks[0])
     end = Image.declared_size(chunks[0])
@@ -98,6 +95,7 @@ def _read_fd(fd: int) -> bytes:
 def _probe_store(image, basedirs: list[str]) -> None:
     """Refuse a verity mount over a store whose objects have no fs-verity: the kernel would
     then fail every read of a file with a digest."""
+    # start-up: the entry walker ~10 ms; only a verity mount over a store needs it
     from cfsc.backends.erofs.entries import walk
 
     for _path, e, first in walk(image):

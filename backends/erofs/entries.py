@@ -45,6 +45,7 @@ from cfsc.backends.erofs.overlay import (
     redirect_payload,
 )
 from cfsc.backends.erofs.reader import Image, RawInode, ReadBudget
+from cfsc.base.errors import LookupFailed
 from cfsc.base.tree import S_IFBLK, S_IFCHR, S_IFDIR, S_IFLNK, S_IFMT, S_IFREG
 
 _TRUSTED = XATTR_PREFIXES.index(b"trusted.")
@@ -258,8 +259,6 @@ def interpret_xattrs(items: list, regular: bool) -> tuple[tuple, bytes | None, b
 
 def resolve(image: Image, path: bytes, entries: Entries | None = None) -> Entry:
     """The entry at `path` (components looked up one by one; symlinks are not followed)."""
-    from cfsc.base.errors import LookupFailed
-
     entries = entries or Entries(image)
     # Not charged to the walk budget: a lookup reads one inode per path component (bounded
     # by the path), and one Entries may serve any number of lookups.

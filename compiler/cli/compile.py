@@ -7,6 +7,7 @@ import sys
 import typer
 from cfsc import build
 from cfsc.base.errors import CfscError, UsageError
+from cfsc.base.fsverity import digest_file
 from cfsc.base.options import Options
 from cfsc.cli import command, digest_line
 from cfsc.cli.sources import FROM, source_options
@@ -40,8 +41,6 @@ def measure_cmd(
     files: list[str] = typer.Argument(..., help="Files to measure."),
 ) -> None:
     """Print each file's fs-verity digest, as `fsverity digest` does (sha256:HEX FILE)."""
-    from cfsc.base.fsverity import digest_file
-
     for name in files:
         try:
             digest = digest_file(name)

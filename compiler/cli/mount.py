@@ -12,6 +12,7 @@ import sys
 import typer
 from cfsc.base.errors import UsageError
 from cfsc.cli import command, renamed
+from cfsc.cli.getopt import getopt_long
 
 
 def _verity(value: str) -> str:
@@ -43,7 +44,9 @@ def mount_cmd(
     Returns once the mount works (the FUSE server goes on in the background) or fails with
     the reason; `cfsc umount MOUNTPOINT` ends it.
     """
-    from cfsc.fuse import MountOptions, mount
+    # start-up: cfsc.fuse and the store reader ~7-12 ms, which `cfsc --help` (it loads
+    # every verb's module) would pay
+    from cfsc.fuse import MountOptions, mount, parse_digest
     from cfsc.store.backing import parse_basedirs
 
     store = renamed(store, old_store, "--store", "--basedir")
@@ -52,8 +55,6 @@ def mount_cmd(
         foreground=foreground, threads=threads, passthrough=passthrough, allow_other=allow_other,
         log_file=log_file, debug=debug, kernel=kernel, loop=loop, noacl=noacl)
     if digest is not None:
-        from cfsc.fuse import parse_digest
-
         parse_digest(digest)
     mount(image, mountpoint, options)
 
@@ -64,7 +65,7 @@ def umount_cmd(
     lazy: bool = typer.Option(False, "--lazy", "-l", help="Detach now even if busy; it goes away when no longer used."),
 ) -> None:
     """Unmount an image mounted with `cfsc mount` (its FUSE server then exits)."""
-    from cfsc.fuse import unmount
+    from cfsc.fuse import unmount  # start-up: cfsc.fuse ~7 ms, which `cfsc --help` would pay
 
     unmount(mountpoint, lazy)
 
@@ -117,7 +118,7 @@ def _fuse_options(text: str) -> list[tuple[str, str | None]]:
                                              "allow_extra_args": True, "help_option_names": []})
 def composefs_fuse_cmd(ctx: typer.Context) -> None:
     """Drop-in for upstream `composefs-fuse -o source=IMAGE,basedir=DIR [-f] [-s] [-d] MOUNTPOINT`."""
-    from cfsc.cli.getopt import getopt_long
+    # start-up: as in `mount_cmd`
     from cfsc.fuse import MountOptions, mount
     from cfsc.store.backing import parse_basedirs
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 from cfsc.base.errors import UsageError
 from cfsc.base.options import Options
 from cfsc.base.tree import Tree
+from cfsc.frontends.tar.stream import TarReader
 
 from . import chunked
 from .blobs import LayerStream
@@ -35,8 +36,6 @@ class _FullReader:
     """A layer's tar stream with its digests checked at the end and eStargz metadata dropped."""
 
     def __init__(self, stream: LayerStream, drop_metadata: bool) -> None:
-        from cfsc.frontends.tar.stream import TarReader
-
         self.stream = stream
         self.tar = TarReader(stream)
         self.drop = drop_metadata
@@ -112,6 +111,7 @@ def open_layers(source: str, options: Options) -> tuple[Reference, list]:
 
 
 def load(source, options: Options | None = None) -> Tree:
+    # start-up: the layer merger ~5+ ms; parsing a reference or listing transports needs it not
     from cfsc.frontends.tar import layers as tar
 
     options = options or Options()

@@ -17,6 +17,7 @@ import io
 import os
 
 from cfsc.base.errors import InputError
+from cfsc.base.streams import compression
 
 CHUNK = 1 << 20
 
@@ -150,8 +151,6 @@ def decompressed(raw, kind: str | None):
 
 
 def sniff_compression(head: bytes) -> str | None:
-    from cfsc.base.streams import compression
-
     kind = compression(head)
     return kind if kind in ("gzip", "zstd") else None
 

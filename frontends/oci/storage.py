@@ -33,7 +33,7 @@ import stat
 
 import orjson
 from cfsc.base.errors import InputError
-from cfsc.frontends.tar.stream import BLOCKDEV, CHAR, DIRECTORY, FIFO, HARDLINK, REGULAR, SYMLINK, Member
+from cfsc.frontends.tar.stream import BLOCKDEV, CHAR, DIRECTORY, FIFO, HARDLINK, REGULAR, SYMLINK, Member, TarReader
 
 from .reference import Reference
 
@@ -163,8 +163,6 @@ def _header_member(raw: bytes, where: str) -> Member | None:
     """The member whose headers (PAX ones included) `raw` holds, after the previous member's
     zero padding."""
     import io
-
-    from cfsc.frontends.tar.stream import TarReader
 
     stream = io.BytesIO(raw.lstrip(b"\0") + bytes(1024))
     stream.name = where  # type: ignore[attr-defined]
