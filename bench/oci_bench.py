@@ -28,7 +28,6 @@ makes every name its own inode).
 from __future__ import annotations
 
 import argparse
-import filecmp
 import os
 import shutil
 import statistics
@@ -36,6 +35,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from tar_bench import same_trees  # (bench/ is on sys.path)
 
 CFSC = str(Path(sys.executable).with_name("cfsc"))
 LIB = "/usr/lib/x86_64-linux-gnu"
@@ -97,16 +98,6 @@ def clean(*paths: Path) -> None:
         elif p.exists():
             p.unlink()
     os.sync()
-
-
-def same_trees(a: Path, b: Path) -> bool:
-    stack = [filecmp.dircmp(a, b)]
-    while stack:
-        c = stack.pop()
-        if c.left_only or c.right_only or c.diff_files or c.funny_files:
-            return False
-        stack.extend(c.subdirs.values())
-    return True
 
 
 def main() -> None:

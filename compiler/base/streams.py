@@ -9,6 +9,7 @@ and the reader gets them again before the rest.  Only the head is ever held, nev
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import io
 import lzma
@@ -283,13 +284,30 @@ def _consumed(stream) -> int | None:
         return None
 
 
+@contextlib.contextmanager
+def _reading(source) -> Iterator[BinaryIO]:
+    """The input opened, its read and decompression failures turned into one located error,
+    closed again if it was opened here."""
+    stream = open_binary(source)
+    try:
+        yield stream
+    except InputError:
+        raise
+    except (OSError, EOFError, lzma.LZMAError) as e:
+        raise InputError(f"cannot read: {e}", source_name(source)) from None
+    except Exception as e:  # zstandard.ZstdError and friends
+        raise InputError(f"cannot decompress: {e}", source_name(source)) from None
+    finally:
+        if _closes(source):
+            stream.close()
+
+
 def read_all(source) -> bytes:
     """The whole (decompressed) input as bytes, with a located error on failure.
 
     A compressed input that inflates past WHOLE_FLOOR bytes and WHOLE_RATIO times its
     compressed size is refused (a decompression bomb would otherwise be held whole)."""
-    stream = open_binary(source)
-    try:
+    with _reading(source) as stream:
         reader, kind = decompressor(stream)
         if kind is None:
             return reader.read()
@@ -307,15 +325,6 @@ def read_all(source) -> bytes:
                     raise InputError(f"the {kind} data inflates to more than {WHOLE_RATIO} times its size ({total}"
                                      f" bytes from {consumed}): refused as a decompression bomb (decompress it"
                                      " first if it is real)", source_name(source))
-    except InputError:
-        raise
-    except (OSError, EOFError, lzma.LZMAError) as e:
-        raise InputError(f"cannot read: {e}", source_name(source)) from None
-    except Exception as e:  # zstandard.ZstdError and friends
-        raise InputError(f"cannot decompress: {e}", source_name(source)) from None
-    finally:
-        if _closes(source):
-            stream.close()
 
 
 def read_declared(source, head_size: int, declared) -> tuple[bytes, str | None, bool]:
@@ -326,8 +335,7 @@ def read_declared(source, head_size: int, declared) -> tuple[bytes, str | None, 
     Returns the bytes (fewer if the input is shorter), the compression ("gzip", "zstd", "xz"
     or None) and, for a compressed input, whether data follows (one byte is read to know;
     an uncompressed file or device may be longer than what it holds, and is not read on)."""
-    stream = open_binary(source)
-    try:
+    with _reading(source) as stream:
         reader, kind = decompressor(stream)
         parts = [_read_up_to(reader, head_size)]
         want = declared(parts[0]) - len(parts[0])
@@ -339,15 +347,6 @@ def read_declared(source, head_size: int, declared) -> tuple[bytes, str | None, 
             want -= len(chunk)
         more = kind is not None and want <= 0 and bool(reader.read(1))
         return b"".join(parts), kind, more
-    except InputError:
-        raise
-    except (OSError, EOFError, lzma.LZMAError) as e:
-        raise InputError(f"cannot read: {e}", source_name(source)) from None
-    except Exception as e:  # zstandard.ZstdError and friends
-        raise InputError(f"cannot decompress: {e}", source_name(source)) from None
-    finally:
-        if _closes(source):
-            stream.close()
 
 
 def _read_up_to(reader, n: int) -> bytes:
