@@ -23,7 +23,8 @@ from dataclasses import dataclass, field, replace
 from cfsc.base.errors import ImageError, IntegrityError, UsageError
 from cfsc.base.fsverity import digest_bytes
 from cfsc.base.tree import S_IFDIR, S_IFMT
-from cfsc.fuse.mount import check_mountpoint, unmount as _unmount
+from cfsc.fuse.attach import check_mountpoint
+from cfsc.fuse.attach import unmount as _unmount
 from cfsc.store.backing import VERITY_IF_PRESENT, Store, verity_mode
 
 

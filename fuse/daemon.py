@@ -25,7 +25,7 @@ import sys
 import threading
 
 from cfsc.base.errors import CfscError
-from cfsc.fuse.mount import MountError, mount_fuse, unmount
+from cfsc.fuse.attach import MountError, mount_fuse, unmount
 from cfsc.fuse.server import Server
 
 log = logging.getLogger("cfsc.fuse")

@@ -28,7 +28,7 @@ from cfsc.base import syscalls
 from cfsc.base.errors import InputError, UsageError
 from cfsc.base.fsverity import hash_fd, kernel_digest
 from cfsc.fuse import check_digest, checked_view
-from cfsc.fuse.mount import MountError, check_mountpoint, privileged
+from cfsc.fuse.attach import MountError, check_mountpoint, privileged
 from cfsc.store.backing import NO_VERITY, VERITY_IF_PRESENT, VERITY_REQUIRED, Store
 
 SOURCE = "composefs"

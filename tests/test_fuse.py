@@ -41,8 +41,8 @@ from cfsc.base.tree import S_IFREG
 from cfsc.build.pipeline import run_passes
 from cfsc.fuse import MountOptions, open_view
 from cfsc.fuse import protocol as P
+from cfsc.fuse.attach import MountError, mount_fuse, unmount
 from cfsc.fuse.kernel import mount_kernel
-from cfsc.fuse.mount import MountError, mount_fuse, unmount
 from cfsc.fuse.server import Server
 from cfsc.store.backing import Store
 from hypothesis import HealthCheck, Phase, given, settings
