@@ -28,6 +28,7 @@ from cfsc.frontends.tar import layers as tar
 
 from bench.fuzzing.mutators import INTERESTING, generic
 from bench.fuzzing.roundtrip import check_image, numbers
+from tests.helpers.tarcraft import pax_records
 
 NAME = "tar"
 BLOCK = 512
@@ -69,21 +70,12 @@ def _pad(data: bytes) -> bytes:
     return data + bytes(-len(data) % BLOCK)
 
 
-def _records(pairs) -> bytes:
-    out = []
-    for key, value in pairs:
-        body = b" %s=%s\n" % (key, value)
-        n = len(body) + 1
-        while len(b"%d" % n) + len(body) != n:
-            n += 1
-        out.append(b"%d" % n + body)
-    return b"".join(out)
 
 
 def _member(name: bytes, data: bytes = b"", typeflag: bytes = b"0", pax=None, linkname: bytes = b"") -> bytes:
     out = b""
     if pax:
-        body = _records(pax)
+        body = pax_records(pax)
         out = _header(b"PaxHeaders/x", b"x", len(body)) + _pad(body)
     return out + _header(name, typeflag, len(data), linkname) + _pad(data)
 
@@ -188,7 +180,7 @@ def _edit_field(data: bytearray, rng: random.Random, at: int) -> None:
 def _edit_pax(data: bytes, rng: random.Random, at: int) -> bytes:
     """Replace the member at `at` by one with a PAX header of changed records."""
     pairs = [(rng.choice(PAX_KEYS), _pax_value(rng)) for _ in range(rng.randint(1, 3))]
-    body = _records(pairs)
+    body = pax_records(pairs)
     if rng.random() < 0.1:
         body = body.replace(b" ", b"  ", 1) if rng.random() < 0.5 else body[:-1]
     kind = b"g" if rng.random() < 0.2 else b"x"
