@@ -86,16 +86,7 @@ def open_path(dirfd: int, path: bytes, symlinks: bool = False) -> int:
     """An `O_PATH` descriptor of `path` beneath `dirfd` (opens nothing; a symlink as the last
     component is the symlink itself unless `symlinks`)."""
     _check_path(path)
-    global use_openat2
-    if use_openat2:
-        flags = os.O_PATH | os.O_CLOEXEC if symlinks else O_PATH
-        try:
-            return syscalls.openat2(dirfd, path, flags, RESOLVE_SYMLINKS if symlinks else RESOLVE)
-        except OSError as e:
-            if e.errno != errno.ENOSYS:
-                raise
-            use_openat2 = False
-    return _walk(dirfd, path, O_PATH)
+    return _resolve(dirfd, path, O_PATH, symlinks)
 
 
 def open_regular(dirfd: int, path: bytes, symlinks: bool = False) -> tuple[int, os.stat_result]:
@@ -201,16 +192,23 @@ def _refusal(e: OSError, open_path_fd, path) -> OSError:
 
 def _open_read(dirfd: int, path: bytes, symlinks: bool) -> int:
     """Without /proc: the file opened for reading directly (O_NONBLOCK: a FIFO does not block)."""
+    return _resolve(dirfd, path, O_READ, symlinks)
+
+
+def _resolve(dirfd: int, path: bytes, flags: int, symlinks: bool) -> int:
+    """`path` opened with `flags` beneath `dirfd`: by openat2 (symlinks that stay inside
+    followed, the last one too, if `symlinks`), or on kernels without it by the component
+    walk, which follows none."""
     global use_openat2
     if use_openat2:
-        flags = O_READ & ~os.O_NOFOLLOW if symlinks else O_READ
         try:
-            return syscalls.openat2(dirfd, path, flags, RESOLVE_SYMLINKS if symlinks else RESOLVE)
+            return syscalls.openat2(dirfd, path, flags & ~os.O_NOFOLLOW if symlinks else flags,
+                                    RESOLVE_SYMLINKS if symlinks else RESOLVE)
         except OSError as e:
             if e.errno != errno.ENOSYS:
                 raise
             use_openat2 = False
-    return _walk(dirfd, path, O_READ)
+    return _walk(dirfd, path, flags)
 
 
 def _regular_stat(fd: int, path) -> os.stat_result:
