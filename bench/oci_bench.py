@@ -33,10 +33,9 @@ import shutil
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-from tar_bench import same_trees  # (bench/ is on sys.path)
+from tar_bench import run, same_trees  # (bench/ is on sys.path)
 
 CFSC = str(Path(sys.executable).with_name("cfsc"))
 LIB = "/usr/lib/x86_64-linux-gnu"
@@ -78,17 +77,6 @@ def create(work: Path) -> None:
     sh("skopeo", "copy", "-q", "--dest-compress-format", "zstd:chunked", src, f"oci:{work}/chunked:latest")
 
 
-def run(cmd: list[str]) -> tuple[float, float, int]:
-    """Wall, CPU (user + sys) seconds and peak RSS (KiB) of one child process."""
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _pid, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - start
-    err = proc.stderr.read().decode()  # type: ignore[union-attr]
-    proc.stderr.close()  # type: ignore[union-attr]
-    if status != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed: {err}")
-    return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss
 
 
 def clean(*paths: Path) -> None:

@@ -47,8 +47,8 @@ def create_layer(path: Path) -> None:
     tmp.rename(path)
 
 
-def run(cmd: list[str]) -> tuple[float, float]:
-    """Wall and CPU (user + sys) seconds of one child process."""
+def run(cmd: list[str]) -> tuple[float, float, int]:
+    """Wall and CPU (user + sys) seconds and peak RSS (KiB) of one child process."""
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _pid, status, usage = os.wait4(proc.pid, 0)
@@ -57,7 +57,7 @@ def run(cmd: list[str]) -> tuple[float, float]:
     proc.stderr.close()  # type: ignore[union-attr]
     if status != 0:
         raise SystemExit(f"{' '.join(cmd)} failed: {err}")
-    return wall, usage.ru_utime + usage.ru_stime
+    return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss
 
 
 def clean(*paths: Path) -> None:
@@ -102,14 +102,14 @@ def main() -> None:
         cmd = [CFSC, "compile", str(args.layer), "-o", str(img_s), *threads]
         if not args.no_store:
             cmd += ["--digest-store", str(store_s)]
-        results["stream"].append(run(cmd))
+        results["stream"].append(run(cmd)[:2])
         clean(tree, store_x)
         tree.mkdir()
-        w1, c1 = run([*EXTRACT, "-xf", str(args.layer), "-C", str(tree)])
+        w1, c1, _peak = run([*EXTRACT, "-xf", str(args.layer), "-C", str(tree)])
         cmd = [CFSC, "compile", "--hardlinks", str(tree), "-o", str(img_x), *threads]
         if not args.no_store:
             cmd += ["--digest-store", str(store_x)]
-        w2, c2 = run(cmd)
+        w2, c2, _peak = run(cmd)
         results["extract"].append((w1 + w2, c1 + c2))
         s, x = results["stream"][-1], results["extract"][-1]
         print(f"run {i + 1}: stream {s[0]:6.2f} s wall {s[1]:6.2f} s cpu | extract+compile {x[0]:6.2f} s wall"

@@ -218,8 +218,8 @@ def run(data: bytes, workdir: str) -> None:
                       hardlinks=bool(flags & HARDLINKS) and (store or not archive),
                       ostree_compat=archive and not store,
                       digest_store=os.path.join(workdir, "store") if store else None)
-    from cfsc.frontends.ostree import commit as ostree
     from cfsc.build import compile_in_memory
+    from cfsc.frontends.ostree import commit as ostree
 
     try:
         compile_in_memory(ostree.load(f"ostree:{root}:main", options), options)
