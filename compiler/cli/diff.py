@@ -211,7 +211,7 @@ def diff_cmd(
 
 def render_check(report, out, color: bool) -> None:
     def hexd(d: bytes | None) -> str:
-        return f"sha256:{d.hex()}" if d is not None else "-"
+        return f"{check.algorithm_of(d).name}:{d.hex()}" if d is not None else "-"
 
     out.write(f"{report.source}: {hexd(report.digest)}\n".encode())
     if report.expected is not None:
@@ -244,7 +244,7 @@ def render_check(report, out, color: bool) -> None:
 @source_options(old_flags=True)
 def check_cmd(
     source: str = typer.Argument(..., help="The source to compile (any kind; layers: L1.tar+L2.tar, as for diff)."),
-    expect_digest: str | None = typer.Option(None, "--expect-digest", help="The digest it must compile to: sha256:HEX (or HEX)."),
+    expect_digest: str | None = typer.Option(None, "--expect-digest", help="The digest it must compile to: sha256:HEX (or HEX; sha512:HEX compares the SHA-512 one)."),
     reference: str | None = typer.Option(None, "--reference", help="An image (or any source, compiled alike) to diff against; "
                                          "without --expect-digest its digest is the expected one."),
     reproducible: bool = typer.Option(False, "--reproducible", help="Compile it several ways; all digests must agree."),
@@ -290,7 +290,7 @@ def check_cmd(
     if digest is not None or reference is not None:
         report = check.expect(source, options, source_format, digest, reference, baseline=baseline)
     else:
-        report = check.CheckReport(side_name(source), check.digest_bytes(baseline))
+        report = check.CheckReport(side_name(source), check.digest_bytes(baseline, check.algorithm_named(options.hash_algorithm)))
     if reproducible:
         check.reproducible(source, options, source_format, chosen, report, baseline)
     if as_json:
