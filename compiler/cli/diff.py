@@ -210,8 +210,9 @@ def diff_cmd(
 
 
 def render_check(report, out, color: bool) -> None:
+    from cfsc.base.fsverity import algorithm_of
     def hexd(d: bytes | None) -> str:
-        return f"{check.algorithm_of(d).name}:{d.hex()}" if d is not None else "-"
+        return f"{algorithm_of(d).name}:{d.hex()}" if d is not None else "-"
 
     out.write(f"{report.source}: {hexd(report.digest)}\n".encode())
     if report.expected is not None:
