@@ -81,7 +81,7 @@ class _Scanner:
     def __init__(self, source, options: Options) -> None:
         self.source = os.fsdecode(source)
         self.options = options
-        self.algorithm = algorithm_named(options.hash_algorithm)
+        self.algorithm = algorithm_named(options.hash)
         self.threads = max(1, options.threads)
         self.store: Store | None = None
         self.xattr_cache: dict[tuple, tuple] = {}

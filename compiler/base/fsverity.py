@@ -63,7 +63,7 @@ _BY_ID = {a.id: a for a in (SHA256, SHA512)}
 
 
 def algorithm_named(name: str, where: str = "--hash") -> FsVerityAlgorithm:
-    """The algorithm a user named (`--hash`, `Options.hash_algorithm`)."""
+    """The algorithm a user named (`--hash`, `Options.hash`)."""
     try:
         return ALGORITHMS[name]
     except KeyError:

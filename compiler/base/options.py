@@ -31,7 +31,7 @@ class Options:
     use_epoch: bool = False
     digest_store: str | None = None
     # fs-verity hash of file digests, store names and the image digest: sha256 or sha512
-    hash_algorithm: str = "sha256"
+    hash: str = "sha256"
     threads: int = field(default_factory=lambda: len(os.sched_getaffinity(0)) or 1)
     progress: bool = False
     # layers
@@ -126,7 +126,7 @@ SOURCE_OPTIONS: tuple[SourceOption, ...] = (
                  "zstd:chunked / eStargz layers: build the tree from their TOC alone, reading no file data."),
     SourceOption("digest_store", "--digest-store", DIR, ("dir", "tar", "ostree", "oci"),
                  "Import file data into this content store (named by fs-verity digest)."),
-    SourceOption("hash_algorithm", "--hash", TEXT, ("dir", "tar", "ostree", "oci", "crfs"),
+    SourceOption("hash", "--hash", TEXT, ("dir", "tar", "ostree", "oci", "crfs"),
                  "fs-verity hash of file digests and store object names (and of --print-digest): "
                  "sha256 (default, as mkcomposefs) or sha512 (as composefs-rs).", choices=tuple(ALGORITHMS)),
     SourceOption("threads", "--threads", NUMBER, ("dir", "tar", "ostree", "oci"),

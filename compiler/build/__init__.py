@@ -130,7 +130,7 @@ def compile_image(
         with batch_allocation():
             tree = load(sources, options, fmt)
             with atomic_output(output) if output is not None else contextlib.nullcontext() as out:
-                sink = (DigestingWriter(out, algorithm_named(options.hash_algorithm))
+                sink = (DigestingWriter(out, algorithm_named(options.hash))
                         if want_digest or out is None else out)
                 compile_tree(tree, options, sink)  # type: ignore[arg-type]
             return sink.digest() if want_digest else None  # type: ignore[union-attr]

@@ -37,14 +37,14 @@ def compile_cmd(
 
 
 @command("measure")
-@some_source_options("hash_algorithm")
+@some_source_options("hash")
 def measure_cmd(
     files: list[str] = typer.Argument(..., help="Files to measure."),
     *,
     options: Options,
 ) -> None:
     """Print each file's fs-verity digest, as `fsverity digest [--hash-alg=…]` does (sha256:HEX FILE)."""
-    algorithm = algorithm_named(options.hash_algorithm)
+    algorithm = algorithm_named(options.hash)
     for name in files:
         try:
             digest = digest_file(name, algorithm)

@@ -291,7 +291,7 @@ def check_cmd(
     if digest is not None or reference is not None:
         report = check.expect(source, options, source_format, digest, reference, baseline=baseline)
     else:
-        report = check.CheckReport(side_name(source), check.digest_bytes(baseline, check.algorithm_named(options.hash_algorithm)))
+        report = check.CheckReport(side_name(source), check.digest_bytes(baseline, check.algorithm_named(options.hash)))
     if reproducible:
         check.reproducible(source, options, source_format, chosen, report, baseline)
     if as_json:

@@ -119,7 +119,7 @@ class HeldObjects:
 
 def open_store(options) -> Store:
     """The store `--digest-store` names, held for the image if the compile holds objects."""
-    store = Store(options.digest_store, algorithm_named(options.hash_algorithm))
+    store = Store(options.digest_store, algorithm_named(options.hash))
     if options.held is not None:
         options.held.stores.append(store)
     return store

@@ -139,7 +139,7 @@ def expect(source, options: Options, fmt: str | None = None, digest: bytes | Non
         raise UsageError("nothing to compare with: give --expect-digest and/or --reference")
     image = baseline if baseline is not None else compile_source(source, options, fmt)
     # The digest given says the algorithm; else --hash does.
-    algorithm = algorithm_of(digest) if digest is not None else algorithm_named(options.hash_algorithm)
+    algorithm = algorithm_of(digest) if digest is not None else algorithm_named(options.hash)
     report = CheckReport(side_name(source), digest_bytes(image, algorithm), expected=digest)
     if reference is not None:
         report.reference = side_name(reference)
@@ -182,7 +182,7 @@ def reproducible(source, options: Options, fmt: str | None = None, variants: Ite
         fmt = detect(source)
     if baseline is None:
         baseline = compile_source(source, options, fmt)
-    algorithm = algorithm_of(report.digest) if report is not None else algorithm_named(options.hash_algorithm)
+    algorithm = algorithm_of(report.digest) if report is not None else algorithm_named(options.hash)
     if report is None:
         report = CheckReport(side_name(source), digest_bytes(baseline, algorithm))
     ways = _ways(source, options, fmt, baseline)

@@ -600,7 +600,7 @@ def _add_digests(tree: Tree, options: Options) -> None:
             if (child.mode & S_IFMT == S_IFREG and child.size and child.content is None
                     and child.digest is None and child.payload):
                 todo.setdefault(child.payload, {})[id(child)] = child
-    algorithm = algorithm_named(options.hash_algorithm)
+    algorithm = algorithm_named(options.hash)
     store = Store([options.payload_dir], verity="none")  # type: ignore[list-item]
     try:
         for payload, users in todo.items():

@@ -102,7 +102,7 @@ class _Loader:
         self.options = options
         self.compat = options.ostree_compat
         self.verify = options.verify
-        self.algorithm = algorithm_named(options.hash_algorithm)
+        self.algorithm = algorithm_named(options.hash)
         if self.compat and options.digest_store:
             raise UsageError("--ostree-compat names payloads by repository object: drop --digest-store",
                              "--ostree-compat")

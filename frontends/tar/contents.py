@@ -45,7 +45,7 @@ class _Aborted(Exception):
 class Contents:
     def __init__(self, options: Options) -> None:
         self.options = options
-        self.algorithm = algorithm_named(options.hash_algorithm)
+        self.algorithm = algorithm_named(options.hash)
         self.store = open_store(options) if options.digest_store else None
         self.threads = max(1, options.threads)
         self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="cfsc-hash") if self.threads > 1 else None
