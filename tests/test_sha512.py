@@ -242,3 +242,21 @@ def test_kernel_mount_of_a_sha512_image(tmp_path):
             run_cfsc("umount", str(mnt), check=True)
     else:
         assert p.returncode == 2 and b"no fs-verity" in p.stderr and not os.path.ismount(mnt)
+
+
+@pytest.mark.tools
+@pytest.mark.parametrize("mode", ["bare-user", "archive"])
+def test_ostree_commit_sha512(tmp_path, mode):
+    src = make_source(tmp_path)
+    repo = tmp_path / "repo"
+    subprocess.run(["ostree", "init", f"--repo={repo}", f"--mode={mode}"], check=True)
+    subprocess.run(["ostree", "commit", f"--repo={repo}", "-b", "main", f"--tree=dir={src}", "--no-xattrs"],
+                   check=True, capture_output=True)
+    image, store = tmp_path / "o.cfs", tmp_path / "store"
+    run_cfsc("compile", f"ostree:{repo}:main", "-o", str(image), "--hash", "sha512", "--digest-store", str(store),
+             check=True)
+    dump = {line.split()[0]: line.split() for line in run_cfsc("dump", str(image), check=True).stdout.splitlines()}
+    for name in ("big", "sub/mid", "multi"):
+        digest = digest_bytes(FILES[name], SHA512)
+        assert dump[b"/" + name.encode()][10] == digest.hex().encode(), name
+        assert (store / payload_path(digest).decode()).read_bytes() == FILES[name]

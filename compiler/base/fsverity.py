@@ -21,7 +21,9 @@ import fcntl
 import hashlib
 import os
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from cfsc.base.errors import UsageError
 
@@ -51,15 +53,14 @@ class FsVerityAlgorithm:
     name: str
     id: int
     size: int
-    new: object  # the hashlib constructor
-    fresh: object  # a fresh context, copied per block (never updated)
+    new: Callable  # the hashlib constructor
+    fresh: Any  # a fresh hashlib context, copied per block (never updated)
 
 
 SHA256 = FsVerityAlgorithm("sha256", FS_VERITY_HASH_ALG_SHA256, 32, hashlib.sha256, hashlib.sha256())
 SHA512 = FsVerityAlgorithm("sha512", FS_VERITY_HASH_ALG_SHA512, 64, hashlib.sha512, hashlib.sha512())
 ALGORITHMS = {a.name: a for a in (SHA256, SHA512)}
 _BY_SIZE = {a.size: a for a in (SHA256, SHA512)}
-_BY_ID = {a.id: a for a in (SHA256, SHA512)}
 
 
 def algorithm_named(name: str, where: str = "--hash") -> FsVerityAlgorithm:
@@ -73,10 +74,6 @@ def algorithm_named(name: str, where: str = "--hash") -> FsVerityAlgorithm:
 def algorithm_of(digest: bytes) -> FsVerityAlgorithm | None:
     """The algorithm of a digest, told by its length (None: no fs-verity digest's length)."""
     return _BY_SIZE.get(len(digest))
-
-
-def algorithm_by_id(ident: int) -> FsVerityAlgorithm | None:
-    return _BY_ID.get(ident)
 
 
 class FsVerityHasher:

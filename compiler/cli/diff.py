@@ -211,6 +211,7 @@ def diff_cmd(
 
 def render_check(report, out, color: bool) -> None:
     from cfsc.base.fsverity import algorithm_of
+
     def hexd(d: bytes | None) -> str:
         return f"{algorithm_of(d).name}:{d.hex()}" if d is not None else "-"
 
@@ -274,6 +275,7 @@ def check_cmd(
     Exit status: 0 passed, 1 failed, 2 error.
     """
     # start-up: the checker ~90 ms (it pulls in every frontend); `cfsc diff` and --help need it not
+    from cfsc.base.fsverity import algorithm_named
     from cfsc.tools import check
     from cfsc.tools.check import VARIANTS
     from cfsc.tools.manifest import layers, side_name
@@ -291,7 +293,7 @@ def check_cmd(
     if digest is not None or reference is not None:
         report = check.expect(source, options, source_format, digest, reference, baseline=baseline)
     else:
-        report = check.CheckReport(side_name(source), check.digest_bytes(baseline, check.algorithm_named(options.hash)))
+        report = check.CheckReport(side_name(source), check.digest_bytes(baseline, algorithm_named(options.hash)))
     if reproducible:
         check.reproducible(source, options, source_format, chosen, report, baseline)
     if as_json:
