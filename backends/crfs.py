@@ -20,6 +20,7 @@ import orjson
 from cfsc.backends.crfs_format import GO_ZERO_TIME, TYPE_NAMES, twin
 from cfsc.base import devices, jsonbytes, rfc3339
 from cfsc.base.errors import TreeError, UsageError
+from cfsc.base.fsverity import algorithm_of
 from cfsc.base.options import Options
 from cfsc.base.tree import S_IFBLK, S_IFCHR, S_IFDIR, S_IFLNK, S_IFMT, S_IFREG, Tree
 
@@ -101,7 +102,7 @@ def write(tree: Tree, out: BinaryIO, options: Options | None = None) -> None:
             if node.content is not None:
                 e["x-content"] = _b64(node.content)
             if node.digest is not None:
-                e["x-fsverity-digest"] = "sha256:" + node.digest.hex()
+                e["x-fsverity-digest"] = algorithm_of(node.digest).name + ":" + node.digest.hex()
         elif ftype == S_IFLNK:
             jsonbytes.put(e, "linkName", node.payload or b"", twin)
         elif ftype != S_IFDIR:

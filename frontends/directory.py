@@ -36,7 +36,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 from cfsc.base.beneath import NotRegular, open_listed
 from cfsc.base.errors import InputError, UsageError
-from cfsc.base.fsverity import digest_bytes, hash_fd, payload_path
+from cfsc.base.fsverity import algorithm_named, digest_bytes, hash_fd, payload_path
 from cfsc.base.limits import INLINE_MAX
 from cfsc.base.options import Options
 from cfsc.base.progress import Progress, mib
@@ -81,6 +81,7 @@ class _Scanner:
     def __init__(self, source, options: Options) -> None:
         self.source = os.fsdecode(source)
         self.options = options
+        self.algorithm = algorithm_named(options.hash)
         self.threads = max(1, options.threads)
         self.store: Store | None = None
         self.xattr_cache: dict[tuple, tuple] = {}
@@ -362,7 +363,7 @@ class _Scanner:
                     data += self.read_rest(fd, size + 1 - len(data))
                 if len(data) != size:
                     raise self.changed(job.path, "modified (its size changed)")
-                digest = digest_bytes(data)
+                digest = digest_bytes(data, self.algorithm)
                 if size <= INLINE_MAX:
                     content = data
             else:
@@ -406,7 +407,7 @@ class _Scanner:
         return b"".join(parts)
 
     def digest_large(self, fd: int, job: _File) -> bytes:
-        digest, size = hash_fd(fd)
+        digest, size = hash_fd(fd, algorithm=self.algorithm)
         if size != job.size:
             raise self.changed(job.path, "modified (its size changed)")
         return digest

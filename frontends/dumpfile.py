@@ -11,6 +11,8 @@ order so the first error reported is the one upstream would hit.  Two inputs ups
 accepts are refused (README, "Differences"): a DIGEST of fewer than 64 hex digits on a
 regular file, a missing one included (upstream fills the rest from uninitialised memory), and
 a line longer than any record within the limits (LINE_MAX), refused before it is read whole.
+One extension: a DIGEST of exactly 128 hex digits is a SHA-512 fs-verity digest (composefs-rs'
+algorithm); upstream would read its first 64 digits as a SHA-256 one.
 
 Speed: a line costs one `split`, `isdigit` fast paths for the integers, unescaping only when
 a field holds a backslash, and a cache from the raw xattr section to its (interned) xattr
@@ -62,7 +64,7 @@ MAX_EXTERNAL_SIZE = limits.MAX_EXTERNAL_SIZE
 # The longest text each field of a record within the composefs limits needs, every byte of a
 # string written as `\xHH` at worst: paths up to PATH_MAX bytes (a deeper path cannot be
 # used through the kernel in one call), payloads below PATH_MAX, inline content up to its
-# limit, a digest of 64 hex digits, integers with sign and a few leading zeros, and
+# limit, a digest of 128 hex digits (SHA-512), integers with sign and a few leading zeros, and
 # upstream's own cap on the xattr section ("Too many xattrs").  A longer line is refused
 # as soon as its first LINE_MAX + 1 bytes are read, so a hostile line is never held whole.
 INTEGER_TEXT_MAX = 32
@@ -78,7 +80,7 @@ FIELD_TEXT_MAX = (
     2 * INTEGER_TEXT_MAX + 1,                  # MTIME
     4 * (limits.PATH_MAX - 1),                 # PAYLOAD
     4 * limits.INLINE_CONTENT_MAX,             # CONTENT
-    4 * 64,                                    # DIGEST
+    4 * 128,                                   # DIGEST
     XATTR_SECTION_MAX,                         # XATTRS
 )
 LINE_MAX = sum(FIELD_TEXT_MAX) + len(FIELDS)  # + the separators
@@ -176,7 +178,10 @@ def _strtoull(text: bytes, pattern: re.Pattern) -> int | None:
 def _digest(text: bytes) -> bytes | None:
     """The digest upstream reads from DIGEST: its first 64 hex digits (what follows is
     ignored), or None when there are fewer -- upstream then leaves the rest of the digest
-    uninitialised, so such a line has no defined meaning and is refused."""
+    uninitialised, so such a line has no defined meaning and is refused.  Exactly 128 hex
+    digits are a SHA-512 digest (cfsc's extension; upstream takes their first half)."""
+    if len(text) == 128 and not text.translate(None, b"0123456789abcdefABCDEF"):
+        return bytes.fromhex(text.decode("ascii"))
     if len(text) == 64:
         try:
             digest = bytes.fromhex(text.decode("ascii"))
@@ -630,7 +635,7 @@ class _Parser:
                 digest = _digest(text)
                 if digest is None:
                     raise self.bad_field(n, "DIGEST", text, f"invalid digest {text[:80].decode('latin-1')!r}: "
-                                                            "expected 64 hex digits (an fs-verity SHA-256 digest) or '-'")
+                                                            "expected 64 hex digits (an fs-verity SHA-256 digest), 128 (SHA-512) or '-'")
             else:
                 digest = None  # upstream stores it but only regular files use it
 

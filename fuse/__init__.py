@@ -21,7 +21,7 @@ import os
 from dataclasses import dataclass, field, replace
 
 from cfsc.base.errors import ImageError, IntegrityError, UsageError
-from cfsc.base.fsverity import digest_bytes
+from cfsc.base.fsverity import algorithm_of, digest_bytes
 from cfsc.base.tree import S_IFDIR, S_IFMT
 from cfsc.fuse.attach import check_mountpoint
 from cfsc.fuse.attach import unmount as _unmount
@@ -49,8 +49,9 @@ def parse_digest(text: str) -> bytes:
         digest = bytes.fromhex(text)
     except ValueError:
         digest = b""
-    if len(digest) != 32:
-        raise UsageError(f"expected 64 hex digits (a SHA-256 fs-verity digest), got {text!r}", "--digest")
+    if algorithm_of(digest) is None:
+        raise UsageError(f"expected 64 hex digits (a SHA-256 fs-verity digest) or 128 (SHA-512), got {text!r}",
+                         "--digest")
     return digest
 
 
@@ -69,7 +70,7 @@ def open_view(path: str, digest: str | None = None, noacl: bool = False):
 
     image = Image.open(path)
     if digest is not None:
-        check_digest(digest_bytes(image.data), digest, image.name)
+        check_digest(digest_bytes(image.data, algorithm_of(parse_digest(digest))), digest, image.name)
     return checked_view(image, noacl)
 
 

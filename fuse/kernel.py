@@ -26,8 +26,8 @@ from cfsc.backends.erofs.layout import COMPOSEFS_FLAGS_HAS_ACL
 from cfsc.backends.erofs.reader import HEAD_SIZE, Image
 from cfsc.base import syscalls
 from cfsc.base.errors import InputError, UsageError
-from cfsc.base.fsverity import hash_fd, kernel_digest
-from cfsc.fuse import check_digest, checked_view
+from cfsc.base.fsverity import SHA256, algorithm_of, hash_fd, kernel_digest
+from cfsc.fuse import check_digest, checked_view, parse_digest
 from cfsc.fuse.attach import MountError, check_mountpoint, privileged
 from cfsc.store.backing import NO_VERITY, VERITY_IF_PRESENT, VERITY_REQUIRED, Store
 
@@ -64,11 +64,12 @@ def mount_kernel(image_path: str, mountpoint: str, options) -> None:
         image = Image(_read_fd(fd), image_path)
         checked_view(image, options.noacl)  # a corrupt image fails here, located, unmounted
         if options.digest is not None:
-            kernel = kernel_digest(fd)
+            algorithm = algorithm_of(parse_digest(options.digest))  # its length tells
+            kernel = kernel_digest(fd, algorithm)
             if kernel and kernel.hex() == options.digest.lower():
                 pass  # fs-verity on the image: the kernel keeps it that way
             else:
-                check_digest(hash_fd(fd, 0)[0], options.digest, image_path)
+                check_digest(hash_fd(fd, 0, algorithm=algorithm)[0], options.digest, image_path)
         verity = VERITY[options.verity]
         if verity is not None:
             _probe_store(image, basedirs)
@@ -110,7 +111,7 @@ def _probe_store(image, basedirs: list[str]) -> None:
         except OSError:
             return  # not there: nothing to learn
         try:
-            got = kernel_digest(fd)
+            got = kernel_digest(fd, algorithm_of(e.digest) or SHA256)
             if not got:
                 why = ("the store's file system or this kernel has no fs-verity" if got is False
                        else "the store's objects have no fs-verity enabled")

@@ -62,9 +62,9 @@ class Node:
     """One visible inode.
 
     content: the data of a regular file held in the image, once read (`ImageView.content`).
-    external: the data comes from the store at `payload`, verified against `digest` (32
-    bytes or None).  target: a symlink's target, once read (`ImageView.target`).  broken:
-    why the kernel fails to look this inode up, or None.
+    external: the data comes from the store at `payload`, verified against `digest` (32 or
+    64 bytes, SHA-256 or SHA-512; or None).  target: a symlink's target, once read
+    (`ImageView.target`).  broken: why the kernel fails to look this inode up, or None.
     parent, name: where the inode was first reached (for log messages).  wire: a slot for
     the server's encoding of the attributes.
     """

@@ -177,8 +177,8 @@ def test_entry_swapped_for_a_symlink(small_tree, tmp_path, monkeypatch, victim):
 def test_file_modified_while_it_is_read(small_tree, monkeypatch, victim, hook):
     real = getattr(directory, hook)
 
-    def hooked(*args):
-        result = real(*args)
+    def hooked(*args, **kwargs):
+        result = real(*args, **kwargs)
         with open(small_tree / victim, "ab") as f:
             f.write(b"more")
         return result

@@ -130,7 +130,7 @@ def test_line_max_is_the_sum_of_the_field_limits():
     head = b"".join(b"/%s 0 40755 2 0 0 0 0.0 - - -\n" % d for d in dirs)
     fields = [b"/" + dirs[-1] + b"/f", b"0" * 28 + b"5000", b"0" * 27 + b"100644", b"0" * 31 + b"1",
               b"0" * 32, b"0" * 32, b"0" * 32, b"0" * 32 + b"." + b"0" * 32, b"\\x70" * 4095,
-              b"\\x78" * 5000, b"\\x61" * 64, b"user.a=" + b"\\x76" * 16382]
+              b"\\x78" * 5000, b"\\x61" * 128, b"user.a=" + b"\\x76" * 16382]  # DIGEST: SHA-512
     line = b" ".join(fields)
     assert dumpfile.LINE_MAX - 1000 < len(line) <= dumpfile.LINE_MAX
     tree = dumpfile.loads(ROOT + head + line + b"\n")

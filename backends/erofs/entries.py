@@ -37,6 +37,7 @@ from cfsc.backends.erofs.overlay import (
     ESCAPED_WHITEOUT,
     METACOPY,
     METACOPY_DIGEST_SIZE,
+    METACOPY_DIGEST_SIZES,
     METACOPY_HEADER,
     READER_DROPPED,
     REDIRECT,
@@ -58,6 +59,7 @@ _ESCAPED_LEN = len(ESCAPED)
 # alignment, a metacopy value holding a digest and its header.
 assert (EROFS_XATTR_IBODY_HEADER.size, EROFS_XATTR_IBODY_HEADER.offset("h_shared_count"), EROFS_XATTR_ENTRY.size,
         EROFS_XATTR_ALIGN, METACOPY_DIGEST_SIZE, len(METACOPY_HEADER)) == (12, 4, 4, 4, 36, 4)
+assert METACOPY_DIGEST_SIZES == {36, 68}  # SHA-256, SHA-512
 _unpack_entry = EROFS_XATTR_ENTRY.unpack_from
 
 
@@ -194,7 +196,7 @@ class Entries:
                     value = value[1:] if len(value) > 1 and value[:1] == b"/" else value
                     payload = value.partition(b"\0")[0]
             elif name == _METACOPY_NAME:
-                if regular and value_len == 36:
+                if regular and (value_len == 36 or value_len == 68):
                     digest = body[name_end + 4:end]
             else:
                 return None

@@ -7,7 +7,8 @@ store (format note §4, §8).  What overlayfs reads from it is spelled in xattrs
   escaped as `trusted.overlay.overlay.X`, which the kernel shows back as `trusted.overlay.X`
   (`escape_key`, `unescape_key`).  `user.overlay.*` is not escaped.
 * An external regular file (`is_external`: size > 0, no inline content) carries
-  `trusted.overlay.metacopy` (empty, or `METACOPY_HEADER` + its fs-verity digest) and
+  `trusted.overlay.metacopy` (empty, or a header + its fs-verity digest: `METACOPY_HEADER`
+  for SHA-256, as mkcomposefs writes, or the SHA-512 one composefs-rs writes) and
   `trusted.overlay.redirect` = `/` + payload (`implied_xattrs`).
 * A whiteout (character device 0:0) is stored as an empty regular file marked with the
   escaped and the `user.` whiteout keys; its directory gets the `…whiteouts` markers and, in
@@ -20,7 +21,7 @@ declarations, so every side agrees on one spelling.
 
 from __future__ import annotations
 
-from cfsc.base.fsverity import DIGEST_SIZE, FS_VERITY_HASH_ALG_SHA256
+from cfsc.base.fsverity import ALGORITHMS, DIGEST_SIZE
 from cfsc.base.tree import S_IFCHR, S_IFMT, S_IFREG, Inode
 
 TRUSTED_OVERLAY = b"trusted.overlay."
@@ -41,9 +42,12 @@ USER_MARKERS = (USER_WHITEOUT, USER_WHITEOUTS, USER_OPAQUE)
 # Markers a reader drops (libcomposefs' reader): they only tell overlayfs where to look.
 READER_DROPPED = frozenset((ESCAPED_WHITEOUTS, USER_WHITEOUT, USER_WHITEOUTS))
 
-# overlayfs' struct ovl_metacopy: version 0, length (header + digest), flags 0, digest algorithm.
-METACOPY_HEADER = bytes((0, 4 + DIGEST_SIZE, 0, FS_VERITY_HASH_ALG_SHA256))
-METACOPY_DIGEST_SIZE = len(METACOPY_HEADER) + DIGEST_SIZE  # a metacopy value holding a digest
+# overlayfs' struct ovl_metacopy: version 0, length (header + digest), flags 0, digest algorithm
+# (FS_VERITY_HASH_ALG_*); one header per digest size, which tells the algorithm.
+METACOPY_HEADERS = {a.size: bytes((0, 4 + a.size, 0, a.id)) for a in ALGORITHMS.values()}
+METACOPY_HEADER = METACOPY_HEADERS[DIGEST_SIZE]  # SHA-256's: what mkcomposefs writes
+METACOPY_DIGEST_SIZE = len(METACOPY_HEADER) + DIGEST_SIZE  # a metacopy value holding a SHA-256 digest
+METACOPY_DIGEST_SIZES = frozenset(len(h) + n for n, h in METACOPY_HEADERS.items())
 METACOPY_EMPTY = (METACOPY, b"")
 
 ROOT_WHITEOUT_MODE = S_IFCHR | 0o644
@@ -74,7 +78,7 @@ def is_external(node: Inode) -> bool:
 
 
 def metacopy_value(digest: bytes | None) -> bytes:
-    return METACOPY_HEADER + digest if digest is not None else b""
+    return METACOPY_HEADERS[len(digest)] + digest if digest is not None else b""
 
 
 def metacopy_xattr(digest: bytes | None) -> tuple[bytes, bytes]:
@@ -86,8 +90,9 @@ def redirect_xattr(payload: bytes) -> tuple[bytes, bytes]:
 
 
 def metacopy_digest(value: bytes) -> bytes | None:
-    """The fs-verity digest a metacopy value holds, or None (an empty or other-sized value)."""
-    return value[len(METACOPY_HEADER):] if len(value) == METACOPY_DIGEST_SIZE else None
+    """The fs-verity digest a metacopy value holds, or None (an empty or other-sized value).
+    The size alone decides, as libcomposefs' reader does for SHA-256 (36 bytes)."""
+    return value[len(METACOPY_HEADER):] if len(value) in METACOPY_DIGEST_SIZES else None
 
 
 def redirect_payload(value: bytes) -> bytes:

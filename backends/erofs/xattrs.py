@@ -33,9 +33,8 @@ from cfsc.backends.erofs.layout import (
 )
 from cfsc.backends.erofs.overlay import (
     METACOPY,
-    METACOPY_DIGEST_SIZE,
     METACOPY_EMPTY,
-    METACOPY_HEADER,
+    METACOPY_HEADERS,
     REDIRECT,
     image_xattrs,
     metacopy_digest,
@@ -68,12 +67,15 @@ def entry(index: int, name: bytes, value: bytes) -> bytes:
 
 _META_INDEX, _META_NAME, _META_BIT = key_info(METACOPY)
 _REDIR_INDEX, _REDIR_NAME, _REDIR_BIT = key_info(REDIRECT)
-_META_PREFIX = _pack_entry(len(_META_NAME), _META_INDEX, METACOPY_DIGEST_SIZE) + _META_NAME + METACOPY_HEADER
+# By digest size (SHA-256, SHA-512): the metacopy entry up to the digest.
+_META_PREFIXES = {n: _pack_entry(len(_META_NAME), _META_INDEX, len(h) + n) + _META_NAME + h
+                  for n, h in METACOPY_HEADERS.items()}
 _META_EMPTY_ENTRY = entry(_META_INDEX, _META_NAME, b"")
-# `external_size` spells the implied entries' sizes out (the hot path): a metacopy entry is 56
-# bytes (20 empty), a redirect entry `(24 + len(payload)) & ~3` (header, name, "/", payload,
-# padding to 4).
-assert len(_META_PREFIX) + DIGEST_SIZE == 56 and len(_META_EMPTY_ENTRY) == 20
+# `external_size` spells the implied entries' sizes out (the hot path): a metacopy entry is 24
+# bytes + the digest (56 for SHA-256; 20 empty), a redirect entry `(24 + len(payload)) & ~3`
+# (header, name, "/", payload, padding to 4).
+assert all(len(p) == 24 for p in _META_PREFIXES.values()) and len(_META_EMPTY_ENTRY) == 20
+assert len(_META_PREFIXES[DIGEST_SIZE]) + DIGEST_SIZE == 56
 assert EROFS_XATTR_ENTRY.size + len(_REDIR_NAME) + len(b"/") + 3 == 24
 _REDIRECT_PREFIXES: dict[int, bytes] = {}  # payload length -> entry header + name + "/"
 
@@ -197,7 +199,7 @@ class XattrEncoder:
         else:
             hit = self.layouts.get(id(node.xattrs))
             size = (hit[1] if hit is not None else self.layout(node.xattrs)).size
-            size += 56 if node.digest is not None else 20
+            size += 24 + len(node.digest) if node.digest is not None else 20
         payload = node.payload
         return size + ((24 + len(payload)) & ~3) if payload else size
 
@@ -217,7 +219,7 @@ class XattrEncoder:
                 _pack_ibody(~(layout.bits | _META_BIT) & 0xFFFFFFFF, n_ids) + ids,
                 _pack_ibody(~(layout.bits | _META_BIT | _REDIR_BIT) & 0xFFFFFFFF, n_ids) + ids)
         digest = node.digest
-        meta = _META_PREFIX + digest if digest is not None else _META_EMPTY_ENTRY
+        meta = _META_PREFIXES[len(digest)] + digest if digest is not None else _META_EMPTY_ENTRY
         payload = node.payload
         inline = layout.inline
         if payload:

@@ -13,6 +13,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+from cfsc.base.fsverity import ALGORITHMS
+
 
 @dataclass(slots=True)
 class Options:
@@ -28,6 +30,8 @@ class Options:
     skip_devices: bool = False
     use_epoch: bool = False
     digest_store: str | None = None
+    # fs-verity hash of file digests, store names and the image digest: sha256 or sha512
+    hash: str = "sha256"
     threads: int = field(default_factory=lambda: len(os.sched_getaffinity(0)) or 1)
     progress: bool = False
     # layers
@@ -77,6 +81,7 @@ class SourceOption:
     text: str                  # what it does; `help` adds the kinds
     old_flag: str | None = None  # an earlier spelling, still accepted (hidden) where it was documented
     minimum: int | None = None   # NUMBER: the least value accepted
+    choices: tuple[str, ...] = ()  # TEXT: the values accepted (none: any)
 
     @property
     def help(self) -> str:
@@ -121,6 +126,9 @@ SOURCE_OPTIONS: tuple[SourceOption, ...] = (
                  "zstd:chunked / eStargz layers: build the tree from their TOC alone, reading no file data."),
     SourceOption("digest_store", "--digest-store", DIR, ("dir", "tar", "ostree", "oci"),
                  "Import file data into this content store (named by fs-verity digest)."),
+    SourceOption("hash", "--hash", TEXT, ("dir", "tar", "ostree", "oci", "crfs"),
+                 "fs-verity hash of file digests and store object names (and of --print-digest): "
+                 "sha256 (default, as mkcomposefs) or sha512 (as composefs-rs).", choices=tuple(ALGORITHMS)),
     SourceOption("threads", "--threads", NUMBER, ("dir", "tar", "ostree", "oci"),
                  "Threads reading and hashing files (default: CPUs available).", minimum=1),
     SourceOption("exclude", "--exclude", QUERIES, ALL,

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from typing import BinaryIO
 
 from cfsc.base.errors import OutputError, UsageError
-from cfsc.base.fsverity import FsVerityHasher
+from cfsc.base.fsverity import SHA256, FsVerityAlgorithm, FsVerityHasher
 
 
 def _umask() -> int:
@@ -88,9 +88,9 @@ def atomic_output(path: str, mode: int = 0o666) -> Iterator[BinaryIO]:
 class DigestingWriter:
     """A write-only stream that forwards to `out` (if any) and computes the fs-verity digest."""
 
-    def __init__(self, out: BinaryIO | None) -> None:
+    def __init__(self, out: BinaryIO | None, algorithm: FsVerityAlgorithm = SHA256) -> None:
         self.out = out
-        self.hasher = FsVerityHasher()
+        self.hasher = FsVerityHasher(algorithm)
 
     def write(self, data: bytes) -> int:
         self.hasher.update(data)

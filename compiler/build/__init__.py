@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, BinaryIO
 
 from cfsc import backends, frontends
 from cfsc.backends.erofs.overlay import is_external
+from cfsc.base.fsverity import algorithm_named
 from cfsc.base.options import Options
 from cfsc.base.output import DigestingWriter, atomic_output
 from cfsc.base.tree import Tree
@@ -129,7 +130,8 @@ def compile_image(
         with batch_allocation():
             tree = load(sources, options, fmt)
             with atomic_output(output) if output is not None else contextlib.nullcontext() as out:
-                sink = DigestingWriter(out) if want_digest or out is None else out
+                sink = (DigestingWriter(out, algorithm_named(options.hash))
+                        if want_digest or out is None else out)
                 compile_tree(tree, options, sink)  # type: ignore[arg-type]
             return sink.digest() if want_digest else None  # type: ignore[union-attr]
     except BaseException:

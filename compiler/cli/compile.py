@@ -7,10 +7,10 @@ import sys
 import typer
 from cfsc import build
 from cfsc.base.errors import CfscError, UsageError
-from cfsc.base.fsverity import digest_file
+from cfsc.base.fsverity import algorithm_named, digest_file
 from cfsc.base.options import Options
 from cfsc.cli import command, digest_line
-from cfsc.cli.sources import FROM, source_options
+from cfsc.cli.sources import FROM, some_source_options, source_options
 
 
 @command("compile")
@@ -37,13 +37,17 @@ def compile_cmd(
 
 
 @command("measure")
+@some_source_options("hash")
 def measure_cmd(
     files: list[str] = typer.Argument(..., help="Files to measure."),
+    *,
+    options: Options,
 ) -> None:
-    """Print each file's fs-verity digest, as `fsverity digest` does (sha256:HEX FILE)."""
+    """Print each file's fs-verity digest, as `fsverity digest [--hash-alg=…]` does (sha256:HEX FILE)."""
+    algorithm = algorithm_named(options.hash)
     for name in files:
         try:
-            digest = digest_file(name)
+            digest = digest_file(name, algorithm)
         except OSError as e:
             raise CfscError(f"cannot read: {e.strerror}", name) from None
-        sys.stdout.write(f"sha256:{digest.hex()} {name}\n")
+        sys.stdout.write(f"{algorithm.name}:{digest.hex()} {name}\n")

@@ -210,8 +210,10 @@ def diff_cmd(
 
 
 def render_check(report, out, color: bool) -> None:
+    from cfsc.base.fsverity import algorithm_of
+
     def hexd(d: bytes | None) -> str:
-        return f"sha256:{d.hex()}" if d is not None else "-"
+        return f"{algorithm_of(d).name}:{d.hex()}" if d is not None else "-"
 
     out.write(f"{report.source}: {hexd(report.digest)}\n".encode())
     if report.expected is not None:
@@ -244,7 +246,7 @@ def render_check(report, out, color: bool) -> None:
 @source_options(old_flags=True)
 def check_cmd(
     source: str = typer.Argument(..., help="The source to compile (any kind; layers: L1.tar+L2.tar, as for diff)."),
-    expect_digest: str | None = typer.Option(None, "--expect-digest", help="The digest it must compile to: sha256:HEX (or HEX)."),
+    expect_digest: str | None = typer.Option(None, "--expect-digest", help="The digest it must compile to: sha256:HEX (or HEX; sha512:HEX compares the SHA-512 one)."),
     reference: str | None = typer.Option(None, "--reference", help="An image (or any source, compiled alike) to diff against; "
                                          "without --expect-digest its digest is the expected one."),
     reproducible: bool = typer.Option(False, "--reproducible", help="Compile it several ways; all digests must agree."),
@@ -273,6 +275,7 @@ def check_cmd(
     Exit status: 0 passed, 1 failed, 2 error.
     """
     # start-up: the checker ~90 ms (it pulls in every frontend); `cfsc diff` and --help need it not
+    from cfsc.base.fsverity import algorithm_named
     from cfsc.tools import check
     from cfsc.tools.check import VARIANTS
     from cfsc.tools.manifest import layers, side_name
@@ -290,7 +293,7 @@ def check_cmd(
     if digest is not None or reference is not None:
         report = check.expect(source, options, source_format, digest, reference, baseline=baseline)
     else:
-        report = check.CheckReport(side_name(source), check.digest_bytes(baseline))
+        report = check.CheckReport(side_name(source), check.digest_bytes(baseline, algorithm_named(options.hash)))
     if reproducible:
         check.reproducible(source, options, source_format, chosen, report, baseline)
     if as_json:

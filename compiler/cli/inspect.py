@@ -196,14 +196,22 @@ def info_cmd(
             _write_json_line(facts)
             continue
         lines = [f"{label}: {facts[key]}" for key, label in INFO_LABELS]
+        if "fsverity_digest_sha512" in facts:
+            lines.insert(5, f"fs-verity digest (sha512): {facts['fsverity_digest_sha512']}")
         lines.append(f"build time: {facts['build_time']}.{facts['build_time_nsec']:09d}")
         lines.append("entries: " + ", ".join(f"{n} {k}" for k, n in facts["entries"].items() if n))
         f = facts["files"]
         lines.append(f"regular files: {f['inline']} inline, {f['external']} external ({f['external_bytes']} bytes, "
-                     f"{f['with_digest']} with digest, {f['objects']} distinct objects), {f['empty']} empty")
+                     f"{f['with_digest']} with digest{_hashes(f['digest_hashes'])}, "
+                     f"{f['objects']} distinct objects), {f['empty']} empty")
         lines.append(f"inode formats: {facts['inode_formats']['compact']} compact, {facts['inode_formats']['extended']} extended")
         lines.append(f"shared xattrs: {facts['shared_xattrs']['count']} ({facts['shared_xattrs']['bytes']} bytes)")
         sys.stdout.write("\n".join(lines) + "\n")
+
+
+def _hashes(names: list[str]) -> str:
+    """Which digests the files carry, said only when not all mkcomposefs' SHA-256."""
+    return f" ({', '.join(names)})" if names and names != ["sha256"] else ""
 
 
 @command("fsck-store")

@@ -15,6 +15,7 @@ import typing
 from collections.abc import Callable
 
 import typer
+from cfsc.base.errors import UsageError
 from cfsc.base.options import DIR, EPOCH, FLAG, NUMBER, QUERIES, SOURCE_OPTIONS, TEXT, Options, SourceOption
 from cfsc.cli import renamed, source_date_epoch
 
@@ -35,7 +36,8 @@ def _parameter(option: SourceOption, name: str, flag: str, hidden: bool = False)
         field = Options.__dataclass_fields__[option.field]
         default = field.default if isinstance(field.default, int) else None  # None: computed (CPUs)
     info = typer.Option(default, flag, help=option.help, hidden=hidden, rich_help_panel=PANEL,
-                        metavar={DIR: "DIR", NUMBER: "N", QUERIES: "QUERY", TEXT: "VALUE"}.get(option.value), min=option.minimum)
+                        metavar="|".join(option.choices) or {DIR: "DIR", NUMBER: "N", QUERIES: "QUERY", TEXT: "VALUE"}.get(option.value),
+                        min=option.minimum)
     return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=info, annotation=_TYPES[option.value])
 
 
@@ -78,10 +80,20 @@ def source_options(old_flags: bool = False):
     return adding(parameters, "options", build)
 
 
+def some_source_options(*fields: str):
+    """Like `source_options`, but only the options setting `fields`: for a verb that takes
+    no source yet shares an option's meaning (`measure --hash`)."""
+    chosen = [o for o in SOURCE_OPTIONS if o.field in fields]
+    assert len(chosen) == len(fields), fields
+    return adding([_parameter(o, o.field, o.flag) for o in chosen], "options", build)
+
+
 def build(values: dict) -> Options:
     """`Options` from the parsed source options (field or old_field → command-line value)."""
     values = dict(values)
     for o in SOURCE_OPTIONS:
+        if o.field not in values:
+            continue
         if o.old_flag and _old(o) in values:
             values[o.field] = renamed(values[o.field], values.pop(_old(o)), o.flag, o.old_flag)
         if o.value == EPOCH:
@@ -94,4 +106,8 @@ def build(values: dict) -> Options:
                 query.any_of(values[o.field], o.flag)
         elif o.value == NUMBER and values[o.field] is None:
             del values[o.field]  # computed by Options
+        elif o.value == TEXT and values[o.field] is None:
+            del values[o.field]  # Options' default
+        elif o.choices and values[o.field] not in o.choices:
+            raise UsageError(f"{values[o.field]!r}: expected {', '.join(o.choices[:-1])} or {o.choices[-1]}", o.flag)
     return Options(**values)

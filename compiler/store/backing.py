@@ -11,8 +11,9 @@ overlayfs' data-only layers): only "not found" moves on to the next.
 
 Integrity (`verity`): when the image records an fs-verity digest for a file, the backing
 file's digest is taken before any byte is served — from the kernel (FS_IOC_MEASURE_VERITY)
-when the file has fs-verity enabled, which is instant, else computed here over the whole
-file.  Computed digests are cached per backing file by (device, inode, size, mtime, ctime),
+when the file has fs-verity enabled with the digest's algorithm, which is instant, else computed here
+over the whole file (SHA-256 or SHA-512: the recorded digest's size tells).  Computed digests
+are cached per backing file by (device, inode, size, mtime, ctime, algorithm),
 so a file replaced or rewritten in place is measured again.  `require` also refuses files
 the image records no digest for; `none` checks nothing.
 
@@ -30,7 +31,7 @@ from itertools import islice
 from cfsc.base import beneath
 from cfsc.base.beneath import ESCAPES, NotRegular, kind
 from cfsc.base.errors import IntegrityError, LookupFailed, UsageError, shown_path
-from cfsc.base.fsverity import FsVerityHasher, digest_bytes, kernel_digest
+from cfsc.base.fsverity import SHA256, FsVerityAlgorithm, FsVerityHasher, algorithm_of, digest_bytes, kernel_digest
 
 # Checking backing files against the image's fs-verity digests: never, where the image has
 # a digest, always (a file without one is refused).
@@ -153,16 +154,17 @@ class Store:
     def _verify(self, fd: int, st: os.stat_result, payload: bytes, digest: bytes, where: str,
                 cancelled: Callable[[], bool] | None) -> None:
         got = None
+        algorithm = algorithm_of(digest) or SHA256  # (the image reader yields no other size)
         if st.st_dev not in self._no_kernel_verity:
-            got = kernel_digest(fd)
+            got = kernel_digest(fd, algorithm)
             if got is False:  # this file system has no fs-verity at all: stop asking it
                 self._no_kernel_verity.add(st.st_dev)
         if not got:
-            key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+            key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, algorithm.id)
             got = self._digests.get(key)
             if got is None:
                 try:
-                    got = self._measure(fd, st.st_size, cancelled)
+                    got = self._measure(fd, st.st_size, cancelled, algorithm)
                 except OSError as e:
                     raise IntegrityError(f"object {shown_path(payload)}: cannot read it to check its "
                                          f"digest: {e.strerror}", where) from None
@@ -174,14 +176,15 @@ class Store:
             raise IntegrityError(f"object {shown_path(payload)}: fs-verity digest {got.hex()}, the image "
                                  f"records {digest.hex()} (tampered or corrupt): refused", where)
 
-    def _measure(self, fd: int, size: int, cancelled: Callable[[], bool] | None) -> bytes:
+    def _measure(self, fd: int, size: int, cancelled: Callable[[], bool] | None,
+                 algorithm: FsVerityAlgorithm = SHA256) -> bytes:
         """The fs-verity digest of what `fd` holds now (whatever `size` fstat said)."""
         if size < READ_CHUNK:  # the usual small object: one read (one more byte shows EOF)
             data = os.pread(fd, size + 1, 0)
             if len(data) <= size:
                 self.measured += len(data)
-                return digest_bytes(data)
-        hasher = FsVerityHasher()
+                return digest_bytes(data, algorithm)
+        hasher = FsVerityHasher(algorithm)
         buf = bytearray(READ_CHUNK)
         view = memoryview(buf)
         offset = 0

@@ -1,4 +1,5 @@
-"""The content store: regular files kept under their fs-verity digest, `DIR/xx/yyyy…`.
+"""The content store: regular files kept under their fs-verity digest, `DIR/xx/yyyy…`
+(62 hex digits after the fan-out for SHA-256, 126 for SHA-512, as composefs-rs names them).
 
 A composefs image refers to external file content by store path (`payload`); the kernel
 overlay finds the bytes there and checks them against the digest in the image.  So an
@@ -75,7 +76,7 @@ from collections.abc import Iterable
 
 from cfsc.base import beneath, syscalls
 from cfsc.base.errors import CfscError, InputError, OutputError, StoreError
-from cfsc.base.fsverity import FsVerityHasher, hash_fd, payload_path
+from cfsc.base.fsverity import SHA256, FsVerityAlgorithm, FsVerityHasher, algorithm_named, hash_fd, payload_path
 
 FICLONE = 0x40049409  # _IOW(0x94, 9, int)
 FS_IOC_ENABLE_VERITY = 0x40806685  # _IOW('f', 133, struct fsverity_enable_arg)
@@ -83,7 +84,6 @@ FS_IOC_ENABLE_VERITY = 0x40806685  # _IOW('f', 133, struct fsverity_enable_arg)
 # sig_size, reserved1, sig_ptr, reserved2[11]
 FSVERITY_ENABLE_ARG = struct.Struct("<IIIIQIIQ88x")
 assert FSVERITY_ENABLE_ARG.size == 128
-VERITY_ARG = FSVERITY_ENABLE_ARG.pack(1, 1, 4096, 0, 0, 0, 0, 0)
 TEMP_PREFIX = ".cfsc-tmp-"
 JOURNAL_PREFIX = TEMP_PREFIX + "commit-"
 OBJECT_MODE = 0o644
@@ -119,7 +119,7 @@ class HeldObjects:
 
 def open_store(options) -> Store:
     """The store `--digest-store` names, held for the image if the compile holds objects."""
-    store = Store(options.digest_store)
+    store = Store(options.digest_store, algorithm_named(options.hash))
     if options.held is not None:
         options.held.stores.append(store)
     return store
@@ -154,8 +154,10 @@ class Store:
     appear under their names then, all at once.  `close()` discards them.
     """
 
-    def __init__(self, root: str | os.PathLike) -> None:
+    def __init__(self, root: str | os.PathLike, algorithm: FsVerityAlgorithm = SHA256) -> None:
         self.root = os.fsdecode(root)
+        self.algorithm = algorithm  # of the digests it names objects by
+        self._verity_arg = FSVERITY_ENABLE_ARG.pack(1, algorithm.id, 4096, 0, 0, 0, 0, 0)
         self.reflink = True
         self.copy_range = True
         self.verity = True
@@ -251,7 +253,7 @@ class Store:
         """Store a stream of chunks, hashed while they are written; return (digest, size)."""
         temp = self._temp()
         try:
-            hasher = FsVerityHasher()
+            hasher = FsVerityHasher(self.algorithm)
             size = 0
             for chunk in chunks:
                 hasher.update(chunk)
@@ -409,7 +411,7 @@ class Store:
                 os.close(fd)
             for line in text.splitlines():
                 temp, _, hexdigest = line.decode("ascii", "replace").partition(" ")
-                if not temp.startswith(TEMP_PREFIX) or "/" in temp or len(hexdigest) != 64:
+                if not temp.startswith(TEMP_PREFIX) or "/" in temp or len(hexdigest) not in (64, 128):
                     continue
                 try:
                     digest = bytes.fromhex(hexdigest)
@@ -508,7 +510,7 @@ class Store:
             if self.reflink:
                 try:
                     fcntl.ioctl(out, FICLONE, src)
-                    return hash_fd(out, 0)
+                    return hash_fd(out, 0, algorithm=self.algorithm)
                 except OSError as e:
                     if e.errno not in _UNSUPPORTED:
                         raise
@@ -516,10 +518,10 @@ class Store:
             if self.copy_range:
                 copied = _copy_range(src, out)
                 if copied:
-                    return hash_fd(out, 0)
+                    return hash_fd(out, 0, algorithm=self.algorithm)
                 if copied is None:
                     self.copy_range = False
-            return _copy_plain(src, out)
+            return _copy_plain(src, out, self.algorithm)
         except OSError as e:
             if e.errno in _STORE_FULL:
                 raise OutputError(f"cannot write a store object: {e.strerror}", self.root) from None
@@ -567,7 +569,7 @@ class Store:
                 os.close(ro)
                 return
         try:
-            fcntl.ioctl(ro, FS_IOC_ENABLE_VERITY, VERITY_ARG)
+            fcntl.ioctl(ro, FS_IOC_ENABLE_VERITY, self._verity_arg)
         except OSError as e:
             if e.errno in _UNSUPPORTED:
                 self.verity = False  # this file system (or kernel) has no fs-verity
@@ -782,7 +784,7 @@ def _copy_range(src: int, out: int) -> bool | None:
         offset += n
 
 
-def _copy_plain(src: int, out: int) -> tuple[bytes, int]:
+def _copy_plain(src: int, out: int, algorithm: FsVerityAlgorithm) -> tuple[bytes, int]:
     os.ftruncate(out, 0)
     os.lseek(out, 0, os.SEEK_SET)
-    return hash_fd(src, 0, out)
+    return hash_fd(src, 0, out, algorithm)

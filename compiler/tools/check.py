@@ -43,7 +43,7 @@ from cfsc import build, frontends
 from cfsc.backends.dumpfile import dump_image
 from cfsc.backends.erofs.reader import Image
 from cfsc.base.errors import CfscError, InputError, UsageError
-from cfsc.base.fsverity import digest_bytes
+from cfsc.base.fsverity import algorithm_named, algorithm_of, digest_bytes
 from cfsc.base.options import Options
 from cfsc.base.streams import read_once, source_name
 from cfsc.base.tree import Tree
@@ -122,10 +122,11 @@ def compile_source(source, options: Options, fmt: str | None = None,
 
 
 def parse_digest(text: str) -> bytes:
-    """`sha256:HEX` or `HEX` (64 hex digits) → 32 bytes."""
-    hexdigits = text[7:] if text.lower().startswith("sha256:") else text
-    if not re.fullmatch(r"[0-9a-fA-F]{64}", hexdigits):
-        raise UsageError(f"expected sha256:<64 hex digits>, got {text!r}", "--expect-digest")
+    """`sha256:HEX` or `HEX` (64 hex digits) → 32 bytes; `sha512:HEX` or 128 hex digits → 64."""
+    prefix, _, hexdigits = text.rpartition(":")
+    if not (re.fullmatch(r"[0-9a-fA-F]{64}|[0-9a-fA-F]{128}", hexdigits)
+            and prefix.lower() in ("", algorithm_of(bytes(len(hexdigits) // 2)).name)):  # type: ignore[union-attr]
+        raise UsageError(f"expected sha256:<64 hex digits> (or sha512:<128>), got {text!r}", "--expect-digest")
     return bytes.fromhex(hexdigits)
 
 
@@ -137,7 +138,9 @@ def expect(source, options: Options, fmt: str | None = None, digest: bytes | Non
     if digest is None and reference is None:
         raise UsageError("nothing to compare with: give --expect-digest and/or --reference")
     image = baseline if baseline is not None else compile_source(source, options, fmt)
-    report = CheckReport(side_name(source), digest_bytes(image), expected=digest)
+    # The digest given says the algorithm; else --hash does.
+    algorithm = algorithm_of(digest) if digest is not None else algorithm_named(options.hash)
+    report = CheckReport(side_name(source), digest_bytes(image, algorithm), expected=digest)
     if reference is not None:
         report.reference = side_name(reference)
         if isinstance(reference, tuple):
@@ -145,7 +148,7 @@ def expect(source, options: Options, fmt: str | None = None, digest: bytes | Non
         else:
             ref_bytes = bytes(open_image(reference, dataclasses.replace(options), reference_format).data)
         if report.expected is None:
-            report.expected = digest_bytes(ref_bytes)
+            report.expected = digest_bytes(ref_bytes, algorithm)
         if report.expected != report.digest:
             report.diff = diff_images(Image(image, report.source), Image(ref_bytes, report.reference))
     return report
@@ -179,8 +182,9 @@ def reproducible(source, options: Options, fmt: str | None = None, variants: Ite
         fmt = detect(source)
     if baseline is None:
         baseline = compile_source(source, options, fmt)
+    algorithm = algorithm_of(report.digest) if report is not None else algorithm_named(options.hash)
     if report is None:
-        report = CheckReport(side_name(source), digest_bytes(baseline))
+        report = CheckReport(side_name(source), digest_bytes(baseline, algorithm))
     ways = _ways(source, options, fmt, baseline)
     for name in variants:
         for detail, make in ways[name]():
@@ -191,7 +195,7 @@ def reproducible(source, options: Options, fmt: str | None = None, variants: Ite
                 attempt.error = str(e)
                 report.attempts.append(attempt)
                 continue
-            attempt.digest = digest_bytes(image)
+            attempt.digest = digest_bytes(image, algorithm)
             if image != baseline:
                 attempt.diff = diff_images(Image(baseline, "first compilation"), Image(image, f"{name} ({detail})"))
             report.attempts.append(attempt)

@@ -6,7 +6,8 @@ finds, for every object the images reference:
 
 * missing — no file at that path;
 * corrupt — not a regular file, a size other than the image's, or (when the image records
-  one) an fs-verity digest other than the image's;
+  one) an fs-verity digest other than the image's (SHA-256 or SHA-512: the recorded digest's
+  size tells which to compute);
 * invalid — a payload that would leave the store (`..` components, an absolute path, a
   symlink on the way: objects are opened as the FUSE server opens them, `cfsc.store.backing`).
 
@@ -31,7 +32,7 @@ from cfsc.backends.erofs.entries import walk
 from cfsc.backends.erofs.reader import Image
 from cfsc.base.beneath import ESCAPES
 from cfsc.base.errors import LookupFailed
-from cfsc.base.fsverity import digest_fd
+from cfsc.base.fsverity import algorithm_of, hash_fd
 from cfsc.base.tree import S_IFMT, S_IFREG
 from cfsc.store.backing import Refused, Store, WrongType
 from cfsc.store.objects import TEMP_PREFIX
@@ -131,12 +132,15 @@ def _check(store: Store, payload: bytes, wanted: set[tuple[int, bytes | None]]) 
         digests = {digest for s, digest in wanted if digest is not None and s == size}
         if not digests:
             return UNVERIFIED
+        # One digest per algorithm the images record for it (almost always one).
+        algorithms = sorted({algorithm_of(d) for d in digests}, key=lambda a: a.id)  # type: ignore[union-attr]
         try:
-            actual = digest_fd(fd)
+            actual = [hash_fd(fd, 0, algorithm=a)[0] for a in algorithms]
         except OSError as e:
             return "corrupt", f"cannot read: {e.strerror}"
     finally:
         os.close(fd)
-    if actual not in digests:
-        return "corrupt", f"fs-verity digest {actual.hex()}, expected {' or '.join(sorted(d.hex() for d in digests))}"
+    if digests.isdisjoint(actual):
+        return "corrupt", (f"fs-verity digest {' / '.join(a.hex() for a in actual)}, expected "
+                           f"{' or '.join(sorted(d.hex() for d in digests))}")
     return None

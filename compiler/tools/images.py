@@ -16,7 +16,7 @@ from cfsc.backends.erofs.entries import Entries, Entry, walk
 from cfsc.backends.erofs.layout import COMPOSEFS_FLAGS_HAS_ACL
 from cfsc.backends.erofs.reader import Image
 from cfsc.base.errors import InputError, UsageError
-from cfsc.base.fsverity import digest_bytes
+from cfsc.base.fsverity import SHA512, algorithm_of, digest_bytes
 from cfsc.base.options import Options, reshapes
 from cfsc.base.tree import FILE_TYPES, S_IFCHR, S_IFDIR, S_IFMT, S_IFREG, WHITEOUT
 
@@ -125,6 +125,7 @@ def info(image: Image) -> dict:
     external_bytes = 0
     refs: set[int] = set()
     payloads: set[bytes] = set()
+    digest_sizes: set[int] = set()
     for _path, e, first in walk(image, hidden=hidden):
         if first is not None:
             links += 1
@@ -147,6 +148,7 @@ def info(image: Image) -> dict:
                 external_bytes += e.size
                 if e.digest is not None:
                     with_digest += 1
+                    digest_sizes.add(len(e.digest))
                 if e.payload is not None:
                     payloads.add(e.payload)
             else:
@@ -161,6 +163,10 @@ def info(image: Image) -> dict:
         if raw.xattr_size:
             refs.update(image.shared_xattr_refs(raw))
     sb = image.super
+    hashes = sorted(algorithm_of(bytes(n)).name for n in digest_sizes)  # type: ignore[union-attr]
+    # An image of SHA-512 file digests belongs to a SHA-512 store (composefs-rs'): its own
+    # digest there is the SHA-512 one too.
+    sha512 = {"fsverity_digest_sha512": digest_bytes(image.data, SHA512).hex()} if SHA512.name in hashes else {}
     return {
         "image": image.name,
         "size": len(image.data),
@@ -169,6 +175,7 @@ def info(image: Image) -> dict:
         "flags": image.flags,
         "has_acl": bool(image.flags & COMPOSEFS_FLAGS_HAS_ACL),
         "fsverity_digest": digest_bytes(image.data).hex(),
+        **sha512,
         "inodes": sb.inos,
         "root_nid": image.root_nid,
         "build_time": image.build_time,
@@ -176,7 +183,7 @@ def info(image: Image) -> dict:
         "entries": {**types, WHITEOUT: whiteouts, "hardlink": links},
         "files": {"inline": inline, "external": external, "empty": empty,
                   "external_bytes": external_bytes, "with_digest": with_digest,
-                  "objects": len(payloads)},
+                  "objects": len(payloads), "digest_hashes": hashes},
         "inode_formats": {"compact": compact, "extended": extended},
         "hidden_whiteouts": len(hidden),
         "shared_xattrs": {"count": len(refs), "bytes": sum(image.shared_entry_size(r) for r in refs)},

@@ -27,7 +27,7 @@ TWINS = frozenset({twin("name"), twin("linkName"), twin("x-payload"), twin("xatt
 RARE = frozenset({"x-payload", "x-content", "x-fsverity-digest", "x-mtime", "x-nlink", "chunkOffset", "chunkSize"})
 
 _DIGEST = re.compile(r"[a-z0-9]+:([0-9a-f]{2,})")
-_FSVERITY = re.compile(r"sha256:([0-9a-f]{64})")
+_FSVERITY = re.compile(r"sha256:([0-9a-f]{64})|sha512:([0-9a-f]{128})")  # SHA-512: cfsc's extension
 
 
 class _Bad(Exception):

@@ -366,8 +366,8 @@ class _Builder(_Columns):
         if digest is not ABSENT:
             m = _FSVERITY.fullmatch(digest) if type(digest) is str else None
             if m is None:
-                raise _Bad("x-fsverity-digest", "expected sha256: and 64 lower-case hex digits")
-            digest = bytes.fromhex(m.group(1)) if kind == S_IFREG else ABSENT
+                raise _Bad("x-fsverity-digest", "expected sha256: and 64 lower-case hex digits (or sha512: and 128)")
+            digest = bytes.fromhex(m.group(1) or m.group(2)) if kind == S_IFREG else ABSENT
         when = get("x-mtime", ABSENT)
         if when is not ABSENT:
             if (type(when) is not list or len(when) != 2 or type(when[0]) is not int
@@ -591,7 +591,7 @@ def _add_digests(tree: Tree, options: Options) -> None:
     payloads are opened as the FUSE server opens them (`cfsc.store.backing.Store`), confined.
     """
     # start-up: fs-verity hashing and the store reader ~8-19 ms; only checking payloads needs them
-    from cfsc.base.fsverity import digest_fd
+    from cfsc.base.fsverity import algorithm_named, digest_fd
     from cfsc.store.backing import Store
 
     todo: dict[bytes, dict[int, Inode]] = {}
@@ -600,6 +600,7 @@ def _add_digests(tree: Tree, options: Options) -> None:
             if (child.mode & S_IFMT == S_IFREG and child.size and child.content is None
                     and child.digest is None and child.payload):
                 todo.setdefault(child.payload, {})[id(child)] = child
+    algorithm = algorithm_named(options.hash)
     store = Store([options.payload_dir], verity="none")  # type: ignore[list-item]
     try:
         for payload, users in todo.items():
@@ -616,7 +617,7 @@ def _add_digests(tree: Tree, options: Options) -> None:
                     where = f"{options.payload_dir}/{shown_path(payload)}"
                     raise InputError(f"has {size} bytes but the TOC says {nodes[0].size}: wrong --payload-dir?", where)
                 try:
-                    digest = digest_fd(fd)
+                    digest = digest_fd(fd, algorithm)
                 except OSError as e:
                     raise TreeError(f"object {shown_path(payload)} in {options.payload_dir}:"
                                     f" cannot read it: {e.strerror}", tree.path_of(nodes[0], links=True), tree.source) from None

@@ -54,7 +54,7 @@ import stat
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from cfsc.base.errors import UsageError, shown_path
-from cfsc.base.fsverity import FsVerityHasher, digest_bytes, kernel_digest, payload_path
+from cfsc.base.fsverity import FsVerityHasher, algorithm_named, digest_bytes, kernel_digest, payload_path
 from cfsc.base.limits import INLINE_MAX
 from cfsc.base.options import Options
 from cfsc.base.progress import Progress, mib
@@ -102,6 +102,7 @@ class _Loader:
         self.options = options
         self.compat = options.ostree_compat
         self.verify = options.verify
+        self.algorithm = algorithm_named(options.hash)
         if self.compat and options.digest_store:
             raise UsageError("--ostree-compat names payloads by repository object: drop --digest-store",
                              "--ostree-compat")
@@ -345,7 +346,7 @@ class _Loader:
                 sha.update(data)
             if size:
                 content = data
-                digest = digest_bytes(data)
+                digest = digest_bytes(data, self.algorithm)
                 payload = payload_path(digest)
         elif self.store is not None:
             store = self.store
@@ -368,18 +369,17 @@ class _Loader:
                                   " under", obj.path)
         return payload, content, digest
 
-    @staticmethod
-    def digest(obj: Content, sha) -> bytes:
+    def digest(self, obj: Content, sha) -> bytes:
         if sha is None and obj.fd >= 0 and obj.repo.mode != ARCHIVE:
-            known = kernel_digest(obj.fd)
+            known = kernel_digest(obj.fd, self.algorithm)
             if known:  # None: no fs-verity on this file; False: none on its file system
                 return known
         if obj.size <= WHOLE_MAX:
             data = b"".join(obj.chunks())
             if sha is not None:
                 sha.update(data)
-            return digest_bytes(data)
-        hasher = FsVerityHasher()
+            return digest_bytes(data, self.algorithm)
+        hasher = FsVerityHasher(self.algorithm)
         for chunk in _tee(obj.chunks(), sha):
             hasher.update(chunk)
         return hasher.digest()

@@ -25,7 +25,7 @@ import collections
 import queue
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from cfsc.base.fsverity import FsVerityHasher, digest_bytes, payload_path
+from cfsc.base.fsverity import FsVerityHasher, algorithm_named, digest_bytes, payload_path
 from cfsc.base.options import Options
 from cfsc.base.tree import Inode
 from cfsc.store.objects import loaded, open_store
@@ -45,6 +45,7 @@ class _Aborted(Exception):
 class Contents:
     def __init__(self, options: Options) -> None:
         self.options = options
+        self.algorithm = algorithm_named(options.hash)
         self.store = open_store(options) if options.digest_store else None
         self.threads = max(1, options.threads)
         self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="cfsc-hash") if self.threads > 1 else None
@@ -60,7 +61,7 @@ class Contents:
 
     def inline(self, node: Inode, data: bytes) -> None:
         """A file of 1..`limits.INLINE_MAX` bytes: its data goes into the image."""
-        digest = digest_bytes(data)
+        digest = digest_bytes(data, self.algorithm)
         node.content = data
         node.digest = digest
         node.payload = payload_path(digest)
@@ -124,7 +125,7 @@ class Contents:
     # -- the work -------------------------------------------------------------------------
 
     def _external(self, node: Inode, data: bytes) -> None:
-        digest = digest_bytes(data)
+        digest = digest_bytes(data, self.algorithm)
         if self.store is not None:
             self.store.import_bytes(data, digest)
         node.digest = digest
@@ -134,7 +135,7 @@ class Contents:
         if self.store is not None:
             digest, _size = self.store.import_chunks(chunks)
         else:
-            hasher = FsVerityHasher()
+            hasher = FsVerityHasher(self.algorithm)
             for chunk in chunks:
                 hasher.update(chunk)
             digest = hasher.digest()

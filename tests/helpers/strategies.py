@@ -65,7 +65,8 @@ def trees(draw, max_entries: int = 30) -> Tree:
             node = Inode(S_IFREG | 0o644, size=len(content), content=content, **common)
         elif kind == "external":
             size = draw(st.one_of(st.integers(1, 2**20), st.integers(1, 2**53)))
-            digest = draw(st.one_of(st.none(), st.binary(min_size=32, max_size=32)))
+            digest = draw(st.one_of(st.none(), st.binary(min_size=32, max_size=32),  # SHA-256, SHA-512
+                                    st.binary(min_size=64, max_size=64)))
             payload = draw(st.one_of(st.none(), st.just(b"ab/" + b"c" * 62), st.binary(min_size=1, max_size=100).filter(lambda p: b"\0" not in p)))
             node = Inode(S_IFREG | 0o755, size=size, payload=payload, digest=digest, **common)
         elif kind == "empty":
