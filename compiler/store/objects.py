@@ -50,7 +50,9 @@ them.  That decides the design:
   live commit can own a journal it sees) takes those names back, by the same inode rule.
 * `kill -9` leaves `.cfsc-tmp-*` files at the top of the store (as much as it had imported).
   Nothing reads them, their names cannot collide with new ones (O_EXCL), `fsck-store` counts
-  them, and they are safe to delete while no import runs (`cfsc gc`, to come, will).
+  them, and `cfsc gc` removes them (`cfsc.tools.gc`).
+* A run holds a shared `flock` on `DIR/.cfsc-lock` from its first lookup until it is done (a
+  compile: until its image is in place); `cfsc gc` takes it exclusively (`cfsc.store.locks`).
 * The store directory is made when the first object is imported: a run that fails before
   creates nothing.
 
@@ -76,6 +78,7 @@ from collections.abc import Iterable
 from cfsc.base import beneath, syscalls
 from cfsc.base.errors import CfscError, InputError, OutputError, StoreError
 from cfsc.base.fsverity import FsVerityHasher, hash_fd, payload_path
+from cfsc.store.locks import flock, lease
 
 FICLONE = 0x40049409  # _IOW(0x94, 9, int)
 FS_IOC_ENABLE_VERITY = 0x40806685  # _IOW('f', 133, struct fsverity_enable_arg)
@@ -121,6 +124,7 @@ def open_store(options) -> Store:
     """The store `--digest-store` names, held for the image if the compile holds objects."""
     store = Store(options.digest_store)
     if options.held is not None:
+        store.held = True
         options.held.stores.append(store)
     return store
 
@@ -160,7 +164,9 @@ class Store:
         self.copy_range = True
         self.verity = True
         self.hardlinks = True
+        self.held = False  # True: the lease outlives `commit()`, until `close()` (`HeldObjects`)
         self._lock = threading.Lock()
+        self._lease = -1  # descriptor of the lock file, flocked shared while this run uses the store
         self._commit_lock = threading.Lock()
         self._rootfd = -1
         self._fans: dict[int, int] = {}  # first digest byte -> descriptor of its `xx` directory
@@ -321,15 +327,26 @@ class Store:
             with self._lock:
                 self._reused.clear()
             self._close_fds()
+            if not self.held:
+                self.release()
 
     def close(self) -> None:
-        """The run failed: drop what is pending (its temp files are removed)."""
+        """The run failed, or is done (a held store: its image is in place): drop what is
+        pending (its temp files are removed) and let go of the store."""
         with self._lock:
             pending, self._pending = self._pending, []
             for p in pending:
                 self._present.discard(p.digest)
         self._unlink_temps(pending)
         self._close_fds()
+        self.release()
+
+    def release(self) -> None:
+        """Let go of the store's lock file: this run relies on nothing in the store any more."""
+        with self._lock:
+            fd, self._lease = self._lease, -1
+        if fd >= 0:
+            os.close(fd)
 
     def _name_all(self, pending: list[_Pending], reused: set[bytes]) -> None:
         """Name every pending object, and check the reused ones are still there, under the
@@ -337,7 +354,7 @@ class Store:
         root = self._root_fd(create=False)
         if root is None:  # only reused objects, and the store itself is gone
             raise self._vanished(next(iter(reused)))
-        locked = _flock(root, fcntl.LOCK_EX, self.root)
+        locked = flock(root, fcntl.LOCK_EX, self.root)
         named: list[tuple[int, str, _Pending]] = []
         journal = None
         try:
@@ -362,7 +379,7 @@ class Store:
             if journal is not None:
                 _unlink_quietly(journal, root)
             if locked:
-                _flock(root, fcntl.LOCK_UN, self.root)
+                flock(root, fcntl.LOCK_UN, self.root)
 
     def _write_journal(self, root: int, pending: list[_Pending]) -> str:
         """The list of names this commit is about to make (`temp digest` lines), so that the
@@ -600,6 +617,12 @@ class Store:
                 raise StoreError("not a directory: expected the content store's directory", self.root) from None
             except OSError as e:
                 raise OutputError(f"cannot open the store: {e.strerror}", self.root) from None
+            if self._lease < 0:
+                try:
+                    self._lease = lease(fd, self.root)
+                except BaseException:
+                    os.close(fd)
+                    raise
             self._rootfd = fd
             return fd
 
@@ -728,17 +751,6 @@ def _unlink_quietly(name: str, dirfd: int) -> None:
         os.unlink(name, dir_fd=dirfd)
     except OSError:
         pass
-
-
-def _flock(fd: int, op: int, where: str) -> bool:
-    """flock(2); False where the file system has no locks (ENOLCK: some network file systems)."""
-    try:
-        fcntl.flock(fd, op)
-    except OSError as e:
-        if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
-            return False
-        raise OutputError(f"cannot lock the store: {e.strerror}", where) from None
-    return True
 
 
 def _rename_noreplace(src_dir: int, src: str, dst_dir: int, dst: str) -> None:
