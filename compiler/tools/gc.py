@@ -15,7 +15,8 @@ Anything else in the store (another name, a symlink or directory under an object
 fan-out that is a symlink) is left alone and reported, never removed or followed.  An image
 that cannot be read (missing, not an image, corrupt anywhere in its metadata) stops the run
 with its located error before anything is removed: a kept image that is not understood could
-refer to anything.
+refer to anything.  (Under `--keep-dir`, a file removed between the listing and its reading is
+no image to keep; one *moved* within DIR meanwhile by another process may be missed.)
 
 `--keep-dir DIR` keeps every file under DIR, recursively (directory symlinks are not followed,
 file symlinks are): each must read as a composefs image (a gzip/zstd/xz-compressed one too),
@@ -153,27 +154,40 @@ def _open_store(store: str) -> int:
 def _referenced(keep: Sequence[str], keep_dirs: Sequence[str], report: Report) -> set[bytes]:
     """The digests of the objects the kept images refer to; any image that cannot be read
     fails the run here, before anything is removed."""
-    paths = [(p, None) for p in keep]
-    for directory in keep_dirs:
-        paths += [(p, directory) for p in image_files(directory)]
     digests: set[bytes] = set()
-    for path, directory in paths:
-        try:
-            if directory is not None:
-                mode = os.stat(path).st_mode
-                if not stat.S_ISREG(mode):
-                    raise InputError(f"{beneath.kind(mode)}: expected a composefs image", path)
-            count = _add_objects(Image.open(path), digests)
-        except InputError as e:  # ImageError is an OSError too: before the next clause
-            if directory is None:
-                raise
-            raise InputError(f"{e.what} (every file under --keep-dir {directory} must be an image to keep)",
-                             e.where) from None
-        except OSError as e:
-            raise InputError(f"cannot read: {e.strerror}", path) from None
-        report.images.append((path, count))
+    for path in keep:
+        _read_kept(path, None, digests, report)
+    for directory in keep_dirs:
+        for path in image_files(directory):
+            _read_kept(path, directory, digests, report)
     report.referenced = len(digests)
     return digests
+
+
+def _read_kept(path: str, directory: str | None, digests: set[bytes], report: Report) -> None:
+    """Add the objects of the image at `path` (found under `directory`, or given by name)."""
+    why = "" if directory is None else f" (every file under --keep-dir {directory} must be an image to keep)"
+    try:  # O_NONBLOCK: a FIFO must not hang gc
+        f = open(path, "rb", opener=_nonblocking)  # noqa: SIM115 (closed below)
+    except FileNotFoundError as e:
+        if directory is not None and not os.path.lexists(path):
+            return  # removed since the directory was listed: not an image to keep any more
+        raise InputError(f"cannot open: {e.strerror}{why}", path) from None
+    except OSError as e:
+        raise InputError(f"cannot open: {e.strerror}{why}", path) from None
+    with f:
+        try:
+            mode = os.fstat(f.fileno()).st_mode
+            if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+                raise InputError(f"{beneath.kind(mode)}: expected a composefs image", path)
+            count = _add_objects(Image.open(f), digests)
+        except InputError as e:
+            raise InputError(e.what + why, e.where) from None
+    report.images.append((path, count))
+
+
+def _nonblocking(path: str, flags: int) -> int:
+    return os.open(path, flags | os.O_NONBLOCK)
 
 
 def _add_objects(image: Image, into: set[bytes]) -> int:
