@@ -232,7 +232,8 @@ def test_gc_waits_for_a_run_using_the_store_then_gives_up(two):
         p = run_cfsc("gc", str(store), "--keep", str(a), "--wait", "0.2")
         err = p.stderr.decode()
         assert p.returncode == 1 and err.count("\n") == 1, err
-        assert "compiles (or other runs) using the store held the store for more than 0.2 s (--wait)" in err
+        assert err == (f"error: {store}: in use by compiles (or other runs) using the store for more than 0.2 s"
+                       " (--wait): nothing done, try again later\n")
         assert listing(store) == before
     finally:
         os.close(fd)
@@ -325,3 +326,27 @@ def test_compiles_beside_gc_never_end_with_missing_objects(tmp_path):
     # every content but the last two was removed once (and SHARED perhaps, and re-imported)
     assert removed >= rounds - 1
     print(f"{rounds} compiles beside {len(gc_reports)} gc runs; {removed} objects removed")
+
+
+def test_the_temp_files_of_a_killed_compile_go(two, tmp_path):
+    store, a, b = two
+    src = tmp_path / "big"
+    src.mkdir()
+    for i in range(16):  # sparse: cheap to make, still 3 MiB each to hash and copy
+        with open(src / f"f{i}", "wb") as f:
+            f.write(b"big file %d\n" % i)
+            f.truncate(3 << 20)
+    proc = subprocess.Popen([CFSC, "compile", str(src), "-o", str(tmp_path / "big.cfs"), "--digest-store",
+                             str(store), "--threads", "1"], stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while len(list(store.glob(".cfsc-tmp-*"))) < 2:
+        assert proc.poll() is None, proc.stderr.read().decode()  # type: ignore[union-attr]
+        assert time.monotonic() < deadline
+        time.sleep(0.002)
+    proc.kill()
+    proc.wait()
+    proc.stderr.close()  # type: ignore[union-attr]
+    temps = {p.name: p.stat().st_size for p in store.glob(".cfsc-tmp-*")}
+    report = gc(str(store), "--keep", str(a), "--keep", str(b))
+    assert report["temp_files"] == {"count": len(temps), "bytes": sum(temps.values())}
+    assert report["removed"]["count"] == 0 and not list(store.glob(".cfsc-tmp-*"))

@@ -10,8 +10,8 @@ import time
 
 import orjson
 import typer
-from cfsc.base.jsonbytes import put
 from cfsc.base.errors import UsageError
+from cfsc.base.jsonbytes import put
 from cfsc.cli import command
 
 _DURATION = re.compile(r"(\d+(?:\.\d*)?)([smhd]?)\Z")

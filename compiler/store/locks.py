@@ -85,7 +85,7 @@ def lease(root: int, where: str) -> int:
 
 def exclusive(fd: int, where: str, timeout: float, what: str) -> None:
     """Lock `fd` exclusively, polling for up to `timeout` seconds; `StoreBusy` after that.
-    `what` says who holds it meanwhile, for the message."""
+    `what` says who would hold it meanwhile, for the message."""
     deadline = time.monotonic() + timeout
     pause = _POLL[0]
     while True:
@@ -101,7 +101,8 @@ def exclusive(fd: int, where: str, timeout: float, what: str) -> None:
             raise OutputError(f"cannot lock the store: {e.strerror}", where) from None
         left = deadline - time.monotonic()
         if left <= 0:
-            raise StoreBusy(f"{what} held the store for more than {timeout:g} s (--wait): try again later", where)
+            raise StoreBusy(f"in use by {what} for more than {timeout:g} s (--wait): nothing done, try again later",
+                            where)
         time.sleep(min(pause, left))
         pause = min(pause * 2, _POLL[1])
 
