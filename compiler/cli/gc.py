@@ -40,16 +40,16 @@ def gc_cmd(
                                    " for writers that do not lock the store (mkcomposefs, older cfsc)."),
     wait: str = typer.Option("60", "--wait", metavar="DURATION",
                              help="How long to wait for compiles using the store to finish."),
-    list_names: bool = typer.Option(False, "--list", help="Also print each removed file (store-relative)."),
+    list_names: bool = typer.Option(False, "--list", help="Also print each file removed (with --json: `names`, relative to the store)."),
     as_json: bool = typer.Option(False, "--json", help="JSON output (schema: `cfsc schema gc-report`)."),
 ) -> None:
     """Remove every store object that none of the kept images refers to, and the temp files
     and commit journals of killed runs.  Safe beside compiles into the same store: it waits
     for those in flight and new ones wait for it (a lock file, STORE/.cfsc-lock).
 
-    Every kept image is read before anything is removed: one that cannot be read stops gc
-    (exit 2) with nothing removed.  Names in the store that are not objects are reported and
-    left alone.
+    Every kept image is read first: one that cannot be read stops gc (exit 2), nothing removed.
+
+    Names in the store that are not objects are reported and left alone.
     """
     from cfsc.tools.gc import collect  # start-up: only `cfsc gc` needs it
 
