@@ -168,7 +168,7 @@ def _read_kept(path: str, directory: str | None, digests: set[bytes], report: Re
     """Add the objects of the image at `path` (found under `directory`, or given by name)."""
     why = "" if directory is None else f" (every file under --keep-dir {directory} must be an image to keep)"
     try:  # O_NONBLOCK: a FIFO must not hang gc
-        f = open(path, "rb", opener=_nonblocking)  # noqa: SIM115 (closed below)
+        f = open(path, "rb", opener=_nonblocking)
     except FileNotFoundError as e:
         if directory is not None and not os.path.lexists(path):
             return  # removed since the directory was listed: not an image to keep any more
@@ -203,7 +203,8 @@ def _add_objects(image: Image, into: set[bytes]) -> int:
 
 def _sweep(root: int, store: str, referenced: set[bytes], cutoff: float | None, report: Report) -> None:
     """Walk the store: objects first, fan-out by fan-out; then temp files, then journals (a
-    journal's temp files go before it, so a run killed meanwhile leaves nothing it needs)."""
+    journal left without its temp files makes the next commit leave its names alone: they are
+    complete objects, for the next gc to judge)."""
     temps = []
     journals = []
     with os.scandir(root) as it:
