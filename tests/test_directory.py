@@ -16,6 +16,7 @@ from cfsc.base.errors import InputError, UsageError
 from cfsc.base.options import Options
 from cfsc.frontends import directory
 from cfsc.frontends import dumpfile as dumpfile_frontend
+from cfsc.store.locks import LOCK_NAME
 from cfsc.store.objects import Store
 
 from tests.helpers.data import image_of
@@ -208,4 +209,4 @@ def test_file_modified_between_hashing_and_copying(small_tree, tmp_path, monkeyp
     store = tmp_path / "store"
     with pytest.raises(InputError, match="changed while being copied into the store"):
         directory.load(str(small_tree), Options(digest_store=str(store), threads=1))
-    assert [p.name for p in store.rglob("*")] == []  # nothing published, no temp file left
+    assert [p.name for p in store.rglob("*")] == [LOCK_NAME]  # nothing published, no temp file left

@@ -12,6 +12,7 @@ import time
 
 import pytest
 from cfsc.base.fsverity import digest_bytes, payload_path
+from cfsc.store.locks import LOCK_NAME
 from cfsc.store.objects import TEMP_PREFIX, SourceChanged, Store
 
 from tests.helpers.data import CFSC, image_of
@@ -25,7 +26,7 @@ def objects(store) -> dict[str, os.stat_result]:
     """Every object name (`xx/yyyy…`) in a store, with its stat."""
     out = {}
     for fan in sorted(os.listdir(store)):
-        if fan.startswith(TEMP_PREFIX):
+        if fan.startswith(TEMP_PREFIX) or fan == LOCK_NAME:
             continue
         assert len(fan) == 2, fan
         for name in os.listdir(os.path.join(store, fan)):
@@ -59,7 +60,7 @@ def test_one_object_per_distinct_content(tmp_path, cfsc):
     umask = os.umask(0)
     os.umask(umask)
     assert {st.st_mode for st in found.values()} == {0o100644}
-    assert {os.stat(store / fan).st_mode for fan in os.listdir(store)} == {0o40000 | (0o755 & ~umask)}
+    assert {os.stat(store / fan).st_mode for fan in os.listdir(store) if fan != LOCK_NAME} == {0o40000 | (0o755 & ~umask)}
     assert (tmp_path / "x.cfs").read_bytes() == image_of(dumpfile(spec))  # the store changes nothing
 
     # A second import finds everything there and rewrites nothing.
@@ -90,7 +91,7 @@ def test_store_api(tmp_path):
     # A copy that does not match the digest the caller computed: an error, nothing left.
     with pytest.raises(SourceChanged), Store(tmp_path / "bad") as store:
         store.import_path(src, digest_bytes(b"something else"))
-    assert os.listdir(tmp_path / "bad") == []
+    assert os.listdir(tmp_path / "bad") == [LOCK_NAME]  # made with the store; it stays
 
 
 def test_threads_importing_the_same_content(tmp_path):
@@ -136,7 +137,7 @@ def test_killed_import_leaves_no_partial_object(tmp_path):
     assert check_objects(store) == {}  # objects get their names only when the whole run succeeded
     assert not (tmp_path / "x.cfs").exists()
     # What may remain is temp files, recognisable by name, at the top of the store.
-    assert all(n.startswith(TEMP_PREFIX) or len(n) == 2 for n in os.listdir(store))
+    assert all(n.startswith(TEMP_PREFIX) or len(n) == 2 or n == LOCK_NAME for n in os.listdir(store))
     # A new run completes the store.
     subprocess.run([CFSC, "compile", str(tmp_path / "src"), "-o", str(tmp_path / "x.cfs"),
                     "--digest-store", str(store)], check=True)

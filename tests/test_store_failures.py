@@ -16,6 +16,7 @@ import pytest
 from cfsc.base import syscalls
 from cfsc.base.errors import OutputError, StoreError
 from cfsc.base.fsverity import digest_bytes, digest_fd, payload_path
+from cfsc.store.locks import LOCK_NAME
 from cfsc.store.objects import JOURNAL_PREFIX, TEMP_PREFIX, Store
 
 from tests.helpers.data import CFSC, run_cfsc
@@ -33,7 +34,7 @@ def state(store: Path, checked: set | None = None) -> dict[str, int]:
     if not store.is_dir():
         return out
     for fan in sorted(os.listdir(store)):
-        if fan.startswith(TEMP_PREFIX):
+        if fan.startswith(TEMP_PREFIX) or fan == LOCK_NAME:
             continue
         assert len(fan) == 2 and (store / fan).is_dir() and not (store / fan).is_symlink(), fan
         for name in os.listdir(store / fan):

@@ -134,10 +134,11 @@ def compile_image(
                         if want_digest or out is None else out)
                 compile_tree(tree, options, sink)  # type: ignore[arg-type]
             return sink.digest() if want_digest else None  # type: ignore[union-attr]
-    except BaseException:
+    finally:
+        # After a failure: drop the objects.  After success too, once the image is in place:
+        # let go of the store's lease (`cfsc.store.locks`), so `cfsc gc` may run again.
         if held is not None:
             held.close()
-        raise
 
 
 def _referenced(tree: Tree) -> set[bytes]:

@@ -121,6 +121,7 @@ COMMANDS = {
     "missing-objects": "inspect",
     "info": "inspect",
     "fsck-store": "inspect",
+    "gc": "gc",
     "schema": "schema",
     "diff": "diff",
     "check": "diff",

@@ -51,7 +51,9 @@ them.  That decides the design:
   live commit can own a journal it sees) takes those names back, by the same inode rule.
 * `kill -9` leaves `.cfsc-tmp-*` files at the top of the store (as much as it had imported).
   Nothing reads them, their names cannot collide with new ones (O_EXCL), `fsck-store` counts
-  them, and they are safe to delete while no import runs (`cfsc gc`, to come, will).
+  them, and `cfsc gc` removes them (`cfsc.tools.gc`).
+* A run holds a shared `flock` on `DIR/.cfsc-lock` from its first lookup until it is done (a
+  compile: until its image is in place); `cfsc gc` takes it exclusively (`cfsc.store.locks`).
 * The store directory is made when the first object is imported: a run that fails before
   creates nothing.
 
@@ -77,6 +79,8 @@ from collections.abc import Iterable
 from cfsc.base import beneath, syscalls
 from cfsc.base.errors import CfscError, InputError, OutputError, StoreError
 from cfsc.base.fsverity import SHA256, FsVerityAlgorithm, FsVerityHasher, algorithm_named, hash_fd, payload_path
+from cfsc.store.filecopy import copy_range, rename_noreplace, write_all
+from cfsc.store.locks import flock, lease
 
 FICLONE = 0x40049409  # _IOW(0x94, 9, int)
 FS_IOC_ENABLE_VERITY = 0x40806685  # _IOW('f', 133, struct fsverity_enable_arg)
@@ -121,6 +125,7 @@ def open_store(options) -> Store:
     """The store `--digest-store` names, held for the image if the compile holds objects."""
     store = Store(options.digest_store, algorithm_named(options.hash))
     if options.held is not None:
+        store.held = True
         options.held.stores.append(store)
     return store
 
@@ -162,7 +167,9 @@ class Store:
         self.copy_range = True
         self.verity = True
         self.hardlinks = True
+        self.held = False  # True: the lease outlives `commit()`, until `close()` (`HeldObjects`)
         self._lock = threading.Lock()
+        self._lease = -1  # descriptor of the lock file, flocked shared while this run uses the store
         self._commit_lock = threading.Lock()
         self._rootfd = -1
         self._fans: dict[int, int] = {}  # first digest byte -> descriptor of its `xx` directory
@@ -258,7 +265,7 @@ class Store:
             for chunk in chunks:
                 hasher.update(chunk)
                 size += len(chunk)
-                _write_all(temp.fd, chunk, self.root)
+                write_all(temp.fd, chunk, self.root)
             digest = hasher.digest()
             if not self._claim(digest):
                 temp.discard()
@@ -280,7 +287,7 @@ class Store:
         try:
             temp = self._temp()
             try:
-                _write_all(temp.fd, data, self.root)
+                write_all(temp.fd, data, self.root)
                 self._add(temp, digest, len(data))
             except BaseException:
                 temp.discard()
@@ -323,15 +330,26 @@ class Store:
             with self._lock:
                 self._reused.clear()
             self._close_fds()
+            if not self.held:
+                self.release()
 
     def close(self) -> None:
-        """The run failed: drop what is pending (its temp files are removed)."""
+        """The run failed, or is done (a held store: its image is in place): drop what is
+        pending (its temp files are removed) and let go of the store."""
         with self._lock:
             pending, self._pending = self._pending, []
             for p in pending:
                 self._present.discard(p.digest)
         self._unlink_temps(pending)
         self._close_fds()
+        self.release()
+
+    def release(self) -> None:
+        """Let go of the store's lock file: this run relies on nothing in the store any more."""
+        with self._lock:
+            fd, self._lease = self._lease, -1
+        if fd >= 0:
+            os.close(fd)
 
     def _name_all(self, pending: list[_Pending], reused: set[bytes]) -> None:
         """Name every pending object, and check the reused ones are still there, under the
@@ -339,7 +357,7 @@ class Store:
         root = self._root_fd(create=False)
         if root is None:  # only reused objects, and the store itself is gone
             raise self._vanished(next(iter(reused)))
-        locked = _flock(root, fcntl.LOCK_EX, self.root)
+        locked = flock(root, fcntl.LOCK_EX, self.root)
         named: list[tuple[int, str, _Pending]] = []
         journal = None
         try:
@@ -364,7 +382,7 @@ class Store:
             if journal is not None:
                 _unlink_quietly(journal, root)
             if locked:
-                _flock(root, fcntl.LOCK_UN, self.root)
+                flock(root, fcntl.LOCK_UN, self.root)
 
     def _write_journal(self, root: int, pending: list[_Pending]) -> str:
         """The list of names this commit is about to make (`temp digest` lines), so that the
@@ -382,7 +400,7 @@ class Store:
         else:
             raise OutputError("cannot create the commit journal: no free name", self.root)
         try:
-            _write_all(fd, text, self.root)
+            write_all(fd, text, self.root)
         except BaseException:
             os.close(fd)
             _unlink_quietly(name, root)
@@ -438,7 +456,7 @@ class Store:
                         raise
                     self.hardlinks = False
             try:
-                _rename_noreplace(self._rootfd, p.name, fan, name)
+                rename_noreplace(self._rootfd, p.name, fan, name)
             except FileExistsError:
                 return False
             return True
@@ -516,7 +534,7 @@ class Store:
                         raise
                     self.reflink = False
             if self.copy_range:
-                copied = _copy_range(src, out)
+                copied = copy_range(src, out)
                 if copied:
                     return hash_fd(out, 0, algorithm=self.algorithm)
                 if copied is None:
@@ -602,6 +620,12 @@ class Store:
                 raise StoreError("not a directory: expected the content store's directory", self.root) from None
             except OSError as e:
                 raise OutputError(f"cannot open the store: {e.strerror}", self.root) from None
+            if self._lease < 0:
+                try:
+                    self._lease = lease(fd, self.root)
+                except BaseException:
+                    os.close(fd)
+                    raise
             self._rootfd = fd
             return fd
 
@@ -730,58 +754,6 @@ def _unlink_quietly(name: str, dirfd: int) -> None:
         os.unlink(name, dir_fd=dirfd)
     except OSError:
         pass
-
-
-def _flock(fd: int, op: int, where: str) -> bool:
-    """flock(2); False where the file system has no locks (ENOLCK: some network file systems)."""
-    try:
-        fcntl.flock(fd, op)
-    except OSError as e:
-        if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
-            return False
-        raise OutputError(f"cannot lock the store: {e.strerror}", where) from None
-    return True
-
-
-def _rename_noreplace(src_dir: int, src: str, dst_dir: int, dst: str) -> None:
-    """renameat2(RENAME_NOREPLACE): FileExistsError rather than replace a name.  A file system
-    without the flag (EINVAL) gets a plain rename: the name, if there, holds the same content."""
-    try:
-        syscalls.renameat2(src_dir, src, dst_dir, dst, syscalls.RENAME_NOREPLACE)
-    except OSError as e:
-        if e.errno not in (errno.EINVAL, errno.ENOSYS):
-            raise
-        os.rename(src, dst, src_dir_fd=src_dir, dst_dir_fd=dst_dir)
-
-
-def _write_all(fd: int, data, where: str) -> None:
-    view = memoryview(data).cast("B")
-    try:
-        while view:
-            view = view[os.write(fd, view):]
-    except OSError as e:
-        raise OutputError(f"cannot write a store object: {e.strerror}", where) from None
-
-
-def _copy_range(src: int, out: int) -> bool | None:
-    """copy_file_range the whole of `src`.  False: not for this file (copy it another way);
-    None: not on this file system or kernel at all."""
-    offset = 0
-    while True:
-        try:
-            n = os.copy_file_range(src, out, 1 << 30, offset, offset)
-        except OSError as e:
-            if offset:
-                raise
-            if e.errno in (errno.ENOSYS, errno.EXDEV):
-                return None
-            if e.errno in (errno.EOPNOTSUPP, errno.EPERM, errno.EINVAL, errno.EBADF):
-                return False
-            raise
-        if n == 0:
-            # Some file systems (procfs, some overlays) report 0 instead of an error.
-            return offset > 0 or os.fstat(src).st_size == 0
-        offset += n
 
 
 def _copy_plain(src: int, out: int, algorithm: FsVerityAlgorithm) -> tuple[bytes, int]:

@@ -1,0 +1,52 @@
+"""Whole-file primitives the store's writer needs, each with the fallbacks real file systems
+force on it: copy a file by `copy_file_range`, write a buffer out completely, rename without
+replacing."""
+
+from __future__ import annotations
+
+import errno
+import os
+
+from cfsc.base import syscalls
+from cfsc.base.errors import OutputError
+
+
+def rename_noreplace(src_dir: int, src: str, dst_dir: int, dst: str) -> None:
+    """renameat2(RENAME_NOREPLACE): FileExistsError rather than replace a name.  A file system
+    without the flag (EINVAL) gets a plain rename: the name, if there, holds the same content."""
+    try:
+        syscalls.renameat2(src_dir, src, dst_dir, dst, syscalls.RENAME_NOREPLACE)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.ENOSYS):
+            raise
+        os.rename(src, dst, src_dir_fd=src_dir, dst_dir_fd=dst_dir)
+
+
+def write_all(fd: int, data, where: str) -> None:
+    view = memoryview(data).cast("B")
+    try:
+        while view:
+            view = view[os.write(fd, view):]
+    except OSError as e:
+        raise OutputError(f"cannot write a store object: {e.strerror}", where) from None
+
+
+def copy_range(src: int, out: int) -> bool | None:
+    """copy_file_range the whole of `src`.  False: not for this file (copy it another way);
+    None: not on this file system or kernel at all."""
+    offset = 0
+    while True:
+        try:
+            n = os.copy_file_range(src, out, 1 << 30, offset, offset)
+        except OSError as e:
+            if offset:
+                raise
+            if e.errno in (errno.ENOSYS, errno.EXDEV):
+                return None
+            if e.errno in (errno.EOPNOTSUPP, errno.EPERM, errno.EINVAL, errno.EBADF):
+                return False
+            raise
+        if n == 0:
+            # Some file systems (procfs, some overlays) report 0 instead of an error.
+            return offset > 0 or os.fstat(src).st_size == 0
+        offset += n
