@@ -127,6 +127,7 @@ COMMANDS = {
     "mount": "mount",
     "umount": "mount",
     "composefs-fuse": "mount",
+    "mount.composefs": "mount",
     "export": "export",
 }
 
