@@ -122,7 +122,7 @@ def fsopen(fstype: str) -> int:
 def fsconfig(fsfd: int, cmd: int, key: str | None = None, value=None) -> None:
     _check(_libc.syscall(SYS_FSCONFIG, ctypes.c_int(fsfd), ctypes.c_uint(cmd), ctypes.c_char_p(_c(key)),
                          ctypes.c_char_p(_c(value)), ctypes.c_int(0)),
-           f"fsconfig {key}={os.fsdecode(value)}" if key else "fsconfig create")
+           f"fsconfig {key}" + (f"={os.fsdecode(value)}" if value is not None else "") if key else "fsconfig create")
 
 
 def fsmount(fsfd: int, attr_flags: int) -> int:

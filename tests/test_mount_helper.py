@@ -1,0 +1,316 @@
+"""`mount.composefs` (the mount(8) helper) and the upper/work, idmap and several-store mounts.
+
+`mount -t composefs` runs `/sbin/mount.composefs`; nothing may be installed there for a
+test, so each such test runs mount(8) in a private mount namespace (`unshare -m`) whose
+/sbin (here /usr/sbin) is a temporary directory holding only the helper — the bind and the
+mount die with the namespace, whatever happens, and parallel tests never see each other's.
+What must be looked at under the mount is walked inside that namespace and handed back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import pickle
+import random
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from cfsc.fuse.attach import MountError, unmount
+from cfsc.mount_helper import EXIT_FAILED, EXIT_USAGE, parse, split_options
+
+from tests.helpers.data import run_cfsc
+from tests.test_fuse import walk
+
+pytestmark = [pytest.mark.kernel_mount, pytest.mark.root, pytest.mark.timeout(300)]
+ROOT = Path(__file__).resolve().parent.parent
+HELPER = Path(sys.executable).with_name("mount.composefs")
+SBIN = os.path.realpath("/sbin")
+UPSTREAM = Path("/tmp/cfs-src/build/tools/mount.composefs")
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="mounts need root")
+# Walks a mount (argv[1]) as tests/test_fuse.py does and pickles it to argv[2].
+WALK = "import pickle, sys; from tests.test_fuse import walk; open(sys.argv[2], 'wb').write(pickle.dumps(walk(sys.argv[1])))"
+
+
+@pytest.fixture
+def stores(tmp_path):
+    """An image compiled into one store `all`, and the same objects split between `s1`, `s2`."""
+    src = tmp_path / "src"
+    (src / "sub" / "deep").mkdir(parents=True)
+    rng = random.Random(7)
+    for i in range(12):
+        (src / ("sub" if i % 3 else "sub/deep") / f"f{i}").write_bytes(rng.randbytes(100 + 5000 * i))
+    (src / "small").write_bytes(b"inline\n")
+    (src / "link").symlink_to("sub/f1")
+    os.chmod(src / "sub" / "f2", 0o4711)
+    os.setxattr(src / "sub" / "f4", "user.note", b"kept")
+    image = tmp_path / "img.cfs"
+    run_cfsc("compile", str(src), "-o", str(image), "--digest-store", str(tmp_path / "all"), check=True)
+    objects = sorted(p.relative_to(tmp_path / "all") for p in (tmp_path / "all").rglob("*") if p.is_file())
+    assert len(objects) >= 10
+    for i, rel in enumerate(objects):
+        dest = tmp_path / ("s1", "s2")[i % 2] / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(tmp_path / "all" / rel, dest)
+    for d in ("m", "k"):
+        (tmp_path / d).mkdir()
+    return tmp_path, image, src
+
+
+def mount8(tmp: Path, *args: str, then: str = "") -> subprocess.CompletedProcess:
+    """`mount ARGS` (mount(8), finding our helper as /sbin/mount.composefs) in a private mount
+    namespace; `then` (shell) runs there after a successful mount."""
+    sbin = tmp / "sbin"
+    if not sbin.is_dir():
+        sbin.mkdir()
+        shutil.copy2(HELPER, sbin / "mount.composefs")
+    script = 'mount --bind "$0" "$1" && shift && mount "$@" && { ' + (then or ":") + "; }"
+    return subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", script, str(sbin), SBIN, *args],
+                          capture_output=True, env=dict(os.environ, PYTHONPATH=str(ROOT)), cwd=tmp)
+
+
+def walked_by_mount8(tmp: Path, image: Path, mnt: Path, options: str) -> list:
+    out = tmp / "walk.pickle"
+    p = mount8(tmp, "-t", "composefs", "-o", options, str(image), str(mnt),
+               then=f'"{sys.executable}" -c "{WALK}" {mnt} {out}')
+    assert p.returncode == 0, p.stderr
+    return pickle.loads(out.read_bytes())
+
+
+@contextlib.contextmanager
+def mounted(*args: str):
+    p = run_cfsc("mount", *args)
+    assert p.returncode == 0, p.stderr
+    try:
+        yield
+    finally:
+        with contextlib.suppress(MountError):
+            unmount(args[1])
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def listing(*dirs: Path) -> dict:
+    """Every file below `dirs` with its bytes' hash: to show a mount changed nothing there."""
+    return {str(p): sha(p) for d in dirs for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+# -- the helper through mount(8) ------------------------------------------------------------
+
+
+@needs_root
+def test_mount_t_composefs_two_stores_shows_what_the_kernel_mount_of_one_store_shows(stores):
+    tmp, image, _src = stores
+    assert listing(tmp / "s1").keys().isdisjoint(listing(tmp / "s2").keys())  # each store lacks some objects
+    with mounted(str(image), str(tmp / "k"), "--kernel", "--verity", "none", "--store", str(tmp / "all")):
+        want = walk(tmp / "k")
+    got = walked_by_mount8(tmp, image, tmp / "m", f"basedir={tmp / 's1'}:{tmp / 's2'}")
+    assert got == want
+    assert any(isinstance(rec[-1], str) and len(rec[-1]) == 64 for rec in got), "file bytes were compared"
+    assert not os.path.ismount(tmp / "m")  # it lived in the namespace only
+    # A store missing from basedir= gives the kernel mount's ENOENT for its objects.
+    got = walked_by_mount8(tmp, image, tmp / "m", f"basedir={tmp / 's1'}")
+    assert got != want and any("ENOENT" in rec for rec in got)
+
+
+@needs_root
+@pytest.mark.skipif(not UPSTREAM.exists(), reason=f"upstream's helper is not built at {UPSTREAM}")
+def test_same_tree_as_upstreams_helper(stores):
+    tmp, image, _src = stores
+    options = f"basedir={tmp / 's1'}:{tmp / 's2'}"
+    ours = walked_by_mount8(tmp, image, tmp / "m", options)
+    out = tmp / "walk.pickle"
+    p = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c",
+                        f'"$0" -o "$1" "$2" "$3" && "{sys.executable}" -c "{WALK}" "$3" {out}',
+                        str(UPSTREAM), options, str(image), str(tmp / "k")],
+                       capture_output=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert p.returncode == 0, p.stderr
+    assert pickle.loads(out.read_bytes()) == ours
+
+
+@needs_root
+def test_upper_and_work_dirs_make_the_mount_writable(stores):
+    tmp, image, src = stores
+    (tmp / "up").mkdir()
+    (tmp / "wk").mkdir()
+    before = listing(tmp / "s1", tmp / "s2") | {"image": sha(image)}
+    big = next(p for p in sorted((src / "sub").iterdir()) if p.is_file() and p.stat().st_size > 20000)
+    rel = big.relative_to(src)
+    m = tmp / "m"
+    script = (f'echo written > {m}/new && cat {m}/new > {tmp}/new.read && printf more >> {m}/{rel} '
+              f'&& cat {m}/{rel} > {tmp}/big.read && rm {m}/small && ls {m} > {tmp}/ls && findmnt -no OPTIONS {m} > {tmp}/opts')
+    p = mount8(tmp, "-t", "composefs", "-o", f"basedir={tmp / 's1'}:{tmp / 's2'},upperdir={tmp / 'up'},"
+               f"workdir={tmp / 'wk'}", str(image), str(m), then=script)
+    assert p.returncode == 0, p.stderr
+    assert (tmp / "new.read").read_bytes() == b"written\n"
+    assert (tmp / "big.read").read_bytes() == big.read_bytes() + b"more"  # copied up from the store
+    assert "small" not in (tmp / "ls").read_text().split()
+    assert (tmp / "opts").read_text().startswith("rw,")
+    assert (tmp / "up" / "new").read_bytes() == b"written\n"  # the writes are in the upper directory
+    assert (tmp / "up" / rel).read_bytes() == big.read_bytes() + b"more"
+    assert listing(tmp / "s1", tmp / "s2") | {"image": sha(image)} == before  # lower unchanged
+    # `ro` keeps it read-only even with an upper directory.
+    p = mount8(tmp, "-t", "composefs", "-o", f"ro,basedir={tmp / 'all'},upperdir={tmp / 'up'},"
+               f"workdir={tmp / 'wk'}", str(image), str(m), then=f"echo x > {m}/other")
+    assert p.returncode != 0 and b"Read-only file system" in p.stderr
+    assert not (tmp / "up" / "other").exists()
+
+
+@needs_root
+def test_a_wrong_digest_refuses_to_mount(stores):
+    tmp, image, _src = stores
+    m = tmp / "m"
+    wrong = "ab" * 32
+    p = mount8(tmp, "-t", "composefs", "-o", f"basedir={tmp / 'all'},digest={wrong}", str(image), str(m),
+               then=f"touch {tmp}/mounted")
+    assert p.returncode == EXIT_FAILED
+    line, = p.stderr.decode().splitlines()
+    assert line.startswith(f"error: {image}: image fs-verity digest is ") and f"expected {wrong}: refused" in line
+    assert not (tmp / "mounted").exists()
+    # malformed: bad invocation
+    p = run_cfsc("mount.composefs", "-o", f"basedir={tmp / 'all'},digest=xyz", str(image), str(m))
+    assert p.returncode == EXIT_USAGE
+    assert p.stderr.decode() == "error: digest=: expected 64 hex digits (a SHA-256 fs-verity digest), got 'xyz'\n"
+    # The right digest mounts.  It implies `verity` (as upstream), which this store cannot give.
+    right = run_cfsc("measure", str(image), check=True).stdout.split()[0].decode().removeprefix("sha256:")
+    p = run_cfsc("mount.composefs", "-o", f"basedir={tmp / 'all'},digest={right}", str(image), str(m))
+    assert p.returncode == EXIT_FAILED and b"error: digest=: " in p.stderr and b"no fs-verity" in p.stderr
+    p = mount8(tmp, "-t", "composefs", "-o", f"basedir={tmp / 'all'},digest={right},verity_check=0",
+               str(image), str(m), then=f"cat {m}/small > {tmp}/small.read")
+    assert p.returncode == 0, p.stderr
+    assert (tmp / "small.read").read_bytes() == b"inline\n"
+
+
+@needs_root
+def test_verity_checks_on_a_store_without_fs_verity_are_refused(stores):
+    tmp, image, _src = stores
+    m = tmp / "m"
+    for option in ("verity_check=2", "verity_check=1", "verity", "tryverity"):
+        p = run_cfsc("mount.composefs", "-o", f"basedir={tmp / 's1'}:{tmp / 's2'},{option}", str(image), str(m))
+        assert p.returncode == EXIT_FAILED, option
+        line, = p.stderr.decode().splitlines()
+        assert line.startswith(f"error: {option}: the store's ") and "no fs-verity" in line, line
+        assert "mount with verity_check=0, or enable fs-verity" in line  # what to do about it
+        assert not os.path.ismount(m)
+    p = mount8(tmp, "-t", "composefs", "-o", f"basedir={tmp / 'all'},verity,verity_check=0", str(image), str(m))
+    assert p.returncode == 0, p.stderr  # verity_check= decides
+
+
+@needs_root
+def test_generic_mount_options(stores):
+    tmp, image, _src = stores
+    m = tmp / "m"
+    p = mount8(tmp, "-v", "-t", "composefs", "-o", f"basedir={tmp / 'all'},nosuid,nodev,noexec,noatime,strictatime,"
+               "user,_netdev,nofail,comment=x", str(image), str(m), then=f"findmnt -no OPTIONS {m} > {tmp}/opts")
+    assert p.returncode == 0, p.stderr
+    opts = (tmp / "opts").read_text().strip().split(",")
+    assert opts[0] == "ro" and {"nosuid", "nodev", "noexec"} <= set(opts) and "noatime" not in opts, opts
+    assert b"mounted " in p.stdout and b"read-only" in p.stdout
+    # unknown: refused by name, or ignored with -s
+    p = mount8(tmp, "-t", "composefs", "-o", f"basedir={tmp / 'all'},bogus", str(image), str(m))
+    assert p.returncode == EXIT_USAGE and b"error: bogus: unsupported option 'bogus'" in p.stderr
+    p = mount8(tmp, "-s", "-t", "composefs", "-o", f"basedir={tmp / 'all'},bogus,sync", str(image), str(m),
+               then=f"touch {tmp}/mounted")
+    assert p.returncode == 0, p.stderr
+    assert (tmp / "mounted").exists()
+    # -f: everything checked, nothing mounted
+    p = run_cfsc("mount.composefs", "-f", "-v", "-o", f"basedir={tmp / 'all'}", str(image), str(m))
+    assert p.returncode == 0 and p.stdout.startswith(b"would mount ") and not os.path.ismount(m)
+    p = run_cfsc("mount.composefs", "-f", "-o", f"basedir={tmp / 'all'},digest={'0' * 64}", str(image), str(m))
+    assert p.returncode == EXIT_FAILED and b"refused" in p.stderr
+
+
+@needs_root
+def test_idmap_shows_the_tree_through_a_user_namespace(stores):
+    tmp, image, src = stores
+    ns = subprocess.Popen(["unshare", "--user", "sleep", "300"])
+    try:
+        while os.readlink(f"/proc/{ns.pid}/ns/user") == os.readlink("/proc/self/ns/user"):
+            time.sleep(0.01)  # unshare(1) has not made the namespace yet
+        # Mapped from outside, as root may: inside 0..65535 is outside 100000.. (uids), 200000.. (gids).
+        for name, base in (("uid_map", 100000), ("gid_map", 200000)):
+            Path(f"/proc/{ns.pid}/{name}").write_text(f"0 {base} 65536\n")
+        m = tmp / "m"
+        p = run_cfsc("mount.composefs", "-o", f"basedir={tmp / 'all'},idmap=/proc/{ns.pid}/ns/user", str(image), str(m))
+        assert p.returncode == 0, p.stderr
+        try:
+            st = os.lstat(m / "sub" / "f1")
+            assert (st.st_uid, st.st_gid) == (100000, 200000)
+            assert (m / "sub" / "f1").read_bytes() == (src / "sub" / "f1").read_bytes()
+        finally:
+            unmount(str(m))
+    finally:
+        ns.kill()
+        ns.wait()
+    p = run_cfsc("mount.composefs", "-o", f"basedir={tmp / 'all'},idmap={tmp / 'nothere'}", str(image), str(m))
+    assert p.returncode == EXIT_FAILED and b"cannot open the user namespace for idmap" in p.stderr
+
+
+# -- cfsc mount: several stores, upper/work ------------------------------------------------
+
+
+@needs_root
+@pytest.mark.fuse
+@pytest.mark.parametrize("how", ["fuse", "kernel"])
+def test_cfsc_mount_two_stores_and_an_upper_dir(stores, how):
+    tmp, image, src = stores
+    m = tmp / "m"
+    (tmp / "up").mkdir()
+    (tmp / "wk").mkdir()
+    kernel = ["--kernel", "--verity", "none"] if how == "kernel" else []
+    with mounted(str(image), str(tmp / "k"), "--kernel", "--verity", "none", "--store", str(tmp / "all")):
+        want = walk(tmp / "k")
+    with mounted(str(image), str(m), *kernel, "--store", f"{tmp / 's1'}:{tmp / 's2'}"):
+        got = walk(m)
+    assert got == want
+    before = listing(tmp / "s1", tmp / "s2") | {"image": sha(image)}
+    with mounted(str(image), str(m), *kernel, "--store", f"{tmp / 's1'}:{tmp / 's2'}",
+                 "--upperdir", str(tmp / "up"), "--workdir", str(tmp / "wk")):
+        (m / "new").write_bytes(b"written")
+        with open(m / "sub" / "f1", "ab") as f:
+            f.write(b"+")
+        assert (m / "new").read_bytes() == b"written"
+        assert (m / "sub" / "f1").read_bytes() == (src / "sub" / "f1").read_bytes() + b"+"
+    assert (tmp / "up" / "sub" / "f1").read_bytes() == (src / "sub" / "f1").read_bytes() + b"+"
+    assert listing(tmp / "s1", tmp / "s2") | {"image": sha(image)} == before
+    p = run_cfsc("mount", str(image), str(m), *kernel, "--store", str(tmp / "all"), "--upperdir", str(tmp / "up"))
+    assert p.returncode == 2 and b"needs a work directory" in p.stderr and not os.path.ismount(m)
+
+
+# -- parsing (no mounts) --------------------------------------------------------------------
+
+
+def test_option_strings_split_as_upstream():
+    assert split_options(r"basedir=/a\,b:/c,ro,,digest=") == [("basedir", "/a,b:/c"), ("ro", None), ("digest", "")]
+    req = parse(["img", "mnt", "-o", "rw,basedir=/s1::/s2,noatime,atime,nosuid,suid,nodev,relatime,strictatime"])
+    assert req.options.basedirs == ["/s1", "/s2"] and req.options.attrs == ("nodev", "strictatime")
+    assert req.options.readonly is False and req.options.verity == "none" and req.options.kernel
+    assert parse(["-o", "basedir=/s,verity", "i", "m"]).options.verity == "require"
+    assert parse(["-o", "basedir=/s,digest=" + "a" * 64, "i", "m"]).options.verity == "require"
+    assert parse(["-o", "basedir=/s,verity_check=1,verity", "i", "m"]).options.verity == "if-present"
+    try_ = parse(["-nvo", "basedir=/s,tryverity", "i", "m"])
+    assert try_.options.try_verity and try_.verbose
+    for argv, where in ((["i", "m"], "basedir="), (["-o", "basedir=/s,upperdir=/u", "i", "m"], "upperdir="),
+                        (["-o", "basedir=/s,verity_check=3", "i", "m"], "verity_check="),
+                        (["-o", "basedir=/s,ro=1", "i", "m"], "ro="), (["-t", "ext4", "i", "m"], "-t"),
+                        (["-o", "basedir=/s", "i"], "mount.composefs"), (["-N", "1", "i", "m"], "-N")):
+        with pytest.raises(Exception) as e:
+            parse(argv)
+        assert e.value.where == where, argv
+
+
+def test_the_helper_starts_without_the_cli():
+    """A mount helper runs at boot once per fstab line: it must not load typer and every verb."""
+    code = ("import sys; from cfsc.mount_helper import run; run(['-f', '-o', 'basedir=/nonexistent', '/nonexistent', '/']);"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('typer', 'click') or m.startswith('cfsc.cli')))")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert p.stdout.strip() == "[]", p.stdout + p.stderr
+    p = subprocess.run([str(HELPER), "--help"], capture_output=True, text=True)
+    assert p.returncode == 0 and "basedir=DIR[:DIR…]" in p.stdout
