@@ -25,7 +25,7 @@ from cfsc.fuse.attach import MountError, unmount
 from cfsc.mount_helper import EXIT_FAILED, EXIT_USAGE, parse, split_options
 
 from tests.helpers.data import run_cfsc
-from tests.test_fuse import walk
+from tests.test_fuse import _exits, walk
 
 pytestmark = [pytest.mark.kernel_mount, pytest.mark.root, pytest.mark.timeout(300)]
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,7 +34,7 @@ SBIN = os.path.realpath("/sbin")
 UPSTREAM = Path("/tmp/cfs-src/build/tools/mount.composefs")
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="mounts need root")
 # Walks a mount (argv[1]) as tests/test_fuse.py does and pickles it to argv[2].
-WALK = "import pickle, sys; from tests.test_fuse import walk; open(sys.argv[2], 'wb').write(pickle.dumps(walk(sys.argv[1])))"
+WALK = "import pickle, sys; from tests.test_fuse import _exits, walk; open(sys.argv[2], 'wb').write(pickle.dumps(walk(sys.argv[1])))"
 
 
 @pytest.fixture
@@ -204,6 +204,18 @@ def test_verity_checks_on_a_store_without_fs_verity_are_refused(stores):
 
 
 @needs_root
+@pytest.mark.skipif(not UPSTREAM.exists(), reason=f"upstream's helper is not built at {UPSTREAM}")
+def test_what_the_kernel_does_with_verity_over_a_store_without_it(stores):
+    """Why the helper refuses such a mount: upstream's helper makes it, and then every read of
+    a file with a digest fails with EIO."""
+    tmp, image, _src = stores
+    p = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", '"$0" -o "$1" "$2" "$3" && cat "$3/sub/f1"',
+                        str(UPSTREAM), f"basedir={tmp / 'all'},verity", str(image), str(tmp / "m")],
+                       capture_output=True)
+    assert p.returncode != 0 and b"Input/output error" in p.stderr, p.stderr
+
+
+@needs_root
 def test_generic_mount_options(stores):
     tmp, image, _src = stores
     m = tmp / "m"
@@ -278,10 +290,22 @@ def test_cfsc_mount_two_stores_and_an_upper_dir(stores, how):
             f.write(b"+")
         assert (m / "new").read_bytes() == b"written"
         assert (m / "sub" / "f1").read_bytes() == (src / "sub" / "f1").read_bytes() + b"+"
+        servers = [pid for pid in os.listdir("/proc") if pid.isdigit() and _cmdline(pid).endswith(
+            os.fsencode(tmp / "wk") + b"\0")]
+        assert len(servers) == (how == "fuse")
+    for pid in servers:  # unmounting the overlay ends the FUSE server beneath it
+        assert _exits(int(pid)), "the FUSE server under the overlay is still running"
     assert (tmp / "up" / "sub" / "f1").read_bytes() == (src / "sub" / "f1").read_bytes() + b"+"
     assert listing(tmp / "s1", tmp / "s2") | {"image": sha(image)} == before
     p = run_cfsc("mount", str(image), str(m), *kernel, "--store", str(tmp / "all"), "--upperdir", str(tmp / "up"))
     assert p.returncode == 2 and b"needs a work directory" in p.stderr and not os.path.ismount(m)
+
+
+def _cmdline(pid: str) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
 
 
 # -- parsing (no mounts) --------------------------------------------------------------------
