@@ -27,6 +27,8 @@ from __future__ import annotations
 import sys
 
 from cfsc.base.errors import CfscError, UsageError
+from cfsc.fuse import MountOptions, parse_digest
+from cfsc.store.backing import parse_basedirs
 
 EXIT_USAGE = 1
 EXIT_INTERRUPTED = 8
@@ -73,8 +75,6 @@ class Request:
     __slots__ = ("image", "mountpoint", "options", "fake", "verbose", "help", "version", "asked_verity")
 
     def __init__(self) -> None:
-        from cfsc.fuse import MountOptions  # start-up: `--help` needs it not
-
         self.image = self.mountpoint = None
         self.options = MountOptions(kernel=True, verity="none")  # upstream: no checks unless asked
         self.fake = self.verbose = self.help = self.version = False
@@ -159,9 +159,6 @@ def parse(argv: list[str]) -> Request:
 
 
 def _apply(req: Request, options: list[tuple[str, str | None]], sloppy: bool) -> None:
-    from cfsc.fuse import parse_digest
-    from cfsc.store.backing import parse_basedirs
-
     o = req.options
     implied = explicit = None  # verity mode implied by verity/tryverity/digest=; given by verity_check=
     attrs: list[str] = []

@@ -177,7 +177,8 @@ def test_a_wrong_digest_refuses_to_mount(stores):
     # malformed: bad invocation
     p = run_cfsc("mount.composefs", "-o", f"basedir={tmp / 'all'},digest=xyz", str(image), str(m))
     assert p.returncode == EXIT_USAGE
-    assert p.stderr.decode() == "error: digest=: expected 64 hex digits (a SHA-256 fs-verity digest), got 'xyz'\n"
+    line, = p.stderr.decode().splitlines()
+    assert line.startswith("error: digest=: expected ") and "'xyz'" in line
     # The right digest mounts.  It implies `verity` (as upstream), which this store cannot give.
     right = run_cfsc("measure", str(image), check=True).stdout.split()[0].decode().removeprefix("sha256:")
     p = run_cfsc("mount.composefs", "-o", f"basedir={tmp / 'all'},digest={right}", str(image), str(m))
