@@ -7,6 +7,7 @@
 The FUSE server speaks the kernel protocol over `/dev/fuse` itself, in pure Python (no
 libfuse), and shows an image exactly as the kernel composefs mount (EROFS + overlayfs)
 does.  `MountOptions(kernel=True)` makes that kernel mount instead, as `mount.composefs`.
+`MountOptions(upperdir=…, workdir=…)` makes either writable (an overlayfs on top).
 
 Modules, bottom up: `protocol` (the wire structures), `view` (the kernel mount's view of an
 image, over the image reader), `server` (the request loop), `mount` (attach and detach a
@@ -98,8 +99,9 @@ def checked_view(image, noacl: bool = False):
 
 
 def mount(image: str, mountpoint: str, options: MountOptions | None = None) -> None:
-    """Mount `image` read-only on `mountpoint`.  In the background (the default) this
-    returns once the mount answers; with `foreground` it serves until unmounted."""
+    """Mount `image` on `mountpoint`, read-only unless `upperdir` takes the writes.  In the
+    background (the default) this returns once the mount answers; with `foreground` it
+    serves until unmounted."""
     options = options or MountOptions()
     verity_mode(options.verity)
     if (options.upperdir is None) != (options.workdir is None):
