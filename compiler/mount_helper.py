@@ -160,7 +160,8 @@ def parse(argv: list[str]) -> Request:
 
 def _apply(req: Request, options: list[tuple[str, str | None]], sloppy: bool) -> None:
     o = req.options
-    implied = explicit = None  # verity mode implied by verity/tryverity/digest=; given by verity_check=
+    asked: set[str] = set()  # of verity, tryverity, digest=
+    explicit = None  # (mode, option) of verity_check=, which decides
     attrs: list[str] = []
     for key, value in options:
         where = f"{key}=" if value is not None else key
@@ -181,14 +182,13 @@ def _apply(req: Request, options: list[tuple[str, str | None]], sloppy: bool) ->
             except UsageError as e:
                 raise UsageError(e.what, where) from None
             o.digest = value
-            implied, req.asked_verity = "require", req.asked_verity or "digest="
+            asked.add("digest=")
         elif key in ("verity", "tryverity"):
-            implied, req.asked_verity = "require", key
-            o.try_verity = key == "tryverity"
+            asked.add(key)
         elif key == "verity_check":
             if value not in VERITY_CHECK:
                 raise UsageError(f"expected 0 (none), 1 (if-present) or 2 (require), got {value!r}", where)
-            explicit, req.asked_verity = VERITY_CHECK[value], f"verity_check={value}"
+            explicit = (VERITY_CHECK[value], f"verity_check={value}")
         elif key in ("upperdir", "workdir", "idmap"):
             setattr(o, key, value)
         elif key in ("ro", "rw"):
@@ -203,10 +203,13 @@ def _apply(req: Request, options: list[tuple[str, str | None]], sloppy: bool) ->
             pass
         elif not sloppy:
             raise UsageError(f"unsupported option {key!r} (see --help)", where)
+    # As upstream: `verity` or `digest=` require the checks; `tryverity` alone asks for them
+    # where the kernel can.
     if explicit is not None:
-        o.verity, o.try_verity = explicit, False
-    elif implied is not None:
-        o.verity = implied
+        o.verity, req.asked_verity = explicit
+    elif asked:
+        o.verity, o.try_verity = "require", asked == {"tryverity"}
+        req.asked_verity = next(k for k in ("verity", "digest=", "tryverity") if k in asked)
     o.attrs = tuple(attrs)
     if not o.basedirs:
         raise UsageError("no store given: basedir=DIR[:DIR…] is required", "basedir=")

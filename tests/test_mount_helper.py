@@ -321,7 +321,11 @@ def test_option_strings_split_as_upstream():
     assert parse(["-o", "basedir=/s,digest=" + "a" * 64, "i", "m"]).options.verity == "require"
     assert parse(["-o", "basedir=/s,verity_check=1,verity", "i", "m"]).options.verity == "if-present"
     try_ = parse(["-nvo", "basedir=/s,tryverity", "i", "m"])
-    assert try_.options.try_verity and try_.verbose
+    assert try_.options.try_verity and try_.verbose and try_.asked_verity == "tryverity"
+    both = parse(["-o", "basedir=/s,tryverity,digest=" + "a" * 64, "i", "m"])
+    assert not both.options.try_verity and both.asked_verity == "digest="  # digest= requires, as upstream
+    explicit = parse(["-o", "basedir=/s,verity_check=2,verity", "i", "m"])
+    assert explicit.asked_verity == "verity_check=2"
     for argv, where in ((["i", "m"], "basedir="), (["-o", "basedir=/s,upperdir=/u", "i", "m"], "upperdir="),
                         (["-o", "basedir=/s,verity_check=3", "i", "m"], "verity_check="),
                         (["-o", "basedir=/s,ro=1", "i", "m"], "ro="), (["-t", "ext4", "i", "m"], "-t"),
