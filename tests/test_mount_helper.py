@@ -120,11 +120,27 @@ def test_mount_t_composefs_two_stores_shows_what_the_kernel_mount_of_one_store_s
     assert got != want and any("ENOENT" in rec for rec in got)
 
 
+@pytest.fixture
+def userns():
+    """A user namespace (its /proc path) mapping 0..65535 inside to 100000.. (uids), 200000.. (gids)."""
+    ns = subprocess.Popen(["unshare", "--user", "sleep", "300"])
+    try:
+        while os.readlink(f"/proc/{ns.pid}/ns/user") == os.readlink("/proc/self/ns/user"):
+            time.sleep(0.01)  # unshare(1) has not made the namespace yet
+        for name, base in (("uid_map", 100000), ("gid_map", 200000)):  # from outside, as root may
+            Path(f"/proc/{ns.pid}/{name}").write_text(f"0 {base} 65536\n")
+        yield f"/proc/{ns.pid}/ns/user"
+    finally:
+        ns.kill()
+        ns.wait()
+
+
 @needs_root
 @pytest.mark.skipif(not UPSTREAM.exists(), reason=f"upstream's helper is not built at {UPSTREAM}")
-def test_same_tree_as_upstreams_helper(stores):
+@pytest.mark.parametrize("idmap", [False, True])
+def test_same_tree_as_upstreams_helper(stores, userns, idmap):
     tmp, image, _src = stores
-    options = f"basedir={tmp / 's1'}:{tmp / 's2'}"
+    options = f"basedir={tmp / 's1'}:{tmp / 's2'}" + (f",idmap={userns}" if idmap else "")
     ours = walked_by_mount8(tmp, image, tmp / "m", options)
     out = tmp / "walk.pickle"
     p = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c",
@@ -241,29 +257,35 @@ def test_generic_mount_options(stores):
 
 
 @needs_root
-def test_idmap_shows_the_tree_through_a_user_namespace(stores):
+def test_idmap_shows_the_tree_through_a_user_namespace(stores, userns):
     tmp, image, src = stores
-    ns = subprocess.Popen(["unshare", "--user", "sleep", "300"])
+    m = tmp / "m"
+    p = run_cfsc("mount.composefs", "-o", f"basedir={tmp / 'all'},idmap={userns}", str(image), str(m))
+    assert p.returncode == 0, p.stderr
     try:
-        while os.readlink(f"/proc/{ns.pid}/ns/user") == os.readlink("/proc/self/ns/user"):
-            time.sleep(0.01)  # unshare(1) has not made the namespace yet
-        # Mapped from outside, as root may: inside 0..65535 is outside 100000.. (uids), 200000.. (gids).
-        for name, base in (("uid_map", 100000), ("gid_map", 200000)):
-            Path(f"/proc/{ns.pid}/{name}").write_text(f"0 {base} 65536\n")
-        m = tmp / "m"
-        p = run_cfsc("mount.composefs", "-o", f"basedir={tmp / 'all'},idmap=/proc/{ns.pid}/ns/user", str(image), str(m))
-        assert p.returncode == 0, p.stderr
-        try:
-            st = os.lstat(m / "sub" / "f1")
-            assert (st.st_uid, st.st_gid) == (100000, 200000)
-            assert (m / "sub" / "f1").read_bytes() == (src / "sub" / "f1").read_bytes()
-        finally:
-            unmount(str(m))
+        st = os.lstat(m / "sub" / "f1")
+        assert (st.st_uid, st.st_gid) == (100000, 200000)
+        assert (m / "sub" / "f1").read_bytes() == (src / "sub" / "f1").read_bytes()
     finally:
-        ns.kill()
-        ns.wait()
+        unmount(str(m))
     p = run_cfsc("mount.composefs", "-o", f"basedir={tmp / 'all'},idmap={tmp / 'nothere'}", str(image), str(m))
     assert p.returncode == EXIT_FAILED and b"cannot open the user namespace for idmap" in p.stderr
+    p = run_cfsc("mount", str(image), str(m), "--store", str(tmp / "all"), "--idmap", userns)
+    assert p.returncode == 2 and b"error: idmap: the FUSE mount does not take this option" in p.stderr
+
+
+@needs_root
+def test_an_fstab_line(stores):
+    """`mount MNT` with a composefs line in fstab (here `mount --fstab FILE`, not /etc/fstab)."""
+    tmp, image, src = stores
+    m = tmp / "m"
+    (tmp / "fstab").write_text(f"{image} {m} composefs basedir={tmp / 's1'}:{tmp / 's2'},ro,nodev,nofail,x-note=1 0 0\n")
+    p = mount8(tmp, "--fstab", str(tmp / "fstab"), str(m),
+               then=f"findmnt -no FSTYPE,OPTIONS {m} > {tmp}/opts && cat {m}/sub/f4 > {tmp}/f4")
+    assert p.returncode == 0, p.stderr
+    fstype, opts = (tmp / "opts").read_text().split()
+    assert fstype == "overlay" and opts.split(",")[:2] == ["ro", "nodev"]
+    assert (tmp / "f4").read_bytes() == (src / "sub" / "f4").read_bytes()
 
 
 # -- cfsc mount: several stores, upper/work ------------------------------------------------
