@@ -27,14 +27,21 @@ from cfsc.mount_helper import EXIT_FAILED, EXIT_USAGE, parse, split_options
 from tests.helpers.data import run_cfsc
 from tests.test_fuse import _exits, walk
 
-pytestmark = [pytest.mark.kernel_mount, pytest.mark.root, pytest.mark.timeout(300)]
+pytestmark = pytest.mark.timeout(300)
 ROOT = Path(__file__).resolve().parent.parent
 HELPER = Path(sys.executable).with_name("mount.composefs")
 SBIN = os.path.realpath("/sbin")
 UPSTREAM = Path("/tmp/cfs-src/build/tools/mount.composefs")
-needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="mounts need root")
+
+
+def real_mount(test):
+    """A test that makes kernel mounts (root; the parsing tests below need neither)."""
+    test = pytest.mark.skipif(os.geteuid() != 0, reason="mounts need root")(test)
+    return pytest.mark.root(pytest.mark.kernel_mount(test))
+
+
 # Walks a mount (argv[1]) as tests/test_fuse.py does and pickles it to argv[2].
-WALK = "import pickle, sys; from tests.test_fuse import _exits, walk; open(sys.argv[2], 'wb').write(pickle.dumps(walk(sys.argv[1])))"
+WALK = "import pickle, sys; from tests.test_fuse import walk; open(sys.argv[2], 'wb').write(pickle.dumps(walk(sys.argv[1])))"
 
 
 @pytest.fixture
@@ -105,7 +112,7 @@ def listing(*dirs: Path) -> dict:
 # -- the helper through mount(8) ------------------------------------------------------------
 
 
-@needs_root
+@real_mount
 def test_mount_t_composefs_two_stores_shows_what_the_kernel_mount_of_one_store_shows(stores):
     tmp, image, _src = stores
     assert listing(tmp / "s1").keys().isdisjoint(listing(tmp / "s2").keys())  # each store lacks some objects
@@ -135,7 +142,7 @@ def userns():
         ns.wait()
 
 
-@needs_root
+@real_mount
 @pytest.mark.skipif(not UPSTREAM.exists(), reason=f"upstream's helper is not built at {UPSTREAM}")
 @pytest.mark.parametrize("idmap", [False, True])
 def test_same_tree_as_upstreams_helper(stores, userns, idmap):
@@ -151,7 +158,7 @@ def test_same_tree_as_upstreams_helper(stores, userns, idmap):
     assert pickle.loads(out.read_bytes()) == ours
 
 
-@needs_root
+@real_mount
 def test_upper_and_work_dirs_make_the_mount_writable(stores):
     tmp, image, src = stores
     (tmp / "up").mkdir()
@@ -179,7 +186,7 @@ def test_upper_and_work_dirs_make_the_mount_writable(stores):
     assert not (tmp / "up" / "other").exists()
 
 
-@needs_root
+@real_mount
 def test_a_wrong_digest_refuses_to_mount(stores):
     tmp, image, _src = stores
     m = tmp / "m"
@@ -205,7 +212,7 @@ def test_a_wrong_digest_refuses_to_mount(stores):
     assert (tmp / "small.read").read_bytes() == b"inline\n"
 
 
-@needs_root
+@real_mount
 def test_verity_checks_on_a_store_without_fs_verity_are_refused(stores):
     tmp, image, _src = stores
     m = tmp / "m"
@@ -220,7 +227,7 @@ def test_verity_checks_on_a_store_without_fs_verity_are_refused(stores):
     assert p.returncode == 0, p.stderr  # verity_check= decides
 
 
-@needs_root
+@real_mount
 @pytest.mark.skipif(not UPSTREAM.exists(), reason=f"upstream's helper is not built at {UPSTREAM}")
 def test_what_the_kernel_does_with_verity_over_a_store_without_it(stores):
     """Why the helper refuses such a mount: upstream's helper makes it, and then every read of
@@ -232,7 +239,7 @@ def test_what_the_kernel_does_with_verity_over_a_store_without_it(stores):
     assert p.returncode != 0 and b"Input/output error" in p.stderr, p.stderr
 
 
-@needs_root
+@real_mount
 def test_generic_mount_options(stores):
     tmp, image, _src = stores
     m = tmp / "m"
@@ -256,7 +263,7 @@ def test_generic_mount_options(stores):
     assert p.returncode == EXIT_FAILED and b"refused" in p.stderr
 
 
-@needs_root
+@real_mount
 def test_idmap_shows_the_tree_through_a_user_namespace(stores, userns):
     tmp, image, src = stores
     m = tmp / "m"
@@ -274,7 +281,7 @@ def test_idmap_shows_the_tree_through_a_user_namespace(stores, userns):
     assert p.returncode == 2 and b"error: idmap: the FUSE mount does not take this option" in p.stderr
 
 
-@needs_root
+@real_mount
 def test_an_fstab_line(stores):
     """`mount MNT` with a composefs line in fstab (here `mount --fstab FILE`, not /etc/fstab)."""
     tmp, image, src = stores
@@ -291,7 +298,7 @@ def test_an_fstab_line(stores):
 # -- cfsc mount: several stores, upper/work ------------------------------------------------
 
 
-@needs_root
+@real_mount
 @pytest.mark.fuse
 @pytest.mark.parametrize("how", ["fuse", "kernel"])
 def test_cfsc_mount_two_stores_and_an_upper_dir(stores, how):
