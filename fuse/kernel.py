@@ -283,9 +283,13 @@ def _loop_device(fd: int, image_path: str) -> tuple[int, str]:
 def _mount_overlay(mountpoint: str, plan: _Plan) -> None:
     try:
         _mount_overlay_fsconfig(mountpoint, plan)
-        return
     except _Legacy:
-        pass
+        _mount_overlay_legacy(mountpoint, plan)
+
+
+def _mount_overlay_legacy(mountpoint: str, plan: _Plan) -> None:
+    """overlayfs through mount(2)'s option string (kernels before 6.7); a test holds it to
+    give the tree the fsconfig way gives."""
     options = "metacopy=on,redirect_dir=on,lowerdir=" + "::".join(_escape(d) for d in [plan.lower, *plan.basedirs])
     if plan.upperdir is not None:
         options += f",upperdir={_escape(plan.upperdir)},workdir={_escape(plan.workdir)}"
@@ -331,7 +335,8 @@ def _mount_overlay_fsconfig(mountpoint: str, plan: _Plan) -> None:
             path = getattr(plan, key)
             if path is not None:
                 try:
-                    syscalls.fsconfig(fsfd, S, key, path)
+                    # unlike lowerdir+/datadir+, overlayfs unescapes these (`\\x` is `x`)
+                    syscalls.fsconfig(fsfd, S, key, _escape(path))
                 except OSError as e:
                     raise MountError(f"overlayfs refused the {key}: {e.strerror}", path) from None
         try:

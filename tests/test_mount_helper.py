@@ -331,6 +331,43 @@ def test_cfsc_mount_two_stores_and_an_upper_dir(stores, how):
     assert p.returncode == 2 and b"needs a work directory" in p.stderr and not os.path.ismount(m)
 
 
+@real_mount
+def test_the_option_string_mounts_what_fsconfig_mounts(stores):
+    """Kernels before 6.7 get overlayfs' option string (paths escaped) instead of fsconfig:
+    both ways, on this kernel, give one tree from stores and upper directories whose paths
+    hold `,` `:` and `\\`."""
+    from cfsc.base import syscalls
+    from cfsc.fuse import MountOptions
+    from cfsc.fuse import kernel
+
+    tmp, image, _src = stores
+    odd = tmp / "a,b:c\\d"
+    odd.mkdir()
+    (tmp / "s1").rename(odd / "s1")
+    lower, m = tmp / "lower", tmp / "m"
+    lower.mkdir()
+    syscalls.mount(str(image), str(lower), "erofs", syscalls.MS_RDONLY, None)
+    walks = []
+    try:
+        for way in (kernel._mount_overlay_fsconfig, kernel._mount_overlay_legacy):
+            up, wk = odd / f"up{len(walks)}", odd / f"wk{len(walks)}"
+            up.mkdir()
+            wk.mkdir()
+            way(str(m), kernel._Plan(str(lower), [str(odd / "s1"), str(tmp / "s2")],
+                                     MountOptions(verity="none", upperdir=str(up), workdir=str(wk))))
+            try:
+                root, *rest = walk(m)  # the root is merged with the upper's: its inode and times are that one's
+                walks.append([root[-1], *rest])
+                (m / "sub" / "new").write_bytes(b"n")
+            finally:
+                unmount(str(m))
+            assert (up / "sub" / "new").read_bytes() == b"n"
+    finally:
+        syscalls.umount2(str(lower), syscalls.MNT_DETACH)
+    assert walks[0] == walks[1]
+    assert any(isinstance(rec[-1], str) and len(rec[-1]) == 64 for rec in walks[0]), "objects from both stores were read"
+
+
 def _cmdline(pid: str) -> bytes:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes()
