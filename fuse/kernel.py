@@ -108,6 +108,8 @@ def mount_kernel(image_path: str, mountpoint: str, options) -> None:
         if getattr(options, name) is not None:
             _check_dir(getattr(options, name), name)
     basedirs = [os.path.abspath(d) for d in options.basedirs]
+    for d in basedirs:  # (overlayfs would refuse one without naming it)
+        _check_dir(d, "store directory")
     userns = _open_userns(options.idmap) if options.idmap is not None else None
     try:
         fd = os.open(image_path, os.O_RDONLY | os.O_CLOEXEC)

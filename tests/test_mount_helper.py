@@ -261,6 +261,9 @@ def test_generic_mount_options(stores):
     assert p.returncode == 0 and p.stdout.startswith(b"would mount ") and not os.path.ismount(m)
     p = run_cfsc("mount.composefs", "-f", "-o", f"basedir={tmp / 'all'},digest={'0' * 64}", str(image), str(m))
     assert p.returncode == EXIT_FAILED and b"refused" in p.stderr
+    p = run_cfsc("mount.composefs", "-o", f"basedir={tmp / 'all'}:{tmp / 'gone'}", str(image), str(m))
+    assert p.returncode == EXIT_FAILED
+    assert p.stderr.decode() == f"error: {tmp / 'gone'}: cannot use as the store directory: No such file or directory\n"
 
 
 @real_mount
