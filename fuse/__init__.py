@@ -7,6 +7,7 @@
 The FUSE server speaks the kernel protocol over `/dev/fuse` itself, in pure Python (no
 libfuse), and shows an image exactly as the kernel composefs mount (EROFS + overlayfs)
 does.  `MountOptions(kernel=True)` makes that kernel mount instead, as `mount.composefs`.
+`MountOptions(upperdir=…, workdir=…)` makes either writable (an overlayfs on top).
 
 Modules, bottom up: `protocol` (the wire structures), `view` (the kernel mount's view of an
 image, over the image reader), `server` (the request loop), `mount` (attach and detach a
@@ -42,6 +43,15 @@ class MountOptions:
     kernel: bool = False  # EROFS + overlayfs instead of FUSE (root only)
     loop: bool = False  # kernel mount: use a loop device even where EROFS can mount files
     noacl: bool = False  # ignore the image's POSIX ACLs (as upstream's `noacl`)
+    # overlayfs upper and work directories (both or neither): the mount becomes writable,
+    # writes landing in `upperdir`.  The FUSE mount puts a kernel overlayfs over itself.
+    upperdir: str | None = None
+    workdir: str | None = None
+    readonly: bool | None = None  # None: read-only unless there is an upper directory
+    # Kernel mount only:
+    idmap: str | None = None  # a user namespace file (/proc/PID/ns/user) whose ID mapping the image gets
+    try_verity: bool = False  # `verity` require where the kernel's overlayfs can, else no checks
+    attrs: tuple[str, ...] = ()  # per-mount flags: nosuid nodev noexec noatime nodiratime relatime strictatime
 
 
 def parse_digest(text: str) -> bytes:
@@ -90,15 +100,27 @@ def checked_view(image, noacl: bool = False):
 
 
 def mount(image: str, mountpoint: str, options: MountOptions | None = None) -> None:
-    """Mount `image` read-only on `mountpoint`.  In the background (the default) this
-    returns once the mount answers; with `foreground` it serves until unmounted."""
+    """Mount `image` on `mountpoint`, read-only unless `upperdir` takes the writes.  In the
+    background (the default) this returns once the mount answers; with `foreground` it
+    serves until unmounted."""
     options = options or MountOptions()
     verity_mode(options.verity)
+    if (options.upperdir is None) != (options.workdir is None):
+        raise UsageError("an upper directory needs a work directory and the other way round "
+                         "(overlayfs takes both or neither)", "upperdir" if options.workdir is None else "workdir")
     if options.kernel:
         # import cycle (kernel.py imports this package) and start-up: only --kernel needs it
         from cfsc.fuse.kernel import mount_kernel
 
         mount_kernel(image, mountpoint, options)
+        return
+    for name, value in (("idmap", options.idmap), ("try_verity", options.try_verity), ("attrs", options.attrs)):
+        if value:
+            raise UsageError("the FUSE mount does not take this option; the kernel mount (--kernel) does", name)
+    if options.upperdir is not None:
+        from cfsc.fuse.kernel import overlay_fuse  # (import cycle, as above)
+
+        overlay_fuse(image, mountpoint, options)
         return
     # start-up: the FUSE server ~20+ ms; kernel mounts and `cfsc umount` need it not
     from cfsc.fuse.daemon import serve_background, serve_foreground

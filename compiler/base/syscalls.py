@@ -21,7 +21,12 @@ _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
 MS_RDONLY = 1
 MS_NOSUID = 2
 MS_NODEV = 4
+MS_NOEXEC = 8
+MS_NOATIME = 1024
+MS_NODIRATIME = 2048
 MS_SILENT = 32768
+MS_RELATIME = 1 << 21
+MS_STRICTATIME = 1 << 24
 MNT_DETACH = 2
 UMOUNT_NOFOLLOW = 8
 
@@ -30,6 +35,7 @@ SYS_FSOPEN = 430
 SYS_FSCONFIG = 431
 SYS_FSMOUNT = 432
 SYS_OPENAT2 = 437
+SYS_MOUNT_SETATTR = 442
 FSOPEN_CLOEXEC = 1
 FSMOUNT_CLOEXEC = 1
 FSCONFIG_SET_FLAG = 0
@@ -37,6 +43,17 @@ FSCONFIG_SET_STRING = 1
 FSCONFIG_CMD_CREATE = 6
 MOVE_MOUNT_F_EMPTY_PATH = 4
 MOUNT_ATTR_RDONLY = 1
+MOUNT_ATTR_NOSUID = 2
+MOUNT_ATTR_NODEV = 4
+MOUNT_ATTR_NOEXEC = 8
+MOUNT_ATTR_RELATIME = 0
+MOUNT_ATTR_NOATIME = 0x10
+MOUNT_ATTR_STRICTATIME = 0x20
+MOUNT_ATTR_NODIRATIME = 0x80
+MOUNT_ATTR_IDMAP = 0x100000
+AT_EMPTY_PATH = 0x1000
+# struct mount_attr (linux/mount.h, MOUNT_ATTR_SIZE_VER0): attr_set, attr_clr, propagation, userns_fd.
+MOUNT_ATTR = struct.Struct("=QQQQ")
 
 # struct open_how (linux/openat2.h): flags, mode, resolve.
 OPEN_HOW = struct.Struct("=QQQ")
@@ -105,7 +122,7 @@ def fsopen(fstype: str) -> int:
 def fsconfig(fsfd: int, cmd: int, key: str | None = None, value=None) -> None:
     _check(_libc.syscall(SYS_FSCONFIG, ctypes.c_int(fsfd), ctypes.c_uint(cmd), ctypes.c_char_p(_c(key)),
                          ctypes.c_char_p(_c(value)), ctypes.c_int(0)),
-           f"fsconfig {key}={os.fsdecode(value)}" if key else "fsconfig create")
+           f"fsconfig {key}" + (f"={os.fsdecode(value)}" if value is not None else "") if key else "fsconfig create")
 
 
 def fsmount(fsfd: int, attr_flags: int) -> int:
@@ -117,6 +134,13 @@ def move_mount(mntfd: int, target) -> None:
     _check(_libc.syscall(SYS_MOVE_MOUNT, ctypes.c_int(mntfd), ctypes.c_char_p(b""), ctypes.c_int(-100),
                          ctypes.c_char_p(_c(target)), ctypes.c_uint(MOVE_MOUNT_F_EMPTY_PATH)),
            "move_mount", target)
+
+
+def mount_setattr_idmap(mntfd: int, userns_fd: int) -> None:
+    """Make the detached mount `mntfd` idmapped with the user namespace `userns_fd` (5.12+)."""
+    attr = ctypes.create_string_buffer(MOUNT_ATTR.pack(MOUNT_ATTR_IDMAP, 0, 0, userns_fd), MOUNT_ATTR.size)
+    _check(_libc.syscall(SYS_MOUNT_SETATTR, ctypes.c_int(mntfd), ctypes.c_char_p(b""),
+                         ctypes.c_uint(AT_EMPTY_PATH), attr, ctypes.c_size_t(MOUNT_ATTR.size)), "mount_setattr")
 
 
 def effective_caps(pid: int | str = "self") -> int:

@@ -128,6 +128,7 @@ COMMANDS = {
     "mount": "mount",
     "umount": "mount",
     "composefs-fuse": "mount",
+    "mount.composefs": "mount",
     "export": "export",
 }
 

@@ -37,9 +37,13 @@ def mount_cmd(
     log_file: str | None = typer.Option(None, "--log", help="Log file of the background server (default: syslog)."),
     noacl: bool = typer.Option(False, "--noacl", help="Ignore the image's POSIX ACLs (upstream's noacl)."),
     loop: bool = typer.Option(False, "--loop", help="--kernel: mount the image through a loop device even where EROFS can mount files."),
+    upperdir: str | None = typer.Option(None, "--upperdir", metavar="DIR", help="Make the mount writable: overlayfs upper directory, where writes land (needs --workdir; root). FUSE: overlayfs over the FUSE mount."),
+    workdir: str | None = typer.Option(None, "--workdir", metavar="DIR", help="overlayfs work directory for --upperdir (empty, on the upper directory's file system)."),
+    idmap: str | None = typer.Option(None, "--idmap", metavar="USERNS", help="--kernel: show the image through this user namespace's ID mapping (e.g. /proc/PID/ns/user)."),
     debug: bool = typer.Option(False, "--debug", help="Log more."),
 ) -> None:
-    """Mount a composefs image read-only: over FUSE (default) or the kernel's EROFS + overlayfs.
+    """Mount a composefs image read-only (writable with --upperdir/--workdir): over FUSE
+    (default) or the kernel's EROFS + overlayfs.
 
     Returns once the mount works (the FUSE server goes on in the background) or fails with
     the reason; `cfsc umount MOUNTPOINT` ends it.
@@ -53,7 +57,8 @@ def mount_cmd(
     options = MountOptions(
         basedirs=parse_basedirs(store) if store else [], verity=_verity(verity), digest=digest,
         foreground=foreground, threads=threads, passthrough=passthrough, allow_other=allow_other,
-        log_file=log_file, debug=debug, kernel=kernel, loop=loop, noacl=noacl)
+        log_file=log_file, debug=debug, kernel=kernel, loop=loop, noacl=noacl, upperdir=upperdir,
+        workdir=workdir, idmap=idmap)
     if digest is not None:
         parse_digest(digest)
     mount(image, mountpoint, options)
@@ -167,3 +172,12 @@ def composefs_fuse_cmd(ctx: typer.Context) -> None:
     if source is None:
         raise UsageError("no image given: -o source=IMAGE is required", where)
     mount(source, operands[0], options)
+
+
+@command("mount.composefs", context_settings={"ignore_unknown_options": True,
+                                              "allow_extra_args": True, "help_option_names": []})
+def mount_composefs_cmd(ctx: typer.Context) -> None:
+    """Drop-in for upstream `mount.composefs IMAGE MOUNTPOINT -o basedir=DIR[:DIR…],…` (the mount(8) helper)."""
+    from cfsc.mount_helper import run  # the console script `mount.composefs` runs it without typer
+
+    raise typer.Exit(run(list(ctx.args), "cfsc mount.composefs"))
