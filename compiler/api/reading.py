@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from cfsc.api.arguments import Source, options_of, side_of
 from cfsc.base.errors import LookupFailed
 from cfsc.base.options import Options
-from cfsc.base.tree import FILE_TYPES, S_IFBLK, S_IFCHR, S_IFDIR, S_IFLNK, S_IFMT, S_IFREG, WHITEOUT
+from cfsc.base.tree import FILE_TYPES, S_IFCHR, S_IFDIR, S_IFLNK, S_IFMT, S_IFREG, WHITEOUT
 
 if TYPE_CHECKING:
     from cfsc.backends.erofs import entries as _entries
@@ -216,8 +216,8 @@ class Image:
     def lookup(self, path: PathArg) -> Entry:
         """The entry at `path` (symlinks are not followed).
 
-        Raises `cfsc.errors.LookupFailed` (an `OSError`, errno ENOENT, whose
-        message names the image and the path) when there is none: use `path in image` to ask."""
+        Raises `cfsc.errors.LookupFailed` (an `OSError`, errno ENOENT, whose message names the
+        image and the path) when there is none: `path in image` asks without raising."""
         from cfsc.backends.erofs.entries import resolve
 
         raw = _path_bytes(path)
