@@ -173,7 +173,7 @@ def check(source: Source, *, expect_digest: str | bytes | None = None, reference
     from cfsc.tools.manifest import side_name
 
     if expect_digest is None and reference is None and not reproducible:
-        raise UsageError("nothing to check: give --expect-digest, --reference and/or --reproducible")
+        raise UsageError("nothing to check: give expect_digest, reference and/or reproducible=True")
     opts = options_of(options, option_fields)
     digest = checking.parse_digest(expect_digest) if isinstance(expect_digest, str) else expect_digest
     chosen = checking.known_ways(ways) if ways is not None else list(checking.VARIANTS)
