@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
-import orjson
 from cfsc.api.arguments import Source, options_of, side_of
 from cfsc.base.options import Options
 
@@ -94,7 +93,7 @@ class DiffReport:
         `--json --stat` prints it, without the list)."""
         from cfsc.tools.diff import report_json
 
-        return _json_data(report_json(self._report, changes=changes))
+        return report_json(self._report, changes=changes)
 
     def __repr__(self) -> str:
         s = self.summary
@@ -151,7 +150,7 @@ class CheckReport:
         """The report as JSON data, as `cfsc check --json` prints it."""
         from cfsc.tools.check import report_json
 
-        return _json_data(report_json(self._report))
+        return report_json(self._report)
 
     def __repr__(self) -> str:
         return f"<cfsc.CheckReport ok={self.ok} digest={self.digest.hex()}>"
@@ -189,11 +188,6 @@ def check(source: Source, *, expect_digest: str | bytes | None = None, reference
     if reproducible:
         checking.reproducible(side, opts, format, chosen, report, baseline)
     return CheckReport(report)
-
-
-def _json_data(obj: dict[str, Any]) -> dict[str, Any]:
-    """JSON data exactly as it reads back from the printed document (tuples become lists)."""
-    return orjson.loads(orjson.dumps(obj))
 
 
 __all__ = ["Change", "CheckReport", "DiffReport", "check", "diff"]
