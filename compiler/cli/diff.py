@@ -187,25 +187,24 @@ def diff_cmd(
     Exit status: 0 identical, 1 different, 2 error.
     """
     # start-up: lark (the query) and the diff engine ~40-80 ms; `cfsc check` and --help need neither
-    from cfsc.base import query
-    from cfsc.tools import diff as diffing
-    from cfsc.tools.manifest import Ignore, layers
+    from cfsc.api.comparing import diff
+    from cfsc.tools.manifest import layers
 
-    a, b = layers(a), layers(b)
-    ignored = Ignore.parse(ignore)
-    matches = query.parse(where, "--where") if where is not None else None
     paint = _color(color)
-    report = diffing.diff(a, b, options, source_format, ignored, matches, explain)
+    result = diff(layers(a), layers(b), ignore=ignore, where=where, explain=explain, format=source_format,
+                  options=options)
     out = sys.stdout.buffer
     if as_json:
-        _write_json(diffing.report_json(report, changes=not stat))
-    elif stat:
-        render_stat(report, out)
+        _write_json(result.to_dict(changes=not stat))
     else:
-        render(report, out, paint)
+        report = result._report  # the renderers read the tool's report directly
+        if stat:
+            render_stat(report, out)
+        else:
+            render(report, out, paint)
     with contextlib.suppress(BrokenPipeError):
         sys.stdout.flush()
-    if not report.identical:
+    if not result.identical:
         raise typer.Exit(1)
 
 
@@ -275,32 +274,21 @@ def check_cmd(
     Exit status: 0 passed, 1 failed, 2 error.
     """
     # start-up: the checker ~90 ms (it pulls in every frontend); `cfsc diff` and --help need it not
-    from cfsc.base.fsverity import algorithm_named
-    from cfsc.tools import check
-    from cfsc.tools.check import VARIANTS
-    from cfsc.tools.manifest import layers, side_name
+    from cfsc.api.comparing import check
+    from cfsc.tools.manifest import layers
 
     if expect_digest is None and reference is None and not reproducible:
         raise UsageError("nothing to check: give --expect-digest, --reference and/or --reproducible")
     paint = _color(color)
-    digest = check.parse_digest(expect_digest) if expect_digest is not None else None
-    chosen = check.known_ways(w.strip() for w in ways.split(",") if w.strip()) if ways else list(VARIANTS)
-    source = layers(source)
-    reference = layers(reference) if reference is not None else None
-    if reproducible:
-        check.readable_again(source)
-    baseline = check.compile_source(source, options, source_format)
-    if digest is not None or reference is not None:
-        report = check.expect(source, options, source_format, digest, reference, baseline=baseline)
-    else:
-        report = check.CheckReport(side_name(source), check.digest_bytes(baseline, algorithm_named(options.hash)))
-    if reproducible:
-        check.reproducible(source, options, source_format, chosen, report, baseline)
+    chosen = [w.strip() for w in ways.split(",") if w.strip()] if ways else None
+    result = check(layers(source), expect_digest=expect_digest,
+                   reference=layers(reference) if reference is not None else None, reproducible=reproducible,
+                   ways=chosen, format=source_format, options=options)
     if as_json:
-        _write_json(check.report_json(report))
+        _write_json(result.to_dict())
     else:
-        render_check(report, sys.stdout.buffer, paint)
+        render_check(result._report, sys.stdout.buffer, paint)  # the renderer reads the tool's report
     with contextlib.suppress(BrokenPipeError):
         sys.stdout.flush()
-    if not report.ok:
+    if not result.ok:
         raise typer.Exit(1)
