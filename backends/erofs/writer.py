@@ -130,7 +130,7 @@ def _plan(tree: Tree, encoder: XattrEncoder) -> _Plan:
     min_nsec = min(n.mtime_nsec for n in inodes if n.mtime == min_sec)
     plan.min_mtime = (min_sec, min_nsec)
     xattr_size = encoder.size
-    external_size = encoder.external_size if encoder.redirects_never_shared else None
+    external_size = encoder.external_size
 
     n = len(inodes)
     nids = [0] * n
@@ -151,7 +151,7 @@ def _plan(tree: Tree, encoder: XattrEncoder) -> _Plan:
         if ftype == S_IFREG:
             if size > 0:
                 if node.content is None:  # `overlay.is_external`; a chunk index: one 4-byte null address per chunk
-                    xs = external_size(node) if external_size else xattr_size(node, True)
+                    xs = external_size(node)
                     bits = (size - 1).bit_length()  # chunks: the smallest power of two >= size
                     bits = min_bits if bits < min_bits else max_bits if bits > max_bits else bits
                     tail = (((size - 1) >> bits) + 1) * map_entry
@@ -257,7 +257,7 @@ def write_image(tree: Tree, out: BinaryIO) -> None:
     tails = plan.tails
     dirs = plan.dirs
     xattr_body = encoder.body
-    external_body = encoder.external_body if encoder.redirects_never_shared else None
+    external_body = encoder.external_body
     append = parts.append
     min_bits, max_bits = EROFS_BLKSIZ_BITS, _MAX_CHUNK_BITS
     dirent, ibody, align, slot_bits = _DIRENT, _IBODY, EROFS_XATTR_ALIGN, EROFS_ISLOTBITS
@@ -327,7 +327,7 @@ def write_image(tree: Tree, out: BinaryIO) -> None:
             size = 0
             if ftype == S_IFCHR or ftype == S_IFBLK:
                 i_u = node.rdev & 0xFFFFFFFF
-        body = external_body(node) if external and external_body else xattr_body(node, external)
+        body = external_body(node) if external else xattr_body(node, False)
         icount = (len(body) - ibody) // align + 1 if body else 0  # (layout.xattr_ibody_size, inverted)
         if compact[i]:
             record = _pack_compact(layout << layout_bit, icount, mode & 0xFFFF, node.nlink, size, i_u,
