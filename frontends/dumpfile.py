@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from itertools import chain, repeat
+from itertools import chain, compress, repeat, zip_longest
 
 from cfsc.backends.dumptext import BadEscape, unescape
 from cfsc.base import limits
@@ -314,7 +314,11 @@ class _Parser:
             for i, line in enumerate(batch):
                 self.parse_line(line, first + i)
             return
-        paths, sizes, modes, nlinks, uids, gids, rdevs, mtimes, payloads, contents, digests = list(zip(*rows, strict=False))[:11]
+        # (rows have 11 or 12 fields: a missing xattr section reads as empty)
+        columns = list(zip_longest(*rows, fillvalue=b""))
+        if len(columns) == 11:
+            columns.append((b"",) * n)
+        paths, sizes, modes, nlinks, uids, gids, rdevs, mtimes, payloads, contents, digests, sections = columns
         slow = bytearray(n)
 
         def mark(indices) -> None:
@@ -394,22 +398,23 @@ class _Parser:
                             digests_[i] = bytes.fromhex(d.decode("ascii"))
                         else:
                             slow[i] = 1
-        if dir_modes or link_modes:
+        # Only the lines of directories and symlinks are visited (their indices picked in C).
+        if dir_modes:
+            for i in compress(range(n), map(dir_modes.__contains__, modes_)):
+                if payloads_[i] is not None or digests_[i] is not None:
+                    slow[i] = 1
+        if link_modes:
             strict = self.strict
-            for i, m in enumerate(modes_):
-                if m in dir_modes:
-                    if payloads_[i] is not None or digests_[i] is not None:
-                        slow[i] = 1
-                elif m in link_modes:
-                    payload = payloads_[i]
-                    if (not payload or digests_[i] is not None
-                            or (strict and sizes_[i] != len(payload))):
-                        slow[i] = 1  # no target (`-` or empty), a digest, a SIZE strict refuses
-                    else:
-                        sizes_[i] = len(payload)
+            for i in compress(range(n), map(link_modes.__contains__, modes_)):
+                payload = payloads_[i]
+                if (not payload or digests_[i] is not None
+                        or (strict and sizes_[i] != len(payload))):
+                    slow[i] = 1  # no target (`-` or empty), a digest, a SIZE strict refuses
+                else:
+                    sizes_[i] = len(payload)
         cache = self.xattr_cache
-        sections = [row[11] if len(row) == 12 else b"" for row in rows]
-        xattrs_ = list(map(cache.get, sections, repeat(None)))
+        xattrs_ = list(map(cache.get, sections, repeat(EMPTY))) if sections.count(b"") == n else \
+            list(map(cache.get, sections, repeat(None)))
         if None in xattrs_:
             for i, xattrs in enumerate(xattrs_):
                 if xattrs is None:

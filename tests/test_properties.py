@@ -102,3 +102,14 @@ def test_spliced_xattr_bodies_equal_the_generic_ones(tree):
                                 struct.pack(f"<{len(layout.ids)}I", *[7 + r for r in layout.ids]), *layout.inline))
             assert encoder.body(node, True) == generic
             assert encoder.size(node, True) == len(generic)
+
+
+@SETTINGS
+@given(trees())
+def test_has_whiteout_equals_has_whiteout_walk(tree):
+    """`select_version` rules out whiteouts from the gathered modes of all children; the walk
+    over every home inode is the reference (hard-link entries and devices other than 0:0
+    must not count)."""
+    from cfsc.passes.select_version import has_whiteout, has_whiteout_walk
+
+    assert has_whiteout(tree) == has_whiteout_walk(tree)
