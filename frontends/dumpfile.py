@@ -155,8 +155,14 @@ def _mark(slow: bytearray, i: int) -> int:
 
 
 def _decimal_column(column: tuple, slow: bytearray) -> list[int]:
-    """Plain base-10 fields as ints; odd ones (signs, white space, huge) flagged slow."""
-    if all(map(bytes.isdigit, column)) and max(map(len, column)) < 20:
+    """Plain base-10 fields as ints; odd ones (signs, white space, huge) flagged slow.
+
+    A column of few distinct values (ids, link counts) converts each value once."""
+    distinct = set(column)
+    if len(distinct) * 4 <= len(column):
+        if all(map(bytes.isdigit, distinct)) and max(map(len, distinct)) < 20:
+            return list(map({t: int(t) for t in distinct}.__getitem__, column))
+    elif all(map(bytes.isdigit, column)) and max(map(len, column)) < 20:
         return list(map(int, column))
     return [int(t) if t.isdigit() and len(t) < 20 else _mark(slow, i) for i, t in enumerate(column)]
 
@@ -328,17 +334,23 @@ class _Parser:
         sizes_, nlinks_, uids_, gids_ = (_decimal_column(c, slow) for c in (sizes, nlinks, uids, gids))
         if b"".join(rdevs).translate(None, b"0") or min(map(len, rdevs)) == 0:
             mark(i for i, r in enumerate(rdevs) if r != b"0")
-        if b"".join(modes).translate(None, b"01234567") or min(map(len, modes)) == 0:
+        distinct = set(modes)  # a handful: each converted once
+        if b"".join(distinct).translate(None, b"01234567") or min(map(len, distinct)) == 0:
             modes_ = [int(m, 8) if m and not m.translate(None, b"01234567") else _mark(slow, i)
                       for i, m in enumerate(modes)]
         else:
-            modes_ = list(map(int, modes, repeat(8)))
+            modes_ = list(map({m: int(m, 8) for m in distinct}.__getitem__, modes))
         if max(modes_) > 0o177777:  # bits above st_mode: the reference cuts them to 32
             mark(i for i, m in enumerate(modes_) if m > 0o177777)
         # One regex pass checks that each line's MTIME alone is DIGITS.DIGITS; only then is
         # the joined column split at its '.'s (a count of them over the whole column would
         # let a line without a '.' and a line with two trade halves).
-        if _MTIMES.fullmatch(b"\n".join(mtimes) + b"\n") is not None:
+        distinct = set(mtimes)
+        if len(distinct) * 4 <= n and _MTIMES.fullmatch(b"\n".join(distinct) + b"\n") is not None:
+            # few distinct times (images made with one epoch): each converted once
+            secs = list(map({m: int(m.partition(b".")[0]) for m in distinct}.__getitem__, mtimes))
+            nsecs = list(map({m: int(m.partition(b".")[2]) for m in distinct}.__getitem__, mtimes))
+        elif _MTIMES.fullmatch(b"\n".join(mtimes) + b"\n") is not None:
             parts = b".".join(mtimes).split(b".")
             secs = list(map(int, parts[0::2]))
             nsecs = list(map(int, parts[1::2]))
