@@ -22,6 +22,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from itertools import chain, compress, repeat, zip_longest
+from operator import itemgetter
 
 from cfsc.backends.dumptext import BadEscape, unescape
 from cfsc.base import limits
@@ -56,6 +57,7 @@ def sniff(head: bytes) -> bool:
 
 
 BATCH = 8192
+_BAD_NAMES = frozenset((b"", b".", b".."))  # names the reference refuses (with the length rule)
 CACHE_LIMIT = 1 << 16
 MAX_EXTERNAL_SIZE = limits.MAX_EXTERNAL_SIZE
 
@@ -448,26 +450,30 @@ class _Parser:
         parent = None
         children: dict = {}
         key = b""
-        for i, path in enumerate(paths):
+        parts = list(map(bytes.rpartition, paths, repeat(b"/")))
+        names = list(map(itemgetter(2), parts))
+        if max(map(len, names)) > 255 or not _BAD_NAMES.isdisjoint(names):  # (rare) the reference says why
+            for i, name in enumerate(names):
+                if not name or len(name) > 255 or name == b"." or name == b"..":
+                    slow[i] = 1
+        is_dir = list(map(dir_modes.__contains__, modes_)) if dir_modes else repeat(False)
+        for i, (head, _slash, name), node, directory in zip(range(n), parts, nodes, is_dir):
             if slow[i]:
                 parse_line(batch[i], first + i)
                 last_head = None
                 continue
-            head, _slash, name = path.rpartition(b"/")
             if head != last_head:
                 last_head = head
                 key = dir_key(head)
                 parent = dirs.get(key)
                 if parent is not None:
                     children = parent.children  # type: ignore[assignment]
-            if (parent is None or not name or len(name) > 255 or name == b"." or name == b".."
-                    or name in children):
+            if parent is None or name in children:
                 parse_line(batch[i], first + i)
                 last_head = None
                 continue
-            node = nodes[i]
             children[name] = node
-            if modes_[i] in dir_modes:
+            if directory:
                 dirs[key + b"/" + name if key else name] = node
 
     def bad_integer(self, text: bytes, n: int, field: str, base: str = "a base-10") -> DumpfileError:
