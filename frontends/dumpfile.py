@@ -159,8 +159,8 @@ def _mark(slow: bytearray, i: int) -> int:
 def _decimal_column(column: tuple, slow: bytearray) -> list[int]:
     """Plain base-10 fields as ints; odd ones (signs, white space, huge) flagged slow.
 
-    A column of few distinct values (ids, link counts) converts each value once."""
-    distinct = set(column)
+    A column of few distinct values (ids, link counts; its head tells) converts each once."""
+    distinct = set(column) if len(set(column[:64])) * 4 <= min(64, len(column)) else column
     if len(distinct) * 4 <= len(column):
         if all(map(bytes.isdigit, distinct)) and max(map(len, distinct)) < 20:
             return list(map({t: int(t) for t in distinct}.__getitem__, column))
@@ -427,8 +427,7 @@ class _Parser:
                 else:
                     sizes_[i] = len(payload)
         cache = self.xattr_cache
-        xattrs_ = list(map(cache.get, sections, repeat(EMPTY))) if sections.count(b"") == n else \
-            list(map(cache.get, sections, repeat(None)))
+        xattrs_ = list(map(cache.get, sections, repeat(EMPTY if sections.count(b"") == n else None)))
         if None in xattrs_:
             for i, xattrs in enumerate(xattrs_):
                 if xattrs is None:
@@ -453,9 +452,7 @@ class _Parser:
         parts = list(map(bytes.rpartition, paths, repeat(b"/")))
         names = list(map(itemgetter(2), parts))
         if max(map(len, names)) > 255 or not _BAD_NAMES.isdisjoint(names):  # (rare) the reference says why
-            for i, name in enumerate(names):
-                if not name or len(name) > 255 or name == b"." or name == b"..":
-                    slow[i] = 1
+            mark(i for i, name in enumerate(names) if len(name) > 255 or name in _BAD_NAMES)
         is_dir = list(map(dir_modes.__contains__, modes_)) if dir_modes else repeat(False)
         for i, (head, _slash, name), node, directory in zip(range(n), parts, nodes, is_dir):
             if slow[i]:
