@@ -22,7 +22,6 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from itertools import chain, compress, repeat, zip_longest
-from operator import itemgetter
 
 from cfsc.backends.dumptext import BadEscape, unescape
 from cfsc.base import limits
@@ -57,7 +56,6 @@ def sniff(head: bytes) -> bool:
 
 
 BATCH = 8192
-_BAD_NAMES = frozenset((b"", b".", b".."))  # names the reference refuses (with the length rule)
 CACHE_LIMIT = 1 << 16
 MAX_EXTERNAL_SIZE = limits.MAX_EXTERNAL_SIZE
 
@@ -449,28 +447,26 @@ class _Parser:
         parent = None
         children: dict = {}
         key = b""
-        parts = list(map(bytes.rpartition, paths, repeat(b"/")))
-        names = list(map(itemgetter(2), parts))
-        if max(map(len, names)) > 255 or not _BAD_NAMES.isdisjoint(names):  # (rare) the reference says why
-            mark(i for i, name in enumerate(names) if len(name) > 255 or name in _BAD_NAMES)
-        is_dir = list(map(dir_modes.__contains__, modes_)) if dir_modes else repeat(False)
-        for i, (head, _slash, name), node, directory in zip(range(n), parts, nodes, is_dir):
+        for i, path in enumerate(paths):
             if slow[i]:
                 parse_line(batch[i], first + i)
                 last_head = None
                 continue
+            head, _slash, name = path.rpartition(b"/")
             if head != last_head:
                 last_head = head
                 key = dir_key(head)
                 parent = dirs.get(key)
                 if parent is not None:
                     children = parent.children  # type: ignore[assignment]
-            if parent is None or name in children:
+            if (parent is None or not name or len(name) > 255 or name == b"." or name == b".."
+                    or name in children):
                 parse_line(batch[i], first + i)
                 last_head = None
                 continue
+            node = nodes[i]
             children[name] = node
-            if directory:
+            if modes_[i] in dir_modes:
                 dirs[key + b"/" + name if key else name] = node
 
     def bad_integer(self, text: bytes, n: int, field: str, base: str = "a base-10") -> DumpfileError:

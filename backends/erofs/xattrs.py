@@ -10,11 +10,12 @@ redirect (`overlay.implied_xattrs`) are mostly unique per file: what is not shar
 is spliced into a cached layout instead of building a merged tuple per file.  The layout is
 that of the file's own tuple when neither is shared (nearly always), or of its tuple plus the
 metacopy when that is shared (files without a digest all carry the same empty metacopy; files
-of equal content the same digest), then only the redirect is spliced.  A shared redirect (files naming one object: real trees hold many copies of
-a file) comes with a shared metacopy nearly always (equal content, or no digest): the whole
-body is then references plus the tuple's own entries, cached per (tuple, digest, payload),
-which costs one entry per shared payload.  Anything else (a shared redirect with a metacopy
-of its own) takes the generic path over `image_xattrs(node)`, the reference, never cached.
+of equal content the same digest), then only the redirect is spliced.  A shared redirect
+(files naming one object: a real OS holds many copies of a file) comes with a shared metacopy
+nearly always (equal content, or no digest): the whole body is then references plus the
+tuple's own entries, cached per (tuple, digest, payload), one entry per shared payload.
+Anything else (a shared redirect with a metacopy of its own) takes the generic path over
+`image_xattrs(node)`, the reference, never cached.
 """
 
 from __future__ import annotations
