@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from itertools import chain, repeat
+from itertools import chain, compress, repeat, zip_longest
 
 from cfsc.backends.dumptext import BadEscape, unescape
 from cfsc.base import limits
@@ -157,8 +157,14 @@ def _mark(slow: bytearray, i: int) -> int:
 
 
 def _decimal_column(column: tuple, slow: bytearray) -> list[int]:
-    """Plain base-10 fields as ints; odd ones (signs, white space, huge) flagged slow."""
-    if all(map(bytes.isdigit, column)) and max(map(len, column)) < 20:
+    """Plain base-10 fields as ints; odd ones (signs, white space, huge) flagged slow.
+
+    A column of few distinct values (ids, link counts; its head tells) converts each once."""
+    distinct = set(column) if len(set(column[:64])) * 4 <= min(64, len(column)) else column
+    if len(distinct) * 4 <= len(column):
+        if all(map(bytes.isdigit, distinct)) and max(map(len, distinct)) < 20:
+            return list(map({t: int(t) for t in distinct}.__getitem__, column))
+    elif all(map(bytes.isdigit, column)) and max(map(len, column)) < 20:
         return list(map(int, column))
     return [int(t) if t.isdigit() and len(t) < 20 else _mark(slow, i) for i, t in enumerate(column)]
 
@@ -319,7 +325,11 @@ class _Parser:
             for i, line in enumerate(batch):
                 self.parse_line(line, first + i)
             return
-        paths, sizes, modes, nlinks, uids, gids, rdevs, mtimes, payloads, contents, digests = list(zip(*rows, strict=False))[:11]
+        # (rows have 11 or 12 fields: a missing xattr section reads as empty)
+        columns = list(zip_longest(*rows, fillvalue=b""))
+        if len(columns) == 11:
+            columns.append((b"",) * n)
+        paths, sizes, modes, nlinks, uids, gids, rdevs, mtimes, payloads, contents, digests, sections = columns
         slow = bytearray(n)
 
         def mark(indices) -> None:
@@ -329,17 +339,23 @@ class _Parser:
         sizes_, nlinks_, uids_, gids_ = (_decimal_column(c, slow) for c in (sizes, nlinks, uids, gids))
         if b"".join(rdevs).translate(None, b"0") or min(map(len, rdevs)) == 0:
             mark(i for i, r in enumerate(rdevs) if r != b"0")
-        if b"".join(modes).translate(None, b"01234567") or min(map(len, modes)) == 0:
+        distinct = set(modes)  # a handful: each converted once
+        if b"".join(distinct).translate(None, b"01234567") or min(map(len, distinct)) == 0:
             modes_ = [int(m, 8) if m and not m.translate(None, b"01234567") else _mark(slow, i)
                       for i, m in enumerate(modes)]
         else:
-            modes_ = list(map(int, modes, repeat(8)))
+            modes_ = list(map({m: int(m, 8) for m in distinct}.__getitem__, modes))
         if max(modes_) > 0o177777:  # bits above st_mode: the reference cuts them to 32
             mark(i for i, m in enumerate(modes_) if m > 0o177777)
         # One regex pass checks that each line's MTIME alone is DIGITS.DIGITS; only then is
         # the joined column split at its '.'s (a count of them over the whole column would
         # let a line without a '.' and a line with two trade halves).
-        if _MTIMES.fullmatch(b"\n".join(mtimes) + b"\n") is not None:
+        distinct = set(mtimes)
+        if len(distinct) * 4 <= n and _MTIMES.fullmatch(b"\n".join(distinct) + b"\n") is not None:
+            # few distinct times (images made with one epoch): each converted once
+            secs = list(map({m: int(m.partition(b".")[0]) for m in distinct}.__getitem__, mtimes))
+            nsecs = list(map({m: int(m.partition(b".")[2]) for m in distinct}.__getitem__, mtimes))
+        elif _MTIMES.fullmatch(b"\n".join(mtimes) + b"\n") is not None:
             parts = b".".join(mtimes).split(b".")
             secs = list(map(int, parts[0::2]))
             nsecs = list(map(int, parts[1::2]))
@@ -399,22 +415,22 @@ class _Parser:
                             digests_[i] = bytes.fromhex(d.decode("ascii"))
                         else:
                             slow[i] = 1
-        if dir_modes or link_modes:
+        # Only the lines of directories and symlinks are visited (their indices picked in C).
+        if dir_modes:
+            for i in compress(range(n), map(dir_modes.__contains__, modes_)):
+                if payloads_[i] is not None or digests_[i] is not None:
+                    slow[i] = 1
+        if link_modes:
             strict = self.strict
-            for i, m in enumerate(modes_):
-                if m in dir_modes:
-                    if payloads_[i] is not None or digests_[i] is not None:
-                        slow[i] = 1
-                elif m in link_modes:
-                    payload = payloads_[i]
-                    if (not payload or digests_[i] is not None
-                            or (strict and sizes_[i] != len(payload))):
-                        slow[i] = 1  # no target (`-` or empty), a digest, a SIZE strict refuses
-                    else:
-                        sizes_[i] = len(payload)
+            for i in compress(range(n), map(link_modes.__contains__, modes_)):
+                payload = payloads_[i]
+                if (not payload or digests_[i] is not None
+                        or (strict and sizes_[i] != len(payload))):
+                    slow[i] = 1  # no target (`-` or empty), a digest, a SIZE strict refuses
+                else:
+                    sizes_[i] = len(payload)
         cache = self.xattr_cache
-        sections = [row[11] if len(row) == 12 else b"" for row in rows]
-        xattrs_ = list(map(cache.get, sections, repeat(None)))
+        xattrs_ = list(map(cache.get, sections, repeat(EMPTY if sections.count(b"") == n else None)))
         if None in xattrs_:
             for i, xattrs in enumerate(xattrs_):
                 if xattrs is None:

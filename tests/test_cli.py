@@ -153,3 +153,56 @@ def test_tree_paths_in_errors_stay_one_readable_line():
 
     err = TreeError("too long", b"/a\nb\x00c\xffd\x1b[31m\xe2\x80\xa8", "x.tar")
     assert str(err) == "x.tar:/a\\nb\\x00c\\xffd\\x1b[31m\\u2028: too long"
+
+
+def _both_routes(args: list[str], cwd) -> list[tuple]:
+    """(exit code, stdout, stderr, files written) of `cfsc ARGS` run directly and through typer."""
+    import subprocess
+    import sys
+
+    results = []
+    for direct in (True, False):
+        for f in cwd.glob("out*"):
+            f.unlink()
+        p = subprocess.run([sys.executable, "-c", f"from cfsc.cli import main; main({args!r}, direct={direct})"],
+                           capture_output=True, cwd=cwd)
+        written = {f.name: f.read_bytes() for f in sorted(cwd.glob("out*"))}
+        results.append((p.returncode, p.stdout, p.stderr, written))
+    return results
+
+
+def test_direct_verbs_equal_typer_verbs(tmp_path):
+    """`cfsc.cli.direct` runs `compile` and `mkcomposefs` without typer when it knows every
+    argument; `main(direct=False)`, all through typer, is the reference: same exit code,
+    output, messages and files, for plain arguments, errors, and arguments it hands on."""
+    (tmp_path / "special.dump").write_bytes(SPECIAL)
+    (tmp_path / "bad.dump").write_bytes(b"/ 0 40755 2 0 0 0 0.0 - - -\n/x 0 0 1 0 0 0 0.0 - - -\n")
+    (tmp_path / "tree").mkdir()
+    (tmp_path / "tree" / "f").write_bytes(b"data")
+    cases = [
+        ["compile", "special.dump", "-o", "out.cfs"],
+        ["compile", "-o", "out.cfs", "special.dump", "--print-digest"],
+        ["compile", "special.dump", "--output", "out.cfs", "--print-digest-only"],
+        ["compile", "special.dump", "--print-digest-only"],
+        ["compile", "special.dump", "--out", "-"],
+        ["compile", "special.dump"],
+        ["compile", "special.dump", "-o"],
+        ["compile", "special.dump", "-o", "out1.cfs", "-o", "out2.cfs"],
+        ["compile", "bad.dump", "-o", "out.cfs"],
+        ["compile", "missing.dump", "-o", "out.cfs"],
+        ["compile", "special.dump", "tree", "-o", "out.cfs"],
+        ["compile", "tree", "-o", "out.cfs", "--max-version", "0"],
+        ["compile", "-o", "out.cfs"],
+        ["compile", "--bogus", "special.dump", "-o", "out.cfs"],
+        ["mkcomposefs", "--from-file", "special.dump", "out.cfs"],
+        ["mkcomposefs", "--print-digest", "--min-version=1", "tree", "out.cfs"],
+        ["mkcomposefs", "--from", "special.dump", "--print-digest-only"],
+        ["mkcomposefs", "--threads", "0", "tree", "out.cfs"],
+        ["mkcomposefs", "tree"],
+        ["mkcomposefs", "--bogus", "tree", "out.cfs"],
+        ["mkcomposefs", "--from-file", "bad.dump", "out.cfs"],
+        ["mkcomposefs"],
+    ]
+    for args in cases:
+        direct, reference = _both_routes(args, tmp_path)
+        assert direct == reference, args

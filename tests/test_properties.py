@@ -102,3 +102,47 @@ def test_spliced_xattr_bodies_equal_the_generic_ones(tree):
                                 struct.pack(f"<{len(layout.ids)}I", *[7 + r for r in layout.ids]), *layout.inline))
             assert encoder.body(node, True) == generic
             assert encoder.size(node, True) == len(generic)
+
+
+@SETTINGS
+@given(trees())
+def test_has_whiteout_equals_has_whiteout_walk(tree):
+    """`select_version` rules out whiteouts from the gathered modes of all children; the walk
+    over every home inode is the reference (hard-link entries and devices other than 0:0
+    must not count)."""
+    from cfsc.passes.select_version import has_whiteout, has_whiteout_walk
+
+    assert has_whiteout(tree) == has_whiteout_walk(tree)
+
+
+def test_shared_redirect_bodies_equal_the_generic_ones():
+    """Files naming one object (copies of a file) share their redirect; with their metacopy
+    shared too (no digest, or the same one) the encoder caches the whole body per (xattrs,
+    digest, payload), else it lays the file out afresh.  Both against the generic merge."""
+    from cfsc.backends.erofs.layout import EROFS_XATTR_IBODY_HEADER
+    from cfsc.backends.erofs.overlay import image_xattrs, is_external
+    from cfsc.backends.erofs.xattrs import XattrEncoder
+    from cfsc.base.tree import S_IFREG
+
+    root = Inode(S_IFDIR | 0o755)
+    label = ((b"security.selinux", b"system_u:object_r:bin_t:s0"),)
+    own = ((b"user.x", b"1"),)
+    digests = [None, b"\1" * 32, b"\2" * 32]
+    for i in range(24):
+        payload = b"ab/" + bytes([0x61 + i % 3]) * 62
+        xattrs = (label, own, (), label + (() if i % 5 else ((b"user.y", b"%d" % i),)))[i % 4]
+        digest = digests[i % 3] if i % 7 else b"%02d" % i + b"\0" * 30
+        root.add_child(b"f%02d" % i, Inode(S_IFREG | 0o644, size=100 + i, payload=payload, digest=digest,
+                                           xattrs=tuple(sorted(xattrs))))
+    compiled = run_passes(Tree(root), Options())
+    encoder = XattrEncoder(compiled.shared_xattrs)
+    assert encoder.shared_payloads and encoder.metacopies_shared
+    encoder.base = 5
+    for node in compiled.inodes:
+        if is_external(node):
+            layout = encoder._layout(image_xattrs(node))
+            generic = b"".join((EROFS_XATTR_IBODY_HEADER.pack(~layout.bits & 0xFFFFFFFF, len(layout.ids)),
+                                struct.pack(f"<{len(layout.ids)}I", *[5 + r for r in layout.ids]), *layout.inline))
+            assert encoder.body(node, True) == generic
+            assert encoder.size(node, True) == len(generic)
+    assert encoder.with_redirect  # the cached path was taken

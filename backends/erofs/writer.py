@@ -126,11 +126,21 @@ def _plan(tree: Tree, encoder: XattrEncoder) -> _Plan:
     inodes = tree.inodes
     assert inodes is not None and tree.shared_xattrs is not None, "run the pipeline before writing"
     plan = _Plan()
-    min_sec = min(n.mtime for n in inodes)
-    min_nsec = min(n.mtime_nsec for n in inodes if n.mtime == min_sec)
+    mtimes = [n.mtime for n in inodes]
+    min_sec = min(mtimes)
+    nsecs = [n.mtime_nsec for n in inodes]
+    same_sec = mtimes.count(min_sec) == len(inodes)
+    min_nsec = min(nsecs) if same_sec else min(n.mtime_nsec for n in inodes if n.mtime == min_sec)
     plan.min_mtime = (min_sec, min_nsec)
+    # Trees whose inodes all fit the compact layout (one time, small ids) skip the per-inode
+    # test but for a directory's computed size; the others take it whole.
+    all_compact = (same_sec and nsecs.count(min_nsec) == len(inodes)
+                   and max(n.nlink for n in inodes) <= 0xFFFF and max(n.uid for n in inodes) <= 0xFFFF
+                   and max(n.gid for n in inodes) <= 0xFFFF and max(n.size for n in inodes) <= 0xFFFFFFFF)
+    del mtimes, nsecs
     xattr_size = encoder.size
-    external_size = encoder.external_size if encoder.redirects_never_shared else None
+    external_size = encoder.external_size
+    own_size: dict[int, int] = {}  # id(xattr tuple) -> its body's size (the encoder keeps the tuple)
 
     n = len(inodes)
     nids = [0] * n
@@ -151,40 +161,53 @@ def _plan(tree: Tree, encoder: XattrEncoder) -> _Plan:
         if ftype == S_IFREG:
             if size > 0:
                 if node.content is None:  # `overlay.is_external`; a chunk index: one 4-byte null address per chunk
-                    xs = external_size(node) if external_size else xattr_size(node, True)
+                    xs = external_size(node)
                     bits = (size - 1).bit_length()  # chunks: the smallest power of two >= size
                     bits = min_bits if bits < min_bits else max_bits if bits > max_bits else bits
                     tail = (((size - 1) >> bits) + 1) * map_entry
                 else:
-                    xs = xattr_size(node, False)
+                    xs = own_size.get(id(node.xattrs))
+                    if xs is None:
+                        xs = own_size[id(node.xattrs)] = xattr_size(node, False)
                     n_blocks, tail = divmod(size, BLK)
                     if tail > INLINE_TAIL_MAX:
                         n_blocks += 1
                         tail = 0
             else:
-                xs = xattr_size(node, False)
+                xs = own_size.get(id(node.xattrs))
+                if xs is None:
+                    xs = own_size[id(node.xattrs)] = xattr_size(node, False)
         else:
-            xs = xattr_size(node, False)
+            xs = own_size.get(id(node.xattrs))
+            if xs is None:
+                xs = own_size[id(node.xattrs)] = xattr_size(node, False)
             if ftype == S_IFDIR:
                 links = node.links
                 for name, child in node.children.items():  # type: ignore[union-attr]
                     if child.children is not None and (links is None or name not in links):
                         parents[id(child)] = node
                 names, targets = _dir_entries(node, parents[id(node)])
-                starts = _dir_chunks(names)
+                tail = dirent * len(names) + sum(map(len, names))
+                if tail <= BLK:  # one chunk (what `_dir_chunks` finds, without its walk)
+                    starts = [0, len(names)]
+                else:
+                    starts = _dir_chunks(names)
+                    last = starts[-2]
+                    tail = dirent * (len(names) - last) + sum(map(len, names[last:]))
                 dirs[i] = (names, targets, starts)
                 n_blocks = len(starts) - 2
-                last = starts[-2]
-                tail = dirent * (len(names) - last) + sum(map(len, names[last:]))
                 if tail > INLINE_TAIL_MAX:
                     n_blocks += 1
                     tail = 0
                 size = n_blocks * BLK + tail
             elif ftype == S_IFLNK:
                 tail = len(node.payload)  # type: ignore[arg-type]
-        is_compact = (node.mtime == min_sec and node.mtime_nsec == min_nsec
-                      and node.nlink <= 0xFFFF and node.uid <= 0xFFFF and node.gid <= 0xFFFF
-                      and size <= 0xFFFFFFFF)
+        if all_compact:
+            is_compact = size <= 0xFFFFFFFF
+        else:
+            is_compact = (node.mtime == min_sec and node.mtime_nsec == min_nsec
+                          and node.nlink <= 0xFFFF and node.uid <= 0xFFFF and node.gid <= 0xFFFF
+                          and size <= 0xFFFFFFFF)
         isz = compact_size if is_compact else extended_size
         pos = (pos + slot_mask) & ~slot_mask
         if ftype == S_IFLNK:
@@ -257,7 +280,8 @@ def write_image(tree: Tree, out: BinaryIO) -> None:
     tails = plan.tails
     dirs = plan.dirs
     xattr_body = encoder.body
-    external_body = encoder.external_body if encoder.redirects_never_shared else None
+    external_body = encoder.external_body
+    own_body: dict[int, bytes] = {}  # id(xattr tuple) -> its body (the encoder keeps the tuple)
     append = parts.append
     min_bits, max_bits = EROFS_BLKSIZ_BITS, _MAX_CHUNK_BITS
     dirent, ibody, align, slot_bits = _DIRENT, _IBODY, EROFS_XATTR_ALIGN, EROFS_ISLOTBITS
@@ -327,7 +351,12 @@ def write_image(tree: Tree, out: BinaryIO) -> None:
             size = 0
             if ftype == S_IFCHR or ftype == S_IFBLK:
                 i_u = node.rdev & 0xFFFFFFFF
-        body = external_body(node) if external and external_body else xattr_body(node, external)
+        if external:
+            body = external_body(node)
+        else:
+            body = own_body.get(id(node.xattrs))
+            if body is None:
+                body = own_body[id(node.xattrs)] = xattr_body(node, False)
         icount = (len(body) - ibody) // align + 1 if body else 0  # (layout.xattr_ibody_size, inverted)
         if compact[i]:
             record = _pack_compact(layout << layout_bit, icount, mode & 0xFFFF, node.nlink, size, i_u,

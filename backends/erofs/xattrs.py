@@ -10,9 +10,12 @@ redirect (`overlay.implied_xattrs`) are mostly unique per file: what is not shar
 is spliced into a cached layout instead of building a merged tuple per file.  The layout is
 that of the file's own tuple when neither is shared (nearly always), or of its tuple plus the
 metacopy when that is shared (files without a digest all carry the same empty metacopy; files
-of equal content the same digest), then only the redirect is spliced.  A shared redirect (two
-files naming one object) takes the generic path over `image_xattrs(node)`, the reference,
-which is never cached: those tuples are per file, and a million of them cost gigabytes.
+of equal content the same digest), then only the redirect is spliced.  A shared redirect
+(files naming one object: a real OS holds many copies of a file) comes with a shared metacopy
+nearly always (equal content, or no digest): the whole body is then references plus the
+tuple's own entries, cached per (tuple, digest, payload), one entry per shared payload.
+Anything else (a shared redirect with a metacopy of its own) takes the generic path over
+`image_xattrs(node)`, the reference, never cached.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from cfsc.backends.erofs.overlay import (
     image_xattrs,
     metacopy_digest,
     metacopy_xattr,
+    redirect_xattr,
 )
 from cfsc.base.fsverity import DIGEST_SIZE
 from cfsc.base.tree import Inode
@@ -135,6 +139,8 @@ class XattrEncoder:
         self.layouts: dict[int, tuple[tuple, _Layout]] = {}
         # (id(own tuple), digest or None) -> (own tuple, layout of it plus its shared metacopy)
         self.with_metacopy: dict[tuple[int, bytes | None], tuple[tuple, _Layout]] = {}
+        # (id(own tuple), digest or None, payload) -> (own tuple, layout with both implied shared)
+        self.with_redirect: dict[tuple[int, bytes | None, bytes], tuple[tuple, _Layout]] = {}
         self.base = 0  # (inodes_end % block) / 4, set before bodies are built
 
     def key(self, key: bytes) -> tuple[int, bytes, int]:
@@ -173,12 +179,6 @@ class XattrEncoder:
         return _Layout(_IBODY + EROFS_XATTR_ALIGN * len(ids) + sum(map(len, inline)), bits, ids, inline,
                        bisect_left(keys, METACOPY), bisect_left(keys, REDIRECT))
 
-    @property
-    def redirects_never_shared(self) -> bool:
-        """True when no two files name one object: every external file takes the splicing
-        hot path (`external_size`, `external_body`)."""
-        return not self.shared_payloads
-
     def _meta_layout(self, node: Inode) -> _Layout | None:
         """The layout holding a file's shared metacopy (None: its metacopy is not shared)."""
         digest = node.digest
@@ -191,8 +191,26 @@ class XattrEncoder:
             hit = self.with_metacopy[key] = (node.xattrs, self.layout(merged))
         return hit[1]
 
+    def _redirect_layout(self, node: Inode) -> _Layout | None:
+        """The layout of a file whose redirect is shared, when its metacopy is shared too
+        (None: it is not): no implied entry is inline, so the whole body is cached."""
+        digest = node.digest
+        if not (self.empty_metacopy_shared if digest is None else digest in self.shared_digests):
+            return None
+        payload = node.payload
+        key = (id(node.xattrs), digest, payload)
+        hit = self.with_redirect.get(key)
+        if hit is None:
+            merged = tuple(sorted(node.xattrs + (metacopy_xattr(digest), redirect_xattr(payload))))  # type: ignore[arg-type]
+            hit = self.with_redirect[key] = (node.xattrs, self.layout(merged))
+        return hit[1]
+
     def external_size(self, node: Inode) -> int:
-        """`size(node, True)` when the file's redirect is not shared (the hot path)."""
+        """`size(node, True)`, through the cached layouts (the hot path)."""
+        payload = node.payload
+        if payload in self.shared_payloads:
+            layout = self._redirect_layout(node)
+            return (layout or self._layout(image_xattrs(node))).size
         layout = self._meta_layout(node) if self.metacopies_shared else None
         if layout is not None:
             size = layout.size
@@ -200,11 +218,15 @@ class XattrEncoder:
             hit = self.layouts.get(id(node.xattrs))
             size = (hit[1] if hit is not None else self.layout(node.xattrs)).size
             size += 24 + len(node.digest) if node.digest is not None else 20
-        payload = node.payload
         return size + ((24 + len(payload)) & ~3) if payload else size
 
     def external_body(self, node: Inode) -> bytes:
-        """`body(node, True)` when the file's redirect is not shared (the hot path)."""
+        """`body(node, True)`, spliced into or taken from the cached layouts (the hot path)."""
+        if node.payload in self.shared_payloads:
+            layout = self._redirect_layout(node)
+            if layout is None:
+                return self._generic_body(node)
+            return self._whole_body(layout)
         if self.metacopies_shared:
             layout = self._meta_layout(node)
             if layout is not None:
@@ -241,10 +263,7 @@ class XattrEncoder:
                 return 0
             hit = self.layouts.get(id(xattrs))
             return (hit[1] if hit is not None else self.layout(xattrs)).size
-        payload = node.payload
-        if not (payload and payload in self.shared_payloads):
-            return self.external_size(node)
-        return self._layout(image_xattrs(node)).size
+        return self.external_size(node)
 
     def _ids_bytes(self, layout: _Layout) -> bytes:
         if layout.ids and not layout.ids_bytes:
@@ -255,32 +274,33 @@ class XattrEncoder:
     def body(self, node: Inode, external: bool) -> bytes:
         """The inode's xattr body (b"" if none); call after `base` is set."""
         if external:
-            payload = node.payload
-            if not (payload and payload in self.shared_payloads):
-                return self.external_body(node)
-            layout = self._layout(image_xattrs(node))  # one file's own: not cached
-            return b"".join((_pack_ibody(~layout.bits & 0xFFFFFFFF, len(layout.ids)),
-                             self._ids_bytes(layout), *layout.inline))
+            return self.external_body(node)
         xattrs = node.xattrs
         if not xattrs:
             return b""
         hit = self.layouts.get(id(xattrs))
-        layout = hit[1] if hit is not None else self.layout(xattrs)
+        return self._whole_body(hit[1] if hit is not None else self.layout(xattrs))
+
+    def _whole_body(self, layout: _Layout) -> bytes:
+        """The body of a layout with nothing spliced in (cached on it)."""
         body = layout.body
         if body is None:
             body = layout.body = b"".join((_pack_ibody(~layout.bits & 0xFFFFFFFF, len(layout.ids)),
                                            self._ids_bytes(layout), *layout.inline))
         return body
 
+    def _generic_body(self, node: Inode) -> bytes:
+        """The reference: the body of `image_xattrs(node)`, laid out afresh (not cached: the
+        merged tuple is the file's own)."""
+        layout = self._layout(image_xattrs(node))
+        return b"".join((_pack_ibody(~layout.bits & 0xFFFFFFFF, len(layout.ids)),
+                         self._ids_bytes(layout), *layout.inline))
+
     def _redirect_spliced(self, node: Inode, layout: _Layout) -> bytes:
         """The body of `layout` (which holds the metacopy) with the file's redirect spliced in."""
         payload = node.payload
         if not payload:
-            body = layout.body
-            if body is None:
-                body = layout.body = b"".join((_pack_ibody(~layout.bits & 0xFFFFFFFF, len(layout.ids)),
-                                               self._ids_bytes(layout), *layout.inline))
-            return body
+            return self._whole_body(layout)
         head = layout.redirect_head
         if head is None:
             head = layout.redirect_head = (_pack_ibody(~(layout.bits | _REDIR_BIT) & 0xFFFFFFFF, len(layout.ids))

@@ -7,6 +7,10 @@ Each command parses options, calls the same public functions a library user woul
 prints.  Errors are one line on stderr (`error: WHERE: WHAT`), exit 2 for bad input and 1
 for "differs"; `--traceback` shows the whole story.  The environment (CFS_PARSE_STRICT,
 SOURCE_DATE_EPOCH) is read here and nowhere below.
+
+Start-up: typer (with click, ~30 ms) is imported only when a verb needs it; the verbs
+`cfsc.cli.direct` runs on plain arguments (`compile SRC… -o IMAGE`, the `mkcomposefs`
+drop-in) never load it.  `app` is made on first use (`cfsc.cli.app` still works).
 """
 
 from __future__ import annotations
@@ -14,35 +18,72 @@ from __future__ import annotations
 import functools
 import signal
 import sys
-import traceback as _traceback
 
-import typer
 from cfsc.base.errors import CfscError, UsageError
 
-app = typer.Typer(
-    add_completion=False,
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    context_settings={"help_option_names": ["-h", "--help"]},
-    help="cfsc: a declarative compiler for composefs images (byte-identical with mkcomposefs 1.0.8).",
-)
-
 _state = {"traceback": False}
+_made: dict = {}  # "app" -> the typer app, made on first use
 
 
-@app.callback()
-def _main_options(
-    traceback: bool = typer.Option(False, "--traceback", help="Show a full traceback on errors."),
-) -> None:
-    _state["traceback"] = traceback
+def _app():
+    app = _made.get("app")
+    if app is None:
+        import typer
+
+        app = _made["app"] = typer.Typer(
+            add_completion=False,
+            no_args_is_help=True,
+            pretty_exceptions_enable=False,
+            context_settings={"help_option_names": ["-h", "--help"]},
+            help="cfsc: a declarative compiler for composefs images (byte-identical with mkcomposefs 1.0.8).",
+        )
+
+        @app.callback()
+        def _main_options(
+            traceback: bool = typer.Option(False, "--traceback", help="Show a full traceback on errors."),
+        ) -> None:
+            _state["traceback"] = traceback
+
+    return app
+
+
+def __getattr__(name: str):
+    if name == "app":
+        return _app()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def report(err: BaseException, code: int) -> int:
+    """Print an error as one line per problem (the traceback too with --traceback); `code`."""
+    if _state["traceback"]:
+        import traceback
+
+        traceback.print_exception(err)
+    for line in str(err).splitlines() or [""]:  # several problems: one line each
+        print(f"error: {line}", file=sys.stderr)
+    return code
 
 
 def fail(err: BaseException, code: int) -> None:
-    if _state["traceback"]:
-        _traceback.print_exception(err)
-    for line in str(err).splitlines() or [""]:  # several problems: one line each
-        print(f"error: {line}", file=sys.stderr)
-    raise typer.Exit(code)
+    import typer
+
+    raise typer.Exit(report(err, code))
+
+
+def guarded(func, *a, **kw) -> int | None:
+    """Run a verb: None when it returns, else the exit code its error maps to (reported)."""
+    try:
+        func(*a, **kw)
+        return None
+    except CfscError as e:
+        return report(e, e.exit_code)
+    except Terminated:
+        return _report_terminated()
+    except BrokenPipeError:
+        sys.stderr.close()
+        return 1
+    except OSError as e:
+        return report(e, 1)
 
 
 def command(*args, **kwargs):
@@ -51,19 +92,13 @@ def command(*args, **kwargs):
     def wrap(func):
         @functools.wraps(func)
         def run(*a, **kw):
-            try:
-                return func(*a, **kw)
-            except CfscError as e:
-                fail(e, e.exit_code)
-            except Terminated:
-                raise typer.Exit(_report_terminated()) from None
-            except BrokenPipeError:
-                sys.stderr.close()
-                raise typer.Exit(1) from None
-            except OSError as e:
-                fail(e, 1)
+            code = guarded(func, *a, **kw)
+            if code is not None:
+                import typer
 
-        return app.command(*args, **kwargs)(run)
+                raise typer.Exit(code)
+
+        return _app().command(*args, **kwargs)(run)
 
     return wrap
 
@@ -133,19 +168,31 @@ COMMANDS = {
 }
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, direct: bool = True) -> None:
+    """The `cfsc` command.  `direct=False` sends every verb through typer (tests compare)."""
     import importlib
 
     args = sys.argv[1:] if argv is None else argv
+    # Only where SIGTERM would kill us outright: a caller that ignores it keeps it ignored,
+    # and the FUSE server installs its own handlers (it unmounts on SIGTERM).
+    if direct and args and args[0] in ("compile", "mkcomposefs"):
+        if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, _terminated)
+        try:
+            from cfsc.cli.direct import run
+
+            code = run(args)
+        except Terminated:  # outside the verb (importing, exiting)
+            sys.exit(_report_terminated())
+        if code is not None:
+            sys.exit(code)
     wanted = next((a for a in args if not a.startswith("-")), None)
     modules = {COMMANDS[wanted]} if wanted in COMMANDS else sorted(set(COMMANDS.values()))
     for name in modules:
         importlib.import_module(f"{__name__}.{name}")
-    # Only where SIGTERM would kill us outright: a caller that ignores it keeps it ignored,
-    # and the FUSE server installs its own handlers (it unmounts on SIGTERM).
     if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
         signal.signal(signal.SIGTERM, _terminated)
     try:
-        app(args=args, prog_name="cfsc")
+        _app()(args=args, prog_name="cfsc")
     except Terminated:  # outside a command (parsing options, exiting)
         sys.exit(_report_terminated())

@@ -5,11 +5,11 @@ from __future__ import annotations
 import sys
 
 import typer
-from cfsc import build
-from cfsc.base.errors import CfscError, UsageError
+from cfsc.base.errors import CfscError
 from cfsc.base.fsverity import algorithm_named, digest_file
 from cfsc.base.options import Options
-from cfsc.cli import command, digest_line
+from cfsc.cli import command
+from cfsc.cli.direct import compile_sources
 from cfsc.cli.sources import FROM, some_source_options, source_options
 
 
@@ -25,15 +25,7 @@ def compile_cmd(
     options: Options,
 ) -> None:
     """Compile a source into a composefs image."""
-    if output is None and not print_digest_only:
-        raise UsageError("no output: give -o IMAGE (or --print-digest-only)")
-    if output is not None and print_digest_only:
-        raise UsageError("--print-digest-only writes no image: drop -o")
-    options.progress = sys.stderr.isatty()
-    digest = build.compile_image(sources, output, options, source_format,
-                                 want_digest=print_digest or print_digest_only)
-    if digest is not None:
-        digest_line(digest)
+    compile_sources(sources, output, options, source_format, print_digest, print_digest_only)
 
 
 @command("measure")

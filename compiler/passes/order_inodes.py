@@ -25,7 +25,9 @@ def order_inodes(tree: Tree, options: Options) -> Tree:
         children = node.children
         if children:
             if len(children) > 1:
-                children = node.children = dict(sorted(children.items(), key=_name))
+                names = sorted(children)  # (bytewise; most inputs come sorted already)
+                if names != list(children):
+                    children = node.children = {name: children[name] for name in names}
             links = node.links
             if links is None:
                 extend(children.values())
@@ -35,7 +37,3 @@ def order_inodes(tree: Tree, options: Options) -> Tree:
                         append(child)
     tree.inodes = inodes
     return tree
-
-
-def _name(item: tuple) -> bytes:
-    return item[0]
