@@ -32,11 +32,12 @@ from __future__ import annotations
 import collections
 import errno
 import os
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from cfsc.base.beneath import NotRegular, open_listed
 from cfsc.base.errors import InputError, UsageError
-from cfsc.base.fsverity import digest_bytes, hash_fd, payload_path
+from cfsc.base.fsverity import digest_bytes, hash_fd, hash_pool, payload_path
 from cfsc.base.limits import INLINE_MAX
 from cfsc.base.options import Options
 from cfsc.base.progress import Progress, mib
@@ -46,7 +47,7 @@ from cfsc.store.objects import Store, loaded, open_store
 O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 U32 = 0xFFFFFFFF
 NS = 1_000_000_000
-SMALL_READ = 1 << 20  # files up to this size are read with one call
+WHOLE_READ = 8 << 20  # files smaller than this are read with one call into a reused buffer
 BATCH_FILES = 32  # files per pool task: amortises the executor's per-task cost
 MAX_OPEN_DIRS = 256  # wait for reads to finish before holding more directories open
 
@@ -96,6 +97,7 @@ class _Scanner:
         self.entries = self.files = self.files_done = 0
         self.bytes_done = 0
         self.proc = os.path.isdir("/proc/self/fd")  # else xattrs are read by full path
+        self.local = threading.local()  # per worker: its read buffer
 
     # -- errors -----------------------------------------------------------------------------
 
@@ -352,26 +354,26 @@ class _Scanner:
                 return
             content = None
             store = self.store
-            if store is not None and size > INLINE_MAX and store.expects_new():
-                # Copy first, hash the copy: the digest names exactly the bytes stored.
-                digest = store.import_fd(fd, None, self.where(job.path))
-                store = None
-            elif size <= SMALL_READ:
-                data = os.read(fd, size + 1)
-                if len(data) != size:
-                    data += self.read_rest(fd, size + 1 - len(data))
-                if len(data) != size:
-                    raise self.changed(job.path, "modified (its size changed)")
+            buf = self.buffer()
+            if size < len(buf):
+                # The whole file in one read (one byte more tells it grew) into this thread's
+                # buffer: hashed there, and copied from there into the store if it is missing.
+                data = self.read_whole(fd, buf, size, job)
                 digest = digest_bytes(data)
                 if size <= INLINE_MAX:
-                    content = data
+                    content = bytes(data)
+                elif store is not None:
+                    store.import_bytes(data, digest)
+            elif store is not None and store.expects_new():
+                # Copy first, hash the copy: the digest names exactly the bytes stored.
+                digest = store.import_fd(fd, None, self.where(job.path))
             else:
                 digest = self.digest_large(fd, job)
+                if store is not None:
+                    store.import_fd(fd, digest, self.where(job.path))
             after = os.fstat(fd)
             if after.st_size != size or after.st_mtime_ns != st.st_mtime_ns:
                 raise self.changed(job.path, "modified")
-            if store is not None and content is None:
-                store.import_fd(fd, digest, self.where(job.path))
         except OSError as e:
             raise self.os_error(e, job.path, "read") from None
         finally:
@@ -394,19 +396,29 @@ class _Scanner:
         if self.options.hardlinks and st.st_nlink > 1:
             self.multi.append(((st.st_dev, st.st_ino), job.path, job.parent, job.name, job.node))
 
-    @staticmethod
-    def read_rest(fd: int, limit: int) -> bytes:
-        parts = []
-        while limit > 0:
-            part = os.read(fd, limit)
-            if not part:
+    def buffer(self) -> bytearray:
+        """This worker thread's read buffer (made once: a fresh one per file would fault in
+        its pages again every time)."""
+        buf = getattr(self.local, "buf", None)
+        if buf is None:
+            buf = self.local.buf = bytearray(WHOLE_READ)
+        return buf
+
+    def read_whole(self, fd: int, buf: bytearray, size: int, job: _File) -> memoryview:
+        """The file's `size` bytes, read into `buf` (which is larger)."""
+        mv = memoryview(buf)[:size + 1]
+        got = 0
+        while got <= size:
+            n = os.readv(fd, [mv[got:]])
+            if not n:
                 break
-            parts.append(part)
-            limit -= len(part)
-        return b"".join(parts)
+            got += n
+        if got != size:
+            raise self.changed(job.path, "modified (its size changed)")
+        return mv[:size]
 
     def digest_large(self, fd: int, job: _File) -> bytes:
-        digest, size = hash_fd(fd)
+        digest, size = hash_fd(fd, pool=hash_pool())  # its chunks hashed on every core
         if size != job.size:
             raise self.changed(job.path, "modified (its size changed)")
         return digest
