@@ -23,6 +23,7 @@ from concurrent.futures import Executor, Future, ThreadPoolExecutor
 BLOCK_SIZE = 4096
 DIGEST_SIZE = 32
 _HASHES_PER_BLOCK = BLOCK_SIZE // DIGEST_SIZE
+_ONE_LEVEL = BLOCK_SIZE * _HASHES_PER_BLOCK  # files up to this size have a two-level tree
 _ZERO_BLOCK = bytes(BLOCK_SIZE)
 _READ_CHUNK = 1 << 20
 _POOL_CHUNK = 4 << 20  # level 0 of this much per pool task: ~3 ms of hashing
@@ -50,7 +51,9 @@ def block_hashes(data: bytes | bytearray | memoryview) -> bytes:
     concatenated.  Level 0 of a file is nearly all of its hashing work: one comprehension per
     chunk keeps the per-block Python work to a slice and a call, and hashlib hashes each block
     with the GIL released, so threads hashing different chunks run on different cores."""
-    mv = memoryview(data).cast("B")
+    mv = memoryview(data)
+    if mv.format != "B" or mv.ndim != 1:
+        mv = mv.cast("B")
     n = len(mv)
     full = n - n % BLOCK_SIZE
     sha = _SHA
@@ -172,7 +175,10 @@ def digest_bytes(data: bytes | bytearray | memoryview) -> bytes:
     n = len(data)
     if 0 < n <= BLOCK_SIZE:  # the common small file: its one block is the root
         return descriptor_digest(_SHA(bytes(data) + _ZERO_BLOCK[n:]).digest(), n)
-    return descriptor_digest(root_of_level0(block_hashes(data)), n)
+    hashes = block_hashes(data)
+    if n <= _ONE_LEVEL:  # level 0 fills one block at most: its hash is the root
+        return descriptor_digest(_SHA(hashes + _ZERO_BLOCK[len(hashes):]).digest(), n)
+    return descriptor_digest(root_of_level0(hashes), n)
 
 
 def reference_digest(data: bytes) -> bytes:
