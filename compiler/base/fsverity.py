@@ -175,6 +175,8 @@ def digest_bytes(data: bytes | bytearray | memoryview) -> bytes:
     n = len(data)
     if 0 < n <= BLOCK_SIZE:  # the common small file: its one block is the root
         return descriptor_digest(_SHA(bytes(data) + _ZERO_BLOCK[n:]).digest(), n)
+    if not n:
+        return descriptor_digest(bytes(DIGEST_SIZE), 0)  # the kernel's all-zero root
     hashes = block_hashes(data)
     if n <= _ONE_LEVEL:  # level 0 fills one block at most: its hash is the root
         return descriptor_digest(_SHA(hashes + _ZERO_BLOCK[len(hashes):]).digest(), n)
