@@ -22,9 +22,12 @@ Speed: the scanning thread lists directories and stats what is not a regular fil
 d_type tells); a thread pool (`threads`) opens, stats, reads, hashes and copies regular files
 in batches while the scan goes on (hashlib releases the GIL).  Directory descriptors are
 reference-counted so a directory stays open only while it has subdirectories to open or files
-to read.  Identical xattr sets are interned.  With a store, a file is copied first and the
-copy hashed while the store keeps missing objects (one pass over the data fewer), and hashed
-first, then copied only if missing, once objects tend to be there (`Store.expects_new`).
+to read.  Identical xattr sets are interned.  A file under `WHOLE_READ` is read once, into
+its worker's reused buffer, hashed there and, with a store that lacks it, written into the
+store from there: one read in every store mode.  A bigger file is streamed through the shared
+hashing pool (`fsverity.hash_pool`), its chunks hashed on every core; with a store, it is
+copied first and the copy hashed while the store keeps missing objects, and hashed first, then
+copied only if missing, once objects tend to be there (`Store.expects_new`).
 """
 
 from __future__ import annotations

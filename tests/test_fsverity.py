@@ -71,7 +71,7 @@ POOL = ThreadPoolExecutor(2)
 
 @settings(max_examples=40, deadline=None)
 @given(size=SIZES_ANY, seed=st.integers(0, 2**32), step=st.integers(1, 3 << 20))
-def test_fast_paths_equal_the_reference(size, seed, step, tmp_path_factory):
+def test_block_hashes_and_pooled_hash_fd_equal_reference_digest(size, seed, step, tmp_path_factory):
     """block_hashes/digest_bytes, the incremental hasher with any chunking, and hash_fd
     sequential and pooled (files, pipes, with a copy written on the way) against the plain
     sequential Merkle tree."""
