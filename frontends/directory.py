@@ -35,6 +35,7 @@ from __future__ import annotations
 import collections
 import errno
 import os
+import sys
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -52,6 +53,7 @@ U32 = 0xFFFFFFFF
 NS = 1_000_000_000
 WHOLE_READ = 8 << 20  # files smaller than this are read with one call into a reused buffer
 BATCH_FILES = 32  # files per pool task: amortises the executor's per-task cost
+SWITCH_INTERVAL = 0.0005  # seconds (sys.setswitchinterval) while the scan and the workers run
 MAX_OPEN_DIRS = 256  # wait for reads to finish before holding more directories open
 
 
@@ -136,6 +138,11 @@ class _Scanner:
                 raise
         pool = ThreadPoolExecutor(self.threads, thread_name_prefix="cfsc-read")
         self.pool = pool
+        # A worker ends a 4 KiB block's hash every few microseconds and needs the GIL back;
+        # while the scan holds it, it waits up to the switch interval (5 ms by default), so the
+        # hashing would mostly not overlap the scan.
+        switch = sys.getswitchinterval()
+        sys.setswitchinterval(min(switch, SWITCH_INTERVAL))
         try:
             root = self.inode(os.fstat(fd))
             self.walk(fd, root)
@@ -154,6 +161,7 @@ class _Scanner:
                 self.store.close()
             raise
         finally:
+            sys.setswitchinterval(switch)
             self.progress.close()
         pool.shutdown(wait=True)
         self.finish_links()
