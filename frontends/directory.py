@@ -35,13 +35,12 @@ from __future__ import annotations
 import collections
 import errno
 import os
-import sys
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from cfsc.base.beneath import NotRegular, open_listed
 from cfsc.base.errors import InputError, UsageError
-from cfsc.base.fsverity import digest_bytes, hash_fd, hash_pool, payload_path
+from cfsc.base.fsverity import digest_bytes, hash_fd, hash_pool, payload_path, short_gil_switches
 from cfsc.base.limits import INLINE_MAX
 from cfsc.base.options import Options
 from cfsc.base.progress import Progress, mib
@@ -53,7 +52,6 @@ U32 = 0xFFFFFFFF
 NS = 1_000_000_000
 WHOLE_READ = 8 << 20  # files smaller than this are read with one call into a reused buffer
 BATCH_FILES = 32  # files per pool task: amortises the executor's per-task cost
-SWITCH_INTERVAL = 0.0005  # seconds (sys.setswitchinterval) while the scan and the workers run
 MAX_OPEN_DIRS = 256  # wait for reads to finish before holding more directories open
 
 
@@ -138,17 +136,13 @@ class _Scanner:
                 raise
         pool = ThreadPoolExecutor(self.threads, thread_name_prefix="cfsc-read")
         self.pool = pool
-        # A worker ends a 4 KiB block's hash every few microseconds and needs the GIL back;
-        # while the scan holds it, it waits up to the switch interval (5 ms by default), so the
-        # hashing would mostly not overlap the scan.
-        switch = sys.getswitchinterval()
-        sys.setswitchinterval(min(switch, SWITCH_INTERVAL))
         try:
-            root = self.inode(os.fstat(fd))
-            self.walk(fd, root)
-            self.flush()
-            while self.inflight:
-                self.reap()
+            with short_gil_switches():  # the workers' hashing overlaps the scan
+                root = self.inode(os.fstat(fd))
+                self.walk(fd, root)
+                self.flush()
+                while self.inflight:
+                    self.reap()
             if self.store is not None:
                 loaded(self.store, self.options)
         except BaseException:
@@ -161,7 +155,6 @@ class _Scanner:
                 self.store.close()
             raise
         finally:
-            sys.setswitchinterval(switch)
             self.progress.close()
         pool.shutdown(wait=True)
         self.finish_links()

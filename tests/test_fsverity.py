@@ -123,3 +123,13 @@ def test_update_hashes_refuses_misaligned_input():
 
 def test_the_shared_pool_is_one_pool():
     assert fsverity.hash_pool() is fsverity.hash_pool()
+
+
+def test_short_gil_switches_restores_the_interval():
+    import sys
+
+    before = sys.getswitchinterval()
+    with pytest.raises(KeyError), fsverity.short_gil_switches():
+        assert sys.getswitchinterval() == min(before, fsverity.SWITCH_INTERVAL)
+        raise KeyError
+    assert sys.getswitchinterval() == before

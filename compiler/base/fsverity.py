@@ -17,12 +17,15 @@ The empty file follows the kernel and the `fsverity` tool: its root hash is all 
 from __future__ import annotations
 
 import collections
+import contextlib
 import errno
 import fcntl
 import hashlib
 import os
 import struct
+import sys
 import threading
+from collections.abc import Iterator
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 
 BLOCK_SIZE = 4096
@@ -33,6 +36,7 @@ _ZERO_BLOCK = bytes(BLOCK_SIZE)
 _READ_CHUNK = 1 << 20
 _POOL_CHUNK = 4 << 20  # level 0 of this much per pool task: ~3 ms of hashing
 _POOL_AHEAD = 4  # chunks read ahead of the one being folded
+SWITCH_INTERVAL = 0.0005  # seconds: `short_gil_switches`
 # The hash algorithm: one hashlib constructor (SHA-256 is the only one fs-verity composefs uses).
 _SHA = hashlib.sha256
 _pool: Executor | None = None
@@ -307,6 +311,20 @@ def _fill(fd: int, buf: bytearray, offset: int | None) -> int:
 def _write_all(fd: int, data: memoryview) -> None:
     while data:
         data = data[os.write(fd, data):]
+
+
+@contextlib.contextmanager
+def short_gil_switches() -> Iterator[None]:
+    """While threads hash in 4 KiB calls beside a thread busy in Python (a scan, a parser): a
+    0.5 ms GIL switch interval instead of 5 ms.  A hashing thread needs the GIL back after
+    every block, and waits up to the interval for it; at 5 ms the hashing hardly overlapped
+    the Python work (a directory compile, a tar layer: 15-25% less wall time here)."""
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(min(switch, SWITCH_INTERVAL))
+    try:
+        yield
+    finally:
+        sys.setswitchinterval(switch)
 
 
 def hash_pool() -> Executor:
