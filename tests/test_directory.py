@@ -176,7 +176,7 @@ def test_entry_swapped_for_a_symlink(small_tree, tmp_path, monkeypatch, victim):
 @pytest.mark.parametrize("victim,hook,whole_read", [("g", "digest_bytes", None), ("big", "digest_bytes", None),
                                                      ("big", "hash_fd", 1 << 20)])
 def test_file_modified_while_it_is_read(small_tree, monkeypatch, victim, hook, whole_read):
-    """Read whole into the worker's buffer, or (bigger than it) streamed through the hash pool."""
+    """Read whole into the worker's buffer, or (bigger than it) streamed in chunks."""
     if whole_read:
         monkeypatch.setattr(directory, "WHOLE_READ", whole_read)
     real = getattr(directory, hook)

@@ -75,7 +75,7 @@ from collections.abc import Iterable
 
 from cfsc.base import beneath, syscalls
 from cfsc.base.errors import CfscError, InputError, OutputError, StoreError
-from cfsc.base.fsverity import FsVerityHasher, hash_fd, hash_pool, payload_path
+from cfsc.base.fsverity import FsVerityHasher, hash_fd, payload_path
 
 FICLONE = 0x40049409  # _IOW(0x94, 9, int)
 FS_IOC_ENABLE_VERITY = 0x40806685  # _IOW('f', 133, struct fsverity_enable_arg)
@@ -508,7 +508,7 @@ class Store:
             if self.reflink:
                 try:
                     fcntl.ioctl(out, FICLONE, src)
-                    return hash_fd(out, 0, pool=hash_pool())
+                    return hash_fd(out, 0)
                 except OSError as e:
                     if e.errno not in _UNSUPPORTED:
                         raise
@@ -516,7 +516,7 @@ class Store:
             if self.copy_range:
                 copied = _copy_range(src, out)
                 if copied:
-                    return hash_fd(out, 0, pool=hash_pool())
+                    return hash_fd(out, 0)
                 if copied is None:
                     self.copy_range = False
             return _copy_plain(src, out)
@@ -785,4 +785,4 @@ def _copy_range(src: int, out: int) -> bool | None:
 def _copy_plain(src: int, out: int) -> tuple[bytes, int]:
     os.ftruncate(out, 0)
     os.lseek(out, 0, os.SEEK_SET)
-    return hash_fd(src, 0, out, hash_pool())  # hashed while copied, on every core
+    return hash_fd(src, 0, out)
