@@ -174,8 +174,12 @@ def test_entry_swapped_for_a_symlink(small_tree, tmp_path, monkeypatch, victim):
     assert e.value.where == f"{small_tree}/{victim}"
 
 
-@pytest.mark.parametrize("victim,hook", [("g", "digest_bytes"), ("big", "hash_fd")])
-def test_file_modified_while_it_is_read(small_tree, monkeypatch, victim, hook):
+@pytest.mark.parametrize("victim,hook,whole_read", [("g", "digest_bytes", None), ("big", "digest_bytes", None),
+                                                     ("big", "hash_fd", 1 << 20)])
+def test_file_modified_while_it_is_read(small_tree, monkeypatch, victim, hook, whole_read):
+    """Read whole into the worker's buffer, or (bigger than it) streamed in chunks."""
+    if whole_read:
+        monkeypatch.setattr(directory, "WHOLE_READ", whole_read)
     real = getattr(directory, hook)
 
     def hooked(*args, **kwargs):
@@ -192,7 +196,9 @@ def test_file_modified_while_it_is_read(small_tree, monkeypatch, victim, hook):
 
 def test_file_modified_between_hashing_and_copying(small_tree, tmp_path, monkeypatch):
     """Same size, mtime put back: only the store's check of the copy against the digest can
-    see it.  (Copying first and hashing the copy, the store's other mode, has no window here.)"""
+    see it.  (Copying first and hashing the copy, the store's other mode, has no window here;
+    nor has a file read whole into memory, whose buffer is both hashed and copied.)"""
+    monkeypatch.setattr(directory, "WHOLE_READ", 1 << 20)  # "big" (2 MiB) is streamed
     real = Store.import_fd
 
     def import_fd(self, fd, digest=None, where=""):

@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import os
+import random
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from cfsc.base.fsverity import ALGORITHMS, SHA512, FsVerityHasher, digest_bytes, digest_file
+from cfsc.base import fsverity
+from cfsc.base.fsverity import (ALGORITHMS, SHA512, FsVerityHasher, digest_bytes, digest_file, hash_fd,
+                                reference_digest)
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 pytestmark = [pytest.mark.tools]
 
@@ -31,8 +37,10 @@ def test_matches_fsverity_tool(size, name, tmp_path, cfsc):
     path = tmp_path / "f"
     path.write_bytes(data)
     expected = fsverity_tool(path, name)
+    assert reference_digest(data, algorithm).hex() == expected
     assert digest_bytes(data, algorithm).hex() == expected
     assert digest_file(path, algorithm).hex() == expected
+    assert digest_file(path, algorithm, fsverity.hash_pool()).hex() == expected
     p = cfsc("measure", *(["--hash", name] if name != "sha256" else []), str(path), check=True)
     assert p.stdout.decode() == f"{name}:{expected} {path}\n"
 
@@ -69,3 +77,77 @@ def test_measure_several_files_and_missing(tmp_path, cfsc):
     assert len(p.stdout.splitlines()) == 2
     p = cfsc("measure", str(tmp_path / "missing"))
     assert p.returncode == 2 and p.stderr.decode().startswith("error: ")
+
+
+# Sizes around every boundary the fast paths have: a block, a level-1 block of hashes (128
+# blocks), the pool's chunk (4 MiB) and several of them, plus anything in between.
+EDGES = [0, 1, 4095, 4096, 4097, 128 * 4096 - 1, 128 * 4096, 128 * 4096 + 1, (4 << 20) - 1, 4 << 20,
+         (4 << 20) + 1, 3 * (4 << 20) + 4097, 129 * 128 * 4096 + 1]
+SIZES_ANY = st.one_of(st.sampled_from(EDGES), st.integers(0, 5 << 20))
+POOL = ThreadPoolExecutor(2)
+
+
+@settings(max_examples=40, deadline=None)
+@given(size=SIZES_ANY, seed=st.integers(0, 2**32), step=st.integers(1, 3 << 20))
+def test_block_hashes_and_pooled_hash_fd_equal_reference_digest(size, seed, step, tmp_path_factory):
+    """block_hashes/digest_bytes, the incremental hasher with any chunking, and hash_fd
+    sequential and pooled (files, pipes, with a copy written on the way) against the plain
+    sequential Merkle tree."""
+    data = random.Random(seed).randbytes(size)
+    expected = reference_digest(data)
+    assert digest_bytes(data) == expected
+    h = FsVerityHasher()
+    for i in range(0, size, step):
+        h.update(data[i:i + step])
+    assert h.digest() == expected
+    path = tmp_path_factory.mktemp("f") / "f"
+    path.write_bytes(data)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for pool in (None, POOL):
+            assert hash_fd(fd, 0, pool=pool) == (expected, size)
+        copy = os.open(path.with_name("copy"), os.O_RDWR | os.O_CREAT | os.O_TRUNC)
+        try:
+            assert hash_fd(fd, 0, copy, pool=POOL) == (expected, size)
+        finally:
+            os.close(copy)
+        assert path.with_name("copy").read_bytes() == data
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("size", [0, 4097, (4 << 20) + 4097, 3 * (4 << 20)])
+def test_pooled_hash_of_a_pipe(size):
+    """Pipes return short reads: a pooled chunk must still hold whole blocks."""
+    data = random.Random(size).randbytes(size)
+    r, w = os.pipe()
+    with ThreadPoolExecutor(1) as writer:
+        done = writer.submit(lambda: (os.write(w, data[:5000]), os.write(w, data[5000:]), os.close(w)))
+        try:
+            assert hash_fd(r, pool=POOL) == (reference_digest(data), size)
+        finally:
+            os.close(r)
+        done.result()
+
+
+def test_update_hashes_refuses_misaligned_input():
+    h = FsVerityHasher()
+    with pytest.raises(ValueError):
+        h.update_hashes(b"", 100)
+    h.update(b"x")
+    with pytest.raises(ValueError):
+        h.update_hashes(b"", 4096)
+
+
+def test_the_shared_pool_is_one_pool():
+    assert fsverity.hash_pool() is fsverity.hash_pool()
+
+
+def test_short_gil_switches_restores_the_interval():
+    import sys
+
+    before = sys.getswitchinterval()
+    with pytest.raises(KeyError), fsverity.short_gil_switches():
+        assert sys.getswitchinterval() == min(before, fsverity.SWITCH_INTERVAL)
+        raise KeyError
+    assert sys.getswitchinterval() == before

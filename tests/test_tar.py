@@ -709,3 +709,26 @@ def test_cached_parents_agree_with_the_reference_walk(tmp_path_factory, layers, 
     finally:
         tar._Builder = saved
     assert fast == reference
+
+
+@pytest.mark.parametrize("compress", [lambda b: gzip.compress(b, 1), lambda b: lzma.compress(b, preset=0),
+                                      zstandard.compress], ids=["gzip", "xz", "zstd"])
+def test_read_ahead_gives_the_same_members_and_closes_the_input(tmp_path, compress):
+    """Decompression runs in its own thread: the members and data are those of the plain
+    archive, and a reader closed early stops that thread, which closes the input."""
+    files = [member(b"f%d" % i, os.urandom(i * 20_000)) for i in range(24)]  # more chunks than are read ahead
+    layer = archive(*files)
+    plain, packed = tmp_path / "l.tar", tmp_path / "l.tar.c"
+    plain.write_bytes(layer)
+    packed.write_bytes(compress(layer))
+
+    def listing(path):
+        with tarstream.TarReader(str(path)) as r:
+            return [(m.path, m.offset, r.read(m.size) if m.size else b"") for m in r.members()]
+
+    assert listing(packed) == listing(plain)
+    r = tarstream.TarReader(str(packed))
+    next(iter(r.members()))
+    r.close()
+    r._ahead._thread.join()
+    assert r._raw.closed

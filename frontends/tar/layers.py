@@ -94,6 +94,7 @@ from __future__ import annotations
 from cfsc.backends.erofs.overlay import OPAQUE_DIR_XATTR
 from cfsc.base import devices, limits
 from cfsc.base.errors import InputError, UsageError, shown_path
+from cfsc.base.fsverity import short_gil_switches
 from cfsc.base.options import Options
 from cfsc.base.progress import Progress, mib
 from cfsc.base.tree import S_IFBLK, S_IFCHR, S_IFDIR, S_IFIFO, S_IFLNK, S_IFMT, S_IFREG, Inode, Tree
@@ -146,9 +147,10 @@ def merge_layers(sources, options: Options, name: str) -> Tree:
     contents = Contents(options)
     builder = _Builder(options, contents)
     try:
-        for index, source in enumerate(sources):
-            builder.layer_from(source, index, len(sources))
-        contents.finish()
+        with short_gil_switches():  # the pool's hashing overlaps the parsing
+            for index, source in enumerate(sources):
+                builder.layer_from(source, index, len(sources))
+            contents.finish()
     except BaseException:
         contents.abort()
         raise

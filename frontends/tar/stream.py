@@ -54,6 +54,7 @@ from urllib.parse import unquote_to_bytes
 
 from cfsc.base.errors import InputError, shown_path
 from cfsc.base.streams import UNITS, decompressor, open_binary, source_name
+from cfsc.frontends.tar.readahead import ReadAhead, gather
 
 BLOCK = 512
 ZERO_BLOCK = bytes(BLOCK)
@@ -301,6 +302,7 @@ class TarReader:
         self._raw = open_binary(source)
         self._owned = self._raw is not source and source != "-"
         self._stream = None
+        self._ahead: ReadAhead | None = None  # the decompressing thread
         self._kind: str | None = None  # the compression
         self._failure: BaseException | None = None  # a read error held back (`_next_chunk`)
         self._last: Member | None = None  # the latest entry handed out
@@ -316,7 +318,9 @@ class TarReader:
         self._global_xattrs: dict[bytes, tuple[bytes, int]] = {}
 
     def close(self) -> None:
-        if self._owned:
+        if self._ahead is not None:
+            self._ahead.stop()  # it closes the input, when its thread no longer reads it
+        elif self._owned:
             self._raw.close()
 
     def __enter__(self) -> TarReader:
@@ -345,30 +349,26 @@ class TarReader:
     def _next_chunk(self) -> bytes:
         """About CHUNK decompressed bytes, b"" at the end.  They are gathered from the
         decompressor's own pieces (`read1`), so when it fails, the data before the failure is
-        handed out first and the error comes next, located where the good data ends."""
+        handed out first and the error comes next, located where the good data ends.  A
+        compressed input is decoded in its own thread, ahead (`ReadAhead`)."""
         if self._failure is not None:
             raise self._read_error(self._failure)
-        try:
-            if self._stream is None:
-                self._stream, self._kind = decompressor(self._raw)
-            read1 = self._stream.read1
-        except Exception as e:
-            raise self._read_error(e) from None
-        parts = []
-        have = 0
-        while have < CHUNK:
+        if self._stream is None:
             try:
-                piece = read1(CHUNK - have)
-            except Exception as e:  # OSError, EOFError, lzma.LZMAError, zstandard.ZstdError, zlib.error
-                if not parts:
-                    raise self._read_error(e) from None
-                self._failure = e
-                break
-            if not piece:
-                break
-            parts.append(piece)
-            have += len(piece)
-        return parts[0] if len(parts) == 1 else b"".join(parts)
+                self._stream, self._kind = decompressor(self._raw)
+            except Exception as e:
+                raise self._read_error(e) from None
+            if self._kind is not None:
+                self._ahead = ReadAhead(self._stream.read1, CHUNK, self._raw.close if self._owned else None)
+        if self._ahead is not None:
+            chunk, failure = self._ahead.get()
+        else:
+            chunk, failure = gather(self._stream.read1, CHUNK)
+        if failure is not None:
+            if not chunk:
+                raise self._read_error(failure) from None
+            self._failure = failure
+        return chunk
 
     def _read_error(self, e: BaseException) -> InputError:
         """The member being read (or the one before), the archive offset where the good data
