@@ -40,6 +40,7 @@ import os
 import stat
 import sys
 import threading
+from bisect import bisect_right
 
 from cfsc.base.errors import CfscError
 from cfsc.base.limits import NAME_MAX
@@ -57,6 +58,7 @@ BUFFER_SIZE = MAX_WRITE + 4096
 DT_UNKNOWN = 0
 LOGGED_MAX = 1000  # distinct log messages remembered (to log each once)
 IDLE_BACKING = 512  # backing files kept open (or registered) after their last RELEASE
+STREAMS_KEPT = 16  # encoded directory streams kept (`_encoded`)
 
 _pack_out = P.OUT_HEADER.pack
 _pack_entry = P.ENTRY_OUT.pack
@@ -102,6 +104,7 @@ class Server:
         self._root_nid = view.root_nid
         self._held: dict[int, Held] = {}  # nid -> its backing file (fh = nid + 1)
         self._idle: dict[int, Held] = {}  # the held ones nobody has open, oldest first
+        self._streams: dict[int, tuple[bytes, list[int]]] = {}  # nid*2+plus -> `_encoded`
         self._pending: dict[int, threading.Event] = {}  # nid -> set when its opening ends
         self._lock = threading.Lock()
         self._interrupted: set[int] = set()
@@ -363,18 +366,40 @@ class Server:
 
     def _listing(self, unique: int, nodeid: int, body, plus: bool) -> None:
         _fh, offset, size, _rf, _flags = P.READ_IN.unpack_from(body)
+        blob, ends = self._encoded(self._node(nodeid), plus)
+        if offset >= len(ends):
+            self._reply(unique, b"")
+            return
+        start = ends[offset - 1] if offset else 0
+        stop = ends[bisect_right(ends, start + size, offset) - 1] if ends[offset] <= start + size else start
+        self._reply(unique, blob[start:stop])
+
+    def _encoded(self, node: Node, plus: bool) -> tuple[bytes, list[int]]:
+        """A directory's whole READDIR(PLUS) stream, records from `_records`, and where each
+        record ends: the kernel pages through it one request per 4 KiB, and each page is
+        then a slice.  The last few directories are kept (the kernel reads one at a time,
+        and caches the pages itself: FOPEN_CACHE_DIR)."""
+        key = node.nid * 2 + plus
+        hit = self._streams.get(key)
+        if hit is not None:
+            return hit
         parts = []
+        ends = []
         used = 0
-        for index, (name, ino, dtype, entry) in enumerate(self._records(self._node(nodeid), offset, plus),
-                                                          offset):
+        for index, (name, ino, dtype, entry) in enumerate(self._records(node, 0, plus)):
             rec = _pack_dirent(ino, index + 1, len(name), dtype) + name + PADS[-len(name) % 8]
             if plus:
                 rec = entry + rec
-            if used + len(rec) > size:
-                break
             parts.append(rec)
             used += len(rec)
-        self._reply(unique, b"".join(parts))
+            ends.append(used)
+        hit = self._streams[key] = (b"".join(parts), ends)
+        while len(self._streams) > STREAMS_KEPT:
+            try:
+                del self._streams[next(iter(self._streams))]
+            except (KeyError, RuntimeError, StopIteration):  # another thread evicted it
+                break
+        return hit
 
     def _records(self, node: Node, start: int, plus: bool):
         """`(name, ino, d_type, fuse_entry_out)` of a directory from index `start`: "." and
