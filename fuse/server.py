@@ -58,6 +58,7 @@ BUFFER_SIZE = MAX_WRITE + 4096
 DT_UNKNOWN = 0
 LOGGED_MAX = 1000  # distinct log messages remembered (to log each once)
 IDLE_BACKING = 512  # backing files kept open (or registered) after their last RELEASE
+SERVED_FROM_MEMORY = 1 << 17  # a file up to this size is read once, verified, served from memory
 STREAMS_KEPT = 16  # encoded directory streams kept (`_encoded`)
 
 _pack_out = P.OUT_HEADER.pack
@@ -76,12 +77,13 @@ class Held:
     RELEASE (`IDLE_BACKING`), so opening a file again costs no lookup, no registration and,
     unless the file was written to meanwhile, no digest."""
 
-    __slots__ = ("fd", "backing_id", "opens")
+    __slots__ = ("fd", "backing_id", "opens", "data")
 
-    def __init__(self, fd: int, backing_id: int | None) -> None:
+    def __init__(self, fd: int, backing_id: int | None, data: bytes | None = None) -> None:
         self.fd = fd
         self.backing_id = backing_id
         self.opens = 1
+        self.data = data  # a small file's content as verified, served until the last RELEASE
 
 
 class Server:
@@ -487,8 +489,9 @@ class Server:
 
     def _hold(self, unique: int, node: Node) -> Held:
         """Open, verify and (with passthrough) register a node's backing file."""
-        fd = self._checked(unique, node, self.store.open, node.payload, node.digest)
-        held = Held(fd, self._register(fd) if self.passthrough and self._passable(node, fd) else None)
+        limit = -1 if self.passthrough else SERVED_FROM_MEMORY
+        fd, data = self._checked(unique, node, self.store.open_read, node.payload, node.digest, limit)
+        held = Held(fd, self._register(fd) if self.passthrough and self._passable(node, fd) else None, data)
         with self._lock:
             self._held[node.nid] = held
         return held
@@ -535,13 +538,15 @@ class Server:
             held = self._held.get(fh - 1)
             if held is None:
                 raise OSError(errno.EBADF, "no such open file")
-            self._send_data(unique, os.pread(held.fd, size, offset))
+            data = held.data
+            self._send_data(unique, data[offset:offset + size] if data is not None else os.pread(held.fd, size, offset))
             return
         node = self._node(nodeid)
         if node.external:  # zero-message open: the first READ opens and checks the file
             held = self._acquire(unique, node)
             try:
-                data = os.pread(held.fd, size, offset)
+                data = held.data
+                data = data[offset:offset + size] if data is not None else os.pread(held.fd, size, offset)
             finally:
                 self._release_nid(node.nid)
             self._send_data(unique, data)
@@ -574,6 +579,7 @@ class Server:
             if held is not None:
                 held.opens -= 1
                 if not held.opens:
+                    held.data = None  # the next open reads the file again (after `recheck`)
                     self._idle[nid] = held
                     while len(self._idle) > IDLE_BACKING:
                         oldest = next(iter(self._idle))
