@@ -37,6 +37,7 @@ import errno
 import fcntl
 import logging
 import os
+import select
 import stat
 import sys
 import threading
@@ -59,7 +60,11 @@ DT_UNKNOWN = 0
 LOGGED_MAX = 1000  # distinct log messages remembered (to log each once)
 IDLE_BACKING = 512  # backing files kept open (or registered) after their last RELEASE
 SERVED_FROM_MEMORY = 1 << 17  # a file up to this size is read once, verified, served from memory
-STREAMS_KEPT = 16  # encoded directory streams kept (`_encoded`)
+STREAMS_KEPT = 64  # encoded directory streams kept (`_encoded`)
+AHEAD_ENCODED = 32  # streams encoded ahead of the walk and not yet asked for, at most
+AHEAD_PENDING = 4096  # directories queued to be encoded ahead, at most (the newest kept)
+AHEAD_ENTRIES = 4096  # a larger directory is encoded when asked for, not ahead
+DT_DIR = stat.S_IFDIR >> 12
 
 _pack_out = P.OUT_HEADER.pack
 _pack_entry = P.ENTRY_OUT.pack
@@ -107,6 +112,9 @@ class Server:
         self._held: dict[int, Held] = {}  # nid -> its backing file (fh = nid + 1)
         self._idle: dict[int, Held] = {}  # the held ones nobody has open, oldest first
         self._streams: dict[int, tuple[bytes, list[int]]] = {}  # nid*2+plus -> `_encoded`
+        self._ahead: list[int] = []  # directories a walk lists next (nid*2+plus), the next last
+        self._unasked: set[int] = set()  # streams encoded ahead that no request has asked for yet
+        self._reading = threading.Lock()  # held by the one worker waiting on the device
         self._pending: dict[int, threading.Event] = {}  # nid -> set when its opening ends
         self._lock = threading.Lock()
         self._interrupted: set[int] = set()
@@ -145,9 +153,16 @@ class Server:
         view = memoryview(buf)
         handlers = self._handlers
         readv = os.readv
+        reading = self._reading
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        poll = poller.poll
         while True:
             try:
-                n = readv(fd, [buf])
+                with reading:
+                    if self._ahead:
+                        self._read_ahead(poll)
+                    n = readv(fd, [buf])
             except OSError as e:
                 if e.errno in (errno.EINTR, errno.EAGAIN, errno.ENOENT):
                     continue  # interrupted before we read it, or a spurious wakeup
@@ -376,17 +391,20 @@ class Server:
         stop = ends[bisect_right(ends, start + size, offset) - 1] if ends[offset] <= start + size else start
         self._reply(unique, blob[start:stop])
 
-    def _encoded(self, node: Node, plus: bool) -> tuple[bytes, list[int]]:
+    def _encoded(self, node: Node, plus: bool, ahead: bool = False) -> tuple[bytes, list[int]]:
         """A directory's whole READDIR(PLUS) stream, records from `_records`, and where each
-        record ends: the kernel pages through it one request per 4 KiB, and each page is
-        then a slice.  The last few directories are kept (the kernel reads one at a time,
-        and caches the pages itself: FOPEN_CACHE_DIR)."""
+        record ends: the kernel pages through it one request per buffer, and each page is
+        then a slice.  The last few directories are kept (the kernel caches the pages
+        itself: FOPEN_CACHE_DIR); `ahead`: encoded by `_read_ahead`, before any request."""
         key = node.nid * 2 + plus
         hit = self._streams.get(key)
         if hit is not None:
+            if not ahead:
+                self._unasked.discard(key)
             return hit
         parts = []
         ends = []
+        subdirs = []
         used = 0
         for index, (name, ino, dtype, entry) in enumerate(self._records(node, 0, plus)):
             rec = _pack_dirent(ino, index + 1, len(name), dtype) + name + PADS[-len(name) % 8]
@@ -395,13 +413,49 @@ class Server:
             parts.append(rec)
             used += len(rec)
             ends.append(used)
+            if dtype == DT_DIR and index > 1:
+                subdirs.append(ino * 2 + plus)
         hit = self._streams[key] = (b"".join(parts), ends)
+        if ahead:
+            self._unasked.add(key)
+        # A walk lists the subdirectories next, depth first: the first one on top.
+        subdirs.reverse()
+        self._ahead += subdirs
+        if len(self._ahead) > AHEAD_PENDING:
+            del self._ahead[:len(self._ahead) - AHEAD_PENDING]
         while len(self._streams) > STREAMS_KEPT:
             try:
-                del self._streams[next(iter(self._streams))]
+                old = next(iter(self._streams))
+                del self._streams[old]
             except (KeyError, RuntimeError, StopIteration):  # another thread evicted it
                 break
+            self._unasked.discard(old)
         return hit
+
+    def _read_ahead(self, poll) -> None:
+        """While no request waits, encode the directories a walk will list next: a fresh
+        mount's first `find` then finds each stream ready, the work done on the other core
+        while the kernel and the walker handle the previous reply.  Only the worker that
+        holds `_reading` (the next to take a request) does this, one directory at a time,
+        so a request waits at most one directory's encoding, and no other worker ever waits
+        on it for the GIL.  Errors are left for the request that asks (then answered and
+        logged)."""
+        ahead = self._ahead
+        view = self.view
+        while ahead and len(self._unasked) < AHEAD_ENCODED and not poll(0):
+            try:
+                key = ahead.pop()
+            except IndexError:
+                return
+            if key in self._streams:
+                continue
+            try:
+                node = view.node(key >> 1)
+                if node is None or not stat.S_ISDIR(node.mode) or len(view.listing(node.nid)) > AHEAD_ENTRIES:
+                    continue
+                self._encoded(node, bool(key & 1), ahead=True)
+            except Exception:  # noqa: BLE001 (see the docstring)
+                continue
 
     def _records(self, node: Node, start: int, plus: bool):
         """`(name, ino, d_type, fuse_entry_out)` of a directory from index `start`: "." and
