@@ -1,8 +1,12 @@
 """The FUSE protocol server: requests from `/dev/fuse`, answered from an `ImageView`.
 
-Several worker threads read the same device fd; each `read()` returns one whole request,
-and the reply is one `write()`.  The device read, `pread` of backing files and hashing all
-release the GIL, so a thread stuck on cold data or a long digest does not stop the others.
+Several worker threads share the device fd; each `read()` returns one whole request, and
+the reply is one `write()`.  One worker at a time reads requests and answers the quick ones
+itself (no hand-over between threads per request); before one that may block — hashing or
+reading a large backing file, waiting for another worker's opening — it lets the next worker
+read (`_let_go`).  Device reads, `pread` and hashing release the GIL, so a thread stuck on
+cold data or a long digest does not stop the others.  While no request waits, the reading
+worker encodes the directory listings a walk will ask for next (`_read_ahead`).
 
 The image is immutable, so the kernel is told to cache everything for `TTL` seconds:
 entries (negative ones too), attributes, symlink targets (`FUSE_CACHE_SYMLINKS`), file pages
@@ -18,6 +22,8 @@ CAP_SYS_ADMIN: the backing file is registered with `FUSE_DEV_IOC_BACKING_OPEN` a
 kernel reads it directly, page cache and all.  Otherwise reads are `pread` + `writev`.  A
 backing file whose size is not the image's is never passed through (`_passable`): both ways
 serve the same bytes.
+A small backing file is read once, verified from those bytes and served from them until its
+last RELEASE (`Store.open_read`).
 Either way a backing file is opened and verified once and then kept (`Held`) for the next
 use, shared by all concurrent opens of its inode (passthrough requires one backing id per
 inode), and let go only when it is among the oldest unused ones — never right after an
@@ -114,7 +120,8 @@ class Server:
         self._streams: dict[int, tuple[bytes, list[int]]] = {}  # nid*2+plus -> `_encoded`
         self._ahead: list[int] = []  # directories a walk lists next (nid*2+plus), the next last
         self._unasked: set[int] = set()  # streams encoded ahead that no request has asked for yet
-        self._reading = threading.Lock()  # held by the one worker waiting on the device
+        self._reading = threading.Lock()  # held by the worker reading requests (`_let_go`)
+        self._local = threading.local()  # .reading: this worker holds `_reading`
         self._pending: dict[int, threading.Event] = {}  # nid -> set when its opening ends
         self._lock = threading.Lock()
         self._interrupted: set[int] = set()
@@ -157,36 +164,53 @@ class Server:
         poller = select.poll()
         poller.register(fd, select.POLLIN)
         poll = poller.poll
-        while True:
-            try:
-                with reading:
+        local = self._local
+        local.reading = False
+        try:
+            while True:
+                if not local.reading:  # (let go of for a slow request: wait for our turn)
+                    reading.acquire()
+                    local.reading = True
+                try:
                     if self._ahead:
                         self._read_ahead(poll)
                     n = readv(fd, [buf])
-            except OSError as e:
-                if e.errno in (errno.EINTR, errno.EAGAIN, errno.ENOENT):
-                    continue  # interrupted before we read it, or a spurious wakeup
-                if e.errno not in (errno.ENODEV, errno.EBADF, errno.ECONNABORTED):
-                    log.error("reading /dev/fuse: %s", e.strerror)
-                break
-            if n < P.IN_HEADER.size:
-                if n == 0:  # end of file: only a test's socket does that
+                except OSError as e:
+                    if e.errno in (errno.EINTR, errno.EAGAIN, errno.ENOENT):
+                        continue  # interrupted before we read it, or a spurious wakeup
+                    if e.errno not in (errno.ENODEV, errno.EBADF, errno.ECONNABORTED):
+                        log.error("reading /dev/fuse: %s", e.strerror)
                     break
-                continue
-            length, opcode, unique, nodeid, uid, gid, pid, _ext = _unpack_in(buf)
-            try:
-                handlers[opcode if opcode < 64 else 0](unique, nodeid, view[P.IN_HEADER.size:n], pid)
-            except OSError as e:
-                self._failed(unique, e)
-            except Cancelled:
-                self._error(unique, errno.EINTR)
-            except Exception as e:  # a bug: keep serving, say what happened
-                self._log(f"{self.source}: internal error answering {_opname(opcode)}: "
-                          f"{type(e).__name__}: {e}")
-                self._error(unique, errno.EIO)
-            if self.done.is_set():
-                break
+                if n < P.IN_HEADER.size:
+                    if n == 0:  # end of file: only a test's socket does that
+                        break
+                    continue
+                length, opcode, unique, nodeid, uid, gid, pid, _ext = _unpack_in(buf)
+                try:
+                    handlers[opcode if opcode < 64 else 0](unique, nodeid, view[P.IN_HEADER.size:n], pid)
+                except OSError as e:
+                    self._failed(unique, e)
+                except Cancelled:
+                    self._error(unique, errno.EINTR)
+                except Exception as e:  # a bug: keep serving, say what happened
+                    self._log(f"{self.source}: internal error answering {_opname(opcode)}: "
+                              f"{type(e).__name__}: {e}")
+                    self._error(unique, errno.EIO)
+                if self.done.is_set():
+                    break
+        finally:
+            self._let_go()  # the others see the end too
         self.done.set()
+
+    def _let_go(self) -> None:
+        """Let another worker take the next requests: called before a request may block
+        (hashing or reading a large backing file, waiting for another worker's opening).
+        Quick requests are answered by the worker that read them, which then reads the
+        next: no hand-over between threads, no GIL convoy, per request."""
+        local = self._local
+        if getattr(local, "reading", False):
+            local.reading = False
+            self._reading.release()
 
     def _failed(self, unique: int, e: OSError) -> None:
         self._failed_quietly(e)
@@ -522,6 +546,7 @@ class Server:
                     with self._lock:
                         del self._pending[nid]
                     pending.set()
+            self._let_go()
             pending.wait()  # then take what it held (or fail as it did)
         try:
             self._checked(unique, node, self.store.recheck, held.fd, node.payload, node.digest)
@@ -544,6 +569,8 @@ class Server:
     def _hold(self, unique: int, node: Node) -> Held:
         """Open, verify and (with passthrough) register a node's backing file."""
         limit = -1 if self.passthrough else SERVED_FROM_MEMORY
+        if node.size > SERVED_FROM_MEMORY:
+            self._let_go()  # hashing (or at least opening) a large file
         fd, data = self._checked(unique, node, self.store.open_read, node.payload, node.digest, limit)
         held = Held(fd, self._register(fd) if self.passthrough and self._passable(node, fd) else None, data)
         with self._lock:
@@ -593,6 +620,8 @@ class Server:
             if held is None:
                 raise OSError(errno.EBADF, "no such open file")
             data = held.data
+            if data is None and size >= SERVED_FROM_MEMORY:
+                self._let_go()  # a large read, maybe from disk
             self._send_data(unique, data[offset:offset + size] if data is not None else os.pread(held.fd, size, offset))
             return
         node = self._node(nodeid)
@@ -600,6 +629,8 @@ class Server:
             held = self._acquire(unique, node)
             try:
                 data = held.data
+                if data is None and size >= SERVED_FROM_MEMORY:
+                    self._let_go()  # a large read, maybe from disk
                 data = data[offset:offset + size] if data is not None else os.pread(held.fd, size, offset)
             finally:
                 self._release_nid(node.nid)
