@@ -430,12 +430,17 @@ class Server:
         ends = []
         subdirs = []
         used = 0
+        fixed = P.DIRENT.size + (P.ENTRY_OUT.size if plus else 0)
+        add = parts.append
         for index, (name, ino, dtype, entry) in enumerate(self._records(node, 0, plus)):
-            rec = _pack_dirent(ino, index + 1, len(name), dtype) + name + PADS[-len(name) % 8]
+            n = len(name)
+            pad = PADS[-n % 8]
             if plus:
-                rec = entry + rec
-            parts.append(rec)
-            used += len(rec)
+                add(entry)
+            add(_pack_dirent(ino, index + 1, n, dtype))
+            add(name)
+            add(pad)
+            used += fixed + n + len(pad)
             ends.append(used)
             if dtype == DT_DIR and index > 1:
                 subdirs.append(ino * 2 + plus)
