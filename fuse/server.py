@@ -1,8 +1,12 @@
 """The FUSE protocol server: requests from `/dev/fuse`, answered from an `ImageView`.
 
-Several worker threads read the same device fd; each `read()` returns one whole request,
-and the reply is one `write()`.  The device read, `pread` of backing files and hashing all
-release the GIL, so a thread stuck on cold data or a long digest does not stop the others.
+Several worker threads share the device fd; each `read()` returns one whole request, and
+the reply is one `write()`.  One worker at a time reads requests and answers the quick ones
+itself (no hand-over between threads per request); before one that may block — hashing or
+reading a large backing file, waiting for another worker's opening — it lets the next worker
+read (`_let_go`).  Device reads, `pread` and hashing release the GIL, so a thread stuck on
+cold data or a long digest does not stop the others.  While no request waits, the reading
+worker encodes the directory listings a walk will ask for next (`_read_ahead`).
 
 The image is immutable, so the kernel is told to cache everything for `TTL` seconds:
 entries (negative ones too), attributes, symlink targets (`FUSE_CACHE_SYMLINKS`), file pages
@@ -18,6 +22,8 @@ CAP_SYS_ADMIN: the backing file is registered with `FUSE_DEV_IOC_BACKING_OPEN` a
 kernel reads it directly, page cache and all.  Otherwise reads are `pread` + `writev`.  A
 backing file whose size is not the image's is never passed through (`_passable`): both ways
 serve the same bytes.
+A small backing file is read once, verified from those bytes and served from them until its
+last RELEASE (`Store.open_read`).
 Either way a backing file is opened and verified once and then kept (`Held`) for the next
 use, shared by all concurrent opens of its inode (passthrough requires one backing id per
 inode), and let go only when it is among the oldest unused ones — never right after an
@@ -37,9 +43,11 @@ import errno
 import fcntl
 import logging
 import os
+import select
 import stat
 import sys
 import threading
+from bisect import bisect_right
 
 from cfsc.base.errors import CfscError
 from cfsc.base.limits import NAME_MAX
@@ -57,6 +65,12 @@ BUFFER_SIZE = MAX_WRITE + 4096
 DT_UNKNOWN = 0
 LOGGED_MAX = 1000  # distinct log messages remembered (to log each once)
 IDLE_BACKING = 512  # backing files kept open (or registered) after their last RELEASE
+SERVED_FROM_MEMORY = 1 << 17  # a file up to this size is read once, verified, served from memory
+STREAMS_KEPT = 64  # encoded directory streams kept (`_encoded`)
+AHEAD_ENCODED = 32  # streams encoded ahead of the walk and not yet asked for, at most
+AHEAD_PENDING = 4096  # directories queued to be encoded ahead, at most (the newest kept)
+AHEAD_ENTRIES = 4096  # a larger directory is encoded when asked for, not ahead
+DT_DIR = stat.S_IFDIR >> 12
 
 _pack_out = P.OUT_HEADER.pack
 _pack_entry = P.ENTRY_OUT.pack
@@ -74,12 +88,13 @@ class Held:
     RELEASE (`IDLE_BACKING`), so opening a file again costs no lookup, no registration and,
     unless the file was written to meanwhile, no digest."""
 
-    __slots__ = ("fd", "backing_id", "opens")
+    __slots__ = ("fd", "backing_id", "opens", "data")
 
-    def __init__(self, fd: int, backing_id: int | None) -> None:
+    def __init__(self, fd: int, backing_id: int | None, data: bytes | None = None) -> None:
         self.fd = fd
         self.backing_id = backing_id
         self.opens = 1
+        self.data = data  # a small file's content as verified, served until the last RELEASE
 
 
 class Server:
@@ -102,6 +117,11 @@ class Server:
         self._root_nid = view.root_nid
         self._held: dict[int, Held] = {}  # nid -> its backing file (fh = nid + 1)
         self._idle: dict[int, Held] = {}  # the held ones nobody has open, oldest first
+        self._streams: dict[int, tuple[bytes, list[int]]] = {}  # nid*2+plus -> `_encoded`
+        self._ahead: list[int] = []  # directories a walk lists next (nid*2+plus), the next last
+        self._unasked: set[int] = set()  # streams encoded ahead that no request has asked for yet
+        self._reading = threading.Lock()  # held by the worker reading requests (`_let_go`)
+        self._local = threading.local()  # .reading: this worker holds `_reading`
         self._pending: dict[int, threading.Event] = {}  # nid -> set when its opening ends
         self._lock = threading.Lock()
         self._interrupted: set[int] = set()
@@ -140,33 +160,57 @@ class Server:
         view = memoryview(buf)
         handlers = self._handlers
         readv = os.readv
-        while True:
-            try:
-                n = readv(fd, [buf])
-            except OSError as e:
-                if e.errno in (errno.EINTR, errno.EAGAIN, errno.ENOENT):
-                    continue  # interrupted before we read it, or a spurious wakeup
-                if e.errno not in (errno.ENODEV, errno.EBADF, errno.ECONNABORTED):
-                    log.error("reading /dev/fuse: %s", e.strerror)
-                break
-            if n < P.IN_HEADER.size:
-                if n == 0:  # end of file: only a test's socket does that
+        reading = self._reading
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        poll = poller.poll
+        local = self._local
+        local.reading = False
+        try:
+            while True:
+                if not local.reading:  # (let go of for a slow request: wait for our turn)
+                    reading.acquire()
+                    local.reading = True
+                try:
+                    if self._ahead:
+                        self._read_ahead(poll)
+                    n = readv(fd, [buf])
+                except OSError as e:
+                    if e.errno in (errno.EINTR, errno.EAGAIN, errno.ENOENT):
+                        continue  # interrupted before we read it, or a spurious wakeup
+                    if e.errno not in (errno.ENODEV, errno.EBADF, errno.ECONNABORTED):
+                        log.error("reading /dev/fuse: %s", e.strerror)
                     break
-                continue
-            length, opcode, unique, nodeid, uid, gid, pid, _ext = _unpack_in(buf)
-            try:
-                handlers[opcode if opcode < 64 else 0](unique, nodeid, view[P.IN_HEADER.size:n], pid)
-            except OSError as e:
-                self._failed(unique, e)
-            except Cancelled:
-                self._error(unique, errno.EINTR)
-            except Exception as e:  # a bug: keep serving, say what happened
-                self._log(f"{self.source}: internal error answering {_opname(opcode)}: "
-                          f"{type(e).__name__}: {e}")
-                self._error(unique, errno.EIO)
-            if self.done.is_set():
-                break
+                if n < P.IN_HEADER.size:
+                    if n == 0:  # end of file: only a test's socket does that
+                        break
+                    continue
+                length, opcode, unique, nodeid, uid, gid, pid, _ext = _unpack_in(buf)
+                try:
+                    handlers[opcode if opcode < 64 else 0](unique, nodeid, view[P.IN_HEADER.size:n], pid)
+                except OSError as e:
+                    self._failed(unique, e)
+                except Cancelled:
+                    self._error(unique, errno.EINTR)
+                except Exception as e:  # a bug: keep serving, say what happened
+                    self._log(f"{self.source}: internal error answering {_opname(opcode)}: "
+                              f"{type(e).__name__}: {e}")
+                    self._error(unique, errno.EIO)
+                if self.done.is_set():
+                    break
+        finally:
+            self._let_go()  # the others see the end too
         self.done.set()
+
+    def _let_go(self) -> None:
+        """Let another worker take the next requests: called before a request may block
+        (hashing or reading a large backing file, waiting for another worker's opening).
+        Quick requests are answered by the worker that read them, which then reads the
+        next: no hand-over between threads, no GIL convoy, per request."""
+        local = self._local
+        if getattr(local, "reading", False):
+            local.reading = False
+            self._reading.release()
 
     def _failed(self, unique: int, e: OSError) -> None:
         self._failed_quietly(e)
@@ -363,18 +407,84 @@ class Server:
 
     def _listing(self, unique: int, nodeid: int, body, plus: bool) -> None:
         _fh, offset, size, _rf, _flags = P.READ_IN.unpack_from(body)
+        blob, ends = self._encoded(self._node(nodeid), plus)
+        if offset >= len(ends):
+            self._reply(unique, b"")
+            return
+        start = ends[offset - 1] if offset else 0
+        stop = ends[bisect_right(ends, start + size, offset) - 1] if ends[offset] <= start + size else start
+        self._reply(unique, blob[start:stop])
+
+    def _encoded(self, node: Node, plus: bool, ahead: bool = False) -> tuple[bytes, list[int]]:
+        """A directory's whole READDIR(PLUS) stream, records from `_records`, and where each
+        record ends: the kernel pages through it one request per buffer, and each page is
+        then a slice.  The last few directories are kept (the kernel caches the pages
+        itself: FOPEN_CACHE_DIR); `ahead`: encoded by `_read_ahead`, before any request."""
+        key = node.nid * 2 + plus
+        hit = self._streams.get(key)
+        if hit is not None:
+            if not ahead:
+                self._unasked.discard(key)
+            return hit
         parts = []
+        ends = []
+        subdirs = []
         used = 0
-        for index, (name, ino, dtype, entry) in enumerate(self._records(self._node(nodeid), offset, plus),
-                                                          offset):
-            rec = _pack_dirent(ino, index + 1, len(name), dtype) + name + PADS[-len(name) % 8]
+        fixed = P.DIRENT.size + (P.ENTRY_OUT.size if plus else 0)
+        add = parts.append
+        for index, (name, ino, dtype, entry) in enumerate(self._records(node, 0, plus)):
+            n = len(name)
+            pad = PADS[-n % 8]
             if plus:
-                rec = entry + rec
-            if used + len(rec) > size:
+                add(entry)
+            add(_pack_dirent(ino, index + 1, n, dtype))
+            add(name)
+            add(pad)
+            used += fixed + n + len(pad)
+            ends.append(used)
+            if dtype == DT_DIR and index > 1:
+                subdirs.append(ino * 2 + plus)
+        hit = self._streams[key] = (b"".join(parts), ends)
+        if ahead:
+            self._unasked.add(key)
+        # A walk lists the subdirectories next, depth first: the first one on top.
+        subdirs.reverse()
+        self._ahead += subdirs
+        if len(self._ahead) > AHEAD_PENDING:
+            del self._ahead[:len(self._ahead) - AHEAD_PENDING]
+        while len(self._streams) > STREAMS_KEPT:
+            try:
+                old = next(iter(self._streams))
+                del self._streams[old]
+            except (KeyError, RuntimeError, StopIteration):  # another thread evicted it
                 break
-            parts.append(rec)
-            used += len(rec)
-        self._reply(unique, b"".join(parts))
+            self._unasked.discard(old)
+        return hit
+
+    def _read_ahead(self, poll) -> None:
+        """While no request waits, encode the directories a walk will list next: a fresh
+        mount's first `find` then finds each stream ready, the work done on the other core
+        while the kernel and the walker handle the previous reply.  Only the worker that
+        holds `_reading` (the next to take a request) does this, one directory at a time,
+        so a request waits at most one directory's encoding, and no other worker ever waits
+        on it for the GIL.  Errors are left for the request that asks (then answered and
+        logged)."""
+        ahead = self._ahead
+        view = self.view
+        while ahead and len(self._unasked) < AHEAD_ENCODED and not poll(0):
+            try:
+                key = ahead.pop()
+            except IndexError:
+                return
+            if key in self._streams:
+                continue
+            try:
+                node = view.node(key >> 1)
+                if node is None or not stat.S_ISDIR(node.mode) or len(view.listing(node.nid)) > AHEAD_ENTRIES:
+                    continue
+                self._encoded(node, bool(key & 1), ahead=True)
+            except Exception:  # left for the request that asks: answered and logged then
+                continue
 
     def _records(self, node: Node, start: int, plus: bool):
         """`(name, ino, d_type, fuse_entry_out)` of a directory from index `start`: "." and
@@ -441,6 +551,7 @@ class Server:
                     with self._lock:
                         del self._pending[nid]
                     pending.set()
+            self._let_go()
             pending.wait()  # then take what it held (or fail as it did)
         try:
             self._checked(unique, node, self.store.recheck, held.fd, node.payload, node.digest)
@@ -462,8 +573,11 @@ class Server:
 
     def _hold(self, unique: int, node: Node) -> Held:
         """Open, verify and (with passthrough) register a node's backing file."""
-        fd = self._checked(unique, node, self.store.open, node.payload, node.digest)
-        held = Held(fd, self._register(fd) if self.passthrough and self._passable(node, fd) else None)
+        limit = -1 if self.passthrough else SERVED_FROM_MEMORY
+        if node.size > SERVED_FROM_MEMORY:
+            self._let_go()  # hashing (or at least opening) a large file
+        fd, data = self._checked(unique, node, self.store.open_read, node.payload, node.digest, limit)
+        held = Held(fd, self._register(fd) if self.passthrough and self._passable(node, fd) else None, data)
         with self._lock:
             self._held[node.nid] = held
         return held
@@ -510,13 +624,19 @@ class Server:
             held = self._held.get(fh - 1)
             if held is None:
                 raise OSError(errno.EBADF, "no such open file")
-            self._send_data(unique, os.pread(held.fd, size, offset))
+            data = held.data
+            if data is None and size >= SERVED_FROM_MEMORY:
+                self._let_go()  # a large read, maybe from disk
+            self._send_data(unique, data[offset:offset + size] if data is not None else os.pread(held.fd, size, offset))
             return
         node = self._node(nodeid)
         if node.external:  # zero-message open: the first READ opens and checks the file
             held = self._acquire(unique, node)
             try:
-                data = os.pread(held.fd, size, offset)
+                data = held.data
+                if data is None and size >= SERVED_FROM_MEMORY:
+                    self._let_go()  # a large read, maybe from disk
+                data = data[offset:offset + size] if data is not None else os.pread(held.fd, size, offset)
             finally:
                 self._release_nid(node.nid)
             self._send_data(unique, data)
@@ -549,6 +669,7 @@ class Server:
             if held is not None:
                 held.opens -= 1
                 if not held.opens:
+                    held.data = None  # the next open reads the file again (after `recheck`)
                     self._idle[nid] = held
                     while len(self._idle) > IDLE_BACKING:
                         oldest = next(iter(self._idle))

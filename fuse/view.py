@@ -43,8 +43,17 @@ from bisect import bisect_left
 from itertools import islice
 
 from cfsc.backends.erofs.entries import Entries, interpret_xattrs
+from cfsc.backends.erofs.inode_attrs import inline_xattrs, stat_fields
 from cfsc.backends.erofs.layout import ACL_KEYS, COMPOSEFS_FLAGS_HAS_ACL, EROFS_BLKSIZ, EROFS_FT_CHRDEV
-from cfsc.backends.erofs.overlay import ESCAPED, METACOPY, REDIRECT, TRUSTED_OVERLAY, unescape_key
+from cfsc.backends.erofs.overlay import (
+    ESCAPED,
+    METACOPY,
+    REDIRECT,
+    TRUSTED_OVERLAY,
+    metacopy_digest,
+    redirect_payload,
+    unescape_key,
+)
 from cfsc.backends.erofs.reader import Image
 from cfsc.base.tree import S_IFBLK, S_IFCHR, S_IFDIR, S_IFMT, S_IFREG
 
@@ -106,7 +115,7 @@ class ImageView:
         self._nodes: dict[int, Node | None] = {}
         self._listings: dict[int, Listing] = {}
         self._listed = 0  # entries in _listings
-        self._xattr_cache: dict[bytes, tuple] = {}  # shared-only xattr body -> interpretation
+        self._xattr_cache: dict[bytes, tuple] = {}  # shared-only xattr body -> `_interpret`
         self._lock = threading.Lock()
 
     # -- nodes ----------------------------------------------------------------------------
@@ -124,6 +133,85 @@ class ImageView:
         return node
 
     def _make(self, nid: int) -> Node | None:
+        """`_make_reference` for an inode in the usual shape, read without a `RawInode` and
+        without the generic xattr parse (a fresh mount's first walk makes one node per
+        entry); anything else goes the reference way."""
+        f = stat_fields(self.image, nid)
+        if f is None:
+            return self._make_reference(nid)
+        mode, nlink, uid, gid, size, u, mtime, nsec, xoffset, xsize = f
+        ftype = mode & S_IFMT
+        if ftype == S_IFCHR and u == 0:
+            return None  # an overlayfs whiteout
+        if xsize:
+            x = self._xattrs_quick(nid, xoffset, xsize)
+            if x is None:
+                return self._make_reference(nid)
+            pairs, trusted, store = x
+        else:
+            pairs, trusted, store = (), False, None
+        n = Node()
+        n.nid = nid
+        n.mode = mode
+        n.nlink = nlink
+        n.uid = uid
+        n.gid = gid
+        n.size = size
+        n.rdev = u if ftype == S_IFCHR or ftype == S_IFBLK else 0
+        n.mtime = mtime
+        n.mtime_nsec = nsec
+        n.xattrs = pairs
+        n.trusted = trusted
+        external = n.external = store is not None and ftype == S_IFREG
+        n.payload = n.digest = n.broken = None
+        if external:
+            n.payload, n.digest = store
+            if not n.payload:
+                n.broken = "metacopy file without a redirect (no store path)"
+        n.content = b"" if ftype == S_IFREG and not external and not size else None
+        n.target = n.parent = n.name = n.wire = None
+        return n
+
+    def _xattrs_quick(self, nid: int, offset: int, size: int) -> tuple | None:
+        """`_xattrs` of the usual bodies: shared ids only, or those plus the writer's inline
+        metacopy and redirect (hidden; they only name the store object) — then the visible
+        pairs are the shared ones, interpreted once per distinct set.  None: any other body."""
+        got = inline_xattrs(self.image, offset, size)
+        if got is None:
+            return None
+        head, items = got
+        shared = self._xattr_cache.get(head)
+        if shared is None:
+            shared = self._shared_xattrs(nid, head)
+        if not items:
+            return shared[:3]
+        if shared[3]:
+            return None  # the shared part names a store object too: the reference combines them
+        metacopy = redirect = None
+        for key, value in items:
+            if key == METACOPY and metacopy is None:
+                metacopy = value
+            elif key == REDIRECT and redirect is None:
+                redirect = value
+            else:
+                return None
+        if metacopy is None:
+            store = None
+        else:  # as `interpret_xattrs` reads the pair
+            store = (redirect_payload(redirect) if redirect is not None else None, metacopy_digest(metacopy))
+        return shared[0], shared[1], store
+
+    def _shared_xattrs(self, nid: int, head: bytes) -> tuple:
+        """`_xattrs` of a shared-only body, plus whether it holds a metacopy or redirect."""
+        raw = self.image.inode(nid)  # (locates errors; once per distinct set of shared ids)
+        pairs, trusted, store, lowered = self._interpret(self.image.parse_xattr_body(raw, head))
+        result = (pairs, trusted, store, lowered)
+        if len(self._xattr_cache) >= NODE_CACHE:
+            self._xattr_cache = {}
+        self._xattr_cache[head] = result
+        return result
+
+    def _make_reference(self, nid: int) -> Node | None:
         raw = self.image.inode(nid)
         mode = raw.mode
         ftype = mode & S_IFMT
@@ -170,13 +258,22 @@ class ImageView:
         if shared_only:
             hit = self._xattr_cache.get(bytes(body))
             if hit is not None:
-                return hit
+                return hit[:3]
+        result = self._interpret(self.image.xattrs(raw))
+        if shared_only:
+            if len(self._xattr_cache) >= NODE_CACHE:  # a few hundred distinct sets is usual
+                self._xattr_cache = {}
+            self._xattr_cache[bytes(body)] = result
+        return result[:3]
+
+    def _interpret(self, items) -> tuple[tuple, bool, tuple | None, bool]:
+        """`_xattrs` of these pairs, plus whether any was a metacopy or redirect."""
         pairs = []
         trusted = False
         lowered = []  # the metacopy and redirect pairs
         metacopy = False
         acl = self.acl
-        for key, value in self.image.xattrs(raw):
+        for key, value in items:
             if key.startswith(TRUSTED_OVERLAY):
                 if not key.startswith(ESCAPED):
                     if key == METACOPY:
@@ -195,12 +292,7 @@ class ImageView:
         if metacopy:
             _xattrs, payload, digest, _whiteout = interpret_xattrs(lowered, True)
             store = (payload, digest)
-        result = (tuple(pairs), trusted, store)
-        if shared_only:
-            if len(self._xattr_cache) >= NODE_CACHE:  # a few hundred distinct sets is usual
-                self._xattr_cache = {}
-            self._xattr_cache[bytes(body)] = result
-        return result
+        return tuple(pairs), trusted, store, bool(lowered)
 
     def content(self, node: Node) -> bytes | None:
         """A regular file's data held in the image (None: a hole, read as zeros)."""

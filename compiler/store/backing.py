@@ -106,6 +106,13 @@ class Store:
         `cancelled` is polled while a digest is computed; `where` names the file in the
         image in errors (callers may fill it in later: `error.where`).
         """
+        return self.open_read(payload, digest, -1, cancelled, where)[0]
+
+    def open_read(self, payload: bytes, digest: bytes | None, limit: int,
+                  cancelled: Callable[[], bool] | None = None, where: str = "") -> tuple[int, bytes | None]:
+        """`open`, plus the whole content of a file of at most `limit` bytes (else None),
+        read once: the bytes checked against the digest are the bytes a server hands out,
+        and a small file costs one read instead of one to verify and one to serve."""
         if digest is None and self.verity == VERITY_REQUIRED:
             raise IntegrityError(f"no fs-verity digest recorded for object {shown_path(payload)} "
                                  "(--verity=require)", where)
@@ -114,13 +121,21 @@ class Store:
                                " (mount --store DIR; composefs-fuse -o basedir=DIR)",
                                where, errno.EIO)
         fd, st = self._find(payload, where)
+        data = None
         try:
+            if st.st_size <= limit:
+                try:
+                    data = os.pread(fd, st.st_size + 1, 0)  # one byte more shows a file that grew
+                except OSError as e:
+                    raise IntegrityError(f"object {shown_path(payload)}: cannot read it: {e.strerror}", where) from None
+                if len(data) != st.st_size:
+                    data = None  # changed under us: verified (and served) the long way
             if digest is not None and self.verity != "none":
-                self._verify(fd, st, payload, digest, where, cancelled)
+                self._verify(fd, st, payload, digest, where, cancelled, data)
         except BaseException:
             os.close(fd)
             raise
-        return fd
+        return fd, data
 
     def recheck(self, fd: int, payload: bytes, digest: bytes | None,
                 cancelled: Callable[[], bool] | None = None) -> None:
@@ -152,7 +167,9 @@ class Store:
     # -- verification --------------------------------------------------------------------
 
     def _verify(self, fd: int, st: os.stat_result, payload: bytes, digest: bytes, where: str,
-                cancelled: Callable[[], bool] | None) -> None:
+                cancelled: Callable[[], bool] | None, data: bytes | None = None) -> None:
+        """Raise unless the file's fs-verity digest is `digest`; `data`: its whole content,
+        already read (hashed instead of reading it again)."""
         got = None
         algorithm = algorithm_of(digest) or SHA256  # (the image reader yields no other size)
         if st.st_dev not in self._no_kernel_verity:
@@ -164,7 +181,11 @@ class Store:
             got = self._digests.get(key)
             if got is None:
                 try:
-                    got = self._measure(fd, st.st_size, cancelled, algorithm)
+                    if data is not None:
+                        self.measured += len(data)
+                        got = digest_bytes(data, algorithm)
+                    else:
+                        got = self._measure(fd, st.st_size, cancelled, algorithm)
                 except OSError as e:
                     raise IntegrityError(f"object {shown_path(payload)}: cannot read it to check its "
                                          f"digest: {e.strerror}", where) from None

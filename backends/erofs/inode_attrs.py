@@ -1,0 +1,100 @@
+"""An inode's stat fields and inline xattrs in one step, for readers that touch every inode.
+
+`Image.inode` builds a `RawInode` (18 fields, every check); a FUSE server answering the
+first walk of a fresh mount needs only the stat fields of each entry, tens of thousands of
+times.  `stat_fields` reads them with the same checks and no object; `inline_xattrs` reads
+the inline xattr entries of a body in the usual shape (the writer's per-file metacopy and
+redirect).  Both return None for anything else — an inode near the end of the image, a
+malformed field, an unusual body — and the caller then takes the reference path
+(`Image.inode`, `Image.xattrs`), which handles the rare shapes and locates every error.
+`tests/test_fuse.py` holds the two paths equal over whole images, hostile ones included.
+"""
+
+from __future__ import annotations
+
+from cfsc.backends.erofs.layout import (
+    EROFS_I_ALL,
+    EROFS_INODE_COMPACT,
+    EROFS_INODE_EXTENDED,
+    EROFS_INODE_FLAT_INLINE,
+    EROFS_ISLOTBITS,
+    EROFS_XATTR_ENTRY,
+    EROFS_XATTR_IBODY_HEADER,
+    XATTR_PREFIXES,
+)
+from cfsc.backends.erofs.reader import BLK, LAYOUTS, U64_SIGN, Image
+from cfsc.base.limits import VALID_TYPES
+from cfsc.base.tree import S_IFMT
+
+_unpack_compact = EROFS_INODE_COMPACT.unpack_from
+_unpack_extended = EROFS_INODE_EXTENDED.unpack_from
+_unpack_entry = EROFS_XATTR_ENTRY.unpack_from
+_N_PREFIXES = len(XATTR_PREFIXES)
+# Spelled out below as literals (a global lookup per inode costs): the inode sizes, the
+# slot shift, the xattr body header, its shared count's offset, an entry header.
+assert (EROFS_INODE_COMPACT.size, EROFS_INODE_EXTENDED.size, EROFS_ISLOTBITS) == (32, 64, 5)
+assert (EROFS_XATTR_IBODY_HEADER.size, EROFS_XATTR_IBODY_HEADER.offset("h_shared_count"),
+        EROFS_XATTR_ENTRY.size) == (12, 4, 4)
+
+
+def stat_fields(image: Image, nid: int) -> tuple | None:
+    """`(mode, nlink, uid, gid, size, i_u, mtime, mtime_nsec, xattr_offset, xattr_size)` of
+    inode `nid` as `Image.inode` reads them (`i_u` is rdev for devices), or None where that
+    reference path must decide."""
+    off = image.meta_base + (nid << 5)
+    end = image.end
+    if off + 64 > end:
+        return None
+    data = image.data
+    i_format, icount, mode, nlink, size, u, _ino, uid, gid = _unpack_compact(data, off)
+    if i_format & 1:
+        _f, icount, mode, size, u, _ino, uid, gid, mtime, nsec, nlink = _unpack_extended(data, off)
+        if mtime & U64_SIGN:
+            mtime -= 1 << 64
+        isize = 64
+    else:
+        mtime = image.build_time
+        nsec = image.build_time_nsec
+        isize = 32
+    layout = (i_format >> 1) & 7
+    if i_format & ~EROFS_I_ALL or layout not in LAYOUTS or mode & S_IFMT not in VALID_TYPES:
+        return None
+    xsize = 12 + 4 * (icount - 1) if icount else 0
+    tail = off + isize + xsize
+    if layout == EROFS_INODE_FLAT_INLINE and size:
+        tail_size = (size - 1) % BLK + 1
+        if tail + tail_size > end or tail % BLK + tail_size > BLK:
+            return None
+    elif tail > end:
+        return None
+    return mode, nlink, uid, gid, size, u, mtime, nsec, off + isize, xsize
+
+
+def inline_xattrs(image: Image, offset: int, size: int) -> tuple[bytes, list] | None:
+    """`(head, [(key, value)])` of the xattr body at `offset`: `head` is the header with the
+    shared ids (what `Image.xattr_body` calls a shared-only body), then the inline entries
+    with their full keys.  None where `Image.xattrs` must decide (a malformed entry, an
+    unknown prefix, a key with NUL)."""
+    data = image.data
+    end = offset + size
+    if size < 12:
+        return None
+    pos = offset + 12 + 4 * data[offset + 4]
+    if pos > end:
+        return None
+    head = data[offset:pos]
+    items = []
+    while pos < end:
+        if pos + 4 > end:
+            return None
+        name_len, index, value_len = _unpack_entry(data, pos)
+        name_end = pos + 4 + name_len
+        value_end = name_end + value_len
+        if value_end > end or index >= _N_PREFIXES or not name_len:
+            return None
+        name = data[pos + 4:name_end]
+        if b"\0" in name:
+            return None
+        items.append((XATTR_PREFIXES[index] + name, data[name_end:value_end]))
+        pos = (value_end + 3) & ~3
+    return head, items

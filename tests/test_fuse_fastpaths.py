@@ -1,0 +1,277 @@
+"""The FUSE server's fast paths against their reference paths.
+
+* `ImageView._make` (stat fields and the usual xattr bodies read without a `RawInode` or the
+  generic parse) equals `ImageView._make_reference` at every inode slot of real, odd and
+  corrupt images — garbage slots included, where both must fail alike.
+* A directory stream encoded once and served in slices (`Server._encoded`) pages exactly as
+  the record-by-record encoding (`Server._records`) does, at any buffer size; streams
+  encoded ahead of a walk are the same bytes.
+* A small backing file read once (`Store.open_read`) is verified from the bytes it serves:
+  a tampered one is still EIO on its first read, on a real mount without passthrough.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import os
+import socket
+import time
+from pathlib import Path
+
+import pytest
+from cfsc.backends.erofs.reader import Image
+from cfsc.backends.erofs.writer import write_image
+from cfsc.base.errors import IntegrityError
+from cfsc.base.fsverity import digest_bytes, payload_path
+from cfsc.base.options import Options
+from cfsc.build.pipeline import run_passes
+from cfsc.frontends import dumpfile
+from cfsc.fuse import open_view
+from cfsc.fuse import protocol as P
+from cfsc.fuse.server import Server
+from cfsc.fuse.view import ImageView, Node
+from cfsc.store.backing import Store
+
+from tests.helpers.data import CONFORMANCE
+from tests.test_hostile_images import CORPUS
+
+IMAGES = CONFORMANCE / "upstream-images"
+SLOTS_MAX = 40000  # inode slots compared per image (the config images have ~50k)
+
+
+def _image_bytes(path: Path) -> bytes:
+    data = path.read_bytes()
+    return gzip.decompress(data) if path.name.endswith(".gz") else data
+
+
+def _odd_xattrs_image() -> bytes:
+    """Metacopy and redirect values of every odd kind, inline and shared, with user xattrs
+    inline and shared beside them."""
+    from cfsc.backends.erofs.overlay import METACOPY as M
+    from cfsc.backends.erofs.overlay import REDIRECT as R
+
+    odd = {b"plain": ((M, b""), (R, b"/ab/cd")), b"digest": ((M, bytes(4) + b"\x11" * 32), (R, b"ab/cd")),
+           b"short-metacopy": ((M, b"\1" * 10), (R, b"//ab/cd")), b"nul": ((M, b""), (R, b"/ab/cd\0tail")),
+           b"slash": ((M, b""), (R, b"/")), b"no-redirect": ((M, bytes(36)),),
+           b"long-metacopy": ((M, bytes(37)), (R, b"/q")), b"no-metacopy": ((R, b"/ab/x"),),
+           b"two-a": ((M, b""), (R, b"/shared/one")), b"two-b": ((M, b""), (R, b"/shared/one")),
+           b"user-inline": ((M, b""), (R, b"/ab/u"), (b"user.only", b"x")),
+           b"escaped": ((b"trusted.overlay.overlay.x", b"1"), (M, b""), (R, b"/ab/e"))}
+    dump = b"/ 4096 40755 2 0 0 0 0.0 - - - user.common=1\n" + b"".join(
+        b"/%s 3 100644 1 0 0 0 0.0 - abc - user.common=1\n" % n for n in odd)
+    tree = run_passes(dumpfile.loads(dump, Options(), "odd.dump"), Options())
+    for name, pairs in odd.items():  # lowered already: these go to the image as they are
+        node = tree.root.children[name]
+        node.xattrs = tuple(sorted(node.xattrs + pairs))
+    out = io.BytesIO()
+    write_image(tree, out)
+    return out.getvalue()
+
+
+def _images():
+    """Every image whose superblock the reader accepts (else no inode is ever read)."""
+    yield "odd-xattrs", _odd_xattrs_image()
+    for path in sorted(IMAGES.iterdir()):
+        yield path.name, _image_bytes(path)
+    for name, data, _offset, _words in CORPUS:
+        try:
+            Image(data, name)
+        except OSError:
+            continue
+        yield f"corrupt-{name}", data
+
+
+def _outcome(make, nid: int):
+    try:
+        node = make(nid)
+    except OSError as e:
+        return "error", type(e).__name__, str(e)
+    if node is None:
+        return None
+    return tuple(getattr(node, slot) for slot in Node.__slots__)
+
+
+@pytest.mark.parametrize("name, data", list(_images()), ids=[n for n, _d in _images()])
+def test_fast_nodes_equal_the_reference_at_every_inode_slot(name, data):
+    image = Image(data, name)
+    fast, reference = ImageView(image), ImageView(image)
+    slots = min((image.end - image.meta_base) >> 5, SLOTS_MAX)
+    nodes = 0
+    for nid in range(slots):
+        got = _outcome(fast._make, nid)
+        assert got == _outcome(reference._make_reference, nid), f"{name}: nid {nid}"
+        nodes += got is not None and got[0] != "error"
+    assert nodes, "some slot holds an inode"
+
+
+# -- directory streams -----------------------------------------------------------------------
+
+
+class Connection:
+    """A `Server` on one end of a SOCK_SEQPACKET pair (one message per request and reply,
+    as `/dev/fuse` frames them), its workers running."""
+
+    def __init__(self, image: Path, basedirs=(), threads=2):
+        self.sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.fd = theirs.detach()
+        self.server = Server(self.fd, open_view(str(image)), Store([str(b) for b in basedirs]), threads=threads)
+        self.server.start()
+        self.unique = 0
+
+    def call(self, opcode, body=b"", nodeid=1):
+        self.unique += 2
+        self.sock.send(P.IN_HEADER.pack(40 + len(body), opcode, self.unique, nodeid, 0, 0, os.getpid(), 0) + body)
+        self.sock.settimeout(10)
+        data = self.sock.recv(1 << 21)
+        _length, error, unique = P.OUT_HEADER.unpack_from(data)
+        assert unique == self.unique
+        return error, data[16:]
+
+    def close(self):
+        self.sock.close()
+        self.server.wait(5)
+        self.server.close()
+        os.close(self.fd)
+
+
+def _reference_pages(server: Server, nodeid: int, plus: bool, size: int) -> list[bytes]:
+    """The pages of a listing encoded record by record, as the server did before streams."""
+    node = server._node(nodeid)
+    pages = []
+    offset = 0
+    while True:
+        parts = []
+        used = 0
+        for index, (name, ino, dtype, entry) in enumerate(server._records(node, offset, plus), offset):
+            rec = P.DIRENT.pack(ino, index + 1, len(name), dtype) + name + b"\0" * (-len(name) % 8)
+            if plus:
+                rec = entry + rec
+            if used + len(rec) > size:
+                break
+            parts.append(rec)
+            used += len(rec)
+        page = b"".join(parts)
+        pages.append(page)
+        if not page:
+            return pages
+        offset += len(parts)
+
+
+def _served_pages(conn: Connection, nodeid: int, plus: bool, size: int) -> list[bytes]:
+    opcode = P.Opcode.READDIRPLUS if plus else P.Opcode.READDIR
+    pages = []
+    offset = 0
+    while True:
+        error, page = conn.call(opcode, P.READ_IN.pack(0, offset, size, 0, 0), nodeid)
+        assert error == 0
+        pages.append(page)
+        if not page:
+            return pages
+        pos = 0
+        while pos < len(page):  # the next offset: the last record's d_off
+            d = P.DIRENT.read(page, pos + (P.ENTRY_OUT.size if plus else 0))
+            offset = d.off
+            pos += (P.ENTRY_OUT.size if plus else 0) + P.DIRENT.size + (d.namelen + 7) // 8 * 8
+
+
+def _tree_image(tmp: Path) -> Path:
+    lines = [b"/ 4096 40755 2 0 0 0 0.0 - - -"]
+    for i in range(3):
+        lines.append(b"/d%d 4096 40755 2 0 0 0 0.0 - - -" % i)
+        for j in range(200):
+            lines.append(b"/d%d/entry-%04d-%s 5 100644 1 0 0 0 0.0 - hello -" % (i, j, b"x" * (j % 37)))
+        lines.append(b"/d%d/sub 4096 40755 2 0 0 0 0.0 - - -" % i)
+        lines.append(b"/d%d/sub/leaf 0 100644 1 0 0 0 0.0 - - -" % i)
+    image = tmp / "tree.cfs"
+    tree = run_passes(dumpfile.loads(b"\n".join(sorted(lines)) + b"\n", Options(), "tree.dump"), Options())
+    with open(image, "wb") as f:
+        write_image(tree, f)
+    return image
+
+
+@pytest.mark.parametrize("image", ["tree", "special.v1.cfs", "config-with-hard-link.v1.cfs.gz"])
+def test_directory_streams_page_as_the_reference(image, tmp_path):
+    if image == "tree":
+        path = _tree_image(tmp_path)
+    else:
+        path = tmp_path / "image.cfs"
+        path.write_bytes(_image_bytes(IMAGES / image))
+    conn = Connection(path)
+    try:
+        conn.call(P.Opcode.INIT, P.INIT_IN.pack(7, 45, 1 << 20, 0xFFFFFFFF) + P.INIT_IN_FLAGS2.pack(0))
+        view = conn.server.view
+        dirs = [P.ROOT_ID] + [nid + 2 for _name, nid in view.children(view.root_nid)
+                              if view.node(nid) is not None and view.node(nid).mode & 0o170000 == 0o040000][:8]
+        for nodeid in dirs:
+            for plus in (False, True):
+                for size in (200, 4096, 32768, 1 << 20):
+                    assert _served_pages(conn, nodeid, plus, size) == \
+                        _reference_pages(conn.server, nodeid, plus, size), (nodeid, plus, size)
+    finally:
+        conn.close()
+
+
+def test_subdirectories_are_encoded_ahead_of_the_walk_and_alike(tmp_path):
+    conn = Connection(_tree_image(tmp_path))
+    try:
+        conn.call(P.Opcode.INIT, P.INIT_IN.pack(7, 45, 1 << 20, 0xFFFFFFFF) + P.INIT_IN_FLAGS2.pack(0))
+        server = conn.server
+        _served_pages(conn, P.ROOT_ID, True, 4096)
+        first = server.view.lookup(server.view.root_nid, b"d0")
+        key = first.nid * 2 + 1
+        end = time.monotonic() + 10
+        while key not in server._streams and time.monotonic() < end:
+            time.sleep(0.01)  # the waiting worker encodes it once the reply is out
+        assert key in server._unasked, "encoded before any request asked"
+        ahead = server._streams[key][0]
+        assert _served_pages(conn, first.nid + 2, True, 1 << 20)[0] == ahead
+        assert key not in server._unasked
+        assert b"".join(_reference_pages(server, first.nid + 2, True, 1 << 20)) == ahead
+    finally:
+        conn.close()
+
+
+# -- small files read once --------------------------------------------------------------------
+
+
+def test_small_files_are_verified_from_the_bytes_served(tmp_path):
+    store_dir = tmp_path / "store"
+    data = os.urandom(9000)
+    target = store_dir / os.fsdecode(payload_path(digest_bytes(data)))
+    target.parent.mkdir(parents=True)
+    target.write_bytes(data)
+    payload, digest = payload_path(digest_bytes(data)), digest_bytes(data)
+    store = Store([str(store_dir)])
+    try:
+        fd, got = store.open_read(payload, digest, 1 << 17)
+        os.close(fd)
+        assert got == data and store.measured == len(data)
+        fd, got = store.open_read(payload, digest, 100)  # over the limit: the fd only
+        os.close(fd)
+        assert got is None
+        target.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+        with pytest.raises(IntegrityError, match="tampered or corrupt"):
+            store.open_read(payload, digest, 1 << 17)
+    finally:
+        store.close()
+
+
+@pytest.mark.fuse
+@pytest.mark.root
+@pytest.mark.timeout(120)
+def test_a_tampered_small_object_is_eio_without_passthrough(tmp_path):
+    from tests.test_fuse import _data_image, _read_or_errno, fuse_mounted
+
+    image, store, files = _data_image(tmp_path)
+    flipped = store / os.fsdecode(payload_path(digest_bytes(files["flipped"])))
+    raw = bytearray(flipped.read_bytes())
+    raw[5000] ^= 1
+    flipped.write_bytes(raw)
+    mnt = tmp_path / "m"
+    mnt.mkdir()
+    with fuse_mounted(image, mnt, [store], passthrough=False) as server:
+        assert not server.passthrough
+        assert _read_or_errno(mnt / "flipped") == "EIO"
+        assert (mnt / "small").read_bytes() == files["small"]
+        assert (mnt / "big").read_bytes() == files["big"]
