@@ -57,7 +57,10 @@ def _odd_xattrs_image() -> bytes:
            b"long-metacopy": ((M, bytes(37)), (R, b"/q")), b"no-metacopy": ((R, b"/ab/x"),),
            b"two-a": ((M, b""), (R, b"/shared/one")), b"two-b": ((M, b""), (R, b"/shared/one")),
            b"user-inline": ((M, b""), (R, b"/ab/u"), (b"user.only", b"x")),
-           b"escaped": ((b"trusted.overlay.overlay.x", b"1"), (M, b""), (R, b"/ab/e"))}
+           b"escaped": ((b"trusted.overlay.overlay.x", b"1"), (M, b""), (R, b"/ab/e")),
+           # SHA-512 metacopies (composefs-rs): the 68-byte form, and one whose id says SHA-256
+           b"sha512": ((M, b"\0\x44\0\x02" + b"\x22" * 64), (R, b"/ab/" + b"c" * 126)),
+           b"sha512-bad-id": ((M, b"\0\x44\0\x01" + b"\x22" * 64), (R, b"/ab/s"))}
     dump = b"/ 4096 40755 2 0 0 0 0.0 - - - user.common=1\n" + b"".join(
         b"/%s 3 100644 1 0 0 0 0.0 - abc - user.common=1\n" % n for n in odd)
     tree = run_passes(dumpfile.loads(dump, Options(), "odd.dump"), Options())
