@@ -60,9 +60,12 @@ def command(tool: str, exe: str, tree: str, image: str, store: str | None, threa
 
 
 def listing(store: str) -> list[tuple[str, int, int]]:
+    """The store's objects (name, size, mode); cfsc's lock file (`cfsc gc`) is no object."""
     out = []
     for dirpath, _dirs, files in os.walk(store):
         for name in files:
+            if dirpath == store and name == ".cfsc-lock":
+                continue
             st = os.lstat(os.path.join(dirpath, name))
             out.append((os.path.relpath(os.path.join(dirpath, name), store), st.st_size, st.st_mode))
     return sorted(out)
