@@ -31,10 +31,12 @@ import struct
 import sys
 import threading
 from collections.abc import Callable, Iterator
-from concurrent.futures import Executor, Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from cfsc.base.errors import UsageError
+
+if TYPE_CHECKING:  # (concurrent.futures is ~8 ms of start-up: imported when a pool is made)
+    from concurrent.futures import Executor, Future
 
 BLOCK_SIZE = 4096
 DIGEST_SIZE = 32  # SHA-256's, the default
@@ -60,15 +62,18 @@ FSVERITY_DIGEST = struct.Struct("=HH")
 FS_IOC_MEASURE_VERITY = 0xC0046686
 
 
-@dataclass(frozen=True, slots=True)
 class FsVerityAlgorithm:
     """A hash fs-verity can use: its name (`fsverity digest --hash-alg`), the id the
-    descriptor and overlayfs' metacopy carry (FS_VERITY_HASH_ALG_*), its digest size."""
+    descriptor and overlayfs' metacopy carry (FS_VERITY_HASH_ALG_*), its digest size.
+    (A plain class: a dataclass is made by `exec`, a few ms of every command's start-up.)"""
 
-    name: str
-    id: int
-    size: int
-    new: Callable  # the hashlib constructor
+    __slots__ = ("name", "id", "size", "new")
+
+    def __init__(self, name: str, id: int, size: int, new: Callable) -> None:  # noqa: A002
+        self.name, self.id, self.size, self.new = name, id, size, new  # new: the hashlib constructor
+
+    def __repr__(self) -> str:
+        return f"FsVerityAlgorithm({self.name})"
 
 
 SHA256 = FsVerityAlgorithm("sha256", FS_VERITY_HASH_ALG_SHA256, 32, hashlib.sha256)
@@ -371,6 +376,8 @@ def hash_pool() -> Executor:
     if _pool is None:
         with _pool_lock:
             if _pool is None:
+                from concurrent.futures import ThreadPoolExecutor
+
                 _pool = ThreadPoolExecutor(len(os.sched_getaffinity(0)) or 1, thread_name_prefix="cfsc-hash")
     return _pool
 
