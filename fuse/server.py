@@ -47,6 +47,7 @@ import select
 import stat
 import sys
 import threading
+import time
 from bisect import bisect_right
 
 from cfsc.base.errors import CfscError
@@ -151,8 +152,18 @@ class Server:
             self._workers.append(t)
 
     def wait(self, timeout: float | None = None) -> bool:
-        """Block until the connection ends (True) or `timeout` passes (False)."""
-        return self.done.wait(timeout)
+        """Block until the connection ends and every worker has stopped (True) or `timeout`
+        passes (False).  Only then may the caller close the device fd: a worker still about to
+        read would otherwise read from whatever the fd number is reused for (the next mount's
+        INIT, taken by a server that no longer answers)."""
+        end = None if timeout is None else time.monotonic() + timeout
+        if not self.done.wait(timeout):
+            return False
+        for t in self._workers:
+            t.join(None if end is None else max(0.0, end - time.monotonic()))
+            if t.is_alive():
+                return False
+        return True
 
     def _worker(self) -> None:
         fd = self.fd
@@ -171,6 +182,8 @@ class Server:
                 if not local.reading:  # (let go of for a slow request: wait for our turn)
                     reading.acquire()
                     local.reading = True
+                    if self.done.is_set():  # another worker saw the end meanwhile
+                        break
                 try:
                     if self._ahead:
                         self._read_ahead(poll)
