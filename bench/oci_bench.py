@@ -19,7 +19,7 @@ Per repetition, each into a fresh, empty store on the same file system:
     toc-only     cfsc compile --toc-only oci:WORK/chunked:latest -o IMAGE  (no store: no data read)
     chunked      cfsc compile oci:WORK/chunked:latest -o IMAGE --digest-store STORE
 
-Prints wall and CPU seconds and peak RSS (ru_maxrss of each child; for umoci+C the larger of
+Prints wall and CPU seconds and peak RSS (of each child, from /usr/bin/time; for umoci+C the larger of
 the two) per run and their medians.  The cfsc and umoci+C stores must hold the same objects
 (the images differ only where the unlisted-directory rule and hard links differ: mkcomposefs
 makes every name its own inode).

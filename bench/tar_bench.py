@@ -29,6 +29,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -48,16 +49,20 @@ def create_layer(path: Path) -> None:
 
 
 def run(cmd: list[str]) -> tuple[float, float, int]:
-    """Wall and CPU (user + sys) seconds and peak RSS (KiB) of one child process."""
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _pid, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - start
-    err = proc.stderr.read().decode()  # type: ignore[union-attr]
-    proc.stderr.close()  # type: ignore[union-attr]
-    if status != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed: {err}")
-    return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss
+    """Wall and CPU (user + sys) seconds and peak RSS (KiB) of one command.  The peak comes
+    from /usr/bin/time: a child forked by this (larger) Python process would report this
+    process's RSS as its own high-water mark."""
+    with tempfile.NamedTemporaryFile("r") as report:
+        start = time.perf_counter()
+        proc = subprocess.Popen(["/usr/bin/time", "-q", "-f", "%M", "-o", report.name, *cmd],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        _pid, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - start
+        err = proc.stderr.read().decode()  # type: ignore[union-attr]
+        proc.stderr.close()  # type: ignore[union-attr]
+        if status != 0:
+            raise SystemExit(f"{' '.join(cmd)} failed: {err}")
+        return wall, usage.ru_utime + usage.ru_stime, int(report.read().split()[-1])
 
 
 def clean(*paths: Path) -> None:

@@ -37,13 +37,12 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from compile_bench import synthetic_dump  # bench/ is on sys.path
 from dir_bench import create_tree, listing
-from tar_bench import EXTRACT
+from tar_bench import EXTRACT, run
 
 CFSC = str(Path(sys.executable).with_name("cfsc"))
 WORKLOADS = ("dump64", "dump250k", "dump1m", "minbase-nostore", "minbase-cold", "minbase-warm", "usr", "tar")
@@ -126,23 +125,6 @@ def workloads(args: argparse.Namespace, paths: dict[str, str], scratch: str) -> 
                                 ["sh", "-c", c_pipeline], store={"cfsc": store("cfsc"), "c": store("c")},
                                 scratch_dirs=[extracted]))
     return out
-
-
-def run(cmd: list[str]) -> tuple[float, float, int]:
-    """Wall and CPU (user + sys) seconds and peak RSS (KiB) of one command.  The peak comes
-    from /usr/bin/time: a child forked by this (larger) Python process would report this
-    process's RSS as its own high-water mark."""
-    with tempfile.NamedTemporaryFile("r") as report:
-        start = time.perf_counter()
-        proc = subprocess.Popen(["/usr/bin/time", "-q", "-f", "%M", "-o", report.name, *cmd],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        _pid, status, usage = os.wait4(proc.pid, 0)
-        wall = time.perf_counter() - start
-        err = proc.stderr.read().decode()  # type: ignore[union-attr]
-        proc.stderr.close()  # type: ignore[union-attr]
-        if status != 0:
-            raise SystemExit(f"{' '.join(cmd)} failed: {err}")
-        return wall, usage.ru_utime + usage.ru_stime, int(report.read().split()[-1])
 
 
 def measure(w: Workload, repeat: int, scratch: str) -> dict[str, list[tuple[float, float, int]]]:
