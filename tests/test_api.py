@@ -128,6 +128,23 @@ def test_check_dict_equals_cli_json(pair_sources):
         assert report.digest == digest
 
 
+def test_check_refuses_a_digest_of_no_algorithm_s_length():
+    with pytest.raises(cfsc.errors.UsageError, match="expected sha256"):
+        cfsc.check(DEMO, expect_digest=bytes(20))
+    with pytest.raises(cfsc.errors.UsageError, match="expected sha256"):
+        cfsc.check(DEMO, expect_digest="sha512:" + "0" * 64)
+
+
+def test_open_digest_follows_the_hash_option(tmp_path):
+    """`open(..., hash="sha512").digest` is the digest `compile(..., hash="sha512")` gives."""
+    digest = cfsc.compile(DEMO, tmp_path / "demo.cfs", hash="sha512")
+    assert len(digest) == 64
+    with cfsc.open(DEMO, hash="sha512") as image:
+        assert image.digest == digest
+    with cfsc.open(tmp_path / "demo.cfs", hash="sha512") as image:
+        assert image.digest == digest
+
+
 def test_check_needs_something_to_check():
     with pytest.raises(cfsc.errors.UsageError, match="nothing to check"):
         cfsc.check(DEMO)

@@ -150,11 +150,12 @@ class Image:
     whether it exists, `listdir(path)` lists a directory.
     """
 
-    __slots__ = ("_digest", "_image", "_lookups")
+    __slots__ = ("_algorithm", "_digest", "_image", "_lookups")
 
-    def __init__(self, image: _reader.Image) -> None:
+    def __init__(self, image: _reader.Image, algorithm: str = "sha256") -> None:
         from cfsc.backends.erofs.entries import Entries
 
+        self._algorithm = algorithm  # `Options.hash`: the digest `compile` would print
         self._image: _reader.Image | None = image
         self._lookups = Entries(image)  # lookups are not charged to a walk's read budget
         self._digest: bytes | None = None
@@ -184,9 +185,9 @@ class Image:
     def digest(self) -> bytes:
         """The image's fs-verity digest (what `mount -o digest=` and `cfsc check` compare)."""
         if self._digest is None:
-            from cfsc.base.fsverity import digest_bytes
+            from cfsc.base.fsverity import algorithm_named, digest_bytes
 
-            self._digest = digest_bytes(self._open.data)
+            self._digest = digest_bytes(self._open.data, algorithm_named(self._algorithm))
         return self._digest
 
     def walk(self, top: PathArg = "/", where: str | None = None) -> Iterator[Entry]:
@@ -286,8 +287,8 @@ def open(source: Source, *, format: str | None = None, options: Options | None =
     opts = options_of(options, option_fields)
     side = side_of(source)
     if isinstance(side, tuple):
-        return Image(build.compile_in_memory(build.load(list(side), opts, format), opts))
-    return Image(open_image(side, opts, format, recompile=True))
+        return Image(build.compile_in_memory(build.load(list(side), opts, format), opts), opts.hash)
+    return Image(open_image(side, opts, format, recompile=True), opts.hash)
 
 
 __all__ = ["Entry", "Image", "open"]
