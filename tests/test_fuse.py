@@ -72,8 +72,6 @@ def fuse_mounted(image: Path, mnt: Path, basedirs=(), verity="if-present", passt
     finally:
         unmount(str(mnt))
         assert server.wait(10), "the server did not see the unmount"
-        # every worker has stopped: none can read from the fd number once it is reused
-        assert not any(t.is_alive() for t in server._workers)
         server.close()
         os.close(fd)
         store.close()

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
+from cfsc.base.errors import UsageError
 from cfsc.fuse.attach import MountError, unmount
 from cfsc.mount_helper import EXIT_FAILED, EXIT_USAGE, parse, split_options
 
@@ -399,7 +400,7 @@ def test_option_strings_split_as_upstream():
                         (["-o", "basedir=/s,verity_check=3", "i", "m"], "verity_check="),
                         (["-o", "basedir=/s,ro=1", "i", "m"], "ro="), (["-t", "ext4", "i", "m"], "-t"),
                         (["-o", "basedir=/s", "i"], "mount.composefs"), (["-N", "1", "i", "m"], "-N")):
-        with pytest.raises(Exception) as e:
+        with pytest.raises(UsageError) as e:
             parse(argv)
         assert e.value.where == where, argv
 

@@ -7,7 +7,7 @@ the inline xattr entries of a body in the usual shape (the writer's per-file met
 redirect).  Both return None for anything else — an inode near the end of the image, a
 malformed field, an unusual body — and the caller then takes the reference path
 (`Image.inode`, `Image.xattrs`), which handles the rare shapes and locates every error.
-`tests/test_fuse.py` holds the two paths equal over whole images, hostile ones included.
+`tests/test_fuse_fastpaths.py` holds the two paths equal over whole images, hostile ones included.
 """
 
 from __future__ import annotations

@@ -225,12 +225,7 @@ def digest_bytes(data: bytes | bytearray | memoryview, algorithm: FsVerityAlgori
     n = len(data)
     if 0 < n <= BLOCK_SIZE:  # the common small file: its one block is the root
         return descriptor_digest(algorithm.new(bytes(data) + _ZERO_BLOCK[n:]).digest(), n, algorithm)
-    if not n:
-        return descriptor_digest(bytes(algorithm.size), 0, algorithm)  # the kernel's all-zero root
-    hashes = block_hashes(data, algorithm)
-    if len(hashes) <= BLOCK_SIZE:  # level 0 fills one block at most: its hash is the root
-        return descriptor_digest(algorithm.new(hashes + _ZERO_BLOCK[len(hashes):]).digest(), n, algorithm)
-    return descriptor_digest(root_of_level0(hashes, algorithm), n, algorithm)
+    return descriptor_digest(root_of_level0(block_hashes(data, algorithm), algorithm), n, algorithm)
 
 
 def reference_digest(data: bytes, algorithm: FsVerityAlgorithm = SHA256) -> bytes:

@@ -64,12 +64,6 @@ def report(err: BaseException, code: int) -> int:
     return code
 
 
-def fail(err: BaseException, code: int) -> None:
-    import typer
-
-    raise typer.Exit(report(err, code))
-
-
 def guarded(func, *a, **kw) -> int | None:
     """Run a verb: None when it returns, else the exit code its error maps to (reported)."""
     try:

@@ -19,6 +19,7 @@ from cfsc.cli import command, digest_line
 from cfsc.cli.direct import mkcomposefs
 from cfsc.cli.getopt import getopt_long
 
+
 @command("mkcomposefs", context_settings={"ignore_unknown_options": True,
                                           "allow_extra_args": True, "help_option_names": []})
 def mkcomposefs_cmd(ctx: typer.Context) -> None:
