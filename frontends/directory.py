@@ -40,7 +40,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 from cfsc.base.beneath import NotRegular, open_listed
 from cfsc.base.errors import InputError, UsageError
-from cfsc.base.fsverity import algorithm_named, digest_bytes, hash_fd, payload_path, short_gil_switches
+from cfsc.base.fsverity import algorithm_named, digest_bytes, fill, hash_fd, payload_path, short_gil_switches
 from cfsc.base.limits import INLINE_MAX
 from cfsc.base.options import Options
 from cfsc.base.progress import Progress, mib
@@ -411,14 +411,8 @@ class _Scanner:
 
     def read_whole(self, fd: int, buf: bytearray, size: int, job: _File) -> memoryview:
         """The file's `size` bytes, read into `buf` (which is larger)."""
-        mv = memoryview(buf)[:size + 1]
-        got = 0
-        while got <= size:
-            n = os.readv(fd, [mv[got:]])
-            if not n:
-                break
-            got += n
-        if got != size:
+        mv = memoryview(buf)[:size + 1]  # one byte more tells it grew
+        if fill(fd, mv) != size:
             raise self.changed(job.path, "modified (its size changed)")
         return mv[:size]
 

@@ -272,7 +272,7 @@ def hash_fd(fd: int, offset: int | None = None, out: int | None = None,
         h.update(chunk)
         total += n
         if out is not None:
-            _write_all(out, chunk)
+            write_all(out, chunk)
 
 
 def _hash_fd_pooled(fd: int, offset: int | None, out: int | None, pool: Executor,
@@ -288,12 +288,12 @@ def _hash_fd_pooled(fd: int, offset: int | None, out: int | None, pool: Executor
     try:
         while not end:
             buf = free.pop()
-            n = _fill(fd, buf, None if offset is None else offset + total)
+            n = fill(fd, buf, None if offset is None else offset + total)
             end = n < len(buf)  # only the last chunk may end inside a block
             if end and not total:  # all in one chunk: not worth a trip to the pool
                 free.append(buf)
                 if out is not None:
-                    _write_all(out, memoryview(buf)[:n])
+                    write_all(out, memoryview(buf)[:n])
                 return digest_bytes(memoryview(buf)[:n], algorithm), n
             if not free and made <= _POOL_AHEAD:
                 free.append(_take_chunk())
@@ -302,7 +302,7 @@ def _hash_fd_pooled(fd: int, offset: int | None, out: int | None, pool: Executor
                 chunk = memoryview(buf)[:n]
                 inflight.append((pool.submit(block_hashes, chunk[:n - n % BLOCK_SIZE], algorithm), buf, n))
                 if out is not None:
-                    _write_all(out, chunk)
+                    write_all(out, chunk)
                 total += n
             else:
                 free.append(buf)
@@ -332,8 +332,9 @@ def _take_chunk() -> bytearray:
         return bytearray(_POOL_CHUNK)
 
 
-def _fill(fd: int, buf: bytearray, offset: int | None) -> int:
-    """Read until `buf` is full or the end: a short read (a pipe) must not split a block."""
+def fill(fd: int, buf: bytearray | memoryview, offset: int | None = None) -> int:
+    """Read until `buf` is full or the end (from `offset`; None: the fd's position), the
+    count read: a short read (a pipe) must not split a block, nor end a file early."""
     mv = memoryview(buf)
     got = 0
     while got < len(buf):
@@ -345,7 +346,9 @@ def _fill(fd: int, buf: bytearray, offset: int | None) -> int:
     return got
 
 
-def _write_all(fd: int, data: memoryview) -> None:
+def write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
+    """Write all of `data` (os.write may write less)."""
+    data = memoryview(data).cast("B")
     while data:
         data = data[os.write(fd, data):]
 
