@@ -30,3 +30,15 @@ def test_a_fifo_gets_the_image(tmp_path):
     assert p.returncode == 0, p.stderr
     assert got == [run_cfsc("compile", "-", "-o", "-", input=DUMP).stdout]
     assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+
+
+def test_temp_names_are_recognised_as_such(tmp_path):
+    """`is_temp_name` (what `cfsc gc --keep-dir` skips) knows the name `atomic_output` writes."""
+    from cfsc.base.output import atomic_output, is_temp_name
+
+    with atomic_output(str(tmp_path / "x.cfs")) as out:
+        out.write(b"data")
+        (temp,) = os.listdir(tmp_path)
+        assert is_temp_name(temp)
+    assert os.listdir(tmp_path) == ["x.cfs"] and not is_temp_name("x.cfs")
+    assert not is_temp_name(".x.cfs.0123456789AB.tmp") and not is_temp_name(".0123456789ab.tmp")

@@ -32,11 +32,22 @@ def _special(path: str) -> bool:
         return False
 
 
+_TEMP_RANDOM = 6  # bytes of the random part of a temp name (12 hex digits)
+
+
+def is_temp_name(name: str) -> bool:
+    """Whether `name` is one `atomic_output` gives its temp files (`.NAME.XXXXXXXXXXXX.tmp`):
+    what a directory of outputs may hold while a run writes (`cfsc gc --keep-dir` skips them)."""
+    core = name[1:-4] if name.startswith(".") and name.endswith(".tmp") else ""
+    stem, _, hexpart = core.rpartition(".")
+    return bool(stem) and len(hexpart) == 2 * _TEMP_RANDOM and all(c in "0123456789abcdef" for c in hexpart)
+
+
 def _create_temp(directory: str, name: str) -> tuple[int, str]:
     """A new `.NAME.XXXXXXXXXXXX.tmp` beside the target (mkstemp without importing tempfile,
     which costs a CLI start ~5 ms)."""
     for _attempt in range(100):
-        tmp = os.path.join(directory, f".{name}.{os.urandom(6).hex()}.tmp")
+        tmp = os.path.join(directory, f".{name}.{os.urandom(_TEMP_RANDOM).hex()}.tmp")
         try:
             return os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600), tmp
         except FileExistsError:

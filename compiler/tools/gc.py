@@ -48,6 +48,7 @@ from dataclasses import dataclass, field
 from cfsc.backends.erofs.reader import Image
 from cfsc.base import beneath
 from cfsc.base.errors import InputError, OutputError, StoreError
+from cfsc.base.output import is_temp_name
 from cfsc.store import locks
 from cfsc.store.objects import JOURNAL_PREFIX, TEMP_PREFIX
 from cfsc.tools.images import objects
@@ -59,7 +60,6 @@ FANOUT = re.compile(r"[0-9a-f]{2}\Z")
 OBJECT = re.compile(r"[0-9a-f]{62}\Z|[0-9a-f]{126}\Z")
 TEMP = re.compile(re.escape(TEMP_PREFIX) + r"[0-9a-f]{16}\Z")
 JOURNAL = re.compile(re.escape(JOURNAL_PREFIX) + r"[0-9a-f]{16}\Z")
-OUTPUT_TEMP = re.compile(r"\..+\.[0-9a-f]{12}\.tmp\Z")  # `atomic_output`'s temp beside an image
 
 
 @dataclass
@@ -137,7 +137,7 @@ def image_files(directory: str) -> list[str]:
         for entry in entries:
             if entry.is_dir(follow_symlinks=False):
                 stack.append(entry.path)
-            elif not OUTPUT_TEMP.match(entry.name):
+            elif not is_temp_name(entry.name):
                 found.append(entry.path)
     return sorted(found)
 
