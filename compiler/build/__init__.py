@@ -17,7 +17,6 @@ import contextlib
 import gc
 import io
 from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING, BinaryIO
 
 from cfsc import backends, frontends
 from cfsc.backends.erofs.overlay import is_external
@@ -29,7 +28,10 @@ from cfsc.base.tree import Tree
 from cfsc.build.pipeline import located, run_passes
 from cfsc.passes.resolve_hardlinks import resolve_hardlinks
 
+TYPE_CHECKING = False  # typing's, without importing typing (start-up); type checkers read it as True
 if TYPE_CHECKING:
+    from typing import BinaryIO
+
     from cfsc.backends.erofs.reader import Image
 
 
