@@ -21,6 +21,7 @@ and the descriptor says hash_algorithm 2.  A digest's length tells its algorithm
 
 from __future__ import annotations
 
+import _thread
 import collections
 import contextlib
 import errno
@@ -28,7 +29,6 @@ import fcntl
 import os
 import struct
 import sys
-import threading
 from collections.abc import Callable, Iterator
 
 from cfsc.base.errors import UsageError
@@ -46,7 +46,7 @@ _POOL_AHEAD = 4  # chunks read ahead of the one being folded
 SWITCH_INTERVAL = 0.0005  # seconds: `short_gil_switches`
 _pool: Executor | None = None
 _spare_chunks: list[bytearray] = []  # chunk buffers of finished `_hash_fd_pooled` calls
-_pool_lock = threading.Lock()
+_pool_lock = _thread.allocate_lock()  # threading.Lock itself: threading is ~1 ms of start-up
 
 # struct fsverity_descriptor (include/uapi/linux/fsverity.h): version, hash_algorithm,
 # log_blocksize, salt_size, sig_size (reserved), data_size, root_hash[64], salt[32],
