@@ -83,3 +83,10 @@ def test_options_and_source_options_are_records():
     assert isinstance(SOURCE_OPTIONS[0], SourceOption)
     for value in (options, SOURCE_OPTIONS[-1]):
         assert pickle.loads(pickle.dumps(value)) == value == copy.copy(value)
+
+
+def test_record_refuses_what_it_does_not_make():
+    with pytest.raises(ValueError):
+        @record.record(slots=True)
+        class Bad:
+            items: list = []  # noqa: RUF012 (the point: one list shared by every instance)
