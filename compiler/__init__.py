@@ -19,14 +19,16 @@ The compiler's own entry points stay exported for code that works on trees:
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any
 
 from cfsc import errors
 from cfsc.base.errors import CfscError
 from cfsc.base.options import Options
 from cfsc.base.tree import Inode, Tree
 
+TYPE_CHECKING = False  # typing's, without importing typing (start-up); type checkers read it as True
 if TYPE_CHECKING:  # the names `__getattr__` imports on first use, for type checkers
+    from typing import Any
+
     from cfsc.api import Change, CheckReport, DiffReport, Entry, Image, check, compile, diff, open  # noqa: A004
     from cfsc.build import compile_image, load
     from cfsc.build.pipeline import PASSES, run_passes

@@ -9,7 +9,6 @@ commits, `--payload-dir` on CRFS) and that the old `--basedir` spellings still w
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import json
 import os
@@ -18,6 +17,7 @@ import subprocess
 import pytest
 import typer.main
 from cfsc import frontends
+from cfsc.base import record
 from cfsc.base.fsverity import digest_file
 from cfsc.base.options import ALL, KINDS, SOURCE_OPTIONS, Options
 from cfsc.cli import COMMANDS, app
@@ -44,7 +44,7 @@ def flags(command, hidden: bool = True) -> dict[str, object]:
 
 
 def test_declarations_match_options_and_frontends():
-    fields = {f.name for f in dataclasses.fields(Options)}
+    fields = set(record.fields(Options))
     assert set(KINDS) == set(frontends.FRONTENDS) and ALL == tuple(KINDS)
     for o in SOURCE_OPTIONS:
         assert o.field in fields and o.kinds and set(o.kinds) <= set(KINDS), o

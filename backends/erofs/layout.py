@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 import struct
 from collections import namedtuple
+from functools import cached_property
 
 
 class Layout:
@@ -29,8 +30,13 @@ class Layout:
         self.pack_into = self.struct.pack_into
         self.unpack_from = self.struct.unpack_from
         self.fields = tuple(fields.split())
-        self.tuple = namedtuple(name, self.fields)  # type: ignore[misc]
         self.offsets = _field_offsets(fmt, self.fields)
+
+    @cached_property
+    def tuple(self) -> type:
+        # Made on first use: a namedtuple class is ~60 µs, for every layout at every start,
+        # and the writer never makes one.
+        return namedtuple(self.name, self.fields)  # type: ignore[misc]
 
     def read(self, buf, offset: int = 0):
         return self.tuple._make(self.struct.unpack_from(buf, offset))

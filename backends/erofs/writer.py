@@ -13,7 +13,6 @@ come from `xattrs.XattrEncoder`, which works each distinct xattr tuple out once.
 from __future__ import annotations
 
 from bisect import bisect_left
-from typing import BinaryIO
 
 from cfsc.backends.erofs.layout import (
     COMPOSEFS_FLAGS_HAS_ACL,
@@ -64,6 +63,10 @@ from cfsc.base.tree import (
     Inode,
     Tree,
 )
+
+TYPE_CHECKING = False  # typing's, without importing typing (start-up); type checkers read it as True
+if TYPE_CHECKING:
+    from typing import BinaryIO
 
 BLK = EROFS_BLKSIZ
 FILE_TYPE = {

@@ -11,11 +11,11 @@ optionally on top of an `Options` passed as `options=`.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from collections.abc import Sequence
 from typing import Any, Union
 
+from cfsc.base import record
 from cfsc.base.options import Options
 
 Path = Union[str, bytes, "os.PathLike[str]", "os.PathLike[bytes]"]
@@ -23,7 +23,7 @@ Source = Union[Path, Sequence[Path]]
 
 # Set by the compiler itself (`compile_image`), never by a caller.
 _INTERNAL = frozenset({"held"})
-_FIELDS = tuple(f.name for f in dataclasses.fields(Options) if f.name not in _INTERNAL)
+_FIELDS = tuple(name for name in record.fields(Options) if name not in _INTERNAL)
 
 
 def path_of(source: Path) -> str:
@@ -58,4 +58,4 @@ def options_of(options: Options | None, fields: dict[str, Any]) -> Options:
         exclude = fields["exclude"]
         fields["exclude"] = (exclude,) if isinstance(exclude, str) else tuple(exclude)
     base = options if options is not None else Options()
-    return dataclasses.replace(base, **fields) if fields else base
+    return record.replace(base, **fields) if fields else base

@@ -21,20 +21,19 @@ and the descriptor says hash_algorithm 2.  A digest's length tells its algorithm
 
 from __future__ import annotations
 
+import _thread
 import collections
 import contextlib
 import errno
 import fcntl
-import hashlib
 import os
 import struct
 import sys
-import threading
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING
 
 from cfsc.base.errors import UsageError
 
+TYPE_CHECKING = False  # typing's, without importing typing (start-up); type checkers read it as True
 if TYPE_CHECKING:  # (concurrent.futures is ~8 ms of start-up: imported when a pool is made)
     from concurrent.futures import Executor, Future
 
@@ -47,7 +46,7 @@ _POOL_AHEAD = 4  # chunks read ahead of the one being folded
 SWITCH_INTERVAL = 0.0005  # seconds: `short_gil_switches`
 _pool: Executor | None = None
 _spare_chunks: list[bytearray] = []  # chunk buffers of finished `_hash_fd_pooled` calls
-_pool_lock = threading.Lock()
+_pool_lock = _thread.allocate_lock()  # threading.Lock itself: threading is ~1 ms of start-up
 
 # struct fsverity_descriptor (include/uapi/linux/fsverity.h): version, hash_algorithm,
 # log_blocksize, salt_size, sig_size (reserved), data_size, root_hash[64], salt[32],
@@ -68,16 +67,27 @@ class FsVerityAlgorithm:
     (A plain class: a dataclass is made by `exec`, a few ms of every command's start-up.)"""
 
     __slots__ = ("name", "id", "size", "new")
+    new: Callable  # the hashlib constructor: set on first use (`__getattr__`)
 
-    def __init__(self, name: str, id: int, size: int, new: Callable) -> None:  # noqa: A002
-        self.name, self.id, self.size, self.new = name, id, size, new  # new: the hashlib constructor
+    def __init__(self, name: str, id: int, size: int) -> None:  # noqa: A002
+        self.name, self.id, self.size = name, id, size
+
+    def __getattr__(self, attr: str) -> Callable:
+        # Only for `new`, only once: hashlib (with OpenSSL) is ~4 ms of start-up, which
+        # `cfsc compile DUMP -o IMG` never hashes with; the hot loops then read a plain slot.
+        if attr != "new":
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {attr!r}")
+        import hashlib
+
+        self.new = getattr(hashlib, self.name)
+        return self.new
 
     def __repr__(self) -> str:
         return f"FsVerityAlgorithm({self.name})"
 
 
-SHA256 = FsVerityAlgorithm("sha256", FS_VERITY_HASH_ALG_SHA256, 32, hashlib.sha256)
-SHA512 = FsVerityAlgorithm("sha512", FS_VERITY_HASH_ALG_SHA512, 64, hashlib.sha512)
+SHA256 = FsVerityAlgorithm("sha256", FS_VERITY_HASH_ALG_SHA256, 32)
+SHA512 = FsVerityAlgorithm("sha512", FS_VERITY_HASH_ALG_SHA512, 64)
 ALGORITHMS = {a.name: a for a in (SHA256, SHA512)}
 _BY_SIZE = {a.size: a for a in (SHA256, SHA512)}
 

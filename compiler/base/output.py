@@ -13,10 +13,13 @@ import os
 import stat
 import sys
 from collections.abc import Iterator
-from typing import BinaryIO
 
 from cfsc.base.errors import OutputError, UsageError
 from cfsc.base.fsverity import SHA256, FsVerityAlgorithm, FsVerityHasher
+
+TYPE_CHECKING = False  # typing's, without importing typing (start-up); type checkers read it as True
+if TYPE_CHECKING:
+    from typing import BinaryIO
 
 
 def _umask() -> int:

@@ -10,17 +10,17 @@ and the reader gets them again before the rest.  Only the head is ever held, nev
 from __future__ import annotations
 
 import contextlib
-import gzip
 import io
-import lzma
 import os
 import stat
 import sys
-import zlib
 from collections.abc import Iterator
-from typing import BinaryIO
 
 from cfsc.base.errors import InputError
+
+TYPE_CHECKING = False  # typing's, without importing typing (start-up); type checkers read it as True
+if TYPE_CHECKING:
+    from typing import BinaryIO
 
 GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
@@ -210,7 +210,10 @@ def decompressor(stream: BinaryIO) -> tuple[BinaryIO, str | None]:
     """`stream` wrapped in a decompressor if it starts with gzip, zstd or xz magic, and which."""
     buffered = stream if hasattr(stream, "peek") else io.BufferedReader(stream)  # type: ignore[arg-type]
     kind = compression(_magic(buffered))
+    # The decompressors are imported for compressed input only (gzip and lzma: ~2 ms of start-up).
     if kind == "gzip":
+        import gzip
+
         return gzip.GzipFile(fileobj=buffered, mode="rb"), kind  # type: ignore[return-value]
     if kind == "zstd":
         import zstandard
@@ -218,6 +221,8 @@ def decompressor(stream: BinaryIO) -> tuple[BinaryIO, str | None]:
         # python-zstandard skips skippable frames, also a leading one.
         return zstandard.ZstdDecompressor().stream_reader(buffered, read_across_frames=True), kind  # type: ignore[return-value]
     if kind == "xz":
+        import lzma
+
         return lzma.LZMAFile(buffered, "rb"), kind  # type: ignore[return-value]
     return buffered, None
 
@@ -250,6 +255,9 @@ def decompress_head(data: bytes, limit: int) -> tuple[bytes, bool, str | None]:
                         rest = d.unused_data + data[i + 256:]
                         break
             else:
+                import lzma
+                import zlib
+
                 d = zlib.decompressobj(16 + zlib.MAX_WBITS) if kind == "gzip" else lzma.LZMADecompressor()
                 out += d.decompress(data, limit - len(out))
                 rest = d.unused_data
@@ -265,6 +273,13 @@ def decompress_head(data: bytes, limit: int) -> tuple[bytes, bool, str | None]:
     except Exception as e:  # zlib.error, lzma.LZMAError, zstandard.ZstdError, ValueError
         return bytes(out[:limit]), False, f"cannot decompress ({kind}): {e}"
     return bytes(out[:limit]), False, None
+
+
+def _read_errors() -> tuple[type[Exception], ...]:
+    """What reading a bad or truncated input raises (besides the zstd errors): lzma's error
+    too once xz input was read, lzma being imported for that only."""
+    lzma = sys.modules.get("lzma")
+    return (OSError, EOFError) if lzma is None else (OSError, EOFError, lzma.LZMAError)
 
 
 # A compressed input read whole may inflate this much, and beyond WHOLE_FLOOR only this many
@@ -293,7 +308,7 @@ def _reading(source) -> Iterator[BinaryIO]:
         yield stream
     except InputError:
         raise
-    except (OSError, EOFError, lzma.LZMAError) as e:
+    except _read_errors() as e:
         raise InputError(f"cannot read: {e}", source_name(source)) from None
     except Exception as e:  # zstandard.ZstdError and friends
         raise InputError(f"cannot decompress: {e}", source_name(source)) from None
@@ -374,7 +389,7 @@ def chunks(source, size: int = 1 << 22) -> Iterator[bytes]:
         while True:
             try:
                 chunk = reader.read(size)
-            except (OSError, EOFError, lzma.LZMAError) as e:
+            except _read_errors() as e:
                 raise InputError(f"cannot read: {e}", source_name(source)) from None
             except Exception as e:  # zstandard.ZstdError and friends
                 raise InputError(f"cannot decompress: {e}", source_name(source)) from None

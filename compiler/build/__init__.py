@@ -14,14 +14,13 @@ all run the same passes in the same order and their errors name the same input p
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import gc
 import io
 from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING, BinaryIO
 
 from cfsc import backends, frontends
 from cfsc.backends.erofs.overlay import is_external
+from cfsc.base import record
 from cfsc.base.fsverity import algorithm_named
 from cfsc.base.options import Options
 from cfsc.base.output import DigestingWriter, atomic_output
@@ -29,7 +28,10 @@ from cfsc.base.tree import Tree
 from cfsc.build.pipeline import located, run_passes
 from cfsc.passes.resolve_hardlinks import resolve_hardlinks
 
+TYPE_CHECKING = False  # typing's, without importing typing (start-up); type checkers read it as True
 if TYPE_CHECKING:
+    from typing import BinaryIO
+
     from cfsc.backends.erofs.reader import Image
 
 
@@ -125,7 +127,7 @@ def compile_image(
         from cfsc.store.objects import HeldObjects  # start-up: only --digest-store needs the store (~3.5 ms)
 
         held = HeldObjects()
-        options = dataclasses.replace(options, held=held)
+        options = record.replace(options, held=held)
     try:
         with batch_allocation():
             tree = load(sources, options, fmt)

@@ -15,6 +15,7 @@ import typing
 from collections.abc import Callable
 
 import typer
+from cfsc.base import record
 from cfsc.base.errors import UsageError
 from cfsc.base.options import DIR, EPOCH, FLAG, NUMBER, QUERIES, SOURCE_OPTIONS, TEXT, Options, SourceOption
 from cfsc.cli import renamed, source_date_epoch
@@ -33,8 +34,7 @@ def _parameter(option: SourceOption, name: str, flag: str, hidden: bool = False)
     elif option.value == QUERIES:
         default = []
     elif option.value == NUMBER:
-        field = Options.__dataclass_fields__[option.field]
-        default = field.default if isinstance(field.default, int) else None  # None: computed (CPUs)
+        default = record.defaults(Options).get(option.field)  # None: computed (CPUs)
     info = typer.Option(default, flag, help=option.help, hidden=hidden, rich_help_panel=PANEL,
                         metavar="|".join(option.choices) or {DIR: "DIR", NUMBER: "N", QUERIES: "QUERY", TEXT: "VALUE"}.get(option.value),
                         min=option.minimum)

@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from cfsc import build, frontends
 from cfsc.backends.dumpfile import dump_image
 from cfsc.backends.erofs.reader import Image
+from cfsc.base import record
 from cfsc.base.errors import CfscError, InputError, UsageError
 from cfsc.base.fsverity import algorithm_named, algorithm_of, digest_bytes
 from cfsc.base.options import Options
@@ -146,7 +147,7 @@ def expect(source, options: Options, fmt: str | None = None, digest: bytes | Non
         if isinstance(reference, tuple):
             ref_bytes = compile_source(reference, options, reference_format)
         else:
-            ref_bytes = bytes(open_image(reference, dataclasses.replace(options), reference_format).data)
+            ref_bytes = bytes(open_image(reference, record.replace(options), reference_format).data)
         if report.expected is None:
             report.expected = digest_bytes(ref_bytes, algorithm)
         if report.expected != report.digest:
@@ -219,7 +220,7 @@ def _ways(source, options: Options, fmt: str, baseline: bytes) -> dict[str, Call
     def threads():
         n = 1 if options.threads > 1 else 4
         return [(f"--threads {n} (first: {options.threads})",
-                 lambda: compile_source(source, dataclasses.replace(options, threads=n), fmt))]
+                 lambda: compile_source(source, record.replace(options, threads=n), fmt))]
 
     def environment():
         return [(f"TZ={env['TZ']} LC_ALL={env['LC_ALL']} umask {mask:03o}",
@@ -268,7 +269,7 @@ def compile_in_child(source, options: Options, fmt: str | None, env: dict[str, s
     """Compile in `python -m cfsc.tools.check` with another environment; the image comes back as bytes."""
     # Every option the first compilation had, the store too: it names OSTree payloads (and an
     # object already in the store keeps it: `cfsc.store.objects` never replaces one).
-    fields = dataclasses.asdict(dataclasses.replace(options, progress=False))
+    fields = record.asdict(record.replace(options, progress=False))
     spec = {"sources": [os.fsdecode(s) for s in inputs(source)], "format": fmt, "options": fields}
     with tempfile.TemporaryDirectory(prefix="cfsc-check-") as tmp:
         spec["output"] = os.path.join(tmp, "image.cfs")

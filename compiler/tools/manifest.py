@@ -34,7 +34,6 @@ and only differing directories are ever sent.
 
 from __future__ import annotations
 
-import dataclasses
 import marshal
 import multiprocessing
 import os
@@ -48,6 +47,7 @@ from cfsc import build, frontends
 from cfsc.backends.erofs.entries import Entries, interpret_xattrs
 from cfsc.backends.erofs.overlay import is_external
 from cfsc.backends.erofs.reader import Image
+from cfsc.base import record
 from cfsc.base.errors import CfscError, UsageError
 from cfsc.base.options import Options, reshapes
 from cfsc.base.streams import is_reference, source_name
@@ -454,7 +454,7 @@ def load(source, options: Options | None = None, fmt: str | None = None, ignore:
     name = side_name(source)
     # An image is compared as it is, filtered by --exclude; the other options that apply to
     # images (versions, --clamp-mtime) make it a source compiled like any other.
-    as_is = not reshapes(dataclasses.replace(options, exclude=()), "image")
+    as_is = not reshapes(record.replace(options, exclude=()), "image")
     with build.batch_allocation():
         if frontend.image and not isinstance(source, tuple) and as_is:  # (several: the frontend says no)
             image = Image.open(source)

@@ -1,0 +1,95 @@
+"""Start-up: the verbs `cfsc.cli.direct` runs (`compile SRC -o IMAGE`, the `mkcomposefs`
+drop-in) import only what they use.
+
+An everyday image compiles in a quarter of a second with the C tool, so tens of ms of imports
+matter.  Each case runs the verb in a fresh interpreter and lists the modules it loaded: the
+CLI framework (typer, click), `dataclasses` and `inspect`, `typing`, `concurrent.futures` and
+`logging`, `threading`, hashlib (nothing is hashed without --print-digest), the decompressors
+(the input is not compressed) and ctypes must not be among them.  No timings: the machine's
+speed is not asserted, the work that costs it is.
+"""
+
+from __future__ import annotations
+
+import lzma
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO = str(ROOT / "examples" / "demo.dump")
+
+# Loaded by no direct verb (the directory frontend's thread pool and openat2 aside, below).
+NEVER = ("typer", "click", "dataclasses", "inspect", "typing")
+# Loaded only when the source or the flags need them.
+FOR_DUMPFILES = NEVER + ("ast", "tokenize", "concurrent.futures", "logging", "threading", "hashlib", "_hashlib", "gzip", "lzma",
+                         "zlib", "ctypes", "cfsc.store.objects", "cfsc.backends.erofs.reader")
+
+
+def loaded_by(args: list[str]) -> tuple[int, set[str], str]:
+    """(exit code, modules loaded, stderr) of `cfsc ARGS` run in a fresh interpreter."""
+    code = ("import sys\nfrom cfsc.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit as e:\n"
+            "    code = e.code\nelse:\n    code = 0\nprint(' '.join(sorted(sys.modules)))\nsys.exit(code)")
+    p = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
+    return p.returncode, set(p.stdout.split()), p.stderr
+
+
+def unwanted(modules: set[str], names: tuple[str, ...]) -> list[str]:
+    return sorted(m for m in modules if m in names or m.split(".")[0] in names or m.startswith(names))
+
+
+@pytest.mark.parametrize("args", [
+    ["compile", DEMO, "-o", "{out}"],
+    ["mkcomposefs", "--from-file", DEMO, "{out}"],
+    ["mkcomposefs", "--from-file", "--max-version=0", DEMO, "{out}"],
+], ids=["compile", "mkcomposefs", "mkcomposefs-v0"])
+def test_compiling_a_dumpfile_imports_only_what_it_uses(tmp_path, args):
+    out = str(tmp_path / "demo.cfs")
+    code, modules, stderr = loaded_by([a.format(out=out) for a in args])
+    assert code == 0, stderr
+    assert Path(out).stat().st_size > 0
+    assert unwanted(modules, FOR_DUMPFILES) == []
+    assert "cfsc.frontends.dumpfile" in modules and "cfsc.backends.erofs.writer" in modules
+
+
+def test_print_digest_imports_hashlib_and_no_more(tmp_path):
+    code, modules, stderr = loaded_by(["compile", DEMO, "--print-digest-only"])
+    assert code == 0, stderr
+    assert "hashlib" in modules
+    assert unwanted(modules, tuple(m for m in FOR_DUMPFILES if m not in ("hashlib", "_hashlib"))) == []
+
+
+def test_compiling_a_directory_loads_no_cli_framework_nor_dataclasses(tmp_path):
+    """(Its thread pool, concurrent.futures, brings logging and with it tokenize.)"""
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "file").write_bytes(b"x" * 100)
+    code, modules, stderr = loaded_by(["compile", str(tmp_path / "src"), "-o", str(tmp_path / "d.cfs")])
+    assert code == 0, stderr
+    assert unwanted(modules, NEVER) == []
+
+
+def test_xz_errors_are_read_errors_with_lzma_imported_late(tmp_path):
+    """lzma is imported for xz input only; a corrupt stream past the head is still a read
+    error of that input (`streams._read_errors`), not a failure of the compiler."""
+    text = b"/ 4096 40755 2 0 0 0 0.0 - - -\n" + b"".join(b"/f%d 10 100644 1 0 0 0 0.0 - - -\n" % i
+                                                         for i in range(60000))
+    data = bytearray(lzma.compress(text))
+    data[-200] ^= 0xFF  # inside the last block: the head (format detection) decompresses fine
+    bad = tmp_path / "bad.dump.xz"
+    bad.write_bytes(data)
+    code, modules, stderr = loaded_by(["compile", str(bad), "-o", str(tmp_path / "bad.cfs")])
+    assert (code, stderr) == (2, f"error: {bad}: cannot read: Corrupt input data\n")
+    assert "lzma" in modules and not (tmp_path / "bad.cfs").exists()
+
+
+def test_fs_verity_algorithms_get_their_hashlib_constructor_on_first_use():
+    import hashlib
+
+    from cfsc.base.fsverity import ALGORITHMS
+
+    for name, algorithm in ALGORITHMS.items():
+        assert algorithm.new is getattr(hashlib, name)
+        with pytest.raises(AttributeError):
+            algorithm.nwe  # noqa: B018 (only `new` is made on first use)
