@@ -123,7 +123,7 @@ class Server:
         self._unasked: set[int] = set()  # streams encoded ahead that no request has asked for yet
         self._reading = threading.Lock()  # held by the worker reading requests (`_let_go`)
         self._local = threading.local()  # .reading: this worker holds `_reading`
-        self._pending: dict[int, threading.Event] = {}  # nid -> set when its opening ends
+        self._pending: dict[int, threading.Event | None] = {}  # nid being opened -> set when done
         self._lock = threading.Lock()
         self._interrupted: set[int] = set()
         self._logged: set[str] = set()
@@ -553,17 +553,21 @@ class Server:
                     held.opens += 1
                     self._idle.pop(nid, None)
                     break
-                pending = self._pending.get(nid)
-                first = pending is None
+                first = nid not in self._pending
                 if first:
-                    pending = self._pending[nid] = threading.Event()
+                    self._pending[nid] = None  # opening; an Event only once someone waits
+                else:
+                    pending = self._pending[nid]
+                    if pending is None:
+                        pending = self._pending[nid] = threading.Event()
             if first:
                 try:
                     return self._hold(unique, node)
                 finally:
                     with self._lock:
-                        del self._pending[nid]
-                    pending.set()
+                        pending = self._pending.pop(nid)
+                    if pending is not None:
+                        pending.set()
             self._let_go()
             pending.wait()  # then take what it held (or fail as it did)
         try:
