@@ -43,7 +43,7 @@ from cfsc.fuse import MountOptions, open_view
 from cfsc.fuse import protocol as P
 from cfsc.fuse.attach import MountError, mount_fuse, unmount
 from cfsc.fuse.kernel import mount_kernel
-from cfsc.fuse.server import Server
+from cfsc.fuse.server import AHEAD_BATCH, Server
 from cfsc.store.backing import Store
 from hypothesis import HealthCheck, Phase, given, settings
 
@@ -962,3 +962,37 @@ def test_concurrent_opens_of_one_file_share_one_verification(fake, tmp_path):
     error, data = k.call(P.Opcode.READ, P.READ_IN.pack(P.OPEN_OUT.read(replies[0][2]).fh, size - 10, 100, 0, 0),
                          entry.nodeid)
     assert (error, data) == (0, bytes(10))
+
+
+def test_read_ahead_stops_for_a_waiting_request_and_goes_on_after_it(tmp_path):
+    """The worker encoding listings ahead looks for a waiting request every few entries and
+    stops there; later it goes on where it stopped, and the stream is the one a request
+    would have had encoded."""
+    names = [b"f%03d" % i for i in range(100)]
+    dump = b"/ 4096 40755 2 0 0 0 0.0 - - -\n/d 4096 40755 2 0 0 0 0.0 - - -\n" + b"".join(
+        b"/d/%s 6 100644 1 0 0 0 0.0 - inline -\n" % n for n in names)
+    image = tmp_path / "i.cfs"
+    compile_dump(dump, image)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        fresh = Server(devnull, open_view(str(image)), Store([]))
+        expected = fresh._encoded(fresh.view.lookup(fresh.view.root_nid, b"d"), True)
+        server = Server(devnull, open_view(str(image)), Store([]))
+        d = server.view.lookup(server.view.root_nid, b"d")
+        key = d.nid * 2 + 1  # d's READDIRPLUS stream
+        server._ahead.append(key)
+        before = len(server.view._nodes)
+        looks = []
+
+        def waiting(_timeout):  # a request comes in at the third look
+            looks.append(1)
+            return len(looks) > 2
+
+        server._read_ahead(waiting)
+        assert key not in server._streams and server._ahead == [key], "stopped, to go on later"
+        assert len(server.view._nodes) == before + 2 * AHEAD_BATCH, "two batches made, and kept"
+        server._read_ahead(lambda _timeout: False)
+        assert server._ahead == [] and server._streams[key] == expected
+        assert len(server.view._nodes) == before + len(names)
+    finally:
+        os.close(devnull)
