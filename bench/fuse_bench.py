@@ -13,7 +13,9 @@ Servers: `kernel` (EROFS + overlayfs), `cfsc` (FUSE with passthrough, digests ch
 default), `cfsc-pt-none` (passthrough, --verity=none), `cfsc-nopt` (--no-passthrough: pread
 and zero-message opens), `cfsc-none` (--no-passthrough --verity=none), and `cfs-fuse`
 (upstream composefs-fuse, with `--composefs-fuse`).  The verification cost is the
-difference between a server and its `-none` twin.
+difference between a server and its `-none` twin.  `--before BIN` adds, for each cfsc
+server, its twin `old:<server>` run by another cfsc (say a checkout before a change),
+interleaved with the rest: a before/after comparison under the same load.
 Tests, as in the note; "cold" is a fresh mount after `sync; echo 3 > drop_caches`, "warm"
 repeats on the same mount, "hot" is a fresh mount with the backing data already cached:
 
@@ -44,6 +46,7 @@ TESTS = ("find-cold", "find-warm", "stat-cold", "stat-warm", "small-cold", "smal
          "big-cold", "big-warm", "big-hot")
 BIG = 1 << 30
 CFSC = str(Path(sys.executable).with_name("cfsc"))
+OLD = "old:"  # a cfsc server run by the `--before` binary
 
 
 # -- the tree --------------------------------------------------------------------------------
@@ -152,9 +155,12 @@ def mount(server: str, base: Path, mnt: Path, args) -> int | None:
     if server == "cfs-fuse":
         subprocess.run([args.composefs_fuse, "-o", f"source={image},basedir={store}", str(mnt)], check=True)
     else:
+        cfsc = CFSC
+        if server.startswith(OLD):
+            cfsc, server = args.before, server[len(OLD):]
         extra = {"cfsc": [], "cfsc-pt-none": ["--verity", "none"], "cfsc-nopt": ["--no-passthrough"],
                  "cfsc-none": ["--no-passthrough", "--verity", "none"]}
-        subprocess.run([CFSC, "mount", image, str(mnt), "--store", store, "--threads", str(args.threads),
+        subprocess.run([cfsc, "mount", image, str(mnt), "--store", store, "--threads", str(args.threads),
                         *extra[server]], check=True)
     return _server_pid(mnt)
 
@@ -264,12 +270,15 @@ def main() -> None:
     ap.add_argument("--tests", default=",".join(TESTS))
     ap.add_argument("--threads", type=int, default=2, help="cfsc FUSE worker threads")
     ap.add_argument("--composefs-fuse", help="upstream composefs-fuse binary (adds server cfs-fuse)")
+    ap.add_argument("--before", help="another cfsc binary: adds old:<server> for each cfsc server")
     args = ap.parse_args()
     base = args.dir
     if args.create or not (base / "image.cfs").exists():
         create(base)
     ensure_object_lists(base)
     servers = args.servers.split(",")
+    if args.before:
+        servers += [OLD + s for s in servers if s.startswith("cfsc")]
     if args.composefs_fuse and "cfs-fuse" not in servers:
         servers.append("cfs-fuse")
     tests = args.tests.split(",")

@@ -16,6 +16,7 @@ ENODEV).  Either way the process exits 0.
 
 from __future__ import annotations
 
+import gc
 import logging
 import logging.handlers
 import os
@@ -31,6 +32,7 @@ from cfsc.fuse.server import Server
 log = logging.getLogger("cfsc.fuse")
 INIT_TIMEOUT = 30.0  # seconds to wait for the kernel's INIT after mounting
 STOP_GRACE = 2.0  # seconds to let workers see the unmount before exiting anyway
+GC_THRESHOLD = 50_000  # allocations between young-generation collections while serving
 
 
 def serve_foreground(view, store, mountpoint: str, options) -> None:
@@ -142,6 +144,7 @@ def _serve(view, store, mountpoint: str, options, parent: _Parent | None) -> Non
         fd = mount_fuse(mountpoint, view.image.name, allow_other=options.allow_other)
         server = Server(fd, view, store, threads=options.threads, passthrough=options.passthrough,
                         debug=options.debug)
+        _quiet_collector()
         server.start()
         if not _wait_any(server.ready, server.done, stop, INIT_TIMEOUT):
             raise MountError("the kernel did not start the FUSE session", mountpoint)
@@ -170,6 +173,17 @@ def _serve(view, store, mountpoint: str, options, parent: _Parent | None) -> Non
         store.close()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def _quiet_collector() -> None:
+    """Keep the cycle collector off the request path.  The image and everything loaded
+    before serving live as long as the process (frozen: never scanned again), and a fresh
+    mount's first walk makes a node per entry, several objects each: at the default gen-0
+    threshold a young collection ran every hundred or so new nodes, and the older ones
+    re-scanned the growing caches — a sixth of a cold LOOKUP's time (in-process, 8.9 →
+    7.4 µs).  Requests make almost no cycles, and the caches are bounded."""
+    gc.freeze()
+    gc.set_threshold(GC_THRESHOLD, *gc.get_threshold()[1:])
 
 
 def _raise_fd_limit() -> None:

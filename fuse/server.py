@@ -71,6 +71,7 @@ STREAMS_KEPT = 64  # encoded directory streams kept (`_encoded`)
 AHEAD_ENCODED = 32  # streams encoded ahead of the walk and not yet asked for, at most
 AHEAD_PENDING = 4096  # directories queued to be encoded ahead, at most (the newest kept)
 AHEAD_ENTRIES = 4096  # a larger directory is encoded when asked for, not ahead
+AHEAD_BATCH = 8  # entries prepared ahead between two looks for a waiting request
 DT_DIR = stat.S_IFDIR >> 12
 
 _pack_out = P.OUT_HEADER.pack
@@ -123,7 +124,7 @@ class Server:
         self._unasked: set[int] = set()  # streams encoded ahead that no request has asked for yet
         self._reading = threading.Lock()  # held by the worker reading requests (`_let_go`)
         self._local = threading.local()  # .reading: this worker holds `_reading`
-        self._pending: dict[int, threading.Event] = {}  # nid -> set when its opening ends
+        self._pending: dict[int, threading.Event | None] = {}  # nid being opened -> set when done
         self._lock = threading.Lock()
         self._interrupted: set[int] = set()
         self._logged: set[str] = set()
@@ -478,10 +479,10 @@ class Server:
         """While no request waits, encode the directories a walk will list next: a fresh
         mount's first `find` then finds each stream ready, the work done on the other core
         while the kernel and the walker handle the previous reply.  Only the worker that
-        holds `_reading` (the next to take a request) does this, one directory at a time,
-        so a request waits at most one directory's encoding, and no other worker ever waits
-        on it for the GIL.  Errors are left for the request that asks (then answered and
-        logged)."""
+        holds `_reading` (the next to take a request) does this, and it looks for a waiting
+        request every `AHEAD_BATCH` entries (`_prepared`): a request waits for a few entries'
+        work, not a whole directory's, and no other worker ever waits on it for the GIL.
+        Errors are left for the request that asks (then answered and logged)."""
         ahead = self._ahead
         view = self.view
         while ahead and len(self._unasked) < AHEAD_ENCODED and not poll(0):
@@ -495,9 +496,28 @@ class Server:
                 node = view.node(key >> 1)
                 if node is None or not stat.S_ISDIR(node.mode) or len(view.listing(node.nid)) > AHEAD_ENTRIES:
                     continue
+                if not self._prepared(node, bool(key & 1), poll):
+                    ahead.append(key)  # a request came first: go on after it
+                    return
                 self._encoded(node, bool(key & 1), ahead=True)
             except Exception:  # left for the request that asks: answered and logged then
                 continue
+
+    def _prepared(self, node: Node, plus: bool, poll) -> bool:
+        """Make (and for READDIRPLUS encode) the nodes of a directory's entries, the costly
+        part of its stream, `AHEAD_BATCH` at a time; False as soon as a request waits (the
+        nodes made so far stay cached, so going on later repeats nothing)."""
+        named = self.view.named
+        wire = self._wire
+        count = 0
+        for name, nid in self.view.children(node.nid):
+            child = named(nid, node.nid, name)
+            if plus and child is not None and child.wire is None and not child.broken:
+                wire(child)
+            count += 1
+            if count % AHEAD_BATCH == 0 and poll(0):
+                return False
+        return True
 
     def _records(self, node: Node, start: int, plus: bool):
         """`(name, ino, d_type, fuse_entry_out)` of a directory from index `start`: "." and
@@ -553,17 +573,21 @@ class Server:
                     held.opens += 1
                     self._idle.pop(nid, None)
                     break
-                pending = self._pending.get(nid)
-                first = pending is None
+                first = nid not in self._pending
                 if first:
-                    pending = self._pending[nid] = threading.Event()
+                    self._pending[nid] = None  # opening; an Event only once someone waits
+                else:
+                    pending = self._pending[nid]
+                    if pending is None:
+                        pending = self._pending[nid] = threading.Event()
             if first:
                 try:
                     return self._hold(unique, node)
                 finally:
                     with self._lock:
-                        del self._pending[nid]
-                    pending.set()
+                        pending = self._pending.pop(nid)
+                    if pending is not None:
+                        pending.set()
             self._let_go()
             pending.wait()  # then take what it held (or fail as it did)
         try:

@@ -43,7 +43,7 @@ from cfsc.fuse import MountOptions, open_view
 from cfsc.fuse import protocol as P
 from cfsc.fuse.attach import MountError, mount_fuse, unmount
 from cfsc.fuse.kernel import mount_kernel
-from cfsc.fuse.server import Server
+from cfsc.fuse.server import AHEAD_BATCH, Server
 from cfsc.store.backing import Store
 from hypothesis import HealthCheck, Phase, given, settings
 
@@ -934,3 +934,65 @@ def test_interrupt_cancels_a_digest_in_progress(fake, tmp_path):
     got_unique, error, _ = k.receive(timeout=30)
     assert (got_unique, error) == (unique, -errno.EINTR)
     assert time.monotonic() - start < 5, "cancelled long before 1 GiB was hashed"
+
+
+def test_concurrent_opens_of_one_file_share_one_verification(fake, tmp_path):
+    """Opens of a file while another worker verifies it wait for that opening (the kernel's
+    readahead sends several at once): all succeed on one handle, and the file is hashed once."""
+    size = 32 << 20
+    digest = digest_bytes(bytes(size))
+    store = tmp_path / "store"
+    payload = payload_path(digest)
+    target = store / os.fsdecode(payload)
+    target.parent.mkdir(parents=True)
+    with open(target, "wb") as f:
+        f.truncate(size)  # sparse zeros: the digest above
+    image = tmp_path / "i.cfs"
+    compile_dump(b"/ 4096 40755 2 0 0 0 0.0 - - -\n/f %d 100644 1 0 0 0 0.0 %s - %s\n"
+                 % (size, payload, digest.hex().encode()), image)
+    k = fake(image, basedirs=[store], threads=2)
+    k.init()
+    entry = P.ENTRY_OUT.read(k.call(P.Opcode.LOOKUP, b"f\0")[1])
+    sent = {k.send(P.Opcode.OPEN, P.OPEN_IN.pack(os.O_RDONLY, 0), entry.nodeid) for _ in range(3)}
+    replies = [k.receive(timeout=30) for _ in range(3)]
+    assert {unique for unique, _e, _o in replies} == sent
+    assert [error for _u, error, _o in replies] == [0, 0, 0]
+    assert len({P.OPEN_OUT.read(opened).fh for _u, _e, opened in replies}) == 1
+    assert k.server.store.measured == size, "hashed once, by the first opening"
+    error, data = k.call(P.Opcode.READ, P.READ_IN.pack(P.OPEN_OUT.read(replies[0][2]).fh, size - 10, 100, 0, 0),
+                         entry.nodeid)
+    assert (error, data) == (0, bytes(10))
+
+
+def test_read_ahead_stops_for_a_waiting_request_and_goes_on_after_it(tmp_path):
+    """The worker encoding listings ahead looks for a waiting request every few entries and
+    stops there; later it goes on where it stopped, and the stream is the one a request
+    would have had encoded."""
+    names = [b"f%03d" % i for i in range(100)]
+    dump = b"/ 4096 40755 2 0 0 0 0.0 - - -\n/d 4096 40755 2 0 0 0 0.0 - - -\n" + b"".join(
+        b"/d/%s 6 100644 1 0 0 0 0.0 - inline -\n" % n for n in names)
+    image = tmp_path / "i.cfs"
+    compile_dump(dump, image)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        fresh = Server(devnull, open_view(str(image)), Store([]))
+        expected = fresh._encoded(fresh.view.lookup(fresh.view.root_nid, b"d"), True)
+        server = Server(devnull, open_view(str(image)), Store([]))
+        d = server.view.lookup(server.view.root_nid, b"d")
+        key = d.nid * 2 + 1  # d's READDIRPLUS stream
+        server._ahead.append(key)
+        before = len(server.view._nodes)
+        looks = []
+
+        def waiting(_timeout):  # a request comes in at the third look
+            looks.append(1)
+            return len(looks) > 2
+
+        server._read_ahead(waiting)
+        assert key not in server._streams and server._ahead == [key], "stopped, to go on later"
+        assert len(server.view._nodes) == before + 2 * AHEAD_BATCH, "two batches made, and kept"
+        server._read_ahead(lambda _timeout: False)
+        assert server._ahead == [] and server._streams[key] == expected
+        assert len(server.view._nodes) == before + len(names)
+    finally:
+        os.close(devnull)
