@@ -1,0 +1,114 @@
+"""A part of a job run by a forked child on the machine's second core.
+
+C mkcomposefs reads a dumpfile on one core; cfsc splits the work whose inputs are already in
+memory (the image writer's inode records, say) between the parent and one child.  The child
+is a `fork`: it sees the parent's tree copy-on-write, so nothing is handed over on the way in,
+and only its result (bytes) comes back, through a pipe.  An error in the child is raised again
+in the parent, the same class with the same message (a located one-line error stays one), so
+callers see what the sequential path would have raised.
+
+A fork is only safe in a process that has no other threads (a lock held by one of them would
+stay locked in the child forever); `usable()` says when to take the sequential path instead.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import sys
+import threading
+from collections.abc import Callable
+
+
+def usable() -> bool:
+    """True when a forked child would run at once on a core of its own, safely."""
+    if not hasattr(os, "fork") or threading.active_count() != 1:
+        return False
+    try:
+        return len(os.sched_getaffinity(0)) > 1
+    except (AttributeError, OSError):
+        return (os.cpu_count() or 1) > 1
+
+
+def _rebuild(cls: type, args: tuple, state: dict) -> BaseException:
+    # Exceptions whose __init__ takes other arguments than their `args` (DumpfileError's
+    # source, line and field) cannot go through `cls(*args)`, which is what pickle does.
+    error = cls.__new__(cls, *args)
+    error.args = args
+    error.__dict__.update(state)
+    return error
+
+
+class Child:
+    """`work()` running in a forked child; `join()` returns what it returned (bytes).
+
+    Use as a context manager: leaving the block early (the parent's own half failed) kills
+    and reaps the child, so no process outlives the job nor keeps writing to its output.
+    """
+
+    __slots__ = ("pid", "pipe")
+
+    def __init__(self, work: Callable[[], bytes | None]) -> None:
+        for stream in (sys.stdout, sys.stderr):  # (the child must not write the parent's buffers again)
+            if stream is not None:
+                stream.flush()
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: never returns to the caller's code
+            status = 1
+            try:
+                os.close(read_end)
+                try:
+                    message = b"\0" + (work() or b"")
+                    status = 0
+                except BaseException as e:  # noqa: BLE001 -- every error goes to the parent
+                    message = b"\1" + _pickled(e)
+                view = memoryview(message)
+                while view:
+                    view = view[os.write(write_end, view):]
+            finally:
+                os._exit(status)  # no atexit handlers, no flushing of buffers copied from the parent
+        os.close(write_end)
+        self.pid = pid
+        self.pipe = read_end
+
+    def join(self) -> bytes:
+        """Wait for the child; its result, or its error raised here."""
+        pieces = []
+        with open(self.pipe, "rb", closefd=True) as f:
+            self.pipe = -1
+            while True:
+                piece = f.read(1 << 20)
+                if not piece:
+                    break
+                pieces.append(piece)
+        _pid, status = os.waitpid(self.pid, 0)
+        self.pid = 0
+        message = b"".join(pieces)
+        if message[:1] == b"\1":
+            cls, args, state = pickle.loads(message[1:])
+            raise _rebuild(cls, args, state)
+        if status != 0 or message[:1] != b"\0":
+            code = os.waitstatus_to_exitcode(status)
+            raise ChildProcessError(f"worker process {_pid} ended with status {code} before its result")
+        return message[1:]
+
+    def __enter__(self) -> Child:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.pid:
+            os.kill(self.pid, signal.SIGKILL)
+            os.waitpid(self.pid, 0)
+            self.pid = 0
+        if self.pipe >= 0:
+            os.close(self.pipe)
+            self.pipe = -1
+
+
+def _pickled(error: BaseException) -> bytes:
+    try:
+        return pickle.dumps((type(error), error.args, dict(getattr(error, "__dict__", {}))))
+    except Exception:  # noqa: BLE001 -- an unpicklable detail: keep the class's name and message
+        return pickle.dumps((RuntimeError, (f"{type(error).__name__}: {error}",), {}))
