@@ -13,12 +13,18 @@ stay locked in the child forever); `usable()` says when to take the sequential p
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import io
 import os
 import pickle
 import signal
 import sys
 import threading
 from collections.abc import Callable
+
+F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+PIPE_SIZE = 4 << 20
 
 
 def usable() -> bool:
@@ -112,3 +118,62 @@ def _pickled(error: BaseException) -> bytes:
         return pickle.dumps((type(error), error.args, dict(getattr(error, "__dict__", {}))))
     except Exception:  # noqa: BLE001 -- an unpicklable detail: keep the class's name and message
         return pickle.dumps((RuntimeError, (f"{type(error).__name__}: {error}",), {}))
+
+
+class Feeder:
+    """`work(send)` running in a forked child, each `send(message)` taken in turn by the
+    parent's `next()`; None once the child has ended (done, or failed: the parent is to do
+    the rest itself, so the child's error is not carried over).  `close()` kills and reaps it.
+    """
+
+    __slots__ = ("pid", "stream")
+
+    def __init__(self, work: Callable[[Callable[[bytes], None]], None]) -> None:
+        for stream in (sys.stdout, sys.stderr):
+            if stream is not None:
+                stream.flush()
+        read_end, write_end = os.pipe()
+        with contextlib.suppress(OSError):  # a larger pipe lets the child run a few messages ahead
+            fcntl.fcntl(write_end, F_SETPIPE_SZ, PIPE_SIZE)
+        pid = os.fork()
+        if pid == 0:
+            status = 1
+            try:
+                os.close(read_end)
+
+                def send(message: bytes) -> None:
+                    view = memoryview(len(message).to_bytes(8, "little") + message)
+                    while view:
+                        view = view[os.write(write_end, view):]
+
+                work(send)
+                status = 0
+            except BaseException:  # noqa: BLE001 -- the parent does the rest itself
+                pass
+            finally:
+                os._exit(status)
+        os.close(write_end)
+        self.pid = pid
+        self.stream: io.BufferedReader | None = open(read_end, "rb", buffering=PIPE_SIZE)
+
+    def next(self) -> bytes | None:
+        if self.stream is None:
+            return None
+        head = self.stream.read(8)
+        if len(head) == 8:
+            size = int.from_bytes(head, "little")
+            message = self.stream.read(size)
+            if len(message) == size:
+                return message
+        self.close()
+        return None
+
+    def close(self) -> None:
+        if self.pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
+            os.waitpid(self.pid, 0)
+            self.pid = 0
+        if self.stream is not None:
+            self.stream.close()
+            self.stream = None
