@@ -115,16 +115,17 @@ class ForkedColumns:
 
     @classmethod
     def start(cls, column_stage: Callable[[list[bytes]], tuple | None], source, line_max: int,
-              min_bytes: int = FORK_MIN_BYTES) -> ForkedColumns | None:
+              min_bytes: int = FORK_MIN_BYTES, busy: bool = False) -> ForkedColumns | None:
         """A child running `column_stage` over the batches of `source`, when it is a regular
-        file of `min_bytes` or more, and a child can run."""
+        file of `min_bytes` or more, and a child can run (`busy`: even when no processor
+        is idle; tests)."""
         if not isinstance(source, (str, bytes, os.PathLike)) or source in ("-", b"-"):
             return None
         try:
             st = os.stat(source)
         except OSError:
             return None  # (the parser's own open reports it)
-        if not stat.S_ISREG(st.st_mode) or st.st_size < min_bytes or not forked.usable():
+        if not stat.S_ISREG(st.st_mode) or st.st_size < min_bytes or not (forked.usable() if busy else forked.worthwhile()):
             return None
 
         def work(send: Callable[[bytes], None]) -> None:

@@ -46,7 +46,7 @@ def big_dump(batches: float = 4.5) -> bytes:
 
 def forked_outcome(path, strict: bool, column_stage=None) -> tuple:
     parser = _Parser("x.dump", strict)
-    helper = ForkedColumns.start(column_stage or parser.batch_columns, str(path), LINE_MAX, min_bytes=0)
+    helper = ForkedColumns.start(column_stage or parser.batch_columns, str(path), LINE_MAX, min_bytes=0, busy=True)
     assert helper is not None
     try:
         tree = parser.parse(chunks(str(path)), helper)
@@ -63,7 +63,7 @@ def test_forked_parse_gives_the_sequential_tree_and_image(tmp_path):
     path.write_bytes(data)
     assert forked_outcome(path, False) == dumpgrammar.outcome(data, True, False)
     assert forked_outcome(path, False)[0] == "ok"
-    # the frontend takes the forked path by itself above FORK_MIN_BYTES
+    # the frontend takes the forked path by itself above FORK_MIN_BYTES when a processor is idle
     assert len(data) > 2 << 20
     forked_image = compile_tree(dumpfile.load(str(path)), Options())
     assert forked_image == compile_tree(dumpfile.loads(data), Options())

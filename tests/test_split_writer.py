@@ -9,6 +9,7 @@ import os
 import resource
 import signal
 import subprocess
+import sys
 
 import pytest
 from cfsc.backends.erofs.writer import SPLIT_MIN_INODES, write_image
@@ -71,8 +72,9 @@ def synthetic_dump(entries: int) -> bytes:
     return b"\n".join(lines) + b"\n"
 
 
-def test_compile_takes_the_split_path_and_matches_mkcomposefs(tmp_path):
-    """Above the threshold `cfsc compile` splits by itself; the bytes are still upstream's."""
+def test_compile_matches_mkcomposefs_above_the_threshold(tmp_path):
+    """Above the threshold `cfsc compile` splits by itself when a processor is idle (else it
+    writes sequentially): the bytes are upstream's either way."""
     mkcomposefs = "/tmp/cfs-src/build/tools/mkcomposefs"
     dump = synthetic_dump(SPLIT_MIN_INODES + 5000)
     src = tmp_path / "in.dump"
@@ -90,22 +92,40 @@ def test_compile_takes_the_split_path_and_matches_mkcomposefs(tmp_path):
     assert ours.read_bytes() == theirs.read_bytes()
 
 
-def test_a_failed_split_write_fails_the_compile_and_leaves_no_output(tmp_path):
+# What `compile_image` does, with the split forced: the atomic output around the writer.
+SPLIT_INTO_ATOMIC_OUTPUT = """
+import sys
+from cfsc.backends.erofs.writer import write_image
+from cfsc.base.output import atomic_output
+from cfsc.build import load
+from cfsc.build.pipeline import run_passes
+tree = run_passes(load([sys.argv[1]]))
+try:
+    with atomic_output(sys.argv[2]) as out:
+        write_image(tree, out, split=True)
+except OSError as e:
+    print(e, file=sys.stderr)
+    sys.exit(1)
+"""
+
+
+def test_a_failed_split_write_leaves_no_output(tmp_path):
     """A file size limit within the child's part of the image (the parent's shared xattrs
-    and directory blocks lie beyond it too): whichever process hits it first, the compile
-    fails with that error on one line, and nothing is left."""
+    and directory blocks lie beyond it too): whichever process hits it first, the write
+    fails with that error, and nothing is left."""
     src = tmp_path / "in.dump"
     src.write_bytes(synthetic_dump(SPLIT_MIN_INODES + 5000))
     out = tmp_path / "out" / "img.cfs"
     out.parent.mkdir()
 
-    def limit() -> None:  # (in the cfsc process, before it starts)
+    def limit() -> None:  # (in the child process, before it starts)
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG
         resource.setrlimit(resource.RLIMIT_FSIZE, (3 << 20, 3 << 20))
 
-    p = subprocess.run([CFSC, "compile", str(src), "-o", str(out)], preexec_fn=limit, capture_output=True)
-    assert p.returncode != 0
-    assert p.stderr.decode().strip().splitlines() == ["error: [Errno 27] File too large"]
+    p = subprocess.run([sys.executable, "-c", SPLIT_INTO_ATOMIC_OUTPUT, str(src), str(out)], preexec_fn=limit,
+                       capture_output=True)
+    assert p.returncode == 1, p.stderr
+    assert p.stderr.decode().strip().splitlines() == ["[Errno 27] File too large"]
     assert os.listdir(out.parent) == []
 
 

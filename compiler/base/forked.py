@@ -28,13 +28,31 @@ PIPE_SIZE = 4 << 20
 
 
 def usable() -> bool:
-    """True when a forked child would run at once on a core of its own, safely."""
+    """True when a forked child is possible, safe, and could have a processor of its own."""
     if not hasattr(os, "fork") or threading.active_count() != 1:
         return False
+    return _processors() > 1
+
+
+def worthwhile() -> bool:
+    """`usable()`, and a processor is idle right now: on a busy machine the child would only
+    take turns with this process and add its own costs (the fork, copy-on-write faults,
+    the handover), so the sequential path is then the faster one."""
+    if not usable():
+        return False
     try:
-        return len(os.sched_getaffinity(0)) > 1
+        with open("/proc/loadavg", "rb") as f:
+            runnable = int(f.read().split()[3].split(b"/")[0])  # this process included
+    except (OSError, ValueError, IndexError):
+        return True
+    return runnable < _processors()
+
+
+def _processors() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
-        return (os.cpu_count() or 1) > 1
+        return os.cpu_count() or 1
 
 
 def _rebuild(cls: type, args: tuple, state: dict) -> BaseException:
