@@ -4,7 +4,9 @@ Input: a tree that went through the whole pipeline (ordered, lowered, shared xat
 Two loops over the inodes: `_plan` decides each inode's size, tail, padding and nid (format
 note §2.5); `write_image` then streams the header, superblock, inodes, shared xattrs and data
 blocks.  Shared xattr ids depend on where the inode area ends, and directory entries on the
-nids of later inodes, so nothing can be emitted before the plan is complete.
+nids of later inodes, so nothing can be emitted before the plan is complete.  Once it is,
+every record's place is known: a forked child can emit the second half (`_emit` from inode
+k) straight into the output file while this process emits the first.
 
 Per-inode state between the loops lives in flat lists indexed by inode number; xattr bodies
 come from `xattrs.XattrEncoder`, which works each distinct xattr tuple out once.
@@ -267,9 +269,9 @@ def write_image(tree: Tree, out: BinaryIO, split: bool | None = None) -> None:
 
     `split`: encode the second half of the inode records in a forked child (`cfsc.base.forked`)
     while this process encodes the first; None takes it for trees of `SPLIT_MIN_INODES` to
-    `SPLIT_MAX_INODES` inodes when a processor is idle, False never.  Either way the bytes are the same (the sequential path is the
-    reference, and tests compare both); the child writes its part in place with `pwrite`,
-    so it is taken only when `out` is a regular file.
+    `SPLIT_MAX_INODES` inodes when a processor is idle, False never.  Either way the bytes
+    are the same (the sequential path is the reference, and tests compare both); the child
+    writes its part in place with `pwrite`, so it is taken only when `out` is a regular file.
     """
     assert tree.shared_xattrs is not None and tree.inodes is not None, "run the pipeline before writing"
     encoder = XattrEncoder(tree.shared_xattrs)
