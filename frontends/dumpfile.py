@@ -265,7 +265,7 @@ class _Parser:
         is a regular file, directory or symlink that breaks no rule; any other line goes
         through `parse_line`, the reference for semantics and error messages (a test
         compares both paths on many inputs).  The two stages are apart so that a forked
-        child can run the first (`dumpfile_forked`).
+        child can run the first (`dumpfile_stream`).
         """
         self.insert_batch(batch, first, self.batch_columns(batch))
 
