@@ -125,7 +125,8 @@ class ForkedColumns:
             st = os.stat(source)
         except OSError:
             return None  # (the parser's own open reports it)
-        if not stat.S_ISREG(st.st_mode) or st.st_size < min_bytes or not (forked.usable() if busy else forked.worthwhile()):
+        can_run = forked.usable() if busy else forked.worthwhile()
+        if not stat.S_ISREG(st.st_mode) or st.st_size < min_bytes or not can_run:
             return None
 
         def work(send: Callable[[bytes], None]) -> None:
