@@ -91,13 +91,12 @@ _DIRENT = EROFS_DIRENT.size
 _COMPACT = EROFS_INODE_COMPACT.size
 _EXTENDED = EROFS_INODE_EXTENDED.size
 _IBODY = EROFS_XATTR_IBODY_HEADER.size
-# Between these many inodes the second half's records are encoded by a forked child.  Below,
-# the fork costs more than half the loop saves; above, the copy-on-write faults do: both
-# processes write to the reference counts of objects all over the heap, so each copies about
-# half of its pages (1M inodes, in process: the parent's CPU 3.08 s -> 2.67 s, the child's
-# 1.5 s; at 250k 0.90 -> 0.66 s, at 64k 0.25 -> 0.20 s).
+# From this many inodes on the second half's records are encoded by a forked child; below,
+# the fork costs more than half the loop saves.  The child costs more CPU than the half it
+# takes off the parent: both processes write to the reference counts of objects all over
+# the heap, so each copies about half of its pages (in process, the parent's CPU at 64k
+# 0.25 -> 0.20 s, the child's 0.12; at 1M 3.1 -> 2.7 s, the child's 1.5).
 SPLIT_MIN_INODES = 20000
-SPLIT_MAX_INODES = 500000
 _ENTRY_WEIGHT = 4
 
 
@@ -268,8 +267,8 @@ def write_image(tree: Tree, out: BinaryIO, split: bool | None = None) -> None:
     """Write the image of a compiled tree to a binary stream.
 
     `split`: encode the second half of the inode records in a forked child (`cfsc.base.forked`)
-    while this process encodes the first; None takes it for trees of `SPLIT_MIN_INODES` to
-    `SPLIT_MAX_INODES` inodes when a processor is idle, False never.  Either way the bytes
+    while this process encodes the first; None takes it for trees of `SPLIT_MIN_INODES`
+    inodes or more when a processor is idle, False never.  Either way the bytes
     are the same (the sequential path is the reference, and tests compare both); the child
     writes its part in place with `pwrite`, so it is taken only when `out` is a regular file.
     """
@@ -292,7 +291,7 @@ def write_image(tree: Tree, out: BinaryIO, split: bool | None = None) -> None:
         EROFS_BLKSIZ_BITS, 0, nids[0], len(inodes), min_sec & U64, min_nsec, total_blocks,
         0, inodes_end // BLK, b"", b"", 0, 0, 0, 0, 0, 0, 0, 0, 0)
     if split is None:
-        split = SPLIT_MIN_INODES <= len(inodes) <= SPLIT_MAX_INODES and forked.worthwhile()
+        split = len(inodes) >= SPLIT_MIN_INODES and forked.worthwhile()
     fd = _pwritable(out) if split else None
     base = out.tell() if fd is not None else 0  # where the image starts in the file
     out.write(b"".join((head, _ZEROS[:EROFS_SUPER_OFFSET - len(head)], superblock)))
