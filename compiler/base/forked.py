@@ -1,14 +1,17 @@
 """A part of a job run by a forked child on the machine's second core.
 
-C mkcomposefs reads a dumpfile on one core; cfsc splits the work whose inputs are already in
-memory (the image writer's inode records, say) between the parent and one child.  The child
-is a `fork`: it sees the parent's tree copy-on-write, so nothing is handed over on the way in,
-and only its result (bytes) comes back, through a pipe.  An error in the child is raised again
-in the parent, the same class with the same message (a located one-line error stays one), so
-callers see what the sequential path would have raised.
+C mkcomposefs reads a dumpfile on one core; cfsc gives a forked child a part of the work.
+The child sees the parent's memory copy-on-write, so nothing is handed over on the way in,
+and only bytes come back, through a pipe: `Child` returns one result (the image writer's
+second half is written in place, so it returns nothing), `Feeder` a stream of messages the
+parent takes in turn (the dumpfile parser's column stage).  An error in a `Child` is raised
+again in the parent, the same class with the same message (a located one-line error stays
+one), so callers see what the sequential path would have raised; a `Feeder`'s parent does
+the rest itself.
 
 A fork is only safe in a process that has no other threads (a lock held by one of them would
-stay locked in the child forever); `usable()` says when to take the sequential path instead.
+stay locked in the child forever); `usable()` says when it is, `worthwhile()` when it also
+pays, and callers take their sequential path otherwise.
 """
 
 from __future__ import annotations
