@@ -17,7 +17,6 @@ own, a file that changed under it -- the parser runs the column stage itself fro
 from __future__ import annotations
 
 import os
-import pickle
 import stat
 from collections.abc import Callable, Iterable, Iterator
 
@@ -129,6 +128,8 @@ class ForkedColumns:
         if not stat.S_ISREG(st.st_mode) or st.st_size < min_bytes or not can_run:
             return None
 
+        import pickle  # (start-up: only a large input gets here)
+
         def work(send: Callable[[bytes], None]) -> None:
             for job, lines, first in batches(Lines(chunks(source), line_max), True):
                 if job is not None and _childs(job):
@@ -141,6 +142,8 @@ class ForkedColumns:
             return self.NONE
         message = self.feeder.next()
         if message is not None:
+            import pickle
+
             got_job, got_first, got_n, columns = pickle.loads(message)
             if (got_job, got_first, got_n) == (job, first, n):
                 return columns

@@ -14,7 +14,6 @@ come from `xattrs.XattrEncoder`, which works each distinct xattr tuple out once.
 
 from __future__ import annotations
 
-import fcntl
 import os
 import stat
 from bisect import bisect_left
@@ -333,6 +332,8 @@ def write_image(tree: Tree, out: BinaryIO, split: bool | None = None) -> None:
 def _pwritable(out: BinaryIO) -> int | None:
     """The descriptor of `out` when a forked child can write into it in place (a regular file
     not opened for appending, the other process being this one), and a child can run."""
+    import fcntl  # (start-up: only a large tree gets here)
+
     try:
         fd = out.fileno()
         if not stat.S_ISREG(os.fstat(fd).st_mode) or fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_APPEND:

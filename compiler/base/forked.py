@@ -17,21 +17,21 @@ pays, and callers take their sequential path otherwise.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import io
 import os
-import pickle
-import signal
 import sys
-import threading
 from collections.abc import Callable
 
-F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+# (pickle, signal, threading and fcntl are imported where they are used: only a large input
+# gets this far, and `cfsc compile` of a small one should not pay for them at start-up)
+F_SETPIPE_SZ = 1031  # fcntl.F_SETPIPE_SZ, Linux
 PIPE_SIZE = 4 << 20
 
 
 def usable() -> bool:
     """True when a forked child is possible, safe, and could have a processor of its own."""
+    import threading
+
     if not hasattr(os, "fork") or threading.active_count() != 1:
         return False
     return _processors() > 1
@@ -114,6 +114,8 @@ class Child:
         self.pid = 0
         message = b"".join(pieces)
         if message[:1] == b"\1":
+            import pickle
+
             cls, args, state = pickle.loads(message[1:])
             raise _rebuild(cls, args, state)
         if status != 0 or message[:1] != b"\0":
@@ -126,7 +128,7 @@ class Child:
 
     def __exit__(self, *exc: object) -> None:
         if self.pid:
-            os.kill(self.pid, signal.SIGKILL)
+            os.kill(self.pid, 9)  # SIGKILL
             os.waitpid(self.pid, 0)
             self.pid = 0
         if self.pipe >= 0:
@@ -135,6 +137,8 @@ class Child:
 
 
 def _pickled(error: BaseException) -> bytes:
+    import pickle
+
     try:
         return pickle.dumps((type(error), error.args, dict(getattr(error, "__dict__", {}))))
     except Exception:  # noqa: BLE001 -- an unpicklable detail: keep the class's name and message
@@ -154,6 +158,8 @@ class Feeder:
             if stream is not None:
                 stream.flush()
         read_end, write_end = os.pipe()
+        import fcntl
+
         with contextlib.suppress(OSError):  # a larger pipe lets the child run a few messages ahead
             fcntl.fcntl(write_end, F_SETPIPE_SZ, PIPE_SIZE)
         pid = os.fork()
@@ -192,7 +198,7 @@ class Feeder:
     def close(self) -> None:
         if self.pid:
             with contextlib.suppress(ProcessLookupError):
-                os.kill(self.pid, signal.SIGKILL)
+                os.kill(self.pid, 9)  # SIGKILL
             os.waitpid(self.pid, 0)
             self.pid = 0
         if self.stream is not None:
