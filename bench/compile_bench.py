@@ -28,6 +28,21 @@ insertion in the parser saved nothing and left the tree's objects scattered, so 
 walk got slower.  What would move the floor: compiling the two writer loops and
 `parse_batch` (mypyc or a small C module), or fusing the passes' five walks over the tree.
 
+The second core (C mkcomposefs uses one for a dumpfile), taken only when a processor is idle
+(`cfsc.base.forked.worthwhile`): a forked child reads the dumpfile too and runs the column
+stage of three batches in four, handing them over pickled (`frontends/dumpfile_stream.py`);
+after placement a forked child emits the second half of the inode records into the output
+file (`write_image(split=)`, trees of 20k inodes or more; the copy-on-write faults -- both
+processes write the reference counts of objects on about half the heap's pages each -- make
+the child cost more CPU than it saves the parent).  CPU seconds of the parent, the critical
+path, sequential -> forked (the child's CPU), in process, medians of 5 / 3 / 1-2 runs,
+the machine at load 4-12 (so the figures are rough):
+
+    dumpfile          parse                       writer (plan + emit)
+    cs9 (64k)         0.20 -> 0.16  (0.13)        0.25-0.375 -> 0.20-0.26  (0.12)
+    synthetic 250k    0.95 -> 0.59  (0.54)        0.91 -> 0.68  (0.37)
+    synthetic 1M      3.78 -> 2.58  (2.53)        3.08-4.21 -> 2.62-2.67  (1.5-1.65)
+
 Measured side by side with the C tool (whole process, medians of 7-9 runs, 3 for 1M, in
 turn with it; images identical; cfsc's modules compiled from source on every run, as under
 PYTHONDONTWRITEBYTECODE, unless said):

@@ -32,6 +32,7 @@ from cfsc.base.options import Options
 from cfsc.base.streams import chunks, source_name
 from cfsc.base.tree import NO_XATTRS as EMPTY
 from cfsc.base.tree import S_IFBLK, S_IFCHR, S_IFDIR, S_IFLNK, S_IFMT, S_IFREG, Inode, Tree
+from cfsc.frontends.dumpfile_stream import ForkedColumns, Lines, batches
 
 FIELDS = ("PATH", "SIZE", "MODE", "NLINK", "UID", "GID", "RDEV", "MTIME", "PAYLOAD", "CONTENT", "DIGEST")
 U64 = (1 << 64) - 1
@@ -57,7 +58,6 @@ def sniff(head: bytes) -> bool:
     return line.startswith(b"/") or re.match(rb"\S+[ \t]+[0-9]+[ \t]+@?[0-7]+(?:[ \t]|\Z)", line) is not None
 
 
-BATCH = 8192
 CACHE_LIMIT = 1 << 16
 MAX_EXTERNAL_SIZE = limits.MAX_EXTERNAL_SIZE
 
@@ -94,61 +94,6 @@ def dir_key(path: bytes) -> bytes:
     if b"//" in path or key[:1] == b"/" or key[-1:] == b"/":
         key = b"/".join(p for p in path.split(b"/") if p)
     return key
-
-
-class Lines:
-    """The complete lines of chunked input, one list per chunk, in linear time and memory.
-
-    A line is collected from its pieces once its newline arrives.  Iteration stops at a line
-    longer than `limit`: its first `limit + 1` bytes are then in `long` (the same whatever
-    the chunk sizes), after the lines before it were handed out.  `tail` is the unterminated
-    last line once iteration ends.  `nul` says whether the latest list may hold a NUL.
-    """
-
-    __slots__ = ("chunks", "limit", "long", "tail", "nul")
-
-    def __init__(self, chunks: Iterable[bytes], limit: int = LINE_MAX) -> None:
-        self.chunks = chunks
-        self.limit = limit
-        self.long: bytes | None = None
-        self.tail = b""
-        self.nul = False
-
-    def __iter__(self):
-        limit = self.limit
-        pending: list[bytes] = []  # pieces of the unfinished line
-        size = 0
-        for chunk in self.chunks:
-            if b"\n" not in chunk:
-                pending.append(chunk)
-                size += len(chunk)
-                if size > limit:
-                    self.long = b"".join(pending)[:limit + 1]
-                    return
-                continue
-            if pending:
-                pending.append(chunk)
-                data = b"".join(pending)
-            else:
-                data = chunk
-            lines = data.split(b"\n")
-            last = lines.pop()
-            self.nul = b"\0" in data
-            if len(data) > limit and max(map(len, lines), default=0) > limit:
-                for i, line in enumerate(lines):
-                    if len(line) > limit:
-                        if i:
-                            yield lines[:i]
-                        self.long = line[:limit + 1]
-                        return
-            if len(last) > limit:
-                yield lines
-                self.long = last[:limit + 1]
-                return
-            pending = [last] if last else []
-            size = len(last)
-            yield lines
-        self.tail = b"".join(pending)
 
 
 def _mark(slow: bytearray, i: int) -> int:
@@ -267,18 +212,20 @@ class _Parser:
             node = child
         raise self.fail(line, "PATH", "parent is not a directory")
 
-    def parse(self, chunks: Iterable[bytes]) -> Tree:
-        """Parse a dumpfile given as chunks of any size (so big inputs are never held whole)."""
+    def parse(self, chunks: Iterable[bytes], helper: ForkedColumns | None = None) -> Tree:
+        """Parse a dumpfile given as chunks of any size (so big inputs are never held whole);
+        `helper` hands over the column stage of some batches, computed by a forked child."""
         line_no = 0
-        lines_of = Lines(chunks)
-        for lines in lines_of:
-            if lines_of.nul or not self.fast:
-                for n, line in enumerate(lines, line_no + 1):
+        lines_of = Lines(chunks, LINE_MAX)
+        for job, batch, first in batches(lines_of, self.fast):
+            if job is None:  # lines to take one by one
+                for n, line in enumerate(batch, first):
                     self.parse_line(line, n)
+            elif helper is not None and (columns := helper.columns(job, first, len(batch))) is not helper.NONE:
+                self.insert_batch(batch, first, columns)
             else:
-                for start in range(0, len(lines), BATCH):
-                    self.parse_batch(lines[start:start + BATCH], line_no + start + 1)
-            line_no += len(lines)
+                self.parse_batch(batch, first)
+            line_no = first + len(batch) - 1
         if lines_of.long is not None:
             raise self.too_long(lines_of.long, line_no + 1)
         carry = lines_of.tail
@@ -317,14 +264,19 @@ class _Parser:
         line takes this path only when every field is plain (no escapes, no quirks) and it
         is a regular file, directory or symlink that breaks no rule; any other line goes
         through `parse_line`, the reference for semantics and error messages (a test
-        compares both paths on many inputs).
+        compares both paths on many inputs).  The two stages are apart so that a forked
+        child can run the first (`dumpfile_stream`).
         """
+        self.insert_batch(batch, first, self.batch_columns(batch))
+
+    def batch_columns(self, batch: list[bytes]) -> tuple | None:
+        """The column stage of `parse_batch`: the converted fields and the lines that must
+        go through `parse_line` (`slow`), or None when the whole batch must.  It reads no
+        state of the parse but `strict`."""
         rows = [line.split(b" ", 11) for line in batch]
         n = len(rows)
         if n == 0 or min(map(len, rows)) < 11:
-            for i, line in enumerate(batch):
-                self.parse_line(line, first + i)
-            return
+            return None
         # (rows have 11 or 12 fields: a missing xattr section reads as empty)
         columns = list(zip_longest(*rows, fillvalue=b""))
         if len(columns) == 11:
@@ -429,6 +381,19 @@ class _Parser:
                     slow[i] = 1  # no target (`-` or empty), a digest, a SIZE strict refuses
                 else:
                     sizes_[i] = len(payload)
+        return (paths, modes_, uids_, gids_, secs, nsecs, sizes_, nlinks_, payloads_, digests_, sections, slow,
+                dir_modes)
+
+    def insert_batch(self, batch: list[bytes], first: int, columns: tuple | None) -> None:
+        """The tree stage of `parse_batch`: xattrs, inodes, insertion, `parse_line` for the
+        lines the column stage set aside (in line order, so errors come in upstream's)."""
+        if columns is None:
+            for i, line in enumerate(batch):
+                self.parse_line(line, first + i)
+            return
+        (paths, modes_, uids_, gids_, secs, nsecs, sizes_, nlinks_, payloads_, digests_, sections, slow,
+         dir_modes) = columns
+        n = len(batch)
         cache = self.xattr_cache
         xattrs_ = list(map(cache.get, sections, repeat(EMPTY if sections.count(b"") == n else None)))
         if None in xattrs_:
@@ -764,7 +729,13 @@ class _Parser:
 
 def load(source, options: Options | None = None) -> Tree:
     options = options or Options()
-    tree = _Parser(source_name(source), options.strict).parse(chunks(source))
+    parser = _Parser(source_name(source), options.strict)
+    helper = ForkedColumns.start(parser.batch_columns, source, LINE_MAX)  # None: not worth a child, or none can run
+    try:
+        tree = parser.parse(chunks(source), helper)
+    finally:
+        if helper is not None:
+            helper.close()
     if source != "-":
         tree.locate = lambda path: locate(source_name(source), chunks(source), path)
     return tree
@@ -774,7 +745,7 @@ def locate(name: str, pieces: Iterable[bytes], path: bytes) -> str | None:
     """`name:line` of the record that defines `path` in the text `pieces` make up (a second
     read of the input: only for error messages)."""
     want = [p for p in path.split(b"/") if p]
-    lines_of = Lines(pieces)  # linear however long a line is (and bounded: LINE_MAX)
+    lines_of = Lines(pieces, LINE_MAX)  # linear however long a line is (and bounded: LINE_MAX)
     n = 0
     for n, line in enumerate(chain.from_iterable(lines_of), 1):
         if _defines(line, want):

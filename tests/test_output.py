@@ -42,3 +42,29 @@ def test_temp_names_are_recognised_as_such(tmp_path):
         assert is_temp_name(temp)
     assert os.listdir(tmp_path) == ["x.cfs"] and not is_temp_name("x.cfs")
     assert not is_temp_name(".x.cfs.0123456789AB.tmp") and not is_temp_name(".0123456789ab.tmp")
+
+
+def test_a_write_that_fails_at_the_last_flush_leaves_no_temp_file(tmp_path):
+    """The image's last bytes sit in the stream's buffer until the final flush; when that
+    flush fails (a file size limit ten bytes short), closing the stream fails the same way,
+    and the temporary file must still go."""
+    import resource
+    import signal
+    import subprocess
+
+    from tests.helpers.data import CFSC
+
+    src = tmp_path / "in.dump"
+    src.write_bytes(DUMP)
+    size = len(run_cfsc("compile", str(src), "-o", "-", check=True).stdout)
+    out = tmp_path / "out"
+    out.mkdir()
+
+    def limit() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG
+        resource.setrlimit(resource.RLIMIT_FSIZE, (size - 10, size - 10))
+
+    p = subprocess.run([CFSC, "compile", str(src), "-o", str(out / "img.cfs")], preexec_fn=limit, capture_output=True)
+    assert p.returncode != 0
+    assert p.stderr.decode().strip().splitlines() == ["error: [Errno 27] File too large"]
+    assert os.listdir(out) == []

@@ -93,7 +93,8 @@ def atomic_output(path: str, mode: int = 0o666) -> Iterator[BinaryIO]:
         f.close()
         os.replace(tmp, path)
     except BaseException:
-        f.close()
+        with contextlib.suppress(OSError):
+            f.close()  # (flushes what is buffered: after a failed write it fails again)
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise

@@ -1,0 +1,206 @@
+"""A part of a job run by a forked child on the machine's second core.
+
+C mkcomposefs reads a dumpfile on one core; cfsc gives a forked child a part of the work.
+The child sees the parent's memory copy-on-write, so nothing is handed over on the way in,
+and only bytes come back, through a pipe: `Child` returns one result (the image writer's
+second half is written in place, so it returns nothing), `Feeder` a stream of messages the
+parent takes in turn (the dumpfile parser's column stage).  An error in a `Child` is raised
+again in the parent, the same class with the same message (a located one-line error stays
+one), so callers see what the sequential path would have raised; a `Feeder`'s parent does
+the rest itself.
+
+A fork is only safe in a process that has no other threads (a lock held by one of them would
+stay locked in the child forever); `usable()` says when it is, `worthwhile()` when it also
+pays, and callers take their sequential path otherwise.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import sys
+from collections.abc import Callable
+
+# (pickle, signal, threading and fcntl are imported where they are used: only a large input
+# gets this far, and `cfsc compile` of a small one should not pay for them at start-up)
+F_SETPIPE_SZ = 1031  # fcntl.F_SETPIPE_SZ, Linux
+PIPE_SIZE = 4 << 20
+
+
+def usable() -> bool:
+    """True when a forked child is possible, safe, and could have a processor of its own."""
+    import threading
+
+    if not hasattr(os, "fork") or threading.active_count() != 1:
+        return False
+    return _processors() > 1
+
+
+def worthwhile() -> bool:
+    """`usable()`, and a processor is idle right now: on a busy machine the child would only
+    take turns with this process and add its own costs (the fork, copy-on-write faults,
+    the handover), so the sequential path is then the faster one."""
+    if not usable():
+        return False
+    try:
+        with open("/proc/loadavg", "rb") as f:
+            runnable = int(f.read().split()[3].split(b"/")[0])  # this process included
+    except (OSError, ValueError, IndexError):
+        return True
+    return runnable < _processors()
+
+
+def _processors() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def _rebuild(cls: type, args: tuple, state: dict) -> BaseException:
+    # Exceptions whose __init__ takes other arguments than their `args` (DumpfileError's
+    # source, line and field) cannot go through `cls(*args)`, which is what pickle does.
+    error = cls.__new__(cls, *args)
+    error.args = args
+    error.__dict__.update(state)
+    return error
+
+
+class Child:
+    """`work()` running in a forked child; `join()` returns what it returned (bytes).
+
+    Use as a context manager: leaving the block early (the parent's own half failed) kills
+    and reaps the child, so no process outlives the job nor keeps writing to its output.
+    """
+
+    __slots__ = ("pid", "pipe")
+
+    def __init__(self, work: Callable[[], bytes | None]) -> None:
+        for stream in (sys.stdout, sys.stderr):  # (the child must not write the parent's buffers again)
+            if stream is not None:
+                stream.flush()
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: never returns to the caller's code
+            status = 1
+            try:
+                os.close(read_end)
+                try:
+                    message = b"\0" + (work() or b"")
+                    status = 0
+                except BaseException as e:  # noqa: BLE001 -- every error goes to the parent
+                    message = b"\1" + _pickled(e)
+                view = memoryview(message)
+                while view:
+                    view = view[os.write(write_end, view):]
+            finally:
+                os._exit(status)  # no atexit handlers, no flushing of buffers copied from the parent
+        os.close(write_end)
+        self.pid = pid
+        self.pipe = read_end
+
+    def join(self) -> bytes:
+        """Wait for the child; its result, or its error raised here."""
+        pieces = []
+        with open(self.pipe, "rb", closefd=True) as f:
+            self.pipe = -1
+            while True:
+                piece = f.read(1 << 20)
+                if not piece:
+                    break
+                pieces.append(piece)
+        _pid, status = os.waitpid(self.pid, 0)
+        self.pid = 0
+        message = b"".join(pieces)
+        if message[:1] == b"\1":
+            import pickle
+
+            cls, args, state = pickle.loads(message[1:])
+            raise _rebuild(cls, args, state)
+        if status != 0 or message[:1] != b"\0":
+            code = os.waitstatus_to_exitcode(status)
+            raise ChildProcessError(f"worker process {_pid} ended with status {code} before its result")
+        return message[1:]
+
+    def __enter__(self) -> Child:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.pid:
+            os.kill(self.pid, 9)  # SIGKILL
+            os.waitpid(self.pid, 0)
+            self.pid = 0
+        if self.pipe >= 0:
+            os.close(self.pipe)
+            self.pipe = -1
+
+
+def _pickled(error: BaseException) -> bytes:
+    import pickle
+
+    try:
+        return pickle.dumps((type(error), error.args, dict(getattr(error, "__dict__", {}))))
+    except Exception:  # noqa: BLE001 -- an unpicklable detail: keep the class's name and message
+        return pickle.dumps((RuntimeError, (f"{type(error).__name__}: {error}",), {}))
+
+
+class Feeder:
+    """`work(send)` running in a forked child, each `send(message)` taken in turn by the
+    parent's `next()`; None once the child has ended (done, or failed: the parent is to do
+    the rest itself, so the child's error is not carried over).  `close()` kills and reaps it.
+    """
+
+    __slots__ = ("pid", "stream")
+
+    def __init__(self, work: Callable[[Callable[[bytes], None]], None]) -> None:
+        for stream in (sys.stdout, sys.stderr):
+            if stream is not None:
+                stream.flush()
+        read_end, write_end = os.pipe()
+        import fcntl
+
+        with contextlib.suppress(OSError):  # a larger pipe lets the child run a few messages ahead
+            fcntl.fcntl(write_end, F_SETPIPE_SZ, PIPE_SIZE)
+        pid = os.fork()
+        if pid == 0:
+            status = 1
+            try:
+                os.close(read_end)
+
+                def send(message: bytes) -> None:
+                    view = memoryview(len(message).to_bytes(8, "little") + message)
+                    while view:
+                        view = view[os.write(write_end, view):]
+
+                work(send)
+                status = 0
+            except BaseException:  # noqa: BLE001 -- the parent does the rest itself
+                pass
+            finally:
+                os._exit(status)
+        os.close(write_end)
+        self.pid = pid
+        self.stream: io.BufferedReader | None = open(read_end, "rb", buffering=PIPE_SIZE)
+
+    def next(self) -> bytes | None:
+        if self.stream is None:
+            return None
+        head = self.stream.read(8)
+        if len(head) == 8:
+            size = int.from_bytes(head, "little")
+            message = self.stream.read(size)
+            if len(message) == size:
+                return message
+        self.close()
+        return None
+
+    def close(self) -> None:
+        if self.pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, 9)  # SIGKILL
+            os.waitpid(self.pid, 0)
+            self.pid = 0
+        if self.stream is not None:
+            self.stream.close()
+            self.stream = None

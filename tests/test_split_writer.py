@@ -1,0 +1,169 @@
+"""The image writer's split path (a forked child encodes the second half of the inode records
+into the same file) against its sequential reference, and the child's failures."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import resource
+import signal
+import subprocess
+import sys
+
+import pytest
+from cfsc.backends.erofs.writer import SPLIT_MIN_INODES, write_image
+from cfsc.base import forked
+from cfsc.base.errors import DumpfileError
+from cfsc.base.options import Options
+from cfsc.base.tree import Tree
+from cfsc.build.pipeline import run_passes
+from cfsc.frontends import dumpfile
+from hypothesis import HealthCheck, given, settings
+
+from tests.helpers.data import CFSC, cases, read_input
+from tests.helpers.strategies import trees
+
+pytestmark = pytest.mark.skipif(not forked.usable(), reason="needs fork and a second processor")
+GOOD = [c for c in cases() if c.get("expect") != "error" and not c["strict"]]
+
+
+def both_ways(tree: Tree, path) -> tuple[bytes, bytes]:
+    """The image written sequentially, and written split (into a file, as the split needs)."""
+    sequential = io.BytesIO()
+    write_image(tree, sequential, split=False)
+    with open(path, "wb") as f:
+        f.write(b"leading bytes the image must not overwrite")
+        write_image(tree, f, split=True)
+        assert f.tell() == os.path.getsize(path)
+    return sequential.getvalue(), path.read_bytes()[42:]
+
+
+@pytest.mark.parametrize("case", GOOD, ids=[c["input"] for c in GOOD])
+def test_split_writer_equals_sequential_on_conformance_cases(case, tmp_path):
+    tree = run_passes(dumpfile.loads(read_input(case["input"]), Options()), Options())
+    sequential, split = both_ways(tree, tmp_path / "out.cfs")
+    assert split == sequential
+    assert hashlib.sha256(split).hexdigest() == case["sha256"]["default"]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                                                  HealthCheck.function_scoped_fixture])
+@given(trees(max_entries=120))
+def test_split_writer_equals_sequential_on_random_trees(tmp_path, tree):
+    tree = run_passes(tree, Options())
+    sequential, split = both_ways(tree, tmp_path / "out.cfs")
+    assert split == sequential
+
+
+def synthetic_dump(entries: int) -> bytes:
+    """Directories of 500 files, big files among them (a data block each), and symlinks."""
+    lines = [b"/ 4096 40755 2 0 0 0 1700000000.0 - - - user.root=1"]
+    for d in range(entries // 500):
+        lines.append(b"/d%03d 4096 40755 2 0 0 0 1700000000.0 - - -" % d)
+        for i in range(500):
+            if i % 7 == 0:
+                lines.append(b"/d%03d/l%03d 10 120777 1 0 0 0 1700000000.0 target%04d - -" % (d, i, i))
+                continue
+            digest = hashlib.sha256(b"%d/%d" % (d, i)).hexdigest().encode()
+            size = (1 << 33) + i if i % 97 == 0 else 100 + i
+            lines.append(b"/d%03d/f%03d %d 100644 1 0 0 0 1700000000.%d %s/%s - %s user.n=%d" % (
+                d, i, size, i % 2, digest[:2], digest[2:], digest, i % 5))
+    return b"\n".join(lines) + b"\n"
+
+
+def test_compile_matches_mkcomposefs_above_the_threshold(tmp_path):
+    """Above the threshold `cfsc compile` splits by itself when a processor is idle (else it
+    writes sequentially): the bytes are upstream's either way."""
+    mkcomposefs = "/tmp/cfs-src/build/tools/mkcomposefs"
+    dump = synthetic_dump(SPLIT_MIN_INODES + 5000)
+    src = tmp_path / "in.dump"
+    src.write_bytes(dump)
+    ours = tmp_path / "ours.cfs"
+    subprocess.run([CFSC, "compile", str(src), "-o", str(ours)], check=True)
+    tree = run_passes(dumpfile.loads(dump, Options()), Options())
+    sequential = io.BytesIO()
+    write_image(tree, sequential, split=False)
+    assert ours.read_bytes() == sequential.getvalue()
+    if not os.access(mkcomposefs, os.X_OK):
+        pytest.skip(f"upstream mkcomposefs not built at {mkcomposefs}: compared with the sequential path only")
+    theirs = tmp_path / "theirs.cfs"
+    subprocess.run([mkcomposefs, "--from-file", str(src), str(theirs)], check=True)
+    assert ours.read_bytes() == theirs.read_bytes()
+
+
+# What `compile_image` does, with the split forced: the atomic output around the writer.
+SPLIT_INTO_ATOMIC_OUTPUT = """
+import sys
+from cfsc.backends.erofs.writer import write_image
+from cfsc.base.output import atomic_output
+from cfsc.build import load
+from cfsc.build.pipeline import run_passes
+tree = run_passes(load([sys.argv[1]]))
+try:
+    with atomic_output(sys.argv[2]) as out:
+        write_image(tree, out, split=True)
+except OSError as e:
+    print(e, file=sys.stderr)
+    sys.exit(1)
+"""
+
+
+def test_a_failed_split_write_leaves_no_output(tmp_path):
+    """A file size limit within the child's part of the image (the parent's shared xattrs
+    and directory blocks lie beyond it too): whichever process hits it first, the write
+    fails with that error, and nothing is left."""
+    src = tmp_path / "in.dump"
+    src.write_bytes(synthetic_dump(SPLIT_MIN_INODES + 5000))
+    out = tmp_path / "out" / "img.cfs"
+    out.parent.mkdir()
+
+    def limit() -> None:  # (in the child process, before it starts)
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG
+        resource.setrlimit(resource.RLIMIT_FSIZE, (3 << 20, 3 << 20))
+
+    p = subprocess.run([sys.executable, "-c", SPLIT_INTO_ATOMIC_OUTPUT, str(src), str(out)], preexec_fn=limit,
+                       capture_output=True)
+    assert p.returncode == 1, p.stderr
+    assert p.stderr.decode().strip().splitlines() == ["[Errno 27] File too large"]
+    assert os.listdir(out.parent) == []
+
+
+def test_an_error_in_the_childs_half_is_the_sequential_paths_error(tmp_path):
+    """An inode the pipeline would have refused (a uid past 32 bits), slipped in after it,
+    in the child's half: the split path raises what the sequential one raises."""
+    tree = run_passes(dumpfile.loads(synthetic_dump(2000), Options()), Options())
+    tree.inodes[-1].uid = 1 << 40
+    with pytest.raises(Exception) as sequential:
+        write_image(tree, io.BytesIO(), split=False)
+    with open(tmp_path / "out.cfs", "wb") as f, pytest.raises(Exception) as split:
+        write_image(tree, f, split=True)
+    assert type(split.value) is type(sequential.value)
+    assert str(split.value) == str(sequential.value)
+
+
+def test_child_errors_are_raised_again_in_the_parent():
+    def fails():
+        raise DumpfileError("invalid integer 'x': expected a base-10 number", "in.dump", 7, "SIZE")
+
+    with forked.Child(fails) as child, pytest.raises(DumpfileError) as caught:
+        child.join()
+    assert str(caught.value) == "in.dump:7:SIZE: invalid integer 'x': expected a base-10 number"
+    assert (caught.value.line, caught.value.field) == (7, "SIZE")
+
+
+def test_a_child_that_dies_is_an_error_and_a_result_comes_back_whole():
+    with forked.Child(lambda: os._exit(3)) as child, pytest.raises(ChildProcessError, match="status 3"):
+        child.join()
+    big = bytes(range(256)) * 4096  # more than a pipe holds
+    with forked.Child(lambda: big) as child:
+        assert child.join() == big
+
+
+def test_leaving_early_kills_and_reaps_the_child():
+    child = forked.Child(lambda: signal.pause())
+    pid = child.pid
+    with child:
+        pass
+    with pytest.raises(ChildProcessError):
+        os.waitpid(pid, 0)
