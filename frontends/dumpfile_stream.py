@@ -124,8 +124,9 @@ class ForkedColumns:
             st = os.stat(source)
         except OSError:
             return None  # (the parser's own open reports it)
-        can_run = forked.usable() if busy else forked.worthwhile()
-        if not stat.S_ISREG(st.st_mode) or st.st_size < min_bytes or not can_run:
+        if not stat.S_ISREG(st.st_mode) or st.st_size < min_bytes:
+            return None
+        if not (forked.usable() if busy else forked.worthwhile()):
             return None
 
         import pickle  # (start-up: only a large input gets here)

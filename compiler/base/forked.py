@@ -30,9 +30,10 @@ PIPE_SIZE = 4 << 20
 
 def usable() -> bool:
     """True when a forked child is possible, safe, and could have a processor of its own."""
-    import threading
-
-    if not hasattr(os, "fork") or threading.active_count() != 1:
+    # Threads are made with `threading`: if it was never imported there are none, and
+    # importing it only to count them would cost every small compile its import.
+    threading = sys.modules.get("threading")
+    if not hasattr(os, "fork") or (threading is not None and threading.active_count() != 1):
         return False
     return _processors() > 1
 
