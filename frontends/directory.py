@@ -38,6 +38,8 @@ import os
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 
+from cfsc.frontends.directory_workers import FileReader, WorkerDied, Workers, refusal
+
 from cfsc.base.beneath import NotRegular, open_listed
 from cfsc.base.errors import InputError, UsageError
 from cfsc.base.fsverity import algorithm_named, digest_bytes, fill, hash_fd, payload_path, short_gil_switches
@@ -53,6 +55,15 @@ NS = 1_000_000_000
 WHOLE_READ = 8 << 20  # files smaller than this are read with one call into a reused buffer
 BATCH_FILES = 32  # files per pool task: amortises the executor's per-task cost
 MAX_OPEN_DIRS = 256  # wait for reads to finish before holding more directories open
+# Hash in forked worker processes (`directory_workers`): "auto" where that is safe (no other
+# thread runs in this process), else in the thread pool, the reference path.  Tests pin one.
+WORKERS = "auto"
+
+
+def _fork_safe() -> bool:
+    if WORKERS != "auto":
+        return WORKERS == "processes"
+    return hasattr(os, "fork") and threading.active_count() == 1
 
 
 class _Dir:
@@ -102,6 +113,9 @@ class _Scanner:
         self.bytes_done = 0
         self.proc = os.path.isdir("/proc/self/fd")  # else xattrs are read by full path
         self.local = threading.local()  # per worker: its read buffer
+        self.workers: Workers | None = None  # the worker processes, when hashing in them
+        self.sent: dict[int, list[_File]] = {}  # batches the workers have, by id
+        self.batch_id = 0
 
     # -- errors -----------------------------------------------------------------------------
 
@@ -135,20 +149,35 @@ class _Scanner:
             except BaseException:
                 os.close(fd)
                 raise
-        pool = ThreadPoolExecutor(self.threads, thread_name_prefix="cfsc-read")
-        self.pool = pool
+        pool = None
         try:
-            with short_gil_switches():  # the workers' hashing overlaps the scan
+            if _fork_safe():
+                if self.store is not None:
+                    self.store.hold()  # the workers share this process's lease
+                reader = FileReader(self.algorithm, self.options, self.store, WHOLE_READ)
+                self.workers = Workers(self.threads, reader)
                 root = self.inode(os.fstat(fd))
                 self.walk(fd, root)
                 self.flush()
-                while self.inflight:
-                    self.reap()
+                while self.workers.busy():
+                    self.take(block=True)
+                self.workers.close(self.unread)
+            else:
+                pool = self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="cfsc-read")
+                with short_gil_switches():  # the workers' hashing overlaps the scan
+                    root = self.inode(os.fstat(fd))
+                    self.walk(fd, root)
+                    self.flush()
+                    while self.inflight:
+                        self.reap()
             if self.store is not None:
                 loaded(self.store, self.options)
         except BaseException:
             self.failed = True
-            pool.shutdown(wait=True, cancel_futures=True)
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
+            if self.workers is not None:
+                self.workers.close(self.unread)
             for d in self.open_dirs:
                 os.close(d.fd)
             self.open_dirs.clear()
@@ -157,7 +186,8 @@ class _Scanner:
             raise
         finally:
             self.progress.close()
-        pool.shutdown(wait=True)
+        if pool is not None:
+            pool.shutdown(wait=True)
         self.finish_links()
         return Tree(root, self.source)
 
@@ -309,6 +339,9 @@ class _Scanner:
             self.flush()
 
     def flush(self) -> None:
+        if self.workers is not None:
+            self.send()
+            return
         if self.batch:
             self.inflight.append((self.pool.submit(self.read_batch, self.batch), self.batch))
             self.batch = []
@@ -324,6 +357,88 @@ class _Scanner:
             self.bytes_done += job.size
         self.files_done += len(batch)
         self.progress.update(self.status)
+
+    # -- reading files in worker processes ----------------------------------------------------
+
+    def send(self) -> None:
+        """Hand the batch to a worker, with the descriptors of its directories (the worker
+        gets its own: these can be closed as soon as it is sent)."""
+        workers = self.workers
+        assert workers is not None
+        if self.batch:
+            batch, self.batch = self.batch, []
+            fds: list[int] = []
+            index: dict[_Dir, int] = {}
+            items = []
+            for job in batch:
+                i = index.get(job.dir)
+                if i is None:
+                    i = index[job.dir] = len(fds)
+                    fds.append(job.dir.fd)
+                items.append((i, job.name))
+            while (w := workers.idle()) is None:
+                self.take(block=True)
+            self.batch_id += 1
+            try:
+                workers.send(w, self.batch_id, fds, items)
+            except WorkerDied as e:
+                raise InputError(f"cannot read files: a hashing worker process died ({e.strerror})",
+                                 self.source) from None
+            self.sent[self.batch_id] = batch
+            for job in batch:
+                self.release(job.dir)
+        self.take(block=False)
+
+    def take(self, block: bool) -> None:
+        """Fill in the inodes of the batches the workers answered."""
+        try:
+            replies = self.workers.replies(block)
+        except WorkerDied:
+            raise InputError("cannot read files: a hashing worker process died", self.source) from None
+        options = self.options
+        use_epoch = options.use_epoch
+        hardlinks = options.hardlinks
+        store = self.store
+        cache = self.xattr_cache
+        multi = self.multi
+        for batch_id, results in replies:
+            batch = self.sent.pop(batch_id)
+            for i, result in enumerate(results):
+                job = batch[i]
+                if type(result[0]) is str:
+                    self.unread(results[i + 1:])
+                    raise refusal(result, self.where(job.path), lambda how: self.changed(job.path, how),
+                                  lambda e, doing: self.os_error(e, job.path, doing))
+                mode, uid, gid, mtime_ns, size, nlink, dev, ino, xattrs, digest, content, staged, found = result
+                node = job.node
+                node.mode = mode
+                node.uid = uid
+                node.gid = gid
+                if not use_epoch:
+                    node.mtime, node.mtime_nsec = divmod(mtime_ns, NS)
+                node.size = size
+                if xattrs:
+                    node.xattrs = cache.setdefault(xattrs, xattrs)
+                if hardlinks and nlink > 1:
+                    multi.append(((dev, ino), job.path, job.parent, job.name, node))
+                if digest is not None:
+                    node.digest = digest
+                    node.payload = payload_path(digest)
+                    node.content = content
+                    if staged is not None:
+                        store.adopt(*staged, digest, size)
+                    elif found:
+                        store.found(digest)
+                self.bytes_done += size
+            self.files_done += len(batch)
+        if replies:
+            self.progress.update(self.status)
+
+    def unread(self, results: list) -> None:
+        """Failing: the temp files a worker staged for results nobody will adopt go."""
+        for result in results:
+            if type(result[0]) is not str and result[11] is not None:
+                self.store.discard_staged(result[11][0])
 
     def release(self, d: _Dir) -> None:
         d.refs -= 1

@@ -295,6 +295,74 @@ class Store:
         finally:
             self._release(digest)
 
+    # -- staging in worker processes ----------------------------------------------------------
+    # The directory frontend hashes in forked processes (`cfsc.frontends.directory_workers`).
+    # A worker looks objects up and writes missing ones as temp files (`has`, `stage_*`); all
+    # bookkeeping stays in the main process, which adopts what a worker staged or found.
+
+    def hold(self) -> None:
+        """Open the store and take its lease now, if it exists (before forking workers, which
+        then share the lease)."""
+        self._root_fd(create=False)
+
+    def has(self, digest: bytes) -> bool:
+        """In a worker: is `digest` in the store (one `fstatat`)?  Feeds `expects_new`."""
+        found = self._lookup(digest) is not None
+        self._learn(not found)
+        return found
+
+    def stage_bytes(self, data: bytes | bytearray | memoryview) -> tuple[str, int, int]:
+        """In a worker: a finished temp file holding `data`; its (name, dev, ino)."""
+        temp = self._temp()
+        try:
+            write_all(temp.fd, data, self.root)
+            self._finish(temp)
+        except BaseException:
+            temp.discard()
+            raise
+        return temp.name, temp.dev, temp.ino
+
+    def stage_fd(self, fd: int, digest: bytes | None, where: str) -> tuple[bytes, int, tuple[str, int, int]]:
+        """In a worker: a finished temp file holding a copy of the file open at `fd`; the
+        digest of the copy, its size, and (name, dev, ino).  With `digest`, a copy that does
+        not hash to it raises `SourceChanged`."""
+        temp = self._temp()
+        try:
+            got, size = self._copy(fd, temp, where)
+            if digest is not None and got != digest:
+                raise SourceChanged("changed while being copied into the store: the tree must not change"
+                                    " during the scan", where)
+            self._finish(temp)
+        except BaseException:
+            temp.discard()
+            raise
+        return got, size, (temp.name, temp.dev, temp.ino)
+
+    def adopt(self, name: str, dev: int, ino: int, digest: bytes, size: int) -> None:
+        """In the main process: a temp file a worker staged becomes pending, like one imported
+        here; if `digest` is pending or found already (two workers, same content), it goes."""
+        root = self._root_fd(create=False)  # opened here (and leased) if a worker made the store
+        if root is None:
+            raise OutputError("cannot adopt a store object: the store vanished", self.root)
+        if digest in self._present:
+            _unlink_quietly(name, root)
+            return
+        self._queue(name, digest, dev, ino, size)
+
+    def found(self, digest: bytes) -> None:
+        """In the main process: a worker found `digest` in the store."""
+        if digest not in self._present:
+            self._root_fd(create=False)  # this process holds the lease from now on
+            with self._lock:
+                self._present.add(digest)
+                self._reused.add(digest)
+
+    def discard_staged(self, name: str) -> None:
+        """In the main process, failing: remove a temp file a worker staged and nobody adopted."""
+        root = self._root_fd(create=False)
+        if root is not None:
+            _unlink_quietly(name, root)
+
     # -- committing -------------------------------------------------------------------------
 
     def commit(self, keep: set[bytes] | None = None) -> None:
@@ -547,6 +615,11 @@ class Store:
 
     def _add(self, temp: _Temp, digest: bytes, size: int) -> None:
         """Finish a temp file holding `digest` and queue it for the commit."""
+        self._finish(temp)
+        self._queue(temp.name, digest, temp.dev, temp.ino, size)
+
+    def _finish(self, temp: _Temp) -> None:
+        """Give a written temp file its object mode and offer it fs-verity."""
         ro = None
         try:
             os.fchmod(temp.fd, OBJECT_MODE)
@@ -559,8 +632,10 @@ class Store:
             raise _failed(e, "write a store object", self.root) from None
         if self.verity:
             self._enable_verity(temp, ro)
+
+    def _queue(self, name: str, digest: bytes, dev: int, ino: int, size: int) -> None:
         with self._lock:
-            self._pending.append(_Pending(temp.name, digest, temp.dev, temp.ino))
+            self._pending.append(_Pending(name, digest, dev, ino))
             self._present.add(digest)
             self._unsynced += 1
             self._unsynced_bytes += size
