@@ -35,6 +35,7 @@ from __future__ import annotations
 import collections
 import errno
 import os
+import sys
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -54,6 +55,7 @@ U32 = 0xFFFFFFFF
 NS = 1_000_000_000
 WHOLE_READ = 8 << 20  # files smaller than this are read with one call into a reused buffer
 BATCH_FILES = 32  # files per pool task: amortises the executor's per-task cost
+_FAST_ENCODE = sys.getfilesystemencoding() == "utf-8" and sys.getfilesystemencodeerrors() == "surrogateescape"
 MAX_OPEN_DIRS = 256  # wait for reads to finish before holding more directories open
 # Hash in forked worker processes (`directory_workers`): "auto" where that is safe (no other
 # thread runs in this process), else in the thread pool, the reference path.  Tests pin one.
@@ -114,7 +116,12 @@ class _Scanner:
         self.proc = os.path.isdir("/proc/self/fd")  # else xattrs are read by full path
         self.local = threading.local()  # per worker: its read buffer
         self.workers: Workers | None = None  # the worker processes, when hashing in them
-        self.sent: dict[int, list[_File]] = {}  # batches the workers have, by id
+        # The batch being made for a worker: (node, parent, name, path) per file, what the
+        # worker gets ((directory index, name) per file), and the batch's directories.
+        self.files_batch: list[tuple[Inode, Inode, bytes, bytes]] = []
+        self.items: list[tuple[int, bytes]] = []
+        self.batch_dirs: dict[_Dir, int] = {}
+        self.sent: dict[int, list[tuple[Inode, Inode, bytes, bytes]]] = {}  # batches the workers have, by id
         self.batch_id = 0
 
     # -- errors -----------------------------------------------------------------------------
@@ -211,6 +218,10 @@ class _Scanner:
         hardlinks = options.hardlinks
         read_xattrs = self.read_xattrs
         fsencode = os.fsencode
+        if _FAST_ENCODE:  # os.fsencode's own encoding, without its Python-level checks per name
+            def fsencode(name: str, encode=str.encode) -> bytes:
+                return encode(name, "utf-8", "surrogateescape")
+        queue = self.queue if self.workers is None else self.queue_for_worker
         # (parent, name, inode, dev, ino, path) of directories still to list; parent None = root
         stack: list = [(None, b"", root, 0, 0, b"")]
         while stack:
@@ -248,7 +259,7 @@ class _Scanner:
                         # A regular file (by d_type): a worker stats it through the descriptor
                         # it reads it with, which is one lstat less, and off this thread.
                         child = children[bname] = Inode(S_IFREG)
-                        self.queue(_File(d, bname, child_path, child, node))
+                        queue(d, bname, child_path, child, node)
                         continue
                     st = entry.stat(follow_symlinks=False)
                 except OSError as e:
@@ -261,7 +272,7 @@ class _Scanner:
                     continue
                 if ftype == S_IFREG:  # d_type said otherwise a moment ago: let a worker look
                     child = children[bname] = Inode(S_IFREG)
-                    self.queue(_File(d, bname, child_path, child, node))
+                    queue(d, bname, child_path, child, node)
                     continue
                 if skip_devices and (ftype == S_IFCHR or ftype == S_IFBLK):
                     continue
@@ -331,9 +342,9 @@ class _Scanner:
 
     # -- reading files in the pool ----------------------------------------------------------
 
-    def queue(self, job: _File) -> None:
-        job.dir.refs += 1
-        self.batch.append(job)
+    def queue(self, d: _Dir, name: bytes, path: bytes, node: Inode, parent: Inode) -> None:
+        d.refs += 1
+        self.batch.append(_File(d, name, path, node, parent))
         self.files += 1
         if len(self.batch) >= BATCH_FILES:
             self.flush()
@@ -360,33 +371,35 @@ class _Scanner:
 
     # -- reading files in worker processes ----------------------------------------------------
 
+    def queue_for_worker(self, d: _Dir, name: bytes, path: bytes, node: Inode, parent: Inode) -> None:
+        index = self.batch_dirs.get(d)
+        if index is None:
+            index = self.batch_dirs[d] = len(self.batch_dirs)
+            d.refs += 1  # until the batch is sent with its descriptor
+        self.items.append((index, name))
+        self.files_batch.append((node, parent, name, path))
+        if len(self.items) >= BATCH_FILES:
+            self.send()
+
     def send(self) -> None:
         """Hand the batch to a worker, with the descriptors of its directories (the worker
         gets its own: these can be closed as soon as it is sent)."""
         workers = self.workers
         assert workers is not None
-        if self.batch:
-            batch, self.batch = self.batch, []
-            fds: list[int] = []
-            index: dict[_Dir, int] = {}
-            items = []
-            for job in batch:
-                i = index.get(job.dir)
-                if i is None:
-                    i = index[job.dir] = len(fds)
-                    fds.append(job.dir.fd)
-                items.append((i, job.name))
+        if self.items:
             while (w := workers.idle()) is None:
                 self.take(block=True)
             self.batch_id += 1
             try:
-                workers.send(w, self.batch_id, fds, items)
+                workers.send(w, self.batch_id, [d.fd for d in self.batch_dirs], self.items)
             except WorkerDied as e:
                 raise InputError(f"cannot read files: a hashing worker process died ({e.strerror})",
                                  self.source) from None
-            self.sent[self.batch_id] = batch
-            for job in batch:
-                self.release(job.dir)
+            self.sent[self.batch_id] = self.files_batch
+            self.files += len(self.items)
+            for d in self.batch_dirs:
+                self.release(d)
+            self.files_batch, self.items, self.batch_dirs = [], [], {}
         self.take(block=False)
 
     def take(self, block: bool) -> None:
@@ -404,13 +417,12 @@ class _Scanner:
         for batch_id, results in replies:
             batch = self.sent.pop(batch_id)
             for i, result in enumerate(results):
-                job = batch[i]
+                node, parent, name, path = batch[i]
                 if type(result[0]) is str:
                     self.unread(results[i + 1:])
-                    raise refusal(result, self.where(job.path), lambda how: self.changed(job.path, how),
-                                  lambda e, doing: self.os_error(e, job.path, doing))
+                    raise refusal(result, self.where(path), lambda how: self.changed(path, how),
+                                  lambda e, doing: self.os_error(e, path, doing))
                 mode, uid, gid, mtime_ns, size, nlink, dev, ino, xattrs, digest, content, staged, found = result
-                node = job.node
                 node.mode = mode
                 node.uid = uid
                 node.gid = gid
@@ -420,10 +432,11 @@ class _Scanner:
                 if xattrs:
                     node.xattrs = cache.setdefault(xattrs, xattrs)
                 if hardlinks and nlink > 1:
-                    multi.append(((dev, ino), job.path, job.parent, job.name, node))
+                    multi.append(((dev, ino), path, parent, name, node))
                 if digest is not None:
                     node.digest = digest
-                    node.payload = payload_path(digest)
+                    hexed = digest.hex().encode()
+                    node.payload = hexed[:2] + b"/" + hexed[2:]  # payload_path(digest), inline
                     node.content = content
                     if staged is not None:
                         store.adopt(*staged, digest, size)

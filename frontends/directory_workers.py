@@ -132,10 +132,14 @@ class FileReader:
         if buf is None:
             buf = self.buf = bytearray(self.whole_read)  # reused: a fresh one faults its pages in again
         if size < len(buf):
-            mv = memoryview(buf)[:size + 1]  # one byte more tells it grew
-            if fill(fd, mv) != size:
+            # Exactly `size` bytes, in one read as a rule: a file that grew or shrank meanwhile
+            # shows in the `fstat` after (its size or mtime), a shorter read here too.
+            data = memoryview(buf)[:size]
+            got = os.readv(fd, [data])
+            if 0 < got < size:
+                got += fill(fd, data[got:])
+            if got != size:
                 raise _Refused("changed", "modified (its size changed)")
-            data = mv[:size]
             digest = digest_bytes(data, self.algorithm)
             if size <= INLINE_MAX:
                 return digest, bytes(data), None, False
