@@ -414,12 +414,23 @@ class _Scanner:
         store = self.store
         cache = self.xattr_cache
         multi = self.multi
-        for batch_id, results in replies:
-            batch = self.sent.pop(batch_id)
-            for i, result in enumerate(results):
+        for n, (batch_id, results) in enumerate(replies):
+            try:
+                self.fill_in(self.sent.pop(batch_id), results, use_epoch, hardlinks, store, cache, multi)
+            except BaseException:
+                for _batch_id, later in replies[n + 1:]:
+                    self.unread(later)  # their staged temp files go too
+                raise
+        if replies:
+            self.progress.update(self.status)
+
+    def fill_in(self, batch: list, results: list, use_epoch: bool, hardlinks: bool, store: Store | None,
+                cache: dict, multi: list) -> None:
+        """One answered batch: each file's inode filled in, its staged object adopted."""
+        for i, result in enumerate(results):
+            try:
                 node, parent, name, path = batch[i]
                 if type(result[0]) is str:
-                    self.unread(results[i + 1:])
                     raise refusal(result, self.where(path), lambda how: self.changed(path, how),
                                   lambda e, doing: self.os_error(e, path, doing))
                 mode, uid, gid, mtime_ns, size, nlink, dev, ino, xattrs, digest, content, staged, found = result
@@ -435,17 +446,17 @@ class _Scanner:
                     multi.append(((dev, ino), path, parent, name, node))
                 if digest is not None:
                     node.digest = digest
-                    hexed = digest.hex().encode()
-                    node.payload = hexed[:2] + b"/" + hexed[2:]  # payload_path(digest), inline
+                    node.payload = payload_path(digest)
                     node.content = content
                     if staged is not None:
                         store.adopt(*staged, digest, size)
                     elif found:
                         store.found(digest)
                 self.bytes_done += size
-            self.files_done += len(batch)
-        if replies:
-            self.progress.update(self.status)
+            except BaseException:
+                self.unread(results[i + 1:])  # nobody adopts these now
+                raise
+        self.files_done += len(batch)
 
     def unread(self, results: list) -> None:
         """Failing: the temp files a worker staged for results nobody will adopt go."""
