@@ -18,16 +18,18 @@ symlink mid-scan cannot lead the walk out of the tree.  A file that vanishes or 
 (size or mtime differ before and after reading it, the bytes read disagree with the size, or
 it is no longer a regular file) is an error naming it: never an image that lies.
 
-Speed: the scanning thread lists directories and stats what is not a regular file (readdir's
-d_type tells); a thread pool (`threads`) opens, stats, reads, hashes and copies regular files
-in batches while the scan goes on (hashlib releases the GIL).  Directory descriptors are
-reference-counted so a directory stays open only while it has subdirectories to open or files
-to read.  Identical xattr sets are interned.  A file under `WHOLE_READ` is read once, into
-its worker's reused buffer, hashed there and, with a store that lacks it, written into the
-store from there: one read in every store mode.  A bigger file is streamed through its worker
-in chunks; with a store, it is copied first and the copy hashed while the store keeps missing
-objects, and hashed first, then copied only if missing, once objects tend to be there
-(`Store.expects_new`).
+Speed: the scanning process lists directories and stats what is not a regular file (readdir's
+d_type tells); regular files go in batches, with their directories' descriptors, to forked
+worker processes (`directory_workers`, `threads` of them) that open, stat, read, hash and
+stage them into the store while the scan goes on, truly in parallel (no GIL shared).  In a
+process that already runs other threads (forking it is unsafe) a thread pool does that work
+instead: the reference path, tested equal.  Directory descriptors are reference-counted so a
+directory stays open only while it has subdirectories to open or files to hand out.  Identical
+xattr sets are interned.  A file under `WHOLE_READ` is read once, into its worker's reused
+buffer, hashed there and, with a store that lacks it, written into the store from there: one
+read in every store mode.  A bigger file is streamed through its worker in chunks; with a
+store, it is copied first and the copy hashed while the store keeps missing objects, and
+hashed first, then copied only if missing, once objects tend to be there (`Store.expects_new`).
 """
 
 from __future__ import annotations

@@ -47,6 +47,7 @@ from cfsc.store.objects import SourceChanged
 IN_FLIGHT = 4  # batches per worker sent and not yet answered
 MAX_REQUEST = 1 << 16  # bytes: a batch of names (each ≤ 255 bytes) stays far below it
 MAX_FDS = 253  # SCM_MAX_FD
+PIPE_READ = 1 << 16  # a pipe's capacity; a bigger read would malloc (mmap) a buffer it cannot fill
 _LENGTH = struct.Struct("<I")
 # Errors a worker reports as (class name, what, where) and the main process raises again.
 _ERRORS = {cls.__name__: cls for cls in (CfscError, InputError, OutputError, StoreError)}
@@ -305,7 +306,7 @@ class Workers:
         ready, _, _ = select.select(list(pipes), [], [], None if block else 0)
         for fd in ready:
             w = pipes[fd]
-            chunk = os.read(fd, 1 << 20)
+            chunk = os.read(fd, PIPE_READ)
             if not chunk:
                 raise WorkerDied(errno.EPIPE, "a hashing worker process died")
             w.buf += chunk
@@ -333,7 +334,7 @@ class Workers:
         for w in self.workers:
             try:
                 while True:
-                    chunk = os.read(w.pipe, 1 << 20)
+                    chunk = os.read(w.pipe, PIPE_READ)
                     if not chunk:
                         break
                     w.buf += chunk

@@ -64,6 +64,9 @@ both name the path in the store.
 Copies use reflinks (FICLONE) where the file system shares extents, else `copy_file_range`,
 else read/write.  Streams (tar members, OSTree objects) come in as chunks and are hashed while
 they are written.  Methods are thread-safe: the directory frontend imports from a thread pool.
+Or from forked worker processes: a worker looks objects up and writes missing ones as temp
+files (`has`, `stage_bytes`, `stage_fd`), and the main process, which keeps all bookkeeping,
+adopts them (`adopt`, `found`), so the rules above hold as for objects imported in-process.
 """
 
 from __future__ import annotations
