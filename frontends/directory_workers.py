@@ -33,10 +33,12 @@ import errno
 import marshal
 import os
 import select
+import signal
 import socket
 import struct
 from collections.abc import Callable
 
+from cfsc.base import syscalls
 from cfsc.base.beneath import NotRegular, open_listed
 from cfsc.base.errors import CfscError, InputError, OutputError, StoreError
 from cfsc.base.fsverity import digest_bytes, fill, hash_fd
@@ -257,6 +259,7 @@ class Workers:
     def _fork(self, reader: FileReader) -> _Worker:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         rd, wr = os.pipe()
+        parent = os.getpid()
         try:
             pid = os.fork()
         except BaseException:
@@ -268,6 +271,11 @@ class Workers:
         if pid == 0:  # the worker: never returns into the caller's code
             code = 1
             try:
+                # Killed with the main process (`kill -9`): no orphan keeps writing temp files
+                # into the store, nor holds the lease it shares (`cfsc gc` would wait for it).
+                syscalls.die_with_parent(signal.SIGKILL)
+                if os.getppid() != parent:
+                    return  # it died before that
                 ours.close()
                 os.close(rd)
                 for w in self.workers:  # the earlier workers' ends: their EOF must not wait for us

@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -165,3 +166,49 @@ def test_unreadable_files_as_a_user(tmp_path):
         assert p.returncode == 2 and p.stderr.decode() == f"error: {root}/secret: cannot open: Permission denied\n"
     finally:
         shutil.rmtree(base)
+
+
+def test_workers_die_with_a_killed_compile(tmp_path):
+    """`kill -9` of the compile: its workers die too (no orphan keeps writing into the store or
+    holding its lease), leaving temp files for `cfsc gc` as any killed import does."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(64):  # sparse: cheap to make, still 3 MiB each to hash and copy
+        with open(src / f"f{i:02d}", "wb") as f:
+            f.write(b"file %d\n" % i)
+            f.truncate(3 << 20)
+    store = tmp_path / "store"
+    proc = subprocess.Popen([CFSC, "compile", str(src), "-o", str(tmp_path / "x.cfs"), "--digest-store", str(store),
+                             "--threads", "2"], stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120  # a bound against hanging, not a timing assert
+    workers: set[int] = set()
+    while len(workers) < 2 or not list(store.glob(TEMP_PREFIX + "*")):
+        assert proc.poll() is None and time.monotonic() < deadline
+        for task in os.listdir(f"/proc/{proc.pid}/task"):
+            with open(f"/proc/{proc.pid}/task/{task}/children") as f:
+                workers.update(int(p) for p in f.read().split())
+        time.sleep(0.002)
+    for pid in workers:  # stopped, they could not notice their socket's EOF: only the kernel ends them
+        os.kill(pid, signal.SIGSTOP)
+    proc.kill()
+    proc.wait()
+    deadline = time.monotonic() + 30
+    try:
+        while any(alive(pid) for pid in workers):
+            assert time.monotonic() < deadline, workers
+            time.sleep(0.01)
+    finally:
+        for pid in workers:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+    assert not (tmp_path / "x.cfs").exists()
+    assert not [n for n in os.listdir(store) if len(n) == 2]  # no object named
+
+
+def alive(pid: int) -> bool:
+    """Running (not gone, not a zombie waiting to be reaped)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
