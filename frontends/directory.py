@@ -67,7 +67,8 @@ WORKERS = "auto"
 def _fork_safe() -> bool:
     if WORKERS != "auto":
         return WORKERS == "processes"
-    return hasattr(os, "fork") and threading.active_count() == 1
+    # (/proc: a worker reads an unreadable file's xattrs through /proc/self/fd, knowing no path)
+    return hasattr(os, "fork") and threading.active_count() == 1 and os.path.isdir("/proc/self/fd")
 
 
 class _Dir:

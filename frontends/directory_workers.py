@@ -15,7 +15,7 @@ SCM_RIGHTS), a pipe carries the replies (a 4-byte length, then marshalled `(batc
 main process keeps at most `IN_FLIGHT` batches per worker (a few KiB each, far below a
 socket's buffer), so a send never waits, and it reads replies whenever it waits at all.  A
 worker exits when its request socket reaches EOF; one that dies shows as EOF on its reply
-pipe.
+pipe; the kernel kills the workers when the main process dies (PR_SET_PDEATHSIG).
 
 The store: a worker looks an object up (`Store.has`) and writes a missing one as a temp file
 (`Store.stage_*`), replying its (name, dev, ino); all bookkeeping (pending, found, sync,
@@ -70,7 +70,7 @@ class FileReader:
     or a refusal: `("changed", how)`, `("os", errno, strerror, doing)`, `("input", what)`,
     `("source", what)` (`SourceChanged`), `("cfsc", class name, what, where)`."""
 
-    __slots__ = ("algorithm", "buf", "hardlinks", "proc", "read_xattrs", "store", "user_xattrs", "whole_read")
+    __slots__ = ("algorithm", "buf", "hardlinks", "read_xattrs", "store", "user_xattrs", "whole_read")
 
     def __init__(self, algorithm, options, store, whole_read: int) -> None:
         self.algorithm = algorithm
@@ -80,7 +80,6 @@ class FileReader:
         self.store = store
         self.whole_read = whole_read
         self.buf: bytearray | None = None  # made in the worker: the parent never needs it
-        self.proc = os.path.isdir("/proc/self/fd")
 
     def batch(self, fds: list[int], items: list) -> list:
         results = []
