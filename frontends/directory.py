@@ -41,8 +41,6 @@ import sys
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from cfsc.frontends.directory_workers import FileReader, WorkerDied, Workers, refusal
-
 from cfsc.base.beneath import NotRegular, open_listed
 from cfsc.base.errors import InputError, UsageError
 from cfsc.base.fsverity import algorithm_named, digest_bytes, fill, hash_fd, payload_path, short_gil_switches
@@ -50,13 +48,14 @@ from cfsc.base.limits import INLINE_MAX
 from cfsc.base.options import Options
 from cfsc.base.progress import Progress, mib
 from cfsc.base.tree import S_IFBLK, S_IFCHR, S_IFDIR, S_IFLNK, S_IFMT, S_IFREG, Inode, Tree
+from cfsc.frontends.directory_workers import FileReader, WorkerDied, Workers, refusal
 from cfsc.store.objects import Store, loaded, open_store
 
 O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 U32 = 0xFFFFFFFF
 NS = 1_000_000_000
 WHOLE_READ = 8 << 20  # files smaller than this are read with one call into a reused buffer
-BATCH_FILES = 32  # files per pool task: amortises the executor's per-task cost
+BATCH_FILES = 32  # files per pool task or worker message: amortises the per-batch cost
 _FAST_ENCODE = sys.getfilesystemencoding() == "utf-8" and sys.getfilesystemencodeerrors() == "surrogateescape"
 MAX_OPEN_DIRS = 256  # wait for reads to finish before holding more directories open
 # Hash in forked worker processes (`directory_workers`): "auto" where that is safe (no other
