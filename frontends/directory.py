@@ -18,16 +18,18 @@ symlink mid-scan cannot lead the walk out of the tree.  A file that vanishes or 
 (size or mtime differ before and after reading it, the bytes read disagree with the size, or
 it is no longer a regular file) is an error naming it: never an image that lies.
 
-Speed: the scanning thread lists directories and stats what is not a regular file (readdir's
-d_type tells); a thread pool (`threads`) opens, stats, reads, hashes and copies regular files
-in batches while the scan goes on (hashlib releases the GIL).  Directory descriptors are
-reference-counted so a directory stays open only while it has subdirectories to open or files
-to read.  Identical xattr sets are interned.  A file under `WHOLE_READ` is read once, into
-its worker's reused buffer, hashed there and, with a store that lacks it, written into the
-store from there: one read in every store mode.  A bigger file is streamed through its worker
-in chunks; with a store, it is copied first and the copy hashed while the store keeps missing
-objects, and hashed first, then copied only if missing, once objects tend to be there
-(`Store.expects_new`).
+Speed: the scanning process lists directories and stats what is not a regular file (readdir's
+d_type tells); regular files go in batches, with their directories' descriptors, to forked
+worker processes (`directory_workers`, `threads` of them) that open, stat, read, hash and
+stage them into the store while the scan goes on, truly in parallel (no GIL shared).  In a
+process that already runs other threads (forking it is unsafe) a thread pool does that work
+instead: the reference path, tested equal.  Directory descriptors are reference-counted so a
+directory stays open only while it has subdirectories to open or files to hand out.  Identical
+xattr sets are interned.  A file under `WHOLE_READ` is read once, into its worker's reused
+buffer, hashed there and, with a store that lacks it, written into the store from there: one
+read in every store mode.  A bigger file is streamed through its worker in chunks; with a
+store, it is copied first and the copy hashed while the store keeps missing objects, and
+hashed first, then copied only if missing, once objects tend to be there (`Store.expects_new`).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from __future__ import annotations
 import collections
 import errno
 import os
+import sys
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -45,14 +48,26 @@ from cfsc.base.limits import INLINE_MAX
 from cfsc.base.options import Options
 from cfsc.base.progress import Progress, mib
 from cfsc.base.tree import S_IFBLK, S_IFCHR, S_IFDIR, S_IFLNK, S_IFMT, S_IFREG, Inode, Tree
+from cfsc.frontends.directory_workers import FileReader, WorkerDied, Workers, refusal
 from cfsc.store.objects import Store, loaded, open_store
 
 O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 U32 = 0xFFFFFFFF
 NS = 1_000_000_000
 WHOLE_READ = 8 << 20  # files smaller than this are read with one call into a reused buffer
-BATCH_FILES = 32  # files per pool task: amortises the executor's per-task cost
+BATCH_FILES = 32  # files per pool task or worker message: amortises the per-batch cost
+_FAST_ENCODE = sys.getfilesystemencoding() == "utf-8" and sys.getfilesystemencodeerrors() == "surrogateescape"
 MAX_OPEN_DIRS = 256  # wait for reads to finish before holding more directories open
+# Hash in forked worker processes (`directory_workers`): "auto" where that is safe (no other
+# thread runs in this process), else in the thread pool, the reference path.  Tests pin one.
+WORKERS = "auto"
+
+
+def _fork_safe() -> bool:
+    if WORKERS != "auto":
+        return WORKERS == "processes"
+    # (/proc: a worker reads an unreadable file's xattrs through /proc/self/fd, knowing no path)
+    return hasattr(os, "fork") and threading.active_count() == 1 and os.path.isdir("/proc/self/fd")
 
 
 class _Dir:
@@ -102,6 +117,14 @@ class _Scanner:
         self.bytes_done = 0
         self.proc = os.path.isdir("/proc/self/fd")  # else xattrs are read by full path
         self.local = threading.local()  # per worker: its read buffer
+        self.workers: Workers | None = None  # the worker processes, when hashing in them
+        # The batch being made for a worker: (node, parent, name, path) per file, what the
+        # worker gets ((directory index, name) per file), and the batch's directories.
+        self.files_batch: list[tuple[Inode, Inode, bytes, bytes]] = []
+        self.items: list[tuple[int, bytes]] = []
+        self.batch_dirs: dict[_Dir, int] = {}
+        self.sent: dict[int, list[tuple[Inode, Inode, bytes, bytes]]] = {}  # batches the workers have, by id
+        self.batch_id = 0
 
     # -- errors -----------------------------------------------------------------------------
 
@@ -135,20 +158,35 @@ class _Scanner:
             except BaseException:
                 os.close(fd)
                 raise
-        pool = ThreadPoolExecutor(self.threads, thread_name_prefix="cfsc-read")
-        self.pool = pool
+        pool = None
         try:
-            with short_gil_switches():  # the workers' hashing overlaps the scan
+            if _fork_safe():
+                if self.store is not None:
+                    self.store.hold()  # the workers share this process's lease
+                reader = FileReader(self.algorithm, self.options, self.store, WHOLE_READ)
+                self.workers = Workers(self.threads, reader)
                 root = self.inode(os.fstat(fd))
                 self.walk(fd, root)
                 self.flush()
-                while self.inflight:
-                    self.reap()
+                while self.workers.busy():
+                    self.take(block=True)
+                self.workers.close(self.unread)
+            else:
+                pool = self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="cfsc-read")
+                with short_gil_switches():  # the workers' hashing overlaps the scan
+                    root = self.inode(os.fstat(fd))
+                    self.walk(fd, root)
+                    self.flush()
+                    while self.inflight:
+                        self.reap()
             if self.store is not None:
                 loaded(self.store, self.options)
         except BaseException:
             self.failed = True
-            pool.shutdown(wait=True, cancel_futures=True)
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
+            if self.workers is not None:
+                self.workers.close(self.unread)
             for d in self.open_dirs:
                 os.close(d.fd)
             self.open_dirs.clear()
@@ -157,7 +195,8 @@ class _Scanner:
             raise
         finally:
             self.progress.close()
-        pool.shutdown(wait=True)
+        if pool is not None:
+            pool.shutdown(wait=True)
         self.finish_links()
         return Tree(root, self.source)
 
@@ -181,6 +220,10 @@ class _Scanner:
         hardlinks = options.hardlinks
         read_xattrs = self.read_xattrs
         fsencode = os.fsencode
+        if _FAST_ENCODE:  # os.fsencode's own encoding, without its Python-level checks per name
+            def fsencode(name: str, encode=str.encode) -> bytes:
+                return encode(name, "utf-8", "surrogateescape")
+        queue = self.queue if self.workers is None else self.queue_for_worker
         # (parent, name, inode, dev, ino, path) of directories still to list; parent None = root
         stack: list = [(None, b"", root, 0, 0, b"")]
         while stack:
@@ -218,7 +261,7 @@ class _Scanner:
                         # A regular file (by d_type): a worker stats it through the descriptor
                         # it reads it with, which is one lstat less, and off this thread.
                         child = children[bname] = Inode(S_IFREG)
-                        self.queue(_File(d, bname, child_path, child, node))
+                        queue(d, bname, child_path, child, node)
                         continue
                     st = entry.stat(follow_symlinks=False)
                 except OSError as e:
@@ -231,7 +274,7 @@ class _Scanner:
                     continue
                 if ftype == S_IFREG:  # d_type said otherwise a moment ago: let a worker look
                     child = children[bname] = Inode(S_IFREG)
-                    self.queue(_File(d, bname, child_path, child, node))
+                    queue(d, bname, child_path, child, node)
                     continue
                 if skip_devices and (ftype == S_IFCHR or ftype == S_IFBLK):
                     continue
@@ -301,14 +344,17 @@ class _Scanner:
 
     # -- reading files in the pool ----------------------------------------------------------
 
-    def queue(self, job: _File) -> None:
-        job.dir.refs += 1
-        self.batch.append(job)
+    def queue(self, d: _Dir, name: bytes, path: bytes, node: Inode, parent: Inode) -> None:
+        d.refs += 1
+        self.batch.append(_File(d, name, path, node, parent))
         self.files += 1
         if len(self.batch) >= BATCH_FILES:
             self.flush()
 
     def flush(self) -> None:
+        if self.workers is not None:
+            self.send()
+            return
         if self.batch:
             self.inflight.append((self.pool.submit(self.read_batch, self.batch), self.batch))
             self.batch = []
@@ -324,6 +370,101 @@ class _Scanner:
             self.bytes_done += job.size
         self.files_done += len(batch)
         self.progress.update(self.status)
+
+    # -- reading files in worker processes ----------------------------------------------------
+
+    def queue_for_worker(self, d: _Dir, name: bytes, path: bytes, node: Inode, parent: Inode) -> None:
+        index = self.batch_dirs.get(d)
+        if index is None:
+            index = self.batch_dirs[d] = len(self.batch_dirs)
+            d.refs += 1  # until the batch is sent with its descriptor
+        self.items.append((index, name))
+        self.files_batch.append((node, parent, name, path))
+        if len(self.items) >= BATCH_FILES:
+            self.send()
+
+    def send(self) -> None:
+        """Hand the batch to a worker, with the descriptors of its directories (the worker
+        gets its own: these can be closed as soon as it is sent)."""
+        workers = self.workers
+        assert workers is not None
+        if self.items:
+            while (w := workers.idle()) is None:
+                self.take(block=True)
+            self.batch_id += 1
+            try:
+                workers.send(w, self.batch_id, [d.fd for d in self.batch_dirs], self.items)
+            except WorkerDied as e:
+                raise InputError(f"cannot read files: a hashing worker process died ({e.strerror})",
+                                 self.source) from None
+            self.sent[self.batch_id] = self.files_batch
+            self.files += len(self.items)
+            for d in self.batch_dirs:
+                self.release(d)
+            self.files_batch, self.items, self.batch_dirs = [], [], {}
+        self.take(block=False)
+
+    def take(self, block: bool) -> None:
+        """Fill in the inodes of the batches the workers answered."""
+        try:
+            replies = self.workers.replies(block)
+        except WorkerDied:
+            raise InputError("cannot read files: a hashing worker process died", self.source) from None
+        options = self.options
+        use_epoch = options.use_epoch
+        hardlinks = options.hardlinks
+        store = self.store
+        cache = self.xattr_cache
+        multi = self.multi
+        for n, (batch_id, results) in enumerate(replies):
+            try:
+                self.fill_in(self.sent.pop(batch_id), results, use_epoch, hardlinks, store, cache, multi)
+            except BaseException:
+                for _batch_id, later in replies[n + 1:]:
+                    self.unread(later)  # their staged temp files go too
+                raise
+        if replies:
+            self.progress.update(self.status)
+
+    def fill_in(self, batch: list, results: list, use_epoch: bool, hardlinks: bool, store: Store | None,
+                cache: dict, multi: list) -> None:
+        """One answered batch: each file's inode filled in, its staged object adopted."""
+        for i, result in enumerate(results):
+            try:
+                node, parent, name, path = batch[i]
+                if type(result[0]) is str:
+                    raise refusal(result, self.where(path), lambda how: self.changed(path, how),
+                                  lambda e, doing: self.os_error(e, path, doing))
+                mode, uid, gid, mtime_ns, size, nlink, dev, ino, xattrs, digest, content, staged, found = result
+                node.mode = mode
+                node.uid = uid
+                node.gid = gid
+                if not use_epoch:
+                    node.mtime, node.mtime_nsec = divmod(mtime_ns, NS)
+                node.size = size
+                if xattrs:
+                    node.xattrs = cache.setdefault(xattrs, xattrs)
+                if hardlinks and nlink > 1:
+                    multi.append(((dev, ino), path, parent, name, node))
+                if digest is not None:
+                    node.digest = digest
+                    node.payload = payload_path(digest)
+                    node.content = content
+                    if staged is not None:
+                        store.adopt(*staged, digest, size)
+                    elif found:
+                        store.found(digest)
+                self.bytes_done += size
+            except BaseException:
+                self.unread(results[i + 1:])  # nobody adopts these now
+                raise
+        self.files_done += len(batch)
+
+    def unread(self, results: list) -> None:
+        """Failing: the temp files a worker staged for results nobody will adopt go."""
+        for result in results:
+            if type(result[0]) is not str and result[11] is not None:
+                self.store.discard_staged(result[11][0])
 
     def release(self, d: _Dir) -> None:
         d.refs -= 1

@@ -14,7 +14,7 @@ import subprocess
 import pytest
 from cfsc.base.errors import InputError, UsageError
 from cfsc.base.options import Options
-from cfsc.frontends import directory
+from cfsc.frontends import directory, directory_workers
 from cfsc.frontends import dumpfile as dumpfile_frontend
 from cfsc.store.locks import LOCK_NAME
 from cfsc.store.objects import Store
@@ -126,6 +126,14 @@ def test_bad_sources(tmp_path, cfsc):
 # -- a tree that changes while it is scanned: a located error, never a wrong image ----------
 
 
+@pytest.fixture(params=["threads", "processes"])
+def hashing(request, monkeypatch):
+    """Where regular files are read and hashed: the thread pool (the reference) or the forked
+    worker processes.  (Hooks a test sets before the load are inherited by the workers.)"""
+    monkeypatch.setattr(directory, "WORKERS", request.param)
+    return request.param
+
+
 @pytest.fixture
 def small_tree(tmp_path):
     root = tmp_path / "src"
@@ -147,7 +155,7 @@ def _patch_listing(monkeypatch, listed_dir: str, action):
     monkeypatch.setattr(directory.os, "scandir", scandir)
 
 
-def test_file_vanishing_after_readdir(small_tree, monkeypatch):
+def test_file_vanishing_after_readdir(small_tree, monkeypatch, hashing):
     _patch_listing(monkeypatch, "/src/d", lambda: os.unlink(small_tree / "d" / "f"))
     with pytest.raises(InputError, match="vanished during the scan") as e:
         directory.load(str(small_tree), Options())
@@ -155,7 +163,7 @@ def test_file_vanishing_after_readdir(small_tree, monkeypatch):
 
 
 @pytest.mark.parametrize("victim", ["d", "g"])
-def test_entry_swapped_for_a_symlink(small_tree, tmp_path, monkeypatch, victim):
+def test_entry_swapped_for_a_symlink(small_tree, tmp_path, monkeypatch, victim, hashing):
     """Between readdir/lstat and open: the open must not follow the new symlink."""
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
@@ -176,7 +184,7 @@ def test_entry_swapped_for_a_symlink(small_tree, tmp_path, monkeypatch, victim):
 
 @pytest.mark.parametrize("victim,hook,whole_read", [("g", "digest_bytes", None), ("big", "digest_bytes", None),
                                                      ("big", "hash_fd", 1 << 20)])
-def test_file_modified_while_it_is_read(small_tree, monkeypatch, victim, hook, whole_read):
+def test_file_modified_while_it_is_read(small_tree, monkeypatch, victim, hook, whole_read, hashing):
     """Read whole into the worker's buffer, or (bigger than it) streamed in chunks."""
     if whole_read:
         monkeypatch.setattr(directory, "WHOLE_READ", whole_read)
@@ -189,28 +197,38 @@ def test_file_modified_while_it_is_read(small_tree, monkeypatch, victim, hook, w
         return result
 
     monkeypatch.setattr(directory, hook, hooked)
+    monkeypatch.setattr(directory_workers, hook, hooked)
     with pytest.raises(InputError, match="modified during the scan") as e:
         directory.load(str(small_tree), Options(threads=1))
     assert e.value.where == f"{small_tree}/{victim}"
 
 
-def test_file_modified_between_hashing_and_copying(small_tree, tmp_path, monkeypatch):
+def test_file_modified_between_hashing_and_copying(small_tree, tmp_path, monkeypatch, hashing):
     """Same size, mtime put back: only the store's check of the copy against the digest can
     see it.  (Copying first and hashing the copy, the store's other mode, has no window here;
     nor has a file read whole into memory, whose buffer is both hashed and copied.)"""
     monkeypatch.setattr(directory, "WHOLE_READ", 1 << 20)  # "big" (2 MiB) is streamed
-    real = Store.import_fd
+    real, real_stage = Store.import_fd, Store.stage_fd
+
+    def modify_big():
+        path = small_tree / "big"
+        st = os.stat(path)
+        with open(path, "r+b") as f:
+            f.write(b"Z")
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
 
     def import_fd(self, fd, digest=None, where=""):
         if where.endswith("/big"):
-            path = small_tree / "big"
-            st = os.stat(path)
-            with open(path, "r+b") as f:
-                f.write(b"Z")
-            os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+            modify_big()
         return real(self, fd, digest, where)
 
+    def stage_fd(self, fd, digest, where):  # the workers' copy (`where` is the file's name)
+        if where == "big":
+            modify_big()
+        return real_stage(self, fd, digest, where)
+
     monkeypatch.setattr(Store, "import_fd", import_fd)
+    monkeypatch.setattr(Store, "stage_fd", stage_fd)
     monkeypatch.setattr(Store, "expects_new", lambda self: False)  # hash first, then copy
     store = tmp_path / "store"
     with pytest.raises(InputError, match="changed while being copied into the store"):

@@ -135,7 +135,7 @@ SOURCE_OPTIONS: tuple[SourceOption, ...] = (
                  "fs-verity hash of file digests and store object names (and of --print-digest): "
                  "sha256 (default, as mkcomposefs) or sha512 (as composefs-rs).", choices=tuple(ALGORITHMS)),
     SourceOption("threads", "--threads", NUMBER, ("dir", "tar", "ostree", "oci"),
-                 "Threads reading and hashing files (default: CPUs available).", minimum=1),
+                 "Threads (for a directory: processes) reading and hashing files (default: CPUs available).", minimum=1),
     SourceOption("exclude", "--exclude", QUERIES, ALL,
                  "Leave out entries matching a query, e.g. 'path ~ \"/usr/share/doc/**\"' "
                  "(repeatable; see `cfsc diff --help`)."),

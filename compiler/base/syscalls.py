@@ -1,5 +1,5 @@
 """Linux system calls Python's `os` lacks: mount, openat2, the new mount API, syncfs,
-renameat2, capabilities.
+renameat2, capabilities, the parent-death signal.
 
 Called through libc with ctypes; every failure is an `OSError` with the errno the kernel
 returned.  Syscall numbers are the generic table's (the same on x86-64, arm64, riscv64 …
@@ -104,6 +104,14 @@ RENAME_NOREPLACE = 1
 def syncfs(fd: int) -> None:
     """syncfs(2): write back the file system holding `fd`."""
     _check(_libc.syncfs(fd), "syncfs")
+
+
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(sig: int) -> None:
+    """prctl(PR_SET_PDEATHSIG): this process gets `sig` when its parent dies."""
+    _check(_libc.prctl(PR_SET_PDEATHSIG, ctypes.c_ulong(sig), 0, 0, 0), "prctl")
 
 
 def renameat2(src_dir: int, src, dst_dir: int, dst, flags: int) -> None:

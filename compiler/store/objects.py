@@ -64,6 +64,9 @@ both name the path in the store.
 Copies use reflinks (FICLONE) where the file system shares extents, else `copy_file_range`,
 else read/write.  Streams (tar members, OSTree objects) come in as chunks and are hashed while
 they are written.  Methods are thread-safe: the directory frontend imports from a thread pool.
+Or from forked worker processes: a worker looks objects up and writes missing ones as temp
+files (`has`, `stage_bytes`, `stage_fd`), and the main process, which keeps all bookkeeping,
+adopts them (`adopt`, `found`), so the rules above hold as for objects imported in-process.
 """
 
 from __future__ import annotations
@@ -81,6 +84,10 @@ from cfsc.base.errors import CfscError, InputError, OutputError, StoreError
 from cfsc.base.fsverity import SHA256, FsVerityAlgorithm, FsVerityHasher, algorithm_named, hash_fd, payload_path
 from cfsc.store.filecopy import copy_range, rename_noreplace, write_all
 from cfsc.store.locks import flock, lease
+from cfsc.store.tempfiles import TEMP_PREFIX
+from cfsc.store.tempfiles import Temp as _Temp
+from cfsc.store.tempfiles import failed as _failed
+from cfsc.store.tempfiles import unlink_quietly as _unlink_quietly
 
 FICLONE = 0x40049409  # _IOW(0x94, 9, int)
 FS_IOC_ENABLE_VERITY = 0x40806685  # _IOW('f', 133, struct fsverity_enable_arg)
@@ -88,14 +95,12 @@ FS_IOC_ENABLE_VERITY = 0x40806685  # _IOW('f', 133, struct fsverity_enable_arg)
 # sig_size, reserved1, sig_ptr, reserved2[11]
 FSVERITY_ENABLE_ARG = struct.Struct("<IIIIQIIQ88x")
 assert FSVERITY_ENABLE_ARG.size == 128
-TEMP_PREFIX = ".cfsc-tmp-"
 JOURNAL_PREFIX = TEMP_PREFIX + "commit-"
 OBJECT_MODE = 0o644
 DIR_MODE = 0o755
 SYNC_BYTES = 32 << 20
 SYNC_OBJECTS = 4096
 _CHUNK = 1 << 20
-O_TEMP = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 O_JOURNAL = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 # "This file system cannot do that at all": stop trying for this store.
 _UNSUPPORTED = frozenset({errno.EOPNOTSUPP, errno.ENOTTY, errno.ENOSYS, errno.EXDEV, errno.EINVAL})
@@ -225,20 +230,16 @@ class Store:
             return digest
         claimed = digest
         try:
-            temp = self._temp()
+            got, size, (name, dev, ino) = self.stage_fd(fd, digest, where)
             try:
-                got, size = self._copy(fd, temp, where)
-                if digest is not None and got != digest:
-                    raise SourceChanged("changed while being copied into the store: the tree must not change"
-                                        " during the scan", where)
                 if claimed is None:
                     if not self._claim(got):
-                        temp.discard()
+                        self.discard_staged(name)
                         return got
                     claimed = got
-                self._add(temp, got, size)
+                self._queue(name, got, dev, ino, size)
             except BaseException:
-                temp.discard()
+                self.discard_staged(name)
                 raise
             return got
         finally:
@@ -285,15 +286,73 @@ class Store:
         if not self._claim(digest):
             return
         try:
-            temp = self._temp()
-            try:
-                write_all(temp.fd, data, self.root)
-                self._add(temp, digest, len(data))
-            except BaseException:
-                temp.discard()
-                raise
+            name, dev, ino = self.stage_bytes(data)
+            self._queue(name, digest, dev, ino, len(data))
         finally:
             self._release(digest)
+
+    # -- staging: in a worker process (see the module docstring), or as the first step here ---
+
+    def hold(self) -> None:
+        """Take the lease now if the store exists (before forking workers, who share it)."""
+        self._root_fd(create=False)
+
+    def has(self, digest: bytes) -> bool:
+        """In a worker: is `digest` in the store (one `fstatat`)?  Feeds `expects_new`."""
+        found = self._lookup(digest) is not None
+        self._learn(not found)
+        return found
+
+    def stage_bytes(self, data: bytes | bytearray | memoryview) -> tuple[str, int, int]:
+        """A finished temp file holding `data`; its (name, dev, ino)."""
+        temp = self._temp()
+        try:
+            write_all(temp.fd, data, self.root)
+            self._finish(temp)
+        except BaseException:
+            temp.discard()
+            raise
+        return temp.name, temp.dev, temp.ino
+
+    def stage_fd(self, fd: int, digest: bytes | None, where: str) -> tuple[bytes, int, tuple[str, int, int]]:
+        """A finished temp file holding a copy of the file open at `fd`; the digest of the
+        copy, its size, (name, dev, ino).  A copy not hashing to `digest` is `SourceChanged`."""
+        temp = self._temp()
+        try:
+            got, size = self._copy(fd, temp, where)
+            if digest is not None and got != digest:
+                raise SourceChanged("changed while being copied into the store: the tree must not change"
+                                    " during the scan", where)
+            self._finish(temp)
+        except BaseException:
+            temp.discard()
+            raise
+        return got, size, (temp.name, temp.dev, temp.ino)
+
+    def adopt(self, name: str, dev: int, ino: int, digest: bytes, size: int) -> None:
+        """In the main process: a temp file a worker staged becomes pending, like one imported
+        here; if `digest` is pending or found already (two workers, same content), it goes."""
+        root = self._root_fd(create=False)  # opened here (and leased) if a worker made the store
+        if root is None:
+            raise OutputError("cannot adopt a store object: the store vanished", self.root)
+        if digest in self._present:
+            _unlink_quietly(name, root)
+            return
+        self._queue(name, digest, dev, ino, size)
+
+    def found(self, digest: bytes) -> None:
+        """In the main process: a worker found `digest` in the store."""
+        if digest not in self._present:
+            self._root_fd(create=False)  # this process holds the lease from now on
+            with self._lock:
+                self._present.add(digest)
+                self._reused.add(digest)
+
+    def discard_staged(self, name: str) -> None:
+        """In the main process, failing: remove a temp file a worker staged and nobody adopted."""
+        root = self._root_fd(create=False)
+        if root is not None:
+            _unlink_quietly(name, root)
 
     # -- committing -------------------------------------------------------------------------
 
@@ -547,6 +606,11 @@ class Store:
 
     def _add(self, temp: _Temp, digest: bytes, size: int) -> None:
         """Finish a temp file holding `digest` and queue it for the commit."""
+        self._finish(temp)
+        self._queue(temp.name, digest, temp.dev, temp.ino, size)
+
+    def _finish(self, temp: _Temp) -> None:
+        """Give a written temp file its object mode and offer it fs-verity."""
         ro = None
         try:
             os.fchmod(temp.fd, OBJECT_MODE)
@@ -559,8 +623,10 @@ class Store:
             raise _failed(e, "write a store object", self.root) from None
         if self.verity:
             self._enable_verity(temp, ro)
+
+    def _queue(self, name: str, digest: bytes, dev: int, ino: int, size: int) -> None:
         with self._lock:
-            self._pending.append(_Pending(temp.name, digest, temp.dev, temp.ino))
+            self._pending.append(_Pending(name, digest, dev, ino))
             self._present.add(digest)
             self._unsynced += 1
             self._unsynced_bytes += size
@@ -693,65 +759,12 @@ class Store:
             os.close(fd)
 
 
-class _Temp:
-    """A temp file at the top of the store; `fd` is closed exactly once (fd numbers are reused
-    by threads)."""
-
-    __slots__ = ("dev", "fd", "ino", "name", "rootfd")
-
-    def __init__(self, rootfd: int, root: str) -> None:
-        self.rootfd = rootfd
-        for _attempt in range(100):
-            self.name = TEMP_PREFIX + os.urandom(8).hex()
-            try:
-                self.fd = os.open(self.name, O_TEMP, 0o600, dir_fd=rootfd)
-                break
-            except FileExistsError:
-                continue
-            except OSError as e:
-                raise _failed(e, "create a temporary file in the store", root) from None
-        else:
-            raise OutputError("cannot create a temporary file in the store: no free name", root)
-        st = os.fstat(self.fd)
-        self.dev, self.ino = st.st_dev, st.st_ino
-
-    def close(self) -> None:
-        fd, self.fd = self.fd, -1
-        if fd >= 0:
-            os.close(fd)
-
-    def discard(self) -> None:
-        try:
-            self.close()
-        except OSError:
-            pass
-        _unlink_quietly(self.name, self.rootfd)
-
-
-def _failed(e: OSError, doing: str, where: str) -> CfscError:
-    """A store operation the system refused: the store's own shape (a symlink or file on the
-    way: StoreError, bad input) or the environment (OutputError)."""
-    if e.errno in (errno.ENOTDIR, errno.ELOOP):
-        return StoreError(f"cannot {doing}: {e.strerror}: expected a directory on the way", where)
-    hint = ""
-    if e.errno == errno.EXDEV:
-        hint = " (the store must be one file system: is one of its directories another mount?)"
-    return OutputError(f"cannot {doing}: {e.strerror}{hint}", where)
-
-
 def _unname(fan: int, name: str, dev: int, ino: int) -> None:
     """Take back a name a commit made — if it is still that commit's file (its inode)."""
     try:
         st = os.stat(name, dir_fd=fan, follow_symlinks=False)
         if (st.st_dev, st.st_ino) == (dev, ino):
             os.unlink(name, dir_fd=fan)
-    except OSError:
-        pass
-
-
-def _unlink_quietly(name: str, dirfd: int) -> None:
-    try:
-        os.unlink(name, dir_fd=dirfd)
     except OSError:
         pass
 

@@ -1,0 +1,66 @@
+"""Temp files at the top of a content store (`DIR/.cfsc-tmp-` and 16 hex digits), where every
+object is written before it gets its name (`cfsc.store.objects`), and the store's one way of
+turning a refused system call into an error."""
+
+from __future__ import annotations
+
+import errno
+import os
+
+from cfsc.base.errors import CfscError, OutputError, StoreError
+
+TEMP_PREFIX = ".cfsc-tmp-"
+O_TEMP = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+class Temp:
+    """A temp file at the top of the store; `fd` is closed exactly once (fd numbers are reused
+    by threads)."""
+
+    __slots__ = ("dev", "fd", "ino", "name", "rootfd")
+
+    def __init__(self, rootfd: int, root: str) -> None:
+        self.rootfd = rootfd
+        for _attempt in range(100):
+            self.name = TEMP_PREFIX + os.urandom(8).hex()
+            try:
+                self.fd = os.open(self.name, O_TEMP, 0o600, dir_fd=rootfd)
+                break
+            except FileExistsError:
+                continue
+            except OSError as e:
+                raise failed(e, "create a temporary file in the store", root) from None
+        else:
+            raise OutputError("cannot create a temporary file in the store: no free name", root)
+        st = os.fstat(self.fd)
+        self.dev, self.ino = st.st_dev, st.st_ino
+
+    def close(self) -> None:
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+    def discard(self) -> None:
+        try:
+            self.close()
+        except OSError:
+            pass
+        unlink_quietly(self.name, self.rootfd)
+
+
+def failed(e: OSError, doing: str, where: str) -> CfscError:
+    """A store operation the system refused: the store's own shape (a symlink or file on the
+    way: StoreError, bad input) or the environment (OutputError)."""
+    if e.errno in (errno.ENOTDIR, errno.ELOOP):
+        return StoreError(f"cannot {doing}: {e.strerror}: expected a directory on the way", where)
+    hint = ""
+    if e.errno == errno.EXDEV:
+        hint = " (the store must be one file system: is one of its directories another mount?)"
+    return OutputError(f"cannot {doing}: {e.strerror}{hint}", where)
+
+
+def unlink_quietly(name: str, dirfd: int) -> None:
+    try:
+        os.unlink(name, dir_fd=dirfd)
+    except OSError:
+        pass
