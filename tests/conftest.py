@@ -26,3 +26,18 @@ def pytest_sessionstart(session):
 @pytest.fixture
 def cfsc():
     return run_cfsc
+
+
+@pytest.fixture
+def forkable():
+    """A process a forked child may start from (`cfsc.base.forked.usable`).  Earlier tests in
+    this worker may have left the shared hashing pool's idle threads, with which nothing forks:
+    they are ended here, so the forked paths really run; any other thread left is a leak."""
+    from cfsc.base import forked, fsverity
+
+    fsverity.close_hash_pool()
+    if not forked.usable():
+        import threading
+
+        left = [t.name for t in threading.enumerate() if t is not threading.main_thread()]
+        pytest.fail(f"threads still running, so forked paths would fall back to sequential ones: {left}")

@@ -4,6 +4,7 @@ or the same error on the same line, and a child that stops early changes nothing
 
 from __future__ import annotations
 
+import os
 import random
 
 import pytest
@@ -18,7 +19,9 @@ from cfsc.frontends.dumpfile_stream import BATCH, ForkedColumns
 
 from bench.fuzzing import dumpgrammar
 
-pytestmark = pytest.mark.skipif(not forked.usable(), reason="needs fork and a second processor")
+pytestmark = [pytest.mark.skipif(not hasattr(os, "fork") or forked._processors() < 2,
+                                 reason="needs fork and a second processor"),
+              pytest.mark.usefixtures("forkable")]
 
 
 def big_dump(batches: float = 4.5) -> bytes:

@@ -84,12 +84,18 @@ def test_measure_several_files_and_missing(tmp_path, cfsc):
 EDGES = [0, 1, 4095, 4096, 4097, 128 * 4096 - 1, 128 * 4096, 128 * 4096 + 1, (4 << 20) - 1, 4 << 20,
          (4 << 20) + 1, 3 * (4 << 20) + 4097, 129 * 128 * 4096 + 1]
 SIZES_ANY = st.one_of(st.sampled_from(EDGES), st.integers(0, 5 << 20))
-POOL = ThreadPoolExecutor(2)
+
+
+@pytest.fixture(scope="module")
+def pool():
+    """A pool of this module's own, ended after it (idle threads would keep other tests from forking)."""
+    with ThreadPoolExecutor(2) as executor:
+        yield executor
 
 
 @settings(max_examples=40, deadline=None)
 @given(size=SIZES_ANY, seed=st.integers(0, 2**32), step=st.integers(1, 3 << 20))
-def test_block_hashes_and_pooled_hash_fd_equal_reference_digest(size, seed, step, tmp_path_factory):
+def test_block_hashes_and_pooled_hash_fd_equal_reference_digest(size, seed, step, tmp_path_factory, pool):
     """block_hashes/digest_bytes, the incremental hasher with any chunking, and hash_fd
     sequential and pooled (files, pipes, with a copy written on the way) against the plain
     sequential Merkle tree."""
@@ -104,11 +110,11 @@ def test_block_hashes_and_pooled_hash_fd_equal_reference_digest(size, seed, step
     path.write_bytes(data)
     fd = os.open(path, os.O_RDONLY)
     try:
-        for pool in (None, POOL):
-            assert hash_fd(fd, 0, pool=pool) == (expected, size)
+        for maybe in (None, pool):
+            assert hash_fd(fd, 0, pool=maybe) == (expected, size)
         copy = os.open(path.with_name("copy"), os.O_RDWR | os.O_CREAT | os.O_TRUNC)
         try:
-            assert hash_fd(fd, 0, copy, pool=POOL) == (expected, size)
+            assert hash_fd(fd, 0, copy, pool=pool) == (expected, size)
         finally:
             os.close(copy)
         assert path.with_name("copy").read_bytes() == data
@@ -117,14 +123,14 @@ def test_block_hashes_and_pooled_hash_fd_equal_reference_digest(size, seed, step
 
 
 @pytest.mark.parametrize("size", [0, 4097, (4 << 20) + 4097, 3 * (4 << 20)])
-def test_pooled_hash_of_a_pipe(size):
+def test_pooled_hash_of_a_pipe(size, pool):
     """Pipes return short reads: a pooled chunk must still hold whole blocks."""
     data = random.Random(size).randbytes(size)
     r, w = os.pipe()
     with ThreadPoolExecutor(1) as writer:
         done = writer.submit(lambda: (os.write(w, data[:5000]), os.write(w, data[5000:]), os.close(w)))
         try:
-            assert hash_fd(r, pool=POOL) == (reference_digest(data), size)
+            assert hash_fd(r, pool=pool) == (reference_digest(data), size)
         finally:
             os.close(r)
         done.result()

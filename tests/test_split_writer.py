@@ -24,7 +24,9 @@ from hypothesis import HealthCheck, given, settings
 from tests.helpers.data import CFSC, cases, read_input
 from tests.helpers.strategies import trees
 
-pytestmark = pytest.mark.skipif(not forked.usable(), reason="needs fork and a second processor")
+pytestmark = [pytest.mark.skipif(not hasattr(os, "fork") or forked._processors() < 2,
+                                 reason="needs fork and a second processor"),
+              pytest.mark.usefixtures("forkable")]
 GOOD = [c for c in cases() if c.get("expect") != "error" and not c["strict"]]
 
 
@@ -35,6 +37,7 @@ def both_ways(tree: Tree, path) -> tuple[bytes, bytes]:
     with open(path, "wb") as f:
         f.write(b"leading bytes the image must not overwrite")
         write_image(tree, f, split=True)
+        f.flush()
         assert f.tell() == os.path.getsize(path)
     return sequential.getvalue(), path.read_bytes()[42:]
 

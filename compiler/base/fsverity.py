@@ -390,6 +390,16 @@ def hash_pool() -> Executor:
     return _pool
 
 
+def close_hash_pool() -> None:
+    """End the shared pool's threads (it is made again on next use): a long-lived process that
+    is about to fork wants no idle threads (`cfsc.base.forked.usable`)."""
+    global _pool
+    with _pool_lock:
+        pool, _pool = _pool, None
+    if pool is not None:
+        pool.shutdown(wait=True)
+
+
 def digest_file(path: str | bytes | os.PathLike, algorithm: FsVerityAlgorithm = SHA256,
                 pool: Executor | None = None) -> bytes:
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
