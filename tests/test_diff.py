@@ -289,14 +289,16 @@ def ostree_repo(tmp_path_factory):
     subprocess.run(["ostree", f"--repo={repo}", "init", "--mode=bare"], check=True)
     for change in ["base", *OSTREE_CHANGES]:
         d = build(top / change, None if change == "base" else change)
-        subprocess.run(["ostree", f"--repo={repo}", "commit", f"--branch={change}", f"--tree=dir={d}"],
+        # (branches named `tree-…`: a bare `add` is also hex, which ostree reads as the start of
+        # a commit checksum first, and one commit in 4096 starts with it)
+        subprocess.run(["ostree", f"--repo={repo}", "commit", f"--branch=tree-{change}", f"--tree=dir={d}"],
                        check=True, capture_output=True)
     return repo
 
 
 @pytest.mark.parametrize("change", OSTREE_CHANGES)
 def test_golden_for_ostree_commits(ostree_repo, tmp_path, change):
-    base, changed = f"ostree:{ostree_repo}:base", f"ostree:{ostree_repo}:{change}"
+    base, changed = f"ostree:{ostree_repo}:tree-base", f"ostree:{ostree_repo}:tree-{change}"
     image = tmp_path / "changed.cfs"
     compile_image([changed], str(image), Options())
     # The payload of a file from a bare repository is its object, whose name hashes the file's
