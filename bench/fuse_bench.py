@@ -28,6 +28,15 @@ Each (server, test) runs `--repeat` times, servers interleaved so that load from
 processes hits all alike; medians are printed, with the server's CPU seconds for the FUSE
 servers.  Targets (issue 7): warm metadata within 1.5x of the kernel mount; hot 1 GiB
 read >= 5 GB/s with passthrough.
+
+Where the scheduler puts the server and the test decides the request-bound tests (stat,
+small): every request wakes the server and every reply wakes the caller, and a wake-up on
+another, idle CPU costs far more than a switch on the same one — on a VM whose idle CPUs
+halt (no guest halt polling), some 50-70 µs of wall and 15-25 µs of server CPU per request,
+for any server, upstream's included.  Left alone, the scheduler keeps whichever placement
+a run starts with, so unpinned medians mix two populations.  `--pin S:T` runs every FUSE
+server on CPUs S and every test command on CPUs T (lists as for taskset, e.g. `0:0` for
+the same CPU, `0:1` for two): compare servers under one placement.
 """
 
 from __future__ import annotations
@@ -146,6 +155,22 @@ def drop_caches() -> None:
     Path("/proc/sys/vm/drop_caches").write_text("3\n")
 
 
+def pinned(cpus: set[int] | None):
+    """A `preexec_fn` running a command (and all it starts: a daemon too) on `cpus`."""
+    if cpus is None:
+        return None
+    return lambda: os.sched_setaffinity(0, cpus)
+
+
+def cpu_list(text: str) -> set[int]:
+    """`0,2-3` -> {0, 2, 3} (taskset's list syntax)."""
+    cpus = set()
+    for part in text.split(","):
+        first, _, last = part.partition("-")
+        cpus.update(range(int(first), int(last or first) + 1))
+    return cpus
+
+
 def mount(server: str, base: Path, mnt: Path, args) -> int | None:
     """Mount; returns the FUSE server's pid (None for the kernel mount)."""
     image, store = str(base / "image.cfs"), str(base / "store")
@@ -153,7 +178,8 @@ def mount(server: str, base: Path, mnt: Path, args) -> int | None:
         subprocess.run([CFSC, "mount", "--kernel", "--verity", "none", image, str(mnt), "--store", store], check=True)
         return None
     if server == "cfs-fuse":
-        subprocess.run([args.composefs_fuse, "-o", f"source={image},basedir={store}", str(mnt)], check=True)
+        subprocess.run([args.composefs_fuse, "-o", f"source={image},basedir={store}", str(mnt)], check=True,
+                       preexec_fn=pinned(args.server_cpus))
     else:
         cfsc = CFSC
         if server.startswith(OLD):
@@ -161,7 +187,7 @@ def mount(server: str, base: Path, mnt: Path, args) -> int | None:
         extra = {"cfsc": [], "cfsc-pt-none": ["--verity", "none"], "cfsc-nopt": ["--no-passthrough"],
                  "cfsc-none": ["--no-passthrough", "--verity", "none"]}
         subprocess.run([cfsc, "mount", image, str(mnt), "--store", store, "--threads", str(args.threads),
-                        *extra[server]], check=True)
+                        *extra[server]], check=True, preexec_fn=pinned(args.server_cpus))
     return _server_pid(mnt)
 
 
@@ -222,10 +248,10 @@ def run_test(server: str, test: str, base: Path, mnt: Path, args) -> tuple[float
     pid = mount(server, base, mnt, args)
     try:
         if temperature == "warm":
-            subprocess.run(cmd, shell=True, check=True)
+            subprocess.run(cmd, shell=True, check=True, preexec_fn=pinned(args.test_cpus))
         before = cpu_seconds(pid)
         start = time.perf_counter()
-        subprocess.run(cmd, shell=True, check=True)
+        subprocess.run(cmd, shell=True, check=True, preexec_fn=pinned(args.test_cpus))
         wall = time.perf_counter() - start
         cpu = cpu_seconds(pid) - before
     finally:
@@ -271,7 +297,15 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2, help="cfsc FUSE worker threads")
     ap.add_argument("--composefs-fuse", help="upstream composefs-fuse binary (adds server cfs-fuse)")
     ap.add_argument("--before", help="another cfsc binary: adds old:<server> for each cfsc server")
+    ap.add_argument("--pin", metavar="S:T", help="run FUSE servers on CPUs S, test commands on CPUs T")
     args = ap.parse_args()
+    args.server_cpus = args.test_cpus = None
+    if args.pin:
+        try:
+            server_cpus, test_cpus = args.pin.split(":")
+            args.server_cpus, args.test_cpus = cpu_list(server_cpus), cpu_list(test_cpus)
+        except ValueError:
+            ap.error(f"--pin {args.pin}: expected SERVER_CPUS:TEST_CPUS, e.g. 0:0 or 0:1")
     base = args.dir
     if args.create or not (base / "image.cfs").exists():
         create(base)
@@ -291,7 +325,8 @@ def main() -> None:
                 wall, cpu = run_test(server, test, base, mnt, args)
                 results.setdefault((server, test), []).append((wall, cpu))
                 print(f"{test:11} {server:9} {wall:7.3f} s  cpu {cpu:6.3f} s", file=sys.stderr, flush=True)
-    print(f"\nmedians of {args.repeat} (wall s; server CPU s; ratio to kernel wall)   threads={args.threads}")
+    print(f"\nmedians of {args.repeat} (wall s; server CPU s; ratio to kernel wall)   threads={args.threads}"
+          + (f"   pinned {args.pin}" if args.pin else ""))
     print(f"{'test':11} " + " ".join(f"{s:>24}" for s in servers))
     for test in tests:
         cells = []
