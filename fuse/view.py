@@ -43,7 +43,7 @@ from bisect import bisect_left
 from itertools import islice
 
 from cfsc.backends.erofs.entries import Entries, interpret_xattrs
-from cfsc.backends.erofs.inode_attrs import inline_xattrs, stat_fields
+from cfsc.backends.erofs.inode_attrs import inline_xattrs, lowered_pair, stat_fields
 from cfsc.backends.erofs.layout import ACL_KEYS, COMPOSEFS_FLAGS_HAS_ACL, EROFS_BLKSIZ, EROFS_FT_CHRDEV
 from cfsc.backends.erofs.overlay import (
     ESCAPED,
@@ -176,6 +176,15 @@ class ImageView:
         """`_xattrs` of the usual bodies: shared ids only, or those plus the writer's inline
         metacopy and redirect (hidden; they only name the store object) — then the visible
         pairs are the shared ones, interpreted once per distinct set.  None: any other body."""
+        pair = lowered_pair(self.image, offset, size)
+        if pair is not None:  # the store-backed file's body, recognised by its bytes
+            head, metacopy, redirect = pair
+            shared = self._xattr_cache.get(head)
+            if shared is None:
+                shared = self._shared_xattrs(nid, head)
+            if shared[3]:
+                return None
+            return shared[0], shared[1], (redirect_payload(redirect), metacopy_digest(metacopy))
         got = inline_xattrs(self.image, offset, size)
         if got is None:
             return None
