@@ -14,6 +14,8 @@ store (shared ids, then exactly the inline metacopy and redirect), recognised by
 
 from __future__ import annotations
 
+import struct
+
 from cfsc.backends.erofs.layout import (
     EROFS_I_ALL,
     EROFS_INODE_COMPACT,
@@ -37,6 +39,11 @@ _N_PREFIXES = len(XATTR_PREFIXES)
 _TRUSTED_INDEX = XATTR_PREFIXES.index(b"trusted.")
 _METACOPY_NAME = b"overlay.metacopy"
 _REDIRECT_NAME = b"overlay.redirect"
+# An entry header and a 16-byte name in one unpack: (name length | prefix index << 8, value
+# size, name).
+_unpack_named = struct.Struct("<HH16s").unpack_from
+_NAMED_TRUSTED = 16 | _TRUSTED_INDEX << 8
+assert EROFS_XATTR_ENTRY.struct.format == "<BBH"
 assert XATTR_PREFIXES[_TRUSTED_INDEX] + _METACOPY_NAME == b"trusted.overlay.metacopy"
 assert XATTR_PREFIXES[_TRUSTED_INDEX] + _REDIRECT_NAME == b"trusted.overlay.redirect"
 # Spelled out below as literals (a global lookup per inode costs): the inode sizes, the
@@ -120,17 +127,19 @@ def lowered_pair(image: Image, offset: int, size: int) -> tuple[bytes, bytes, by
     data = image.data
     end = offset + size
     pos = offset + 12 + 4 * data[offset + 4]
-    name = pos + 4
-    if name + 16 > end or data[pos] != 16 or data[pos + 1] != _TRUSTED_INDEX \
-            or data[name:name + 16] != _METACOPY_NAME:
+    if pos + 20 > end:
         return None
-    m_end = name + 16 + (data[pos + 2] | data[pos + 3] << 8)
+    kind, m_size, name = _unpack_named(data, pos)
+    if kind != _NAMED_TRUSTED or name != _METACOPY_NAME:
+        return None
+    m_end = pos + 20 + m_size
     r = (m_end + 3) & ~3
-    name = r + 4
-    if name + 16 > end or data[r] != 16 or data[r + 1] != _TRUSTED_INDEX \
-            or data[name:name + 16] != _REDIRECT_NAME:
+    if r + 20 > end:
         return None
-    r_end = name + 16 + (data[r + 2] | data[r + 3] << 8)
+    kind, r_size, name = _unpack_named(data, r)
+    if kind != _NAMED_TRUSTED or name != _REDIRECT_NAME:
+        return None
+    r_end = r + 20 + r_size
     if r_end > end or (r_end + 3) & ~3 < end:  # a value past the body, or more entries after
         return None
     return data[offset:pos], data[pos + 20:m_end], data[r + 20:r_end]
