@@ -62,13 +62,13 @@ def stat_fields(image: Image, nid: int) -> tuple | None:
     if off + 64 > end:
         return None
     data = image.data
-    i_format, icount, mode, nlink, size, u, _ino, uid, gid = _unpack_compact(data, off)
-    if i_format & 1:
-        _f, icount, mode, size, u, _ino, uid, gid, mtime, nsec, nlink = _unpack_extended(data, off)
+    if data[off] & 1:  # the format's low bit, read first: one unpack per inode
+        i_format, icount, mode, size, u, _ino, uid, gid, mtime, nsec, nlink = _unpack_extended(data, off)
         if mtime & U64_SIGN:
             mtime -= 1 << 64
         isize = 64
     else:
+        i_format, icount, mode, nlink, size, u, _ino, uid, gid = _unpack_compact(data, off)
         mtime = image.build_time
         nsec = image.build_time_nsec
         isize = 32
