@@ -82,6 +82,7 @@ NEGATIVE_ENTRY = _pack_entry(0, 0, TTL, 0, 0, 0, *([0] * len(P.ATTR.fields)))
 NO_ENTRY = bytes(P.ENTRY_OUT.size)  # readdirplus: "no attributes for this name"
 ATTR_PREFIX = P.ATTR_OUT.pack(TTL, 0)
 PADS = [b"\0" * n for n in range(8)]
+assert BLOCK_SIZE == 4096  # `_wire` computes st_blocks with shifts
 
 
 class Held:
@@ -291,9 +292,10 @@ class Server:
             nid = node.nid
             t = node.mtime
             ns = node.mtime_nsec
+            size = node.size  # st_blocks: `Node.blocks`, spelled out (once per node)
             w = node.wire = _pack_entry(
                 P.ROOT_ID if nid == self._root_nid else nid + 2, 0, TTL, TTL, 0, 0,
-                nid, node.size, node.blocks, t, t, t, ns, ns, ns, node.mode, node.nlink,
+                nid, size, (size + 4095) >> 12 << 3, t, t, t, ns, ns, ns, node.mode, node.nlink,
                 node.uid, node.gid, node.rdev, BLOCK_SIZE, 0)
         return w
 

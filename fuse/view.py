@@ -43,7 +43,7 @@ from bisect import bisect_left
 from itertools import islice
 
 from cfsc.backends.erofs.entries import Entries, interpret_xattrs
-from cfsc.backends.erofs.inode_attrs import inline_xattrs, stat_fields
+from cfsc.backends.erofs.inode_attrs import inline_xattrs, lowered_pair, stat_fields
 from cfsc.backends.erofs.layout import ACL_KEYS, COMPOSEFS_FLAGS_HAS_ACL, EROFS_BLKSIZ, EROFS_FT_CHRDEV
 from cfsc.backends.erofs.overlay import (
     ESCAPED,
@@ -143,13 +143,6 @@ class ImageView:
         ftype = mode & S_IFMT
         if ftype == S_IFCHR and u == 0:
             return None  # an overlayfs whiteout
-        if xsize:
-            x = self._xattrs_quick(nid, xoffset, xsize)
-            if x is None:
-                return self._make_reference(nid)
-            pairs, trusted, store = x
-        else:
-            pairs, trusted, store = (), False, None
         n = Node()
         n.nid = nid
         n.mode = mode
@@ -160,8 +153,30 @@ class ImageView:
         n.rdev = u if ftype == S_IFCHR or ftype == S_IFBLK else 0
         n.mtime = mtime
         n.mtime_nsec = nsec
-        n.xattrs = pairs
-        n.trusted = trusted
+        n.target = n.parent = n.name = n.wire = None
+        pair = lowered_pair(self.image, xoffset, xsize) if xsize and ftype == S_IFREG else None
+        if pair is not None:  # a store-backed file in the writer's shape: most files of an image
+            head, metacopy, redirect = pair
+            shared = self._xattr_cache.get(head)
+            if shared is None:
+                shared = self._shared_xattrs(nid, head)
+            if shared[3]:
+                return self._make_reference(nid)  # the shared part names a store object too
+            n.xattrs = shared[0]
+            n.trusted = shared[1]
+            n.external = True
+            payload = n.payload = redirect_payload(redirect)
+            n.digest = metacopy_digest(metacopy)
+            n.broken = None if payload else "metacopy file without a redirect (no store path)"
+            n.content = None
+            return n
+        if xsize:
+            x = self._xattrs_quick(nid, xoffset, xsize)
+            if x is None:
+                return self._make_reference(nid)
+            n.xattrs, n.trusted, store = x
+        else:
+            n.xattrs, n.trusted, store = (), False, None
         external = n.external = store is not None and ftype == S_IFREG
         n.payload = n.digest = n.broken = None
         if external:
@@ -169,7 +184,6 @@ class ImageView:
             if not n.payload:
                 n.broken = "metacopy file without a redirect (no store path)"
         n.content = b"" if ftype == S_IFREG and not external and not size else None
-        n.target = n.parent = n.name = n.wire = None
         return n
 
     def _xattrs_quick(self, nid: int, offset: int, size: int) -> tuple | None:

@@ -3,6 +3,8 @@
 * `ImageView._make` (stat fields and the usual xattr bodies read without a `RawInode` or the
   generic parse) equals `ImageView._make_reference` at every inode slot of real, odd and
   corrupt images — garbage slots included, where both must fail alike.
+  The odd image holds store-backed bodies both in the writer's shape (`lowered_pair`) and
+  next to it (other entries, odd values), so each fast layer meets its near misses.
 * A directory stream encoded once and served in slices (`Server._encoded`) pages exactly as
   the record-by-record encoding (`Server._records`) does, at any buffer size; streams
   encoded ahead of a walk are the same bytes.
@@ -106,6 +108,23 @@ def test_fast_nodes_equal_the_reference_at_every_inode_slot(name, data):
         assert got == _outcome(reference._make_reference, nid), f"{name}: nid {nid}"
         nodes += got is not None and got[0] != "error"
     assert nodes, "some slot holds an inode"
+
+
+def test_the_odd_image_meets_each_fast_layer_and_its_near_misses():
+    from cfsc.backends.erofs.inode_attrs import inline_xattrs, lowered_pair, stat_fields
+
+    image = Image(_odd_xattrs_image(), "odd")
+    shapes = set()
+    for nid in range((image.end - image.meta_base) >> 5):
+        f = stat_fields(image, nid)
+        if f is None or not f[9]:
+            continue
+        pair = lowered_pair(image, f[8], f[9])
+        items = inline_xattrs(image, f[8], f[9])
+        if pair is not None:  # the narrow layer agrees with the generic one where it answers
+            assert items == (pair[0], [(b"trusted.overlay.metacopy", pair[1]), (b"trusted.overlay.redirect", pair[2])])
+        shapes.add((pair is not None, items is not None and len(items[1])))
+    assert {(True, 2), (False, 1), (False, 3)} <= shapes, shapes
 
 
 # -- directory streams -----------------------------------------------------------------------

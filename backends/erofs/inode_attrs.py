@@ -7,10 +7,14 @@ the inline xattr entries of a body in the usual shape (the writer's per-file met
 redirect).  Both return None for anything else — an inode near the end of the image, a
 malformed field, an unusual body — and the caller then takes the reference path
 (`Image.inode`, `Image.xattrs`), which handles the rare shapes and locates every error.
+`lowered_pair` is narrower still: the body the writer gives every file whose data is in the
+store (shared ids, then exactly the inline metacopy and redirect), recognised by its bytes.
 `tests/test_fuse_fastpaths.py` holds the two paths equal over whole images, hostile ones included.
 """
 
 from __future__ import annotations
+
+import struct
 
 from cfsc.backends.erofs.layout import (
     EROFS_I_ALL,
@@ -30,6 +34,18 @@ _unpack_compact = EROFS_INODE_COMPACT.unpack_from
 _unpack_extended = EROFS_INODE_EXTENDED.unpack_from
 _unpack_entry = EROFS_XATTR_ENTRY.unpack_from
 _N_PREFIXES = len(XATTR_PREFIXES)
+# The inline entry headers of the writer's metacopy and redirect (name length 16, the
+# `trusted.` prefix index); the value size follows them.
+_TRUSTED_INDEX = XATTR_PREFIXES.index(b"trusted.")
+_METACOPY_NAME = b"overlay.metacopy"
+_REDIRECT_NAME = b"overlay.redirect"
+# An entry header and a 16-byte name in one unpack: (name length | prefix index << 8, value
+# size, name).
+_unpack_named = struct.Struct("<HH16s").unpack_from
+_NAMED_TRUSTED = 16 | _TRUSTED_INDEX << 8
+assert EROFS_XATTR_ENTRY.struct.format == "<BBH"
+assert XATTR_PREFIXES[_TRUSTED_INDEX] + _METACOPY_NAME == b"trusted.overlay.metacopy"
+assert XATTR_PREFIXES[_TRUSTED_INDEX] + _REDIRECT_NAME == b"trusted.overlay.redirect"
 # Spelled out below as literals (a global lookup per inode costs): the inode sizes, the
 # slot shift, the xattr body header, its shared count's offset, an entry header.
 assert (EROFS_INODE_COMPACT.size, EROFS_INODE_EXTENDED.size, EROFS_ISLOTBITS) == (32, 64, 5)
@@ -46,13 +62,13 @@ def stat_fields(image: Image, nid: int) -> tuple | None:
     if off + 64 > end:
         return None
     data = image.data
-    i_format, icount, mode, nlink, size, u, _ino, uid, gid = _unpack_compact(data, off)
-    if i_format & 1:
-        _f, icount, mode, size, u, _ino, uid, gid, mtime, nsec, nlink = _unpack_extended(data, off)
+    if data[off] & 1:  # the format's low bit, read first: one unpack per inode
+        i_format, icount, mode, size, u, _ino, uid, gid, mtime, nsec, nlink = _unpack_extended(data, off)
         if mtime & U64_SIGN:
             mtime -= 1 << 64
         isize = 64
     else:
+        i_format, icount, mode, nlink, size, u, _ino, uid, gid = _unpack_compact(data, off)
         mtime = image.build_time
         nsec = image.build_time_nsec
         isize = 32
@@ -98,3 +114,32 @@ def inline_xattrs(image: Image, offset: int, size: int) -> tuple[bytes, list] | 
         items.append((XATTR_PREFIXES[index] + name, data[name_end:value_end]))
         pos = (value_end + 3) & ~3
     return head, items
+
+
+def lowered_pair(image: Image, offset: int, size: int) -> tuple[bytes, bytes, bytes] | None:
+    """`(head, metacopy, redirect)` of an xattr body that is shared ids then exactly an
+    inline metacopy and an inline redirect — what `inline_xattrs` returns as
+    `(head, [(METACOPY, metacopy), (REDIRECT, redirect)])` — read without the generic loop
+    (a store-backed file's usual body).  None for any other body: the caller then takes
+    `inline_xattrs`, which decides it."""
+    if size < 12:
+        return None
+    data = image.data
+    end = offset + size
+    pos = offset + 12 + 4 * data[offset + 4]
+    if pos + 20 > end:
+        return None
+    kind, m_size, name = _unpack_named(data, pos)
+    if kind != _NAMED_TRUSTED or name != _METACOPY_NAME:
+        return None
+    m_end = pos + 20 + m_size
+    r = (m_end + 3) & ~3
+    if r + 20 > end:
+        return None
+    kind, r_size, name = _unpack_named(data, r)
+    if kind != _NAMED_TRUSTED or name != _REDIRECT_NAME:
+        return None
+    r_end = r + 20 + r_size
+    if r_end > end or (r_end + 3) & ~3 < end:  # a value past the body, or more entries after
+        return None
+    return data[offset:pos], data[pos + 20:m_end], data[r + 20:r_end]
