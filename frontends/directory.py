@@ -42,13 +42,13 @@ import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from cfsc.base.beneath import NotRegular, open_listed
-from cfsc.base.errors import InputError, UsageError
+from cfsc.base.errors import CfscError, InputError, UsageError
 from cfsc.base.fsverity import algorithm_named, digest_bytes, fill, hash_fd, payload_path, short_gil_switches
 from cfsc.base.limits import INLINE_MAX
 from cfsc.base.options import Options
 from cfsc.base.progress import Progress, mib
 from cfsc.base.tree import S_IFBLK, S_IFCHR, S_IFDIR, S_IFLNK, S_IFMT, S_IFREG, Inode, Tree
-from cfsc.frontends.directory_workers import FileReader, WorkerDied, Workers, refusal
+from cfsc.frontends.directory_workers import FileReader, Refused, WorkerDied, Workers, read_xattrs, refusal
 from cfsc.store.objects import Store, loaded, open_store
 
 O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -315,29 +315,16 @@ class _Scanner:
                 parent.add_child(name, home, link=True)
 
     def xattrs(self, target: int | bytes, path: bytes) -> tuple:
-        by_fd = isinstance(target, int)
         try:
-            keys = os.listxattr(target) if by_fd else os.listxattr(target, follow_symlinks=False)
-        except OSError as e:
-            if e.errno == errno.EOPNOTSUPP:
-                return ()  # a file system without xattrs
-            raise self.os_error(e, path, "list xattrs") from None
-        if not keys:
-            return ()
-        if self.options.user_xattrs:
-            keys = [k for k in keys if k.startswith("user.")]
-        items = []
-        for key in keys:
-            try:
-                value = os.getxattr(target, key) if by_fd else os.getxattr(target, key, follow_symlinks=False)
-            except OSError as e:
-                if e.errno == errno.ENODATA:
-                    raise self.changed(path, f"xattr {key} removed") from None
-                raise self.os_error(e, path, f"read xattr {key}") from None
-            items.append((os.fsencode(key), value))
-        items.sort()
-        xattrs = tuple(items)
+            xattrs = read_xattrs(target, self.options.user_xattrs)
+        except Refused as e:
+            raise self.refused(e.reply, path) from None
         return self.xattr_cache.setdefault(xattrs, xattrs)
+
+    def refused(self, reply: tuple, path: bytes) -> CfscError:
+        """The located error for a refusal (`directory_workers.refusal`) of the entry at `path`."""
+        return refusal(reply, self.where(path), lambda how: self.changed(path, how),
+                       lambda e, doing: self.os_error(e, path, doing))
 
     def status(self) -> str:
         return f"scanned {self.entries} entries; read {self.files_done}/{self.files} files, {mib(self.bytes_done)}"
@@ -433,8 +420,7 @@ class _Scanner:
             try:
                 node, parent, name, path = batch[i]
                 if type(result[0]) is str:
-                    raise refusal(result, self.where(path), lambda how: self.changed(path, how),
-                                  lambda e, doing: self.os_error(e, path, doing))
+                    raise self.refused(result, path)
                 mode, uid, gid, mtime_ns, size, nlink, dev, ino, xattrs, digest, content, staged, found = result
                 node.mode = mode
                 node.uid = uid

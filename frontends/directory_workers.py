@@ -55,7 +55,7 @@ _LENGTH = struct.Struct("<I")
 _ERRORS = {cls.__name__: cls for cls in (CfscError, InputError, OutputError, StoreError)}
 
 
-class _Refused(Exception):
+class Refused(Exception):
     """A file the worker cannot take: `reply` says why (a result with a str kind)."""
 
     def __init__(self, *reply) -> None:
@@ -102,18 +102,18 @@ class FileReader:
         staged = None
         try:
             size = st.st_size
-            xattrs = self.xattrs(fd) if self.read_xattrs else ()
+            xattrs = read_xattrs(fd, self.user_xattrs) if self.read_xattrs else ()
             digest = content = None
             found = False
             if size:
                 digest, content, staged, found = self.hash(fd, size, name)
                 after = os.fstat(fd)
                 if after.st_size != size or after.st_mtime_ns != st.st_mtime_ns:
-                    raise _Refused("changed", "modified")
+                    raise Refused("changed", "modified")
         except BaseException as e:
             if staged is not None:
                 self.store.discard_staged(staged[0])
-            if isinstance(e, _Refused):
+            if isinstance(e, Refused):
                 return e.reply
             if isinstance(e, SourceChanged):
                 return ("source", e.what)
@@ -141,7 +141,7 @@ class FileReader:
             if 0 < got < size:
                 got += fill(fd, data[got:])
             if got != size:
-                raise _Refused("changed", "modified (its size changed)")
+                raise Refused("changed", "modified (its size changed)")
             digest = digest_bytes(data, self.algorithm)
             if size <= INLINE_MAX:
                 return digest, bytes(data), None, False
@@ -156,14 +156,14 @@ class FileReader:
             digest, got, staged = store.stage_fd(fd, None, where)
             if got != size:
                 store.discard_staged(staged[0])
-                raise _Refused("changed", "modified (its size changed)")
+                raise Refused("changed", "modified (its size changed)")
             if store.has(digest):
                 store.discard_staged(staged[0])
                 return digest, None, None, True
             return digest, None, staged, False
         digest, got = hash_fd(fd, algorithm=self.algorithm)
         if got != size:
-            raise _Refused("changed", "modified (its size changed)")
+            raise Refused("changed", "modified (its size changed)")
         if store is None:
             return digest, None, None, False
         if store.has(digest):
@@ -179,37 +179,39 @@ class FileReader:
         if st.st_mode & S_IFMT != S_IFREG or st.st_size:
             return ("input", "cannot open: Permission denied")
         try:
-            xattrs = self.xattrs(b"/proc/self/fd/%d/%s" % (dirfd, name)) if self.read_xattrs else ()
-        except _Refused as e:
+            xattrs = read_xattrs(b"/proc/self/fd/%d/%s" % (dirfd, name), self.user_xattrs) if self.read_xattrs else ()
+        except Refused as e:
             return e.reply
         return (st.st_mode, st.st_uid, st.st_gid, st.st_mtime_ns, 0, st.st_nlink, st.st_dev, st.st_ino,
                 xattrs, None, None, None, False)
 
-    def xattrs(self, target: int | bytes) -> tuple:
-        """The sorted (key, value) pairs of the file open at `target` (or at that path, not
-        following its last component)."""
-        by_fd = isinstance(target, int)
+
+def read_xattrs(target: int | bytes, user_only: bool) -> tuple:
+    """The sorted (key, value) pairs of the file open at `target` (or at that path, not
+    following its last component); a failure is a `Refused` with the reply that says why.
+    The scan (in the main process) and the workers read xattrs with this one function."""
+    by_fd = isinstance(target, int)
+    try:
+        keys = os.listxattr(target) if by_fd else os.listxattr(target, follow_symlinks=False)
+    except OSError as e:
+        if e.errno == errno.EOPNOTSUPP:
+            return ()  # a file system without xattrs
+        raise Refused("os", e.errno, e.strerror, "list xattrs") from None
+    if not keys:
+        return ()
+    if user_only:
+        keys = [k for k in keys if k.startswith("user.")]
+    items = []
+    for key in keys:
         try:
-            keys = os.listxattr(target) if by_fd else os.listxattr(target, follow_symlinks=False)
+            value = os.getxattr(target, key) if by_fd else os.getxattr(target, key, follow_symlinks=False)
         except OSError as e:
-            if e.errno == errno.EOPNOTSUPP:
-                return ()
-            raise _Refused("os", e.errno, e.strerror, "list xattrs") from None
-        if not keys:
-            return ()
-        if self.user_xattrs:
-            keys = [k for k in keys if k.startswith("user.")]
-        items = []
-        for key in keys:
-            try:
-                value = os.getxattr(target, key) if by_fd else os.getxattr(target, key, follow_symlinks=False)
-            except OSError as e:
-                if e.errno == errno.ENODATA:
-                    raise _Refused("changed", f"xattr {key} removed") from None
-                raise _Refused("os", e.errno, e.strerror, f"read xattr {key}") from None
-            items.append((os.fsencode(key), value))
-        items.sort()
-        return tuple(items)
+            if e.errno == errno.ENODATA:
+                raise Refused("changed", f"xattr {key} removed") from None
+            raise Refused("os", e.errno, e.strerror, f"read xattr {key}") from None
+        items.append((os.fsencode(key), value))
+    items.sort()
+    return tuple(items)
 
 
 def refusal(reply: tuple, where: str, changed: Callable, os_error: Callable) -> CfscError:
