@@ -153,14 +153,13 @@ class FileReader:
         where = name.decode("utf-8", "backslashreplace")  # the main process names the whole path
         if store is not None and store.expects_new():
             # Copy first, hash the copy: the digest names exactly the bytes stored.
-            digest, got, staged = store.stage_fd(fd, None, where)
-            if got != size:
-                store.discard_staged(staged[0])
-                raise Refused("changed", "modified (its size changed)")
-            if store.has(digest):
-                store.discard_staged(staged[0])
-                return digest, None, None, True
-            return digest, None, staged, False
+            def missing(digest: bytes, got: int) -> bool:  # (before the copy is finished)
+                if got != size:
+                    raise Refused("changed", "modified (its size changed)")
+                return not store.has(digest)
+
+            digest, _got, staged = store.stage_fd(fd, None, where, missing)
+            return digest, None, staged, staged is None
         digest, got = hash_fd(fd, algorithm=self.algorithm)
         if got != size:
             raise Refused("changed", "modified (its size changed)")

@@ -222,10 +222,10 @@ def test_file_modified_between_hashing_and_copying(small_tree, tmp_path, monkeyp
             modify_big()
         return real(self, fd, digest, where)
 
-    def stage_fd(self, fd, digest, where):  # the workers' copy (`where` is the file's name)
+    def stage_fd(self, fd, digest, where, wanted=None):  # the workers' copy (`where` is the file's name)
         if where == "big":
             modify_big()
-        return real_stage(self, fd, digest, where)
+        return real_stage(self, fd, digest, where, wanted)
 
     monkeypatch.setattr(Store, "import_fd", import_fd)
     monkeypatch.setattr(Store, "stage_fd", stage_fd)

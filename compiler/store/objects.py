@@ -77,7 +77,7 @@ import os
 import stat
 import struct
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from cfsc.base import beneath, syscalls
 from cfsc.base.errors import CfscError, InputError, OutputError, StoreError
@@ -228,23 +228,28 @@ class Store:
         """
         if digest is not None and not self._claim(digest):
             return digest
-        claimed = digest
+        claimed = [digest]
+
+        def claim(got: bytes, _size: int) -> bool:  # (a digest of the copy: claimed before it is finished)
+            if not self._claim(got):
+                return False
+            claimed[0] = got
+            return True
+
         try:
-            got, size, (name, dev, ino) = self.stage_fd(fd, digest, where)
+            got, size, staged = self.stage_fd(fd, digest, where, None if digest is not None else claim)
+            if staged is None:
+                return got
+            name, dev, ino = staged
             try:
-                if claimed is None:
-                    if not self._claim(got):
-                        self.discard_staged(name)
-                        return got
-                    claimed = got
                 self._queue(name, got, dev, ino, size)
             except BaseException:
                 self.discard_staged(name)
                 raise
             return got
         finally:
-            if claimed is not None:
-                self._release(claimed)
+            if claimed[0] is not None:
+                self._release(claimed[0])
 
     def import_path(self, path: str | os.PathLike, digest: bytes | None = None) -> bytes:
         where = os.fsdecode(path)
@@ -314,15 +319,21 @@ class Store:
             raise
         return temp.name, temp.dev, temp.ino
 
-    def stage_fd(self, fd: int, digest: bytes | None, where: str) -> tuple[bytes, int, tuple[str, int, int]]:
+    def stage_fd(self, fd: int, digest: bytes | None, where: str,
+                 wanted: Callable[[bytes, int], bool] | None = None) -> tuple[bytes, int, tuple[str, int, int] | None]:
         """A finished temp file holding a copy of the file open at `fd`; the digest of the
-        copy, its size, (name, dev, ino).  A copy not hashing to `digest` is `SourceChanged`."""
+        copy, its size, (name, dev, ino).  A copy not hashing to `digest` is `SourceChanged`.
+        With `wanted(digest, size)` False (the store has it already, say) the copy goes
+        before it is finished — fs-verity reads a whole file — and the third item is None."""
         temp = self._temp()
         try:
             got, size = self._copy(fd, temp, where)
             if digest is not None and got != digest:
                 raise SourceChanged("changed while being copied into the store: the tree must not change"
                                     " during the scan", where)
+            if wanted is not None and not wanted(got, size):
+                temp.discard()
+                return got, size, None
             self._finish(temp)
         except BaseException:
             temp.discard()
