@@ -28,7 +28,7 @@ import sys
 
 from cfsc.base.errors import CfscError, UsageError
 from cfsc.fuse import MountOptions, parse_digest
-from cfsc.store.backing import parse_basedirs
+from cfsc.store.backing import VERITY_MODES, parse_basedirs
 
 EXIT_USAGE = 1
 EXIT_INTERRUPTED = 8
@@ -65,7 +65,7 @@ ATIME = ("noatime", "relatime", "strictatime")
 # mount(8)'s own options (fstab and policy): it acted on them before running us.
 MOUNT8 = frozenset(("defaults", "auto", "noauto", "user", "nouser", "users", "owner", "group", "_netdev",
                     "nofail", "silent", "loud", "async", "nosymfollow", "symfollow"))
-VERITY_CHECK = {"0": "none", "1": "if-present", "2": "require"}
+VERITY_CHECK = dict(zip("012", VERITY_MODES, strict=True))  # the kernel module's verity_check=0|1|2
 WITH_VALUE = ("basedir", "digest", "upperdir", "workdir", "idmap", "verity_check")
 
 

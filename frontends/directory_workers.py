@@ -41,7 +41,7 @@ from collections.abc import Callable
 from cfsc.base import syscalls
 from cfsc.base.beneath import NotRegular, open_listed
 from cfsc.base.errors import CfscError, InputError, OutputError, StoreError
-from cfsc.base.fsverity import digest_bytes, fill, hash_fd
+from cfsc.base.fsverity import digest_bytes, fill, hash_fd, write_all
 from cfsc.base.limits import INLINE_MAX
 from cfsc.base.tree import S_IFMT, S_IFREG
 from cfsc.store.objects import SourceChanged
@@ -373,6 +373,4 @@ def _serve(sock: socket.socket, out: int, reader: FileReader) -> None:
             for fd in fds:
                 os.close(fd)
         data = marshal.dumps((batch_id, results))
-        frame = memoryview(_LENGTH.pack(len(data)) + data)
-        while frame:
-            frame = frame[os.write(out, frame):]
+        write_all(out, _LENGTH.pack(len(data)) + data)

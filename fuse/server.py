@@ -292,7 +292,7 @@ class Server:
             nid = node.nid
             t = node.mtime
             ns = node.mtime_nsec
-            size = node.size  # st_blocks: `Node.blocks`, spelled out (once per node)
+            size = node.size  # st_blocks below: 512-byte units of whole 4 KiB blocks
             w = node.wire = _pack_entry(
                 P.ROOT_ID if nid == self._root_nid else nid + 2, 0, TTL, TTL, 0, 0,
                 nid, size, (size + 4095) >> 12 << 3, t, t, t, ns, ns, ns, node.mode, node.nlink,

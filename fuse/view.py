@@ -82,10 +82,6 @@ class Node:
                  "xattrs", "trusted", "target", "content", "external", "payload", "digest",
                  "broken", "parent", "name", "wire")
 
-    @property
-    def blocks(self) -> int:
-        return (self.size + BLOCK_SIZE - 1) // BLOCK_SIZE * (BLOCK_SIZE // 512)
-
     def __repr__(self) -> str:
         return f"<Node nid={self.nid} mode={self.mode:o} size={self.size}>"
 

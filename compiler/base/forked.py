@@ -22,8 +22,11 @@ import os
 import sys
 from collections.abc import Callable
 
-# (pickle, signal, threading and fcntl are imported where they are used: only a large input
+from cfsc.base.fsverity import write_all
+
+# (pickle and fcntl are imported where they are used: only a large input
 # gets this far, and `cfsc compile` of a small one should not pay for them at start-up)
+SIGKILL = 9  # signal.SIGKILL, without importing signal (start-up)
 F_SETPIPE_SZ = 1031  # fcntl.F_SETPIPE_SZ, Linux
 PIPE_SIZE = 4 << 20
 
@@ -92,9 +95,7 @@ class Child:
                     status = 0
                 except BaseException as e:  # noqa: BLE001 -- every error goes to the parent
                     message = b"\1" + _pickled(e)
-                view = memoryview(message)
-                while view:
-                    view = view[os.write(write_end, view):]
+                write_all(write_end, message)
             finally:
                 os._exit(status)  # no atexit handlers, no flushing of buffers copied from the parent
         os.close(write_end)
@@ -103,17 +104,11 @@ class Child:
 
     def join(self) -> bytes:
         """Wait for the child; its result, or its error raised here."""
-        pieces = []
         with open(self.pipe, "rb", closefd=True) as f:
             self.pipe = -1
-            while True:
-                piece = f.read(1 << 20)
-                if not piece:
-                    break
-                pieces.append(piece)
+            message = f.read()
         _pid, status = os.waitpid(self.pid, 0)
         self.pid = 0
-        message = b"".join(pieces)
         if message[:1] == b"\1":
             import pickle
 
@@ -129,7 +124,7 @@ class Child:
 
     def __exit__(self, *exc: object) -> None:
         if self.pid:
-            os.kill(self.pid, 9)  # SIGKILL
+            os.kill(self.pid, SIGKILL)
             os.waitpid(self.pid, 0)
             self.pid = 0
         if self.pipe >= 0:
@@ -170,9 +165,8 @@ class Feeder:
                 os.close(read_end)
 
                 def send(message: bytes) -> None:
-                    view = memoryview(len(message).to_bytes(8, "little") + message)
-                    while view:
-                        view = view[os.write(write_end, view):]
+                    write_all(write_end, len(message).to_bytes(8, "little"))
+                    write_all(write_end, message)  # (not concatenated: a batch is megabytes)
 
                 work(send)
                 status = 0
@@ -198,8 +192,7 @@ class Feeder:
 
     def close(self) -> None:
         if self.pid:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.pid, 9)  # SIGKILL
+            os.kill(self.pid, SIGKILL)  # (an unreaped child is still there to kill)
             os.waitpid(self.pid, 0)
             self.pid = 0
         if self.stream is not None:
