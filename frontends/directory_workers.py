@@ -137,10 +137,7 @@ class FileReader:
             # Exactly `size` bytes, in one read as a rule: a file that grew or shrank meanwhile
             # shows in the `fstat` after (its size or mtime), a shorter read here too.
             data = memoryview(buf)[:size]
-            got = os.readv(fd, [data])
-            if 0 < got < size:
-                got += fill(fd, data[got:])
-            if got != size:
+            if fill(fd, data) != size:
                 raise Refused("changed", "modified (its size changed)")
             digest = digest_bytes(data, self.algorithm)
             if size <= INLINE_MAX:
