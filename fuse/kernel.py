@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import contextlib
 import os
 import stat
 import struct
@@ -400,5 +401,8 @@ def overlay_fuse(image_path: str, mountpoint: str, options) -> None:
             unmount(lower, lazy=True)
             raise
         syscalls.umount2(lower, syscalls.MNT_DETACH)
-    finally:
-        os.rmdir(lower)
+    except BaseException:
+        with contextlib.suppress(OSError):  # (busy if it is still mounted: the first error is the one to see)
+            os.rmdir(lower)
+        raise
+    os.rmdir(lower)

@@ -155,6 +155,30 @@ def test_child_errors_are_raised_again_in_the_parent():
     assert (caught.value.line, caught.value.field) == (7, "SIZE")
 
 
+def test_a_child_error_that_cannot_be_pickled_keeps_its_class_name_and_message():
+    class Local(Exception):  # (a local class: pickle cannot name it)
+        pass
+
+    def fails():
+        raise Local("no such thing")
+
+    with forked.Child(fails) as child, pytest.raises(RuntimeError, match="^Local: no such thing$"):
+        child.join()
+
+
+def test_outputs_a_child_cannot_write_into_are_written_sequentially(tmp_path):
+    """split=True on an output opened for appending, or not a file: the sequential bytes."""
+    tree = run_passes(dumpfile.loads(synthetic_dump(2000), Options()), Options())
+    sequential = io.BytesIO()
+    write_image(tree, sequential, split=False)
+    buffer = io.BytesIO()
+    write_image(tree, buffer, split=True)
+    assert buffer.getvalue() == sequential.getvalue()
+    with open(tmp_path / "out.cfs", "ab") as f:
+        write_image(tree, f, split=True)
+    assert (tmp_path / "out.cfs").read_bytes() == sequential.getvalue()
+
+
 def test_a_child_that_dies_is_an_error_and_a_result_comes_back_whole():
     with forked.Child(lambda: os._exit(3)) as child, pytest.raises(ChildProcessError, match="status 3"):
         child.join()
