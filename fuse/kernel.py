@@ -21,9 +21,9 @@ overlayfs stacks on it, so the whole tree shows the user namespace's mapping, as
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
-import contextlib
 import os
 import stat
 import struct
