@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import marshal
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -21,7 +20,7 @@ from pathlib import Path
 
 import pytest
 from cfsc.base import syscalls
-from cfsc.base.errors import CfscError, InputError, OutputError
+from cfsc.base.errors import CfscError, InputError
 from cfsc.base.options import Options
 from cfsc.build import compile_image
 from cfsc.frontends import directory, directory_workers

@@ -64,14 +64,23 @@ def open_lock(root: int, where: str, create: bool = True) -> int:
                 return -1
             raise OutputError(f"cannot create the store's lock file: {e.strerror}", path) from None
     except OSError as e:
-        if e.errno == errno.ELOOP:
-            raise StoreError("symlink where the store's lock file belongs: expected a regular file", path) from None
+        # A symlink (ELOOP), a socket (ENXIO) …: the store's shape, named, not the system's refusal.
+        try:
+            mode = os.stat(LOCK_NAME, dir_fd=root, follow_symlinks=False).st_mode
+        except OSError:
+            mode = stat.S_IFREG
+        if not stat.S_ISREG(mode):
+            raise _not_regular(mode, path) from None
         raise OutputError(f"cannot open the store's lock file: {e.strerror}", path) from None
     mode = os.fstat(fd).st_mode
     if not stat.S_ISREG(mode):
         os.close(fd)
-        raise StoreError(f"{beneath.kind(mode)} where the store's lock file belongs: expected a regular file", path)
+        raise _not_regular(mode, path)
     return fd
+
+
+def _not_regular(mode: int, path: str) -> StoreError:
+    return StoreError(f"{beneath.kind(mode)} where the store's lock file belongs: expected a regular file", path)
 
 
 def lease(root: int, where: str) -> int:
