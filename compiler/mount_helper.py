@@ -225,8 +225,7 @@ def describe(req: Request) -> str:
         parts.append(f"upper {o.upperdir} (work {o.workdir})")
     if o.idmap:
         parts.append(f"ID-mapped by {o.idmap}")
-    writable = o.upperdir is not None and o.readonly is not True
-    parts.append("read-write" if writable else "read-only")
+    parts.append("read-only" if o.read_only() else "read-write")
     parts.extend(o.attrs)
     return f"{req.image} on {req.mountpoint}: composefs (EROFS + overlayfs), {', '.join(parts)}"
 

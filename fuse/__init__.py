@@ -53,6 +53,11 @@ class MountOptions:
     try_verity: bool = False  # `verity` require where the kernel's overlayfs can, else no checks
     attrs: tuple[str, ...] = ()  # per-mount flags: nosuid nodev noexec noatime nodiratime relatime strictatime
 
+    def read_only(self) -> bool:
+        """The one rule: `ro` asked for, or no upper directory (overlayfs without one cannot
+        be written, so it is flagged read-only even when `rw` was asked for)."""
+        return self.readonly is True or self.upperdir is None
+
 
 def parse_digest(text: str) -> bytes:
     try:

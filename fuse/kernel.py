@@ -83,7 +83,7 @@ class _Plan:
         self.verity = VERITY[options.verity]
         # tryverity: ask for the checks, take a kernel that cannot make them as it is
         self.require = options.verity == VERITY_REQUIRED and not options.try_verity
-        self.readonly = options.readonly if options.readonly is not None else self.upperdir is None
+        self.readonly = options.read_only()
         self.attrs = tuple(options.attrs)
 
     def flags(self, which: int) -> int:
