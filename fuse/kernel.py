@@ -297,10 +297,19 @@ def _mount_overlay_legacy(mountpoint: str, plan: _Plan) -> None:
     options = "metacopy=on,redirect_dir=on,lowerdir=" + "::".join(_escape(d) for d in [plan.lower, *plan.basedirs])
     if plan.upperdir is not None:
         options += f",upperdir={_escape(plan.upperdir)},workdir={_escape(plan.workdir)}"
-    if plan.verity is not None:
-        options += f",verity={plan.verity}"
     try:
-        syscalls.mount(SOURCE, mountpoint, "overlay", plan.flags(1), options)
+        if plan.verity is None:
+            syscalls.mount(SOURCE, mountpoint, "overlay", plan.flags(1), options)
+            return
+        try:
+            syscalls.mount(SOURCE, mountpoint, "overlay", plan.flags(1), f"{options},verity={plan.verity}")
+        except OSError as e:
+            # overlayfs before 6.6 has no verity= (6.5 brought the data-only layers) and refuses
+            # the whole string (EINVAL): checks asked for only where the kernel can make them
+            # (tryverity; if-present, as the fsconfig way takes it) go without
+            if e.errno != errno.EINVAL or plan.require:
+                raise
+            syscalls.mount(SOURCE, mountpoint, "overlay", plan.flags(1), options)
     except OSError as e:
         raise MountError(f"cannot mount overlayfs: {e.strerror}", mountpoint) from None
 
