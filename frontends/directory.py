@@ -164,7 +164,11 @@ class _Scanner:
                 if self.store is not None:
                     self.store.hold()  # the workers share this process's lease
                 reader = FileReader(self.algorithm, self.options, self.store, WHOLE_READ)
-                self.workers = Workers(self.threads, reader)
+                try:
+                    self.workers = Workers(self.threads, reader)
+                except OSError:
+                    pass  # no process to be had (a process limit, no memory to copy this one): threads
+            if self.workers is not None:
                 root = self.inode(os.fstat(fd))
                 self.walk(fd, root)
                 self.flush()

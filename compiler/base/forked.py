@@ -76,16 +76,29 @@ class Child:
 
     Use as a context manager: leaving the block early (the parent's own half failed) kills
     and reaps the child, so no process outlives the job nor keeps writing to its output.
+    Where no child can be forked (a process limit, no memory to copy this process), `work()`
+    runs here and now, and `join()` gives its result or error all the same.
     """
 
-    __slots__ = ("pid", "pipe")
+    __slots__ = ("pid", "pipe", "done")
 
     def __init__(self, work: Callable[[], bytes | None]) -> None:
         for stream in (sys.stdout, sys.stderr):  # (the child must not write the parent's buffers again)
             if stream is not None:
                 stream.flush()
+        self.done: tuple | None = None
         read_end, write_end = os.pipe()
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError:
+            os.close(read_end)
+            os.close(write_end)
+            self.pid, self.pipe = 0, -1
+            try:
+                self.done = (work() or b"", None)
+            except Exception as e:  # (raised by join(), where a child's error is)
+                self.done = (b"", e)
+            return
         if pid == 0:  # the child: never returns to the caller's code
             status = 1
             try:
@@ -104,6 +117,11 @@ class Child:
 
     def join(self) -> bytes:
         """Wait for the child; its result, or its error raised here."""
+        if self.done is not None:
+            result, error = self.done
+            if error is not None:
+                raise error
+            return result
         with open(self.pipe, "rb", closefd=True) as f:
             self.pipe = -1
             message = f.read()
@@ -158,7 +176,13 @@ class Feeder:
 
         with contextlib.suppress(OSError):  # a larger pipe lets the child run a few messages ahead
             fcntl.fcntl(write_end, F_SETPIPE_SZ, PIPE_SIZE)
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError:  # no child to be had: as one that ended at once (the parent does it all)
+            os.close(read_end)
+            os.close(write_end)
+            self.pid, self.stream = 0, None
+            return
         if pid == 0:
             status = 1
             try:

@@ -78,6 +78,11 @@ def guarded(func, *a, **kw) -> int | None:
         return 1
     except OSError as e:
         return report(e, 1)
+    except RuntimeError as e:
+        if str(e) != "can't start new thread":  # (threading's words for pthread_create failing)
+            raise
+        return report(CfscError("cannot start a thread: a limit on processes and threads (ulimit -u, a cgroup's"
+                                " pids.max) or on memory is reached"), 1)
 
 
 def command(*args, **kwargs):
