@@ -74,6 +74,9 @@ class FileReader:
 
     def __init__(self, algorithm, options, store, whole_read: int) -> None:
         self.algorithm = algorithm
+        # hashlib (OpenSSL set up, ~5 ms) imported here, before the fork: else every worker
+        # imported it again before its first digest.
+        algorithm.new  # noqa: B018
         self.read_xattrs = not options.skip_xattrs
         self.user_xattrs = options.user_xattrs
         self.hardlinks = options.hardlinks
