@@ -421,6 +421,7 @@ class _Scanner:
     def fill_in(self, batch: list, results: list, use_epoch: bool, hardlinks: bool, store: Store | None,
                 cache: dict, multi: list) -> None:
         """One answered batch: each file's inode filled in, its staged object adopted."""
+        reused = []  # digests the workers found in the store: `Store.found` takes them at once
         for i, result in enumerate(results):
             try:
                 node, parent, name, path = batch[i]
@@ -444,11 +445,13 @@ class _Scanner:
                     if staged is not None:
                         store.adopt(*staged, digest, size)
                     elif found:
-                        store.found(digest)
+                        reused.append(digest)
                 self.bytes_done += size
             except BaseException:
                 self.unread(results[i + 1:])  # nobody adopts these now
                 raise
+        if reused:
+            store.found(reused)
         self.files_done += len(batch)
 
     def unread(self, results: list) -> None:

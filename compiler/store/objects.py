@@ -71,6 +71,7 @@ adopts them (`adopt`, `found`), so the rules above hold as for objects imported 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
@@ -351,13 +352,15 @@ class Store:
             return
         self._queue(name, digest, dev, ino, size)
 
-    def found(self, digest: bytes) -> None:
-        """In the main process: a worker found `digest` in the store."""
-        if digest not in self._present:
+    def found(self, digests: list[bytes]) -> None:
+        """In the main process: the workers found these digests in the store (a batch's at
+        once: one lock taken, not one per file)."""
+        if digests:
             self._root_fd(create=False)  # this process holds the lease from now on
             with self._lock:
-                self._present.add(digest)
-                self._reused.add(digest)
+                new = set(digests).difference(self._present)
+                self._present |= new
+                self._reused |= new
 
     def discard_staged(self, name: str) -> None:
         """In the main process, failing: remove a temp file a worker staged and nobody adopted."""
@@ -441,9 +444,9 @@ class Store:
                 name = p.digest[1:].hex()
                 if self._link(p, fan, name):
                     named.append((fan, name, p))
-            for digest in reused:
-                if self._lookup(digest) is None:
-                    raise self._vanished(digest)
+            gone = self._missing(reused)
+            if gone is not None:
+                raise self._vanished(gone)
         except BaseException:
             for fan, name, p in reversed(named):
                 _unname(fan, name, p.dev, p.ino)
@@ -590,6 +593,25 @@ class Store:
             raise StoreError(f"{beneath.kind(st.st_mode)} where a store object belongs: expected a regular file"
                              " (remove it)", self.path_of(digest))
         return st
+
+    def _missing(self, digests: Iterable[bytes]) -> bytes | None:
+        """A digest among `digests` whose object is not in the store (None: all are there).
+        Per fan-out directory, a listing (~0.2 µs an entry) where that is cheaper than a
+        lookup of each (`_lookup`, ~3 µs): only a name listed as a regular file is taken as
+        there; any other is looked up, so `_lookup` decides (and raises) as it would alone."""
+        by_fan: dict[int, list[bytes]] = {}
+        for digest in digests:
+            by_fan.setdefault(digest[0], []).append(digest)
+        for first, group in by_fan.items():
+            fan = self._fan(first, create=False)
+            listed: set[str] = set()
+            if fan is not None and os.fstat(fan).st_size <= 1024 * len(group):  # ~14 entries a KiB
+                with contextlib.suppress(OSError):
+                    listed = {e.name for e in os.scandir(fan) if e.is_file(follow_symlinks=False)}
+            for digest in group:
+                if digest[1:].hex() not in listed and self._lookup(digest) is None:
+                    return digest
+        return None
 
     def _copy(self, src: int, temp: _Temp, where: str) -> tuple[bytes, int]:
         """Copy `src` into the temp file; return the digest and size of what it now holds."""
