@@ -63,12 +63,13 @@ def test_print_digest_imports_hashlib_and_no_more(tmp_path):
 
 def test_compiling_a_directory_loads_no_cli_framework_nor_dataclasses(tmp_path):
     """Hashing in worker processes (the default in a process without other threads), it loads
-    no thread pool either: concurrent.futures brings logging and with it tokenize."""
+    no thread pool either (concurrent.futures brings logging and with it tokenize), nor the
+    `socket` module (its enums and `selectors`: the workers use `_socket` alone)."""
     (tmp_path / "src").mkdir()
     (tmp_path / "src" / "file").write_bytes(b"x" * 100)
     code, modules, stderr = loaded_by(["compile", str(tmp_path / "src"), "-o", str(tmp_path / "d.cfs")])
     assert code == 0, stderr
-    assert unwanted(modules, NEVER + ("concurrent.futures", "logging", "tokenize")) == []
+    assert unwanted(modules, NEVER + ("concurrent.futures", "logging", "tokenize", "socket", "selectors")) == []
 
 
 def test_directory_workers_inherit_hashlib_from_the_main_process(tmp_path):
