@@ -83,7 +83,7 @@ from collections.abc import Callable, Iterable
 from cfsc.base import beneath, syscalls
 from cfsc.base.errors import CfscError, InputError, OutputError, StoreError
 from cfsc.base.fsverity import SHA256, FsVerityAlgorithm, FsVerityHasher, algorithm_named, hash_fd, payload_path
-from cfsc.store.filecopy import copy_range, rename_noreplace, write_all
+from cfsc.store.filecopy import copy_plain, copy_range, rename_noreplace, write_all
 from cfsc.store.locks import flock, lease
 from cfsc.store.tempfiles import TEMP_PREFIX
 from cfsc.store.tempfiles import Temp as _Temp
@@ -194,10 +194,7 @@ class Store:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.commit()
-        else:
-            self.close()
+        self.commit() if exc_type is None else self.close()
 
     def expects_new(self) -> bool:
         """Recent imports mostly found nothing to reuse.  Then copying a file first and hashing
@@ -353,8 +350,7 @@ class Store:
         self._queue(name, digest, dev, ino, size)
 
     def found(self, digests: list[bytes]) -> None:
-        """In the main process: the workers found these digests in the store (a batch's at
-        once: one lock taken, not one per file)."""
+        """In the main process: the workers found these digests in the store (a batch's)."""
         if digests:
             self._root_fd(create=False)  # this process holds the lease from now on
             with self._lock:
@@ -596,9 +592,8 @@ class Store:
 
     def _missing(self, digests: Iterable[bytes]) -> bytes | None:
         """A digest among `digests` whose object is not in the store (None: all are there).
-        Per fan-out directory, a listing (~0.2 µs an entry) where that is cheaper than a
-        lookup of each (`_lookup`, ~3 µs): only a name listed as a regular file is taken as
-        there; any other is looked up, so `_lookup` decides (and raises) as it would alone."""
+        A fan-out directory is listed (~0.2 µs an entry) where that is cheaper than a lookup
+        of each (~3 µs); a name not listed as a regular file is looked up: `_lookup` decides."""
         by_fan: dict[int, list[bytes]] = {}
         for digest in digests:
             by_fan.setdefault(digest[0], []).append(digest)
@@ -606,7 +601,7 @@ class Store:
             fan = self._fan(first, create=False)
             listed: set[str] = set()
             if fan is not None and os.fstat(fan).st_size <= 1024 * len(group):  # ~14 entries a KiB
-                with contextlib.suppress(OSError):
+                with contextlib.suppress(OSError):  # (then each is looked up)
                     listed = {e.name for e in os.scandir(fan) if e.is_file(follow_symlinks=False)}
             for digest in group:
                 if digest[1:].hex() not in listed and self._lookup(digest) is None:
@@ -631,7 +626,7 @@ class Store:
                     return hash_fd(out, 0, algorithm=self.algorithm)
                 if copied is None:
                     self.copy_range = False
-            return _copy_plain(src, out, self.algorithm)
+            return copy_plain(src, out, self.algorithm)
         except OSError as e:
             if e.errno in _STORE_FULL:
                 raise OutputError(f"cannot write a store object: {e.strerror}", self.root) from None
@@ -801,8 +796,3 @@ def _unname(fan: int, name: str, dev: int, ino: int) -> None:
     except OSError:
         pass
 
-
-def _copy_plain(src: int, out: int, algorithm: FsVerityAlgorithm) -> tuple[bytes, int]:
-    os.ftruncate(out, 0)
-    os.lseek(out, 0, os.SEEK_SET)
-    return hash_fd(src, 0, out, algorithm)
