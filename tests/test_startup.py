@@ -61,13 +61,17 @@ def test_print_digest_imports_hashlib_and_no_more(tmp_path):
     assert unwanted(modules, tuple(m for m in FOR_DUMPFILES if m not in ("hashlib", "_hashlib"))) == []
 
 
-def test_compiling_a_directory_loads_no_cli_framework_nor_dataclasses(tmp_path):
+@pytest.mark.parametrize("store", [[], ["--digest-store", "{store}", "--threads", "2", "--hash=sha256"]],
+                         ids=["no-store", "store"])
+def test_compiling_a_directory_loads_no_cli_framework_nor_dataclasses(tmp_path, store):
     """Hashing in worker processes (the default in a process without other threads), it loads
     no thread pool either (concurrent.futures brings logging and with it tokenize), nor the
-    `socket` module (its enums and `selectors`: the workers use `_socket` alone)."""
+    `socket` module (its enums and `selectors`: the workers use `_socket` alone).  Into a
+    store too: `--digest-store`, `--threads` and `--hash` need no typer."""
     (tmp_path / "src").mkdir()
     (tmp_path / "src" / "file").write_bytes(b"x" * 100)
-    code, modules, stderr = loaded_by(["compile", str(tmp_path / "src"), "-o", str(tmp_path / "d.cfs")])
+    args = ["compile", str(tmp_path / "src"), "-o", str(tmp_path / "d.cfs")]
+    code, modules, stderr = loaded_by(args + [a.format(store=tmp_path / "store") for a in store])
     assert code == 0, stderr
     assert unwanted(modules, NEVER + ("concurrent.futures", "logging", "tokenize", "socket", "selectors")) == []
 
