@@ -29,7 +29,7 @@ them.  That decides the design:
   directory, held while names are made (or unmade) — so a name one commit makes and then
   takes back is never the one another commit finds (EEXIST) and relies on.  An object a run
   found in the store while it read its source (and so did not import) is checked again under
-  that lock (an `fstatat` each, or one listing of a fan-out most of whose objects it found):
+  that lock (an `fstatat` each, or one listing of a fan-out where it found many of them):
   if it has gone meanwhile (a concurrent import that failed took it back, or someone removed
   it), the run fails rather than write an image that refers to nothing.
 * Durability is batched: a `syncfs` every `SYNC_BYTES`/`SYNC_OBJECTS` imported (so the disk
