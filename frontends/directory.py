@@ -39,7 +39,6 @@ import errno
 import os
 import sys
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor
 
 from cfsc.base.beneath import NotRegular, open_listed
 from cfsc.base.errors import CfscError, InputError, UsageError
@@ -50,6 +49,10 @@ from cfsc.base.progress import Progress, mib
 from cfsc.base.tree import S_IFBLK, S_IFCHR, S_IFDIR, S_IFLNK, S_IFMT, S_IFREG, Inode, Tree
 from cfsc.frontends.directory_workers import FileReader, Refused, WorkerDied, Workers, read_xattrs, refusal
 from cfsc.store.objects import Store, loaded, open_store
+
+TYPE_CHECKING = False  # typing's, without importing typing (start-up); type checkers read it as True
+if TYPE_CHECKING:  # concurrent.futures (with logging, traceback, tokenize) is imported for the thread pool only
+    from concurrent.futures import Future
 
 O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 U32 = 0xFFFFFFFF
@@ -176,6 +179,8 @@ class _Scanner:
                     self.take(block=True)
                 self.workers.close(self.unread)
             else:
+                from concurrent.futures import ThreadPoolExecutor
+
                 pool = self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="cfsc-read")
                 with short_gil_switches():  # the workers' hashing overlaps the scan
                     root = self.inode(os.fstat(fd))
@@ -420,6 +425,7 @@ class _Scanner:
     def fill_in(self, batch: list, results: list, use_epoch: bool, hardlinks: bool, store: Store | None,
                 cache: dict, multi: list) -> None:
         """One answered batch: each file's inode filled in, its staged object adopted."""
+        reused = []  # digests the workers found in the store: `Store.found` takes them at once
         for i, result in enumerate(results):
             try:
                 node, parent, name, path = batch[i]
@@ -443,11 +449,13 @@ class _Scanner:
                     if staged is not None:
                         store.adopt(*staged, digest, size)
                     elif found:
-                        store.found(digest)
+                        reused.append(digest)
                 self.bytes_done += size
             except BaseException:
                 self.unread(results[i + 1:])  # nobody adopts these now
                 raise
+        if reused:
+            store.found(reused)
         self.files_done += len(batch)
 
     def unread(self, results: list) -> None:

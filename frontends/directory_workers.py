@@ -34,8 +34,8 @@ import marshal
 import os
 import select
 import signal
-import socket
 import struct
+from _socket import AF_UNIX, CMSG_LEN, MSG_CTRUNC, MSG_TRUNC, SCM_RIGHTS, SOCK_SEQPACKET, SOL_SOCKET, socketpair
 from collections.abc import Callable
 
 from cfsc.base import syscalls
@@ -51,6 +51,7 @@ MAX_REQUEST = 1 << 16  # bytes: a batch of names (each ≤ 255 bytes) stays far 
 MAX_FDS = 253  # SCM_MAX_FD
 PIPE_READ = 1 << 16  # a pipe's capacity; a bigger read would malloc (mmap) a buffer it cannot fill
 _LENGTH = struct.Struct("<I")
+_FDS_SPACE = CMSG_LEN(MAX_FDS * 4)  # room for MAX_FDS descriptors (C ints)
 # Errors a worker reports as (class name, what, where) and the main process raises again.
 _ERRORS = {cls.__name__: cls for cls in (CfscError, InputError, OutputError, StoreError)}
 
@@ -74,6 +75,9 @@ class FileReader:
 
     def __init__(self, algorithm, options, store, whole_read: int) -> None:
         self.algorithm = algorithm
+        # hashlib (OpenSSL set up, ~5 ms) imported here, before the fork: else every worker
+        # imported it again before its first digest.
+        algorithm.new  # noqa: B018
         self.read_xattrs = not options.skip_xattrs
         self.user_xattrs = options.user_xattrs
         self.hardlinks = options.hardlinks
@@ -231,7 +235,7 @@ class WorkerDied(OSError):
 class _Worker:
     __slots__ = ("buf", "inflight", "pid", "pipe", "sock")
 
-    def __init__(self, pid: int, sock: socket.socket, pipe: int) -> None:
+    def __init__(self, pid: int, sock, pipe: int) -> None:
         self.pid = pid
         self.sock = sock  # requests
         self.pipe = pipe  # replies (read end)
@@ -254,7 +258,7 @@ class Workers:
             raise
 
     def _fork(self, reader: FileReader) -> _Worker:
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        ours, theirs = socketpair(AF_UNIX, SOCK_SEQPACKET)
         rd, wr = os.pipe()
         parent = os.getpid()
         try:
@@ -294,7 +298,7 @@ class Workers:
     def send(self, w: _Worker, batch_id: int, fds: list[int], items: list) -> None:
         data = marshal.dumps((batch_id, items))
         try:
-            socket.send_fds(w.sock, [data], fds)
+            w.sock.sendmsg([data], [(SOL_SOCKET, SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))])
         except OSError as e:
             raise WorkerDied(e.errno, e.strerror) from None
         w.inflight += 1
@@ -355,14 +359,14 @@ class Workers:
         self.workers = []
 
 
-def _serve(sock: socket.socket, out: int, reader: FileReader) -> None:
+def _serve(sock, out: int, reader: FileReader) -> None:
     """A worker's loop: batches in, results out, until the request socket's EOF."""
     while True:
-        msg, fds, flags, _addr = socket.recv_fds(sock, MAX_REQUEST, MAX_FDS)
+        msg, fds, flags = _receive(sock)
         if not msg:
             return
         try:
-            if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+            if flags & (MSG_TRUNC | MSG_CTRUNC):
                 raise OSError(errno.EMSGSIZE, "a request was cut short")
             batch_id, items = marshal.loads(msg)
             results = reader.batch(fds, items)
@@ -371,3 +375,15 @@ def _serve(sock: socket.socket, out: int, reader: FileReader) -> None:
                 os.close(fd)
         data = marshal.dumps((batch_id, results))
         write_all(out, _LENGTH.pack(len(data)) + data)
+
+
+def _receive(sock) -> tuple[bytes, list[int], int]:
+    """A request: its bytes, the descriptors attached (SCM_RIGHTS), recvmsg's flags.  (As
+    `socket.recv_fds`: the `socket` module itself, with its enums and `selectors`, is ~3 ms
+    of every directory compile's start-up, and only `_socket`'s calls are used.)"""
+    msg, ancdata, flags, _addr = sock.recvmsg(MAX_REQUEST, _FDS_SPACE)
+    fds: list[int] = []
+    for level, kind, data in ancdata:
+        if level == SOL_SOCKET and kind == SCM_RIGHTS:
+            fds += struct.unpack(f"{len(data) // 4}i", data[:len(data) - len(data) % 4])
+    return msg, fds, flags

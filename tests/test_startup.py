@@ -61,13 +61,33 @@ def test_print_digest_imports_hashlib_and_no_more(tmp_path):
     assert unwanted(modules, tuple(m for m in FOR_DUMPFILES if m not in ("hashlib", "_hashlib"))) == []
 
 
-def test_compiling_a_directory_loads_no_cli_framework_nor_dataclasses(tmp_path):
-    """(Its thread pool, concurrent.futures, brings logging and with it tokenize.)"""
+@pytest.mark.parametrize("store", [[], ["--digest-store", "{store}", "--threads", "2", "--hash=sha256"]],
+                         ids=["no-store", "store"])
+def test_compiling_a_directory_loads_no_cli_framework_nor_dataclasses(tmp_path, store):
+    """Hashing in worker processes (the default in a process without other threads), it loads
+    no thread pool either (concurrent.futures brings logging and with it tokenize), nor the
+    `socket` module (its enums and `selectors`: the workers use `_socket` alone).  Into a
+    store too: `--digest-store`, `--threads` and `--hash` need no typer."""
     (tmp_path / "src").mkdir()
     (tmp_path / "src" / "file").write_bytes(b"x" * 100)
-    code, modules, stderr = loaded_by(["compile", str(tmp_path / "src"), "-o", str(tmp_path / "d.cfs")])
+    args = ["compile", str(tmp_path / "src"), "-o", str(tmp_path / "d.cfs")]
+    code, modules, stderr = loaded_by(args + [a.format(store=tmp_path / "store") for a in store])
     assert code == 0, stderr
-    assert unwanted(modules, NEVER) == []
+    assert unwanted(modules, NEVER + ("concurrent.futures", "logging", "tokenize", "socket", "selectors")) == []
+
+
+def test_directory_workers_inherit_hashlib_from_the_main_process(tmp_path):
+    """hashlib (and OpenSSL's set-up) is imported once, before the workers are forked, not
+    again in each of them before its first digest.  `-X importtime` lines come from every
+    process: the workers write to the same stderr."""
+    (tmp_path / "src").mkdir()
+    for i in range(40):
+        (tmp_path / "src" / f"f{i}").write_bytes(b"x" * (100 + i))
+    p = subprocess.run([sys.executable, "-X", "importtime", "-m", "cfsc", "compile", str(tmp_path / "src"),
+                        "--threads", "2", "-o", str(tmp_path / "d.cfs")], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    imports = [line.rsplit("|", 1)[-1].strip() for line in p.stderr.splitlines() if line.startswith("import time:")]
+    assert imports.count("_hashlib") == 1
 
 
 def test_xz_errors_are_read_errors_with_lzma_imported_late(tmp_path):

@@ -422,3 +422,57 @@ def test_an_object_found_in_the_store_and_gone_at_the_commit_fails_the_run(tmp_p
         s.commit()
     assert str(e.value).startswith(f"{store}/{name_of(data)}: this run found the object in the store, and it is gone")
     assert state(store) == {} and not leftovers(store)
+
+
+def test_the_commit_check_by_listing_agrees_with_a_lookup_of_each_object(tmp_path):
+    """`Store._missing` takes a name listed as a regular file as there (a fan-out whose
+    objects are mostly checked is listed once) and looks up every other one (`_lookup`, the
+    reference): so an absent object is reported, and a directory, symlink or FIFO under an
+    object's name is the same StoreError as a lookup raises."""
+    store = tmp_path / "store"
+    with Store(store) as s:
+        s.import_bytes(b"x" * 100, digest_bytes(b"x" * 100))
+    for fan in ("ab", "cd"):
+        (store / fan).mkdir(exist_ok=True)
+    present = [bytes([0xAB]) + os.urandom(31) for _ in range(60)] + [bytes([0xCD]) + os.urandom(31)]
+    for d in present:
+        (store / payload_path(d).decode()).write_bytes(b"object")
+    absent = [bytes([0xAB]) + os.urandom(31), bytes([0xCD]) + os.urandom(31), bytes([0xEF]) + os.urandom(31)]
+    odd = [bytes([0xAB]) + os.urandom(31) for _ in range(3)]
+    (store / payload_path(odd[0]).decode()).mkdir()
+    (store / payload_path(odd[1]).decode()).symlink_to(store / payload_path(present[0]).decode())
+    os.mkfifo(store / payload_path(odd[2]).decode())
+    s = Store(store)
+    try:
+        assert os.stat(store / "ab").st_size <= 1024 * 60  # the "ab" group is checked by listing it
+        assert s._missing(present) is None and all(s._lookup(d) is not None for d in present)
+        for d in absent:
+            assert s._lookup(d) is None and s._missing([*present, d]) == d
+        for d in odd:
+            with pytest.raises(StoreError) as reference:
+                s._lookup(d)
+            with pytest.raises(StoreError) as listed:
+                s._missing([*present, d])
+            assert str(listed.value) == str(reference.value)
+    finally:
+        s.close()
+
+
+def test_an_object_gone_from_a_listed_fanout_fails_the_commit(tmp_path):
+    """The same check as above, on a store where every fan-out holds many of the objects a
+    run found there (so each is listed, not looked up object by object)."""
+    store = tmp_path / "store"
+    blobs = [b"%06d" % i * 20 for i in range(3000)]
+    with Store(store) as s:
+        for b in blobs:
+            s.import_bytes(b, digest_bytes(b))
+    s = Store(store)
+    for b in blobs:
+        s.import_bytes(b, digest_bytes(b))  # found: not imported
+    gone = blobs[1234]
+    fan = name_of(gone)[:2]
+    assert os.stat(store / fan).st_size <= 1024 * sum(name_of(b).startswith(fan) for b in blobs)
+    os.unlink(store / name_of(gone))
+    with pytest.raises(OutputError) as e:
+        s.commit()
+    assert str(e.value).startswith(f"{store}/{name_of(gone)}: this run found the object in the store, and it is gone")

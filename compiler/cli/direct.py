@@ -17,11 +17,20 @@ import sys
 
 from cfsc import build
 from cfsc.base.errors import UsageError
+from cfsc.base.fsverity import ALGORITHMS
 from cfsc.base.options import Options
 from cfsc.cli import digest_line, guarded
 from cfsc.cli.getopt import getopt_long, strtol
 
 OUTPUT_FLAGS = ("-o", "--output", "--out")
+# The options of a store import (`compile DIR -o IMAGE --digest-store S`: typer is ~50 ms of
+# such a run), each with the values taken here; any other (`--threads 0`, `--hash md5`, a value
+# that looks like a flag) is typer's to parse and to refuse with its own message.
+STORE_FLAGS = {
+    "--digest-store": lambda v: v[:1] not in ("", "-"),
+    "--threads": lambda v: v.isascii() and v.isdigit() and int(v) >= 1,
+    "--hash": lambda v: v in ALGORITHMS,
+}
 
 
 def run(args: list[str]) -> int | None:
@@ -31,8 +40,8 @@ def run(args: list[str]) -> int | None:
         parsed = _compile_arguments(rest)
         if parsed is None:
             return None
-        sources, output, print_digest, print_digest_only = parsed
-        code = guarded(compile_sources, sources, output, Options(), None, print_digest, print_digest_only)
+        sources, output, print_digest, print_digest_only, options = parsed
+        code = guarded(compile_sources, sources, output, options, None, print_digest, print_digest_only)
     elif verb == "mkcomposefs" and "--" not in rest:  # (click would take the `--` away)
         code = guarded(mkcomposefs, rest)
     else:
@@ -40,15 +49,28 @@ def run(args: list[str]) -> int | None:
     return code or 0
 
 
-def _compile_arguments(args: list[str]) -> tuple[list[str], str | None, bool, bool] | None:
-    """Sources, output and the digest flags, or None when anything else is given (or twice)."""
+def _compile_arguments(args: list[str]) -> tuple[list[str], str | None, bool, bool, Options] | None:
+    """Sources, output, the digest flags and the options of a store import (`--digest-store
+    DIR`, `--threads N`, `--hash NAME`, with a value typer would take as it is), or None when
+    anything else is given (or twice)."""
     sources: list[str] = []
     output = None
     seen: set[str] = set()
+    valued: dict[str, str] = {}
     i = 0
     while i < len(args):
         arg = args[i]
-        if arg in OUTPUT_FLAGS or arg in ("--print-digest", "--print-digest-only"):
+        flag, eq, value = arg.partition("=")
+        if flag in STORE_FLAGS:
+            if not eq:
+                i += 1
+                if i == len(args):
+                    return None
+                value = args[i]
+            if flag in valued or not STORE_FLAGS[flag](value):
+                return None
+            valued[flag] = value
+        elif arg in OUTPUT_FLAGS or arg in ("--print-digest", "--print-digest-only"):
             key = "-o" if arg in OUTPUT_FLAGS else arg
             if key in seen:
                 return None
@@ -65,7 +87,14 @@ def _compile_arguments(args: list[str]) -> tuple[list[str], str | None, bool, bo
         i += 1
     if not sources:
         return None
-    return sources, output, "--print-digest" in seen, "--print-digest-only" in seen
+    options = Options()
+    if "--digest-store" in valued:
+        options.digest_store = valued["--digest-store"]
+    if "--threads" in valued:
+        options.threads = int(valued["--threads"])
+    if "--hash" in valued:
+        options.hash = valued["--hash"]
+    return sources, output, "--print-digest" in seen, "--print-digest-only" in seen, options
 
 
 def compile_sources(sources: list[str], output: str | None, options: Options, source_format: str | None,

@@ -29,9 +29,9 @@ them.  That decides the design:
   directory, held while names are made (or unmade) — so a name one commit makes and then
   takes back is never the one another commit finds (EEXIST) and relies on.  An object a run
   found in the store while it read its source (and so did not import) is checked again under
-  that lock (one `fstatat` each): if it has gone meanwhile (a concurrent import that failed
-  took it back, or someone removed it), the run fails rather than write an image that refers
-  to nothing.
+  that lock (an `fstatat` each, or one listing of a fan-out where it found many of them):
+  if it has gone meanwhile (a concurrent import that failed took it back, or someone removed
+  it), the run fails rather than write an image that refers to nothing.
 * Durability is batched: a `syncfs` every `SYNC_BYTES`/`SYNC_OBJECTS` imported (so the disk
   writes while the import goes on: one `syncfs` at the end, waiting for everything, made a
   200 MB tar import about a third slower) and one in `commit()`, instead of mkcomposefs' `fsync`
@@ -71,6 +71,7 @@ adopts them (`adopt`, `found`), so the rules above hold as for objects imported 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
@@ -82,7 +83,7 @@ from collections.abc import Callable, Iterable
 from cfsc.base import beneath, syscalls
 from cfsc.base.errors import CfscError, InputError, OutputError, StoreError
 from cfsc.base.fsverity import SHA256, FsVerityAlgorithm, FsVerityHasher, algorithm_named, hash_fd, payload_path
-from cfsc.store.filecopy import copy_range, rename_noreplace, write_all
+from cfsc.store.filecopy import copy_plain, copy_range, rename_noreplace, write_all
 from cfsc.store.locks import flock, lease
 from cfsc.store.tempfiles import TEMP_PREFIX
 from cfsc.store.tempfiles import Temp as _Temp
@@ -193,10 +194,7 @@ class Store:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.commit()
-        else:
-            self.close()
+        self.commit() if exc_type is None else self.close()
 
     def expects_new(self) -> bool:
         """Recent imports mostly found nothing to reuse.  Then copying a file first and hashing
@@ -351,13 +349,14 @@ class Store:
             return
         self._queue(name, digest, dev, ino, size)
 
-    def found(self, digest: bytes) -> None:
-        """In the main process: a worker found `digest` in the store."""
-        if digest not in self._present:
+    def found(self, digests: list[bytes]) -> None:
+        """In the main process: the workers found these digests in the store (a batch's)."""
+        if digests:
             self._root_fd(create=False)  # this process holds the lease from now on
             with self._lock:
-                self._present.add(digest)
-                self._reused.add(digest)
+                new = set(digests).difference(self._present)
+                self._present |= new
+                self._reused |= new
 
     def discard_staged(self, name: str) -> None:
         """In the main process, failing: remove a temp file a worker staged and nobody adopted."""
@@ -441,9 +440,9 @@ class Store:
                 name = p.digest[1:].hex()
                 if self._link(p, fan, name):
                     named.append((fan, name, p))
-            for digest in reused:
-                if self._lookup(digest) is None:
-                    raise self._vanished(digest)
+            gone = self._missing(reused)
+            if gone is not None:
+                raise self._vanished(gone)
         except BaseException:
             for fan, name, p in reversed(named):
                 _unname(fan, name, p.dev, p.ino)
@@ -591,6 +590,24 @@ class Store:
                              " (remove it)", self.path_of(digest))
         return st
 
+    def _missing(self, digests: Iterable[bytes]) -> bytes | None:
+        """A digest among `digests` whose object is not in the store (None: all are there).
+        A fan-out directory is listed (~0.2 µs an entry) where that is cheaper than a lookup
+        of each (~3 µs); a name not listed as a regular file is looked up: `_lookup` decides."""
+        by_fan: dict[int, list[bytes]] = {}
+        for digest in digests:
+            by_fan.setdefault(digest[0], []).append(digest)
+        for first, group in by_fan.items():
+            fan = self._fan(first, create=False)
+            listed: set[str] = set()
+            if fan is not None and os.fstat(fan).st_size <= 1024 * len(group):  # ~14 entries a KiB
+                with contextlib.suppress(OSError):  # (then each is looked up)
+                    listed = {e.name for e in os.scandir(fan) if e.is_file(follow_symlinks=False)}
+            for digest in group:
+                if digest[1:].hex() not in listed and self._lookup(digest) is None:
+                    return digest
+        return None
+
     def _copy(self, src: int, temp: _Temp, where: str) -> tuple[bytes, int]:
         """Copy `src` into the temp file; return the digest and size of what it now holds."""
         out = temp.fd
@@ -609,7 +626,7 @@ class Store:
                     return hash_fd(out, 0, algorithm=self.algorithm)
                 if copied is None:
                     self.copy_range = False
-            return _copy_plain(src, out, self.algorithm)
+            return copy_plain(src, out, self.algorithm)
         except OSError as e:
             if e.errno in _STORE_FULL:
                 raise OutputError(f"cannot write a store object: {e.strerror}", self.root) from None
@@ -779,8 +796,3 @@ def _unname(fan: int, name: str, dev: int, ino: int) -> None:
     except OSError:
         pass
 
-
-def _copy_plain(src: int, out: int, algorithm: FsVerityAlgorithm) -> tuple[bytes, int]:
-    os.ftruncate(out, 0)
-    os.lseek(out, 0, os.SEEK_SET)
-    return hash_fd(src, 0, out, algorithm)
