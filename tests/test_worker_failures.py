@@ -131,7 +131,7 @@ def test_a_request_cut_short_fails_the_run_and_leaves_nothing(tmp_path, monkeypa
     if cut == "data":
         monkeypatch.setattr(directory_workers, "MAX_REQUEST", 64)
     else:
-        monkeypatch.setattr(directory_workers, "MAX_FDS", 0)
+        monkeypatch.setattr(directory_workers, "_FDS_SPACE", 0)  # (MAX_FDS's room, made at import)
     monkeypatch.setattr(directory, "WORKERS", "processes")
     store = tmp_path / "store"
     before = children()
