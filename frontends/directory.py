@@ -196,6 +196,8 @@ class _Scanner:
                 pool.shutdown(wait=True, cancel_futures=True)
             if self.workers is not None:
                 self.workers.close(self.unread)
+                if self.store is not None:
+                    self.workers.remove_leftovers(self.store.root)
             for d in self.open_dirs:
                 os.close(d.fd)
             self.open_dirs.clear()

@@ -44,6 +44,7 @@ from cfsc.base.errors import CfscError, InputError, OutputError, StoreError
 from cfsc.base.fsverity import digest_bytes, fill, hash_fd, write_all
 from cfsc.base.limits import INLINE_MAX
 from cfsc.base.tree import S_IFMT, S_IFREG
+from cfsc.store import tempfiles
 from cfsc.store.objects import SourceChanged
 
 IN_FLIGHT = 4  # batches per worker sent and not yet answered
@@ -248,6 +249,7 @@ class Workers:
 
     def __init__(self, count: int, reader: FileReader) -> None:
         self.workers: list[_Worker] = []
+        self.tags: list[str] = []  # each worker's temp-name tag (`tempfiles.tag`)
         self.open = 0  # workers whose reply pipe has not reached EOF
         try:
             for _ in range(count):
@@ -261,6 +263,8 @@ class Workers:
         ours, theirs = socketpair(AF_UNIX, SOCK_SEQPACKET)
         rd, wr = os.pipe()
         parent = os.getpid()
+        tag = os.urandom(4).hex()
+        self.tags.append(tag)
         try:
             pid = os.fork()
         except BaseException:
@@ -277,6 +281,7 @@ class Workers:
                 syscalls.die_with_parent(signal.SIGKILL)
                 if os.getppid() != parent:
                     return  # it died before that
+                tempfiles.tag = tag
                 ours.close()
                 os.close(rd)
                 for w in self.workers:  # the earlier workers' ends: their EOF must not wait for us
@@ -337,7 +342,8 @@ class Workers:
 
     def close(self, unread: Callable[[tuple], None]) -> None:
         """Let the workers finish and exit; `unread(results)` for each reply not read yet (a
-        run that failed removes their staged temp files).  No worker is left running."""
+        run that failed removes their staged temp files, then `remove_leftovers`).  No worker
+        is left running."""
         for w in self.workers:
             w.sock.close()
         for w in self.workers:
@@ -357,6 +363,11 @@ class Workers:
                 os.close(w.pipe)
                 os.waitpid(w.pid, 0)
         self.workers = []
+
+    def remove_leftovers(self, store_root: str) -> None:
+        """After a failed run (workers closed): the temp files workers made and never reported,
+        e.g. one killed between writing a file and replying."""
+        tempfiles.remove_tagged(store_root, self.tags)
 
 
 def _serve(sock, out: int, reader: FileReader) -> None:

@@ -10,6 +10,10 @@ import os
 from cfsc.base.errors import CfscError, OutputError, StoreError
 
 TEMP_PREFIX = ".cfsc-tmp-"
+# A forked hashing worker's temp names start with its tag (8 of the 16 hex digits), so a run whose
+# worker was killed before it could report a temp file still finds and removes it
+# (`remove_tagged`); "" in every other process: all 16 digits random.
+tag = ""
 O_TEMP = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
@@ -22,7 +26,7 @@ class Temp:
     def __init__(self, rootfd: int, root: str) -> None:
         self.rootfd = rootfd
         for _attempt in range(100):
-            self.name = TEMP_PREFIX + os.urandom(8).hex()
+            self.name = TEMP_PREFIX + tag + os.urandom(8 - len(tag) // 2).hex()
             try:
                 self.fd = os.open(self.name, O_TEMP, 0o600, dir_fd=rootfd)
                 break
@@ -64,3 +68,23 @@ def unlink_quietly(name: str, dirfd: int) -> None:
         os.unlink(name, dir_fd=dirfd)
     except OSError:
         pass
+
+
+def remove_tagged(root: str, tags: list[str]) -> None:
+    """Remove the temp files whose names carry one of `tags` from the top of the store at `root`
+    (a failed run's dead workers' leftovers; quietly: the run is failing already)."""
+    prefixes = tuple(TEMP_PREFIX + t for t in tags if t)
+    if not prefixes:
+        return
+    try:
+        fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        for name in os.listdir(fd):
+            if name.startswith(prefixes):
+                unlink_quietly(name, fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
