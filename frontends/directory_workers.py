@@ -33,7 +33,7 @@ import errno
 import marshal
 import os
 import select
-import signal
+from _signal import SIGKILL  # (not `signal`: its enums are ~5 ms of start-up)
 import struct
 from _socket import AF_UNIX, CMSG_LEN, MSG_CTRUNC, MSG_TRUNC, SCM_RIGHTS, SOCK_SEQPACKET, SOL_SOCKET, socketpair
 from collections.abc import Callable
@@ -278,7 +278,7 @@ class Workers:
             try:
                 # Killed with the main process (`kill -9`): no orphan keeps writing temp files
                 # into the store, nor holds the lease it shares (`cfsc gc` would wait for it).
-                syscalls.die_with_parent(signal.SIGKILL)
+                syscalls.die_with_parent(SIGKILL)
                 if os.getppid() != parent:
                     return  # it died before that
                 tempfiles.tag = tag

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DEMO = str(ROOT / "examples" / "demo.dump")
 
 # Loaded by no direct verb (the directory frontend's thread pool and openat2 aside, below).
-NEVER = ("typer", "click", "dataclasses", "inspect", "typing")
+NEVER = ("typer", "click", "dataclasses", "inspect", "typing", "signal")  # (`_signal` serves)
 # Loaded only when the source or the flags need them.
 FOR_DUMPFILES = NEVER + ("ast", "tokenize", "concurrent.futures", "logging", "threading", "hashlib", "_hashlib", "gzip", "lzma",
                          "zlib", "ctypes", "cfsc.store.objects", "cfsc.backends.erofs.reader")
@@ -66,7 +66,7 @@ def test_print_digest_imports_hashlib_and_no_more(tmp_path):
 def test_compiling_a_directory_loads_no_cli_framework_nor_dataclasses(tmp_path, store):
     """Hashing in worker processes (the default in a process without other threads), it loads
     no thread pool either (concurrent.futures brings logging and with it tokenize), nor the
-    `socket` module (its enums and `selectors`: the workers use `_socket` alone).  Into a
+    `socket` module (its enums and `selectors`: the workers use `_socket` alone), nor `re`.  Into a
     store too: `--digest-store`, `--threads` and `--hash` need no typer."""
     (tmp_path / "src").mkdir()
     (tmp_path / "src" / "file").write_bytes(b"x" * 100)
@@ -74,6 +74,7 @@ def test_compiling_a_directory_loads_no_cli_framework_nor_dataclasses(tmp_path, 
     code, modules, stderr = loaded_by(args + [a.format(store=tmp_path / "store") for a in store])
     assert code == 0, stderr
     assert unwanted(modules, NEVER + ("concurrent.futures", "logging", "tokenize", "socket", "selectors")) == []
+    assert {"re", "enum"} & modules == set()  # no pattern on this path: `re` and its enums are ~4 ms
 
 
 def test_directory_workers_inherit_hashlib_from_the_main_process(tmp_path):
