@@ -48,3 +48,17 @@ def test_written_out_xattr_body_sizes_are_xattr_ibody_size():
             size = (L.EROFS_INODE_EXTENDED if raw.extended else L.EROFS_INODE_COMPACT).size
             assert inode_head(image, raw.nid)[:2] == (raw.offset, size)
         assert len(raws) > 1
+
+
+def test_struct_formats_are_read_as_the_pattern_reads_them():
+    """`_items` tokenises a struct format by hand (no `re` at start-up); every declared layout,
+    and formats with counts and strings, read as `(\\d*)([xsBbHhIiQq])` reads them."""
+    import re
+
+    from cfsc.backends.erofs import layout
+
+    formats = {v.struct.format for v in vars(layout).values() if isinstance(v, layout.Layout)}
+    assert len(formats) >= 8
+    for fmt in formats | {"<IIII16x", "<2H3I16s4x", "<HBBIQ", "<12x", "<b"}:
+        expected = [(int(c) if c else 1, k) for c, k in re.findall(r"(\d*)([xsBbHhIiQq])", fmt)]
+        assert list(layout._items(fmt)) == expected, fmt
