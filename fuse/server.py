@@ -23,7 +23,8 @@ kernel reads it directly, page cache and all.  Otherwise reads are `pread` + `wr
 backing file whose size is not the image's is never passed through (`_passable`): both ways
 serve the same bytes.
 A small backing file is read once, verified from those bytes and served from them until its
-last RELEASE (`Store.open_read`).
+last RELEASE (`Store.open_read`); read without an open (zero-message open), it is opened,
+read, verified and closed within its READ (`_read_small`), nothing kept.
 Either way a backing file is opened and verified once and then kept (`Held`) for the next
 use, shared by all concurrent opens of its inode (passthrough requires one backing id per
 inode), and let go only when it is among the oldest unused ones — never right after an
@@ -670,6 +671,9 @@ class Server:
             return
         node = self._node(nodeid)
         if node.external:  # zero-message open: the first READ opens and checks the file
+            if node.size <= SERVED_FROM_MEMORY and node.nid not in self._held:
+                self._send_data(unique, self._read_small(unique, node, offset, size))
+                return
             held = self._acquire(unique, node)
             try:
                 data = held.data
@@ -687,6 +691,21 @@ class Server:
             content = b"\0" * max(0, min(size, node.size - offset))
             offset = 0
         self._reply(unique, content[offset:offset + size])
+
+    def _read_small(self, unique: int, node: Node, offset: int, size: int) -> bytes:
+        """A READ of a small file nobody holds open (zero-message open: the usual READ of a
+        small file): opened, read whole, verified from those bytes and closed at once.  No
+        `Held` is kept: the kernel keeps the pages (FOPEN_KEEP_CACHE), so another READ of
+        the file is rare, and keeping one cost more than it saved.  `_acquire` is the
+        reference path (open files, large ones); a test serves every file both ways."""
+        fd, data = self._checked(unique, node, self.store.open_read, node.payload, node.digest,
+                                 SERVED_FROM_MEMORY)
+        try:
+            if data is None:  # it changed while read: verified from the fd, served by pread
+                return os.pread(fd, size, offset)
+        finally:
+            os.close(fd)
+        return data[offset:offset + size]
 
     def _send_data(self, unique: int, data: bytes) -> None:
         try:
