@@ -10,6 +10,8 @@
   encoded ahead of a walk are the same bytes.
 * A small backing file read once (`Store.open_read`) is verified from the bytes it serves:
   a tampered one is still EIO on its first read, on a real mount without passthrough.
+  Read without an open (`Server._read_small`) or prefetched after its LOOKUP
+  (`Server._prefetch`), a small file gives the bytes and errors of the OPEN + held path.
 """
 
 from __future__ import annotations
@@ -338,3 +340,101 @@ def test_small_files_read_without_an_open_serve_what_open_files_serve(tmp_path):
             assert fresh == held == again == [(0, data[off:off + size]) for off, size in reads], name
     finally:
         conn.close()
+
+
+def _prefetch_image(tmp: Path) -> tuple[Path, Path, dict[bytes, bytes]]:
+    """Small store-backed files (one tampered, one missing from the store), a large one and
+    an inline one."""
+    store = tmp / "store"
+    files = {b"a": os.urandom(5000), b"b": os.urandom(70000), b"c": b"x" * 4096, b"tampered": os.urandom(9000),
+             b"missing": os.urandom(3000), b"large": os.urandom((1 << 17) + 1)}
+    lines = [b"/ 4096 40755 2 0 0 0 0.0 - - -", b"/inline 5 100644 1 0 0 0 0.0 - hello -"]
+    for name, data in files.items():
+        digest = digest_bytes(data)
+        payload = payload_path(digest)
+        if name != b"missing":
+            target = store / os.fsdecode(payload)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(data if name != b"tampered" else data[:-1] + bytes([data[-1] ^ 1]))
+        lines.append(b"/%s %d 100644 1 0 0 0 0.0 %s - %s" % (name, len(data), payload, digest.hex().encode()))
+    image = tmp / "prefetch.cfs"
+    tree = run_passes(dumpfile.loads(b"\n".join(sorted(lines)) + b"\n", Options(), "prefetch.dump"), Options())
+    with open(image, "wb") as f:
+        write_image(tree, f)
+    return image, store, files
+
+
+@pytest.mark.parametrize("no_open", [True, False])
+def test_small_files_prefetched_after_a_lookup_serve_what_a_read_serves(tmp_path, no_open):
+    """`Server._prefetch`: once a small file has been read, the next small files looked up
+    are opened, read and verified right after their LOOKUP reply, and their READ (or OPEN)
+    serves those bytes — the same bytes and the same errors as without prefetching; a
+    walk that reads nothing prefetches nothing."""
+    image, store, files = _prefetch_image(tmp_path)
+    conn = Connection(image, [store])
+    try:
+        flags = 0xFFFFFFFF if no_open else 0xFFFFFFFF & ~P.FUSE_NO_OPEN_SUPPORT
+        conn.call(P.Opcode.INIT, P.INIT_IN.pack(7, 45, 1 << 20, flags) + P.INIT_IN_FLAGS2.pack(0))
+        server = conn.server
+        assert server.no_open == no_open and not server.passthrough
+
+        def lookup(name: bytes) -> int:
+            error, body = conn.call(P.Opcode.LOOKUP, name + b"\0")
+            assert error == 0
+            return P.ENTRY_OUT.unpack_from(body)[0]
+
+        def read(nodeid: int, offset: int = 0, size: int = 1 << 17) -> tuple[int, bytes]:
+            fh = 0
+            if not no_open:
+                error, body = conn.call(P.Opcode.OPEN, P.OPEN_IN.pack(os.O_RDONLY, 0), nodeid)
+                if error:
+                    return error, b""
+                fh = P.OPEN_OUT.unpack_from(body)[0]
+            got = conn.call(P.Opcode.READ, P.READ_IN.pack(fh, offset, size, 0, 0), nodeid)
+            if fh:
+                conn.call(P.Opcode.RELEASE, P.RELEASE_IN.pack(fh, 0, 0), nodeid)
+            return got
+
+        ids = {name: lookup(name) for name in [*files, b"inline"]}  # a stat walk: nothing opened
+        assert not server._prefetched and not server._held
+        assert read(ids[b"inline"]) == (0, b"hello")  # not store-backed: no prefetching either
+        assert server._data_recently == 0
+        assert read(ids[b"a"]) == (0, files[b"a"])
+        assert server._data_recently > 0
+        for name in (b"b", b"c", b"tampered", b"missing", b"large"):
+            nid = lookup(name) - 2  # looked up again (as after the kernel forgot it): prefetched
+            conn.call(P.Opcode.STATFS)  # answered once the prefetch after that reply is done
+            if name in (b"b", b"c"):
+                assert nid in (server._prefetched if no_open else server._idle), name
+            else:  # refused (left for the request to answer) or too large: nothing kept
+                assert nid not in server._prefetched and nid not in server._held, name
+        assert read(ids[b"b"], 4096, 8192) == (0, files[b"b"][4096:4096 + 8192])
+        assert read(ids[b"b"]) == (0, files[b"b"]), "taken once, then read again"
+        assert read(ids[b"c"]) == (0, files[b"c"])
+        assert read(ids[b"tampered"])[0] == -errno.EIO
+        assert read(ids[b"missing"])[0] == -errno.ENOENT
+        assert read(ids[b"large"]) == (0, files[b"large"][:1 << 17])
+        assert not server._prefetched
+    finally:
+        conn.close()
+
+
+@pytest.mark.fuse
+@pytest.mark.root
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("passthrough", [True, False])
+def test_prefetched_small_files_on_a_real_mount(tmp_path, passthrough):
+    """Files read one after another (as `cat a b c …` does) on a real mount: from the second
+    on, each is prefetched after its LOOKUP, and every read gives the file's bytes or the
+    error it gives unprefetched (a refusal logged once, by the request that failed)."""
+    from tests.test_fuse import _read_or_errno, fuse_mounted
+
+    image, store, files = _prefetch_image(tmp_path)
+    mnt = tmp_path / "m"
+    mnt.mkdir()
+    with fuse_mounted(image, mnt, [store], passthrough=passthrough) as server:
+        got = {name: _read_or_errno(mnt / os.fsdecode(name)) for name in files}
+        assert server.prefetched == 2, "b and c, looked up after the first read"
+        logged = [m for m in server._logged if "tampered" in m]
+    assert got == {**files, b"tampered": "EIO", b"missing": "ENOENT"}
+    assert len(logged) == 1 and "prefetch.cfs:/tampered:" in logged[0]
