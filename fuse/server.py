@@ -590,8 +590,7 @@ class Server:
         if not node.external:
             self._reply(unique, P.OPEN_OUT.pack(0, P.FOPEN_KEEP_CACHE, 0))
             return
-        if node.size <= SERVED_FROM_MEMORY:
-            self._data_recently = PREFETCH_AFTER_DATA
+        self._data_recently = PREFETCH_AFTER_DATA
         held = self._acquire(unique, node)
         if held.backing_id is not None:
             self._reply(unique, P.OPEN_OUT.pack(node.nid + 1, P.FOPEN_PASSTHROUGH, held.backing_id))
@@ -709,11 +708,8 @@ class Server:
             if node.size <= SERVED_FROM_MEMORY and node.nid not in self._held:
                 self._data_recently = PREFETCH_AFTER_DATA
                 data = self._prefetched.pop(node.nid, None)
-                if data is None:
-                    data = self._read_small(unique, node, offset, size)
-                else:
-                    data = data[offset:offset + size]
-                self._send_data(unique, data)
+                self._send_data(unique, self._read_small(unique, node, offset, size) if data is None
+                                else data[offset:offset + size])
                 return
             held = self._acquire(unique, node)
             try:
