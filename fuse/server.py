@@ -590,7 +590,8 @@ class Server:
         if not node.external:
             self._reply(unique, P.OPEN_OUT.pack(0, P.FOPEN_KEEP_CACHE, 0))
             return
-        self._data_recently = PREFETCH_AFTER_DATA
+        if node.size <= SERVED_FROM_MEMORY:
+            self._data_recently = PREFETCH_AFTER_DATA
         held = self._acquire(unique, node)
         if held.backing_id is not None:
             self._reply(unique, P.OPEN_OUT.pack(node.nid + 1, P.FOPEN_PASSTHROUGH, held.backing_id))
@@ -708,8 +709,11 @@ class Server:
             if node.size <= SERVED_FROM_MEMORY and node.nid not in self._held:
                 self._data_recently = PREFETCH_AFTER_DATA
                 data = self._prefetched.pop(node.nid, None)
-                self._send_data(unique, self._read_small(unique, node, offset, size) if data is None
-                                else data[offset:offset + size])
+                if data is None:
+                    data = self._read_small(unique, node, offset, size)
+                else:
+                    data = data[offset:offset + size]
+                self._send_data(unique, data)
                 return
             held = self._acquire(unique, node)
             try:
