@@ -24,10 +24,11 @@ backing file whose size is not the image's is never passed through (`_passable`)
 serve the same bytes.
 A small backing file is read once, verified from those bytes and served from them until its
 last RELEASE (`Store.open_read`); read without an open (zero-message open), it is opened,
-read, verified and closed within its READ (`_read_small`).  While files are being read, a
-small one is opened and verified right after its LOOKUP reply (`_prefetch`): that work then
-overlaps the round trip to its READ or OPEN.  Otherwise a backing file is opened and
-verified once and then kept (`Held`) for the next use, shared by all concurrent opens of its inode (passthrough requires one backing id per
+read, verified and closed within its READ (`_read_small`), nothing kept.  While files are
+being read, a small store-backed file is opened and verified right after its LOOKUP reply
+(`_prefetch`), so that work overlaps the round trip to the READ or OPEN that follows.
+Either way a backing file is opened and verified once and then kept (`Held`) for the next
+use, shared by all concurrent opens of its inode (passthrough requires one backing id per
 inode), and let go only when it is among the oldest unused ones — never right after an
 OPEN reply, while the kernel may still be setting the file up.  Before each new use it is
 checked again, which costs an fstat unless it was written to.
@@ -374,10 +375,13 @@ class Server:
             self._prefetch(node)
 
     def _prefetch(self, node: Node) -> None:
-        """Open, read and verify a small file just looked up, after the reply: its READ or
-        OPEN follows, and the work (disk reads too) overlaps that round trip.  Only within
-        `PREFETCH_AFTER_DATA` lookups of a READ or OPEN, so a walk opens nothing; errors are
-        left to the request (answered, logged); the bytes are taken by one READ."""
+        """While files are being read, a small store-backed file just looked up is opened,
+        read and verified right after the LOOKUP reply: its READ (or OPEN) follows, and the
+        work is then done while the reply wakes the caller and its request comes back,
+        instead of after (a cold file's disk reads included).  Only after a READ or OPEN of
+        such a file among the last `PREFETCH_AFTER_DATA` lookups, so a `find` or `stat`
+        walk opens nothing.  Errors are left for the request that follows (answered and
+        logged then); the bytes kept are taken by one READ only (`_read`)."""
         self._data_recently -= 1
         nid = node.nid
         if nid in self._held or nid in self._prefetched or nid in self._pending:
@@ -394,9 +398,13 @@ class Server:
         os.close(fd)
         if data is not None:
             self.prefetched += 1
-            self._prefetched[nid] = data
-            if len(self._prefetched) > PREFETCHED_KEPT:  # (the oldest; None if another thread took it)
-                self._prefetched.pop(next(iter(self._prefetched), None), None)
+            prefetched = self._prefetched
+            prefetched[nid] = data
+            if len(prefetched) > PREFETCHED_KEPT:
+                try:
+                    del prefetched[next(iter(prefetched))]
+                except (KeyError, RuntimeError, StopIteration):  # another thread took it
+                    pass
 
     def _getattr(self, unique, nodeid, body, pid) -> None:
         node = self._node(nodeid)
@@ -734,9 +742,11 @@ class Server:
         self._reply(unique, content[offset:offset + size])
 
     def _read_small(self, unique: int, node: Node, offset: int, size: int) -> bytes:
-        """A READ of a small file nobody holds open (zero-message open): opened, read whole,
-        verified from those bytes, closed; no `Held` kept (the kernel keeps the pages, a
-        second READ is rare).  `_acquire` is the reference path; a test compares them."""
+        """A READ of a small file nobody holds open (zero-message open: the usual READ of a
+        small file): opened, read whole, verified from those bytes and closed at once.  No
+        `Held` is kept: the kernel keeps the pages (FOPEN_KEEP_CACHE), so another READ of
+        the file is rare, and keeping one cost more than it saved.  `_acquire` is the
+        reference path (open files, large ones); a test serves every file both ways."""
         fd, data = self._checked(unique, node, self.store.open_read, node.payload, node.digest,
                                  SERVED_FROM_MEMORY)
         try:
