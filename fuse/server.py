@@ -24,9 +24,7 @@ backing file whose size is not the image's is never passed through (`_passable`)
 serve the same bytes.
 A small backing file is read once, verified from those bytes and served from them until its
 last RELEASE (`Store.open_read`); read without an open (zero-message open), it is opened,
-read, verified and closed within its READ (`_read_small`), nothing kept.  While files are
-being read, a small store-backed file is opened and verified right after its LOOKUP reply
-(`_prefetch`), so that work overlaps the round trip to the READ or OPEN that follows.
+read, verified and closed within its READ (`_read_small`), nothing kept.
 Either way a backing file is opened and verified once and then kept (`Held`) for the next
 use, shared by all concurrent opens of its inode (passthrough requires one backing id per
 inode), and let go only when it is among the oldest unused ones — never right after an
@@ -70,8 +68,6 @@ DT_UNKNOWN = 0
 LOGGED_MAX = 1000  # distinct log messages remembered (to log each once)
 IDLE_BACKING = 512  # backing files kept open (or registered) after their last RELEASE
 SERVED_FROM_MEMORY = 1 << 17  # a file up to this size is read once, verified, served from memory
-PREFETCH_AFTER_DATA = 64  # lookups that prefetch a small file's data after a READ or OPEN of one
-PREFETCHED_KEPT = 16  # prefetched small files kept for their READ, at most
 STREAMS_KEPT = 64  # encoded directory streams kept (`_encoded`)
 AHEAD_ENCODED = 32  # streams encoded ahead of the walk and not yet asked for, at most
 AHEAD_PENDING = 4096  # directories queued to be encoded ahead, at most (the newest kept)
@@ -131,9 +127,6 @@ class Server:
         self._reading = threading.Lock()  # held by the worker reading requests (`_let_go`)
         self._local = threading.local()  # .reading: this worker holds `_reading`
         self._pending: dict[int, threading.Event | None] = {}  # nid being opened -> set when done
-        self._prefetched: dict[int, bytes] = {}  # nid -> a small file's verified bytes (`_prefetch`)
-        self._data_recently = 0  # lookups left to prefetch on (`_prefetch`)
-        self.prefetched = 0  # small files prefetched (for statistics)
         self._lock = threading.Lock()
         self._interrupted: set[int] = set()
         self._logged: set[str] = set()
@@ -371,40 +364,6 @@ class Server:
             self._error(unique, errno.EIO)
             return
         self._reply(unique, node.wire or self._wire(node))
-        if self._data_recently and node.external and node.size <= SERVED_FROM_MEMORY:
-            self._prefetch(node)
-
-    def _prefetch(self, node: Node) -> None:
-        """While files are being read, a small store-backed file just looked up is opened,
-        read and verified right after the LOOKUP reply: its READ (or OPEN) follows, and the
-        work is then done while the reply wakes the caller and its request comes back,
-        instead of after (a cold file's disk reads included).  Only after a READ or OPEN of
-        such a file among the last `PREFETCH_AFTER_DATA` lookups, so a `find` or `stat`
-        walk opens nothing.  Errors are left for the request that follows (answered and
-        logged then); the bytes kept are taken by one READ only (`_read`)."""
-        self._data_recently -= 1
-        nid = node.nid
-        if nid in self._held or nid in self._prefetched or nid in self._pending:
-            return
-        try:
-            if not self.no_open:  # OPEN will come: hold the file (and its backing id) for it
-                self._acquire(0, node)
-                self._release_nid(nid)  # unused until then: kept among the idle ones
-                self.prefetched += 1
-                return
-            fd, data = self.store.open_read(node.payload, node.digest, SERVED_FROM_MEMORY)
-        except (OSError, Cancelled):
-            return
-        os.close(fd)
-        if data is not None:
-            self.prefetched += 1
-            prefetched = self._prefetched
-            prefetched[nid] = data
-            if len(prefetched) > PREFETCHED_KEPT:
-                try:
-                    del prefetched[next(iter(prefetched))]
-                except (KeyError, RuntimeError, StopIteration):  # another thread took it
-                    pass
 
     def _getattr(self, unique, nodeid, body, pid) -> None:
         node = self._node(nodeid)
@@ -598,8 +557,6 @@ class Server:
         if not node.external:
             self._reply(unique, P.OPEN_OUT.pack(0, P.FOPEN_KEEP_CACHE, 0))
             return
-        if node.size <= SERVED_FROM_MEMORY:
-            self._data_recently = PREFETCH_AFTER_DATA
         held = self._acquire(unique, node)
         if held.backing_id is not None:
             self._reply(unique, P.OPEN_OUT.pack(node.nid + 1, P.FOPEN_PASSTHROUGH, held.backing_id))
@@ -715,13 +672,7 @@ class Server:
         node = self._node(nodeid)
         if node.external:  # zero-message open: the first READ opens and checks the file
             if node.size <= SERVED_FROM_MEMORY and node.nid not in self._held:
-                self._data_recently = PREFETCH_AFTER_DATA
-                data = self._prefetched.pop(node.nid, None)
-                if data is None:
-                    data = self._read_small(unique, node, offset, size)
-                else:
-                    data = data[offset:offset + size]
-                self._send_data(unique, data)
+                self._send_data(unique, self._read_small(unique, node, offset, size))
                 return
             held = self._acquire(unique, node)
             try:
