@@ -338,3 +338,27 @@ def test_small_files_read_without_an_open_serve_what_open_files_serve(tmp_path):
             assert fresh == held == again == [(0, data[off:off + size]) for off, size in reads], name
     finally:
         conn.close()
+
+
+def test_a_corrupt_entry_is_left_for_the_request_by_the_read_ahead(tmp_path):
+    """Encoding ahead (`_read_ahead`) meets a corrupt inode: that directory is left for the
+    request that asks for it, which lists the name (DT_UNKNOWN) and logs the refusal once;
+    nothing is logged ahead of it."""
+    good = (IMAGES / "special.v1.cfs").read_bytes()
+    reader = Image(good)
+    nid = reader.lookup(reader.inode(reader.root_nid), b"inline")
+    bad = bytearray(good)
+    bad[reader.inode_offset(nid):reader.inode_offset(nid) + 2] = b"\xff\xff"  # i_format: no such layout
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        server = Server(devnull, ImageView(Image(bytes(bad), "bad.cfs")), Store([]))
+        key = server.view.root_nid * 2 + 1
+        server._ahead.append(key)
+        server._read_ahead(lambda _timeout: False)
+        assert key not in server._streams and not server._logged
+        blob, ends = server._encoded(server.view.node(server.view.root_nid), True)
+        assert [m for m in server._logged if "i_format 0xffff" in m]
+        records = _reference_pages(server, P.ROOT_ID, True, 1 << 20)[0]
+        assert blob == records and b"inline" in blob
+    finally:
+        os.close(devnull)
