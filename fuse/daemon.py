@@ -26,8 +26,10 @@ import sys
 import threading
 
 from cfsc.base.errors import CfscError
+from cfsc.base.fsverity import SHA256
 from cfsc.fuse.attach import MountError, mount_fuse, unmount
 from cfsc.fuse.server import Server
+from cfsc.store.backing import NO_VERITY
 
 log = logging.getLogger("cfsc.fuse")
 INIT_TIMEOUT = 30.0  # seconds to wait for the kernel's INIT after mounting
@@ -144,6 +146,8 @@ def _serve(view, store, mountpoint: str, options, parent: _Parent | None) -> Non
         fd = mount_fuse(mountpoint, view.image.name, allow_other=options.allow_other)
         server = Server(fd, view, store, threads=options.threads, passthrough=options.passthrough,
                         debug=options.debug)
+        if store.verity != NO_VERITY:
+            _ = SHA256.new  # hashlib loaded now (~10 ms), not by the first file checked
         _quiet_collector()
         server.start()
         if not _wait_any(server.ready, server.done, stop, INIT_TIMEOUT):

@@ -23,7 +23,8 @@ kernel reads it directly, page cache and all.  Otherwise reads are `pread` + `wr
 backing file whose size is not the image's is never passed through (`_passable`): both ways
 serve the same bytes.
 A small backing file is read once, verified from those bytes and served from them until its
-last RELEASE (`Store.open_read`).
+last RELEASE (`Store.open_read`); read without an open (zero-message open), it is opened,
+read, verified and closed within its READ (`_read_small`), nothing kept.
 Either way a backing file is opened and verified once and then kept (`Held`) for the next
 use, shared by all concurrent opens of its inode (passthrough requires one backing id per
 inode), and let go only when it is among the oldest unused ones — never right after an
@@ -431,11 +432,13 @@ class Server:
         stop = ends[bisect_right(ends, start + size, offset) - 1] if ends[offset] <= start + size else start
         self._reply(unique, blob[start:stop])
 
-    def _encoded(self, node: Node, plus: bool, ahead: bool = False) -> tuple[bytes, list[int]]:
+    def _encoded(self, node: Node, plus: bool, poll=None) -> tuple[bytes, list[int]] | None:
         """A directory's whole READDIR(PLUS) stream, records from `_records`, and where each
         record ends: the kernel pages through it one request per buffer, and each page is
         then a slice.  The last few directories are kept (the kernel caches the pages
-        itself: FOPEN_CACHE_DIR); `ahead`: encoded by `_read_ahead`, before any request."""
+        itself: FOPEN_CACHE_DIR).  `poll`: encoded ahead by `_read_ahead`, before any
+        request; None as soon as a request waits (looked for every `AHEAD_BATCH` entries)."""
+        ahead = poll is not None
         key = node.nid * 2 + plus
         hit = self._streams.get(key)
         if hit is not None:
@@ -448,7 +451,10 @@ class Server:
         used = 0
         fixed = P.DIRENT.size + (P.ENTRY_OUT.size if plus else 0)
         add = parts.append
-        for index, (name, ino, dtype, entry) in enumerate(self._records(node, 0, plus)):
+        for index, (name, ino, dtype, entry) in enumerate(self._records(node, 0, plus, ahead)):
+            # (at index i the first i - 1 entries' nodes are made)
+            if ahead and index > 1 and (index - 1) % AHEAD_BATCH == 0 and poll(0):
+                return None  # a request came first (the nodes made so far stay cached)
             n = len(name)
             pad = PADS[-n % 8]
             if plus:
@@ -482,7 +488,7 @@ class Server:
         mount's first `find` then finds each stream ready, the work done on the other core
         while the kernel and the walker handle the previous reply.  Only the worker that
         holds `_reading` (the next to take a request) does this, and it looks for a waiting
-        request every `AHEAD_BATCH` entries (`_prepared`): a request waits for a few entries'
+        request every `AHEAD_BATCH` entries (`_encoded`): a request waits for a few entries'
         work, not a whole directory's, and no other worker ever waits on it for the GIL.
         Errors are left for the request that asks (then answered and logged)."""
         ahead = self._ahead
@@ -498,32 +504,16 @@ class Server:
                 node = view.node(key >> 1)
                 if node is None or not stat.S_ISDIR(node.mode) or len(view.listing(node.nid)) > AHEAD_ENTRIES:
                     continue
-                if not self._prepared(node, bool(key & 1), poll):
+                if self._encoded(node, bool(key & 1), poll) is None:
                     ahead.append(key)  # a request came first: go on after it
                     return
-                self._encoded(node, bool(key & 1), ahead=True)
             except Exception:  # left for the request that asks: answered and logged then
                 continue
 
-    def _prepared(self, node: Node, plus: bool, poll) -> bool:
-        """Make (and for READDIRPLUS encode) the nodes of a directory's entries, the costly
-        part of its stream, `AHEAD_BATCH` at a time; False as soon as a request waits (the
-        nodes made so far stay cached, so going on later repeats nothing)."""
-        named = self.view.named
-        wire = self._wire
-        count = 0
-        for name, nid in self.view.children(node.nid):
-            child = named(nid, node.nid, name)
-            if plus and child is not None and child.wire is None and not child.broken:
-                wire(child)
-            count += 1
-            if count % AHEAD_BATCH == 0 and poll(0):
-                return False
-        return True
-
-    def _records(self, node: Node, start: int, plus: bool):
+    def _records(self, node: Node, start: int, plus: bool, strict: bool = False):
         """`(name, ino, d_type, fuse_entry_out)` of a directory from index `start`: "." and
-        ".." (which the kernel does not link from READDIRPLUS), then the entries."""
+        ".." (which the kernel does not link from READDIRPLUS), then the entries.  `strict`
+        (ahead of a request): a corrupt inode raises, left for the request to log."""
         dots = ((b".", node.nid), (b"..", node.parent if node.parent is not None else node.nid))
         for name, ino in dots[start:]:
             yield name, ino, stat.S_IFDIR >> 12, NO_ENTRY
@@ -533,6 +523,8 @@ class Server:
             try:
                 child = named(nid, node.nid, name)
             except OSError as e:  # a corrupt inode: list the name, as the kernel does
+                if strict:
+                    raise
                 self._failed_quietly(e)
                 child = None
             if child is None:
@@ -670,6 +662,9 @@ class Server:
             return
         node = self._node(nodeid)
         if node.external:  # zero-message open: the first READ opens and checks the file
+            if node.size <= SERVED_FROM_MEMORY and node.nid not in self._held:
+                self._send_data(unique, self._read_small(unique, node, offset, size))
+                return
             held = self._acquire(unique, node)
             try:
                 data = held.data
@@ -687,6 +682,21 @@ class Server:
             content = b"\0" * max(0, min(size, node.size - offset))
             offset = 0
         self._reply(unique, content[offset:offset + size])
+
+    def _read_small(self, unique: int, node: Node, offset: int, size: int) -> bytes:
+        """A READ of a small file nobody holds open (zero-message open: the usual READ of a
+        small file): opened, read whole, verified from those bytes and closed at once.  No
+        `Held` is kept: the kernel keeps the pages (FOPEN_KEEP_CACHE), so another READ of
+        the file is rare, and keeping one cost more than it saved.  `_acquire` is the
+        reference path (open files, large ones); a test serves every file both ways."""
+        fd, data = self._checked(unique, node, self.store.open_read, node.payload, node.digest,
+                                 SERVED_FROM_MEMORY)
+        try:
+            if data is None:  # it changed while read: verified from the fd, served by pread
+                return os.pread(fd, size, offset)
+        finally:
+            os.close(fd)
+        return data[offset:offset + size]
 
     def _send_data(self, unique: int, data: bytes) -> None:
         try:

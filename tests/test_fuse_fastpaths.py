@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import errno
 import gzip
 import io
 import os
@@ -297,3 +298,67 @@ def test_a_tampered_small_object_is_eio_without_passthrough(tmp_path):
         assert _read_or_errno(mnt / "flipped") == "EIO"
         assert (mnt / "small").read_bytes() == files["small"]
         assert (mnt / "big").read_bytes() == files["big"]
+
+
+def test_small_files_read_without_an_open_serve_what_open_files_serve(tmp_path):
+    """A READ of a small file nobody holds open (`Server._read_small`: opened, read,
+    verified, closed at once) gives the bytes, and the errors, of the reference path (OPEN,
+    then READs through the kept `Held`), at any offset and size; nothing is kept."""
+    from tests.test_fuse import _data_image
+
+    image, store, files = _data_image(tmp_path)
+    flipped = store / os.fsdecode(payload_path(digest_bytes(files["flipped"])))
+    raw = bytearray(flipped.read_bytes())
+    raw[5000] ^= 1
+    flipped.write_bytes(raw)
+    conn = Connection(image, [store])
+    try:
+        flags = 0xFFFFFFFF & ~P.FUSE_NO_OPEN_SUPPORT  # OPEN answered: the reference path to compare with
+        conn.call(P.Opcode.INIT, P.INIT_IN.pack(7, 45, 1 << 20, flags) + P.INIT_IN_FLAGS2.pack(0))
+        server = conn.server
+        assert not server.passthrough and not server.no_open
+        reads = [(0, 1 << 17), (0, 4096), (4095, 3), (100, 1 << 20), (8999, 10), (1 << 20, 4096)]
+        for name in ("small", "nodigest", "flipped", "truncated"):
+            node = server.view.lookup(server.view.root_nid, name.encode())
+            assert node.external and node.size <= 1 << 17
+            nodeid = node.nid + 2
+            fresh = [conn.call(P.Opcode.READ, P.READ_IN.pack(0, off, size, 0, 0), nodeid) for off, size in reads]
+            assert node.nid not in server._held, "read once, nothing kept"
+            error, body = conn.call(P.Opcode.OPEN, P.OPEN_IN.pack(os.O_RDONLY, 0), nodeid)
+            if name == "flipped":
+                assert error == -errno.EIO and fresh == [(-errno.EIO, b"")] * len(reads)
+                continue
+            assert error == 0
+            fh = P.OPEN_OUT.unpack_from(body)[0]
+            held = [conn.call(P.Opcode.READ, P.READ_IN.pack(fh, off, size, 0, 0), nodeid) for off, size in reads]
+            # while held, a READ without an open takes the held file too: still the same bytes
+            again = [conn.call(P.Opcode.READ, P.READ_IN.pack(0, off, size, 0, 0), nodeid) for off, size in reads]
+            conn.call(P.Opcode.RELEASE, P.RELEASE_IN.pack(fh, 0, 0), nodeid)
+            data = files[name]
+            assert fresh == held == again == [(0, data[off:off + size]) for off, size in reads], name
+    finally:
+        conn.close()
+
+
+def test_a_corrupt_entry_is_left_for_the_request_by_the_read_ahead(tmp_path):
+    """Encoding ahead (`_read_ahead`) meets a corrupt inode: that directory is left for the
+    request that asks for it, which lists the name (DT_UNKNOWN) and logs the refusal once;
+    nothing is logged ahead of it."""
+    good = (IMAGES / "special.v1.cfs").read_bytes()
+    reader = Image(good)
+    nid = reader.lookup(reader.inode(reader.root_nid), b"inline")
+    bad = bytearray(good)
+    bad[reader.inode_offset(nid):reader.inode_offset(nid) + 2] = b"\xff\xff"  # i_format: no such layout
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        server = Server(devnull, ImageView(Image(bytes(bad), "bad.cfs")), Store([]))
+        key = server.view.root_nid * 2 + 1
+        server._ahead.append(key)
+        server._read_ahead(lambda _timeout: False)
+        assert key not in server._streams and not server._logged
+        blob, ends = server._encoded(server.view.node(server.view.root_nid), True)
+        assert [m for m in server._logged if "i_format 0xffff" in m]
+        records = _reference_pages(server, P.ROOT_ID, True, 1 << 20)[0]
+        assert blob == records and b"inline" in blob
+    finally:
+        os.close(devnull)
