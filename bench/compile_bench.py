@@ -52,6 +52,30 @@ PYTHONDONTWRITEBYTECODE, unless said):
       with .pyc files                             0.57 s  (1.95x)   0.29 s
     synthetic 250k              after/before 0.91 (CPU)   1.88 s  (0.87x)   2.14 s   176 / 349
     synthetic 1M                after/before 0.93 (CPU)   8.24 s  (0.72x)   11.41 s  630 / 1388 (0.45x)
+
+Then (second round of issue 16), whole process pinned to one processor (so the forked paths
+stay off), CPU seconds, medians of 11 / 5 interleaved runs before -> after: cs9 64k 0.574 ->
+0.525, synthetic 250k 2.17 -> 1.94; 1M, not pinned, busy machine: 8.52 -> 7.98.  The cs9
+compile went from 4395M to 4215M instructions (callgrind, one processor).  Side by side with
+the C tool (`bench/vs_mkcomposefs.py`, load ~1.9, wall ratio before -> after): 64k 1.92 ->
+1.86, 250k 0.86 -> 0.70, 1M 0.67 -> 0.66 (peak RSS 0.48x).  Three costs were outside the
+per-inode loops: the young collection that the first allocation after `batch_allocation`
+started over the whole tree (64k: 15-50 ms, 250k: 0.17 s; what a batch made now goes straight
+to the oldest generation); the teardown of the tree and the modules at exit (1M: 0.3 s; the
+console script now ends with `os._exit` once its output is in place); `resolve_hardlinks`
+walking entry by entry (250k: 0.09 -> 0.05 s; a directory without links is taken whole).  Tried
+and dropped, each measured slower: an external file's xattr body as a cached frame around its
+digest and payload, found per file by a key tuple (the tuple and its hash cost more than the
+splicing they save); dirents packed a directory at a time by one `struct` (C-level `map`s over
+columns: 0.043 -> 0.06 s for 82k entries, the set-up per directory outweighs a 9-entry loop);
+the parser inserting runs of one directory's lines whole (splitting every path into columns
+costs what the loop saves); C-level `map`s for the writer's compactness test (more
+instructions, not fewer).  Instruction counts were the steady yardstick on the busy machine:
+the writer on the cs9 dump went from 1995M to 1907M.  What would move the 64k figure next: the
+plan is the writer's sequential half (1M: 1.14 s of 3.9 s); a child forked before it could size
+the second half's records while this process sizes the first, the two then exchanging the
+position where the second half starts and their nids (about half of the plan off the critical
+path).
 """
 
 from __future__ import annotations

@@ -133,3 +133,29 @@ def test_an_image_source_is_opened_as_it_is(tmp_path):
     path.write_bytes(data + bytes(4096))  # trailing zeros: not read (only what the superblock declares)
     assert bytes(open_image(str(path)).data) == data
     assert isinstance(open_image(str(path)), Image)
+
+
+def test_a_batch_leaves_what_it_made_in_the_oldest_generation():
+    """`batch_allocation` runs with the collector off; what it made is then moved to the
+    oldest generation, so no young collection walks a whole tree after it.  When objects
+    are frozen (the FUSE server freezes what it loaded) nothing is moved, and they stay so."""
+    import gc
+
+    def young(marker: list) -> bool:
+        return any(o is marker for o in gc.get_objects(generation=0))
+
+    gc.collect()
+    with build.batch_allocation():
+        made = [[i] for i in range(5000)]
+    assert gc.isenabled() and not young(made) and any(o is made for o in gc.get_objects(generation=2))
+    assert gc.get_freeze_count() == 0
+
+    gc.freeze()
+    try:
+        frozen = gc.get_freeze_count()
+        with build.batch_allocation():
+            kept = [[i] for i in range(50)]
+        assert gc.isenabled() and gc.get_freeze_count() == frozen and young(kept)
+    finally:
+        gc.unfreeze()
+    del made, kept

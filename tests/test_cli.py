@@ -155,17 +155,21 @@ def test_tree_paths_in_errors_stay_one_readable_line():
     assert str(err) == "x.tar:/a\\nb\\x00c\\xffd\\x1b[31m\\u2028: too long"
 
 
-def _both_routes(args: list[str], cwd) -> list[tuple]:
-    """(exit code, stdout, stderr, files written) of `cfsc ARGS` run directly and through typer."""
+def _both_routes(args: list[str], cwd, script: bool = False) -> list[tuple]:
+    """(exit code, stdout, stderr, files written) of `cfsc ARGS` run directly and through typer;
+    `script`: directly as the `cfsc` console script (`main()` reading sys.argv)."""
     import subprocess
     import sys
+
+    from tests.helpers.data import CFSC
 
     results = []
     for direct in (True, False):
         for f in cwd.glob("out*"):
             f.unlink()
-        p = subprocess.run([sys.executable, "-c", f"from cfsc.cli import main; main({args!r}, direct={direct})"],
-                           capture_output=True, cwd=cwd)
+        command = ([CFSC, *args] if script and direct else
+                   [sys.executable, "-c", f"from cfsc.cli import main; main({args!r}, direct={direct})"])
+        p = subprocess.run(command, capture_output=True, cwd=cwd)
         written = {f.name: f.read_bytes() for f in sorted(cwd.glob("out*"))}
         results.append((p.returncode, p.stdout, p.stderr, written))
     return results
@@ -215,3 +219,7 @@ def test_direct_verbs_equal_typer_verbs(tmp_path):
     for args in cases:
         direct, reference = _both_routes(args, tmp_path)
         assert direct == reference, args
+        # the console script ends its process without the interpreter's teardown
+        # (`cli._leave`): the same output, images on stdout and digests included
+        script, reference = _both_routes(args, tmp_path, script=True)
+        assert script == reference, args

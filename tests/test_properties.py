@@ -14,6 +14,7 @@ from cfsc.build.pipeline import PASSES, run_passes
 from cfsc.frontends import dumpfile
 from cfsc.frontends.image import read_tree
 from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from tests.helpers.roundtrip import dump_of, home_first_in_dfs, lossless
 from tests.helpers.strategies import trees
@@ -146,3 +147,36 @@ def test_shared_redirect_bodies_equal_the_generic_ones():
             assert encoder.body(node, True) == generic
             assert encoder.size(node, True) == len(generic)
     assert encoder.with_redirect  # the cached path was taken
+
+
+def _link_shape(tree: Tree) -> list[tuple]:
+    """Every entry of a tree: path, whether it is a link, its inode (numbered in walk order),
+    mode and nlink; so two trees compare equal when their hard-link structure is the same."""
+    numbers: dict[int, int] = {}
+    shape = []
+    for path, node, _parent, is_link in tree.walk():
+        shape.append((path, is_link, numbers.setdefault(id(node), len(numbers)), node.mode, node.nlink))
+    return shape
+
+
+@SETTINGS
+@given(trees(), st.lists(st.tuples(st.booleans(), st.integers(0, 1 << 16)), max_size=6))
+def test_resolve_hardlinks_equals_resolve_hardlinks_walk(tree, damage):
+    """`resolve_hardlinks` takes a directory without links whole and gives up on the first
+    repair; `resolve_hardlinks_walk` looks at every entry.  Same tree, links, homes and nlink,
+    also for the trees that need repairs: an inode homed under a second name (True), a home
+    entry turned into a link, leaving its inode only links (False)."""
+    from cfsc.passes.resolve_hardlinks import resolve_hardlinks, resolve_hardlinks_walk
+
+    entries = [(parent, path.rsplit(b"/", 1)[1], node) for path, node, parent, is_link in tree.walk()
+               if parent is not None and not is_link]
+    for second_home, pick in damage:
+        if not entries:
+            break
+        parent, name, node = entries[pick % len(entries)]
+        if second_home and node.children is None:
+            parent.add_child(name + b"~", node)
+        elif not second_home and name in parent.children:
+            parent.add_child(name, node, link=True)
+    quick, walked = tree.copy(), tree.copy()
+    assert _link_shape(resolve_hardlinks(quick, Options())) == _link_shape(resolve_hardlinks_walk(walked, Options()))

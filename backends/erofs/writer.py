@@ -401,14 +401,17 @@ def _emit(inodes: list[Inode], plan: _Plan, encoder: XattrEncoder, lo: int, hi: 
     append = parts.append
     min_bits, max_bits = EROFS_BLKSIZ_BITS, _MAX_CHUNK_BITS
     dirent, ibody, align, slot_bits = _DIRENT, _IBODY, EROFS_XATTR_ALIGN, EROFS_ISLOTBITS
+    compact_size, extended_size = _COMPACT, _EXTENDED
     layout_bit, extended_bit = EROFS_I_DATALAYOUT_BIT, 1 << EROFS_I_VERSION_BIT
+    inline, plain = EROFS_INODE_FLAT_INLINE, EROFS_INODE_FLAT_PLAIN
+    null_tails: dict[int, bytes] = {}  # chunk index size -> its null addresses (a few sizes)
     expected_end = next_block + sum(blocks[lo:hi])
     for i, node in enumerate(islice(inodes, lo, hi), lo):
         mode = node.mode
         ftype = mode & S_IFMT
         n_blocks = blocks[i]
         tail = tails[i]
-        layout = EROFS_INODE_FLAT_INLINE if tail else EROFS_INODE_FLAT_PLAIN
+        layout = inline if tail else plain
         i_u = 0
         tail_bytes = b""
         size = node.size
@@ -425,7 +428,9 @@ def _emit(inodes: list[Inode], plan: _Plan, encoder: XattrEncoder, lo: int, hi: 
                 bits = (size - 1).bit_length()
                 i_u |= (min_bits if bits < min_bits else max_bits if bits > max_bits else bits) - min_bits
                 if tail:
-                    tail_bytes = _NULL_CHUNKS_BLOCK[:tail]
+                    tail_bytes = null_tails.get(tail)
+                    if tail_bytes is None:
+                        tail_bytes = null_tails[tail] = _NULL_CHUNKS_BLOCK[:tail]
             elif content is not None:
                 if n_blocks:
                     i_u = next_block
@@ -475,21 +480,23 @@ def _emit(inodes: list[Inode], plan: _Plan, encoder: XattrEncoder, lo: int, hi: 
             if body is None:
                 body = own_body[id(node.xattrs)] = xattr_body(node, False)
         icount = (len(body) - ibody) // align + 1 if body else 0  # (layout.xattr_ibody_size, inverted)
-        if compact[i]:
-            record = _pack_compact(layout << layout_bit, icount, mode & 0xFFFF, node.nlink, size, i_u,
-                                   i, node.uid, node.gid)
-        else:
-            record = _pack_extended((layout << layout_bit) | extended_bit, icount, mode & 0xFFFF, size, i_u, i,
-                                    node.uid, node.gid, node.mtime & U64, node.mtime_nsec,
-                                    node.nlink)
         start = nids[i] << slot_bits
         if start != offset:  # padding, so the tail stays within one block (format note §2.5)
             append(_ZEROS[:start - offset])
-            offset = start
-        if body or tail_bytes:
-            record = b"".join((record, body, tail_bytes))
-        append(record)
-        offset += len(record)
+        # (the pieces go into `parts` as they are: one join per 8192 records makes the bytes)
+        if compact[i]:
+            append(_pack_compact(layout << layout_bit, icount, mode & 0xFFFF, node.nlink, size, i_u,
+                                 i, node.uid, node.gid))
+            offset = start + compact_size + len(body) + tail
+        else:
+            append(_pack_extended((layout << layout_bit) | extended_bit, icount, mode & 0xFFFF, size, i_u, i,
+                                  node.uid, node.gid, node.mtime & U64, node.mtime_nsec,
+                                  node.nlink))
+            offset = start + extended_size + len(body) + tail
+        if body:
+            append(body)
+        if tail_bytes:
+            append(tail_bytes)
         pending += 1
         if pending == 8192:
             write(b"".join(parts))

@@ -81,16 +81,24 @@ _META_EMPTY_ENTRY = entry(_META_INDEX, _META_NAME, b"")
 assert all(len(p) == 24 for p in _META_PREFIXES.values()) and len(_META_EMPTY_ENTRY) == 20
 assert len(_META_PREFIXES[DIGEST_SIZE]) + DIGEST_SIZE == 56
 assert EROFS_XATTR_ENTRY.size + len(_REDIR_NAME) + len(b"/") + 3 == 24
-_REDIRECT_PREFIXES: dict[int, bytes] = {}  # payload length -> entry header + name + "/"
+_REDIRECT_PREFIXES: dict[int, tuple[bytes, bytes]] = {}  # payload length -> `_redirect_around`
 
 
 def _redirect_entry(payload: bytes) -> bytes:
     """The inline entry of `trusted.overlay.redirect` = `/` + payload."""
-    prefix = _REDIRECT_PREFIXES.get(len(payload))
-    if prefix is None:
-        prefix = _REDIRECT_PREFIXES[len(payload)] = (
-            _pack_entry(len(_REDIR_NAME), _REDIR_INDEX, len(payload) + 1) + _REDIR_NAME + b"/")
-    return prefix + payload + PADS[(len(_REDIR_NAME) + 1 + len(payload)) & 3]
+    prefix, pad = _redirect_around(len(payload))
+    return b"".join((prefix, payload, pad))
+
+
+def _redirect_around(length: int) -> tuple[bytes, bytes]:
+    """What goes before and after a payload of `length` bytes in its redirect entry: header,
+    name and "/"; padding to 4 bytes."""
+    around = _REDIRECT_PREFIXES.get(length)
+    if around is None:
+        around = _REDIRECT_PREFIXES[length] = (
+            _pack_entry(len(_REDIR_NAME), _REDIR_INDEX, length + 1) + _REDIR_NAME + b"/",
+            PADS[(len(_REDIR_NAME) + 1 + length) & 3])
+    return around
 
 
 class _Layout:
@@ -137,8 +145,10 @@ class XattrEncoder:
         self.metacopies_shared = bool(self.shared_digests or self.empty_metacopy_shared)
         self.shared_payloads = {v[1:] for k, v in shared if k == REDIRECT}  # v = redirect_xattr(payload)[1]
         self.layouts: dict[int, tuple[tuple, _Layout]] = {}
-        # (id(own tuple), digest or None) -> (own tuple, layout of it plus its shared metacopy)
-        self.with_metacopy: dict[tuple[int, bytes | None], tuple[tuple, _Layout]] = {}
+        # (id(own tuple), digest) -> (own tuple, layout of it plus its shared metacopy); and
+        # id(own tuple) -> the same for the empty metacopy (no digest)
+        self.with_metacopy: dict[tuple[int, bytes], tuple[tuple, _Layout]] = {}
+        self.with_empty_metacopy: dict[int, tuple[tuple, _Layout]] = {}
         # (id(own tuple), digest or None, payload) -> (own tuple, layout with both implied shared)
         self.with_redirect: dict[tuple[int, bytes | None, bytes], tuple[tuple, _Layout]] = {}
         self.base = 0  # (inodes_end % block) / 4, set before bodies are built
@@ -182,11 +192,19 @@ class XattrEncoder:
     def _meta_layout(self, node: Inode) -> _Layout | None:
         """The layout holding a file's shared metacopy (None: its metacopy is not shared)."""
         digest = node.digest
+        if digest is None:  # (most files of a tree without digests: looked up by the tuple alone)
+            if not self.empty_metacopy_shared:
+                return None
+            hit = self.with_empty_metacopy.get(id(node.xattrs))
+            if hit is None:
+                merged = tuple(sorted(node.xattrs + (METACOPY_EMPTY,)))
+                hit = self.with_empty_metacopy[id(node.xattrs)] = (node.xattrs, self.layout(merged))
+            return hit[1]
+        if digest not in self.shared_digests:
+            return None
         key = (id(node.xattrs), digest)
         hit = self.with_metacopy.get(key)
         if hit is None:
-            if not (self.empty_metacopy_shared if digest is None else digest in self.shared_digests):
-                return None
             merged = tuple(sorted(node.xattrs + (metacopy_xattr(digest),)))
             hit = self.with_metacopy[key] = (node.xattrs, self.layout(merged))
         return hit[1]
@@ -241,13 +259,16 @@ class XattrEncoder:
                 _pack_ibody(~(layout.bits | _META_BIT) & 0xFFFFFFFF, n_ids) + ids,
                 _pack_ibody(~(layout.bits | _META_BIT | _REDIR_BIT) & 0xFFFFFFFF, n_ids) + ids)
         digest = node.digest
-        meta = _META_PREFIXES[len(digest)] + digest if digest is not None else _META_EMPTY_ENTRY
         payload = node.payload
         inline = layout.inline
+        if payload and not inline:  # (nearly every file: no inline xattr of its own)
+            prefix, pad = _redirect_around(len(payload))
+            if digest is None:
+                return b"".join((heads[1], _META_EMPTY_ENTRY, prefix, payload, pad))
+            return b"".join((heads[1], _META_PREFIXES[len(digest)], digest, prefix, payload, pad))
+        meta = _META_PREFIXES[len(digest)] + digest if digest is not None else _META_EMPTY_ENTRY
         if payload:
             redirect = _redirect_entry(payload)
-            if not inline:
-                return heads[1] + meta + redirect
             m, r = layout.meta_at, layout.redirect_at
             return b"".join((heads[1], *inline[:m], meta, *inline[m:r], redirect, *inline[r:]))
         if not inline:
@@ -307,7 +328,8 @@ class XattrEncoder:
                                            + self._ids_bytes(layout))
         inline = layout.inline
         if not inline:
-            return head + _redirect_entry(payload)
+            prefix, pad = _redirect_around(len(payload))
+            return b"".join((head, prefix, payload, pad))
         r = layout.redirect_at
         return b"".join((head, *inline[:r], _redirect_entry(payload), *inline[r:]))
 

@@ -167,6 +167,23 @@ COMMANDS = {
 }
 
 
+def _leave(code: int) -> None:
+    """End the `cfsc` process now that its verb is done, without the interpreter's teardown.
+
+    Its output is closed and renamed into place; what is left is freeing every object one
+    by one (a million-entry tree: ~0.3 s) and the modules, work the kernel does at once by
+    dropping the address space.  Only the standard streams hold data yet to write: they are
+    flushed first, and a flush that fails takes the ordinary exit, which reports it."""
+    import os
+
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        return
+    os._exit(code)
+
+
 def main(argv: list[str] | None = None, direct: bool = True) -> None:
     """The `cfsc` command.  `direct=False` sends every verb through typer (tests compare)."""
     import importlib
@@ -184,6 +201,8 @@ def main(argv: list[str] | None = None, direct: bool = True) -> None:
         except Terminated:  # outside the verb (importing, exiting)
             sys.exit(_report_terminated())
         if code is not None:
+            if argv is None:
+                _leave(code)
             sys.exit(code)
     wanted = next((a for a in args if not a.startswith("-")), None)
     modules = {COMMANDS[wanted]} if wanted in COMMANDS else sorted(set(COMMANDS.values()))
