@@ -328,6 +328,19 @@ def test_compiles_beside_gc_never_end_with_missing_objects(tmp_path):
     print(f"{rounds} compiles beside {len(gc_reports)} gc runs; {removed} objects removed")
 
 
+def _group_alive(pgid: int) -> bool:
+    """A process of group `pgid` that is not a zombie exists."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != b"Z":
+            return True
+    return False
+
+
 def test_the_temp_files_of_a_killed_compile_go(two, tmp_path):
     store, a, b = two
     src = tmp_path / "big"
@@ -337,15 +350,20 @@ def test_the_temp_files_of_a_killed_compile_go(two, tmp_path):
             f.write(b"big file %d\n" % i)
             f.truncate(3 << 20)
     proc = subprocess.Popen([CFSC, "compile", str(src), "-o", str(tmp_path / "big.cfs"), "--digest-store",
-                             str(store), "--threads", "1"], stderr=subprocess.PIPE)
+                             str(store), "--threads", "1"], stderr=subprocess.PIPE, start_new_session=True)
     deadline = time.monotonic() + 120
     while len(list(store.glob(".cfsc-tmp-*"))) < 2:
         assert proc.poll() is None, proc.stderr.read().decode()  # type: ignore[union-attr]
         assert time.monotonic() < deadline
         time.sleep(0.002)
-    proc.kill()
+    os.killpg(proc.pid, 9)
     proc.wait()
     proc.stderr.close()  # type: ignore[union-attr]
+    # Its hashing workers die with it, but a kill lands when a system call returns: wait until
+    # none still runs (a zombie has closed its files), or a temp file could still grow below.
+    while _group_alive(proc.pid):
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
     temps = {p.name: p.stat().st_size for p in store.glob(".cfsc-tmp-*")}
     report = gc(str(store), "--keep", str(a), "--keep", str(b))
     assert report["temp_files"] == {"count": len(temps), "bytes": sum(temps.values())}
