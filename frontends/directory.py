@@ -197,7 +197,7 @@ class _Scanner:
             if self.workers is not None:
                 self.workers.close(self.unread)
                 if self.store is not None:
-                    self.workers.remove_leftovers(self.store.root)
+                    self.workers.remove_leftovers(self.store)
             for d in self.open_dirs:
                 os.close(d.fd)
             self.open_dirs.clear()

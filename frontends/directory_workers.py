@@ -364,10 +364,15 @@ class Workers:
                 os.waitpid(w.pid, 0)
         self.workers = []
 
-    def remove_leftovers(self, store_root: str) -> None:
+    def remove_leftovers(self, store) -> None:
         """After a failed run (workers closed): the temp files workers made and never reported,
-        e.g. one killed between writing a file and replying."""
-        tempfiles.remove_tagged(store_root, self.tags)
+        e.g. one killed between writing a file and replying (in the store's directory as this
+        run opened it: its path may be a symlink, or replaced since)."""
+        try:
+            rootfd = store.root_fd(create=False)
+        except CfscError:
+            return  # no store to clean (gone, or never a directory): the run's own error stands
+        tempfiles.remove_tagged(rootfd, self.tags)
 
 
 def _serve(sock, out: int, reader: FileReader) -> None:

@@ -246,10 +246,12 @@ def test_a_store_made_read_only_during_the_run_fails_it_and_names_nothing(tmp_pa
 # -- a worker killed while it stages an object -------------------------------------------------
 
 
-def test_a_worker_killed_while_staging_leaves_no_temp_file(tmp_path, monkeypatch):
+@pytest.mark.parametrize("via", ["path", "symlink"])
+def test_a_worker_killed_while_staging_leaves_no_temp_file(tmp_path, monkeypatch, via):
     """A worker killed right after it wrote a temp file (before replying): the main process
     never heard that file's name, but it carries the worker's tag, so the failed run removes
-    it with every other temp file.  Nothing is named; nothing is left for `cfsc gc`."""
+    it with every other temp file, also where the store's path is a symlink to it.  Nothing
+    is named; nothing is left for `cfsc gc`."""
     src = tmp_path / "src"
     make(src, files(100))
     main = os.getpid()
@@ -263,6 +265,9 @@ def test_a_worker_killed_while_staging_leaves_no_temp_file(tmp_path, monkeypatch
     monkeypatch.setattr(objects.Store, "_finish", finish)
     monkeypatch.setattr(directory, "WORKERS", "processes")
     store = tmp_path / "store"
+    if via == "symlink":
+        (tmp_path / "real").mkdir()
+        store.symlink_to(tmp_path / "real")
     before = children()
     with pytest.raises(InputError) as e:
         directory.load(str(src), Options(digest_store=str(store), threads=2))

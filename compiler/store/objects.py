@@ -298,7 +298,7 @@ class Store:
 
     def hold(self) -> None:
         """Take the lease now if the store exists (before forking workers, who share it)."""
-        self._root_fd(create=False)
+        self.root_fd(create=False)
 
     def has(self, digest: bytes) -> bool:
         """In a worker: is `digest` in the store (one `fstatat`)?  Feeds `expects_new`."""
@@ -341,7 +341,7 @@ class Store:
     def adopt(self, name: str, dev: int, ino: int, digest: bytes, size: int) -> None:
         """In the main process: a temp file a worker staged becomes pending, like one imported
         here; if `digest` is pending or found already (two workers, same content), it goes."""
-        root = self._root_fd(create=False)  # opened here (and leased) if a worker made the store
+        root = self.root_fd(create=False)  # opened here (and leased) if a worker made the store
         if root is None:
             raise OutputError("cannot adopt a store object: the store vanished", self.root)
         if digest in self._present:
@@ -352,7 +352,7 @@ class Store:
     def found(self, digests: list[bytes]) -> None:
         """In the main process: the workers found these digests in the store (a batch's)."""
         if digests:
-            self._root_fd(create=False)  # this process holds the lease from now on
+            self.root_fd(create=False)  # this process holds the lease from now on
             with self._lock:
                 new = set(digests).difference(self._present)
                 self._present |= new
@@ -360,7 +360,7 @@ class Store:
 
     def discard_staged(self, name: str) -> None:
         """In the main process, failing: remove a temp file a worker staged and nobody adopted."""
-        root = self._root_fd(create=False)
+        root = self.root_fd(create=False)
         if root is not None:
             _unlink_quietly(name, root)
 
@@ -423,7 +423,7 @@ class Store:
     def _name_all(self, pending: list[_Pending], reused: set[bytes]) -> None:
         """Name every pending object, and check the reused ones are still there, under the
         store's lock; on any failure take back the names made here."""
-        root = self._root_fd(create=False)
+        root = self.root_fd(create=False)
         if root is None:  # only reused objects, and the store itself is gone
             raise self._vanished(next(iter(reused)))
         locked = flock(root, fcntl.LOCK_EX, self.root)
@@ -688,7 +688,7 @@ class Store:
         finally:
             os.close(ro)
 
-    def _root_fd(self, create: bool) -> int | None:
+    def root_fd(self, create: bool) -> int | None:
         """The store directory's descriptor (made, with parents, if `create`; None if it does
         not exist yet)."""
         fd = self._rootfd
@@ -729,7 +729,7 @@ class Store:
         fd = self._fans.get(first)
         if fd is not None:
             return fd
-        root = self._root_fd(create)
+        root = self.root_fd(create)
         if root is None:
             return None
         name = f"{first:02x}"
@@ -768,7 +768,7 @@ class Store:
 
     def _temp(self) -> _Temp:
         """A new temp file; the store is created with the first one."""
-        root = self._root_fd(create=True)
+        root = self.root_fd(create=True)
         assert root is not None
         return _Temp(root, self.root)
 

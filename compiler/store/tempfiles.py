@@ -70,21 +70,17 @@ def unlink_quietly(name: str, dirfd: int) -> None:
         pass
 
 
-def remove_tagged(root: str, tags: list[str]) -> None:
-    """Remove the temp files whose names carry one of `tags` from the top of the store at `root`
-    (a failed run's dead workers' leftovers; quietly: the run is failing already)."""
+def remove_tagged(rootfd: int | None, tags: list[str]) -> None:
+    """Remove the temp files whose names carry one of `tags` from the top of the store whose
+    directory `rootfd` is (a failed run's dead workers' leftovers; quietly: the run is failing
+    already).  A foreign temp name shares a tag's 8 digits with odds of 2**-32 per worker; it
+    would fail that other run's commit loudly, never name a wrong object."""
     prefixes = tuple(TEMP_PREFIX + t for t in tags if t)
-    if not prefixes:
+    if rootfd is None or not prefixes:
         return
     try:
-        fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError:
-        return
-    try:
-        for name in os.listdir(fd):
+        for name in os.listdir(rootfd):
             if name.startswith(prefixes):
-                unlink_quietly(name, fd)
+                unlink_quietly(name, rootfd)
     except OSError:
         pass
-    finally:
-        os.close(fd)
