@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import os
 
+import pytest
 from cfsc.store.locks import LOCK_NAME
 
 from tests.helpers.data import CONFORMANCE, image_of, read_input
@@ -155,23 +157,32 @@ def test_tree_paths_in_errors_stay_one_readable_line():
     assert str(err) == "x.tar:/a\\nb\\x00c\\xffd\\x1b[31m\\u2028: too long"
 
 
-def _both_routes(args: list[str], cwd, script: bool = False) -> list[tuple]:
-    """(exit code, stdout, stderr, files written) of `cfsc ARGS` run directly and through typer;
-    `script`: directly as the `cfsc` console script (`main()` reading sys.argv)."""
+def _both_routes(args: list[str], cwd, script: bool = False, closed: tuple[int, ...] = ()) -> list[tuple]:
+    """(exit code, stdout, stderr, files written, stores' files) of `cfsc ARGS` run directly and
+    through typer; `script`: directly as the `cfsc` console script (`main()` reading sys.argv);
+    `closed`: standard descriptors closed before Python starts."""
+    import shutil
     import subprocess
     import sys
 
     from tests.helpers.data import CFSC
 
+    def close():
+        for fd in closed:
+            os.close(fd)
+
     results = []
     for direct in (True, False):
         for f in cwd.glob("out*"):
             f.unlink()
+        for d in cwd.glob("st*"):
+            shutil.rmtree(d)
         command = ([CFSC, *args] if script and direct else
                    [sys.executable, "-c", f"from cfsc.cli import main; main({args!r}, direct={direct})"])
-        p = subprocess.run(command, capture_output=True, cwd=cwd)
+        p = subprocess.run(command, capture_output=True, cwd=cwd, preexec_fn=close if closed else None)
         written = {f.name: f.read_bytes() for f in sorted(cwd.glob("out*"))}
-        results.append((p.returncode, p.stdout, p.stderr, written))
+        stores = {str(f.relative_to(cwd)): f.read_bytes() for f in sorted(cwd.glob("st*/**/*")) if f.is_file()}
+        results.append((p.returncode, p.stdout, p.stderr, written, stores))
     return results
 
 
@@ -223,3 +234,18 @@ def test_direct_verbs_equal_typer_verbs(tmp_path):
         # (`cli._leave`): the same output, images on stdout and digests included
         script, reference = _both_routes(args, tmp_path, script=True)
         assert script == reference, args
+
+
+@pytest.mark.parametrize("closed", [(1,), (2,), (1, 2)], ids=["stdout", "stderr", "both"])
+def test_the_console_script_with_standard_streams_closed(tmp_path, closed):
+    """A process started with fd 1 or 2 closed (a daemon's child, `>&-`) has no sys.stdout or
+    sys.stderr: the console script's quick exit still says success for a compile, and a digest
+    it cannot print is a one-line error, as through typer."""
+    (tmp_path / "tree").mkdir()
+    (tmp_path / "tree" / "f").write_bytes(b"data")
+    for args in (["compile", "tree", "-o", "out.cfs"], ["compile", "tree", "-o", "out.cfs", "--print-digest"]):
+        script, reference = _both_routes(args, tmp_path, script=True, closed=closed)
+        assert script == reference, args
+        assert script[3], args  # the image is written either way
+        if "--print-digest" not in args or 1 not in closed:
+            assert script[0] == 0, script

@@ -19,7 +19,7 @@ import functools
 import _signal as signal  # (`signal` builds its enums at import: ~5 ms of every command)
 import sys
 
-from cfsc.base.errors import CfscError, UsageError
+from cfsc.base.errors import CfscError, OutputError, UsageError
 
 _state = {"traceback": False}
 _made: dict = {}  # "app" -> the typer app, made on first use
@@ -136,6 +136,8 @@ def renamed(value, old_value, flag: str, old_flag: str):
 
 
 def digest_line(digest: bytes) -> None:
+    if sys.stdout is None:  # fd 1 was closed when Python started
+        raise OutputError("cannot print the digest: standard output is closed", "stdout")
     sys.stdout.write(digest.hex() + "\n")
     sys.stdout.flush()
 
@@ -177,8 +179,9 @@ def _leave(code: int) -> None:
     import os
 
     try:
-        sys.stdout.flush()
-        sys.stderr.flush()
+        for stream in (sys.stdout, sys.stderr):
+            if stream is not None:  # (None: the descriptor was closed when Python started)
+                stream.flush()
     except (OSError, ValueError):
         return
     os._exit(code)
@@ -192,7 +195,8 @@ def main(argv: list[str] | None = None, direct: bool = True) -> None:
     # Only where SIGTERM would kill us outright: a caller that ignores it keeps it ignored,
     # and the FUSE server installs its own handlers (it unmounts on SIGTERM).
     if direct and args and args[0] in ("compile", "mkcomposefs"):
-        if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        handled = signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+        if handled:
             signal.signal(signal.SIGTERM, _terminated)
         try:
             from cfsc.cli.direct import run
@@ -202,13 +206,15 @@ def main(argv: list[str] | None = None, direct: bool = True) -> None:
             sys.exit(_report_terminated())
         if code is not None:
             if argv is None:
+                if handled:  # the output is in place: a SIGTERM while flushing just ends us
+                    signal.signal(signal.SIGTERM, signal.SIG_DFL)
                 _leave(code)
             sys.exit(code)
     wanted = next((a for a in args if not a.startswith("-")), None)
     modules = {COMMANDS[wanted]} if wanted in COMMANDS else sorted(set(COMMANDS.values()))
     for name in modules:
         importlib.import_module(f"{__name__}.{name}")
-    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+    if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
         signal.signal(signal.SIGTERM, _terminated)
     try:
         _app()(args=args, prog_name="cfsc")

@@ -34,7 +34,7 @@ def _color(choice: str) -> bool:
         return False
     if choice != "auto":
         raise UsageError(f"expected auto, always or never, got {choice!r}", "--color")
-    return sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+    return sys.stdout is not None and sys.stdout.isatty() and not os.environ.get("NO_COLOR")
 
 
 def _write_json(obj) -> None:

@@ -104,7 +104,7 @@ def compile_sources(sources: list[str], output: str | None, options: Options, so
         raise UsageError("no output: give -o IMAGE (or --print-digest-only)")
     if output is not None and print_digest_only:
         raise UsageError("--print-digest-only writes no image: drop -o")
-    options.progress = sys.stderr.isatty()
+    options.progress = sys.stderr is not None and sys.stderr.isatty()
     digest = build.compile_image(sources, output, options, source_format,
                                  want_digest=print_digest or print_digest_only)
     if digest is not None:
