@@ -406,6 +406,7 @@ def _emit(inodes: list[Inode], plan: _Plan, encoder: XattrEncoder, lo: int, hi: 
     inline, plain = EROFS_INODE_FLAT_INLINE, EROFS_INODE_FLAT_PLAIN
     null_tails: dict[int, bytes] = {}  # chunk index size -> its null addresses (a few sizes)
     expected_end = next_block + sum(blocks[lo:hi])
+    first_offset, written = offset, 0
     for i, node in enumerate(islice(inodes, lo, hi), lo):
         mode = node.mode
         ftype = mode & S_IFMT
@@ -499,9 +500,15 @@ def _emit(inodes: list[Inode], plan: _Plan, encoder: XattrEncoder, lo: int, hi: 
             append(tail_bytes)
         pending += 1
         if pending == 8192:
-            write(b"".join(parts))
+            joined = b"".join(parts)
+            written += len(joined)
+            write(joined)
             parts.clear()
             pending = 0
-    write(b"".join(parts))
+    joined = b"".join(parts)
+    write(joined)
     assert next_block == expected_end, (next_block, expected_end)
+    # Offsets come from the plan's sizes, not from the bytes appended: a record shorter than
+    # planned (content shorter than its size) would shift every later one; not in silence.
+    assert first_offset + written + len(joined) == offset, (lo, hi, first_offset, written + len(joined), offset)
     return offset, data_blocks
