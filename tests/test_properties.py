@@ -160,14 +160,25 @@ def _link_shape(tree: Tree) -> list[tuple]:
 
 
 @SETTINGS
-@given(trees(), st.lists(st.tuples(st.booleans(), st.integers(0, 1 << 16)), max_size=6))
-def test_resolve_hardlinks_equals_resolve_hardlinks_walk(tree, damage):
+@given(trees(), st.lists(st.tuples(st.booleans(), st.integers(0, 1 << 16)), max_size=6),
+       st.sampled_from([None, "plain", "with a link"]))
+def test_resolve_hardlinks_equals_resolve_hardlinks_walk(tree, damage, wide):
     """`resolve_hardlinks` takes a directory without links whole and gives up on the first
     repair; `resolve_hardlinks_walk` looks at every entry.  Same tree, links, homes and nlink,
     also for the trees that need repairs: an inode homed under a second name (True), a home
-    entry turned into a link, leaving its inode only links (False)."""
-    from cfsc.passes.resolve_hardlinks import resolve_hardlinks, resolve_hardlinks_walk
+    entry turned into a link, leaving its inode only links (False).  `wide`: a directory of
+    40 entries (subdirectories among them), past the size taken column-wise."""
+    from cfsc.base.tree import S_IFDIR, S_IFREG, Inode
+    from cfsc.passes.resolve_hardlinks import COLUMNS_FROM, resolve_hardlinks, resolve_hardlinks_walk
 
+    if wide:
+        w = Inode(S_IFDIR | 0o755)
+        tree.root.add_child(b"~wide", w)
+        for k in range(40):
+            w.add_child(b"w%02d" % k, Inode(S_IFDIR | 0o755) if k % 9 == 0 else Inode(S_IFREG | 0o644))
+        if wide == "with a link":
+            w.add_child(b"zz", w.children[b"w01"], link=True)
+        assert len(w.children) >= COLUMNS_FROM
     entries = [(parent, path.rsplit(b"/", 1)[1], node) for path, node, parent, is_link in tree.walk()
                if parent is not None and not is_link]
     for second_home, pick in damage:
