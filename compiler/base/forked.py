@@ -96,7 +96,8 @@ class Child:
             self.pid, self.pipe = 0, -1
             try:
                 self.done = (work() or b"", None)
-            except Exception as e:  # (raised by join(), where a child's error is)
+            except Exception as e:  # raised by join(), where a child's error is (a
+                # BaseException such as Terminated goes up from here: nothing to reap)
                 self.done = (b"", e)
             return
         if pid == 0:  # the child: never returns to the caller's code
