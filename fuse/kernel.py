@@ -307,8 +307,10 @@ def _mount_overlay_legacy(mountpoint: str, plan: _Plan) -> None:
             # overlayfs before 6.6 has no verity= (6.5 brought the data-only layers) and refuses
             # the whole string (EINVAL): checks asked for only where the kernel can make them
             # (tryverity; if-present, as the fsconfig way takes it) go without
-            if e.errno != errno.EINVAL or plan.require:
+            if e.errno != errno.EINVAL:
                 raise
+            if plan.require:
+                raise MountError(f"this kernel's overlayfs cannot require fs-verity: {e.strerror}", mountpoint) from None
             syscalls.mount(SOURCE, mountpoint, "overlay", plan.flags(1), options)
     except OSError as e:
         raise MountError(f"cannot mount overlayfs: {e.strerror}", mountpoint) from None
