@@ -17,20 +17,27 @@ import sys
 
 from cfsc import build
 from cfsc.base.errors import UsageError
-from cfsc.base.fsverity import ALGORITHMS
-from cfsc.base.options import Options
+from cfsc.base.options import NUMBER, SOURCE_OPTIONS, Options, SourceOption
 from cfsc.cli import digest_line, guarded
 from cfsc.cli.getopt import getopt_long, strtol
 
 OUTPUT_FLAGS = ("-o", "--output", "--out")
+
+
+def _taken(option: SourceOption):
+    """The values of `option` taken here, from its declaration (`minimum`, `choices`)."""
+    if option.choices:
+        return lambda v: v in option.choices
+    if option.value == NUMBER:
+        least = option.minimum if option.minimum is not None else 0
+        return lambda v: v.isascii() and v.isdigit() and int(v) >= least
+    return lambda v: v[:1] not in ("", "-")  # a path: typer says what an empty one is
+
+
 # The options of a store import (`compile DIR -o IMAGE --digest-store S`: typer is ~50 ms of
 # such a run), each with the values taken here; any other (`--threads 0`, `--hash md5`, a value
 # that looks like a flag) is typer's to parse and to refuse with its own message.
-STORE_FLAGS = {
-    "--digest-store": lambda v: v[:1] not in ("", "-"),
-    "--threads": lambda v: v.isascii() and v.isdigit() and int(v) >= 1,
-    "--hash": lambda v: v in ALGORITHMS,
-}
+STORE_FLAGS = {o.flag: _taken(o) for o in SOURCE_OPTIONS if o.field in ("digest_store", "threads", "hash")}
 
 
 def run(args: list[str]) -> int | None:
