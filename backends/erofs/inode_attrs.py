@@ -26,6 +26,7 @@ from cfsc.backends.erofs.layout import (
     EROFS_XATTR_IBODY_HEADER,
     XATTR_PREFIXES,
 )
+from cfsc.backends.erofs.overlay import METACOPY, REDIRECT
 from cfsc.backends.erofs.reader import BLK, LAYOUTS, U64_SIGN, Image
 from cfsc.base.limits import VALID_TYPES
 from cfsc.base.tree import S_IFMT
@@ -37,15 +38,15 @@ _N_PREFIXES = len(XATTR_PREFIXES)
 # The inline entry headers of the writer's metacopy and redirect (name length 16, the
 # `trusted.` prefix index); the value size follows them.
 _TRUSTED_INDEX = XATTR_PREFIXES.index(b"trusted.")
-_METACOPY_NAME = b"overlay.metacopy"
-_REDIRECT_NAME = b"overlay.redirect"
+_METACOPY_NAME = METACOPY[len(XATTR_PREFIXES[_TRUSTED_INDEX]):]  # (the convention's names, declared in overlay)
+_REDIRECT_NAME = REDIRECT[len(XATTR_PREFIXES[_TRUSTED_INDEX]):]
 # An entry header and a 16-byte name in one unpack: (name length | prefix index << 8, value
 # size, name).
 _unpack_named = struct.Struct("<HH16s").unpack_from
 _NAMED_TRUSTED = 16 | _TRUSTED_INDEX << 8
 assert EROFS_XATTR_ENTRY.struct.format == "<BBH"
-assert XATTR_PREFIXES[_TRUSTED_INDEX] + _METACOPY_NAME == b"trusted.overlay.metacopy"
-assert XATTR_PREFIXES[_TRUSTED_INDEX] + _REDIRECT_NAME == b"trusted.overlay.redirect"
+assert XATTR_PREFIXES[_TRUSTED_INDEX] + _METACOPY_NAME == METACOPY and len(_METACOPY_NAME) == 16
+assert XATTR_PREFIXES[_TRUSTED_INDEX] + _REDIRECT_NAME == REDIRECT and len(_REDIRECT_NAME) == 16
 # Spelled out below as literals (a global lookup per inode costs): the inode sizes, the
 # slot shift, the xattr body header, its shared count's offset, an entry header.
 assert (EROFS_INODE_COMPACT.size, EROFS_INODE_EXTENDED.size, EROFS_ISLOTBITS) == (32, 64, 5)
