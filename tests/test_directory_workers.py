@@ -8,7 +8,6 @@ import os
 import shutil
 import signal
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from cfsc.frontends import directory, directory_workers
 from cfsc.store.locks import LOCK_NAME
 from cfsc.store.objects import TEMP_PREFIX, Store
 
+from tests.helpers.nobody import AS_NOBODY, nobody_dir
 from tests.helpers.data import CFSC
 from tests.helpers.dirtrees import Entry, full_spec, make
 
@@ -150,22 +150,17 @@ def test_a_refused_file_discards_what_workers_staged(tmp_path, monkeypatch):
 def test_unreadable_files_as_a_user(tmp_path):
     """Without read permission (root reads everything, so this runs as nobody): an empty file
     is fine (mkcomposefs never opens it), a non-empty one is a located error."""
-    base = Path(tempfile.mkdtemp(prefix="cfsc-unreadable-"))
-    try:
-        base.chmod(0o777)
+    with nobody_dir("cfsc-unreadable-") as base:
         root = base / "src"
         make(root, [Entry(b"", "dir", mode=0o755), Entry(b"ok", data=b"x" * 100, mode=0o644),
                     Entry(b"empty", data=b"", mode=0o000)])
-        run = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", CFSC, "compile", str(root),
-               "-o", str(base / "x.cfs")]
+        run = [*AS_NOBODY, CFSC, "compile", str(root), "-o", str(base / "x.cfs")]
         p = subprocess.run(run, capture_output=True)
         assert p.returncode == 0, p.stderr
         (root / "secret").write_bytes(b"s" * 10)
         (root / "secret").chmod(0)
         p = subprocess.run(run, capture_output=True)
         assert p.returncode == 2 and p.stderr.decode() == f"error: {root}/secret: cannot open: Permission denied\n"
-    finally:
-        shutil.rmtree(base)
 
 
 def test_workers_die_with_a_killed_compile(tmp_path):

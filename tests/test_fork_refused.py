@@ -15,18 +15,17 @@ the compiling process with one that fails as fork(2) does.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import textwrap
 from pathlib import Path
 
 import pytest
 
 from bench.fuzzing.targets.dumpfile_forked import big_dump
+from tests.helpers.nobody import AS_NOBODY, nobody_dir
 from tests.helpers.data import run_cfsc
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -35,7 +34,6 @@ pytestmark = [pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is
               pytest.mark.skipif(not hasattr(os, "fork") or len(os.sched_getaffinity(0)) < 2,
                                  reason="the forked paths need fork and a second processor")]
 
-AS_NOBODY = ("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups")
 NO_NEW_TASKS = "import resource; resource.setrlimit(resource.RLIMIT_NPROC, (1, 1))"
 # The forked paths are taken only when a processor is idle: here always (the machine may be busy).
 ALWAYS_FORK = "from cfsc.base import forked; forked.worthwhile = forked.usable"
@@ -47,16 +45,6 @@ os.fork = fork
 """
 
 
-@contextlib.contextmanager
-def nobody_dir():
-    base = Path(tempfile.mkdtemp(prefix="cfsc-nproc-"))
-    try:
-        base.chmod(0o777)
-        yield base
-    finally:
-        shutil.rmtree(base)
-
-
 def cfsc_with(hook: str, *args: str, run_as: tuple = ()) -> subprocess.CompletedProcess:
     code = textwrap.dedent(hook) + "\nimport sys\nfrom cfsc.cli import main\nmain(sys.argv[1:])\n"
     return subprocess.run([*run_as, sys.executable, "-c", code, *args], capture_output=True, text=True,
@@ -66,7 +54,7 @@ def cfsc_with(hook: str, *args: str, run_as: tuple = ()) -> subprocess.Completed
 def test_a_large_dumpfile_compiles_in_one_process_when_no_child_can_be_forked():
     """Past FORK_MIN_BYTES and SPLIT_MIN_INODES: the parser's column stage and the writer's
     second half would each go to a child; with none to be had, the same image is written."""
-    with nobody_dir() as base:
+    with nobody_dir("cfsc-nproc-") as base:
         dump = base / "big.dump"
         dump.write_bytes(big_dump(4 * 8192 + 100, 1))
         dump.chmod(0o644)
@@ -80,7 +68,7 @@ def test_a_large_dumpfile_compiles_in_one_process_when_no_child_can_be_forked():
 
 @pytest.fixture
 def tree():
-    with nobody_dir() as base:
+    with nobody_dir("cfsc-nproc-") as base:
         src = base / "src"
         src.mkdir()
         for i in range(200):

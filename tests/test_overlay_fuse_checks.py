@@ -12,12 +12,12 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
+from tests.helpers.nobody import AS_NOBODY, nobody_dir
 from tests.helpers.data import CFSC, run_cfsc
 
 pytestmark = [pytest.mark.root, pytest.mark.fuse, pytest.mark.kernel_mount,
@@ -100,19 +100,14 @@ def test_refused_before_anything_is_mounted(setup, case):
 @pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs setpriv to run the mount as nobody")
 def test_refused_without_root(setup):
     tmp, image = setup
-    base = Path(tempfile.mkdtemp(prefix="cfsc-ovl-"))  # (nobody cannot reach into pytest's tmp_path)
-    try:
-        base.chmod(0o755)
+    with nobody_dir("cfsc-ovl-", 0o755) as base:
         shutil.copy(image, base / "img.cfs")
         (base / "img.cfs").chmod(0o644)
-        p = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", CFSC, "mount",
-                            str(base / "img.cfs"), "/tmp", "--store", "/tmp", "--upperdir", "/tmp", "--workdir", "/tmp"],
-                           capture_output=True, text=True)
+        p = subprocess.run([*AS_NOBODY, CFSC, "mount", str(base / "img.cfs"), "/tmp", "--store", "/tmp",
+                            "--upperdir", "/tmp", "--workdir", "/tmp"], capture_output=True, text=True)
         assert p.returncode == 2, p.stderr
         assert p.stderr == ("error: --upperdir: an upper directory takes an overlayfs mount, which needs root"
                             " (CAP_SYS_ADMIN)\n")
-    finally:
-        shutil.rmtree(base)
 
 
 def test_a_corrupt_image_is_refused_before_the_overlay(setup):

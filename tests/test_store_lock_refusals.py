@@ -14,12 +14,12 @@ import os
 import shutil
 import socket
 import subprocess
-import tempfile
 from pathlib import Path
 
 import pytest
 from cfsc.base import syscalls
 
+from tests.helpers.nobody import AS_NOBODY, nobody_dir
 from tests.helpers.data import CFSC, run_cfsc
 from tests.helpers.dirtrees import Entry, make
 
@@ -95,18 +95,6 @@ def test_a_lock_file_that_is_not_a_regular_file_is_refused_by_name(tmp_path, src
     assert everything(store) == before
 
 
-@contextlib.contextmanager
-def nobody_dir():
-    """A directory anyone may use (the compile runs as nobody there), removed afterwards."""
-    base = Path(tempfile.mkdtemp(prefix="cfsc-lock-"))
-    try:
-        base.chmod(0o777)
-        yield base
-    finally:
-        shutil.rmtree(base)
-
-
-AS_NOBODY = ("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups")
 
 
 @needs_root
@@ -114,7 +102,7 @@ AS_NOBODY = ("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups")
 def test_an_unreadable_lock_file_is_refused_and_nothing_is_written():
     """A store anyone may write to, whose lock file only root may read: a compile as another
     user cannot take the lease, so it must not use the store at all (gc could not exclude it)."""
-    with nobody_dir() as base:
+    with nobody_dir("cfsc-lock-") as base:
         src = base / "src"
         make(src, [Entry(b"", "dir", mode=0o755), Entry(b"a", data=b"a" * 5000, mode=0o644)])
         store = base / "store"
@@ -135,7 +123,7 @@ def test_a_store_without_write_permission_is_used_read_only():
     """No lock file and no permission to make one: the run uses the store without a lease
     (it can only read it).  Every object already there: the compile succeeds; one missing:
     one line naming the store, exit 1, nothing written."""
-    with nobody_dir() as base:
+    with nobody_dir("cfsc-lock-") as base:
         src = base / "src"
         make(src, [Entry(b"", "dir", mode=0o755), Entry(b"a", data=b"a" * 5000, mode=0o644)])
         store = base / "store"
