@@ -40,6 +40,7 @@ import os
 import sys
 import threading
 
+from cfsc.base import forked
 from cfsc.base.beneath import NotRegular, open_listed
 from cfsc.base.errors import CfscError, InputError, UsageError
 from cfsc.base.fsverity import algorithm_named, digest_bytes, fill, hash_fd, payload_path, short_gil_switches
@@ -70,7 +71,7 @@ def _fork_safe() -> bool:
     if WORKERS != "auto":
         return WORKERS == "processes"
     # (/proc: a worker reads an unreadable file's xattrs through /proc/self/fd, knowing no path)
-    return hasattr(os, "fork") and threading.active_count() == 1 and os.path.isdir("/proc/self/fd")
+    return forked.safe() and os.path.isdir("/proc/self/fd")
 
 
 class _Dir:

@@ -72,7 +72,7 @@ class FileReader:
     or a refusal: `("changed", how)`, `("os", errno, strerror, doing)`, `("input", what)`,
     `("source", what)` (`SourceChanged`), `("cfsc", class name, what, where)`."""
 
-    __slots__ = ("algorithm", "buf", "hardlinks", "read_xattrs", "store", "user_xattrs", "whole_read")
+    __slots__ = ("algorithm", "buf", "read_xattrs", "store", "user_xattrs", "whole_read")
 
     def __init__(self, algorithm, options, store, whole_read: int) -> None:
         self.algorithm = algorithm
@@ -81,7 +81,6 @@ class FileReader:
         algorithm.new  # noqa: B018
         self.read_xattrs = not options.skip_xattrs
         self.user_xattrs = options.user_xattrs
-        self.hardlinks = options.hardlinks
         self.store = store
         self.whole_read = whole_read
         self.buf: bytearray | None = None  # made in the worker: the parent never needs it
@@ -250,11 +249,9 @@ class Workers:
     def __init__(self, count: int, reader: FileReader) -> None:
         self.workers: list[_Worker] = []
         self.tags: list[str] = []  # each worker's temp-name tag (`tempfiles.tag`)
-        self.open = 0  # workers whose reply pipe has not reached EOF
         try:
             for _ in range(count):
                 self.workers.append(self._fork(reader))
-                self.open += 1
         except BaseException:
             self.close(lambda _reply: None)
             raise

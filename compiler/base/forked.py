@@ -31,14 +31,18 @@ F_SETPIPE_SZ = 1031  # fcntl.F_SETPIPE_SZ, Linux
 PIPE_SIZE = 4 << 20
 
 
-def usable() -> bool:
-    """True when a forked child is possible, safe, and could have a processor of its own."""
+def safe() -> bool:
+    """True when this process can fork and no other thread runs (a lock another thread holds
+    would stay held in the child forever)."""
     # Threads are made with `threading`: if it was never imported there are none, and
     # importing it only to count them would cost every small compile its import.
     threading = sys.modules.get("threading")
-    if not hasattr(os, "fork") or (threading is not None and threading.active_count() != 1):
-        return False
-    return _processors() > 1
+    return hasattr(os, "fork") and (threading is None or threading.active_count() == 1)
+
+
+def usable() -> bool:
+    """True when a forked child is possible, safe, and could have a processor of its own."""
+    return safe() and _processors() > 1
 
 
 def worthwhile() -> bool:
