@@ -23,6 +23,7 @@ import sys
 from collections.abc import Callable
 
 from cfsc.base.fsverity import write_all
+from cfsc.base.output import flush_standard_streams
 
 # (pickle and fcntl are imported where they are used: only a large input
 # gets this far, and `cfsc compile` of a small one should not pay for them at start-up)
@@ -87,9 +88,7 @@ class Child:
     __slots__ = ("pid", "pipe", "done")
 
     def __init__(self, work: Callable[[], bytes | None]) -> None:
-        for stream in (sys.stdout, sys.stderr):  # (the child must not write the parent's buffers again)
-            if stream is not None:
-                stream.flush()
+        flush_standard_streams()  # (the child must not write the parent's buffers again)
         self.done: tuple | None = None
         read_end, write_end = os.pipe()
         try:
@@ -173,9 +172,7 @@ class Feeder:
     __slots__ = ("pid", "stream")
 
     def __init__(self, work: Callable[[Callable[[bytes], None]], None]) -> None:
-        for stream in (sys.stdout, sys.stderr):
-            if stream is not None:
-                stream.flush()
+        flush_standard_streams()
         read_end, write_end = os.pipe()
         import fcntl
 

@@ -22,6 +22,14 @@ if TYPE_CHECKING:
     from typing import BinaryIO
 
 
+def flush_standard_streams() -> None:
+    """Write out what Python buffers for stdout and stderr (None: the descriptor was closed when
+    Python started): before a fork (the child must not write it again) or an `os._exit`."""
+    for stream in (sys.stdout, sys.stderr):
+        if stream is not None:
+            stream.flush()
+
+
 def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)

@@ -178,10 +178,10 @@ def _leave(code: int) -> None:
     flushed first, and a flush that fails takes the ordinary exit, which reports it."""
     import os
 
+    from cfsc.base.output import flush_standard_streams
+
     try:
-        for stream in (sys.stdout, sys.stderr):
-            if stream is not None:  # (None: the descriptor was closed when Python started)
-                stream.flush()
+        flush_standard_streams()
     except (OSError, ValueError):
         return
     os._exit(code)
