@@ -37,7 +37,8 @@ def _taken(option: SourceOption):
 # The options of a store import (`compile DIR -o IMAGE --digest-store S`: typer is ~50 ms of
 # such a run), each with the values taken here; any other (`--threads 0`, `--hash md5`, a value
 # that looks like a flag) is typer's to parse and to refuse with its own message.
-STORE_FLAGS = {o.flag: _taken(o) for o in SOURCE_OPTIONS if o.field in ("digest_store", "threads", "hash")}
+STORE_OPTIONS = {o.flag: o for o in SOURCE_OPTIONS if o.field in ("digest_store", "threads", "hash")}
+STORE_FLAGS = {flag: _taken(o) for flag, o in STORE_OPTIONS.items()}
 
 
 def run(args: list[str]) -> int | None:
@@ -95,12 +96,9 @@ def _compile_arguments(args: list[str]) -> tuple[list[str], str | None, bool, bo
     if not sources:
         return None
     options = Options()
-    if "--digest-store" in valued:
-        options.digest_store = valued["--digest-store"]
-    if "--threads" in valued:
-        options.threads = int(valued["--threads"])
-    if "--hash" in valued:
-        options.hash = valued["--hash"]
+    for flag, value in valued.items():
+        option = STORE_OPTIONS[flag]
+        setattr(options, option.field, int(value) if option.value == NUMBER else value)
     return sources, output, "--print-digest" in seen, "--print-digest-only" in seen, options
 
 
