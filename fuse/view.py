@@ -150,24 +150,8 @@ class ImageView:
         n.mtime = mtime
         n.mtime_nsec = nsec
         n.target = n.parent = n.name = n.wire = None
-        pair = lowered_pair(self.image, xoffset, xsize) if xsize and ftype == S_IFREG else None
-        if pair is not None:  # a store-backed file in the writer's shape: most files of an image
-            head, metacopy, redirect = pair
-            shared = self._xattr_cache.get(head)
-            if shared is None:
-                shared = self._shared_xattrs(nid, head)
-            if shared[3]:
-                return self._make_reference(nid)  # the shared part names a store object too
-            n.xattrs = shared[0]
-            n.trusted = shared[1]
-            n.external = True
-            payload = n.payload = redirect_payload(redirect)
-            n.digest = metacopy_digest(metacopy)
-            n.broken = None if payload else "metacopy file without a redirect (no store path)"
-            n.content = None
-            return n
         if xsize:
-            x = self._xattrs_quick(nid, xoffset, xsize)
+            x = self._xattrs_quick(nid, xoffset, xsize, ftype == S_IFREG)
             if x is None:
                 return self._make_reference(nid)
             n.xattrs, n.trusted, store = x
@@ -182,17 +166,28 @@ class ImageView:
         n.content = b"" if ftype == S_IFREG and not external and not size else None
         return n
 
-    def _xattrs_quick(self, nid: int, offset: int, size: int) -> tuple | None:
+    def _xattrs_quick(self, nid: int, offset: int, size: int, regular: bool) -> tuple | None:
         """`_xattrs` of the usual bodies: shared ids only, or those plus the writer's inline
         metacopy and redirect (hidden; they only name the store object) — then the visible
-        pairs are the shared ones, interpreted once per distinct set.  None: any other body."""
-        got = inline_xattrs(self.image, offset, size)
-        if got is None:
-            return None
-        head, items = got
+        pairs are the shared ones, interpreted once per distinct set.  None: any other body.
+        A regular file's body is first tried as exactly that pair (`lowered_pair`: most files
+        of an image, recognised by their bytes without the generic entry loop)."""
+        pair = lowered_pair(self.image, offset, size) if regular else None
+        if pair is not None:
+            head, metacopy, redirect = pair
+            items = None
+        else:
+            got = inline_xattrs(self.image, offset, size)
+            if got is None:
+                return None
+            head, items = got
         shared = self._xattr_cache.get(head)
         if shared is None:
             shared = self._shared_xattrs(nid, head)
+        if pair is not None:
+            if shared[3]:
+                return None  # the shared part names a store object too: the reference combines them
+            return shared[0], shared[1], (redirect_payload(redirect), metacopy_digest(metacopy))
         if not items:
             return shared[:3]
         if shared[3]:
