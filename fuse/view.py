@@ -67,6 +67,9 @@ _MISSING = object()
 PATH_DEPTH_MAX = 4096  # a (hostile) parent chain longer than this is cut in log messages
 
 
+# Why a store-backed file cannot be served (its READ and OPEN fail with this, logged).
+NO_REDIRECT = "metacopy file without a redirect (no store path)"
+
 class Node:
     """One visible inode.
 
@@ -162,7 +165,7 @@ class ImageView:
         if external:
             n.payload, n.digest = store
             if not n.payload:
-                n.broken = "metacopy file without a redirect (no store path)"
+                n.broken = NO_REDIRECT
         n.content = b"" if ftype == S_IFREG and not external and not size else None
         return n
 
@@ -242,7 +245,7 @@ class ImageView:
         if n.external:
             n.payload, n.digest = store
             if not n.payload:
-                n.broken = "metacopy file without a redirect (no store path)"
+                n.broken = NO_REDIRECT
         n.content = b"" if ftype == S_IFREG and not n.external and not n.size else None
         n.target = None
         n.parent = None
