@@ -70,6 +70,7 @@ PATH_DEPTH_MAX = 4096  # a (hostile) parent chain longer than this is cut in log
 # Why a store-backed file cannot be served (its READ and OPEN fail with this, logged).
 NO_REDIRECT = "metacopy file without a redirect (no store path)"
 
+
 class Node:
     """One visible inode.
 
