@@ -10,7 +10,9 @@ straight from the decompressor: nothing is extracted to disk.
 What is understood (inputs.md §2.2–2.4): ustar (the `prefix` field), GNU `L`/`K` long names,
 PAX `x` records `path`, `linkpath`, `size`, `uid`, `gid`, `mtime` (fractions kept to the
 nanosecond, negative times allowed), `SCHILY.xattr.*`, `LIBARCHIVE.xattr.*` (URL-encoded name,
-base64 value; SCHILY wins when both name the same xattr) and `RHT.security.selinux`; PAX `g`
+base64 value; SCHILY wins when both name the same xattr), `RHT.security.selinux` and GNU tar's
+PAX sparse files (`GNU.sparse.*`, formats 0.0, 0.1 and 1.0: holes read as zeros, as Go's
+`archive/tar` reads them and so umoci and containers/storage extract them); PAX `g`
 records give defaults for `uid`, `gid`, `mtime` and xattrs of every later member (a global
 `path`, `linkpath` or `size` would name or size every member alike and is ignored; `atime` and
 `ctime` are checked, like a member's); base-256 numbers; checksums summed over signed bytes
@@ -29,8 +31,10 @@ decompressed stream): bad checksums, malformed numbers and PAX records, numbers 
 cannot have (`RANGES`: times and sizes beyond 64 bits, ids beyond 32, modes beyond the 16
 bits of type and permissions, negative ones; in header fields, base-256 included, and in PAX
 `size`, `uid`, `gid`, `mtime`, `atime` and `ctime` records, global ones too; GNU tar refuses
-them too, but for modes and negative base-256 ids, which it masks and wraps), GNU and PAX
-sparse files and the other GNU types (`S`, `D`, `M`, `N`) and unknown type flags (nothing a layer
+them too, but for modes and negative base-256 ids, which it masks and wraps), sparse maps
+that do not describe the member's data (out of order, past the file's end, holding more or
+fewer bytes than the member), old GNU sparse files (type `S`: umoci and containers/storage
+refuse them too) and the other GNU types (`D`, `M`, `N`) and unknown type flags (nothing a layer
 should hold; extracting them as regular files would give the wrong tree), extension headers
 over 16 MiB, and an archive that ends early — inside a header or a member's data, or without
 the end-of-archive zero block (an archive missing it cannot be told from one cut at a member
@@ -85,7 +89,8 @@ GNU_LONGNAME = b"L"
 GNU_LONGLINK = b"K"
 VOLUME_LABEL = b"V"
 UNSUPPORTED = {
-    b"S": "GNU sparse files are not supported (OCI layers should not use them)",
+    b"S": "old GNU sparse files (type S) are not supported (umoci and containers/storage refuse them too;"
+          " GNU tar --format=posix writes sparse files they all read)",
     b"D": "GNU dump directories are not supported",
     b"M": "multi-volume archives are not supported",
     b"N": "old GNU long-name records are not supported",
@@ -113,6 +118,9 @@ _PAD = b" \x00"
 _PAX_MTIME = re.compile(rb"(-?)([0-9]+)(?:\.([0-9]*))?")
 _DECIMAL = re.compile(rb"[0-9]+")
 SCHILY_XATTR = b"SCHILY.xattr."
+SPARSE = b"GNU.sparse."
+SPARSE_ENTRIES_MAX = 1 << 20  # data regions of one sparse file (its map is held in memory)
+ZEROS = bytes(CHUNK)  # a hole is handed out as slices of this
 LIBARCHIVE_XATTR = b"LIBARCHIVE.xattr."
 RHT_SELINUX = b"RHT.security.selinux"
 SELINUX = b"security.selinux"
@@ -314,6 +322,11 @@ class TarReader:
         self._left = 0  # unread data bytes of the current member
         self._pad = 0  # padding after them
         self._member: Member | None = None
+        # A sparse member (PAX GNU.sparse.*): its data regions (offset, length) still to come,
+        # in the file, and the bytes of the file (holes included) not yet handed out.
+        self._holes: list[tuple[int, int]] | None = None
+        self._region = 0  # the next of them
+        self._logical = 0
         self._globals: dict[bytes, bytes] = {}
         self._global_xattrs: dict[bytes, tuple[bytes, int]] = {}
 
@@ -438,6 +451,8 @@ class TarReader:
 
     def read(self, n: int) -> bytes:
         """The next `n` bytes of the current member's data."""
+        if self._holes is not None:
+            return b"".join(self.chunks(n))
         if n > self._left:
             raise ValueError("read past the member's data")
         data = self._take(n)
@@ -448,6 +463,11 @@ class TarReader:
 
     def chunks(self, n: int) -> Iterator[bytes]:
         """The next `n` bytes of the current member's data, in pieces as they come."""
+        if self._holes is not None:
+            return self._sparse_chunks(n)
+        return self._chunks(n)
+
+    def _chunks(self, n: int) -> Iterator[bytes]:
         if n > self._left:
             raise ValueError("read past the member's data")
         while n:
@@ -462,6 +482,132 @@ class TarReader:
             self._left -= take
             n -= take
             yield self._buf if take == len(self._buf) else self._buf[pos:pos + take]
+
+    def _sparse_chunks(self, n: int) -> Iterator[bytes]:
+        """The next `n` bytes of a sparse member's file: zeros for the holes, the archive's
+        bytes for the data regions."""
+        regions = self._holes
+        assert regions is not None and self._member is not None
+        if n > self._logical:
+            raise ValueError("read past the member's data")
+        size = self._member.size
+        while n:
+            at = size - self._logical  # the file offset of the next byte
+            i = self._region
+            offset, length = regions[i] if i < len(regions) else (size, 0)
+            if at < offset:  # in a hole
+                take = min(offset - at, n, CHUNK)
+                self._logical -= take
+                n -= take
+                yield ZEROS if take == CHUNK else ZEROS[:take]
+                continue
+            take = min(offset + length - at, n)
+            for piece in self._chunks(take):
+                self._logical -= len(piece)
+                yield piece
+            n -= take
+            if at + take == offset + length:
+                self._region = i + 1
+
+    def _sparse(self, m: Member, records: list[tuple[bytes, bytes]]) -> None:
+        """A PAX sparse member, read as Go's archive/tar reads it (and so umoci and
+        containers/storage): GNU tar's formats 0.0 (`GNU.sparse.offset`/`numbytes` pairs), 0.1
+        (`GNU.sparse.map`, `numblocks` regions) and 1.0 (`GNU.sparse.major=1`, `minor=0`: the map
+        as decimal lines in the data's first blocks).  `GNU.sparse.name` is the member's name,
+        `GNU.sparse.size` (0.x) or `realsize` (1.0) the file's size; the archive holds only the
+        data regions, which must be in order, inside the file and fill the member's data
+        exactly.  Any other version is refused (Go would extract the raw data as the file)."""
+        if m.type not in DATA_TYPES:
+            raise self.error("PAX GNU.sparse.* records on a member that is not a regular file", m)
+        keys: dict[bytes, bytes] = {}
+        pairs: list[bytes] = []  # 0.0: offset, numbytes, offset, … in record order
+        for key, value in records:
+            if key == b"GNU.sparse.offset" or key == b"GNU.sparse.numbytes":
+                if (key == b"GNU.sparse.offset") != (len(pairs) % 2 == 0):
+                    raise self.error(f"bad PAX record {shown_path(key)}: GNU.sparse.offset and numbytes must"
+                                     " alternate, offset first (sparse format 0.0)", m)
+                pairs.append(value)
+            else:
+                keys[key] = value
+        self._left, self._pad = m.size, -m.size % BLOCK  # what the archive holds: the map (1.0), the data
+        version = keys.get(b"GNU.sparse.major"), keys.get(b"GNU.sparse.minor")
+        if version == (b"1", b"0"):
+            numbers = self._sparse_map_1_0(m)
+        elif version not in ((None, None), (b"0", b"0"), (b"0", b"1")):
+            raise self.error(f"GNU sparse format {_shown_value(version[0] or b'?')}.{_shown_value(version[1] or b'?')}"
+                             " is not supported: expected 0.0, 0.1 or 1.0", m)
+        elif b"GNU.sparse.map" in keys:
+            text = keys[b"GNU.sparse.map"]
+            numbers = text.split(b",") if text else []
+            count = keys.get(b"GNU.sparse.numblocks")
+            if count is None or not _DECIMAL.fullmatch(count) or int(count) * 2 != len(numbers):
+                raise self.error(f"bad PAX record GNU.sparse.numblocks={_shown_value(count or b'')}: expected the"
+                                 f" number of regions GNU.sparse.map lists ({len(numbers) // 2})", m)
+        elif pairs:
+            if len(pairs) % 2:
+                raise self.error("bad PAX records: a GNU.sparse.offset without its GNU.sparse.numbytes", m)
+            numbers = pairs
+        else:
+            raise self.error("PAX GNU.sparse.* records without a sparse map (expected GNU.sparse.map,"
+                             " GNU.sparse.offset/numbytes, or major=1 and minor=0)", m)
+        name = keys.get(b"GNU.sparse.name")
+        if name:
+            m.path = name
+        size = keys.get(b"GNU.sparse.size", keys.get(b"GNU.sparse.realsize"))
+        if size is not None:
+            try:
+                m.size = pax_number(size, b"size")
+            except (ValueError, OverflowError):
+                raise self.error(f"bad PAX record GNU.sparse.size={_shown_value(size)}: expected a decimal number"
+                                 f" from 0 to {SIZE_MAX}", m) from None
+        if len(numbers) > 2 * SPARSE_ENTRIES_MAX:
+            raise self.error(f"a sparse map of {len(numbers) // 2} regions: at most {SPARSE_ENTRIES_MAX} are accepted",
+                             m)
+        regions = []
+        end = data = 0
+        for i in range(0, len(numbers), 2):
+            try:
+                offset, length = pax_number(numbers[i], b"size"), pax_number(numbers[i + 1], b"size")
+            except (ValueError, OverflowError):
+                raise self.error(f"bad sparse map: region {i // 2} is {_shown_value(numbers[i])},"
+                                 f"{_shown_value(numbers[i + 1])}, expected decimal OFFSET,LENGTH", m) from None
+            if offset < end or offset + length > m.size:
+                raise self.error(f"bad sparse map: region {i // 2} ({offset}+{length}) overlaps the one before or"
+                                 f" ends past the file's {m.size} bytes", m)
+            end = offset + length
+            data += length
+            if length:
+                regions.append((offset, length))
+        if data != self._left:
+            raise self.error(f"bad sparse map: its regions hold {data} bytes, the member's data is {self._left}", m)
+        self._holes = regions
+        self._region = 0
+        self._logical = m.size
+
+    def _sparse_map_1_0(self, m: Member) -> list[bytes]:
+        """The sparse map at the start of a 1.0 member's data: the number of regions, then each
+        one's offset and length, a decimal per line, padded to whole blocks."""
+        numbers: list[bytes] = []
+        want = -1
+        rest = b""
+        read = 0
+        while want < 0 or len(numbers) < want:
+            if read >= EXTENDED_MAX or self._left < BLOCK:
+                raise self.error("bad sparse map (format 1.0): it does not end within the member's data"
+                                 f" (or within {EXTENDED_MAX} bytes)", m)
+            *lines, rest = (rest + self.read(BLOCK)).split(b"\n")
+            read += BLOCK
+            for line in lines:
+                if not _DECIMAL.fullmatch(line) or len(line) > DIGITS_MAX:
+                    raise self.error(f"bad sparse map (format 1.0): {_shown_value(line)} is not a decimal number", m)
+                if want < 0:
+                    want = 2 * int(line)
+                    if want > 2 * SPARSE_ENTRIES_MAX:
+                        raise self.error(f"a sparse map of {want // 2} regions: at most {SPARSE_ENTRIES_MAX} are"
+                                         " accepted", m)
+                elif len(numbers) < want:
+                    numbers.append(line)
+        return numbers
 
     def _truncated(self) -> InputError:
         m = self._member
@@ -534,6 +680,7 @@ class TarReader:
     def members(self) -> Iterator[Member]:
         pax: dict[bytes, bytes] | None = None
         pax_xattrs: dict[bytes, tuple[bytes, int]] | None = None
+        sparse: list[tuple[bytes, bytes]] | None = None  # the member's GNU.sparse.* records, in order
         longname = longlink = None
         pending = -1  # offset of an extension header still waiting for its member
         unpack = HEADER.unpack
@@ -541,6 +688,7 @@ class TarReader:
             if self._left or self._pad:
                 self._skip_rest()
             self._member = None
+            self._holes = None
             start = self._base + self._pos
             block = self._buf[self._pos:self._pos + BLOCK]
             if len(block) == BLOCK:
@@ -580,12 +728,14 @@ class TarReader:
                     self._apply(m, pax, pax_xattrs)
                 if typeflag == REGULAR_OLD and m.path.endswith(b"/"):
                     m.type = DIRECTORY
-                if m.type in DATA_TYPES:
+                if sparse is not None:
+                    self._sparse(m, sparse)
+                elif m.type in DATA_TYPES:
                     self._left = m.size
                     self._pad = -m.size % BLOCK
                 else:
                     m.size = 0
-                pax = pax_xattrs = longname = longlink = None
+                pax = pax_xattrs = sparse = longname = longlink = None
                 pending = -1
                 self._last = m
                 yield m
@@ -631,9 +781,10 @@ class TarReader:
                         if pax_xattrs is None:
                             pax_xattrs = {}
                         self._xattr(pax_xattrs, key, value, m)
-                    elif key.startswith(b"GNU.sparse."):
-                        raise self.error("GNU sparse files (PAX GNU.sparse.*) are not supported"
-                                         " (OCI layers should not use them)", m)
+                    elif key.startswith(SPARSE):
+                        if sparse is None:
+                            sparse = []
+                        sparse.append((key, value))
                     else:
                         pax[key] = value
             if pending < 0:
@@ -645,8 +796,9 @@ class TarReader:
                 self._globals[key] = value
             elif _is_xattr_key(key):
                 self._xattr(self._global_xattrs, key, value, m)
-            elif key.startswith(b"GNU.sparse."):
-                raise self.error("GNU sparse files (PAX GNU.sparse.*) are not supported", m)
+            elif key.startswith(SPARSE):
+                raise self.error(f"a global PAX header holds {shown_path(key)}: sparse records describe one"
+                                 " member's data, never every member's", m)
 
     def _xattr(self, xattrs: dict, key: bytes, value: bytes, m: Member) -> None:
         """SCHILY (raw value) beats LIBARCHIVE (base64) beats RHT for the same name."""
