@@ -17,7 +17,7 @@ The tree an archive gives (what GNU tar extracting it as root with `-p --same-ow
 * hard links (type `1`) name an inode already in the tree (an earlier member, or a lower
   layer): one inode, `nlink` = its names.  The home entry is the first name in depth-first
   name order, as the directory frontend chooses it.  A link to a path that does not exist
-  (yet) or to a directory is an error.
+  (yet), to a directory or to itself is an error (umoci and containers/storage fail on each).
 * directories the archive never lists (parents of members) are implied: 040755, owner 0:0,
   mtime 0 (the same defaults as the CRFS frontend, composefs-from-json and containers/storage;
   a fixed default keeps images reproducible where an extractor would use the current time).
@@ -453,7 +453,12 @@ class _Builder:
         if target.children is not None:
             raise self.error(f"hard link to the directory '{shown_path(m.linkpath)}': expected a file", m)
         if parent.children.get(name) is target:  # type: ignore[union-attr]
-            return
+            if parts[-1] == name and self.lookup(parts[:-1]) is parent:
+                # A link to itself: container extractors (umoci, containers/storage) remove
+                # the member's path before linking, so its target is gone and they fail; GNU
+                # tar leaves the file.  An image must not depend on which one extracted it.
+                raise self.error(f"hard link to itself ('{shown_path(m.linkpath)}'): expected another file", m)
+            return  # the same link again
         self.place(parent, name, target, link=True)
         self.linked.add(target)
 
