@@ -96,7 +96,10 @@ def read_toc(blob: Blob, kind: str, annotations: dict) -> dict:
         doc = orjson.loads(data)
     except orjson.JSONDecodeError as e:
         raise InputError(f"the TOC is not valid JSON: {e}", blob.name) from None
-    if not isinstance(doc, dict) or not isinstance(doc.get("entries"), list):
+    if isinstance(doc, dict) and doc.get("entries") is None:
+        # An empty layer: containers/storage (Go) writes its nil slice as `"entries":null`.
+        doc["entries"] = []
+    if not isinstance(doc, dict) or not isinstance(doc["entries"], list):
         raise InputError("the TOC: expected an object with an `entries` array", blob.name)
     return doc
 
@@ -270,6 +273,11 @@ class TocReader:
         v = e.get(key, "")
         if not isinstance(v, str):
             raise self._bad(key, "expected a string")
+        if "\ufffd" in v:
+            # Go's JSON writer puts U+FFFD for every byte that is not UTF-8: the tar header
+            # holds the name, the TOC only a lossy spelling of it.
+            raise self._bad(key, f"{ascii(v)} holds U+FFFD, which the TOC's writer puts for bytes that are not UTF-8:"
+                                 " the name is lost in the TOC (compile without --toc-only: the tar has it)")
         return v.encode("utf-8", "surrogateescape")
 
     def member(self, e: dict, t: bytes) -> Member:
@@ -331,8 +339,10 @@ class TocReader:
                 raise self._bad("endOffset", f"expected an offset after {offset}, inside the blob")
             import zstandard
 
-            try:
-                data = zstandard.ZstdDecompressor().decompressobj().decompress(self.blob.pread(offset, end - offset))
+            try:  # at most `size` + 1 bytes out, whatever the frame holds (a bomb costs nothing)
+                with zstandard.ZstdDecompressor().stream_reader(io.BytesIO(self.blob.pread(offset, end - offset)),
+                                                                read_across_frames=True) as z:
+                    data = z.read(size + 1)
             except zstandard.ZstdError as e:
                 raise self._bad("offset", f"the data at byte {offset} does not decompress: {e}") from None
         else:
