@@ -352,6 +352,10 @@ def hostile_cases():
         "link-to-itself": (archive(member(b"d/a", b"a"), member(b"./d/a", typeflag=b"1", linkname=b"d//a")),
                            r"member '\./d/a' at byte 1024: hard link to itself \('d//a'\)", 1024),
         "link-to-itself-missing": (archive(member(b"a", typeflag=b"1", linkname=b"a")), r"which does not exist", 0),
+        "path-too-long": (archive(member(b"f", b"x", pax={b"path": b"d/" * 2048 + b"f"})),
+                          r"member name is a path of 4098 bytes: at most 4096", 5120),
+        "link-path-too-long": (archive(member(b"t", b"x"), member(b"l", typeflag=b"1", pax={b"linkpath": b"a/" * 2100})),
+                               r"member 'l' at byte 6144: hard-link target is a path of 4200 bytes: at most 4096", 6144),
         "link-to-later": (archive(member(b"l", typeflag=b"1", linkname=b"t"), member(b"t", b"x")),
                           r"which does not exist", 0),
         "link-to-dir": (archive(member(b"d/", typeflag=b"5"), member(b"l", typeflag=b"1", linkname=b"d")),
@@ -564,6 +568,24 @@ def test_absolute_and_odd_paths_stay_inside(tmp_path):
     assert tree.lookup(b"x/y/z").is_dir()
     assert tree.lookup(b"dot").content == b"d"
     assert sorted(tree.root.children) == [b"abs", b"dot", b"x"]
+
+
+def test_paths_up_to_path_max(tmp_path, cfsc):
+    """A member's path is at most PATH_MAX bytes as an absolute path, as for every source (no
+    extractor can create a longer one).  A 4 MB PAX path made 2 million directories in memory
+    (2 GB, 24 s) and an image; now it is refused at once, in a one-line message that shows the
+    start of the name and its length."""
+    longest = b"/".join([b"d" * 254] * 16)  # 16 components of 255 bytes with their `/`: 4080
+    longest += b"/" + b"f" * (4096 - 4080 - 2)
+    tree = load(archive(member(b"x", b"x", pax={b"path": longest})), tmp_path)
+    assert tree.lookup(longest).content == b"x"
+    deep = tmp_path / "deep.tar"
+    deep.write_bytes(archive(member(b"f", b"x", pax={b"path": b"a/" * 2_000_000 + b"f"})))
+    p = cfsc("compile", str(deep), "-o", str(tmp_path / "out.cfs"))
+    err = p.stderr.decode()
+    assert p.returncode == 2 and err.count("\n") == 1 and len(err) < 600, err[:600]
+    assert "… (4000001 bytes)' at byte " in err and "a path of 4000002 bytes: at most 4096" in err
+    assert not (tmp_path / "out.cfs").exists()
 
 
 def test_hostile_on_the_command_line(tmp_path, cfsc):

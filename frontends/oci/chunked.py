@@ -44,7 +44,17 @@ import orjson
 from cfsc.base import rfc3339
 from cfsc.base.errors import InputError, shown_path
 from cfsc.base.limits import INLINE_MAX
-from cfsc.frontends.tar.stream import BLOCKDEV, CHAR, DIRECTORY, FIFO, HARDLINK, REGULAR, SYMLINK, Member
+from cfsc.frontends.tar.stream import (
+    BLOCKDEV,
+    CHAR,
+    DIRECTORY,
+    FIFO,
+    HARDLINK,
+    REGULAR,
+    SYMLINK,
+    Member,
+    shown_name,
+)
 
 from .blobs import Blob
 
@@ -240,7 +250,7 @@ class TocReader:
     def error(self, what: str, member: Member | None = None, offset: int | None = None) -> InputError:
         where = f"{self.name}: TOC entries[{self._index}]"
         if member is not None:
-            where += f" '{shown_path(member.path)}'"
+            where += f" '{shown_name(member.path)}'"
         return InputError(what, where)
 
     def _bad(self, key: str, what: str) -> InputError:

@@ -111,6 +111,7 @@ RANGES = {b"mode": (0, MODE_MAX, "the file type and permission bits"), b"uid": (
           b"ctime": (TIME_MIN, TIME_MAX, "a 64-bit time")}
 DIGITS_MAX = 19  # decimal digits that may still be in range (leading zeros aside)
 SHOWN_MAX = 40  # characters of a bad value a message shows
+NAME_SHOWN_MAX = 4096  # bytes of a member's name a message shows whole
 
 _OCTAL_DIGITS = b"01234567"
 _OCTAL_TEXT = b"01234567 \x00"
@@ -351,7 +352,7 @@ class TarReader:
     def where(self, member: Member | None = None, offset: int | None = None) -> str:
         """`SOURCE: member 'NAME' at byte N` (N: the member's header) or `SOURCE: byte N`."""
         if member is not None:
-            return f"{self.name}: member '{shown_path(member.path)}' at byte {member.offset}"
+            return f"{self.name}: member '{shown_name(member.path)}' at byte {member.offset}"
         return f"{self.name}: byte {self.offset if offset is None else offset}"
 
     def error(self, what: str, member: Member | None = None, offset: int | None = None) -> InputError:
@@ -394,7 +395,7 @@ class TarReader:
         if self._ended:
             context = " after the end-of-archive marker"
         elif self._last is not None:
-            context = f" after member '{shown_path(self._last.path)}'"
+            context = f" after member '{shown_name(self._last.path)}'"
         else:
             context = " before the first member"
         if self._member is not None:  # `where` names the member's header: say where inside
@@ -857,6 +858,14 @@ class TarReader:
             if not chunk:
                 return
             self._base += len(chunk)
+
+
+def shown_name(raw: bytes) -> str:
+    """A member's name or link target for a message: whole up to PATH_MAX bytes, the start
+    and its length beyond (a PAX path may be megabytes, and the message is one line)."""
+    if len(raw) > NAME_SHOWN_MAX:
+        return f"{shown_path(raw[:200])}… ({len(raw)} bytes)"
+    return shown_path(raw)
 
 
 def _shown_value(value: bytes) -> str:
