@@ -428,6 +428,8 @@ def sparse_cases() -> dict:
                               r"\(format 1\.0\): it does not end within the member's data", 1024),
         "sparse-1.0-junk": (sparse(b"1\nzz\n".ljust(512, b"\0") + b"abc", major=b"1", minor=b"0", realsize=b"10"),
                             r"\(format 1\.0\): zz is not a decimal", 1024),
+        "sparse-bomb": (sparse(b"a", map=b"0,1", numblocks=b"1", size=b"%d" % (1 << 53)),
+                        r"sparse holes of 9007199254740991 bytes so far: refused as a bomb", 1024),
         "sparse-on-symlink": (archive(member(b"l", typeflag=b"2", linkname=b"t", pax={b"GNU.sparse.map": b""})),
                               r"not a regular file", 1024),
         "sparse-global": (archive(header(b"g", b"g", size=len(pax_records({b"GNU.sparse.map": b"0,1"})))
@@ -546,6 +548,20 @@ def test_sparse_data_through_every_reading_path(tmp_path):
             assert node.content == data
         else:
             assert (tmp_path / "s" / node.payload.decode()).read_bytes() == data
+
+
+def test_sparse_holes_add_up_across_members(tmp_path):
+    """The bound on holes is on the archive's total: three members of 400 MiB holes each (the
+    third goes past 1 GiB plus 1024 bytes per archive byte) stop at the third, before its data."""
+    import io
+
+    data = archive(*(member(b"s%d" % i, b"a", pax={b"GNU.sparse.map": b"0,1", b"GNU.sparse.numblocks": b"1",
+                                                   b"GNU.sparse.size": b"%d" % (400 << 20)}) for i in range(3)))
+    seen = []
+    with pytest.raises(InputError, match=r"member 's2' at byte 5120: sparse holes of 1258291197 bytes so far"):
+        for m in tarstream.TarReader(io.BytesIO(data)).members():
+            seen.append((m.path, m.size))
+    assert seen == [(b"s0", 400 << 20), (b"s1", 400 << 20)]
 
 
 HOSTILE = hostile_cases()

@@ -33,7 +33,8 @@ bits of type and permissions, negative ones; in header fields, base-256 included
 `size`, `uid`, `gid`, `mtime`, `atime` and `ctime` records, global ones too; GNU tar refuses
 them too, but for modes and negative base-256 ids, which it masks and wraps), sparse maps
 that do not describe the member's data (out of order, past the file's end, holding more or
-fewer bytes than the member), old GNU sparse files (type `S`: umoci and containers/storage
+fewer bytes than the member), holes adding up to more than 1 GiB plus 1024 bytes per byte of the
+archive (a sparse bomb: every zero is hashed and stored), old GNU sparse files (type `S`: umoci and containers/storage
 refuse them too) and the other GNU types (`D`, `M`, `N`) and unknown type flags (nothing a layer
 should hold; extracting them as regular files would give the wrong tree), extension headers
 over 16 MiB, and an archive that ends early — inside a header or a member's data, or without
@@ -122,6 +123,10 @@ SCHILY_XATTR = b"SCHILY.xattr."
 SPARSE = b"GNU.sparse."
 SPARSE_ENTRIES_MAX = 1 << 20  # data regions of one sparse file (its map is held in memory)
 ZEROS = bytes(CHUNK)  # a hole is handed out as slices of this
+# Holes cost what data costs (every zero is hashed and stored) but take no room in the archive:
+# their total is bounded like a decompression ratio, about what gzip gives for zeros.
+HOLES_FREE = 1 << 30
+HOLES_PER_BYTE = 1024
 LIBARCHIVE_XATTR = b"LIBARCHIVE.xattr."
 RHT_SELINUX = b"RHT.security.selinux"
 SELINUX = b"security.selinux"
@@ -328,6 +333,7 @@ class TarReader:
         self._holes: list[tuple[int, int]] | None = None
         self._region = 0  # the next of them
         self._logical = 0
+        self._hole_bytes = 0  # in every sparse member so far
         self._globals: dict[bytes, bytes] = {}
         self._global_xattrs: dict[bytes, tuple[bytes, int]] = {}
 
@@ -581,6 +587,12 @@ class TarReader:
                 regions.append((offset, length))
         if data != self._left:
             raise self.error(f"bad sparse map: its regions hold {data} bytes, the member's data is {self._left}", m)
+        self._hole_bytes += m.size - data
+        allowed = HOLES_FREE + HOLES_PER_BYTE * self.offset
+        if self._hole_bytes > allowed:
+            raise self.error(f"sparse holes of {self._hole_bytes} bytes so far: refused as a bomb (every zero is"
+                             f" hashed and stored; at most {HOLES_FREE >> 30} GiB plus {HOLES_PER_BYTE} per byte of"
+                             f" the archive read, {allowed} here)", m)
         self._holes = regions
         self._region = 0
         self._logical = m.size
