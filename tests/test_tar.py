@@ -520,6 +520,20 @@ def test_pax_sparse_files_as_gnu_tar_extracts_them(version, tmp_path, cfsc):
     check_against_extraction(cfsc, layer, tmp_path)
 
 
+def test_sparse_archive_is_reproducible(tmp_path, cfsc):
+    """`check --reproducible` reorders the members: a sparse member ends where its data regions
+    end, not at its file size (the reordered archive was cut wrong and lost entries)."""
+    src = tmp_path / "src"
+    _sparse_files(src)
+    (src / "d").mkdir()
+    (src / "d" / "after").write_bytes(b"after the sparse ones")
+    layer = tmp_path / "sparse.tar"
+    subprocess.run(["tar", "--sparse", "--format=posix", "--sparse-version=1.0", "-C", str(src), "-cf", str(layer),
+                    "."], check=True)
+    p = cfsc("check", "--reproducible", str(layer))
+    assert p.returncode == 0 and p.stdout.decode().endswith("one digest\n"), p.stdout.decode()
+
+
 def test_sparse_data_through_every_reading_path(tmp_path):
     """A crafted 0.1 member read inline, whole and streamed: the same bytes as the file."""
     def sparse(name: bytes, size: int, regions: list[tuple[int, bytes]]) -> bytes:

@@ -353,6 +353,12 @@ class TarReader:
     def offset(self) -> int:
         return self._base + self._pos
 
+    @property
+    def member_end(self) -> int:
+        """Where the current member's data (as the archive holds it: a sparse member's map and
+        data regions) and its padding end."""
+        return self.offset + self._left + self._pad
+
     # -- errors -----------------------------------------------------------------------------
 
     def where(self, member: Member | None = None, offset: int | None = None) -> str:
