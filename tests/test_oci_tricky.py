@@ -24,8 +24,8 @@ from __future__ import annotations
 import io
 import os
 import shutil
-import subprocess
 import tarfile
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -41,7 +41,7 @@ pytestmark = [pytest.mark.tools, pytest.mark.root,
 
 BUILD = r"""
 set -e
-W=$1; S="--root $W/root --runroot $W/run --storage-driver overlay"
+W=$1; S="--root $W/root --runroot $2 --storage-driver overlay"
 mkdir -p $W/t1; cd $W/t1
 mkdir -p d/sub opq/inner rep hl ns
 echo a > d/sub/f; echo b > opq/inner/g; echo c > opq/h
@@ -152,15 +152,18 @@ def _oracle(w: Path, layout: str, name: str) -> list[bytes]:
 @pytest.fixture(scope="module")
 def tricky(tmp_path_factory):
     w = tmp_path_factory.mktemp("tricky")
+    run = Path(tempfile.mkdtemp(prefix="rr", dir="/tmp"))  # podman refuses a runroot of more than 50 characters
     try:
-        yield _build(w)
+        yield _build(w, run)
     finally:
         unmount_below(w)
+        unmount_below(run)
+        shutil.rmtree(run, ignore_errors=True)
 
 
-def _build(w: Path) -> dict:
-    sh("bash", "-c", BUILD, "build", str(w))
-    store = f"containers-storage:[overlay@{w}/root+{w}/run]"
+def _build(w: Path, run: Path) -> dict:
+    sh("bash", "-c", BUILD, "build", str(w), str(run))
+    store = f"containers-storage:[overlay@{w}/root+{run}]"
     src = store + "localhost/tr:4"
     forms = {}
     for name, fmt in (("gzip", "gzip"), ("zstd", "zstd"), ("zstd-chunked", "zstd:chunked")):
@@ -168,7 +171,7 @@ def _build(w: Path) -> dict:
         forms[name] = [f"oci:{w}/{name}:4"]
     sh("skopeo", "copy", "-q", src, f"oci-archive:{w}/img.tar:4")
     forms["oci-archive"] = [f"oci-archive:{w}/img.tar:4"]
-    sh("podman", "--root", f"{w}/root", "--runroot", f"{w}/run", "--storage-driver", "overlay", "save", "-q", "-o",
+    sh("podman", "--root", f"{w}/root", "--runroot", str(run), "--storage-driver", "overlay", "save", "-q", "-o",
        f"{w}/podman.tar", "localhost/tr:4")
     forms["docker-archive"] = [f"docker-archive:{w}/podman.tar"]
     forms["containers-storage"] = ["containers-storage:localhost/tr:4", "--storage-root", f"{w}/root"]

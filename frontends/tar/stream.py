@@ -118,15 +118,9 @@ _OCTAL_DIGITS = b"01234567"
 _OCTAL_TEXT = b"01234567 \x00"
 _PAD = b" \x00"
 _PAX_MTIME = re.compile(rb"(-?)([0-9]+)(?:\.([0-9]*))?")
-_DECIMAL = re.compile(rb"[0-9]+")
+DECIMAL = re.compile(rb"[0-9]+")
 SCHILY_XATTR = b"SCHILY.xattr."
-SPARSE = b"GNU.sparse."
-SPARSE_ENTRIES_MAX = 1 << 20  # data regions of one sparse file (its map is held in memory)
-ZEROS = bytes(CHUNK)  # a hole is handed out as slices of this
-# Holes cost what data costs (every zero is hashed and stored) but take no room in the archive:
-# their total is bounded like a decompression ratio, about what gzip gives for zeros.
-HOLES_FREE = 1 << 30
-HOLES_PER_BYTE = 1024
+SPARSE = b"GNU.sparse."  # PAX records of a sparse file (`sparse`)
 LIBARCHIVE_XATTR = b"LIBARCHIVE.xattr."
 RHT_SELINUX = b"RHT.security.selinux"
 SELINUX = b"security.selinux"
@@ -263,7 +257,7 @@ def pax_time(value: bytes) -> tuple[int, int]:
 
 def pax_number(value: bytes, key: bytes) -> int:
     """A PAX decimal number for `key` (a RANGES key); OverflowError when out of its range."""
-    if not _DECIMAL.fullmatch(value):
+    if not DECIMAL.fullmatch(value):
         raise ValueError(value)
     if len(value.lstrip(b"0")) > DIGITS_MAX or out_of_range(key, int(value)):
         raise OverflowError(value)
@@ -282,7 +276,7 @@ def parse_pax(data: bytes) -> list[tuple[bytes, bytes]]:
             break
         space = data.find(b" ", pos, pos + 21)
         length = data[pos:space]
-        if space < 0 or not _DECIMAL.fullmatch(length):
+        if space < 0 or not DECIMAL.fullmatch(length):
             raise ValueError(f"bad PAX record at +{pos}: expected 'LENGTH KEY=VALUE\\n'")
         stop = pos + int(length)
         if stop > end or stop <= space + 1 or data[stop - 1] != 0x0A:
@@ -328,12 +322,8 @@ class TarReader:
         self._left = 0  # unread data bytes of the current member
         self._pad = 0  # padding after them
         self._member: Member | None = None
-        # A sparse member (PAX GNU.sparse.*): its data regions (offset, length) still to come,
-        # in the file, and the bytes of the file (holes included) not yet handed out.
-        self._holes: list[tuple[int, int]] | None = None
-        self._region = 0  # the next of them
-        self._logical = 0
-        self._hole_bytes = 0  # in every sparse member so far
+        self._sparse = None  # the current member's `sparse.Sparse`, if it is one
+        self.hole_bytes = 0  # in every sparse member so far (`sparse` bounds them)
         self._globals: dict[bytes, bytes] = {}
         self._global_xattrs: dict[bytes, tuple[bytes, int]] = {}
 
@@ -352,6 +342,11 @@ class TarReader:
     @property
     def offset(self) -> int:
         return self._base + self._pos
+
+    @property
+    def data_left(self) -> int:
+        """What the archive still holds of the current member's data."""
+        return self._left
 
     @property
     def member_end(self) -> int:
@@ -464,7 +459,7 @@ class TarReader:
 
     def read(self, n: int) -> bytes:
         """The next `n` bytes of the current member's data."""
-        if self._holes is not None:
+        if self._sparse is not None:
             return b"".join(self.chunks(n))
         if n > self._left:
             raise ValueError("read past the member's data")
@@ -476,11 +471,14 @@ class TarReader:
 
     def chunks(self, n: int) -> Iterator[bytes]:
         """The next `n` bytes of the current member's data, in pieces as they come."""
-        if self._holes is not None:
-            return self._sparse_chunks(n)
-        return self._chunks(n)
+        if self._sparse is not None:
+            from cfsc.frontends.tar import sparse
 
-    def _chunks(self, n: int) -> Iterator[bytes]:
+            return sparse.expand(self, self._sparse, n)
+        return self.stored_chunks(n)
+
+    def stored_chunks(self, n: int) -> Iterator[bytes]:
+        """The next `n` bytes the archive holds for the member (a sparse one's data regions)."""
         if n > self._left:
             raise ValueError("read past the member's data")
         while n:
@@ -495,138 +493,6 @@ class TarReader:
             self._left -= take
             n -= take
             yield self._buf if take == len(self._buf) else self._buf[pos:pos + take]
-
-    def _sparse_chunks(self, n: int) -> Iterator[bytes]:
-        """The next `n` bytes of a sparse member's file: zeros for the holes, the archive's
-        bytes for the data regions."""
-        regions = self._holes
-        assert regions is not None and self._member is not None
-        if n > self._logical:
-            raise ValueError("read past the member's data")
-        size = self._member.size
-        while n:
-            at = size - self._logical  # the file offset of the next byte
-            i = self._region
-            offset, length = regions[i] if i < len(regions) else (size, 0)
-            if at < offset:  # in a hole
-                take = min(offset - at, n, CHUNK)
-                self._logical -= take
-                n -= take
-                yield ZEROS if take == CHUNK else ZEROS[:take]
-                continue
-            take = min(offset + length - at, n)
-            for piece in self._chunks(take):
-                self._logical -= len(piece)
-                yield piece
-            n -= take
-            if at + take == offset + length:
-                self._region = i + 1
-
-    def _sparse(self, m: Member, records: list[tuple[bytes, bytes]]) -> None:
-        """A PAX sparse member, read as Go's archive/tar reads it (and so umoci and
-        containers/storage): GNU tar's formats 0.0 (`GNU.sparse.offset`/`numbytes` pairs), 0.1
-        (`GNU.sparse.map`, `numblocks` regions) and 1.0 (`GNU.sparse.major=1`, `minor=0`: the map
-        as decimal lines in the data's first blocks).  `GNU.sparse.name` is the member's name,
-        `GNU.sparse.size` (0.x) or `realsize` (1.0) the file's size; the archive holds only the
-        data regions, which must be in order, inside the file and fill the member's data
-        exactly.  Any other version is refused (Go would extract the raw data as the file)."""
-        if m.type not in DATA_TYPES:
-            raise self.error("PAX GNU.sparse.* records on a member that is not a regular file", m)
-        keys: dict[bytes, bytes] = {}
-        pairs: list[bytes] = []  # 0.0: offset, numbytes, offset, … in record order
-        for key, value in records:
-            if key == b"GNU.sparse.offset" or key == b"GNU.sparse.numbytes":
-                if (key == b"GNU.sparse.offset") != (len(pairs) % 2 == 0):
-                    raise self.error(f"bad PAX record {shown_path(key)}: GNU.sparse.offset and numbytes must"
-                                     " alternate, offset first (sparse format 0.0)", m)
-                pairs.append(value)
-            else:
-                keys[key] = value
-        self._left, self._pad = m.size, -m.size % BLOCK  # what the archive holds: the map (1.0), the data
-        version = keys.get(b"GNU.sparse.major"), keys.get(b"GNU.sparse.minor")
-        if version == (b"1", b"0"):
-            numbers = self._sparse_map_1_0(m)
-        elif version not in ((None, None), (b"0", b"0"), (b"0", b"1")):
-            raise self.error(f"GNU sparse format {_shown_value(version[0] or b'?')}.{_shown_value(version[1] or b'?')}"
-                             " is not supported: expected 0.0, 0.1 or 1.0", m)
-        elif b"GNU.sparse.map" in keys:
-            text = keys[b"GNU.sparse.map"]
-            numbers = text.split(b",") if text else []
-            count = keys.get(b"GNU.sparse.numblocks")
-            if count is None or not _DECIMAL.fullmatch(count) or int(count) * 2 != len(numbers):
-                raise self.error(f"bad PAX record GNU.sparse.numblocks={_shown_value(count or b'')}: expected the"
-                                 f" number of regions GNU.sparse.map lists ({len(numbers) // 2})", m)
-        elif pairs:
-            if len(pairs) % 2:
-                raise self.error("bad PAX records: a GNU.sparse.offset without its GNU.sparse.numbytes", m)
-            numbers = pairs
-        else:
-            raise self.error("PAX GNU.sparse.* records without a sparse map (expected GNU.sparse.map,"
-                             " GNU.sparse.offset/numbytes, or major=1 and minor=0)", m)
-        name = keys.get(b"GNU.sparse.name")
-        if name:
-            m.path = name
-        size = keys.get(b"GNU.sparse.size", keys.get(b"GNU.sparse.realsize"))
-        if size is not None:
-            try:
-                m.size = pax_number(size, b"size")
-            except (ValueError, OverflowError):
-                raise self.error(f"bad PAX record GNU.sparse.size={_shown_value(size)}: expected a decimal number"
-                                 f" from 0 to {SIZE_MAX}", m) from None
-        if len(numbers) > 2 * SPARSE_ENTRIES_MAX:
-            raise self.error(f"a sparse map of {len(numbers) // 2} regions: at most {SPARSE_ENTRIES_MAX} are accepted",
-                             m)
-        regions = []
-        end = data = 0
-        for i in range(0, len(numbers), 2):
-            try:
-                offset, length = pax_number(numbers[i], b"size"), pax_number(numbers[i + 1], b"size")
-            except (ValueError, OverflowError):
-                raise self.error(f"bad sparse map: region {i // 2} is {_shown_value(numbers[i])},"
-                                 f"{_shown_value(numbers[i + 1])}, expected decimal OFFSET,LENGTH", m) from None
-            if offset < end or offset + length > m.size:
-                raise self.error(f"bad sparse map: region {i // 2} ({offset}+{length}) overlaps the one before or"
-                                 f" ends past the file's {m.size} bytes", m)
-            end = offset + length
-            data += length
-            if length:
-                regions.append((offset, length))
-        if data != self._left:
-            raise self.error(f"bad sparse map: its regions hold {data} bytes, the member's data is {self._left}", m)
-        self._hole_bytes += m.size - data
-        allowed = HOLES_FREE + HOLES_PER_BYTE * self.offset
-        if self._hole_bytes > allowed:
-            raise self.error(f"sparse holes of {self._hole_bytes} bytes so far: refused as a bomb (every zero is"
-                             f" hashed and stored; at most {HOLES_FREE >> 30} GiB plus {HOLES_PER_BYTE} per byte of"
-                             f" the archive read, {allowed} here)", m)
-        self._holes = regions
-        self._region = 0
-        self._logical = m.size
-
-    def _sparse_map_1_0(self, m: Member) -> list[bytes]:
-        """The sparse map at the start of a 1.0 member's data: the number of regions, then each
-        one's offset and length, a decimal per line, padded to whole blocks."""
-        numbers: list[bytes] = []
-        want = -1
-        rest = b""
-        read = 0
-        while want < 0 or len(numbers) < want:
-            if read >= EXTENDED_MAX or self._left < BLOCK:
-                raise self.error("bad sparse map (format 1.0): it does not end within the member's data"
-                                 f" (or within {EXTENDED_MAX} bytes)", m)
-            *lines, rest = (rest + self.read(BLOCK)).split(b"\n")
-            read += BLOCK
-            for line in lines:
-                if not _DECIMAL.fullmatch(line) or len(line) > DIGITS_MAX:
-                    raise self.error(f"bad sparse map (format 1.0): {_shown_value(line)} is not a decimal number", m)
-                if want < 0:
-                    want = 2 * int(line)
-                    if want > 2 * SPARSE_ENTRIES_MAX:
-                        raise self.error(f"a sparse map of {want // 2} regions: at most {SPARSE_ENTRIES_MAX} are"
-                                         " accepted", m)
-                elif len(numbers) < want:
-                    numbers.append(line)
-        return numbers
 
     def _truncated(self) -> InputError:
         m = self._member
@@ -707,7 +573,7 @@ class TarReader:
             if self._left or self._pad:
                 self._skip_rest()
             self._member = None
-            self._holes = None
+            self._sparse = None
             start = self._base + self._pos
             block = self._buf[self._pos:self._pos + BLOCK]
             if len(block) == BLOCK:
@@ -748,7 +614,10 @@ class TarReader:
                 if typeflag == REGULAR_OLD and m.path.endswith(b"/"):
                     m.type = DIRECTORY
                 if sparse is not None:
-                    self._sparse(m, sparse)
+                    from cfsc.frontends.tar import sparse as sparse_files  # rare: loaded when needed
+
+                    self._left, self._pad = m.size, -m.size % BLOCK  # the map (1.0) and the data regions
+                    self._sparse = sparse_files.parse(self, m, sparse)
                 elif m.type in DATA_TYPES:
                     self._left = m.size
                     self._pad = -m.size % BLOCK
@@ -855,10 +724,10 @@ class TarReader:
                     pax_time(value)
             except OverflowError:
                 lo, hi, what = RANGES[key]
-                raise self.error(f"bad PAX record {shown_path(key)}={_shown_value(value)}: out of range {lo}..{hi}"
+                raise self.error(f"bad PAX record {shown_path(key)}={shown_value(value)}: out of range {lo}..{hi}"
                                  f" ({what})", m) from None
             except ValueError:
-                raise self.error(f"bad PAX record {shown_path(key)}={_shown_value(value)}: expected a decimal"
+                raise self.error(f"bad PAX record {shown_path(key)}={shown_value(value)}: expected a decimal"
                                  + (" time" if key in RANGES and key.endswith(b"time") else " number"), m) from None
         if xattrs:
             if m.xattrs is None:
@@ -886,7 +755,7 @@ def shown_name(raw: bytes) -> str:
     return shown_path(raw)
 
 
-def _shown_value(value: bytes) -> str:
+def shown_value(value: bytes) -> str:
     """A PAX value for a one-line message: escaped, and cut short (it may be megabytes)."""
     if len(value) > SHOWN_MAX:
         return f"{shown_path(value[:SHOWN_MAX])}… ({len(value)} bytes)"

@@ -13,7 +13,11 @@ from pathlib import Path
 
 
 def sh(*args: str, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run(args, check=True, capture_output=True, **kw)
+    """Run a tool; on failure the error shows what it printed."""
+    p = subprocess.run(args, capture_output=True, **kw)
+    if p.returncode:
+        raise AssertionError(f"{' '.join(args)}: exit {p.returncode}: {p.stderr.decode(errors='replace')[-2000:]}")
+    return p
 
 
 def containerd_estargz(work: Path, archive: Path, name: str = "localhost/img", tag: str = "2") -> Path | None:
