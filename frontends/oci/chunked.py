@@ -26,7 +26,10 @@ fs-verity digest (it would need the data).  Files of 1..64 bytes are inlined lik
 else, so their data is read: only their own few compressed bytes are decompressed, and checked
 against the TOC's digest.  The eStargz metadata entries (`stargz.index.json`,
 `.prefetch.landmark`, `.no.prefetch.landmark`) never reach the tree, in either mode.  TOC-only
-reads trust the TOC: the layer blob's digest cannot be checked without reading the blob.
+reads trust the TOC: the layer blob's digest cannot be checked without reading the blob.  The
+TOC's writers (Go) spell a name that is not UTF-8 with U+FFFD, losing it: a name or link target
+holding U+FFFD is refused with --toc-only (the full read takes it from the tar header).  An
+empty layer's TOC may say `"entries":null` (a Go nil slice): no entries.
 """
 
 from __future__ import annotations
