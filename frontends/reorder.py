@@ -159,7 +159,7 @@ def shuffle_tar(source, out, seed: int) -> None:
                         barrier = barrier or h[TYPEFLAG] in (PAX_GLOBAL, VOLUME_LABEL)
                         size = number(h[SIZE])
                         pos += BLOCK + size + -size % BLOCK
-                    end = reader.offset + m.size + -m.size % BLOCK
+                    end = reader.member_end  # not `size`: a sparse member's is the file's
                     if barrier:
                         fixed.append((start, end))
                         runs.append([])

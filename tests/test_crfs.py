@@ -709,3 +709,17 @@ def test_finding_entries_twice_on_the_command_line(cfsc, tmp_path):
     assert p.returncode == 2 and not (tmp_path / "out.cfs").exists()
     assert p.stderr.decode().splitlines() == [f"error: {source}: entries: duplicate key: a JSON object may give a"
                                               " key once (readers disagree on which value counts)"]
+
+
+def test_finding_deep_name_is_refused_in_bounded_memory(cfsc, tmp_path):
+    """A 1 MB name of 500,000 components (its parents implied) took 24 GB and was killed: every
+    prefix was kept as a key.  Paths are at most PATH_MAX bytes, as for every source."""
+    source = tmp_path / "t.json"
+    source.write_text(json.dumps({"version": 1, "entries": [{"type": "reg", "name": "a/" * 500_000 + "f"}]}))
+    p = cfsc("compile", "--from", "crfs", str(source), "-o", str(tmp_path / "out.cfs"))
+    assert p.returncode == 2 and not (tmp_path / "out.cfs").exists()
+    assert p.stderr.decode().splitlines() == [f"error: {source}: entries[0].name: the parent directory is a path of"
+                                              " 999999 bytes: at most 4095, as for every source"]
+    longest = "/".join(["d" * 254] * 16) + "/" + "f" * 14  # 4095 bytes
+    source.write_text(json.dumps({"version": 1, "entries": [{"type": "reg", "name": longest}]}))
+    assert cfsc("compile", "--from", "crfs", str(source), "-o", str(tmp_path / "out.cfs")).returncode == 0

@@ -19,16 +19,14 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
-import tempfile
-import time
 from pathlib import Path
 
 import pytest
 
 from cfsc.store.locks import LOCK_NAME
 
+from tests.helpers.containers import containerd_estargz, expand_links, sh, unmount_below
 from tests.helpers.data import run_cfsc
 
 TOOLS = ("buildah", "podman", "skopeo", "umoci", "containerd", "ctr", "ctr-remote")
@@ -58,62 +56,13 @@ buildah $S commit -q $c img:2 >/dev/null; buildah $S rm $c >/dev/null
 """
 
 
-def sh(*args: str, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run(args, check=True, capture_output=True, **kw)
-
-
-def _containerd_estargz(work: Path, archive: Path) -> Path | None:
-    """The image converted to eStargz by ctr-remote, through a containerd of our own
-    (temporary root, state and socket; stopped before returning).  None if it cannot run."""
-    if shutil.which("containerd") is None or shutil.which("ctr-remote") is None:
-        return None
-    base = Path(tempfile.mkdtemp(prefix="cd", dir="/tmp"))  # a socket path must stay short
-    config = base / "config.toml"
-    config.write_text(f"""version = 2
-root = "{base}/root"
-state = "{base}/state"
-disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.btrfs",
-  "io.containerd.snapshotter.v1.zfs", "io.containerd.snapshotter.v1.devmapper", "io.containerd.snapshotter.v1.aufs",
-  "io.containerd.tracing.processor.v1.otlp", "io.containerd.internal.v1.opt"]
-[grpc]
-  address = "{base}/sock"
-[ttrpc]
-  address = "{base}/sock.ttrpc"
-[debug]
-  address = ""
-[metrics]
-  address = ""
-""")
-    daemon = subprocess.Popen(["containerd", "--config", str(config)], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        sock = base / "sock"
-        for _ in range(100):
-            if sock.exists():
-                break
-            time.sleep(0.05)
-        ctr = ["-a", str(sock), "-n", "cfsc"]
-        sh("ctr", *ctr, "images", "import", "--base-name", "localhost/img", str(archive))
-        sh("ctr-remote", *ctr, "images", "convert", "--estargz", "--oci", "localhost/img:2", "localhost/img:esgz")
-        out = work / "esgz.tar"
-        sh("ctr", *ctr, "images", "export", "--platform", "linux/amd64", str(out), "localhost/img:esgz")
-        layout = work / "esgz"
-        layout.mkdir()
-        sh("tar", "-xf", str(out), "-C", str(layout))
-        return layout
-    finally:
-        os.killpg(daemon.pid, signal.SIGTERM)
-        daemon.wait(10)
-        shutil.rmtree(base, ignore_errors=True)
-
-
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):
     w = tmp_path_factory.mktemp("oci")
     try:
         yield _build_images(w)
     finally:
-        _unmount_below(w)
+        unmount_below(w)
 
 
 def _build_images(w: Path) -> dict:
@@ -136,7 +85,7 @@ def _build_images(w: Path) -> dict:
     sh("buildah", *s, "manifest", "push", "-q", "--all", "multi", f"oci:{w}/multi:latest")
     refs["multi-arch"] = f"oci:{w}/multi:latest"
     refs["containers-storage"] = "containers-storage:localhost/img:2"
-    esgz = _containerd_estargz(w, w / "img.tar")
+    esgz = containerd_estargz(w, w / "img.tar")
     if esgz is not None:
         refs["estargz"] = f"oci:{esgz}:esgz"
     sh("umoci", "unpack", "--image", f"{w}/gzip:2", str(w / "bundle"))
@@ -152,15 +101,6 @@ def _build_images(w: Path) -> dict:
     return {"dir": w, "refs": refs, "storage_root": str(w / "root"), "rootfs": w / "bundle" / "rootfs"}
 
 
-def _unmount_below(top: Path) -> None:
-    """containers-storage leaves its overlay directory bind-mounted on itself: undo that (and
-    any other mount below `top`), deepest first, so the temporary directory can go."""
-    with open("/proc/self/mountinfo") as f:
-        points = [line.split()[4] for line in f]
-    for point in sorted((p for p in points if p.startswith(str(top) + "/")), reverse=True):
-        subprocess.run(["umount", point], capture_output=True)
-
-
 def cfsc_ok(*args: str) -> bytes:
     p = run_cfsc(*args)
     assert p.returncode == 0, p.stderr.decode()
@@ -172,23 +112,6 @@ def source_args(images, name: str) -> list[str]:
     if ref is None:
         pytest.skip(f"no {name} image: containerd or ctr-remote is missing or did not start")
     return [ref, "--storage-root", images["storage_root"]] if name == "containers-storage" else [ref]
-
-
-def expand_links(dump: bytes) -> list[bytes]:
-    """Dump lines with hard links undone (each name its own inode, nlink 1: what mkcomposefs
-    makes of a directory) and the root line left out."""
-    lines = dump.splitlines()
-    by_path = {line.split(b" ", 1)[0]: line for line in lines}
-    out = []
-    for line in lines[1:]:
-        f = line.split(b" ")
-        if f[2].startswith(b"@"):
-            target = by_path[f[8]].split(b" ")
-            f = [f[0], *target[1:]]
-        if f[2].startswith(b"10"):
-            f[3] = b"1"
-        out.append(b" ".join(f))
-    return out
 
 
 @pytest.fixture(scope="module")

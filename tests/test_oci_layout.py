@@ -167,3 +167,35 @@ def test_reference_syntax(tmp_path):
         reference.parse("containers-storage:[vfs@/s]x")
     with pytest.raises(UsageError):
         reference.parse("docker-archive:/x:@first")
+
+
+def test_toc_only_inline_file_over_a_zstd_bomb(tmp_path):
+    """A TOC entry of 10 bytes whose data range holds a zstd frame of 1 GiB of zeros: --toc-only
+    decompresses at most 11 bytes of it (it decompressed the whole frame into memory), and
+    the digest mismatch is a located error."""
+    import resource
+
+    import zstandard
+
+    from bench.fuzzing.targets import oci_archive
+
+    out = io.BytesIO()
+    with zstandard.ZstdCompressor().stream_writer(out, closefd=False) as w:
+        for _ in range(64):
+            w.write(bytes(16 << 20))
+    bomb = out.getvalue()
+    top = layer({"small": b"0123456789"})
+    entries = [{"type": "reg", "name": "small", "size": 10, "digest": sha(b"0123456789"), "offset": 0,
+                "endOffset": len(bomb), "mode": 0o100644}]
+    chunked, notes = oci_archive._zstd_chunked(top, entries)
+    blob = bomb + chunked  # the TOC's offsets count from the blob's start: the bomb comes first there
+    position = notes["io.github.containers.zstd-chunked.manifest-position"].split(":")
+    notes["io.github.containers.zstd-chunked.manifest-position"] = ":".join(
+        [str(int(position[0]) + len(bomb)), *position[1:]])
+    notes.pop("io.github.containers.zstd-chunked.manifest-checksum")
+    path = tmp_path / "image.tar"
+    path.write_bytes(oci_archive._image([(blob, top, "application/vnd.oci.image.layer.v1.tar+zstd", notes)]))
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(InputError, match=r"TOC entries\[0\]: digest: the 10 bytes at byte 0 do not hash"):
+        frontends.load([f"oci-archive:{path}:{oci_archive.TAG}"], Options(toc_only=True))
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 256 << 10  # KiB: far below the GiB

@@ -349,6 +349,13 @@ def hostile_cases():
                             1024),
         "link-dotdot": (archive(member(b"l", typeflag=b"1", linkname=b"../../etc/shadow")), r"contains '\.\.'", 0),
         "link-missing": (archive(member(b"l", typeflag=b"1", linkname=b"nowhere")), r"which does not exist", 0),
+        "link-to-itself": (archive(member(b"d/a", b"a"), member(b"./d/a", typeflag=b"1", linkname=b"d//a")),
+                           r"member '\./d/a' at byte 1024: hard link to itself \('d//a'\)", 1024),
+        "link-to-itself-missing": (archive(member(b"a", typeflag=b"1", linkname=b"a")), r"which does not exist", 0),
+        "path-too-long": (archive(member(b"f", b"x", pax={b"path": b"d/" * 2048 + b"f"})),
+                          r"member name is a path of 4098 bytes: at most 4096", 5120),
+        "link-path-too-long": (archive(member(b"t", b"x"), member(b"l", typeflag=b"1", pax={b"linkpath": b"a/" * 2100})),
+                               r"member 'l' at byte 6144: hard-link target is a path of 4200 bytes: at most 4096", 6144),
         "link-to-later": (archive(member(b"l", typeflag=b"1", linkname=b"t"), member(b"t", b"x")),
                           r"which does not exist", 0),
         "link-to-dir": (archive(member(b"d/", typeflag=b"5"), member(b"l", typeflag=b"1", linkname=b"d")),
@@ -378,8 +385,10 @@ def hostile_cases():
                                   r"PaxHeaders/x.* at byte 0: .*not base64", 0),
         "pax-without-member": (archive(member(b"x", b"", pax={b"path": b"p"})[:1024]), r"byte 0: an extended header"
                                r" is not followed by a member", 0),
-        "gnu-sparse": (archive(member(b"sparse", b"", typeflag=b"S")), r"GNU sparse files are not supported", 0),
-        "pax-sparse": (archive(member(b"s", b"", pax={b"GNU.sparse.major": b"1"})), r"sparse files", 0),
+        "gnu-sparse": (archive(member(b"sparse", b"", typeflag=b"S")), r"old GNU sparse files \(type S\) are not supported", 0),
+        "pax-sparse-version": (archive(member(b"s", b"", pax={b"GNU.sparse.major": b"2", b"GNU.sparse.minor": b"0"})),
+                               r"GNU sparse format 2\.0 is not supported: expected 0\.0, 0\.1 or 1\.0", 1024),
+        **sparse_cases(),
         "unknown-type": (archive(member(b"what", b"", typeflag=b"Z")), r"unknown type flag b'Z'", 0),
         "huge-pax-header": (archive(header(b"x", b"x", size=64 << 20)), r"extended header of 67108864 bytes", 0),
         "bare-whiteout": (archive(member(b"d/.wh.", b"")), r"whiteout '\.wh\.' names no entry", 0),
@@ -394,6 +403,38 @@ def hostile_cases():
                             r"member 'a\\x00b/\.\./c' at byte 1024: member name 'a\\x00b/\.\./c' contains a NUL byte", 1024),
         "nul-in-pax-linkpath": (archive(member(b"t", b"t"), member(b"l", typeflag=b"1", pax={b"linkpath": b"t\0\n"})),
                                 r"hard-link target 't\\x00\\n' contains a NUL byte", 2048),
+    }
+
+
+def sparse_cases() -> dict:
+    """Sparse maps that do not describe the member's data (PAX formats 0.0, 0.1, 1.0)."""
+    def sparse(data: bytes = b"abc", **pax) -> bytes:
+        return archive(member(b"s", data, pax={b"GNU.sparse." + k.encode(): v for k, v in pax.items()}))
+
+    return {
+        "sparse-no-map": (sparse(size=b"10"), r"GNU.sparse.\* records without a sparse map", 1024),
+        "sparse-map-overlap": (sparse(b"abcd", map=b"0,2,1,2", numblocks=b"2", size=b"10"), r"region 1 \(1\+2\) overlaps",
+                               1024),
+        "sparse-map-past-end": (sparse(map=b"8,3", numblocks=b"1", size=b"10"), r"ends past the file's 10 bytes", 1024),
+        "sparse-map-short-data": (sparse(map=b"0,2", numblocks=b"1", size=b"10"),
+                                  r"its regions hold 2 bytes, the member's data is 3", 1024),
+        "sparse-map-long-data": (sparse(map=b"0,2,5,2", numblocks=b"2", size=b"10"),
+                                 r"its regions hold 4 bytes, the member's data is 3", 1024),
+        "sparse-numblocks": (sparse(map=b"0,3", numblocks=b"2", size=b"10"), r"GNU.sparse.numblocks=2", 1024),
+        "sparse-map-junk": (sparse(map=b"0,x", numblocks=b"1", size=b"10"), r"region 0 is 0,x", 1024),
+        "sparse-size-junk": (sparse(map=b"0,3", numblocks=b"1", size=b"-1"), r"GNU.sparse.size=-1", 1024),
+        "sparse-0.0-unpaired": (sparse(offset=b"0"), r"GNU.sparse.offset without", 1024),
+        "sparse-1.0-no-map": (sparse(b"3\n0\n", major=b"1", minor=b"0", realsize=b"10"),
+                              r"\(format 1\.0\): it does not end within the member's data", 1024),
+        "sparse-1.0-junk": (sparse(b"1\nzz\n".ljust(512, b"\0") + b"abc", major=b"1", minor=b"0", realsize=b"10"),
+                            r"\(format 1\.0\): zz is not a decimal", 1024),
+        "sparse-bomb": (sparse(b"a", map=b"0,1", numblocks=b"1", size=b"%d" % (1 << 53)),
+                        r"sparse holes of 9007199254740991 bytes so far: refused as a bomb", 1024),
+        "sparse-on-symlink": (archive(member(b"l", typeflag=b"2", linkname=b"t", pax={b"GNU.sparse.map": b""})),
+                              r"not a regular file", 1024),
+        "sparse-global": (archive(header(b"g", b"g", size=len(pax_records({b"GNU.sparse.map": b"0,1"})))
+                                  + padded(pax_records({b"GNU.sparse.map": b"0,1"})), member(b"f", b"x")),
+                          r"a global PAX header holds GNU.sparse.map", 0),
     }
 
 
@@ -447,6 +488,96 @@ def out_of_range_cases() -> dict:
     }
 
 
+def _sparse_files(src: Path) -> None:
+    """Sparse files of every layout GNU tar maps differently (holes found by SEEK_HOLE)."""
+    src.mkdir()
+    layouts = {"hole-data-hole": [(1 << 20, b"mid")], "data-hole-data": [(0, b"head"), (3 << 20, b"tail")],
+               "many": [(i * 8192, b"%d" % i) for i in range(300)]}  # a 1.0 map over several blocks
+    for name, pieces in layouts.items():
+        with open(src / name, "wb") as f:
+            for offset, data in pieces:
+                f.seek(offset)
+                f.write(data)
+            f.truncate(max(offset + len(data) for offset, data in pieces) + (2 << 20 if name != "data-hole-data" else 0))
+    (src / "all-hole").write_bytes(b"")
+    os.truncate(src / "all-hole", 5 << 20)
+    (src / "tiny-hole").write_bytes(b"")
+    os.truncate(src / "tiny-hole", 40)  # all zeros, inline
+
+
+@pytest.mark.parametrize("version", ["0.0", "0.1", "1.0"])
+def test_pax_sparse_files_as_gnu_tar_extracts_them(version, tmp_path, cfsc):
+    """GNU tar's PAX sparse formats (Go's archive/tar reads them too, so umoci and
+    containers/storage extract them; they were refused): the holes are zeros, the name and
+    size are the real ones."""
+    src = tmp_path / "src"
+    _sparse_files(src)
+    layer = tmp_path / "sparse.tar"
+    subprocess.run(["tar", "--sparse", "--format=posix", f"--sparse-version={version}", "-C", str(src), "-cf",
+                    str(layer), "."], check=True)
+    assert layer.stat().st_size * 4 < sum(p.stat().st_size for p in src.iterdir())  # the holes are not in it
+    assert b"GNU.sparse." in layer.read_bytes()
+    check_against_extraction(cfsc, layer, tmp_path)
+
+
+def test_sparse_archive_is_reproducible(tmp_path, cfsc):
+    """`check --reproducible` reorders the members: a sparse member ends where its data regions
+    end, not at its file size (the reordered archive was cut wrong and lost entries)."""
+    src = tmp_path / "src"
+    _sparse_files(src)
+    (src / "d").mkdir()
+    (src / "d" / "after").write_bytes(b"after the sparse ones")
+    layer = tmp_path / "sparse.tar"
+    subprocess.run(["tar", "--sparse", "--format=posix", "--sparse-version=1.0", "-C", str(src), "-cf", str(layer),
+                    "."], check=True)
+    p = cfsc("check", "--reproducible", str(layer))
+    assert p.returncode == 0 and p.stdout.decode().endswith("one digest\n"), p.stdout.decode()
+
+
+def test_sparse_data_through_every_reading_path(tmp_path):
+    """A crafted 0.1 member read inline, whole and streamed: the same bytes as the file."""
+    def sparse(name: bytes, size: int, regions: list[tuple[int, bytes]]) -> bytes:
+        numbers = b",".join(b"%d,%d" % (o, len(d)) for o, d in regions)
+        return member(b"GNUSparseFile.0/" + name, b"".join(d for _, d in regions),
+                      pax={b"GNU.sparse.map": numbers, b"GNU.sparse.numblocks": b"%d" % len(regions),
+                           b"GNU.sparse.name": name, b"GNU.sparse.size": b"%d" % size})
+
+    def expanded(size: int, regions: list[tuple[int, bytes]]) -> bytes:
+        out = bytearray(size)
+        for o, d in regions:
+            out[o:o + len(d)] = d
+        return bytes(out)
+
+    cases = {b"inline": (50, [(10, b"abc"), (40, b"z")]),
+             b"whole": (100_000, [(0, b"x" * 5000), (70_000, b"y" * 100)]),
+             b"streamed": (9 << 20, [(1, b"q" * 3000), ((4 << 20) - 7, b"w" * (2 << 20)), ((9 << 20) - 1, b"e")]),
+             b"empty-map": (3 << 20, [])}
+    tree = load(archive(*(sparse(n, size, r) for n, (size, r) in cases.items())), tmp_path,
+                digest_store=str(tmp_path / "s"))
+    for name, (size, regions) in cases.items():
+        node = tree.lookup(name)
+        assert node.size == size
+        data = expanded(size, regions)
+        if node.content is not None:
+            assert node.content == data
+        else:
+            assert (tmp_path / "s" / node.payload.decode()).read_bytes() == data
+
+
+def test_sparse_holes_add_up_across_members(tmp_path):
+    """The bound on holes is on the archive's total: three members of 400 MiB holes each (the
+    third goes past 1 GiB plus 1024 bytes per archive byte) stop at the third, before its data."""
+    import io
+
+    data = archive(*(member(b"s%d" % i, b"a", pax={b"GNU.sparse.map": b"0,1", b"GNU.sparse.numblocks": b"1",
+                                                   b"GNU.sparse.size": b"%d" % (400 << 20)}) for i in range(3)))
+    seen = []
+    with pytest.raises(InputError, match=r"member 's2' at byte 5120: sparse holes of 1258291197 bytes so far"):
+        for m in tarstream.TarReader(io.BytesIO(data)).members():
+            seen.append((m.path, m.size))
+    assert seen == [(b"s0", 400 << 20), (b"s1", 400 << 20)]
+
+
 HOSTILE = hostile_cases()
 
 
@@ -467,6 +598,24 @@ def test_absolute_and_odd_paths_stay_inside(tmp_path):
     assert tree.lookup(b"x/y/z").is_dir()
     assert tree.lookup(b"dot").content == b"d"
     assert sorted(tree.root.children) == [b"abs", b"dot", b"x"]
+
+
+def test_paths_up_to_path_max(tmp_path, cfsc):
+    """A member's path is at most PATH_MAX bytes as an absolute path, as for every source (no
+    extractor can create a longer one).  A 4 MB PAX path made 2 million directories in memory
+    (2 GB, 24 s) and an image; now it is refused at once, in a one-line message that shows the
+    start of the name and its length."""
+    longest = b"/".join([b"d" * 254] * 16)  # 16 components of 255 bytes with their `/`: 4080
+    longest += b"/" + b"f" * (4096 - 4080 - 2)
+    tree = load(archive(member(b"x", b"x", pax={b"path": longest})), tmp_path)
+    assert tree.lookup(longest).content == b"x"
+    deep = tmp_path / "deep.tar"
+    deep.write_bytes(archive(member(b"f", b"x", pax={b"path": b"a/" * 2_000_000 + b"f"})))
+    p = cfsc("compile", str(deep), "-o", str(tmp_path / "out.cfs"))
+    err = p.stderr.decode()
+    assert p.returncode == 2 and err.count("\n") == 1 and len(err) < 600, err[:600]
+    assert "… (4000001 bytes)' at byte " in err and "a path of 4000002 bytes: at most 4096" in err
+    assert not (tmp_path / "out.cfs").exists()
 
 
 def test_hostile_on_the_command_line(tmp_path, cfsc):

@@ -442,6 +442,10 @@ class _Builder(_Columns):
 
     def parents(self, path: bytes) -> Inode:
         """The directory at `path`, making missing ones (040755 0:0 mtime 0)."""
+        if len(path) >= limits.PATH_MAX:
+            # Every prefix is kept in `dirs`: a 1 MB name of 500,000 components took 24 GB.
+            raise _Bad("name", f"the parent directory is a path of {len(path)} bytes: at most {limits.PATH_MAX - 1},"
+                               " as for every source")
         node = self.root
         done = b""
         for part in path.split(b"/"):

@@ -26,7 +26,10 @@ fs-verity digest (it would need the data).  Files of 1..64 bytes are inlined lik
 else, so their data is read: only their own few compressed bytes are decompressed, and checked
 against the TOC's digest.  The eStargz metadata entries (`stargz.index.json`,
 `.prefetch.landmark`, `.no.prefetch.landmark`) never reach the tree, in either mode.  TOC-only
-reads trust the TOC: the layer blob's digest cannot be checked without reading the blob.
+reads trust the TOC: the layer blob's digest cannot be checked without reading the blob.  The
+TOC's writers (Go) spell a name that is not UTF-8 with U+FFFD, losing it: a name or link target
+holding U+FFFD is refused with --toc-only (the full read takes it from the tar header).  An
+empty layer's TOC may say `"entries":null` (a Go nil slice): no entries.
 """
 
 from __future__ import annotations
@@ -44,7 +47,17 @@ import orjson
 from cfsc.base import rfc3339
 from cfsc.base.errors import InputError, shown_path
 from cfsc.base.limits import INLINE_MAX
-from cfsc.frontends.tar.stream import BLOCKDEV, CHAR, DIRECTORY, FIFO, HARDLINK, REGULAR, SYMLINK, Member
+from cfsc.frontends.tar.stream import (
+    BLOCKDEV,
+    CHAR,
+    DIRECTORY,
+    FIFO,
+    HARDLINK,
+    REGULAR,
+    SYMLINK,
+    Member,
+    shown_name,
+)
 
 from .blobs import Blob
 
@@ -96,7 +109,10 @@ def read_toc(blob: Blob, kind: str, annotations: dict) -> dict:
         doc = orjson.loads(data)
     except orjson.JSONDecodeError as e:
         raise InputError(f"the TOC is not valid JSON: {e}", blob.name) from None
-    if not isinstance(doc, dict) or not isinstance(doc.get("entries"), list):
+    if isinstance(doc, dict) and doc.get("entries") is None:
+        # An empty layer: containers/storage (Go) writes its nil slice as `"entries":null`.
+        doc["entries"] = []
+    if not isinstance(doc, dict) or not isinstance(doc["entries"], list):
         raise InputError("the TOC: expected an object with an `entries` array", blob.name)
     return doc
 
@@ -237,7 +253,7 @@ class TocReader:
     def error(self, what: str, member: Member | None = None, offset: int | None = None) -> InputError:
         where = f"{self.name}: TOC entries[{self._index}]"
         if member is not None:
-            where += f" '{shown_path(member.path)}'"
+            where += f" '{shown_name(member.path)}'"
         return InputError(what, where)
 
     def _bad(self, key: str, what: str) -> InputError:
@@ -270,6 +286,11 @@ class TocReader:
         v = e.get(key, "")
         if not isinstance(v, str):
             raise self._bad(key, "expected a string")
+        if "\ufffd" in v:
+            # Go's JSON writer puts U+FFFD for every byte that is not UTF-8: the tar header
+            # holds the name, the TOC only a lossy spelling of it.
+            raise self._bad(key, f"{ascii(v)} holds U+FFFD, which the TOC's writer puts for bytes that are not UTF-8:"
+                                 " the name is lost in the TOC (compile without --toc-only: the tar has it)")
         return v.encode("utf-8", "surrogateescape")
 
     def member(self, e: dict, t: bytes) -> Member:
@@ -331,8 +352,10 @@ class TocReader:
                 raise self._bad("endOffset", f"expected an offset after {offset}, inside the blob")
             import zstandard
 
-            try:
-                data = zstandard.ZstdDecompressor().decompressobj().decompress(self.blob.pread(offset, end - offset))
+            try:  # at most `size` + 1 bytes out, whatever the frame holds (a bomb costs nothing)
+                with zstandard.ZstdDecompressor().stream_reader(io.BytesIO(self.blob.pread(offset, end - offset)),
+                                                                read_across_frames=True) as z:
+                    data = z.read(size + 1)
             except zstandard.ZstdError as e:
                 raise self._bad("offset", f"the data at byte {offset} does not decompress: {e}") from None
         else:

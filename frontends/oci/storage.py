@@ -19,7 +19,9 @@ tar-split's JSON lines): a directory its tar did not list, and the diff director
 are left out, so they are implied as for every other transport (040755 0:0 mtime 0) instead
 of taking the mode and the unpack time the store gave them; a tar that lists `./` gives the
 root the metadata of that member, read from the header bytes tar-split keeps (the store does
-not apply it to the diff directory).  Without that file every directory
+not apply it to the diff directory).  An mtime before 1970 (or after 2262) is read from there
+too: the store sets such times to the epoch on its files, while the layer and every export of
+the image keep them.  Without that file every directory
 counts as listed.  The store verified each layer when it was pulled; its diff is trusted as is.
 """
 
@@ -41,6 +43,10 @@ _HEX = re.compile(r"[0-9a-f]{3,64}")
 OPAQUE_XATTRS = (b"trusted.overlay.opaque", b"user.overlay.opaque")
 OVERLAY_PREFIXES = (b"trusted.overlay.", b"user.overlay.")
 CHUNK = 1 << 20
+BLOCK = 512
+MTIME_OFFSET = 136  # of the mtime field in a tar header
+UNIX_MAX_SECONDS = ((1 << 63) - 1) // 1_000_000_000  # Go's unixMaxTime: the nanoseconds fit an int64
+_FAR_PAX_MTIME = re.compile(rb"[0-9] mtime=(?:-|9[2-9][0-9]{8}|[0-9]{11})")  # before 1970, or from 2261 on
 
 
 def _load_json(path: str, what: str):
@@ -125,17 +131,19 @@ def layers(ref: Reference) -> list:
     return [DiffLayer(ref.path, layer_id) for layer_id in chain]
 
 
-def _listed(root: str, layer_id: str) -> tuple[set[bytes] | None, Member | None]:
-    """The paths the layer's tar listed (from its tar-split), cleaned, and the tar's own
-    member for the root if it listed `./` (the store does not apply that one to the diff
-    directory, whose root keeps the mode and time the store gave it); (None, None) if the
-    store recorded no tar-split."""
+def _listed(root: str, layer_id: str) -> tuple[set[bytes] | None, Member | None, dict]:
+    """The paths the layer's tar listed (from its tar-split), cleaned; the tar's own member
+    for the root if it listed `./` (the store does not apply that one to the diff directory,
+    whose root keeps the mode and time the store gave it); and the mtimes the store could not
+    give its files, by path (see `_unsettable_time`).  (None, None, {}) if the store recorded
+    no tar-split."""
     path = os.path.join(root, "overlay-layers", layer_id + ".tar-split.gz")
     try:
         f = gzip.open(path, "rb")
     except FileNotFoundError:
-        return None, None
+        return None, None, {}
     names: set[bytes] = set()
+    times: dict[bytes, tuple[int, int]] = {}
     segments: list[bytes] = []  # raw tar bytes since the last entry: the next entry's headers
     root_member = None
     try:
@@ -151,12 +159,31 @@ def _listed(root: str, layer_id: str) -> tuple[set[bytes] | None, Member | None]
                     "utf-8", "surrogateescape")
                 name = b"/".join(p for p in raw.split(b"/") if p and p != b".")
                 names.add(name)
+                headers = b"".join(segments)
                 if not name and root_member is None:
-                    root_member = _header_member(b"".join(segments), path)
+                    root_member = _header_member(headers, path)
+                elif _unsettable_time(headers):
+                    try:
+                        m = _header_member(headers, path)
+                    except InputError:  # a member that needs its data to be read (a sparse map)
+                        m = None
+                    if m is not None and not 0 <= m.mtime <= UNIX_MAX_SECONDS:
+                        times[name] = (m.mtime, m.mtime_nsec)
                 segments = []
     except (OSError, EOFError, orjson.JSONDecodeError, ValueError, KeyError, TypeError) as e:
         raise InputError(f"cannot read the layer's tar-split: {e}", path) from None
-    return names, root_member
+    return names, root_member, times
+
+
+def _unsettable_time(headers: bytes) -> bool:
+    """Might these headers hold an mtime before 1970 or after 2262?  The store sets those to
+    the epoch on the files it unpacks (containers/storage `pkg/system.Chtimes`: "os.Chtimes
+    has undefined behavior" outside that range), but the layer, the tar-split and every export
+    of the image keep the header's.  Go writes such a time as a PAX `mtime` record (or GNU
+    base-256, whose first byte has the top bit set): only those headers are parsed (GNU tar
+    writes a PAX mtime for every member, so the record's value is looked at too)."""
+    return _FAR_PAX_MTIME.search(headers) is not None or (
+        len(headers) >= BLOCK and headers[-BLOCK + MTIME_OFFSET] & 0x80 != 0)
 
 
 def _header_member(raw: bytes, where: str) -> Member | None:
@@ -186,15 +213,17 @@ class DiffLayer:
         diff = os.path.join(self.root, "overlay", self.layer_id, "diff")
         if not os.path.isdir(diff):
             raise InputError("missing: the layer's diff directory is not there", diff)
-        listed, root_member = _listed(self.root, self.layer_id)
-        return DiffReader(diff, listed, root_member)
+        listed, root_member, times = _listed(self.root, self.layer_id)
+        return DiffReader(diff, listed, root_member, times)
 
 
 class DiffReader:
     """The layer merge's reader protocol over a diff directory (see the module docstring)."""
 
-    def __init__(self, top: str, listed: set[bytes] | None, root_member: Member | None = None) -> None:
+    def __init__(self, top: str, listed: set[bytes] | None, root_member: Member | None = None,
+                 times: dict | None = None) -> None:
         self.top = os.fsencode(top)
+        self.times = times or {}  # path → the tar's mtime, where the store could not set it
         self.root_member = root_member
         self.name = top
         self.listed = listed
@@ -301,6 +330,8 @@ class DiffReader:
         m = Member(self.offset, t, path, b"", stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, 0,
                    st.st_mtime_ns // 1_000_000_000, 0, 0)
         m.mtime_nsec = st.st_mtime_ns % 1_000_000_000
+        if self.times and path in self.times:
+            m.mtime, m.mtime_nsec = self.times[path]
         if xattrs:
             m.xattrs = xattrs
         return m

@@ -17,7 +17,7 @@ The tree an archive gives (what GNU tar extracting it as root with `-p --same-ow
 * hard links (type `1`) name an inode already in the tree (an earlier member, or a lower
   layer): one inode, `nlink` = its names.  The home entry is the first name in depth-first
   name order, as the directory frontend chooses it.  A link to a path that does not exist
-  (yet) or to a directory is an error.
+  (yet), to a directory or to itself is an error (umoci and containers/storage fail on each).
 * directories the archive never lists (parents of members) are implied: 040755, owner 0:0,
   mtime 0 (the same defaults as the CRFS frontend, composefs-from-json and containers/storage;
   a fixed default keeps images reproducible where an extractor would use the current time).
@@ -112,6 +112,7 @@ from cfsc.frontends.tar.stream import (
     Member,
     TarReader,
     header_ok,
+    shown_name,
 )
 
 IMPLIED_MODE = S_IFDIR | 0o755
@@ -225,7 +226,8 @@ class _Builder:
             return
         head, _, name = raw.rpartition(b"/")
         parent = self.dirs.get(head)
-        if parent is None or name in NOT_NAMES or len(name) > limits.NAME_MAX or b"\0" in raw:
+        if (parent is None or name in NOT_NAMES or len(name) > limits.NAME_MAX or b"\0" in raw
+                or len(raw) >= limits.PATH_MAX):
             resolved = self.resolve(m, head, name)
             if resolved is None:
                 self.root_entry(m)
@@ -337,14 +339,20 @@ class _Builder:
 
     def clean(self, raw: bytes, m: Member, what: str) -> list[bytes]:
         if b"\0" in raw:  # only PAX records can hold one; GNU tar would cut the name there
-            raise self.error(f"{what} '{shown_path(raw)}' contains a NUL byte: no file name can", m)
+            raise self.error(f"{what} '{shown_name(raw)}' contains a NUL byte: no file name can", m)
         parts = [p for p in raw.split(b"/") if p and p != b"."]
         if b".." in parts:
-            raise self.error(f"{what} '{shown_path(raw)}' contains '..': refused (it could leave the root;"
+            raise self.error(f"{what} '{shown_name(raw)}' contains '..': refused (it could leave the root;"
                              " GNU tar refuses it too)", m)
         for p in parts:
             if len(p) > limits.NAME_MAX:
                 raise self.error(f"{what} has a component of {len(p)} bytes: at most {limits.NAME_MAX}", m)
+        length = len(parts) + sum(map(len, parts))  # as an absolute path: `/` before each component
+        if length > limits.PATH_MAX:
+            # No extractor can create it (the kernel's PATH_MAX; GNU tar, umoci and
+            # containers/storage fail), and each component would be a directory in memory: a
+            # 4 MB PAX path made 2 million of them.
+            raise self.error(f"{what} is a path of {length} bytes: at most {limits.PATH_MAX}, as for every source", m)
         return parts
 
     def walk(self, parts: list[bytes], m: Member) -> Inode:
@@ -448,12 +456,17 @@ class _Builder:
         if target is None:
             where = ("earlier in this layer (AUFS link files are per layer)" if len(parts) == 2 and parts[0] == AUFS_LINKS
                      else "earlier in the archive (or in a lower layer)")
-            raise self.error(f"hard link to '{shown_path(m.linkpath)}', which does not exist: the target must"
+            raise self.error(f"hard link to '{shown_name(m.linkpath)}', which does not exist: the target must"
                              f" come {where}", m)
         if target.children is not None:
-            raise self.error(f"hard link to the directory '{shown_path(m.linkpath)}': expected a file", m)
+            raise self.error(f"hard link to the directory '{shown_name(m.linkpath)}': expected a file", m)
         if parent.children.get(name) is target:  # type: ignore[union-attr]
-            return
+            if parts[-1] == name and self.lookup(parts[:-1]) is parent:
+                # A link to itself: container extractors (umoci, containers/storage) remove
+                # the member's path before linking, so its target is gone and they fail; GNU
+                # tar leaves the file.  An image must not depend on which one extracted it.
+                raise self.error(f"hard link to itself ('{shown_name(m.linkpath)}'): expected another file", m)
+            return  # the same link again
         self.place(parent, name, target, link=True)
         self.linked.add(target)
 

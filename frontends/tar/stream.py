@@ -10,7 +10,9 @@ straight from the decompressor: nothing is extracted to disk.
 What is understood (inputs.md §2.2–2.4): ustar (the `prefix` field), GNU `L`/`K` long names,
 PAX `x` records `path`, `linkpath`, `size`, `uid`, `gid`, `mtime` (fractions kept to the
 nanosecond, negative times allowed), `SCHILY.xattr.*`, `LIBARCHIVE.xattr.*` (URL-encoded name,
-base64 value; SCHILY wins when both name the same xattr) and `RHT.security.selinux`; PAX `g`
+base64 value; SCHILY wins when both name the same xattr), `RHT.security.selinux` and GNU tar's
+PAX sparse files (`GNU.sparse.*`, formats 0.0, 0.1 and 1.0: holes read as zeros, as Go's
+`archive/tar` reads them and so umoci and containers/storage extract them); PAX `g`
 records give defaults for `uid`, `gid`, `mtime` and xattrs of every later member (a global
 `path`, `linkpath` or `size` would name or size every member alike and is ignored; `atime` and
 `ctime` are checked, like a member's); base-256 numbers; checksums summed over signed bytes
@@ -29,8 +31,11 @@ decompressed stream): bad checksums, malformed numbers and PAX records, numbers 
 cannot have (`RANGES`: times and sizes beyond 64 bits, ids beyond 32, modes beyond the 16
 bits of type and permissions, negative ones; in header fields, base-256 included, and in PAX
 `size`, `uid`, `gid`, `mtime`, `atime` and `ctime` records, global ones too; GNU tar refuses
-them too, but for modes and negative base-256 ids, which it masks and wraps), GNU and PAX
-sparse files and the other GNU types (`S`, `D`, `M`, `N`) and unknown type flags (nothing a layer
+them too, but for modes and negative base-256 ids, which it masks and wraps), sparse maps
+that do not describe the member's data (out of order, past the file's end, holding more or
+fewer bytes than the member), holes adding up to more than 1 GiB plus 1024 bytes per byte of the
+archive (a sparse bomb: every zero is hashed and stored), old GNU sparse files (type `S`: umoci and containers/storage
+refuse them too) and the other GNU types (`D`, `M`, `N`) and unknown type flags (nothing a layer
 should hold; extracting them as regular files would give the wrong tree), extension headers
 over 16 MiB, and an archive that ends early — inside a header or a member's data, or without
 the end-of-archive zero block (an archive missing it cannot be told from one cut at a member
@@ -85,7 +90,8 @@ GNU_LONGNAME = b"L"
 GNU_LONGLINK = b"K"
 VOLUME_LABEL = b"V"
 UNSUPPORTED = {
-    b"S": "GNU sparse files are not supported (OCI layers should not use them)",
+    b"S": "old GNU sparse files (type S) are not supported (umoci and containers/storage refuse them too;"
+          " GNU tar --format=posix writes sparse files they all read)",
     b"D": "GNU dump directories are not supported",
     b"M": "multi-volume archives are not supported",
     b"N": "old GNU long-name records are not supported",
@@ -106,13 +112,15 @@ RANGES = {b"mode": (0, MODE_MAX, "the file type and permission bits"), b"uid": (
           b"ctime": (TIME_MIN, TIME_MAX, "a 64-bit time")}
 DIGITS_MAX = 19  # decimal digits that may still be in range (leading zeros aside)
 SHOWN_MAX = 40  # characters of a bad value a message shows
+NAME_SHOWN_MAX = 4096  # bytes of a member's name a message shows whole
 
 _OCTAL_DIGITS = b"01234567"
 _OCTAL_TEXT = b"01234567 \x00"
 _PAD = b" \x00"
 _PAX_MTIME = re.compile(rb"(-?)([0-9]+)(?:\.([0-9]*))?")
-_DECIMAL = re.compile(rb"[0-9]+")
+DECIMAL = re.compile(rb"[0-9]+")
 SCHILY_XATTR = b"SCHILY.xattr."
+SPARSE = b"GNU.sparse."  # PAX records of a sparse file (`sparse`)
 LIBARCHIVE_XATTR = b"LIBARCHIVE.xattr."
 RHT_SELINUX = b"RHT.security.selinux"
 SELINUX = b"security.selinux"
@@ -249,7 +257,7 @@ def pax_time(value: bytes) -> tuple[int, int]:
 
 def pax_number(value: bytes, key: bytes) -> int:
     """A PAX decimal number for `key` (a RANGES key); OverflowError when out of its range."""
-    if not _DECIMAL.fullmatch(value):
+    if not DECIMAL.fullmatch(value):
         raise ValueError(value)
     if len(value.lstrip(b"0")) > DIGITS_MAX or out_of_range(key, int(value)):
         raise OverflowError(value)
@@ -268,7 +276,7 @@ def parse_pax(data: bytes) -> list[tuple[bytes, bytes]]:
             break
         space = data.find(b" ", pos, pos + 21)
         length = data[pos:space]
-        if space < 0 or not _DECIMAL.fullmatch(length):
+        if space < 0 or not DECIMAL.fullmatch(length):
             raise ValueError(f"bad PAX record at +{pos}: expected 'LENGTH KEY=VALUE\\n'")
         stop = pos + int(length)
         if stop > end or stop <= space + 1 or data[stop - 1] != 0x0A:
@@ -314,6 +322,8 @@ class TarReader:
         self._left = 0  # unread data bytes of the current member
         self._pad = 0  # padding after them
         self._member: Member | None = None
+        self._sparse = None  # the current member's `sparse.Sparse`, if it is one
+        self.hole_bytes = 0  # in every sparse member so far (`sparse` bounds them)
         self._globals: dict[bytes, bytes] = {}
         self._global_xattrs: dict[bytes, tuple[bytes, int]] = {}
 
@@ -333,12 +343,23 @@ class TarReader:
     def offset(self) -> int:
         return self._base + self._pos
 
+    @property
+    def data_left(self) -> int:
+        """What the archive still holds of the current member's data."""
+        return self._left
+
+    @property
+    def member_end(self) -> int:
+        """Where the current member's data (as the archive holds it: a sparse member's map and
+        data regions) and its padding end."""
+        return self.offset + self._left + self._pad
+
     # -- errors -----------------------------------------------------------------------------
 
     def where(self, member: Member | None = None, offset: int | None = None) -> str:
         """`SOURCE: member 'NAME' at byte N` (N: the member's header) or `SOURCE: byte N`."""
         if member is not None:
-            return f"{self.name}: member '{shown_path(member.path)}' at byte {member.offset}"
+            return f"{self.name}: member '{shown_name(member.path)}' at byte {member.offset}"
         return f"{self.name}: byte {self.offset if offset is None else offset}"
 
     def error(self, what: str, member: Member | None = None, offset: int | None = None) -> InputError:
@@ -381,7 +402,7 @@ class TarReader:
         if self._ended:
             context = " after the end-of-archive marker"
         elif self._last is not None:
-            context = f" after member '{shown_path(self._last.path)}'"
+            context = f" after member '{shown_name(self._last.path)}'"
         else:
             context = " before the first member"
         if self._member is not None:  # `where` names the member's header: say where inside
@@ -438,6 +459,8 @@ class TarReader:
 
     def read(self, n: int) -> bytes:
         """The next `n` bytes of the current member's data."""
+        if self._sparse is not None:
+            return b"".join(self.chunks(n))
         if n > self._left:
             raise ValueError("read past the member's data")
         data = self._take(n)
@@ -448,6 +471,14 @@ class TarReader:
 
     def chunks(self, n: int) -> Iterator[bytes]:
         """The next `n` bytes of the current member's data, in pieces as they come."""
+        if self._sparse is not None:
+            from cfsc.frontends.tar import sparse
+
+            return sparse.expand(self, self._sparse, n)
+        return self.stored_chunks(n)
+
+    def stored_chunks(self, n: int) -> Iterator[bytes]:
+        """The next `n` bytes the archive holds for the member (a sparse one's data regions)."""
         if n > self._left:
             raise ValueError("read past the member's data")
         while n:
@@ -534,6 +565,7 @@ class TarReader:
     def members(self) -> Iterator[Member]:
         pax: dict[bytes, bytes] | None = None
         pax_xattrs: dict[bytes, tuple[bytes, int]] | None = None
+        sparse: list[tuple[bytes, bytes]] | None = None  # the member's GNU.sparse.* records, in order
         longname = longlink = None
         pending = -1  # offset of an extension header still waiting for its member
         unpack = HEADER.unpack
@@ -541,6 +573,7 @@ class TarReader:
             if self._left or self._pad:
                 self._skip_rest()
             self._member = None
+            self._sparse = None
             start = self._base + self._pos
             block = self._buf[self._pos:self._pos + BLOCK]
             if len(block) == BLOCK:
@@ -580,12 +613,17 @@ class TarReader:
                     self._apply(m, pax, pax_xattrs)
                 if typeflag == REGULAR_OLD and m.path.endswith(b"/"):
                     m.type = DIRECTORY
-                if m.type in DATA_TYPES:
+                if sparse is not None:
+                    from cfsc.frontends.tar import sparse as sparse_files  # rare: loaded when needed
+
+                    self._left, self._pad = m.size, -m.size % BLOCK  # the map (1.0) and the data regions
+                    self._sparse = sparse_files.parse(self, m, sparse)
+                elif m.type in DATA_TYPES:
                     self._left = m.size
                     self._pad = -m.size % BLOCK
                 else:
                     m.size = 0
-                pax = pax_xattrs = longname = longlink = None
+                pax = pax_xattrs = sparse = longname = longlink = None
                 pending = -1
                 self._last = m
                 yield m
@@ -631,9 +669,10 @@ class TarReader:
                         if pax_xattrs is None:
                             pax_xattrs = {}
                         self._xattr(pax_xattrs, key, value, m)
-                    elif key.startswith(b"GNU.sparse."):
-                        raise self.error("GNU sparse files (PAX GNU.sparse.*) are not supported"
-                                         " (OCI layers should not use them)", m)
+                    elif key.startswith(SPARSE):
+                        if sparse is None:
+                            sparse = []
+                        sparse.append((key, value))
                     else:
                         pax[key] = value
             if pending < 0:
@@ -645,8 +684,9 @@ class TarReader:
                 self._globals[key] = value
             elif _is_xattr_key(key):
                 self._xattr(self._global_xattrs, key, value, m)
-            elif key.startswith(b"GNU.sparse."):
-                raise self.error("GNU sparse files (PAX GNU.sparse.*) are not supported", m)
+            elif key.startswith(SPARSE):
+                raise self.error(f"a global PAX header holds {shown_path(key)}: sparse records describe one"
+                                 " member's data, never every member's", m)
 
     def _xattr(self, xattrs: dict, key: bytes, value: bytes, m: Member) -> None:
         """SCHILY (raw value) beats LIBARCHIVE (base64) beats RHT for the same name."""
@@ -684,10 +724,10 @@ class TarReader:
                     pax_time(value)
             except OverflowError:
                 lo, hi, what = RANGES[key]
-                raise self.error(f"bad PAX record {shown_path(key)}={_shown_value(value)}: out of range {lo}..{hi}"
+                raise self.error(f"bad PAX record {shown_path(key)}={shown_value(value)}: out of range {lo}..{hi}"
                                  f" ({what})", m) from None
             except ValueError:
-                raise self.error(f"bad PAX record {shown_path(key)}={_shown_value(value)}: expected a decimal"
+                raise self.error(f"bad PAX record {shown_path(key)}={shown_value(value)}: expected a decimal"
                                  + (" time" if key in RANGES and key.endswith(b"time") else " number"), m) from None
         if xattrs:
             if m.xattrs is None:
@@ -707,7 +747,15 @@ class TarReader:
             self._base += len(chunk)
 
 
-def _shown_value(value: bytes) -> str:
+def shown_name(raw: bytes) -> str:
+    """A member's name or link target for a message: whole up to PATH_MAX bytes, the start
+    and its length beyond (a PAX path may be megabytes, and the message is one line)."""
+    if len(raw) > NAME_SHOWN_MAX:
+        return f"{shown_path(raw[:200])}… ({len(raw)} bytes)"
+    return shown_path(raw)
+
+
+def shown_value(value: bytes) -> str:
     """A PAX value for a one-line message: escaped, and cut short (it may be megabytes)."""
     if len(value) > SHOWN_MAX:
         return f"{shown_path(value[:SHOWN_MAX])}… ({len(value)} bytes)"

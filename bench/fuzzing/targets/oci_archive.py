@@ -43,7 +43,7 @@ def _sha(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
-def _zstd_chunked(layer_tar: bytes, entries: list[dict]) -> tuple[bytes, dict]:
+def _zstd_chunked(layer_tar: bytes, entries: list[dict] | None) -> tuple[bytes, dict]:
     import zstandard
 
     body = zstandard.ZstdCompressor().compress(layer_tar)
@@ -105,12 +105,16 @@ def seeds() -> list[bytes]:
                {"type": "reg", "name": "opt/data", "size": 300, "digest": _sha(b"x" * 300), "offset": 0,
                 "endOffset": 10, "mode": 0o100644, "modtime": "2023-11-14T22:13:20Z"}]
     chunked, annotations = _zstd_chunked(top, entries)
+    empty, empty_notes = _zstd_chunked(bytes(1024), None)
     gz = gzip.compress(base, mtime=0)
     return [
         _image([(gz, base, "application/vnd.oci.image.layer.v1.tar+gzip", {})]),
         _image([(base, base, "application/vnd.oci.image.layer.v1.tar", {}),
                 (chunked, top, "application/vnd.oci.image.layer.v1.tar+zstd", annotations)]),
         _image([(chunked, top, "application/vnd.oci.image.layer.v1.tar+zstd", annotations)]),  # all TOC-only
+        # an empty zstd:chunked layer: containers/storage writes its TOC as `"entries":null`
+        _image([(chunked, top, "application/vnd.oci.image.layer.v1.tar+zstd", annotations),
+                (empty, bytes(1024), "application/vnd.oci.image.layer.v1.tar+zstd", empty_notes)]),
     ]
 
 

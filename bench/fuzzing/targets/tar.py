@@ -39,7 +39,8 @@ NUMERIC = ("mode", "uid", "gid", "size", "mtime", "devmajor", "devminor")
 TYPEFLAGS = b"01234567xgLKVSDMNZ\0"
 PAX_KEYS = (b"path", b"linkpath", b"size", b"uid", b"gid", b"mtime", b"atime", b"ctime", b"uname",
             b"SCHILY.xattr.user.a", b"SCHILY.xattr.trusted.overlay.opaque", b"LIBARCHIVE.xattr.user.%41",
-            b"RHT.security.selinux", b"GNU.sparse.major", b"comment")
+            b"RHT.security.selinux", b"GNU.sparse.major", b"GNU.sparse.map", b"GNU.sparse.size",
+            b"GNU.sparse.offset", b"GNU.sparse.numbytes", b"GNU.sparse.numblocks", b"comment")
 NAMES = (b"a", b"./b", b"/abs", b"d/e", b"d/.wh.e", b"d/.wh..wh..opq", b".wh.", b"..", b"a/../b", b"d/",
          b"x" * 300, b"l/passwd", b".wh..wh.plnk/1.2", b"n\0ul", b"./", b"")
 
@@ -116,8 +117,19 @@ def seeds() -> list[bytes]:
         _member(b"b", b"", b"1", linkname=b"a"),
         _member(b".wh.c"), _member(b"d/", typeflag=b"5"), _member(b"d/.wh..wh..opq"),
     )) + bytes(1024)
+    # PAX sparse files, formats 0.0, 0.1 and 1.0 (the data regions only, the holes implied)
+    sparse = b"".join((
+        _member(b"s0", b"abcd", pax=[(b"GNU.sparse.size", b"9000"), (b"GNU.sparse.numblocks", b"2"),
+                                     (b"GNU.sparse.offset", b"1"), (b"GNU.sparse.numbytes", b"2"),
+                                     (b"GNU.sparse.offset", b"8998"), (b"GNU.sparse.numbytes", b"2")]),
+        _member(b"GNUSparseFile.1/s1", b"xy", pax=[(b"GNU.sparse.map", b"0,1,70,1"), (b"GNU.sparse.numblocks", b"2"),
+                                                   (b"GNU.sparse.name", b"s1"), (b"GNU.sparse.size", b"71")]),
+        _member(b"GNUSparseFile.1/s2", _pad(b"2\n5\n3\n4096\n1\n") + b"abcd",
+                pax=[(b"GNU.sparse.major", b"1"), (b"GNU.sparse.minor", b"0"), (b"GNU.sparse.name", b"s2"),
+                     (b"GNU.sparse.realsize", b"5000")]),
+    )) + bytes(1024)
     empty = bytes(1024)
-    out = plain + [crafted, empty]
+    out = plain + [crafted, sparse, empty]
     out += [gzip.compress(plain[1], mtime=0), zstandard.ZstdCompressor().compress(plain[0]),
             lzma.compress(crafted)]
     return out
