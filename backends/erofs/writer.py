@@ -207,7 +207,8 @@ def _size(inodes: list[Inode], plan: _Plan, encoder: XattrEncoder, lo: int, hi: 
     xattr_size = encoder.size
     external_size = encoder.external_size
     own_size: dict[int, int] = {}  # id(xattr tuple) -> its body's size (the encoder keeps the tuple)
-    compact, heads, blocks, tails, dirs, spans = plan.compact, plan.heads, plan.blocks, plan.tails, plan.dirs, plan.spans
+    compact, heads, blocks, tails = plan.compact, plan.heads, plan.blocks, plan.tails
+    dirs, spans = plan.dirs, plan.spans
     orphans = []
     min_bits, max_bits, map_entry = EROFS_BLKSIZ_BITS, _MAX_CHUNK_BITS, EROFS_BLOCK_MAP_ENTRY_SIZE
     dirent, compact_size, extended_size = _DIRENT, _COMPACT, _EXTENDED
@@ -340,21 +341,25 @@ def write_image(tree: Tree, out: BinaryIO, split: bool | None = None) -> None:
     if fd is not None and _write_split(tree, encoder, out, fd):
         return
     plan = _plan(tree, encoder)
-    first_block, total_blocks, head, middle = _frame(tree, encoder, plan)
+    first_block, total_blocks = _blocks(plan, encoder)
+    head, middle = _frame(tree, encoder, plan, first_block, total_blocks)
     out.write(head)
     end, data_blocks = _emit(inodes, plan, encoder, 0, len(inodes), HEAD_END, first_block, out.write)
     out.write(_ZEROS[:plan.inodes_end - end] + middle)
     _write_blocks(data_blocks, out.write)
 
 
-def _frame(tree: Tree, encoder: XattrEncoder, plan: _Plan) -> tuple[int, int, bytes, bytes]:
-    """What a complete plan fixes around the inode records: the first data block, the block
-    count, the header and superblock, and the shared xattrs with the padding after them.
-    Sets the encoder's `base` (shared xattr ids count from the inode area's last block)."""
-    inodes_end = plan.inodes_end
-    data_start = (inodes_end + encoder.shared_size + BLK - 1) & ~(BLK - 1)
-    total_blocks = data_start // BLK + plan.n_data_blocks
-    encoder.base = (inodes_end % BLK) // EROFS_XATTR_ALIGN
+def _blocks(plan: _Plan, encoder: XattrEncoder) -> tuple[int, int]:
+    """The first data block and the image's block count, from a complete plan; sets the
+    encoder's `base` (shared xattr ids count from the inode area's last block)."""
+    data_start = (plan.inodes_end + encoder.shared_size + BLK - 1) & ~(BLK - 1)
+    encoder.base = (plan.inodes_end % BLK) // EROFS_XATTR_ALIGN
+    return data_start // BLK, data_start // BLK + plan.n_data_blocks
+
+
+def _frame(tree: Tree, encoder: XattrEncoder, plan: _Plan, first_block: int, total_blocks: int) -> tuple[bytes, bytes]:
+    """The bytes around the inode records: the header and superblock before, the shared
+    xattrs and the padding to the first data block after."""
     min_sec, min_nsec = plan.min_mtime
     head = COMPOSEFS_HEADER.pack(
         COMPOSEFS_MAGIC, COMPOSEFS_HEADER_VERSION,
@@ -362,19 +367,21 @@ def _frame(tree: Tree, encoder: XattrEncoder, plan: _Plan) -> tuple[int, int, by
     superblock = EROFS_SUPER_BLOCK.pack(
         EROFS_SUPER_MAGIC_V1, 0, EROFS_FEATURE_COMPAT_MTIME | EROFS_FEATURE_COMPAT_XATTR_FILTER,
         EROFS_BLKSIZ_BITS, 0, plan.nids[0], len(plan.nids), min_sec & U64, min_nsec, total_blocks,
-        0, inodes_end // BLK, b"", b"", 0, 0, 0, 0, 0, 0, 0, 0, 0)
+        0, plan.inodes_end // BLK, b"", b"", 0, 0, 0, 0, 0, 0, 0, 0, 0)
     shared_area = encoder.shared_area(tree.shared_xattrs)  # type: ignore[arg-type]
     assert len(shared_area) == encoder.shared_size
-    middle = shared_area + _ZEROS[:data_start - inodes_end - len(shared_area)]
-    return data_start // BLK, total_blocks, b"".join((head, _ZEROS[:EROFS_SUPER_OFFSET - len(head)], superblock)), middle
+    middle = shared_area + _ZEROS[:first_block * BLK - plan.inodes_end - len(shared_area)]
+    return b"".join((head, _ZEROS[:EROFS_SUPER_OFFSET - len(head)], superblock)), middle
 
 
-# The split path's messages: the parent's (where the second half starts, the first half's
-# data blocks, then its nids and the (directory, parent) pairs the child's `..` entries need)
-# and the child's (where the inode area ends, its data blocks, whether it saw an ACL key,
-# then its nids).
-_TO_CHILD = Struct("<QQQ")
-_TO_PARENT = Struct("<QQ?")
+# The split path's messages: the parent's place for the second half (the offset after the
+# first half's records, the first half's data blocks), the child's answer (where the inode
+# area ends, the second half's data blocks, whether it met an ACL key, then its nids), and
+# last the parent's nids and the (directory, parent) pairs the child's `..` entries need.
+# (The child places its half before it converts the first half's nids: that is the only
+# part of the exchange the parent waits for.)
+_PLACE = Struct("<QQ")
+_PLACED = Struct("<QQ?")
 
 
 def _write_split(tree: Tree, encoder: XattrEncoder, out: BinaryIO, fd: int) -> bool:
@@ -389,22 +396,19 @@ def _write_split(tree: Tree, encoder: XattrEncoder, out: BinaryIO, fd: int) -> b
     base = out.tell()  # where the image starts in the file
     out.flush()
 
-    def second_half(parent: forked._Line) -> None:
+    def second_half(parent: forked.Line) -> None:
         parents: dict[int, int] = {}
         orphans = _size(inodes, plan, encoder, k, n, parents)
-        message = memoryview(parent.receive())
-        pos, first_blocks, n_pairs = _TO_CHILD.unpack_from(message)
-        at = _TO_CHILD.size
-        nids[:k] = _u64s(message[at:at + 8 * k])
-        pairs = _u64s(message[at + 8 * k:])
-        assert len(pairs) == 2 * n_pairs
-        parents.update(zip(pairs[::2], pairs[1::2]))
-        _adopt(inodes, plan, orphans, parents)
+        pos, first_blocks = _PLACE.unpack(parent.receive())
         plan.inodes_end = _place(plan, k, n, pos)
         own_blocks = sum(plan.blocks[k:])
-        parent.send(_TO_PARENT.pack(plan.inodes_end, own_blocks, encoder.has_acl) + array("Q", nids[k:]).tobytes())
+        parent.send(_PLACED.pack(plan.inodes_end, own_blocks, encoder.has_acl) + array("Q", nids[k:]).tobytes())
         plan.n_data_blocks = first_blocks + own_blocks
-        first_block, _total, _head, _middle = _frame(tree, encoder, plan)
+        first_block, _total_blocks = _blocks(plan, encoder)
+        numbers = _u64s(parent.receive())
+        nids[:k] = numbers[:k]
+        parents.update(zip(numbers[k::2], numbers[k + 1::2]))
+        _adopt(inodes, plan, orphans, parents)
         k_start = nids[k] << EROFS_ISLOTBITS
         k_block = first_block + first_blocks
         write = _PWriter(fd, base + k_start)
@@ -423,20 +427,21 @@ def _write_split(tree: Tree, encoder: XattrEncoder, out: BinaryIO, fd: int) -> b
         assert not orphans
         pos = _place(plan, 0, k, HEAD_END)
         first_blocks = sum(plan.blocks[:k])
-        pairs = array("Q")
+        child.send(_PLACE.pack(pos, first_blocks))
+        numbers = array("Q", nids[:k])
         for c, p in parents.items():
             if c >= k:
-                pairs.append(c)
-                pairs.append(p)
-        child.send(b"".join((_TO_CHILD.pack(pos, first_blocks, len(pairs) // 2), array("Q", nids[:k]).tobytes(),
-                             pairs.tobytes())))
-        message = memoryview(child.receive())
-        plan.inodes_end, own_blocks, has_acl = _TO_PARENT.unpack_from(message)
-        nids[k:] = _u64s(message[_TO_PARENT.size:])
+                numbers.append(c)
+                numbers.append(p)
+        placed = memoryview(child.receive())
+        child.send(numbers.tobytes())
+        plan.inodes_end, own_blocks, has_acl = _PLACED.unpack_from(placed)
+        nids[k:] = _u64s(placed[_PLACED.size:])
         encoder.has_acl |= has_acl
         plan.n_data_blocks = first_blocks + own_blocks
         _check_root(plan, tree)
-        first_block, total_blocks, head, middle = _frame(tree, encoder, plan)
+        first_block, total_blocks = _blocks(plan, encoder)
+        head, middle = _frame(tree, encoder, plan, first_block, total_blocks)
         k_start = nids[k] << EROFS_ISLOTBITS
         out.write(head)
         end, data_blocks = _emit(inodes, plan, encoder, 0, k, HEAD_END, first_block, out.write)
@@ -450,7 +455,7 @@ def _write_split(tree: Tree, encoder: XattrEncoder, out: BinaryIO, fd: int) -> b
     return True
 
 
-def _u64s(data: memoryview) -> array:
+def _u64s(data: bytes | memoryview) -> array:
     # (`array("Q", view)` would take a memoryview's bytes one by one, as numbers)
     numbers = array("Q")
     numbers.frombytes(data)

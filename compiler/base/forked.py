@@ -179,7 +179,7 @@ class Partner:
 
     __slots__ = ("pid", "to_child", "from_child")
 
-    def __init__(self, work: Callable[[_Line], bytes | None]) -> None:
+    def __init__(self, work: Callable[[Line], bytes | None]) -> None:
         flush_standard_streams()
         down_read, down_write = os.pipe()
         try:
@@ -200,7 +200,7 @@ class Partner:
                 os.close(down_write)
                 os.close(up_read)
                 try:
-                    result = work(_Line(down_read, up_write))
+                    result = work(Line(down_read, up_write))
                     _send_frame(up_write, b"\0", result or b"")
                     status = 0
                 except BaseException as e:  # noqa: BLE001 -- every error goes to the parent
@@ -266,7 +266,7 @@ class Partner:
             self.from_child = None
 
 
-class _Line:
+class Line:
     """The child's side of a `Partner`."""
 
     __slots__ = ("inbox", "outbox")
