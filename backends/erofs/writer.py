@@ -384,15 +384,18 @@ _PLACE = Struct("<QQ")
 _PLACED = Struct("<QQ?")
 
 
-def _write_split(tree: Tree, encoder: XattrEncoder, out: BinaryIO, fd: int) -> bool:
-    """The plan and the records in two processes (module docstring); False when no child
-    can be forked (the caller writes sequentially)."""
+def _write_split(tree: Tree, encoder: XattrEncoder, out: BinaryIO, fd: int, k: int | None = None) -> bool:
+    """The plan and the records in two processes (module docstring), the child's half from
+    inode `k` (by default `_split_point`'s); False when no child can be forked (the caller
+    writes sequentially)."""
     inodes = tree.inodes
     assert inodes is not None
     n = len(inodes)
     plan = _new_plan(inodes)
     nids = plan.nids
-    k = _split_point(inodes)
+    if k is None:
+        k = _split_point(inodes)
+    assert 0 < k < n
     base = out.tell()  # where the image starts in the file
     out.flush()
 
