@@ -1,12 +1,20 @@
 """Write a compiled tree as a composefs image, byte for byte as mkcomposefs 1.0.8 does.
 
 Input: a tree that went through the whole pipeline (ordered, lowered, shared xattrs chosen).
-Two loops over the inodes: `_plan` decides each inode's size, tail, padding and nid (format
-note §2.5); `write_image` then streams the header, superblock, inodes, shared xattrs and data
-blocks.  Shared xattr ids depend on where the inode area ends, and directory entries on the
-nids of later inodes, so nothing can be emitted before the plan is complete.  Once it is,
-every record's place is known: a forked child can emit the second half (`_emit` from inode
-k) straight into the output file while this process emits the first.
+Three loops over the inodes: `_size` works out what each inode needs (record and xattr
+bytes, tail, data blocks, directory entries) wherever it goes, `_place` gives each its
+offset and nid (format note §2.5: the padding and tail rules), and `_emit` encodes the
+records; `write_image` streams them between the header and superblock and the shared xattrs
+and data blocks.  Shared xattr ids depend on where the inode area ends, and directory
+entries on the nids of later inodes, so nothing can be emitted before the placement is
+complete.
+
+The split path (`_write_split`, large trees, a processor idle): sizing is independent per
+inode, and the placement of inodes k..n depends only on the offset where inode k may start.
+A child forked before sizing sizes k..n while this process sizes and places 0..k; given
+that offset the child places its half, and the two trade nids (the first half's directory
+entries name inodes of the second, and the other way round: `..`, hard links).  Then each
+encodes its half straight into the output file.  The sequential path is the reference.
 
 Per-inode state between the loops lives in flat lists indexed by inode number; xattr bodies
 come from `xattrs.XattrEncoder`, which works each distinct xattr tuple out once.
@@ -94,11 +102,10 @@ _DIRENT = EROFS_DIRENT.size
 _COMPACT = EROFS_INODE_COMPACT.size
 _EXTENDED = EROFS_INODE_EXTENDED.size
 _IBODY = EROFS_XATTR_IBODY_HEADER.size
-# From this many inodes on the second half's records are encoded by a forked child; below,
-# the fork costs more than half the loop saves.  The child costs more CPU than the half it
-# takes off the parent: both processes write to the reference counts of objects all over
-# the heap, so each copies about half of its pages (in process, the parent's CPU at 64k
-# 0.25 -> 0.20 s, the child's 0.12; at 1M 3.1 -> 2.7 s, the child's 1.5).
+# From this many inodes on the second half is sized, placed and encoded by a forked child;
+# below, the fork costs more than half the loops save.  The child costs more CPU than the
+# half it takes off the parent: both processes write to the reference counts of objects all
+# over the heap, so each copies about half of its pages.
 SPLIT_MIN_INODES = 20000
 _ENTRY_WEIGHT = 4
 
