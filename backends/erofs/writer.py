@@ -110,8 +110,9 @@ SPLIT_MIN_INODES = 20000
 _ENTRY_WEIGHT = 4
 
 
-def _dir_entries(node: Inode, parent: Inode) -> tuple[list[bytes], list[Inode]]:
-    """Names in bytewise order with `.` and `..` in their sorted places, and their targets."""
+def _dir_entries(node: Inode, parent: Inode | None) -> tuple[list[bytes], list[Inode | None]]:
+    """Names in bytewise order with `.` and `..` in their sorted places, and their targets
+    (`..`'s None when the parent is not known yet: `_adopt`)."""
     children = node.children
     assert children is not None
     names = list(children)
@@ -164,6 +165,7 @@ def _plan(tree: Tree, encoder: XattrEncoder) -> _Plan:
 
 
 def _check_root(plan: _Plan, tree: Tree) -> None:
+    """The superblock's root nid has 16 bits."""
     if plan.nids[0] > 0xFFFF:
         raise TreeError(f"the root inode lands at nid {plan.nids[0]}: the superblock holds at most 65535", "/",
                         tree.source)
