@@ -90,11 +90,17 @@ medians, before -> after (the child's CPU):
 
 Instructions (callgrind, cs9, whole process, one run): with the forked paths, the parent
 process 3231M -> 2890M; the sequential path (one processor) 4222M -> 4240M (+0.4%: sizing and
-placement are two loops now, not one).  The parent's page faults rise with the earlier fork
+placement are two loops now, not one).  Two passes lost a loop each: `add_overlay_xattrs`
+walks the directories in its loop over their entries (64k: 13-15 -> 8 ms), `order_inodes`
+iterates the list it grows (15-16 -> 9 ms); with them the parent 2779M, the sequential path
+4126M (-2.3%).  The parent's page faults rise with the earlier fork
 (64k: ~10k minor faults in `write_image`, 1.8k sequential), the copy-on-write of the pages
-its half touches.  Images identical to mkcomposefs' (cs9, 250k, 1M).  Next: the passes (0.08 s
-at 64k, in five walks) and the child's placement on the critical path (the placement from a
-guessed offset, corrected once the real one is known, would take it off).
+its half touches.  Images identical to mkcomposefs' (cs9, 250k, 1M).  Next: the child's placement on
+the critical path.  Placed from a guessed offset while the parent still works, it would need
+correcting only up to the first inode both placements put at the same offset within a
+block (from there on they agree, shifted by whole blocks): on cs9 that is 1-3k of the
+half's 34k inodes, but never on the synthetic trees (their 4-byte chunk-index tails hardly
+ever pad), so it helps real trees only.
 """
 
 from __future__ import annotations
