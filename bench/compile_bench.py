@@ -71,11 +71,36 @@ columns: 0.043 -> 0.06 s for 82k entries, the set-up per directory outweighs a 9
 the parser inserting runs of one directory's lines whole (splitting every path into columns
 costs what the loop saves); C-level `map`s for the writer's compactness test (more
 instructions, not fewer).  Instruction counts were the steady yardstick on the busy machine:
-the writer on the cs9 dump went from 1995M to 1907M.  What would move the 64k figure next: the
-plan is the writer's sequential half (1M: 1.14 s of 3.9 s); a child forked before it could size
-the second half's records while this process sizes the first, the two then exchanging the
-position where the second half starts and their nids (about half of the plan off the critical
-path).
+the writer on the cs9 dump went from 1995M to 1907M.
+
+Then (third round): the writer's plan is split too.  It is now `_size` (per inode, independent)
+and `_place` (offsets, serial but cheap); a child forked before sizing sizes the second half
+while the parent sizes and places the first, places its half once told where it starts, and
+the two trade nids (`forked.Partner`, a pipe each way) before each encodes its half.  What
+stays serial: the tree-wide time and id checks (5 ms at 64k), the split point (2 ms), the
+fork, and the placement of the child's half, which the parent waits for (~6 ms at 64k, ~20 ms
+at 250k).  The machine was at load 3-6 on 2 processors throughout, so wall times were not
+comparable; CPU seconds of the parent (the critical path) in process, `write_image` only,
+medians, before -> after (the child's CPU):
+
+    dumpfile          parent CPU                      child CPU
+    cs9 (64k)         0.21-0.31 -> 0.16-0.21          0.10-0.14 -> 0.14-0.19
+    synthetic 250k    0.61-0.66 -> 0.47-0.52          0.36-0.40 -> 0.48-0.54
+    synthetic 1M      2.59 -> 2.32 (one run)          1.53 -> 2.56
+
+Instructions (callgrind, cs9, whole process, one run): with the forked paths, the parent
+process 3231M -> 2890M; the sequential path (one processor) 4222M -> 4240M (+0.4%: sizing and
+placement are two loops now, not one).  Two passes lost a loop each: `add_overlay_xattrs`
+walks the directories in its loop over their entries (64k: 13-15 -> 8 ms), `order_inodes`
+iterates the list it grows (15-16 -> 9 ms); with them the parent 2779M, the sequential path
+4126M (-2.3%).  The parent's page faults rise with the earlier fork
+(64k: ~10k minor faults in `write_image`, 1.8k sequential), the copy-on-write of the pages
+its half touches.  Images identical to mkcomposefs' (cs9, 250k, 1M).  Next: the child's placement on
+the critical path.  Placed from a guessed offset while the parent still works, it would need
+correcting only up to the first inode both placements put at the same offset within a
+block (from there on they agree, shifted by whole blocks): on cs9 that is 1-3k of the
+half's 34k inodes, but never on the synthetic trees (their 4-byte chunk-index tails hardly
+ever pad), so it helps real trees only.
 """
 
 from __future__ import annotations

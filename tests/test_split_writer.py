@@ -1,5 +1,6 @@
-"""The image writer's split path (a forked child encodes the second half of the inode records
-into the same file) against its sequential reference, and the child's failures."""
+"""The image writer's split path (a forked child sizes, places and encodes the second half of
+the inodes into the same file, trading offsets and nids with the parent) against its
+sequential reference, and the child's failures."""
 
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ import subprocess
 import sys
 
 import pytest
+from cfsc.backends.erofs import writer
 from cfsc.backends.erofs.writer import SPLIT_MIN_INODES, write_image
+from cfsc.backends.erofs.xattrs import XattrEncoder
 from cfsc.base import forked
 from cfsc.base.errors import DumpfileError
 from cfsc.base.options import Options
@@ -20,6 +23,7 @@ from cfsc.base.tree import Tree
 from cfsc.build.pipeline import run_passes
 from cfsc.frontends import dumpfile
 from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from tests.helpers.data import CFSC, cases, read_input
 from tests.helpers.strategies import trees
@@ -28,6 +32,24 @@ pytestmark = [pytest.mark.skipif(not hasattr(os, "fork") or forked._processors()
                                  reason="needs fork and a second processor"),
               pytest.mark.usefixtures("forkable")]
 GOOD = [c for c in cases() if c.get("expect") != "error" and not c["strict"]]
+
+
+LEAD = b"leading bytes the image must not overwrite"
+
+
+def sequential_image(tree: Tree) -> bytes:
+    out = io.BytesIO()
+    write_image(tree, out, split=False)
+    return out.getvalue()
+
+
+def split_at(tree: Tree, k: int, path) -> bytes:
+    """The image written split, the child's half from inode `k`."""
+    with open(path, "wb") as f:
+        f.write(LEAD)
+        assert writer._write_split(tree, XattrEncoder(tree.shared_xattrs), f, f.fileno(), k)
+        assert f.tell() == os.path.getsize(path)
+    return path.read_bytes()[len(LEAD):]
 
 
 def both_ways(tree: Tree, path) -> tuple[bytes, bytes]:
@@ -52,11 +74,84 @@ def test_split_writer_equals_sequential_on_conformance_cases(case, tmp_path):
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                                                   HealthCheck.function_scoped_fixture])
-@given(trees(max_entries=120))
-def test_split_writer_equals_sequential_on_random_trees(tmp_path, tree):
+@given(trees(max_entries=120), st.data())
+def test_split_writer_equals_sequential_on_random_trees(tmp_path, tree, data):
     tree = run_passes(tree, Options())
     sequential, split = both_ways(tree, tmp_path / "out.cfs")
     assert split == sequential
+    if len(tree.inodes) > 1:  # and split anywhere, not only where `_split_point` puts it
+        k = data.draw(st.integers(1, len(tree.inodes) - 1), label="k")
+        assert split_at(tree, k, tmp_path / "at.cfs") == sequential
+
+
+def edges_dump() -> bytes:
+    """The layout's edge cases next to one another, so that a split lands beside each:
+    inline tails and chunk indexes that fit, are padded into the next block or move out to a
+    block of their own; symlinks whose record fits a block, crosses one or fills one; extended inodes (a
+    time of their own, a 32-bit id, a 4 GiB size); a directory of several dirent blocks
+    made of hard links back to the first half; devices, fifos, empty files, chunked
+    external files; directories below directories of either half."""
+    t = b"1700000000.0"
+    lines = [b"/ 4096 40755 4 0 0 0 %s - - - user.root=1" % t,
+             b"/a 4096 40755 3 0 0 0 %s - - - security.selinux=x" % t,
+             b"/big 4096 40755 3 0 0 0 %s - - -" % t]
+    for i, size in enumerate((1000, 1500, 2000, 2047, 2048, 2049, 3000, 4095, 4097, 4999, 3100, 2900)):
+        lines.append(b"/a/f%02d %d 100644 1 0 0 0 %s - %s -" % (i, size, t, b"abcdefgh"[i % 8:i % 8 + 1] * size))
+    for i, length in enumerate((1, 100, 1000, 2000, 3000, 3900, 4000, 4060, 3500)):
+        lines.append(b"/a/l%02d %d 120777 1 0 0 0 %s %s - -" % (i, length, t, b"t" * length))
+    digest = hashlib.sha256(b"x").hexdigest().encode()
+    external = b"%s/%s - %s" % (digest[:2], digest[2:], digest)  # PAYLOAD CONTENT DIGEST
+    lines += [b"/a/own-time 10 100644 1 0 0 0 1700000001.5 - 0123456789 -",
+              b"/a/big-uid 0 100644 1 70000 0 0 %s - - -" % t,
+              b"/a/huge %d 100644 1 0 0 0 %s %s" % (5 << 30, t, external),
+              b"/a/chunky %d 100644 1 0 0 0 %s %s user.n=1" % ((1 << 40) + 5, t, external),
+              # chunk indexes of 2.4 to 4 KiB: placed inline where they fit, else in a block
+              *[b"/a/index%d %d 100644 1 0 0 0 %s %s" % (c, c << 43, t, external)
+                for c in (600, 1000, 1024, 900, 700)],
+              b"/a/dev 0 20644 1 0 0 1234 %s - - -" % t,
+              b"/a/fifo 0 10644 1 0 0 0 %s - - -" % t,
+              b"/a/empty 0 100644 1 0 0 0 %s - - - user.e=%s" % (t, b"v" * 200),
+              b"/a/sub 4096 40755 3 0 0 0 %s - - -" % t,
+              b"/a/sub/deeper 4096 40755 2 0 0 0 %s - - -" % t,
+              b"/a/sub/deeper/x 3 100644 1 0 0 0 %s - xyz -" % t,
+              b"/big/sub 4096 40755 2 0 0 0 %s - - -" % t,
+              b"/big/sub/y 0 100644 1 0 0 0 %s - - -" % t]
+    for i in range(150):
+        lines.append(b"/big/%s%03d 0 @100644 1 0 0 0 %s /a/f00 - -" % (b"n" * 50, i, t))
+    return b"\n".join(lines) + b"\n"
+
+
+MKCOMPOSEFS = "/tmp/cfs-src/build/tools/mkcomposefs"
+
+
+def test_split_writer_equals_sequential_split_at_every_inode(tmp_path):
+    tree = run_passes(dumpfile.loads(edges_dump(), Options()), Options())
+    sequential = sequential_image(tree)
+    for k in range(1, len(tree.inodes)):
+        assert split_at(tree, k, tmp_path / "out.cfs") == sequential, k
+    if not os.access(MKCOMPOSEFS, os.X_OK):
+        pytest.skip(f"upstream mkcomposefs not built at {MKCOMPOSEFS}: compared with the sequential path only")
+    (tmp_path / "edges.dump").write_bytes(edges_dump())
+    subprocess.run([MKCOMPOSEFS, "--from-file", str(tmp_path / "edges.dump"), str(tmp_path / "c.cfs")], check=True)
+    assert (tmp_path / "c.cfs").read_bytes() == sequential
+
+
+@pytest.mark.parametrize("where", ["parent", "child", "both"])
+def test_an_error_while_sizing_is_the_sequential_paths_error(tmp_path, where):
+    """A broken xattr value (not bytes: the pipeline would never let one through) in the
+    parent's half, the child's or both: the split path raises what the sequential one does,
+    the first half's error first."""
+    tree = run_passes(dumpfile.loads(edges_dump(), Options()), Options())
+    if where in ("parent", "both"):
+        tree.inodes[1].xattrs = ((b"user.first", 1),)
+    if where in ("child", "both"):
+        tree.inodes[-1].xattrs = ((b"user.last", None),)
+    with pytest.raises(Exception) as sequential:
+        sequential_image(tree)
+    with pytest.raises(Exception) as split:
+        split_at(tree, len(tree.inodes) // 2, tmp_path / "out.cfs")
+    assert type(split.value) is type(sequential.value)
+    assert str(split.value) == str(sequential.value)
 
 
 def synthetic_dump(entries: int) -> bytes:
@@ -78,7 +173,7 @@ def synthetic_dump(entries: int) -> bytes:
 def test_compile_matches_mkcomposefs_above_the_threshold(tmp_path):
     """Above the threshold `cfsc compile` splits by itself when a processor is idle (else it
     writes sequentially): the bytes are upstream's either way."""
-    mkcomposefs = "/tmp/cfs-src/build/tools/mkcomposefs"
+    mkcomposefs = MKCOMPOSEFS
     dump = synthetic_dump(SPLIT_MIN_INODES + 5000)
     src = tmp_path / "in.dump"
     src.write_bytes(dump)
@@ -177,6 +272,48 @@ def test_outputs_a_child_cannot_write_into_are_written_sequentially(tmp_path):
     with open(tmp_path / "out.cfs", "ab") as f:
         write_image(tree, f, split=True)
     assert (tmp_path / "out.cfs").read_bytes() == sequential.getvalue()
+
+
+def test_a_partner_trades_messages_both_ways_and_returns_its_result():
+    def work(line: forked.Line) -> bytes:
+        first = line.receive()
+        line.send(first[::-1] * 100000)  # (more than a pipe holds, both ways)
+        return b"done:%d" % len(line.receive())
+
+    with forked.Partner(work) as child:
+        child.send(b"abc")
+        assert child.receive() == b"cba" * 100000
+        child.send(bytes(1 << 20))
+        assert child.join() == b"done:%d" % (1 << 20)
+    assert child.pid == 0
+
+
+def test_a_partners_error_is_raised_by_the_parents_next_receive_or_send():
+    def fails(line: forked.Line) -> None:
+        raise DumpfileError("invalid integer 'x': expected a base-10 number", "in.dump", 7, "SIZE")
+
+    with forked.Partner(fails) as child, pytest.raises(DumpfileError) as caught:
+        child.receive()
+    assert str(caught.value) == "in.dump:7:SIZE: invalid integer 'x': expected a base-10 number"
+    with forked.Partner(fails) as child, pytest.raises(DumpfileError):
+        for _ in range(64):  # writes until the pipe is found broken (the child has ended)
+            child.send(bytes(1 << 20))
+
+
+def test_a_partner_that_dies_is_an_error():
+    with forked.Partner(lambda line: os._exit(3)) as child, pytest.raises(ChildProcessError, match="status 3"):
+        child.receive()
+    with forked.Partner(lambda line: os._exit(0)) as child, pytest.raises(ChildProcessError, match="status 0"):
+        child.join()
+
+
+def test_leaving_a_partner_early_kills_and_reaps_it():
+    child = forked.Partner(lambda line: line.receive())
+    pid = child.pid
+    with child:
+        pass
+    with pytest.raises(ChildProcessError):
+        os.waitpid(pid, 0)
 
 
 def test_a_child_that_dies_is_an_error_and_a_result_comes_back_whole():

@@ -1,12 +1,20 @@
 """Write a compiled tree as a composefs image, byte for byte as mkcomposefs 1.0.8 does.
 
 Input: a tree that went through the whole pipeline (ordered, lowered, shared xattrs chosen).
-Two loops over the inodes: `_plan` decides each inode's size, tail, padding and nid (format
-note §2.5); `write_image` then streams the header, superblock, inodes, shared xattrs and data
-blocks.  Shared xattr ids depend on where the inode area ends, and directory entries on the
-nids of later inodes, so nothing can be emitted before the plan is complete.  Once it is,
-every record's place is known: a forked child can emit the second half (`_emit` from inode
-k) straight into the output file while this process emits the first.
+Three loops over the inodes: `_size` works out what each inode needs (record and xattr
+bytes, tail, data blocks, directory entries) wherever it goes, `_place` gives each its
+offset and nid (format note §2.5: the padding and tail rules), and `_emit` encodes the
+records; `write_image` streams them between the header and superblock and the shared xattrs
+and data blocks.  Shared xattr ids depend on where the inode area ends, and directory
+entries on the nids of later inodes, so nothing can be emitted before the placement is
+complete.
+
+The split path (`_write_split`, large trees, a processor idle): sizing is independent per
+inode, and the placement of inodes k..n depends only on the offset where inode k may start.
+A child forked before sizing sizes k..n while this process sizes and places 0..k; given
+that offset the child places its half, and the two trade nids (the first half's directory
+entries name inodes of the second, and the other way round: `..`, hard links).  Then each
+encodes its half straight into the output file.  The sequential path is the reference.
 
 Per-inode state between the loops lives in flat lists indexed by inode number; xattr bodies
 come from `xattrs.XattrEncoder`, which works each distinct xattr tuple out once.
@@ -16,8 +24,10 @@ from __future__ import annotations
 
 import os
 import stat
+from array import array
 from bisect import bisect_left
-from itertools import islice
+from itertools import compress, islice
+from struct import Struct
 
 from cfsc.backends.erofs.layout import (
     COMPOSEFS_FLAGS_HAS_ACL,
@@ -57,7 +67,6 @@ from cfsc.backends.erofs.layout import (
 from cfsc.backends.erofs.xattrs import XattrEncoder
 from cfsc.base import forked
 from cfsc.base.errors import TreeError
-from cfsc.base.forked import Child
 from cfsc.base.tree import (
     S_IFBLK,
     S_IFCHR,
@@ -93,17 +102,17 @@ _DIRENT = EROFS_DIRENT.size
 _COMPACT = EROFS_INODE_COMPACT.size
 _EXTENDED = EROFS_INODE_EXTENDED.size
 _IBODY = EROFS_XATTR_IBODY_HEADER.size
-# From this many inodes on the second half's records are encoded by a forked child; below,
-# the fork costs more than half the loop saves.  The child costs more CPU than the half it
-# takes off the parent: both processes write to the reference counts of objects all over
-# the heap, so each copies about half of its pages (in process, the parent's CPU at 64k
-# 0.25 -> 0.20 s, the child's 0.12; at 1M 3.1 -> 2.7 s, the child's 1.5).
+# From this many inodes on the second half is sized, placed and encoded by a forked child;
+# below, the fork costs more than half the loops save.  The child costs more CPU than the
+# half it takes off the parent: both processes write to the reference counts of objects all
+# over the heap, so each copies about half of its pages.
 SPLIT_MIN_INODES = 20000
 _ENTRY_WEIGHT = 4
 
 
-def _dir_entries(node: Inode, parent: Inode) -> tuple[list[bytes], list[Inode]]:
-    """Names in bytewise order with `.` and `..` in their sorted places, and their targets."""
+def _dir_entries(node: Inode, parent: Inode | None) -> tuple[list[bytes], list[Inode | None]]:
+    """Names in bytewise order with `.` and `..` in their sorted places, and their targets
+    (`..`'s None when the parent is not known yet: `_adopt`)."""
     children = node.children
     assert children is not None
     names = list(children)
@@ -135,43 +144,84 @@ def _dir_chunks(names: list[bytes]) -> list[int]:
 class _Plan:
     """Where everything goes; lists are indexed by inode number."""
 
-    __slots__ = ("nids", "compact", "blocks", "tails", "dirs", "xattrs", "inodes_end",
-                 "n_data_blocks", "min_mtime")
+    __slots__ = ("nids", "compact", "heads", "blocks", "tails", "dirs", "spans", "xattrs", "inodes_end",
+                 "n_data_blocks", "min_mtime", "one_time")
+
+
+HEAD_END = EROFS_SUPER_OFFSET + EROFS_SUPER_BLOCK.size  # where the first inode may go
 
 
 def _plan(tree: Tree, encoder: XattrEncoder) -> _Plan:
+    """The reference plan: every inode sized (`_size`), then placed (`_place`) in one run."""
     inodes = tree.inodes
     assert inodes is not None and tree.shared_xattrs is not None, "run the pipeline before writing"
+    plan = _new_plan(inodes)
+    orphans = _size(inodes, plan, encoder, 0, len(inodes), {0: 0})
+    assert not orphans  # (every directory's parent comes before it: breadth-first order)
+    plan.inodes_end = _place(plan, 0, len(inodes), HEAD_END)
+    plan.n_data_blocks = sum(plan.blocks)
+    _check_root(plan, tree)
+    return plan
+
+
+def _check_root(plan: _Plan, tree: Tree) -> None:
+    """The superblock's root nid has 16 bits."""
+    if plan.nids[0] > 0xFFFF:
+        raise TreeError(f"the root inode lands at nid {plan.nids[0]}: the superblock holds at most 65535", "/",
+                        tree.source)
+
+
+def _new_plan(inodes: list[Inode]) -> _Plan:
+    """An empty plan, with what sizing needs of the whole tree: the oldest time (the
+    superblock's: a compact inode has no time of its own) and whether every inode has it."""
     plan = _Plan()
-    mtimes = [n.mtime for n in inodes]
+    n = len(inodes)
+    mtimes = [node.mtime for node in inodes]
     min_sec = min(mtimes)
-    nsecs = [n.mtime_nsec for n in inodes]
-    same_sec = mtimes.count(min_sec) == len(inodes)
-    min_nsec = min(nsecs) if same_sec else min(n.mtime_nsec for n in inodes if n.mtime == min_sec)
+    count = mtimes.count(min_sec)
+    if count == n:
+        nsecs = [node.mtime_nsec for node in inodes]
+    else:  # (list.index finds the few of the oldest second at C speed)
+        nsecs = []
+        at = -1
+        for _ in range(count):
+            at = mtimes.index(min_sec, at + 1)
+            nsecs.append(inodes[at].mtime_nsec)
+    min_nsec = min(nsecs)
     plan.min_mtime = (min_sec, min_nsec)
-    # Trees whose inodes all fit the compact layout (one time, small ids) skip the per-inode
-    # test but for a directory's computed size; the others take it whole.
-    all_compact = (same_sec and nsecs.count(min_nsec) == len(inodes)
-                   and max(n.nlink for n in inodes) <= 0xFFFF and max(n.uid for n in inodes) <= 0xFFFF
-                   and max(n.gid for n in inodes) <= 0xFFFF and max(n.size for n in inodes) <= 0xFFFFFFFF)
-    del mtimes, nsecs
+    # Trees of one time (most: a dumpfile of a build) skip that part of the per-inode
+    # compactness test; the ids are tested in `_size`, in both processes of a split write.
+    plan.one_time = count == n and nsecs.count(min_nsec) == n
+    plan.nids = [0] * n
+    plan.compact = [True] * n
+    plan.heads = [0] * n
+    plan.blocks = [0] * n
+    plan.tails = [0] * n
+    plan.dirs = {}
+    plan.spans = {}
+    return plan
+
+
+def _size(inodes: list[Inode], plan: _Plan, encoder: XattrEncoder, lo: int, hi: int,
+          parents: dict[int, int]) -> list[int]:
+    """Size inodes[lo:hi]: record and xattr bytes (`heads`, the one's complement for a
+    symlink, whose record must not cross a block: `spans`), tail, data blocks, layout and
+    directory entries -- all that does not depend on where the inode goes.
+
+    `parents` maps a directory's inode number to its parent's; the directories this range's
+    directories hold are added.  Returns the directories whose parent was not in it (their
+    `..` target is None, for `_adopt` to fill in)."""
+    min_sec, min_nsec = plan.min_mtime
+    one_time = plan.one_time
     xattr_size = encoder.size
     external_size = encoder.external_size
     own_size: dict[int, int] = {}  # id(xattr tuple) -> its body's size (the encoder keeps the tuple)
-
-    n = len(inodes)
-    nids = [0] * n
-    compact = [True] * n
-    blocks = [0] * n
-    tails = [0] * n
-    dirs: dict[int, tuple] = {}
-    parents: dict[int, Inode] = {id(inodes[0]): inodes[0]}
-    pos = EROFS_SUPER_OFFSET + EROFS_SUPER_BLOCK.size
-    n_data_blocks = 0
+    compact, heads, blocks, tails = plan.compact, plan.heads, plan.blocks, plan.tails
+    dirs, spans = plan.dirs, plan.spans
+    orphans = []
     min_bits, max_bits, map_entry = EROFS_BLKSIZ_BITS, _MAX_CHUNK_BITS, EROFS_BLOCK_MAP_ENTRY_SIZE
     dirent, compact_size, extended_size = _DIRENT, _COMPACT, _EXTENDED
-    slot_mask, slot_bits = EROFS_SLOTSIZE - 1, EROFS_ISLOTBITS
-    for i, node in enumerate(inodes):
+    for i, node in enumerate(islice(inodes, lo, hi), lo):
         ftype = node.mode & S_IFMT
         n_blocks = tail = 0
         size = node.size
@@ -202,8 +252,11 @@ def _plan(tree: Tree, encoder: XattrEncoder) -> _Plan:
                 links = node.links
                 for name, child in node.children.items():  # type: ignore[union-attr]
                     if child.children is not None and (links is None or name not in links):
-                        parents[id(child)] = node
-                names, targets = _dir_entries(node, parents[id(node)])
+                        parents[child.ino] = i
+                parent = parents.get(i)
+                if parent is None:
+                    orphans.append(i)
+                names, targets = _dir_entries(node, None if parent is None else inodes[parent])
                 tail = dirent * len(names) + sum(map(len, names))
                 if tail <= BLK:  # one chunk (what `_dir_chunks` finds, without its walk)
                     starts = [0, len(names)]
@@ -219,117 +272,206 @@ def _plan(tree: Tree, encoder: XattrEncoder) -> _Plan:
                 size = n_blocks * BLK + tail
             elif ftype == S_IFLNK:
                 tail = len(node.payload)  # type: ignore[arg-type]
-        if all_compact:
-            is_compact = size <= 0xFFFFFFFF
+        if one_time:
+            is_compact = node.nlink <= 0xFFFF and node.uid <= 0xFFFF and node.gid <= 0xFFFF and size <= 0xFFFFFFFF
         else:
             is_compact = (node.mtime == min_sec and node.mtime_nsec == min_nsec
                           and node.nlink <= 0xFFFF and node.uid <= 0xFFFF and node.gid <= 0xFFFF
                           and size <= 0xFFFFFFFF)
-        isz = compact_size if is_compact else extended_size
-        pos = (pos + slot_mask) & ~slot_mask
-        if ftype == S_IFLNK:
-            total = isz + xs + tail
-            if total >= BLK:
-                n_blocks += 1
-                tail = 0
-            if pos // BLK != (pos + total - 1) // BLK:
-                pos = (pos + BLK - 1) & ~(BLK - 1)
-        elif tail:
-            remainder = BLK - (pos + isz + xs) % BLK
-            if remainder < tail:
-                pad = (remainder + slot_mask) & ~slot_mask
-                if tail <= BLK - (pos + isz + xs + pad) % BLK:
-                    pos += pad
-                else:  # the tail cannot be kept in one block: move it out
-                    n_blocks += 1
-                    tail = 0
-                    pos = (pos + BLK - 1) & ~(BLK - 1)
-        nids[i] = pos >> slot_bits
+        head = (compact_size if is_compact else extended_size) + xs
         if not is_compact:
             compact[i] = False
+        if ftype == S_IFLNK:
+            spans[i] = head + tail
+            if head + tail >= BLK:  # a target that fills the block goes to a block of its own
+                n_blocks += 1
+                tail = 0
+            head = ~head
         if n_blocks:
             blocks[i] = n_blocks
-            n_data_blocks += n_blocks
         if tail:
             tails[i] = tail
-        pos += isz + xs + tail
-    plan.nids = nids
-    plan.compact = compact
-    plan.blocks = blocks
-    plan.tails = tails
-    plan.dirs = dirs
-    plan.inodes_end = (pos + slot_mask) & ~slot_mask
-    plan.n_data_blocks = n_data_blocks
-    if nids[0] > 0xFFFF:
-        raise TreeError(f"the root inode lands at nid {nids[0]}: the superblock holds at most 65535", "/", tree.source)
-    return plan
+        heads[i] = head
+    return orphans
+
+
+def _adopt(inodes: list[Inode], plan: _Plan, orphans: list[int], parents: dict[int, int]) -> None:
+    """Fill in the `..` targets `_size` left out (the parent was sized by the other process)."""
+    dirs = plan.dirs
+    for i in orphans:
+        names, targets, _starts = dirs[i]
+        targets[bisect_left(names, b"..")] = inodes[parents[i]]
+
+
+def _place(plan: _Plan, lo: int, hi: int, pos: int) -> int:
+    """Give inodes[lo:hi] their nids from offset `pos` on (format note §2.5: records start
+    on a slot; a tail must not cross a block, so padding goes before the record or the tail
+    moves out to a block of its own); returns the offset after the last record, slot-aligned."""
+    heads, tails, blocks, nids, spans = plan.heads, plan.tails, plan.blocks, plan.nids, plan.spans
+    slot_mask, slot_bits, blk_mask = EROFS_SLOTSIZE - 1, EROFS_ISLOTBITS, BLK - 1
+    for i in range(lo, hi):
+        pos = (pos + slot_mask) & ~slot_mask
+        head = heads[i]
+        tail = tails[i]
+        if head < 0:  # a symlink: the whole record within one block
+            head = ~head
+            if (pos & blk_mask) + spans[i] > BLK:
+                pos = (pos + blk_mask) & ~blk_mask
+        elif tail:
+            remainder = BLK - ((pos + head) & blk_mask)
+            if remainder < tail:
+                pad = (remainder + slot_mask) & ~slot_mask
+                if tail <= BLK - ((pos + head + pad) & blk_mask):
+                    pos += pad
+                else:  # the tail cannot be kept in one block: move it out
+                    blocks[i] += 1
+                    tails[i] = tail = 0
+                    pos = (pos + blk_mask) & ~blk_mask
+        nids[i] = pos >> slot_bits
+        pos += head + tail
+    return (pos + slot_mask) & ~slot_mask
 
 
 def write_image(tree: Tree, out: BinaryIO, split: bool | None = None) -> None:
     """Write the image of a compiled tree to a binary stream.
 
-    `split`: encode the second half of the inode records in a forked child (`cfsc.base.forked`)
-    while this process encodes the first; None takes it for trees of `SPLIT_MIN_INODES`
-    inodes or more when a processor is idle, False never.  Either way the bytes
-    are the same (the sequential path is the reference, and tests compare both); the child
-    writes its part in place with `pwrite`, so it is taken only when `out` is a regular file.
+    `split`: share the work with a forked child (`cfsc.base.forked`), each process sizing
+    and then encoding half of the inodes; None takes it for trees of `SPLIT_MIN_INODES`
+    inodes or more when a processor is idle, False never.  Either way the bytes are the
+    same (the sequential path is the reference, and tests compare both); the child writes
+    its part in place with `pwrite`, so it is taken only when `out` is a regular file.
     """
-    assert tree.shared_xattrs is not None and tree.inodes is not None, "run the pipeline before writing"
-    encoder = XattrEncoder(tree.shared_xattrs)
-    plan = _plan(tree, encoder)
     inodes = tree.inodes
-    nids = plan.nids
-    inodes_end = plan.inodes_end
-    data_start = (inodes_end + encoder.shared_size + BLK - 1) & ~(BLK - 1)
-    total_blocks = data_start // BLK + plan.n_data_blocks
-    encoder.base = (inodes_end % BLK) // EROFS_XATTR_ALIGN
-    min_sec, min_nsec = plan.min_mtime
+    assert tree.shared_xattrs is not None and inodes is not None, "run the pipeline before writing"
+    encoder = XattrEncoder(tree.shared_xattrs)
+    if split is None:
+        split = len(inodes) >= SPLIT_MIN_INODES and forked.worthwhile()
+    fd = _pwritable(out) if split and len(inodes) > 1 else None
+    if fd is not None and _write_split(tree, encoder, out, fd):
+        return
+    plan = _plan(tree, encoder)
+    first_block, total_blocks = _blocks(plan, encoder)
+    head, middle = _frame(tree, encoder, plan, first_block, total_blocks)
+    out.write(head)
+    end, data_blocks = _emit(inodes, plan, encoder, 0, len(inodes), HEAD_END, first_block, out.write)
+    out.write(_ZEROS[:plan.inodes_end - end] + middle)
+    _write_blocks(data_blocks, out.write)
 
+
+def _blocks(plan: _Plan, encoder: XattrEncoder) -> tuple[int, int]:
+    """The first data block and the image's block count, from a complete plan; sets the
+    encoder's `base` (shared xattr ids count from the inode area's last block)."""
+    data_start = (plan.inodes_end + encoder.shared_size + BLK - 1) & ~(BLK - 1)
+    encoder.base = (plan.inodes_end % BLK) // EROFS_XATTR_ALIGN
+    return data_start // BLK, data_start // BLK + plan.n_data_blocks
+
+
+def _frame(tree: Tree, encoder: XattrEncoder, plan: _Plan, first_block: int, total_blocks: int) -> tuple[bytes, bytes]:
+    """The bytes around the inode records: the header and superblock before, the shared
+    xattrs and the padding to the first data block after."""
+    min_sec, min_nsec = plan.min_mtime
     head = COMPOSEFS_HEADER.pack(
         COMPOSEFS_MAGIC, COMPOSEFS_HEADER_VERSION,
         COMPOSEFS_FLAGS_HAS_ACL if encoder.has_acl else 0, tree.version or 0)
     superblock = EROFS_SUPER_BLOCK.pack(
         EROFS_SUPER_MAGIC_V1, 0, EROFS_FEATURE_COMPAT_MTIME | EROFS_FEATURE_COMPAT_XATTR_FILTER,
-        EROFS_BLKSIZ_BITS, 0, nids[0], len(inodes), min_sec & U64, min_nsec, total_blocks,
-        0, inodes_end // BLK, b"", b"", 0, 0, 0, 0, 0, 0, 0, 0, 0)
-    if split is None:
-        split = len(inodes) >= SPLIT_MIN_INODES and forked.worthwhile()
-    fd = _pwritable(out) if split else None
-    base = out.tell() if fd is not None else 0  # where the image starts in the file
-    out.write(b"".join((head, _ZEROS[:EROFS_SUPER_OFFSET - len(head)], superblock)))
-    head_end = EROFS_SUPER_OFFSET + len(superblock)
-    first_block = data_start // BLK
-    shared_area = encoder.shared_area(tree.shared_xattrs)
+        EROFS_BLKSIZ_BITS, 0, plan.nids[0], len(plan.nids), min_sec & U64, min_nsec, total_blocks,
+        0, plan.inodes_end // BLK, b"", b"", 0, 0, 0, 0, 0, 0, 0, 0, 0)
+    shared_area = encoder.shared_area(tree.shared_xattrs)  # type: ignore[arg-type]
     assert len(shared_area) == encoder.shared_size
-    middle = shared_area + _ZEROS[:data_start - inodes_end - len(shared_area)]
-    if fd is None:
-        end, data_blocks = _emit(inodes, plan, encoder, 0, len(inodes), head_end, first_block, out.write)
-        out.write(_ZEROS[:inodes_end - end] + middle)
-        _write_blocks(data_blocks, out.write)
-        return
-    # The second half's records start at a known nid and its data at a known block: the
-    # plan placed everything, so the two halves are independent.
-    out.flush()
-    k = _split_point(plan, len(inodes))
-    k_start = nids[k] << EROFS_ISLOTBITS
-    k_block = first_block + sum(plan.blocks[:k])
+    middle = shared_area + _ZEROS[:first_block * BLK - plan.inodes_end - len(shared_area)]
+    return b"".join((head, _ZEROS[:EROFS_SUPER_OFFSET - len(head)], superblock)), middle
 
-    def second_half() -> None:
+
+# The split path's messages: the parent's place for the second half (the offset after the
+# first half's records, the first half's data blocks), the child's answer (where the inode
+# area ends, the second half's data blocks, whether it met an ACL key, then its nids), and
+# last the parent's nids and the (directory, parent) pairs the child's `..` entries need.
+# (The child places its half before it converts the first half's nids: that is the only
+# part of the exchange the parent waits for.)
+_PLACE = Struct("<QQ")
+_PLACED = Struct("<QQ?")
+
+
+def _write_split(tree: Tree, encoder: XattrEncoder, out: BinaryIO, fd: int, k: int | None = None) -> bool:
+    """The plan and the records in two processes (module docstring), the child's half from
+    inode `k` (by default `_split_point`'s); False when no child can be forked (the caller
+    writes sequentially)."""
+    inodes = tree.inodes
+    assert inodes is not None
+    n = len(inodes)
+    plan = _new_plan(inodes)
+    nids = plan.nids
+    if k is None:
+        k = _split_point(inodes)
+    assert 0 < k < n
+    base = out.tell()  # where the image starts in the file
+    out.flush()
+
+    def second_half(parent: forked.Line) -> None:
+        parents: dict[int, int] = {}
+        orphans = _size(inodes, plan, encoder, k, n, parents)
+        pos, first_blocks = _PLACE.unpack(parent.receive())
+        plan.inodes_end = _place(plan, k, n, pos)
+        own_blocks = sum(plan.blocks[k:])
+        parent.send(_PLACED.pack(plan.inodes_end, own_blocks, encoder.has_acl) + array("Q", nids[k:]).tobytes())
+        plan.n_data_blocks = first_blocks + own_blocks
+        first_block, _total_blocks = _blocks(plan, encoder)
+        numbers = _u64s(parent.receive())
+        nids[:k] = numbers[:k]
+        parents.update(zip(numbers[k::2], numbers[k + 1::2]))
+        _adopt(inodes, plan, orphans, parents)
+        k_start = nids[k] << EROFS_ISLOTBITS
+        k_block = first_block + first_blocks
         write = _PWriter(fd, base + k_start)
-        end, data_blocks = _emit(inodes, plan, encoder, k, len(inodes), k_start, k_block, write)
-        write(_ZEROS[:inodes_end - end])
+        end, data_blocks = _emit(inodes, plan, encoder, k, n, k_start, k_block, write)
+        write(_ZEROS[:plan.inodes_end - end])
         write.pos = base + k_block * BLK
         _write_blocks(data_blocks, write)
 
-    with Child(second_half) as child:
-        end, data_blocks = _emit(inodes, plan, encoder, 0, k, head_end, first_block, out.write)
+    try:
+        child = forked.Partner(second_half)
+    except OSError:  # no child to be had (a process limit, no memory to copy this one)
+        return False
+    with child:
+        parents = {0: 0}
+        orphans = _size(inodes, plan, encoder, 0, k, parents)
+        assert not orphans
+        pos = _place(plan, 0, k, HEAD_END)
+        first_blocks = sum(plan.blocks[:k])
+        child.send(_PLACE.pack(pos, first_blocks))
+        numbers = array("Q", nids[:k])
+        for c, p in parents.items():
+            if c >= k:
+                numbers.append(c)
+                numbers.append(p)
+        placed = memoryview(child.receive())
+        child.send(numbers.tobytes())
+        plan.inodes_end, own_blocks, has_acl = _PLACED.unpack_from(placed)
+        nids[k:] = _u64s(placed[_PLACED.size:])
+        encoder.has_acl |= has_acl
+        plan.n_data_blocks = first_blocks + own_blocks
+        _check_root(plan, tree)
+        first_block, total_blocks = _blocks(plan, encoder)
+        head, middle = _frame(tree, encoder, plan, first_block, total_blocks)
+        k_start = nids[k] << EROFS_ISLOTBITS
+        out.write(head)
+        end, data_blocks = _emit(inodes, plan, encoder, 0, k, HEAD_END, first_block, out.write)
         out.write(_ZEROS[:k_start - end])
-        out.seek(base + inodes_end)
+        out.seek(base + plan.inodes_end)
         out.write(middle)
         _write_blocks(data_blocks, out.write)
         out.flush()
         child.join()
     out.seek(base + total_blocks * BLK)
+    return True
+
+
+def _u64s(data: bytes | memoryview) -> array:
+    # (`array("Q", view)` would take a memoryview's bytes one by one, as numbers)
+    numbers = array("Q")
+    numbers.frombytes(data)
+    return numbers
 
 
 def _pwritable(out: BinaryIO) -> int | None:
@@ -346,18 +488,21 @@ def _pwritable(out: BinaryIO) -> int | None:
     return fd if out.seekable() and forked.usable() else None
 
 
-def _split_point(plan: _Plan, n: int) -> int:
+def _split_point(inodes: list[Inode]) -> int:
     """The first inode of the child's half, so that the halves take about the same time: a
     record costs about as much as `_ENTRY_WEIGHT` directory entries."""
     weight = _ENTRY_WEIGHT
-    entries = {i: len(d[0]) for i, d in plan.dirs.items()}
-    half = (n * weight + sum(entries.values())) // 2
+    children = [node.children for node in inodes]
+    # (C-level: the numbers and entry counts of the directories that have entries; the
+    # dots of the others are noise here)
+    entries = list(map(len, filter(None, children)))
+    half = (len(inodes) * weight + sum(entries)) // 2
     before = 0  # entries of the directories before the inode looked at
-    for i in sorted(entries):
+    for i, e in zip(compress(range(len(inodes)), children), entries):
         if i * weight + before >= half:
             break
-        before += entries[i]
-    return min(max((half - before) // weight, 1), n - 1)
+        before += e
+    return min(max((half - before) // weight, 1), len(inodes) - 1)
 
 
 class _PWriter:

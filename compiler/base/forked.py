@@ -2,12 +2,14 @@
 
 C mkcomposefs reads a dumpfile on one core; cfsc gives a forked child a part of the work.
 The child sees the parent's memory copy-on-write, so nothing is handed over on the way in,
-and only bytes come back, through a pipe: `Child` returns one result (the image writer's
-second half is written in place, so it returns nothing), `Feeder` a stream of messages the
-parent takes in turn (the dumpfile parser's column stage).  An error in a `Child` is raised
-again in the parent, the same class with the same message (a located one-line error stays
-one), so callers see what the sequential path would have raised; a `Feeder`'s parent does
-the rest itself.
+and only bytes come back, through a pipe: `Child` returns one result, `Feeder` a stream of
+messages the parent takes in turn (the dumpfile parser's column stage), and `Partner` trades
+messages both ways while the two work side by side (the image writer: each process sizes
+half of the inodes, they exchange where the second half starts and their nids, then each
+writes its half in place).  An error in a `Child` or a `Partner` is raised again in the
+parent, the same class with the same message (a located one-line error stays one), so
+callers see what the sequential path would have raised; a `Feeder`'s parent does the rest
+itself.
 
 A fork is only safe in a process that has no other threads (a lock held by one of them would
 stay locked in the child forever); `usable()` says when it is, `worthwhile()` when it also
@@ -161,6 +163,147 @@ def _pickled(error: BaseException) -> bytes:
         return pickle.dumps((type(error), error.args, dict(getattr(error, "__dict__", {}))))
     except Exception:  # noqa: BLE001 -- an unpicklable detail: keep the class's name and message
         return pickle.dumps((RuntimeError, (f"{type(error).__name__}: {error}",), {}))
+
+
+class Partner:
+    """`work(line)` running in a forked child that trades messages with this process while
+    both work: the child's `line.receive()` takes what the parent `send`s, the parent's
+    `receive()` what the child's `line.send()` sent; `join()` returns what `work` returned.
+    An error in the child is raised by the parent's next `receive()` or `join()` (or `send()`,
+    the child being gone), a child that died without one is a `ChildProcessError`.
+
+    Use as a context manager (leaving early kills and reaps the child).  No fallback to doing
+    the work here: it needs the parent's side of the talk, so a fork refused raises OSError
+    and the caller takes its sequential path.
+    """
+
+    __slots__ = ("pid", "to_child", "from_child")
+
+    def __init__(self, work: Callable[[Line], bytes | None]) -> None:
+        flush_standard_streams()
+        down_read, down_write = os.pipe()
+        try:
+            up_read, up_write = os.pipe()
+        except OSError:
+            os.close(down_read)
+            os.close(down_write)
+            raise
+        _larger_pipe(down_write)
+        _larger_pipe(up_write)
+        try:
+            pid = os.fork()
+        except OSError:
+            for fd in (down_read, down_write, up_read, up_write):
+                os.close(fd)
+            raise
+        if pid == 0:
+            status = 1
+            try:
+                os.close(down_write)
+                os.close(up_read)
+                try:
+                    result = work(Line(down_read, up_write))
+                    _send_frame(up_write, b"\0", result or b"")
+                    status = 0
+                except BaseException as e:  # noqa: BLE001 -- every error goes to the parent
+                    _send_frame(up_write, b"\1", _pickled(e))
+            finally:
+                os._exit(status)
+        os.close(down_read)
+        os.close(up_write)
+        self.pid = pid
+        self.to_child = down_write
+        self.from_child: io.BufferedReader | None = open(up_read, "rb")
+
+    def send(self, message: bytes) -> None:
+        try:
+            _send_frame(self.to_child, b"\0", message)
+        except BrokenPipeError:  # the child is gone: its error (or its death) says why
+            self.receive()
+            raise ChildProcessError(f"worker process {self.pid} stopped reading before its result") from None
+
+    def receive(self) -> bytes:
+        """The child's next message; its error raised here if it failed instead."""
+        assert self.from_child is not None
+        head = self.from_child.read(9)
+        size = int.from_bytes(head[1:], "little")
+        message = self.from_child.read(size) if len(head) == 9 else b""
+        if len(head) < 9 or len(message) != size:
+            pid, code = self.pid, self._reap()
+            raise ChildProcessError(f"worker process {pid} ended with status {code} before its result")
+        if head[:1] == b"\1":
+            import pickle
+
+            self._reap()
+            cls, args, state = pickle.loads(message)
+            raise _rebuild(cls, args, state)
+        return message
+
+    def join(self) -> bytes:
+        """The child's last message (what `work` returned), once it has ended well."""
+        result = self.receive()
+        pid, code = self.pid, self._reap()
+        if code != 0:
+            raise ChildProcessError(f"worker process {pid} ended with status {code} after its result")
+        return result
+
+    def _reap(self) -> int:
+        _pid, status = os.waitpid(self.pid, 0)
+        self.pid = 0
+        return os.waitstatus_to_exitcode(status)
+
+    def __enter__(self) -> Partner:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.pid:
+            os.kill(self.pid, SIGKILL)
+            os.waitpid(self.pid, 0)
+            self.pid = 0
+        if self.to_child >= 0:
+            os.close(self.to_child)
+            self.to_child = -1
+        if self.from_child is not None:
+            self.from_child.close()
+            self.from_child = None
+
+
+class Line:
+    """The child's side of a `Partner`."""
+
+    __slots__ = ("inbox", "outbox")
+
+    def __init__(self, inbox: int, outbox: int) -> None:
+        self.inbox = open(inbox, "rb")
+        self.outbox = outbox
+
+    def receive(self) -> bytes:
+        head = self.inbox.read(9)
+        size = int.from_bytes(head[1:], "little")
+        message = self.inbox.read(size) if len(head) == 9 else b""
+        if len(head) < 9 or len(message) != size:
+            raise EOFError("the parent process stopped before its message")
+        return message
+
+    def send(self, message: bytes) -> None:
+        _send_frame(self.outbox, b"\0", message)
+
+
+def _larger_pipe(fd: int) -> None:
+    """A pipe that holds a message of nids whole: its writer goes on at once, not after the
+    reader was scheduled again for each 64 KiB (what a busy machine makes slow)."""
+    import fcntl
+
+    for size in (PIPE_SIZE, 1 << 20):  # (above /proc/sys/fs/pipe-max-size only root may go)
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(fd, F_SETPIPE_SZ, size)
+            return
+
+
+def _send_frame(fd: int, tag: bytes, message: bytes) -> None:
+    """A tag byte, the length (8 bytes), the message."""
+    write_all(fd, tag + len(message).to_bytes(8, "little"))
+    write_all(fd, message)
 
 
 class Feeder:

@@ -17,11 +17,8 @@ def order_inodes(tree: Tree, options: Options) -> Tree:
     inodes = [root]
     append = inodes.append
     extend = inodes.extend
-    index = 0
-    while index < len(inodes):
-        node = inodes[index]
+    for index, node in enumerate(inodes):  # (the loop goes on over what the directories add)
         node.ino = index
-        index += 1
         children = node.children
         if children:
             if len(children) > 1:
