@@ -185,10 +185,10 @@ def test_entry_swapped_for_a_symlink(small_tree, tmp_path, monkeypatch, victim, 
 @pytest.mark.parametrize("victim,hook,whole_read", [("g", "digest_bytes", None), ("big", "digest_bytes", None),
                                                      ("big", "hash_fd", 1 << 20)])
 def test_file_modified_while_it_is_read(small_tree, monkeypatch, victim, hook, whole_read, hashing):
-    """Read whole into the worker's buffer, or (bigger than it) streamed in chunks."""
+    """Read whole into the reader's buffer, or (bigger than it) streamed in chunks."""
     if whole_read:
         monkeypatch.setattr(directory, "WHOLE_READ", whole_read)
-    real = getattr(directory, hook)
+    real = getattr(directory_workers, hook)
 
     def hooked(*args, **kwargs):
         result = real(*args, **kwargs)
@@ -196,11 +196,55 @@ def test_file_modified_while_it_is_read(small_tree, monkeypatch, victim, hook, w
             f.write(b"more")
         return result
 
-    monkeypatch.setattr(directory, hook, hooked)
     monkeypatch.setattr(directory_workers, hook, hooked)
     with pytest.raises(InputError, match="modified during the scan") as e:
         directory.load(str(small_tree), Options(threads=1))
     assert e.value.where == f"{small_tree}/{victim}"
+
+
+@pytest.mark.parametrize("change", ["grows", "shrinks"])
+@pytest.mark.parametrize("victim", ["g", "big"])
+def test_file_changing_size_just_before_it_is_read(small_tree, monkeypatch, victim, change, hashing):
+    """Between the `fstat` that sizes the read and the read itself (the one read path,
+    `FileReader`, on both routes): a file that grew or shrank there is named, never hashed
+    as it was or as it is."""
+    real = directory_workers.fill
+    path = small_tree / victim
+
+    def changing_fill(fd, buf, offset=None):
+        if os.fstat(fd).st_ino == os.stat(path).st_ino:
+            if change == "grows":
+                with open(path, "ab") as f:
+                    f.write(b"more")
+            else:
+                os.truncate(path, os.stat(path).st_size - 7)
+        return real(fd, buf, offset)
+
+    monkeypatch.setattr(directory_workers, "fill", changing_fill)
+    with pytest.raises(InputError) as e:
+        directory.load(str(small_tree), Options(threads=1))
+    assert e.value.where == f"{small_tree}/{victim}"
+    # Grown: the read takes the size the `fstat` said, the `fstat` after the read sees more.
+    how = "modified" if change == "grows" else "modified (its size changed)"
+    assert e.value.what == f"{how} during the scan: the tree must not change while it is compiled"
+
+
+def test_a_file_shorter_than_its_size_is_refused(tmp_path, hashing):
+    """A real file whose reads end before its stated size (a sysfs attribute, bind-mounted into
+    the tree: size 4096, a few bytes of text) is refused the same way on both routes."""
+    attribute = "/sys/kernel/mm/transparent_hugepage/enabled"
+    if not os.path.exists(attribute) or os.stat(attribute).st_size <= len(open(attribute, "rb").read()):
+        pytest.skip(f"needs a sysfs attribute whose size exceeds its content ({attribute})")
+    root = tmp_path / "src"
+    root.mkdir()
+    (root / "attr").write_bytes(b"")
+    subprocess.run(["mount", "--bind", attribute, str(root / "attr")], check=True)
+    try:
+        with pytest.raises(InputError, match="modified \\(its size changed\\) during the scan") as e:
+            directory.load(str(root), Options())
+        assert e.value.where == f"{root}/attr"
+    finally:
+        subprocess.run(["umount", str(root / "attr")], check=True)
 
 
 def test_file_modified_between_hashing_and_copying(small_tree, tmp_path, monkeypatch, hashing):
