@@ -43,8 +43,8 @@ import os
 import sys
 import threading
 
-from cfsc.base import forked
-from cfsc.base.errors import CfscError, InputError, UsageError
+from cfsc.base import forked, limits
+from cfsc.base.errors import CfscError, InputError, TreeError, UsageError
 from cfsc.base.fsverity import algorithm_named, payload_path, short_gil_switches
 from cfsc.base.options import Options
 from cfsc.base.progress import Progress, mib
@@ -58,6 +58,7 @@ if TYPE_CHECKING:  # concurrent.futures (with logging, traceback, tokenize) is i
 
 O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 U32 = 0xFFFFFFFF
+NAME_MAX, PATH_MAX = limits.NAME_MAX, limits.PATH_MAX
 NS = 1_000_000_000
 WHOLE_READ = 8 << 20  # files smaller than this are read with one call into a reused buffer
 BATCH_FILES = 32  # files per pool task or worker message: amortises the per-batch cost
@@ -200,7 +201,9 @@ class _Scanner:
         if self.pool is not None:
             self.pool.shutdown(wait=True)
         self.finish_links()
-        return Tree(root, self.source)
+        tree = Tree(root, self.source)
+        tree.checked = True  # every limit was enforced here (`limit`): the validation pass skips its walk
+        return tree
 
     def inode(self, st: os.stat_result) -> Inode:
         node = Inode(st.st_mode)
@@ -258,6 +261,8 @@ class _Scanner:
             for entry in entries:
                 bname = fsencode(entry.name)
                 child_path = prefix + bname
+                if len(bname) > NAME_MAX:  # (a file system whose names may be longer than composefs')
+                    raise self.limit(limits.check_name(bname), child_path)
                 try:
                     if entry.is_file(follow_symlinks=False):
                         # A regular file (by d_type): a worker stats it through the descriptor
@@ -288,6 +293,8 @@ class _Scanner:
                         target = os.readlink(bname, dir_fd=fd)
                     except OSError as e:
                         raise self.os_error(e, child_path, "read the symlink") from None
+                    if len(target) >= PATH_MAX:
+                        raise self.limit(limits.check_symlink(target), child_path)
                     child.payload = target
                     child.size = len(target)
                 if hardlinks and st.st_nlink > 1:
@@ -321,10 +328,33 @@ class _Scanner:
             xattrs = read_xattrs(target, self.options.user_xattrs)
         except Refused as e:
             raise self.refused(e.reply, path) from None
-        return self.xattr_cache.setdefault(xattrs, xattrs)
+        return self.xattr_cache.get(xattrs) or self.intern(xattrs, path)
+
+    def intern(self, xattrs: tuple, path: bytes) -> tuple:
+        """A set of xattrs not seen before: checked against the limits once, then shared."""
+        if xattrs:
+            for key, value in xattrs:
+                problem = limits.check_xattr(key, value)
+                if problem:
+                    raise self.limit(problem, path)
+            problem = limits.check_xattr_budget(xattrs)
+            if problem:
+                raise self.limit(problem, path)
+        self.xattr_cache[xattrs] = xattrs
+        return xattrs
+
+    # The limits of `cfsc.base.limits` that a directory can break, enforced while it is read
+    # (the rest hold by construction: the kernel's file types, 64-bit times, names without
+    # '/' or NUL, inline content of 1..64 bytes, payloads that name digests), so that the
+    # validation pass need not walk the tree again (`Tree.checked`).  Its messages and paths.
+
+    def limit(self, problem: str, path: bytes) -> TreeError:
+        return TreeError(problem, b"/" + path, self.source)
 
     def refused(self, reply: tuple, path: bytes) -> CfscError:
         """The located error for a refusal (`directory_workers.refusal`) of the entry at `path`."""
+        if reply[0] == "limit":
+            return self.limit(reply[1], path)
         return refusal(reply, self.where(path), lambda how: self.changed(path, how),
                        lambda e, doing: self.os_error(e, path, doing))
 
@@ -443,7 +473,7 @@ class _Scanner:
                     node.mtime, node.mtime_nsec = divmod(mtime_ns, NS)
                 node.size = size
                 if xattrs:
-                    node.xattrs = cache.setdefault(xattrs, xattrs)
+                    node.xattrs = cache.get(xattrs) or self.intern(xattrs, path)
                 elif xattrs is None:  # an unreadable (empty) file in a process without /proc
                     node.xattrs = self.xattrs(os.fsencode(self.where(path)), path)
                 if hardlinks and nlink > 1:

@@ -43,7 +43,7 @@ from cfsc.base import syscalls
 from cfsc.base.beneath import NotRegular, open_listed
 from cfsc.base.errors import CfscError, InputError, OutputError, StoreError
 from cfsc.base.fsverity import digest_bytes, fill, hash_fd, write_all
-from cfsc.base.limits import INLINE_MAX
+from cfsc.base.limits import INLINE_MAX, MAX_EXTERNAL_SIZE, check_external_size
 from cfsc.base.tree import S_IFMT, S_IFREG
 from cfsc.store import tempfiles
 from cfsc.store.objects import SourceChanged
@@ -73,7 +73,8 @@ class FileReader:
     (`staged`: the store temp file's (name, dev, ino) or None; `found`: the store has it;
     `xattrs` None: not read here, without /proc, the caller reads them by the file's path)
     or a refusal: `("changed", how)`, `("os", errno, strerror, doing)`, `("input", what)`,
-    `("source", what)` (`SourceChanged`), `("cfsc", class name, what, where)`."""
+    `("source", what)` (`SourceChanged`), `("limit", what)` (a `cfsc.base.limits` rule),
+    `("cfsc", class name, what, where)`."""
 
     __slots__ = ("algorithm", "buf", "proc", "read_xattrs", "store", "user_xattrs", "whole_read")
 
@@ -121,6 +122,8 @@ class FileReader:
             xattrs = read_xattrs(fd, self.user_xattrs) if self.read_xattrs else ()
             digest = content = None
             found = False
+            if size > MAX_EXTERNAL_SIZE:  # (a sparse file, say: refused before it is read)
+                raise Refused("limit", check_external_size(size))
             if size:
                 digest, content, staged, found = self.hash(fd, size, name)
                 after = os.fstat(fd)
