@@ -16,7 +16,9 @@ by `cfsc.base.beneath.open_listed` (a FIFO swapped in neither hangs us nor is re
 `/proc/self/fd/N/NAME` without following the last component.  So swapping a directory for a
 symlink mid-scan cannot lead the walk out of the tree.  A file that vanishes or changes
 (size or mtime differ before and after reading it, the bytes read disagree with the size, or
-it is no longer a regular file) is an error naming it: never an image that lies.
+it is no longer a regular file) is an error naming it: never an image that lies.  The limits
+composefs sets (`cfsc.base.limits`) are enforced as entries are read, with the validation
+pass's messages, so the tree comes `checked` and that pass skips its walk.
 
 Speed: the scanning process lists directories and stats what is not a regular file (readdir's
 d_type tells); regular files go in batches, with their directories' descriptors, to forked
@@ -328,18 +330,19 @@ class _Scanner:
             xattrs = read_xattrs(target, self.options.user_xattrs)
         except Refused as e:
             raise self.refused(e.reply, path) from None
+        if not xattrs:
+            return xattrs
         return self.xattr_cache.get(xattrs) or self.intern(xattrs, path)
 
     def intern(self, xattrs: tuple, path: bytes) -> tuple:
         """A set of xattrs not seen before: checked against the limits once, then shared."""
-        if xattrs:
-            for key, value in xattrs:
-                problem = limits.check_xattr(key, value)
-                if problem:
-                    raise self.limit(problem, path)
-            problem = limits.check_xattr_budget(xattrs)
+        for key, value in xattrs:
+            problem = limits.check_xattr(key, value)
             if problem:
                 raise self.limit(problem, path)
+        problem = limits.check_xattr_budget(xattrs)
+        if problem:
+            raise self.limit(problem, path)
         self.xattr_cache[xattrs] = xattrs
         return xattrs
 
