@@ -16,18 +16,23 @@ by `cfsc.base.beneath.open_listed` (a FIFO swapped in neither hangs us nor is re
 `/proc/self/fd/N/NAME` without following the last component.  So swapping a directory for a
 symlink mid-scan cannot lead the walk out of the tree.  A file that vanishes or changes
 (size or mtime differ before and after reading it, the bytes read disagree with the size, or
-it is no longer a regular file) is an error naming it: never an image that lies.
+it is no longer a regular file) is an error naming it: never an image that lies.  The limits
+composefs sets (`cfsc.base.limits`) are enforced as entries are read, with the validation
+pass's messages, so the tree comes `checked` and that pass skips its walk.
 
 Speed: the scanning process lists directories and stats what is not a regular file (readdir's
 d_type tells); regular files go in batches, with their directories' descriptors, to forked
 worker processes (`directory_workers`, `threads` of them) that open, stat, read, hash and
 stage them into the store while the scan goes on, truly in parallel (no GIL shared).  In a
-process that already runs other threads (forking it is unsafe) a thread pool does that work
-instead: the reference path, tested equal.  Directory descriptors are reference-counted so a
+process that already runs other threads (forking it is unsafe), or that cannot fork, a thread
+pool takes the same batches instead: the reference route, tested equal.  Both routes read
+every file with `directory_workers.FileReader` (one read path, one set of checks) and hand
+back the same results, which this process alone turns into inodes and store objects
+(`fill_in`).  Directory descriptors are reference-counted so a
 directory stays open only while it has subdirectories to open or files to hand out.  Identical
-xattr sets are interned.  A file under `WHOLE_READ` is read once, into its worker's reused
+xattr sets are interned.  A file under `WHOLE_READ` is read once, into its reader's reused
 buffer, hashed there and, with a store that lacks it, written into the store from there: one
-read in every store mode.  A bigger file is streamed through its worker in chunks; with a
+read in every store mode.  A bigger file is streamed through its reader in chunks; with a
 store, it is copied first and the copy hashed while the store keeps missing objects, and
 hashed first, then copied only if missing, once objects tend to be there (`Store.expects_new`).
 """
@@ -40,11 +45,9 @@ import os
 import sys
 import threading
 
-from cfsc.base import forked
-from cfsc.base.beneath import NotRegular, open_listed
-from cfsc.base.errors import CfscError, InputError, UsageError
-from cfsc.base.fsverity import algorithm_named, digest_bytes, fill, hash_fd, payload_path, short_gil_switches
-from cfsc.base.limits import INLINE_MAX
+from cfsc.base import forked, limits
+from cfsc.base.errors import CfscError, InputError, TreeError, UsageError
+from cfsc.base.fsverity import algorithm_named, payload_path, short_gil_switches
 from cfsc.base.options import Options
 from cfsc.base.progress import Progress, mib
 from cfsc.base.tree import S_IFBLK, S_IFCHR, S_IFDIR, S_IFLNK, S_IFMT, S_IFREG, Inode, Tree
@@ -57,6 +60,7 @@ if TYPE_CHECKING:  # concurrent.futures (with logging, traceback, tokenize) is i
 
 O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 U32 = 0xFFFFFFFF
+NAME_MAX, PATH_MAX = limits.NAME_MAX, limits.PATH_MAX
 NS = 1_000_000_000
 WHOLE_READ = 8 << 20  # files smaller than this are read with one call into a reused buffer
 BATCH_FILES = 32  # files per pool task or worker message: amortises the per-batch cost
@@ -85,21 +89,6 @@ class _Dir:
         self.refs = 1
 
 
-class _File:
-    """One regular file for a worker to stat and read: its name in an open directory, and the
-    inode (created blank by the scan) to fill in."""
-
-    __slots__ = ("dir", "name", "node", "parent", "path", "size")
-
-    def __init__(self, d: _Dir, name: bytes, path: bytes, node: Inode, parent: Inode) -> None:
-        self.dir = d
-        self.name = name
-        self.path = path
-        self.node = node
-        self.parent = parent
-        self.size = 0  # known once read (for the progress line)
-
-
 class _Scanner:
     def __init__(self, source, options: Options) -> None:
         self.source = os.fsdecode(source)
@@ -109,26 +98,26 @@ class _Scanner:
         self.store: Store | None = None
         self.xattr_cache: dict[tuple, tuple] = {}
         self.read_xattrs = not options.skip_xattrs
-        # With `hardlinks`: ((dev, ino), path, parent, name, node) of every entry with nlink > 1
-        # (appended to by the workers too: list.append is atomic).
+        # With `hardlinks`: ((dev, ino), path, parent, name, node) of every entry with nlink > 1.
         self.multi: list[tuple[tuple[int, int], bytes, Inode, bytes, Inode]] = []
-        self.batch: list[_File] = []
-        self.inflight: collections.deque[tuple[Future, list[_File]]] = collections.deque()
         self.open_dirs: set[_Dir] = set()
         self.failed = False
         self.progress = Progress(options.progress)
         self.entries = self.files = self.files_done = 0
         self.bytes_done = 0
         self.proc = os.path.isdir("/proc/self/fd")  # else xattrs are read by full path
-        self.local = threading.local()  # per worker: its read buffer
         self.workers: Workers | None = None  # the worker processes, when hashing in them
-        # The batch being made for a worker: (node, parent, name, path) per file, what the
-        # worker gets ((directory index, name) per file), and the batch's directories.
+        self.pool = None  # else the thread pool, each thread with its own `FileReader` (`local`)
+        self.local = threading.local()
+        # The batch being made: (node, parent, name, path) per file, what its reader gets
+        # ((directory index, name) per file), and the batch's directories.
         self.files_batch: list[tuple[Inode, Inode, bytes, bytes]] = []
         self.items: list[tuple[int, bytes]] = []
         self.batch_dirs: dict[_Dir, int] = {}
         self.sent: dict[int, list[tuple[Inode, Inode, bytes, bytes]]] = {}  # batches the workers have, by id
         self.batch_id = 0
+        # Batches in the pool: (future of the results, the batch, its directories, open till then)
+        self.inflight: collections.deque[tuple[Future, list, list[_Dir]]] = collections.deque()
 
     # -- errors -----------------------------------------------------------------------------
 
@@ -162,39 +151,43 @@ class _Scanner:
             except BaseException:
                 os.close(fd)
                 raise
-        pool = None
         try:
             if _fork_safe():
                 if self.store is not None:
                     self.store.hold()  # the workers share this process's lease
-                reader = FileReader(self.algorithm, self.options, self.store, WHOLE_READ)
                 try:
-                    self.workers = Workers(self.threads, reader)
-                except OSError:
-                    pass  # no process to be had (a process limit, no memory to copy this one): threads
+                    self.workers = Workers(self.threads, self.reader())
+                except OSError as e:  # no process to be had (a process limit, no memory to copy this one)
+                    if self.options.progress:
+                        sys.stderr.write(f"cfsc: reading files in threads: cannot start hashing worker processes"
+                                         f" ({e.strerror})\n")
             if self.workers is not None:
                 root = self.inode(os.fstat(fd))
                 self.walk(fd, root)
-                self.flush()
+                self.send()
                 while self.workers.busy():
                     self.take(block=True)
                 self.workers.close(self.unread)
             else:
                 from concurrent.futures import ThreadPoolExecutor
 
-                pool = self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="cfsc-read")
+                self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="cfsc-read")
                 with short_gil_switches():  # the workers' hashing overlaps the scan
                     root = self.inode(os.fstat(fd))
                     self.walk(fd, root)
-                    self.flush()
+                    self.send()
                     while self.inflight:
                         self.reap()
             if self.store is not None:
                 loaded(self.store, self.options)
         except BaseException:
             self.failed = True
-            if pool is not None:
-                pool.shutdown(wait=True, cancel_futures=True)
+            if self.pool is not None:
+                self.pool.shutdown(wait=True, cancel_futures=True)
+                for future, _batch, _dirs in self.inflight:  # nobody adopts what these staged now
+                    if not future.cancelled() and future.exception() is None:
+                        self.unread(future.result())
+                self.inflight.clear()
             if self.workers is not None:
                 self.workers.close(self.unread)
                 if self.store is not None:
@@ -207,10 +200,12 @@ class _Scanner:
             raise
         finally:
             self.progress.close()
-        if pool is not None:
-            pool.shutdown(wait=True)
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
         self.finish_links()
-        return Tree(root, self.source)
+        tree = Tree(root, self.source)
+        tree.checked = True  # every limit was enforced here (`limit`): the validation pass skips its walk
+        return tree
 
     def inode(self, st: os.stat_result) -> Inode:
         node = Inode(st.st_mode)
@@ -235,7 +230,7 @@ class _Scanner:
         if _FAST_ENCODE:  # os.fsencode's own encoding, without its Python-level checks per name
             def fsencode(name: str, encode=str.encode) -> bytes:
                 return encode(name, "utf-8", "surrogateescape")
-        queue = self.queue if self.workers is None else self.queue_for_worker
+        queue = self.queue
         # (parent, name, inode, dev, ino, path) of directories still to list; parent None = root
         stack: list = [(None, b"", root, 0, 0, b"")]
         while stack:
@@ -268,6 +263,8 @@ class _Scanner:
             for entry in entries:
                 bname = fsencode(entry.name)
                 child_path = prefix + bname
+                if len(bname) > NAME_MAX:  # (a file system whose names may be longer than composefs')
+                    raise self.limit(limits.check_name(bname), child_path)
                 try:
                     if entry.is_file(follow_symlinks=False):
                         # A regular file (by d_type): a worker stats it through the descriptor
@@ -298,6 +295,8 @@ class _Scanner:
                         target = os.readlink(bname, dir_fd=fd)
                     except OSError as e:
                         raise self.os_error(e, child_path, "read the symlink") from None
+                    if len(target) >= PATH_MAX:
+                        raise self.limit(limits.check_symlink(target), child_path)
                     child.payload = target
                     child.size = len(target)
                 if hardlinks and st.st_nlink > 1:
@@ -331,52 +330,47 @@ class _Scanner:
             xattrs = read_xattrs(target, self.options.user_xattrs)
         except Refused as e:
             raise self.refused(e.reply, path) from None
-        return self.xattr_cache.setdefault(xattrs, xattrs)
+        if not xattrs:
+            return xattrs
+        return self.xattr_cache.get(xattrs) or self.intern(xattrs, path)
+
+    def intern(self, xattrs: tuple, path: bytes) -> tuple:
+        """A set of xattrs not seen before: checked against the limits once, then shared."""
+        for key, value in xattrs:
+            problem = limits.check_xattr(key, value)
+            if problem:
+                raise self.limit(problem, path)
+        problem = limits.check_xattr_budget(xattrs)
+        if problem:
+            raise self.limit(problem, path)
+        self.xattr_cache[xattrs] = xattrs
+        return xattrs
+
+    # The limits of `cfsc.base.limits` that a directory can break, enforced while it is read
+    # (the rest hold by construction: the kernel's file types, 64-bit times, names without
+    # '/' or NUL, inline content of 1..64 bytes, payloads that name digests), so that the
+    # validation pass need not walk the tree again (`Tree.checked`).  Its messages and paths.
+
+    def limit(self, problem: str, path: bytes) -> TreeError:
+        return TreeError(problem, b"/" + path, self.source)
 
     def refused(self, reply: tuple, path: bytes) -> CfscError:
         """The located error for a refusal (`directory_workers.refusal`) of the entry at `path`."""
+        if reply[0] == "limit":
+            return self.limit(reply[1], path)
         return refusal(reply, self.where(path), lambda how: self.changed(path, how),
                        lambda e, doing: self.os_error(e, path, doing))
 
     def status(self) -> str:
         return f"scanned {self.entries} entries; read {self.files_done}/{self.files} files, {mib(self.bytes_done)}"
 
-    # -- reading files in the pool ----------------------------------------------------------
+    # -- reading files: in batches, by a `FileReader` in a worker process or a pool thread --------
 
     def queue(self, d: _Dir, name: bytes, path: bytes, node: Inode, parent: Inode) -> None:
-        d.refs += 1
-        self.batch.append(_File(d, name, path, node, parent))
-        self.files += 1
-        if len(self.batch) >= BATCH_FILES:
-            self.flush()
-
-    def flush(self) -> None:
-        if self.workers is not None:
-            self.send()
-            return
-        if self.batch:
-            self.inflight.append((self.pool.submit(self.read_batch, self.batch), self.batch))
-            self.batch = []
-        while self.inflight and (self.inflight[0][0].done() or len(self.inflight) > 2 * self.threads
-                                 or len(self.open_dirs) > MAX_OPEN_DIRS):
-            self.reap()
-
-    def reap(self) -> None:
-        future, batch = self.inflight.popleft()
-        future.result()  # re-raises the worker's error
-        for job in batch:
-            self.release(job.dir)
-            self.bytes_done += job.size
-        self.files_done += len(batch)
-        self.progress.update(self.status)
-
-    # -- reading files in worker processes ----------------------------------------------------
-
-    def queue_for_worker(self, d: _Dir, name: bytes, path: bytes, node: Inode, parent: Inode) -> None:
         index = self.batch_dirs.get(d)
         if index is None:
             index = self.batch_dirs[d] = len(self.batch_dirs)
-            d.refs += 1  # until the batch is sent with its descriptor
+            d.refs += 1  # until the batch is sent with its descriptor (to a worker), or read (in the pool)
         self.items.append((index, name))
         self.files_batch.append((node, parent, name, path))
         if len(self.items) >= BATCH_FILES:
@@ -384,9 +378,11 @@ class _Scanner:
 
     def send(self) -> None:
         """Hand the batch to a worker, with the descriptors of its directories (the worker
-        gets its own: these can be closed as soon as it is sent)."""
+        gets its own: these can be closed as soon as it is sent), or to the pool."""
+        if self.workers is None:
+            self.submit()
+            return
         workers = self.workers
-        assert workers is not None
         if self.items:
             while (w := workers.idle()) is None:
                 self.take(block=True)
@@ -402,6 +398,44 @@ class _Scanner:
                 self.release(d)
             self.files_batch, self.items, self.batch_dirs = [], [], {}
         self.take(block=False)
+
+    # -- in the pool ------------------------------------------------------------------------
+
+    def reader(self) -> FileReader:
+        return FileReader(self.algorithm, self.options, self.store, WHOLE_READ)
+
+    def submit(self) -> None:
+        if self.items:
+            dirs = list(self.batch_dirs)
+            future = self.pool.submit(self.read_batch, [d.fd for d in dirs], self.items)
+            self.inflight.append((future, self.files_batch, dirs))
+            self.files += len(self.items)
+            self.files_batch, self.items, self.batch_dirs = [], [], {}
+        while self.inflight and (self.inflight[0][0].done() or len(self.inflight) > 2 * self.threads
+                                 or len(self.open_dirs) > MAX_OPEN_DIRS):
+            self.reap()
+
+    def read_batch(self, fds: list[int], items: list) -> list:
+        """In a pool thread: the batch read by this thread's own reader (its own buffer)."""
+        if self.failed:
+            return []
+        reader = getattr(self.local, "reader", None)
+        if reader is None:
+            reader = self.local.reader = self.reader()
+        return reader.batch(fds, items)
+
+    def reap(self) -> None:
+        """Fill in the inodes of the pool's oldest batch (waiting for it)."""
+        future, batch, dirs = self.inflight.popleft()
+        try:
+            self.fill_in(batch, future.result(), self.options.use_epoch, self.options.hardlinks, self.store,
+                         self.xattr_cache, self.multi)
+        finally:
+            for d in dirs:
+                self.release(d)
+        self.progress.update(self.status)
+
+    # -- from worker processes --------------------------------------------------------------
 
     def take(self, block: bool) -> None:
         """Fill in the inodes of the batches the workers answered."""
@@ -442,7 +476,9 @@ class _Scanner:
                     node.mtime, node.mtime_nsec = divmod(mtime_ns, NS)
                 node.size = size
                 if xattrs:
-                    node.xattrs = cache.setdefault(xattrs, xattrs)
+                    node.xattrs = cache.get(xattrs) or self.intern(xattrs, path)
+                elif xattrs is None:  # an unreadable (empty) file in a process without /proc
+                    node.xattrs = self.xattrs(os.fsencode(self.where(path)), path)
                 if hardlinks and nlink > 1:
                     multi.append(((dev, ino), path, parent, name, node))
                 if digest is not None:
@@ -472,99 +508,6 @@ class _Scanner:
         if not d.refs:
             self.open_dirs.discard(d)
             os.close(d.fd)
-
-    def read_batch(self, batch: list[_File]) -> None:
-        for job in batch:
-            if self.failed:
-                return
-            self.read(job)
-
-    def read(self, job: _File) -> None:
-        node = job.node
-        try:
-            fd, st = open_listed(job.dir.fd, job.name)
-        except PermissionError:
-            self.read_unreadable(job)
-            return
-        except NotRegular:
-            raise self.changed(job.path, "replaced by another file type") from None
-        except OSError as e:
-            raise self.os_error(e, job.path, "open") from None
-        try:
-            self.set_stat(node, st)
-            node.size = job.size = size = st.st_size
-            if self.read_xattrs:
-                node.xattrs = self.xattrs(fd, job.path)
-            if self.options.hardlinks and st.st_nlink > 1:
-                self.multi.append(((st.st_dev, st.st_ino), job.path, job.parent, job.name, node))
-            if not size:
-                return
-            content = None
-            store = self.store
-            buf = self.buffer()
-            if size < len(buf):
-                # The whole file in one read (one byte more tells it grew) into this thread's
-                # buffer: hashed there, and copied from there into the store if it is missing.
-                data = self.read_whole(fd, buf, size, job)
-                digest = digest_bytes(data, self.algorithm)
-                if size <= INLINE_MAX:
-                    content = bytes(data)
-                elif store is not None:
-                    store.import_bytes(data, digest)
-            elif store is not None and store.expects_new():
-                # Copy first, hash the copy: the digest names exactly the bytes stored.
-                digest = store.import_fd(fd, None, self.where(job.path))
-            else:
-                digest = self.digest_large(fd, job)
-                if store is not None:
-                    store.import_fd(fd, digest, self.where(job.path))
-            after = os.fstat(fd)
-            if after.st_size != size or after.st_mtime_ns != st.st_mtime_ns:
-                raise self.changed(job.path, "modified")
-        except OSError as e:
-            raise self.os_error(e, job.path, "read") from None
-        finally:
-            os.close(fd)
-        node.digest = digest
-        node.payload = payload_path(digest)
-        node.content = content
-
-    def read_unreadable(self, job: _File) -> None:
-        """No read permission: fine for an empty file (mkcomposefs never opens those)."""
-        try:
-            st = os.stat(job.name, dir_fd=job.dir.fd, follow_symlinks=False)
-        except OSError as e:
-            raise self.os_error(e, job.path, "stat") from None
-        if st.st_mode & S_IFMT != S_IFREG or st.st_size:
-            raise InputError("cannot open: Permission denied", self.where(job.path))
-        self.set_stat(job.node, st)
-        if self.read_xattrs:
-            job.node.xattrs = self.xattrs(self.path_at(job.dir.fd, job.name, job.path), job.path)
-        if self.options.hardlinks and st.st_nlink > 1:
-            self.multi.append(((st.st_dev, st.st_ino), job.path, job.parent, job.name, job.node))
-
-    def buffer(self) -> bytearray:
-        """This worker thread's read buffer (made once: a fresh one per file would fault in
-        its pages again every time)."""
-        buf = getattr(self.local, "buf", None)
-        if buf is None:
-            buf = self.local.buf = bytearray(WHOLE_READ)
-        return buf
-
-    def read_whole(self, fd: int, buf: bytearray, size: int, job: _File) -> memoryview:
-        """The file's `size` bytes, read into `buf` (which is larger)."""
-        mv = memoryview(buf)[:size + 1]  # one byte more tells it grew
-        if fill(fd, mv) != size:
-            raise self.changed(job.path, "modified (its size changed)")
-        return mv[:size]
-
-    def digest_large(self, fd: int, job: _File) -> bytes:
-        # In this worker, not the hash pool: the other workers keep the other cores busy, and a
-        # chunk read here and hashed on another core costs ~10% more CPU (/usr: 1.10x the CPU).
-        digest, size = hash_fd(fd, algorithm=self.algorithm)
-        if size != job.size:
-            raise self.changed(job.path, "modified (its size changed)")
-        return digest
 
 
 def load(source, options: Options | None = None) -> Tree:

@@ -4,8 +4,9 @@ read, hashed (and staged into the store) in forked processes, off the scanning p
 Why processes: with threads, hashlib releases the GIL per 4 KiB block, so the hashing
 threads and the scanning thread hand the GIL back and forth (133k futex calls for the 6.8k
 files of a Debian minbase tree) and the hashing hardly overlaps the scan.  Forked workers
-hash truly beside it.  The thread pool in `cfsc.frontends.directory` stays the reference path
-(and the path of a process that already runs other threads: forking one is unsafe).
+hash truly beside it.  The thread pool in `cfsc.frontends.directory` stays the reference route
+(and the route of a process that already runs other threads: forking one is unsafe); its
+threads run the same `FileReader` on the same batches, so the two differ in transport alone.
 
 Protocol, per worker: a `SOCK_SEQPACKET` socket carries requests (one batch each: marshalled
 `(batch id, [(dir index, name), ...])`, the batch's directory descriptors attached with
@@ -42,7 +43,7 @@ from cfsc.base import syscalls
 from cfsc.base.beneath import NotRegular, open_listed
 from cfsc.base.errors import CfscError, InputError, OutputError, StoreError
 from cfsc.base.fsverity import digest_bytes, fill, hash_fd, write_all
-from cfsc.base.limits import INLINE_MAX
+from cfsc.base.limits import INLINE_MAX, MAX_EXTERNAL_SIZE, check_external_size
 from cfsc.base.tree import S_IFMT, S_IFREG
 from cfsc.store import tempfiles
 from cfsc.store.objects import SourceChanged
@@ -66,13 +67,16 @@ class Refused(Exception):
 
 
 class FileReader:
-    """The per-file work of a worker process.  A result is either the file's
+    """The one per-file read path of the directory frontend, in a worker process or a pool
+    thread (each with its own reader: it owns a read buffer).  A result is either the file's
     `(mode, uid, gid, mtime_ns, size, nlink, dev, ino, xattrs, digest, content, staged, found)`
-    (`staged`: the store temp file's (name, dev, ino) or None; `found`: the store has it)
+    (`staged`: the store temp file's (name, dev, ino) or None; `found`: the store has it;
+    `xattrs` None: not read here, without /proc, the caller reads them by the file's path)
     or a refusal: `("changed", how)`, `("os", errno, strerror, doing)`, `("input", what)`,
-    `("source", what)` (`SourceChanged`), `("cfsc", class name, what, where)`."""
+    `("source", what)` (`SourceChanged`), `("limit", what)` (a `cfsc.base.limits` rule),
+    `("cfsc", class name, what, where)`."""
 
-    __slots__ = ("algorithm", "buf", "read_xattrs", "store", "user_xattrs", "whole_read")
+    __slots__ = ("algorithm", "buf", "proc", "read_xattrs", "store", "user_xattrs", "whole_read")
 
     def __init__(self, algorithm, options, store, whole_read: int) -> None:
         self.algorithm = algorithm
@@ -83,15 +87,24 @@ class FileReader:
         self.user_xattrs = options.user_xattrs
         self.store = store
         self.whole_read = whole_read
-        self.buf: bytearray | None = None  # made in the worker: the parent never needs it
+        self.proc = os.path.isdir("/proc/self/fd")  # (an unreadable file's xattrs are read through it)
+        self.buf: bytearray | None = None  # made on first use: the parent of workers never needs it
 
     def batch(self, fds: list[int], items: list) -> list:
+        """The results of `(dir index, name)` items, up to the first refusal (the caller raises
+        it: the rest is not needed)."""
         results = []
-        for index, name in items:
-            result = self.read(fds[index], name)
-            results.append(result)
-            if type(result[0]) is str:
-                break  # the main process raises this one: the rest is not needed
+        try:
+            for index, name in items:
+                result = self.read(fds[index], name)
+                results.append(result)
+                if type(result[0]) is str:
+                    break
+        except BaseException:  # (not a refusal: a bug, no memory) nobody adopts what was staged
+            for result in results:
+                if type(result[0]) is not str and result[11] is not None:
+                    self.store.discard_staged(result[11][0])
+            raise
         return results
 
     def read(self, dirfd: int, name: bytes) -> tuple:
@@ -109,6 +122,8 @@ class FileReader:
             xattrs = read_xattrs(fd, self.user_xattrs) if self.read_xattrs else ()
             digest = content = None
             found = False
+            if size > MAX_EXTERNAL_SIZE:  # (a sparse file, say: refused before it is read)
+                raise Refused("limit", check_external_size(size))
             if size:
                 digest, content, staged, found = self.hash(fd, size, name)
                 after = os.fstat(fd)
@@ -178,10 +193,15 @@ class FileReader:
             return ("os", e.errno, e.strerror, "stat")
         if st.st_mode & S_IFMT != S_IFREG or st.st_size:
             return ("input", "cannot open: Permission denied")
-        try:
-            xattrs = read_xattrs(b"/proc/self/fd/%d/%s" % (dirfd, name), self.user_xattrs) if self.read_xattrs else ()
-        except Refused as e:
-            return e.reply
+        xattrs = ()
+        if self.read_xattrs:
+            if not self.proc:
+                xattrs = None
+            else:
+                try:
+                    xattrs = read_xattrs(b"/proc/self/fd/%d/%s" % (dirfd, name), self.user_xattrs)
+                except Refused as e:
+                    return e.reply
         return (st.st_mode, st.st_uid, st.st_gid, st.st_mtime_ns, 0, st.st_nlink, st.st_dev, st.st_ino,
                 xattrs, None, None, None, False)
 

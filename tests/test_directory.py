@@ -12,10 +12,13 @@ import os
 import subprocess
 
 import pytest
-from cfsc.base.errors import InputError, UsageError
+from cfsc.base import limits
+from cfsc.base.errors import InputError, TreeError, UsageError
 from cfsc.base.options import Options
+from cfsc.base.tree import S_IFDIR, S_IFREG, Inode, Tree
 from cfsc.frontends import directory, directory_workers
 from cfsc.frontends import dumpfile as dumpfile_frontend
+from cfsc.passes.validate_limits import validate_limits
 from cfsc.store.locks import LOCK_NAME
 from cfsc.store.objects import Store
 
@@ -185,10 +188,10 @@ def test_entry_swapped_for_a_symlink(small_tree, tmp_path, monkeypatch, victim, 
 @pytest.mark.parametrize("victim,hook,whole_read", [("g", "digest_bytes", None), ("big", "digest_bytes", None),
                                                      ("big", "hash_fd", 1 << 20)])
 def test_file_modified_while_it_is_read(small_tree, monkeypatch, victim, hook, whole_read, hashing):
-    """Read whole into the worker's buffer, or (bigger than it) streamed in chunks."""
+    """Read whole into the reader's buffer, or (bigger than it) streamed in chunks."""
     if whole_read:
         monkeypatch.setattr(directory, "WHOLE_READ", whole_read)
-    real = getattr(directory, hook)
+    real = getattr(directory_workers, hook)
 
     def hooked(*args, **kwargs):
         result = real(*args, **kwargs)
@@ -196,11 +199,55 @@ def test_file_modified_while_it_is_read(small_tree, monkeypatch, victim, hook, w
             f.write(b"more")
         return result
 
-    monkeypatch.setattr(directory, hook, hooked)
     monkeypatch.setattr(directory_workers, hook, hooked)
     with pytest.raises(InputError, match="modified during the scan") as e:
         directory.load(str(small_tree), Options(threads=1))
     assert e.value.where == f"{small_tree}/{victim}"
+
+
+@pytest.mark.parametrize("change", ["grows", "shrinks"])
+@pytest.mark.parametrize("victim", ["g", "big"])
+def test_file_changing_size_just_before_it_is_read(small_tree, monkeypatch, victim, change, hashing):
+    """Between the `fstat` that sizes the read and the read itself (the one read path,
+    `FileReader`, on both routes): a file that grew or shrank there is named, never hashed
+    as it was or as it is."""
+    real = directory_workers.fill
+    path = small_tree / victim
+
+    def changing_fill(fd, buf, offset=None):
+        if os.fstat(fd).st_ino == os.stat(path).st_ino:
+            if change == "grows":
+                with open(path, "ab") as f:
+                    f.write(b"more")
+            else:
+                os.truncate(path, os.stat(path).st_size - 7)
+        return real(fd, buf, offset)
+
+    monkeypatch.setattr(directory_workers, "fill", changing_fill)
+    with pytest.raises(InputError) as e:
+        directory.load(str(small_tree), Options(threads=1))
+    assert e.value.where == f"{small_tree}/{victim}"
+    # Grown: the read takes the size the `fstat` said, the `fstat` after the read sees more.
+    how = "modified" if change == "grows" else "modified (its size changed)"
+    assert e.value.what == f"{how} during the scan: the tree must not change while it is compiled"
+
+
+def test_a_file_shorter_than_its_size_is_refused(tmp_path, hashing):
+    """A real file whose reads end before its stated size (a sysfs attribute, bind-mounted into
+    the tree: size 4096, a few bytes of text) is refused the same way on both routes."""
+    attribute = "/sys/kernel/mm/transparent_hugepage/enabled"
+    if not os.path.exists(attribute) or os.stat(attribute).st_size <= len(open(attribute, "rb").read()):
+        pytest.skip(f"needs a sysfs attribute whose size exceeds its content ({attribute})")
+    root = tmp_path / "src"
+    root.mkdir()
+    (root / "attr").write_bytes(b"")
+    subprocess.run(["mount", "--bind", attribute, str(root / "attr")], check=True)
+    try:
+        with pytest.raises(InputError, match="modified \\(its size changed\\) during the scan") as e:
+            directory.load(str(root), Options())
+        assert e.value.where == f"{root}/attr"
+    finally:
+        subprocess.run(["umount", str(root / "attr")], check=True)
 
 
 def test_file_modified_between_hashing_and_copying(small_tree, tmp_path, monkeypatch, hashing):
@@ -234,3 +281,61 @@ def test_file_modified_between_hashing_and_copying(small_tree, tmp_path, monkeyp
     with pytest.raises(InputError, match="changed while being copied into the store"):
         directory.load(str(small_tree), Options(digest_store=str(store), threads=1))
     assert [p.name for p in store.rglob("*")] == [LOCK_NAME]  # nothing published, no temp file left
+
+
+# -- the limits a directory can break: enforced while it is read, as the validation pass would ----
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """A tmpfs: xattr values up to 65536 bytes and files of any (sparse) size, which ext4 refuses."""
+    mnt = tmp_path / "tmpfs"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "cfsc-test", str(mnt)], check=True)
+    yield mnt
+    subprocess.run(["umount", str(mnt)], check=True)
+
+
+def _pass_error(source: str, name: bytes, node: Inode) -> str:
+    """What the validation pass (the reference) says of a tree whose root holds `node` as `name`."""
+    root = Inode(S_IFDIR | 0o755)
+    root.add_child(name, node)
+    with pytest.raises(TreeError) as e:
+        validate_limits(Tree(root, source), Options())
+    return str(e.value)
+
+
+@pytest.mark.parametrize("kind,case", [("file", "value"), ("file", "budget"), ("file", "size"),
+                                       ("dir", "value"), ("dir", "budget")])
+def test_limits_are_enforced_while_reading_as_the_pass_would(tmpfs, case, kind, hashing):
+    """A file (read by a `FileReader`) or a directory (by the scan) over an xattr limit, or a
+    file bigger than composefs allows (sparse: refused before a byte is read): the error the
+    validation pass gives for the same tree, which then need not walk it again (`checked`).
+    (Names over 255 bytes and symlink targets of 4096 are checked too; no local file system
+    here can make them.)"""
+    src = tmpfs / "src"
+    src.mkdir()
+    target = src / "x"
+    node = Inode((S_IFREG | 0o644) if kind == "file" else (S_IFDIR | 0o755))
+    if kind == "file":
+        target.write_bytes(b"")
+    else:
+        target.mkdir()
+    if case == "value":
+        os.setxattr(target, "trusted.big", b"v" * 65536)
+        node.xattrs = ((b"trusted.big", b"v" * 65536),)
+    elif case == "budget":
+        for i in range(3):
+            os.setxattr(target, f"trusted.x{i}", b"%d" % i * 12000)
+        node.xattrs = tuple((b"trusted.x%d" % i, b"%d" % i * 12000) for i in range(3))
+    else:
+        os.truncate(target, limits.MAX_EXTERNAL_SIZE + 1)
+        node.size = limits.MAX_EXTERNAL_SIZE + 1
+    with pytest.raises(TreeError) as e:
+        directory.load(str(src), Options())
+    assert str(e.value) == _pass_error(str(src), b"x", node)
+    assert e.value.raw_path == b"/x"
+
+
+def test_a_directory_tree_comes_checked(small_tree):
+    assert directory.load(str(small_tree), Options()).checked

@@ -124,8 +124,10 @@ def test_a_killed_worker_is_a_located_error_and_leaves_no_object(tree, tmp_path,
     # The killed worker's own temp files (of its unanswered batch) are what `cfsc gc` removes.
 
 
-def test_a_refused_file_discards_what_workers_staged(tmp_path, monkeypatch):
-    """The run fails on one file while workers have staged others: no temp file stays."""
+@pytest.mark.parametrize("hashing", ["threads", "processes"])
+def test_a_refused_file_discards_what_workers_staged(tmp_path, monkeypatch, hashing):
+    """The run fails on one file while workers (or pool threads) have staged others: no temp
+    file stays."""
     root = tmp_path / "src"
     make(root, [Entry(b"", "dir")] + [Entry(b"f%03d" % i, data=b"%d" % i * 5000) for i in range(300)])
     real = directory_workers.digest_bytes
@@ -138,7 +140,7 @@ def test_a_refused_file_discards_what_workers_staged(tmp_path, monkeypatch):
         return result
 
     monkeypatch.setattr(directory_workers, "digest_bytes", modifying)
-    monkeypatch.setattr(directory, "WORKERS", "processes")
+    monkeypatch.setattr(directory, "WORKERS", hashing)
     store = tmp_path / "store"
     with pytest.raises(InputError, match="modified during the scan") as e:
         directory.load(str(root), Options(digest_store=str(store)))

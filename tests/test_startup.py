@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers.data import CFSC
+
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = str(ROOT / "examples" / "demo.dump")
 
@@ -75,6 +77,20 @@ def test_compiling_a_directory_loads_no_cli_framework_nor_dataclasses(tmp_path, 
     assert code == 0, stderr
     assert unwanted(modules, NEVER + ("concurrent.futures", "logging", "tokenize", "socket", "selectors")) == []
     assert {"re", "enum"} & modules == set()  # no pattern on this path: `re` and its enums are ~4 ms
+
+
+def test_the_installed_command_adds_no_import(tmp_path):
+    """The `cfsc` command itself (the script installed beside this Python) imports nothing
+    before `cfsc.cli`: an entry point's generated wrapper imported `re` and its enums on every
+    run, which the case above never saw."""
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "file").write_bytes(b"x" * 100)
+    p = subprocess.run([sys.executable, "-X", "importtime", CFSC, "compile", str(tmp_path / "src"),
+                        "-o", str(tmp_path / "d.cfs")], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    imports = {line.rsplit("|", 1)[-1].strip() for line in p.stderr.splitlines() if line.startswith("import time:")}
+    assert "cfsc.cli" in imports
+    assert {"re", "enum"} & imports == set()
 
 
 def test_directory_workers_inherit_hashlib_from_the_main_process(tmp_path):

@@ -9,6 +9,7 @@ located line, no worker outlives it, and nothing is named in the store.
 from __future__ import annotations
 
 import contextlib
+import errno
 import marshal
 import os
 import signal
@@ -275,3 +276,31 @@ def test_a_worker_killed_while_staging_leaves_no_temp_file(tmp_path, monkeypatch
     assert children() == before
     assert not named(store)
     assert not temps(store) and sorted(os.listdir(store)) == [LOCK_NAME]
+
+
+# -- no worker process to be had -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("progress", [False, True], ids=["quiet", "progress"])
+def test_a_failed_fork_reads_in_threads_and_says_so_with_progress(tmp_path, monkeypatch, capsys, progress):
+    """fork() refused (EAGAIN: a process limit): the same image from the thread pool, and,
+    when progress is shown, one line on stderr saying why the files were read in threads."""
+    src = tmp_path / "src"
+    make(src, files(3 * directory.BATCH_FILES))
+    monkeypatch.setattr(directory, "WORKERS", "threads")
+    compile_image([str(src)], str(tmp_path / "threads.cfs"), Options(threads=2))
+
+    def refused_fork():
+        raise BlockingIOError(errno.EAGAIN, os.strerror(errno.EAGAIN))
+
+    before = children()
+    monkeypatch.setattr(directory_workers.os, "fork", refused_fork)
+    monkeypatch.setattr(directory, "WORKERS", "processes")
+    capsys.readouterr()
+    compile_image([str(src)], str(tmp_path / "fallback.cfs"), Options(threads=2, progress=progress))
+    err = capsys.readouterr().err
+    assert (tmp_path / "fallback.cfs").read_bytes() == (tmp_path / "threads.cfs").read_bytes()
+    assert children() == before
+    notice = "cfsc: reading files in threads: cannot start hashing worker processes (Resource temporarily unavailable)\n"
+    # (a slow run may also draw the progress line itself: `\r`-led, never a whole line)
+    assert err.count(notice) == (1 if progress else 0) and err.count("\n") == err.count(notice)
