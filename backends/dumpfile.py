@@ -50,14 +50,19 @@ def dump_lines(image: Image, names: frozenset[bytes] | None = None) -> Iterator[
             digest.hex().encode() if digest is not None else b"-", tail)
 
 
-def write_lines(out: BinaryIO, lines: Iterable[bytes], batch: int = 4096) -> None:
-    """Write lines in batches (one write per few hundred KiB, not one per line)."""
+def write_lines(out: BinaryIO, lines: Iterable[bytes], batch: int = 1 << 18) -> None:
+    """Write lines in batches of about `batch` bytes (one write per few hundred KiB, not one
+    per line); counted in bytes, as the lines of a deep tree are each as long as its path."""
     pending: list[bytes] = []
+    add = pending.append
+    size = 0
     for line in lines:
-        pending.append(line)
-        if len(pending) >= batch:
+        add(line)
+        size += len(line)
+        if size >= batch:
             out.write(b"".join(pending))
             pending.clear()
+            size = 0
     out.write(b"".join(pending))
 
 

@@ -307,28 +307,32 @@ def walk(image: Image, names: frozenset[bytes] | None = None, entries: Entries |
     yield top, first, None
     if first.mode & S_IFMT != S_IFDIR:
         return
-    seen: dict[int, bytes | None] = {first.nid: top}  # nid -> first path (None: hidden)
-    active = {first.nid}  # directories being walked: a link to one of them is a cycle
-    linked: dict[int, Entry] = {}  # nid -> entry, for inodes reached more than once
-    stack = [(top.rstrip(b"/"), first.nid, iter(image.dirents(first.raw)))]
+    # Memory stays linear in the tree however deep it is: only the current directory's path
+    # is held (a 100k-deep chain has 10 GB of paths), and an inode is remembered by where it
+    # was named, `(directory nid, name)`; a link's first path is spelled out when one is met.
+    root_nid = first.nid
+    seen: dict[int, tuple[int, bytes] | None] = {root_nid: (root_nid, b"")}  # None: hidden
+    active = {root_nid}  # directories being walked: a link to one of them is a cycle
+    linked: dict[int, tuple[Entry, bytes]] = {}  # nid -> (entry, first path), for inodes reached again
+    prefix = top.rstrip(b"/")  # the path of the directory on top of the stack
+    stack = [(root_nid, iter(image.dirents(first.raw)), len(prefix))]
     while stack:
-        prefix, dir_nid, it = stack[-1]
+        dir_nid, it, _length = stack[-1]
         for name, nid, _ftype in it:
             if names is not None and len(stack) == 1 and name not in names:
                 continue
-            path = prefix + b"/" + name
             if nid in seen:
-                first_path = seen[nid]
-                if first_path is None:
+                if seen[nid] is None:
                     continue
                 if nid in active:
                     raise image.error(image.inode_offset(dir_nid),
                                       f"directory nid {dir_nid}: entry {name!r} points back to nid {nid}, "
                                       "which contains it (a directory cycle)")
-                e = linked.get(nid)
-                if e is None:  # read again only once: a hostile image may link it a million times
-                    e = linked[nid] = entries.of(image.inode(nid), again=True)  # type: ignore[assignment]
-                yield path, e, first_path
+                hit = linked.get(nid)
+                if hit is None:  # read again only once: a hostile image may link it a million times
+                    hit = linked[nid] = (entries.of(image.inode(nid), again=True),  # type: ignore[assignment]
+                                         _first_path(seen, nid, root_nid, top))
+                yield prefix + b"/" + name, hit[0], hit[1]
                 continue
             raw = image.inode(nid)
             e = entries.of(raw)
@@ -337,12 +341,26 @@ def walk(image: Image, names: frozenset[bytes] | None = None, entries: Entries |
                 if hidden is not None:
                     hidden.append(raw)
                 continue
-            seen[nid] = path
+            seen[nid] = (dir_nid, name)
+            path = prefix + b"/" + name
             yield path, e, None
             if raw.mode & S_IFMT == S_IFDIR:
                 active.add(nid)
-                stack.append((path, nid, iter(image.dirents(raw))))
+                stack.append((nid, iter(image.dirents(raw)), len(path)))
+                prefix = path
                 break
         else:
             stack.pop()
             active.discard(dir_nid)
+            if stack:
+                prefix = prefix[:stack[-1][2]]
+
+
+def _first_path(seen: dict, nid: int, root_nid: int, top: bytes) -> bytes:
+    """The path an inode was first reached at, from the `(directory nid, name)` chain."""
+    parts = []
+    while nid != root_nid:
+        nid, name = seen[nid]
+        parts.append(name)
+    parts.append(top.rstrip(b"/"))
+    return b"/".join(reversed(parts))
