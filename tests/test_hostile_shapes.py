@@ -104,3 +104,38 @@ def test_out_of_memory_is_one_line_and_leaves_nothing(tmp_path):
     assert p.stderr.decode() == ("error: out of memory: a limit on memory (ulimit -v, a cgroup's memory.max) "
                                  "is reached\n")
     assert list(out.parent.iterdir()) == []
+
+
+# -- hard links to directories ------------------------------------------------------------
+
+DIR_LINK_ROOT = b"/ 4096 40755 2 0 0 0 0.0 - - -\n"
+DIRECTORY_CYCLES = [
+    ("link-to-root", DIR_LINK_ROOT + b"/b 0 @100644 0 0 0 0 0.0 / - -\n", 2, "/b"),
+    ("two-links", DIR_LINK_ROOT + b"/a 0 40755 2 0 0 0 0.0 - - -\n/b 0 40755 2 0 0 0 0.0 - - -\n"
+     b"/a/x 0 @100644 0 0 0 0 0.0 /b - -\n/b/y 0 @100644 0 0 0 0 0.0 /a - -\n", 5, "/b/y"),
+    ("link-to-parent", DIR_LINK_ROOT + b"/a 0 40755 2 0 0 0 0.0 - - -\n/a/up 0 @100644 0 0 0 0 0.0 /a - -\n",
+     3, "/a/up"),
+]
+
+
+@pytest.mark.parametrize("text, line, path", [c[1:] for c in DIRECTORY_CYCLES], ids=[c[0] for c in DIRECTORY_CYCLES])
+def test_dumpfile_hard_links_making_a_directory_cycle_are_refused(tmp_path, text, line, path):
+    """upstream mkcomposefs writes such an image (every walker of it then loops, the kernel
+    says ELOOP); cfsc refuses the tree, for every source, naming the line of the link."""
+    src = tmp_path / "cycle.dump"
+    src.write_bytes(text)
+    out = tmp_path / "out.cfs"
+    for args in (["compile", str(src), "-o", str(out)], ["dump", str(src)], ["info", str(src)]):
+        p = subprocess.run([CFSC, *args], capture_output=True)
+        assert p.returncode == 2, (args, p.stderr)
+        assert p.stderr.decode() == (f"error: {src}:{line}:{path}: leads back to a directory that contains it: "
+                                     "hard links to directories make a directory cycle\n"), args
+    assert sorted(os.listdir(tmp_path)) == ["cycle.dump"]
+
+
+def test_dumpfile_hard_link_to_a_directory_elsewhere_is_kept(tmp_path):
+    """Not a cycle: upstream's bytes (the link's inode is the directory)."""
+    src = tmp_path / "ok.dump"
+    src.write_bytes(DIR_LINK_ROOT + b"/b 0 40755 2 0 0 0 0.0 - - -\n/d 0 @100644 0 0 0 0 0.0 /b - -\n")
+    p = subprocess.run([CFSC, "dump", str(src)], capture_output=True, check=True)
+    assert b"/d 27 @40755 2 0 0 0 0.0 /b - -\n" in p.stdout
