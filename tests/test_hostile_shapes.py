@@ -148,3 +148,18 @@ def test_dumpfile_hard_link_to_a_directory_elsewhere_is_kept(tmp_path):
     src.write_bytes(DIR_LINK_ROOT + b"/b 0 40755 2 0 0 0 0.0 - - -\n/d 0 @100644 0 0 0 0 0.0 /b - -\n")
     p = subprocess.run([CFSC, "dump", str(src)], capture_output=True, check=True)
     assert b"/d 27 @40755 2 0 0 0 0.0 /b - -\n" in p.stdout
+
+
+def test_a_links_first_path_skips_names_left_out_by_filter(tmp_path):
+    """The walk spells a link's first path from the directory that named the inode first;
+    with --filter that is the first name kept, not the first name on disk."""
+    src = tmp_path / "links.dump"
+    src.write_bytes(b"/ 4096 40755 3 0 0 0 0.0 - - -\n/a 5 100644 3 0 0 0 0.0 - hello -\n"
+                    b"/b 5 @100644 3 0 0 0 0.0 /a - -\n/c 0 40755 2 0 0 0 0.0 - - -\n"
+                    b"/c/d 5 @100644 3 0 0 0 0.0 /a - -\n")
+    whole = subprocess.run([CFSC, "dump", str(src)], capture_output=True, check=True).stdout
+    kept = subprocess.run([CFSC, "dump", "--filter", "b", "--filter", "c", str(src)], capture_output=True,
+                          check=True).stdout
+    assert whole.endswith(b"/c/d 5 @100644 3 0 0 0 0.0 /a hello -\n")
+    assert kept.endswith(b"/b 5 100644 3 0 0 0 0.0 - hello -\n/c 40 40755 2 0 0 0 0.0 - - -\n"
+                         b"/c/d 5 @100644 3 0 0 0 0.0 /b hello -\n")

@@ -308,12 +308,13 @@ def walk(image: Image, names: frozenset[bytes] | None = None, entries: Entries |
     if first.mode & S_IFMT != S_IFDIR:
         return
     # Memory stays linear in the tree however deep it is: only the current directory's path
-    # is held (a 100k-deep chain has 10 GB of paths), and an inode is remembered by where it
-    # was named, `(directory nid, name)`; a link's first path is spelled out when one is met.
+    # is held (a 100k-deep chain has 10 GB of paths), and an inode is remembered by the
+    # directory that named it first; a link's first path is spelled out when one is met.
     root_nid = first.nid
-    seen: dict[int, tuple[int, bytes] | None] = {root_nid: (root_nid, b"")}  # None: hidden
+    seen: dict[int, int | None] = {root_nid: root_nid}  # nid -> directory nid (None: hidden)
     active = {root_nid}  # directories being walked: a link to one of them is a cycle
     linked: dict[int, tuple[Entry, bytes]] = {}  # nid -> (entry, first path), for inodes reached again
+    named: dict[int, dict[int, bytes]] = {}  # directory nid -> {nid: first name}, built for links only
     prefix = top.rstrip(b"/")  # the path of the directory on top of the stack
     stack = [(root_nid, iter(image.dirents(first.raw)), len(prefix))]
     while stack:
@@ -331,7 +332,7 @@ def walk(image: Image, names: frozenset[bytes] | None = None, entries: Entries |
                 hit = linked.get(nid)
                 if hit is None:  # read again only once: a hostile image may link it a million times
                     hit = linked[nid] = (entries.of(image.inode(nid), again=True),  # type: ignore[assignment]
-                                         _first_path(seen, nid, root_nid, top))
+                                         _first_path(image, seen, named, nid, root_nid, top, names))
                 yield prefix + b"/" + name, hit[0], hit[1]
                 continue
             raw = image.inode(nid)
@@ -341,7 +342,7 @@ def walk(image: Image, names: frozenset[bytes] | None = None, entries: Entries |
                 if hidden is not None:
                     hidden.append(raw)
                 continue
-            seen[nid] = (dir_nid, name)
+            seen[nid] = dir_nid
             path = prefix + b"/" + name
             yield path, e, None
             if raw.mode & S_IFMT == S_IFDIR:
@@ -356,11 +357,19 @@ def walk(image: Image, names: frozenset[bytes] | None = None, entries: Entries |
                 prefix = prefix[:stack[-1][2]]
 
 
-def _first_path(seen: dict, nid: int, root_nid: int, top: bytes) -> bytes:
-    """The path an inode was first reached at, from the `(directory nid, name)` chain."""
+def _first_path(image: Image, seen: dict, named: dict, nid: int, root_nid: int, top: bytes,
+                names: frozenset[bytes] | None) -> bytes:
+    """The path an inode was first reached at: up the chain of directories that named each
+    first, each name looked up in its directory (one map per directory, made once)."""
     parts = []
     while nid != root_nid:
-        nid, name = seen[nid]
-        parts.append(name)
+        dir_nid = seen[nid]
+        first_names = named.get(dir_nid)
+        if first_names is None:  # (reversed: the first of several names of one inode wins)
+            first_names = named[dir_nid] = {
+                child: name for name, child, _t in reversed(image.dirents(image.inode(dir_nid)))
+                if names is None or dir_nid != root_nid or name in names}
+        parts.append(first_names[nid])
+        nid = dir_nid
     parts.append(top.rstrip(b"/"))
     return b"/".join(reversed(parts))
