@@ -50,15 +50,26 @@ def dump_lines(image: Image, names: frozenset[bytes] | None = None) -> Iterator[
             digest.hex().encode() if digest is not None else b"-", tail)
 
 
-def write_lines(out: BinaryIO, lines: Iterable[bytes], batch: int = 4096) -> None:
-    """Write lines in batches (one write per few hundred KiB, not one per line)."""
+def batched(lines: Iterable[bytes], size: int = 1 << 18) -> Iterator[bytes]:
+    """Lines joined into pieces of about `size` bytes; counted in bytes, as the lines of a
+    deep tree are each as long as its path (a count of lines could join gigabytes)."""
     pending: list[bytes] = []
+    add = pending.append
+    total = 0
     for line in lines:
-        pending.append(line)
-        if len(pending) >= batch:
-            out.write(b"".join(pending))
+        add(line)
+        total += len(line)
+        if total >= size:
+            yield b"".join(pending)
             pending.clear()
-    out.write(b"".join(pending))
+            total = 0
+    yield b"".join(pending)
+
+
+def write_lines(out: BinaryIO, lines: Iterable[bytes]) -> None:
+    """Write lines in pieces of a few hundred KiB (one write per piece, not per line)."""
+    for piece in batched(lines):
+        out.write(piece)
 
 
 def dump_image(image: Image, out: BinaryIO, names: frozenset[bytes] | None = None) -> None:

@@ -48,13 +48,12 @@ def _record(key: bytes, value: bytes) -> bytes:
 
 
 def _split(path: bytes) -> tuple[bytes, bytes] | None:
-    """ustar (prefix, name) for a path, or None if it needs PAX."""
+    """ustar (prefix, name) for a path, or None if it needs PAX: the last `/` that leaves at
+    most 155 bytes before it and 100 after it (found without a scan of a long path)."""
     if len(path) <= 100:
         return b"", path
-    for i in range(len(path) - 1, 0, -1):
-        if path[i:i + 1] == b"/" and i <= 155 and len(path) - i - 1 <= 100:
-            return path[:i], path[i + 1:]
-    return None
+    i = path.rfind(b"/", max(len(path) - 101, 1), 156)
+    return (path[:i], path[i + 1:]) if i > 0 else None
 
 
 def _header(name: bytes, typeflag: bytes, mode: int, uid: int, gid: int, size: int, mtime: int,
@@ -172,19 +171,25 @@ def write(tree: Tree, out: BinaryIO, basedirs: list[str] | None = None) -> None:
         w = _Writer(out, store)
         first: dict[int, bytes] = {}  # id(inode) → its first name, for later hard links
         w.entry(b"./", tree.root, b"5")
-        stack = [(b"", iter(sorted(tree.root.children)), tree.root)]  # type: ignore[arg-type]
+        # Only the current directory's path is held (with each level's length): a deep tree's
+        # paths would add up to its depth squared.
+        prefix = b""
+        stack = [(0, iter(sorted(tree.root.children)), tree.root)]  # type: ignore[arg-type]
         while stack:
-            prefix, names, parent = stack[-1]
+            _length, names, parent = stack[-1]
             name = next(names, None)
             if name is None:
                 stack.pop()
+                if stack:
+                    prefix = prefix[:stack[-1][0]]
                 continue
             node = parent.children[name]  # type: ignore[index]
             path = prefix + name
             ftype = node.mode & S_IFMT
             if ftype == S_IFDIR:
-                w.entry(path + b"/", node, b"5")
-                stack.append((path + b"/", iter(sorted(node.children)), node))  # type: ignore[arg-type]
+                prefix = path + b"/"
+                w.entry(prefix, node, b"5")
+                stack.append((len(prefix), iter(sorted(node.children)), node))  # type: ignore[arg-type]
                 continue
             seen = first.get(id(node))
             if seen is not None:

@@ -764,8 +764,12 @@ def _defines(line: bytes, want: list[bytes]) -> bool:
     return [p for p in field.split(b"/") if p] == want
 
 
-def loads(data: bytes, options: Options | None = None, name: str = "<string>") -> Tree:
+def loads(data: bytes | Iterable[bytes], options: Options | None = None, name: str = "<string>") -> Tree:
+    """The tree of dumpfile text: bytes, or pieces of it read once (never held whole; errors
+    found after parsing then name the path without a line)."""
     options = options or Options()
-    tree = _Parser(name, options.strict).parse([data])
-    tree.locate = lambda path: locate(name, [data], path)
+    whole = isinstance(data, bytes)
+    tree = _Parser(name, options.strict).parse([data] if whole else data)  # type: ignore[list-item]
+    if whole:
+        tree.locate = lambda path: locate(name, [data], path)  # type: ignore[list-item]
     return tree

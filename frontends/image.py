@@ -176,24 +176,28 @@ class _Builder:
 
     def build_depth_first(self, names: frozenset[bytes] | None) -> Tree:
         """Homes at first depth-first occurrences (libcomposefs' reader)."""
-        dirs: dict[bytes, Inode] = {}
-        nodes: dict[bytes, Inode] = {}  # first path -> inode, for the targets of links
+        nodes: dict[int, Inode] = {}  # nid -> inode, for the targets of links
+        # The directories from the root to the last entry, by the length of their paths (a
+        # parent is the one as long as the entry's head): holding their paths instead would
+        # hold depth² bytes in a deep tree.
+        ancestors: list[tuple[int, Inode]] = []
         root = None
         for path, e, first in walk(self.image, names, self.entries):
             if root is None:
-                root = dirs[b"/"] = self.node(e)
+                root = nodes[e.nid] = self.node(e)
+                ancestors.append((0, root))
                 continue
             head, _slash, name = path.rpartition(b"/")
-            parent = dirs[head or b"/"]
+            while ancestors[-1][0] != len(head):
+                ancestors.pop()
+            parent = ancestors[-1][1]
             if first is not None:
-                parent.add_child(name, nodes[first] if first in nodes else dirs[first], link=True)
+                parent.add_child(name, nodes[e.nid], link=True)
                 continue
-            node = self.node(e)
+            node = nodes[e.nid] = self.node(e)
             parent.add_child(name, node)
             if node.children is not None:
-                dirs[path] = node
-            else:
-                nodes[path] = node
+                ancestors.append((len(path), node))
         assert root is not None
         return Tree(root, self.image.name)
 

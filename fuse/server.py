@@ -73,6 +73,8 @@ AHEAD_ENCODED = 32  # streams encoded ahead of the walk and not yet asked for, a
 AHEAD_PENDING = 4096  # directories queued to be encoded ahead, at most (the newest kept)
 AHEAD_ENTRIES = 4096  # a larger directory is encoded when asked for, not ahead
 AHEAD_BATCH = 8  # entries prepared ahead between two looks for a waiting request
+STREAM_ENTRIES = 1 << 14  # a larger directory is encoded page by page as asked: its whole stream
+# (~200 bytes an entry with READDIRPLUS, twice that while it is joined) is not held
 DT_DIR = stat.S_IFDIR >> 12
 
 _pack_out = P.OUT_HEADER.pack
@@ -424,7 +426,11 @@ class Server:
 
     def _listing(self, unique: int, nodeid: int, body, plus: bool) -> None:
         _fh, offset, size, _rf, _flags = P.READ_IN.unpack_from(body)
-        blob, ends = self._encoded(self._node(nodeid), plus)
+        node = self._node(nodeid)
+        if len(self.view.listing(node.nid)) > STREAM_ENTRIES:
+            self._reply(unique, self._page(node, offset, size, plus))
+            return
+        blob, ends = self._encoded(node, plus)
         if offset >= len(ends):
             self._reply(unique, b"")
             return
@@ -482,6 +488,26 @@ class Server:
                 break
             self._unasked.discard(old)
         return hit
+
+    def _page(self, node: Node, offset: int, size: int, plus: bool) -> bytes:
+        """The records of a large directory from index `offset` that fit in `size` bytes,
+        encoded for this request only (the kernel caches the pages it gets)."""
+        parts = []
+        add = parts.append
+        used = 0
+        fixed = P.DIRENT.size + (P.ENTRY_OUT.size if plus else 0)
+        for index, (name, ino, dtype, entry) in enumerate(self._records(node, offset, plus), offset):
+            n = len(name)
+            pad = PADS[-n % 8]
+            used += fixed + n + len(pad)
+            if used > size:
+                break
+            if plus:
+                add(entry)
+            add(_pack_dirent(ino, index + 1, n, dtype))
+            add(name)
+            add(pad)
+        return b"".join(parts)
 
     def _read_ahead(self, poll) -> None:
         """While no request waits, encode the directories a walk will list next: a fresh

@@ -7,7 +7,8 @@
   next to it (other entries, odd values), so each fast layer meets its near misses.
 * A directory stream encoded once and served in slices (`Server._encoded`) pages exactly as
   the record-by-record encoding (`Server._records`) does, at any buffer size; streams
-  encoded ahead of a walk are the same bytes.
+  encoded ahead of a walk are the same bytes; a large directory, paged as asked
+  (`Server._page`), gives the same pages too.
 * A small backing file read once (`Store.open_read`) is verified from the bytes it serves:
   a tampered one is still EIO on its first read, on a real mount without passthrough.
 """
@@ -28,6 +29,8 @@ from cfsc.backends.erofs.writer import write_image
 from cfsc.base.errors import IntegrityError
 from cfsc.base.fsverity import digest_bytes, payload_path
 from cfsc.base.options import Options
+from cfsc.base.tree import S_IFDIR, S_IFREG, Inode, Tree
+from cfsc.build import compile_tree
 from cfsc.build.pipeline import run_passes
 from cfsc.frontends import dumpfile
 from cfsc.fuse import open_view
@@ -231,6 +234,34 @@ def test_directory_streams_page_as_the_reference(image, tmp_path):
                 for size in (200, 4096, 32768, 1 << 20):
                     assert _served_pages(conn, nodeid, plus, size) == \
                         _reference_pages(conn.server, nodeid, plus, size), (nodeid, plus, size)
+    finally:
+        conn.close()
+
+
+def test_a_large_directory_is_paged_as_the_reference_without_a_stream(tmp_path):
+    """Beyond STREAM_ENTRIES a directory is encoded page by page (`Server._page`): the same
+    pages, and no whole stream kept (a million entries made ~700 MB of them)."""
+    from cfsc.fuse.server import STREAM_ENTRIES
+
+    count = STREAM_ENTRIES + 300
+    root = Inode(S_IFDIR | 0o755)
+    big = Inode(S_IFDIR | 0o755)
+    root.add_child(b"big", big)
+    for i in range(count):
+        big.add_child(b"f%06d-%s" % (i, b"y" * (i % 29)), Inode(S_IFREG | 0o644, uid=i))
+    path = tmp_path / "large.cfs"
+    path.write_bytes(compile_tree(Tree(root, "large"), Options()))
+    conn = Connection(path)
+    try:
+        conn.call(P.Opcode.INIT, P.INIT_IN.pack(7, 45, 1 << 20, 0xFFFFFFFF) + P.INIT_IN_FLAGS2.pack(0))
+        view = conn.server.view
+        nodeid = view.lookup(view.root_nid, b"big").nid + 2
+        for plus in (False, True):
+            for size in (4096, 1 << 17):
+                served = _served_pages(conn, nodeid, plus, size)
+                assert served == _reference_pages(conn.server, nodeid, plus, size), (plus, size)
+                assert sum(len(p) for p in served) > count * 24
+        assert not any(key >> 1 == nodeid - 2 for key in conn.server._streams)
     finally:
         conn.close()
 

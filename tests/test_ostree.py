@@ -536,6 +536,39 @@ def test_malformed_objects_with_good_checksums(case, expected, tmp_path):
     assert str(info.value).startswith(str(repo.root / "objects")), str(info.value)
 
 
+def test_shared_dirtrees_that_expand_exponentially_are_refused(tmp_path):
+    """40 levels of two subdirectories naming the next level's one dirtree: 82 small objects
+    standing for 2^40 directories (it ran until memory ran out).  Refused, located, once the
+    expansion passes its bound; nothing written."""
+    repo = Crafted(tmp_path / "repo")
+    meta = repo.dirmeta()
+    level = repo.put(dirtree([(b"f", repo.file(b"data"))]), ".dirtree")
+    for _ in range(40):
+        level = repo.put(dirtree([], [(b"a", level, meta), (b"b", level, meta)]), ".dirtree")
+    source = repo.commit(dirtree([], [(b"top", level, meta)]), meta)
+    out = tmp_path / "out" / "bomb.cfs"
+    out.parent.mkdir()
+    p = run_cfsc("compile", source, "-o", str(out))
+    assert p.returncode == 2, p.stderr
+    message = p.stderr.decode()
+    assert message.count("\n") == 1 and message.startswith(f"error: {repo.root / 'objects'}"), message
+    assert ".dirtree: the commit's directories expand to more than 1048575 entries from 82 distinct ones" in message
+    assert list(out.parent.iterdir()) == []
+
+
+def test_shared_dirtrees_are_read_once_more_and_kept(tmp_path):
+    """Identical subtrees (one dirtree named by many directories) within the bound: the tree
+    has every copy."""
+    repo = Crafted(tmp_path / "repo")
+    meta = repo.dirmeta()
+    level = repo.put(dirtree([(b"f", repo.file(b"data"))]), ".dirtree")
+    for _ in range(9):
+        level = repo.put(dirtree([], [(b"a", level, meta), (b"b", level, meta)]), ".dirtree")
+    tree = ostree.load(repo.commit(dirtree([], [(b"a", level, meta), (b"b", level, meta)]), meta))
+    assert sum(1 for _ in tree.walk()) == 2 ** 11 - 1 + 2 ** 10
+    assert tree.lookup(b"/a/b/a/b/a/b/a/b/a/b/f").content == b"data"
+
+
 # -- the GVariant codec ---------------------------------------------------------------------------
 
 

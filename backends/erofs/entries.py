@@ -307,28 +307,33 @@ def walk(image: Image, names: frozenset[bytes] | None = None, entries: Entries |
     yield top, first, None
     if first.mode & S_IFMT != S_IFDIR:
         return
-    seen: dict[int, bytes | None] = {first.nid: top}  # nid -> first path (None: hidden)
-    active = {first.nid}  # directories being walked: a link to one of them is a cycle
-    linked: dict[int, Entry] = {}  # nid -> entry, for inodes reached more than once
-    stack = [(top.rstrip(b"/"), first.nid, iter(image.dirents(first.raw)))]
+    # Memory stays linear in the tree however deep it is: only the current directory's path
+    # is held (a 100k-deep chain has 10 GB of paths), and an inode is remembered by the
+    # directory that named it first; a link's first path is spelled out when one is met.
+    root_nid = first.nid
+    seen: dict[int, int | None] = {root_nid: root_nid}  # nid -> directory nid (None: hidden)
+    active = {root_nid}  # directories being walked: a link to one of them is a cycle
+    linked: dict[int, tuple[Entry, bytes]] = {}  # nid -> (entry, first path), for inodes reached again
+    named: dict[int, dict[int, bytes]] = {}  # directory nid -> {nid: first name}, built for links only
+    prefix = top.rstrip(b"/")  # the path of the directory on top of the stack
+    stack = [(root_nid, iter(image.dirents(first.raw)), len(prefix))]
     while stack:
-        prefix, dir_nid, it = stack[-1]
+        dir_nid, it, _length = stack[-1]
         for name, nid, _ftype in it:
             if names is not None and len(stack) == 1 and name not in names:
                 continue
-            path = prefix + b"/" + name
             if nid in seen:
-                first_path = seen[nid]
-                if first_path is None:
+                if seen[nid] is None:
                     continue
                 if nid in active:
                     raise image.error(image.inode_offset(dir_nid),
                                       f"directory nid {dir_nid}: entry {name!r} points back to nid {nid}, "
                                       "which contains it (a directory cycle)")
-                e = linked.get(nid)
-                if e is None:  # read again only once: a hostile image may link it a million times
-                    e = linked[nid] = entries.of(image.inode(nid), again=True)  # type: ignore[assignment]
-                yield path, e, first_path
+                hit = linked.get(nid)
+                if hit is None:  # read again only once: a hostile image may link it a million times
+                    hit = linked[nid] = (entries.of(image.inode(nid), again=True),  # type: ignore[assignment]
+                                         _first_path(image, seen, named, nid, root_nid, top, names))
+                yield prefix + b"/" + name, hit[0], hit[1]
                 continue
             raw = image.inode(nid)
             e = entries.of(raw)
@@ -337,12 +342,34 @@ def walk(image: Image, names: frozenset[bytes] | None = None, entries: Entries |
                 if hidden is not None:
                     hidden.append(raw)
                 continue
-            seen[nid] = path
+            seen[nid] = dir_nid
+            path = prefix + b"/" + name
             yield path, e, None
             if raw.mode & S_IFMT == S_IFDIR:
                 active.add(nid)
-                stack.append((path, nid, iter(image.dirents(raw))))
+                stack.append((nid, iter(image.dirents(raw)), len(path)))
+                prefix = path
                 break
         else:
             stack.pop()
             active.discard(dir_nid)
+            if stack:
+                prefix = prefix[:stack[-1][2]]
+
+
+def _first_path(image: Image, seen: dict, named: dict, nid: int, root_nid: int, top: bytes,
+                names: frozenset[bytes] | None) -> bytes:
+    """The path an inode was first reached at: up the chain of directories that named each
+    first, each name looked up in its directory (one map per directory, made once)."""
+    parts = []
+    while nid != root_nid:
+        dir_nid = seen[nid]
+        first_names = named.get(dir_nid)
+        if first_names is None:  # (reversed: the first of several names of one inode wins)
+            first_names = named[dir_nid] = {
+                child: name for name, child, _t in reversed(image.dirents(image.inode(dir_nid)))
+                if names is None or dir_nid != root_nid or name in names}
+        parts.append(first_names[nid])
+        nid = dir_nid
+    parts.append(top.rstrip(b"/"))
+    return b"/".join(reversed(parts))

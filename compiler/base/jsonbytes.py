@@ -20,6 +20,39 @@ from typing import Callable
 
 from cfsc.base.errors import InputError
 
+_U64_RANGE = range(-(1 << 63), 1 << 64)  # what orjson encodes
+
+
+def json_line(obj) -> bytes:
+    """One JSON document and a newline, as every report writes it.
+
+    orjson refuses integers beyond 64 bits, and report totals add up values an image
+    declares (`info`'s external bytes: two files of 2^64-1 bytes make 2^65): those are written
+    by the standard encoder, whose output is the same JSON for everything else."""
+    import orjson
+
+    try:
+        return orjson.dumps(obj, option=orjson.OPT_APPEND_NEWLINE)
+    except orjson.JSONEncodeError:
+        if not _has_wide_int(obj):
+            raise
+    import json
+
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8") + b"\n"
+
+
+def _has_wide_int(obj) -> bool:
+    stack = [obj]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+        elif isinstance(item, int) and item not in _U64_RANGE:
+            return True
+    return False
+
 
 def default_twin(key: str) -> str:
     return key + "_b64"

@@ -270,6 +270,8 @@ def decompress_head(data: bytes, limit: int) -> tuple[bytes, bool, str | None]:
                 data = data.lstrip(b"\0")  # zero padding after the last member, as gzip allows
             if data and compression(data) != kind:
                 raise ValueError(f"trailing data after the {kind} {UNITS[kind]}")
+    except MemoryError:
+        raise  # not the input's fault: the CLI says so
     except Exception as e:  # zlib.error, lzma.LZMAError, zstandard.ZstdError, ValueError
         return bytes(out[:limit]), False, f"cannot decompress ({kind}): {e}"
     return bytes(out[:limit]), False, None
@@ -310,6 +312,8 @@ def _reading(source) -> Iterator[BinaryIO]:
         raise
     except _read_errors() as e:
         raise InputError(f"cannot read: {e}", source_name(source)) from None
+    except MemoryError:
+        raise  # not the input's fault: the CLI says so
     except Exception as e:  # zstandard.ZstdError and friends
         raise InputError(f"cannot decompress: {e}", source_name(source)) from None
     finally:
@@ -391,6 +395,8 @@ def chunks(source, size: int = 1 << 22) -> Iterator[bytes]:
                 chunk = reader.read(size)
             except _read_errors() as e:
                 raise InputError(f"cannot read: {e}", source_name(source)) from None
+            except MemoryError:
+                raise
             except Exception as e:  # zstandard.ZstdError and friends
                 raise InputError(f"cannot decompress: {e}", source_name(source)) from None
             if not chunk:

@@ -78,6 +78,9 @@ def guarded(func, *a, **kw) -> int | None:
         return 1
     except OSError as e:
         return report(e, 1)
+    except MemoryError:
+        # (the `with` blocks on the way out removed partial outputs, as for any error)
+        return report(CfscError("out of memory: a limit on memory (ulimit -v, a cgroup's memory.max) is reached"), 1)
     except RuntimeError as e:
         if str(e) != "can't start new thread":  # (threading's words for pthread_create failing)
             raise

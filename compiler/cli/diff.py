@@ -9,11 +9,11 @@ import contextlib
 import os
 import sys
 
-import orjson
 import typer
 from cfsc.backends.dumptext import escape_ls
 from cfsc.base import rfc3339
 from cfsc.base.errors import UsageError
+from cfsc.base.jsonbytes import json_line
 from cfsc.base.options import Options
 from cfsc.cli import command
 from cfsc.cli.sources import FROM, source_options
@@ -38,7 +38,7 @@ def _color(choice: str) -> bool:
 
 
 def _write_json(obj) -> None:
-    sys.stdout.buffer.write(orjson.dumps(obj, option=orjson.OPT_APPEND_NEWLINE))
+    sys.stdout.buffer.write(json_line(obj))
 
 
 # -- human output --------------------------------------------------------------------------

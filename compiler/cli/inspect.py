@@ -17,7 +17,7 @@ import typer
 from cfsc.backends.dumptext import escape, escape_ls
 from cfsc.base import rfc3339
 from cfsc.base.errors import UsageError
-from cfsc.base.jsonbytes import put
+from cfsc.base.jsonbytes import json_line, put
 from cfsc.base.options import Options
 from cfsc.base.output import atomic_output
 from cfsc.base.tree import S_IFBLK, S_IFCHR, S_IFLNK, S_IFMT, S_IFREG
@@ -29,7 +29,7 @@ JSON = typer.Option(False, "--json", help="JSON output.")
 
 
 def _write_json_line(obj) -> None:
-    sys.stdout.buffer.write(orjson.dumps(obj, option=orjson.OPT_APPEND_NEWLINE))
+    sys.stdout.buffer.write(json_line(obj))
 
 
 def _open(sources: list[str], options: Options, fmt: str | None) -> list:

@@ -8,6 +8,10 @@ links; an inode reached only through links gets its first link promoted to home.
 nlink: directories get 2 + their subdirectories (libcomposefs recomputes this); other inodes
 keep a count their frontend was told (a dumpfile's NLINK) or get the number of names.
 
+A hard link to a directory (a dumpfile's `@` line naming one, as upstream allows) must not
+make the directory contain itself: every walker of the tree and of the image would loop,
+and the kernel answers ELOOP.  Such a tree is refused here, for every source.
+
 Speed: nearly every tree needs no repair, and most directories hold no link; `_walk_quick`
 takes such a directory's children as a whole (a C-level set update, and for a large one
 `map`s instead of a loop per child) and gives up as soon as a repair shows, for `_walk`,
@@ -21,6 +25,7 @@ from __future__ import annotations
 from itertools import compress
 from operator import attrgetter
 
+from cfsc.base.errors import TreeError
 from cfsc.base.options import Options
 from cfsc.base.tree import S_IFDIR, S_IFMT, Inode, Tree
 
@@ -36,6 +41,7 @@ def resolve_hardlinks(tree: Tree, options: Options) -> Tree:
     names, uncounted = quick
     for node in uncounted:
         node.nlink = names.get(node, 1)
+    _check_directory_links(tree, names)
     return tree
 
 
@@ -53,7 +59,33 @@ def resolve_hardlinks_walk(tree: Tree, options: Options) -> Tree:
         homes, names, orphans, _, uncounted = _walk(tree, in_order=True)
     for node in uncounted:
         node.nlink = names.get(node, 1)
+    _check_directory_links(tree, names)
     return tree
+
+
+def _check_directory_links(tree: Tree, linked) -> None:
+    """Refuse a directory that contains itself through hard links (`linked`: the inodes
+    reached under more than one name; only a tree linking a directory is walked again)."""
+    if not any(node.mode & S_IFMT == S_IFDIR for node in linked):
+        return
+    state: dict[Inode, int] = {tree.root: 1}  # 1: on the current path, 2: done
+    stack = [(tree.root, iter(tree.root.children.items()))]  # type: ignore[union-attr]
+    while stack:
+        node, it = stack[-1]
+        for name, child in it:
+            if child.children is None:
+                continue
+            mark = state.get(child)
+            if mark == 1:  # (named at its parent's home: a path the input has)
+                raise TreeError("leads back to a directory that contains it: hard links to directories make a "
+                                "directory cycle", tree.path_of(node).rstrip(b"/") + b"/" + name)
+            if mark is None:
+                state[child] = 1
+                stack.append((child, iter(child.children.items())))
+                break
+        else:
+            stack.pop()
+            state[node] = 2
 
 
 def _walk_quick(tree: Tree) -> tuple[dict[Inode, int], list[Inode]] | None:

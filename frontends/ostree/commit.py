@@ -43,6 +43,12 @@ Checks: metadata objects are always checked against their names (SHA-256 of thei
 file and the tree path that reached it; so are names ostree would refuse (empty, `.`, `..`,
 containing `/`), unsorted or duplicate entries, and modes that are not a directory's (dirmeta)
 or a regular file's or symlink's (content).
+
+A dirtree may be named by many directories (identical subtrees share one object), so a few
+objects can stand for an exponential tree: thirty levels of two subdirectories each naming
+the next level's one dirtree are 2^30 directories.  The entries a walk expands are bounded by
+`EXPANSION` times the distinct dirtree entries read (real commits expand about 1-2 times),
+or `EXPANSION_FLOOR`; past that the commit is refused, naming the dirtree reached last.
 """
 
 from __future__ import annotations
@@ -96,6 +102,10 @@ def load(source, options: Options | None = None) -> Tree:
     return _Loader(os.fsdecode(source), options).run()
 
 
+EXPANSION = 64
+EXPANSION_FLOOR = 1 << 20
+
+
 class _Loader:
     def __init__(self, source: str, options: Options) -> None:
         self.source = source
@@ -125,6 +135,10 @@ class _Loader:
         self.failed = False
         self.progress = Progress(options.progress)
         self.done = self.bytes_done = 0
+        self.trees_read: set[bytes] = set()  # dirtree checksums expanded so far
+        self.distinct = 0  # entries of those dirtrees, each counted once
+        self.expanded = 0  # entries expanded, counted per directory that names a dirtree
+        self.shared_trees: dict[bytes, list[tuple]] = {}  # dirtrees named more than once: their entries
 
     # -- the walk over dirtrees -------------------------------------------------------------
 
@@ -176,7 +190,30 @@ class _Loader:
         return Inode(meta[0], meta[1], meta[2], xattrs=meta[3])
 
     def entries(self, tree_sum: bytes, path: bytes) -> list[tuple]:
-        """A dirtree's entries in name order: (name, checksum) files, (name, tree, meta) dirs."""
+        """A dirtree's entries in name order: (name, checksum) files, (name, tree, meta) dirs.
+        A dirtree named a second time is kept (read and checked once more, then not again)."""
+        hit = self.shared_trees.get(tree_sum)
+        if hit is not None:
+            self.count(tree_sum, len(hit), path)
+            return hit
+        found = self._entries(tree_sum, path)
+        if tree_sum in self.trees_read:
+            self.shared_trees[tree_sum] = found
+        self.count(tree_sum, len(found), path)
+        return found
+
+    def count(self, tree_sum: bytes, count: int, path: bytes) -> None:
+        """Charge a dirtree's entries to the expansion bound."""
+        if tree_sum not in self.trees_read:
+            self.trees_read.add(tree_sum)
+            self.distinct += count
+        self.expanded += count
+        if self.expanded > max(EXPANSION_FLOOR, EXPANSION * self.distinct):
+            raise ObjectError(f"the commit's directories expand to more than {self.expanded - count} entries from "
+                              f"{self.distinct} distinct ones, each named over {EXPANSION} times on average (a "
+                              f"tree bomb; directory {shown_path(path)})", self.repo.found_path(tree_sum, ".dirtree"))
+
+    def _entries(self, tree_sum: bytes, path: bytes) -> list[tuple]:
         try:
             files, dirs = self.repo.metadata(tree_sum, ".dirtree", DIRTREE)
         except ObjectError as e:
@@ -213,9 +250,12 @@ class _Loader:
         hard-linked checkout's name order makes home (the directory frontend's rule)."""
         groups = self.groups
         names = self.names
-        stack = [(iter(self.entries(tree_sum, b"/")), root, b"")]
+        # Only the current directory's path is held: a chain of 100k dirtrees (100k small
+        # objects) has paths adding up to 10 GB.
+        prefix = b""
+        stack = [(iter(self.entries(tree_sum, b"/")), root, 0)]
         while stack:
-            items, node, prefix = stack[-1]
+            items, node, _length = stack[-1]
             children = node.children
             assert children is not None
             for item in items:
@@ -234,10 +274,13 @@ class _Loader:
                 path = prefix + b"/" + name
                 child = children[name] = self.directory(item[2], path)
                 self.dir_trees[id(child)] = item[1]
-                stack.append((iter(self.entries(item[1], path)), child, path))
+                stack.append((iter(self.entries(item[1], path)), child, len(path)))
+                prefix = path
                 break
             else:
                 stack.pop()
+                if stack:
+                    prefix = prefix[:stack[-1][2]]
 
     def filtered(self, xattrs: tuple) -> tuple:
         options = self.options

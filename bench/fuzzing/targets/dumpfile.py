@@ -20,8 +20,14 @@ from bench.fuzzing.mutators import generic
 NAME = "dumpfile"
 
 
+# A hard link to a directory (upstream writes it): a payload mutation makes it a cycle, which
+# the hard-link pass must refuse, located, instead of compiling an image every walk loops on.
+DIRECTORY_LINK = (b"/ 4096 40755 2 0 0 0 0.0 - - -\n/a 0 40755 2 0 0 0 0.0 - - -\n/a/x 0 100644 1 0 0 0 0.0 - - -\n"
+                  b"/b 0 @100644 0 0 0 0 0.0 /a - -\n")
+
+
 def seeds() -> list[bytes]:
-    return dumpgrammar.seeds() + [dumpgrammar.column_mix(lambda n: 0, 0, 3)]
+    return dumpgrammar.seeds() + [dumpgrammar.column_mix(lambda n: 0, 0, 3), DIRECTORY_LINK]
 
 
 def mutate(data: bytes, rng: random.Random) -> bytes:

@@ -2,7 +2,8 @@
 
 Seeds are small valid images compiled from dumpfiles in this module: inline and external
 files, hard links, symlinks, devices and whiteouts (format 1), shared and escaped xattrs,
-extended inodes, a directory spread over several blocks, a deep path.  An input is one
+extended inodes, a directory spread over several blocks, a deep path, a hard-linked
+directory.  An input is one
 control byte (whether to feed the image as bytes, or as a file, plain or compressed,
 through `Image.open` and its bounded read) and the image.  Mutations know the layout: they find the fields of the header,
 superblock, every reachable inode, xattr body, shared xattr entry and dirent with the
@@ -80,6 +81,10 @@ DUMPS = [
     + b"/d0/ext 8589934592 100644 1 0 0 0 0.0 " + _META + b" - -\n",
     # the smallest image
     b"/ 4096 40755 2 0 0 0 0.0 - - -\n",
+    # a directory hard-linked elsewhere (upstream writes it): one nid reached twice, and a
+    # dirent mutation away from a cycle
+    b"/ 4096 40755 2 0 0 0 0.0 - - -\n/a 0 40755 2 0 0 0 0.0 - - -\n/a/x 5 100644 1 0 0 0 0.0 - hello -\n"
+    b"/b 0 @100644 0 0 0 0 0.0 /a - -\n",
 ]
 
 
