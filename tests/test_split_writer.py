@@ -240,25 +240,39 @@ def test_an_error_in_the_childs_half_is_the_sequential_paths_error(tmp_path):
     assert str(split.value) == str(sequential.value)
 
 
-def test_child_errors_are_raised_again_in_the_parent():
-    def fails():
-        raise DumpfileError("invalid integer 'x': expected a base-10 number", "in.dump", 7, "SIZE")
-
-    with forked.Child(fails) as child, pytest.raises(DumpfileError) as caught:
-        child.join()
-    assert str(caught.value) == "in.dump:7:SIZE: invalid integer 'x': expected a base-10 number"
-    assert (caught.value.line, caught.value.field) == (7, "SIZE")
-
-
-def test_a_child_error_that_cannot_be_pickled_keeps_its_class_name_and_message():
+def test_a_partners_error_that_cannot_be_pickled_keeps_its_class_name_and_message():
     class Local(Exception):  # (a local class: pickle cannot name it)
         pass
 
-    def fails():
+    def fails(line: forked.Line) -> None:
         raise Local("no such thing")
 
-    with forked.Child(fails) as child, pytest.raises(RuntimeError, match="^Local: no such thing$"):
+    with forked.Partner(fails) as child, pytest.raises(RuntimeError, match="^Local: no such thing$"):
         child.join()
+
+
+def test_a_partner_that_has_ended_raises_its_ending_again_and_reaps_nothing_else():
+    """After the child's error (or its result), later calls raise that ending again: none
+    waits for another child of this process (a `waitpid` of pid 0 would take any)."""
+    other = subprocess.Popen(["sleep", "30"])
+    try:
+        def fails(line: forked.Line) -> None:
+            raise ValueError("first")
+
+        with forked.Partner(fails) as child:
+            with pytest.raises(ValueError, match="^first$"):
+                child.receive()
+            for call in (child.join, child.receive, lambda: child.send(b"x")):
+                with pytest.raises(ValueError, match="^first$"):
+                    call()
+        with forked.Partner(lambda line: b"done") as child:
+            assert child.join() == b"done"
+            with pytest.raises(ChildProcessError, match="result was taken"):
+                child.receive()
+        assert other.poll() is None  # still running, still this test's to reap
+    finally:
+        other.kill()
+        other.wait()
 
 
 def test_outputs_a_child_cannot_write_into_are_written_sequentially(tmp_path):
@@ -309,23 +323,6 @@ def test_a_partner_that_dies_is_an_error():
 
 def test_leaving_a_partner_early_kills_and_reaps_it():
     child = forked.Partner(lambda line: line.receive())
-    pid = child.pid
-    with child:
-        pass
-    with pytest.raises(ChildProcessError):
-        os.waitpid(pid, 0)
-
-
-def test_a_child_that_dies_is_an_error_and_a_result_comes_back_whole():
-    with forked.Child(lambda: os._exit(3)) as child, pytest.raises(ChildProcessError, match="status 3"):
-        child.join()
-    big = bytes(range(256)) * 4096  # more than a pipe holds
-    with forked.Child(lambda: big) as child:
-        assert child.join() == big
-
-
-def test_leaving_early_kills_and_reaps_the_child():
-    child = forked.Child(lambda: signal.pause())
     pid = child.pid
     with child:
         pass

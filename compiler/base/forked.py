@@ -2,11 +2,11 @@
 
 C mkcomposefs reads a dumpfile on one core; cfsc gives a forked child a part of the work.
 The child sees the parent's memory copy-on-write, so nothing is handed over on the way in,
-and only bytes come back, through a pipe: `Child` returns one result, `Feeder` a stream of
-messages the parent takes in turn (the dumpfile parser's column stage), and `Partner` trades
-messages both ways while the two work side by side (the image writer: each process sizes
-half of the inodes, they exchange where the second half starts and their nids, then each
-writes its half in place).  An error in a `Child` or a `Partner` is raised again in the
+and only bytes come back, through pipes: `Feeder` sends a stream of messages the parent
+takes in turn (the dumpfile parser's column stage), and `Partner` trades messages both ways
+while the two work side by side (the image writer: each process sizes half of the inodes,
+they exchange where the second half starts and their nids, then each writes its half in
+place).  An error in a `Partner` is raised again in the
 parent, the same class with the same message (a located one-line error stays one), so
 callers see what the sequential path would have raised; a `Feeder`'s parent does the rest
 itself.
@@ -78,84 +78,6 @@ def _rebuild(cls: type, args: tuple, state: dict) -> BaseException:
     return error
 
 
-class Child:
-    """`work()` running in a forked child; `join()` returns what it returned (bytes).
-
-    Use as a context manager: leaving the block early (the parent's own half failed) kills
-    and reaps the child, so no process outlives the job nor keeps writing to its output.
-    Where no child can be forked (a process limit, no memory to copy this process), `work()`
-    runs here and now, and `join()` gives its result or error all the same.
-    """
-
-    __slots__ = ("pid", "pipe", "done")
-
-    def __init__(self, work: Callable[[], bytes | None]) -> None:
-        flush_standard_streams()  # (the child must not write the parent's buffers again)
-        self.done: tuple | None = None
-        read_end, write_end = os.pipe()
-        try:
-            pid = os.fork()
-        except OSError:
-            os.close(read_end)
-            os.close(write_end)
-            self.pid, self.pipe = 0, -1
-            try:
-                self.done = (work() or b"", None)
-            except Exception as e:  # raised by join(), where a child's error is (a
-                # BaseException such as Terminated goes up from here: nothing to reap)
-                self.done = (b"", e)
-            return
-        if pid == 0:  # the child: never returns to the caller's code
-            status = 1
-            try:
-                os.close(read_end)
-                try:
-                    message = b"\0" + (work() or b"")
-                    status = 0
-                except BaseException as e:  # noqa: BLE001 -- every error goes to the parent
-                    message = b"\1" + _pickled(e)
-                write_all(write_end, message)
-            finally:
-                os._exit(status)  # no atexit handlers, no flushing of buffers copied from the parent
-        os.close(write_end)
-        self.pid = pid
-        self.pipe = read_end
-
-    def join(self) -> bytes:
-        """Wait for the child; its result, or its error raised here."""
-        if self.done is not None:
-            result, error = self.done
-            if error is not None:
-                raise error
-            return result
-        with open(self.pipe, "rb", closefd=True) as f:
-            self.pipe = -1
-            message = f.read()
-        _pid, status = os.waitpid(self.pid, 0)
-        self.pid = 0
-        if message[:1] == b"\1":
-            import pickle
-
-            cls, args, state = pickle.loads(message[1:])
-            raise _rebuild(cls, args, state)
-        if status != 0 or message[:1] != b"\0":
-            code = os.waitstatus_to_exitcode(status)
-            raise ChildProcessError(f"worker process {_pid} ended with status {code} before its result")
-        return message[1:]
-
-    def __enter__(self) -> Child:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.pid:
-            os.kill(self.pid, SIGKILL)
-            os.waitpid(self.pid, 0)
-            self.pid = 0
-        if self.pipe >= 0:
-            os.close(self.pipe)
-            self.pipe = -1
-
-
 def _pickled(error: BaseException) -> bytes:
     import pickle
 
@@ -172,12 +94,17 @@ class Partner:
     An error in the child is raised by the parent's next `receive()` or `join()` (or `send()`,
     the child being gone), a child that died without one is a `ChildProcessError`.
 
+    The talk takes turns: a side sends a message larger than a pipe holds only when the other
+    has nothing unread to send it (both writing at once would wait for each other forever).
+    Once the child has ended (its error raised, its result taken), every later call raises
+    that same ending again.
+
     Use as a context manager (leaving early kills and reaps the child).  No fallback to doing
     the work here: it needs the parent's side of the talk, so a fork refused raises OSError
     and the caller takes its sequential path.
     """
 
-    __slots__ = ("pid", "to_child", "from_child")
+    __slots__ = ("pid", "to_child", "from_child", "ended")
 
     def __init__(self, work: Callable[[Line], bytes | None]) -> None:
         flush_standard_streams()
@@ -214,8 +141,11 @@ class Partner:
         self.pid = pid
         self.to_child = down_write
         self.from_child: io.BufferedReader | None = open(up_read, "rb")
+        self.ended: BaseException | None = None  # how the child ended, once it has
 
     def send(self, message: bytes) -> None:
+        if self.ended is not None:
+            raise self.ended
         try:
             _send_frame(self.to_child, b"\0", message)
         except BrokenPipeError:  # the child is gone: its error (or its death) says why
@@ -224,19 +154,21 @@ class Partner:
 
     def receive(self) -> bytes:
         """The child's next message; its error raised here if it failed instead."""
+        if self.ended is not None:
+            raise self.ended
         assert self.from_child is not None
         head = self.from_child.read(9)
         size = int.from_bytes(head[1:], "little")
         message = self.from_child.read(size) if len(head) == 9 else b""
         if len(head) < 9 or len(message) != size:
             pid, code = self.pid, self._reap()
-            raise ChildProcessError(f"worker process {pid} ended with status {code} before its result")
+            raise self._end(ChildProcessError(f"worker process {pid} ended with status {code} before its result"))
         if head[:1] == b"\1":
             import pickle
 
             self._reap()
             cls, args, state = pickle.loads(message)
-            raise _rebuild(cls, args, state)
+            raise self._end(_rebuild(cls, args, state))
         return message
 
     def join(self) -> bytes:
@@ -244,13 +176,19 @@ class Partner:
         result = self.receive()
         pid, code = self.pid, self._reap()
         if code != 0:
-            raise ChildProcessError(f"worker process {pid} ended with status {code} after its result")
+            raise self._end(ChildProcessError(f"worker process {pid} ended with status {code} after its result"))
+        self._end(ChildProcessError(f"worker process {pid} has ended: its result was taken"))
         return result
 
     def _reap(self) -> int:
+        assert self.pid > 0  # (waitpid(0) would reap any child of this process group)
         _pid, status = os.waitpid(self.pid, 0)
         self.pid = 0
         return os.waitstatus_to_exitcode(status)
+
+    def _end(self, error: BaseException) -> BaseException:
+        self.ended = error
+        return error
 
     def __enter__(self) -> Partner:
         return self
@@ -290,8 +228,9 @@ class Line:
 
 
 def _larger_pipe(fd: int) -> None:
-    """A pipe that holds a message of nids whole: its writer goes on at once, not after the
-    reader was scheduled again for each 64 KiB (what a busy machine makes slow)."""
+    """A larger pipe, so that a writer goes on at once, not after the reader was scheduled
+    again for each 64 KiB (what a busy machine makes slow): 4 MiB where allowed (root; it
+    holds a 1M-inode tree's nids whole), else the 1 MiB of the default pipe-max-size."""
     import fcntl
 
     for size in (PIPE_SIZE, 1 << 20):  # (above /proc/sys/fs/pipe-max-size only root may go)
