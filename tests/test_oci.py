@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 
 from cfsc.store.locks import LOCK_NAME
+from cfsc.errors import InputError
 
 from tests.helpers.containers import containerd_estargz, expand_links, sh, unmount_below
 from tests.helpers.data import run_cfsc
@@ -423,3 +424,17 @@ def test_mounted_image_reads_as_the_rootfs(images, tmp_path):
         assert p.returncode in (0, 1) and not odd, odd
     finally:
         run_cfsc("umount", str(mnt))
+
+
+@pytest.mark.parametrize("text, entries", [(b'{"version":1,"entries":null}', []), (b'{"entries":[]}', []),
+                                           (b'{"version":1}', None), (b'{"entries":{}}', None), (b"[]", None)])
+def test_a_toc_is_an_object_with_entries_null_only_for_an_empty_layer(text, entries):
+    """`"entries":null` is Go's empty slice (an empty layer); a TOC without the key, or with
+    anything but an array there, is refused, not read as an empty layer."""
+    from cfsc.frontends.oci.chunked import toc_document
+
+    if entries is not None:
+        assert toc_document(text, "blob")["entries"] == entries
+    else:
+        with pytest.raises(InputError, match="^blob: the TOC: expected an object with an `entries` array$"):
+            toc_document(text, "blob")

@@ -45,7 +45,7 @@ import zlib
 
 import orjson
 from cfsc.base import rfc3339
-from cfsc.base.errors import InputError, shown_path
+from cfsc.base.errors import InputError
 from cfsc.base.limits import INLINE_MAX
 from cfsc.frontends.tar.stream import (
     BLOCKDEV,
@@ -105,15 +105,20 @@ def kind_of(blob: Blob, compression: str | None, annotations: dict) -> str | Non
 
 def read_toc(blob: Blob, kind: str, annotations: dict) -> dict:
     data = _zstd_chunked_toc(blob, annotations) if kind == "zstd:chunked" else _estargz_toc(blob, annotations)
+    return toc_document(data, blob.name)
+
+
+def toc_document(data: bytes, where: str) -> dict:
+    """The TOC's JSON: an object with an `entries` array (`null` for an empty layer, which
+    containers/storage (Go) writes for its nil slice; a missing key is no TOC)."""
     try:
         doc = orjson.loads(data)
     except orjson.JSONDecodeError as e:
-        raise InputError(f"the TOC is not valid JSON: {e}", blob.name) from None
-    if isinstance(doc, dict) and doc.get("entries") is None:
-        # An empty layer: containers/storage (Go) writes its nil slice as `"entries":null`.
+        raise InputError(f"the TOC is not valid JSON: {e}", where) from None
+    if isinstance(doc, dict) and "entries" in doc and doc["entries"] is None:
         doc["entries"] = []
-    if not isinstance(doc, dict) or not isinstance(doc["entries"], list):
-        raise InputError("the TOC: expected an object with an `entries` array", blob.name)
+    if not isinstance(doc, dict) or not isinstance(doc.get("entries"), list):
+        raise InputError("the TOC: expected an object with an `entries` array", where)
     return doc
 
 
