@@ -51,7 +51,15 @@ from cfsc.base.fsverity import algorithm_named, payload_path, short_gil_switches
 from cfsc.base.options import Options
 from cfsc.base.progress import Progress, mib
 from cfsc.base.tree import S_IFBLK, S_IFCHR, S_IFDIR, S_IFLNK, S_IFMT, S_IFREG, Inode, Tree
-from cfsc.frontends.directory_workers import FileReader, Refused, WorkerDied, Workers, read_xattrs, refusal
+from cfsc.frontends.directory_workers import (
+    FileReader,
+    Refused,
+    WorkerDied,
+    Workers,
+    discard_staged,
+    read_xattrs,
+    refusal,
+)
 from cfsc.store.objects import Store, loaded, open_store
 
 TYPE_CHECKING = False  # typing's, without importing typing (start-up); type checkers read it as True
@@ -307,7 +315,12 @@ class _Scanner:
     def path_at(self, fd: int, name: bytes, path: bytes) -> bytes:
         """A path to `name` in the directory open at `fd` that resolves through that descriptor
         (so no symlink swapped into the tree above it is followed)."""
-        return b"/proc/self/fd/%d/%s" % (fd, name) if self.proc else os.fsencode(self.where(path))
+        return b"/proc/self/fd/%d/%s" % (fd, name) if self.proc else self.source_path(path)
+
+    def source_path(self, path: bytes) -> bytes:
+        """`path` under the source, as bytes (`where` is for messages: it escapes what is not
+        UTF-8, so it would name another file)."""
+        return os.fsencode(self.source).rstrip(b"/") + b"/" + path if path else os.fsencode(self.source)
 
     def finish_links(self) -> None:
         """`hardlinks`: the names of one inode become one `Inode`, homed at the name first in
@@ -336,11 +349,7 @@ class _Scanner:
 
     def intern(self, xattrs: tuple, path: bytes) -> tuple:
         """A set of xattrs not seen before: checked against the limits once, then shared."""
-        for key, value in xattrs:
-            problem = limits.check_xattr(key, value)
-            if problem:
-                raise self.limit(problem, path)
-        problem = limits.check_xattr_budget(xattrs)
+        problem = limits.xattrs_problem(xattrs)
         if problem:
             raise self.limit(problem, path)
         self.xattr_cache[xattrs] = xattrs
@@ -422,7 +431,11 @@ class _Scanner:
         reader = getattr(self.local, "reader", None)
         if reader is None:
             reader = self.local.reader = self.reader()
-        return reader.batch(fds, items)
+        return reader.batch(fds, items, self.has_failed)
+
+    def has_failed(self) -> bool:
+        """(A pool thread stops at the next file once the run has failed.)"""
+        return self.failed
 
     def reap(self) -> None:
         """Fill in the inodes of the pool's oldest batch (waiting for it)."""
@@ -478,7 +491,7 @@ class _Scanner:
                 if xattrs:
                     node.xattrs = cache.get(xattrs) or self.intern(xattrs, path)
                 elif xattrs is None:  # an unreadable (empty) file in a process without /proc
-                    node.xattrs = self.xattrs(os.fsencode(self.where(path)), path)
+                    node.xattrs = self.xattrs(self.source_path(path), path)
                 if hardlinks and nlink > 1:
                     multi.append(((dev, ino), path, parent, name, node))
                 if digest is not None:
@@ -499,9 +512,7 @@ class _Scanner:
 
     def unread(self, results: list) -> None:
         """Failing: the temp files a worker staged for results nobody will adopt go."""
-        for result in results:
-            if type(result[0]) is not str and result[11] is not None:
-                self.store.discard_staged(result[11][0])
+        discard_staged(self.store, results)
 
     def release(self, d: _Dir) -> None:
         d.refs -= 1

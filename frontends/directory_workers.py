@@ -90,20 +90,20 @@ class FileReader:
         self.proc = os.path.isdir("/proc/self/fd")  # (an unreadable file's xattrs are read through it)
         self.buf: bytearray | None = None  # made on first use: the parent of workers never needs it
 
-    def batch(self, fds: list[int], items: list) -> list:
+    def batch(self, fds: list[int], items: list, stop: Callable[[], bool] | None = None) -> list:
         """The results of `(dir index, name)` items, up to the first refusal (the caller raises
-        it: the rest is not needed)."""
+        it: the rest is not needed), or until `stop()` says the run failed elsewhere."""
         results = []
         try:
             for index, name in items:
+                if stop is not None and stop():
+                    break
                 result = self.read(fds[index], name)
                 results.append(result)
                 if type(result[0]) is str:
                     break
         except BaseException:  # (not a refusal: a bug, no memory) nobody adopts what was staged
-            for result in results:
-                if type(result[0]) is not str and result[11] is not None:
-                    self.store.discard_staged(result[11][0])
+            discard_staged(self.store, results)
             raise
         return results
 
@@ -204,6 +204,13 @@ class FileReader:
                     return e.reply
         return (st.st_mode, st.st_uid, st.st_gid, st.st_mtime_ns, 0, st.st_nlink, st.st_dev, st.st_ino,
                 xattrs, None, None, None, False)
+
+
+def discard_staged(store, results: list) -> None:
+    """The store temp files staged for these results go (nobody will adopt them)."""
+    for result in results:
+        if type(result[0]) is not str and result[11] is not None:
+            store.discard_staged(result[11][0])
 
 
 def read_xattrs(target: int | bytes, user_only: bool) -> tuple:

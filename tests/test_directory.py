@@ -339,3 +339,30 @@ def test_limits_are_enforced_while_reading_as_the_pass_would(tmpfs, case, kind, 
 
 def test_a_directory_tree_comes_checked(small_tree):
     assert directory.load(str(small_tree), Options()).checked
+
+
+def test_an_unreadable_empty_file_whose_name_is_not_utf8_compiles_without_proc():
+    """Without /proc (a tmpfs over it, in a mount namespace) an unreadable empty file's
+    xattrs are read by its path under the source: that path is built from the name's bytes
+    (it was built from the message spelling, `\\xff` escaped, and so named no file)."""
+    import sys
+
+    from tests.helpers.nobody import AS_NOBODY, nobody_dir
+
+    with nobody_dir("cfsc-noproc-") as base:
+        src = base / "src"
+        src.mkdir()
+        name = os.path.join(os.fsencode(src), b"\xff")
+        open(name, "wb").close()
+        os.chmod(name, 0)
+        src.chmod(0o755)
+        out = base / "out.cfs"
+        script = f"import sys; sys.argv = ['cfsc', 'compile', {str(src)!r}, '-o', {str(out)!r}]; " \
+                 "from cfsc.cli import main; sys.exit(main())"
+        inner = " ".join([*AS_NOBODY, sys.executable, "-c", f'"{script}"'])
+        p = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                            f"mount -t tmpfs none /proc && {inner}"], capture_output=True)
+        assert p.returncode == 0, p.stderr
+        assert p.stderr == b""
+        dump = subprocess.run([sys.executable, "-m", "cfsc", "dump", str(out)], capture_output=True, check=True)
+        assert b"\n/\\xff 0 100000 1 " in dump.stdout

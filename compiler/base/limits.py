@@ -106,3 +106,12 @@ def check_xattr_budget(xattrs) -> str | None:
     if total > XATTR_ACCOUNTING_MAX:
         return f"xattrs need {total} bytes of the per-inode budget: expected at most {XATTR_ACCOUNTING_MAX}"
     return None
+
+
+def xattrs_problem(xattrs) -> str | None:
+    """What is wrong with an inode's set of xattrs: a pair's own limits, then the budget."""
+    for key, value in xattrs:
+        problem = check_xattr(key, value)
+        if problem:
+            return problem
+    return check_xattr_budget(xattrs)

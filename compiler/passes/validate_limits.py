@@ -47,14 +47,6 @@ def _inode_problem(node: Inode) -> str | None:
     return None
 
 
-def _xattrs_problem(xattrs: tuple) -> str | None:
-    for key, value in xattrs:
-        problem = limits.check_xattr(key, value)
-        if problem:
-            return problem
-    return limits.check_xattr_budget(xattrs)
-
-
 _mode = attrgetter("mode")
 _xattrs = attrgetter("xattrs")
 _payload = attrgetter("payload")
@@ -81,7 +73,7 @@ def _directory_ok(nodes: list[Inode], good_xattrs: dict[int, tuple]) -> bool:
     tuples = list(map(_xattrs, nodes))
     by_id = dict(zip(map(id, tuples), tuples, strict=True))
     for key in by_id.keys() - good_xattrs.keys() - {EMPTY_ID}:
-        if _xattrs_problem(by_id[key]):
+        if limits.xattrs_problem(by_id[key]):
             return False
         good_xattrs[key] = by_id[key]
     if S_IFREG in kinds or S_IFLNK in kinds:
@@ -112,7 +104,7 @@ def validate_limits(tree: Tree, options: Options) -> Tree:
             problem = limits.check_mtime(node.mtime, node.mtime_nsec)
         xattrs = node.xattrs
         if problem is None and xattrs and id(xattrs) not in good_xattrs:
-            problem = _xattrs_problem(xattrs)
+            problem = limits.xattrs_problem(xattrs)
             if problem is None:
                 good_xattrs[id(xattrs)] = xattrs
         if problem:
