@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import subprocess
+import sys
 
 import pytest
 from cfsc.store.locks import LOCK_NAME
@@ -249,3 +251,18 @@ def test_the_console_script_with_standard_streams_closed(tmp_path, closed):
         assert script[3], args  # the image is written either way
         if "--print-digest" not in args or 1 not in closed:
             assert script[0] == 0, script
+
+
+@pytest.mark.parametrize("args", [["compile", "tree", "-o", "-"], ["dump", "image.cfs"], ["info", "image.cfs"],
+                                  ["diff", "image.cfs", "image.cfs"], ["ls", "image.cfs"]],
+                         ids=lambda a: "-".join(a[:1] + a[-1:]))
+def test_a_verb_writing_to_a_closed_stdout_says_so_in_one_line(tmp_path, args):
+    """fd 1 closed when the process started (`>&-`): what a verb writes to stdout ends in one
+    located line, exit 1, no traceback (Python leaves `sys.stdout` None then)."""
+    (tmp_path / "tree").mkdir()
+    (tmp_path / "tree" / "f").write_bytes(b"data")
+    subprocess.run([sys.executable, "-m", "cfsc", "compile", "tree", "-o", "image.cfs"], cwd=tmp_path, check=True)
+    p = subprocess.run(["sh", "-c", '"$@" >&-', "sh", sys.executable, "-m", "cfsc", *args], cwd=tmp_path,
+                       capture_output=True)
+    assert p.returncode == 1
+    assert p.stderr == b"error: -: cannot write the output: standard output is closed\n"

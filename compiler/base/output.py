@@ -22,6 +22,40 @@ if TYPE_CHECKING:
     from typing import BinaryIO
 
 
+class ClosedStdout:
+    """Stands for stdout when its descriptor was closed before Python started (`sys.stdout`
+    is None then): whatever a verb writes there ends in one located line, not in an
+    AttributeError; flushing is nothing, and it is no terminal."""
+
+    __slots__ = ()
+
+    @staticmethod
+    def error() -> OutputError:
+        return OutputError("cannot write the output: standard output is closed", "-")
+
+    @property
+    def buffer(self):
+        raise self.error()
+
+    def write(self, _data) -> int:
+        raise self.error()
+
+    def fileno(self) -> int:
+        raise self.error()
+
+    def flush(self) -> None:
+        pass
+
+    def isatty(self) -> bool:
+        return False
+
+
+def stand_in_for_closed_stdout() -> None:
+    """(At the start of a command.)"""
+    if sys.stdout is None:
+        sys.stdout = ClosedStdout()  # type: ignore[assignment]
+
+
 def flush_standard_streams() -> None:
     """Write out what Python buffers for stdout and stderr (None: the descriptor was closed when
     Python started): before a fork (the child must not write it again) or an `os._exit`."""
@@ -70,7 +104,7 @@ def _create_temp(directory: str, name: str) -> tuple[int, str]:
 def atomic_output(path: str, mode: int = 0o666) -> Iterator[BinaryIO]:
     """Yield a binary file for `path` (`-` = stdout) that appears only if the block succeeds."""
     if path == "-":
-        out = sys.stdout.buffer
+        out = sys.stdout.buffer  # (`ClosedStdout`'s one-line error if fd 1 was closed)
         if out.isatty():
             raise UsageError("refusing to write binary output to a terminal", "-")
         yield out

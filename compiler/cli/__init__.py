@@ -19,7 +19,7 @@ import functools
 import _signal as signal  # (`signal` builds its enums at import: ~5 ms of every command)
 import sys
 
-from cfsc.base.errors import CfscError, OutputError, UsageError
+from cfsc.base.errors import CfscError, UsageError
 
 _state = {"traceback": False}
 _made: dict = {}  # "app" -> the typer app, made on first use
@@ -139,8 +139,6 @@ def renamed(value, old_value, flag: str, old_flag: str):
 
 
 def digest_line(digest: bytes) -> None:
-    if sys.stdout is None:  # fd 1 was closed when Python started
-        raise OutputError("cannot print the digest: standard output is closed", "stdout")
     sys.stdout.write(digest.hex() + "\n")
     sys.stdout.flush()
 
@@ -194,6 +192,9 @@ def main(argv: list[str] | None = None, direct: bool = True) -> None:
     """The `cfsc` command.  `direct=False` sends every verb through typer (tests compare)."""
     import importlib
 
+    from cfsc.base.output import stand_in_for_closed_stdout
+
+    stand_in_for_closed_stdout()
     args = sys.argv[1:] if argv is None else argv
     # Only where SIGTERM would kill us outright: a caller that ignores it keeps it ignored,
     # and the FUSE server installs its own handlers (it unmounts on SIGTERM).
