@@ -419,7 +419,7 @@ def _write_split(tree: Tree, encoder: XattrEncoder, out: BinaryIO, fd: int, k: i
         first_block, _total_blocks = _blocks(plan, encoder)
         numbers = _u64s(parent.receive())
         nids[:k] = numbers[:k]
-        parents.update(zip(numbers[k::2], numbers[k + 1::2]))
+        parents.update(zip(numbers[k::2], numbers[k + 1::2], strict=True))
         _adopt(inodes, plan, orphans, parents)
         k_start = nids[k] << EROFS_ISLOTBITS
         k_block = first_block + first_blocks
@@ -498,7 +498,7 @@ def _split_point(inodes: list[Inode]) -> int:
     entries = list(map(len, filter(None, children)))
     half = (len(inodes) * weight + sum(entries)) // 2
     before = 0  # entries of the directories before the inode looked at
-    for i, e in zip(compress(range(len(inodes)), children), entries):
+    for i, e in zip(compress(range(len(inodes)), children), entries, strict=True):
         if i * weight + before >= half:
             break
         before += e
