@@ -115,3 +115,13 @@ def xattrs_problem(xattrs) -> str | None:
         if problem:
             return problem
     return check_xattr_budget(xattrs)
+
+
+def check_archive_path(length: int) -> str | None:
+    """An archive member's path (a tar layer's, its TOC's), `length` bytes as an absolute
+    path: no extractor can create one longer than PATH_MAX (GNU tar, umoci and
+    containers/storage fail), and each component would be a directory in memory.  (A source
+    directory can be deeper: it exists.)"""
+    if length > PATH_MAX:
+        return f"a path of {length} bytes: at most {PATH_MAX}, as an extracted layer can have"
+    return None

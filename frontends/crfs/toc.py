@@ -268,6 +268,7 @@ class _Builder(_Columns):
         rdev = devices.makedev(dev_major, dev_minor) if kind == S_IFCHR or kind == S_IFBLK else 0
 
         if name:
+            _check_path(name)
             head, _slash, base = name.rpartition(b"/")
             parent = self.dirs.get(head)
             if parent is None:
@@ -442,10 +443,8 @@ class _Builder(_Columns):
 
     def parents(self, path: bytes) -> Inode:
         """The directory at `path`, making missing ones (040755 0:0 mtime 0)."""
-        if len(path) >= limits.PATH_MAX:
-            # Every prefix is kept in `dirs`: a 1 MB name of 500,000 components took 24 GB.
-            raise _Bad("name", f"the parent directory is a path of {len(path)} bytes: at most {limits.PATH_MAX - 1},"
-                               " as for every source")
+        # (every prefix is kept in `dirs`: a 1 MB name of 500,000 components took 24 GB; the
+        # entry's own name was checked before, so this one is shorter)
         node = self.root
         done = b""
         for part in path.split(b"/"):
@@ -493,6 +492,7 @@ class _Builder(_Columns):
             raise _Bad("mode", f"file type bits 0{ftype:o} contradict the target's (0{target.mode & S_IFMT:o})")
         if not name:
             raise _Bad("name", "the root cannot be a hard link")
+        _check_path(name)
         head, _slash, base = name.rpartition(b"/")
         parent = self.dirs.get(head) or self.parents(head)
         old = parent.children.get(base)  # type: ignore[union-attr]
@@ -651,3 +651,10 @@ def loads(data: bytes, options: Options | None = None, name: str = "<string>") -
     builder = _Builder(options or Options())
     builder.document(name, data)
     return builder.finish()
+
+
+def _check_path(name: bytes) -> None:
+    """An entry's name (its path, without the leading `/`) as an extracted layer can have it."""
+    problem = limits.check_archive_path(len(name) + 1)
+    if problem:
+        raise _Bad("name", problem)

@@ -347,12 +347,11 @@ class _Builder:
         for p in parts:
             if len(p) > limits.NAME_MAX:
                 raise self.error(f"{what} has a component of {len(p)} bytes: at most {limits.NAME_MAX}", m)
-        length = len(parts) + sum(map(len, parts))  # as an absolute path: `/` before each component
-        if length > limits.PATH_MAX:
-            # No extractor can create it (the kernel's PATH_MAX; GNU tar, umoci and
-            # containers/storage fail), and each component would be a directory in memory: a
-            # 4 MB PAX path made 2 million of them.
-            raise self.error(f"{what} is a path of {length} bytes: at most {limits.PATH_MAX}, as for every source", m)
+        # (as an absolute path: `/` before each component; a 4 MB PAX path made 2 million
+        # directories in memory)
+        problem = limits.check_archive_path(len(parts) + sum(map(len, parts)))
+        if problem:
+            raise self.error(f"{what} is {problem}", m)
         return parts
 
     def walk(self, parts: list[bytes], m: Member) -> Inode:
