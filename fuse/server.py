@@ -50,6 +50,7 @@ import sys
 import threading
 import time
 from bisect import bisect_right
+from collections.abc import Iterator
 
 from cfsc.base.errors import CfscError
 from cfsc.base.limits import NAME_MAX
@@ -455,20 +456,13 @@ class Server:
         ends = []
         subdirs = []
         used = 0
-        fixed = P.DIRENT.size + (P.ENTRY_OUT.size if plus else 0)
-        add = parts.append
-        for index, (name, ino, dtype, entry) in enumerate(self._records(node, 0, plus, ahead)):
+        add = parts.extend
+        for index, ino, dtype, size, record in self._encoding(node, 0, plus, ahead):
             # (at index i the first i - 1 entries' nodes are made)
             if ahead and index > 1 and (index - 1) % AHEAD_BATCH == 0 and poll(0):
                 return None  # a request came first (the nodes made so far stay cached)
-            n = len(name)
-            pad = PADS[-n % 8]
-            if plus:
-                add(entry)
-            add(_pack_dirent(ino, index + 1, n, dtype))
-            add(name)
-            add(pad)
-            used += fixed + n + len(pad)
+            add(record)
+            used += size
             ends.append(used)
             if dtype == DT_DIR and index > 1:
                 subdirs.append(ino * 2 + plus)
@@ -493,21 +487,26 @@ class Server:
         """The records of a large directory from index `offset` that fit in `size` bytes,
         encoded for this request only (the kernel caches the pages it gets)."""
         parts = []
-        add = parts.append
+        add = parts.extend
         used = 0
-        fixed = P.DIRENT.size + (P.ENTRY_OUT.size if plus else 0)
-        for index, (name, ino, dtype, entry) in enumerate(self._records(node, offset, plus), offset):
-            n = len(name)
-            pad = PADS[-n % 8]
-            used += fixed + n + len(pad)
+        for _index, _ino, _dtype, record_size, record in self._encoding(node, offset, plus):
+            used += record_size
             if used > size:
                 break
-            if plus:
-                add(entry)
-            add(_pack_dirent(ino, index + 1, n, dtype))
-            add(name)
-            add(pad)
+            add(record)
         return b"".join(parts)
+
+    def _encoding(self, node: Node, start: int, plus: bool, ahead: bool = False) -> Iterator[tuple]:
+        """The READDIR(PLUS) records of a directory from index `start`, one encoding for the
+        whole stream and for a page: (index, ino, dtype, size, its pieces), a record's offset
+        being the next index."""
+        fixed = P.DIRENT.size + (P.ENTRY_OUT.size if plus else 0)
+        for index, (name, ino, dtype, entry) in enumerate(self._records(node, start, plus, ahead), start):
+            n = len(name)
+            pad = PADS[-n % 8]
+            dirent = _pack_dirent(ino, index + 1, n, dtype)
+            yield (index, ino, dtype, fixed + n + len(pad),
+                   (entry, dirent, name, pad) if plus else (dirent, name, pad))
 
     def _read_ahead(self, poll) -> None:
         """While no request waits, encode the directories a walk will list next: a fresh
