@@ -424,6 +424,8 @@ def sparse_cases() -> dict:
         "sparse-map-junk": (sparse(map=b"0,x", numblocks=b"1", size=b"10"), r"region 0 is 0,x", 1024),
         "sparse-size-junk": (sparse(map=b"0,3", numblocks=b"1", size=b"-1"), r"GNU.sparse.size=-1", 1024),
         "sparse-0.0-unpaired": (sparse(offset=b"0"), r"GNU.sparse.offset without", 1024),
+        "sparse-realsize-junk": (sparse(b"1\n0\n3\n".ljust(512, b"\0") + b"abc", major=b"1", minor=b"0",
+                                        realsize=b"-1"), r"bad PAX record GNU.sparse.realsize=-1", 1024),
         "sparse-1.0-no-map": (sparse(b"3\n0\n", major=b"1", minor=b"0", realsize=b"10"),
                               r"\(format 1\.0\): it does not end within the member's data", 1024),
         "sparse-1.0-junk": (sparse(b"1\nzz\n".ljust(512, b"\0") + b"abc", major=b"1", minor=b"0", realsize=b"10"),

@@ -72,29 +72,32 @@ def parse(reader, m: Member, records: list[tuple[bytes, bytes]]) -> Sparse:
     elif version not in ((None, None), (b"0", b"0"), (b"0", b"1")):
         raise reader.error(f"GNU sparse format {shown_value(version[0] or b'?')}.{shown_value(version[1] or b'?')}"
                            " is not supported: expected 0.0, 0.1 or 1.0", m)
-    elif b"GNU.sparse.map" in keys:
-        text = keys[b"GNU.sparse.map"]
-        numbers = text.split(b",") if text else []
+    elif pairs or b"GNU.sparse.map" in keys:
+        # Go's reader joins 0.0's offset/numbytes pairs into the map, over a map record
+        if pairs:
+            if len(pairs) % 2:
+                raise reader.error("bad PAX records: a GNU.sparse.offset without its GNU.sparse.numbytes", m)
+            numbers = pairs
+        else:
+            text = keys[b"GNU.sparse.map"]
+            numbers = text.split(b",") if text else []
         count = keys.get(b"GNU.sparse.numblocks")
         if count is None or not DECIMAL.fullmatch(count) or int(count) * 2 != len(numbers):
             raise reader.error(f"bad PAX record GNU.sparse.numblocks={shown_value(count or b'')}: expected the"
-                               f" number of regions GNU.sparse.map lists ({len(numbers) // 2})", m)
-    elif pairs:
-        if len(pairs) % 2:
-            raise reader.error("bad PAX records: a GNU.sparse.offset without its GNU.sparse.numbytes", m)
-        numbers = pairs
+                               f" number of regions the map lists ({len(numbers) // 2})", m)
     else:
         raise reader.error("PAX GNU.sparse.* records without a sparse map (expected GNU.sparse.map,"
                            " GNU.sparse.offset/numbytes, or major=1 and minor=0)", m)
     name = keys.get(b"GNU.sparse.name")
     if name:
         m.path = name
-    size = keys.get(b"GNU.sparse.size", keys.get(b"GNU.sparse.realsize"))
+    size_key = b"GNU.sparse.size" if b"GNU.sparse.size" in keys else b"GNU.sparse.realsize"
+    size = keys.get(size_key)
     if size is not None:
         try:
             m.size = pax_number(size, b"size")
         except (ValueError, OverflowError):
-            raise reader.error(f"bad PAX record GNU.sparse.size={shown_value(size)}: expected a decimal number"
+            raise reader.error(f"bad PAX record {size_key.decode()}={shown_value(size)}: expected a decimal number"
                                f" from 0 to {SIZE_MAX}", m) from None
     if len(numbers) > 2 * REGIONS_MAX:
         raise reader.error(f"a sparse map of {len(numbers) // 2} regions: at most {REGIONS_MAX} are accepted", m)
@@ -138,7 +141,7 @@ def _map_1_0(reader, m: Member) -> list[bytes]:
         *lines, rest = (rest + reader.read(BLOCK)).split(b"\n")
         read += BLOCK
         for line in lines:
-            if not DECIMAL.fullmatch(line) or len(line) > DIGITS_MAX:
+            if not DECIMAL.fullmatch(line) or len(line.lstrip(b"0")) > DIGITS_MAX:
                 raise reader.error(f"bad sparse map (format 1.0): {shown_value(line)} is not a decimal number", m)
             if want < 0:
                 want = 2 * int(line)

@@ -58,6 +58,7 @@ from collections.abc import Iterator
 from urllib.parse import unquote_to_bytes
 
 from cfsc.base.errors import InputError, shown_path
+from cfsc.base.limits import PATH_MAX
 from cfsc.base.streams import UNITS, decompressor, open_binary, source_name
 from cfsc.frontends.tar.readahead import ReadAhead, gather
 
@@ -112,7 +113,7 @@ RANGES = {b"mode": (0, MODE_MAX, "the file type and permission bits"), b"uid": (
           b"ctime": (TIME_MIN, TIME_MAX, "a 64-bit time")}
 DIGITS_MAX = 19  # decimal digits that may still be in range (leading zeros aside)
 SHOWN_MAX = 40  # characters of a bad value a message shows
-NAME_SHOWN_MAX = 4096  # bytes of a member's name a message shows whole
+NAME_SHOWN_MAX = PATH_MAX  # bytes of a member's name a message shows whole (a longer one is refused anyway)
 
 _OCTAL_DIGITS = b"01234567"
 _OCTAL_TEXT = b"01234567 \x00"
