@@ -72,6 +72,14 @@ def shown_path(raw: bytes) -> str:
     return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
 
 
+def shown_cut(raw: bytes, limit: int, keep: int | None = None) -> str:
+    """`shown_path` of a value that may be megabytes (a PAX record, a name in hostile input):
+    whole up to `limit` bytes, beyond that its first `keep` (default `limit`) and its length."""
+    if len(raw) > limit:
+        return f"{shown_path(raw[:limit if keep is None else keep])}… ({len(raw)} bytes)"
+    return shown_path(raw)
+
+
 class TreeError(InputError):
     """The tree violates a composefs limit; `where` is the path in the tree."""
 

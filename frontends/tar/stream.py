@@ -57,7 +57,7 @@ import zlib
 from collections.abc import Iterator
 from urllib.parse import unquote_to_bytes
 
-from cfsc.base.errors import InputError, shown_path
+from cfsc.base.errors import InputError, shown_cut, shown_path
 from cfsc.base.limits import PATH_MAX
 from cfsc.base.streams import UNITS, decompressor, open_binary, source_name
 from cfsc.frontends.tar.readahead import ReadAhead, gather
@@ -113,7 +113,6 @@ RANGES = {b"mode": (0, MODE_MAX, "the file type and permission bits"), b"uid": (
           b"ctime": (TIME_MIN, TIME_MAX, "a 64-bit time")}
 DIGITS_MAX = 19  # decimal digits that may still be in range (leading zeros aside)
 SHOWN_MAX = 40  # characters of a bad value a message shows
-NAME_SHOWN_MAX = PATH_MAX  # bytes of a member's name a message shows whole (a longer one is refused anyway)
 
 _OCTAL_DIGITS = b"01234567"
 _OCTAL_TEXT = b"01234567 \x00"
@@ -749,18 +748,14 @@ class TarReader:
 
 
 def shown_name(raw: bytes) -> str:
-    """A member's name or link target for a message: whole up to PATH_MAX bytes, the start
-    and its length beyond (a PAX path may be megabytes, and the message is one line)."""
-    if len(raw) > NAME_SHOWN_MAX:
-        return f"{shown_path(raw[:200])}… ({len(raw)} bytes)"
-    return shown_path(raw)
+    """A member's name or link target for a message: whole up to PATH_MAX bytes (a longer one
+    is refused anyway), the start and its length beyond."""
+    return shown_cut(raw, PATH_MAX, 200)
 
 
 def shown_value(value: bytes) -> str:
-    """A PAX value for a one-line message: escaped, and cut short (it may be megabytes)."""
-    if len(value) > SHOWN_MAX:
-        return f"{shown_path(value[:SHOWN_MAX])}… ({len(value)} bytes)"
-    return shown_path(value)
+    """A PAX value for a one-line message."""
+    return shown_cut(value, SHOWN_MAX)
 
 
 def _fields(h: tuple) -> str:
