@@ -144,7 +144,7 @@ def _dir_chunks(names: list[bytes]) -> list[int]:
 class _Plan:
     """Where everything goes; lists are indexed by inode number."""
 
-    __slots__ = ("nids", "compact", "heads", "blocks", "tails", "dirs", "spans", "xattrs", "inodes_end",
+    __slots__ = ("nids", "compact", "heads", "blocks", "tails", "dirs", "xattrs", "inodes_end",
                  "n_data_blocks", "min_mtime", "one_time")
 
 
@@ -198,14 +198,13 @@ def _new_plan(inodes: list[Inode]) -> _Plan:
     plan.blocks = [0] * n
     plan.tails = [0] * n
     plan.dirs = {}
-    plan.spans = {}
     return plan
 
 
 def _size(inodes: list[Inode], plan: _Plan, encoder: XattrEncoder, lo: int, hi: int,
           parents: dict[int, int]) -> list[int]:
     """Size inodes[lo:hi]: record and xattr bytes (`heads`, the one's complement for a
-    symlink, whose record must not cross a block: `spans`), tail, data blocks, layout and
+    symlink, whose record must not cross a block), tail, data blocks, layout and
     directory entries -- all that does not depend on where the inode goes.
 
     `parents` maps a directory's inode number to its parent's; the directories this range's
@@ -217,7 +216,7 @@ def _size(inodes: list[Inode], plan: _Plan, encoder: XattrEncoder, lo: int, hi: 
     external_size = encoder.external_size
     own_size: dict[int, int] = {}  # id(xattr tuple) -> its body's size (the encoder keeps the tuple)
     compact, heads, blocks, tails = plan.compact, plan.heads, plan.blocks, plan.tails
-    dirs, spans = plan.dirs, plan.spans
+    dirs = plan.dirs
     orphans = []
     min_bits, max_bits, map_entry = EROFS_BLKSIZ_BITS, _MAX_CHUNK_BITS, EROFS_BLOCK_MAP_ENTRY_SIZE
     dirent, compact_size, extended_size = _DIRENT, _COMPACT, _EXTENDED
@@ -282,7 +281,6 @@ def _size(inodes: list[Inode], plan: _Plan, encoder: XattrEncoder, lo: int, hi: 
         if not is_compact:
             compact[i] = False
         if ftype == S_IFLNK:
-            spans[i] = head + tail
             if head + tail >= BLK:  # a target that fills the block goes to a block of its own
                 n_blocks += 1
                 tail = 0
@@ -307,7 +305,7 @@ def _place(plan: _Plan, lo: int, hi: int, pos: int) -> int:
     """Give inodes[lo:hi] their nids from offset `pos` on (format note §2.5: records start
     on a slot; a tail must not cross a block, so padding goes before the record or the tail
     moves out to a block of its own); returns the offset after the last record, slot-aligned."""
-    heads, tails, blocks, nids, spans = plan.heads, plan.tails, plan.blocks, plan.nids, plan.spans
+    heads, tails, blocks, nids = plan.heads, plan.tails, plan.blocks, plan.nids
     slot_mask, slot_bits, blk_mask = EROFS_SLOTSIZE - 1, EROFS_ISLOTBITS, BLK - 1
     for i in range(lo, hi):
         pos = (pos + slot_mask) & ~slot_mask
@@ -315,7 +313,8 @@ def _place(plan: _Plan, lo: int, hi: int, pos: int) -> int:
         tail = tails[i]
         if head < 0:  # a symlink: the whole record within one block
             head = ~head
-            if (pos & blk_mask) + spans[i] > BLK:
+            # (a target moved to a block of its own left a record of a block or more)
+            if blocks[i] or (pos & blk_mask) + head + tail > BLK:
                 pos = (pos + blk_mask) & ~blk_mask
         elif tail:
             remainder = BLK - ((pos + head) & blk_mask)
