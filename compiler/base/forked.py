@@ -157,13 +157,12 @@ class Partner:
         if self.ended is not None:
             raise self.ended
         assert self.from_child is not None
-        head = self.from_child.read(9)
-        size = int.from_bytes(head[1:], "little")
-        message = self.from_child.read(size) if len(head) == 9 else b""
-        if len(head) < 9 or len(message) != size:
+        frame = _read_frame(self.from_child)
+        if frame is None:
             pid, code = self.pid, self._reap()
             raise self._end(ChildProcessError(f"worker process {pid} ended with status {code} before its result"))
-        if head[:1] == b"\1":
+        tag, message = frame
+        if tag == b"\1":
             import pickle
 
             self._reap()
@@ -216,12 +215,10 @@ class Line:
         self.outbox = outbox
 
     def receive(self) -> bytes:
-        head = self.inbox.read(9)
-        size = int.from_bytes(head[1:], "little")
-        message = self.inbox.read(size) if len(head) == 9 else b""
-        if len(head) < 9 or len(message) != size:
+        frame = _read_frame(self.inbox)
+        if frame is None:
             raise EOFError("the parent process stopped before its message")
-        return message
+        return frame[1]
 
     def send(self, message: bytes) -> None:
         _send_frame(self.outbox, b"\0", message)
@@ -240,9 +237,19 @@ def _larger_pipe(fd: int) -> None:
 
 
 def _send_frame(fd: int, tag: bytes, message: bytes) -> None:
-    """A tag byte, the length (8 bytes), the message."""
+    """A tag byte, the length (8 bytes), the message (not joined to them: it may be megabytes)."""
     write_all(fd, tag + len(message).to_bytes(8, "little"))
     write_all(fd, message)
+
+
+def _read_frame(stream) -> tuple[bytes, bytes] | None:
+    """(tag, message) of the next `_send_frame`; None when the writer ended before it whole."""
+    head = stream.read(9)
+    if len(head) < 9:
+        return None
+    size = int.from_bytes(head[1:], "little")
+    message = stream.read(size)
+    return (head[:1], message) if len(message) == size else None
 
 
 class Feeder:
@@ -256,10 +263,7 @@ class Feeder:
     def __init__(self, work: Callable[[Callable[[bytes], None]], None]) -> None:
         flush_standard_streams()
         read_end, write_end = os.pipe()
-        import fcntl
-
-        with contextlib.suppress(OSError):  # a larger pipe lets the child run a few messages ahead
-            fcntl.fcntl(write_end, F_SETPIPE_SZ, PIPE_SIZE)
+        _larger_pipe(write_end)  # (the child runs a few messages ahead)
         try:
             pid = os.fork()
         except OSError:  # no child to be had: as one that ended at once (the parent does it all)
@@ -272,11 +276,7 @@ class Feeder:
             try:
                 os.close(read_end)
 
-                def send(message: bytes) -> None:
-                    write_all(write_end, len(message).to_bytes(8, "little"))
-                    write_all(write_end, message)  # (not concatenated: a batch is megabytes)
-
-                work(send)
+                work(lambda message: _send_frame(write_end, b"\0", message))
                 status = 0
             except BaseException:  # noqa: BLE001 -- the parent does the rest itself
                 pass
@@ -289,12 +289,9 @@ class Feeder:
     def next(self) -> bytes | None:
         if self.stream is None:
             return None
-        head = self.stream.read(8)
-        if len(head) == 8:
-            size = int.from_bytes(head, "little")
-            message = self.stream.read(size)
-            if len(message) == size:
-                return message
+        frame = _read_frame(self.stream)
+        if frame is not None:
+            return frame[1]
         self.close()
         return None
 
