@@ -25,9 +25,9 @@ serve the same bytes.
 A small backing file is read once, verified from those bytes and served from them until its
 last RELEASE (`Store.open_read`); read without an open (zero-message open), it is opened,
 read, verified and closed within its READ (`_read_small`), nothing kept.
-Either way a backing file is opened and verified once and then kept (`Held`) for the next
-use, shared by all concurrent opens of its inode (passthrough requires one backing id per
-inode), and let go only when it is among the oldest unused ones — never right after an
+A file opened by OPEN, or a large one, is opened and verified once and then kept (`Held`)
+for the next use, shared by all concurrent opens of its inode (passthrough requires one
+backing id per inode), and let go only when it is among the oldest unused ones — never right after an
 OPEN reply, while the kernel may still be setting the file up.  Before each new use it is
 checked again, which costs an fstat unless it was written to.
 
@@ -56,7 +56,7 @@ from cfsc.base.errors import CfscError
 from cfsc.base.limits import NAME_MAX
 from cfsc.base.syscalls import has_cap_sys_admin
 from cfsc.fuse import protocol as P
-from cfsc.fuse.view import BLOCK_SIZE, TRUSTED, ImageView, Node
+from cfsc.fuse.view import BLOCK_SIZE, STREAM_ENTRIES, TRUSTED, ImageView, Node
 from cfsc.store.backing import Cancelled, Store
 
 log = logging.getLogger("cfsc.fuse")
@@ -74,8 +74,8 @@ AHEAD_ENCODED = 32  # streams encoded ahead of the walk and not yet asked for, a
 AHEAD_PENDING = 4096  # directories queued to be encoded ahead, at most (the newest kept)
 AHEAD_ENTRIES = 4096  # a larger directory is encoded when asked for, not ahead
 AHEAD_BATCH = 8  # entries prepared ahead between two looks for a waiting request
-STREAM_ENTRIES = 1 << 14  # a larger directory is encoded page by page as asked: its whole stream
-# (~200 bytes an entry with READDIRPLUS, twice that while it is joined) is not held
+# (`view.STREAM_ENTRIES`: a larger directory is encoded page by page as asked; its whole
+# stream, ~200 bytes an entry with READDIRPLUS and twice that while joined, is not held)
 DT_DIR = stat.S_IFDIR >> 12
 
 _pack_out = P.OUT_HEADER.pack
@@ -428,7 +428,7 @@ class Server:
     def _listing(self, unique: int, nodeid: int, body, plus: bool) -> None:
         _fh, offset, size, _rf, _flags = P.READ_IN.unpack_from(body)
         node = self._node(nodeid)
-        if len(self.view.listing(node.nid)) > STREAM_ENTRIES:
+        if node.nid * 2 + plus not in self._streams and len(self.view.listing(node.nid).names) > STREAM_ENTRIES:
             self._reply(unique, self._page(node, offset, size, plus))
             return
         blob, ends = self._encoded(node, plus)

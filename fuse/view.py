@@ -63,7 +63,9 @@ BARE_PREFIXES = frozenset(LISTED_PREFIXES + (TRUSTED_OVERLAY,))
 TRUSTED = b"trusted."
 NODE_CACHE = 1 << 17  # nodes kept (about 400 bytes each with the server's encoding)
 LISTING_CACHE = 1 << 18  # directory entries kept, over all cached listings
-RECENT_LISTING = 4096  # entries from which a listing's use keeps it cached (least recently used first out)
+# A directory of more entries is served page by page as asked (`Server._page`), its listing
+# asked for by every page: a use moves it to the end of the cache, the last evicted.
+STREAM_ENTRIES = 1 << 14
 _MISSING = object()
 PATH_DEPTH_MAX = 4096  # a (hostile) parent chain longer than this is cut in log messages
 
@@ -333,11 +335,8 @@ class ImageView:
     def listing(self, nid: int) -> Listing:
         listing = self._listings.get(nid)
         if listing is not None:
-            if len(listing) > RECENT_LISTING:
-                # A large directory is read a page at a time (`Server._page` asks for its
-                # listing per READDIR): moved to the end, it is the last one evicted.
-                self._listings.pop(nid, None)
-                self._listings[nid] = listing
+            if len(listing.names) > STREAM_ENTRIES and self._listings.pop(nid, None) is not None:
+                self._listings[nid] = listing  # (popped by another thread's eviction: not back uncounted)
             return listing
         node = self.node(nid)
         if node is None or node.mode & S_IFMT != S_IFDIR:
