@@ -27,9 +27,9 @@ last RELEASE (`Store.open_read`); read without an open (zero-message open), it i
 read, verified and closed within its READ (`_read_small`), nothing kept.
 A file opened by OPEN, or a large one, is opened and verified once and then kept (`Held`)
 for the next use, shared by all concurrent opens of its inode (passthrough requires one
-backing id per inode), and let go only when it is among the oldest unused ones — never right after an
-OPEN reply, while the kernel may still be setting the file up.  Before each new use it is
-checked again, which costs an fstat unless it was written to.
+backing id per inode), and let go only when it is among the oldest unused ones — never
+right after an OPEN reply, while the kernel may still be setting the file up.  Before each
+new use it is checked again, which costs an fstat unless it was written to.
 
 Errors: a refusal with a reason (a corrupt image, a missing, escaping or tampered object)
 is logged once per distinct message and answered with its errno (usually EIO); anything
