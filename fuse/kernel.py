@@ -73,7 +73,7 @@ class NoStoreVerity(UsageError):
 class _Plan:
     """What overlayfs gets, decided once for both ways of asking it."""
 
-    __slots__ = ("lower", "basedirs", "upperdir", "workdir", "verity", "require", "readonly", "attrs")
+    __slots__ = ("lower", "basedirs", "upperdir", "workdir", "verity", "require", "readonly", "attrs", "verity_known")
 
     def __init__(self, lower, basedirs, options) -> None:
         self.lower = lower
@@ -85,6 +85,7 @@ class _Plan:
         self.require = options.verity == VERITY_REQUIRED and not options.try_verity
         self.readonly = options.read_only()
         self.attrs = tuple(options.attrs)
+        self.verity_known = False  # overlayfs took `verity` through fsconfig (a refusal is then not about it)
 
     def flags(self, which: int) -> int:
         """The mount's flags: fsmount attributes (`which` 0) or mount(2) flags (1)."""
@@ -307,13 +308,13 @@ def _mount_overlay_legacy(mountpoint: str, plan: _Plan) -> None:
             # overlayfs before 6.6 has no verity= (6.5 brought the data-only layers) and refuses
             # the whole string (EINVAL): checks asked for only where the kernel can make them
             # (tryverity; if-present, as the fsconfig way takes it) go without
-            if e.errno != errno.EINVAL:
+            if e.errno != errno.EINVAL or plan.verity_known:
                 raise
             if plan.require:
                 raise MountError(f"this kernel's overlayfs cannot require fs-verity: {e.strerror}", mountpoint) from None
             syscalls.mount(SOURCE, mountpoint, "overlay", plan.flags(1), options)
     except OSError as e:
-        raise MountError(f"cannot mount overlayfs: {e.strerror}", mountpoint) from None
+        raise MountError(f"cannot mount overlayfs: {e.strerror}{_upper_hint(plan, e)}", mountpoint) from None
 
 
 class _Legacy(Exception):
@@ -334,6 +335,7 @@ def _mount_overlay_fsconfig(mountpoint: str, plan: _Plan) -> None:
         if plan.verity is not None:
             try:
                 syscalls.fsconfig(fsfd, S, "verity", plan.verity)
+                plan.verity_known = True
             except OSError as e:
                 if plan.require:
                     raise MountError(f"this kernel's overlayfs cannot require fs-verity: {e.strerror}",

@@ -132,3 +132,18 @@ def test_overlayfs_6_6_checks_through_the_option_string(layers, monkeypatch):
     finally:
         unmount(str(m))
     assert len(given) == 1
+
+
+def test_overlayfs_6_6_refusing_the_mount_is_not_blamed_on_verity(layers, monkeypatch, tmp_path):
+    """On 6.6 fsconfig takes `verity` (so overlayfs has it) and the option string is refused
+    for another reason (here upperdir and workdir the same directory): the error says what
+    overlayfs wants of them, not that it cannot require fs-verity."""
+    lower, store, m = layers
+    upper = tmp_path / "upper"
+    upper.mkdir()
+    given = older_overlayfs(monkeypatch, has_verity=True)
+    options = MountOptions(verity=VERITY_REQUIRED, upperdir=str(upper), workdir=str(upper))
+    with pytest.raises(MountError) as e:
+        kernel._mount_overlay(str(m), kernel._Plan(str(lower), [str(store)], options))
+    assert str(e.value).startswith(f"{m}: cannot mount overlayfs: ") and "upperdir and workdir must be" in str(e.value)
+    assert super_options(m) is None and len(given) == 1 and "verity=require" in given[0]
