@@ -411,7 +411,7 @@ class _Scanner:
     # -- in the pool ------------------------------------------------------------------------
 
     def reader(self) -> FileReader:
-        return FileReader(self.algorithm, self.options, self.store, WHOLE_READ)
+        return FileReader(self.algorithm, self.options, self.store, WHOLE_READ, self.proc)
 
     def submit(self) -> None:
         if self.items:
@@ -426,8 +426,6 @@ class _Scanner:
 
     def read_batch(self, fds: list[int], items: list) -> list:
         """In a pool thread: the batch read by this thread's own reader (its own buffer)."""
-        if self.failed:
-            return []
         reader = getattr(self.local, "reader", None)
         if reader is None:
             reader = self.local.reader = self.reader()
@@ -441,8 +439,7 @@ class _Scanner:
         """Fill in the inodes of the pool's oldest batch (waiting for it)."""
         future, batch, dirs = self.inflight.popleft()
         try:
-            self.fill_in(batch, future.result(), self.options.use_epoch, self.options.hardlinks, self.store,
-                         self.xattr_cache, self.multi)
+            self.fill_in(batch, future.result())
         finally:
             for d in dirs:
                 self.release(d)
@@ -456,15 +453,9 @@ class _Scanner:
             replies = self.workers.replies(block)
         except WorkerDied:
             raise InputError("cannot read files: a hashing worker process died", self.source) from None
-        options = self.options
-        use_epoch = options.use_epoch
-        hardlinks = options.hardlinks
-        store = self.store
-        cache = self.xattr_cache
-        multi = self.multi
         for n, (batch_id, results) in enumerate(replies):
             try:
-                self.fill_in(self.sent.pop(batch_id), results, use_epoch, hardlinks, store, cache, multi)
+                self.fill_in(self.sent.pop(batch_id), results)
             except BaseException:
                 for _batch_id, later in replies[n + 1:]:
                     self.unread(later)  # their staged temp files go too
@@ -472,9 +463,10 @@ class _Scanner:
         if replies:
             self.progress.update(self.status)
 
-    def fill_in(self, batch: list, results: list, use_epoch: bool, hardlinks: bool, store: Store | None,
-                cache: dict, multi: list) -> None:
+    def fill_in(self, batch: list, results: list) -> None:
         """One answered batch: each file's inode filled in, its staged object adopted."""
+        use_epoch, hardlinks = self.options.use_epoch, self.options.hardlinks
+        store, cache, multi = self.store, self.xattr_cache, self.multi
         reused = []  # digests the workers found in the store: `Store.found` takes them at once
         for i, result in enumerate(results):
             try:

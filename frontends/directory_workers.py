@@ -78,7 +78,7 @@ class FileReader:
 
     __slots__ = ("algorithm", "buf", "proc", "read_xattrs", "store", "user_xattrs", "whole_read")
 
-    def __init__(self, algorithm, options, store, whole_read: int) -> None:
+    def __init__(self, algorithm, options, store, whole_read: int, proc: bool) -> None:
         self.algorithm = algorithm
         # hashlib (OpenSSL set up, ~5 ms) imported here, before the fork: else every worker
         # imported it again before its first digest.
@@ -87,7 +87,7 @@ class FileReader:
         self.user_xattrs = options.user_xattrs
         self.store = store
         self.whole_read = whole_read
-        self.proc = os.path.isdir("/proc/self/fd")  # (an unreadable file's xattrs are read through it)
+        self.proc = proc  # the scanner's: without /proc it reads an unreadable file's xattrs itself
         self.buf: bytearray | None = None  # made on first use: the parent of workers never needs it
 
     def batch(self, fds: list[int], items: list, stop: Callable[[], bool] | None = None) -> list:
