@@ -81,6 +81,8 @@ def parse(reader, m: Member, records: list[tuple[bytes, bytes]]) -> Sparse:
         else:
             text = keys[b"GNU.sparse.map"]
             numbers = text.split(b",") if text else []
+        if len(numbers) > 2 * REGIONS_MAX:  # (1.0's map is held to it as it is read)
+            raise reader.error(f"a sparse map of {len(numbers) // 2} regions: at most {REGIONS_MAX} are accepted", m)
         count = keys.get(b"GNU.sparse.numblocks")
         if count is None or not DECIMAL.fullmatch(count) or int(count) * 2 != len(numbers):
             raise reader.error(f"bad PAX record GNU.sparse.numblocks={shown_value(count or b'')}: expected the"
@@ -99,8 +101,6 @@ def parse(reader, m: Member, records: list[tuple[bytes, bytes]]) -> Sparse:
         except (ValueError, OverflowError):
             raise reader.error(f"bad PAX record {size_key.decode()}={shown_value(size)}: expected a decimal number"
                                f" from 0 to {SIZE_MAX}", m) from None
-    if len(numbers) > 2 * REGIONS_MAX:
-        raise reader.error(f"a sparse map of {len(numbers) // 2} regions: at most {REGIONS_MAX} are accepted", m)
     regions = []
     end = data = 0
     for i in range(0, len(numbers), 2):
