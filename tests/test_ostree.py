@@ -556,9 +556,18 @@ def test_shared_dirtrees_that_expand_exponentially_are_refused(tmp_path):
     assert list(out.parent.iterdir()) == []
 
 
-def test_shared_dirtrees_are_read_once_more_and_kept(tmp_path):
+def test_shared_dirtrees_are_read_once_more_and_kept(tmp_path, monkeypatch):
     """Identical subtrees (one dirtree named by many directories) within the bound: the tree
-    has every copy."""
+    has every copy, and each dirtree object is read at most twice (checked once more when
+    named again, then kept), not once per directory that names it."""
+    reads: dict[bytes, int] = {}
+    real_entries = ostree._Loader._entries
+
+    def counting(self, tree_sum, path):
+        reads[tree_sum] = reads.get(tree_sum, 0) + 1
+        return real_entries(self, tree_sum, path)
+
+    monkeypatch.setattr(ostree._Loader, "_entries", counting)
     repo = Crafted(tmp_path / "repo")
     meta = repo.dirmeta()
     level = repo.put(dirtree([(b"f", repo.file(b"data"))]), ".dirtree")
@@ -567,6 +576,7 @@ def test_shared_dirtrees_are_read_once_more_and_kept(tmp_path):
     tree = ostree.load(repo.commit(dirtree([], [(b"a", level, meta), (b"b", level, meta)]), meta))
     assert sum(1 for _ in tree.walk()) == 2 ** 11 - 1 + 2 ** 10
     assert tree.lookup(b"/a/b/a/b/a/b/a/b/a/b/f").content == b"data"
+    assert len(reads) == 11 and max(reads.values()) == 2
 
 
 # -- the GVariant codec ---------------------------------------------------------------------------
