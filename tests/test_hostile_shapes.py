@@ -23,6 +23,7 @@ import pytest
 from cfsc.backends.erofs.entries import Entries, resolve
 from cfsc.backends.erofs.layout import EROFS_INODE_EXTENDED, EROFS_SUPER_BLOCK, EROFS_SUPER_OFFSET
 from cfsc.backends.erofs.reader import Image
+from cfsc.base.errors import InputError
 from cfsc.base.options import Options
 from cfsc.base.tree import S_IFDIR, S_IFREG, Inode, Tree
 from cfsc.build import compile_tree
@@ -71,6 +72,19 @@ def test_deep_chain_dump_round_trip_of_check_is_streamed(deep_image):
     p = run_capped(512 << 20, "check", "--reproducible", "--ways", "dump", deep_image)
     assert p.returncode == 0, p.stderr.decode()[-2000:]
     assert b"reproducible: 2 compilations, one digest" in p.stdout
+
+
+def test_the_dump_round_trip_gives_up_past_its_budget():
+    """What `check --reproducible` says when a dump would pass its budget: the pieces up to
+    the budget go through, the one past it is refused in one line."""
+    from cfsc.tools.check import DUMP_RATIO, _bounded
+
+    pieces = _bounded(iter([b"ab", b"cd", b"ef"]), 5)
+    assert next(pieces) == b"ab" and next(pieces) == b"cd"
+    with pytest.raises(InputError) as e:
+        next(pieces)
+    assert str(e.value) == (f"dump of the image: its dump passes 5 bytes, {DUMP_RATIO} times the image and more "
+                            "(paths of a deep tree add up to its depth squared): not compiled back")
 
 
 def test_deep_chain_dump_names_the_link_at_the_bottom(deep_image):
