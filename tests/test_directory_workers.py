@@ -23,6 +23,7 @@ from cfsc.store.objects import TEMP_PREFIX, Store
 from tests.helpers.nobody import AS_NOBODY, nobody_dir
 from tests.helpers.data import CFSC
 from tests.helpers.dirtrees import Entry, full_spec, make
+from tests.helpers.procs import children
 
 pytestmark = [pytest.mark.root]
 
@@ -42,15 +43,6 @@ def tree(tmp_path_factory):
     spec.append(Entry(b"many0/again", data=b"1-1 " * 37))  # content a worker may stage twice
     make(root, spec)
     return root
-
-
-def children() -> set[int]:
-    """This process's child processes (of every thread)."""
-    out: set[int] = set()
-    for task in os.listdir("/proc/self/task"):
-        with open(f"/proc/self/task/{task}/children") as f:
-            out.update(int(p) for p in f.read().split())
-    return out
 
 
 def store_listing(store: Path) -> dict[str, bytes]:

@@ -49,6 +49,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 
 from tests.helpers.data import CFSC, CONFORMANCE, run_cfsc
 from tests.helpers.strategies import trees
+from tests.helpers.procs import exits
 
 pytestmark = [pytest.mark.fuse, pytest.mark.kernel_mount, pytest.mark.root, pytest.mark.tools, pytest.mark.timeout(120)]
 IMAGES = CONFORMANCE / "upstream-images"
@@ -615,21 +616,6 @@ def _server_pid(log: Path) -> int:
     return int(found.group(1))
 
 
-def _exits(pid: int, timeout: float = 10) -> bool:
-    """Whether the process ends within `timeout` seconds (looked at once at least)."""
-    end = time.monotonic() + timeout
-    while True:
-        try:
-            state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
-        except FileNotFoundError:
-            return True
-        if state in ("Z", "X"):  # ended; its new parent has not reaped it yet
-            return True
-        if time.monotonic() >= end:
-            return False
-        time.sleep(0.02)
-
-
 def test_background_server_leaves_the_working_directory_and_stops_on_sigterm_and_outside_unmount(tmp_path):
     image, store, files = _data_image(tmp_path)
     mnt = tmp_path / "m"
@@ -660,10 +646,10 @@ def test_background_server_leaves_the_working_directory_and_stops_on_sigterm_and
                 subprocess.run(["umount", str(mnt)], check=True)
             else:
                 os.kill(pid, signal.SIGTERM)
-            assert _exits(pid), f"the server is still running after {how}"
+            assert exits(pid), f"the server is still running after {how}"
             assert not os.path.ismount(mnt)
         finally:
-            if not _exits(pid, 0):
+            if not exits(pid, 0):
                 os.kill(pid, signal.SIGKILL)
             with contextlib.suppress(MountError):  # gone already (a dead server's mount is not stat-able)
                 unmount(str(mnt), lazy=True)

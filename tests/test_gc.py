@@ -20,6 +20,7 @@ from cfsc.store.locks import LOCK_NAME
 from cfsc.tools.images import object_path, objects
 
 from tests.helpers.data import CFSC, run_cfsc
+from tests.helpers.procs import pids, stat_fields
 
 SHARED = [b"shared %d\n" % i * 40 for i in range(3)]  # > 64 bytes: external, in the store
 
@@ -330,13 +331,9 @@ def test_compiles_beside_gc_never_end_with_missing_objects(tmp_path):
 
 def _group_alive(pgid: int) -> bool:
     """A process of group `pgid` that is not a zombie exists."""
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/stat", "rb") as f:
-                fields = f.read().rsplit(b")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == pgid and fields[0] != b"Z":
+    for pid in pids():
+        fields = stat_fields(pid)
+        if fields is not None and int(fields[2]) == pgid and fields[0] != b"Z":
             return True
     return False
 

@@ -26,7 +26,8 @@ from cfsc.fuse.attach import MountError, unmount
 from cfsc.mount_helper import EXIT_FAILED, EXIT_USAGE, parse, split_options
 
 from tests.helpers.data import run_cfsc
-from tests.test_fuse import _exits, walk
+from tests.helpers.procs import cmdline, exits, pids
+from tests.test_fuse import walk
 
 pytestmark = pytest.mark.timeout(300)
 ROOT = Path(__file__).resolve().parent.parent
@@ -324,11 +325,11 @@ def test_cfsc_mount_two_stores_and_an_upper_dir(stores, how):
             f.write(b"+")
         assert (m / "new").read_bytes() == b"written"
         assert (m / "sub" / "f1").read_bytes() == (src / "sub" / "f1").read_bytes() + b"+"
-        servers = [pid for pid in os.listdir("/proc") if pid.isdigit() and _cmdline(pid).endswith(
+        servers = [pid for pid in pids() if cmdline(pid).endswith(
             os.fsencode(tmp / "wk") + b"\0")]
         assert len(servers) == (how == "fuse")
     for pid in servers:  # unmounting the overlay ends the FUSE server beneath it
-        assert _exits(int(pid)), "the FUSE server under the overlay is still running"
+        assert exits(int(pid)), "the FUSE server under the overlay is still running"
     assert (tmp / "up" / "sub" / "f1").read_bytes() == (src / "sub" / "f1").read_bytes() + b"+"
     assert listing(tmp / "s1", tmp / "s2") | {"image": sha(image)} == before
     p = run_cfsc("mount", str(image), str(m), *kernel, "--store", str(tmp / "all"), "--upperdir", str(tmp / "up"))
@@ -370,13 +371,6 @@ def test_the_option_string_mounts_what_fsconfig_mounts(stores):
         syscalls.umount2(str(lower), syscalls.MNT_DETACH)
     assert walks[0] == walks[1]
     assert any(isinstance(rec[-1], str) and len(rec[-1]) == 64 for rec in walks[0]), "objects from both stores were read"
-
-
-def _cmdline(pid: str) -> bytes:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return b""
 
 
 # -- parsing (no mounts) --------------------------------------------------------------------

@@ -19,6 +19,7 @@ import pytest
 
 from tests.helpers.nobody import AS_NOBODY, nobody_dir
 from tests.helpers.data import CFSC, run_cfsc
+from tests.helpers.procs import cmdline, pids
 
 pytestmark = [pytest.mark.root, pytest.mark.fuse, pytest.mark.kernel_mount,
               pytest.mark.skipif(os.geteuid() != 0, reason="overlayfs mounts need root"),
@@ -42,16 +43,7 @@ def setup(tmp_path):
 def servers(tmp: Path) -> list[int]:
     """Processes whose command line names something under `tmp` (a FUSE server left running)."""
     mine = os.fsencode(tmp)
-    out = []
-    for pid in os.listdir("/proc"):
-        if pid.isdigit() and int(pid) != os.getpid():
-            try:
-                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-            except OSError:
-                continue
-            if mine in cmdline:
-                out.append(int(pid))
-    return out
+    return [pid for pid in pids() if mine in cmdline(pid)]
 
 
 def mount(tmp: Path, image: Path, *args: str, run_as: tuple = ()) -> subprocess.CompletedProcess:

@@ -31,7 +31,7 @@ from cfsc.store.objects import TEMP_PREFIX
 
 from tests.helpers.data import run_cfsc
 from tests.helpers.dirtrees import Entry, make
-from tests.test_directory_workers import children
+from tests.helpers.procs import children, stat_fields
 
 pytestmark = [pytest.mark.root, pytest.mark.skipif(os.geteuid() != 0, reason="trusted.* xattrs and mounts need root")]
 ROOT = Path(__file__).resolve().parent.parent
@@ -60,8 +60,9 @@ def empty(tmp_path: Path) -> Path:
 
 
 def zombie(pid: int) -> bool:
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    fields = stat_fields(pid)
+    assert fields is not None, f"process {pid} is gone (reaped)"
+    return fields[0] == b"Z"
 
 
 def one_line(e: CfscError) -> str:
