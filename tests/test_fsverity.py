@@ -61,6 +61,51 @@ def test_incremental_any_chunking(name):
         assert h.digest() == digest_bytes(data, algorithm)
 
 
+# Runs of zeros that start and end off block and off level-block edges (128 hashes a block
+# for SHA-256, 64 for SHA-512), and ones that fill whole level blocks two levels up.
+_ZERO_RUNS = [0, 1, 4095, 4096, 4097, 64 * 4096 - 1, 64 * 4096, 128 * 4096 + 3, 128 * 128 * 4096, 300_000]
+
+
+@pytest.mark.parametrize("name", ALGORITHMS)
+@given(parts=st.lists(st.one_of(st.sampled_from(_ZERO_RUNS), st.integers(0, 600_000),
+                                st.binary(min_size=1, max_size=9000)), max_size=6))
+@settings(max_examples=60, deadline=None)
+def test_update_zeros_equals_hashing_the_zeros(name, parts):
+    """A hole hashed by runs (`update_zeros`) is the tree of its zero bytes, wherever it
+    starts and ends."""
+    algorithm = ALGORITHMS[name]
+    by_runs = FsVerityHasher(algorithm)
+    data = []
+    for part in parts:
+        if isinstance(part, int):
+            by_runs.update_zeros(part)
+            data.append(bytes(part))
+        else:
+            by_runs.update(part)
+            data.append(part)
+    assert by_runs.digest() == reference_digest(b"".join(data), algorithm)
+
+
+@pytest.mark.parametrize("name", ALGORITHMS)
+def test_a_sparse_file_by_runs_matches_fsverity_tool(name, tmp_path):
+    """300 MiB of holes around three bytes of data: the `fsverity` tool reads the zeros, the
+    hasher takes the holes as runs."""
+    path = tmp_path / "sparse"
+    with open(path, "wb") as f:
+        f.write(b"a")
+        f.seek(100 << 20)
+        f.write(b"b")
+        f.seek((300 << 20) + 4095)
+        f.write(b"c")
+    h = FsVerityHasher(ALGORITHMS[name])
+    h.update(b"a")
+    h.update_zeros((100 << 20) - 1)
+    h.update(b"b")
+    h.update_zeros((200 << 20) + 4094)
+    h.update(b"c")
+    assert h.digest().hex() == fsverity_tool(path, name)
+
+
 def test_measure_sha512_default_and_bad_hash(tmp_path, cfsc):
     path = tmp_path / "f"
     path.write_bytes(b"x" * 5000)

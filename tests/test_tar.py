@@ -23,8 +23,8 @@ from pathlib import Path
 import pytest
 import zstandard
 from cfsc import frontends
-from cfsc.base.errors import InputError, UsageError
-from cfsc.base.fsverity import digest_file
+from cfsc.base.errors import InputError, OutputError, UsageError
+from cfsc.base.fsverity import FsVerityHasher, digest_file, payload_path
 from cfsc.base.options import Options
 from cfsc.base.tree import S_IFDIR, S_IFLNK, S_IFREG
 from cfsc.build.pipeline import run_passes
@@ -435,8 +435,6 @@ def sparse_cases() -> dict:
                               r"\(format 1\.0\): it does not end within the member's data", 1024),
         "sparse-1.0-junk": (sparse(b"1\nzz\n".ljust(512, b"\0") + b"abc", major=b"1", minor=b"0", realsize=b"10"),
                             r"\(format 1\.0\): zz is not a decimal", 1024),
-        "sparse-bomb": (sparse(b"a", map=b"0,1", numblocks=b"1", size=b"%d" % (1 << 53)),
-                        r"sparse holes of 9007199254740991 bytes so far: refused as a bomb", 1024),
         "sparse-on-symlink": (archive(member(b"l", typeflag=b"2", linkname=b"t", pax={b"GNU.sparse.map": b""})),
                               r"not a regular file", 1024),
         "sparse-global": (archive(header(b"g", b"g", size=len(pax_records({b"GNU.sparse.map": b"0,1"})))
@@ -527,6 +525,38 @@ def test_pax_sparse_files_as_gnu_tar_extracts_them(version, tmp_path, cfsc):
     check_against_extraction(cfsc, layer, tmp_path)
 
 
+def test_a_terabyte_sparse_file_from_gnu_tar(tmp_path, cfsc):
+    """GNU tar's map of a 1 TiB file holding 12 bytes: compiled without reading a terabyte of
+    zeros, the store object as sparse as the file, its digest the tree of those zeros."""
+    src = tmp_path / "src"
+    src.mkdir()
+    pieces = [(0, b"head"), (600 << 30, b"mid!"), ((1 << 40) - 4, b"tail")]
+    with open(src / "disk.img", "wb") as f:
+        for offset, data in pieces:
+            f.seek(offset)
+            f.write(data)
+    layer = tmp_path / "sparse.tar"
+    subprocess.run(["tar", "--sparse", "--format=posix", "-C", str(src), "-cf", str(layer), "."], check=True)
+    store = tmp_path / "s"
+    cfsc("compile", str(layer), "-o", str(tmp_path / "x.cfs"), "--digest-store", str(store), check=True)
+    hasher = FsVerityHasher()
+    at = 0
+    for offset, data in pieces:
+        hasher.update_zeros(offset - at)
+        hasher.update(data)
+        at = offset + len(data)
+    digest = hasher.digest()
+    obj = store / payload_path(digest).decode()
+    st = obj.stat()
+    assert st.st_size == 1 << 40 and st.st_blocks * 512 <= 1 << 20
+    with open(obj, "rb") as f:
+        for offset, data in pieces:
+            f.seek(offset)
+            assert f.read(len(data)) == data
+    dump = cfsc("dump", str(tmp_path / "x.cfs"), check=True).stdout
+    assert b"/disk.img %d " % (1 << 40) in dump and digest.hex().encode() in dump
+
+
 def test_sparse_archive_is_reproducible(tmp_path, cfsc):
     """`check --reproducible` reorders the members: a sparse member ends where its data regions
     end, not at its file size (the reordered archive was cut wrong and lost entries)."""
@@ -571,18 +601,63 @@ def test_sparse_data_through_every_reading_path(tmp_path):
             assert (tmp_path / "s" / node.payload.decode()).read_bytes() == data
 
 
-def test_sparse_holes_add_up_across_members(tmp_path):
-    """The bound on holes is on the archive's total: three members of 400 MiB holes each (the
-    third goes past 1 GiB plus 1024 bytes per archive byte) stop at the third, before its data."""
+def test_sparse_holes_read_as_zeros_add_up_across_members(tmp_path):
+    """Holes handed out as zeros (`chunks`, `read`) are bounded over the archive's total:
+    three members of 400 MiB holes each, read as bytes; the third goes past 1 GiB plus 1024
+    bytes per archive byte and is refused, naming it."""
     import io
 
     data = archive(*(member(b"s%d" % i, b"a", pax={b"GNU.sparse.map": b"0,1", b"GNU.sparse.numblocks": b"1",
                                                    b"GNU.sparse.size": b"%d" % (400 << 20)}) for i in range(3)))
+    reader = tarstream.TarReader(io.BytesIO(data))
     seen = []
-    with pytest.raises(InputError, match=r"member 's2' at byte 5120: sparse holes of 1258291197 bytes so far"):
-        for m in tarstream.TarReader(io.BytesIO(data)).members():
-            seen.append((m.path, m.size))
-    assert seen == [(b"s0", 400 << 20), (b"s1", 400 << 20)]
+    with pytest.raises(InputError, match=r"member 's2' at byte 5120: sparse holes read as \d+ zero bytes so far:"
+                                         r" refused as a bomb"):
+        for m in reader.members():
+            seen.append(sum(map(len, reader.chunks(m.size))))
+    assert seen == [400 << 20, 400 << 20]
+
+
+def test_sparse_holes_stay_holes(tmp_path):
+    """A layer of 2^53 bytes of holes compiles (its digest by runs): a bomb only if its holes
+    were read as zeros.  With a store, a 64 GiB sparse file's object keeps its holes (a few
+    blocks on disk), its digest the one the runs give; one the store's file system cannot
+    hold is one line naming the store."""
+    def sparse(name: bytes, size: int, regions: list[tuple[int, bytes]]) -> bytes:
+        numbers = b",".join(b"%d,%d" % (o, len(d)) for o, d in regions)
+        return member(name, b"".join(d for _, d in regions),
+                      pax={b"GNU.sparse.map": numbers, b"GNU.sparse.numblocks": b"%d" % len(regions),
+                           b"GNU.sparse.size": b"%d" % size})
+
+    huge = sparse(b"huge", 1 << 53, [(0, b"a"), ((1 << 53) - 1, b"z")])
+    tree = load(archive(huge), tmp_path)
+    hasher = FsVerityHasher()
+    hasher.update(b"a")
+    hasher.update_zeros((1 << 53) - 2)
+    hasher.update(b"z")
+    assert tree.lookup(b"huge").digest == hasher.digest()
+
+    big = sparse(b"big", 64 << 30, [(1 << 30, b"x" * 5000), ((64 << 30) - 3, b"end")])
+    store = tmp_path / "s"
+    tree = load(archive(big), tmp_path, digest_store=str(store))
+    node = tree.lookup(b"big")
+    st = os.stat(store / node.payload.decode())
+    assert st.st_size == 64 << 30 and st.st_blocks * 512 <= 1 << 20
+    with open(store / node.payload.decode(), "rb") as f:
+        f.seek(1 << 30)
+        assert f.read(5001) == b"x" * 5000 + b"\0"
+        f.seek((64 << 30) - 4)
+        assert f.read() == b"\0end"
+    hasher = FsVerityHasher()
+    hasher.update_zeros(1 << 30)
+    hasher.update(b"x" * 5000)
+    hasher.update_zeros((63 << 30) - 5003)
+    hasher.update(b"end")
+    assert node.digest == hasher.digest()
+
+    with pytest.raises(OutputError, match=r"s2: cannot write a store object: its file system holds no file reaching byte 9007199254740991"):
+        load(archive(huge), tmp_path, digest_store=str(tmp_path / "s2"))
+    assert store_listing(tmp_path / "s2") == []
 
 
 HOSTILE = hostile_cases()

@@ -194,6 +194,42 @@ class FsVerityHasher:
         self._size += size
         self._add_hashes(0, hashes)
 
+    def update_zeros(self, n: int) -> None:
+        """`n` zero bytes: a file's hole.  Whole zero blocks all hash alike, and so do whole
+        blocks of equal hashes one level up, so a run costs a few hashes per level whatever
+        its length: a sparse file's terabyte of holes is hashed in microseconds."""
+        if n <= 0:
+            return
+        if self._partial:
+            take = min(BLOCK_SIZE - len(self._partial), n)
+            self.update(_ZERO_BLOCK[:take])
+            n -= take
+        blocks, tail = divmod(n, BLOCK_SIZE)
+        if blocks:
+            self._size += blocks * BLOCK_SIZE
+            self._add_repeated(0, self._alg.new(_ZERO_BLOCK).digest(), blocks)
+        if tail:
+            self.update(_ZERO_BLOCK[:tail])
+
+    def _add_repeated(self, level: int, digest: bytes, times: int) -> None:
+        """`_add_hashes(level, digest * times)` without the repetition: the level's pending
+        block is filled first, then whole blocks of copies go up as one repeated hash."""
+        per = BLOCK_SIZE // self._alg.size
+        while times:
+            if level == len(self._levels):
+                self._levels.append(bytearray())
+                self._counts.append(0)
+            pending = len(self._levels[level]) // self._alg.size
+            if pending or times < per:
+                take = min(times, per - pending)
+                self._add_hashes(level, digest * take)
+                times -= take
+                continue
+            blocks = times // per
+            self._counts[level] += blocks * per
+            self._add_repeated(level + 1, self._alg.new(digest * per).digest(), blocks)
+            times -= blocks * per  # (fewer than `per` left: they wait in this level's block)
+
     def root_hash(self) -> bytes:
         levels = [bytearray(b) for b in self._levels]
         counts = list(self._counts)

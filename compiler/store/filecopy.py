@@ -30,6 +30,29 @@ def write_all(fd: int, data, where: str) -> None:
         raise OutputError(f"cannot write a store object: {e.strerror}", where) from None
 
 
+def seek(fd: int, offset: int, where: str) -> None:
+    """Move the write position past a hole (the file stays sparse there)."""
+    try:
+        os.lseek(fd, offset, os.SEEK_SET)
+    except OSError as e:
+        raise _beyond(e, offset, where) from None
+
+
+def truncate(fd: int, size: int, where: str) -> None:
+    """End a file with a hole: its size set, nothing written."""
+    try:
+        os.ftruncate(fd, size)
+    except OSError as e:
+        raise _beyond(e, size, where) from None
+
+
+def _beyond(e: OSError, size: int, where: str) -> OutputError:
+    if e.errno in (errno.EINVAL, errno.EFBIG):  # past the file system's largest file
+        return OutputError(f"cannot write a store object: its file system holds no file reaching byte {size}"
+                           f" ({e.strerror})", where)
+    return OutputError(f"cannot write a store object: {e.strerror}", where)
+
+
 def copy_range(src: int, out: int) -> bool | None:
     """copy_file_range the whole of `src`.  False: not for this file (copy it another way);
     None: not on this file system or kernel at all."""

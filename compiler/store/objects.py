@@ -83,7 +83,7 @@ from collections.abc import Callable, Iterable
 from cfsc.base import beneath, syscalls
 from cfsc.base.errors import CfscError, InputError, OutputError, StoreError
 from cfsc.base.fsverity import SHA256, FsVerityAlgorithm, FsVerityHasher, algorithm_named, hash_fd, payload_path
-from cfsc.store.filecopy import copy_plain, copy_range, rename_noreplace, write_all
+from cfsc.store.filecopy import copy_plain, copy_range, rename_noreplace, seek, truncate, write_all
 from cfsc.store.locks import flock, lease
 from cfsc.store.tempfiles import TEMP_PREFIX
 from cfsc.store.tempfiles import Temp as _Temp
@@ -260,16 +260,27 @@ class Store:
         finally:
             os.close(fd)
 
-    def import_chunks(self, chunks: Iterable[bytes | bytearray | memoryview]) -> tuple[bytes, int]:
-        """Store a stream of chunks, hashed while they are written; return (digest, size)."""
+    def import_chunks(self, chunks: Iterable[bytes | bytearray | memoryview | int]) -> tuple[bytes, int]:
+        """Store a stream of chunks, hashed while they are written; return (digest, size).  A
+        chunk that is an int is a hole of that many zero bytes: skipped, so the object is as
+        sparse as its source (hashed by runs, `update_zeros`)."""
         temp = self._temp()
         try:
             hasher = FsVerityHasher(self.algorithm)
-            size = 0
+            size = written = 0
             for chunk in chunks:
+                if chunk.__class__ is int:
+                    hasher.update_zeros(chunk)
+                    size += chunk
+                    continue
                 hasher.update(chunk)
+                if written < size:
+                    seek(temp.fd, size, self.root)
                 size += len(chunk)
+                written = size
                 write_all(temp.fd, chunk, self.root)
+            if written < size:  # a hole at the end
+                truncate(temp.fd, size, self.root)
             digest = hasher.digest()
             if not self._claim(digest):
                 temp.discard()

@@ -59,6 +59,13 @@ class _FullReader:
     def chunks(self, n: int):
         return self.tar.chunks(n)
 
+    def extents(self, n: int):
+        return self.tar.extents(n)
+
+    @property
+    def has_holes(self) -> bool:
+        return self.tar.has_holes
+
     def members(self):
         drop = self.drop
         for m in self.tar.members():

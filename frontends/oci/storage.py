@@ -341,6 +341,11 @@ class DiffReader:
     def read(self, n: int) -> bytes:
         return b"".join(self.chunks(n))
 
+    has_holes = False  # (a file on disk is read as it reads, holes as zeros)
+
+    def extents(self, n: int):
+        return self.chunks(n)
+
     def chunks(self, n: int):
         assert self._file is not None
         path = self._file

@@ -81,7 +81,8 @@ class Contents:
             self._flush()
 
     def stream(self, node: Inode, size: int, chunks) -> None:
-        """A large file arriving as chunks (an iterator that may raise when the input ends early)."""
+        """A large (or sparse) file arriving as chunks (an iterator that may raise when the
+        input ends early); a hole comes as its length, an int."""
         self.files += 1
         self.bytes += size
         if self.pool is None:
@@ -137,7 +138,10 @@ class Contents:
         else:
             hasher = FsVerityHasher(self.algorithm)
             for chunk in chunks:
-                hasher.update(chunk)
+                if chunk.__class__ is int:  # a hole's length
+                    hasher.update_zeros(chunk)
+                else:
+                    hasher.update(chunk)
             digest = hasher.digest()
         node.digest = digest
         node.payload = payload_path(digest)

@@ -306,10 +306,10 @@ class _Builder:
             return  # a layer read from its TOC: the payload is named there, the data not read
         if size <= limits.INLINE_MAX:
             self.contents.inline(node, reader.read(size))
-        elif size <= WHOLE_MAX:
+        elif size <= WHOLE_MAX and not reader.has_holes:
             self.contents.whole(node, reader.read(size))
-        else:
-            self.contents.stream(node, size, reader.chunks(size))
+        else:  # (a sparse file's holes stay holes: hashed by runs, skipped in the store object)
+            self.contents.stream(node, size, reader.extents(size))
 
     def owner(self, m: Member) -> tuple[int, int]:
         return m.uid, m.gid  # 32-bit: `tarstream` refuses any other id, naming the field

@@ -8,9 +8,13 @@ lines — the number of regions, then each one's offset and length — padded to
 the start of the member's data).  `GNU.sparse.name` is the member's name, `GNU.sparse.size`
 (0.x) or `realsize` (1.0) the file's size.  The regions must be in order, inside the file, and
 hold exactly the member's data; any other version is refused (Go would extract the raw data as
-the file).  Holes cost what data costs (every zero is hashed and stored) but no room in the
-archive, so their total over the archive is bounded like a decompression ratio, about what gzip
-gives for zeros: a 1 KB member declaring 2^53 bytes of holes is a bomb, not a file.
+the file).
+
+Holes stay holes where the reader's consumer takes them (`expand` with `holes`: a run's length,
+for hole-aware hashing and a sparse store object), so a terabyte of holes costs microseconds.
+Holes handed out as zeros cost what data costs but no room in the archive, so those are bounded
+over the archive like a decompression ratio, about what gzip gives for zeros: 1 KB of archive
+turned into 2^53 zero bytes is a bomb, not a file.
 """
 
 from __future__ import annotations
@@ -41,13 +45,14 @@ class Sparse:
     """A sparse member being read: its data regions (offset, length) in the file, the next
     one, and the bytes of the file (holes included) not yet handed out."""
 
-    __slots__ = ("left", "next", "regions", "size")
+    __slots__ = ("left", "member", "next", "regions", "size")
 
-    def __init__(self, regions: list[tuple[int, int]], size: int) -> None:
+    def __init__(self, regions: list[tuple[int, int]], member: Member) -> None:
         self.regions = regions
+        self.member = member
         self.next = 0
-        self.size = size
-        self.left = size
+        self.size = member.size
+        self.left = member.size
 
 
 def parse(reader, m: Member, records: list[tuple[bytes, bytes]]) -> Sparse:
@@ -119,13 +124,7 @@ def parse(reader, m: Member, records: list[tuple[bytes, bytes]]) -> Sparse:
     if data != reader.data_left:
         raise reader.error(f"bad sparse map: its regions hold {data} bytes, the member's data is"
                            f" {reader.data_left}", m)
-    reader.hole_bytes += m.size - data
-    allowed = HOLES_FREE + HOLES_PER_BYTE * reader.offset
-    if reader.hole_bytes > allowed:
-        raise reader.error(f"sparse holes of {reader.hole_bytes} bytes so far: refused as a bomb (every zero is"
-                           f" hashed and stored; at most {HOLES_FREE >> 30} GiB plus {HOLES_PER_BYTE} per byte of"
-                           f" the archive read, {allowed} here)", m)
-    return Sparse(regions, m.size)
+    return Sparse(regions, m)
 
 
 def _map_1_0(reader, m: Member) -> list[bytes]:
@@ -152,9 +151,9 @@ def _map_1_0(reader, m: Member) -> list[bytes]:
     return numbers
 
 
-def expand(reader, sparse: Sparse, n: int) -> Iterator[bytes]:
-    """The next `n` bytes of the file: zeros for the holes, the archive's bytes (the reader's
-    `stored_chunks`) for the data regions."""
+def expand(reader, sparse: Sparse, n: int, holes: bool = False) -> Iterator[bytes | int]:
+    """The next `n` bytes of the file: the archive's bytes (the reader's `stored_chunks`) for
+    the data regions; for the holes, zeros or (`holes`) each run's length, an int."""
     if n > sparse.left:
         raise ValueError("read past the member's data")
     regions = sparse.regions
@@ -164,10 +163,14 @@ def expand(reader, sparse: Sparse, n: int) -> Iterator[bytes]:
         i = sparse.next
         offset, length = regions[i] if i < len(regions) else (size, 0)
         if at < offset:  # in a hole
-            take = min(offset - at, n, CHUNK)
+            if holes:
+                take = min(offset - at, n)
+            else:
+                take = min(offset - at, n, CHUNK)
+                _count_zeros(reader, sparse, take)
             sparse.left -= take
             n -= take
-            yield ZEROS if take == CHUNK else ZEROS[:take]
+            yield take if holes else ZEROS if take == CHUNK else ZEROS[:take]
             continue
         take = min(offset + length - at, n)
         for piece in reader.stored_chunks(take):
@@ -176,3 +179,13 @@ def expand(reader, sparse: Sparse, n: int) -> Iterator[bytes]:
         n -= take
         if at + take == offset + length:
             sparse.next = i + 1
+
+
+def _count_zeros(reader, sparse: Sparse, n: int) -> None:
+    """Bound the zeros handed out for holes over the whole archive (`reader.hole_bytes`)."""
+    reader.hole_bytes += n
+    allowed = HOLES_FREE + HOLES_PER_BYTE * reader.offset
+    if reader.hole_bytes > allowed:
+        raise reader.error(f"sparse holes read as {reader.hole_bytes} zero bytes so far: refused as a bomb (at"
+                           f" most {HOLES_FREE >> 30} GiB plus {HOLES_PER_BYTE} per byte of the archive read,"
+                           f" {allowed} here)", sparse.member)

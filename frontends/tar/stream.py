@@ -33,8 +33,8 @@ bits of type and permissions, negative ones; in header fields, base-256 included
 `size`, `uid`, `gid`, `mtime`, `atime` and `ctime` records, global ones too; GNU tar refuses
 them too, but for modes and negative base-256 ids, which it masks and wraps), sparse maps
 that do not describe the member's data (out of order, past the file's end, holding more or
-fewer bytes than the member), holes adding up to more than 1 GiB plus 1024 bytes per byte of the
-archive (a sparse bomb: every zero is hashed and stored), old GNU sparse files (type `S`: umoci and containers/storage
+fewer bytes than the member), holes handed out as zeros adding up to more than 1 GiB plus 1024 bytes per
+byte of the archive (a sparse bomb; holes taken as holes cost nothing), old GNU sparse files (type `S`: umoci and containers/storage
 refuse them too) and the other GNU types (`D`, `M`, `N`) and unknown type flags (nothing a layer
 should hold; extracting them as regular files would give the wrong tree), extension headers
 over 16 MiB, and an archive that ends early — inside a header or a member's data, or without
@@ -323,7 +323,7 @@ class TarReader:
         self._pad = 0  # padding after them
         self._member: Member | None = None
         self._sparse = None  # the current member's `sparse.Sparse`, if it is one
-        self.hole_bytes = 0  # in every sparse member so far (`sparse` bounds them)
+        self.hole_bytes = 0  # sparse holes handed out as zeros so far (`sparse` bounds them)
         self._globals: dict[bytes, bytes] = {}
         self._global_xattrs: dict[bytes, tuple[bytes, int]] = {}
 
@@ -476,6 +476,19 @@ class TarReader:
 
             return sparse.expand(self, self._sparse, n)
         return self.stored_chunks(n)
+
+    def extents(self, n: int) -> Iterator[bytes | int]:
+        """`chunks`, but a sparse member's holes come as their lengths (ints), not as zeros."""
+        if self._sparse is not None:
+            from cfsc.frontends.tar import sparse
+
+            return sparse.expand(self, self._sparse, n, holes=True)
+        return self.stored_chunks(n)
+
+    @property
+    def has_holes(self) -> bool:
+        """Whether the current member is sparse (its holes are best taken by `extents`)."""
+        return self._sparse is not None
 
     def stored_chunks(self, n: int) -> Iterator[bytes]:
         """The next `n` bytes the archive holds for the member (a sparse one's data regions)."""
