@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import random
-import subprocess
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -14,19 +13,13 @@ from cfsc.base.fsverity import (ALGORITHMS, SHA512, FsVerityHasher, digest_bytes
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.helpers.checks import fsverity_tool
+
 pytestmark = [pytest.mark.tools]
 
 # Tree edges of both algorithms: 128 SHA-256 hashes fill a block, 64 SHA-512 ones.
 SIZES = [0, 1, 4095, 4096, 4097, 64 * 4096, 64 * 4096 + 1, 128 * 4096, 128 * 4096 + 1, 3 * 1024 * 1024 + 17,
          64 * 64 * 4096 + 1, 128 * 128 * 4096 + 4097]
-
-
-def fsverity_tool(path, name: str = "sha256") -> str:
-    out = subprocess.run(["fsverity", "digest", f"--hash-alg={name}", str(path)], check=True, capture_output=True,
-                         text=True).stdout
-    algo_hex, _name = out.split()
-    assert algo_hex.startswith(f"{name}:")
-    return algo_hex[len(name) + 1:]
 
 
 @pytest.mark.parametrize("name", ALGORITHMS)

@@ -28,10 +28,10 @@ from cfsc.store.locks import LOCK_NAME
 from cfsc.errors import InputError
 
 from tests.helpers.containers import containerd_estargz, expand_links, sh, unmount_below
+from tests.helpers.checks import MKCOMPOSEFS
 from tests.helpers.data import run_cfsc
 
 TOOLS = ("buildah", "podman", "skopeo", "umoci", "containerd", "ctr", "ctr-remote")
-MKCOMPOSEFS = "/tmp/cfs-src/build/tools/mkcomposefs"
 missing = [t for t in TOOLS[:4] if shutil.which(t) is None]
 pytestmark = pytest.mark.skipif(bool(missing), reason=f"needs {', '.join(missing)} (`.ci/setup --test` installs them)")
 

@@ -31,10 +31,10 @@ from pathlib import Path
 import pytest
 
 from tests.helpers.containers import containerd_estargz, expand_links, sh, unmount_below
+from tests.helpers.checks import MKCOMPOSEFS
 from tests.helpers.data import run_cfsc
 
 TOOLS = ("buildah", "podman", "skopeo", "umoci")
-MKCOMPOSEFS = "/tmp/cfs-src/build/tools/mkcomposefs"
 missing = [t for t in TOOLS if shutil.which(t) is None]
 pytestmark = [pytest.mark.tools, pytest.mark.root,
               pytest.mark.skipif(bool(missing), reason=f"needs {', '.join(missing)} (`.ci/setup --test` installs them)")]

@@ -21,18 +21,12 @@ from cfsc.base.options import Options
 from cfsc.frontends import dumpfile
 from cfsc.store.objects import Store
 
+from tests.helpers.checks import MKCOMPOSEFS, fsverity_tool
 from tests.helpers.data import run_cfsc
 
-MKCOMPOSEFS = "/tmp/cfs-src/build/tools/mkcomposefs"
 FILES = {"big": os.urandom(300_000), "same": None, "sub/mid": os.urandom(5000), "sub/tiny": b"hi\n",
          "sub/empty": b"", "multi": os.urandom((64 * 64 + 3) * 4096)}  # a 3-level SHA-512 tree
 FILES["same"] = FILES["big"]  # two names, one object
-
-
-def fsverity_tool(path: Path, name: str) -> str:
-    out = subprocess.run(["fsverity", "digest", f"--hash-alg={name}", str(path)], check=True,
-                         capture_output=True, text=True).stdout
-    return out.split()[0].removeprefix(f"{name}:")
 
 
 def make_source(tmp: Path) -> Path:

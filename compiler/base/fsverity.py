@@ -27,11 +27,13 @@ import contextlib
 import errno
 import fcntl
 import os
+import stat
 import struct
 import sys
 from collections.abc import Callable, Iterator
 
 from cfsc.base.errors import UsageError
+from cfsc.base.holes import data_extents, mostly_holes
 
 TYPE_CHECKING = False  # typing's, without importing typing (start-up); type checkers read it as True
 if TYPE_CHECKING:  # (concurrent.futures is ~8 ms of start-up: imported when a pool is made)
@@ -303,7 +305,15 @@ def hash_fd(fd: int, offset: int | None = None, out: int | None = None,
     its end; with `out`, every byte read is also written there (a copy hashed on the way).
 
     With `pool`, level 0 of each chunk is hashed there while the next chunks are read (and
-    written to `out`): a big file's hashing spreads over the pool's threads."""
+    written to `out`): a big file's hashing spreads over the pool's threads.  A regular file
+    that is mostly holes is read by its map instead (`holes`; `out` keeps the holes)."""
+    st = os.fstat(fd)
+    if stat.S_ISREG(st.st_mode) and mostly_holes(st):
+        start = offset if offset is not None else os.lseek(fd, 0, os.SEEK_CUR)
+        digest, total = hash_by_extents(fd, start, max(0, st.st_size - start), out, algorithm)
+        if offset is None:
+            os.lseek(fd, start + total, os.SEEK_SET)  # (read to the end, as the loop below does)
+        return digest, total
     if pool is not None:
         return _hash_fd_pooled(fd, offset, out, pool, algorithm)
     h = FsVerityHasher(algorithm)
@@ -319,6 +329,41 @@ def hash_fd(fd: int, offset: int | None = None, out: int | None = None,
         total += n
         if out is not None:
             write_all(out, chunk)
+
+
+def hash_by_extents(fd: int, start: int, size: int, out: int | None,
+                    algorithm: FsVerityAlgorithm = SHA256) -> tuple[bytes, int]:
+    """`hash_fd` of the `size` bytes from `start`, reading only the data regions the file
+    system maps (`holes.data_extents`), the holes between hashed by runs; with `out` (a new,
+    empty file) the data is written at its offsets there, the holes left holes.  A file that
+    shrinks meanwhile ends where its data ends (callers compare the count with the size they
+    expect, as for a plain read)."""
+    hasher = FsVerityHasher(algorithm)
+    buf = bytearray(_READ_CHUNK)
+    at = start  # hashed up to here
+    end = start + size
+    for offset, length in data_extents(fd, start, end):
+        hasher.update_zeros(offset - at)
+        at = offset
+        if out is not None:
+            os.lseek(out, offset - start, os.SEEK_SET)
+        stop = offset + length
+        while at < stop:
+            n = os.preadv(fd, [memoryview(buf)[:min(_READ_CHUNK, stop - at)]], at)
+            if not n:  # it shrank: it ends here
+                end = stop = at
+                break
+            chunk = memoryview(buf)[:n]
+            hasher.update(chunk)
+            if out is not None:
+                write_all(out, chunk)
+            at += n
+        if at == end:
+            break
+    hasher.update_zeros(end - at)
+    if out is not None:
+        os.ftruncate(out, end - start)  # (a hole at the end: nothing written there)
+    return hasher.digest(), end - start
 
 
 def _hash_fd_pooled(fd: int, offset: int | None, out: int | None, pool: Executor,

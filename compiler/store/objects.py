@@ -82,6 +82,7 @@ from collections.abc import Callable, Iterable
 
 from cfsc.base import beneath, syscalls
 from cfsc.base.errors import CfscError, InputError, OutputError, StoreError
+from cfsc.base.holes import mostly_holes
 from cfsc.base.fsverity import SHA256, FsVerityAlgorithm, FsVerityHasher, algorithm_named, hash_fd, payload_path
 from cfsc.store.filecopy import copy_plain, copy_range, rename_noreplace, seek, truncate, write_all
 from cfsc.store.locks import flock, lease
@@ -631,7 +632,7 @@ class Store:
                     if e.errno not in _UNSUPPORTED:
                         raise
                     self.reflink = False
-            if self.copy_range:
+            if self.copy_range and not mostly_holes(os.fstat(src)):  # (ext4's would fill the holes in)
                 copied = copy_range(src, out)
                 if copied:
                     return hash_fd(out, 0, algorithm=self.algorithm)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 from cfsc.build import compile_tree
@@ -16,6 +17,19 @@ DEBS = sorted((DATA / "tar").glob("*.data.tar.xz"))
 # GNU tar, extracting as root with everything a layer can carry: the oracle for tar layers.
 EXTRACT = ["tar", "--xattrs", "--xattrs-include=*", "--same-owner", "-p", "--numeric-owner",
            "--delay-directory-restore"]
+
+
+# Upstream composefs 1.0.8's tools, built by .ci/setup (the byte reference).
+MKCOMPOSEFS = "/tmp/cfs-src/build/tools/mkcomposefs"
+
+
+def fsverity_tool(path, name: str = "sha256") -> str:
+    """The Debian `fsverity digest` tool's hex digest of a file (the kernel's algorithm)."""
+    out = subprocess.run(["fsverity", "digest", f"--hash-alg={name}", str(path)], check=True, capture_output=True,
+                         text=True).stdout
+    algo_hex, _name = out.split()
+    assert algo_hex.startswith(f"{name}:")
+    return algo_hex[len(name) + 1:]
 
 
 def image(tree) -> bytes:

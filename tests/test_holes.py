@@ -1,0 +1,130 @@
+"""Files mostly made of holes, on this machine's ext4: read by their map, hashed by runs, copied
+into the store with their holes kept; the digest is the `fsverity` tool's (which reads every
+zero) and the image upstream mkcomposefs's."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+from cfsc.base.fsverity import ALGORITHMS, FsVerityHasher, hash_fd, payload_path
+from cfsc.base.holes import data_extents, mostly_holes
+
+from tests.helpers.checks import MKCOMPOSEFS, fsverity_tool, store_listing
+
+pytestmark = [pytest.mark.tools]
+
+MiB = 1 << 20
+# (size, [(offset, data)]): data at the start, the end, off block edges, in many small pieces
+LAYOUTS = {
+    "middle": (300 * MiB, [(100 * MiB + 5, b"mid")]),
+    "ends": (200 * MiB + 4097, [(0, b"head"), (200 * MiB + 4093, b"tail")]),
+    "all-hole": (64 * MiB, []),
+    "many": (64 * MiB, [(i * 300_007, b"%d" % i * 700) for i in range(200)]),
+    "dense-start": (16 * MiB, [(0, os.urandom(3 * MiB)), (15 * MiB, b"z")]),
+}
+
+
+def make(path: Path, size: int, pieces: list[tuple[int, bytes]]) -> None:
+    with open(path, "wb") as f:
+        for offset, data in pieces:
+            f.seek(offset)
+            f.write(data)
+        f.truncate(size)
+
+
+def by_runs(size: int, pieces: list[tuple[int, bytes]], algorithm=ALGORITHMS["sha256"]) -> bytes:
+    """The digest from the layout alone: zeros as runs, the data as bytes."""
+    hasher = FsVerityHasher(algorithm)
+    at = 0
+    for offset, data in pieces:
+        hasher.update_zeros(offset - at)
+        hasher.update(data)
+        at = offset + len(data)
+    hasher.update_zeros(size - at)
+    return hasher.digest()
+
+
+@pytest.mark.parametrize("name", ALGORITHMS)
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_a_file_of_holes_hashes_as_the_tool_reads_it(layout, name, tmp_path):
+    size, pieces = LAYOUTS[layout]
+    path = tmp_path / "f"
+    make(path, size, pieces)
+    assert mostly_holes(path.stat())
+    expected = fsverity_tool(path, name)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert hash_fd(fd, 0, algorithm=ALGORITHMS[name]) == (bytes.fromhex(expected), size)
+        os.lseek(fd, 0, os.SEEK_SET)  # from the current position, as for a pipe: read to the end
+        assert hash_fd(fd, algorithm=ALGORITHMS[name])[0].hex() == expected
+        assert os.lseek(fd, 0, os.SEEK_CUR) == size
+        copy = tmp_path / "copy"
+        out = os.open(copy, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            assert hash_fd(fd, 0, out, ALGORITHMS[name])[0].hex() == expected
+        finally:
+            os.close(out)
+    finally:
+        os.close(fd)
+    assert by_runs(size, pieces, ALGORITHMS[name]).hex() == expected
+    assert copy.read_bytes() == path.read_bytes()
+    assert copy.stat().st_blocks <= path.stat().st_blocks + 16  # the holes stayed holes
+
+
+def test_data_extents_of_a_dense_and_an_empty_range(tmp_path):
+    path = tmp_path / "f"
+    path.write_bytes(os.urandom(3 * 4096))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert list(data_extents(fd, 0, 3 * 4096)) == [(0, 3 * 4096)]
+        assert list(data_extents(fd, 4096, 5000)) == [(4096, 904)]
+        assert list(data_extents(fd, 3 * 4096, 3 * 4096)) == []
+        assert not mostly_holes(os.fstat(fd))
+    finally:
+        os.close(fd)
+    make(path, 1 << 30, [])
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert list(data_extents(fd, 0, 1 << 30)) == []
+    finally:
+        os.close(fd)
+
+
+def test_a_tree_with_sparse_files_against_mkcomposefs(tmp_path, cfsc):
+    """The image is upstream's, byte for byte; the store objects have upstream's names and the
+    sparse files' hold their holes (upstream's copies hold every zero)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for layout, (size, pieces) in LAYOUTS.items():
+        make(src / layout, size, pieces)
+    (src / "plain").write_bytes(os.urandom(3 * MiB))
+    ours, theirs = tmp_path / "ours.cfs", tmp_path / "theirs.cfs"
+    cfsc("compile", str(src), "-o", str(ours), "--digest-store", str(tmp_path / "s1"), check=True)
+    subprocess.run([MKCOMPOSEFS, f"--digest-store={tmp_path / 's2'}", str(src), str(theirs)], check=True)
+    assert ours.read_bytes() == theirs.read_bytes()
+    assert store_listing(tmp_path / "s1") == store_listing(tmp_path / "s2")
+    for layout, (size, pieces) in LAYOUTS.items():
+        obj = tmp_path / "s1" / payload_path(by_runs(size, pieces)).decode()
+        assert obj.stat().st_blocks <= (src / layout).stat().st_blocks + 16
+        assert obj.read_bytes() == (src / layout).read_bytes()
+
+
+def test_a_terabyte_of_holes_in_a_tree_measure_and_fsck(tmp_path, cfsc):
+    """A 1 TiB file holding 12 bytes (a large-uid lastlog, a VM disk) is compiled, measured
+    and checked in the store without reading a terabyte of zeros."""
+    src = tmp_path / "src"
+    src.mkdir()
+    size, pieces = 1 << 40, [(0, b"head"), (600 << 30, b"mid!"), ((1 << 40) - 4, b"tail")]
+    make(src / "lastlog", size, pieces)
+    digest = by_runs(size, pieces)
+    p = cfsc("measure", str(src / "lastlog"), check=True)
+    assert p.stdout.decode() == f"sha256:{digest.hex()} {src / 'lastlog'}\n"
+    store = tmp_path / "store"
+    image = tmp_path / "x.cfs"
+    cfsc("compile", str(src), "-o", str(image), "--digest-store", str(store), check=True)
+    obj = store / payload_path(digest).decode()
+    assert obj.stat().st_size == size and obj.stat().st_blocks * 512 <= MiB
+    cfsc("fsck-store", "--store", str(store), str(image), check=True)
