@@ -47,8 +47,8 @@ with no per-file cost, (4.4 + 0.9) / 2 + 1.2 = 3.9 s of wall, more than 0.6x mkc
 5.8 s: what would move the floor is the serial tail (the writer overlapping the hashing, or
 faster), a native multi-block hasher (0.7 s of CPU), or more cores.  Hashing `mmap`ed files
 instead of reading them (no copy) was measured and dropped: 1.28x the CPU (median of 5
-interleaved runs over the files >= 64 KiB), the SHA loads missing the caches and the TLB where
-a read into a reused buffer hands them warm data.
+interleaved runs over half of the files of 64 KiB to 64 MiB), the SHA loads missing the
+caches and the TLB where a read into a reused buffer hands them warm data.
 """
 
 from __future__ import annotations
