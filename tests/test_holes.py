@@ -5,14 +5,19 @@ zero) and the image upstream mkcomposefs's."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
 from cfsc.base.fsverity import ALGORITHMS, FsVerityHasher, hash_fd, payload_path
 from cfsc.base.holes import data_extents, mostly_holes
+from cfsc.frontends.oci.storage import DiffReader
 
 from tests.helpers.checks import MKCOMPOSEFS, fsverity_tool, store_listing
+from tests.helpers.data import CFSC
+from tests.helpers.tarcraft import archive, member
 
 pytestmark = [pytest.mark.tools]
 
@@ -149,3 +154,81 @@ def test_a_terabyte_of_holes_served_over_fuse(tmp_path, cfsc):
             assert (mnt / "disk.img").stat().st_size == size
         finally:
             cfsc("umount", str(mnt), check=True)
+
+
+def test_hashing_by_the_map_keeps_the_read_position(tmp_path):
+    """Finding the map moves the file position (lseek); a caller reading the same descriptor
+    afterwards (`cfsc export` reads the object it just checked) must find it where it was."""
+    size, pieces = LAYOUTS["ends"]
+    path = tmp_path / "f"
+    make(path, size, pieces)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.lseek(fd, 7, os.SEEK_SET)
+        assert hash_fd(fd, 0)[1] == size
+        assert os.lseek(fd, 0, os.SEEK_CUR) == 7
+        assert os.read(fd, 4) == bytes(4)
+    finally:
+        os.close(fd)
+
+
+def test_export_of_an_image_with_a_sparse_object_compiles_back(tmp_path, cfsc):
+    src = tmp_path / "src"
+    src.mkdir()
+    size, pieces = LAYOUTS["middle"]
+    make(src / "disk.img", size, pieces)
+    store, image, layer, again = tmp_path / "s", tmp_path / "x.cfs", tmp_path / "x.tar", tmp_path / "y.cfs"
+    cfsc("compile", str(src), "-o", str(image), "--digest-store", str(store), check=True)
+    cfsc("export", str(image), "--store", str(store), "-o", str(layer), check=True)
+    cfsc("compile", str(layer), "-o", str(again), check=True)
+    assert again.read_bytes() == image.read_bytes()
+
+
+def test_sparse_members_are_synced_by_their_data(tmp_path, cfsc):
+    """The store syncs every 32 MiB of new objects; a sparse object counts its data, not its
+    holes (50 members of 64 MiB with 2 bytes each made 51 syncfs calls)."""
+    def sparse(name: bytes, size: int) -> bytes:
+        return member(name, b"ab", pax={b"GNU.sparse.map": b"0,1,%d,1" % (size - 1), b"GNU.sparse.numblocks": b"2",
+                                        b"GNU.sparse.size": b"%d" % size})
+
+    layer = tmp_path / "layer.tar"
+    layer.write_bytes(archive(*(sparse(b"f%d" % i, (64 << 20) + i) for i in range(50))))
+    log = tmp_path / "strace"
+    subprocess.run(["strace", "-f", "-e", "trace=syncfs", "-o", str(log), CFSC, "compile", str(layer), "-o",
+                    str(tmp_path / "x.cfs"), "--digest-store", str(tmp_path / "s"), "--threads", "1"], check=True)
+    assert log.read_text().count("syncfs(") <= 2
+
+
+def test_a_sparse_file_the_store_cannot_hold_is_one_line(tmp_path, cfsc):
+    """A 1 PiB sparse file (tmpfs holds it) into a store on ext4 (at most 16 TiB): the store's
+    file system is named as the problem, not the source."""
+    shm = Path(tempfile.mkdtemp(dir="/dev/shm"))
+    try:
+        make(shm / "huge", 1 << 50, [(0, b"x")])
+        p = cfsc("compile", str(shm), "-o", str(tmp_path / "x.cfs"), "--digest-store", str(tmp_path / "s"))
+        lines = p.stderr.decode().splitlines()
+        assert p.returncode != 0 and len(lines) == 1, lines
+        assert f"{tmp_path / 's'}: cannot write a store object: its file system holds no file reaching byte" \
+            f" {1 << 50}" in lines[0]
+        assert store_listing(tmp_path / "s") == []
+    finally:
+        shutil.rmtree(shm)
+
+
+def test_containers_storage_diff_reads_a_sparse_file_by_its_map(tmp_path):
+    """A layer's diff directory (containers-storage) holding a file mostly made of holes: the
+    reader gives its holes as lengths, its data as bytes, in order."""
+    diff = tmp_path / "diff"
+    diff.mkdir()
+    size, pieces = LAYOUTS["ends"]
+    make(diff / "lastlog", size, pieces)
+    (diff / "plain").write_bytes(b"data")
+    reader = DiffReader(str(diff), None)
+    got = {}
+    for m in reader.members():
+        if m.path in (b"lastlog", b"plain"):
+            got[m.path] = (reader.has_holes, list(reader.extents(m.size)))
+    holes, parts = got[b"lastlog"]
+    assert holes and any(isinstance(p, int) for p in parts)
+    assert b"".join(bytes(p) if isinstance(p, int) else p for p in parts) == (diff / "lastlog").read_bytes()
+    assert got[b"plain"] == (False, [b"data"])

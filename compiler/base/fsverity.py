@@ -309,11 +309,16 @@ def hash_fd(fd: int, offset: int | None = None, out: int | None = None,
     that is mostly holes is read by its map instead (`holes`; `out` keeps the holes)."""
     st = os.fstat(fd)
     if stat.S_ISREG(st.st_mode) and mostly_holes(st):
-        start = offset if offset is not None else os.lseek(fd, 0, os.SEEK_CUR)
-        digest, total = hash_by_extents(fd, start, max(0, st.st_size - start), out, algorithm)
-        if offset is None:
-            os.lseek(fd, start + total, os.SEEK_SET)  # (read to the end, as the loop below does)
-        return digest, total
+        try:
+            start = offset if offset is not None else os.lseek(fd, 0, os.SEEK_CUR)
+        except OSError as e:
+            if e.errno != errno.ESPIPE:
+                raise
+        else:  # (not seekable after all: read as it reads)
+            digest, total = hash_by_extents(fd, start, max(0, st.st_size - start), out, algorithm)
+            if offset is None:
+                os.lseek(fd, start + total, os.SEEK_SET)  # (read to the end, as the loop below does)
+            return digest, total
     if pool is not None:
         return _hash_fd_pooled(fd, offset, out, pool, algorithm)
     h = FsVerityHasher(algorithm)
@@ -332,35 +337,44 @@ def hash_fd(fd: int, offset: int | None = None, out: int | None = None,
 
 
 def hash_by_extents(fd: int, start: int, size: int, out: int | None,
-                    algorithm: FsVerityAlgorithm = SHA256) -> tuple[bytes, int]:
+                    algorithm: FsVerityAlgorithm = SHA256,
+                    poll: Callable[[], None] | None = None) -> tuple[bytes, int]:
     """`hash_fd` of the `size` bytes from `start`, reading only the data regions the file
-    system maps (`holes.data_extents`), the holes between hashed by runs; with `out` (a new,
-    empty file) the data is written at its offsets there, the holes left holes.  A file that
-    shrinks meanwhile ends where its data ends (callers compare the count with the size they
-    expect, as for a plain read)."""
+    system maps (`holes.data_extents`), the holes between hashed by runs; with `out` (a new
+    file, its position at 0) the data is written at its offsets there, the holes left holes.
+    `poll()` runs before each read (it may raise, to cancel).  The map is found by seeking:
+    `fd`'s position is put back.  A file that shrinks meanwhile gives a count short of `size`
+    (callers compare it with the size they expect, as for a plain read)."""
     hasher = FsVerityHasher(algorithm)
     buf = bytearray(_READ_CHUNK)
     at = start  # hashed up to here
     end = start + size
-    for offset, length in data_extents(fd, start, end):
-        hasher.update_zeros(offset - at)
-        at = offset
-        if out is not None:
-            os.lseek(out, offset - start, os.SEEK_SET)
-        stop = offset + length
-        while at < stop:
-            n = os.preadv(fd, [memoryview(buf)[:min(_READ_CHUNK, stop - at)]], at)
-            if not n:  # it shrank: it ends here
-                end = stop = at
-                break
-            chunk = memoryview(buf)[:n]
-            hasher.update(chunk)
+    here = os.lseek(fd, 0, os.SEEK_CUR)
+    try:
+        for offset, length in data_extents(fd, start, end):
+            hasher.update_zeros(offset - at)
+            at = offset
             if out is not None:
-                write_all(out, chunk)
-            at += n
-        if at == end:
-            break
-    hasher.update_zeros(end - at)
+                os.lseek(out, offset - start, os.SEEK_SET)
+            stop = offset + length
+            while at < stop:
+                if poll is not None:
+                    poll()
+                n = os.preadv(fd, [memoryview(buf)[:min(_READ_CHUNK, stop - at)]], at)
+                if not n:  # it shrank: it ends here
+                    end = stop = at
+                    break
+                chunk = memoryview(buf)[:n]
+                hasher.update(chunk)
+                if out is not None:
+                    write_all(out, chunk)
+                at += n
+            if at == end:
+                break
+        hasher.update_zeros(end - at)
+        end = min(end, max(start, os.fstat(fd).st_size))  # (cut inside a hole: the map did not show it)
+    finally:
+        os.lseek(fd, here, os.SEEK_SET)
     if out is not None:
         os.ftruncate(out, end - start)  # (a hole at the end: nothing written there)
     return hasher.digest(), end - start

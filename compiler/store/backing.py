@@ -209,7 +209,11 @@ class Store:
                 return digest_bytes(data, algorithm)
         st = os.fstat(fd)
         if mostly_holes(st):  # a sparse object (a 1 TiB lastlog, say): its data regions only
-            got, n = hash_by_extents(fd, 0, st.st_size, None, algorithm)
+            def poll() -> None:
+                if cancelled is not None and cancelled():
+                    raise Cancelled
+
+            got, n = hash_by_extents(fd, 0, st.st_size, None, algorithm, poll)
             self.measured += n
             return got
         hasher = FsVerityHasher(algorithm)

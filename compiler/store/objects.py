@@ -11,7 +11,10 @@ them.  That decides the design:
 
 * An object is first written as a temp file at the top of the store (`DIR/.cfsc-tmp-` and 16
   hex digits: same file system, unique name, recognisable), given mode 0644 and offered
-  fs-verity (FS_IOC_ENABLE_VERITY; failure is ignored, as in mkcomposefs).
+  fs-verity (FS_IOC_ENABLE_VERITY; failure is ignored, as in mkcomposefs) — but for one of
+  more than `VERITY_HOLES_MAX` bytes of holes: enabling it, the kernel reads and hashes every
+  hole and writes a Merkle tree a 127th of the file's size, and a 10 KB tar layer can declare
+  2^53 bytes of holes.  cfsc's own checks (FUSE, `fsck-store`) verify such an object by its map.
 * Nothing gets an object name before `commit()`, which is called once, when the whole run
   succeeded — by the frontend when it has loaded its source, or, when `compile_image` holds
   the objects (`Options.held`, a `HeldObjects`), once the image is written, so that a run
@@ -100,6 +103,7 @@ assert FSVERITY_ENABLE_ARG.size == 128
 JOURNAL_PREFIX = TEMP_PREFIX + "commit-"
 OBJECT_MODE = 0o644
 DIR_MODE = 0o755
+VERITY_HOLES_MAX = 1 << 30
 SYNC_BYTES = 32 << 20
 SYNC_OBJECTS = 4096
 _CHUNK = 1 << 20
@@ -268,7 +272,7 @@ class Store:
         temp = self._temp()
         try:
             hasher = FsVerityHasher(self.algorithm)
-            size = written = 0
+            size = written = data = 0
             for chunk in chunks:
                 if chunk.__class__ is int:
                     hasher.update_zeros(chunk)
@@ -279,6 +283,7 @@ class Store:
                     seek(temp.fd, size, self.root)
                 size += len(chunk)
                 written = size
+                data += len(chunk)
                 write_all(temp.fd, chunk, self.root)
             if written < size:  # a hole at the end
                 truncate(temp.fd, size, self.root)
@@ -287,7 +292,7 @@ class Store:
                 temp.discard()
                 return digest, size
             try:
-                self._add(temp, digest, size)
+                self._add(temp, digest, data)
             finally:
                 self._release(digest)
         except BaseException:
@@ -632,7 +637,11 @@ class Store:
                     if e.errno not in _UNSUPPORTED:
                         raise
                     self.reflink = False
-            if self.copy_range and not mostly_holes(os.fstat(src)):  # (ext4's would fill the holes in)
+            st = os.fstat(src)
+            if mostly_holes(st):  # copied by its map, holes kept (ext4's copy_file_range fills them in)
+                truncate(out, st.st_size, self.root)  # (a file system that cannot hold it says so here)
+                return hash_fd(src, 0, out, self.algorithm)
+            if self.copy_range:
                 copied = copy_range(src, out)
                 if copied:
                     return hash_fd(out, 0, algorithm=self.algorithm)
@@ -644,10 +653,10 @@ class Store:
                 raise OutputError(f"cannot write a store object: {e.strerror}", self.root) from None
             raise InputError(f"cannot copy into the store: {e.strerror}", where) from None
 
-    def _add(self, temp: _Temp, digest: bytes, size: int) -> None:
-        """Finish a temp file holding `digest` and queue it for the commit."""
+    def _add(self, temp: _Temp, digest: bytes, written: int) -> None:
+        """Finish a temp file holding `digest` (`written` bytes of data) and queue it for the commit."""
         self._finish(temp)
-        self._queue(temp.name, digest, temp.dev, temp.ino, size)
+        self._queue(temp.name, digest, temp.dev, temp.ino, written)
 
     def _finish(self, temp: _Temp) -> None:
         """Give a written temp file its object mode and offer it fs-verity."""
@@ -664,12 +673,14 @@ class Store:
         if self.verity:
             self._enable_verity(temp, ro)
 
-    def _queue(self, name: str, digest: bytes, dev: int, ino: int, size: int) -> None:
+    def _queue(self, name: str, digest: bytes, dev: int, ino: int, written: int) -> None:
+        """Pending for the commit; `written`: its bytes of data, which a `syncfs` must flush
+        (a sparse object's holes cost none)."""
         with self._lock:
             self._pending.append(_Pending(name, digest, dev, ino))
             self._present.add(digest)
             self._unsynced += 1
-            self._unsynced_bytes += size
+            self._unsynced_bytes += written
             due = self._unsynced >= SYNC_OBJECTS or self._unsynced_bytes >= SYNC_BYTES
             if due:
                 self._unsynced = self._unsynced_bytes = 0
@@ -692,6 +703,10 @@ class Store:
             if (st.st_dev, st.st_ino) != (temp.dev, temp.ino):
                 os.close(ro)
                 return
+        st = os.fstat(ro)
+        if st.st_size - st.st_blocks * 512 > VERITY_HOLES_MAX:  # (see the module docstring)
+            os.close(ro)
+            return
         try:
             fcntl.ioctl(ro, FS_IOC_ENABLE_VERITY, self._verity_arg)
         except OSError as e:

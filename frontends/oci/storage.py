@@ -35,6 +35,7 @@ import stat
 
 import orjson
 from cfsc.base.errors import InputError
+from cfsc.base.holes import data_extents, mostly_holes
 from cfsc.frontends.tar.stream import BLOCKDEV, CHAR, DIRECTORY, FIFO, HARDLINK, REGULAR, SYMLINK, Member, TarReader
 
 from .reference import Reference
@@ -230,6 +231,7 @@ class DiffReader:
         self.offset = 0
         self._file: bytes | None = None
         self._size = 0
+        self._holes = False  # the current file is mostly holes (`has_holes`)
 
     def __enter__(self) -> DiffReader:
         return self
@@ -309,6 +311,7 @@ class DiffReader:
             m.size = st.st_size
             self._file = abspath
             self._size = st.st_size
+            self._holes = mostly_holes(st)
             yield m
             self._file = None
         elif stat.S_ISLNK(mode):
@@ -341,10 +344,38 @@ class DiffReader:
     def read(self, n: int) -> bytes:
         return b"".join(self.chunks(n))
 
-    has_holes = False  # (a file on disk is read as it reads, holes as zeros)
+    @property
+    def has_holes(self) -> bool:
+        """Whether the current file is mostly holes (a lastlog, a disk image): `extents`."""
+        return self._holes
 
     def extents(self, n: int):
-        return self.chunks(n)
+        """`chunks`, but a file mostly made of holes is read by its map, a hole as its length."""
+        if not self._holes:
+            yield from self.chunks(n)
+            return
+        assert self._file is not None
+        path = self._file
+        at = 0
+        try:
+            with open(path, "rb") as f:
+                fd = f.fileno()
+                for offset, length in data_extents(fd, 0, n):
+                    if offset > at:
+                        yield offset - at
+                    at, stop = offset, offset + length
+                    while at < stop:
+                        data = os.pread(fd, min(CHUNK, stop - at), at)
+                        if not data:
+                            raise InputError(f"changed while read: {at} of {n} bytes there", os.fsdecode(path))
+                        at += len(data)
+                        yield data
+                if at < n:
+                    yield n - at
+                if os.fstat(fd).st_size != n:
+                    raise InputError(f"changed while read: {os.fstat(fd).st_size} bytes, not {n}", os.fsdecode(path))
+        except OSError as e:
+            raise InputError(f"cannot read: {e.strerror}", os.fsdecode(path)) from None
 
     def chunks(self, n: int):
         assert self._file is not None
