@@ -11,10 +11,7 @@ them.  That decides the design:
 
 * An object is first written as a temp file at the top of the store (`DIR/.cfsc-tmp-` and 16
   hex digits: same file system, unique name, recognisable), given mode 0644 and offered
-  fs-verity (FS_IOC_ENABLE_VERITY; failure is ignored, as in mkcomposefs) — but for one of
-  more than `VERITY_HOLES_MAX` bytes of holes: enabling it, the kernel reads and hashes every
-  hole and writes a Merkle tree a 127th of the file's size, and a 10 KB tar layer can declare
-  2^53 bytes of holes.  cfsc's own checks (FUSE, `fsck-store`) verify such an object by its map.
+  fs-verity (`cfsc.store.verity`; failure is ignored, as in mkcomposefs).
 * Nothing gets an object name before `commit()`, which is called once, when the whole run
   succeeded — by the frontend when it has loaded its source, or, when `compile_image` holds
   the objects (`Options.held`, a `HeldObjects`), once the image is written, so that a run
@@ -79,7 +76,6 @@ import errno
 import fcntl
 import os
 import stat
-import struct
 import threading
 from collections.abc import Callable, Iterable
 
@@ -87,6 +83,7 @@ from cfsc.base import beneath, syscalls
 from cfsc.base.errors import CfscError, InputError, OutputError, StoreError
 from cfsc.base.holes import mostly_holes
 from cfsc.base.fsverity import SHA256, FsVerityAlgorithm, FsVerityHasher, algorithm_named, hash_fd, payload_path
+from cfsc.store import verity
 from cfsc.store.filecopy import copy_plain, copy_range, rename_noreplace, seek, truncate, write_all
 from cfsc.store.locks import flock, lease
 from cfsc.store.tempfiles import TEMP_PREFIX
@@ -95,15 +92,9 @@ from cfsc.store.tempfiles import failed as _failed
 from cfsc.store.tempfiles import unlink_quietly as _unlink_quietly
 
 FICLONE = 0x40049409  # _IOW(0x94, 9, int)
-FS_IOC_ENABLE_VERITY = 0x40806685  # _IOW('f', 133, struct fsverity_enable_arg)
-# struct fsverity_enable_arg: version, hash_algorithm, block_size, salt_size, salt_ptr,
-# sig_size, reserved1, sig_ptr, reserved2[11]
-FSVERITY_ENABLE_ARG = struct.Struct("<IIIIQIIQ88x")
-assert FSVERITY_ENABLE_ARG.size == 128
 JOURNAL_PREFIX = TEMP_PREFIX + "commit-"
 OBJECT_MODE = 0o644
 DIR_MODE = 0o755
-VERITY_HOLES_MAX = 1 << 30
 SYNC_BYTES = 32 << 20
 SYNC_OBJECTS = 4096
 _CHUNK = 1 << 20
@@ -173,7 +164,7 @@ class Store:
     def __init__(self, root: str | os.PathLike, algorithm: FsVerityAlgorithm = SHA256) -> None:
         self.root = os.fsdecode(root)
         self.algorithm = algorithm  # of the digests it names objects by
-        self._verity_arg = FSVERITY_ENABLE_ARG.pack(1, algorithm.id, 4096, 0, 0, 0, 0, 0)
+        self._verity_arg = verity.enable_arg(algorithm)
         self.reflink = True
         self.copy_range = True
         self.verity = True
@@ -670,8 +661,8 @@ class Store:
             if ro is not None:
                 os.close(ro)
             raise _failed(e, "write a store object", self.root) from None
-        if self.verity:
-            self._enable_verity(temp, ro)
+        if self.verity and not verity.offer(temp, ro, self._rootfd, self._verity_arg):
+            self.verity = False  # this file system (or kernel) has no fs-verity
 
     def _queue(self, name: str, digest: bytes, dev: int, ino: int, written: int) -> None:
         """Pending for the commit; `written`: its bytes of data, which a `syncfs` must flush
@@ -692,28 +683,6 @@ class Store:
             syscalls.syncfs(self._rootfd)
         except OSError as e:
             raise OutputError(f"cannot sync the store: {e.strerror}", self.root) from None
-
-    def _enable_verity(self, temp: _Temp, ro: int | None) -> None:
-        if ro is None:  # no /proc: by name, if that is still our file
-            try:
-                ro = os.open(temp.name, beneath.O_READ, dir_fd=self._rootfd)
-            except OSError:
-                return
-            st = os.fstat(ro)
-            if (st.st_dev, st.st_ino) != (temp.dev, temp.ino):
-                os.close(ro)
-                return
-        st = os.fstat(ro)
-        if st.st_size - st.st_blocks * 512 > VERITY_HOLES_MAX:  # (see the module docstring)
-            os.close(ro)
-            return
-        try:
-            fcntl.ioctl(ro, FS_IOC_ENABLE_VERITY, self._verity_arg)
-        except OSError as e:
-            if e.errno in _UNSUPPORTED:
-                self.verity = False  # this file system (or kernel) has no fs-verity
-        finally:
-            os.close(ro)
 
     def root_fd(self, create: bool) -> int | None:
         """The store directory's descriptor (made, with parents, if `create`; None if it does
