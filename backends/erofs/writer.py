@@ -26,7 +26,8 @@ import os
 import stat
 from array import array
 from bisect import bisect_left
-from itertools import compress, islice
+from itertools import accumulate, chain, compress, islice
+from operator import attrgetter
 from struct import Struct
 
 from cfsc.backends.erofs.layout import (
@@ -64,7 +65,8 @@ from cfsc.backends.erofs.layout import (
     EROFS_XATTR_IBODY_HEADER,
     INLINE_TAIL_MAX,
 )
-from cfsc.backends.erofs.xattrs import XattrEncoder
+from cfsc.backends.erofs.xattrs import REDIRECT_AROUND, XattrEncoder
+from cfsc.base.fsverity import DIGEST_SIZE
 from cfsc.base import forked
 from cfsc.base.errors import TreeError
 from cfsc.base.tree import (
@@ -124,6 +126,36 @@ def _dir_entries(node: Inode, parent: Inode | None) -> tuple[list[bytes], list[I
     names.insert(i, b"..")
     targets.insert(i, parent)
     return names, targets
+
+
+class _FileTypes(dict):
+    """Mode -> the dirent's file type (a handful of modes: each worked out once)."""
+
+    __slots__ = ()
+
+    def __missing__(self, mode: int) -> int:
+        self[mode] = FILE_TYPE[mode & S_IFMT]
+        return self[mode]
+
+
+_mode = attrgetter("mode")
+_ino = attrgetter("ino")
+_DIRENTS: dict[int, Struct] = {}  # entries -> the Struct of that many `erofs_dirent`s
+
+
+def _dirents(count: int) -> Struct:
+    packer = _DIRENTS[count] = Struct("<" + EROFS_DIRENT.struct.format[1:] * count)
+    return packer
+
+
+def _dirent_chunk(names: list[bytes], targets: list[Inode], nids: list[int]) -> bytes:
+    """The reference for a chunk of directory entries: records, then names."""
+    nameoff = _DIRENT * len(names)
+    recs = []
+    for name, target in zip(names, targets, strict=True):
+        recs.append(_pack_dirent(nids[target.ino], nameoff, FILE_TYPE[target.mode & S_IFMT]))
+        nameoff += len(name)
+    return b"".join(recs + names)
 
 
 def _dir_chunks(names: list[bytes]) -> list[int]:
@@ -202,19 +234,23 @@ def _new_plan(inodes: list[Inode]) -> _Plan:
 
 
 def _size(inodes: list[Inode], plan: _Plan, encoder: XattrEncoder, lo: int, hi: int,
-          parents: dict[int, int]) -> list[int]:
+          parents: dict[int, int], fast: bool = True) -> list[int]:
     """Size inodes[lo:hi]: record and xattr bytes (`heads`, the one's complement for a
     symlink, whose record must not cross a block), tail, data blocks, layout and
     directory entries -- all that does not depend on where the inode goes.
 
     `parents` maps a directory's inode number to its parent's; the directories this range's
     directories hold are added.  Returns the directories whose parent was not in it (their
-    `..` target is None, for `_adopt` to fill in)."""
+    `..` target is None, for `_adopt` to fill in).  `fast=False`: every external file
+    through `XattrEncoder.external_size`, the reference (tests compare both)."""
     min_sec, min_nsec = plan.min_mtime
     one_time = plan.one_time
     xattr_size = encoder.size
     external_size = encoder.external_size
+    external_fixed = encoder.external_fixed
+    shared_payloads, shared_digests = encoder.shared_payloads, encoder.shared_digests
     own_size: dict[int, int] = {}  # id(xattr tuple) -> its body's size (the encoder keeps the tuple)
+    fixed: dict[int, tuple[int, int]] = {}  # id(xattr tuple) -> `external_fixed` of it
     compact, heads, blocks, tails = plan.compact, plan.heads, plan.blocks, plan.tails
     dirs = plan.dirs
     orphans = []
@@ -227,7 +263,17 @@ def _size(inodes: list[Inode], plan: _Plan, encoder: XattrEncoder, lo: int, hi: 
         if ftype == S_IFREG:
             if size > 0:
                 if node.content is None:  # `overlay.is_external`; a chunk index: one 4-byte null address per chunk
-                    xs = external_size(node)
+                    payload = node.payload
+                    digest = node.digest
+                    if (fast and payload and payload not in shared_payloads
+                            and (digest is None or digest not in shared_digests)):
+                        # (`external_size`, written out: nearly every file)
+                        sizes = fixed.get(id(node.xattrs))
+                        if sizes is None:
+                            sizes = fixed[id(node.xattrs)] = external_fixed(node.xattrs)
+                        xs = (sizes[0] if digest is None else sizes[1] + 24 + len(digest)) + ((24 + len(payload)) & ~3)
+                    else:
+                        xs = external_size(node)
                     bits = (size - 1).bit_length()  # chunks: the smallest power of two >= size
                     bits = min_bits if bits < min_bits else max_bits if bits > max_bits else bits
                     tail = (((size - 1) >> bits) + 1) * map_entry
@@ -527,9 +573,11 @@ def _write_blocks(data_blocks: list[bytes], write) -> None:
 
 
 def _emit(inodes: list[Inode], plan: _Plan, encoder: XattrEncoder, lo: int, hi: int,
-          offset: int, next_block: int, write) -> tuple[int, list[bytes]]:
+          offset: int, next_block: int, write, fast: bool = True) -> tuple[int, list[bytes]]:
     """Encode inodes[lo:hi] through `write`, from `offset` (padding up to inode `lo` first):
-    returns the offset after the last record and the data blocks of those inodes, in order."""
+    returns the offset after the last record and the data blocks of those inodes, in order.
+    `fast=False`: external files' xattrs through `XattrEncoder.external_body` and directory
+    entries through `_dirent_chunk`, the references (tests compare both)."""
     nids = plan.nids
     parts: list[bytes] = []
     pending = 0
@@ -541,6 +589,10 @@ def _emit(inodes: list[Inode], plan: _Plan, encoder: XattrEncoder, lo: int, hi: 
     dirs = plan.dirs
     xattr_body = encoder.body
     external_body = encoder.external_body
+    external_heads = encoder.external_heads
+    shared_payloads, shared_digests = encoder.shared_payloads, encoder.shared_digests
+    heads: dict[int, tuple[bytes | None, bytes | None]] = {}  # id(xattr tuple) -> `external_heads` of it
+    around_of = REDIRECT_AROUND.get
     own_body: dict[int, bytes] = {}  # id(xattr tuple) -> its body (the encoder keeps the tuple)
     append = parts.append
     min_bits, max_bits = EROFS_BLKSIZ_BITS, _MAX_CHUNK_BITS
@@ -549,6 +601,7 @@ def _emit(inodes: list[Inode], plan: _Plan, encoder: XattrEncoder, lo: int, hi: 
     layout_bit, extended_bit = EROFS_I_DATALAYOUT_BIT, 1 << EROFS_I_VERSION_BIT
     inline, plain = EROFS_INODE_FLAT_INLINE, EROFS_INODE_FLAT_PLAIN
     null_tails: dict[int, bytes] = {}  # chunk index size -> its null addresses (a few sizes)
+    nid_of, type_of, dirents_of = nids.__getitem__, _FileTypes().__getitem__, _DIRENTS
     expected_end = next_block + sum(blocks[lo:hi])
     first_offset, written = offset, 0
     for i, node in enumerate(islice(inodes, lo, hi), lo):
@@ -589,14 +642,17 @@ def _emit(inodes: list[Inode], plan: _Plan, encoder: XattrEncoder, lo: int, hi: 
             chunks = []
             for c in range(len(starts) - 1):
                 a, b = starts[c], starts[c + 1]
-                nameoff = dirent * (b - a)
-                recs = []
-                for j in range(a, b):
-                    t = targets[j]
-                    recs.append(_pack_dirent(nids[t.ino], nameoff, file_type[t.mode & S_IFMT]))
-                    nameoff += len(names[j])
-                recs.extend(names[a:b])
-                chunks.append(b"".join(recs))
+                # A chunk's records in one pack, their fields gathered by C-level maps
+                # (`_dirent_chunk` is the reference, one record at a time)
+                chunk_targets = targets[a:b]
+                if not fast:
+                    chunks.append(_dirent_chunk(names[a:b], chunk_targets, nids))
+                    continue
+                packer = dirents_of.get(b - a) or _dirents(b - a)
+                chunks.append(packer.pack(*chain.from_iterable(zip(
+                    map(nid_of, map(_ino, chunk_targets)),
+                    accumulate(map(len, names[a:b - 1]), initial=dirent * (b - a)),
+                    map(type_of, map(_mode, chunk_targets))))) + b"".join(names[a:b]))
             if n_blocks:
                 i_u = next_block
                 next_block += n_blocks
@@ -619,7 +675,21 @@ def _emit(inodes: list[Inode], plan: _Plan, encoder: XattrEncoder, lo: int, hi: 
             if ftype == S_IFCHR or ftype == S_IFBLK:
                 i_u = node.rdev & 0xFFFFFFFF
         if external:
-            body = external_body(node)
+            # (`external_body`, written out for a file whose payload and digest are not shared)
+            payload = node.payload
+            digest = node.digest
+            body = None
+            if fast and payload and payload not in shared_payloads and (around := around_of(len(payload))) is not None:
+                hit = heads.get(id(node.xattrs))
+                if hit is None:
+                    hit = heads[id(node.xattrs)] = external_heads(node.xattrs)
+                if digest is None:
+                    if hit[0] is not None:
+                        body = b"".join((hit[0], around[0], payload, around[1]))
+                elif hit[1] is not None and len(digest) == DIGEST_SIZE and digest not in shared_digests:
+                    body = b"".join((hit[1], digest, around[0], payload, around[1]))
+            if body is None:
+                body = external_body(node)
         else:
             body = own_body.get(id(node.xattrs))
             if body is None:
