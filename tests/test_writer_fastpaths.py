@@ -1,7 +1,6 @@
 """The image writer's loops against their references: `_size` and `_emit` take most external
-files' xattrs from per-tuple parts (`XattrEncoder.external_fixed`, `external_heads`) and pack
-a directory chunk's records in one call; with `fast=False` every file goes through
-`external_size` / `external_body` and every chunk through `_dirent_chunk`.  Same plan, same
+files' xattrs from per-tuple parts (`XattrEncoder.external_fixed`, `external_heads`); with
+`fast=False` every file goes through `external_size` / `external_body`.  Same plan, same
 bytes, on random trees, the conformance corpus and trees made to reach every branch."""
 
 from __future__ import annotations

@@ -26,8 +26,7 @@ import os
 import stat
 from array import array
 from bisect import bisect_left
-from itertools import accumulate, chain, compress, islice
-from operator import attrgetter
+from itertools import compress, islice
 from struct import Struct
 
 from cfsc.backends.erofs.layout import (
@@ -126,36 +125,6 @@ def _dir_entries(node: Inode, parent: Inode | None) -> tuple[list[bytes], list[I
     names.insert(i, b"..")
     targets.insert(i, parent)
     return names, targets
-
-
-class _FileTypes(dict):
-    """Mode -> the dirent's file type (a handful of modes: each worked out once)."""
-
-    __slots__ = ()
-
-    def __missing__(self, mode: int) -> int:
-        self[mode] = FILE_TYPE[mode & S_IFMT]
-        return self[mode]
-
-
-_mode = attrgetter("mode")
-_ino = attrgetter("ino")
-_DIRENTS: dict[int, Struct] = {}  # entries -> the Struct of that many `erofs_dirent`s
-
-
-def _dirents(count: int) -> Struct:
-    packer = _DIRENTS[count] = Struct("<" + EROFS_DIRENT.struct.format[1:] * count)
-    return packer
-
-
-def _dirent_chunk(names: list[bytes], targets: list[Inode], nids: list[int]) -> bytes:
-    """The reference for a chunk of directory entries: records, then names."""
-    nameoff = _DIRENT * len(names)
-    recs = []
-    for name, target in zip(names, targets, strict=True):
-        recs.append(_pack_dirent(nids[target.ino], nameoff, FILE_TYPE[target.mode & S_IFMT]))
-        nameoff += len(name)
-    return b"".join(recs + names)
 
 
 def _dir_chunks(names: list[bytes]) -> list[int]:
@@ -576,8 +545,8 @@ def _emit(inodes: list[Inode], plan: _Plan, encoder: XattrEncoder, lo: int, hi: 
           offset: int, next_block: int, write, fast: bool = True) -> tuple[int, list[bytes]]:
     """Encode inodes[lo:hi] through `write`, from `offset` (padding up to inode `lo` first):
     returns the offset after the last record and the data blocks of those inodes, in order.
-    `fast=False`: external files' xattrs through `XattrEncoder.external_body` and directory
-    entries through `_dirent_chunk`, the references (tests compare both)."""
+    `fast=False`: every external file's xattrs through `XattrEncoder.external_body`, the
+    reference (tests compare both)."""
     nids = plan.nids
     parts: list[bytes] = []
     pending = 0
@@ -601,7 +570,6 @@ def _emit(inodes: list[Inode], plan: _Plan, encoder: XattrEncoder, lo: int, hi: 
     layout_bit, extended_bit = EROFS_I_DATALAYOUT_BIT, 1 << EROFS_I_VERSION_BIT
     inline, plain = EROFS_INODE_FLAT_INLINE, EROFS_INODE_FLAT_PLAIN
     null_tails: dict[int, bytes] = {}  # chunk index size -> its null addresses (a few sizes)
-    nid_of, type_of, dirents_of = nids.__getitem__, _FileTypes().__getitem__, _DIRENTS
     expected_end = next_block + sum(blocks[lo:hi])
     first_offset, written = offset, 0
     for i, node in enumerate(islice(inodes, lo, hi), lo):
@@ -642,17 +610,14 @@ def _emit(inodes: list[Inode], plan: _Plan, encoder: XattrEncoder, lo: int, hi: 
             chunks = []
             for c in range(len(starts) - 1):
                 a, b = starts[c], starts[c + 1]
-                # A chunk's records in one pack, their fields gathered by C-level maps
-                # (`_dirent_chunk` is the reference, one record at a time)
-                chunk_targets = targets[a:b]
-                if not fast:
-                    chunks.append(_dirent_chunk(names[a:b], chunk_targets, nids))
-                    continue
-                packer = dirents_of.get(b - a) or _dirents(b - a)
-                chunks.append(packer.pack(*chain.from_iterable(zip(
-                    map(nid_of, map(_ino, chunk_targets)),
-                    accumulate(map(len, names[a:b - 1]), initial=dirent * (b - a)),
-                    map(type_of, map(_mode, chunk_targets))))) + b"".join(names[a:b]))
+                nameoff = dirent * (b - a)
+                recs = []
+                for j in range(a, b):
+                    t = targets[j]
+                    recs.append(_pack_dirent(nids[t.ino], nameoff, file_type[t.mode & S_IFMT]))
+                    nameoff += len(names[j])
+                recs.extend(names[a:b])
+                chunks.append(b"".join(recs))
             if n_blocks:
                 i_u = next_block
                 next_block += n_blocks
