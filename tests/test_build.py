@@ -159,3 +159,20 @@ def test_a_batch_leaves_what_it_made_in_the_oldest_generation():
     finally:
         gc.unfreeze()
     del made, kept
+
+
+def test_compile_image_leaves_the_tree_in_keep_and_the_cli_keeps_the_latest(tmp_path):
+    """`keep` holds the compiled tree past the return (the `cfsc` process ends without the
+    interpreter's teardown, so the kernel frees it at once), only the latest one."""
+    from cfsc.cli import direct, main
+
+    source = tmp_path / "in.dump"
+    source.write_bytes(GOOD)
+    keep: list = [object()]
+    build.compile_image([str(source)], str(tmp_path / "a.cfs"), Options(), "dump", keep=keep)
+    assert len(keep) == 1 and b"a" in keep[0].root.children and keep[0].inodes
+    with pytest.raises(SystemExit) as done:
+        main(["compile", str(source), "-o", str(tmp_path / "b.cfs")])
+    assert done.value.code == 0
+    assert len(direct._KEPT) == 1 and b"a" in direct._KEPT[0].root.children
+    assert (tmp_path / "a.cfs").read_bytes() == (tmp_path / "b.cfs").read_bytes()

@@ -123,10 +123,15 @@ def compile_image(
     options: Options | None = None,
     fmt: str | None = None,
     want_digest: bool = False,
+    keep: list | None = None,
 ) -> bytes | None:
     """Compile sources into a composefs image at `output` (`-` = stdout, None = nowhere).
 
     Returns the image's fs-verity digest when `want_digest`.  The image appears atomically.
+    `keep`: a list the tree is left in (replacing what it held), for a caller whose process
+    ends next without the interpreter's teardown (`cli._leave`): the kernel then frees the
+    tree with the address space at once, not object by object on return (64k entries:
+    10-15 ms; a million: ~0.2 s).
     """
     # Store objects are named only once the image is written, just before it is renamed into
     # place, and only those it refers to: a run that fails before then leaves neither.
@@ -144,6 +149,8 @@ def compile_image(
                 sink = (DigestingWriter(out, algorithm_named(options.hash))
                         if want_digest or out is None else out)
                 compile_tree(tree, options, sink)  # type: ignore[arg-type]
+                if keep is not None:
+                    keep[:] = [tree]
             return sink.digest() if want_digest else None  # type: ignore[union-attr]
     finally:
         # After a failure: drop the objects.  After success too, once the image is in place:
