@@ -346,7 +346,7 @@ def _place(plan: _Plan, lo: int, hi: int, pos: int) -> int:
     return (pos + slot_mask) & ~slot_mask
 
 
-def write_image(tree: Tree, out: BinaryIO, split: bool | None = None) -> None:
+def write_image(tree: Tree, out: BinaryIO, split: bool | None = None, keep: list | None = None) -> None:
     """Write the image of a compiled tree to a binary stream.
 
     `split`: share the work with a forked child (`cfsc.base.forked`), each process sizing
@@ -354,6 +354,7 @@ def write_image(tree: Tree, out: BinaryIO, split: bool | None = None) -> None:
     inodes or more when a processor is idle, False never.  Either way the bytes are the
     same (the sequential path is the reference, and tests compare both); the child writes
     its part in place with `pwrite`, so it is taken only when `out` is a regular file.
+    `keep`: a list the plan is appended to, for a process that ends next (`build.compile_image`).
     """
     inodes = tree.inodes
     assert tree.shared_xattrs is not None and inodes is not None, "run the pipeline before writing"
@@ -361,9 +362,11 @@ def write_image(tree: Tree, out: BinaryIO, split: bool | None = None) -> None:
     if split is None:
         split = len(inodes) >= SPLIT_MIN_INODES and forked.worthwhile()
     fd = _pwritable(out) if split and len(inodes) > 1 else None
-    if fd is not None and _write_split(tree, encoder, out, fd):
+    if fd is not None and _write_split(tree, encoder, out, fd, keep=keep):
         return
     plan = _plan(tree, encoder)
+    if keep is not None:
+        keep.append(plan)
     first_block, total_blocks = _blocks(plan, encoder)
     head, middle = _frame(tree, encoder, plan, first_block, total_blocks)
     out.write(head)
@@ -407,7 +410,8 @@ _PLACE = Struct("<QQ")
 _PLACED = Struct("<QQ?")
 
 
-def _write_split(tree: Tree, encoder: XattrEncoder, out: BinaryIO, fd: int, k: int | None = None) -> bool:
+def _write_split(tree: Tree, encoder: XattrEncoder, out: BinaryIO, fd: int, k: int | None = None,
+                 keep: list | None = None) -> bool:
     """The plan and the records in two processes (module docstring), the child's half from
     inode `k` (by default `_split_point`'s); False when no child can be forked (the caller
     writes sequentially)."""
@@ -415,6 +419,8 @@ def _write_split(tree: Tree, encoder: XattrEncoder, out: BinaryIO, fd: int, k: i
     assert inodes is not None
     n = len(inodes)
     plan = _new_plan(inodes)
+    if keep is not None:
+        keep.append(plan)
     nids = plan.nids
     if k is None:
         k = _split_point(inodes)
