@@ -81,21 +81,21 @@ _META_EMPTY_ENTRY = entry(_META_INDEX, _META_NAME, b"")
 assert all(len(p) == 24 for p in _META_PREFIXES.values()) and len(_META_EMPTY_ENTRY) == 20
 assert len(_META_PREFIXES[DIGEST_SIZE]) + DIGEST_SIZE == 56
 assert EROFS_XATTR_ENTRY.size + len(_REDIR_NAME) + len(b"/") + 3 == 24
-_REDIRECT_PREFIXES: dict[int, tuple[bytes, bytes]] = {}  # payload length -> `_redirect_around`
+REDIRECT_AROUND: dict[int, tuple[bytes, bytes]] = {}  # payload length -> `redirect_around`
 
 
 def _redirect_entry(payload: bytes) -> bytes:
     """The inline entry of `trusted.overlay.redirect` = `/` + payload."""
-    prefix, pad = _redirect_around(len(payload))
+    prefix, pad = redirect_around(len(payload))
     return b"".join((prefix, payload, pad))
 
 
-def _redirect_around(length: int) -> tuple[bytes, bytes]:
+def redirect_around(length: int) -> tuple[bytes, bytes]:
     """What goes before and after a payload of `length` bytes in its redirect entry: header,
     name and "/"; padding to 4 bytes."""
-    around = _REDIRECT_PREFIXES.get(length)
+    around = REDIRECT_AROUND.get(length)
     if around is None:
-        around = _REDIRECT_PREFIXES[length] = (
+        around = REDIRECT_AROUND[length] = (
             _pack_entry(len(_REDIR_NAME), _REDIR_INDEX, length + 1) + _REDIR_NAME + b"/",
             PADS[(len(_REDIR_NAME) + 1 + length) & 3])
     return around
@@ -193,13 +193,7 @@ class XattrEncoder:
         """The layout holding a file's shared metacopy (None: its metacopy is not shared)."""
         digest = node.digest
         if digest is None:  # (most files of a tree without digests: looked up by the tuple alone)
-            if not self.empty_metacopy_shared:
-                return None
-            hit = self.with_empty_metacopy.get(id(node.xattrs))
-            if hit is None:
-                merged = tuple(sorted(node.xattrs + (METACOPY_EMPTY,)))
-                hit = self.with_empty_metacopy[id(node.xattrs)] = (node.xattrs, self.layout(merged))
-            return hit[1]
+            return self._empty_meta_layout(node.xattrs) if self.empty_metacopy_shared else None
         if digest not in self.shared_digests:
             return None
         key = (id(node.xattrs), digest)
@@ -207,6 +201,14 @@ class XattrEncoder:
         if hit is None:
             merged = tuple(sorted(node.xattrs + (metacopy_xattr(digest),)))
             hit = self.with_metacopy[key] = (node.xattrs, self.layout(merged))
+        return hit[1]
+
+    def _empty_meta_layout(self, xattrs: tuple) -> _Layout:
+        """The layout of a tuple plus the shared empty metacopy (a file without a digest)."""
+        hit = self.with_empty_metacopy.get(id(xattrs))
+        if hit is None:
+            merged = tuple(sorted(xattrs + (METACOPY_EMPTY,)))
+            hit = self.with_empty_metacopy[id(xattrs)] = (xattrs, self.layout(merged))
         return hit[1]
 
     def _redirect_layout(self, node: Inode) -> _Layout | None:
@@ -251,18 +253,12 @@ class XattrEncoder:
                 return self._redirect_spliced(node, layout)
         hit = self.layouts.get(id(node.xattrs))
         layout = hit[1] if hit is not None else self.layout(node.xattrs)
-        heads = layout.heads
-        if heads is None:
-            ids = self._ids_bytes(layout)
-            n_ids = len(layout.ids)
-            heads = layout.heads = (
-                _pack_ibody(~(layout.bits | _META_BIT) & 0xFFFFFFFF, n_ids) + ids,
-                _pack_ibody(~(layout.bits | _META_BIT | _REDIR_BIT) & 0xFFFFFFFF, n_ids) + ids)
+        heads = layout.heads or self._heads(layout)
         digest = node.digest
         payload = node.payload
         inline = layout.inline
         if payload and not inline:  # (nearly every file: no inline xattr of its own)
-            prefix, pad = _redirect_around(len(payload))
+            prefix, pad = redirect_around(len(payload))
             if digest is None:
                 return b"".join((heads[1], _META_EMPTY_ENTRY, prefix, payload, pad))
             return b"".join((heads[1], _META_PREFIXES[len(digest)], digest, prefix, payload, pad))
@@ -275,6 +271,48 @@ class XattrEncoder:
             return heads[0] + meta
         m = layout.meta_at
         return b"".join((heads[0], *inline[:m], meta, *inline[m:]))
+
+    def _heads(self, layout: _Layout) -> tuple[bytes, bytes]:
+        """`layout.heads`, made once `base` is set."""
+        ids = self._ids_bytes(layout)
+        n_ids = len(layout.ids)
+        layout.heads = (_pack_ibody(~(layout.bits | _META_BIT) & 0xFFFFFFFF, n_ids) + ids,
+                        _pack_ibody(~(layout.bits | _META_BIT | _REDIR_BIT) & 0xFFFFFFFF, n_ids) + ids)
+        return layout.heads
+
+    def _redirect_head(self, layout: _Layout) -> bytes:
+        """`layout.redirect_head`, made once `base` is set."""
+        layout.redirect_head = (_pack_ibody(~(layout.bits | _REDIR_BIT) & 0xFFFFFFFF, len(layout.ids))
+                                + self._ids_bytes(layout))
+        return layout.redirect_head
+
+    # The writer's loops take most external files without a call per file: a file whose
+    # payload (non-empty) and digest are not shared -- nearly all -- has a body that depends
+    # on its xattr tuple only up to the digest and the redirect.  These give that part once
+    # per tuple; `external_size` and `external_body` are the reference (tests hold them equal).
+
+    def external_fixed(self, xattrs: tuple) -> tuple[int, int]:
+        """Body sizes of an external file with these xattrs whose payload and digest are not
+        shared, the redirect entry left out: (without a digest, with one: add 24 + its length)."""
+        own = self.layout(xattrs).size
+        none = self._empty_meta_layout(xattrs).size if self.empty_metacopy_shared else own + 20
+        return none, own
+
+    def external_heads(self, xattrs: tuple) -> tuple[bytes | None, bytes | None]:
+        """What precedes the redirect entry of an external file with these xattrs and no
+        digest, and what precedes the digest of one with an unshared SHA-256 digest, its
+        payload not shared; None where an inline entry of the tuple would come between
+        (`external_body` then).  Call after `base` is set."""
+        own = self.layout(xattrs)
+        digest = None
+        if not own.inline:
+            digest = (own.heads or self._heads(own))[1] + _META_PREFIXES[DIGEST_SIZE]
+        if self.empty_metacopy_shared:
+            meta = self._empty_meta_layout(xattrs)
+            none = None if meta.inline else meta.redirect_head or self._redirect_head(meta)
+        else:
+            none = None if own.inline else (own.heads or self._heads(own))[1] + _META_EMPTY_ENTRY
+        return none, digest
 
     def size(self, node: Inode, external: bool) -> int:
         """Bytes of the inode's xattr body (0: none), `external` as `is_external(node)`."""
@@ -322,13 +360,10 @@ class XattrEncoder:
         payload = node.payload
         if not payload:
             return self._whole_body(layout)
-        head = layout.redirect_head
-        if head is None:
-            head = layout.redirect_head = (_pack_ibody(~(layout.bits | _REDIR_BIT) & 0xFFFFFFFF, len(layout.ids))
-                                           + self._ids_bytes(layout))
+        head = layout.redirect_head or self._redirect_head(layout)
         inline = layout.inline
         if not inline:
-            prefix, pad = _redirect_around(len(payload))
+            prefix, pad = redirect_around(len(payload))
             return b"".join((head, prefix, payload, pad))
         r = layout.redirect_at
         return b"".join((head, *inline[:r], _redirect_entry(payload), *inline[r:]))

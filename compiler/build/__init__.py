@@ -66,9 +66,10 @@ def load(sources: Sequence, options: Options | None = None, fmt: str | None = No
         return frontends.load(list(sources), options or Options(), fmt)
 
 
-def compile_tree(tree: Tree, options: Options | None = None, out: BinaryIO | None = None) -> bytes | None:
+def compile_tree(tree: Tree, options: Options | None = None, out: BinaryIO | None = None,
+                 keep: list | None = None) -> bytes | None:
     """The image of a tree: every pass, then the image writer, into `out` (a binary stream),
-    or returned as bytes without one.
+    or returned as bytes without one.  `keep`: as `compile_image`'s, for the writer's plan.
 
     With `options.held` (set by `compile_image`), the store objects the image refers to get
     their names once it is written, and only those.
@@ -80,7 +81,7 @@ def compile_tree(tree: Tree, options: Options | None = None, out: BinaryIO | Non
     with batch_allocation():
         tree = run_passes(tree, options)
         with located(tree):
-            write_image(tree, sink)
+            write_image(tree, sink, keep=keep)
     if options.held is not None:
         options.held.commit(_referenced(tree))  # type: ignore[attr-defined]
     return sink.getvalue() if out is None else None  # type: ignore[union-attr]
@@ -123,10 +124,15 @@ def compile_image(
     options: Options | None = None,
     fmt: str | None = None,
     want_digest: bool = False,
+    keep: list | None = None,
 ) -> bytes | None:
     """Compile sources into a composefs image at `output` (`-` = stdout, None = nowhere).
 
     Returns the image's fs-verity digest when `want_digest`.  The image appears atomically.
+    `keep`: a list the tree and the writer's plan are left in (replacing what it held), for
+    a caller whose process ends next without the interpreter's teardown (`cli._leave`): the
+    kernel then frees them with the address space at once, not object by object on return
+    (64k entries: 15-20 ms; a million: ~0.3 s).
     """
     # Store objects are named only once the image is written, just before it is renamed into
     # place, and only those it refers to: a run that fails before then leaves neither.
@@ -143,7 +149,11 @@ def compile_image(
             with atomic_output(output) if output is not None else contextlib.nullcontext() as out:
                 sink = (DigestingWriter(out, algorithm_named(options.hash))
                         if want_digest or out is None else out)
-                compile_tree(tree, options, sink)  # type: ignore[arg-type]
+                if keep is not None:
+                    keep.clear()
+                compile_tree(tree, options, sink, keep)  # type: ignore[arg-type]
+                if keep is not None:
+                    keep.append(tree)
             return sink.digest() if want_digest else None  # type: ignore[union-attr]
     finally:
         # After a failure: drop the objects.  After success too, once the image is in place:

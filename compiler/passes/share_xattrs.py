@@ -26,16 +26,16 @@ def share_xattrs(tree: Tree, options: Options) -> Tree:
         # digests or payloads do: count those values, not millions of materialised pairs.
         # `overlay.is_external`, written out: a call per inode costs 20% of this scan.
         externals = [n for n in inodes if n.mode & S_IFMT == S_IFREG and n.size > 0 and n.content is None]
-        digests = list(map(attrgetter("digest"), externals))
-        if len(set(digests)) < len(digests):
-            for digest, times in Counter(digests).items():
-                if times > 1:
-                    counts[metacopy_xattr(digest)] += times
-        payloads = [n.payload for n in externals if n.payload]
-        if len(set(payloads)) < len(payloads):
-            for payload, times in Counter(payloads).items():
-                if times > 1:
-                    counts[redirect_xattr(payload)] += times
+        # (a Counter, not a set first: a real OS repeats some, so it was built anyway)
+        for digest, times in Counter([n.digest for n in externals]).items():
+            if times > 1:
+                counts[metacopy_xattr(digest)] += times
+        payloads = Counter([n.payload for n in externals])
+        payloads.pop(None, None)
+        payloads.pop(b"", None)
+        for payload, times in payloads.items():
+            if times > 1:
+                counts[redirect_xattr(payload)] += times
     shared = [pair for pair, count in counts.items() if count > 1]
     shared.sort(key=_order_key, reverse=True)
     tree.shared_xattrs = shared
