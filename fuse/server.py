@@ -86,7 +86,6 @@ NEGATIVE_ENTRY = _pack_entry(0, 0, TTL, 0, 0, 0, *([0] * len(P.ATTR.fields)))
 NO_ENTRY = bytes(P.ENTRY_OUT.size)  # readdirplus: "no attributes for this name"
 ATTR_PREFIX = P.ATTR_OUT.pack(TTL, 0)
 PADS = [b"\0" * n for n in range(8)]
-_UNMADE = object()  # (`_stream`: a nid the view has no node for yet)
 assert BLOCK_SIZE == 4096  # `_wire` computes st_blocks with shifts
 
 
@@ -453,11 +452,21 @@ class Server:
             if not ahead:
                 self._unasked.discard(key)
             return hit
-        made = self._stream(node, plus, poll)
-        if made is None:
-            return None  # a request came first (the nodes made so far stay cached)
-        blob, ends, subdirs = made
-        hit = self._streams[key] = (blob, ends)
+        parts = []
+        ends = []
+        subdirs = []
+        used = 0
+        add = parts.extend
+        for index, ino, dtype, size, record in self._encoding(node, 0, plus, ahead):
+            # (at index i the first i - 1 entries' nodes are made)
+            if ahead and index > 1 and (index - 1) % AHEAD_BATCH == 0 and poll(0):
+                return None  # a request came first (the nodes made so far stay cached)
+            add(record)
+            used += size
+            ends.append(used)
+            if dtype == DT_DIR and index > 1:
+                subdirs.append(ino * 2 + plus)
+        hit = self._streams[key] = (b"".join(parts), ends)
         if ahead:
             self._unasked.add(key)
         # A walk lists the subdirectories next, depth first: the first one on top.
@@ -473,64 +482,6 @@ class Server:
                 break
             self._unasked.discard(old)
         return hit
-
-    def _stream(self, node: Node, plus: bool, poll=None) -> tuple[bytes, list[int], list[int]] | None:
-        """`_encoding` of a whole directory in one loop — the joined records, where each
-        ends, the subdirectories' stream keys — or None when `poll` saw a request first.
-        A fresh mount's `find` encodes every entry once, here: one loop with the node
-        cache, the naming (`ImageView.named`) and the dirent packing inlined costs about
-        half of the three nested generators it replaces.  `_encoding` stays the reference
-        (and pages large directories); a test compares the two on whole images."""
-        view = self.view
-        dir_nid = node.nid
-        listing = view.listing(dir_nid)
-        ahead = poll is not None
-        parent = node.parent if node.parent is not None else dir_nid
-        entry = NO_ENTRY if plus else b""
-        fixed = P.DIRENT.size + (P.ENTRY_OUT.size if plus else 0)
-        pack = _pack_dirent
-        pads = PADS
-        parts = [entry, pack(dir_nid, 1, 1, DT_DIR), b".", pads[7],
-                 entry, pack(parent, 2, 2, DT_DIR), b"..", pads[6]]
-        add = parts.extend
-        used = fixed + 8
-        ends = [used, used + fixed + 8]
-        used += fixed + 8
-        subdirs = []
-        nodes = view._nodes
-        make = view.node
-        wire = self._wire
-        index = 2
-        for name, nid in zip(listing.names, listing.nids):
-            if ahead and not (index - 2) % AHEAD_BATCH and index > 2 and poll(0):
-                return None
-            index += 1
-            child = nodes.get(nid, _UNMADE)
-            if child is _UNMADE:
-                try:
-                    child = make(nid)
-                except OSError as e:  # a corrupt inode: list the name, as the kernel does
-                    if ahead:
-                        raise
-                    self._failed_quietly(e)
-                    child = None
-            n = len(name)
-            if child is None:
-                add((entry, pack(nid, index, n, DT_UNKNOWN), name, pads[-n % 8]))
-            else:
-                if child.name is None:
-                    child.parent = dir_nid
-                    child.name = name
-                dtype = (child.mode >> 12) & 15
-                if plus and not child.broken:
-                    add((child.wire or wire(child), pack(nid, index, n, dtype), name, pads[-n % 8]))
-                else:
-                    add((entry, pack(nid, index, n, dtype), name, pads[-n % 8]))
-                if dtype == DT_DIR:
-                    subdirs.append(nid * 2 + plus)
-            used += fixed + ((n + 7) & -8)
-            ends.append(used)
-        return b"".join(parts), ends, subdirs
 
     def _page(self, node: Node, offset: int, size: int, plus: bool) -> bytes:
         """The records of a large directory from index `offset` that fit in `size` bytes,
