@@ -381,6 +381,23 @@ def test_external_data_with_and_without_passthrough(tmp_path):
             assert (mnt / "big").read_bytes() == files["big"], "served again from the kept file"
 
 
+def test_a_small_verified_file_is_passed_through_sized_from_the_bytes_it_was_checked_by(tmp_path):
+    """With passthrough, a small file with a digest is read whole to be checked; that length
+    decides passthrough (no second fstat) and the bytes are not kept once the kernel reads
+    the file itself.  A file without a digest is neither read nor kept."""
+    image, store, files = _data_image(tmp_path)
+    mnt = tmp_path / "m"
+    mnt.mkdir()
+    with fuse_mounted(image, mnt, [store]) as server:
+        assert server.passthrough
+        for name in ("small", "nodigest"):
+            with open(mnt / name, "rb") as f:
+                assert f.read() == files[name]
+                held = server._held[os.fstat(f.fileno()).st_ino]
+                assert held.backing_id is not None and held.data is None, name
+        assert server.store.measured == len(files["small"]), "the small file hashed once, from its bytes"
+
+
 def test_a_longer_backing_file_is_served_at_the_image_size_either_way(tmp_path):
     """With no digest to check, passthrough would let the kernel read a backing file longer
     than the image says to its own end; it is served by reads instead (cut at the image's
