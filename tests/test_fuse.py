@@ -32,7 +32,6 @@ import time
 from pathlib import Path
 
 import pytest
-from cfsc import build
 from cfsc.backends.erofs.writer import write_image
 from cfsc.base import beneath
 from cfsc.base.fsverity import digest_bytes, payload_path
@@ -41,13 +40,14 @@ from cfsc.base.tree import S_IFREG
 from cfsc.build.pipeline import run_passes
 from cfsc.fuse import MountOptions, open_view
 from cfsc.fuse import protocol as P
-from cfsc.fuse.attach import MountError, mount_fuse, unmount
+from cfsc.fuse.attach import MountError, unmount
 from cfsc.fuse.kernel import mount_kernel
 from cfsc.fuse.server import AHEAD_BATCH, Server
 from cfsc.store.backing import Store
 from hypothesis import HealthCheck, Phase, given, settings
 
 from tests.helpers.data import CFSC, CONFORMANCE, run_cfsc
+from tests.helpers.fuse import (compile_dump, compile_tree, data_image, fuse_mounted, put_object, read_or_errno, try_errno, walk)
 from tests.helpers.strategies import trees
 from tests.helpers.procs import exits
 
@@ -60,79 +60,12 @@ UNMAPPED = 2**32 - 1  # (uid_t)-1
 
 
 @contextlib.contextmanager
-def fuse_mounted(image: Path, mnt: Path, basedirs=(), verity="if-present", passthrough=True, threads=2):
-    """The FUSE server of this process on `mnt` (faster than a `cfsc mount` per example)."""
-    view = open_view(str(image))
-    store = Store([str(b) for b in basedirs], verity)
-    fd = mount_fuse(str(mnt), str(image))
-    server = Server(fd, view, store, threads=threads, passthrough=passthrough)
-    server.start()
-    try:
-        assert server.ready.wait(10), "no INIT from the kernel"
-        yield server
-    finally:
-        unmount(str(mnt))
-        assert server.wait(10), "the server did not see the unmount"
-        server.close()
-        os.close(fd)
-        store.close()
-
-
-@contextlib.contextmanager
 def kernel_mounted(image: Path, mnt: Path, basedirs=()):
     mount_kernel(str(image), str(mnt), MountOptions(basedirs=[str(b) for b in basedirs], verity="none"))
     try:
         yield
     finally:
         unmount(str(mnt))
-
-
-def walk(root: Path) -> list[tuple]:
-    """Everything a program can see below `root`, in readdir order, errors included."""
-    out = []
-    stack = [b""]
-    base = os.fsencode(root)
-    while stack:
-        rel = stack.pop()
-        path = base + rel
-        try:
-            st = os.lstat(path)
-        except OSError as e:
-            out.append((rel, "lstat", errno.errorcode[e.errno]))
-            continue
-        rec = [rel, oct(st.st_mode), st.st_ino, st.st_nlink, st.st_uid, st.st_gid, st.st_size,
-               st.st_rdev, st.st_blocks, st.st_blksize, st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns]
-        if stat.S_ISLNK(st.st_mode):
-            rec.append(os.readlink(path))
-        xattrs = []
-        for key in _try(os.listxattr, path, follow_symlinks=False):
-            xattrs.append((key, _try(os.getxattr, path, key, follow_symlinks=False)))
-        rec.append(xattrs)
-        if stat.S_ISREG(st.st_mode):
-            rec.append(_read(path))
-        if stat.S_ISDIR(st.st_mode):
-            names = _try(os.listdir, path)
-            rec.append(names)
-            if isinstance(names, list):
-                stack.extend(rel + b"/" + n for n in reversed(names))
-        out.append(tuple(rec))
-    return out
-
-
-def _try(func, *args, **kwargs):
-    """func's result, or the name of the errno it failed with."""
-    try:
-        return func(*args, **kwargs)
-    except OSError as e:
-        return errno.errorcode[e.errno]
-
-
-def _read(path) -> str:
-    try:
-        with open(path, "rb") as f:
-            return hashlib.sha256(f.read()).hexdigest()
-    except OSError as e:
-        return errno.errorcode[e.errno]
 
 
 def assert_same(kernel: list, fuse: list) -> None:
@@ -150,25 +83,6 @@ def compare_mounts(image: Path, tmp: Path, basedirs=()) -> list:
         seen = walk(tmp / "f")
     assert_same(reference, seen)
     return seen
-
-
-def compile_tree(tree, image: Path) -> None:
-    image.write_bytes(build.compile_tree(tree))
-
-
-def compile_dump(text: bytes, image: Path) -> None:
-    from cfsc.frontends import dumpfile
-
-    compile_tree(dumpfile.loads(text, Options(), "test.dump"), image)
-
-
-def put_object(store: Path, data: bytes) -> bytes:
-    """Store `data` under its fs-verity digest; returns the payload path."""
-    path = payload_path(digest_bytes(data))
-    target = store / os.fsdecode(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_bytes(data)
-    return path
 
 
 # -- the reference view ------------------------------------------------------------------
@@ -341,25 +255,10 @@ def test_unprivileged_callers_do_not_see_trusted_xattrs(public_tmp):
 # -- data: passthrough, pread, verification, confinement -------------------------------------
 
 
-def _data_image(tmp: Path) -> tuple[Path, Path, dict[str, bytes]]:
-    store = tmp / "store"
-    store.mkdir()
-    files = {"small": b"hello\n" * 20, "big": os.urandom(3 << 20), "nodigest": b"no digest here\n" * 9,
-             "flipped": b"x" * 10000, "truncated": os.urandom(9000)}
-    lines = [b"/ 4096 40755 2 0 0 0 0.0 - - -"]
-    for name, data in files.items():
-        payload = put_object(store, data)
-        digest = b"-" if name == "nodigest" else digest_bytes(data).hex().encode()
-        lines.append(b"/%s %d 100644 1 0 0 0 0.0 %s - %s" % (name.encode(), len(data), payload, digest))
-    image = tmp / "data.cfs"
-    compile_dump(b"\n".join(lines) + b"\n", image)
-    return image, store, files
-
-
 def test_external_data_with_and_without_passthrough(tmp_path):
     import mmap
 
-    image, store, files = _data_image(tmp_path)
+    image, store, files = data_image(tmp_path)
     mnt = tmp_path / "m"
     mnt.mkdir()
     for passthrough in (True, False):
@@ -385,7 +284,7 @@ def test_a_small_verified_file_is_passed_through_sized_from_the_bytes_it_was_che
     """With passthrough, a small file with a digest is read whole to be checked; that length
     decides passthrough (no second fstat) and the bytes are not kept once the kernel reads
     the file itself.  A file without a digest is neither read nor kept."""
-    image, store, files = _data_image(tmp_path)
+    image, store, files = data_image(tmp_path)
     mnt = tmp_path / "m"
     mnt.mkdir()
     with fuse_mounted(image, mnt, [store]) as server:
@@ -425,7 +324,7 @@ def test_a_longer_backing_file_is_served_at_the_image_size_either_way(tmp_path):
 
 
 def test_tampered_objects_give_eio_and_a_log_line(tmp_path):
-    image, store, files = _data_image(tmp_path)
+    image, store, files = data_image(tmp_path)
     flipped = store / os.fsdecode(payload_path(digest_bytes(files["flipped"])))
     raw = bytearray(flipped.read_bytes())
     raw[5000] ^= 1
@@ -439,7 +338,7 @@ def test_tampered_objects_give_eio_and_a_log_line(tmp_path):
         p = run_cfsc("mount", str(image), str(mnt), "--store", str(store), "--verity", verity, "--log", str(log))
         assert p.returncode == 0, p.stderr
         try:
-            got = {name: _read_or_errno(mnt / name) for name in files}
+            got = {name: read_or_errno(mnt / name) for name in files}
         finally:
             run_cfsc("umount", str(mnt), check=True)
         assert got["small"] == files["small"] and got["big"] == files["big"]
@@ -458,7 +357,7 @@ def test_tampered_objects_give_eio_and_a_log_line(tmp_path):
 
 
 def test_objects_written_to_after_use_are_checked_again(tmp_path):
-    image, store, files = _data_image(tmp_path)
+    image, store, files = data_image(tmp_path)
     mnt = tmp_path / "m"
     mnt.mkdir()
     obj = store / os.fsdecode(payload_path(digest_bytes(files["small"])))
@@ -471,14 +370,7 @@ def test_objects_written_to_after_use_are_checked_again(tmp_path):
                 f.write(b"J")
             with contextlib.suppress(OSError), open(mnt / "small", "rb") as f:
                 os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)  # cached was checked: drop
-            assert _read_or_errno(mnt / "small") == "EIO", passthrough
-
-
-def _read_or_errno(path):
-    try:
-        return path.read_bytes()
-    except OSError as e:
-        return errno.errorcode[e.errno]
+            assert read_or_errno(mnt / "small") == "EIO", passthrough
 
 
 def _wait_for(log: Path, text: str, timeout: float = 5) -> str:
@@ -510,7 +402,7 @@ def test_hostile_payloads_cannot_leave_the_store(tmp_path):
         for fallback in (False, True):  # openat2, then the component walk
             mp.setattr(beneath, "use_openat2", not fallback)
             for name in payloads:
-                got = _read_or_errno(mnt / name)
+                got = read_or_errno(mnt / name)
                 assert got == (b"fine" if name == "ok" else "EIO"), (name, fallback, got)
 
 
@@ -558,10 +450,10 @@ def test_a_corrupt_inode_below_the_root_is_eio_and_logged(tmp_path, caplog):
         (tmp_path / name).mkdir()
     with kernel_mounted(image, tmp_path / "k", [tmp_path]):
         assert "inline" in os.listdir(tmp_path / "k")
-        assert _try(os.lstat, tmp_path / "k" / "inline") is not None  # which errno depends on the kernel
+        assert try_errno(os.lstat, tmp_path / "k" / "inline") is not None  # which errno depends on the kernel
     with fuse_mounted(image, tmp_path / "f"):
         assert "inline" in os.listdir(tmp_path / "f")
-        assert _try(os.lstat, tmp_path / "f" / "inline") == "EIO"
+        assert try_errno(os.lstat, tmp_path / "f" / "inline") == "EIO"
         assert os.getxattr(tmp_path / "f" / "escaped-xattr", "user.foo") == b"bar-2"
     assert f"{image}@0x{offset:x}: inode nid {nid}: i_format 0xffff" in caplog.text
 
@@ -634,7 +526,7 @@ def _server_pid(log: Path) -> int:
 
 
 def test_background_server_leaves_the_working_directory_and_stops_on_sigterm_and_outside_unmount(tmp_path):
-    image, store, files = _data_image(tmp_path)
+    image, store, files = data_image(tmp_path)
     mnt = tmp_path / "m"
     mnt.mkdir()
     for how in ("sigterm", "umount"):
@@ -674,7 +566,7 @@ def test_background_server_leaves_the_working_directory_and_stops_on_sigterm_and
 
 
 def test_kernel_mount_file_backed_and_loop(tmp_path):
-    image, store, files = _data_image(tmp_path)
+    image, store, files = data_image(tmp_path)
     mnt = tmp_path / "m"
     mnt.mkdir()
     for extra in ([], ["--loop"]):
@@ -691,7 +583,7 @@ def test_kernel_mount_file_backed_and_loop(tmp_path):
 
 
 def test_composefs_fuse_drop_in(tmp_path):
-    image, store, files = _data_image(tmp_path)
+    image, store, files = data_image(tmp_path)
     mnt = tmp_path / "m"
     mnt.mkdir()
     (tmp_path / "empty").mkdir()  # base directories are searched in order, like data layers
@@ -750,7 +642,7 @@ def test_an_ordinary_user_mounts_with_fusermount3(public_tmp):
     assert shutil.which("fusermount3"), "fusermount3 is missing: .ci/setup --test installs fuse3"
     if subprocess.run(["id", USER], capture_output=True).returncode:
         subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", USER], check=True)
-    image, store, files = _data_image(public_tmp)
+    image, store, files = data_image(public_tmp)
     for p in public_tmp.rglob("*"):
         os.chmod(p, 0o755 if p.is_dir() else 0o644)
     mnt = public_tmp / "mnt"

@@ -40,7 +40,8 @@ from cfsc.fuse.view import ImageView, Node
 from cfsc.store.backing import Store
 
 from tests.helpers.data import CONFORMANCE
-from tests.test_hostile_images import CORPUS
+from tests.helpers.fuse import data_image, fuse_mounted, read_or_errno
+from tests.helpers.hostile_images import CORPUS
 
 IMAGES = CONFORMANCE / "upstream-images"
 SLOTS_MAX = 40000  # inode slots compared per image (the config images have ~50k)
@@ -315,9 +316,8 @@ def test_small_files_are_verified_from_the_bytes_served(tmp_path):
 @pytest.mark.root
 @pytest.mark.timeout(120)
 def test_a_tampered_small_object_is_eio_without_passthrough(tmp_path):
-    from tests.test_fuse import _data_image, _read_or_errno, fuse_mounted
 
-    image, store, files = _data_image(tmp_path)
+    image, store, files = data_image(tmp_path)
     flipped = store / os.fsdecode(payload_path(digest_bytes(files["flipped"])))
     raw = bytearray(flipped.read_bytes())
     raw[5000] ^= 1
@@ -326,7 +326,7 @@ def test_a_tampered_small_object_is_eio_without_passthrough(tmp_path):
     mnt.mkdir()
     with fuse_mounted(image, mnt, [store], passthrough=False) as server:
         assert not server.passthrough
-        assert _read_or_errno(mnt / "flipped") == "EIO"
+        assert read_or_errno(mnt / "flipped") == "EIO"
         assert (mnt / "small").read_bytes() == files["small"]
         assert (mnt / "big").read_bytes() == files["big"]
 
@@ -335,9 +335,8 @@ def test_small_files_read_without_an_open_serve_what_open_files_serve(tmp_path):
     """A READ of a small file nobody holds open (`Server._read_small`: opened, read,
     verified, closed at once) gives the bytes, and the errors, of the reference path (OPEN,
     then READs through the kept `Held`), at any offset and size; nothing is kept."""
-    from tests.test_fuse import _data_image
 
-    image, store, files = _data_image(tmp_path)
+    image, store, files = data_image(tmp_path)
     flipped = store / os.fsdecode(payload_path(digest_bytes(files["flipped"])))
     raw = bytearray(flipped.read_bytes())
     raw[5000] ^= 1

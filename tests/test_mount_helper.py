@@ -27,7 +27,7 @@ from cfsc.mount_helper import EXIT_FAILED, EXIT_USAGE, parse, split_options
 
 from tests.helpers.data import run_cfsc
 from tests.helpers.procs import cmdline, exits, pids
-from tests.test_fuse import walk
+from tests.helpers.fuse import walk
 
 pytestmark = pytest.mark.timeout(300)
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,7 +43,7 @@ def real_mount(test):
 
 
 # Walks a mount (argv[1]) as tests/test_fuse.py does and pickles it to argv[2].
-WALK = "import pickle, sys; from tests.test_fuse import walk; open(sys.argv[2], 'wb').write(pickle.dumps(walk(sys.argv[1])))"
+WALK = "import pickle, sys; from tests.helpers.fuse import walk; open(sys.argv[2], 'wb').write(pickle.dumps(walk(sys.argv[1])))"
 
 
 @pytest.fixture
