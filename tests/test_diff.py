@@ -638,3 +638,15 @@ def test_images_another_writer_linked_fall_back_to_manifests():
     sides = [Manifest(read_tree(x), False, Ignore(), x.name, "image", x) for x in (a, b)]
     assert report.changes == diffing.diff_manifests(sides[0], sides[1])
     assert [c.path for c in report.changes] == [b"/x", b"/y"]
+
+
+_NAMES = st.binary(min_size=1, max_size=3).filter(lambda n: b"/" not in n and b"\0" not in n)
+
+
+@given(st.lists(st.lists(_NAMES, min_size=1, max_size=4).map(lambda parts: b"/" + b"/".join(parts)), max_size=12))
+@settings(max_examples=300, deadline=None)
+def test_changes_come_in_depth_first_path_order(paths):
+    """The sort key (one bytes object a change) orders as the paths' components do."""
+    changes = [diffing.Change(path, "added", None, None) for path in paths]
+    by_key = sorted(changes, key=diffing._order)
+    assert [c.path for c in by_key] == sorted(paths, key=lambda p: p.split(b"/"))

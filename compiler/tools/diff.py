@@ -147,8 +147,11 @@ def _join(parent: bytes, name: bytes) -> bytes:
     return (parent if parent != b"/" else b"") + b"/" + name
 
 
-def _order(change: Change) -> list[bytes]:
-    return change.path.split(b"/")
+def _order(change: Change) -> bytes:
+    """Depth-first path order: component by component, which is byte order with the `/`s as
+    the lowest byte (names hold no NUL).  One bytes object a change, not a list of its parts:
+    split, a 10k-deep one-sided subtree's keys took 400 MB."""
+    return change.path.replace(b"/", b"\0")
 
 
 def diff_manifests(a, b, where: Query | None = None) -> list[Change]:
