@@ -421,6 +421,8 @@ def sparse_cases() -> dict:
         "sparse-map-long-data": (sparse(map=b"0,2,5,2", numblocks=b"2", size=b"10"),
                                  r"its regions hold 4 bytes, the member's data is 3", 1024),
         "sparse-numblocks": (sparse(map=b"0,3", numblocks=b"2", size=b"10"), r"GNU.sparse.numblocks=2", 1024),
+        "sparse-numblocks-5000-digits": (sparse(map=b"0,3", numblocks=b"1" * 5000, size=b"10"),
+                                         r"GNU.sparse.numblocks=1111", 5632),
         "sparse-map-junk": (sparse(map=b"0,x", numblocks=b"1", size=b"10"), r"region 0 is 0,x", 1024),
         "sparse-size-junk": (sparse(map=b"0,3", numblocks=b"1", size=b"-1"), r"GNU.sparse.size=-1", 1024),
         "sparse-0.0-unpaired": (sparse(offset=b"0"), r"GNU.sparse.offset without", 1024),

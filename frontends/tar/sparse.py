@@ -89,7 +89,8 @@ def parse(reader, m: Member, records: list[tuple[bytes, bytes]]) -> Sparse:
         if len(numbers) > 2 * REGIONS_MAX:  # (1.0's map is held to it as it is read)
             raise reader.error(f"a sparse map of {len(numbers) // 2} regions: at most {REGIONS_MAX} are accepted", m)
         count = keys.get(b"GNU.sparse.numblocks")
-        if count is None or not DECIMAL.fullmatch(count) or int(count) * 2 != len(numbers):
+        if (count is None or not DECIMAL.fullmatch(count) or len(count.lstrip(b"0")) > DIGITS_MAX
+                or int(count) * 2 != len(numbers)):  # (DIGITS_MAX: int() refuses over 4300 digits)
             raise reader.error(f"bad PAX record GNU.sparse.numblocks={shown_value(count or b'')}: expected the"
                                f" number of regions the map lists ({len(numbers) // 2})", m)
     else:
