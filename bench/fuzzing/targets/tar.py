@@ -244,7 +244,7 @@ def _mutate_plain(data: bytes, rng: random.Random) -> bytes:
 _COMPRESSORS = {
     "gzip": lambda d: gzip.compress(d, mtime=0),
     "zstd": lambda d: zstandard.ZstdCompressor().compress(d),
-    "xz": lzma.compress,
+    "xz": lambda d: lzma.compress(d, preset=1),  # (preset 6's 94 MiB encoder broke the 1 GiB address-space cap)
 }
 
 
@@ -258,26 +258,37 @@ def _compression(data: bytes) -> str | None:
     return None
 
 
+_PLAIN_MAX = 16 << 20  # a mutated stream inflating past this is mutated as bytes (the mutator's memory)
+
+
 def _decompress(data: bytes, kind: str) -> bytes | None:
+    """The plain archive inside a compressed case, or None: broken, or a bomb the mutator
+    would run out of memory on (the target itself bounds what it reads)."""
     try:
         if kind == "gzip":
-            return gzip.decompress(data)
-        if kind == "zstd":
-            return zstandard.ZstdDecompressor().decompressobj().decompress(data)
-        return lzma.decompress(data)
+            z = zlib.decompressobj(31)
+            plain = z.decompress(data, _PLAIN_MAX + 1)
+        elif kind == "zstd":
+            with zstandard.ZstdDecompressor().stream_reader(io.BytesIO(data), read_across_frames=True) as r:
+                plain = r.read(_PLAIN_MAX + 1)
+        else:
+            z = lzma.LZMADecompressor()
+            plain = z.decompress(data, _PLAIN_MAX + 1)
     except Exception:  # noqa: BLE001 - a broken stream is mutated as bytes instead
         return None
+    return plain if len(plain) <= _PLAIN_MAX else None
 
 
 def mutate(data: bytes, rng: random.Random) -> bytes:
+    data = data[:_PLAIN_MAX]  # (repeating spans, generation after generation, grows a case without end)
     kind = _compression(data)
     if kind is not None:
         plain = _decompress(data, kind)
         if plain is None or rng.random() < 0.15:
             return generic(data, rng)
-        mutated = _mutate_plain(plain, rng)
+        mutated = _mutate_plain(plain, rng)[:_PLAIN_MAX]
         return _COMPRESSORS[rng.choice(list(_COMPRESSORS)) if rng.random() < 0.2 else kind](mutated)
-    mutated = _mutate_plain(data, rng)
+    mutated = _mutate_plain(data, rng)[:_PLAIN_MAX]
     if rng.random() < 0.05:
         return _COMPRESSORS[rng.choice(list(_COMPRESSORS))](mutated)
     return mutated
