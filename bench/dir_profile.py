@@ -3,11 +3,13 @@
 
     python bench/dir_profile.py /usr [--repeat 3]
 
-Each run compiles the tree in this process (no store, the image thrown away), as `cfsc
-compile DIR -o IMAGE` does, and prints its phases: the walk (wall time; CPU of the main
+Each run compiles the tree in this process (no store, the image thrown away in memory), as
+`cfsc compile DIR -o IMAGE` does, and prints its phases: the walk (wall time; CPU of the main
 process, which lists, stats and takes in results; CPU of the hashing workers, which open,
 stat, read and hash every regular file), then the passes and the image writer, which run
-after the walk, on one core.  Then the floor, from this machine's own hashing speed:
+after the walk, on one core.  (Into a file, with a processor idle, `cfsc compile` shares
+the writer with a forked child: its wall time is then about half of the writer's CPU here.)
+Then the floor, from this machine's own hashing speed:
 
     calls      the SHA-256 calls fs-verity needs for the tree: one per 4 KiB block of every
                Merkle level of every non-empty file, and its descriptor
@@ -19,7 +21,7 @@ after the walk, on one core.  Then the floor, from this machine's own hashing sp
                serial tail, the best wall time this design allows
 
 Run it on a quiet machine, twice (the first warms the page cache).  Figures for issue 16
-(2 cores, 119k files / 5.9 GB of `/usr`) are in the module docstring of
+(2 cores, 118k files / 5.9 GB of `/usr`) are in the module docstring of
 `cfsc.frontends.directory` ("Where the time goes").
 """
 

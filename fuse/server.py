@@ -57,7 +57,7 @@ from cfsc.base.limits import NAME_MAX
 from cfsc.base.syscalls import has_cap_sys_admin
 from cfsc.fuse import protocol as P
 from cfsc.fuse.view import BLOCK_SIZE, STREAM_ENTRIES, TRUSTED, ImageView, Node
-from cfsc.store.backing import NO_VERITY, Cancelled, Store
+from cfsc.store.backing import Cancelled, Store
 
 log = logging.getLogger("cfsc.fuse")
 
@@ -629,16 +629,15 @@ class Server:
 
     def _hold(self, unique: int, node: Node) -> Held:
         """Open, verify and (with passthrough) register a node's backing file.  A small file
-        is read whole when it is served from memory or checked against a digest (which
-        reads it anyway): its length then says whether it may be passed through, no fstat."""
+        is read whole only to be served from memory; the open's size says whether it may be
+        passed through (no second fstat), and a digest the kernel keeps costs no read."""
         passthrough = self.passthrough
-        verified = node.digest is not None and self.store.verity != NO_VERITY
-        limit = SERVED_FROM_MEMORY if verified or not passthrough else -1
+        limit = -1 if passthrough else SERVED_FROM_MEMORY
         if node.size > SERVED_FROM_MEMORY:
             self._let_go()  # hashing (or at least opening) a large file
-        fd, data = self._checked(unique, node, self.store.open_read, node.payload, node.digest, limit)
+        fd, data, size = self._checked(unique, node, self.store.open_read, node.payload, node.digest, limit)
         backing_id = None
-        if passthrough and self._passable(node, fd, None if data is None else len(data)):
+        if passthrough and self._passable(node, size):
             backing_id = self._register(fd)
             if backing_id is not None:
                 data = None  # the kernel reads the file itself
@@ -647,17 +646,12 @@ class Server:
             self._held[node.nid] = held
         return held
 
-    def _passable(self, node: Node, fd: int, size: int | None = None) -> bool:
+    def _passable(self, node: Node, size: int) -> bool:
         """Whether passthrough serves this backing file as reads would: only at the image's
         size.  The kernel reads a passed-through file to its own end, so a longer one (possible
         with no digest to check, or --verity none) would show bytes the image does not have;
         reads stop at the image's size.  Such a file is served by reads (and logged).
-        `size`: the file's, known already (else fstat)."""
-        if size is None:
-            try:
-                size = os.fstat(fd).st_size
-            except OSError:
-                return False
+        `size`: the file's when it was opened."""
         if size == node.size:
             return True
         self._log(f"{self._where(node)}: backing file {node.payload.decode('utf-8', 'backslashreplace')} has {size}"
@@ -725,7 +719,7 @@ class Server:
         `Held` is kept: the kernel keeps the pages (FOPEN_KEEP_CACHE), so another READ of
         the file is rare, and keeping one cost more than it saved.  `_acquire` is the
         reference path (open files, large ones); a test serves every file both ways."""
-        fd, data = self._checked(unique, node, self.store.open_read, node.payload, node.digest,
+        fd, data, _size = self._checked(unique, node, self.store.open_read, node.payload, node.digest,
                                  SERVED_FROM_MEMORY)
         try:
             if data is None:  # it changed while read: verified from the fd, served by pread

@@ -280,10 +280,10 @@ def test_external_data_with_and_without_passthrough(tmp_path):
             assert (mnt / "big").read_bytes() == files["big"], "served again from the kept file"
 
 
-def test_a_small_verified_file_is_passed_through_sized_from_the_bytes_it_was_checked_by(tmp_path):
-    """With passthrough, a small file with a digest is read whole to be checked; that length
-    decides passthrough (no second fstat) and the bytes are not kept once the kernel reads
-    the file itself.  A file without a digest is neither read nor kept."""
+def test_a_small_verified_file_is_passed_through_and_hashed_once(tmp_path):
+    """With passthrough, a small file with a digest is read once, to be checked (with no
+    fs-verity here), and its bytes are not kept: the kernel reads the file itself.  A file
+    without a digest is neither read nor kept."""
     image, store, files = data_image(tmp_path)
     mnt = tmp_path / "m"
     mnt.mkdir()

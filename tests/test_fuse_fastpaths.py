@@ -299,10 +299,10 @@ def test_small_files_are_verified_from_the_bytes_served(tmp_path):
     payload, digest = payload_path(digest_bytes(data)), digest_bytes(data)
     store = Store([str(store_dir)])
     try:
-        fd, got = store.open_read(payload, digest, 1 << 17)
+        fd, got, _size = store.open_read(payload, digest, 1 << 17)
         os.close(fd)
         assert got == data and store.measured == len(data)
-        fd, got = store.open_read(payload, digest, 100)  # over the limit: the fd only
+        fd, got, _size = store.open_read(payload, digest, 100)  # over the limit: the fd only
         os.close(fd)
         assert got is None
         target.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))

@@ -53,18 +53,19 @@ def test_fast_loops_equal_the_references_on_conformance_cases(case):
     assert_same(dumpfile.loads(read_input(case["input"]), Options()))
 
 
-@pytest.mark.parametrize("digests", ["none", "sha256", "sha512", "mixed"])
+@pytest.mark.parametrize("digests", ["none", "one-none", "sha256", "sha512", "mixed"])
 @pytest.mark.parametrize("labels", ["shared", "own", "none"])
 def test_fast_loops_equal_the_references_on_every_branch(digests, labels):
-    """Files without a digest (their empty metacopy shared) or with one (unique, shared by
-    copies, SHA-512); payloads unique, shared by copies, empty; xattr tuples shared (all
+    """Files without a digest (their empty metacopy shared, or one file's alone) or with one
+    (unique, shared by copies, SHA-512); payloads unique, shared by copies, empty; xattr tuples shared (all
     references), the file's own (inline entries) or none; a directory of many chunks."""
     root = Inode(S_IFDIR | 0o755)
     big = Inode(S_IFDIR | 0o755)
     root.add_child(b"big", big)
     for i in range(400):
         n = 64 if digests == "sha512" or (digests == "mixed" and i % 3 == 1) else 32
-        digest = None if digests == "none" or (digests == "mixed" and i % 3 == 0) else (
+        digest = None if digests == "none" or (digests == "mixed" and i % 3 == 0) or (
+            digests == "one-none" and i == 7) else (
             hashlib.sha512(b"%d" % (i % 50)).digest()[:n] if i % 4 == 0 else hashlib.sha512(b"%d" % i).digest()[:n])
         payload = b"" if i % 17 == 0 else b"%02x/%s" % (i % 256, b"p" * (i % 7)) if i % 5 else b"ab/copy"
         xattrs = {"shared": ((b"security.selinux", b"system_u:object_r:bin_t:s0"),),

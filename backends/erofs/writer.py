@@ -422,8 +422,6 @@ def _write_split(tree: Tree, encoder: XattrEncoder, out: BinaryIO, fd: int, k: i
     assert inodes is not None
     n = len(inodes)
     plan = _new_plan(inodes)
-    if keep is not None:
-        keep.append(plan)
     nids = plan.nids
     if k is None:
         k = _split_point(inodes)
@@ -456,6 +454,8 @@ def _write_split(tree: Tree, encoder: XattrEncoder, out: BinaryIO, fd: int, k: i
         child = forked.Partner(second_half)
     except OSError:  # no child to be had (a process limit, no memory to copy this one)
         return False
+    if keep is not None:
+        keep.append(plan)
     with child:
         parents = {0: 0}
         orphans = _size(inodes, plan, encoder, 0, k, parents)

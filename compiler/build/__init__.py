@@ -143,14 +143,14 @@ def compile_image(
 
         held = HeldObjects()
         options = record.replace(options, held=held)
+    if keep is not None:
+        keep.clear()  # (before the load: a caller compiling again holds one tree at a time)
     try:
         with batch_allocation():
             tree = load(sources, options, fmt)
             with atomic_output(output) if output is not None else contextlib.nullcontext() as out:
                 sink = (DigestingWriter(out, algorithm_named(options.hash))
                         if want_digest or out is None else out)
-                if keep is not None:
-                    keep.clear()
                 compile_tree(tree, options, sink, keep)  # type: ignore[arg-type]
                 if keep is not None:
                     keep.append(tree)

@@ -202,10 +202,14 @@ def main(argv: list[str] | None = None, direct: bool = True) -> None:
         handled = signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
         if handled:
             signal.signal(signal.SIGTERM, _terminated)
+        # The compile's tree (and plan) stay here until `_leave`: the kernel frees them with the
+        # address space, not object by object (64k entries: 15-20 ms).  Not for a caller in
+        # this process (`argv` given), who goes on living with whatever it keeps.
+        kept: list | None = [] if argv is None else None
         try:
             from cfsc.cli.direct import run
 
-            code = run(args)
+            code = run(args, kept)
         except Terminated:  # outside the verb (importing, exiting)
             sys.exit(_report_terminated())
         if code is not None:

@@ -41,17 +41,18 @@ STORE_OPTIONS = {o.flag: o for o in SOURCE_OPTIONS if o.field in ("digest_store"
 STORE_FLAGS = {flag: _taken(o) for flag, o in STORE_OPTIONS.items()}
 
 
-def run(args: list[str]) -> int | None:
-    """Run `args` (the verb first) if they are plain: the exit code, or None for typer."""
+def run(args: list[str], keep: list | None = None) -> int | None:
+    """Run `args` (the verb first) if they are plain: the exit code, or None for typer.
+    `keep`: where a compile leaves its tree for a process that ends next (`build.compile_image`)."""
     verb, rest = args[0], args[1:]
     if verb == "compile":
         parsed = _compile_arguments(rest)
         if parsed is None:
             return None
         sources, output, print_digest, print_digest_only, options = parsed
-        code = guarded(compile_sources, sources, output, options, None, print_digest, print_digest_only)
+        code = guarded(compile_sources, sources, output, options, None, print_digest, print_digest_only, keep)
     elif verb == "mkcomposefs" and "--" not in rest:  # (click would take the `--` away)
-        code = guarded(mkcomposefs, rest)
+        code = guarded(mkcomposefs, rest, keep)
     else:
         return None
     return code or 0
@@ -102,13 +103,8 @@ def _compile_arguments(args: list[str]) -> tuple[list[str], str | None, bool, bo
     return sources, output, "--print-digest" in seen, "--print-digest-only" in seen, options
 
 
-# The tree of the latest compile, left for the end of the process (`cli._leave`) to free:
-# `compile_image` would otherwise free it object by object (64k entries: 10-15 ms).
-_KEPT: list = []
-
-
 def compile_sources(sources: list[str], output: str | None, options: Options, source_format: str | None,
-                    print_digest: bool, print_digest_only: bool) -> None:
+                    print_digest: bool, print_digest_only: bool, keep: list | None = None) -> None:
     """`cfsc compile`: sources into an image at `output`, its digest printed if asked."""
     if output is None and not print_digest_only:
         raise UsageError("no output: give -o IMAGE (or --print-digest-only)")
@@ -116,7 +112,7 @@ def compile_sources(sources: list[str], output: str | None, options: Options, so
         raise UsageError("--print-digest-only writes no image: drop -o")
     options.progress = sys.stderr is not None and sys.stderr.isatty()
     digest = build.compile_image(sources, output, options, source_format,
-                                 want_digest=print_digest or print_digest_only, keep=_KEPT)
+                                 want_digest=print_digest or print_digest_only, keep=keep)
     if digest is not None:
         digest_line(digest)
 
@@ -128,7 +124,7 @@ MKCOMPOSEFS_OPTIONS = {
 }
 
 
-def mkcomposefs(args: list[str]) -> None:
+def mkcomposefs(args: list[str], keep: list | None = None) -> None:
     """Drop-in for upstream `mkcomposefs [OPTIONS] SOURCE IMAGE` (same options and syntax)."""
     where = "mkcomposefs"
     opts, operands = getopt_long(args, MKCOMPOSEFS_OPTIONS, "", where)
@@ -172,6 +168,6 @@ def mkcomposefs(args: list[str]) -> None:
         raise UsageError("no destination path specified", where)
     output = operands[1] if len(operands) == 2 else None
     fmt = "dump" if from_file else "dir"
-    digest = build.compile_image([operands[0]], output, options, fmt, want_digest=print_digest, keep=_KEPT)
+    digest = build.compile_image([operands[0]], output, options, fmt, want_digest=print_digest, keep=keep)
     if digest is not None:
         digest_line(digest)

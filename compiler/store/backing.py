@@ -111,10 +111,11 @@ class Store:
         return self.open_read(payload, digest, -1, cancelled, where)[0]
 
     def open_read(self, payload: bytes, digest: bytes | None, limit: int,
-                  cancelled: Callable[[], bool] | None = None, where: str = "") -> tuple[int, bytes | None]:
+                  cancelled: Callable[[], bool] | None = None, where: str = "") -> tuple[int, bytes | None, int]:
         """`open`, plus the whole content of a file of at most `limit` bytes (else None),
         read once: the bytes checked against the digest are the bytes a server hands out,
-        and a small file costs one read instead of one to verify and one to serve."""
+        and a small file costs one read instead of one to verify and one to serve; and its
+        size when opened (passthrough compares it with the image's, no second fstat)."""
         if digest is None and self.verity == VERITY_REQUIRED:
             raise IntegrityError(f"no fs-verity digest recorded for object {shown_path(payload)} "
                                  "(--verity=require)", where)
@@ -137,7 +138,7 @@ class Store:
         except BaseException:
             os.close(fd)
             raise
-        return fd, data
+        return fd, data, st.st_size
 
     def recheck(self, fd: int, payload: bytes, digest: bytes | None,
                 cancelled: Callable[[], bool] | None = None) -> None:
