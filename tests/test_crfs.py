@@ -510,6 +510,11 @@ def test_slices_agree_with_one_parse(monkeypatch):
         assert image(crfs.loads(data)) == expected
     bad = layouts[0][:-200] + b"]]]"
     assert errors_of(bad)[0].startswith("t.json:1:")
+    for junk in (b"\v", b"\f"):  # white space to a regex, not to JSON: refused at any slice size
+        for bad in (layouts[0].replace(b"}, {", b"}," + junk + b"{", 1),
+                    layouts[0].replace(b'"entries": [', b'"entries":' + junk + b"[", 1)):
+            assert bad != layouts[0]
+            assert "invalid JSON" in errors_of(bad)[0], junk
 
 
 def test_sniff_claims_tocs_only():

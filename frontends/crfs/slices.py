@@ -32,8 +32,11 @@ SLICE_BYTES = 4 << 20
 HEAD_BYTES = 1 << 20  # the top-level "entries" key is looked for this far
 ENTRY_MAX = 16 << 20  # JSON text between two entries' starts (white space included)
 TRIES = 4  # cuts tried per slice (one inside a string fails to parse)
-_ENTRIES = re.compile(rb'"entries"\s*:\s*\[')
-_BOUNDARY = re.compile(rb"\}\s*,\s*\{")
+# JSON's white space only: a regex `\s` also takes \v and \f, and a cut there dropped them from
+# the text parsed, so a TOC orjson refuses whole was accepted in slices.
+_WS = rb"[ \t\n\r]*"
+_ENTRIES = re.compile(rb'"entries"' + _WS + rb":" + _WS + rb"\[")
+_BOUNDARY = re.compile(rb"\}" + _WS + rb"," + _WS + rb"\{")
 # Strings (a key when a colon follows) and the structural characters; scalars are skipped.
 _TOKEN = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"(\s*:)?|[{}\[\],]')
 _ESCAPED_COLONS = (b"\\u003a", b"\\u003A")
