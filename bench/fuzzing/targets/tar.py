@@ -258,7 +258,7 @@ def _compression(data: bytes) -> str | None:
     return None
 
 
-_PLAIN_MAX = 16 << 20  # a mutated stream inflating past this is mutated as bytes (the mutator's memory)
+_PLAIN_MAX = 4 << 20  # a mutated stream inflating past this is mutated as bytes (the mutator's memory)
 
 
 def _decompress(data: bytes, kind: str) -> bytes | None:
