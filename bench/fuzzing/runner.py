@@ -19,6 +19,7 @@ the batch.  Every finding is saved to `tests/data/fuzz-regressions/<target>/<sha
 from __future__ import annotations
 
 import faulthandler
+import gc
 import hashlib
 import importlib
 import multiprocessing
@@ -235,6 +236,10 @@ def _child(conn, target, seeds, seed: int, mem_limit: int, time_limit: float, cu
                     conn.send(("done", case - first + 1, _maxrss(), False))
                     return
         started.value = 0.0
+        # Cyclic garbage (a failed case's exception and its frames, holding buffers) waits for
+        # a full collection: in a child running thousands of cases under RLIMIT_AS it took
+        # the address space to the cap (with it: 131 MB of address space, without: 260 MB and growing).
+        gc.collect()
         conn.send(("done", count, _maxrss(), True))
 
 
