@@ -189,27 +189,30 @@ def run(data: bytes, workdir: str) -> None:
     os.makedirs(os.path.join(root, "refs", "heads"))
     with open(os.path.join(root, "config"), "w") as f:
         f.write(f"[core]\nrepo_version=1\nmode={mode_name}\n")
-    repo = Repo(root)
-    ext_content = ".filez" if mode_name == "archive-z2" else ".file"
-    names: list[bytes] = [b""] * len(records)
-    for j in range(len(records) - 1, -1, -1):
-        kind, record = records[j]
-        for k in range(j + 1, len(records)):
-            if REF(k) in record:
-                record = record.replace(REF(k), names[k])
-        if kind in EXT:
-            names[j] = hashlib.sha256(record).digest()
-            _place(repo, mode_name, kind, record, repo.object_path(names[j], EXT[kind]))
-            continue
-        scratch = os.path.join(root, "objects", f"tmp-{j}")
-        _place(repo, mode_name, kind, record, scratch)
-        names[j] = (_content_checksum(repo, scratch) if flags & VERIFY else None) or hashlib.sha256(record).digest()
-        final = repo.object_path(names[j], ext_content)
-        os.makedirs(os.path.dirname(final), exist_ok=True)
-        if os.path.lexists(final):
-            os.unlink(scratch)
-        else:
-            os.rename(scratch, final)
+    repo = Repo(root)  # (for object paths and checksums; closed: its directory fd leaked once a case)
+    try:
+        ext_content = ".filez" if mode_name == "archive-z2" else ".file"
+        names: list[bytes] = [b""] * len(records)
+        for j in range(len(records) - 1, -1, -1):
+            kind, record = records[j]
+            for k in range(j + 1, len(records)):
+                if REF(k) in record:
+                    record = record.replace(REF(k), names[k])
+            if kind in EXT:
+                names[j] = hashlib.sha256(record).digest()
+                _place(repo, mode_name, kind, record, repo.object_path(names[j], EXT[kind]))
+                continue
+            scratch = os.path.join(root, "objects", f"tmp-{j}")
+            _place(repo, mode_name, kind, record, scratch)
+            names[j] = (_content_checksum(repo, scratch) if flags & VERIFY else None) or hashlib.sha256(record).digest()
+            final = repo.object_path(names[j], ext_content)
+            os.makedirs(os.path.dirname(final), exist_ok=True)
+            if os.path.lexists(final):
+                os.unlink(scratch)
+            else:
+                os.rename(scratch, final)
+    finally:
+        repo.close()
     with open(os.path.join(root, "refs", "heads", "main"), "w") as f:
         f.write(names[0].hex() + "\n")
     archive = mode_name == "archive-z2"
