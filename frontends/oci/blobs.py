@@ -192,5 +192,8 @@ class LayerStream(io.RawIOBase):
 
     def close(self) -> None:
         if not self.closed:
-            self.inner.close()
+            try:
+                self.inner.close()
+            finally:
+                self.outer.close()  # (a GzipFile does not close the file it was given)
         super().close()
