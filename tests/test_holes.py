@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from cfsc.base.fsverity import ALGORITHMS, FsVerityHasher, hash_fd, payload_path
+from cfsc.base.errors import InputError
 from cfsc.base.holes import data_extents, mostly_holes
 from cfsc.frontends.oci.storage import DiffReader
 
@@ -232,3 +233,22 @@ def test_containers_storage_diff_reads_a_sparse_file_by_its_map(tmp_path):
     assert holes and any(isinstance(p, int) for p in parts)
     assert b"".join(bytes(p) if isinstance(p, int) else p for p in parts) == (diff / "lastlog").read_bytes()
     assert got[b"plain"] == (False, [b"data"])
+
+
+@pytest.mark.parametrize("layout", ["ends", "plain"])
+def test_a_containers_storage_file_that_changes_while_read_is_refused(tmp_path, layout):
+    """Grown or cut between the scan and the read: one located error, read by map or not."""
+    diff = tmp_path / "diff"
+    diff.mkdir()
+    size, pieces = LAYOUTS["ends"] if layout == "ends" else (5000, [(0, os.urandom(5000))])
+    make(diff / "f", size, pieces)
+    for change in (size + 1, size - 4097):
+        reader = DiffReader(str(diff), None)
+        for m in reader.members():
+            if m.path == b"f":
+                assert reader.has_holes == (layout == "ends")
+                os.truncate(diff / "f", change)
+                with pytest.raises(InputError, match=r"changed while read") as e:
+                    list(reader.extents(m.size))
+                assert str(e.value).startswith(str(diff / "f"))
+        make(diff / "f", size, pieces)

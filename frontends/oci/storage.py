@@ -349,18 +349,23 @@ class DiffReader:
         """Whether the current file is mostly holes (a lastlog, a disk image): `extents`."""
         return self._holes
 
+    def chunks(self, n: int):
+        return self._pieces(n, False)
+
     def extents(self, n: int):
         """`chunks`, but a file mostly made of holes is read by its map, a hole as its length."""
-        if not self._holes:
-            yield from self.chunks(n)
-            return
+        return self._pieces(n, self._holes)
+
+    def _pieces(self, n: int, holes: bool):
+        """The current file's `n` bytes in pieces, read where `holes` says the data is (the
+        file's map; else all of it); it must still hold exactly `n` bytes at the end."""
         assert self._file is not None
         path = self._file
         at = 0
         try:
             with open(path, "rb") as f:
                 fd = f.fileno()
-                for offset, length in data_extents(fd, 0, n):
+                for offset, length in data_extents(fd, 0, n) if holes else ((0, n),):
                     if offset > at:
                         yield offset - at
                     at, stop = offset, offset + length
@@ -372,24 +377,8 @@ class DiffReader:
                         yield data
                 if at < n:
                     yield n - at
-                if os.fstat(fd).st_size != n:
-                    raise InputError(f"changed while read: {os.fstat(fd).st_size} bytes, not {n}", os.fsdecode(path))
-        except OSError as e:
-            raise InputError(f"cannot read: {e.strerror}", os.fsdecode(path)) from None
-
-    def chunks(self, n: int):
-        assert self._file is not None
-        path = self._file
-        try:
-            with open(path, "rb") as f:
-                left = n
-                while left:
-                    data = f.read(min(CHUNK, left))
-                    if not data:
-                        raise InputError(f"changed while read: {n - left} of {n} bytes there", os.fsdecode(path))
-                    left -= len(data)
-                    yield data
-                if f.read(1):
-                    raise InputError(f"changed while read: more than {n} bytes", os.fsdecode(path))
+                size = os.fstat(fd).st_size
+                if size != n:
+                    raise InputError(f"changed while read: {size} bytes, not {n}", os.fsdecode(path))
         except OSError as e:
             raise InputError(f"cannot read: {e.strerror}", os.fsdecode(path)) from None
