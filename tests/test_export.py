@@ -14,6 +14,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from cfsc.backends import tarlayer
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tests.helpers.checks import DEBS, EXTRACT, spec
 from tests.helpers.data import run_cfsc
@@ -71,3 +74,27 @@ def test_missing_store_object_is_one_line(tmp_path):
     err = p.stderr.decode()
     assert p.returncode != 0 and err.count("\n") == 1 and "Traceback" not in err, err
     assert not out.exists()
+
+
+def _split_reference(path: bytes):
+    """ustar's rule, spelled out: the last `/` with at most 155 bytes before it and 100 after."""
+    if len(path) <= 100:
+        return b"", path
+    for i in range(len(path) - 1, 0, -1):
+        if path[i] == 0x2F and i <= 155 and len(path) - i - 1 <= 100:
+            return path[:i], path[i + 1:]
+    return None
+
+
+@given(st.lists(st.sampled_from([b"a", b"/", b"bb", b"c" * 50]), max_size=40).map(b"".join))
+@settings(max_examples=500, deadline=None)
+def test_ustar_split_is_the_rule(path):
+    assert tarlayer._split(path) == _split_reference(path)
+
+
+@pytest.mark.parametrize("n", [100, 101, 155, 156, 157, 255, 256, 257])
+def test_ustar_split_at_the_edges(n):
+    for cut in (n - 101, n - 100, n - 99, 154, 155, 156):
+        if 0 < cut < n - 1:
+            path = b"a" * cut + b"/" + b"b" * (n - cut - 1)
+            assert tarlayer._split(path) == _split_reference(path), (n, cut)

@@ -25,6 +25,7 @@ from cfsc.frontends import dumpfile
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.helpers.checks import MKCOMPOSEFS
 from tests.helpers.data import CFSC, cases, read_input
 from tests.helpers.strategies import trees
 
@@ -121,7 +122,6 @@ def edges_dump() -> bytes:
     return b"\n".join(lines) + b"\n"
 
 
-MKCOMPOSEFS = "/tmp/cfs-src/build/tools/mkcomposefs"
 
 
 def test_split_writer_equals_sequential_split_at_every_inode(tmp_path):

@@ -67,7 +67,7 @@ from cfsc.backends.erofs.layout import (
     EROFS_XATTR_IBODY_HEADER,
     INLINE_TAIL_MAX,
 )
-from cfsc.backends.erofs.xattrs import REDIRECT_AROUND, XattrEncoder
+from cfsc.backends.erofs.xattrs import REDIRECT_AROUND, XattrEncoder, redirect_around
 from cfsc.base.fsverity import DIGEST_SIZE
 from cfsc.base import forked
 from cfsc.base.errors import TreeError
@@ -653,7 +653,8 @@ def _emit(inodes: list[Inode], plan: _Plan, encoder: XattrEncoder, lo: int, hi: 
             payload = node.payload
             digest = node.digest
             body = None
-            if fast and payload and payload not in shared_payloads and (around := around_of(len(payload))) is not None:
+            if fast and payload and payload not in shared_payloads:
+                around = around_of(len(payload)) or redirect_around(len(payload))
                 hit = heads.get(id(node.xattrs))
                 if hit is None:
                     hit = heads[id(node.xattrs)] = external_heads(node.xattrs)

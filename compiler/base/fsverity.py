@@ -300,22 +300,24 @@ def digest_fd(fd: int, algorithm: FsVerityAlgorithm = SHA256, pool: Executor | N
 
 
 def hash_fd(fd: int, offset: int | None = None, out: int | None = None,
-            algorithm: FsVerityAlgorithm = SHA256, pool: Executor | None = None) -> tuple[bytes, int]:
+            algorithm: FsVerityAlgorithm = SHA256, pool: Executor | None = None,
+            poll: Callable[[], None] | None = None) -> tuple[bytes, int]:
     """Digest and length of what `fd` holds from `offset` (None: its current position) to
     its end; with `out`, every byte read is also written there (a copy hashed on the way).
 
     With `pool`, level 0 of each chunk is hashed there while the next chunks are read (and
     written to `out`): a big file's hashing spreads over the pool's threads.  A regular file
-    that is mostly holes is read by its map instead (`holes`; `out` keeps the holes)."""
+    that is mostly holes is read by its map instead (`holes`; `out` keeps the holes).
+    `poll()` runs before each read (it may raise, to cancel; not with `pool`)."""
     st = os.fstat(fd)
     if stat.S_ISREG(st.st_mode) and mostly_holes(st):
         try:
             start = offset if offset is not None else os.lseek(fd, 0, os.SEEK_CUR)
         except OSError as e:
             if e.errno != errno.ESPIPE:
-                raise
-        else:  # (not seekable after all: read as it reads)
-            digest, total = hash_by_extents(fd, start, max(0, st.st_size - start), out, algorithm)
+                raise  # (ESPIPE: not seekable after all, read as it reads below)
+        else:
+            digest, total = hash_by_extents(fd, start, max(0, st.st_size - start), out, algorithm, poll)
             if offset is None:
                 os.lseek(fd, start + total, os.SEEK_SET)  # (read to the end, as the loop below does)
             return digest, total
@@ -326,6 +328,8 @@ def hash_fd(fd: int, offset: int | None = None, out: int | None = None,
     mv = memoryview(buf)
     total = 0
     while True:
+        if poll is not None:
+            poll()
         n = os.readv(fd, [buf]) if offset is None else os.preadv(fd, [buf], offset + total)
         if n == 0:
             return h.digest(), total

@@ -31,9 +31,7 @@ from itertools import islice
 from cfsc.base import beneath
 from cfsc.base.beneath import ESCAPES, NotRegular, kind
 from cfsc.base.errors import IntegrityError, LookupFailed, UsageError, shown_path
-from cfsc.base.fsverity import (SHA256, FsVerityAlgorithm, FsVerityHasher, algorithm_of, digest_bytes, hash_by_extents,
-                                kernel_digest)
-from cfsc.base.holes import mostly_holes
+from cfsc.base.fsverity import SHA256, FsVerityAlgorithm, algorithm_of, digest_bytes, hash_fd, kernel_digest
 
 # Checking backing files against the image's fs-verity digests: never, where the image has
 # a digest, always (a file without one is refused).
@@ -208,26 +206,10 @@ class Store:
             if len(data) <= size:
                 self.measured += len(data)
                 return digest_bytes(data, algorithm)
-        st = os.fstat(fd)
-        if mostly_holes(st):  # a sparse object (a 1 TiB lastlog, say): its data regions only
-            def poll() -> None:
-                if cancelled is not None and cancelled():
-                    raise Cancelled
-
-            got, n = hash_by_extents(fd, 0, st.st_size, None, algorithm, poll)
-            self.measured += n
-            return got
-        hasher = FsVerityHasher(algorithm)
-        buf = bytearray(READ_CHUNK)
-        view = memoryview(buf)
-        offset = 0
-        while True:
+        def poll() -> None:
             if cancelled is not None and cancelled():
                 raise Cancelled
-            n = os.preadv(fd, [buf], offset)
-            if not n:
-                break
-            hasher.update(view[:n])
-            offset += n
-        self.measured += offset
-        return hasher.digest()
+
+        got, n = hash_fd(fd, 0, algorithm=algorithm, poll=poll)  # (a sparse object: by its map)
+        self.measured += n
+        return got

@@ -82,7 +82,8 @@ from collections.abc import Callable, Iterable
 from cfsc.base import beneath, syscalls
 from cfsc.base.errors import CfscError, InputError, OutputError, StoreError
 from cfsc.base.holes import mostly_holes
-from cfsc.base.fsverity import SHA256, FsVerityAlgorithm, FsVerityHasher, algorithm_named, hash_fd, payload_path
+from cfsc.base.fsverity import (SHA256, FsVerityAlgorithm, FsVerityHasher, algorithm_named, hash_by_extents, hash_fd,
+                                payload_path)
 from cfsc.store import verity
 from cfsc.store.filecopy import copy_plain, copy_range, rename_noreplace, seek, truncate, write_all
 from cfsc.store.locks import flock, lease
@@ -631,7 +632,7 @@ class Store:
             st = os.fstat(src)
             if mostly_holes(st):  # copied by its map, holes kept (ext4's copy_file_range fills them in)
                 truncate(out, st.st_size, self.root)  # (a file system that cannot hold it says so here)
-                return hash_fd(src, 0, out, self.algorithm)
+                return hash_by_extents(src, 0, st.st_size, out, self.algorithm)
             if self.copy_range:
                 copied = copy_range(src, out)
                 if copied:

@@ -56,9 +56,6 @@ class _FullReader:
     def read(self, n: int) -> bytes:
         return self.tar.read(n)
 
-    def chunks(self, n: int):
-        return self.tar.chunks(n)
-
     def extents(self, n: int):
         return self.tar.extents(n)
 

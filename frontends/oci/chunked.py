@@ -236,8 +236,8 @@ def _estargz_footer(footer: bytes, size: int) -> int | None:
 # -- reading a layer from its TOC -----------------------------------------------------------
 
 class TocReader:
-    """The layer merge's reader protocol (`members`, `read`, `chunks`, `error`, `offset`,
-    `named`) over a TOC: members from its entries, data only for files that are inlined."""
+    """The layer merge's reader protocol (`members`, `read`, `extents`, `has_holes`, `error`,
+    `offset`, `named`) over a TOC: members from its entries, data only for files inlined."""
 
     def __init__(self, blob: Blob, kind: str, annotations: dict) -> None:
         self.blob = blob
@@ -374,8 +374,7 @@ class TocReader:
             raise self._bad("digest", f"the {len(data)} bytes at byte {offset} do not hash to the TOC's digest")
         return data
 
-    def chunks(self, n: int):
-        yield self.read(n)
+    def extents(self, n: int):
+        yield self.read(n)  # (a TOC names no holes)
 
-    extents = chunks  # (a TOC names no holes)
     has_holes = False
