@@ -252,3 +252,33 @@ def test_a_containers_storage_file_that_changes_while_read_is_refused(tmp_path, 
                     list(reader.extents(m.size))
                 assert str(e.value).startswith(str(diff / "f"))
         make(diff / "f", size, pieces)
+
+
+def test_hashing_by_the_map_can_be_cancelled_and_keeps_the_position(tmp_path):
+    """`poll` runs before each read of the data regions (FUSE's INTERRUPT raises there), and a
+    cancelled hash leaves the file position where it was."""
+    size, pieces = LAYOUTS["dense-start"]
+    path = tmp_path / "f"
+    make(path, size, pieces)
+
+    class Stop(Exception):
+        pass
+
+    calls = []
+
+    def poll() -> None:
+        calls.append(1)
+        if len(calls) == 2:
+            raise Stop
+
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.lseek(fd, 11, os.SEEK_SET)
+        with pytest.raises(Stop):
+            hash_fd(fd, 0, poll=poll)
+        assert os.lseek(fd, 0, os.SEEK_CUR) == 11 and len(calls) == 2
+        calls.clear()
+        assert hash_fd(fd, 0, poll=lambda: calls.append(1))[0].hex() == fsverity_tool(path)
+        assert len(calls) >= 4  # (3 MiB + 1 byte of data, 1 MiB a read)
+    finally:
+        os.close(fd)
