@@ -309,3 +309,28 @@ def test_checked_trees_really_meet_every_limit():
         assert tree.checked
         tree.checked = False
         validate_limits(tree, Options())
+
+
+@given(st.lists(st.sampled_from([b"a", b"bc", b"\n", b"\0"]), max_size=120).map(b"".join),
+       st.lists(st.integers(1, 12), min_size=1, max_size=20), st.integers(3, 30))
+def test_lines_are_the_same_however_the_input_is_cut(data, cuts, limit):
+    """`Lines` splits each chunk as it comes and joins only the line begun before it: the
+    lines, the long line and the tail are those of the whole input read at once, and every
+    list holding a NUL says so."""
+    from cfsc.frontends.dumpfile_stream import Lines
+
+    def read(chunks):
+        lines_of = Lines(chunks, limit)
+        lists = []
+        for lines in lines_of:
+            assert lines_of.nul or not any(b"\0" in line for line in lines)
+            lists.append(lines)
+        return [line for lines in lists for line in lines], lines_of.long, lines_of.tail
+
+    pieces, at = [], 0
+    for i in range(len(data)):
+        if at < len(data):
+            n = cuts[i % len(cuts)]
+            pieces.append(data[at:at + n])
+            at += n
+    assert read(pieces) == read([data] if data else [])
