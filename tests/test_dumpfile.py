@@ -6,7 +6,7 @@ import pytest
 from cfsc.backends.dumptext import BadEscape, escape, escape_equal, escape_ls, escape_optional, unescape
 from cfsc.base.errors import CfscError, DumpfileError
 from cfsc.base.tree import S_IFCHR, S_IFDIR, S_IFREG
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.helpers.data import image_of, tree_of
@@ -311,6 +311,7 @@ def test_checked_trees_really_meet_every_limit():
         validate_limits(tree, Options())
 
 
+@settings(max_examples=400, deadline=None)
 @given(st.lists(st.sampled_from([b"a", b"bc", b"\n", b"\0"]), max_size=120).map(b"".join),
        st.lists(st.integers(1, 12), min_size=1, max_size=20), st.integers(3, 30))
 def test_lines_are_the_same_however_the_input_is_cut(data, cuts, limit):
