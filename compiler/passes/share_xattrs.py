@@ -26,8 +26,11 @@ def share_xattrs(tree: Tree, options: Options) -> Tree:
         # digests or payloads do: count those values, not millions of materialised pairs.
         # `overlay.is_external`, written out: a call per inode costs 20% of this scan.
         externals = [n for n in inodes if n.mode & S_IFMT == S_IFREG and n.size > 0 and n.content is None]
-        # (a Counter, not a set first: a real OS repeats some, so it was built anyway)
-        for digest, times in Counter([n.digest for n in externals]).items():
+        # (a Counter, not a set first: a real OS repeats some, so it was built anyway; but a
+        # tree without digests, a payload-only dumpfile's, is one count of None, at C speed)
+        digests = [n.digest for n in externals]
+        unknown = digests.count(None)
+        for digest, times in Counter(digests).items() if unknown < len(digests) else ((None, unknown),):
             if times > 1:
                 counts[metacopy_xattr(digest)] += times
         payloads = Counter([n.payload for n in externals])
