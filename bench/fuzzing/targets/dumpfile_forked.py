@@ -1,4 +1,4 @@
-"""Fuzz target: a large dumpfile (several batches, past the 4 MiB read chunk) parsed with a
+"""Fuzz target: a large dumpfile (several batches and read chunks) parsed with a
 forked child running the column stage of most batches, against the parse in one process.
 
 Both must give the same tree or the same one-line error (class and text).  Mutations go
@@ -16,13 +16,13 @@ import os
 import random
 
 from cfsc.base.errors import CfscError
+from cfsc.frontends.dumpfile_stream import CHUNK  # the dumpfile reader's read size
 
 from bench.fuzzing import dumpgrammar
 from bench.fuzzing.mutators import generic
 
 NAME = "dumpfile_forked"
 TEST_CASES = 4  # each case parses megabytes twice: tests/test_fuzz.py runs a few only
-CHUNK = 1 << 22  # cfsc.base.streams.chunks' read size
 
 
 def big_dump(lines_wanted: int, seed: int) -> bytes:
@@ -68,7 +68,7 @@ def _boundary(data: bytes, rng: random.Random) -> int:
                 return rng.randrange(len(data) + 1)
         return at + 1
     if r < 0.7 and len(data) > CHUNK:
-        return min(len(data), CHUNK + rng.randint(-300, 300))
+        return min(len(data), CHUNK * rng.randint(1, len(data) // CHUNK) + rng.randint(-300, 300))
     return rng.randrange(len(data) + 1)
 
 
