@@ -212,9 +212,9 @@ def decompressor(stream: BinaryIO) -> tuple[BinaryIO, str | None]:
     kind = compression(_magic(buffered))
     # The decompressors are imported for compressed input only (gzip and lzma: ~2 ms of start-up).
     if kind == "gzip":
-        import gzip
+        from cfsc.base.inflate import gzip_reader
 
-        return gzip.GzipFile(fileobj=buffered, mode="rb"), kind  # type: ignore[return-value]
+        return gzip_reader(buffered), kind
     if kind == "zstd":
         import zstandard
 

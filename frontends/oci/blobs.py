@@ -11,12 +11,12 @@ reported as such at once.
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import io
 import os
 
 from cfsc.base.errors import InputError
+from cfsc.base.inflate import gzip_reader
 from cfsc.base.streams import compression
 
 CHUNK = 1 << 20
@@ -144,7 +144,7 @@ def decompressed(raw, kind: str | None):
         return raw
     buffered = io.BufferedReader(raw, CHUNK)
     if kind == "gzip":
-        return gzip.GzipFile(fileobj=buffered, mode="rb")
+        return gzip_reader(buffered)
     import zstandard
 
     return zstandard.ZstdDecompressor().stream_reader(buffered, read_across_frames=True)

@@ -28,7 +28,6 @@ counts as listed.  The store verified each layer when it was pulled; its diff is
 from __future__ import annotations
 
 import base64
-import gzip
 import os
 import re
 import stat
@@ -36,6 +35,7 @@ import stat
 import orjson
 from cfsc.base.errors import InputError
 from cfsc.base.holes import data_extents, mostly_holes
+from cfsc.base.inflate import open_gzip
 from cfsc.frontends.tar.stream import BLOCKDEV, CHAR, DIRECTORY, FIFO, HARDLINK, REGULAR, SYMLINK, Member, TarReader
 
 from .reference import Reference
@@ -140,7 +140,7 @@ def _listed(root: str, layer_id: str) -> tuple[set[bytes] | None, Member | None,
     no tar-split."""
     path = os.path.join(root, "overlay-layers", layer_id + ".tar-split.gz")
     try:
-        f = gzip.open(path, "rb")
+        f = open_gzip(path)
     except FileNotFoundError:
         return None, None, {}
     names: set[bytes] = set()
