@@ -952,8 +952,9 @@ def test_cached_parents_agree_with_the_reference_walk(tmp_path_factory, layers, 
 @pytest.mark.parametrize("compress", [lambda b: gzip.compress(b, 1), lambda b: lzma.compress(b, preset=0),
                                       zstandard.compress], ids=["gzip", "xz", "zstd"])
 def test_read_ahead_gives_the_same_members_and_closes_the_input(tmp_path, compress):
-    """Decompression runs in its own thread: the members and data are those of the plain
-    archive, and a reader closed early stops that thread, which closes the input."""
+    """zstd and xz are decompressed in their own thread (gzip inline: ISA-L holds the GIL):
+    the members and data are those of the plain archive, and a reader closed early stops that
+    thread, which closes the input (or closes it itself)."""
     files = [member(b"f%d" % i, os.urandom(i * 20_000)) for i in range(24)]  # more chunks than are read ahead
     layer = archive(*files)
     plain, packed = tmp_path / "l.tar", tmp_path / "l.tar.c"
@@ -968,5 +969,7 @@ def test_read_ahead_gives_the_same_members_and_closes_the_input(tmp_path, compre
     r = tarstream.TarReader(str(packed))
     next(iter(r.members()))
     r.close()
-    r._ahead._thread.join()
+    assert (r._ahead is None) == (packed.read_bytes()[:2] == b"\x1f\x8b")
+    if r._ahead is not None:
+        r._ahead._thread.join()
     assert r._raw.closed

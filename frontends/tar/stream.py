@@ -60,7 +60,7 @@ from urllib.parse import unquote_to_bytes
 from cfsc.base.errors import InputError, shown_cut, shown_path
 from cfsc.base.limits import PATH_MAX
 from cfsc.base.streams import UNITS, decompressor, open_binary, source_name
-from cfsc.frontends.tar.readahead import ReadAhead, gather
+from cfsc.frontends.tar.readahead import AHEAD, ReadAhead, gather
 
 BLOCK = 512
 ZERO_BLOCK = bytes(BLOCK)
@@ -371,7 +371,7 @@ class TarReader:
         """About CHUNK decompressed bytes, b"" at the end.  They are gathered from the
         decompressor's own pieces (`read1`), so when it fails, the data before the failure is
         handed out first and the error comes next, located where the good data ends.  A
-        compressed input is decoded in its own thread, ahead (`ReadAhead`)."""
+        zstd or xz input is decoded in its own thread, ahead (`ReadAhead`)."""
         if self._failure is not None:
             raise self._read_error(self._failure)
         if self._stream is None:
@@ -379,7 +379,7 @@ class TarReader:
                 self._stream, self._kind = decompressor(self._raw)
             except Exception as e:
                 raise self._read_error(e) from None
-            if self._kind is not None:
+            if self._kind in AHEAD:
                 self._ahead = ReadAhead(self._stream.read1, CHUNK, self._raw.close if self._owned else None)
         if self._ahead is not None:
             chunk, failure = self._ahead.get()
