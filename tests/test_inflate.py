@@ -75,7 +75,7 @@ def test_a_file_opened_for_its_members_is_closed_with_them(tmp_path):
     path.write_bytes(gzip.compress(payload) + bytes(7) + gzip.compress(payload))
     with inflate.open_gzip(str(path)) as f:
         assert f.read() == payload * 2
-        raw = f._fp
+        raw = f.raw._fp
     assert raw.closed
 
 
@@ -95,3 +95,22 @@ def test_a_corrupt_byte_fails_both_or_neither(stream, at, flip, piece):
         assert ours == reference
     else:
         assert ours.startswith(reference) or reference.startswith(ours)
+
+
+def test_lines_of_a_gzip_file_as_gzip_open_gives_them(tmp_path):
+    """tar-split files are read line by line (`oci.storage`): buffered, not a byte per call."""
+    text = b"".join(b'{"type":1,"name":"usr/lib/f%d"}\n' % i for i in range(20000)) + b"no newline at the end"
+    path = tmp_path / "x.tar-split.gz"
+    path.write_bytes(gzip.compress(text[:300000]) + gzip.compress(text[300000:]))
+    with inflate.open_gzip(str(path)) as ours, inflate.open_gzip(str(path), reference=True) as reference:
+        assert list(ours) == list(reference)
+
+
+def test_read_hands_out_the_data_before_a_failure_then_raises_it():
+    """(GzipFile's `read` drops that data: the OCI path reads with `read`, and its failures
+    are located after the good data all the same.)"""
+    payload = os.urandom(100000)
+    reader = inflate.gzip_reader(io.BytesIO(gzip.compress(payload) + b"trailing garbage"))
+    assert reader.read(1 << 20) == payload
+    with pytest.raises(gzip.BadGzipFile, match="Not a gzipped file"):
+        reader.read(1 << 20)

@@ -26,13 +26,15 @@ if TYPE_CHECKING:
 
 GZIP_WBITS = 31  # a gzip wrapper, 32 KiB window
 READ = 1 << 16  # compressed bytes read at a time
-PIECE = 1 << 18  # decompressed bytes `read1()` gives at most when not told
+READ1_DEFAULT = 1 << 18  # decompressed bytes `read1()` gives at most when not told
 MAGIC = b"\x1f\x8b"
 
 
 def gzip_reader(fileobj: BinaryIO, reference: bool = False) -> BinaryIO:
     """The decompressed bytes of a gzip stream (all its members), read from `fileobj`, which
-    stays open when the reader is closed.  `reference`: the standard library's `GzipFile`."""
+    stays open when the reader is closed.  Unbuffered, for `read`/`read1` of large pieces:
+    wrap it in an `io.BufferedReader` to read lines (as `open_gzip` does).  `reference`: the
+    standard library's `GzipFile`."""
     if reference:
         import gzip
 
@@ -41,12 +43,13 @@ def gzip_reader(fileobj: BinaryIO, reference: bool = False) -> BinaryIO:
 
 
 def open_gzip(path: str, reference: bool = False) -> BinaryIO:
-    """`gzip_reader` of a file it opens, and closes with itself."""
+    """`gzip_reader` of a file it opens, and closes with itself; buffered, for `readline`
+    (which would otherwise inflate a byte at a time)."""
     if reference:
         import gzip
 
         return gzip.open(path, "rb")  # type: ignore[return-value]
-    return _Members(open(path, "rb"), owned=True)  # type: ignore[return-value]
+    return io.BufferedReader(_Members(open(path, "rb"), owned=True), READ)  # type: ignore[arg-type]
 
 
 class _Members(io.BufferedIOBase):
@@ -55,7 +58,10 @@ class _Members(io.BufferedIOBase):
     member; anything else after one must be a member.  Errors: the standard library's for the
     framing (`BadGzipFile`; `EOFError` for a stream cut short), `BadGzipFile` naming the member
     for ISA-L's findings in the deflate data and the CRC/size trailer.  A member whose trailer
-    fails, or is cut, may keep the data of its end back (ISA-L checks before it lets go)."""
+    fails, or is cut, may keep the data of its end back (ISA-L checks before it lets go).  One
+    difference on purpose: a header with a wrong header CRC (FHCRC) is refused, as Go's gzip
+    (containers/image's) refuses it, where `GzipFile` skips the check.  `read(size)` hands out
+    what it gathered before a failure and raises it on the next call, as `read1` does."""
 
     def __init__(self, fileobj: BinaryIO, owned: bool = False) -> None:
         super().__init__()
@@ -65,15 +71,19 @@ class _Members(io.BufferedIOBase):
         self._input = b""  # compressed bytes read and not yet given to a decompressor
         self._held = False  # the last call stopped at its output limit: ISA-L may hold more
         self._members = 0
+        self._failure: Exception | None = None  # met by `read` after data, raised next
 
     def readable(self) -> bool:
         return True
 
     def read1(self, size: int = -1) -> bytes:
+        if self._failure is not None:
+            failure, self._failure = self._failure, None
+            raise failure
         if size == 0:
             return b""
         if size < 0:
-            size = PIECE
+            size = READ1_DEFAULT
         while True:
             member = self._member
             if member is None:
@@ -101,14 +111,20 @@ class _Members(io.BufferedIOBase):
                 return data
 
     def read(self, size: int | None = -1) -> bytes:
-        parts = []
-        if size is None or size < 0:
-            while piece := self.read1():
+        parts: list[bytes] = []
+        left = -1 if size is None or size < 0 else size
+        try:
+            while left:
+                piece = self.read1(left if left > 0 else -1)
+                if not piece:
+                    break
                 parts.append(piece)
-        else:
-            while size > 0 and (piece := self.read1(size)):
-                parts.append(piece)
-                size -= len(piece)
+                if left > 0:
+                    left -= len(piece)
+        except (OSError, EOFError) as e:  # (BadGzipFile is an OSError)
+            if not parts:
+                raise
+            self._failure = e
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def readinto(self, b) -> int:

@@ -30,9 +30,13 @@ def share_xattrs(tree: Tree, options: Options) -> Tree:
         # tree without digests, a payload-only dumpfile's, is one count of None, at C speed)
         digests = [n.digest for n in externals]
         unknown = digests.count(None)
-        for digest, times in Counter(digests).items() if unknown < len(digests) else ((None, unknown),):
-            if times > 1:
-                counts[metacopy_xattr(digest)] += times
+        if unknown == len(digests):
+            if unknown > 1:
+                counts[metacopy_xattr(None)] += unknown
+        else:
+            for digest, times in Counter(digests).items():
+                if times > 1:
+                    counts[metacopy_xattr(digest)] += times
         payloads = Counter([n.payload for n in externals])
         payloads.pop(None, None)
         payloads.pop(b"", None)

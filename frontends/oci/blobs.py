@@ -195,5 +195,5 @@ class LayerStream(io.RawIOBase):
             try:
                 self.inner.close()
             finally:
-                self.outer.close()  # (a GzipFile does not close the file it was given)
+                self.outer.close()  # (a gzip reader does not close the file it was given)
         super().close()

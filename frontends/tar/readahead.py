@@ -35,7 +35,7 @@ def gather(read1: Callable[[int], bytes], size: int) -> tuple[bytes, BaseExcepti
     while have < size:
         try:
             piece = read1(min(size - have, PIECE))
-        except Exception as e:  # OSError, EOFError, lzma.LZMAError, zstandard.ZstdError, zlib.error
+        except Exception as e:  # OSError (gzip.BadGzipFile), EOFError, lzma.LZMAError, zstandard.ZstdError
             return b"".join(parts), e
         if not piece:
             break
