@@ -21,20 +21,21 @@ from collections.abc import Callable
 
 DEPTH = 4  # chunks decoded ahead (about 4 MiB)
 AHEAD = frozenset({"zstd", "xz"})  # the compressions (`streams.compression`) decoded in a thread
-# At most this much is asked of the decompressor at a time: ISA-L checks a gzip member's CRC
-# in the call that inflates the member's end, and a failure there takes that call's data with
-# it (`cfsc.base.inflate`): the failure is then located at most this much before the end.
-PIECE = 64 << 10
+# At most this much is asked of the gzip decompressor at a time: ISA-L checks a member's CRC in
+# the call that inflates the member's end, and a failure there takes that call's data with it
+# (`cfsc.base.inflate`): the failure is then located at most this much before the end.
+GZIP_PIECE = 64 << 10
 
 
-def gather(read1: Callable[[int], bytes], size: int) -> tuple[bytes, BaseException | None]:
-    """About `size` bytes from the decompressor's own pieces, and the error that stopped it
-    (after the data, which is good, that it decoded first)."""
+def gather(read1: Callable[[int], bytes], size: int, piece_max: int | None = None) -> tuple[bytes, BaseException | None]:
+    """About `size` bytes from the decompressor's own pieces (of at most `piece_max` bytes),
+    and the error that stopped it (after the data, which is good, that it decoded first)."""
     parts = []
     have = 0
+    limit = piece_max or size
     while have < size:
         try:
-            piece = read1(min(size - have, PIECE))
+            piece = read1(min(size - have, limit))
         except Exception as e:  # OSError (gzip.BadGzipFile), EOFError, lzma.LZMAError, zstandard.ZstdError
             return b"".join(parts), e
         if not piece:

@@ -60,7 +60,7 @@ from urllib.parse import unquote_to_bytes
 from cfsc.base.errors import InputError, shown_cut, shown_path
 from cfsc.base.limits import PATH_MAX
 from cfsc.base.streams import UNITS, decompressor, open_binary, source_name
-from cfsc.frontends.tar.readahead import AHEAD, ReadAhead, gather
+from cfsc.frontends.tar.readahead import AHEAD, GZIP_PIECE, ReadAhead, gather
 
 BLOCK = 512
 ZERO_BLOCK = bytes(BLOCK)
@@ -384,7 +384,7 @@ class TarReader:
         if self._ahead is not None:
             chunk, failure = self._ahead.get()
         else:
-            chunk, failure = gather(self._stream.read1, CHUNK)
+            chunk, failure = gather(self._stream.read1, CHUNK, GZIP_PIECE if self._kind == "gzip" else None)
         if failure is not None:
             if not chunk:
                 raise self._read_error(failure) from None
