@@ -17,7 +17,8 @@ the load, the forked half of the writer) and the main process's minor page fault
 Then what that says: the share of each phase, the time the second core idles, what the page
 faults cost at this machine's price of a first touch (measured here), and how far the
 command is from 1.25x C.  Medians of `--repeat` runs; run it on a quiet machine.  Figures
-for issue 16 are in the module docstring of `cfsc.frontends.dumpfile_stream`.
+for issue 16 are in the module docstring of `cfsc.frontends.dumpfile_stream` ("Where a
+compile's time goes").
 """
 
 from __future__ import annotations
