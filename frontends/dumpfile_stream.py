@@ -21,10 +21,11 @@ Where a compile's time goes (issue 16; `bench/dump_profile.py` on the 64k-entry 
 of the path.  Fresh pages cost ~3 µs each at first touch here: 9.2k of them in the load (the
 tree itself, ~35 MB), 7.8k in the writer (copy-on-write after its fork, as the refcounts of
 the tree's objects change): about 50 ms of the path.  Reading in half-MiB chunks without
-joining them whole cut the load's from 14k (`CHUNK`).  Even with both cores busy throughout
-(557 ms of CPU in all) the command would take ~313 ms, more than 1.25x C; what would move it
-is work Python cannot shed here: the passes on the idle core (they walk one tree in one
-address space), or a native writer and tree.
+joining them whole cut the load's from 14k (`CHUNK`).  With both cores busy throughout
+(557 ms of CPU in all) the command would take ~313 ms, under 1.25x C (376 ms): the target
+needs the passes off the one-core path, and they walk one tree in one address space (a
+forked helper pays copy-on-write for every page it reads), or that much less CPU per entry
+(a native tree and writer).
 """
 
 from __future__ import annotations
