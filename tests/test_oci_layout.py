@@ -205,9 +205,11 @@ def test_toc_only_inline_file_over_a_zstd_bomb(tmp_path):
 def test_every_layer_file_is_closed_when_read_and_when_refused(tmp_path, gz):
     """A gzip reader does not close the file it is given: each layer's blob stayed open until
     the cyclic garbage collector ran (never during a compile, which holds it off), one
-    descriptor per layer.  Read or refused (a bad diff_id), none is left open."""
+    descriptor per layer.  Read or refused (a bad diff_id), none is left open, and no thread
+    that hashed a layer's digests (`blobs.Behind`) is left running (a later fork wants none)."""
     import gc
     import os
+    import threading
 
     lay = Layout(tmp_path / "l")
     lay.top([tag(lay.image([layer({f"f{i}": b"%d" % i}) for i in range(5)], gz=gz), "good")])
@@ -217,10 +219,25 @@ def test_every_layer_file_is_closed_when_read_and_when_refused(tmp_path, gz):
     (bad.root / "blobs/sha256" / sha(blob)[7:]).write_bytes(blob[:-1] + bytes([blob[-1] ^ 1]))  # its digest fails
     gc.disable()
     try:
-        before = len(os.listdir("/proc/self/fd"))
+        before, threads = len(os.listdir("/proc/self/fd")), threading.active_count()
         assert b"/f4" in names(f"oci:{lay.root}:good")
+        assert threading.active_count() == threads
         with pytest.raises(InputError):
             names(f"oci:{bad.root}:bad")
-        assert len(os.listdir("/proc/self/fd")) == before
+        assert len(os.listdir("/proc/self/fd")) == before and threading.active_count() == threads
     finally:
         gc.enable()
+
+
+def test_digests_hashed_behind_are_hashlibs():
+    import os
+
+    from cfsc.frontends.oci.blobs import Behind
+
+    chunks = [os.urandom(n) for n in (0, 1, 4096, 1 << 20, 12345)] * 9
+    behind = Behind()
+    for chunk in chunks:
+        behind.update(chunk)
+    expected = hashlib.sha256(b"".join(chunks)).hexdigest()
+    assert behind.hexdigest() == expected and behind.hexdigest() == expected and behind.thread is None
+    assert Behind().hexdigest() == hashlib.sha256().hexdigest()

@@ -14,6 +14,8 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import queue
+import threading
 
 from cfsc.base.errors import InputError
 from cfsc.base.inflate import gzip_reader
@@ -102,14 +104,52 @@ class Window(io.RawIOBase):
         super().close()
 
 
-class Hashing(io.RawIOBase):
-    """Reads `inner` through, hashing (SHA-256) and counting what passes."""
+class Behind:
+    """A SHA-256 fed from another thread.  hashlib lets go of the GIL while it hashes, so a
+    layer's two digests (~0.3 s for a 200 MB gzip layer) run on the other core beside the
+    decoder and the tar parser, not between them.  The thread ends at `hexdigest()` and at
+    `stop()`: none outlives its layer (a later fork wants none, `forked.safe`)."""
 
-    def __init__(self, inner, name: str) -> None:
+    DEPTH = 16  # chunks queued at most (about 16 MiB)
+
+    def __init__(self) -> None:
+        self.hash = hashlib.sha256()
+        self.queue: queue.Queue | None = None
+        self.thread: threading.Thread | None = None
+
+    def update(self, data: bytes) -> None:
+        if self.thread is None:
+            self.queue = queue.Queue(self.DEPTH)
+            self.thread = threading.Thread(target=self._run, args=(self.queue,), name="cfsc-layer-digest",
+                                           daemon=True)
+            self.thread.start()
+        self.queue.put(data)  # type: ignore[union-attr]
+
+    def _run(self, chunks: queue.Queue) -> None:
+        update = self.hash.update
+        while (data := chunks.get()) is not None:
+            update(data)
+
+    def hexdigest(self) -> str:
+        self.stop()
+        return self.hash.hexdigest()
+
+    def stop(self) -> None:
+        if self.thread is not None:
+            self.queue.put(None)  # type: ignore[union-attr]
+            self.thread.join()
+            self.thread = self.queue = None
+
+
+class Hashing(io.RawIOBase):
+    """Reads `inner` through, hashing (SHA-256) and counting what passes (the hashing behind,
+    on another thread, with `behind`)."""
+
+    def __init__(self, inner, name: str, behind: bool = False) -> None:
         super().__init__()
         self.inner = inner
         self.name = name
-        self.hash = hashlib.sha256()
+        self.hash = Behind() if behind else hashlib.sha256()
         self.count = 0
         self.eof = False
 
@@ -132,6 +172,8 @@ class Hashing(io.RawIOBase):
 
     def close(self) -> None:
         if not self.closed:
+            if isinstance(self.hash, Behind):
+                self.hash.stop()
             self.inner.close()
         super().close()
 
@@ -166,8 +208,8 @@ class LayerStream(io.RawIOBase):
         self.name = blob.name
         self.expect_blob = expect_blob
         self.expect_diff = expect_diff
-        self.outer = Hashing(blob.open(), blob.name)
-        self.inner = Hashing(decompressed(self.outer, kind), blob.name)
+        self.outer = Hashing(blob.open(), blob.name, behind=True)
+        self.inner = Hashing(decompressed(self.outer, kind), blob.name, behind=True)
 
     def readable(self) -> bool:
         return True
