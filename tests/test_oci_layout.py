@@ -225,6 +225,16 @@ def test_every_layer_file_is_closed_when_read_and_when_refused(tmp_path, gz):
         with pytest.raises(InputError):
             names(f"oci:{bad.root}:bad")
         assert len(os.listdir("/proc/self/fd")) == before and threading.active_count() == threads
+        if gz:  # failing mid-stream: a corrupt byte halfway through the deflate data
+            big = layer({f"f{i}": os.urandom(100000) for i in range(8)})
+            mid = Layout(tmp_path / "m")
+            mid.top([tag(mid.image([big], gz=True), "mid")])
+            blob = bytearray(gzip.compress(big, mtime=0))
+            blob[len(blob) // 2] ^= 0x55
+            (mid.root / "blobs/sha256" / sha(gzip.compress(big, mtime=0))[7:]).write_bytes(bytes(blob))
+            with pytest.raises(InputError):
+                names(f"oci:{mid.root}:mid")
+            assert len(os.listdir("/proc/self/fd")) == before and threading.active_count() == threads
     finally:
         gc.enable()
 
