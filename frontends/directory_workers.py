@@ -43,7 +43,7 @@ from cfsc.base import syscalls
 from cfsc.base.beneath import NotRegular, open_listed
 from cfsc.base.errors import CfscError, InputError, OutputError, StoreError
 from cfsc.base.fsverity import digest_bytes, fill, hash_fd, write_all
-from cfsc.base.limits import INLINE_MAX, check_external_size
+from cfsc.base.limits import INLINE_MAX, MAX_EXTERNAL_SIZE, check_external_size
 from cfsc.base.tree import S_IFMT, S_IFREG
 from cfsc.store import tempfiles
 from cfsc.store.objects import SourceChanged
@@ -122,9 +122,8 @@ class FileReader:
             xattrs = read_xattrs(fd, self.user_xattrs) if self.read_xattrs else ()
             digest = content = None
             found = False
-            problem = check_external_size(size)  # (a huge sparse file: refused before it is read)
-            if problem:
-                raise Refused("limit", problem)
+            if size > MAX_EXTERNAL_SIZE:  # (a huge sparse file: refused before it is read)
+                raise Refused("limit", check_external_size(size))
             if size:
                 digest, content, staged, found = self.hash(fd, size, name)
                 after = os.fstat(fd)

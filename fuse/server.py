@@ -636,11 +636,8 @@ class Server:
         if node.size > SERVED_FROM_MEMORY:
             self._let_go()  # hashing (or at least opening) a large file
         fd, data, size = self._checked(unique, node, self.store.open_read, node.payload, node.digest, limit)
-        backing_id = None
-        if passthrough and self._passable(node, size):
-            backing_id = self._register(fd)
-            if backing_id is not None:
-                data = None  # the kernel reads the file itself
+        # (with passthrough, `limit` -1 read no data: the kernel reads the file itself)
+        backing_id = self._register(fd) if passthrough and self._passable(node, size) else None
         held = Held(fd, backing_id, data)
         with self._lock:
             self._held[node.nid] = held

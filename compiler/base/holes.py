@@ -18,6 +18,11 @@ import os
 from collections.abc import Iterator
 
 
+def hole_bytes(st: os.stat_result) -> int:
+    """How much of a file is not allocated (its holes, as far as `st_blocks` tells)."""
+    return max(0, st.st_size - st.st_blocks * 512)
+
+
 def mostly_holes(st: os.stat_result) -> bool:
     """Whether less than half of a file is allocated: then reading by its map saves at least
     half the work (below that, the plain read, spread over a pool, is as quick)."""

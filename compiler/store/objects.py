@@ -100,8 +100,6 @@ SYNC_BYTES = 32 << 20
 SYNC_OBJECTS = 4096
 _CHUNK = 1 << 20
 O_JOURNAL = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-# "This file system cannot do that at all": stop trying for this store.
-_UNSUPPORTED = frozenset({errno.EOPNOTSUPP, errno.ENOTTY, errno.ENOSYS, errno.EXDEV, errno.EINVAL})
 # Copy errors that are the store's (writing), not the source's (reading).
 _STORE_FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS})
 
@@ -626,7 +624,7 @@ class Store:
                     fcntl.ioctl(out, FICLONE, src)
                     return hash_fd(out, 0, algorithm=self.algorithm)
                 except OSError as e:
-                    if e.errno not in _UNSUPPORTED:
+                    if e.errno not in verity.UNSUPPORTED:
                         raise
                     self.reflink = False
             st = os.fstat(src)

@@ -15,6 +15,7 @@ import os
 import struct
 
 from cfsc.base import beneath
+from cfsc.base.holes import hole_bytes
 from cfsc.base.fsverity import FsVerityAlgorithm
 from cfsc.store.tempfiles import Temp
 
@@ -24,8 +25,9 @@ FS_IOC_ENABLE_VERITY = 0x40806685  # _IOW('f', 133, struct fsverity_enable_arg)
 FSVERITY_ENABLE_ARG = struct.Struct("<IIIIQIIQ88x")
 assert FSVERITY_ENABLE_ARG.size == 128
 HOLES_MAX = 1 << 30
-# "This file system (or kernel) has no fs-verity at all."
-_UNSUPPORTED = frozenset({errno.EOPNOTSUPP, errno.ENOTTY, errno.ENOSYS, errno.EXDEV, errno.EINVAL})
+# "This file system (or kernel) cannot do that at all": fs-verity here, reflinks in `objects`;
+# stop asking for this store.
+UNSUPPORTED = frozenset({errno.EOPNOTSUPP, errno.ENOTTY, errno.ENOSYS, errno.EXDEV, errno.EINVAL})
 
 
 def enable_arg(algorithm: FsVerityAlgorithm) -> bytes:
@@ -44,11 +46,11 @@ def offer(temp: Temp, ro: int | None, rootfd: int, arg: bytes) -> bool:
             return True
     try:
         st = os.fstat(ro)
-        if (st.st_dev, st.st_ino) != (temp.dev, temp.ino) or st.st_size - st.st_blocks * 512 > HOLES_MAX:
+        if (st.st_dev, st.st_ino) != (temp.dev, temp.ino) or hole_bytes(st) > HOLES_MAX:
             return True
         fcntl.ioctl(ro, FS_IOC_ENABLE_VERITY, arg)
     except OSError as e:
-        if e.errno in _UNSUPPORTED:
+        if e.errno in UNSUPPORTED:
             return False
     finally:
         os.close(ro)

@@ -26,11 +26,10 @@ from cfsc.frontends.tar.stream import (
     BLOCK,
     CHUNK,
     DATA_TYPES,
-    DECIMAL,
-    DIGITS_MAX,
     EXTENDED_MAX,
     SIZE_MAX,
     Member,
+    decimal,
     pax_number,
     shown_value,
 )
@@ -89,8 +88,11 @@ def parse(reader, m: Member, records: list[tuple[bytes, bytes]]) -> Sparse:
         if len(numbers) > 2 * REGIONS_MAX:  # (1.0's map is held to it as it is read)
             raise reader.error(f"a sparse map of {len(numbers) // 2} regions: at most {REGIONS_MAX} are accepted", m)
         count = keys.get(b"GNU.sparse.numblocks")
-        if (count is None or not DECIMAL.fullmatch(count) or len(count.lstrip(b"0")) > DIGITS_MAX
-                or int(count) * 2 != len(numbers)):  # (DIGITS_MAX: int() refuses over 4300 digits)
+        try:
+            listed = decimal(count) if count is not None else -1
+        except (ValueError, OverflowError):
+            listed = -1
+        if listed * 2 != len(numbers):
             raise reader.error(f"bad PAX record GNU.sparse.numblocks={shown_value(count or b'')}: expected the"
                                f" number of regions the map lists ({len(numbers) // 2})", m)
     else:
@@ -141,10 +143,13 @@ def _map_1_0(reader, m: Member) -> list[bytes]:
         *lines, rest = (rest + reader.read(BLOCK)).split(b"\n")
         read += BLOCK
         for line in lines:
-            if not DECIMAL.fullmatch(line) or len(line.lstrip(b"0")) > DIGITS_MAX:
-                raise reader.error(f"bad sparse map (format 1.0): {shown_value(line)} is not a decimal number", m)
+            try:
+                number = decimal(line)
+            except (ValueError, OverflowError):
+                raise reader.error(f"bad sparse map (format 1.0): {shown_value(line)} is not a decimal number",
+                                   m) from None
             if want < 0:
-                want = 2 * int(line)
+                want = 2 * number
                 if want > 2 * REGIONS_MAX:
                     raise reader.error(f"a sparse map of {want // 2} regions: at most {REGIONS_MAX} are accepted", m)
             elif len(numbers) < want:

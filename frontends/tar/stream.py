@@ -255,13 +255,22 @@ def pax_time(value: bytes) -> tuple[int, int]:
     return seconds, nanoseconds
 
 
-def pax_number(value: bytes, key: bytes) -> int:
-    """A PAX decimal number for `key` (a RANGES key); OverflowError when out of its range."""
+def decimal(value: bytes) -> int:
+    """A decimal number of digits only; ValueError if it is none, OverflowError past
+    DIGITS_MAX digits (checked before `int`, which refuses 4300 digits and more)."""
     if not DECIMAL.fullmatch(value):
         raise ValueError(value)
-    if len(value.lstrip(b"0")) > DIGITS_MAX or out_of_range(key, int(value)):
+    if len(value.lstrip(b"0")) > DIGITS_MAX:
         raise OverflowError(value)
     return int(value)
+
+
+def pax_number(value: bytes, key: bytes) -> int:
+    """A PAX decimal number for `key` (a RANGES key); OverflowError when out of its range."""
+    number = decimal(value)
+    if out_of_range(key, number):
+        raise OverflowError(value)
+    return number
 
 
 def parse_pax(data: bytes) -> list[tuple[bytes, bytes]]:
