@@ -32,7 +32,7 @@ from cfsc.base.options import Options
 from cfsc.base.streams import chunks, source_name
 from cfsc.base.tree import NO_XATTRS as EMPTY
 from cfsc.base.tree import S_IFBLK, S_IFCHR, S_IFDIR, S_IFLNK, S_IFMT, S_IFREG, Inode, Tree
-from cfsc.frontends.dumpfile_stream import CHUNK, ForkedColumns, Lines, batches
+from cfsc.frontends.dumpfile_stream import ForkedColumns, Lines, batches
 
 FIELDS = ("PATH", "SIZE", "MODE", "NLINK", "UID", "GID", "RDEV", "MTIME", "PAYLOAD", "CONTENT", "DIGEST")
 U64 = (1 << 64) - 1
@@ -732,7 +732,7 @@ def load(source, options: Options | None = None) -> Tree:
     parser = _Parser(source_name(source), options.strict)
     helper = ForkedColumns.start(parser.batch_columns, source, LINE_MAX)  # None: not worth a child, or none can run
     try:
-        tree = parser.parse(chunks(source, CHUNK), helper)
+        tree = parser.parse(chunks(source), helper)
     finally:
         if helper is not None:
             helper.close()

@@ -21,7 +21,7 @@ Where a compile's time goes (issue 16; `bench/dump_profile.py` on the 64k-entry 
 of the path.  Fresh pages cost ~3 µs each at first touch here: 9.2k of them in the load (the
 tree itself, ~35 MB), 7.8k in the writer (copy-on-write after its fork, as the refcounts of
 the tree's objects change): about 50 ms of the path.  Reading in half-MiB chunks without
-joining them whole cut the load's from 14k (`CHUNK`).  With both cores busy throughout
+joining them whole cut the load's from 14k (`streams.CHUNK`).  With both cores busy throughout
 (557 ms of CPU in all) the command would take ~313 ms, under 1.25x C (376 ms): the target
 needs the passes off the one-core path, and they walk one tree in one address space (a
 forked helper pays copy-on-write for every page it reads), or that much less CPU per entry
@@ -38,10 +38,6 @@ from cfsc.base import forked
 from cfsc.base.streams import chunks
 
 BATCH = 8192
-# Reads of half a MiB: the allocator hands the same memory back read after read, where
-# larger chunks land in fresh pages each time (a first touch costs ~3 µs a page, the whole
-# file over again in each process: about a tenth of a 64k-entry compile).
-CHUNK = 512 << 10
 # Below this size the child's start and the handover cost more than they save.
 FORK_MIN_BYTES = 2 << 20
 
@@ -152,7 +148,7 @@ class ForkedColumns:
         import pickle  # (start-up: only a large input gets here)
 
         def work(send: Callable[[bytes], None]) -> None:
-            for job, lines, first in batches(Lines(chunks(source, CHUNK), line_max), True):
+            for job, lines, first in batches(Lines(chunks(source), line_max), True):
                 if job is not None and _childs(job):
                     send(pickle.dumps((job, first, len(lines), column_stage(lines)), pickle.HIGHEST_PROTOCOL))
 

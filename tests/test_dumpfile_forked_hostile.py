@@ -41,7 +41,7 @@ CASES = {
     # compressed: the child decompresses on its own; cut short, both readers fail alike
     "gzip": gzip.compress(SEED, 1, mtime=0),
     "gzip cut short": gzip.compress(SEED, 1, mtime=0)[:300000],
-    # past several read chunks (`dumpfile_stream.CHUNK`): lines cut by chunk boundaries, in the child's batches
+    # past several read chunks (`streams.CHUNK`): lines cut by chunk boundaries, in the child's batches
     "two read chunks": big_dump(9 * BATCH + 4321, 2),
 }
 

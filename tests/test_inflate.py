@@ -114,3 +114,19 @@ def test_read_hands_out_the_data_before_a_failure_then_raises_it():
     assert reader.read(1 << 20) == payload
     with pytest.raises(gzip.BadGzipFile, match="Not a gzipped file"):
         reader.read(1 << 20)
+
+
+def test_a_wrong_header_crc_is_refused_where_gzipfile_skips_it():
+    """FHCRC: a CRC-16 of the header follows it.  Go's gzip (containers/image's) checks it,
+    and so does ISA-L: refused, with nothing handed out; `GzipFile` does not look at it."""
+    payload = os.urandom(3000)
+    plain = gzip.compress(payload, mtime=0)
+    header = bytearray(plain[:10])
+    header[3] |= 0x02  # FHCRC
+    crc16 = zlib.crc32(bytes(header)) & 0xFFFF
+    good = bytes(header) + crc16.to_bytes(2, "little") + plain[10:]
+    bad = bytes(header) + (crc16 ^ 1).to_bytes(2, "little") + plain[10:]
+    assert inflate.gzip_reader(io.BytesIO(good)).read() == payload
+    with pytest.raises(gzip.BadGzipFile, match="member 1: "):
+        inflate.gzip_reader(io.BytesIO(bad)).read1(1 << 20)
+    assert inflate.gzip_reader(io.BytesIO(bad), reference=True).read() == payload

@@ -251,3 +251,22 @@ def test_digests_hashed_behind_are_hashlibs():
     expected = hashlib.sha256(b"".join(chunks)).hexdigest()
     assert behind.hexdigest() == expected and behind.hexdigest() == expected and behind.thread is None
     assert Behind().hexdigest() == hashlib.sha256().hexdigest()
+
+
+def test_a_gzip_layer_cut_short_is_one_located_line_and_no_image(tmp_path, cfsc):
+    """A layer blob that ends inside its gzip stream (its digest and size as the manifest says:
+    the blob itself was made short): exit 2, one line naming the blob, and no image."""
+    tar = layer({f"f{i}": bytes([i]) * 50000 for i in range(6)})
+    cut = gzip.compress(tar, mtime=0)[:-40]
+    lay = Layout(tmp_path / "l")
+    config = json.dumps({"rootfs": {"type": "layers", "diff_ids": [sha(tar)]}}).encode()
+    manifest = {"schemaVersion": 2, "mediaType": MANIFEST,
+                "config": {"mediaType": "application/vnd.oci.image.config.v1+json", **lay.blob(config)},
+                "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", **lay.blob(cut)}]}
+    lay.top([tag({"mediaType": MANIFEST, **lay.blob(json.dumps(manifest).encode())}, "cut")])
+    out = tmp_path / "x.cfs"
+    p = cfsc("compile", f"oci:{lay.root}:cut", "-o", str(out))
+    err = p.stderr.decode()
+    assert p.returncode == 2 and err.count("\n") == 1 and err.startswith("error: "), err
+    assert f"blob {sha(cut)}" in err and "gzip" in err, err
+    assert not out.exists() and not list(tmp_path.glob("x.cfs*"))

@@ -122,8 +122,6 @@ def edges_dump() -> bytes:
     return b"\n".join(lines) + b"\n"
 
 
-
-
 def test_split_writer_equals_sequential_split_at_every_inode(tmp_path):
     tree = run_passes(dumpfile.loads(edges_dump(), Options()), Options())
     sequential = sequential_image(tree)

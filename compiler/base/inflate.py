@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import io
 
+from cfsc.base.streams import GZIP_MAGIC
+
 TYPE_CHECKING = False  # typing's, without importing typing (start-up)
 if TYPE_CHECKING:
     from typing import BinaryIO
@@ -27,7 +29,6 @@ if TYPE_CHECKING:
 GZIP_WBITS = 31  # a gzip wrapper, 32 KiB window
 READ = 1 << 16  # compressed bytes read at a time
 READ1_DEFAULT = 1 << 18  # decompressed bytes `read1()` gives at most when not told
-MAGIC = b"\x1f\x8b"
 
 
 def gzip_reader(fileobj: BinaryIO, reference: bool = False) -> BinaryIO:
@@ -128,7 +129,7 @@ class _Members(io.BufferedIOBase):
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def readinto(self, b) -> int:
-        data = self.read(len(b))
+        data = self.read1(len(b))  # (a short read is a read: `open_gzip`'s buffer asks again)
         b[:len(data)] = data
         return len(data)
 
@@ -137,7 +138,7 @@ class _Members(io.BufferedIOBase):
         while True:
             if self._members:  # zero padding may follow a member
                 data = data.lstrip(b"\0")
-            if len(data) >= len(MAGIC):
+            if len(data) >= len(GZIP_MAGIC):
                 break
             more = self._fp.read(READ)
             if not more:
@@ -146,10 +147,10 @@ class _Members(io.BufferedIOBase):
                     return None  # the end, between members (or an empty stream, as GzipFile)
                 break
             data += more
-        if data[:len(MAGIC)] != MAGIC:
+        if data[:len(GZIP_MAGIC)] != GZIP_MAGIC:
             import gzip
 
-            raise gzip.BadGzipFile(f"Not a gzipped file ({data[:len(MAGIC)]!r})")
+            raise gzip.BadGzipFile(f"Not a gzipped file ({data[:len(GZIP_MAGIC)]!r})")
         from isal import isal_zlib
 
         self._input = data

@@ -142,14 +142,14 @@ class Behind:
 
 
 class Hashing(io.RawIOBase):
-    """Reads `inner` through, hashing (SHA-256) and counting what passes (the hashing behind,
-    on another thread, with `behind`)."""
+    """Reads `inner` through, hashing (SHA-256, on another thread: `Behind`) and counting
+    what passes."""
 
-    def __init__(self, inner, name: str, behind: bool = False) -> None:
+    def __init__(self, inner, name: str) -> None:
         super().__init__()
         self.inner = inner
         self.name = name
-        self.hash = Behind() if behind else hashlib.sha256()
+        self.hash = Behind()
         self.count = 0
         self.eof = False
 
@@ -172,8 +172,7 @@ class Hashing(io.RawIOBase):
 
     def close(self) -> None:
         if not self.closed:
-            if isinstance(self.hash, Behind):
-                self.hash.stop()
+            self.hash.stop()
             self.inner.close()
         super().close()
 
@@ -208,8 +207,8 @@ class LayerStream(io.RawIOBase):
         self.name = blob.name
         self.expect_blob = expect_blob
         self.expect_diff = expect_diff
-        self.outer = Hashing(blob.open(), blob.name, behind=True)
-        self.inner = Hashing(decompressed(self.outer, kind), blob.name, behind=True)
+        self.outer = Hashing(blob.open(), blob.name)
+        self.inner = Hashing(decompressed(self.outer, kind), blob.name)
 
     def readable(self) -> bool:
         return True

@@ -16,7 +16,7 @@ import os
 import random
 
 from cfsc.base.errors import CfscError
-from cfsc.frontends.dumpfile_stream import CHUNK  # the dumpfile reader's read size
+from cfsc.base.streams import CHUNK  # the dumpfile reader's read size
 
 from bench.fuzzing import dumpgrammar
 from bench.fuzzing.mutators import generic
